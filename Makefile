@@ -1,0 +1,39 @@
+# Set-up commands that work on a fresh machine. Everything runs inside .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+export TRITON_INTERPRET ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast lint bench bench-kernels clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch first, pinned to the CPU build on local disk (an open range pulls CUDA).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,server]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mistral_ref demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check mistral_ref triton_kernels tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not oracle and not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+bench-kernels: $(STAMP)
+	$(BIN)/python -m triton_kernels.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from mistral_ref.cli import main
+
+raise SystemExit(main())

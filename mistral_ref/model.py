@@ -1,0 +1,126 @@
+"""The Mistral / Mixtral transformer: embeddings -> n_layers x (attention, feed-forward) -> RMSNorm -> logits.
+
+Read in this order: rope.py, attention.py, moe.py, then this file.  Module and parameter names are those of the
+native checkpoints (tok_embeddings, layers.N.attention.wq, layers.N.feed_forward.w1, ...), so a state dict loads
+without renaming.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_ref.cache import KVCache
+from mistral_ref.config import ModelArgs
+from mistral_ref.attention import Attention
+from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 and cast back before the weight multiplies."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., dim) -> (..., dim)"""
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward: nn.Module = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None):
+        """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block."""
+        h = x + self.attention(self.attention_norm(x), positions, cache)
+        ff = self.feed_forward(self.ffn_norm(h))
+        router_logits = None
+        if isinstance(ff, tuple):
+            ff, router_logits = ff
+        return h + ff, router_logits
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor  # lm_loss + aux_loss_coef * aux_loss
+    lm_loss: torch.Tensor  # mean next-token cross-entropy (nats)
+    aux_loss: torch.Tensor  # MoE load-balancing loss (0 for dense models)
+    logits: torch.Tensor  # (B, T, vocab) fp32
+
+
+class Transformer(nn.Module):
+    """A Mistral-family language model built from `ModelArgs`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_router_logits: bool = False):
+        """Next-token logits.
+
+        tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding (default 0 .. T-1);
+        cache: a KVCache to read past keys from and write this chunk's keys to (prefill, chunked prefill, decode).
+        returns logits (B, T, vocab_size) fp32 (and the list of per-layer router logits if asked).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        router_logits = []
+        for i, layer in enumerate(self.layers):
+            h, rl = layer(h, positions, None if cache is None else cache[i])
+            if rl is not None:
+                router_logits.append(rl)
+        logits = self.output(self.norm(h)).float()  # (B, T, vocab)
+        return (logits, router_logits) if return_router_logits else logits
+
+    def compute_loss(self, tokens: torch.Tensor, targets: torch.Tensor, aux_loss_coef: float = 0.02) -> LossOutput:
+        """Training loss: next-token cross-entropy plus, for MoE models, aux_loss_coef x the load-balancing loss.
+
+        tokens: (B, T); targets: (B, T) the token that should follow each input token (-100 = ignore).
+        """
+        logits, router_logits = self(tokens, return_router_logits=True)
+        lm_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if router_logits:
+            moe = self.args.moe
+            aux = load_balancing_loss(router_logits, moe.num_experts, moe.num_experts_per_tok)
+        else:
+            aux = torch.zeros((), device=logits.device)
+        return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
+
+    def set_backend(self, attention: str = "torch", moe: str = "torch") -> Transformer:
+        """Select the implementation of the hot paths: "torch" (reference) or "triton" (triton_kernels)."""
+        for name in (attention, moe):
+            if name not in ("torch", "triton"):
+                raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+        for layer in self.layers:
+            layer.attention.backend = attention
+            if isinstance(layer.feed_forward, MoeLayer):
+                layer.feed_forward.backend = moe
+        return self

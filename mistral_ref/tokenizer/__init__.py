@@ -1,0 +1,39 @@
+"""Mistral tokenizers and chat templates, token-identical to mistral-common.
+
+* :func:`load_tokenizer` reads ``tokenizer.model.v1/v2/v3/v7`` (SentencePiece) or ``tekken.json``
+  (Tekken, any version) or a checkpoint directory holding one.
+* :class:`Tokenizer` encodes/decodes text, names special tokens, streams text out of generated ids,
+  encodes chat requests (:meth:`Tokenizer.encode_chat`) and parses tool calls back
+  (:meth:`Tokenizer.parse_assistant`).
+
+Only ``sentencepiece`` and ``tiktoken`` are needed: this package never imports torch.
+"""
+
+from __future__ import annotations
+
+from .base import VERSIONS, SpecialPolicy, StreamDecoder, Tokenizer
+from .chat import SAFE_PROMPT, encode_chat
+from .errors import ChatTemplateError, TokenizerError
+from .files import find_tokenizer_file, load_tokenizer, mistral_common_data_dir, write_tekken_file
+from .sentencepiece import SentencePieceTokenizer
+from .tekken import LEGACY_SPECIAL_TOKENS, TekkenTokenizer
+from .toolcalls import parse_assistant
+
+__all__ = [
+    "VERSIONS",
+    "SAFE_PROMPT",
+    "LEGACY_SPECIAL_TOKENS",
+    "ChatTemplateError",
+    "SentencePieceTokenizer",
+    "SpecialPolicy",
+    "StreamDecoder",
+    "TekkenTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "encode_chat",
+    "find_tokenizer_file",
+    "load_tokenizer",
+    "mistral_common_data_dir",
+    "parse_assistant",
+    "write_tekken_file",
+]

@@ -1,0 +1,670 @@
+"""Chat templates of every Mistral instruct version (V1, V2, V3, V7, V11, V13).
+
+A request goes through three steps, each mirroring mistral-common (its "test" validation mode):
+
+1. **parse** the OpenAI / Mistral-API dicts into :class:`Message` records (text content only);
+2. **validate** roles, their order, tool-call ids and names (:class:`ChatTemplateError` says what to change);
+3. **normalise** (merge same-role runs with ``"\\n\\n"``, gather the system prompt for V1-V3, normalise JSON)
+   and **encode** with the version's rules:
+
+======= ============================== ================================ ======================================
+version system prompt                  tools block                      tool call / tool result
+======= ============================== ================================ ======================================
+V1      text before FIRST user message (none)                           (tools rejected)
+V2      text before LAST user message  before the LAST [INST]           [TOOL_CALLS][{name, arguments}] /
+                                                                        [TOOL_RESULTS][{name, content}]...;
+                                                                        calls/results before the last user
+                                                                        message are dropped
+V3      as V2                          as V2                            adds "id" / {content, call_id}
+V7      [SYSTEM_PROMPT]..[/SYSTEM..]   as V2                            as V3 / [TOOL_RESULTS]id[TOOL_CONTENT]
+V11     as V7                          as V2                            [TOOL_CALLS]name[CALL_ID]id[ARGS]json
+V13     as V7                          before the FIRST [INST]          [TOOL_CALLS]name[ARGS]json /
+                                                                        [TOOL_RESULTS]content[/TOOL_RESULTS]
+======= ============================== ================================ ======================================
+
+Every conversation starts with exactly one BOS; finished assistant turns end with EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .base import version_number
+from .errors import ChatTemplateError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .base import Tokenizer
+
+#: The system prompt the Mistral API prepends when ``safe_prompt=True``.
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. Avoid harmful, "
+    "unethical, prejudiced, or negative content. Ensure replies promote fairness and positivity."
+)
+
+ROLES = ("system", "user", "assistant", "tool")
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+TOOL_CALL_ID_PATTERN = re.compile(r"^[a-zA-Z0-9]{9}$")
+_NULL_ID = "null"  # mistral-common's placeholder for a tool call without id
+_JOIN = "\n\n"
+
+# Which role may follow which (mistral-common's message-order rule).
+_ALLOWED_NEXT = {
+    "system": ("user", "assistant", "system"),
+    "user": ("assistant", "system", "user"),
+    "assistant": ("assistant", "user", "tool"),
+    "tool": ("assistant", "tool", "user"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. parsing
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ToolCall:
+    """One function call of an assistant message; ``arguments`` is a JSON string."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class Message:
+    """One parsed chat message.
+
+    ``parts`` are the non-empty text pieces (one per string, or one per text chunk); ``truthy`` is
+    whether the raw ``content`` was non-empty (a chunk list counts even if its texts are empty), which is
+    what the "content or tool_calls" rule looks at.
+    """
+
+    role: str
+    parts: list[str]
+    truthy: bool
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    prefix: bool = False
+
+    @property
+    def text(self) -> str:
+        """The message text: its pieces joined by a blank line."""
+        return _JOIN.join(self.parts)
+
+
+def _err(where: str, what: str) -> ChatTemplateError:
+    return ChatTemplateError(f"{where}: {what}")
+
+
+def _content_parts(where: str, content: Any) -> tuple[list[str], bool]:
+    if content is None:
+        return [], False
+    if isinstance(content, str):
+        return ([content] if content else []), bool(content)
+    if isinstance(content, list):
+        parts = []
+        for j, chunk in enumerate(content):
+            if not isinstance(chunk, Mapping):
+                raise _err(where, f"content[{j}] must be a dict like {{'type': 'text', 'text': '...'}}")
+            kind = chunk.get("type")
+            if kind != "text":
+                raise _err(
+                    where,
+                    f"content[{j}] has type {kind!r}; only text chunks ({{'type': 'text', 'text': '...'}}) "
+                    "are supported by this tokenizer",
+                )
+            text = chunk.get("text")
+            if not isinstance(text, str):
+                raise _err(where, f"content[{j}]['text'] must be a string, got {type(text).__name__}")
+            if text:
+                parts.append(text)
+        return parts, bool(content)
+    raise _err(where, f"content must be a string or a list of text chunks, got {type(content).__name__}")
+
+
+def _parse_tool_call(where: str, call: Any) -> ToolCall:
+    if not isinstance(call, Mapping):
+        raise _err(
+            where, "each tool call must be a dict {'id', 'type': 'function', 'function': {name, arguments}}"
+        )
+    kind = call.get("type", "function")
+    if kind != "function":
+        raise _err(where, f"tool call type {kind!r} is not supported; use 'function'")
+    fn = call.get("function")
+    if not isinstance(fn, Mapping):
+        raise _err(where, "a tool call needs 'function': {'name': ..., 'arguments': ...}")
+    name = fn.get("name")
+    if not isinstance(name, str):
+        raise _err(where, "a tool call's function needs a string 'name'")
+    args = fn.get("arguments")
+    if args is None:
+        args = "{}"
+    elif isinstance(args, Mapping):
+        try:
+            args = json.dumps(dict(args))
+        except (TypeError, ValueError) as e:
+            raise _err(where, f"tool call arguments of {name!r} are not JSON-serialisable ({e})") from None
+    elif not isinstance(args, str):
+        raise _err(where, f"tool call arguments must be a dict or a JSON string, got {type(args).__name__}")
+    call_id = call.get("id")
+    if call_id is None:
+        call_id = _NULL_ID
+    if not isinstance(call_id, str):
+        raise _err(where, f"tool call id must be a string, got {type(call_id).__name__}")
+    return ToolCall(id=call_id, name=name, arguments=args)
+
+
+def parse_message(index: int, raw: Any) -> Message:
+    """Parse one request message dict (``"developer"`` is accepted as ``"system"``)."""
+    where = f"messages[{index}]"
+    if not isinstance(raw, Mapping):
+        raise _err(
+            where, f"must be a dict like {{'role': 'user', 'content': '...'}}, got {type(raw).__name__}"
+        )
+    role = raw.get("role")
+    if role == "developer":
+        role = "system"
+    if role not in ROLES:
+        raise _err(where, f"role {role!r} is unknown; use 'system', 'user', 'assistant' or 'tool'")
+    where = f"messages[{index}] ({role})"
+    content = raw.get("content")
+    if role != "assistant" and content is None:
+        raise _err(where, "needs 'content' (a string)")
+    parts, truthy = _content_parts(where, content)
+    msg = Message(role=role, parts=parts, truthy=truthy)
+    if role == "assistant":
+        calls = raw.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise _err(where, f"tool_calls must be a list, got {type(calls).__name__}")
+            msg.tool_calls = [_parse_tool_call(where, c) for c in calls]
+        prefix = raw.get("prefix", False)
+        if not isinstance(prefix, bool):
+            raise _err(where, f"prefix must be true or false, got {prefix!r}")
+        msg.prefix = prefix
+    elif raw.get("tool_calls"):
+        raise _err(where, "only assistant messages can carry tool_calls")
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, str):
+                raise _err(where, f"{key} must be a string, got {type(value).__name__}")
+        msg.tool_call_id = raw.get("tool_call_id")
+        msg.name = raw.get("name")
+    return msg
+
+
+def _check_schema(where: str, schema: Any) -> None:
+    """A light structural check of a JSON schema (mistral-common runs a full Draft 7 meta-validation)."""
+    if not isinstance(schema, Mapping):
+        raise _err(where, f"parameters must be a JSON schema object (a dict), got {type(schema).__name__}")
+    types = ("array", "boolean", "integer", "null", "number", "object", "string")
+    t = schema.get("type")
+    if t is not None:
+        ts = t if isinstance(t, list) else [t]
+        for x in ts:
+            if x not in types:
+                raise _err(where, f"schema type {x!r} is not one of {types}")
+    props = schema.get("properties")
+    if props is not None:
+        if not isinstance(props, Mapping):
+            raise _err(where, "schema 'properties' must be an object")
+        for key, sub in props.items():
+            _check_schema(f"{where}.properties.{key}", sub)
+    req = schema.get("required")
+    if req is not None and not (isinstance(req, list) and all(isinstance(r, str) for r in req)):
+        raise _err(where, "schema 'required' must be a list of property names")
+
+
+def parse_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Validate chat-completions tools; return them in the form the templates print.
+
+    Each becomes ``{"type": "function", "function": {"name", "description", "parameters"}}`` (missing
+    description -> ``""``, missing parameters -> ``{}``, other keys such as ``strict`` dropped).
+    """
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ChatTemplateError(
+            f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, got {tools!r}"
+        )
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping):
+            raise _err(
+                where, "must be a dict {'type': 'function', 'function': {name, description, parameters}}"
+            )
+        if tool.get("type", "function") != "function":
+            raise _err(where, f"type {tool.get('type')!r} is not supported; use 'function'")
+        fn = tool.get("function")
+        if not isinstance(fn, Mapping):
+            raise _err(where, "needs 'function': {'name': ..., 'description': ..., 'parameters': {...}}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise _err(
+                where,
+                f"function name {name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '_' and '-'",
+            )
+        description = fn.get("description")
+        if description is None:
+            description = ""
+        if not isinstance(description, str):
+            raise _err(where, "function description must be a string")
+        params = fn.get("parameters")
+        if params is None:
+            params = {}
+        _check_schema(f"{where}.function.parameters", params)
+        out.append(
+            {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. validation
+# ---------------------------------------------------------------------------------------------------
+def _check_call_id(where: str, call_id: str | None, v: int, what: str) -> None:
+    if v < 3:
+        return
+    if v >= 13:
+        if not call_id or call_id == _NULL_ID:
+            raise _err(
+                where, f"{what} needs an id (any non-empty string other than 'null') for tokenizer v{v}"
+            )
+        return
+    if call_id is None or call_id == _NULL_ID:
+        raise _err(where, f"{what} needs an id of 9 characters from a-z, A-Z, 0-9 (e.g. 'aB3dE5fG7')")
+    if not TOOL_CALL_ID_PATTERN.match(call_id):
+        raise _err(where, f"{what} id {call_id!r} is invalid: use exactly 9 characters from a-z, A-Z, 0-9")
+
+
+def validate(messages: list[Message], v: int) -> None:
+    """Raise :class:`ChatTemplateError` where mistral-common's validator (test mode) would refuse."""
+    if not messages:
+        raise ChatTemplateError("messages is empty: send at least one user message")
+    if len(messages) == 1 and messages[0].role not in ("user", "system"):
+        raise ChatTemplateError(
+            f"messages[0] ({messages[0].role}): a conversation must start with a user or system message"
+        )
+    last = messages[-1]
+    if len(messages) > 1 and last.role == "assistant" and not last.prefix:
+        raise ChatTemplateError(
+            f"messages[{len(messages) - 1}] (assistant): the last message must be a user or tool message; "
+            "to continue the assistant's text pass continue_final_message=True"
+        )
+    for i in range(1, len(messages)):
+        prev, cur = messages[i - 1].role, messages[i].role
+        if cur not in _ALLOWED_NEXT[prev]:
+            raise ChatTemplateError(
+                f"messages[{i}] ({cur}): a {cur} message cannot follow a {prev} message "
+                f"(after {prev} come: {', '.join(_ALLOWED_NEXT[prev])})"
+            )
+    _validate_tool_pairing(messages, v)
+    for i, m in enumerate(messages):
+        where = f"messages[{i}] ({m.role})"
+        if m.role == "assistant":
+            has_calls = bool(m.tool_calls)
+            if v < 7 and m.truthy == has_calls:
+                what = "both content and tool_calls" if has_calls else "neither content nor tool_calls"
+                raise _err(
+                    where,
+                    f"has {what}; with tokenizer v{v} an assistant message carries exactly one of them",
+                )
+            for call in m.tool_calls or []:
+                _check_call_id(where, call.id, v, f"tool call {call.name!r}")
+                if not NAME_PATTERN.match(call.name):
+                    raise _err(
+                        where,
+                        f"function name {call.name!r} is invalid: "
+                        "use 1-64 characters from a-z, A-Z, 0-9, '_', '-'",
+                    )
+            if m.prefix and i != len(messages) - 1:
+                raise _err(where, "only the last message can be an assistant prefix (prefix=True)")
+        elif m.role == "tool":
+            if m.name is not None and not NAME_PATTERN.match(m.name):
+                raise _err(
+                    where, f"name {m.name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '_', '-'"
+                )
+            _check_call_id(where, m.tool_call_id, v, "the tool result (tool_call_id)")
+
+
+def _validate_tool_pairing(messages: list[Message], v: int) -> None:
+    """Every assistant tool call is answered by a tool message before the next assistant message.
+
+    Like mistral-common, the first message is not inspected and a conversation may end with calls
+    still unanswered. From v11 on, results are matched to calls by id.
+    """
+    if v < 11:
+        expected = 0
+        for i in range(1, len(messages)):
+            m = messages[i]
+            if m.role == "tool":
+                expected -= 1
+            elif m.role == "assistant":
+                if expected != 0:
+                    raise ChatTemplateError(
+                        f"messages[{i}] (assistant): the previous assistant tool calls got "
+                        f"{'more' if expected < 0 else 'fewer'} tool results than calls; answer each call "
+                        "with exactly one tool message"
+                    )
+                if m.tool_calls is not None:
+                    expected = len(m.tool_calls)
+        return
+    want: set[str | None] = set()
+    seen: set[str | None] = set()
+    for i in range(1, len(messages)):
+        m = messages[i]
+        where = f"messages[{i}] ({m.role})"
+        if m.role == "tool":
+            if m.tool_call_id in seen:
+                raise _err(where, f"tool_call_id {m.tool_call_id!r} is answered twice")
+            if m.tool_call_id not in want:
+                raise _err(
+                    where,
+                    f"tool_call_id {m.tool_call_id!r} matches no call of the preceding assistant message",
+                )
+            seen.add(m.tool_call_id)
+        elif m.role == "assistant":
+            if len(want) != len(seen):
+                raise _err(where, "the previous assistant tool calls were not all answered by tool messages")
+            want.clear()
+            seen.clear()
+            for call in m.tool_calls or []:
+                if call.id in want:
+                    raise _err(where, f"tool call id {call.id!r} is used twice in this message")
+                want.add(call.id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. normalisation
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Turn:
+    """A normalised message: same-role runs merged, JSON normalised."""
+
+    role: str
+    text: str
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    prefix: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def normalize_json(content: str | None) -> str:
+    """Re-serialise JSON text compactly as ``json.dumps(..., ensure_ascii=False)``; empty -> ``"{}"``.
+
+    Text that is not JSON is returned unchanged.
+    """
+    if not content:
+        return "{}"
+    try:
+        return json.dumps(json.loads(content), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return content
+
+
+def _parse_json(content: str) -> Any:
+    try:
+        return json.loads(content)
+    except (ValueError, RecursionError):
+        return content
+
+
+def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
+    """Merge same-role runs and (V1-V3) pull the system messages out into one system prompt."""
+    system_prompt: str | None = None
+    if v < 7:
+        parts = [m.text for m in messages if m.role == "system" and m.truthy]
+        system_prompt = _JOIN.join(parts) if parts else None
+
+    turns: list[Turn] = []
+    latest_call_ids: list[str] = []
+
+    def flush(group: list[Message]) -> None:
+        if not group:
+            return
+        role = group[0].role
+        if role == "system":
+            if v >= 7:
+                turns.extend(Turn("system", m.text) for m in group)
+            return
+        if role == "user":
+            turns.append(Turn("user", _JOIN.join(p for m in group for p in m.parts)))
+            return
+        if role == "assistant":
+            calls = [
+                ToolCall(c.id, c.name, normalize_json(c.arguments))
+                for m in group
+                for c in (m.tool_calls or [])
+            ]
+            turns.append(
+                Turn(
+                    "assistant",
+                    _JOIN.join(p for m in group for p in m.parts),
+                    tool_calls=calls or None,
+                    prefix=any(m.prefix for m in group),
+                )
+            )
+            latest_call_ids.extend(c.id for c in calls)
+            return
+        results = [
+            Turn(
+                "tool", m.text if v >= 7 else normalize_json(m.text), tool_call_id=m.tool_call_id, name=m.name
+            )
+            for m in group
+        ]
+        if v >= 11:  # results are put in the order of the calls they answer
+            call_pos = {cid: k for k, cid in enumerate(latest_call_ids)}
+            result_pos = {t.tool_call_id: k for k, t in enumerate(results)}
+            results.sort(
+                key=lambda t: (
+                    call_pos.get(t.tool_call_id or _NULL_ID, float("inf")),
+                    result_pos[t.tool_call_id],
+                )
+            )
+        turns.extend(results)
+        latest_call_ids.clear()
+
+    group: list[Message] = []
+    for m in messages:
+        if group and group[0].role != m.role:
+            flush(group)
+            group = []
+        group.append(m)
+    flush(group)
+    if not turns or (v < 7 and turns[0].role != "user"):
+        turns.insert(0, Turn("user", ""))
+    return system_prompt, turns
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. encoding
+# ---------------------------------------------------------------------------------------------------
+class _Template:
+    def __init__(self, tok: Tokenizer, v: int) -> None:
+        self.tok = tok
+        self.v = v
+        self.enc = tok.encode
+
+    def sid(self, name: str) -> int:
+        if not self.tok.has_special(name):
+            raise ChatTemplateError(
+                f"this {self.tok.kind} tokenizer (version {self.tok.version}) has no {name} token, which the "
+                f"v{self.v} chat template needs; load the tokenizer file that matches the model"
+            )
+        return self.tok.special_id(name)
+
+    def tools_block(self, tools: list[dict[str, Any]] | None) -> list[int]:
+        if not tools:
+            return []
+        body = self.enc(json.dumps(tools, ensure_ascii=False))
+        return [self.sid("[AVAILABLE_TOOLS]"), *body, self.sid("[/AVAILABLE_TOOLS]")]
+
+    def user(
+        self, turn: Turn, tools: Any, is_first: bool, is_last: bool, system_prompt: str | None
+    ) -> list[int]:
+        v = self.v
+        if v == 1:
+            content = system_prompt + _JOIN + turn.text if (is_first and system_prompt) else turn.text
+            return self.enc(f"[INST] {content} [/INST]")
+        head = self.tools_block(tools) if (is_first if v >= 13 else is_last) else []
+        content = turn.text
+        if v < 7 and is_last and system_prompt:
+            content = system_prompt + _JOIN + content
+        return [*head, self.sid("[INST]"), *self.enc(content), self.sid("[/INST]")]
+
+    def system(self, turn: Turn) -> list[int]:
+        return [self.sid("[SYSTEM_PROMPT]"), *self.enc(turn.text), self.sid("[/SYSTEM_PROMPT]")]
+
+    def tool(self, where: str, turn: Turn, before_last_user: bool) -> list[int]:
+        v = self.v
+        if v == 1:
+            raise _err(where, "tool messages need a tokenizer of version v2 or newer (this one is v1)")
+        if v == 2:
+            if before_last_user:
+                return []
+            body = json.dumps([{"name": turn.name, "content": _parse_json(turn.text)}], ensure_ascii=False)
+            return [self.sid("[TOOL_RESULTS]"), *self.enc(body), self.sid("[/TOOL_RESULTS]")]
+        if v == 3:
+            body = json.dumps(
+                {"content": _parse_json(turn.text), "call_id": turn.tool_call_id}, ensure_ascii=False
+            )
+            return [self.sid("[TOOL_RESULTS]"), *self.enc(body), self.sid("[/TOOL_RESULTS]")]
+        if v < 13:
+            return [
+                self.sid("[TOOL_RESULTS]"),
+                *self.enc(turn.tool_call_id or ""),
+                self.sid("[TOOL_CONTENT]"),
+                *self.enc(turn.text),
+                self.sid("[/TOOL_RESULTS]"),
+            ]
+        return [self.sid("[TOOL_RESULTS]"), *self.enc(turn.text), self.sid("[/TOOL_RESULTS]")]
+
+    def _calls_json(self, calls: list[ToolCall]) -> list[int]:
+        items = []
+        for c in calls:
+            item: dict[str, Any] = {"name": c.name, "arguments": _parse_json(c.arguments)}
+            if self.v >= 3 and c.id and c.id != _NULL_ID:
+                item["id"] = c.id
+            items.append(item)
+        return [self.sid("[TOOL_CALLS]"), *self.enc(json.dumps(items, ensure_ascii=False))]
+
+    def _calls_tokens(self, calls: list[ToolCall]) -> list[int]:
+        out: list[int] = []
+        for c in calls:
+            out.append(self.sid("[TOOL_CALLS]"))
+            out += self.enc(c.name)
+            if self.v < 13 and c.id and c.id != _NULL_ID:
+                out += [self.sid("[CALL_ID]"), *self.enc(c.id)]
+            out.append(self.sid("[ARGS]"))
+            out += self.enc(json.dumps(_parse_json(c.arguments), ensure_ascii=False))
+        return out
+
+    def assistant(self, where: str, turn: Turn, before_last_user: bool) -> list[int]:
+        v = self.v
+        calls = turn.tool_calls
+        if v == 1:
+            if calls:
+                raise _err(where, "tool calls need a tokenizer of version v2 or newer (this one is v1)")
+            if not turn.text:
+                raise _err(where, "an assistant message needs content")
+            out = self.enc(turn.text)
+        elif v < 7:
+            if calls and turn.text:
+                raise _err(
+                    where,
+                    "merged consecutive assistant messages have both content and tool_calls, which "
+                    f"tokenizer v{v} cannot encode; send them as one kind",
+                )
+            if calls:
+                if v == 2 and before_last_user:
+                    return []
+                out = self._calls_json(calls)
+            elif turn.text:
+                out = self.enc(turn.text.rstrip(" "))
+            else:
+                raise _err(where, "an assistant message needs content or tool_calls")
+        else:
+            if not turn.text and not calls:
+                raise _err(where, "an assistant message needs content or tool_calls (or both)")
+            out = self.enc(turn.text.rstrip(" ")) if turn.text else []
+            if calls:
+                out += self._calls_json(calls) if v < 11 else self._calls_tokens(calls)
+        if not turn.prefix:
+            out.append(self.tok.eos_id)
+        return out
+
+
+def _check_v2_results(turns: list[Turn], last_user: int) -> None:
+    """V2 prints one tool result per assistant tool-call turn (after the last user message)."""
+    has_calls, count = False, 0
+    for i in range(max(last_user, 0), len(turns)):
+        t = turns[i]
+        if t.role == "assistant":
+            has_calls, count = bool(t.tool_calls), 0
+        elif t.role == "tool":
+            if has_calls:
+                count += 1
+                if count > 1:
+                    raise ChatTemplateError(
+                        "tokenizer v2 cannot encode several tool results for one assistant turn; "
+                        "make one call per assistant message or use a v3+ tokenizer"
+                    )
+        else:
+            has_calls, count = False, 0
+
+
+def encode_chat(
+    tok: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    safe_prompt: bool = False,
+    continue_final_message: bool = False,
+) -> list[int]:
+    """Encode a chat request with the template of ``tok.version``; see :meth:`Tokenizer.encode_chat`."""
+    v = version_number(tok.version)
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise ChatTemplateError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+    parsed = [parse_message(i, m) for i, m in enumerate(messages)]
+    if safe_prompt:
+        parsed.insert(0, Message(role="system", parts=[SAFE_PROMPT], truthy=True))
+    if continue_final_message:
+        if not parsed or parsed[-1].role != "assistant":
+            raise ChatTemplateError(
+                "continue_final_message=True needs the last message to be the assistant text to continue"
+            )
+        parsed[-1].prefix = True
+    shift = 1 if safe_prompt else 0
+    try:
+        validate(parsed, v)
+    except ChatTemplateError as e:
+        if shift:
+            raise ChatTemplateError(
+                f"{e} (message indexes count the safe-prompt system message as 0)"
+            ) from None
+        raise
+    tool_list = parse_tools(tools)
+    system_prompt, turns = normalize(parsed, v)
+
+    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), -1)
+    last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+    if v == 2:
+        _check_v2_results(turns, last_user)
+    tpl = _Template(tok, v)
+    out = [tok.bos_id]
+    for i, t in enumerate(turns):
+        where = f"turn {i} ({t.role}, after merging same-role messages)"
+        if t.role == "user":
+            out += tpl.user(t, tool_list, i == first_user, i == last_user, system_prompt)
+        elif t.role == "assistant":
+            out += tpl.assistant(where, t, i < last_user)
+        elif t.role == "tool":
+            out += tpl.tool(where, t, i < last_user)
+        else:
+            out += tpl.system(t)
+    return out

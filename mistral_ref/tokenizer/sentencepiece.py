@@ -1,0 +1,171 @@
+"""SentencePiece tokenizers (instruct versions v1, v2, v3, v7) on top of the ``sentencepiece`` library.
+
+Encoding is SentencePiece's own BPE, exactly as mistral-common calls it. Decoding with
+``special="ignore"`` is SentencePiece's own decoder; ``"keep"`` and streaming use
+:class:`~mistral_ref.tokenizer.stream.SentencePieceStreamDecoder`, which reproduces it piece by piece.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .base import SpecialPolicy, Tokenizer, check_policy
+from .errors import TokenizerError
+from .stream import BYTE, CONTROL, NORMAL, UNK_SURFACE, UNKNOWN, SentencePieceStreamDecoder
+
+SPACE = "\u2581"  # "▁", SentencePiece's visible stand-in for a space
+SENTENCEPIECE_VERSIONS = ("v1", "v2", "v3", "v7")
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_SUFFIX = re.compile(r"\.model\.(v\d+)(m\d+)?$")
+
+
+def version_from_filename(path: str | Path) -> str | None:
+    """``tokenizer.model.v3`` -> ``"v3"``, ``..._241114.model.v7m1`` -> ``"v7"``; ``None`` if unversioned."""
+    m = _SUFFIX.search(Path(path).name)
+    return m.group(1) if m else None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A ``tokenizer.model.vN`` file.
+
+    Args:
+        path: the SentencePiece model file.
+        version: instruct version; default from the file name suffix (``.model.v3``), else inferred
+            from the control pieces (``[INST]`` absent -> v1, ``[SYSTEM_PROMPT]`` -> v7, ``[IMG]`` -> v3,
+            otherwise v2).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | Path, version: str | None = None) -> None:
+        self.path = Path(path)
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{self.path}: not a readable SentencePiece model ({e})") from e
+        self._sp = sp
+        n = sp.get_piece_size()
+        self._pieces: list[str] = [sp.id_to_piece(i) for i in range(n)]
+        kinds = bytearray(n)
+        surface: list[str] = [""] * n
+        byte_value = [0] * n
+        specials: dict[str, int] = {}
+        for i, piece in enumerate(self._pieces):
+            if sp.is_control(i):
+                kinds[i] = CONTROL
+                specials[piece] = i
+            elif sp.is_unknown(i):
+                kinds[i] = UNKNOWN
+                surface[i] = UNK_SURFACE
+            elif sp.is_byte(i):
+                m = _BYTE_PIECE.match(piece)
+                if m is None:
+                    raise TokenizerError(f"{self.path}: byte piece {i} is named {piece!r}, not <0xNN>")
+                kinds[i] = BYTE
+                byte_value[i] = int(m.group(1), 16)
+            else:
+                kinds[i] = NORMAL
+                surface[i] = piece.replace(SPACE, " ")
+        self._kinds = bytes(kinds)
+        self._surface = surface
+        self._byte_value = byte_value
+        self._specials = specials
+        self._unk = sp.unk_id()
+
+        inferred = self._infer_version()
+        self.version = version or version_from_filename(self.path) or inferred
+        if self.version not in SENTENCEPIECE_VERSIONS:
+            raise TokenizerError(
+                f"{self.path}: SentencePiece tokenizers exist for versions {SENTENCEPIECE_VERSIONS}, "
+                f"not {self.version!r}"
+            )
+
+    def _infer_version(self) -> str:
+        s = self._specials
+        if "[INST]" not in s:
+            return "v1"
+        if "[SYSTEM_PROMPT]" in s:
+            return "v7"
+        if "[IMG]" in s or "[PREFIX]" in s:
+            return "v3"
+        return "v2"
+
+    # ---- vocabulary ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (32000 for v1, 32768 for v2/v3/v7)."""
+        return len(self._pieces)
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """The control pieces (``<s>``, ``</s>``, ``[INST]``, ..., ``[control_N]``)."""
+        return self._specials
+
+    @property
+    def pad_id(self) -> int | None:
+        """``None``: Mistral's SentencePiece files define no pad piece."""
+        pad = self._sp.pad_id()
+        return pad if pad >= 0 else None
+
+    @property
+    def unk_id(self) -> int:
+        """Id of ``<unk>`` (0). It is not a control token: SentencePiece prints it as ``" ⁇ "``."""
+        return self._unk
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The raw piece, e.g. ``"▁Hello"``, ``"<0x0A>"`` or ``"[INST]"``."""
+        self.check_ids([token_id])
+        return self._pieces[token_id]
+
+    def id_to_bytes(self, token_id: int) -> bytes:
+        """Bytes the token adds to the decoded text, with ``▁`` mapped to a space.
+
+        Byte-fallback pieces give their single byte (``<0xE2>`` -> ``b"\\xe2"``), control pieces ``b""``,
+        ``<unk>`` the UTF-8 of ``" ⁇ "``. Leading space: at the very start of a decoded sequence
+        SentencePiece drops one leading space of the first visible piece (the dummy prefix added by
+        ``encode``); ``id_to_bytes`` does not, so ``b"".join(id_to_bytes(t) for t in ids)`` equals
+        ``decode(ids).encode()`` except for that one space when the first visible piece starts with ``▁``.
+        """
+        self.check_ids([token_id])
+        kind = self._kinds[token_id]
+        if kind == BYTE:
+            return bytes((self._byte_value[token_id],))
+        if kind == CONTROL:
+            return b""
+        return self._surface[token_id].encode("utf-8")
+
+    # ---- text ---------------------------------------------------------------------------------------
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """SentencePiece encoding (with its dummy-prefix space); control pieces never come out of text."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        return self._sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Sequence[int], special: SpecialPolicy = "ignore") -> str:
+        """Decode ids.
+
+        ``"ignore"`` equals ``SentencePieceProcessor.decode`` (and mistral-common). ``"keep"`` inserts the
+        control piece names (``<s>``, ``[INST]``) into the text at their positions; removing those names
+        gives the ``"ignore"`` text. ``"raise"`` raises ``TokenizerError`` if any control token occurs.
+        """
+        check_policy(special)
+        ids = list(ids)
+        self.check_ids(ids)
+        if special == "ignore":
+            return self._sp.decode(ids)
+        if special == "raise":
+            kinds = self._kinds
+            for t in ids:
+                if kinds[t] == CONTROL:
+                    raise TokenizerError(f"decode(special='raise') met the special token {self._pieces[t]!r}")
+            return self._sp.decode(ids)
+        dec = SentencePieceStreamDecoder(self, special)
+        return dec.feed_many(ids) + dec.flush()
+
+    def stream_decoder(self, special: SpecialPolicy = "ignore") -> SentencePieceStreamDecoder:
+        """A streaming decoder whose deltas concatenate to ``decode(ids, special)``."""
+        return SentencePieceStreamDecoder(self, special)

@@ -140,10 +140,21 @@ class SentencePieceTokenizer(Tokenizer):
 
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """SentencePiece encoding (with its dummy-prefix space); control pieces never come out of text."""
+        """SentencePiece encoding (with its dummy-prefix space); control pieces never come out of text.
+
+        ``decode(encode(s)) == s`` for every string without U+2581 ("▁", which SentencePiece itself uses
+        for spaces and so decodes as " ") and without lone surrogates (encoded as U+FFFD).
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        return self._sp.encode(text, add_bos=bos, add_eos=eos)
+        try:
+            return self._sp.encode(text, add_bos=bos, add_eos=eos)
+        except RuntimeError:
+            # Lone surrogates cannot be handed to SentencePiece: replace them by U+FFFD, as tiktoken does.
+            clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            if clean == text:
+                raise
+            return self._sp.encode(clean, add_bos=bos, add_eos=eos)
 
     def decode(self, ids: Sequence[int], special: SpecialPolicy = "ignore") -> str:
         """Decode ids.

@@ -1,10 +1,15 @@
 """The KV cache: keys (after rotary embedding) and values of past tokens, preallocated once per request.
 
-A full-attention layer keeps one slot per position (capacity = prompt + max_tokens, never the model's advertised
-context).  A sliding-window layer of W keys keeps a *rolling buffer* of W slots: position p lives in slot p % W,
-so its memory stays W slots however long generation runs.  Each slot also records the position it holds (-1 when
-empty), and attention masks are built from those positions (attention.attention_mask), which makes wrap-around,
-chunked prefill and ragged batches one and the same case.
+A full-attention layer keeps one slot per position (capacity = prompt + max_tokens, never the model's
+advertised context).  A sliding-window layer of W keys keeps a *rolling buffer* of W slots: position p lives in
+slot p % W, so its memory stays W slots however long generation runs.  Each slot also records the position it
+holds (-1 when empty), and attention masks are built from those positions (attention.attention_mask), which
+makes wrap-around, chunked prefill and ragged batches one and the same case.
+
+Two kinds of call reach :meth:`LayerCache.update`:
+* a chunk of T > 1 tokens (prefill, chunked prefill): general, may synchronise with the host;
+* one token per row (decode, T = 1): the hot path — a fixed amount of work per step, no host synchronisation
+  on accelerators, so a decode step costs the same at step 10 and step 10,000 (apart from attention itself).
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ class CacheOverflowError(ValueError):
 
 
 class LayerCache:
-    """Keys, values and their positions for one layer.  k, v: (B, S, n_kv_heads, head_dim); pos: (B, S) int64."""
+    """Keys, values and their positions for one layer.
+
+    k, v: (B, S, n_kv_heads, head_dim) in the model's dtype; pos: (B, S) int64, the position held by each slot
+    (-1 = empty).  S = capacity: the window W for a rolling layer, else the request's prompt + max_tokens.
+    """
 
     def __init__(self, batch_size: int, capacity: int, rolling: bool, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -33,35 +42,47 @@ class LayerCache:
 
         k, v: (B, T, n_kv_heads, head_dim); positions: (B, T), -1 for padding (not stored).
         returns keys, values (B, S', n_kv_heads, head_dim) and their positions (B, S').
-        A rolling buffer receiving several tokens at once could overwrite keys that the chunk's first queries still
-        need, so then attention sees the old buffer concatenated with the new chunk (S' = S + T); every other case
-        writes first and attends to the buffer itself (S' = S).
+        A rolling buffer receiving several tokens at once could overwrite keys that the chunk's first queries
+        still need, so then attention sees the old buffer concatenated with the new chunk (S' = S + T); every
+        other case writes first and attends to the buffer itself (S' = S).
         """
-        if self.rolling and k.shape[1] > 1:
+        if k.shape[1] == 1:
+            self._write_one(k, v, positions)
+            return self.k, self.v, self.pos
+        if self.rolling:
             keys = torch.cat([self.k, k], dim=1)
             values = torch.cat([self.v, v], dim=1)
             key_pos = torch.cat([self.pos, positions], dim=1)
-            self._write(k, v, positions)
+            self._write_chunk(k, v, positions)
             return keys, values, key_pos
-        self._write(k, v, positions)
+        self._write_chunk(k, v, positions)
         return self.k, self.v, self.pos
 
-    def _write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        if not self.rolling and int(positions.max()) >= self.capacity:
-            raise CacheOverflowError(
-                f"position {int(positions.max())} does not fit a KV cache allocated for {self.capacity} positions "
-                "(allocate prompt + max_tokens)")
-        if k.shape[1] == 1:  # decode: one token per row, every row writes (padding rows write to a dead slot)
-            b = torch.arange(k.shape[0], device=k.device)
-            p = positions[:, 0]
-            valid = p >= 0
-            slot = p.clamp(min=0) % self.capacity
-            self.k[b[valid], slot[valid]] = k[valid, 0]
-            self.v[b[valid], slot[valid]] = v[valid, 0]
-            self.pos[b[valid], slot[valid]] = p[valid]
-            return
-        # Only the newest `capacity` positions of each row survive in a rolling buffer: write just those, so no two
-        # writes of one call target the same slot.
+    def _check_fits(self, positions: torch.Tensor) -> None:
+        if not self.rolling:
+            newest = int(positions.max())
+            if newest >= self.capacity:
+                raise CacheOverflowError(
+                    f"position {newest} does not fit a KV cache allocated for {self.capacity} positions "
+                    "(allocate prompt + max_tokens)")
+
+    def _write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: one token per row.  A row at position -1 (padding, a finished row) leaves its slot as is."""
+        if positions.device.type == "cpu":  # free on the CPU; on accelerators it would stall every step
+            self._check_fits(positions)
+        p = positions[:, 0]  # (B,)
+        valid = p >= 0
+        rows = torch.arange(k.shape[0], device=k.device)
+        slot = p.clamp(min=0) % self.capacity  # (B,)  (p < capacity for a full layer: the modulo is a no-op)
+        keep = valid[:, None, None]
+        self.k[rows, slot] = torch.where(keep, k[:, 0], self.k[rows, slot])
+        self.v[rows, slot] = torch.where(keep, v[:, 0], self.v[rows, slot])
+        self.pos[rows, slot] = torch.where(valid, p, self.pos[rows, slot])
+
+    def _write_chunk(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Prefill: T tokens per row, -1 = padding.  Only the newest `capacity` positions of each row survive in
+        a rolling buffer: write just those, so no two writes of one call target the same slot."""
+        self._check_fits(positions)
         newest = positions.max(dim=1, keepdim=True).values  # (B, 1)
         keep = (positions >= 0) & (positions > newest - self.capacity)  # (B, T)
         b, t = keep.nonzero(as_tuple=True)
@@ -72,23 +93,32 @@ class LayerCache:
 
 
 class KVCache:
-    """One LayerCache per transformer block, sized for `max_seq_len` = prompt + max_tokens positions."""
+    """One LayerCache per transformer block, sized for `max_seq_len` = prompt + max_tokens positions.
+
+    A layer with a window W < max_seq_len gets a rolling buffer of W slots; every other layer gets max_seq_len
+    slots.  Memory: 2 x n_layers x batch_size x slots x n_kv_heads x head_dim x dtype size (:meth:`nbytes`).
+    """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-        self.max_seq_len = max_seq_len
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.layers: list[LayerCache] = []
         for layer_id in range(args.n_layers):
             window = args.window_for_layer(layer_id)
             rolling = window is not None and window < max_seq_len
             capacity = window if rolling else max_seq_len
-            self.layers.append(LayerCache(batch_size, capacity, rolling, args.n_kv_heads, args.head_dim, dtype,
-                                          device))
+            self.layers.append(
+                LayerCache(batch_size, capacity, rolling, args.n_kv_heads, args.head_dim, dtype, device))
 
     def __getitem__(self, layer_id: int) -> LayerCache:
         return self.layers[layer_id]
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (what the cache costs)."""

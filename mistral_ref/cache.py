@@ -1,9 +1,9 @@
 """The KV cache: keys (after rotary embedding) and values of past tokens, preallocated once per request.
 
 A full-attention layer keeps one slot per position (capacity = prompt + max_tokens, never the model's
-advertised context).  A sliding-window layer of W keys keeps a *rolling buffer* of W slots: position p lives in
-slot p % W, so its memory stays W slots however long generation runs.  Each slot also records the position it
-holds (-1 when empty), and attention masks are built from those positions (attention.attention_mask), which
+advertised context).  A sliding-window layer of W keys keeps a *rolling buffer* of W slots: position p lives
+in slot p % W, so its memory stays W slots however long generation runs.  Each slot also records the position
+it holds (-1 when empty), and attention masks are built from those positions (attention.attention_mask), which
 makes wrap-around, chunked prefill and ragged batches one and the same case.
 
 Two kinds of call reach :meth:`LayerCache.update`:
@@ -67,7 +67,7 @@ class LayerCache:
                     "(allocate prompt + max_tokens)")
 
     def _write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode: one token per row.  A row at position -1 (padding, a finished row) leaves its slot as is."""
+        """Decode: one token per row; a row at position -1 (padding, a finished row) leaves its slot alone."""
         if positions.device.type == "cpu":  # free on the CPU; on accelerators it would stall every step
             self._check_fits(positions)
         p = positions[:, 0]  # (B,)
@@ -80,8 +80,11 @@ class LayerCache:
         self.pos[rows, slot] = torch.where(valid, p, self.pos[rows, slot])
 
     def _write_chunk(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Prefill: T tokens per row, -1 = padding.  Only the newest `capacity` positions of each row survive in
-        a rolling buffer: write just those, so no two writes of one call target the same slot."""
+        """Prefill: T tokens per row, -1 = padding.
+
+        Only the newest `capacity` positions of each row survive in a rolling buffer: write just those, so no
+        two writes of one call target the same slot.
+        """
         self._check_fits(positions)
         newest = positions.max(dim=1, keepdim=True).values  # (B, 1)
         keep = (positions >= 0) & (positions > newest - self.capacity)  # (B, T)

@@ -1,0 +1,192 @@
+"""Choosing the next token: the one sampling path used by generate.py, the API and the server.
+
+One step turns the model's raw next-token logits into a token id, in this order:
+
+1. penalties (OpenAI's formula, over the tokens *generated so far*, never the prompt):
+   ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``;
+2. logits processors (constrained decoding, e.g. the API's JSON mode):
+   ``proc(generated_ids, logits) -> logits``, typically setting disallowed tokens to -inf;
+3. temperature 0: argmax (greedy; top_p is then irrelevant);
+4. otherwise softmax(logits / temperature), then top_p (nucleus) filtering: keep the smallest set of most
+   likely tokens whose probability mass reaches top_p, *including* the token that crosses it;
+5. draw one token from what is left (``torch.multinomial``; with a seed, from a ``torch.Generator`` seeded for
+   this request, so a seed reproduces the same tokens on the same device).
+
+Every tensor here is (B, V): one row per sequence of the batch, V = vocabulary size, logits in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``proc(generated_ids, logits) -> logits``.
+
+generated_ids: (B, n) int64, the tokens each row generated so far (a view: do not modify); logits: (B, V)
+fp32, after penalties.  Return the (possibly in-place modified) logits; -inf removes a token.  A stateful
+processor (a JSON grammar) can advance its state on ``generated_ids[:, -1]`` at each call.
+"""
+
+
+class GenerationParamError(ValueError):
+    """A generation / sampling parameter outside its allowed range; the message names the parameter."""
+
+
+def _check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
+    """Return ``value`` as a float if it lies in [low, high] (or (low, high] when low_open), else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise GenerationParamError(f"{name} must be a finite number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise GenerationParamError(f"{name} must be in {interval}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The chat-completions sampling parameters, validated on construction.
+
+    temperature: in [0, 2]; 0 means greedy (argmax).  The default 0.7 is the Mistral API's usual default.
+    top_p: in (0, 1]; nucleus sampling mass (1 = no filtering).
+    presence_penalty, frequency_penalty: in [-2, 2] (OpenAI's ranges; positive values discourage repetition).
+    seed: an int makes sampling reproducible (a fresh torch.Generator per request); None = torch's global RNG.
+    """
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise in place once
+        set_(self, "temperature", _check_number("temperature", self.temperature, 0.0, 2.0))
+        set_(self, "top_p", _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True))
+        set_(self, "presence_penalty", _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0))
+        set_(self, "frequency_penalty", _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise GenerationParamError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise GenerationParamError(f"seed must fit in 64 bits, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+# ---- the steps, as pure functions --------------------------------------------------------------------------
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence_penalty: float,
+                    frequency_penalty: float) -> torch.Tensor:
+    """OpenAI's repetition penalties.  logits: (B, V) fp32; counts: (B, V) how often each token was generated.
+
+    returns logits - counts * frequency_penalty - (counts > 0) * presence_penalty  (a new tensor).
+    """
+    counts = counts.to(logits.dtype)
+    return logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the nucleus.  probs: (B, V), rows summing to 1 -> (B, V), NOT renormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p: a token is kept while
+    the mass of the tokens ranked before it is still below top_p, so the token that crosses top_p is kept, and
+    so is the most likely token.  top_p = 1 keeps everything (no rounding can cut the tail).
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # exclusive prefix sums (B, V)
+    keep_sorted = mass_before < top_p
+    keep_sorted[:, 0] = True
+    keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)  # back to vocabulary order
+    return probs.masked_fill(~keep, 0.0)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution a token is drawn from: softmax(logits / temperature), then top_p, renormalised.
+
+    logits: (B, V) fp32 (after penalties / processors); temperature > 0.  returns (B, V), rows summing to 1.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = top_p_filter(probs, top_p)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row.  logits: (B, V) -> (B,) int64.  temperature 0 = argmax (top_p ignored)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
+
+
+# ---- per-request state -------------------------------------------------------------------------------------
+class Sampler:
+    """The sampling state of one request of B rows: its RNG, token counts for the penalties, its processors.
+
+    Per step: ``ids = sampler(logits, generated, active)`` then ``sampler.observe(ids, active)``.  A step is a
+    fixed number of (B, V) operations; nothing grows with the number of tokens generated.
+    """
+
+    def __init__(self, params: SamplingParams, batch_size: int, vocab_size: int,
+                 device: torch.device | str = "cpu", logits_processors: Sequence[LogitsProcessor] = ()):
+        self.params = params
+        self.processors = list(logits_processors)
+        for i, proc in enumerate(self.processors):
+            if not callable(proc):
+                raise GenerationParamError(
+                    f"logits_processors[{i}] must be callable, got {type(proc).__name__}")
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed % 2**64)
+        self.counts = (torch.zeros(batch_size, vocab_size, dtype=torch.int32, device=device)
+                       if params.has_penalties else None)  # (B, V) generated-token counts
+
+    def process(self, logits: torch.Tensor, generated: torch.Tensor,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """Penalties, then processors.  -> (B, V) fp32.
+
+        logits: (B, V) fp32 raw; generated: (B, n); active: (B,) bool, the rows still generating (a processor
+        that leaves an *active* row without any allowed token is an error).
+        """
+        p = self.params
+        if self.counts is not None:
+            logits = apply_penalties(logits, self.counts, p.presence_penalty, p.frequency_penalty)
+        if self.processors:
+            logits = logits.clone()  # processors may write in place; never touch the caller's tensor
+            for proc in self.processors:
+                logits = proc(generated, logits)
+            dead = torch.isneginf(logits).all(dim=-1) | torch.isnan(logits).any(dim=-1)  # (B,)
+            if active is not None:
+                dead &= active
+            if bool(dead.any()):
+                row = int(dead.nonzero()[0, 0])
+                raise ValueError(f"logits processors left row {row} with no allowed token (all -inf or NaN)")
+        return logits
+
+    def __call__(self, logits: torch.Tensor, generated: torch.Tensor,
+                 active: torch.Tensor | None = None) -> torch.Tensor:
+        """Choose the next token of every row.  -> (B,) int64 (arbitrary but valid where not active).
+
+        logits: (B, V) raw next-token logits; generated: (B, n) tokens generated so far; active: (B,) bool.
+        """
+        logits = self.process(logits, generated, active)
+        if active is not None and self.processors and not self.params.greedy:
+            # a finished row may be all -inf: make it drawable (its token is ignored anyway)
+            logits = logits.masked_fill(~active[:, None], 0.0)
+        return sample(logits, self.params.temperature, self.params.top_p, self.generator)
+
+    def observe(self, ids: torch.Tensor, active: torch.Tensor) -> None:
+        """Count the tokens just chosen (ids: (B,)) for the rows still generating (active: (B,) bool)."""
+        if self.counts is not None:
+            self.counts.scatter_add_(1, ids[:, None], active[:, None].to(self.counts.dtype))

@@ -54,17 +54,15 @@ CONFIGS = {
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert DATA is not None
     tmp = tmp_path_factory.mktemp("tekken")
+    nemo = json.loads((DATA / "tekken_240718.json").read_text(encoding="utf-8"))
     out = {}
     for name, f in CONFIGS.items():
         if f.startswith("v"):
             specials = list(LEGACY_SPECIAL_TOKENS) if f == "v7" else MODERN_SPECIALS
-            out[name] = write_tekken_file(DATA / "tekken_240718.json", tmp / f"tekken_{f}.json", f, specials)
+            out[name] = write_tekken_file(nemo, tmp / f"tekken_{f}.json", f, specials)
         else:
             out[name] = DATA / f
     return out
-
-
-_cache: dict[str, Tokenizer] = {}
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ def mistral_common_data_dir() -> Path | None:
 
 
 def write_tekken_file(
-    source: str | Path,
+    source: str | Path | Mapping[str, Any],
     destination: str | Path,
     version: str,
     special_tokens: Sequence[str] | None = None,
@@ -109,11 +109,14 @@ def write_tekken_file(
 
     Useful to build v7/v11/v13 test files from the Nemo file (tekken_240718.json): v11 and v13 files
     must list their special tokens (``[ARGS]``, ``[CALL_ID]`` ...). ``special_tokens`` are names in id
-    order; ranks are their positions.
+    order; ranks are their positions. ``source`` may also be the already parsed json (not modified).
     """
-    with open(source, encoding="utf-8") as f:
-        data: dict[str, Any] = json.load(f)
-    data["config"]["version"] = version
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        with open(source, encoding="utf-8") as f:
+            data = json.load(f)
+    data["config"] = {**data["config"], "version": version}
     if special_tokens is not None:
         data["special_tokens"] = [
             {"rank": i, "token_str": name, "is_control": True} for i, name in enumerate(special_tokens)

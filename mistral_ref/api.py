@@ -1,0 +1,506 @@
+"""Chat completions as the Mistral API defines them, on a local model.
+
+    chat_completion(model, tokenizer, messages, temperature=0, max_tokens=64)
+        -> {"id", "object": "chat.completion", "created", "model",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content", "tool_calls"},
+                         "finish_reason": "stop" | "length" | "tool_calls", "logprobs"}],
+            "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+
+A request goes through three steps:
+
+1. :func:`parse_request` validates the parameters (types, ranges, unknown names) into a :class:`ChatRequest`;
+   every problem is a :class:`RequestError` whose ``field`` names the offending parameter.
+2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it
+  fits
+   the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
+   ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
+   (json_mode.py).
+3. :func:`run` generates with ``generate.generate_stream`` — the one sampling path — and turns its events into
+   a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
+   content text (never inside a tool call); text is released as soon as no stop string can claim it.
+
+Counting: ``prompt_tokens`` is the length of the encoded prompt; ``completion_tokens`` counts every token the
+model produced, the EOS that ended generation included.  ``logprobs`` (an extra parameter) are the raw model's
+log-probabilities of the content tokens, in the OpenAI format ``{"content": [{"token", "logprob", "bytes",
+"top_logprobs"}]}``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mistral_ref.generate import MAX_TOP_LOGPROBS, StopStrings, generate_stream
+from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
+from mistral_ref.sampling import GenerationParamError, SamplingParams
+from mistral_ref.tokenizer import ChatTemplateError
+
+DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
+TOOL_CHOICES = ("auto", "none", "any", "required")
+
+
+class RequestError(ValueError):
+    """A chat-completions request that cannot be served; ``field`` names the parameter at fault."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+# ---- 1. the request ----------------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    """A validated chat-completions request (field names of the Mistral API).
+
+    tool_choice is normalised to "auto" | "none" | "any" ("required" is "any"; a named function is "any" with
+    ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``.  json_mode: response_format json_object.
+    """
+
+    messages: list[Any]
+    model: str | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    json_mode: bool = False
+    tools: list[Any] | None = None
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    safe_prompt: bool = False
+    stream: bool = False
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
+                              self.seed)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(name, f"must be true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"must be an integer, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number, got {_type_name(value)} {value!r}")
+    return float(value)
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("stop",
+                           f"must be a non-empty string or a list of non-empty strings, got {value!r}")
+    return stops
+
+
+def _response_format(value: Any) -> bool:
+    if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object"):
+        kind = value.get("type") if isinstance(value, Mapping) else None
+        extra = " (json_schema is not supported)" if kind == "json_schema" else ""
+        raise RequestError("response_format",
+                           f"must be {{'type': 'text'}} or {{'type': 'json_object'}}{extra}, got {value!r}")
+    return value["type"] == "json_object"
+
+
+def _tool_choice(value: Any, tools: list[Any] | None) -> tuple[str, list[Any] | None]:
+    if isinstance(value, str):
+        if value not in TOOL_CHOICES:
+            raise RequestError("tool_choice",
+                               f"must be one of {TOOL_CHOICES} or a named function, got {value!r}")
+        choice = "any" if value == "required" else value
+    elif isinstance(value, Mapping) and isinstance(value.get("function"), Mapping):
+        name = value["function"].get("name")
+        named = [t for t in tools or [] if isinstance(t, Mapping) and isinstance(t.get("function"), Mapping)
+                 and t["function"].get("name") == name]
+        if not named:
+            raise RequestError("tool_choice", f"names the function {name!r}, which is not in tools")
+        return "any", named
+    else:
+        raise RequestError("tool_choice", "must be 'auto', 'none', 'any', 'required' or "
+                           f"{{'type': 'function', 'function': {{'name': ...}}}}, got {value!r}")
+    if choice == "any" and not tools:
+        raise RequestError("tool_choice", f"{value!r} needs a non-empty tools list")
+    return choice, tools
+
+
+def parse_request(body: Mapping[str, Any]) -> ChatRequest:
+    """Validate a request body (the JSON object of POST /v1/chat/completions) into a ChatRequest.
+
+    ``null`` means "the default" for every optional field.  Raises RequestError naming the field for a missing
+    or mistyped field, a value out of range, an unknown field, or an unsupported option (n > 1, json_schema).
+    """
+    if not isinstance(body, Mapping):
+        raise RequestError("body", f"must be a JSON object, got {_type_name(body)}")
+    body = {k: v for k, v in body.items() if v is not None}
+    known = {"messages", "model", "temperature", "top_p", "max_tokens", "stop", "presence_penalty",
+             "frequency_penalty", "seed", "random_seed", "response_format", "tools", "tool_choice",
+             "parallel_tool_calls", "safe_prompt", "stream", "stream_options", "n", "ignore_eos", "logprobs",
+             "top_logprobs", "user"}
+    for name in body:
+        if name not in known:
+            raise RequestError(name, "unknown parameter")
+    if "messages" not in body:
+        raise RequestError("messages", "is required (a list of {'role': ..., 'content': ...})")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages", f"must be a non-empty list of messages, got {_type_name(messages)}")
+    req = ChatRequest(messages=messages)
+    if "model" in body and not isinstance(body["model"], str):
+        raise RequestError("model", f"must be a string, got {_type_name(body['model'])}")
+    req.model = body.get("model")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        if name in body:
+            value = _number(name, body[name])
+            try:
+                SamplingParams(**{name: value})  # the sampler's own range check, attributed to this field
+            except GenerationParamError as e:
+                raise RequestError(name, str(e)) from None
+            setattr(req, name, value)
+    seeds = {name: _int(name, body[name]) for name in ("seed", "random_seed") if name in body}
+    if len(set(seeds.values())) > 1:
+        raise RequestError("random_seed",
+                           f"seed={seeds['seed']} and random_seed={seeds['random_seed']} disagree")
+    if seeds:
+        req.seed = next(iter(seeds.values()))
+        try:
+            SamplingParams(seed=req.seed)
+        except GenerationParamError as e:
+            raise RequestError(next(iter(seeds)), str(e)) from None
+    if "max_tokens" in body:
+        req.max_tokens = _int("max_tokens", body["max_tokens"])
+        if req.max_tokens < 1:
+            raise RequestError("max_tokens", f"must be >= 1, got {req.max_tokens}")
+    if "n" in body and _int("n", body["n"]) != 1:
+        raise RequestError("n", f"only n=1 is supported (one completion per request), got {body['n']}")
+    if "stop" in body:
+        req.stop = _stop(body["stop"])
+    if "response_format" in body:
+        req.json_mode = _response_format(body["response_format"])
+    if "tools" in body:
+        if not isinstance(body["tools"], list):
+            raise RequestError("tools", f"must be a list of tools, got {_type_name(body['tools'])}")
+        req.tools = body["tools"] or None
+    req.tool_choice, req.tools = _tool_choice(body.get("tool_choice", "auto"), req.tools)
+    for name in ("parallel_tool_calls", "safe_prompt", "stream", "ignore_eos", "logprobs"):
+        if name in body:
+            setattr(req, name, _bool(name, body[name]))
+    if "stream_options" in body:
+        opts = body["stream_options"]
+        if not isinstance(opts, Mapping) or not set(opts) <= {"include_usage"}:
+            raise RequestError("stream_options", f"must be {{'include_usage': bool}}, got {opts!r}")
+        if "include_usage" in opts:
+            _bool("stream_options.include_usage", opts["include_usage"])
+    if "user" in body and not isinstance(body["user"], str):
+        raise RequestError("user", f"must be a string, got {_type_name(body['user'])}")
+    if "top_logprobs" in body:
+        req.top_logprobs = _int("top_logprobs", body["top_logprobs"])
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
+        if req.top_logprobs and not req.logprobs:
+            raise RequestError("top_logprobs", "needs logprobs=true")
+    if req.json_mode and req.tool_choice == "any":
+        raise RequestError("response_format", "json_object cannot be combined with tool_choice 'any' / "
+                           "'required': the reply must then be a tool call, not JSON content")
+    return req
+
+
+# ---- 2. the prompt and the constraints ---------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A request ready to run: its prompt ids, token budget and constraints."""
+
+    request: ChatRequest
+    prompt_ids: list[int]
+    max_tokens: int
+    model_name: str
+    tool_calls_id: int | None  # [TOOL_CALLS] of this vocabulary (None: v1, no tool calling)
+    force_tool_call: bool
+    forbid_tool_call: bool
+
+
+def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None,
+            model_name: str = "mistral-ref") -> Prepared:
+    """Encode `request` with the chat template and size its token budget.
+
+    max_context: the model's context length in tokens (prompt + completion); None = no limit known.  A prompt
+    that does not fit, or max_tokens beyond what is left, is a RequestError naming messages / max_tokens.
+    """
+    req = request
+    tools = req.tools if req.tool_choice != "none" else None
+    try:
+        prompt = tokenizer.encode_chat(req.messages, tools=tools, safe_prompt=req.safe_prompt,
+                                       continue_final_message=_ends_with_prefix(req.messages))
+    except ChatTemplateError as e:
+        raise RequestError("tools" if str(e).startswith("tools") else "messages", str(e)) from None
+    n = len(prompt)
+    if max_context is not None and n >= max_context:
+        raise RequestError("messages", f"the prompt is {n} tokens long; the model's context is {max_context} "
+                           "tokens, which leaves no room for a completion: shorten the conversation")
+    if req.max_tokens is None:
+        max_tokens = max_context - n if max_context is not None else DEFAULT_MAX_TOKENS
+    else:
+        max_tokens = req.max_tokens
+        if max_context is not None and n + max_tokens > max_context:
+            raise RequestError("max_tokens", f"{max_tokens} tokens after a prompt of {n} tokens exceed the "
+                               f"model's context of {max_context} tokens (at most {max_context - n} fit)")
+    marker = tokenizer.special_id("[TOOL_CALLS]") if tokenizer.has_special("[TOOL_CALLS]") else None
+    if req.tool_choice == "any" and marker is None:
+        raise RequestError("tool_choice", f"this tokenizer ({tokenizer.version}) has no tool calling")
+    return Prepared(req, prompt, max_tokens, req.model or model_name, marker,
+                    force_tool_call=req.tool_choice == "any",
+                    forbid_tool_call=marker is not None and req.tool_choice == "none")
+
+
+def _ends_with_prefix(messages: list[Any]) -> bool:
+    last = messages[-1]
+    return isinstance(last, Mapping) and last.get("role") == "assistant" and last.get("prefix") is True
+
+
+def _only_first(token_id: int):
+    """A logits processor: the first generated token must be `token_id`."""
+    def proc(generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if generated.shape[1] == 0:
+            keep = logits[:, token_id].clone()
+            logits.fill_(float("-inf"))
+            logits[:, token_id] = keep
+        return logits
+    return proc
+
+
+def _never(token_id: int):
+    """A logits processor: `token_id` is never generated."""
+    def proc(generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logits[:, token_id] = float("-inf")
+        return logits
+    return proc
+
+
+# ---- 3. running --------------------------------------------------------------------------------------------
+class _ContentStop:
+    """Stop strings on the content text (generate.StopStrings).  In JSON mode a stop string counts only once
+    the JSON document is complete, so it can never cut the document: text up to the completion is released as
+    is,
+    and only what follows it goes through the matcher."""
+
+    def __init__(self, stop: list[str], json_mode: bool):
+        self.matcher = StopStrings(stop)
+        self.json_state = initial_state() if json_mode and stop else None
+
+    def push(self, delta: str) -> tuple[str, str | None]:
+        head = ""
+        if self.json_state is not None:
+            for k, ch in enumerate(delta):
+                state = advance(self.json_state, ch.encode("utf-8"))
+                if state is None:  # cannot happen under the grammar; keep the text, never match
+                    return delta, None
+                self.json_state = state
+                if state.complete:
+                    head, delta = delta[: k + 1], delta[k + 1:]
+                    self.json_state = None
+                    break
+            else:
+                return delta, None
+        text, matched = self.matcher.push(delta)
+        return head + text, matched
+
+    def flush(self) -> str:
+        return self.matcher.flush()
+
+
+def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    data = tokenizer.id_to_bytes(token_id)
+    special = tokenizer.is_special(token_id)
+    text = tokenizer.id_to_piece(token_id) if special else data.decode("utf-8", "replace")
+    return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+
+def _logprob_entry(tokenizer: Any, event: Any) -> dict[str, Any]:
+    entry = _token_entry(tokenizer, event.token_id, event.logprob)
+    entry["top_logprobs"] = [_token_entry(tokenizer, t, lp) for t, lp in (event.top_logprobs or [])]
+    return entry
+
+
+@dataclass
+class _Outcome:
+    """What the event loop accumulated; filled in as the stream goes."""
+
+    content: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    finish_reason: str = "length"
+    completion_tokens: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[tuple[str, list[dict]]]:
+    """Run generation; yield (content delta, logprob entries) as content is released, filling `out` as it
+    goes.
+
+    After the last yield `out` holds the finish reason, tool calls (if any) and token counts.
+    """
+    req = job.request
+    processors = []
+    if job.force_tool_call:
+        processors.append(_only_first(job.tool_calls_id))
+    if job.forbid_tool_call:
+        processors.append(_never(job.tool_calls_id))
+    if req.json_mode:
+        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.temperature == 0.0))
+    s = req.sampling
+    stream = generate_stream(
+        model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=s.seed,
+        ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
+        logits_processors=processors)
+    stop = _ContentStop(req.stop, req.json_mode)
+    ids: list[int] = []
+    in_tool_call = False
+    tail = ""  # text decoded after [TOOL_CALLS]: shown as content only if the calls do not parse
+    pending_lp: list[dict[str, Any]] = []
+    try:
+        for ev in stream:
+            if ev.token_id is None:  # the closing event
+                out.finish_reason = ev.finish_reason
+                if isinstance(ev.stop_reason, int):
+                    out.completion_tokens += 1  # the stop token (EOS) was generated too
+                if in_tool_call:
+                    tail += ev.text
+                    break
+                text, matched = stop.push(ev.text)
+                if matched is None:
+                    text += stop.flush()
+                else:
+                    out.finish_reason = "stop"
+                if text or pending_lp:
+                    out.content += text
+                    yield text, pending_lp
+                break
+            ids.append(ev.token_id)
+            out.completion_tokens += 1
+            if ev.token_id == job.tool_calls_id:
+                in_tool_call = True
+            if in_tool_call:
+                tail += ev.text
+                continue
+            if req.logprobs:
+                pending_lp.append(_logprob_entry(tokenizer, ev))
+            text, matched = stop.push(ev.text)
+            if text or matched is not None:
+                out.content += text
+                yield text, pending_lp
+                pending_lp = []
+            if matched is not None:
+                out.finish_reason = "stop"
+                break
+    finally:
+        stream.close()
+    if in_tool_call:
+        parsed = tokenizer.parse_assistant(ids, rng=random.Random(req.seed) if req.seed is not None else None)
+        if parsed["tool_calls"]:
+            calls = parsed["tool_calls"]
+            out.tool_calls = calls if req.parallel_tool_calls else calls[:1]
+            out.finish_reason = "tool_calls"
+        elif tail:  # malformed tool-call syntax: the text is content after all
+            out.content += tail
+            yield tail, []
+
+
+def _usage(job: Prepared, out: _Outcome) -> dict[str, int]:
+    n = len(job.prompt_ids)
+    m = out.completion_tokens
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of
+    chunks."""
+    cid = uuid.uuid4().hex
+    created = int(time.time())
+    if job.request.stream:
+        return _chunks(model, tokenizer, job, cid, created)
+    out = _Outcome()
+    for _, lps in _events(model, tokenizer, job, out):
+        out.logprobs.extend(lps)
+    content: str | None = out.content
+    if out.tool_calls and not content.strip():
+        content = None
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "tool_calls": out.tool_calls or None},
+            "finish_reason": out.finish_reason,
+            "logprobs": {"content": out.logprobs} if job.request.logprobs else None,
+        }],
+        "usage": _usage(job, out),
+    }
+
+
+def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -> Iterator[dict[str, Any]]:
+    want_lp = job.request.logprobs
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": job.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
+
+    out = _Outcome()
+    yield chunk({"role": "assistant", "content": ""})
+    for text, lps in _events(model, tokenizer, job, out):
+        yield chunk({"content": text}, lps=lps)
+    if out.tool_calls:
+        yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]})
+    last = chunk({}, out.finish_reason)
+    last["usage"] = _usage(job, out)
+    yield last
+
+
+def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
+                    model_name: str = "mistral-ref", max_context: int | None = None,
+                    **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """A chat completion shaped exactly like the Mistral API's response (see the module docstring).
+
+    model: a mistral_ref Transformer; tokenizer: its mistral_ref Tokenizer (the chat template comes from its
+    version); messages: [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...].
+    params: the API's parameters — temperature (default 0.7), top_p, max_tokens, stop (str or list),
+    presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
+    "json_object"}), tools, tool_choice ("auto" | "none" | "any" | "required" | a named function),
+    parallel_tool_calls, safe_prompt, n (1 only), stream, and the extras ignore_eos, logprobs, top_logprobs.
+    model_name: the "model" reported in the response (a request's ``model`` parameter wins);
+    max_context: context length in tokens (default: the model's ``args.max_seq_len``, if it declares one).
+
+    returns: a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts
+    (finish_reason null until the last chunk, which also carries usage).  The request is validated and encoded
+    before this returns, so a bad request raises RequestError (a ValueError naming the field) right away.
+    """
+    if isinstance(messages, tuple):
+        messages = list(messages)
+    request = parse_request({"messages": messages, **params})
+    if max_context is None:
+        max_context = getattr(model.args, "max_seq_len", None)
+    job = prepare(tokenizer, request, max_context, model_name)
+    return run(model, tokenizer, job)

@@ -74,6 +74,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._surface = surface
         self._byte_value = byte_value
         self._specials = specials
+        self._control_ids = frozenset(specials.values())
         self._unk = sp.unk_id()
 
         inferred = self._infer_version()
@@ -164,18 +165,19 @@ class SentencePieceTokenizer(Tokenizer):
         gives the ``"ignore"`` text. ``"raise"`` raises ``TokenizerError`` if any control token occurs.
         """
         check_policy(special)
-        ids = list(ids)
-        self.check_ids(ids)
-        if special == "ignore":
+        if not isinstance(ids, list):
+            ids = list(ids)
+        if special == "keep":
+            dec = SentencePieceStreamDecoder(self, special)
+            return dec.feed_many(ids) + dec.flush()
+        if special == "raise" and not self._control_ids.isdisjoint(ids):
+            first = next(t for t in ids if t in self._control_ids)
+            raise TokenizerError(f"decode(special='raise') met the special token {self._pieces[first]!r}")
+        try:
             return self._sp.decode(ids)
-        if special == "raise":
-            kinds = self._kinds
-            for t in ids:
-                if kinds[t] == CONTROL:
-                    raise TokenizerError(f"decode(special='raise') met the special token {self._pieces[t]!r}")
-            return self._sp.decode(ids)
-        dec = SentencePieceStreamDecoder(self, special)
-        return dec.feed_many(ids) + dec.flush()
+        except (IndexError, TypeError):  # sentencepiece checks ranges itself; report which id was bad
+            self.check_ids(ids)
+            raise
 
     def stream_decoder(self, special: SpecialPolicy = "ignore") -> SentencePieceStreamDecoder:
         """A streaming decoder whose deltas concatenate to ``decode(ids, special)``."""

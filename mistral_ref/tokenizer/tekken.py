@@ -175,9 +175,21 @@ class TekkenTokenizer(Tokenizer):
         ``TokenizerError``. Bytes of a run that do not form UTF-8 become U+FFFD.
         """
         check_policy(special)
-        ids = list(ids)
-        self.check_ids(ids)
+        if not isinstance(ids, list):
+            ids = list(ids)
+        if not ids:
+            return ""
         nsp = self.num_special_tokens
+        lo = min(ids)
+        if lo < 0:
+            self.check_ids(ids)
+        if lo >= nsp:  # no special token: one call into tiktoken
+            try:
+                return self._model.decode_bytes(ids).decode("utf-8", "replace")
+            except (KeyError, OverflowError, TypeError):
+                self.check_ids(ids)
+                raise
+        self.check_ids(ids)
         parts: list[str] = []
         for is_special, group in groupby(ids, lambda t: t < nsp):
             if is_special:

@@ -1,0 +1,358 @@
+"""Tensor- and expert-parallel inference on torch.distributed: one model spread over the ranks of a group.
+
+Mixtral-8x22B (141B parameters) and Mistral Large 2 (123B) do not fit one device.  Each of N ranks therefore
+holds a slice of every large weight and runs *the same forward code* (model.py, attention.py, moe.py) on its
+slice.  A few collectives join the partial results; they are all in this file.
+
+The plan (Megatron-LM's tensor parallelism, Shoeybi et al. 2019; N = world size, r = this rank):
+
+  attention   wq, wk, wv  split by whole heads (rows):   rank r holds query heads  r*H/N .. (r+1)*H/N - 1
+                                                        and key-value heads       r*KV/N .. (r+1)*KV/N - 1
+              wo          split by the same heads (columns); each rank's wo gives a partial sum -> all-reduce
+  dense FFN   w1, w3      split by hidden units (rows);  w2 by the same units (columns)          -> all-reduce
+  MoE         gate        replicated: every rank routes every token to the same experts
+              experts     moe="expert": rank r holds whole experts r*E/N .. (r+1)*E/N - 1      -> all-reduce
+                          moe="tensor": every rank holds hidden/N units of every expert        -> all-reduce
+  embedding   rows split by vocabulary: a rank looks up the ids it holds, zeros for the rest    -> all-reduce
+  output      rows split by vocabulary: each rank computes its vocab/N logits                   -> all-gather
+  norms       replicated
+
+So a block costs two all-reduces of (B, T, dim) — one after wo, one after the feed-forward (w2 / the experts)
+— and the model one more for the embedding and one all-gather of the logits.  Every sum that an all-reduce
+finishes is a sum of whole products split into N groups, so fp32 results match one device to rounding (~1e-7
+relative).
+
+How the same code runs on a slice: a rank builds a Transformer from *local* ModelArgs (n_heads/N,
+n_kv_heads/N, hidden_dim/N; see :func:`local_args`), so attention.py reshapes into its local heads and
+cache.KVCache built from ``model.args`` holds only this rank's key-value heads.  GQA grouping survives the
+split because rank r's query heads use exactly rank r's key-value heads.  Expert parallelism reuses the same
+trick one level down: an expert that lives on another rank is a FeedForward with a *zero-width* hidden layer —
+(0, dim) and (dim, 0) weights that cost nothing and contribute exact zeros — so moe.moe_forward routes over
+all E experts, computes only the local ones, and the all-reduce adds the other ranks' experts.  Parameter
+names stay those of the checkpoints (layers.3.feed_forward.experts.5.w1.weight), so a rank's state dict is
+just the slices of the full one.
+
+Why explicit collectives in forward hooks and not DTensor's ``parallelize_module`` (ColwiseParallel /
+RowwiseParallel)?  (1) attention.py reshapes with the module's n_heads, so with DTensor we would still have to
+build modules with local head counts — at which point plain tensors plus one all-reduce say everything; (2)
+expert parallelism is not one of DTensor's layer styles; (3) loading a slice straight from a memory-mapped
+safetensors file gives a plain tensor that needs no wrapping; (4) plain tensors keep the state dict, the KV
+cache, the Triton backends and every shape comment of the model code unchanged, and the four hooks below show
+every byte that moves between ranks.  It is exact on CPU gloo and on CUDA NCCL alike.
+
+Inference only: the collectives are not differentiated through (no Megatron f/g autograd pair), so a backward
+pass through a sharded model gives wrong gradients.  Every rank must be given the same tokens and positions;
+logits come out complete and equal on every rank (so greedy decoding agrees; for sampling, seed every rank
+alike).
+
+Launch (see README): ``torchrun --nproc-per-node N -m mistral_ref generate CHECKPOINT --prompt ...``, or
+``torchrun --nproc-per-node N benchmarks/parallel_generate.py CHECKPOINT``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from mistral_ref.checkpoint import (
+    TensorInfo,
+    _as_dtype,
+    _release_pages,
+    checkpoint_index,
+    find_checkpoint,
+    read_model_args,
+    to_native_tensor,
+)
+from mistral_ref.config import ModelArgs
+from mistral_ref.model import Transformer
+from mistral_ref.moe import FeedForward, MoeLayer
+
+MOE_MODES = ("expert", "tensor")
+
+
+class ShardingError(ValueError):
+    """A model that cannot be split over the requested number of ranks."""
+
+
+# ---- the plan: which slice of which tensor a rank holds ----------------------------------------------------
+def check_divisible(args: ModelArgs, world_size: int, moe: str = "expert") -> None:
+    """Raise ShardingError naming the first quantity that does not split evenly over `world_size` ranks."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ShardingError(f"world_size must be a positive integer, found {world_size!r}")
+    if moe not in MOE_MODES:
+        raise ShardingError(f"moe must be one of {MOE_MODES}, found {moe!r}")
+    quantities = [("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("vocab_size", args.vocab_size)]
+    if args.moe is not None and moe == "expert":
+        quantities.append(("moe.num_experts", args.moe.num_experts))
+    else:  # dense FFN, or every expert's hidden layer split
+        quantities.append(("hidden_dim", args.hidden_dim))
+    for name, value in quantities:
+        if value % world_size:
+            hint = ""
+            if name == "moe.num_experts":
+                hint = " (try moe='tensor' to split every expert's hidden_dim instead)"
+            raise ShardingError(
+                f"cannot shard the model over world_size={world_size} ranks: {name}={value} is not divisible "
+                f"by {world_size}{hint}")
+
+
+def local_args(args: ModelArgs, world_size: int, moe: str = "expert") -> ModelArgs:
+    """The ModelArgs one rank builds its modules from: its share of the heads and of the hidden units.
+
+    n_heads and n_kv_heads become n_heads/N and n_kv_heads/N (head_dim is unchanged); hidden_dim becomes
+    hidden_dim/N for dense models and for moe="tensor" (with moe="expert" each held expert stays whole).
+    dim and vocab_size stay global: the residual stream is replicated and logits are gathered to full width.
+    """
+    check_divisible(args, world_size, moe)
+    hidden = args.hidden_dim if (args.moe is not None and moe == "expert") else args.hidden_dim // world_size
+    return replace(args, n_heads=args.n_heads // world_size, n_kv_heads=args.n_kv_heads // world_size,
+                   hidden_dim=hidden)
+
+
+class TensorShard(NamedTuple):
+    """Rows (dim=0) or columns (dim=1) start .. stop-1 of a checkpoint tensor; dim=None: the whole tensor."""
+
+    dim: int | None
+    start: int = 0
+    stop: int = 0
+
+
+_EXPERT_NAME = re.compile(r"layers\.\d+\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+
+
+def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: str = "expert") -> TensorShard:
+    """Which part of the full (native-named) tensor `name` rank `rank` of `world_size` holds.
+
+    args: the global ModelArgs.  Rows of a weight (out_features, in_features) are output features, columns are
+    input features.  A non-local expert (moe="expert") holds a zero-width slice of its hidden units:
+    TensorShard(0, 0, 0) for w1 / w3, TensorShard(1, 0, 0) for w2.
+    """
+    check_divisible(args, world_size, moe)
+    if not 0 <= rank < world_size:
+        raise ShardingError(f"rank={rank} is outside 0..{world_size - 1}")
+
+    def part(total: int) -> tuple[int, int]:  # rank's contiguous 1/N of `total`
+        n = total // world_size
+        return rank * n, (rank + 1) * n
+
+    hd = args.head_dim
+    if name in ("tok_embeddings.weight", "output.weight"):
+        return TensorShard(0, *part(args.vocab_size))
+    if name.endswith("attention.wq.weight"):
+        h0, h1 = part(args.n_heads)
+        return TensorShard(0, h0 * hd, h1 * hd)
+    if name.endswith(("attention.wk.weight", "attention.wv.weight")):
+        h0, h1 = part(args.n_kv_heads)
+        return TensorShard(0, h0 * hd, h1 * hd)
+    if name.endswith("attention.wo.weight"):
+        h0, h1 = part(args.n_heads)
+        return TensorShard(1, h0 * hd, h1 * hd)
+    expert = _EXPERT_NAME.fullmatch(name)
+    dense_ffn = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+    if expert or name.endswith(dense_ffn):
+        weight = name.rsplit(".", 2)[-2]  # w1 / w2 / w3
+        if expert and moe == "expert":
+            e0, e1 = part(args.moe.num_experts)
+            start, stop = (0, args.hidden_dim) if e0 <= int(expert[1]) < e1 else (0, 0)
+        else:
+            start, stop = part(args.hidden_dim)
+        return TensorShard(1 if weight == "w2" else 0, start, stop)
+    if name.endswith(("norm.weight", "feed_forward.gate.weight")):
+        return TensorShard(None)
+    raise KeyError(f"no sharding rule for tensor {name!r}")
+
+
+def take_shard(w: torch.Tensor, shard: TensorShard) -> torch.Tensor:
+    """The part of the full tensor w that `shard` names (a view)."""
+    return w if shard.dim is None else w.narrow(shard.dim, shard.start, shard.stop - shard.start)
+
+
+# ---- the modules: a Transformer of local shapes, plus the collectives --------------------------------------
+class VocabParallelEmbedding(nn.Embedding):
+    """Embedding rows vocab_start .. vocab_start + num_embeddings - 1; other ranks' ids give zero vectors.
+
+    The all-reduce hook on this module adds the ranks' outputs, so each token gets exactly its one real row.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, vocab_start: int):
+        super().__init__(num_embeddings, embedding_dim)
+        self.vocab_start = vocab_start
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) global ids -> (B, T, dim), zero rows for ids outside this rank's range."""
+        local = tokens - self.vocab_start
+        mine = (local >= 0) & (local < self.num_embeddings)  # (B, T)
+        h = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (B, T, dim)
+        return h.masked_fill(~mine[..., None], 0.0)
+
+
+def _all_reduce_output(group: dist.ProcessGroup | None):
+    """Forward hook: sum a module's partial output over ranks in place (MoeLayer: out of (out, logits))."""
+
+    def hook(module: nn.Module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output  # (B, T, dim)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return output
+
+    return hook
+
+
+def _all_gather_vocab(group: dist.ProcessGroup | None, world_size: int):
+    """Forward hook on `output`: join the ranks' vocab slices of the logits, (B, T, V/N) -> (B, T, V)."""
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(output) for _ in range(world_size)]
+        dist.all_gather(parts, output.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    return hook
+
+
+def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "expert",
+                      group: dist.ProcessGroup | None = None) -> Transformer:
+    """This rank's Transformer on the meta device (no memory): local shapes, checkpoint names, hooks attached.
+
+    args: the global ModelArgs.  The returned model's ``args`` are :func:`local_args` (so a KVCache built from
+    them holds this rank's key-value heads); fill it with ``load_state_dict(shards, assign=True)``.
+    """
+    largs = local_args(args, world_size, moe)
+    v0, v1 = tensor_shard("output.weight", args, rank, world_size, moe)[1:]
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        model = Transformer(largs)
+        model.tok_embeddings = VocabParallelEmbedding(v1 - v0, args.dim, vocab_start=v0)
+        model.output = nn.Linear(args.dim, v1 - v0, bias=False)
+        for layer_id, layer in enumerate(model.layers):
+            if isinstance(layer.feed_forward, MoeLayer) and moe == "expert":
+                for k in range(args.moe.num_experts):  # experts of other ranks: zero-width hidden layers
+                    shard = tensor_shard(f"layers.{layer_id}.feed_forward.experts.{k}.w1.weight", args, rank,
+                                         world_size, moe)
+                    if shard.stop == 0:
+                        layer.feed_forward.experts[k] = FeedForward(args.dim, 0)
+    if world_size > 1:
+        all_reduce = _all_reduce_output(group)
+        model.tok_embeddings.register_forward_hook(all_reduce)
+        for layer in model.layers:
+            layer.attention.register_forward_hook(all_reduce)  # after wo
+            layer.feed_forward.register_forward_hook(all_reduce)  # after w2 / the experts
+        model.output.register_forward_hook(_all_gather_vocab(group, world_size))
+    return model
+
+
+def _group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised: call mistral_ref.parallel.init_from_env() "
+                           "under torchrun (or dist.init_process_group) before sharding a model")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_model(model: Transformer, moe: str = "expert",
+                group: dist.ProcessGroup | None = None) -> Transformer:
+    """This rank's shard of a full in-memory model (every rank passes an identical `model`, e.g. one seed).
+
+    Returns a new Transformer holding copies of this rank's slices (same dtype and device as `model`), which
+    computes the same logits as `model` when every rank of `group` runs it on the same tokens.
+    """
+    rank, world_size = _group_rank_size(group)
+    local = build_local_model(model.args, rank, world_size, moe, group)
+    full = model.state_dict()
+    shards = {name: take_shard(full[name], tensor_shard(name, model.args, rank, world_size, moe)).clone()
+              for name in local.state_dict()}
+    local.load_state_dict(shards, assign=True)
+    return local.eval()
+
+
+# ---- loading: each rank reads only its slices from memory-mapped safetensors files -------------------------
+def load_sharded_model(path: str | Path, dtype: torch.dtype | str | None = None, *, moe: str = "expert",
+                       device: torch.device | str | None = None,
+                       group: dist.ProcessGroup | None = None) -> Transformer:
+    """Load this rank's shard of a native or Hugging Face checkpoint (directory or .safetensors file).
+
+    The files are found and checked exactly as checkpoint.load_model does (find_checkpoint, checkpoint_index:
+    names, shapes and dtypes against the config, before a byte of weights is read).  Then each tensor is
+    taken from the file's memory map (``get_tensor`` returns a view: nothing is read yet), narrowed to this
+    rank's rows or columns, and copied — so only those bytes are read and only ~1/N of the weights is held —
+    after which the file pages it touched are released.  HF q_proj / k_proj are sliced by whole heads and then
+    un-permuted per local head (checkpoint.to_native_tensor with the local ModelArgs).
+    dtype: torch dtype or name ("bf16"); None keeps the checkpoint's (the dtype holding most of its bytes).
+    device: default cuda:LOCAL_RANK under NCCL, else cpu.  moe: "expert" (whole experts per rank) or
+    "tensor" (every expert's hidden units split).
+    Returns an eval-mode Transformer whose ``args`` are this rank's local ModelArgs.
+    """
+    rank, world_size = _group_rank_size(group)
+    files = find_checkpoint(path)
+    args = read_model_args(files)
+    check_divisible(args, world_size, moe)
+    index = checkpoint_index(files, args)  # {native name: TensorInfo(file, key, dtype, full shape)}
+    bytes_by_dtype = Counter[torch.dtype]()
+    for info in index.values():
+        bytes_by_dtype[info.dtype] += info.nbytes
+    dtype = _as_dtype(dtype) or bytes_by_dtype.most_common(1)[0][0]
+    if device is None:
+        on_nccl = "nccl" in str(dist.get_backend(group))
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if on_nccl else torch.device("cpu")
+
+    model = build_local_model(args, rank, world_size, moe, group)
+    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
+    for name, info in index.items():
+        by_file.setdefault(info.file, []).append((name, info))
+    shards: dict[str, torch.Tensor] = {}
+    for file, entries in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for name, info in entries:
+                view = f.get_tensor(info.key)  # the whole tensor, as a view of the memory map
+                w = take_shard(view, tensor_shard(name, args, rank, world_size, moe))  # still a view
+                if files.format == "hf":  # whole heads were sliced, so un-permuting the local heads is exact
+                    w = to_native_tensor(info.key, w, model.args)[1]
+                shards[name] = torch.empty(w.shape, dtype=dtype, device=device).copy_(w)  # reads the slice
+                _release_pages(view)
+    model.load_state_dict(shards, assign=True)
+    model.checkpoint_files = files
+    return model.eval()
+
+
+# ---- launching ---------------------------------------------------------------------------------------------
+class DistEnv(NamedTuple):
+    """Where this process sits: rank and world size of the default group, local rank, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def init_from_env(backend: str | None = None) -> DistEnv:
+    """Join the process group torchrun describes in RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+
+    backend: default "nccl" when CUDA is available (each rank then uses cuda:LOCAL_RANK), else "gloo" (CPU).
+    Calling it again once the group exists just returns the DistEnv.
+    """
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"environment variables {missing} are not set: launch with "
+                           "`torchrun --nproc-per-node N ...` (it sets them for every rank)")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -44,6 +44,11 @@ from mistral_ref.tokenizer import ChatTemplateError
 
 DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
 TOOL_CHOICES = ("auto", "none", "any", "required")
+#: Every parameter a request may carry (the Mistral API's, the names the OpenAI client sends, and the extras).
+REQUEST_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "stop", "presence_penalty",
+                  "frequency_penalty", "seed", "random_seed", "response_format", "tools", "tool_choice",
+                  "parallel_tool_calls", "safe_prompt", "stream", "stream_options", "n", "user", "ignore_eos",
+                  "logprobs", "top_logprobs")
 
 
 class RequestError(ValueError):
@@ -52,6 +57,10 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class ContextLengthError(RequestError):
+    """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
 
 
 # ---- 1. the request ----------------------------------------------------------------------------------------
@@ -157,12 +166,8 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise RequestError("body", f"must be a JSON object, got {_type_name(body)}")
     body = {k: v for k, v in body.items() if v is not None}
-    known = {"messages", "model", "temperature", "top_p", "max_tokens", "stop", "presence_penalty",
-             "frequency_penalty", "seed", "random_seed", "response_format", "tools", "tool_choice",
-             "parallel_tool_calls", "safe_prompt", "stream", "stream_options", "n", "ignore_eos", "logprobs",
-             "top_logprobs", "user"}
     for name in body:
-        if name not in known:
+        if name not in REQUEST_FIELDS:
             raise RequestError(name, "unknown parameter")
     if "messages" not in body:
         raise RequestError("messages", "is required (a list of {'role': ..., 'content': ...})")
@@ -259,15 +264,17 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
         raise RequestError("tools" if str(e).startswith("tools") else "messages", str(e)) from None
     n = len(prompt)
     if max_context is not None and n >= max_context:
-        raise RequestError("messages", f"the prompt is {n} tokens long; the model's context is {max_context} "
-                           "tokens, which leaves no room for a completion: shorten the conversation")
+        raise ContextLengthError("messages", f"the prompt is {n} tokens long; the model's context is "
+                                 f"{max_context} tokens, which leaves no room for a completion: shorten the "
+                                 "conversation")
     if req.max_tokens is None:
         max_tokens = max_context - n if max_context is not None else DEFAULT_MAX_TOKENS
     else:
         max_tokens = req.max_tokens
         if max_context is not None and n + max_tokens > max_context:
-            raise RequestError("max_tokens", f"{max_tokens} tokens after a prompt of {n} tokens exceed the "
-                               f"model's context of {max_context} tokens (at most {max_context - n} fit)")
+            raise ContextLengthError("max_tokens", f"{max_tokens} tokens after a prompt of {n} tokens exceed "
+                                     f"the model's context of {max_context} tokens (at most "
+                                     f"{max_context - n} fit)")
     marker = tokenizer.special_id("[TOOL_CALLS]") if tokenizer.has_special("[TOOL_CALLS]") else None
     if req.tool_choice == "any" and marker is None:
         raise RequestError("tool_choice", f"this tokenizer ({tokenizer.version}) has no tool calling")

@@ -1,0 +1,194 @@
+"""Flash attention for prefill (many queries per sequence), with the mask rule of the reference.
+
+Matches: mistral_ref.attention.attention(q, k, v, q_pos, k_pos, window) — same name, same arguments, same
+result: softmax(q k^T * head_dim**-0.5 masked by attention_mask(q_pos, k_pos, window)) v, grouped-query heads,
+and a query that sees no key at all (a padding row) gets the uniform average of all S values, exactly as the
+reference.
+
+Algorithm (FlashAttention-2, Dao 2023).  One program owns BLOCK_M queries of one (sequence b, query head h)
+and walks the keys of kv head h // n_rep in tiles of BLOCK_N with an online softmax: a running row max m, a
+running sum l of exp(s - m) and an unnormalised output acc, rescaled by exp(m_old - m_new) whenever the max
+grows.
+  * GQA: the kv head is found by index arithmetic; K and V are never repeated in memory.
+  * Masks come from the position tensors (-1 = padding / empty slot), so a causal prompt, a chunked prefill
+    against a cache (T != S), a rolling window buffer and ragged batches are one code path.
+  * Tile skipping: a key tile that no query of the block may see (beyond the causal edge, outside the window,
+    or empty cache slots) costs one load of its BLOCK_N positions and nothing else.  This holds for any layout
+    of positions, contiguous or not.
+  * Rows masked inside a tile: scores become -inf and the max used for exp is replaced by 0 while it is still
+    -inf, so exp(-inf - 0) = 0 instead of NaN.  A row that saw no key ends with l = 0; those rows (and only
+    they) take a second pass summing V over all S keys to produce the reference's uniform average.
+  * Exponentials are exp2 with log2(e) folded into the softmax scale.
+  * head_dim: any size; the D axis is padded to a power of two >= 16 with masked loads.
+
+:func:`attention` is the public entry point used by the model
+(``Transformer.set_backend(attention="triton")``): it sends single-token decode steps (T == 1) to
+triton_kernels.decode_attention and everything else here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels._common import block_dim, check_device, check_float, dot_precision, new_output, upcast
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _flash_prefill_kernel(
+    Q, K, V, QPos, KPos, Out,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_qpb, stride_qpt, stride_kpb, stride_kps,
+    T, S, H, N_REP, D, window, qk_scale,  # qk_scale = head_dim**-0.5 * log2(e)
+    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kvh = h // N_REP  # grouped-query attention: this query head reads kv head h // n_rep
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < T
+    d_valid = offs_d < D
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = tl.load(QPos + b * stride_qpb + offs_m * stride_qpt, mask=m_valid, other=-1)  # (BLOCK_M,)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the (log2-scaled) scores
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp2(s - m_i) * v
+
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    for start_n in range(0, S, BLOCK_N):
+        offs_s = start_n + offs_n
+        s_valid = offs_s < S
+        k_pos = tl.load(KPos + b * stride_kpb + offs_s * stride_kps, mask=s_valid, other=-1)  # (BLOCK_N,)
+        # the single mask rule of mistral_ref.attention.attention_mask, from positions
+        allowed = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
+        if HAS_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        if tl.max(allowed.to(tl.int32)) > 0:  # skip tiles that no query of this block may see
+            kv_mask = s_valid[:, None] & d_valid[None, :]
+            k_ptrs = k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v_ptrs = v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no -inf - -inf
+            alpha = tl.math.exp2(m_i - m_use)  # rescales what was accumulated under the old max
+            p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # Rows that saw no key at all: the reference's softmax over a fully masked row is uniform over all S keys.
+    no_key = l_i == 0.0
+    if tl.max(no_key.to(tl.int32)) > 0:
+        v_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, S, BLOCK_N):
+            offs_s = start_n + offs_n
+            v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=(offs_s < S)[:, None] & d_valid[None, :], other=0.0)
+            v_sum += tl.sum(v.to(tl.float32), 0)
+        acc = tl.where(no_key[:, None], v_sum[None, :], acc)
+        l_i = tl.where(no_key, S * 1.0, l_i)
+
+    out = acc / l_i[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                           k_pos: torch.Tensor, window: int | None, where: str) -> None:
+    """Shapes, dtypes and devices of an attention call; raises ValueError/TypeError naming what is wrong."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k, v must be 4-D (B, T, H, D) / (B, S, Hkv, D); got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, T, H, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{where}: k and v must have the same shape, got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{where}: k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} "
+                         "in batch or head_dim")
+    if H % k.shape[2]:
+        raise ValueError(f"{where}: n_heads={H} must be a multiple of n_kv_heads={k.shape[2]}")
+    if q_pos.shape != (B, T) or k_pos.shape != (B, k.shape[1]):
+        raise ValueError(f"{where}: q_pos must be (B, T)={B, T} and k_pos (B, S)={B, k.shape[1]}; got "
+                         f"{tuple(q_pos.shape)} and {tuple(k_pos.shape)}")
+    if q_pos.is_floating_point() or k_pos.is_floating_point():
+        raise TypeError(f"{where}: positions must be integer tensors, got {q_pos.dtype} and {k_pos.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t, where)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"{where}: window must be None or a positive number of keys, got {window!r}")
+    check_device(where, q, k, v, q_pos, k_pos)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                    k_pos: torch.Tensor, window: int | None, block_m: int = 64,
+                    block_n: int = 64) -> torch.Tensor:
+    """Prefill attention with the flash kernel (any T, including 1).
+
+    q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S) integer
+    positions, -1 = padding / empty slot; window: keys a query sees (p-W+1 .. p) or None.
+    returns (B, T, n_heads, head_dim) in q's dtype.  block_m / block_n: tile sizes (powers of two >= 16).
+    """
+    check_attention_inputs(q, k, v, q_pos, k_pos, window, "flash_attention")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {blk}")
+    B, T, H, D = q.shape
+    S, H_kv = k.shape[1], k.shape[2]
+    out = new_output((B, T, H, D), q.dtype, q.device)
+    if B * T == 0:
+        return out
+    if S == 0:  # the reference's einsum over no keys is zero
+        return out.zero_()
+    grid = (triton.cdiv(T, block_m), B * H)
+    _flash_prefill_kernel[grid](
+        q, k, v, q_pos, k_pos, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *q_pos.stride(), *k_pos.stride(),
+        T, S, H, H // H_kv, D, window or 0, D**-0.5 * LOG2E,
+        HAS_WINDOW=window is not None, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D),
+    )
+    return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """Drop-in for mistral_ref.attention.attention: decode kernel when T == 1, flash prefill kernel otherwise.
+
+    q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S).
+    returns (B, T, n_heads, head_dim) in q's dtype.
+    """
+    if q.dim() == 4 and q.shape[1] == 1:
+        from triton_kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, q_pos, k_pos, window)
+    return flash_attention(q, k, v, q_pos, k_pos, window)
+
+
+__all__ = ["attention", "flash_attention", "check_attention_inputs"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from mistral_ref.tokenizer import (
     find_tokenizer_file,
     load_tokenizer,
     mistral_common_data_dir,
-    write_tekken_file,
 )
 
 DATA = mistral_common_data_dir()
@@ -270,16 +268,6 @@ def test_id_to_bytes_concatenates_to_decoded_text(name: str, toks: dict[str, Tok
     assert tok.id_to_bytes(tok.bos_id) == b""
 
 
-def test_sentencepiece_byte_pieces_and_spaces(toks: dict[str, Tokenizer]) -> None:
-    tok = toks["mistral_instruct_tokenizer_240323.model.v3"]
-    ids = tok.encode("①")  # no piece for it: byte fallback <0xE2><0x91><0xA0>
-    assert [tok.id_to_piece(t) for t in ids] == ["▁", "<0xE2>", "<0x91>", "<0xA0>"]
-    assert [tok.id_to_bytes(t) for t in ids] == [b" ", b"\xe2", b"\x91", b"\xa0"]
-    hello = tok.encode("Hello")[0]
-    assert tok.id_to_piece(hello) == "▁Hello" and tok.id_to_bytes(hello) == b" Hello"
-    assert tok.id_to_bytes(tok.unk_id) == " \u2047 ".encode()
-
-
 def test_load_from_checkpoint_directory(tmp_path: Path) -> None:
     assert DATA is not None
     native = tmp_path / "native"
@@ -330,16 +318,3 @@ def test_load_errors(tmp_path: Path) -> None:
     other.write_text("x")
     with pytest.raises(TokenizerError, match="unrecognised"):
         load_tokenizer(other)
-
-
-@pytest.mark.slow
-def test_tekken_v11_needs_special_token_list(tmp_path: Path) -> None:
-    assert DATA is not None
-    p = write_tekken_file(DATA / "tekken_240718.json", tmp_path / "tekken.json", "v11")
-    with pytest.raises(TokenizerError, match="must list their special_tokens"):
-        load_tokenizer(p)
-    data = json.loads(p.read_text())
-    data["config"]["version"] = "v99"
-    p.write_text(json.dumps(data))
-    with pytest.raises(TokenizerError, match="unsupported tekken version"):
-        load_tokenizer(p)

@@ -1,4 +1,4 @@
-"""triton_kernels.moe (sorted dispatch + grouped GEMMs) against the fp32 reference mistral_ref.moe.moe_forward."""
+"""triton_kernels.moe (sorted dispatch + grouped GEMMs) against the fp32 reference mistral_ref.moe."""
 
 import os
 
@@ -43,7 +43,7 @@ def check(x, gate, w1, w2, w3, top_k, **blocks):
     return out
 
 
-# ---- sorting slots by expert -------------------------------------------------------------------------------------
+# ---- sorting slots by expert -------------------------------------------------------------------------------
 def reference_align(experts, E, block_m):
     """Stable sort of the slots by expert, each expert's run padded to block_m with the sentinel N*k."""
     flat = experts.flatten().cpu()
@@ -71,7 +71,7 @@ def test_align_is_a_stable_padded_sort(N, k, E, block_m):
     assert (block_expert[used:] == -1).all() and (sorted_slots[used * block_m:] == N * k).all()
 
 
-# ---- the whole layer ---------------------------------------------------------------------------------------------
+# ---- the whole layer ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "N, dim, hidden, E, top_k",
     [
@@ -89,9 +89,9 @@ def test_moe_edge_cases(N, dim, hidden, E, top_k):
 def test_all_tokens_routed_to_one_expert(top_k):
     N, dim, hidden, E = 40, 32, 48, 8
     x, gate, w1, w2, w3 = make_moe(N, dim, hidden, E)
-    x = x.abs() + 0.1  # positive inputs ...
+    x = x.abs() + 0.1  # positive inputs and a router that prefers expert 3 for every token
     gate = -torch.ones_like(gate)
-    gate[3] = 1.0  # ... and a router that prefers expert 3 for every token
+    gate[3] = 1.0
     gate[5] = 0.5  # second choice of every token when top_k = 2
     assert ((x @ gate.T).argmax(-1) == 3).all()
     check(x, gate, w1, w2, w3, top_k, **SMALL_BLOCKS)
@@ -113,10 +113,10 @@ def test_moe_half_precision(dtype):
 
 def test_stacked_weights_and_default_blocks():
     x, gate, w1, w2, w3 = make_moe(70, 64, 128, 8)
-    check(x, gate, torch.stack(w1), torch.stack(w2), torch.stack(w3), 2)  # block_m=64: several blocks per expert
+    check(x, gate, torch.stack(w1), torch.stack(w2), torch.stack(w3), 2)  # block_m=64, the GPU default
 
 
-# ---- the stacked-weight cache ------------------------------------------------------------------------------------
+# ---- the stacked-weight cache ------------------------------------------------------------------------------
 def test_stack_cache_reuses_and_invalidates():
     x, gate, w1, w2, w3 = make_moe(5, 32, 48, 4)
     a = stack_experts(w1)

@@ -33,7 +33,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def model():
     torch.manual_seed(0)
     m = Transformer(ARGS).to(DEVICE).eval()
-    with torch.no_grad():  # larger weights than the default init, so attention and routing are far from uniform
+    with torch.no_grad():  # larger weights than the default init: attention and routing far from uniform
         for p in m.parameters():
             p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
     return m

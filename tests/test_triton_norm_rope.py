@@ -1,4 +1,4 @@
-"""triton_kernels.norm.rms_norm and triton_kernels.rope.apply_rotary_emb against the fp32 PyTorch references."""
+"""triton_kernels rms_norm and apply_rotary_emb against the fp32 PyTorch references."""
 
 import os
 
@@ -76,13 +76,14 @@ def test_rope_half_precision(dtype, tol):
 
 
 def test_rope_strided_inputs():
-    """Views as the model produces them: q sliced out of a fused projection, angles broadcast over the batch."""
+    """Strided views: x sliced out of a fused projection, angles broadcast over the batch."""
     B, T, H, D = 2, 5, 4, 32
     fused = torch.randn(B, T, 2 * H * D, device=DEVICE)
     x = fused[..., H * D:].view(B, T, H, D)  # non-contiguous in T
     cos, sin = rope_angles(torch.arange(T, device=DEVICE)[None], D, 1e4)
     cos, sin = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)  # stride 0 over the batch
-    torch.testing.assert_close(apply_rotary_emb(x, cos, sin), reference_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
+    out = apply_rotary_emb(x, cos, sin)
+    torch.testing.assert_close(out, reference_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -243,16 +243,16 @@ def test_encode_time_is_linear_in_run_length(name: str, toks: dict[str, Tokenize
     def best(text: str) -> float:
         times = []
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = time.process_time()  # CPU time: robust to other load on the machine
             tok.encode(text)
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
         return min(times)
 
     for ch in "a ", "1":
         for c in ch:
             small, big = best(c * 1_000), best(c * 10_000)
             # linear: ~10x; quadratic BPE on one pre-token would be ~100x. Generous bound for noisy machines.
-            assert big / max(small, 1e-5) < 40, (repr(c), small, big)
+            assert big / max(small, 1e-4) < 40, (repr(c), small, big)
 
 
 @pytest.mark.parametrize("name", list(FILES))

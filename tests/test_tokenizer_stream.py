@@ -104,20 +104,20 @@ def test_stream_raise_policy_and_bad_ids(name: str, toks: dict[str, Tokenizer]) 
 @pytest.mark.parametrize("name", NAMES)
 def test_stream_cost_is_constant_per_token(name: str, toks: dict[str, Tokenizer]) -> None:
     tok = toks[name]
-    ids = tok.encode("Streaming text with émojis 🙂 and 中文 characters. " * 400)
+    ids = tok.encode("Streaming text with émojis 🙂 and 中文 characters. " * 1500)
 
-    def run(n: int) -> float:
+    def run(n: int) -> float:  # CPU time of this process: robust to other load on the machine
         best = float("inf")
-        for _ in range(3):
+        for _ in range(5):
             dec = tok.stream_decoder()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for t in ids[:n]:
                 dec.feed(t)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, time.process_time() - t0)
         return best
 
     small, big = run(len(ids) // 10), run(len(ids))
-    assert big / max(small, 1e-6) < 30, (small, big)  # re-decoding everything each step would be ~100x
+    assert big / max(small, 1e-4) < 30, (small, big)  # re-decoding everything each step would be ~100x
 
 
 def test_sentencepiece_byte_rule() -> None:

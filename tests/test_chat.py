@@ -605,3 +605,68 @@ def test_valid_conversations_have_one_bos(name: str, toks: dict[str, Tokenizer])
         assert sum(tok.is_special(t) for t in ids) >= 2 if v > 1 else True
 
     check()
+
+
+def _mutate(rng: random.Random, msgs: list[dict], v: int) -> list[dict]:
+    """Break a request in small ways (roles, empty content, ids, stray system/tool/assistant messages)."""
+    msgs = copy.deepcopy(msgs)
+    for _ in range(rng.randint(1, 3)):
+        if not msgs:
+            break
+        k, i = rng.randrange(10), rng.randrange(len(msgs))
+        m = msgs[i]
+        if k == 0 and not m.get("tool_calls"):
+            m["role"] = rng.choice(["system", "user", "assistant", "tool"])
+            if m["role"] == "tool":
+                m["tool_call_id"] = "abcDEF123"
+        elif k == 1:
+            m["content"] = rng.choice(["", None, [], [{"type": "text", "text": ""}], "x "])
+        elif k == 2:
+            msgs.insert(i, {"role": "system", "content": "mid"})
+        elif k == 3:
+            del msgs[i]
+        elif k == 4 and m.get("tool_calls"):
+            m["tool_calls"][0]["id"] = rng.choice(["null", "abc", "ABCDEFGHI", "x" * 9])
+        elif k == 5 and m["role"] == "tool":
+            m["tool_call_id"] = rng.choice(["null", "abcdefghi"] + ([None] if v >= 3 else []))
+        elif k == 6:
+            call = {"id": "abcDEF123", "function": {"name": "f", "arguments": ""}}
+            msgs.insert(i, {"role": "assistant", "content": "a", "tool_calls": [call]})
+        elif k == 7:
+            tool = {
+                "role": "tool",
+                "content": "r",
+                "tool_call_id": "abcDEF123",
+                "name": rng.choice(["f", "b c"]),
+            }
+            msgs.insert(i, tool)
+        elif k == 8:
+            msgs.insert(i, {"role": "assistant", "tool_calls": []})
+        elif k == 9:
+            msgs.append({"role": "assistant", "content": "tail  "})
+    return msgs
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["v1", "v2", "v3", "tekken-v7", "tekken-v11", "tekken-v13"])
+def test_broken_requests_refused_like_mistral_common(
+    name: str, files: dict[str, Path], toks: dict[str, Tokenizer]
+) -> None:
+    tok = toks[name]
+    mt = _oracle(files[name])
+    v = int(tok.version[1:])
+    rng = random.Random(99 + v)
+    refused = 0
+    for k in range(120):
+        msgs, tools, safe, cfm = make_request(rng, v)
+        msgs = _mutate(rng, msgs, v)
+        try:
+            want = oracle_encode(mt, msgs, tools, safe, cfm)
+        except Exception:  # noqa: BLE001 - any refusal by the oracle
+            refused += 1
+            with pytest.raises(ChatTemplateError):
+                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+            continue
+        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm], ensure_ascii=False)}"
+    assert refused >= 40

@@ -141,7 +141,7 @@ def _spawn(world_size: int, root: Path) -> None:
 
     # A forkserver that has imported torch forks each worker in ~10 ms (spawn would import torch N times).
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["torch", "torch.distributed", "safetensors.torch", "mistral_ref.parallel"])
+        ["torch", "torch._dynamo", "torch.distributed", "safetensors.torch", "mistral_ref.parallel"])
     ctx = mp.start_processes(_worker, args=(world_size, _free_port(), str(root)), nprocs=world_size,
                              join=False, start_method="forkserver")
     deadline = time.monotonic() + SPAWN_TIMEOUT_S

@@ -234,11 +234,17 @@ def oracle_encode(mt, messages: list[dict], tools, safe_prompt: bool, cfm: bool)
         return mt.encode_chat_completion(req).tokens
 
 
+_ORACLES: dict[Path, object] = {}
+
+
 def _oracle(path: Path):
+    """mistral-common's MistralTokenizer for ``path`` (test validation mode), loaded once per module."""
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-    return MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+    if path not in _ORACLES:
+        _ORACLES[path] = MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
+    return _ORACLES[path]
 
 
 N_REQUESTS = 330

@@ -59,12 +59,10 @@ def force(ids: list[int], eos: int | None = None):
 
 # ---- parity with transformers ------------------------------------------------------------------------------
 def hf_pair(kind: str, tmp_path):
-    """A random transformers model and the same weights in a mistral_ref Transformer (via save_pretrained and
-    checkpoint.to_native_tensor: the name map and the q/k permutation)."""
-    from safetensors.torch import load_file
+    """A random transformers model, saved with save_pretrained and loaded back by checkpoint.load_model."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    from mistral_ref.checkpoint import to_native_tensor
+    from mistral_ref.checkpoint import load_model
 
     torch.manual_seed(0)
     kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -77,11 +75,7 @@ def hf_pair(kind: str, tmp_path):
     else:
         hf = MistralForCausalLM(MistralConfig(**kw))
     hf.eval().save_pretrained(tmp_path)
-    args = ModelArgs.from_hf_config(tmp_path / "config.json")
-    model = Transformer(args).eval()
-    state = load_file(tmp_path / "model.safetensors")
-    model.load_state_dict(dict(to_native_tensor(k, v, args) for k, v in state.items()), strict=True)
-    return hf, model
+    return hf, load_model(tmp_path, dtype=torch.float32).eval()
 
 
 @pytest.mark.oracle

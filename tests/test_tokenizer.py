@@ -266,6 +266,9 @@ def test_id_to_bytes_concatenates_to_decoded_text(name: str, toks: dict[str, Tok
             expected = b" " + expected  # the dummy-prefix space SentencePiece drops at sequence start
         assert joined == expected, text
     assert tok.id_to_bytes(tok.bos_id) == b""
+    table = tok.token_bytes_table()
+    assert len(table) == tok.vocab_size and table[tok.eos_id] == b""
+    assert table[ids[1]] == tok.id_to_bytes(ids[1])
 
 
 def test_load_from_checkpoint_directory(tmp_path: Path) -> None:

@@ -130,6 +130,10 @@ class Tokenizer(ABC):
     def id_to_bytes(self, token_id: int) -> bytes:
         """Raw bytes one token contributes to the decoded text (``b""`` for special tokens)."""
 
+    def token_bytes_table(self) -> list[bytes]:
+        """``id_to_bytes`` of every id, indexed by id (for constrained decoding: build masks once)."""
+        return [self.id_to_bytes(i) for i in range(self.vocab_size)]
+
     def check_ids(self, ids: Sequence[int]) -> None:
         """Raise ``TokenizerError`` if any id is outside ``0 .. vocab_size - 1``."""
         if not ids:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .base import version_number
@@ -392,7 +392,6 @@ class Turn:
     tool_call_id: str | None = None
     name: str | None = None
     prefix: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def normalize_json(content: str | None) -> str:

@@ -156,6 +156,10 @@ class TekkenTokenizer(Tokenizer):
         self.check_ids([token_id])
         return self._token_bytes[token_id]
 
+    def token_bytes_table(self) -> list[bytes]:
+        """Raw bytes of every id (``b""`` for the special ids), indexed by id."""
+        return list(self._token_bytes)
+
     # ---- text ---------------------------------------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Byte-level BPE of ``text``; special-token names in the text stay ordinary text."""

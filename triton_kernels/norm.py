@@ -47,8 +47,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     weight = weight.contiguous()
     out = new_output(tuple(rows.shape), torch.promote_types(weight.dtype, x.dtype), x.device)
     if rows.shape[0]:
+        block_d = triton.next_power_of_2(dim)
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), dim, float(eps),
-                                           BLOCK_D=triton.next_power_of_2(dim))
+                                           BLOCK_D=block_d, num_warps=min(16, max(4, block_d // 1024)))
     return out.view(x.shape)
 
 

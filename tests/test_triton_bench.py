@@ -1,0 +1,79 @@
+"""triton_kernels.bench: the CPU path (no timings, a correctness sweep) and the harness's own arithmetic."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: no GPU on CI machines
+
+import csv
+import types
+
+import pytest
+import torch
+
+import triton_kernels
+from mistral_ref.attention import attention_mask
+from triton_kernels import bench
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path runs only without a GPU")
+def test_cpu_path_reports_no_timings_and_runs_the_correctness_sweep(tmp_path, capsys):
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "No CUDA GPU" in out and "nothing is timed" in out
+    with open(tmp_path / "kernels-correctness.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["family"] for r in rows} == {"prefill", "decode", "moe", "rms_norm", "rope"}
+    assert all(r["status"] == "pass" for r in rows)
+    assert all(r["ms"] == r["tflops"] == r["gbps"] == r["roofline_frac"] == "" for r in rows)  # no timings
+    assert all(float(r["max_err"]) <= float(r["tolerance"]) for r in rows)
+
+
+def test_correctness_sweep_catches_a_wrong_kernel():
+    """The sweep compares against the reference: an attention kernel that is slightly off must FAIL."""
+    def off_by_a_bit(*args, **kwargs):
+        return triton_kernels.attention(*args, **kwargs) * 1.001
+
+    broken = types.SimpleNamespace(**{name: getattr(triton_kernels, name) for name in triton_kernels.__all__})
+    broken.attention = off_by_a_bit
+    rows = bench.correctness_sweep(quick=True, kernels=broken, models=("mistral-7b-v0.1",))
+    status = {(r.family, r.model, r.dtype): r.status for r in rows}
+    assert status[("prefill", "mistral-7b-v0.1", "float32")] == "FAIL"
+    assert status[("decode", "mistral-7b-v0.1", "float32")] == "pass"
+
+
+@pytest.mark.parametrize("T, S, window", [(4, 4, None), (4, 4, 2), (3, 10, 4), (1, 32, None), (1, 32, 8)])
+def test_attention_pair_count_matches_the_mask(T, S, window):
+    q_pos = torch.arange(S - T, S)[None]
+    k_pos = torch.arange(S)[None]
+    assert bench.attention_pairs(T, S, window) == int(attention_mask(q_pos, k_pos, window).sum())
+
+
+def test_device_peaks_table():
+    assert bench.device_peaks("NVIDIA H100 80GB HBM3") == (989.0, 3350.0)
+    assert bench.device_peaks("NVIDIA H100 PCIe") == (756.0, 2000.0)
+    assert bench.device_peaks("NVIDIA A100-SXM4-40GB") == (312.0, 1555.0)
+    assert bench.device_peaks("NVIDIA A10") == (125.0, 600.0)
+    assert bench.device_peaks("NVIDIA L40S") == (362.0, 864.0)
+    assert bench.device_peaks("Some Future GPU") == (None, None)  # no invented roofline
+    assert bench.device_peaks("Some Future GPU", 100.0, 1000.0) == (100.0, 1000.0)
+
+
+def test_gpu_plumbing_with_a_stub_timer(tmp_path):
+    """Rows, units and roofline of the GPU path, with a timer that reports 2 ms and runs nothing."""
+    rows = bench.gpu_benchmarks(torch.float16, quick=True, peaks=(100.0, 1000.0), device="cpu",
+                                timer=lambda fn: 2.0)
+    families = {r.family for r in rows}
+    assert families == {"prefill", "decode", "rms_norm", "rope"}  # quick: Mistral-7B only (no experts)
+    prefill = [r for r in rows if r.family == "prefill" and r.shape.startswith("B=1 T=512 ")]
+    assert [r.provider for r in prefill] == ["torch-eager", "torch-sdpa", "triton"]
+    flops, nbytes = bench.attention_work(1, 512, 512, 32, 8, 128, 4096, 2)
+    assert prefill[0].tflops == pytest.approx(flops / 2e-3 / 1e12)
+    assert prefill[0].gbps == pytest.approx(nbytes / 2e-3 / 1e9)
+    assert prefill[0].roofline_frac == pytest.approx(max(flops / 100e12, nbytes / 1000e9) / 2e-3)
+    bench.write_csv(rows, tmp_path / "k.csv")
+    with open(tmp_path / "k.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    pytest.importorskip("matplotlib")
+    assert bench.write_plot(rows, tmp_path / "k.png") and (tmp_path / "k.png").stat().st_size > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
@@ -29,6 +30,15 @@ LEGACY_SPECIAL_TOKENS = (
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
     "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
 )  # fmt: skip
+
+
+def _tiktoken_is_linear() -> bool:
+    """tiktoken < 0.13 merges a long pre-token (e.g. 10,000 times the same letter) in quadratic time."""
+    try:
+        major, minor = (int(x) for x in tiktoken.__version__.split(".")[:2])
+    except (AttributeError, ValueError):
+        return True
+    return (major, minor) >= (0, 13)
 
 
 class TekkenTokenizer(Tokenizer):
@@ -98,6 +108,13 @@ class TekkenTokenizer(Tokenizer):
             token_bytes[i + num_special] = b
         if len(ranks) != inner:
             raise TokenizerError(f"{where}: duplicate token_bytes in the first {inner} ranks")
+        if not _tiktoken_is_linear():
+            warnings.warn(
+                f"tiktoken {tiktoken.__version__} encodes long runs of one character in quadratic time; "
+                "install tiktoken>=0.13",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._model = tiktoken.Encoding(
             name=f"tekken-{version}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
         )

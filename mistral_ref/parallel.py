@@ -37,8 +37,9 @@ RowwiseParallel)?  (1) attention.py reshapes with the module's n_heads, so with 
 build modules with local head counts — at which point plain tensors plus one all-reduce say everything; (2)
 expert parallelism is not one of DTensor's layer styles; (3) loading a slice straight from a memory-mapped
 safetensors file gives a plain tensor that needs no wrapping; (4) plain tensors keep the state dict, the KV
-cache, the Triton backends and every shape comment of the model code unchanged, and the four hooks below show
-every byte that moves between ranks.  It is exact on CPU gloo and on CUDA NCCL alike.
+cache, the Triton backends and every shape comment of the model code unchanged, and the hooks that
+build_local_model registers show every byte that moves between ranks.  The same code runs on CPU gloo (what
+tests/test_parallel.py checks) and on CUDA NCCL.
 
 Inference only: the collectives are not differentiated through (no Megatron f/g autograd pair), so a backward
 pass through a sharded model gives wrong gradients.  Every rank must be given the same tokens and positions;
@@ -76,7 +77,7 @@ from mistral_ref.checkpoint import (
 )
 from mistral_ref.config import ModelArgs
 from mistral_ref.model import Transformer
-from mistral_ref.moe import FeedForward, MoeLayer
+from mistral_ref.moe import FeedForward
 
 MOE_MODES = ("expert", "tensor")
 
@@ -233,12 +234,12 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
         model = Transformer(largs)
         model.tok_embeddings = VocabParallelEmbedding(v1 - v0, args.dim, vocab_start=v0)
         model.output = nn.Linear(args.dim, v1 - v0, bias=False)
-        for layer_id, layer in enumerate(model.layers):
-            if isinstance(layer.feed_forward, MoeLayer) and moe == "expert":
-                for k in range(args.moe.num_experts):  # experts of other ranks: zero-width hidden layers
-                    shard = tensor_shard(f"layers.{layer_id}.feed_forward.experts.{k}.w1.weight", args, rank,
-                                         world_size, moe)
-                    if shard.stop == 0:
+        if args.moe is not None and moe == "expert":
+            n = args.moe.num_experts // world_size
+            mine = range(rank * n, (rank + 1) * n)  # as in tensor_shard
+            for layer in model.layers:
+                for k in range(args.moe.num_experts):
+                    if k not in mine:  # another rank's expert: a zero-width hidden layer, exact zeros
                         layer.feed_forward.experts[k] = FeedForward(args.dim, 0)
     if world_size > 1:
         all_reduce = _all_reduce_output(group)

@@ -320,7 +320,8 @@ def test_bad_moe_mode_and_world_size():
 def test_loading_without_a_process_group_says_how_to_start_one(tmp_path):
     import torch.distributed as dist
 
-    assert not dist.is_initialized()
+    if dist.is_initialized():
+        pytest.skip("another test left a default process group in this process")
     with pytest.raises(RuntimeError, match="init_from_env"):
         load_sharded_model(tmp_path)
 

@@ -13,6 +13,7 @@ from mistral_ref.attention import attention as reference_attention
 from mistral_ref.cache import LayerCache
 from triton_kernels import attention, decode_attention, flash_attention
 from triton_kernels._common import interpreting, poisoning
+from triton_kernels.flash_attention import contiguous_base
 
 pytestmark = pytest.mark.triton
 DEVICE = "cpu" if interpreting() else "cuda"
@@ -119,6 +120,32 @@ def test_flash_prefill_skips_tiles_nobody_may_see():
     out = flash_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=32, block_n=16)
     ref = reference_attention(q, k, v, q_pos, k_pos, W)
     torch.testing.assert_close(out[:, 32:], ref[:, 32:], atol=1e-5, rtol=0)
+
+
+def test_flash_prefill_skips_tiles_in_any_layout():
+    """Keys stored in reverse order (not contiguous): invisible tiles are skipped by their positions alone."""
+    B, T, H, D, W = 1, 48, 2, 16, 8
+    q, k, v = make_qkv(B, T, T, H, H, D)
+    q_pos = torch.arange(T, device=DEVICE)[None]
+    k_pos = q_pos.flip(1)  # slot s holds position T-1-s
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, -16:] = float("nan")  # the last tile holds positions 0..15, invisible to queries 32..47
+    v_bad[:, -16:] = float("nan")
+    out = flash_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=16, block_n=16)
+    ref = reference_attention(q, k, v, q_pos, k_pos, W)
+    torch.testing.assert_close(out[:, 32:], ref[:, 32:], atol=1e-5, rtol=0)
+
+
+def test_contiguous_base():
+    prompt = torch.arange(6)[None].repeat(2, 1)
+    assert contiguous_base(prompt).tolist() == [0, 0]
+    padded = prompt.clone()
+    padded[1] = torch.tensor([-1, -1, 0, 1, 2, 3])  # left padding: slot s holds s - 2
+    assert contiguous_base(padded).tolist() == [0, -2]
+    cache = torch.tensor([[0, 1, 2, -1, -1, -1], [-1] * 6])  # a full cache with empty slots; an empty row
+    assert contiguous_base(cache).tolist() == [0, 0]
+    rolling = torch.tensor([[6, 7, 2, 3, 4, 5]])  # a wrapped rolling buffer
+    assert contiguous_base(rolling) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._common import block_dim, dot_precision, new_output, upcast
-from triton_kernels.flash_attention import LOG2E, check_attention_inputs
+from triton_kernels.flash_attention import LOG2E, attend_tile, check_attention_inputs
 
 
 @triton.jit
@@ -72,23 +72,11 @@ def _decode_split_kernel(
         if HAS_WINDOW:
             allowed = allowed & (k_pos > q_pos - window)
         if tl.max(allowed.to(tl.int32)) > 0:  # skip tiles of empty slots / keys outside the window
-            kv_mask = s_valid[:, None] & d_valid[None, :]
             k_ptrs = k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v_ptrs = v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_H, BLOCK_N)
-            s = tl.where(allowed[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            kv_mask = s_valid[:, None] & d_valid[None, :]
+            m_i, l_i, acc = attend_tile(q, k_ptrs, v_ptrs, kv_mask, allowed[None, :], m_i, l_i, acc, qk_scale,
+                                        UPCAST, DOT_PRECISION)
 
     # PartM, PartL: (B, H, num_splits); PartAcc: (B, H, num_splits, D)
     part = (b * H + h) * num_splits + split
@@ -162,6 +150,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     returns (B, 1, n_heads, head_dim) in q's dtype.
     """
     check_attention_inputs(q, k, v, q_pos, k_pos, window, "decode_attention")
+    q_pos, k_pos = q_pos.long(), k_pos.long()
     B, T, H, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention: expects one query token per sequence (T == 1), got T={T}; "

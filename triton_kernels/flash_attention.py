@@ -12,9 +12,11 @@ grows.
   * GQA: the kv head is found by index arithmetic; K and V are never repeated in memory.
   * Masks come from the position tensors (-1 = padding / empty slot), so a causal prompt, a chunked prefill
     against a cache (T != S), a rolling window buffer and ragged batches are one code path.
-  * Tile skipping: a key tile that no query of the block may see (beyond the causal edge, outside the window,
-    or empty cache slots) costs one load of its BLOCK_N positions and nothing else.  This holds for any layout
-    of positions, contiguous or not.
+  * Tile skipping.  When positions are contiguous (key slot s holds position base_b + s or is empty: a
+    prompt, a left-padded batch, a full KV cache; see `contiguous_base`), the loop runs only over the key
+    tiles between the window's start for the block's first query and its last query (FlashAttention's
+    causal bound, extended to the window).  For any other layout (a rolling buffer plus a new chunk) every
+    tile's positions are read and a tile that no query of the block may see is skipped without loading K/V.
   * Rows masked inside a tile: scores become -inf and the max used for exp is replaced by 0 while it is still
     -inf, so exp(-inf - 0) = 0 instead of NaN.  A row that saw no key ends with l = 0; those rows (and only
     they) take a second pass summing V over all S keys to produce the reference's uniform average.
@@ -38,15 +40,39 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def attend_tile(q, k_ptrs, v_ptrs, kv_mask, allowed, m_i, l_i, acc, qk_scale,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a key tile: returns the updated running max, sum and output.
+
+    q: (M, D) block; k_ptrs, v_ptrs, kv_mask: (N, D) tile; allowed: (M, N) or (1, N) mask; m_i, l_i: (M,);
+    acc: (M, D) fp32.  Scores are in log2 units (qk_scale includes log2(e)): exp2 gives softmax weights.
+    """
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no -inf - -inf
+    alpha = tl.math.exp2(m_i - m_use)  # rescales what was accumulated under the old max
+    p = tl.math.exp2(s - m_use[:, None])  # (M, N), 0 where masked
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _flash_prefill_kernel(
-    Q, K, V, QPos, KPos, Out,
+    Q, K, V, QPos, KPos, KBase, Out,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_qpb, stride_qpt, stride_kpb, stride_kps,
     T, S, H, N_REP, D, window, qk_scale,  # qk_scale = head_dim**-0.5 * log2(e)
-    HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, KV_CONTIGUOUS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,7 +99,15 @@ def _flash_prefill_kernel(
 
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
-    for start_n in range(0, S, BLOCK_N):
+    lo = 0
+    hi = S
+    if KV_CONTIGUOUS:  # key s holds position base + s (or is empty): only slots lo .. hi-1 can be seen
+        base = tl.load(KBase + b)
+        q_first = tl.min(tl.where(q_pos >= 0, q_pos, 1 << 62))
+        hi = tl.minimum(tl.max(q_pos) - base + 1, S).to(tl.int32)
+        if HAS_WINDOW:
+            lo = (tl.maximum(q_first - window + 1 - base, 0) // BLOCK_N * BLOCK_N).to(tl.int32)
+    for start_n in range(lo, hi, BLOCK_N):
         offs_s = start_n + offs_n
         s_valid = offs_s < S
         k_pos = tl.load(KPos + b * stride_kpb + offs_s * stride_kps, mask=s_valid, other=-1)  # (BLOCK_N,)
@@ -81,24 +115,16 @@ def _flash_prefill_kernel(
         allowed = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])  # (BLOCK_M, BLOCK_N)
         if HAS_WINDOW:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        if tl.max(allowed.to(tl.int32)) > 0:  # skip tiles that no query of this block may see
-            kv_mask = s_valid[:, None] & d_valid[None, :]
-            k_ptrs = k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v_ptrs = v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no -inf - -inf
-            alpha = tl.math.exp2(m_i - m_use)  # rescales what was accumulated under the old max
-            p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N), 0 where masked
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        k_ptrs = k_base + offs_s[:, None] * stride_ks + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + offs_s[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        kv_mask = s_valid[:, None] & d_valid[None, :]
+        if KV_CONTIGUOUS:  # the bounds already dropped invisible tiles
+            m_i, l_i, acc = attend_tile(q, k_ptrs, v_ptrs, kv_mask, allowed, m_i, l_i, acc, qk_scale,
+                                        UPCAST, DOT_PRECISION)
+        else:  # any layout (rolling buffer + chunk): skip tiles that no query of this block may see
+            if tl.max(allowed.to(tl.int32)) > 0:
+                m_i, l_i, acc = attend_tile(q, k_ptrs, v_ptrs, kv_mask, allowed, m_i, l_i, acc, qk_scale,
+                                            UPCAST, DOT_PRECISION)
 
     # Rows that saw no key at all: the reference's softmax over a fully masked row is uniform over all S keys.
     no_key = l_i == 0.0
@@ -146,6 +172,23 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     check_device(where, q, k, v, q_pos, k_pos)
 
 
+def contiguous_base(k_pos: torch.Tensor) -> torch.Tensor | None:
+    """(B,) base such that every key slot s holds position base + s or is empty (-1), or None if none exists.
+
+    True for a prompt (base 0), a left-padded ragged prompt (base -padding) and a full, non-rolling KV cache
+    (base 0, empty slots -1); false for a rolling window buffer.  One host synchronisation per prefill call.
+    """
+    slot = torch.arange(k_pos.shape[1], device=k_pos.device)
+    offset = k_pos - slot  # (B, S): the base each valid slot implies
+    valid = k_pos >= 0
+    lo = torch.where(valid, offset, torch.iinfo(offset.dtype).max).amin(1)
+    hi = torch.where(valid, offset, torch.iinfo(offset.dtype).min).amax(1)
+    has_key = valid.any(1)
+    if not bool(((lo == hi) | ~has_key).all()):
+        return None
+    return torch.where(has_key, hi, 0).to(torch.int64).contiguous()
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                     k_pos: torch.Tensor, window: int | None, block_m: int = 64,
                     block_n: int = 64) -> torch.Tensor:
@@ -156,6 +199,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
     returns (B, T, n_heads, head_dim) in q's dtype.  block_m / block_n: tile sizes (powers of two >= 16).
     """
     check_attention_inputs(q, k, v, q_pos, k_pos, window, "flash_attention")
+    q_pos, k_pos = q_pos.long(), k_pos.long()
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {blk}")
@@ -166,13 +210,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
         return out
     if S == 0:  # the reference's einsum over no keys is zero
         return out.zero_()
+    base = contiguous_base(k_pos)
     grid = (triton.cdiv(T, block_m), B * H)
     _flash_prefill_kernel[grid](
-        q, k, v, q_pos, k_pos, out,
+        q, k, v, q_pos, k_pos, k_pos if base is None else base, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *q_pos.stride(), *k_pos.stride(),
         T, S, H, H // H_kv, D, window or 0, D**-0.5 * LOG2E,
-        HAS_WINDOW=window is not None, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D),
+        HAS_WINDOW=window is not None, KV_CONTIGUOUS=base is not None, UPCAST=upcast(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D),
     )
     return out
 

@@ -67,7 +67,12 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # Built from an explicit tensor so a meta-device build (parameter counts, checkpoint loading) skips the
+        # random init: normal_ on meta tensors imports torch._dynamo, which costs seconds.
+        embedding = torch.empty(args.vocab_size, args.dim)
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

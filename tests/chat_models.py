@@ -87,10 +87,11 @@ def tiny_model(tok: Tokenizer, seed: int = 0, max_seq_len: int | None = None) ->
 
 def punctuation_bias(tok: Tokenizer, strength: float = 4.0) -> torch.Tensor:
     """(V,) bias that makes EOS and the tokens made only of JSON punctuation likely (so JSON closes early)."""
+    from mistral_ref.json_mode import json_vocab  # its token bytes are computed once per tokenizer
+
     bias = torch.zeros(tok.vocab_size)
-    for i in range(tok.vocab_size):
-        data = b"" if tok.is_special(i) else tok.id_to_bytes(i)
-        if data and all(c in b'{}[]":, 0123456789' for c in data):
+    for i, data in enumerate(json_vocab(tok).token_bytes):  # b"" for special tokens
+        if data and all(c in b'{}[]":,' for c in data):
             bias[i] = strength
     bias[tok.eos_id] = strength + 2.0
     return bias

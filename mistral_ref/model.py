@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_ref.attention import Attention
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs
-from mistral_ref.attention import Attention
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
 
 

@@ -99,7 +99,8 @@ class ModelArgs:
             )
         if self.moe is not None and not 1 <= self.moe.num_experts_per_tok <= self.moe.num_experts:
             raise ConfigError(
-                f"moe.num_experts_per_tok={self.moe.num_experts_per_tok} must be in 1..num_experts={self.moe.num_experts}"
+                f"moe.num_experts_per_tok={self.moe.num_experts_per_tok} must be in "
+                f"1..num_experts={self.moe.num_experts}"
             )
 
     # ---- derived views -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 
 def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
-    """Angular frequency of each pair: theta ** (-2i / head_dim), i = 0 .. head_dim/2 - 1.  Shape (head_dim/2,), fp32."""
+    """Angular frequency of each pair: theta ** (-2i / head_dim), i = 0 .. head_dim/2 - 1.  (head_dim/2,) fp32."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     return 1.0 / (theta**exponents)
 

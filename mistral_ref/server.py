@@ -70,8 +70,7 @@ class HttpError(Exception):
         self.code = code or HTTPStatus(status).phrase.lower().replace(" ", "_")
 
 
-# ---- the model worker
-# -------------------------------------------------------------------------------------------
+# ---- the model worker --------------------------------------------------------------------------------------
 _DONE = object()
 
 
@@ -90,6 +89,7 @@ class ModelWorker:
     def __init__(self, model: Any, tokenizer: Any, max_queue: int = 256):
         self.model, self.tokenizer = model, tokenizer
         self.queue: queue.Queue[Ticket | None] = queue.Queue(maxsize=max_queue)
+        self.served = self.cancelled = 0  # requests finished / stopped early because their client left
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-model-worker", daemon=True)
         self.thread.start()
 
@@ -118,6 +118,7 @@ class ModelWorker:
                     for chunk in result:
                         if ticket.cancelled.is_set():
                             log.info("client went away: generation stopped")
+                            self.cancelled += 1
                             break
                         ticket.out.put(chunk)
                 finally:
@@ -126,10 +127,11 @@ class ModelWorker:
             except Exception as e:  # noqa: BLE001 — reported to the waiting handler, the worker lives on
                 log.exception("generation failed")
                 ticket.out.put(e)
+            finally:
+                self.served += 1
 
 
-# ---- HTTP
-# -------------------------------------------------------------------------------------------------------
+# ---- HTTP -------------------------------------------------------------------------------------------------
 class ChatServer(ThreadingHTTPServer):
     """The HTTP server: a ThreadingHTTPServer holding the model worker and the serving options."""
 
@@ -366,8 +368,7 @@ def _items(ticket: Ticket) -> Iterator[Any]:
             return
 
 
-# ---- OpenAPI
-# ----------------------------------------------------------------------------------------------------
+# ---- OpenAPI -----------------------------------------------------------------------------------------------
 _MESSAGE = {
     "type": "object",
     "required": ["role"],

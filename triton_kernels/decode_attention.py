@@ -38,7 +38,7 @@ def _decode_split_kernel(
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: b * stride_kb passes 2**31 for large caches
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     H = tl.num_programs(1) * N_REP
@@ -93,7 +93,7 @@ def _decode_merge_kernel(
     S, N_REP, D, num_splits,
     BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     H = tl.num_programs(1)
     offs_p = tl.arange(0, BLOCK_SPLITS)

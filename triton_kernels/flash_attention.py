@@ -77,7 +77,7 @@ def _flash_prefill_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: b * stride_qb passes 2**31 for long batches
     h = pid_bh % H
     kvh = h // N_REP  # grouped-query attention: this query head reads kv head h // n_rep
 

@@ -113,7 +113,7 @@ def _moe_gemm1_swiglu_kernel(
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
     if e >= 0:  # blocks past the last expert's run have nothing to do
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted rows
-        slot = tl.load(SortedSlots + offs_m)
+        slot = tl.load(SortedSlots + offs_m).to(tl.int64)
         row_valid = slot < num_slots  # padding rows read zeros
         token = slot // TOP_K
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden features
@@ -159,7 +159,7 @@ def _moe_gemm2_kernel(
     e = tl.load(BlockExpert + pid_m).to(tl.int64)
     if e >= 0:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        slot = tl.load(SortedSlots + offs_m)
+        slot = tl.load(SortedSlots + offs_m).to(tl.int64)
         row_valid = slot < num_slots
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features (dim)
         n_valid = offs_n < DIM
@@ -186,7 +186,7 @@ def _moe_gemm2_kernel(
 @triton.jit
 def _moe_sum_slots_kernel(OutSlots, Out, stride_os, stride_on, stride_xn, stride_xd, DIM,
                           TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     valid = offs < DIM
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)

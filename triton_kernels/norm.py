@@ -17,7 +17,7 @@ from triton_kernels._common import check_device, check_float, new_output
 
 @triton.jit
 def _rms_norm_kernel(X, W, Out, stride_xm, stride_om, DIM, eps, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     valid = offs < DIM
     x = tl.load(X + row * stride_xm + offs, mask=valid, other=0.0).to(tl.float32)  # (BLOCK_D,)

@@ -24,7 +24,7 @@ def _rope_kernel(
     T, H, HALF,
     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    bt = tl.program_id(0)
+    bt = tl.program_id(0).to(tl.int64)
     b = bt // T
     t = bt % T
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

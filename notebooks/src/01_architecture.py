@@ -1,0 +1,407 @@
+# Source of notebooks/01_architecture.ipynb (build with: .venv/bin/python notebooks/build.py)
+
+# %% [markdown]
+# # 01 · The Mistral architecture from first principles
+#
+# A Mistral model is a stack of pre-norm transformer blocks. Each block is
+# `h = x + attention(RMSNorm(x))`, then `out = h + feed_forward(RMSNorm(h))`, where attention uses
+# **rotary position embeddings**, **grouped-query attention** and (Mistral-7B-v0.1) a **sliding window**, and the
+# feed-forward is a **SwiGLU** MLP, or, in Mixtral, a **sparse mixture of eight SwiGLU experts** of which each
+# token visits two.
+#
+# This notebook takes those pieces one at a time and runs them. Every function used here is imported from
+# `mistral_ref`, the code you would read next: `rope.py` → `attention.py` → `moe.py` → `model.py` →
+# `config.py`. The last section counts the parameters of every model in the family without allocating any
+# memory and checks them against the published totals.
+
+# %%
+import dataclasses
+import math
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from mistral_ref.attention import attention, attention_mask
+from mistral_ref.cache import KVCache
+from mistral_ref.checkpoint import permute_to_hf, permute_to_native
+from mistral_ref.config import PRESETS, ModelArgs, MoeArgs, parameter_counts
+from mistral_ref.model import RMSNorm, Transformer
+from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss, moe_forward, route
+from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_half, rope_angles, rope_frequencies
+
+torch.manual_seed(0)
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+
+# %% [markdown]
+# ## 1. Rotary position embeddings (RoPE)
+#
+# RoPE encodes a token's position by **rotating** its query and key vectors. A head vector of width `head_dim`
+# is read as `head_dim/2` two-dimensional pairs; pair `i` turns by the angle `position × θ^(-2i/head_dim)`.
+# Low pairs spin fast (they resolve nearby positions), high pairs turn slowly (they tell far positions apart).
+# The base θ sets how slow the slowest pair is: Mistral-7B-v0.1 uses θ = 10⁴, later models 10⁶ (Mistral Small
+# 2501: 10⁸), which stretches the longest wavelength far beyond the context length.
+
+# %%
+head_dim = 128
+fig, ax = plt.subplots()
+for theta in (1e4, 1e6, 1e8):
+    freqs = rope_frequencies(head_dim, theta)  # (64,) radians per position
+    ax.semilogy(2 * math.pi / freqs, label=f"θ = {theta:.0e}")
+for ctx, name in ((4096, "4k"), (32768, "32k"), (131072, "128k")):
+    ax.axhline(ctx, color="grey", lw=0.6, ls="--")
+    ax.text(1, ctx * 1.3, f"{name} tokens", fontsize=8, color="grey")
+ax.set_xlabel("pair index i (head_dim = 128)")
+ax.set_ylabel("wavelength 2π/ω_i (tokens)")
+ax.set_title("RoPE: each pair rotates with its own frequency")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# Why rotations? Rotating q by angle `mα` and k by `nα` leaves their dot product depending only on `m − n`:
+# attention scores become functions of **relative** position. We check that numerically: the score of a query at
+# position m and a key at position n equals the score at (m + 1000, n + 1000).
+
+# %%
+q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)  # (B, T, heads, head_dim)
+
+
+def rotated(x, position, theta=1e6):
+    cos, sin = rope_angles(torch.tensor([[position]]), head_dim, theta)  # (1, 1, head_dim/2)
+    return apply_rotary_emb(x, cos, sin)
+
+
+scores = {}
+for m, n in ((7, 3), (1007, 1003), (20007, 20003), (20003, 20007)):
+    scores[m, n] = (rotated(q, m) * rotated(k, n)).sum().item()
+    print(f"query at {m:>5}, key at {n:>5} (m − n = {m - n:+d}): q·k = {scores[m, n]:+.6f}")
+# Equal for equal m − n, up to the fp32 rounding of large angles (why angles are computed in fp32, never bf16);
+# a different offset gives a different score.
+assert abs(scores[20007, 20003] - scores[7, 3]) < 1e-3 * abs(scores[7, 3])
+assert abs(scores[20003, 20007] - scores[7, 3]) > 1e-2
+
+# %% [markdown]
+# ### Interleaved pairs vs. rotated halves
+#
+# The pairs can be laid out in two ways. **Native** Mistral checkpoints (and `mistral_ref.rope.apply_rotary_emb`)
+# rotate *interleaved* features `(x[2i], x[2i+1])`. **Hugging Face** checkpoints rotate *halves*
+# `(x[i], x[i + head_dim/2])` (`apply_rotary_emb_half`). Both are the same rotation applied to a different
+# ordering of the features, so converting a checkpoint permutes the rows of `wq` and `wk`
+# (`checkpoint.permute_to_hf` / `permute_to_native`) — never `wv`, which is not rotated.
+
+# %%
+d = 16
+native_freq = [i // 2 for i in range(d)]  # feature 2i and 2i+1 rotate with frequency i
+hf_freq = [i % (d // 2) for i in range(d)]  # feature i and i + d/2 rotate with frequency i
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.2))
+for ax, freq, title in ((axes[0], native_freq, "native: interleaved pairs (2i, 2i+1)"),
+                        (axes[1], hf_freq, "Hugging Face: halves (i, i + d/2)")):
+    ax.imshow([freq], cmap="tab10", vmin=0, vmax=9, aspect="auto")
+    for i in range(d):
+        ax.text(i, 0, f"x{i}\nω{freq[i]}", ha="center", va="center", fontsize=7)
+    ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=10)
+fig.suptitle("features of one head (head_dim 16); same colour = same pair, rotated by the same frequency ω",
+             fontsize=9, y=0.02)
+plt.tight_layout()
+plt.show()
+
+# The permutation of checkpoint.py makes the two layouts agree: permute the features of x (viewed as rows),
+# rotate halves, and you get the permuted interleaved rotation.
+n_heads, T = 2, 5
+x = torch.randn(1, T, n_heads, d)
+cos, sin = rope_angles(torch.arange(T)[None], d, 1e4)
+as_rows = x.reshape(T, n_heads * d).T  # (n_heads*d, T): each head's features are "rows", like wq's
+x_hf = permute_to_hf(as_rows, n_heads, d).T.reshape(1, T, n_heads, d)
+native_then_permuted = permute_to_hf(apply_rotary_emb(x, cos, sin).reshape(T, -1).T, n_heads, d)
+hf_rotation = apply_rotary_emb_half(x_hf, cos, sin).reshape(T, -1).T
+print("max |difference|:", (native_then_permuted - hf_rotation).abs().max().item())
+assert torch.allclose(native_then_permuted, hf_rotation, atol=1e-6)
+assert torch.equal(permute_to_native(permute_to_hf(as_rows, n_heads, d), n_heads, d), as_rows)
+
+# %% [markdown]
+# ## 2. Grouped-query attention (GQA)
+#
+# With multi-head attention every query head has its own key and value head, and the KV cache stores all of
+# them for every past token. GQA lets a *group* of query heads share one key-value head: Mistral-7B has 32
+# query heads and 8 KV heads, so the cache is 4× smaller. The reference `attention()` simply repeats each KV
+# head for its group — the result equals multi-head attention with the repeated keys and values:
+
+# %%
+B, T, H, H_kv, D = 1, 6, 8, 2, 16
+q = torch.randn(B, T, H, D)
+k, v = torch.randn(B, T, H_kv, D), torch.randn(B, T, H_kv, D)
+pos = torch.arange(T)[None]
+gqa = attention(q, k, v, pos, pos, window=None)
+mha = attention(q, k.repeat_interleave(H // H_kv, dim=2), v.repeat_interleave(H // H_kv, dim=2), pos, pos, None)
+assert torch.allclose(gqa, mha)
+print("query head -> kv head:", [h // (H // H_kv) for h in range(H)])
+
+# %% [markdown]
+# What it saves: the KV cache of one 32k-token sequence in bf16, for every model of the family, measured by
+# allocating `mistral_ref.cache.KVCache` on the **meta** device (shapes only, no memory). "MHA" is the same
+# model with as many KV heads as query heads. Mistral-7B-v0.1 also has a 4096-token sliding window, so its
+# cache is a rolling buffer of 4096 slots per layer whatever the length (section 3).
+
+# %%
+def kv_cache_gib(args, seq_len=32768):
+    cache = KVCache(args, batch_size=1, max_seq_len=seq_len, dtype=torch.bfloat16, device="meta")
+    return cache.nbytes() / 2**30
+
+
+rows = []
+for name, args in PRESETS.items():
+    full = dataclasses.replace(args, sliding_window=None)
+    mha = dataclasses.replace(full, n_kv_heads=args.n_heads)
+    rows.append((name, args.n_heads, args.n_kv_heads, kv_cache_gib(mha), kv_cache_gib(full), kv_cache_gib(args)))
+print(f"{'model':20} {'heads':>5} {'kv':>3} {'MHA GiB':>8} {'GQA GiB':>8} {'+window':>8}")
+for r in rows:
+    print(f"{r[0]:20} {r[1]:5} {r[2]:3} {r[3]:8.1f} {r[4]:8.1f} {r[5]:8.1f}")
+
+fig, ax = plt.subplots(figsize=(9, 3.4))
+xs = range(len(rows))
+ax.bar([i - 0.27 for i in xs], [r[3] for r in rows], 0.27, label="multi-head (n_kv_heads = n_heads)")
+ax.bar(xs, [r[4] for r in rows], 0.27, label="grouped-query (the real models)")
+ax.bar([i + 0.27 for i in xs], [r[5] for r in rows], 0.27, label="GQA + sliding window")
+ax.set_xticks(list(xs))
+ax.set_xticklabels([r[0] for r in rows], rotation=30, ha="right", fontsize=8)
+ax.set_ylabel("KV cache, 32k tokens, bf16 (GiB)")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+mistral7b = next(r for r in rows if r[0] == "mistral-7b-v0.1")
+assert mistral7b[3] / mistral7b[4] == 4 and mistral7b[4] / mistral7b[5] == 8
+
+# %% [markdown]
+# ## 3. Sliding-window attention, and how information travels beyond the window
+#
+# With a window of W keys, the query at position p sees positions p−W+1 … p (itself included). All masking in
+# `mistral_ref` comes from one function, `attention_mask(q_pos, k_pos, window)`:
+
+# %%
+T, W = 16, 5
+pos = torch.arange(T)[None]
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+for ax, w, title in ((axes[0], None, "causal"), (axes[1], W, f"causal + sliding window W={W}")):
+    ax.imshow(attention_mask(pos, pos, w)[0], cmap="Blues")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("key position")
+    ax.set_ylabel("query position")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# A token never *directly* sees more than W positions back, yet the model does use older context: layer 1 at
+# position p mixes positions p−W+1 … p, each of which already mixed its own W predecessors in layer 0. After L
+# layers, information can flow from up to L·(W−1) positions back (the Mistral 7B paper: 32 layers × 4096 ≈ 131k
+# tokens).
+#
+# We measure this on real models rather than argue it: build `Transformer`s with W = 4 and 1…5 layers, and ask
+# autograd which input positions the last position's logits depend on (non-zero gradient with respect to the
+# token embeddings).
+
+# %%
+T, W = 40, 4
+reach = []
+for n_layers in range(1, 6):
+    torch.manual_seed(n_layers)
+    args = ModelArgs(dim=32, n_layers=n_layers, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64,
+                     sliding_window=W)
+    model = Transformer(args)
+    embeddings = []
+    handle = model.tok_embeddings.register_forward_hook(lambda mod, inp, out: embeddings.append(out))
+    logits = model(torch.randint(0, 64, (1, T)))
+    handle.remove()
+    (grad,) = torch.autograd.grad(logits[0, -1].sum(), embeddings[0])  # (1, T, dim)
+    influence = grad[0].abs().sum(-1)  # (T,)
+    reach.append((influence > 0).float())
+    first = int((influence > 0).nonzero().min())
+    print(f"{n_layers} layer(s): position {T - 1} depends on positions {first} .. {T - 1} "
+          f"({T - first} tokens; theory L·(W−1)+1 = {n_layers * (W - 1) + 1})")
+    assert T - first == n_layers * (W - 1) + 1
+
+fig, ax = plt.subplots(figsize=(9, 2.4))
+ax.imshow(torch.stack(reach), cmap="Greens", aspect="auto", extent=(-0.5, T - 0.5, 5.5, 0.5))
+ax.set_xlabel("input position")
+ax.set_ylabel("layers")
+ax.set_title(f"receptive field of position {T - 1} with a window of W={W} keys (green: gradient ≠ 0)")
+plt.show()
+
+# %% [markdown]
+# ## 4. RMSNorm
+#
+# Mistral normalises with RMSNorm: `x / sqrt(mean(x²) + ε) · weight` — no mean subtraction and no bias
+# (cheaper than LayerNorm, and it works as well). It is computed in fp32 and cast back before the weight
+# multiplies. Two properties to see: the output has unit root-mean-square, and scaling the input does not
+# change the output.
+
+# %%
+norm = RMSNorm(8, eps=1e-5)
+x = torch.randn(3, 8) * 5 + 2
+y = norm(x)
+print("rms of the output rows:", y.pow(2).mean(-1).sqrt())
+assert torch.allclose(norm(10 * x), y, atol=1e-5)
+print("RMSNorm keeps the mean (LayerNorm would remove it):", y.mean(-1))
+print("LayerNorm of the same rows has mean:", F.layer_norm(x, (8,)).mean(-1))
+
+# %% [markdown]
+# ## 5. SwiGLU feed-forward
+#
+# The dense feed-forward is `w2( silu(w1 x) ⊙ w3 x )`: a SiLU-*gated* linear unit (Shazeer 2020). `w1` is the
+# gate, `w3` the up-projection, `w2` the down-projection. With three matrices instead of two, the hidden width
+# is about 3.5 × dim (14336 for dim 4096) to keep the parameter budget of a 4 × dim two-matrix MLP.
+
+# %%
+z = torch.linspace(-5, 5, 200)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+axes[0].plot(z, F.silu(z), label="silu(z) = z·σ(z)")
+axes[0].plot(z, F.relu(z), "--", label="relu(z)")
+axes[0].legend()
+axes[0].set_title("the activation")
+ff = FeedForward(dim=1, hidden_dim=1)
+with torch.no_grad():
+    ff.w1.weight.fill_(1.0)
+    ff.w2.weight.fill_(1.0)
+    for gain in (0.5, 1.0, 2.0):
+        ff.w3.weight.fill_(gain)
+        axes[1].plot(z, ff(z[:, None])[:, 0], label=f"w3 = {gain}")
+axes[1].set_title("a one-unit SwiGLU: silu(w1·z)·(w3·z)")
+axes[1].legend()
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 6. The sparse mixture of experts (Mixtral)
+#
+# Mixtral replaces the feed-forward with 8 SwiGLU experts and a router (`gate`, a linear map dim → 8). For each
+# token the router scores the experts; the token visits the **top 2**, and their outputs are mixed with weights
+# `softmax` over those two scores (`moe.route`). Only 2 of 8 experts run per token: Mixtral-8x7B holds 46.7B
+# parameters but uses about 12.9B per token.
+#
+# Below, a random `MoeLayer` routes 2,048 tokens: the router probabilities of the first tokens, and how many
+# tokens each expert receives.
+
+# %%
+torch.manual_seed(0)
+moe_args = ModelArgs(dim=64, n_layers=1, hidden_dim=96, n_heads=4, vocab_size=32, moe=MoeArgs(8, 2))
+layer = MoeLayer(moe_args)
+tokens = torch.randn(2048, 64)
+weights, experts, logits = route(tokens, layer.gate.weight, top_k=2)  # (N, 2), (N, 2), (N, 8)
+probs = logits.softmax(-1)
+
+# The mixture computed "densely": every expert on every token, weighted by the routing weights (0 for the
+# experts a token does not visit) — equal to the sparse moe_forward, which only runs the chosen experts.
+dense = torch.zeros_like(tokens)
+for e, expert in enumerate(layer.experts):
+    w_e = (weights * (experts == e)).sum(-1, keepdim=True)  # (N, 1)
+    dense += w_e * expert(tokens)
+sparse, _ = moe_forward(tokens, layer.gate.weight, [e.w1.weight for e in layer.experts],
+                        [e.w2.weight for e in layer.experts], [e.w3.weight for e in layer.experts], top_k=2)
+assert torch.allclose(sparse, dense, atol=1e-5)
+
+load = torch.bincount(experts.flatten(), minlength=8) / experts.numel()
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), gridspec_kw={"width_ratios": [1.4, 1]})
+im = axes[0].imshow(probs[:32].T.detach(), aspect="auto", cmap="viridis")
+for n in range(32):
+    for e in experts[n].tolist():
+        axes[0].plot(n, e, "w.", ms=4)
+axes[0].set_xlabel("token")
+axes[0].set_ylabel("expert")
+axes[0].set_title("router probabilities (dots: the 2 chosen experts)", fontsize=10)
+fig.colorbar(im, ax=axes[0])
+axes[1].bar(range(8), load.tolist())
+axes[1].axhline(1 / 8, color="k", ls="--", lw=0.8, label="perfect balance")
+axes[1].set_xlabel("expert")
+axes[1].set_ylabel("share of routed slots")
+axes[1].set_title("expert load", fontsize=10)
+axes[1].legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Nothing forces a router to spread tokens: a trained router could send everything to a few experts, wasting
+# the rest. Training adds the Switch-Transformer **load-balancing loss**
+# `E · Σₑ fₑ · Pₑ` (fraction of routed slots × mean router probability, per expert), which is `top_k` = 2 for a
+# perfectly uniform router and grows as the load concentrates. We skew the router by adding a growing bias to
+# expert 0's score and watch both the load and the loss (notebook 06 trains with this loss). Once every token
+# already sends one of its two slots to expert 0 the load cannot grow further, but the loss keeps rising: its
+# `Pₑ` term sees the router probability still piling onto expert 0.
+
+# %%
+biases = torch.linspace(0, 6, 13)
+aux, share0 = [], []
+for b in biases:
+    skew = logits.clone()
+    skew[:, 0] += b
+    aux.append(load_balancing_loss([skew], num_experts=8, top_k=2).item())
+    share0.append((skew.topk(2, -1).indices == 0).float().mean().item())
+fig, ax = plt.subplots()
+ax.plot(share0, aux, "o-")
+ax.set_xlabel("share of routed slots that go to expert 0 (at most 1/2: a token picks 2 different experts)")
+ax.set_ylabel("load-balancing loss")
+ax.axhline(2, color="grey", ls="--", lw=0.8)
+ax.set_title("the auxiliary loss grows as the load concentrates")
+plt.show()
+assert aux[-1] > aux[0]
+
+# %% [markdown]
+# ## 7. Parameter counts of the whole family
+#
+# `config.parameter_counts` builds each model on PyTorch's **meta** device — tensors with shapes but no storage
+# — so counting Mistral Large 2's 123B parameters costs no memory. *Active* parameters are those a token uses:
+# the total minus the 6 experts (of 8) per layer a token does not visit. Below, the counts broken down by part,
+# and the check against Mistral's published numbers: Mixtral-8x7B has 46.7B parameters, 12.9B active;
+# Mixtral-8x22B 141B, 39B active.
+
+# %%
+def breakdown(args):
+    with torch.device("meta"):
+        model = Transformer(args)
+    parts = {"embeddings + output": 0, "attention": 0, "feed-forward / experts": 0, "router + norms": 0}
+    for name, p in model.named_parameters():
+        if name.startswith(("tok_embeddings", "output")):
+            parts["embeddings + output"] += p.numel()
+        elif ".attention." in name:
+            parts["attention"] += p.numel()
+        elif ".experts." in name or ".w1" in name or ".w2" in name or ".w3" in name:
+            parts["feed-forward / experts"] += p.numel()
+        else:
+            parts["router + norms"] += p.numel()
+    return parts
+
+
+counts = {name: parameter_counts(args) for name, args in PRESETS.items()}
+parts = {name: breakdown(args) for name, args in PRESETS.items()}
+print(f"{'model':20} {'total':>8} {'active':>8} | {'embed+output':>12} {'attention':>9} {'FFN/experts':>11} "
+      f"{'router+norms':>12}")
+for name in PRESETS:
+    c, p = counts[name], parts[name]
+    assert sum(p.values()) == c["total"]
+    print(f"{name:20} {c['total'] / 1e9:7.2f}B {c['active'] / 1e9:7.2f}B | {p['embeddings + output'] / 1e9:11.2f}B "
+          f"{p['attention'] / 1e9:8.2f}B {p['feed-forward / experts'] / 1e9:10.2f}B "
+          f"{p['router + norms'] / 1e6:11.2f}M")
+
+assert round(counts["mixtral-8x7b"]["total"] / 1e9, 1) == 46.7
+assert round(counts["mixtral-8x7b"]["active"] / 1e9, 1) == 12.9
+assert round(counts["mixtral-8x22b"]["total"] / 1e9) == 141
+assert round(counts["mixtral-8x22b"]["active"] / 1e9) == 39
+assert round(counts["mistral-7b-v0.1"]["total"] / 1e9, 1) == 7.2
+assert round(counts["mistral-nemo-12b"]["total"] / 1e9) == 12
+assert round(counts["mistral-large-2407"]["total"] / 1e9) == 123
+print("published totals reproduced: Mixtral-8x7B 46.7B / 12.9B active, Mixtral-8x22B 141B / 39B active")
+
+# %%
+names = list(PRESETS)
+fig, ax = plt.subplots(figsize=(9, 3.6))
+ax.bar(names, [counts[n]["total"] / 1e9 for n in names], label="total", color="lightsteelblue")
+ax.bar(names, [counts[n]["active"] / 1e9 for n in names], width=0.5, label="active per token", color="navy")
+for i, n in enumerate(names):
+    ax.text(i, counts[n]["total"] / 1e9 + 2, f"{counts[n]['total'] / 1e9:.1f}", ha="center", fontsize=7)
+ax.set_ylabel("parameters (billions)")
+ax.set_xticks(range(len(names)))
+ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+ax.set_title("the Mistral family: total vs active parameters")
+ax.legend()
+plt.tight_layout()
+plt.show()

@@ -1,0 +1,137 @@
+"""The teaching notebooks (notebooks/*.ipynb) run top to bottom, and are stored clean and up to date.
+
+Each notebook is executed in a fresh Jupyter kernel by nbclient.  The kernel is *this* interpreter
+(sys.executable, i.e. the project's .venv): a kernel spec pointing at it is written to a temporary directory,
+so nothing depends on which kernels a machine has installed (a fresh CI clone has none).  A cell error fails
+the test with the cell's traceback; a notebook that exceeds its time budget fails too
+(MISTRAL_REF_NOTEBOOK_TIMEOUT seconds per notebook, default 300).  Notebooks run in a temporary working
+directory with no network use.
+
+    .venv/bin/pytest tests/test_notebooks.py -q                 # all of them (about 4 minutes on 2 cores)
+    .venv/bin/pytest tests/test_notebooks.py -q -k generation   # one
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+BUDGET_S = float(os.environ.get("MISTRAL_REF_NOTEBOOK_TIMEOUT", "300"))
+KERNEL_NAME = "mistral-ref-test-python"
+
+
+def _kernel_manager(tmp_path: Path):
+    """A KernelManager whose only kernel spec runs ipykernel in this very interpreter."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    kernels = tmp_path / "kernels"
+    write_kernel_spec(kernels / KERNEL_NAME, overrides={"display_name": "mistral-ref test kernel"})
+    spec = json.loads((kernels / KERNEL_NAME / "kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable, spec["argv"]
+    ksm = KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
+    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
+
+
+def _cell_error(nb, exc: Exception) -> str:
+    """The source of the first cell with an error output, and its traceback, for the failure message."""
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(out.get("traceback", [])))
+                return f"cell {cell.get('id')}:\n{cell.source}\n---\n{tb}"
+    return str(exc)
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, record_property):
+    nb = nbformat.read(path, as_version=4)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    deadline = time.monotonic() + BUDGET_S
+
+    def remaining(cell) -> int:  # nbclient's per-cell timeout, spent from one budget for the whole notebook
+        return max(1, int(deadline - time.monotonic()))
+
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path), timeout=int(BUDGET_S), timeout_func=remaining,
+        resources={"metadata": {"path": str(workdir)}}, allow_errors=False, record_timing=True,
+    )
+    start = time.monotonic()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellTimeoutError as e:
+        pytest.fail(f"{path.name} exceeded its budget of {BUDGET_S:.0f} s: {e}")
+    except nbclient.exceptions.CellExecutionError as e:
+        pytest.fail(f"{path.name} failed in {_cell_error(nb, e)}")
+    elapsed = time.monotonic() - start
+    record_property("seconds", round(elapsed, 1))
+    print(f"{path.name}: {elapsed:.1f} s")
+    figures = sum(out.get("output_type") == "display_data" and "image/png" in out.get("data", {})
+                  for cell in nb.cells for out in cell.get("outputs", []))
+    assert figures > 0, f"{path.name} drew no figure"
+
+
+# ---- static checks (fast) ------------------------------------------------------------------------------------
+def test_there_are_notebooks_and_the_readme_lists_each():
+    assert len(NOTEBOOKS) >= 6
+    readme = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
+    for path in NOTEBOOKS:
+        assert path.name in readme, f"notebooks/README.md does not mention {path.name}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(path: Path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: cell {cell.id} has output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_imports_the_library_and_defines_no_model_code(path: Path):
+    """Notebooks teach with mistral_ref's own code: they import it and never define modules of their own."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    tree = ast.parse(code)
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "mistral_ref" in imported, f"{path.name} does not import mistral_ref"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {ast.unparse(b) for b in node.bases}
+            assert not bases & {"nn.Module", "torch.nn.Module", "Module"}, \
+                f"{path.name} defines model code (class {node.name}); import it from mistral_ref instead"
+
+
+def test_committed_notebooks_match_their_sources():
+    sys.path.insert(0, str(NOTEBOOK_DIR))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(NOTEBOOK_DIR))
+    sources = sorted((NOTEBOOK_DIR / "src").glob("*.py"))
+    assert [s.stem for s in sources] == [p.stem for p in NOTEBOOKS]
+    for source in sources:
+        built = build.render(build.build_notebook(source))
+        stored = (NOTEBOOK_DIR / f"{source.stem}.ipynb").read_text(encoding="utf-8")
+        assert built == stored, f"{source.stem}.ipynb is stale: run .venv/bin/python notebooks/build.py"

@@ -105,3 +105,14 @@ def test_cached_greedy_decode_matches(model):
     tokens, logits = greedy(model, "triton", prompt, chunks=(5, 4), steps=6)
     assert torch.equal(tokens, ref_tokens)
     assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_kernels_refuse_to_run_where_gradients_are_needed(model):
+    """No backward exists: a training-mode call must fail loudly instead of returning gradient-less outputs."""
+    tokens = torch.zeros(1, 3, dtype=torch.long, device=DEVICE)
+    model.set_backend(attention="triton", moe="triton")
+    try:
+        with pytest.raises(RuntimeError, match="inference-only"):
+            model(tokens)
+    finally:
+        model.set_backend()

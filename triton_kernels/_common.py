@@ -62,6 +62,13 @@ def check_float(name: str, t: torch.Tensor, where: str) -> None:
         raise TypeError(f"{where}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def check_no_grad(where: str, *tensors: torch.Tensor) -> None:
+    """The kernels have no backward: refuse inputs that autograd would need gradients for (no silent zero)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(f"{where}: the Triton kernels are inference-only (no backward); call under "
+                           "torch.no_grad() / torch.inference_mode(), or use the torch backend to train")
+
+
 def check_device(where: str, *tensors: torch.Tensor) -> None:
     """All tensors on one device, usable by Triton (a GPU, or the CPU under the interpreter)."""
     devices = {t.device for t in tensors}

@@ -34,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._common import block_dim, check_device, check_float, dot_precision, new_output, upcast
+from triton_kernels._common import (
+    block_dim,
+    check_device,
+    check_float,
+    check_no_grad,
+    dot_precision,
+    new_output,
+    upcast,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -170,6 +178,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"{where}: window must be None or a positive number of keys, got {window!r}")
     check_device(where, q, k, v, q_pos, k_pos)
+    check_no_grad(where, q, k, v)
 
 
 def contiguous_base(k_pos: torch.Tensor) -> torch.Tensor | None:

@@ -34,7 +34,15 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._common import block_dim, check_device, check_float, dot_precision, new_output, upcast
+from triton_kernels._common import (
+    block_dim,
+    check_device,
+    check_float,
+    check_no_grad,
+    dot_precision,
+    new_output,
+    upcast,
+)
 
 
 # ---- 2. sort slots by expert, pad each expert's run to BLOCK_M ---------------------------------------------
@@ -277,6 +285,7 @@ def moe_forward(
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{where}: {name} must be a power of two >= 16, got {blk}")
     check_device(where, x, gate_weight, W1, W2, W3)
+    check_no_grad(where, x, gate_weight, W1, W2, W3)
 
     weights, experts, logits = route(x, gate_weight, top_k)  # (N, k) fp32, (N, k) int64, (N, E) fp32
     out = new_output((N, dim), x.dtype, x.device)

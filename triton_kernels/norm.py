@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._common import check_device, check_float, new_output
+from triton_kernels._common import check_device, check_float, check_no_grad, new_output
 
 
 @triton.jit
@@ -40,6 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"{where}: weight must be (dim,) with dim = x.shape[-1]; got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
     check_device(where, x, weight)
+    check_no_grad(where, x, weight)
     dim = x.shape[-1]
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels._common import check_device, check_float, new_output
+from triton_kernels._common import check_device, check_float, check_no_grad, new_output
 
 
 @triton.jit
@@ -63,6 +63,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
         raise ValueError(f"{where}: cos and sin must be (B, T, D/2)={B, T, D // 2}, got {tuple(cos.shape)} "
                          f"and {tuple(sin.shape)}")
     check_device(where, x, cos, sin)
+    check_no_grad(where, x, cos, sin)
     out = new_output((B, T, H, D), x.dtype, x.device)
     if out.numel():
         block_h = min(16, triton.next_power_of_2(H))

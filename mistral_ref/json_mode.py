@@ -16,15 +16,15 @@ Both drivers read one table, ``NEXT[ctx, lex, byte] -> lex'`` and ``OP[ctx, lex,
 pop), where ctx is the innermost open container (top level, object or array):
 
 * :func:`advance` runs one byte string through it in Python (the state after a chosen token; the lazy checks);
-* :meth:`JsonVocab.allowed` runs *all* tokens at once with numpy (a few vector operations per byte position
+* :meth:`JsonVocab.allowed` runs many tokens at once with numpy (a few vector operations per byte position
   over the tokens still alive; tokens are pre-filtered by first byte), giving the exact allowed mask of a
-  state.
+  state.  The part of a mask that cannot depend on the stack is computed once per lexical state and kept.
 
 Per step the processor is lazy: with greedy decoding it checks tokens in descending logit order and stops at
-the first allowed one (usually the first or second); when sampling it needs the exact mask (the draw may land
-on any allowed token) and takes it from an LRU cache keyed by the full grammar state, computing it only on a
-miss — inside a long string the state repeats, so most steps are hits.  ``benchmarks/bench_json_mode.py``
-measures the cost.
+the first allowed one (usually the first; after 32 misses, or when the state's mask is already cached, it
+takes the masked argmax instead); when sampling it needs the exact mask (the draw may land on any allowed
+token) and takes it from an LRU cache keyed by the full grammar state, computing it only on a miss — inside a
+long string the state repeats, so most steps are hits.  ``benchmarks/bench_json_mode.py`` measures the cost.
 """
 
 from __future__ import annotations
@@ -227,83 +227,125 @@ def is_complete_json(text: str, root: str = "object") -> bool:
 
 
 # ---- the vocabulary side -----------------------------------------------------------------------------------
-_VECTOR_MAX_LEN = 60  # tokens up to this many bytes are checked with int64 stack bits (exact up to 60 pops)
+_STACK_BITS = 62  # the stacked check keeps the innermost 62 levels in an int64: exact for tokens of <= 60 bytes
 
 
 class JsonVocab:
     """A tokenizer's token bytes, arranged once for grammar checks (build cost: one id_to_bytes per token).
 
+    A state's mask is split in two.  Most tokens never touch the stack from a given lexical state (string
+    content, digits, whitespace, a key and its colon): whether they fit depends only on (lex, ctx), so that part
+    is computed once per (lex, ctx) and kept.  The few that open or close a container (``"},``, ``[{``, ...) are
+    run from the actual state, stack included.  Full masks are also kept in an LRU cache keyed by state.
     Tokens that are special or have no bytes (control pieces) are never allowed; EOS is handled by the caller.
     """
 
-    def __init__(self, tokenizer: Any, cache_size: int = 512):
+    def __init__(self, tokenizer: Any, cache_size: int = 256):
         V = tokenizer.vocab_size
         self.vocab_size = V
         specials = tokenizer.special_ids
         self.token_bytes: list[bytes] = [b"" if i in specials else tokenizer.id_to_bytes(i) for i in range(V)]
         lens = np.array([len(b) for b in self.token_bytes], dtype=np.int64)  # (V,)
-        short = np.nonzero((lens > 0) & (lens <= _VECTOR_MAX_LEN))[0]
-        self.long_ids = np.nonzero(lens > _VECTOR_MAX_LEN)[0].tolist()  # checked one by one
-        width = int(lens[short].max()) if len(short) else 1
-        mat = np.zeros((V, width), dtype=np.int16)  # (V, width) bytes, zero-padded
-        for i in short.tolist():
+        self.lens = lens
+        nonempty = np.nonzero(lens > 0)[0]
+        mat = np.zeros((V, int(lens.max()) if len(nonempty) else 1), dtype=np.uint8)  # (V, longest) zero-padded
+        for i in nonempty.tolist():
             b = self.token_bytes[i]
             mat[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
         self.bytes_matrix = mat
-        self.lens = lens
-        # token ids grouped by first byte, each group sorted by length (so "still has a byte at j" is a
-        # prefix)
-        first = mat[short, 0]
-        self.by_first: list[np.ndarray] = [short[first == b] for b in range(256)]
+        first = mat[nonempty, 0]
+        self.by_first: list[np.ndarray] = [nonempty[first == b] for b in range(256)]  # ids by first byte
+        self._free: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._cache: OrderedDict[JsonState, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
         self.cache_hits = self.cache_misses = 0
 
     def allowed(self, state: JsonState) -> torch.Tensor:
-        """(V,) bool: the tokens whose bytes can follow `state` (EOS and special tokens excluded).  Cached."""
-        mask = self._cache.get(state)
+        """(V,) bool: the tokens whose bytes can follow `state` (EOS and special tokens excluded)."""
+        return ~self.blocked(state)
+
+    def blocked(self, state: JsonState) -> torch.Tensor:
+        """(V,) bool: the complement of :meth:`allowed` (what a processor sets to -inf).  Cached per state."""
+        mask = self.cached(state)
         if mask is not None:
-            self._cache.move_to_end(state)
             self.cache_hits += 1
             return mask
         self.cache_misses += 1
-        mask = torch.from_numpy(self._compute(state))
+        ctx = 0 if state.depth == 0 else 1 + (state.stack & 1)
+        free, stacky = self._stack_free(state.lex, ctx)
+        out = free.copy()
+        out[stacky[self._run_with_stack(stacky, state)]] = True
+        mask = torch.from_numpy(~out)
         self._cache[state] = mask
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return mask
 
-    def _compute(self, state: JsonState) -> np.ndarray:
-        out = np.zeros(self.vocab_size, dtype=bool)
-        ctx0 = 0 if state.depth == 0 else 1 + (state.stack & 1)
-        row = (ctx0 * N_STATES + state.lex) * 256
-        firsts = np.nonzero(_NEXT_FLAT[row: row + 256] >= 0)[0]
-        if len(firsts):
-            ids = np.concatenate([self.by_first[b] for b in firsts.tolist()])  # (n,) candidates
-            lex = np.full(len(ids), state.lex, dtype=np.int64)
-            # the innermost 62 levels of the stack
-            stack = np.full(len(ids), state.stack & ((1 << 62) - 1), dtype=np.int64)
-            depth = np.full(len(ids), state.depth, dtype=np.int64)
-            lens = self.lens[ids]
-            j = 0
-            while len(ids):
-                b = self.bytes_matrix[ids, j]
-                ctx = np.where(depth == 0, 0, 1 + (stack & 1))
-                i = (ctx * N_STATES + lex) * 256 + b
-                lex = _NEXT_FLAT[i].astype(np.int64)
-                o = _OP_FLAT[i]
-                push = (o == OP_PUSH_OBJ) | (o == OP_PUSH_ARR)
-                pop = o == OP_POP
-                stack = np.where(push, (stack << 1) | (o == OP_PUSH_ARR), np.where(pop, stack >> 1, stack))
-                depth = depth + push - pop
-                j += 1
-                done = (lens == j) & (lex >= 0)
-                out[ids[done]] = True
-                keep = (lens > j) & (lex >= 0)
-                ids, lex, stack, depth, lens = ids[keep], lex[keep], stack[keep], depth[keep], lens[keep]
-        for i in self.long_ids:
-            out[i] = advance(state, self.token_bytes[i]) is not None
-        return out
+    def cached(self, state: JsonState) -> torch.Tensor | None:
+        """The blocked mask of `state` if it is in the cache, else None (computes nothing)."""
+        mask = self._cache.get(state)
+        if mask is not None:
+            self._cache.move_to_end(state)
+        return mask
+
+    def _candidates(self, lex: int, ctx: int) -> np.ndarray:
+        """Ids of the tokens whose first byte the grammar accepts in (lex, ctx)."""
+        row = (ctx * N_STATES + lex) * 256
+        firsts = np.nonzero(_NEXT_FLAT[row: row + 256] >= 0)[0].tolist()
+        return np.concatenate([self.by_first[b] for b in firsts]) if firsts else np.zeros(0, dtype=np.int64)
+
+    def _stack_free(self, lex: int, ctx: int) -> tuple[np.ndarray, np.ndarray]:
+        """For (lex, ctx): (V,) bool of the tokens that fit without any stack operation, and the ids of the
+        tokens that reach a stack operation while still fitting (to be checked against the real stack)."""
+        key = (lex, ctx)
+        if key in self._free:
+            return self._free[key]
+        free = np.zeros(self.vocab_size, dtype=bool)
+        ids = self._candidates(lex, ctx)
+        cur = np.full(len(ids), lex, dtype=np.int64)
+        lens = self.lens[ids]
+        stacky = []
+        base, j = ctx * N_STATES * 256, 0
+        while len(ids):
+            i = base + cur * 256 + self.bytes_matrix[ids, j]
+            cur = _NEXT_FLAT[i].astype(np.int64)
+            o = _OP_FLAT[i]
+            stacky.append(ids[(cur >= 0) & (o != OP_NONE)])
+            plain = (cur >= 0) & (o == OP_NONE)  # ctx cannot change without a stack operation
+            j += 1
+            free[ids[plain & (lens == j)]] = True
+            keep = plain & (lens > j)
+            ids, cur, lens = ids[keep], cur[keep], lens[keep]
+        self._free[key] = free, np.concatenate(stacky) if stacky else np.zeros(0, dtype=np.int64)
+        return self._free[key]
+
+    def _run_with_stack(self, ids: np.ndarray, state: JsonState) -> np.ndarray:
+        """(n,) bool: which of the tokens `ids` fit after `state`, stack operations included."""
+        ok = np.zeros(len(ids), dtype=bool)
+        short = self.lens[ids] <= _STACK_BITS - 2
+        for k in np.nonzero(~short)[0].tolist():  # a token that could pop past the 62 kept levels
+            ok[k] = advance(state, self.token_bytes[int(ids[k])]) is not None
+        rows = np.nonzero(short)[0]
+        sub = ids[rows]
+        lex = np.full(len(sub), state.lex, dtype=np.int64)
+        stack = np.full(len(sub), state.stack & ((1 << _STACK_BITS) - 1), dtype=np.int64)
+        depth = np.full(len(sub), state.depth, dtype=np.int64)
+        lens = self.lens[sub]
+        j = 0
+        while len(sub):
+            ctx = np.where(depth == 0, 0, 1 + (stack & 1))
+            i = (ctx * N_STATES + lex) * 256 + self.bytes_matrix[sub, j]
+            lex = _NEXT_FLAT[i].astype(np.int64)
+            o = _OP_FLAT[i]
+            push = (o == OP_PUSH_OBJ) | (o == OP_PUSH_ARR)
+            pop = o == OP_POP
+            stack = np.where(push, (stack << 1) | (o == OP_PUSH_ARR), np.where(pop, stack >> 1, stack))
+            depth = depth + push - pop
+            j += 1
+            ok[rows[(lens == j) & (lex >= 0)]] = True
+            keep = (lens > j) & (lex >= 0)
+            rows, sub, lex, stack, depth, lens = rows[keep], sub[keep], lex[keep], stack[keep], depth[keep], lens[keep]
+        return ok
 
 
 _VOCABS: weakref.WeakKeyDictionary[Any, JsonVocab] = weakref.WeakKeyDictionary()
@@ -361,18 +403,18 @@ class JsonLogitsProcessor:
         for row, state in enumerate(self.states):
             if state is None:
                 continue  # finished row: its choice is ignored by the generate loop
-            if self.greedy:
+            if self.greedy and self.vocab.cached(state) is None:
                 best = self._best_allowed(state, logits[row])
                 if best is not None:
                     value = logits[row, best].clone()
                     logits[row].fill_(float("-inf"))
                     logits[row, best] = value
                     continue
-            mask = self.vocab.allowed(state).to(logits.device)  # (V,)
+            blocked = self.vocab.blocked(state).to(logits.device)  # (V,)
             if state.complete:
-                mask = mask.clone()
-                mask[self.eos_id] = True
-            logits[row].masked_fill_(~mask, float("-inf"))
+                blocked = blocked.clone()
+                blocked[self.eos_id] = False
+            logits[row].masked_fill_(blocked, float("-inf"))
         return logits
 
     def _ok(self, state: JsonState, token: int) -> bool:
@@ -381,7 +423,7 @@ class JsonLogitsProcessor:
         data = self.vocab.token_bytes[token]
         return bool(data) and advance(state, data) is not None
 
-    def _best_allowed(self, state: JsonState, row: torch.Tensor, limit: int = 256) -> int | None:
+    def _best_allowed(self, state: JsonState, row: torch.Tensor, limit: int = 32) -> int | None:
         """The argmax of `row` over the allowed tokens (lowest id among ties), checking the best `limit`
         tokens one
         by one in descending order; None if none of them is allowed (the caller then builds the full mask)."""

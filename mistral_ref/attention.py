@@ -7,7 +7,8 @@ prefill against a KV cache, a rolling (circular) window buffer and ragged batche
 empty cache slot).
 
 The reference :func:`attention` is what the Triton kernel (triton_kernels.flash_attention.attention) replaces: same
-name, same arguments.
+name, same arguments.  :func:`sdpa_attention` computes the same function with PyTorch's fused kernel; it is what the
+model runs by default (backend "torch"); backend "reference" runs the plain code below instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.config import ModelArgs
-from mistral_ref.rope import apply_rotary_emb, rope_angles
+from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_complex, rope_angles, rope_rotations
+
+# CPUs without bf16/fp16 matrix instructions (AVX512-BF16, AMX) get slow reduced-precision matmuls from PyTorch:
+# on an AVX2 EPYC a bf16 GEMM runs ~10x slower than an fp32 GEMM on the same data.  Such products run in fp32.
+_SLOW_CPU_MATMUL = {
+    dtype for dtype, native in ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
+                                (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported)) if not native()
+}
+
+
+def upcast_on_cpu(x: torch.Tensor) -> bool:
+    """True if a matmul on `x` is faster in fp32 than in x's dtype: bf16/fp16 on a CPU without native support."""
+    return x.device.type == "cpu" and x.dtype in _SLOW_CPU_MATMUL
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias), with one CPU fast path: bf16/fp16 matrix-matrix products run in fp32.
+
+    x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  Taken only where upcast_on_cpu says the native
+    product is slow.  Upcasting costs one pass over the weight, far less than the slow GEMM; single-row products
+    (decode at batch 1) keep the weight's dtype, since a matrix-vector product is bound by memory and reading
+    bf16 moves half the bytes.  The result equals the native product up to the rounding of its accumulation.
+    """
+    if upcast_on_cpu(x) and x.numel() > x.shape[-1]:  # more than one row
+        return F.linear(x.float(), weight.float()).to(x.dtype)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias that multiplies with :func:`linear`.  Parameter name as nn.Linear's: `weight`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)"""
+        return linear(x, self.weight)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -53,6 +90,27 @@ def attention(
     return torch.einsum("bhts,bshd->bthd", probs, v)
 
 
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """:func:`attention` computed by PyTorch's fused kernel (F.scaled_dot_product_attention): same arguments, same
+    result (fp32: within 1e-6 relative; tests/test_fast_paths.py), without materialising (B, H, T, S) scores.
+
+    The boolean mask enters as an additive bias of finfo.min on masked keys — the reference's masked_fill — so a
+    query that sees no key gets the same uniform average (SDPA with a boolean mask would return zeros there).
+    Grouped-query heads are handled by the kernel (enable_gqa), not by copying keys.  A bf16/fp16 decode step
+    (T == 1) on a CPU without native support runs in fp32: the reduced-precision kernel is several times slower.
+    """
+    dtype = q.dtype
+    if q.shape[1] == 1 and upcast_on_cpu(q):
+        q, k, v = q.float(), k.float(), v.float()
+    allowed = attention_mask(q_pos, k_pos, window)[:, None]  # (B, 1, T, S)
+    bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=bias, enable_gqa=True)  # (B, n_heads, T, head_dim)
+    return out.transpose(1, 2).to(dtype)  # (B, T, n_heads, head_dim)
+
+
 class Attention(nn.Module):
     """The attention half of a block: project to q, k, v; rotate q, k; attend; project back with wo."""
 
@@ -61,20 +119,30 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.rope_theta = args.rope_theta
         self.window = args.window_for_layer(layer_id)
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.backend = "torch"  # "torch" (the reference above) or "triton" (triton_kernels)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
+        # "torch": PyTorch with the fast paths that equal the reference (sdpa_attention, complex RoPE);
+        # "reference": the plain functions above (attention, apply_rotary_emb); "triton": triton_kernels.
+        self.backend = "torch"
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """x: (B, T, dim); positions: (B, T) (-1 = padding); cache: a cache.LayerCache or None.  -> (B, T, dim)"""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, dim); positions: (B, T) (-1 = padding); cache: a cache.LayerCache or None;
+        rope: (B, T, head_dim/2) complex rotations (rope.rope_rotations), computed once per forward pass by the
+        model and shared by its layers (computed here when None).  -> (B, T, dim)"""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)  # (B, T, head_dim/2)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if self.backend == "reference":
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)  # (B, T, head_dim/2)
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        else:
+            if rope is None:
+                rope = rope_rotations(positions, self.head_dim, self.rope_theta)  # (B, T, head_dim/2) complex
+            q, k = apply_rotary_emb_complex(q, rope), apply_rotary_emb_complex(k, rope)
         if cache is None:
             keys, values, k_pos = k, v, positions
         else:  # keys are cached after the rotation
@@ -82,6 +150,6 @@ class Attention(nn.Module):
         if self.backend == "triton":
             from triton_kernels import attention as attention_impl
         else:
-            attention_impl = attention
+            attention_impl = attention if self.backend == "reference" else sdpa_attention
         out = attention_impl(q, keys, values, positions, k_pos, self.window)  # (B, T, n_heads, head_dim)
         return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))

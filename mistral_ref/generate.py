@@ -137,13 +137,13 @@ def prefill(model: torch.nn.Module, cache: KVCache, tokens: torch.Tensor, positi
     """
     B, T = tokens.shape
     last = positions.argmax(dim=1)  # (B,) column of each row's last prompt token
-    rows = torch.arange(B, device=tokens.device)
     step = T if chunk_size is None else chunk_size
     out = None
     for start in range(0, T, step):
-        logits = model(tokens[:, start:start + step], positions[:, start:start + step], cache)  # (B, t, V)
-        here = (last >= start) & (last < start + logits.shape[1])  # (B,) rows ending in this chunk
-        picked = logits[rows, (last - start).clamp(0, logits.shape[1] - 1)]  # (B, V)
+        t = min(step, T - start)  # tokens in this chunk
+        at = (last - start).clamp(0, t - 1)  # (B,) the column whose logits this chunk must give
+        picked = model(tokens[:, start:start + t], positions[:, start:start + t], cache, logits_at=at)[:, 0]  # (B, V)
+        here = (last >= start) & (last < start + t)  # (B,) rows ending in this chunk
         out = picked if out is None else torch.where(here[:, None], picked, out)
     return out
 

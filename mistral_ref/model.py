@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_ref.attention import Attention
+from mistral_ref.attention import Attention, Linear
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
+from mistral_ref.rope import rope_rotations
 
 
 class RMSNorm(nn.Module):
@@ -44,9 +45,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None):
-        """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block."""
-        h = x + self.attention(self.attention_norm(x), positions, cache)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, rope: torch.Tensor | None = None):
+        """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block.
+        rope: the (B, T, head_dim/2) complex rotations shared by all layers (see Attention.forward)."""
+        h = x + self.attention(self.attention_norm(x), positions, cache, rope)
         ff = self.feed_forward(self.ffn_norm(h))
         router_logits = None
         if isinstance(ff, tuple):
@@ -75,7 +77,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,22 +88,29 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.device
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_router_logits: bool = False):
+                return_router_logits: bool = False, logits_at: torch.Tensor | None = None):
         """Next-token logits.
 
         tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding (default 0 .. T-1);
         cache: a KVCache to read past keys from and write this chunk's keys to (prefill, chunked prefill, decode).
-        returns logits (B, T, vocab_size) fp32 (and the list of per-layer router logits if asked).
+        logits_at: (B,) int64, the one index along T per row whose logits are wanted (a prefill needs only each
+        prompt's last token: this skips the vocabulary projection of the others); default: every position.
+        returns logits (B, T, vocab_size) fp32 — (B, 1, vocab_size) with logits_at — (and the list of per-layer
+        router logits if asked).
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        args = self.args  # every layer rotates by the same angles: compute them once
+        rope = rope_rotations(positions, args.head_dim, args.rope_theta)  # (B, T, head_dim/2) complex
         router_logits = []
         for i, layer in enumerate(self.layers):
-            h, rl = layer(h, positions, None if cache is None else cache[i])
+            h, rl = layer(h, positions, None if cache is None else cache[i], rope)
             if rl is not None:
                 router_logits.append(rl)
+        if logits_at is not None:
+            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
         logits = self.output(self.norm(h)).float()  # (B, T, vocab)
         return (logits, router_logits) if return_router_logits else logits
 
@@ -120,10 +129,15 @@ class Transformer(nn.Module):
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
 
     def set_backend(self, attention: str = "torch", moe: str = "torch") -> Transformer:
-        """Select the implementation of the hot paths: "torch" (reference) or "triton" (triton_kernels)."""
+        """Select the implementation of the hot paths.
+
+        "torch" (default): PyTorch with the fast paths that equal the reference (attention.sdpa_attention,
+        complex RoPE, moe.moe_forward_grouped); "reference": the plain reference functions (attention.attention,
+        rope.apply_rotary_emb, moe.moe_forward); "triton": triton_kernels.
+        """
         for name in (attention, moe):
-            if name not in ("torch", "triton"):
-                raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+            if name not in ("torch", "reference", "triton"):
+                raise ValueError(f"backend must be 'torch', 'reference' or 'triton', got {name!r}")
         for layer in self.layers:
             layer.attention.backend = attention
             if isinstance(layer.feed_forward, MoeLayer):

@@ -8,17 +8,16 @@ halves, so HF's q_proj / k_proj rows are a permutation of wq / wk (:func:`permut
 
 Loading (:func:`load_model`) reads only safetensors (never a pickle), checks every header against the config
 before touching a byte, builds the model on the meta device and assigns tensors that are views of the files'
-memory maps, so resident memory stays about one copy of the weights.  Saving (:func:`save_checkpoint`) and
+memory maps (or, when a tensor must be converted, read into private memory one at a time), so resident memory
+stays about one copy of the weights.  Saving (:func:`save_checkpoint`) and
 converting (:func:`convert_checkpoint`) stream one tensor at a time into either format, sharded or not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
-import mmap as _mmap
 import os
 import re
 import struct
@@ -29,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -112,22 +112,30 @@ def permute_to_native(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Ten
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
 
 
+def rotary_heads(native_name: str, args: ModelArgs) -> int | None:
+    """How many heads a tensor's rows hold if the formats order them differently (wq: n_heads, wk: n_kv_heads),
+    else None: every other tensor, wv included, is identical in both formats."""
+    if native_name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if native_name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
 def to_hf_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One native tensor -> (HF name, HF tensor)."""
-    if name.endswith("attention.wq.weight"):
-        w = permute_to_hf(w, args.n_heads, args.head_dim)
-    elif name.endswith("attention.wk.weight"):
-        w = permute_to_hf(w, args.n_kv_heads, args.head_dim)
+    n_heads = rotary_heads(name, args)
+    if n_heads is not None:
+        w = permute_to_hf(w, n_heads, args.head_dim)
     return native_to_hf_name(name), w
 
 
 def to_native_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One HF tensor -> (native name, native tensor)."""
     native = hf_to_native_name(name)
-    if native.endswith("attention.wq.weight"):
-        w = permute_to_native(w, args.n_heads, args.head_dim)
-    elif native.endswith("attention.wk.weight"):
-        w = permute_to_native(w, args.n_kv_heads, args.head_dim)
+    n_heads = rotary_heads(native, args)
+    if n_heads is not None:
+        w = permute_to_native(w, n_heads, args.head_dim)
     return native, w
 
 
@@ -172,6 +180,7 @@ class TensorInfo:
     key: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int  # where its bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -244,7 +253,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
                 f"{path}: key {key!r}: its bytes end at offset {end} but the file holds only {data_size} "
                 f"bytes of tensor data (file size {size}, expected at least {8 + header_len + end}): "
                 "the file is truncated")
-        infos[key] = TensorInfo(path, key, dtype, shape)
+        infos[key] = TensorInfo(path, key, dtype, shape, 8 + header_len + begin)
     return infos
 
 
@@ -508,33 +517,25 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     return index
 
 
-# ---- memory: file pages we are done with -------------------------------------------------------------------
-_PAGE = _mmap.PAGESIZE
-_MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# ---- reading one tensor into private memory ---------------------------------------------------------------
+def _read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
+    """Read one tensor's bytes from an open file straight into a new tensor (one copy, from the page cache).
 
-
-def _release_pages(view: torch.Tensor) -> None:
-    """Unmap the file pages behind `view`, a tensor from safe_open that has just been copied (or written out).
-
-    safetensors returns views of a private memory map of the whole file; pages read once stay resident (and
-    count towards the process's memory) until the last view of the file dies.  Converting a tensor (dtype, q/k
-    permutation) reads it once, so without this a load would hold the file's pages *and* the converted copy.
-    The pages are clean file pages: dropping them loses nothing (a later read faults them in from the file
-    again).  Only whole pages inside the tensor are released, so neighbouring tensors are never touched.
-    Linux only (elsewhere a no-op).
+    Used whenever a tensor must be converted (dtype, q/k permutation, device) or copied: reading through the
+    memory map instead would leave the file's pages resident next to the converted copy until the whole file
+    is released, i.e. two copies of the weights at the peak.
     """
-    if _LIBC is None or view.device.type != "cpu" or view.numel() == 0:
-        return
-    start = view.data_ptr()
-    lo = -(-start // _PAGE) * _PAGE
-    hi = (start + view.numel() * view.element_size()) // _PAGE * _PAGE
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    out = torch.empty(info.shape, dtype=info.dtype)
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(info.offset)
+    done = 0
+    while done < len(buffer):  # one read() returns at most ~2 GiB on Linux
+        n = f.readinto(buffer[done:])
+        if not n:
+            raise CheckpointError(f"{info.file}: key {info.key!r}: the file ended after {done} of its "
+                                  f"{len(buffer)} bytes (was it truncated while loading?)")
+        done += n
+    return out
 
 
 class _Progress:
@@ -592,9 +593,11 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     device: where the parameters live.  strict: unexpected tensors are an error (False: a warning); missing
     tensors and shape mismatches are always errors.  progress: a byte progress bar on stderr (None: only for
     checkpoints >= 1 GiB on a terminal).  mmap: on the CPU, tensors that need no conversion stay views of
-    the files' private memory maps (read lazily, shared with the page cache; the model then reads the files
-    it came from, so do not truncate them while it lives); mmap=False copies every tensor into the process
-    now.  Either way resident memory peaks at about one copy of the weights.
+    the files' private (copy-on-write) memory maps: read lazily, shared with the page cache, and the model then
+    reads the files it came from (save_checkpoint replaces files by rename, which is safe; do not truncate
+    them in place while the model lives).  Tensors that are converted (dtype, HF q/k order, device) and all
+    tensors when mmap=False are read into private memory one at a time.  Either way resident memory peaks at
+    about one copy of the weights.
 
     The returned model is in eval mode; `model.checkpoint_files` records which files were read (a directory
     holding both formats loads the native set).  Raises CheckpointError (or config.ConfigError) on bad input.
@@ -618,15 +621,16 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     bar = _Progress(sum(i.nbytes for i in index.values()), progress, f"loading {files.config.parent.name}")
     state: dict[str, torch.Tensor] = {}
     for file, entries in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with safe_open(file, framework="pt") as mapped, open(file, "rb", buffering=0) as f:
             for name, info in entries:
-                view = f.get_tensor(info.key)  # a view of the file's memory map: nothing is read yet
-                tensor = to_native_tensor(info.key, view, args)[1] if files.format == "hf" else view
-                tensor = tensor.to(device=device, dtype=dtype)  # a no-op when nothing changes
-                if not mmap and _same_memory(tensor, view):
-                    tensor = tensor.clone()
-                if not _same_memory(tensor, view):
-                    _release_pages(view)  # converted: the file pages are no longer needed
+                permuted = files.format == "hf" and rotary_heads(name, args) is not None
+                if mmap and device.type == "cpu" and info.dtype == dtype and not permuted:
+                    tensor = mapped.get_tensor(info.key)  # a view of the file's memory map: nothing read yet
+                else:
+                    tensor = _read_tensor(f, info)
+                    if files.format == "hf":
+                        tensor = to_native_tensor(info.key, tensor, args)[1]
+                    tensor = tensor.to(device=device, dtype=dtype)
                 state[name] = tensor
                 bar.update(info.nbytes)
     bar.close()
@@ -642,12 +646,12 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
 # ---- saving ------------------------------------------------------------------------------------------------
 @dataclass
 class _Entry:
-    """One tensor to write: name in the file, shape, dtype, and produce() -> (tensor, mapped source)."""
+    """One tensor to write: its name in the file, shape, dtype, and how to produce it."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+    produce: Callable[[], torch.Tensor]
 
     @property
     def nbytes(self) -> int:
@@ -675,15 +679,13 @@ def _write_safetensors(path: Path, entries: list[_Entry], bar: _Progress) -> Non
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for e in entries:
-                tensor, source = e.produce()
+                tensor = e.produce()
                 if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
                     raise CheckpointError(f"{path}: key {e.name!r}: produced {tensor.dtype} "
                                           f"{list(tensor.shape)}, expected {e.dtype} {list(e.shape)}")
                 data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
                 f.write(data.numpy().data)
                 del tensor, data
-                if source is not None:
-                    _release_pages(source)
                 bar.update(e.nbytes)
         os.replace(tmp, path)
     finally:
@@ -768,9 +770,9 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
     for name, param in model.state_dict().items():
         out_name = native_to_hf_name(name) if fmt == "hf" else name
 
-        def produce(name: str = name, param: torch.Tensor = param) -> tuple[torch.Tensor, None]:
+        def produce(name: str = name, param: torch.Tensor = param) -> torch.Tensor:
             tensor = to_hf_tensor(name, param, args)[1] if fmt == "hf" else param
-            return tensor.to(dtype or param.dtype), None
+            return tensor.to(dtype or param.dtype)
 
         entries.append(_Entry(out_name, tuple(param.shape), dtype or param.dtype, produce))
     return _write_checkpoint(Path(path), fmt, args, entries, max_shard_bytes, progress)
@@ -781,8 +783,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
                        progress: bool | None = None) -> CheckpointFiles:
     """Convert a checkpoint directory to `format` ("native" or "hf") without building the model.
 
-    Streams tensor by tensor from the source's memory maps (renaming, permuting q/k, casting if `dtype` is
-    given), so memory stays at about one tensor whatever the checkpoint's size.  The source is checked as
+    Streams tensor by tensor (read, rename, permute q/k, cast if `dtype` is given, write), so memory stays at
+    about one tensor whatever the checkpoint's size.  The source is checked as
     strictly as :func:`load_model` checks it.  dst may be the source directory (e.g. to add the other
     format's files next to the native ones, as the public repositories do).
     """
@@ -791,23 +793,23 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
     index = checkpoint_index(files, args, strict=True)
     dtype = _as_dtype(dtype)
     # Open every source file before writing anything: a shard of the same name in dst is replaced by rename,
-    # and an open memory map keeps reading the old file.
-    handles = {file: safe_open(file, framework="pt") for file in files.shards}
+    # and an open file keeps reading the old one.
+    handles = {file: open(file, "rb", buffering=0) for file in files.shards}
     entries = []
     for name, info in index.items():
 
-        def produce(name: str = name, info: TensorInfo = info) -> tuple[torch.Tensor, torch.Tensor]:
-            view = handles[info.file].get_tensor(info.key)
-            tensor = view
+        def produce(name: str = name, info: TensorInfo = info) -> torch.Tensor:
+            tensor = _read_tensor(handles[info.file], info)
             if files.format == "hf" and format == "native":
-                tensor = to_native_tensor(info.key, view, args)[1]
+                tensor = to_native_tensor(info.key, tensor, args)[1]
             elif files.format == "native" and format == "hf":
-                tensor = to_hf_tensor(name, view, args)[1]
-            return tensor.to(dtype or info.dtype), view
+                tensor = to_hf_tensor(name, tensor, args)[1]
+            return tensor.to(dtype or info.dtype)
 
         out_name = native_to_hf_name(name) if format == "hf" else name
         entries.append(_Entry(out_name, info.shape, dtype or info.dtype, produce))
     try:
         return _write_checkpoint(Path(dst), format, args, entries, max_shard_bytes, progress)
     finally:
-        handles.clear()
+        for handle in handles.values():
+            handle.close()

@@ -55,12 +55,15 @@ class SteeredModel(Transformer):
         self.bias = bias if bias is not None else torch.zeros(self.args.vocab_size)
         return self
 
-    def forward(self, tokens, positions=None, cache=None, return_router_logits=False):
-        logits = super().forward(tokens, positions, cache) + self.bias  # (B, T, V)
+    def forward(self, tokens, positions=None, cache=None, logits_at=None):
+        kw = {} if logits_at is None else {"logits_at": logits_at}  # (B,) the one position per row wanted
+        logits = super().forward(tokens, positions, cache, **kw) + self.bias  # (B, T or 1, V)
         if self.script:
             if positions is None:
                 positions = torch.arange(tokens.shape[1]).expand(tokens.shape)
-            k = positions + 1 - self.script_start  # (B, T) index into the script of the token predicted here
+            if logits_at is not None:
+                positions = positions.gather(1, logits_at[:, None])  # (B, 1)
+            k = positions + 1 - self.script_start  # index into the script of the token predicted there
             for b, t in ((k >= 0) & (k < len(self.script))).nonzero().tolist():
                 logits[b, t, self.script[int(k[b, t])]] += 100.0
         return logits

@@ -219,6 +219,7 @@ def test_decode_half_precision(dtype):
     check(out, q, k, v, q_pos, k_pos, None)
 
 
+@pytest.mark.slow
 def test_decode_seeded_sweep():
     rng = random.Random(99)
     for case in range(4):

@@ -17,6 +17,7 @@ from triton_kernels import bench
 pytestmark = pytest.mark.triton
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path runs only without a GPU")
 def test_cpu_path_reports_no_timings_and_runs_the_correctness_sweep(tmp_path, capsys):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -60,6 +61,7 @@ def test_device_peaks_table():
     assert bench.device_peaks("Some Future GPU", 100.0, 1000.0) == (100.0, 1000.0)
 
 
+@pytest.mark.slow
 def test_gpu_plumbing_with_a_stub_timer(tmp_path):
     """Rows, units and roofline of the GPU path, with a timer that reports 2 ms and runs nothing."""
     rows = bench.gpu_benchmarks(torch.float16, quick=True, peaks=(100.0, 1000.0), device="cpu",

@@ -99,6 +99,7 @@ def greedy(model, backend, prompt, chunks, steps):
     return torch.cat(tokens, 1), torch.stack(all_logits, 1)
 
 
+@pytest.mark.slow
 def test_cached_greedy_decode_matches(model):
     prompt = torch.randint(0, ARGS.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     ref_tokens, ref_logits = greedy(model, "torch", prompt, chunks=(5, 4), steps=6)  # 15 positions > window 6

@@ -97,6 +97,7 @@ def test_all_tokens_routed_to_one_expert(top_k):
     check(x, gate, w1, w2, w3, top_k, **SMALL_BLOCKS)
 
 
+@pytest.mark.slow
 def test_moe_seeded_sweep():
     rng = random.Random(7)
     for case in range(4):
@@ -106,6 +107,7 @@ def test_moe_seeded_sweep():
         check(*make_moe(N, dim, hidden, E, seed=case), top_k, block_m=16, block_n=32, block_k=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_moe_half_precision(dtype):
     check(*make_moe(21, 64, 96, 8, dtype=dtype), 2, **SMALL_BLOCKS)

@@ -283,6 +283,14 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
                     forbid_tool_call=marker is not None and req.tool_choice == "none")
 
 
+def context_length(model: Any, max_context: int | None = None) -> int | None:
+    """The context a request must fit in: `max_context`, capped at the model's declared ``args.max_seq_len``
+    (generation refuses to go beyond it); None when neither is known."""
+    declared = getattr(model.args, "max_seq_len", None)
+    known = [c for c in (max_context, declared) if c is not None]
+    return min(known) if known else None
+
+
 def _ends_with_prefix(messages: list[Any]) -> bool:
     last = messages[-1]
     return isinstance(last, Mapping) and last.get("role") == "assistant" and last.get("prefix") is True
@@ -498,7 +506,7 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     "json_object"}), tools, tool_choice ("auto" | "none" | "any" | "required" | a named function),
     parallel_tool_calls, safe_prompt, n (1 only), stream, and the extras ignore_eos, logprobs, top_logprobs.
     model_name: the "model" reported in the response (a request's ``model`` parameter wins);
-    max_context: context length in tokens (default: the model's ``args.max_seq_len``, if it declares one).
+    max_context: context length in tokens (default and cap: the model's ``args.max_seq_len``, if it declares one).
 
     returns: a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts
     (finish_reason null until the last chunk, which also carries usage).  The request is validated and encoded
@@ -507,7 +515,5 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     if isinstance(messages, tuple):
         messages = list(messages)
     request = parse_request({"messages": messages, **params})
-    if max_context is None:
-        max_context = getattr(model.args, "max_seq_len", None)
-    job = prepare(tokenizer, request, max_context, model_name)
+    job = prepare(tokenizer, request, context_length(model, max_context), model_name)
     return run(model, tokenizer, job)

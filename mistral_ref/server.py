@@ -36,7 +36,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from mistral_ref.api import REQUEST_FIELDS, ContextLengthError, RequestError, parse_request, prepare, run
+from mistral_ref.api import (
+    REQUEST_FIELDS,
+    ContextLengthError,
+    RequestError,
+    context_length,
+    parse_request,
+    prepare,
+    run,
+)
 
 log = logging.getLogger("mistral_ref.server")
 
@@ -151,9 +159,7 @@ class ChatServer(ThreadingHTTPServer):
     ):
         super().__init__((host, port), ChatHandler)
         self.model_name = model_name
-        if max_context is None:
-            max_context = getattr(model.args, "max_seq_len", None)
-        self.max_context = max_context
+        self.max_context = context_length(model, max_context)
         self.max_body_bytes = max_body_bytes
         self.tokenizer = tokenizer
         self.created = int(time.time())
@@ -331,6 +337,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._stream(ticket)
             return
         result = ticket.out.get()
+        if isinstance(result, ValueError):  # a generation parameter the model refuses (GenerationParamError)
+            raise HttpError(400, f"generation refused the request: {result}")
         if isinstance(result, Exception):
             raise HttpError(500, f"generation failed: {type(result).__name__}: {result}")
         self._send_json(200, result)

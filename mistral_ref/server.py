@@ -145,6 +145,7 @@ class ChatServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen() backlog; socketserver's default of 5 resets bursts of connections
 
     def __init__(
         self,

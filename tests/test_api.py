@@ -355,3 +355,32 @@ def test_context_length_errors(sp):
     assert e.value.field == "max_tokens"
     r = chat_completion(model, tok, MESSAGES, max_context=n + 4, temperature=0, ignore_eos=True)
     assert r["usage"]["completion_tokens"] == 4  # max_tokens defaults to what the context leaves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v11", "v13"])
+def test_token_syntax_tool_calls_of_v11_and_v13(tmp_path, version):
+    """[TOOL_CALLS]name[CALL_ID]id[ARGS]{json} (v11) and [TOOL_CALLS]name[ARGS]{json} (v13), on Tekken files."""
+    from chat_models import DATA
+
+    from mistral_ref.tokenizer import LEGACY_SPECIAL_TOKENS, load_tokenizer, write_tekken_file
+
+    specials = [*LEGACY_SPECIAL_TOKENS, *[f"<SPECIAL_{i}>" for i in range(20, 32)], "[ARGS]", "[CALL_ID]"]
+    tok = load_tokenizer(write_tekken_file(DATA / TEKKEN_V3, tmp_path / "tekken.json", version, specials))
+    model = tiny_model(tok)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    call_id = [tok.special_id("[CALL_ID]"), *tok.encode("aB3dE5fG7")] if version == "v11" else []
+    script = [tok.special_id("[TOOL_CALLS]"), *tok.encode("get_weather"), *call_id, tok.special_id("[ARGS]"),
+              *tok.encode('{"city": "Paris"}'), tok.eos_id]
+    model.steer(script, len(tok.encode_chat(messages, tools=TOOLS)))
+    r = chat_completion(model, tok, messages, tools=TOOLS, temperature=0, max_tokens=30)
+    chunks = list(chat_completion(model, tok, messages, tools=TOOLS, temperature=0, max_tokens=30, stream=True))
+    (call,) = r["choices"][0]["message"]["tool_calls"]
+    assert r["choices"][0]["finish_reason"] == "tool_calls" == chunks[-1]["choices"][0]["finish_reason"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert ID.match(call["id"]) and (version != "v11" or call["id"] == "aB3dE5fG7")
+    follow_up = messages + [{"role": "assistant", "tool_calls": [call]},
+                            {"role": "tool", "tool_call_id": call["id"], "name": "get_weather", "content": "22 C"}]
+    model.steer()
+    r = chat_completion(model, tok, follow_up, tools=TOOLS, temperature=0, max_tokens=2)
+    assert r["usage"]["prompt_tokens"] == len(tok.encode_chat(follow_up, tools=TOOLS))

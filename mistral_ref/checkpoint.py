@@ -106,10 +106,18 @@ def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
 
 
-def permute_to_native(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """Inverse of :func:`permute_to_hf`.  w: (n_heads * head_dim, dim)."""
+def permute_to_native(w: torch.Tensor, n_heads: int, head_dim: int, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Inverse of :func:`permute_to_hf`.  w: (n_heads * head_dim, dim).
+
+    out: write the result (cast to out's dtype) into this (n_heads * head_dim, dim) tensor instead of a new one.
+    """
     dim = w.shape[1]
-    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
+    rows = w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2)  # (n_heads, head_dim/2, 2, dim)
+    if out is None:
+        return rows.reshape(n_heads * head_dim, dim)
+    out.view(n_heads, head_dim // 2, 2, dim).copy_(rows)
+    return out
 
 
 def rotary_heads(native_name: str, args: ModelArgs) -> int | None:
@@ -518,23 +526,50 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
 
 
 # ---- reading one tensor into private memory ---------------------------------------------------------------
-def _read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes from an open file straight into a new tensor (one copy, from the page cache).
+_CHUNK_BYTES = 16 << 20
 
-    Used whenever a tensor must be converted (dtype, q/k permutation, device) or copied: reading through the
-    memory map instead would leave the file's pages resident next to the converted copy until the whole file
-    is released, i.e. two copies of the weights at the peak.
-    """
-    out = torch.empty(info.shape, dtype=info.dtype)
-    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-    f.seek(info.offset)
+
+def _read_bytes(f: BinaryIO, offset: int, out: torch.Tensor, info: TensorInfo) -> None:
+    """Fill the uint8 tensor `out` with the file's bytes from `offset` (one copy from the page cache)."""
+    buffer = memoryview(out.numpy())
+    f.seek(offset)
     done = 0
     while done < len(buffer):  # one read() returns at most ~2 GiB on Linux
         n = f.readinto(buffer[done:])
         if not n:
-            raise CheckpointError(f"{info.file}: key {info.key!r}: the file ended after {done} of its "
-                                  f"{len(buffer)} bytes (was it truncated while loading?)")
+            raise CheckpointError(f"{info.file}: key {info.key!r}: the file ended early, at byte "
+                                  f"{offset + done} (was it truncated while loading?)")
         done += n
+
+
+def _read_tensor(f: BinaryIO, info: TensorInfo, dtype: torch.dtype, heads: int | None = None,
+                 head_dim: int = 0, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from an open file into a new tensor of `dtype`, in the native q/k row order.
+
+    heads: for an HF q_proj / k_proj, the heads whose rows :func:`permute_to_native` reorders.  A tensor that
+    needs no change is read straight into the result; one that does goes through `scratch`, a small reused
+    buffer, a few heads or rows at a time, so memory grows by the result only.  (Reading through the memory
+    map instead would leave the file's pages resident next to the converted copy: two copies at the peak.)
+    """
+    out = torch.empty(info.shape, dtype=dtype)
+    if dtype == info.dtype and heads is None:
+        _read_bytes(f, info.offset, out.reshape(-1).view(torch.uint8), info)
+        return out
+    rows = out.reshape(info.shape[0] if info.shape else 1, -1)  # (rows, row elements)
+    row_bytes = rows.shape[1] * info.dtype.itemsize
+    unit = head_dim if heads else 1  # permuted tensors are read whole heads at a time
+    per_chunk = min(rows.shape[0], max(unit, _CHUNK_BYTES // max(row_bytes, 1) // unit * unit))
+    if scratch is None or scratch.numel() < per_chunk * row_bytes:
+        scratch = torch.empty(per_chunk * row_bytes, dtype=torch.uint8)
+    for r0 in range(0, rows.shape[0], per_chunk):
+        n = min(per_chunk, rows.shape[0] - r0)
+        chunk = scratch[: n * row_bytes]
+        _read_bytes(f, info.offset + r0 * row_bytes, chunk, info)
+        src = chunk.view(info.dtype).view(n, -1)
+        if heads:
+            permute_to_native(src, n // head_dim, head_dim, out=rows[r0:r0 + n])
+        else:
+            rows[r0:r0 + n].copy_(src)  # casts
     return out
 
 
@@ -620,17 +655,15 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         by_file.setdefault(info.file, []).append((name, info))
     bar = _Progress(sum(i.nbytes for i in index.values()), progress, f"loading {files.config.parent.name}")
     state: dict[str, torch.Tensor] = {}
+    scratch = torch.empty(min(_CHUNK_BYTES, max(i.nbytes for i in index.values())), dtype=torch.uint8)
     for file, entries in by_file.items():
         with safe_open(file, framework="pt") as mapped, open(file, "rb", buffering=0) as f:
             for name, info in entries:
-                permuted = files.format == "hf" and rotary_heads(name, args) is not None
-                if mmap and device.type == "cpu" and info.dtype == dtype and not permuted:
+                heads = rotary_heads(name, args) if files.format == "hf" else None
+                if mmap and device.type == "cpu" and info.dtype == dtype and heads is None:
                     tensor = mapped.get_tensor(info.key)  # a view of the file's memory map: nothing read yet
                 else:
-                    tensor = _read_tensor(f, info)
-                    if files.format == "hf":
-                        tensor = to_native_tensor(info.key, tensor, args)[1]
-                    tensor = tensor.to(device=device, dtype=dtype)
+                    tensor = _read_tensor(f, info, dtype, heads, args.head_dim, scratch).to(device)
                 state[name] = tensor
                 bar.update(info.nbytes)
     bar.close()
@@ -795,16 +828,16 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
     # Open every source file before writing anything: a shard of the same name in dst is replaced by rename,
     # and an open file keeps reading the old one.
     handles = {file: open(file, "rb", buffering=0) for file in files.shards}
+    scratch = torch.empty(min(_CHUNK_BYTES, max(i.nbytes for i in index.values())), dtype=torch.uint8)
     entries = []
     for name, info in index.items():
 
         def produce(name: str = name, info: TensorInfo = info) -> torch.Tensor:
-            tensor = _read_tensor(handles[info.file], info)
-            if files.format == "hf" and format == "native":
-                tensor = to_native_tensor(info.key, tensor, args)[1]
-            elif files.format == "native" and format == "hf":
+            heads = rotary_heads(name, args) if (files.format, format) == ("hf", "native") else None
+            tensor = _read_tensor(handles[info.file], info, dtype or info.dtype, heads, args.head_dim, scratch)
+            if (files.format, format) == ("native", "hf"):
                 tensor = to_hf_tensor(name, tensor, args)[1]
-            return tensor.to(dtype or info.dtype)
+            return tensor
 
         out_name = native_to_hf_name(name) if format == "hf" else name
         entries.append(_Entry(out_name, info.shape, dtype or info.dtype, produce))

@@ -527,7 +527,7 @@ def test_loads_peak_at_about_one_copy_of_the_weights(tmp_path):
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True, env=env)
     to_fp32, copied, mapped, naive = (int(x) / file_bytes for x in out.stdout.split())
-    assert 1.9 < to_fp32 < 2.2  # the fp32 model is 2x the bf16 file
+    assert 1.9 < to_fp32 < 2.3  # the fp32 model is 2x the bf16 file (+ a scratch buffer of one chunk)
     assert 0.95 < copied < 1.1
     assert mapped < 0.15  # views of the file, read lazily (only the permuted q/k are copies)
     assert naive > 2.8  # the fp32 copies plus the whole file

@@ -10,8 +10,7 @@ A request goes through three steps:
 
 1. :func:`parse_request` validates the parameters (types, ranges, unknown names) into a :class:`ChatRequest`;
    every problem is a :class:`RequestError` whose ``field`` names the offending parameter.
-2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it
-  fits
+2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it fits
    the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
    ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
    (json_mode.py).
@@ -319,8 +318,7 @@ def _never(token_id: int):
 class _ContentStop:
     """Stop strings on the content text (generate.StopStrings).  In JSON mode a stop string counts only once
     the JSON document is complete, so it can never cut the document: text up to the completion is released as
-    is,
-    and only what follows it goes through the matcher."""
+    is, and only what follows it goes through the matcher."""
 
     def __init__(self, stop: list[str], json_mode: bool):
         self.matcher = StopStrings(stop)
@@ -372,8 +370,7 @@ class _Outcome:
 
 
 def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[tuple[str, list[dict]]]:
-    """Run generation; yield (content delta, logprob entries) as content is released, filling `out` as it
-    goes.
+    """Run generation; yield (content delta, logprob entries) as content is released, filling `out` as it goes.
 
     After the last yield `out` holds the finish reason, tool calls (if any) and token counts.
     """
@@ -451,8 +448,7 @@ def _usage(job: Prepared, out: _Outcome) -> dict[str, int]:
 
 
 def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of
-    chunks."""
+    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
     cid = uuid.uuid4().hex
     created = int(time.time())
     if job.request.stream:

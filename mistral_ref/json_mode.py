@@ -8,8 +8,7 @@ So a generation that ends at EOS is always valid JSON; one cut by max_tokens may
 The grammar works on **bytes**, because that is what tokens are: a SentencePiece byte-fallback piece
 ``<0xE2>`` is one byte of a UTF-8 character, ``▁`` is a space, a Tekken token is any byte string.  Each
 token's bytes come from ``tokenizer.id_to_bytes`` once per tokenizer (:class:`JsonVocab`).  Strings must also
-be valid UTF-8 (a multi-byte character may be split across tokens), with escapes checked and control
-characters refused.
+be valid UTF-8 (a multi-byte character may be split across tokens), with escapes checked and control characters refused.
 
 The JSON grammar is a pushdown automaton: a lexical state (51 states, below) plus a stack of open containers.
 Both drivers read one table, ``NEXT[ctx, lex, byte] -> lex'`` and ``OP[ctx, lex, byte]`` (push {, push [,
@@ -199,8 +198,7 @@ def initial_state(root: str = "object") -> JsonState:
 
 
 def advance(state: JsonState, data: bytes) -> JsonState | None:
-    """Run `data` through the grammar from `state`; return the new state, or None if the bytes are not valid
-    JSON."""
+    """Run `data` through the grammar from `state`; return the new state, or None if the bytes are not valid JSON."""
     lex, stack, depth = state
     nxt, ops = _NEXT_LIST, _OP_LIST
     for b in data:
@@ -220,8 +218,7 @@ def advance(state: JsonState, data: bytes) -> JsonState | None:
 
 
 def is_complete_json(text: str, root: str = "object") -> bool:
-    """True if `text` (UTF-8 encoded) is one complete JSON document of the grammar (whitespace around
-    allowed)."""
+    """True if `text` (UTF-8 encoded) is one complete JSON document of the grammar (whitespace around allowed)."""
     state = advance(initial_state(root), text.encode("utf-8"))
     return state is not None and state.complete
 
@@ -424,8 +421,7 @@ class JsonLogitsProcessor:
         return bool(data) and advance(state, data) is not None
 
     def _best_allowed(self, state: JsonState, row: torch.Tensor, limit: int = 32) -> int | None:
-        """The argmax of `row` over the allowed tokens (lowest id among ties), checking the best `limit`
-        tokens one
+        """The argmax of `row` over the allowed tokens (lowest id among ties), checking the best `limit` tokens one
         by one in descending order; None if none of them is allowed (the caller then builds the full mask)."""
         values, ids = row.topk(min(limit, row.shape[0]))
         for v, t in zip(values.tolist(), ids.tolist()):

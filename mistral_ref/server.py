@@ -18,8 +18,7 @@ that generation at the next token and moves on, so a disconnecting client never 
 
 The Azure route follows that API's ``extra-parameters`` header: parameters outside its standard set (e.g.
 ``safe_mode``, ``logprobs``, ``random_seed``, sent by the client's ``model_extras``) are an error unless the
-header is ``pass-through`` (they are then passed to the model; ``safe_mode`` is Mistral's ``safe_prompt``) or
-``drop``.
+header is ``pass-through`` (they are then passed to the model; ``safe_mode`` is Mistral's ``safe_prompt``) or ``drop``.
 """
 
 from __future__ import annotations

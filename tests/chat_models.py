@@ -37,8 +37,7 @@ def tokenizer(name: str) -> Tokenizer:
 
 
 class SteeredModel(Transformer):
-    """A random-weight Transformer whose logits get ``bias`` (V,) added, plus +100 on ``script[k]`` at the
-    position
+    """A random-weight Transformer whose logits get ``bias`` (V,) added, plus +100 on ``script[k]`` at the position
     that predicts the k-th generated token (``script_start`` = prompt length).  Shapes as
     Transformer.forward."""
 
@@ -102,8 +101,7 @@ def punctuation_bias(tok: Tokenizer, strength: float = 4.0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster
-    here)."""
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster here)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,7 +1,6 @@
 """mistral_ref.json_mode: the byte-level JSON grammar agrees with json.loads; the vectorised token masks agree
 with
-the one-token-at-a-time check; constrained generation always yields JSON when it stops (SentencePiece and
-Tekken)."""
+the one-token-at-a-time check; constrained generation always yields JSON when it stops (SentencePiece and Tekken)."""
 
 from __future__ import annotations
 

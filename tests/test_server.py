@@ -1,6 +1,5 @@
 """mistral_ref.server: the official `openai` and `azure-ai-inference` clients work unchanged against a server
-on 127.0.0.1; bad requests get 4xx JSON errors naming the field; 50 concurrent requests complete; a client
-that
+on 127.0.0.1; bad requests get 4xx JSON errors naming the field; 50 concurrent requests complete; a client that
 disconnects mid-stream leaves the server serving."""
 
 from __future__ import annotations

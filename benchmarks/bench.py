@@ -1,0 +1,389 @@
+"""CPU speed of mistral_ref against transformers, measured in the same process on the same random weights.
+
+    .venv/bin/python benchmarks/bench.py [--quick] [--json out.json] [--runs 5] [--threads N] [--models a,b]
+                                         [--compile] [--no-load]
+
+For each model shape (a Mistral-shaped ~125M, a Mixtral-shaped ~140M with 8 experts, a Nemo-shaped one whose
+head_dim is not dim / n_heads) the script builds one random-weight model, writes it as a Hugging Face checkpoint
+with mistral_ref.checkpoint (name map + q/k permutation) and loads that into transformers' MistralForCausalLM /
+MixtralForCausalLM, then checks that both give the same logits and greedy tokens before timing anything.
+
+Measured, alternating mistral_ref and transformers run by run (the order flips every round), in fp32 and bf16:
+* decode tokens/s, greedy, 64 new tokens after a 128-token prompt, batch 1 and 8, through both libraries' own
+  generate(): a forward hook timestamps every forward pass; rate = batch / mean time between decode passes;
+* time to first token: from calling generate() to the end of the prompt's forward pass (same runs);
+* prefill tokens/s at 512 and 2048 tokens: one forward pass into a fresh KV cache, logits of the last token only;
+* the memory-bandwidth floor of decode: bytes of weights and KV cache one token must read, over this machine's
+  read bandwidth measured now (a large tensor sum), and how close the measured decode rate comes to it;
+* loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is.
+
+Every figure is a median over --runs rounds with its [min-max] spread; ratios are per-round ratios (ours / theirs).
+The machine may be shared: the load average is printed before and after.  A benchmark, not a test: nothing here
+asserts a speed.  `--quick` runs one tiny model for a few rounds (the smoke test in tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mistral_ref.cache import KVCache
+from mistral_ref.checkpoint import save_checkpoint
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.generate import generate
+from mistral_ref.model import Transformer
+
+MODELS = {
+    # 124.7M parameters: 12 layers of dim 768, GQA 12/4 heads.
+    "mistral-125m": ModelArgs(dim=768, n_layers=12, hidden_dim=2048, n_heads=12, n_kv_heads=4, head_dim=64,
+                              vocab_size=32000, norm_eps=1e-5, rope_theta=1e6),
+    # 138.7M parameters (8 layers x 8 experts, top-2), 47M of them active per token.
+    "mixtral-140m": ModelArgs(dim=512, n_layers=8, hidden_dim=1024, n_heads=8, n_kv_heads=2, head_dim=64,
+                              vocab_size=32000, norm_eps=1e-5, rope_theta=1e6, moe=MoeArgs(8, 2)),
+    # 82.9M parameters, head_dim 128 != 640 / 8 as in Mistral Nemo.
+    "nemo-80m": ModelArgs(dim=640, n_layers=8, hidden_dim=1792, n_heads=8, n_kv_heads=2, head_dim=128,
+                          vocab_size=32768, norm_eps=1e-5, rope_theta=1e6),
+}
+QUICK_MODELS = {
+    "tiny-gqa": ModelArgs(dim=128, n_layers=2, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32,
+                          vocab_size=1024, norm_eps=1e-5, rope_theta=1e6),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---- machine --------------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyper-threads of one core once (sysfs topology; else cpu_count)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def read_bandwidth(nbytes: int, runs: int) -> list[float]:
+    """Bytes per second of summing a tensor much larger than the caches (what decode does to its weights)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        x.sum()
+        out.append(nbytes / (time.perf_counter() - t0))
+    return out
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    """fp32 model with N(0, 0.02) matrices and unit norms (as transformers initialises), built without a
+    throw-away default initialisation."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
+def transformers_model(args: ModelArgs, directory: Path, dtype: torch.dtype):
+    """The HF checkpoint written by mistral_ref.checkpoint.save_checkpoint, loaded by transformers."""
+    import transformers
+    from transformers import MistralForCausalLM, MixtralForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    cls = MixtralForCausalLM if args.moe else MistralForCausalLM
+    hf = cls.from_pretrained(directory, dtype=dtype).eval()
+    gc = hf.generation_config
+    gc.do_sample, gc.temperature, gc.top_p, gc.top_k = False, None, None, None
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
+    return hf
+
+
+def check_parity(ours: Transformer, hf, vocab: int) -> tuple[float, bool]:
+    """fp32 logits relative error and whether 8 greedy tokens agree (mistral_ref.generate vs HF generate)."""
+    prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a = ours(prompt)
+        b = hf(prompt).logits.float()
+        err = float((a - b).abs().max() / b.abs().max())
+        hf_tokens = hf.generate(prompt, max_new_tokens=8)[0, 32:].tolist()
+    our_tokens = generate(ours, prompt.tolist(), 8, temperature=0.0)[0].tokens
+    return err, our_tokens == hf_tokens
+
+
+def decode_bytes(args: ModelArgs, elem: int, context: int) -> int:
+    """Bytes one decode step at batch 1 must read: every weight it multiplies (the embedding table only one row;
+    of the experts only the top_k chosen) plus the keys and values of `context` cached positions."""
+    per_layer_attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 2 * args.dim
+    ffn = 3 * args.dim * args.hidden_dim
+    if args.moe:
+        ffn = ffn * args.moe.num_experts_per_tok + args.dim * args.moe.num_experts
+    weights = args.n_layers * (per_layer_attn + ffn) + args.dim * (args.vocab_size + 2)
+    kv = 0
+    for layer in range(args.n_layers):
+        window = args.window_for_layer(layer)
+        kv += 2 * min(context, window or context) * args.n_kv_heads * args.head_dim
+    return (weights + kv) * elem
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], runs: int, measure: Callable = timed) -> dict[str, list]:
+    """measure(fn) of each function for `runs` rounds, the order reversed every other round; one warm-up each.
+    measure defaults to the seconds one call takes."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, list] = {name: [] for name in fns}
+    for r in range(runs):
+        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+            out[name].append(measure(fns[name]))
+    return out
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def fmt(s: dict[str, float], digits: int = 1) -> str:
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def ratios(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Per-round ratio of two rates (higher = ours faster)."""
+    return summary([a / b for a, b in zip(ours, theirs)])
+
+
+class StepClock:
+    """A forward hook that records when each forward pass of a model ends (prefill, then one per decode step)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.ends: list[float] = []
+        self.handle = module.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
+
+    def run(self, fn: Callable[[], object]) -> tuple[float, float]:
+        """(seconds to the end of the first forward pass, seconds per later forward pass) of one call of fn."""
+        self.ends.clear()
+        t0 = time.perf_counter()
+        fn()
+        first, steps = self.ends[0] - t0, len(self.ends) - 1
+        return first, (self.ends[-1] - self.ends[0]) / max(steps, 1)
+
+
+def bench_decode(ours: Transformer, hf, batch: int, prompt_len: int, new: int, runs: int) -> dict:
+    """Greedy decode through each library's own generate().  Both run one forward pass for the prompt and one per
+    later token; a forward hook times each, so decode tokens/s = batch / (seconds between consecutive forward
+    passes) — sampling included, prompt excluded — and time to first token = start to end of the prompt's pass."""
+    prompts = torch.randint(0, ours.args.vocab_size, (batch, prompt_len),
+                            generator=torch.Generator().manual_seed(batch))
+    plist, mask = prompts.tolist(), torch.ones_like(prompts)
+    tokens: dict[str, list] = {}
+
+    def ours_fn():
+        tokens["ours"] = [r.tokens for r in generate(ours, plist, new, temperature=0.0)]
+
+    def hf_fn():
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
+        tokens["hf"] = out[:, prompt_len:].tolist()
+
+    clocks = {"ours": StepClock(ours), "hf": StepClock(hf)}
+    try:
+        t = alternate({"ours": lambda: clocks["ours"].run(ours_fn), "hf": lambda: clocks["hf"].run(hf_fn)}, runs,
+                      measure=lambda fn: fn())
+    finally:
+        for c in clocks.values():
+            c.handle.remove()
+    rate = {k: [batch / step for _, step in v] for k, v in t.items()}
+    ttft = {k: [first for first, _ in v] for k, v in t.items()}
+    return {
+        "ours": summary(rate["ours"]), "transformers": summary(rate["hf"]), "ratio": ratios(rate["ours"], rate["hf"]),
+        "ttft_ours_s": summary(ttft["ours"]), "ttft_transformers_s": summary(ttft["hf"]),
+        "ttft_ratio": ratios(ttft["hf"], ttft["ours"]),
+        "same_tokens": tokens["ours"] == tokens["hf"],
+        "raw": {"ours_tok_s": rate["ours"], "transformers_tok_s": rate["hf"]},
+    }
+
+
+def bench_prefill(ours: Transformer, hf, T: int, runs: int) -> dict:
+    """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only."""
+    tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    positions = torch.arange(T)[None]
+    last = torch.tensor([T - 1])
+
+    @torch.inference_mode()
+    def ours_fn():
+        cache = KVCache(ours.args, 1, T + 1, dtype=ours.dtype)
+        return ours(tokens, positions, cache, logits_at=last)
+
+    @torch.inference_mode()
+    def hf_fn():
+        return hf(tokens, use_cache=True, logits_to_keep=1)
+
+    t = alternate({"ours": ours_fn, "hf": hf_fn}, runs)
+    rate = {k: [T / x for x in v] for k, v in t.items()}
+    return {"ours": summary(rate["ours"]), "transformers": summary(rate["hf"]),
+            "ratio": ratios(rate["ours"], rate["hf"]), "raw": rate}
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one tiny model, fp32, few rounds (smoke test)")
+    p.add_argument("--json", type=Path, help="also write every figure and raw sample here")
+    p.add_argument("--runs", type=int, help="alternating rounds per figure (default 5; quick 2)")
+    p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
+    p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
+    opts = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+
+    torch.set_num_threads(opts.threads or physical_cores())
+    quick = opts.quick
+    runs = opts.runs or (2 if quick else 5)
+    models = QUICK_MODELS if quick else {k: MODELS[k] for k in (opts.models.split(",") if opts.models else MODELS)}
+    dtypes = ["fp32"] if quick else opts.dtypes.split(",")
+    prompt_len, new = (32, 8) if quick else (128, 64)
+    batches = [1] if quick else [1, 8]
+    prefill_lens = [128] if quick else [512, 2048]
+
+    import transformers
+
+    result: dict = {
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "python": platform.python_version(),
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "load_average_before": load_average()},
+        "settings": {"runs": runs, "prompt": prompt_len, "new_tokens": new},
+        "models": {},
+    }
+    m = result["machine"]
+    print(f"# mistral_ref vs transformers {m['transformers']} — {m['cpu']}, {m['threads']} threads, "
+          f"torch {m['torch']}, {m['date']}")
+    print(f"load average before: {m['load_average_before']} (a shared machine makes every figure noisier)")
+    bw = read_bandwidth((64 if quick else 1024) << 20, 3 if quick else 7)
+    result["machine"]["read_bandwidth_GBs"] = summary([b / 1e9 for b in bw])
+    print(f"read bandwidth (sum of a {64 if quick else 1024} MiB tensor): "
+          f"{fmt(result['machine']['read_bandwidth_GBs'])} GB/s")
+    print(f"medians [min-max] of {runs} alternating rounds; ratio = mistral_ref / transformers per round\n")
+
+    decode_rows, prefill_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, args in models.items():
+            base = random_model(args)
+            hf_dir = Path(tmp) / name
+            save_checkpoint(base, hf_dir, format="hf")  # fp32; transformers casts on load
+            res = result["models"][name] = {"parameters": sum(q.numel() for q in base.parameters())}
+            for dname in dtypes:
+                dtype = DTYPES[dname]
+                ours = base.to(dtype)  # in place: one copy of the weights per model
+                hf = transformers_model(args, hf_dir, dtype)
+                entry = res[dname] = {}
+                if dtype == torch.float32:
+                    err, same = check_parity(ours, hf, args.vocab_size)
+                    entry["parity"] = {"logits_rel_err": err, "greedy_tokens_equal": same}
+                    print(f"{name} fp32 parity: logits rel err {err:.1e}, greedy tokens equal: {same}")
+                for batch in batches:
+                    d = entry[f"decode_b{batch}"] = bench_decode(ours, hf, batch, prompt_len, new, runs)
+                    floor = None
+                    if batch == 1:
+                        need = decode_bytes(args, dtype.itemsize, prompt_len + new // 2)
+                        floor = statistics.median(bw) / need
+                        d["floor_tok_s"], d["fraction_of_floor"] = floor, d["ours"]["median"] / floor
+                    decode_rows.append((name, dname, batch, d, floor))
+                    print(f"  decode {name} {dname} b{batch}: {fmt(d['ours'])} vs {fmt(d['transformers'])} tok/s, "
+                          f"ratio {fmt(d['ratio'], 2)}", flush=True)
+                for T in prefill_lens:
+                    pf = entry[f"prefill_{T}"] = bench_prefill(ours, hf, T, runs)
+                    prefill_rows.append((name, dname, T, pf))
+                    print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
+                          f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
+                del hf, ours
+
+    print(f"\n## Decode: tokens/s, greedy, {new} new tokens after a {prompt_len}-token prompt")
+    print("| model | dtype | batch | mistral_ref | transformers | ratio | floor (bandwidth) | of floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, dname, batch, d, floor in decode_rows:
+        fl = f"{floor:.0f} | {100 * d['ours']['median'] / floor:.0f}%" if floor else "- | -"
+        print(f"| {name} | {dname} | {batch} | {fmt(d['ours'])} | {fmt(d['transformers'])} | "
+              f"{fmt(d['ratio'], 2)}x | {fl} |")
+    print(f"\n## Time to first token ({prompt_len}-token prompt, batch 1), seconds")
+    print("| model | dtype | mistral_ref | transformers | ratio (theirs / ours) |")
+    print("|---|---|---|---|---|")
+    for name, dname, batch, d, _ in decode_rows:
+        if batch == 1:
+            print(f"| {name} | {dname} | {fmt(d['ttft_ours_s'], 3)} | {fmt(d['ttft_transformers_s'], 3)} | "
+                  f"{fmt(d['ttft_ratio'], 2)}x |")
+    print("\n## Prefill: tokens/s, one forward pass into a fresh cache")
+    print("| model | dtype | tokens | mistral_ref | transformers | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, dname, T, pf in prefill_rows:
+        print(f"| {name} | {dname} | {T} | {fmt(pf['ours'], 0)} | {fmt(pf['transformers'], 0)} | "
+              f"{fmt(pf['ratio'], 2)}x |")
+    same = all(d["same_tokens"] for _, dname, _, d, _ in decode_rows if dname == "fp32")
+    print(f"\nfp32 greedy tokens identical to transformers' in every decode run: {same}")
+
+    bench_load = Path(__file__).with_name("bench_load.py")
+    if not quick and not opts.no_load:
+        print("\n## Loading (benchmarks/bench_load.py)", flush=True)
+        if bench_load.exists():
+            out = subprocess.run([sys.executable, str(bench_load), "--runs", str(min(runs, 3)), "--dtypes",
+                                  "bfloat16"], capture_output=True, text=True)
+            print(out.stdout + (out.stderr[-2000:] if out.returncode else ""))
+            result["loading"] = out.stdout
+        else:
+            print("benchmarks/bench_load.py not found: loading not measured")
+    result["machine"]["load_average_after"] = load_average()
+    print(f"load average after: {result['machine']['load_average_after']}")
+    if opts.json:
+        opts.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

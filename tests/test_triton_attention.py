@@ -1,4 +1,4 @@
-"""triton_kernels flash_attention / decode_attention against the fp32 reference mistral_ref.attention."""
+"""triton_kernels prefill_attention / decode_attention against the fp32 reference mistral_ref.attention."""
 
 import os
 
@@ -11,7 +11,7 @@ import torch
 
 from mistral_ref.attention import attention as reference_attention
 from mistral_ref.cache import LayerCache
-from triton_kernels import attention, decode_attention, flash_attention
+from triton_kernels import attention, decode_attention, prefill_attention
 from triton_kernels._common import interpreting, new_output, poisoning
 from triton_kernels.flash_attention import contiguous_base
 
@@ -65,7 +65,7 @@ def test_outputs_are_poisoned_under_the_interpreter():
 def test_flash_prefill_edge_cases(B, T, S, H, H_kv, D, window):
     q, k, v = make_qkv(B, T, S, H, H_kv, D)
     q_pos, k_pos = prompt_positions(B, T, S)
-    out = flash_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16)
+    out = prefill_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16)
     check(out, q, k, v, q_pos, k_pos, window)
 
 
@@ -81,7 +81,7 @@ def test_flash_prefill_seeded_sweep():
         B = rng.randint(1, 2)
         q, k, v = make_qkv(B, T, S, H, H_kv, D, seed=case)
         q_pos, k_pos = prompt_positions(B, T, S)
-        check(flash_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16), q, k, v, q_pos, k_pos,
+        check(prefill_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16), q, k, v, q_pos, k_pos,
               window)
 
 
@@ -92,7 +92,7 @@ def test_flash_prefill_padding_rows_are_uniform_like_the_reference():
     pos = torch.arange(T, device=DEVICE).expand(B, T).clone()
     pos[1] = torch.arange(T, device=DEVICE) - 7  # row 1: 7 padding tokens, then positions 0..11
     pos[1, :7] = -1
-    out = flash_attention(q, k, v, pos, pos, window, block_m=16, block_n=16)
+    out = prefill_attention(q, k, v, pos, pos, window, block_m=16, block_n=16)
     check(out, q, k, v, pos, pos, window)
     torch.testing.assert_close(out[1, :7], v[1].mean(0).repeat_interleave(H // H_kv, 0).expand(7, H, D),
                                atol=1e-5, rtol=0)
@@ -107,7 +107,7 @@ def test_flash_prefill_against_a_rolling_cache_chunk():
         pos = torch.arange(start, start + T, device=DEVICE).expand(B, T).clone()
         keys, values, k_pos = cache.update(k, v, pos)
         assert keys.shape[1] == W + T
-        out = flash_attention(q, keys, values, pos, k_pos, W, block_m=16, block_n=16)
+        out = prefill_attention(q, keys, values, pos, k_pos, W, block_m=16, block_n=16)
         check(out, q, keys, values, pos, k_pos, W)
 
 
@@ -119,7 +119,7 @@ def test_flash_prefill_skips_tiles_nobody_may_see():
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, :16] = float("nan")  # keys 0..15: outside the window of queries 32..63
     v_bad[:, :16] = float("nan")
-    out = flash_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=32, block_n=16)
+    out = prefill_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=32, block_n=16)
     ref = reference_attention(q, k, v, q_pos, k_pos, W)
     torch.testing.assert_close(out[:, 32:], ref[:, 32:], atol=1e-5, rtol=0)
 
@@ -133,7 +133,7 @@ def test_flash_prefill_skips_tiles_in_any_layout():
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, -16:] = float("nan")  # the last tile holds positions 0..15, invisible to queries 32..47
     v_bad[:, -16:] = float("nan")
-    out = flash_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=16, block_n=16)
+    out = prefill_attention(q, k_bad, v_bad, q_pos, k_pos, W, block_m=16, block_n=16)
     ref = reference_attention(q, k, v, q_pos, k_pos, W)
     torch.testing.assert_close(out[:, 32:], ref[:, 32:], atol=1e-5, rtol=0)
 
@@ -155,7 +155,7 @@ def test_flash_prefill_half_precision(dtype):
     B, T, S, H, H_kv, D, window = 1, 21, 30, 8, 2, 64, 12
     q, k, v = make_qkv(B, T, S, H, H_kv, D, dtype=dtype)
     q_pos, k_pos = prompt_positions(B, T, S)
-    out = flash_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16)
+    out = prefill_attention(q, k, v, q_pos, k_pos, window, block_m=16, block_n=16)
     check(out, q, k, v, q_pos, k_pos, window)
 
 
@@ -254,14 +254,14 @@ def test_bad_inputs_raise_clear_errors():
     q_pos, k_pos = prompt_positions(1, 4, 4)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         k3 = k[:, :, :1].expand(1, 4, 3, 16)
-        flash_attention(q, k3, k3, q_pos, k_pos, None)
+        prefill_attention(q, k3, k3, q_pos, k_pos, None)
     with pytest.raises(ValueError, match="q_pos must be"):
-        flash_attention(q, k, v, q_pos[:, :2], k_pos, None)
+        prefill_attention(q, k, v, q_pos[:, :2], k_pos, None)
     with pytest.raises(ValueError, match="window"):
-        flash_attention(q, k, v, q_pos, k_pos, 0)
+        prefill_attention(q, k, v, q_pos, k_pos, 0)
     with pytest.raises(TypeError, match="share one dtype"):
-        flash_attention(q, k.half(), v.half(), q_pos, k_pos, None)
+        prefill_attention(q, k.half(), v.half(), q_pos, k_pos, None)
     with pytest.raises(ValueError, match="T == 1"):
         decode_attention(q, k, v, q_pos, k_pos, None)
     with pytest.raises(ValueError, match="power of two"):
-        flash_attention(q, k, v, q_pos, k_pos, None, block_m=8)
+        prefill_attention(q, k, v, q_pos, k_pos, None, block_m=8)

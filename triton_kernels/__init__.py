@@ -3,8 +3,8 @@
 | kernel family                        | replaces (same name and arguments)          |
 |--------------------------------------|---------------------------------------------|
 | flash_attention.attention            | mistral_ref.attention.attention             |
-|   .flash_attention (prefill)         |   (T > 1: chunked prefill, windows, GQA)    |
-|   decode_attention.decode_attention  |   (T == 1: split-K over the KV cache)       |
+|   flash_attention.prefill_attention  |   (T > 1: chunked prefill, windows, GQA)    |
+|   flash_decoding.decode_attention    |   (T == 1: split-K over the KV cache)       |
 | moe.moe_forward                      | mistral_ref.moe.moe_forward                 |
 | norm.rms_norm                        | mistral_ref.model.RMSNorm.forward           |
 | rope.apply_rotary_emb                | mistral_ref.rope.apply_rotary_emb           |
@@ -27,11 +27,11 @@ if "TRITON_INTERPRET" not in os.environ:  # must precede the @triton.jit definit
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-from triton_kernels.decode_attention import decode_attention  # noqa: E402
-from triton_kernels.flash_attention import attention, flash_attention  # noqa: E402
+from triton_kernels.flash_attention import attention, prefill_attention  # noqa: E402
+from triton_kernels.flash_decoding import decode_attention  # noqa: E402
 from triton_kernels.moe import moe_align_block_size, moe_forward  # noqa: E402
 from triton_kernels.norm import rms_norm  # noqa: E402
 from triton_kernels.rope import apply_rotary_emb  # noqa: E402
 
-__all__ = ["attention", "flash_attention", "decode_attention", "moe_forward", "moe_align_block_size",
+__all__ = ["attention", "prefill_attention", "decode_attention", "moe_forward", "moe_align_block_size",
            "rms_norm", "apply_rotary_emb"]

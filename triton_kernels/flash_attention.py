@@ -25,7 +25,7 @@ grows.
 
 :func:`attention` is the public entry point used by the model
 (``Transformer.set_backend(attention="triton")``): it sends single-token decode steps (T == 1) to
-triton_kernels.decode_attention and everything else here.
+triton_kernels.flash_decoding and everything else here.
 """
 
 from __future__ import annotations
@@ -198,20 +198,34 @@ def contiguous_base(k_pos: torch.Tensor) -> torch.Tensor | None:
     return torch.where(has_key, hi, 0).to(torch.int64).contiguous()
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                    k_pos: torch.Tensor, window: int | None, block_m: int = 64,
-                    block_n: int = 64) -> torch.Tensor:
+def tile_config(dtype: torch.dtype) -> tuple[int, int, int]:
+    """Default (block_m, block_n, num_stages) of the attention kernels.
+
+    Chosen to fit every CUDA GPU from sm_80 on, including the 99 KB of shared memory of sm_86 / sm_89 parts
+    (tests/test_triton_compile.py compiles them for sm_80, sm_89 and sm_90 and checks the shared memory):
+    64 x 64 tiles for fp16 / bf16, 32 x 32 for fp32 (whose exact "ieee" dots run on the CUDA cores), two
+    pipeline stages.  Untuned: a GPU owner can pass other block sizes.
+    """
+    return (64, 64, 2) if dtype in (torch.float16, torch.bfloat16) else (32, 32, 2)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                      k_pos: torch.Tensor, window: int | None, block_m: int | None = None,
+                      block_n: int | None = None) -> torch.Tensor:
     """Prefill attention with the flash kernel (any T, including 1).
 
     q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S) integer
     positions, -1 = padding / empty slot; window: keys a query sees (p-W+1 .. p) or None.
-    returns (B, T, n_heads, head_dim) in q's dtype.  block_m / block_n: tile sizes (powers of two >= 16).
+    returns (B, T, n_heads, head_dim) in q's dtype.
+    block_m / block_n: tile sizes (powers of two >= 16), default `tile_config(q.dtype)`.
     """
-    check_attention_inputs(q, k, v, q_pos, k_pos, window, "flash_attention")
+    check_attention_inputs(q, k, v, q_pos, k_pos, window, "prefill_attention")
     q_pos, k_pos = q_pos.long(), k_pos.long()
+    default_m, default_n, num_stages = tile_config(q.dtype)
+    block_m, block_n = block_m or default_m, block_n or default_n
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"flash_attention: {name} must be a power of two >= 16, got {blk}")
+            raise ValueError(f"prefill_attention: {name} must be a power of two >= 16, got {blk}")
     B, T, H, D = q.shape
     S, H_kv = k.shape[1], k.shape[2]
     out = new_output((B, T, H, D), q.dtype, q.device)
@@ -227,6 +241,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
         T, S, H, H // H_kv, D, window or 0, D**-0.5 * LOG2E,
         HAS_WINDOW=window is not None, KV_CONTIGUOUS=base is not None, UPCAST=upcast(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D),
+        num_warps=4, num_stages=num_stages,
     )
     return out
 
@@ -239,10 +254,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     returns (B, T, n_heads, head_dim) in q's dtype.
     """
     if q.dim() == 4 and q.shape[1] == 1:
-        from triton_kernels.decode_attention import decode_attention
+        from triton_kernels.flash_decoding import decode_attention
 
         return decode_attention(q, k, v, q_pos, k_pos, window)
-    return flash_attention(q, k, v, q_pos, k_pos, window)
+    return prefill_attention(q, k, v, q_pos, k_pos, window)
 
 
-__all__ = ["attention", "flash_attention", "check_attention_inputs"]
+__all__ = ["attention", "prefill_attention", "check_attention_inputs", "contiguous_base", "tile_config"]

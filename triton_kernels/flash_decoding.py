@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._common import block_dim, dot_precision, new_output, upcast
-from triton_kernels.flash_attention import LOG2E, attend_tile, check_attention_inputs
+from triton_kernels.flash_attention import LOG2E, attend_tile, check_attention_inputs, tile_config
 
 
 @triton.jit
@@ -141,20 +141,23 @@ def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor, window: int | None, num_splits: int | None = None,
-                     block_n: int = 64) -> torch.Tensor:
+                     block_n: int | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over a KV cache (split-K over the cache length, LSE merge).
 
     q: (B, 1, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim) — e.g. LayerCache.k / .v; q_pos: (B, 1);
     k_pos: (B, S), -1 for empty slots; window: keys a query sees or None.
-    num_splits: chunks of the S axis (default: `default_num_splits`); block_n: key tile (power of two >= 16).
+    num_splits: chunks of the S axis (default: `default_num_splits`); block_n: key tile (power of two >= 16,
+    default from flash_attention.tile_config).
     returns (B, 1, n_heads, head_dim) in q's dtype.
     """
     check_attention_inputs(q, k, v, q_pos, k_pos, window, "decode_attention")
     q_pos, k_pos = q_pos.long(), k_pos.long()
+    _, default_n, num_stages = tile_config(q.dtype)
+    block_n = block_n or default_n
     B, T, H, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention: expects one query token per sequence (T == 1), got T={T}; "
-                         "use flash_attention for prefill")
+                         "use prefill_attention for prefill")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
     S, H_kv = k.shape[1], k.shape[2]
@@ -182,7 +185,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         q_pos.stride(0), *k_pos.stride(),
         S, n_rep, D, window or 0, D**-0.5 * LOG2E, keys_per_split, num_splits,
         HAS_WINDOW=window is not None, UPCAST=upcast(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_H=block_dim(n_rep), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_H=block_dim(n_rep), BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=num_stages,
     )
     _decode_merge_kernel[(B, H)](
         part_acc, part_m, part_l, v, out,

@@ -13,8 +13,8 @@ GPU, while the cache can hold 32k keys.  So the S axis is cut into `num_splits` 
      tl.dot, padded to 16) and runs an online softmax over its chunk, writing an unnormalised partial output,
      its row max m and its sum l (log2 domain) in fp32.  Key tiles with no visible key (empty slots, outside
      the window, in the future) cost only the load of their positions.
-  2. `_decode_merge_kernel`, grid (B, n_heads): combines the partials with the log-sum-exp rule out = sum_i
-     2^(m_i - m) acc_i / sum_i 2^(m_i - m) l_i,  m = max_i m_i.
+  2. `_decode_merge_kernel`, grid (B, n_heads): combines the partials with the log-sum-exp rule
+         out = sum_i 2^(m_i - m) acc_i / sum_i 2^(m_i - m) l_i,   m = max_i m_i.
 """
 
 from __future__ import annotations

@@ -68,9 +68,18 @@ class LayerCache:
 
     def _write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode: one token per row; a row at position -1 (padding, a finished row) leaves its slot alone."""
-        if positions.device.type == "cpu":  # free on the CPU; on accelerators it would stall every step
-            self._check_fits(positions)
         p = positions[:, 0]  # (B,)
+        if positions.device.type == "cpu":  # host reads are free on the CPU; on accelerators they would stall
+            lo, hi = torch.aminmax(p)
+            lo, hi = int(lo), int(hi)
+            if not self.rolling and hi >= self.capacity:
+                self._check_fits(positions)  # raises
+            if lo == hi >= 0:  # every row at the same position (batch 1, an unragged batch): one slot, no gather
+                slot = lo % self.capacity
+                self.k[:, slot] = k[:, 0]
+                self.v[:, slot] = v[:, 0]
+                self.pos[:, slot] = lo
+                return
         valid = p >= 0
         rows = torch.arange(k.shape[0], device=k.device)
         slot = p.clamp(min=0) % self.capacity  # (B,)  (p < capacity for a full layer: the modulo is a no-op)

@@ -22,10 +22,12 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -527,6 +529,8 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
 
 # ---- reading one tensor into private memory ---------------------------------------------------------------
 _CHUNK_BYTES = 16 << 20
+_WORKERS = min(4, os.cpu_count() or 1)
+_thread_local = threading.local()
 
 
 def _read_bytes(f: BinaryIO, offset: int, out: torch.Tensor, info: TensorInfo) -> None:
@@ -606,6 +610,16 @@ class _Progress:
             print(file=sys.stderr)
 
 
+def _read_job(info: TensorInfo, dtype: torch.dtype, heads: int | None, head_dim: int,
+              device: torch.device) -> torch.Tensor:
+    """:func:`_read_tensor` in a worker thread, with its own file handle and scratch buffer."""
+    scratch = getattr(_thread_local, "scratch", None)
+    if scratch is None or scratch.numel() < min(_CHUNK_BYTES, info.nbytes):
+        scratch = _thread_local.scratch = torch.empty(min(_CHUNK_BYTES, info.nbytes), dtype=torch.uint8)
+    with open(info.file, "rb", buffering=0) as f:
+        return _read_tensor(f, info, dtype, heads, head_dim, scratch).to(device)
+
+
 # ---- loading -----------------------------------------------------------------------------------------------
 _DTYPE_ALIASES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                   "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
@@ -655,18 +669,24 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
         by_file.setdefault(info.file, []).append((name, info))
     bar = _Progress(sum(i.nbytes for i in index.values()), progress, f"loading {files.config.parent.name}")
     state: dict[str, torch.Tensor] = {}
-    scratch = torch.empty(min(_CHUNK_BYTES, max(i.nbytes for i in index.values())), dtype=torch.uint8)
-    for file, entries in by_file.items():
-        with safe_open(file, framework="pt") as mapped, open(file, "rb", buffering=0) as f:
-            for name, info in entries:
-                heads = rotary_heads(name, args) if files.format == "hf" else None
-                if mmap and device.type == "cpu" and info.dtype == dtype and heads is None:
-                    tensor = mapped.get_tensor(info.key)  # a view of the file's memory map: nothing read yet
-                else:
-                    tensor = _read_tensor(f, info, dtype, heads, args.head_dim, scratch).to(device)
-                state[name] = tensor
-                bar.update(info.nbytes)
-    bar.close()
+    pool = ThreadPoolExecutor(_WORKERS)  # file reads and torch copies release the GIL
+    try:
+        jobs: dict[Future[torch.Tensor], str] = {}
+        for file, entries in by_file.items():
+            with safe_open(file, framework="pt") as mapped:
+                for name, info in entries:
+                    heads = rotary_heads(name, args) if files.format == "hf" else None
+                    if mmap and device.type == "cpu" and info.dtype == dtype and heads is None:
+                        state[name] = mapped.get_tensor(info.key)  # a view of the memory map: nothing read yet
+                        bar.update(info.nbytes)
+                    else:
+                        jobs[pool.submit(_read_job, info, dtype, heads, args.head_dim, device)] = name
+        for job in as_completed(jobs):
+            state[jobs[job]] = job.result()
+            bar.update(index[jobs[job]].nbytes)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
     model.load_state_dict(state, strict=True, assign=True)
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:

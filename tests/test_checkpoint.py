@@ -519,7 +519,8 @@ def test_loads_peak_at_about_one_copy_of_the_weights(tmp_path):
     """Peak resident memory of loads that copy every tensor stays ~1x the model: a bf16 file -> fp32 model,
     and a bf16 file copied into private memory (mmap=False); a memory-mapped load stays near 0 until used.
     A naive load (whole file, then converted copies) is measured too, to show the measurement would see it."""
-    args = ModelArgs(dim=512, n_layers=6, hidden_dim=2048, n_heads=8, n_kv_heads=2, vocab_size=8192)
+    # ~64 MB of 2 MB tensors: the per-worker scratch buffers (one tensor or 16 MiB each) stay small beside it
+    args = ModelArgs(dim=512, n_layers=8, hidden_dim=2048, n_heads=8, n_kv_heads=2, vocab_size=2048)
     save_checkpoint(Transformer(args).to(torch.bfloat16), tmp_path, format="hf")
     file_bytes = (tmp_path / "model.safetensors").stat().st_size
     # a fixed malloc threshold: every tensor is its own mapping, returned to the system when freed
@@ -527,9 +528,9 @@ def test_loads_peak_at_about_one_copy_of_the_weights(tmp_path):
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          check=True, env=env)
     to_fp32, copied, mapped, naive = (int(x) / file_bytes for x in out.stdout.split())
-    assert 1.9 < to_fp32 < 2.3  # the fp32 model is 2x the bf16 file (+ a scratch buffer of one chunk)
+    assert 1.9 < to_fp32 < 2.2  # the fp32 model is 2x the bf16 file
     assert 0.95 < copied < 1.1
-    assert mapped < 0.15  # views of the file, read lazily (only the permuted q/k are copies)
+    assert mapped < 0.25  # views of the file, read lazily (only the permuted q/k, 9%, are copies)
     assert naive > 2.8  # the fp32 copies plus the whole file
 
 

@@ -53,6 +53,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---- chat, generate, serve -----------------------------------------------------------------------------------
+def under_torchrun() -> bool:
+    """True when torchrun (or another launcher) started this process as one rank of several."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def load_sharded_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[object, object, str, int]:
+    """Under torchrun: join the process group and load only this rank's shard (mistral_ref.parallel).
+
+    returns (model, tokenizer, name, rank).  Without CHECKPOINT the embedded model is sharded.
+    """
+    from pathlib import Path
+
+    from mistral_ref import parallel
+    from mistral_ref.tokenizer import load_tokenizer
+
+    env = parallel.init_from_env()
+    if checkpoint is None:
+        from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+
+        checkpoint = str(EMBEDDED_MODEL_DIR)
+    path = Path(checkpoint)
+    model = parallel.load_sharded_model(path, dtype=_dtype(dtype) if dtype else None)
+    tok = load_tokenizer(path if path.is_dir() else path.parent)
+    if env.rank == 0:
+        print(f"[{path.resolve().name} sharded over {env.world_size} ranks ({env.device})]", file=sys.stderr)
+    return model, tok, path.resolve().name, env.rank
+
+
 def load_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[object, object, str]:
     """(model, tokenizer, name) of a checkpoint directory, or of the embedded model when `checkpoint` is None."""
     if checkpoint is None:
@@ -164,9 +194,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from mistral_ref.generate import generate_stream
 
-    model, tok, _ = load_for_cli(args.checkpoint, args.dtype)
+    rank = 0
+    if under_torchrun():  # every rank runs the same loop on its shard; only rank 0 prints
+        model, tok, _, rank = load_sharded_for_cli(args.checkpoint, args.dtype)
+    else:
+        model, tok, _ = load_for_cli(args.checkpoint, args.dtype)
     ids = tok.encode(args.prompt, bos=True)
     kw = _sampling(args)
+    if rank or under_torchrun():
+        kw.setdefault("seed", 0)  # ranks must draw the same samples: one shared seed
     max_tokens = kw.pop("max_tokens")
     if args.max_context is not None or model.args.max_seq_len is not None:
         limit = args.max_context or model.args.max_seq_len
@@ -177,11 +213,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n = 0
     finish = None
     for event in generate_stream(model, tok, ids, max_tokens, ignore_eos=args.ignore_eos, **kw):
-        print(event.text, end="", flush=True)
+        if rank == 0:
+            print(event.text, end="", flush=True)
         if event.token_id is not None:
             n += 1
         finish = event.finish_reason or finish
     dt = time.perf_counter() - t0
+    if rank:
+        return 0
     print()
     print(f"[{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), prompt {len(ids)} tokens, finish: {finish}]",
           file=sys.stderr)

@@ -52,8 +52,11 @@ Launch (see README): ``torchrun --nproc-per-node N -m mistral_ref generate CHECK
 
 from __future__ import annotations
 
+import ctypes
+import mmap as _mmap
 import os
 import re
+import sys
 import warnings
 from collections import Counter
 from dataclasses import replace
@@ -69,7 +72,6 @@ from torch import nn
 from mistral_ref.checkpoint import (
     TensorInfo,
     _as_dtype,
-    _release_pages,
     checkpoint_index,
     find_checkpoint,
     read_model_args,
@@ -275,6 +277,28 @@ def shard_model(model: Transformer, moe: str = "expert",
 
 
 # ---- loading: each rank reads only its slices from memory-mapped safetensors files -------------------------
+
+# ---- releasing the file pages a shard was copied from (Linux) ------------------------------------------------
+_PAGE = _mmap.PAGESIZE
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _release_pages(view: torch.Tensor) -> None:
+    """Drop the (clean) file pages behind `view`, a memory-map view whose slice was just copied.
+
+    Pages read once stay resident until the file's last view dies, so without this a rank would hold the pages it
+    read *and* its copy.  Only whole pages inside the tensor are released; a later read faults them back in.
+    """
+    if _LIBC is None or view.device.type != "cpu" or view.numel() == 0:
+        return
+    start = view.data_ptr()
+    lo = -(-start // _PAGE) * _PAGE
+    hi = (start + view.numel() * view.element_size()) // _PAGE * _PAGE
+    if hi > lo:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
 def load_sharded_model(path: str | Path, dtype: torch.dtype | str | None = None, *, moe: str = "expert",
                        device: torch.device | str | None = None,
                        group: dist.ProcessGroup | None = None) -> Transformer:

@@ -117,3 +117,47 @@ def test_serve_command_answers_http(tmp_path_factory):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_generate_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m mistral_ref generate` shards the model and prints the same greedy text."""
+    import os
+    import shutil
+    import socket
+
+    import torch
+
+    from mistral_ref.checkpoint import save_checkpoint
+    from mistral_ref.config import ModelArgs, MoeArgs
+    from mistral_ref.model import Transformer
+    from mistral_ref.tokenizer import mistral_common_data_dir
+
+    data = mistral_common_data_dir()
+    if data is None:
+        pytest.skip("mistral-common's tokenizer files are not installed")
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=24, vocab_size=32768,
+                     sliding_window=6, moe=MoeArgs(4, 2))
+    model = Transformer(args)
+    for p in model.parameters():  # decisive logits, so greedy ties cannot differ between 1 and 2 ranks
+        p.data.normal_(0, 0.3)
+    save_checkpoint(model, tmp_path / "ckpt", format="native")
+    shutil.copy(data / "mistral_instruct_tokenizer_240323.model.v3", tmp_path / "ckpt" / "tokenizer.model.v3")
+    cmd = ["generate", str(tmp_path / "ckpt"), "--prompt", "Hello there, how are", "--temperature", "0",
+           "--max-tokens", "12", "--ignore-eos"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    one = subprocess.run([sys.executable, "-m", "mistral_ref", *cmd], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "mistral_ref", *cmd],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "sharded over 2 ranks" in two.stderr
+    assert one.stdout.strip() and two.stdout == one.stdout

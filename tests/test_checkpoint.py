@@ -5,6 +5,7 @@ parity against transformers lives in test_parity.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -218,14 +219,23 @@ def test_convert_can_cast(tmp_path, native_dir):
     assert torch.equal(loaded.layers[0].attention.wq.weight, ref.layers[0].attention.wq.weight.bfloat16())
 
 
-def test_directory_with_both_formats_loads_native_only(tmp_path):
+def test_directory_with_both_formats_loads_native_only(tmp_path, caplog):
     native, other = random_model(tiny_args(), seed=0), random_model(tiny_args(), seed=1)
     save_checkpoint(native, tmp_path, format="native")
     save_checkpoint(other, tmp_path, format="hf")  # different weights: we can tell which set was read
-    loaded = load_model(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="mistral_ref.checkpoint"):
+        loaded = load_model(tmp_path)
     assert loaded.checkpoint_files.format == "native"
     assert [p.name for p in loaded.checkpoint_files.ignored] == ["model.safetensors"]
+    assert "loading native checkpoint" in caplog.text and "ignoring 1 file(s) of the other format" in caplog.text
     assert_same_weights(native, loaded)
+
+
+def test_progress_bar_only_when_asked_or_big_on_a_terminal(native_dir, capsys):
+    load_model(native_dir)  # small and not a terminal: silent
+    assert capsys.readouterr().err == ""
+    load_model(native_dir, progress=True)
+    assert "loading native" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fmt,name", [("native", "consolidated.safetensors"), ("hf", "model.safetensors")])

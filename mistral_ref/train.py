@@ -26,6 +26,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -187,6 +188,19 @@ def save_native(model: Transformer, tokenizer_file: Path, out: Path,
         shutil.copyfile(tokenizer_file, out / "tokenizer.model.v3")
 
 
+def held_out_sets(tok, held_docs: list[str], held_pairs: list[dict[str, str]], cfg: TrainConfig
+                  ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The evaluation sets: held-out strings and docstrings (every token is a target), and 300 conversations
+    from seed cfg.seed + 10,000 built on held-out strings (assistant tokens only)."""
+    from mistral_ref import train_data as data
+
+    chat_rng = random.Random(cfg.seed + 10_000)
+    text = ((ids, [True] * len(ids)) for d in held_docs for ids in data.encode_text(tok, d, cfg.seq_len + 1))
+    chat = (data.encode_conversation(tok, *data.chat_conversation(chat_rng, held_pairs)) for _ in range(300))
+    return {"text": batches_of(text, cfg.batch_size, cfg.seq_len),
+            "chat": batches_of(chat, cfg.batch_size, cfg.seq_len)}
+
+
 # ---- the command -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     from mistral_ref import train_data as data
@@ -200,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
     a = parser.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, max_minutes=a.minutes)
@@ -215,22 +229,19 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{tok_file}: vocabulary of {tok.vocab_size}, the model expects "
                          f"{TINY_MIXTRAL.vocab_size}")
 
-    # Held-out sets: unseen strings and docstrings (every token), and 300 fresh conversations built on unseen
-    # strings from another seed (assistant tokens only).
-    chat_rng = random.Random(cfg.seed + 10_000)
-    eval_sets = {
-        "text": batches_of(((ids, [True] * len(ids)) for d in held_docs
-                            for ids in data.encode_text(tok, d, cfg.seq_len + 1)),
-                           cfg.batch_size, cfg.seq_len),
-        "chat": batches_of((data.encode_conversation(tok, *data.chat_conversation(chat_rng, held_pairs))
-                            for _ in range(300)), cfg.batch_size, cfg.seq_len),
-    }
+    eval_sets = held_out_sets(tok, held_docs, held_pairs, cfg)
     stream = data.example_stream(tok, docs, pairs, seed=cfg.seed, max_len=cfg.seq_len + 1)
     print(json.dumps({"model": TINY_MIXTRAL.to_params_json(), "train": asdict(cfg),
                       "text_docs": len(docs), "held_out_docs": len(held_docs)}), flush=True)
     model, history = train(TINY_MIXTRAL, cfg, stream, eval_sets, log=lambda s: print(s, flush=True))
     save_native(model, tok_file, a.out)
-    (a.out / "train_log.json").write_text(json.dumps(history) + "\n")
+    command = ["python", "-m", "mistral_ref.train", *(argv if argv is not None else sys.argv[1:])]
+    (a.out / "train_log.json").write_text(json.dumps({"command": command, "threads": a.threads,
+                                                      "history": history}) + "\n")
+    # The held-out data itself, so the held-out loss can be measured again without Django (tests do).
+    (a.out / "heldout.json").write_text(json.dumps(
+        {"django": data.DJANGO_VERSION, "seed": cfg.seed, "text_docs": held_docs, "pairs": held_pairs},
+        ensure_ascii=False) + "\n")
     print(f"wrote {a.out}", flush=True)
 
 

@@ -837,9 +837,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
     """Convert a checkpoint directory to `format` ("native" or "hf") without building the model.
 
     Streams tensor by tensor (read, rename, permute q/k, cast if `dtype` is given, write), so memory stays at
-    about one tensor whatever the checkpoint's size.  The source is checked as
-    strictly as :func:`load_model` checks it.  dst may be the source directory (e.g. to add the other
-    format's files next to the native ones, as the public repositories do).
+    about one tensor whatever the checkpoint's size.  The source is checked as strictly as :func:`load_model`
+    checks it.  dst may be the source directory (e.g. to add the other format's files next to the native
+    ones, as the public repositories do).  Returns the files written.
     """
     files = find_checkpoint(src)
     args = read_model_args(files)

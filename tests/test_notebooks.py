@@ -5,7 +5,9 @@ Each notebook is executed in a fresh Jupyter kernel by nbclient.  The kernel is 
 so nothing depends on which kernels a machine has installed (a fresh CI clone has none).  A cell error fails
 the test with the cell's traceback; a notebook that exceeds its time budget fails too
 (MISTRAL_REF_NOTEBOOK_TIMEOUT seconds per notebook, default 300).  Notebooks run in a temporary working
-directory with no network use.
+directory with no network use, and single-threaded (MISTRAL_REF_NOTEBOOK_THREADS, default 1): on a shared or
+busy 2-core machine two torch threads per kernel are several times *slower* than one, and test workers running
+notebooks side by side must not oversubscribe the cores.
 
     .venv/bin/pytest tests/test_notebooks.py -q                 # all of them (about 4 minutes on 2 cores)
     .venv/bin/pytest tests/test_notebooks.py -q -k generation   # one
@@ -32,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 BUDGET_S = float(os.environ.get("MISTRAL_REF_NOTEBOOK_TIMEOUT", "300"))
+THREADS = os.environ.get("MISTRAL_REF_NOTEBOOK_THREADS", "1")
 KERNEL_NAME = "mistral-ref-test-python"
 
 
@@ -75,9 +78,10 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, record_property
         nb, km=_kernel_manager(tmp_path), timeout=int(BUDGET_S), timeout_func=remaining,
         resources={"metadata": {"path": str(workdir)}}, allow_errors=False, record_timing=True,
     )
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS, "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     start = time.monotonic()
     try:
-        client.execute()
+        client.execute(env=env)
     except nbclient.exceptions.CellTimeoutError as e:
         pytest.fail(f"{path.name} exceeded its budget of {BUDGET_S:.0f} s: {e}")
     except nbclient.exceptions.CellExecutionError as e:

@@ -9,8 +9,8 @@
 #
 # | kernel | replaces | idea |
 # |---|---|---|
-# | `flash_attention` | `mistral_ref.attention.attention` (prefill) | tiles of queries × keys, online softmax, skip masked tiles |
-# | `decode_attention` | the same, one query per sequence | split the KV cache into chunks, merge partial softmaxes |
+# | `attention` (prefill: the flash kernel) | `mistral_ref.attention.attention` | tiles of queries × keys, online softmax, skip masked tiles |
+# | `decode_attention` (what `attention` runs when T = 1) | the same, one query per sequence | split the KV cache into chunks, merge partial softmaxes |
 # | `moe_forward` | `mistral_ref.moe.moe_forward` | sort token slots by expert, then grouped matrix multiplies |
 #
 # Without a GPU, Triton can still *run* kernels with its numpy interpreter (`TRITON_INTERPRET=1`, set before
@@ -61,11 +61,11 @@ k, v = torch.randn(B, T, H_kv, D, device=device), torch.randn(B, T, H_kv, D, dev
 pos = torch.arange(T, device=device).repeat(B, 1)
 pos[1, 30:] = -1  # padding
 start = time.perf_counter()
-out = tk.flash_attention(q, k, v, pos, pos, W, block_m=16, block_n=16)
+out = tk.attention(q, k, v, pos, pos, W)  # T > 1: the flash prefill kernel
 elapsed = time.perf_counter() - start
 ref = attention(q, k, v, pos, pos, W)
 err = (out - ref).abs().max().item()
-print(f"flash_attention vs reference: max |error| = {err:.1e} (fp32; {elapsed:.2f} s"
+print(f"flash attention (Triton) vs reference: max |error| = {err:.1e} (fp32; {elapsed:.2f} s"
       f"{' under the interpreter' if not HAS_GPU else ''})")
 assert err < 1e-5
 

@@ -173,10 +173,11 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict[str, Callable[[], object]], runs: int, measure: Callable = timed) -> dict[str, list]:
-    """measure(fn) of each function for `runs` rounds, the order reversed every other round; one warm-up each.
-    measure defaults to the seconds one call takes."""
-    for fn in fns.values():
+def alternate(fns: dict[str, Callable[[], object]], runs: int, measure: Callable = timed,
+              warmup: bool = True) -> dict[str, list]:
+    """measure(fn) of each function for `runs` rounds, the order reversed every other round; one warm-up call
+    each unless warmup=False.  measure defaults to the seconds one call takes."""
+    for fn in fns.values() if warmup else ():
         fn()
     out: dict[str, list] = {name: [] for name in fns}
     for r in range(runs):
@@ -249,7 +250,7 @@ def bench_decode(ours: Transformer, hf, batch: int, prompt_len: int, new: int, r
     }
 
 
-def bench_prefill(ours: Transformer, hf, T: int, runs: int) -> dict:
+def bench_prefill(ours: Transformer, hf, T: int, runs: int, warmup: bool = True) -> dict:
     """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only."""
     tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
     positions = torch.arange(T)[None]
@@ -264,7 +265,7 @@ def bench_prefill(ours: Transformer, hf, T: int, runs: int) -> dict:
     def hf_fn():
         return hf(tokens, use_cache=True, logits_to_keep=1)
 
-    t = alternate({"ours": ours_fn, "hf": hf_fn}, runs)
+    t = alternate({"ours": ours_fn, "hf": hf_fn}, runs, warmup=warmup)
     rate = {k: [T / x for x in v] for k, v in t.items()}
     return {"ours": summary(rate["ours"]), "transformers": summary(rate["hf"]),
             "ratio": ratios(rate["ours"], rate["hf"]), "raw": rate}
@@ -279,6 +280,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
     p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    p.add_argument("--new", type=int, help="new tokens per decode run (default 64; quick 8)")
+    p.add_argument("--prefill", default="512,2048", help="comma-separated prefill lengths")
+    p.add_argument("--long-prefill-runs", type=int, default=1,
+                   help="rounds for prefills over 1024 tokens (no warm-up: the shorter prefill warmed up)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure decode with Transformer.compile_decode() (compiling takes minutes)")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
     opts = p.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -288,9 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs = opts.runs or (2 if quick else 5)
     models = QUICK_MODELS if quick else {k: MODELS[k] for k in (opts.models.split(",") if opts.models else MODELS)}
     dtypes = ["fp32"] if quick else opts.dtypes.split(",")
-    prompt_len, new = (32, 8) if quick else (128, 64)
+    prompt_len, new = (32, opts.new or 8) if quick else (128, opts.new or 64)
     batches = [1] if quick else [1, 8]
-    prefill_lens = [128] if quick else [512, 2048]
+    prefill_lens = [128] if quick else [int(t) for t in opts.prefill.split(",")]
 
     import transformers
 
@@ -338,8 +345,23 @@ def main(argv: list[str] | None = None) -> dict:
                     decode_rows.append((name, dname, batch, d, floor))
                     print(f"  decode {name} {dname} b{batch}: {fmt(d['ours'])} vs {fmt(d['transformers'])} tok/s, "
                           f"ratio {fmt(d['ratio'], 2)}", flush=True)
-                for T in prefill_lens:
-                    pf = entry[f"prefill_{T}"] = bench_prefill(ours, hf, T, runs)
+                    if opts.compile and batch == 1:
+                        t0 = time.perf_counter()
+                        ours.compile_decode()
+                        generate(ours, [[1] * prompt_len], 2, temperature=0.0)  # the first step compiles
+                        compile_s = time.perf_counter() - t0
+                        d = entry["decode_b1_compiled"] = bench_decode(ours, hf, 1, prompt_len, new, runs)
+                        ours.compile_decode(False)
+                        d["compile_s"] = compile_s
+                        d["floor_tok_s"], d["fraction_of_floor"] = floor, d["ours"]["median"] / floor
+                        decode_rows.append((f"{name} compiled", dname, 1, d, floor))
+                        print(f"  decode {name} {dname} b1 compiled ({compile_s:.0f} s to compile): "
+                              f"{fmt(d['ours'])} vs {fmt(d['transformers'])} tok/s, ratio {fmt(d['ratio'], 2)}",
+                              flush=True)
+                for i, T in enumerate(prefill_lens):
+                    long = T > 1024 and i > 0
+                    pf = entry[f"prefill_{T}"] = bench_prefill(ours, hf, T, opts.long_prefill_runs if long else runs,
+                                                               warmup=not long)
                     prefill_rows.append((name, dname, T, pf))
                     print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
                           f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)

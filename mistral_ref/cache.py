@@ -69,7 +69,8 @@ class LayerCache:
     def _write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode: one token per row; a row at position -1 (padding, a finished row) leaves its slot alone."""
         p = positions[:, 0]  # (B,)
-        if positions.device.type == "cpu":  # host reads are free on the CPU; on accelerators they would stall
+        # Host reads are free on the CPU (on accelerators they would stall); a compiled step must not branch on them.
+        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(p)
             lo, hi = int(lo), int(hi)
             if not self.rolling and hi >= self.capacity:

@@ -30,8 +30,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., dim) -> (..., dim)"""
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normed = x * rsqrt(mean(x ** 2) + eps) in fp32: F.rms_norm is that formula in one call (bitwise equal)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.type_as(x)
 
 
@@ -77,6 +77,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=embedding)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.compiled_decode = None  # see compile_decode
         self.output = Linear(args.dim, args.vocab_size)
 
     @property
@@ -101,6 +102,12 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if self.compiled_decode is not None and T == 1 and cache is not None and not return_router_logits:
+            return self.compiled_decode(tokens, positions, cache, logits_at)
+        return self._forward(tokens, positions, cache, return_router_logits, logits_at)
+
+    def _forward(self, tokens, positions, cache, return_router_logits=False, logits_at=None):
+        B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         args = self.args  # every layer rotates by the same angles: compute them once
         rope = rope_rotations(positions, args.head_dim, args.rope_theta)  # (B, T, head_dim/2) complex
@@ -127,6 +134,18 @@ class Transformer(nn.Module):
         else:
             aux = torch.zeros((), device=logits.device)
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
+
+    def compile_decode(self, enabled: bool = True) -> Transformer:
+        """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
+
+        Every step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so
+        all steps reuse one compiled graph (no recompiles per step; a new batch size or cache size compiles
+        again).  The expert dispatch stays eager (it reads expert counts on the host).  Compiling takes a minute
+        or more on a small CPU; it pays where Python overhead is a large share of a step (small models, fast
+        memory): measure with ``benchmarks/bench.py --compile``.  enabled=False returns to eager decoding.
+        """
+        self.compiled_decode = torch.compile(self._forward, dynamic=False) if enabled else None
+        return self
 
     def set_backend(self, attention: str = "torch", moe: str = "torch") -> Transformer:
         """Select the implementation of the hot paths.

@@ -135,6 +135,8 @@ class MoeLayer(nn.Module):
             from triton_kernels import moe_forward as moe_impl
         else:
             moe_impl = moe_forward if self.backend == "reference" else moe_forward_grouped
+            if torch.compiler.is_compiling():  # a data-dependent dispatch: run it eagerly (a graph break)
+                moe_impl = torch.compiler.disable(moe_impl)
         out, logits = moe_impl(flat, self.gate.weight, w1, w2, w3, self.top_k)
         return out.view_as(x), logits
 

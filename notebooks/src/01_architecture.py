@@ -210,7 +210,7 @@ for n_layers in range(1, 6):
                      sliding_window=W)
     model = Transformer(args)
     embeddings = []
-    handle = model.tok_embeddings.register_forward_hook(lambda mod, inp, out: embeddings.append(out))
+    handle = model.tok_embeddings.register_forward_hook(lambda mod, inp, out, store=embeddings: store.append(out))
     logits = model(torch.randint(0, 64, (1, T)))
     handle.remove()
     (grad,) = torch.autograd.grad(logits[0, -1].sum(), embeddings[0])  # (1, T, dim)

@@ -156,7 +156,8 @@ with torch.no_grad():
     err = rel_err(hf_again(tokens).logits, hf_out.logits)
 print(f"native -> HF -> transformers: relative error {err:.2e}")
 assert err <= 1e-5
-original, rewritten = load_file(workdir / "hf" / "model.safetensors"), load_file(workdir / "hf-again" / "model.safetensors")
+original = load_file(workdir / "hf" / "model.safetensors")
+rewritten = load_file(workdir / "hf-again" / "model.safetensors")
 assert original.keys() == rewritten.keys() and all(torch.equal(original[k], rewritten[k]) for k in original)
 print("the HF files we write hold exactly the tensors transformers wrote")
 

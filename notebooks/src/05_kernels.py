@@ -312,7 +312,8 @@ for name, (f, n) in cases.items():
     for peak, bw in ((gpu_flops, gpu_bw), (cpu_flops, cpu_bw)):
         t_c, t_m = f / peak, n / bw
         t = max(t_c, t_m)
-        line += f" {t * 1e3:9.1f} {'compute' if t_c > t_m else 'memory':>8} {tokens / t:10,.{0 if tokens / t >= 10 else 2}f} |"
+        rate = f"{tokens / t:,.0f}" if tokens / t >= 10 else f"{tokens / t:.2f}"
+        line += f" {t * 1e3:9.1f} {'compute' if t_c > t_m else 'memory':>8} {rate:>10} |"
     print(line.rstrip("|"))
 decode1 = cases["decode B=1"]
 assert decode1[0] / decode1[1] < 2 < gpu_flops / gpu_bw  # decode at batch 1 is memory-bound

@@ -23,17 +23,24 @@ import json
 import math
 import random
 import time
+from pydoc_data.topics import topics
 
 import matplotlib.pyplot as plt
 import torch
-from pydoc_data.topics import topics
 
 from mistral_ref.config import ModelArgs, MoeArgs, parameter_counts
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR
 from mistral_ref.generate import generate
 from mistral_ref.model import Transformer
 from mistral_ref.tokenizer import load_tokenizer
-from mistral_ref.train import TrainConfig, batches_of, evaluate, lr_at, make_batch, packed_rows
+from mistral_ref.train import (
+    TrainConfig,
+    batches_of,
+    evaluate,
+    lr_at,
+    make_batch,
+    packed_rows,
+)
 from mistral_ref.train_data import encode_text
 
 plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})

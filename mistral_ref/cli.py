@@ -212,7 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     n = 0
     finish = None
-    for event in generate_stream(model, tok, ids, max_tokens, ignore_eos=args.ignore_eos, **kw):
+    for event in generate_stream(model, tok, ids, max_tokens, ignore_eos=args.ignore_eos,
+                                 continue_prompt_text=True, **kw):
         if rank == 0:
             print(event.text, end="", flush=True)
         if event.token_id is not None:

@@ -1,43 +1,112 @@
-"""`make demo` / `mistral-ref demo`: the family table, then a short generation.
+"""`make demo` / `mistral-ref demo`: the family table, then the embedded tiny Mixtral at work.
 
-Until the embedded tiny Mixtral lands this runs a *random-weight* Mixtral-shaped model: the tokens it prints are
-noise, and the demo says so.  What it shows is the machinery: presets, parameter counts, the cached decode loop.
+The embedded model (mistral_ref/assets/tiny-mixtral, 4.2M parameters, trained on a CPU by mistral_ref.train) is
+loaded through the same `load_model` path as any real checkpoint.  The demo completes text, answers chat turns
+with the V3 template (streaming, token by token), and runs a tool-call round trip: the model emits a
+[TOOL_CALLS] JSON call, the demo executes the tool in Python, sends the result back, and the model reports it.
+It is tiny: expect it to be right on what it was trained for (greetings, capitals, short translations, the
+add / multiply / convert_units tools) and wrong on much else.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
+from typing import Any
 
-import torch
-
-from mistral_ref.cache import KVCache
+from mistral_ref.api import chat_completion
 from mistral_ref.cli import family_table
-from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.model import Transformer
+from mistral_ref.config import parameter_counts
+from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
+from mistral_ref.generate import generate_stream
+from mistral_ref.train_data import TOOLS
+
+_UNITS = {("km", "mi"): 0.621371, ("mi", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,
+          ("m", "ft"): 3.280840, ("ft", "m"): 0.304800}
+
+
+def run_tool(name: str, arguments: dict[str, Any]) -> str:
+    """Execute one of the embedded model's tools (add, multiply, convert_units) and format the result."""
+    if name == "add":
+        value = float(arguments["a"]) + float(arguments["b"])
+    elif name == "multiply":
+        value = float(arguments["a"]) * float(arguments["b"])
+    elif name == "convert_units":
+        f, t, v = arguments["from_unit"], arguments["to_unit"], float(arguments["value"])
+        if (f, t) == ("C", "F"):
+            value = v * 9 / 5 + 32
+        elif (f, t) == ("F", "C"):
+            value = (v - 32) * 5 / 9
+        elif (f, t) in _UNITS:
+            value = v * _UNITS[f, t]
+        else:
+            return f"error: cannot convert {f} to {t}"
+    else:
+        return f"error: unknown tool {name}"
+    value = round(value, 2)
+    return str(int(value)) if value.is_integer() else f"{value:.2f}".rstrip("0").rstrip(".")
+
+
+def _stream_chat(model, tok, messages: list[dict], **params) -> tuple[str, list[dict], str]:
+    """Print a streamed reply; return (content, tool_calls, finish_reason)."""
+    content, calls, finish = "", [], ""
+    for chunk in chat_completion(model, tok, messages, stream=True, temperature=0, max_tokens=80, **params):
+        choice = chunk["choices"][0]
+        piece = choice["delta"].get("content") or ""
+        content += piece
+        print(piece, end="", flush=True)
+        calls += choice["delta"].get("tool_calls") or []
+        finish = choice["finish_reason"] or finish
+    return content, calls, finish
 
 
 def run_demo() -> int:
-    print("The Mistral family (parameter counts computed on the meta device):\n")
+    print("== The Mistral family (parameter counts computed on the meta device, no memory) ==\n")
     print(family_table())
-    print("\nA short greedy generation on a RANDOM-WEIGHT Mixtral-shaped model (8 experts, top-2, GQA, window 16):")
-    print("the output tokens are meaningless; this only exercises the prefill + rolling-cache decode loop.\n")
-    torch.manual_seed(0)
-    args = ModelArgs(dim=128, n_layers=4, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=48, vocab_size=1000,
-                     sliding_window=16, moe=MoeArgs(num_experts=8, num_experts_per_tok=2))
-    model = Transformer(args).eval()
-    prompt = torch.randint(3, args.vocab_size, (1, 24))
-    max_tokens = 32
-    cache = KVCache(args, batch_size=1, max_seq_len=prompt.shape[1] + max_tokens)
-    out = []
+
     t0 = time.perf_counter()
-    with torch.no_grad():
-        logits = model(prompt, torch.arange(prompt.shape[1])[None], cache)
-        for i in range(max_tokens):
-            tok = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-            out.append(int(tok))
-            logits = model(tok, torch.tensor([[prompt.shape[1] + i]]), cache)
-    dt = time.perf_counter() - t0
-    print(f"prompt ids: {prompt[0].tolist()}")
-    print(f"generated ids: {out}")
-    print(f"{max_tokens} tokens in {dt:.2f} s; rolling cache holds {cache.layers[0].capacity} slots per layer")
+    model, tok = load_embedded()
+    counts = parameter_counts(model.args)
+    a = model.args
+    print(f"\n== The embedded model: {EMBEDDED_MODEL_DIR.name} (loaded in {time.perf_counter() - t0:.2f} s) ==")
+    print(f"a real trained Mixtral-architecture model, small enough to ship: {counts['total'] / 1e6:.1f}M parameters "
+          f"({counts['active'] / 1e6:.1f}M active), dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / "
+          f"{a.n_kv_heads} kv heads of {a.head_dim}, {a.moe.num_experts} experts top-{a.moe.num_experts_per_tok}, "
+          f"sliding window {a.sliding_window}; tokenizer {tok.kind} {tok.version} ({tok.vocab_size} pieces)")
+
+    print("\n== Text completion (no template, greedy, streamed) ==")
+    prompt = "Returns the"
+    print(f"> {prompt}", end="", flush=True)
+    for event in generate_stream(model, tok, tok.encode(prompt, bos=True), 40, temperature=0, stop=["\n"],
+                                 continue_prompt_text=True):
+        print(event.text, end="", flush=True)
+    print()
+
+    print("\n== Chat (V3 template, greedy, streamed; each reply ends with EOS) ==")
+    for question in ("What is the capital of Italy?", "Bonjour !", "Translate into German: Save and continue"):
+        print(f"user: {question}\nassistant: ", end="", flush=True)
+        _, _, finish = _stream_chat(model, tok, [{"role": "user", "content": question}])
+        print(f"   [finish_reason={finish}]")
+
+    print("\n== Tool calling round trip ==")
+    tools = list(TOOLS.values())
+    messages: list[dict] = [{"role": "user", "content": "What is 27 times 14?"}]
+    print(f"tools offered: {[t['function']['name'] for t in tools]}")
+    print(f"user: {messages[0]['content']}\nassistant: ", end="", flush=True)
+    content, calls, finish = _stream_chat(model, tok, messages, tools=tools)
+    if finish != "tool_calls" or not calls:
+        print(f"\n[the model did not call a tool this time (finish_reason={finish})]")
+        return 0
+    call = calls[0]
+    print(f"[TOOL_CALLS] {call['function']['name']}({call['function']['arguments']})  id={call['id']}")
+    result = run_tool(call["function"]["name"], json.loads(call["function"]["arguments"]))
+    print(f"tool ({call['function']['name']}) -> {result}")
+    messages += [{"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"], "content": result}]
+    print("assistant: ", end="", flush=True)
+    _, _, finish = _stream_chat(model, tok, messages, tools=tools)
+    print(f"   [finish_reason={finish}]")
+    print("\nMore: `mistral-ref chat` (interactive, this model by default), `mistral-ref serve`, notebooks/.",
+          file=sys.stderr)
     return 0

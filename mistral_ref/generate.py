@@ -334,8 +334,13 @@ def generate_stream(
     top_logprobs: int = 0,
     chunk_size: int | None = None,
     logits_processors: Sequence[LogitsProcessor] = (),
+    continue_prompt_text: bool = False,
 ) -> Iterator[StreamEvent]:
     """Stream the generation of one prompt as text, token by token (see StreamEvent).
+
+    continue_prompt_text: decode the output as the continuation of the prompt's text (raw completion), so
+    SentencePiece keeps the space that begins the first generated piece; then the texts concatenate to
+    decode(prompt + tokens) minus decode(prompt).  Leave False for chat replies, which are decoded on their own.
 
     tokenizer: a mistral_ref tokenizer (``stream_decoder()``, ``eos_id``); generation stops at its EOS (unless
     ignore_eos) and at `stop_token_ids`, neither of which is decoded.  stop: strings matched on the decoded
@@ -356,7 +361,10 @@ def generate_stream(
     matcher = StopStrings(stop)
     sampler = Sampler(params, 1, args.vocab_size, model.device, logits_processors)
     steps = _steps(model, [prompt], max_tokens, sampler, stop_ids, logprobs, top_logprobs, chunk_size)
-    return _stream(steps, tokenizer.stream_decoder(), matcher)
+    decoder = tokenizer.stream_decoder()
+    if continue_prompt_text:
+        decoder.feed_many(prompt)  # the prompt's text is the user's: only its effect on spacing is kept
+    return _stream(steps, decoder, matcher)
 
 
 def _stream(steps: Iterator[_Step], decoder: Any, matcher: StopStrings) -> Iterator[StreamEvent]:

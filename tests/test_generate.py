@@ -333,6 +333,21 @@ def test_stream_releases_whole_characters_only(name: str, tokenizers, models) ->
 
 @needs_tokenizer_files
 @pytest.mark.parametrize("name", TOKENIZERS)
+def test_raw_completion_continues_the_prompt_text(name: str, tokenizers, models) -> None:
+    """continue_prompt_text: the stream is decode(prompt + output) minus decode(prompt), so the space that begins
+    a SentencePiece continuation ("Returns the" + "▁given") is kept."""
+    tok, model = tokenizers[name], models[name]
+    prompt = tok.encode("Returns the", bos=True)
+    # SentencePiece adds the "▁" itself (a "▁given" piece); Tekken needs the space spelled out
+    word = tok.encode(" given value" if tok.kind == "tekken" else "given value")
+    events = list(generate_stream(model, tok, prompt, 20, temperature=0, continue_prompt_text=True,
+                                  logits_processors=[force(word, tok.eos_id)]))
+    assert joined(events) == tok.decode(prompt + word)[len(tok.decode(prompt)):]
+    assert joined(events).startswith(" given")
+
+
+@needs_tokenizer_files
+@pytest.mark.parametrize("name", TOKENIZERS)
 def test_stream_equals_the_non_streamed_text(name: str, tokenizers, models) -> None:
     """Sampled random-model output (stray bytes included): the concatenated stream equals decode(generate)."""
     tok, model = tokenizers[name], models[name]

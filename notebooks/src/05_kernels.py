@@ -25,9 +25,10 @@ import time
 import torch
 
 HAS_GPU = torch.cuda.is_available()
-assert "triton" not in sys.modules, "TRITON_INTERPRET must be set before triton is imported"
-if not HAS_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # run the kernels on the CPU with Triton's interpreter
+if not HAS_GPU:  # run the kernels on the CPU with Triton's interpreter; it must be chosen before triton loads
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: restart the kernel")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import matplotlib.pyplot as plt  # noqa: E402
 

@@ -23,11 +23,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check mistral_ref triton_kernels tests benchmarks
 
+# One thread per test process: the tests use tiny models, where threads only fight for the cores.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not oracle and not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not oracle and not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

@@ -17,10 +17,14 @@ _EXPORTS = {
     "Transformer": "mistral_ref.model",
     "load_model": "mistral_ref.checkpoint",
     "save_checkpoint": "mistral_ref.checkpoint",
+    "convert_checkpoint": "mistral_ref.checkpoint",
     "CheckpointError": "mistral_ref.checkpoint",
     "load_tokenizer": "mistral_ref.tokenizer",
     "Tokenizer": "mistral_ref.tokenizer",
     "generate": "mistral_ref.generate",
+    "generate_stream": "mistral_ref.generate",
+    "GenerationParamError": "mistral_ref.sampling",
+    "load_embedded": "mistral_ref.embedded",
     "chat_completion": "mistral_ref.api",
 }
 

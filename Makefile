@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export TRITON_INTERPRET ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench bench-kernels clean
+.PHONY: install demo test test-fast lint notebooks bench bench-kernels clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mistral_ref demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check mistral_ref triton_kernels tests benchmarks
+	$(BIN)/ruff check mistral_ref triton_kernels tests benchmarks notebooks/build.py
 
 # One thread per test process: the tests use tiny models, where threads only fight for the cores.
 test: $(STAMP) lint
@@ -29,6 +29,9 @@ test: $(STAMP) lint
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not oracle and not slow"
+
+notebooks: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/test_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py

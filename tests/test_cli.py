@@ -56,9 +56,12 @@ def test_generate_command_streams_the_greedy_completion(tmp_path_factory, capsys
     path, tok = _checkpoint(tmp_path_factory)
     assert main(["generate", str(path), "--prompt", "Once upon a time", "--max-tokens", "6", "--temperature", "0"]) == 0
     out = capsys.readouterr()
-    (ref,) = generate(load_model(path), [tok.encode("Once upon a time", bos=True)], 6, temperature=0,
-                      eos_id=tok.eos_id)
-    assert out.out == tok.decode(ref.tokens) + "\n"
+    prompt = tok.encode("Once upon a time", bos=True)
+    (ref,) = generate(load_model(path), [prompt], 6, temperature=0, eos_id=tok.eos_id)
+    # a raw completion continues the prompt's text: it keeps the space SentencePiece puts before the first piece
+    continuation = tok.decode(prompt + ref.tokens)[len(tok.decode(prompt)):]
+    assert continuation != tok.decode(ref.tokens)  # the space matters here, so the check below has teeth
+    assert out.out == continuation + "\n"
     assert "6 tokens" in out.err and "finish: length" in out.err
 
 

@@ -104,11 +104,39 @@ def sdpa_attention(
     dtype = q.dtype
     if q.shape[1] == 1 and upcast_on_cpu(q):
         q, k, v = q.float(), k.float(), v.float()
+    start = _causal_prompt(q_pos, k_pos, window)
+    if start is not None:  # the mask is plain causal: the kernel's causal mode skips the masked half
+        T = q.shape[1]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, start:start + T].transpose(1, 2),
+                                             v[:, start:start + T].transpose(1, 2), is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2).to(dtype)
     allowed = attention_mask(q_pos, k_pos, window)[:, None]  # (B, 1, T, S)
     bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias, enable_gqa=True)  # (B, n_heads, T, head_dim)
     return out.transpose(1, 2).to(dtype)  # (B, T, n_heads, head_dim)
+
+
+def _causal_prompt(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> int | None:
+    """Where a prompt attends only to itself, the index of its keys in k_pos, else None.
+
+    That is the case of a forward pass without cache, and of a prompt's first chunk into an empty cache (a full
+    layer writes it to slots 0..T-1; a rolling layer appends it after its empty buffer): unpadded rows of
+    consecutive positions, every other key slot empty (-1), and no window shorter than the prompt.  Then
+    attention_mask is exactly "key j <= query j", which SDPA's is_causal computes without a mask.  Checked on
+    the host (T > 1 only: a prefill, where a few small reductions cost nothing).
+    """
+    B, T = q_pos.shape
+    S = k_pos.shape[1]
+    if T == 1 or (window is not None and T > window):
+        return None
+    if not bool(((q_pos[:, 1:] - q_pos[:, :-1]) == 1).all()) or int(q_pos[:, 0].min()) < 0:
+        return None
+    for start in {0, S - T}:
+        if (torch.equal(k_pos[:, start:start + T], q_pos) and bool((k_pos[:, :start] < 0).all())
+                and bool((k_pos[:, start + T:] < 0).all())):
+            return start
+    return None
 
 
 class Attention(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral_ref.attention import attention, attention_mask, linear, sdpa_attention, upcast_on_cpu
+from mistral_ref.attention import _causal_prompt, attention, attention_mask, linear, sdpa_attention, upcast_on_cpu
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
@@ -76,6 +76,36 @@ def test_sdpa_attention_equals_reference(window, T):
     out16 = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), q_pos, k_pos, window)
     assert out16.dtype == torch.bfloat16
     assert rel_err(out16, ref) < 3e-2 and rel_err(ref16, ref) < 3e-2
+
+
+@pytest.mark.parametrize("case", ["no_cache", "empty_full_cache", "empty_rolling_cache", "second_chunk",
+                                  "padded", "window_shorter"])
+def test_sdpa_causal_mode_only_where_the_mask_is_plain_causal(case):
+    """A prompt attending only to itself runs SDPA's is_causal (no mask); anything else keeps the mask.  Both
+    equal the reference."""
+    g = torch.Generator().manual_seed(7)
+    B, T, H, K, D = 2, 6, 4, 2, 8
+    q_pos = torch.arange(T).repeat(B, 1) + torch.tensor([[0], [3]])  # rows at different offsets
+    window, start = None, None
+    if case == "no_cache":
+        k_pos, start = q_pos, 0
+    elif case == "empty_full_cache":  # slots 0..T-1 written, the rest empty
+        k_pos, start = torch.cat([q_pos, torch.full((B, 5), -1)], 1), 0
+    elif case == "empty_rolling_cache":  # an empty buffer of W slots, then the chunk
+        window = 8
+        k_pos, start = torch.cat([torch.full((B, window), -1), q_pos], 1), window
+    elif case == "second_chunk":  # earlier keys are visible: needs the mask
+        k_pos = torch.cat([q_pos - T, q_pos], 1)
+    elif case == "padded":
+        q_pos = q_pos.clone()
+        q_pos[1, :2] = -1
+        k_pos = q_pos
+    else:  # a window shorter than the prompt
+        window, k_pos = 3, q_pos
+    assert _causal_prompt(q_pos, k_pos, window) == start
+    S = k_pos.shape[1]
+    q, k, v = (torch.randn(B, n, h, D, generator=g) for n, h in ((T, H), (S, K), (S, K)))
+    assert rel_err(sdpa_attention(q, k, v, q_pos, k_pos, window), attention(q, k, v, q_pos, k_pos, window)) < 1e-5
 
 
 def test_complex_rope_equals_reference():
@@ -171,6 +201,17 @@ def test_model_forward_equals_reference(name):
     assert clear.sum() >= valid.sum() // 3
     assert torch.equal(out16.argmax(-1)[clear], ref.argmax(-1)[clear])
     assert torch.equal(ref16.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unpadded_prompt_equals_reference(name):
+    """The common prefill: one unpadded prompt, no cache (causal mode on full layers; the masked path on layers
+    whose window is shorter than the prompt)."""
+    args = MODELS[name]
+    model = make_model(args, seed=3)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    ref = run(model, "reference", lambda: model(tokens))
+    assert rel_err(run(model, "torch", lambda: model(tokens)), ref) < 1e-5
 
 
 def cached_greedy(model: Transformer, prompt: torch.Tensor, chunk: int, steps: int):

@@ -212,6 +212,27 @@ def test_presets_match_the_published_shapes(name):
     assert set(PRESETS) == set(FAMILY)
 
 
+# tokenizer version and trained context of each preset (FIELD-NOTES table; v0.2/v0.3 "as v0.1": 32k)
+PRESET_TOKENIZER_AND_CONTEXT = {
+    "mistral-7b-v0.1": ("v1", 32768),
+    "mistral-7b-v0.2": ("v1", 32768),
+    "mistral-7b-v0.3": ("v3", 32768),
+    "mixtral-8x7b": ("v1", 32768),
+    "mixtral-8x22b": ("v3", 65536),
+    "mistral-nemo-12b": ("v3-tekken", 131072),
+    "mistral-small-2409": ("v3", 32768),
+    "mistral-small-2501": ("v7-tekken", 32768),
+    "mistral-large-2407": ("v3", 131072),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESET_TOKENIZER_AND_CONTEXT))
+def test_presets_name_their_tokenizer_version_and_context(name):
+    a = PRESETS[name]
+    assert (a.tokenizer, a.max_seq_len) == PRESET_TOKENIZER_AND_CONTEXT[name]
+    assert set(PRESETS) == set(PRESET_TOKENIZER_AND_CONTEXT)
+
+
 def test_get_preset_overrides_and_unknown_names():
     assert get_preset("mistral-nemo-12b", n_layers=2).n_layers == 2
     assert PRESETS["mistral-nemo-12b"].n_layers == 40

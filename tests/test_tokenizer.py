@@ -29,6 +29,7 @@ FILES = {
     "mistral_instruct_tokenizer_240216.model.v2": ("sentencepiece", "v2", 32768),
     "mistral_instruct_tokenizer_240323.model.v3": ("sentencepiece", "v3", 32768),
     "mistral_instruct_tokenizer_241114.model.v7": ("sentencepiece", "v7", 32768),
+    "mistral_instruct_tokenizer_241114.model.v7m1": ("sentencepiece", "v7", 32768),
     "tekken_240718.json": ("tekken", "v3", 131072),
     "tekken_240911.json": ("tekken", "v3", 131072),
 }

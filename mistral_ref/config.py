@@ -7,6 +7,7 @@ Hugging Face ``config.json`` files are translated into the same dataclass by :me
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -93,6 +94,14 @@ class ModelArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, found {v!r}")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number, found {v!r}")
+            set_(self, name, float(v))
+        if self.max_seq_len is not None and (
+                isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
+            raise ConfigError(f"max_seq_len must be a positive integer or absent, found {self.max_seq_len!r}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query attention)"
@@ -185,9 +194,10 @@ class ModelArgs:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
         try:
-            return cls(**kwargs)
+            args = cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        return args if args.max_seq_len is not None else with_known_context(args)
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelArgs:
@@ -296,6 +306,20 @@ def get_preset(name: str, **overrides: Any) -> ModelArgs:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def with_known_context(args: ModelArgs) -> ModelArgs:
+    """Fill a missing max_seq_len from the preset of the same architecture (real params.json files omit it).
+
+    The match is on every shape field, the window, the experts and rope_theta; an unknown model keeps None and is
+    then bounded only by memory when generating.
+    """
+    if args.max_seq_len is not None:
+        return args
+    for preset in PRESETS.values():
+        if replace(preset, max_seq_len=None, tokenizer=None) == args:
+            return replace(args, max_seq_len=preset.max_seq_len)
+    return args
 
 
 def parameter_counts(args: ModelArgs) -> dict[str, int]:

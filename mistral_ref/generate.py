@@ -19,6 +19,7 @@ temperature and top_p — the teacher-forced score of the token, whatever sampli
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -97,7 +98,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_tokens: int, vocab_size:
                 f"prompts[{i}] must be a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise GenerationParamError(f"prompts[{i}] is empty: a prompt needs at least one token (e.g. BOS)")
-        ids = list(prompt)
+        ids = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in prompt]
         for j, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
                 raise GenerationParamError(f"prompts[{i}][{j}] = {t!r} is not a token id of this model "
@@ -112,6 +113,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_tokens: int, vocab_size:
 
 def _stop_id_set(eos_id: int | None, stop_token_ids: Sequence[int] | None, ignore_eos: bool,
                  vocab_size: int) -> list[int]:
+    if isinstance(stop_token_ids, numbers.Integral):
+        stop_token_ids = [stop_token_ids]
+    if stop_token_ids is not None and not isinstance(stop_token_ids, (Sequence, set, frozenset)):
+        raise GenerationParamError(f"stop_token_ids must be a list of token ids, got {type(stop_token_ids).__name__}")
     ids = ([] if eos_id is None else [eos_id]) + list(stop_token_ids or [])
     for t in ids:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
@@ -124,6 +129,43 @@ def _check_logprobs(logprobs: bool, top_logprobs: int) -> None:
     _check_int("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
         raise GenerationParamError("top_logprobs > 0 requires logprobs=True")
+
+
+def cache_bytes(args, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values a KVCache for `max_seq_len` positions holds (rolling layers hold their window)."""
+    per_slot = 2 * args.n_kv_heads * args.head_dim * torch.tensor([], dtype=dtype).element_size()
+    slots = sum(min(w, max_seq_len) if (w := args.window_for_layer(i)) else max_seq_len for i in range(args.n_layers))
+    return batch_size * slots * per_slot
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def allocate_cache(args, batch_size: int, max_seq_len: int, dtype: torch.dtype, device,
+                   extra_bytes: int = 0) -> KVCache:
+    """The request's KV cache, or a GenerationParamError when it cannot fit in memory.
+
+    Models without a declared context (native params.json rarely has max_seq_len) are bounded only by memory: an
+    absurd max_tokens must fail here, clearly, not in the allocator (or the kernel's OOM killer).
+    """
+    need = cache_bytes(args, batch_size, max_seq_len, dtype) + extra_bytes  # extra: the caller's own buffers
+    free = _available_bytes(torch.device(device))
+    if free is not None and need > free:
+        raise GenerationParamError(
+            f"max_tokens: the KV cache for {batch_size} x {max_seq_len} positions (and output buffers) needs "
+            f"{need / 2**30:.1f} GiB but "
+            f"only {free / 2**30:.1f} GiB is available; lower max_tokens or the batch size")
+    return KVCache(args, batch_size, max_seq_len, dtype=dtype, device=device)
 
 
 # ---- prefill and the step loop -----------------------------------------------------------------------------
@@ -170,7 +212,7 @@ def _steps(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, sa
         tokens[i, : len(p)] = torch.tensor(p)
         positions[i, : len(p)] = torch.arange(len(p))
     tokens, positions = tokens.to(device), positions.to(device)
-    cache = KVCache(model.args, B, T + max_tokens, dtype=model.dtype, device=device)
+    cache = allocate_cache(model.args, B, T + max_tokens, model.dtype, device, extra_bytes=B * max_tokens * 8)
     logits = prefill(model, cache, tokens, positions, chunk_size)  # (B, V)
 
     next_pos = torch.tensor(lens, device=device)  # (B,) position of the token fed at the next decode step

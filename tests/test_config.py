@@ -263,3 +263,30 @@ def test_parameter_count_is_exact_for_a_small_model():
     per_layer = attention + 3 * expert + 3 * 8 + 2 * 8  # experts, router, two norms
     total = 2 * 10 * 8 + 8 + 2 * per_layer  # embeddings + output, final norm
     assert parameter_counts(a) == {"total": total, "active": total - 2 * 2 * expert}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("norm_eps", "x", "norm_eps must be a positive number"),
+    ("norm_eps", -1, "norm_eps must be a positive number"),
+    ("rope_theta", 0, "rope_theta must be a positive number"),
+    ("rope_theta", "big", "rope_theta must be a positive number"),
+    ("max_seq_len", -3, "max_seq_len must be a positive integer"),
+])
+def test_bad_numeric_fields_name_file_and_field(tmp_path, field, value, message):
+    raw = {"dim": 64, "n_layers": 2, "hidden_dim": 128, "n_heads": 4, "vocab_size": 100, "rope_theta": 1e6,
+           field: value}
+    (tmp_path / "params.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=message) as err:
+        ModelArgs.from_params_json(tmp_path)
+    assert str(tmp_path / "params.json") in str(err.value)
+
+
+def test_native_params_without_context_take_it_from_the_matching_preset(tmp_path):
+    """Real params.json files omit max_seq_len; a known architecture gets its trained context, others None."""
+    raw = PRESETS["mistral-nemo-12b"].to_params_json()
+    raw.pop("max_seq_len")
+    (tmp_path / "params.json").write_text(json.dumps(raw))
+    assert ModelArgs.from_params_json(tmp_path).max_seq_len == 131072
+    raw["n_layers"] = 3  # no preset has this shape
+    (tmp_path / "params.json").write_text(json.dumps(raw))
+    assert ModelArgs.from_params_json(tmp_path).max_seq_len is None

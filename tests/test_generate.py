@@ -402,3 +402,22 @@ def test_stop_strings_match_a_reference_on_sampled_text(name: str, tokenizers, m
                                   stop=stops))
     assert joined(events) == want
     assert len(events) - 1 == k + 1 and events[-1].finish_reason == "stop"
+
+
+def test_integer_like_inputs_are_accepted() -> None:
+    """numpy integers in prompts and a bare int as stop_token_ids are ordinary ids."""
+    import numpy as np
+
+    model = tiny()
+    prompt = [3, 4, 5]
+    ref = generate(model, [prompt], 4, temperature=0, stop_token_ids=[7])[0]
+    out = generate(model, [[np.int64(t) for t in prompt]], 4, temperature=0, stop_token_ids=7)[0]
+    assert out == ref
+
+
+def test_a_cache_that_cannot_fit_in_memory_is_refused_clearly() -> None:
+    """A model without a declared context is bounded by memory: an absurd max_tokens names itself."""
+    model = tiny()
+    assert model.args.max_seq_len is None
+    with pytest.raises(GenerationParamError, match=r"max_tokens: the KV cache .* GiB"):
+        generate(model, [[1, 2]], 10**12, temperature=0)

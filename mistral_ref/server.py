@@ -296,6 +296,8 @@ class ChatHandler(BaseHTTPRequestHandler):
             raise HttpError(
                 400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", "body"
             ) from None
+        except RecursionError:
+            raise HttpError(400, "the body's JSON is nested too deeply to parse", "body") from None
 
     def _azure_body(self, body: dict[str, Any]) -> dict[str, Any]:
         mode = self.headers.get("extra-parameters", "error").strip().lower()

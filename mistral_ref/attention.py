@@ -111,7 +111,7 @@ def sdpa_attention(
                                              v[:, start:start + T].transpose(1, 2), is_causal=True, enable_gqa=True)
         return out.transpose(1, 2).to(dtype)
     allowed = attention_mask(q_pos, k_pos, window)[:, None]  # (B, 1, T, S)
-    bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
+    bias = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)  # (B, 1, T, S)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias, enable_gqa=True)  # (B, n_heads, T, head_dim)
     return out.transpose(1, 2).to(dtype)  # (B, T, n_heads, head_dim)

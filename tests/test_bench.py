@@ -38,3 +38,20 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert decode["ours"]["median"] > 0 and decode["transformers"]["median"] > 0
     assert 0 < decode["fraction_of_floor"]
     assert result["machine"]["read_bandwidth_GBs"]["median"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.oracle  # reads the tokenizer files shipped in the mistral-common wheel
+def test_json_mode_benchmark_reports_the_processor_overhead():
+    """`benchmarks/bench_json_mode.py` (issue 5: JSON mode's per-token overhead) runs for both vocabularies."""
+    pytest.importorskip("mistral_common")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_json_mode.py"), "--tokens", "8",
+                           "--rows", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # per tokenizer: | mode | rows | tokens generated | model + sampling ms/token | JSON processor ms/token | ...
+    rows = re.findall(r"\| (greedy|sampled|sampled \+ structure) \| \d+ \| (\d+) \| (\d+\.\d+) \| (\d+\.\d+) \|",
+                      proc.stdout)
+    assert [mode for mode, *_ in rows] == ["greedy", "sampled", "sampled + structure"] * 2, proc.stdout
+    assert all(int(n) > 0 and float(model_ms) > 0 and float(json_ms) > 0 for _, n, model_ms, json_ms in rows)
+    for vocab in ("32768 tokens", "131072 tokens"):
+        assert vocab in proc.stdout

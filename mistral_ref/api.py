@@ -279,7 +279,8 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
         raise RequestError("tool_choice", f"this tokenizer ({tokenizer.version}) has no tool calling")
     return Prepared(req, prompt, max_tokens, req.model or model_name, marker,
                     force_tool_call=req.tool_choice == "any",
-                    forbid_tool_call=marker is not None and req.tool_choice == "none")
+                    # no tools offered (or tool_choice "none"): a call could only name a function that doesn't exist
+                    forbid_tool_call=marker is not None and (req.tool_choice == "none" or not req.tools))
 
 
 def context_length(model: Any, max_context: int | None = None) -> int | None:

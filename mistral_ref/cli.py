@@ -297,6 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # our errors say what and where: show them plainly
+    except (ValueError, OSError, KeyError) as e:  # our errors say what and where (OSError: e.g. port in use)
         print(f"mistral-ref {args.command}: error: {e}", file=sys.stderr)
         return 2

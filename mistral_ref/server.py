@@ -1,9 +1,9 @@
 """A local HTTP endpoint for chat completions that the official clients use unchanged (standard library only).
 
     POST /v1/chat/completions   the Mistral chat API (what the `openai` and `mistralai` clients call)
-    POST /chat/completions      the Azure AI model inference API (`azure-ai-inference`'s
-    ChatCompletionsClient) GET  /info                  Azure's model info: {"model_name", "model_type",
-    "model_provider_name"} GET  /v1/models             the served model, as the Mistral / OpenAI model list
+    POST /chat/completions      the Azure AI model inference API (azure-ai-inference's ChatCompletionsClient)
+    GET  /info                  Azure's model info: {"model_name", "model_type", "model_provider_name"}
+    GET  /v1/models             the served model, as the Mistral / OpenAI model list
     GET  /openapi.json          an OpenAPI 3.1 description of all of the above
 
 Streaming responses are data-only server-sent events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``).
@@ -186,6 +186,7 @@ class ChatServer(ThreadingHTTPServer):
 class ChatHandler(BaseHTTPRequestHandler):
     server: ChatServer
     protocol_version = "HTTP/1.1"  # keep-alive for clients that pool connections
+    timeout = 60  # seconds a client may stall mid-request before its handler thread gives up
     server_version = "mistral-ref"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — the base class's name
@@ -223,7 +224,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                 raise HttpError(404, f"no route {method} {path}; see GET /openapi.json")
             handler()
         except HttpError as e:
-            if method == "POST" and not getattr(self, "_body_read", False):
+            if method != "GET" and not getattr(self, "_body_read", False):
                 self.close_connection = True  # the unread body would be taken for the next request
             self._send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
@@ -234,6 +235,15 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self._route("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802 — unsupported methods get a JSON 405 from _route, not an HTML 501
+        self._route("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._route("PATCH")
 
     # ---- GET routes ----
     def _info(self) -> None:

@@ -352,3 +352,10 @@ def test_client_disconnecting_mid_stream_does_not_wedge_the_server(served):
     assert status == 200 and r["usage"]["completion_tokens"] == 2
     assert server.worker.cancelled == before + 1  # the abandoned generation was stopped, not run to the end
     assert time.monotonic() - t0 < 60
+
+
+def test_unsupported_methods_get_a_json_405(served):
+    server = served[0]
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, err = raw(server, method, "/v1/chat/completions", {"messages": MESSAGES})
+        assert status == 405 and method in err["message"]

@@ -313,9 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"# mistral_ref vs transformers {m['transformers']} — {m['cpu']}, {m['threads']} threads, "
           f"torch {m['torch']}, {m['date']}")
     print(f"load average before: {m['load_average_before']} (a shared machine makes every figure noisier)")
-    bw = read_bandwidth((64 if quick else 1024) << 20, 3 if quick else 7)
+    bw_bytes = (64 if quick else 512) << 20
+    bw = read_bandwidth(bw_bytes, 3 if quick else 7)
     result["machine"]["read_bandwidth_GBs"] = summary([b / 1e9 for b in bw])
-    print(f"read bandwidth (sum of a {64 if quick else 1024} MiB tensor): "
+    print(f"read bandwidth (sum of a {bw_bytes >> 20} MiB tensor): "
           f"{fmt(result['machine']['read_bandwidth_GBs'])} GB/s")
     print(f"medians [min-max] of {runs} alternating rounds; ratio = mistral_ref / transformers per round\n")
 
@@ -336,12 +337,16 @@ def main(argv: list[str] | None = None) -> dict:
                     entry["parity"] = {"logits_rel_err": err, "greedy_tokens_equal": same}
                     print(f"{name} fp32 parity: logits rel err {err:.1e}, greedy tokens equal: {same}")
                 for batch in batches:
+                    near = read_bandwidth(bw_bytes, 3) if batch == 1 else []  # bandwidth now, before and after
                     d = entry[f"decode_b{batch}"] = bench_decode(ours, hf, batch, prompt_len, new, runs)
                     floor = None
                     if batch == 1:
+                        near += read_bandwidth(bw_bytes, 3)
                         need = decode_bytes(args, dtype.itemsize, prompt_len + new // 2)
-                        floor = statistics.median(bw) / need
+                        floor = statistics.median(near) / need
+                        d["bandwidth_GBs"], d["bytes_per_token"] = statistics.median(near) / 1e9, need
                         d["floor_tok_s"], d["fraction_of_floor"] = floor, d["ours"]["median"] / floor
+                        d["transformers_fraction_of_floor"] = d["transformers"]["median"] / floor
                     decode_rows.append((name, dname, batch, d, floor))
                     print(f"  decode {name} {dname} b{batch}: {fmt(d['ours'])} vs {fmt(d['transformers'])} tok/s, "
                           f"ratio {fmt(d['ratio'], 2)}", flush=True)
@@ -353,7 +358,9 @@ def main(argv: list[str] | None = None) -> dict:
                         d = entry["decode_b1_compiled"] = bench_decode(ours, hf, 1, prompt_len, new, runs)
                         ours.compile_decode(False)
                         d["compile_s"] = compile_s
+                        d["bandwidth_GBs"] = entry["decode_b1"]["bandwidth_GBs"]
                         d["floor_tok_s"], d["fraction_of_floor"] = floor, d["ours"]["median"] / floor
+                        d["transformers_fraction_of_floor"] = d["transformers"]["median"] / floor
                         decode_rows.append((f"{name} compiled", dname, 1, d, floor))
                         print(f"  decode {name} {dname} b1 compiled ({compile_s:.0f} s to compile): "
                               f"{fmt(d['ours'])} vs {fmt(d['transformers'])} tok/s, ratio {fmt(d['ratio'], 2)}",
@@ -368,10 +375,13 @@ def main(argv: list[str] | None = None) -> dict:
                 del hf, ours
 
     print(f"\n## Decode: tokens/s, greedy, {new} new tokens after a {prompt_len}-token prompt")
-    print("| model | dtype | batch | mistral_ref | transformers | ratio | floor (bandwidth) | of floor |")
+    print("floor = read bandwidth measured just before and after the row / bytes of weights and KV cache read per "
+          "token (batch 1); 'of floor' for mistral_ref, then transformers")
+    print("| model | dtype | batch | mistral_ref | transformers | ratio | floor tok/s (GB/s) | of floor |")
     print("|---|---|---|---|---|---|---|---|")
     for name, dname, batch, d, floor in decode_rows:
-        fl = f"{floor:.0f} | {100 * d['ours']['median'] / floor:.0f}%" if floor else "- | -"
+        fl = (f"{floor:.0f} ({d['bandwidth_GBs']:.1f}) | {100 * d['fraction_of_floor']:.0f}% / "
+              f"{100 * d['transformers_fraction_of_floor']:.0f}%") if floor else "- | -"
         print(f"| {name} | {dname} | {batch} | {fmt(d['ours'])} | {fmt(d['transformers'])} | "
               f"{fmt(d['ratio'], 2)}x | {fl} |")
     print(f"\n## Time to first token ({prompt_len}-token prompt, batch 1), seconds")

@@ -4,7 +4,7 @@ This is how ``mistral_ref/assets/tiny-mixtral`` was made, and a small, complete 
 instruction-tuning loop to read top to bottom:
 
 1. **Data** (:mod:`mistral_ref.train_data`): Django's UI strings in five languages and its English docstrings,
-   mixed 40 / 60 with synthetic V3 chat conversations (greetings, capitals, translation, repetition and
+   mixed 25 / 75 with synthetic V3 chat conversations (greetings, capitals, translation, repetition and
    tool calls).  Text trains on every token; conversations only on the assistant's tokens and its EOS.
 2. **Tokenizer**: a 3,072-piece SentencePiece BPE with byte fallback, trained here, whose ids 0..9 are the
    Mistral v3 control pieces (<unk> <s> </s> [INST] [/INST] [TOOL_CALLS] [AVAILABLE_TOOLS] ...).

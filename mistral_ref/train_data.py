@@ -251,7 +251,7 @@ def tool_conversation(rng: random.Random, kind: str | None = None) -> tuple[list
 def chat_conversation(rng: random.Random, pairs: list[dict[str, str]]
                       ) -> tuple[list[dict[str, Any]], list[dict] | None]:
     """A one-turn conversation of a random task; tools are sometimes offered even when none is needed."""
-    task = rng.choices(("tool", "greet", "who", "capital", "translate", "repeat"), (40, 6, 4, 15, 20, 15))[0]
+    task = rng.choices(("tool", "greet", "who", "capital", "translate", "repeat"), (35, 5, 3, 12, 10, 35))[0]
     if task == "tool":
         return tool_conversation(rng)
     if task == "greet":
@@ -315,7 +315,7 @@ def encode_text(tok: Tokenizer, text: str, max_len: int) -> list[list[int]]:
 
 
 def example_stream(tok: Tokenizer, docs: list[str], pairs: list[dict[str, str]], seed: int, max_len: int,
-                   text_fraction: float = 0.4) -> Iterator[tuple[list[int], list[bool]]]:
+                   text_fraction: float = 0.25) -> Iterator[tuple[list[int], list[bool]]]:
     """An endless seeded stream of (ids, mask): text documents (shuffled, cycled) mixed with conversations."""
     rng = random.Random(seed)
     order: list[int] = []

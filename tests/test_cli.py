@@ -164,3 +164,15 @@ def test_generate_under_torchrun_matches_one_process(tmp_path):
     assert two.returncode == 0, two.stderr
     assert "sharded over 2 ranks" in two.stderr
     assert one.stdout.strip() and two.stdout == one.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end():
+    """`make demo`: the family table, then the embedded model completing, chatting (EOS) and calling a tool."""
+    out = subprocess.run([sys.executable, "-m", "mistral_ref", "demo"], capture_output=True, text=True,
+                         timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "| mixtral-8x7b |" in text and "== The embedded model: tiny-mixtral" in text
+    assert text.count("[finish_reason=stop]") >= 3  # chat replies end with EOS
+    assert "tools offered: ['add', 'multiply', 'convert_units']" in text

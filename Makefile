@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 export TRITON_INTERPRET ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint notebooks bench bench-kernels clean
+.PHONY: install demo test test-fast lint notebooks bench bench-kernels train-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench
+
+# Re-train the embedded tiny Mixtral (~15 min on one thread; same seed and threads give the same weights).
+train-tiny: $(STAMP)
+	$(BIN)/pip install -q django==5.2.19
+	$(BIN)/python -m mistral_ref.train --out mistral_ref/assets/tiny-mixtral --threads 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,8 +4,8 @@ The embedded model (mistral_ref/assets/tiny-mixtral, 4.2M parameters, trained on
 loaded through the same `load_model` path as any real checkpoint.  The demo completes text, answers chat turns
 with the V3 template (streaming, token by token), and runs a tool-call round trip: the model emits a
 [TOOL_CALLS] JSON call, the demo executes the tool in Python, sends the result back, and the model reports it.
-It is tiny: expect it to be right on what it was trained for (greetings, capitals, short translations, the
-add / multiply / convert_units tools) and wrong on much else.
+It is tiny: expect it to be right on what it was trained for (greetings, capitals, the add / multiply /
+convert_units tools) and wrong on much else (it cannot translate or repeat free text).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def run_demo() -> int:
     print()
 
     print("\n== Chat (V3 template, greedy, streamed; each reply ends with EOS) ==")
-    for question in ("What is the capital of Italy?", "Bonjour !", "Translate into German: Save and continue"):
+    for question in ("What is the capital of Italy?", "Bonjour !", "Who are you?"):
         print(f"user: {question}\nassistant: ", end="", flush=True)
         _, _, finish = _stream_chat(model, tok, [{"role": "user", "content": question}])
         print(f"   [finish_reason={finish}]")

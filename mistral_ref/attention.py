@@ -42,7 +42,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     bf16 moves half the bytes.  The result equals the native product up to the rounding of its accumulation.
     """
     if upcast_on_cpu(x) and x.numel() > x.shape[-1]:  # more than one row
-        return F.linear(x.float(), weight.float()).to(x.dtype)
+        # Upcast ~8 MB of weight rows at a time: small temporaries are reused by the allocator, while a copy of a
+        # large matrix (the vocabulary projection) would be freshly mapped and page-faulted at every call.
+        xf, rows = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))
+        return torch.cat([F.linear(xf, w.float()) for w in weight.split(rows)], dim=-1).to(x.dtype)
     return F.linear(x, weight)
 
 

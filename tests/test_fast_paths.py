@@ -10,7 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistral_ref.attention import _causal_prompt, attention, attention_mask, linear, sdpa_attention, upcast_on_cpu
+from mistral_ref.attention import (
+    UPCAST_MIN_ROWS,
+    _causal_prompt,
+    attention,
+    attention_mask,
+    linear,
+    sdpa_attention,
+    upcast_on_cpu,
+)
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
@@ -153,7 +161,7 @@ def test_grouped_moe_accepts_stacked_experts():
         assert rel_err(moe_forward_grouped(x[:n], gate, w1, w2, w3, 2)[0], ref) < 1e-6
 
 
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
 def test_linear_matches_the_native_product(rows):
     """bf16 products with more than one row run in fp32 on CPUs without native bf16: same values up to the
     final rounding; fp32 is F.linear itself."""
@@ -164,8 +172,12 @@ def test_linear_matches_the_native_product(rows):
     assert out.dtype == torch.bfloat16
     exact = torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double())
     assert rel_err(out, exact) < 1e-2
-    if upcast_on_cpu(out) and rows > 1:  # computed in fp32, rounded once: the correctly rounded result or 1 ulp
+    if upcast_on_cpu(out) and rows >= UPCAST_MIN_ROWS:  # computed in fp32, rounded once: within 1 ulp
         assert rel_err(out, exact) < 4e-3
+    w_big = torch.randn(5000, 512, generator=g).bfloat16()  # upcast in two blocks of rows
+    x_big = torch.randn(rows, 512, generator=g).bfloat16()
+    exact = torch.nn.functional.linear(x_big.double(), w_big.double())
+    assert rel_err(linear(x_big, w_big), exact) < 1e-2
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------

@@ -13,12 +13,17 @@ model runs by default (backend "torch"); backend "reference" runs the plain code
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.config import ModelArgs
 from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_complex, rope_angles, rope_rotations
+
+if TYPE_CHECKING:  # the cache module imports nothing from here; typing only
+    from mistral_ref.cache import LayerCache
 
 # CPUs without bf16/fp16 matrix instructions (AVX512-BF16, AMX) get slow reduced-precision matmuls from PyTorch:
 # on an AVX2 EPYC a bf16 GEMM runs ~10x slower than an fp32 GEMM on the same data.  Such products run in fp32.
@@ -163,7 +168,7 @@ class Attention(nn.Module):
         # "reference": the plain functions above (attention, apply_rotary_emb); "triton": triton_kernels.
         self.backend = "torch"
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); positions: (B, T) (-1 = padding); cache: a cache.LayerCache or None;
         rope: (B, T, head_dim/2) complex rotations (rope.rope_rotations), computed once per forward pass by the

@@ -37,7 +37,8 @@ class LayerCache:
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store new keys/values and return what attention must look at.
 
         k, v: (B, T, n_kv_heads, head_dim); positions: (B, T), -1 for padding (not stored).

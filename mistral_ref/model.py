@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.attention import Attention, Linear
-from mistral_ref.cache import KVCache
+from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.config import ModelArgs
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
 from mistral_ref.rope import rope_rotations
@@ -45,7 +45,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None, rope: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
+                rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block.
         rope: the (B, T, head_dim/2) complex rotations shared by all layers (see Attention.forward)."""
         h = x + self.attention(self.attention_norm(x), positions, cache, rope)
@@ -89,7 +90,8 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.device
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_router_logits: bool = False, logits_at: torch.Tensor | None = None):
+                return_router_logits: bool = False, logits_at: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Next-token logits.
 
         tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding (default 0 .. T-1);

@@ -106,6 +106,20 @@ class LayerCache:
         self.pos[b, slot] = positions[b, t]
 
 
+def layer_capacity(args: ModelArgs, layer_id: int, max_seq_len: int) -> tuple[int, bool]:
+    """(slots, rolling) of one layer's cache: a window W < max_seq_len rolls over W slots, else one per position."""
+    window = args.window_for_layer(layer_id)
+    rolling = window is not None and window < max_seq_len
+    return (window if rolling else max_seq_len), rolling
+
+
+def cache_nbytes(args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values a KVCache(args, batch_size, max_seq_len, dtype) will hold, before allocating it."""
+    per_slot = 2 * args.n_kv_heads * args.head_dim * torch.tensor([], dtype=dtype).element_size()
+    slots = sum(layer_capacity(args, i, max_seq_len)[0] for i in range(args.n_layers))
+    return batch_size * slots * per_slot
+
+
 class KVCache:
     """One LayerCache per transformer block, sized for `max_seq_len` = prompt + max_tokens positions.
 
@@ -122,9 +136,7 @@ class KVCache:
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.layers: list[LayerCache] = []
         for layer_id in range(args.n_layers):
-            window = args.window_for_layer(layer_id)
-            rolling = window is not None and window < max_seq_len
-            capacity = window if rolling else max_seq_len
+            capacity, rolling = layer_capacity(args, layer_id, max_seq_len)
             self.layers.append(
                 LayerCache(batch_size, capacity, rolling, args.n_kv_heads, args.head_dim, dtype, device))
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from mistral_ref.cache import KVCache
+from mistral_ref.cache import KVCache, cache_nbytes
 from mistral_ref.sampling import GenerationParamError, LogitsProcessor, Sampler, SamplingParams
 
 FinishReason = Literal["stop", "length"]
@@ -131,13 +131,6 @@ def _check_logprobs(logprobs: bool, top_logprobs: int) -> None:
         raise GenerationParamError("top_logprobs > 0 requires logprobs=True")
 
 
-def cache_bytes(args, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values a KVCache for `max_seq_len` positions holds (rolling layers hold their window)."""
-    per_slot = 2 * args.n_kv_heads * args.head_dim * torch.tensor([], dtype=dtype).element_size()
-    slots = sum(min(w, max_seq_len) if (w := args.window_for_layer(i)) else max_seq_len for i in range(args.n_layers))
-    return batch_size * slots * per_slot
-
-
 def _available_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -158,7 +151,7 @@ def allocate_cache(args, batch_size: int, max_seq_len: int, dtype: torch.dtype, 
     Models without a declared context (native params.json rarely has max_seq_len) are bounded only by memory: an
     absurd max_tokens must fail here, clearly, not in the allocator (or the kernel's OOM killer).
     """
-    need = cache_bytes(args, batch_size, max_seq_len, dtype) + extra_bytes  # extra: the caller's own buffers
+    need = cache_nbytes(args, batch_size, max_seq_len, dtype) + extra_bytes  # extra: the caller's own buffers
     free = _available_bytes(torch.device(device))
     if free is not None and need > free:
         raise GenerationParamError(
@@ -244,6 +237,26 @@ def _pairs(values: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, float]]:
 
 
 # ---- the public entry points -------------------------------------------------------------------------------
+def _checked_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int,
+                   params: SamplingParams, eos_id: int | None, stop_token_ids: Sequence[int] | None,
+                   ignore_eos: bool, logprobs: bool, top_logprobs: int, chunk_size: int | None,
+                   logits_processors: Sequence[LogitsProcessor]) -> tuple[list[list[int]], Iterator[_Step]]:
+    """Validate one request (raising GenerationParamError before any work) and return its prompts and step loop.
+
+    The one validation path of generate and generate_stream.
+    """
+    args = model.args
+    max_tokens = _check_int("max_tokens", max_tokens, 1)
+    prompt_ids = check_prompts(prompts, max_tokens, args.vocab_size, args.max_seq_len)
+    stop_ids = _stop_id_set(eos_id, stop_token_ids, ignore_eos, args.vocab_size)
+    _check_logprobs(logprobs, top_logprobs)
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size, 1)
+    sampler = Sampler(params, len(prompt_ids), args.vocab_size, model.device, logits_processors)
+    steps = _steps(model, prompt_ids, max_tokens, sampler, stop_ids, logprobs, top_logprobs, chunk_size)
+    return prompt_ids, steps
+
+
 def generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -277,18 +290,11 @@ def generate(
     returns: one GenerationResult per prompt, in order.
     """
     params = SamplingParams(temperature, top_p, presence_penalty, frequency_penalty, seed)
-    args = model.args
-    max_tokens = _check_int("max_tokens", max_tokens, 1)
-    prompt_ids = check_prompts(prompts, max_tokens, args.vocab_size, args.max_seq_len)
-    stop_ids = _stop_id_set(eos_id, stop_token_ids, ignore_eos, args.vocab_size)
-    _check_logprobs(logprobs, top_logprobs)
-    if chunk_size is not None:
-        _check_int("chunk_size", chunk_size, 1)
+    prompt_ids, steps = _checked_steps(model, prompts, max_tokens, params, eos_id, stop_token_ids, ignore_eos,
+                                       logprobs, top_logprobs, chunk_size, logits_processors)
     B = len(prompt_ids)
-    sampler = Sampler(params, B, args.vocab_size, model.device, logits_processors)
-
     ids, stopped, lps, top_vs, top_is = [], [], [], [], []
-    for s in _steps(model, prompt_ids, max_tokens, sampler, stop_ids, logprobs, top_logprobs, chunk_size):
+    for s in steps:
         ids.append(s.ids)
         stopped.append(s.stopped)
         if logprobs:
@@ -393,16 +399,9 @@ def generate_stream(
     Other arguments as in :func:`generate`.  Arguments are validated here, before the first event.
     """
     params = SamplingParams(temperature, top_p, presence_penalty, frequency_penalty, seed)
-    args = model.args
-    max_tokens = _check_int("max_tokens", max_tokens, 1)
-    (prompt,) = check_prompts([prompt_ids], max_tokens, args.vocab_size, args.max_seq_len)
-    stop_ids = _stop_id_set(tokenizer.eos_id, stop_token_ids, ignore_eos, args.vocab_size)
-    _check_logprobs(logprobs, top_logprobs)
-    if chunk_size is not None:
-        _check_int("chunk_size", chunk_size, 1)
+    ((prompt,), steps) = _checked_steps(model, [prompt_ids], max_tokens, params, tokenizer.eos_id, stop_token_ids,
+                                        ignore_eos, logprobs, top_logprobs, chunk_size, logits_processors)
     matcher = StopStrings(stop)
-    sampler = Sampler(params, 1, args.vocab_size, model.device, logits_processors)
-    steps = _steps(model, [prompt], max_tokens, sampler, stop_ids, logprobs, top_logprobs, chunk_size)
     decoder = tokenizer.stream_decoder()
     if continue_prompt_text:
         decoder.feed_many(prompt)  # the prompt's text is the user's: only its effect on spacing is kept

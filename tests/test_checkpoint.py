@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import random_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -46,17 +47,6 @@ def tiny_args(**overrides) -> ModelArgs:
               norm_eps=1e-6, rope_theta=1e4, sliding_window=5)
     kw.update(overrides)
     return ModelArgs(**kw)
-
-
-def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    """Random weights with teeth: std 0.3 and norm weights that are not all ones (a swapped norm shows)."""
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn_like(p)
-            p.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.3 * noise)
-    return model.eval()
 
 
 TOKENS = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(1))

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import random_model
 
 from mistral_ref.attention import attention, attention_mask
 from mistral_ref.cache import KVCache
@@ -28,15 +29,6 @@ def tiny_args(**overrides) -> ModelArgs:
               norm_eps=1e-6, rope_theta=1e4, sliding_window=4)
     kw.update(overrides)
     return ModelArgs(**kw)
-
-
-def random_model(args: ModelArgs, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1 + 0.2 * torch.randn_like(p)) if name.endswith("norm.weight") else 0.3 * torch.randn_like(p))
-    return model.eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

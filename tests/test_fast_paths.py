@@ -17,6 +17,7 @@ from mistral_ref.attention import (
     attention_mask,
     linear,
     sdpa_attention,
+    split_linear,
     upcast_on_cpu,
 )
 from mistral_ref.cache import KVCache
@@ -178,6 +179,52 @@ def test_linear_matches_the_native_product(rows):
     x_big = torch.randn(rows, 512, generator=g).bfloat16()
     exact = torch.nn.functional.linear(x_big.double(), w_big.double())
     assert rel_err(linear(x_big, w_big), exact) < 1e-2
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 8, 31, 32])
+def test_split_linear_equals_f_linear(threads, rows):
+    """The weight split into one block of rows per thread gives F.linear's products (fp32: the same dot products;
+    asserted within 1e-6), for any leading shape, whether or not the rows divide evenly (then: F.linear)."""
+    g = torch.Generator().manual_seed(rows)
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_features in (96, 100, 3000):
+            w = torch.randn(out_features, 64, generator=g)
+            for x in (torch.randn(rows, 64, generator=g), torch.randn(1, rows, 64, generator=g)):
+                out = split_linear(x, w)
+                assert out.shape == (*x.shape[:-1], out_features)
+                assert rel_err(out, torch.nn.functional.linear(x, w)) < 1e-6
+                assert rel_err(linear(x, w), torch.nn.functional.linear(x, w)) < 1e-6
+                bf = linear(x.bfloat16(), w.bfloat16())  # the bf16 upcast path splits its fp32 products too
+                exact = torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double())
+                assert bf.dtype == torch.bfloat16 and rel_err(bf, exact) < 1e-2
+        w = torch.randn(64, 96, generator=g).t()  # a non-contiguous view: no block view of it, F.linear instead
+        x = torch.randn(rows, 64, generator=g)
+        assert rel_err(split_linear(x, w), torch.nn.functional.linear(x, w)) < 1e-6
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_split_linear_decode_matches_the_reference_model():
+    """A KV-cache decode on 2 threads (split products, fused paths) equals the reference backend on 1 thread."""
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=200,
+                     norm_eps=1e-5, rope_theta=1e4, sliding_window=5, moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, 200, (2, 12))
+    ref = run(model, "reference", lambda: model(tokens))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            cache = KVCache(args, 2, 12)
+            steps = [model(tokens[:, t:t + 1], torch.full((2, 1), t), cache) for t in range(12)]
+    finally:
+        torch.set_num_threads(n)
+        model.set_backend()
+    assert rel_err(torch.cat(steps, dim=1), ref) < 1e-5
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------

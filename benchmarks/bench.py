@@ -166,6 +166,28 @@ def decode_bytes(args: ModelArgs, elem: int, context: int) -> int:
     return (weights + kv) * elem
 
 
+def prefill_flops(args: ModelArgs, T: int) -> float:
+    """Floating-point operations per token of a T-token prefill: 2 per weight multiplied (the active experts only;
+    no vocabulary projection, prefill needs the last token's logits only) plus the attention products
+    (2 x 2 x n_heads x head_dim per key, over the T/2 keys a causal query sees on average, or its window)."""
+    per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    k = args.moe.num_experts_per_tok if args.moe else 1
+    per_layer += 3 * args.dim * args.hidden_dim * k + (args.dim * args.moe.num_experts if args.moe else 0)
+    keys = sum(min((T + 1) / 2, args.window_for_layer(i) or T) for i in range(args.n_layers)) / args.n_layers
+    return args.n_layers * (2 * per_layer + 4 * args.n_heads * args.head_dim * keys)
+
+
+def gemm_flops(args: ModelArgs, runs: int) -> list[float]:
+    """FLOP/s of this machine's best matrix product for a prefill: a 512 x dim x hidden_dim product, in fp32 and
+    in bf16, the faster of the two (on CPUs without bf16 instructions fp32 is faster; mistral_ref upcasts)."""
+    best = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(512, args.dim).to(dtype), torch.randn(args.dim, args.hidden_dim).to(dtype)
+        a @ b
+        best.append([2 * 512 * args.dim * args.hidden_dim / timed(lambda a=a, b=b: a @ b) for _ in range(runs)])
+    return max(best, key=statistics.median)
+
+
 # ---- timing ---------------------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
@@ -369,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
                     long = T > 1024 and i > 0
                     pf = entry[f"prefill_{T}"] = bench_prefill(ours, hf, T, opts.long_prefill_runs if long else runs,
                                                                warmup=not long)
+                    gemm = statistics.median(gemm_flops(args, 5))  # measured now, next to the row
+                    pf["gemm_GFLOPs"], pf["ceiling_tok_s"] = gemm / 1e9, gemm / prefill_flops(args, T)
                     prefill_rows.append((name, dname, T, pf))
                     print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
                           f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
@@ -392,11 +416,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {name} | {dname} | {fmt(d['ttft_ours_s'], 3)} | {fmt(d['ttft_transformers_s'], 3)} | "
                   f"{fmt(d['ttft_ratio'], 2)}x |")
     print("\n## Prefill: tokens/s, one forward pass into a fresh cache")
-    print("| model | dtype | tokens | mistral_ref | transformers | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("ceiling = FLOP/s of this machine's faster 512-row matrix product (fp32 or bf16), measured next to the row "
+          "/ FLOPs per prompt token; 'of ceiling' for mistral_ref, then transformers")
+    print("| model | dtype | tokens | mistral_ref | transformers | ratio | ceiling tok/s (GFLOP/s) | of ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, dname, T, pf in prefill_rows:
+        ceil = pf["ceiling_tok_s"]
         print(f"| {name} | {dname} | {T} | {fmt(pf['ours'], 0)} | {fmt(pf['transformers'], 0)} | "
-              f"{fmt(pf['ratio'], 2)}x |")
+              f"{fmt(pf['ratio'], 2)}x | {ceil:.0f} ({pf['gemm_GFLOPs']:.0f}) | "
+              f"{100 * pf['ours']['median'] / ceil:.0f}% / {100 * pf['transformers']['median'] / ceil:.0f}% |")
     same = all(d["same_tokens"] for _, dname, _, d, _ in decode_rows if dname == "fp32")
     print(f"\nfp32 greedy tokens identical to transformers' in every decode run: {same}")
 

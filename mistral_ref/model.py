@@ -137,16 +137,26 @@ class Transformer(nn.Module):
             aux = torch.zeros((), device=logits.device)
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
 
-    def compile_decode(self, enabled: bool = True) -> Transformer:
+    def compile_decode(self, enabled: bool = True, freeze: bool = False) -> Transformer:
         """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
 
         Every step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so
         all steps reuse one compiled graph (no recompiles per step; a new batch size or cache size compiles
-        again).  The expert dispatch stays eager (it reads expert counts on the host).  Compiling takes a minute
-        or more on a small CPU; it pays where Python overhead is a large share of a step (small models, fast
-        memory): measure with ``benchmarks/bench.py --compile``.  enabled=False returns to eager decoding.
+        again).  MoE layers get their experts stacked (MoeLayer.stack_experts) so that a batch-1 step gathers its
+        chosen experts inside the graph; a larger batch runs the expert dispatch eagerly (it reads expert counts on
+        the host).  Compile after converting or moving the model.  Compiling takes a minute or more on a small CPU;
+        it pays where Python overhead is a large share of a step (small models, MoE): measure with
+        ``benchmarks/bench.py --compile``.  enabled=False returns to eager decoding.
+        freeze=True compiles with inductor's freezing: the weights become constants of the compiled code (folded
+        and laid out for it), so later changes to them are not seen; decode must run without autograd
+        (generate does).
         """
-        self.compiled_decode = torch.compile(self._forward, dynamic=False) if enabled else None
+        if enabled:
+            for layer in self.layers:
+                if isinstance(layer.feed_forward, MoeLayer):
+                    layer.feed_forward.stack_experts()  # the chosen experts are gathered inside the graph
+        options = {"freezing": True} if freeze else None
+        self.compiled_decode = torch.compile(self._forward, dynamic=False, options=options) if enabled else None
         return self
 
     def set_backend(self, attention: str = "torch", moe: str = "torch") -> Transformer:

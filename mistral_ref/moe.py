@@ -113,6 +113,28 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tenso
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
+def moe_one_token(
+    x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moe_forward` for a single token with the experts stacked: what a compiled decode step runs.
+
+    x: (1, dim); w1, w3: (E, hidden, dim); w2: (E, dim, hidden) — the stacked tensors of MoeLayer.stack_experts.
+    The chosen experts are indexed with a tensor, not a Python int, so torch.compile traces the whole step as one
+    graph; written as multiply-and-sum (not einsum, which would copy the gathered matrices into a bmm), inductor
+    turns each product into one loop that reads only the k chosen experts' rows.  fp32 accumulation; result in
+    x's dtype (fp32: equal to the reference within 1e-6; summed over the k slots, not in expert order).
+    """
+    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+    chosen = experts[0]  # (k,)
+    xf = x.float()  # (1, dim)
+    gate = (w1[chosen].float() * xf).sum(-1)  # (k, hidden)
+    up = (w3[chosen].float() * xf).sum(-1)  # (k, hidden)
+    hidden = (F.silu(gate) * up).to(x.dtype).float()  # rounded like the reference's activations
+    y = (w2[chosen].float() * hidden[:, None, :]).sum(-1)  # (k, dim)
+    out = (y.to(x.dtype).float() * weights[0, :, None]).sum(0, keepdim=True)  # (1, dim)
+    return out.to(x.dtype), logits
+
+
 class MoeLayer(nn.Module):
     """Mixtral's sparse feed-forward: `gate` router + `experts` (names as in the checkpoints)."""
 
@@ -124,10 +146,36 @@ class MoeLayer(nn.Module):
         self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
         # "torch": moe_forward_grouped; "reference": moe_forward; "triton": triton_kernels.moe_forward
         self.backend = "torch"
+        self.stacked: dict[str, torch.Tensor] | None = None  # see stack_experts
+
+    def stack_experts(self) -> None:
+        """Move the experts' weights into three stacked tensors, w1/w3 (E, hidden, dim) and w2 (E, dim, hidden),
+        and make every expert's parameter a view of its slice: one copy at call time, no extra memory after.
+
+        A compiled decode step then gathers the chosen experts by index (:func:`moe_one_token`) instead of leaving
+        the graph.  Converting or moving the module afterwards (.to, .float, ...) gives the experts new tensors
+        and drops the stacks (see _apply).
+        """
+        self.stacked = {}
+        for name in ("w1", "w2", "w3"):
+            linears = [getattr(e, name) for e in self.experts]
+            stacked = torch.stack([lin.weight.detach() for lin in linears])  # (E, out, in)
+            for lin, w in zip(linears, stacked):
+                lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+            self.stacked[name] = stacked
+
+    def _apply(self, fn, recurse=True):
+        self.stacked = None  # the experts are about to get new tensors: the stacks would be stale
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, dim) -> (B, T, dim), and router logits (B*T, num_experts) fp32 for the auxiliary loss."""
         flat = x.reshape(-1, x.shape[-1])  # (N, dim)
+        one_token = flat.shape[0] == 1 and self.stacked is not None and self.backend == "torch"
+        if one_token and torch.compiler.is_compiling():  # see stack_experts
+            s = self.stacked
+            out, logits = moe_one_token(flat, self.gate.weight, s["w1"], s["w2"], s["w3"], self.top_k)
+            return out.view_as(x), logits
         w1 = [e.w1.weight for e in self.experts]
         w2 = [e.w2.weight for e in self.experts]
         w3 = [e.w3.weight for e in self.experts]

@@ -23,7 +23,7 @@ from mistral_ref.attention import (
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
-from mistral_ref.moe import moe_forward, moe_forward_grouped
+from mistral_ref.moe import MoeLayer, moe_forward, moe_forward_grouped, moe_one_token
 from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_complex, rope_angles, rope_rotations
 
 
@@ -179,6 +179,47 @@ def test_linear_matches_the_native_product(rows):
     x_big = torch.randn(rows, 512, generator=g).bfloat16()
     exact = torch.nn.functional.linear(x_big.double(), w_big.double())
     assert rel_err(linear(x_big, w_big), exact) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_one_token_with_stacked_experts_equals_the_reference(dtype):
+    """The single-token path a compiled decode step runs (experts gathered by index from stacked weights)."""
+    g = torch.Generator().manual_seed(2)
+    E, dim, hidden = 6, 16, 24
+    gate = torch.randn(E, dim, generator=g)
+    w1, w3 = torch.randn(E, hidden, dim, generator=g) / 4, torch.randn(E, hidden, dim, generator=g) / 4
+    w2 = torch.randn(E, dim, hidden, generator=g) / 4
+    for _ in range(20):
+        x = torch.randn(1, dim, generator=g)
+        for k in (1, 2, 3):
+            ref, ref_logits = moe_forward(x.to(dtype), gate, w1.to(dtype), w2.to(dtype), w3.to(dtype), k)
+            out, logits = moe_one_token(x.to(dtype), gate, w1.to(dtype), w2.to(dtype), w3.to(dtype), k)
+            assert out.dtype == dtype and out.shape == (1, dim) and torch.equal(logits, ref_logits)
+            assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_stack_experts_keeps_parameters_names_and_outputs():
+    """stack_experts moves the weights into (E, ...) tensors that the parameters view: same state dict, same
+    outputs, no second copy; converting the module afterwards drops the (then stale) stacks."""
+    args = ModelArgs(dim=32, n_layers=1, hidden_dim=48, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=64,
+                     norm_eps=1e-5, rope_theta=1e4, moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    layer = MoeLayer(args).eval()
+    x = torch.randn(1, 5, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    ref = layer(x)[0]
+    layer.stack_experts()
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for name in ("w1", "w2", "w3"):
+        stacked = layer.stacked[name]
+        assert stacked.shape[0] == 4
+        for i, e in enumerate(layer.experts):
+            w = getattr(e, name).weight
+            assert isinstance(w, torch.nn.Parameter) and w.data_ptr() == stacked[i].data_ptr()
+    assert torch.equal(layer(x)[0], ref)
+    layer.to(torch.bfloat16)
+    assert layer.stacked is None
 
 
 @pytest.mark.parametrize("threads", [2, 3])

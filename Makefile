@@ -34,7 +34,7 @@ notebooks: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/test_notebooks.py
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py --compile $(BENCH_ARGS)
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench

@@ -83,6 +83,11 @@ def _upcast(w: torch.Tensor) -> torch.Tensor:
     return buffer[: w.numel()].view(w.shape).copy_(w)
 
 
+@torch.compiler.assume_constant_result  # a compiled decode step bakes the count in (it only sets the split)
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 def split_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 F.linear(x, weight) for a few rows of x, with every thread reading its own block of the weight.
 
@@ -94,7 +99,7 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Products of SPLIT_MAX_ROWS rows or more (prefill) are efficient GEMMs already: plain F.linear.
     """
     rows, (out_features, in_features) = x.numel() // max(1, x.shape[-1]), weight.shape
-    parts = torch.get_num_threads()  # one block per thread
+    parts = _threads()  # one block per thread
     if (rows >= SPLIT_MAX_ROWS or parts == 1 or out_features % parts or not weight.is_contiguous()
             or x.device.type != "cpu"):
         return F.linear(x, weight)

@@ -38,6 +38,9 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert decode["ours"]["median"] > 0 and decode["transformers"]["median"] > 0
     assert 0 < decode["fraction_of_floor"]
     assert result["machine"]["read_bandwidth_GBs"]["median"] > 0
+    prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
+    assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
+    assert re.search(r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \|", text), text
 
 
 @pytest.mark.slow
@@ -55,3 +58,27 @@ def test_json_mode_benchmark_reports_the_processor_overhead():
     assert all(int(n) > 0 and float(model_ms) > 0 and float(json_ms) > 0 for _, n, model_ms, json_ms in rows)
     for vocab in ("32768 tokens", "131072 tokens"):
         assert vocab in proc.stdout
+
+
+def test_prefill_flops_counts_two_per_active_weight_plus_attention():
+    """The compute ceiling's FLOP count: 2 per multiplied weight (k experts of E, router included, no vocabulary
+    projection) plus 4 x n_heads x head_dim per visible key, on average (T+1)/2 keys or the window."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench import prefill_flops
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from mistral_ref.config import ModelArgs, MoeArgs
+    from mistral_ref.model import Transformer
+
+    dense = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=100,
+                      norm_eps=1e-5, rope_theta=1e4)
+    model = Transformer(dense)
+    matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "layers." in n)
+    assert prefill_flops(dense, 1) == 2 * matrices + 2 * 4 * 4 * 32 * 1
+    assert prefill_flops(dense, 9) == 2 * matrices + 2 * 4 * 4 * 32 * 5
+    windowed = ModelArgs(**{**dense.__dict__, "sliding_window": 3})
+    assert prefill_flops(windowed, 9) == 2 * matrices + 2 * 4 * 4 * 32 * 3
+    moe = ModelArgs(**{**dense.__dict__, "moe": MoeArgs(4, 2)})
+    experts = 3 * 64 * 96
+    assert prefill_flops(moe, 1) == prefill_flops(dense, 1) + 2 * 2 * (experts + 64 * 4)

@@ -60,13 +60,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     rows = x.numel() // max(1, x.shape[-1])
     if rows == 1 and upcast_on_cpu(x) and torch.compiler.is_compiling():
-        return (weight.float() * x.float()[..., None, :]).sum(-1).to(x.dtype)  # (..., out, in) -> (..., out)
+        return multiply_sum_linear(x, weight)
     if upcast_on_cpu(x) and rows >= UPCAST_MIN_ROWS:
         xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 2M weights (8 MB) at a time
         return torch.cat([split_linear(xf, _upcast(w)) for w in weight.split(block)], dim=-1).to(x.dtype)
     if x.dtype == torch.float32 and x.device.type == "cpu":
         return split_linear(x, weight)
     return F.linear(x, weight)
+
+
+def multiply_sum_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) written as an elementwise product summed over `in`, accumulated in fp32.
+
+    x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  Eagerly this materialises (..., out, in): only
+    for compiled code, where it becomes one loop (see linear).
+    """
+    return (weight.float() * x.float()[..., None, :]).sum(-1).to(x.dtype)  # (..., out, in) -> (..., out)
 
 
 _scratch = threading.local()  # per thread: one reused fp32 buffer for weight upcasts (see _upcast)

@@ -65,6 +65,21 @@ def test_generate_command_streams_the_greedy_completion(tmp_path_factory, capsys
     assert "6 tokens" in out.err and "finish: length" in out.err
 
 
+def test_compile_option_compiles_the_decode_step_before_generating(tmp_path_factory, capsys, monkeypatch):
+    """--compile calls Transformer.compile_decode (compiling itself is left to the benchmark: it takes minutes)."""
+    from mistral_ref.model import Transformer
+
+    path, _ = _checkpoint(tmp_path_factory)
+    calls = []
+    monkeypatch.setattr(Transformer, "compile_decode", lambda self, *a, **k: calls.append(self) or self)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "2", "--temperature", "0",
+                 "--compile"]) == 0
+    assert len(calls) == 1 and isinstance(calls[0], Transformer)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "2", "--temperature", "0"]) == 0
+    assert len(calls) == 1
+    capsys.readouterr()
+
+
 def test_chat_command_reads_turns_and_streams_replies(tmp_path_factory, capsys, monkeypatch):
     import io
 

@@ -16,6 +16,7 @@ from mistral_ref.attention import (
     attention,
     attention_mask,
     linear,
+    multiply_sum_linear,
     sdpa_attention,
     split_linear,
     upcast_on_cpu,
@@ -220,6 +221,18 @@ def test_stack_experts_keeps_parameters_names_and_outputs():
     assert torch.equal(layer(x)[0], ref)
     layer.to(torch.bfloat16)
     assert layer.stacked is None
+
+
+def test_multiply_sum_linear_is_the_product_accumulated_in_fp32():
+    """What a compiled bf16 decode step multiplies with: F.linear's product, summed in fp32, rounded once."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 64, generator=g)
+    for x in (torch.randn(1, 64, generator=g), torch.randn(2, 1, 64, generator=g)):
+        assert rel_err(multiply_sum_linear(x, w), torch.nn.functional.linear(x, w)) < 1e-6
+        out = multiply_sum_linear(x.bfloat16(), w.bfloat16())
+        exact = torch.nn.functional.linear(x.bfloat16().double(), w.bfloat16().double())
+        assert out.dtype == torch.bfloat16 and out.shape == (*x.shape[:-1], 40)
+        assert rel_err(out, exact) < 4e-3  # one bf16 rounding of an fp32 sum
 
 
 @pytest.mark.parametrize("threads", [2, 3])

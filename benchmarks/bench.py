@@ -15,6 +15,9 @@ Measured, alternating mistral_ref and transformers run by run (the order flips e
 * prefill tokens/s at 512 and 2048 tokens: one forward pass into a fresh KV cache, logits of the last token only;
 * the memory-bandwidth floor of decode: bytes of weights and KV cache one token must read, over this machine's
   read bandwidth measured now (a large tensor sum), and how close the measured decode rate comes to it;
+* the compute ceiling of prefill: FLOPs per prompt token over the FLOP/s of the fastest of 9 runs of a 512-row
+  matrix product measured next to the row, and how close each library comes to it;
+* with --compile (as `make bench` runs it): batch-1 decode again after Transformer.compile_decode();
 * loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is.
 
 Every figure is a median over --runs rounds with its [min-max] spread; ratios are per-round ratios (ours / theirs).

@@ -154,8 +154,12 @@ class MoeLayer(nn.Module):
 
         A compiled decode step then gathers the chosen experts by index (:func:`moe_one_token`) instead of leaving
         the graph.  Converting or moving the module afterwards (.to, .float, ...) gives the experts new tensors
-        and drops the stacks (see _apply).
+        and drops the stacks (see _apply).  Experts of different shapes (an expert-parallel rank, whose remote
+        experts are empty placeholders) are left as they are: such a layer keeps the eager dispatch.
         """
+        self.stacked = None
+        if any(len({getattr(e, name).weight.shape for e in self.experts}) > 1 for name in ("w1", "w2", "w3")):
+            return
         self.stacked = {}
         for name in ("w1", "w2", "w3"):
             linears = [getattr(e, name) for e in self.experts]

@@ -7,6 +7,8 @@ the sequence, head_dim != dim / n_heads (Nemo), experts, ragged batches and full
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ from mistral_ref.attention import (
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
-from mistral_ref.moe import MoeLayer, moe_forward, moe_forward_grouped, moe_one_token
+from mistral_ref.moe import FeedForward, MoeLayer, moe_forward, moe_forward_grouped, moe_one_token
 from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_complex, rope_angles, rope_rotations
 
 
@@ -221,6 +223,11 @@ def test_stack_experts_keeps_parameters_names_and_outputs():
     assert torch.equal(layer(x)[0], ref)
     layer.to(torch.bfloat16)
     assert layer.stacked is None
+    with warnings.catch_warnings():  # torch warns that initialising a zero-element tensor does nothing
+        warnings.simplefilter("ignore")
+        layer.experts[3] = FeedForward(32, 0)  # as on an expert-parallel rank: a remote expert is a placeholder
+    layer.stack_experts()
+    assert layer.stacked is None  # experts of different shapes cannot be stacked: the eager dispatch stays
 
 
 def test_multiply_sum_linear_is_the_product_accumulated_in_fp32():

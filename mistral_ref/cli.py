@@ -224,6 +224,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             n += 1
         finish = event.finish_reason or finish
     dt = time.perf_counter() - t0
+    if under_torchrun():  # leave the group together: a rank exiting with gloo threads alive can abort
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     if rank:
         return 0
     print()

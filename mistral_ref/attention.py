@@ -245,7 +245,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        if self.backend == "reference":
+        if self.backend == "reference" or torch.compiler.is_compiling():  # inductor has no complex arithmetic
             cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)  # (B, T, head_dim/2)
             q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         else:

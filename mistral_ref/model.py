@@ -112,7 +112,9 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         args = self.args  # every layer rotates by the same angles: compute them once
-        rope = rope_rotations(positions, args.head_dim, args.rope_theta)  # (B, T, head_dim/2) complex
+        rope = None  # a compiled step rotates with real cos/sin in each layer (inductor has no complex arithmetic)
+        if not torch.compiler.is_compiling():
+            rope = rope_rotations(positions, args.head_dim, args.rope_theta)  # (B, T, head_dim/2) complex
         router_logits = []
         for i, layer in enumerate(self.layers):
             h, rl = layer(h, positions, None if cache is None else cache[i], rope)

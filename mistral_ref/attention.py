@@ -59,13 +59,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
       against 13 GB/s for PyTorch's bf16 matrix-vector kernel (AVX2 EPYC, 2 threads).  fp32 accumulation.
     """
     rows = x.numel() // max(1, x.shape[-1])
-    if rows == 1 and upcast_on_cpu(x) and torch.compiler.is_compiling():
-        return multiply_sum_linear(x, weight)
-    if upcast_on_cpu(x) and rows >= UPCAST_MIN_ROWS:
-        xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 2M weights (8 MB) at a time
-        return torch.cat([split_linear(xf, _upcast(w)) for w in weight.split(block)], dim=-1).to(x.dtype)
-    if x.dtype == torch.float32 and x.device.type == "cpu":
-        return split_linear(x, weight)
+    if upcast_on_cpu(x):
+        if rows == 1 and torch.compiler.is_compiling():
+            return multiply_sum_linear(x, weight)
+        if rows >= UPCAST_MIN_ROWS:
+            xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 8 MB of weight at once
+            return torch.cat([split_linear(xf, _upcast(w)) for w in weight.split(block)], dim=-1).to(x.dtype)
+    elif x.dtype == torch.float32:
+        return split_linear(x, weight)  # (F.linear itself off the CPU or for many rows)
     return F.linear(x, weight)
 
 

@@ -46,7 +46,7 @@ import torch
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import save_checkpoint
 from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.generate import generate
+from mistral_ref.generation import generate
 from mistral_ref.model import Transformer
 
 MODELS = {
@@ -143,7 +143,7 @@ def transformers_model(args: ModelArgs, directory: Path, dtype: torch.dtype):
 
 
 def check_parity(ours: Transformer, hf, vocab: int) -> tuple[float, bool]:
-    """fp32 logits relative error and whether 8 greedy tokens agree (mistral_ref.generate vs HF generate)."""
+    """fp32 logits relative error and whether 8 greedy tokens agree (mistral_ref.generation vs HF generate)."""
     prompt = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a = ours(prompt)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from mistral_ref.config import ModelArgs
-from mistral_ref.generate import generate
+from mistral_ref.generation import generate
 from mistral_ref.json_mode import JsonLogitsProcessor, JsonVocab, advance, initial_state, json_vocab
 from mistral_ref.model import Transformer
 from mistral_ref.tokenizer import load_tokenizer, mistral_common_data_dir

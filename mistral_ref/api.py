@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from mistral_ref.generate import MAX_TOP_LOGPROBS, StopStrings, generate_stream
+from mistral_ref.generation import MAX_TOP_LOGPROBS, StopStrings, generate_stream
 from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
 from mistral_ref.sampling import GenerationParamError, SamplingParams
 from mistral_ref.tokenizer import ChatTemplateError

@@ -194,7 +194,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    from mistral_ref.generate import generate_stream
+    from mistral_ref.generation import generate_stream
 
     rank = 0
     if under_torchrun():  # every rank runs the same loop on its shard; only rank 0 prints

@@ -19,7 +19,7 @@ from mistral_ref.api import chat_completion
 from mistral_ref.cli import family_table
 from mistral_ref.config import parameter_counts
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
-from mistral_ref.generate import generate_stream
+from mistral_ref.generation import generate_stream
 from mistral_ref.train_data import TOOLS
 
 _UNITS = {("km", "mi"): 0.621371, ("mi", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,

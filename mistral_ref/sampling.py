@@ -1,4 +1,4 @@
-"""Choosing the next token: the one sampling path used by generate.py, the API and the server.
+"""Choosing the next token: the one sampling path used by generation.py, the API and the server.
 
 One step turns the model's raw next-token logits into a token id, in this order:
 

@@ -19,7 +19,7 @@ from chat_models import (
 )
 
 from mistral_ref.api import ContextLengthError, RequestError, chat_completion
-from mistral_ref.generate import generate
+from mistral_ref.generation import generate
 
 pytestmark = [needs_tokenizer_files, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -51,7 +51,7 @@ def _checkpoint(tmp_path_factory):
 
 def test_generate_command_streams_the_greedy_completion(tmp_path_factory, capsys):
     from mistral_ref.checkpoint import load_model
-    from mistral_ref.generate import generate
+    from mistral_ref.generation import generate
 
     path, tok = _checkpoint(tmp_path_factory)
     assert main(["generate", str(path), "--prompt", "Once upon a time", "--max-tokens", "6", "--temperature", "0"]) == 0

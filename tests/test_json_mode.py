@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mistral_ref.api import chat_completion
-from mistral_ref.generate import generate
+from mistral_ref.generation import generate
 from mistral_ref.json_mode import (
     JsonLogitsProcessor,
     advance,

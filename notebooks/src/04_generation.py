@@ -23,7 +23,7 @@ from mistral_ref.api import chat_completion
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
-from mistral_ref.generate import generate, generate_stream
+from mistral_ref.generation import generate, generate_stream
 from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state, json_vocab
 from mistral_ref.model import Transformer
 from mistral_ref.sampling import sample, sampling_probs

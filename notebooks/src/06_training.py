@@ -30,7 +30,7 @@ import torch
 
 from mistral_ref.config import ModelArgs, MoeArgs, parameter_counts
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR
-from mistral_ref.generate import generate
+from mistral_ref.generation import generate
 from mistral_ref.model import Transformer
 from mistral_ref.tokenizer import load_tokenizer
 from mistral_ref.train import (

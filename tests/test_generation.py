@@ -11,7 +11,7 @@ import torch
 from mistral_ref import generate as generate_module
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.generate import StopStrings, generate, generate_stream
+from mistral_ref.generation import StopStrings, generate, generate_stream
 from mistral_ref.model import Transformer
 from mistral_ref.sampling import GenerationParamError
 from mistral_ref.tokenizer import load_tokenizer, mistral_common_data_dir

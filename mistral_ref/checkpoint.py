@@ -34,10 +34,9 @@ from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
-from torch.overrides import TorchFunctionMode
 
 from mistral_ref.config import ConfigError, ModelArgs
-from mistral_ref.model import Transformer
+from mistral_ref.model import Transformer, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -389,26 +388,6 @@ def read_model_args(files: CheckpointFiles) -> ModelArgs:
 
 # ---- the tensor index: every tensor of the checkpoint, named natively, checked against the config ----------
 _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF RoPE buffers
-
-
-class _SkipInit(TorchFunctionMode):
-    """Turn the torch.nn.init functions into no-ops while a model is built on the meta device.
-
-    Initialising meta tensors is pointless, and normal_ on a meta tensor imports torch._dynamo (seconds and
-    ~150 MB with torch 2.13); every other op passes through unchanged.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
-def meta_model(args: ModelArgs) -> Transformer:
-    """Transformer(args) with every parameter on the meta device: shapes and names, no memory, no init."""
-    with torch.device("meta"), _SkipInit():
-        return Transformer(args)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

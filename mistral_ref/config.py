@@ -327,12 +327,9 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
 
     Active = total minus the experts a token does not visit: (num_experts - num_experts_per_tok) experts per layer.
     """
-    import torch
+    from mistral_ref.model import meta_model
 
-    from mistral_ref.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     total = sum(p.numel() for p in model.parameters())
     active = total
     if args.moe is not None:

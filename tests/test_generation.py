@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mistral_ref import generate as generate_module
+from mistral_ref import generation as generation_module
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.generation import StopStrings, generate, generate_stream
@@ -209,7 +209,7 @@ def test_cache_is_sized_from_the_request_not_the_model(monkeypatch) -> None:
             super().__init__(args, batch_size, max_seq_len, *a, **kw)
             sizes.append((batch_size, max_seq_len, [(c.capacity, c.rolling) for c in self.layers]))
 
-    monkeypatch.setattr(generate_module, "KVCache", Recording)
+    monkeypatch.setattr(generation_module, "KVCache", Recording)
     model = tiny(window=(4, None), max_seq_len=1_000_000)
     generate(model, rand_prompts([3, 9]), 5, temperature=0)
     assert sizes == [(2, 9 + 5, [(4, True), (14, False)])]

@@ -7,9 +7,11 @@ it holds (-1 when empty), and attention masks are built from those positions (at
 makes wrap-around, chunked prefill and ragged batches one and the same case.
 
 Two kinds of call reach :meth:`LayerCache.update`:
-* a chunk of T > 1 tokens (prefill, chunked prefill): general, may synchronise with the host;
-* one token per row (decode, T = 1): the hot path — a fixed amount of work per step, no host synchronisation
-  on accelerators, so a decode step costs the same at step 10 and step 10,000 (apart from attention itself).
+* a chunk of T > 1 tokens (prefill, chunked prefill);
+* one token per row (decode, T = 1): :meth:`LayerCache.write_one`, a fixed amount of work per step, so a decode
+  step costs the same at step 10 and step 10,000 (apart from attention itself).
+The layers reach the cache through their backend (`ops.update_cache`): the fast backends add shortcuts for the
+decode write (mistral_ref/backends), each equal to :meth:`LayerCache.update`.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class LayerCache:
         still need, so then attention sees the old buffer concatenated with the new chunk (S' = S + T); every
         other case writes first and attends to the buffer itself (S' = S).
         """
+        self.check_fits(positions)
         if k.shape[1] == 1:
-            self._write_one(k, v, positions)
+            self.write_one(k, v, positions)
             return self.k, self.v, self.pos
         if self.rolling:
             keys = torch.cat([self.k, k], dim=1)
@@ -59,7 +62,8 @@ class LayerCache:
         self._write_chunk(k, v, positions)
         return self.k, self.v, self.pos
 
-    def _check_fits(self, positions: torch.Tensor) -> None:
+    def check_fits(self, positions: torch.Tensor) -> None:
+        """Raise CacheOverflowError if a position does not fit a full (non-rolling) layer's slots."""
         if not self.rolling:
             newest = int(positions.max())
             if newest >= self.capacity:
@@ -67,21 +71,10 @@ class LayerCache:
                     f"position {newest} does not fit a KV cache allocated for {self.capacity} positions "
                     "(allocate prompt + max_tokens)")
 
-    def _write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode: one token per row; a row at position -1 (padding, a finished row) leaves its slot alone."""
+    def write_one(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode: one token per row into slot position % capacity; a row at position -1 (padding, a finished
+        row) leaves its slot alone.  k, v: (B, 1, n_kv_heads, head_dim); positions: (B, 1)."""
         p = positions[:, 0]  # (B,)
-        # Host reads are free on the CPU (on accelerators they would stall); a compiled step must not branch on them.
-        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-            lo, hi = torch.aminmax(p)
-            lo, hi = int(lo), int(hi)
-            if not self.rolling and hi >= self.capacity:
-                self._check_fits(positions)  # raises
-            if lo == hi >= 0:  # every row at the same position (batch 1, an unragged batch): one slot, no gather
-                slot = lo % self.capacity
-                self.k[:, slot] = k[:, 0]
-                self.v[:, slot] = v[:, 0]
-                self.pos[:, slot] = lo
-                return
         valid = p >= 0
         rows = torch.arange(k.shape[0], device=k.device)
         slot = p.clamp(min=0) % self.capacity  # (B,)  (p < capacity for a full layer: the modulo is a no-op)
@@ -96,7 +89,6 @@ class LayerCache:
         Only the newest `capacity` positions of each row survive in a rolling buffer: write just those, so no
         two writes of one call target the same slot.
         """
-        self._check_fits(positions)
         newest = positions.max(dim=1, keepdim=True).values  # (B, 1)
         keep = (positions >= 0) & (positions > newest - self.capacity)  # (B, T)
         b, t = keep.nonzero(as_tuple=True)
@@ -145,6 +137,12 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def check_fits(self, positions: torch.Tensor) -> None:
+        """Raise CacheOverflowError if a position does not fit the full-attention layers' slots."""
+        full = [layer for layer in self.layers if not layer.rolling]
+        if full:
+            full[0].check_fits(positions)  # every full layer has max_seq_len slots
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (what the cache costs)."""

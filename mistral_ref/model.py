@@ -1,8 +1,12 @@
 """The Mistral / Mixtral transformer: embeddings -> n_layers x (attention, feed-forward) -> RMSNorm -> logits.
 
-Read in this order: rope.py, attention.py, moe.py, then this file.  Module and parameter names are those of the
+Read in this order: norm.py, rope.py, attention.py, moe.py, then this file.  Module and parameter names are those of the
 native checkpoints (tok_embeddings, layers.N.attention.wq, layers.N.feed_forward.w1, ...), so a state dict loads
 without renaming.
+
+The layers do their arithmetic (products, norms, rotations, attention, expert dispatch) through `self.ops`, the
+function record of a backend looked up by name in mistral_ref.backends: "reference" is the plain functions of
+these files; "torch" (the default) and "triton" compute the same functions faster.  See :meth:`set_backend`.
 """
 
 from __future__ import annotations
@@ -14,26 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mistral_ref.attention import Attention, Linear
+from mistral_ref.attention import Attention
+from mistral_ref.backends import Backend, get_backend
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.config import ModelArgs
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
-from mistral_ref.rope import rope_rotations
-
-
-class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 and cast back before the weight multiplies."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., dim) -> (..., dim)"""
-        # normed = x * rsqrt(mean(x ** 2) + eps) in fp32: F.rms_norm is that formula in one call (bitwise equal)
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.type_as(x)
+from mistral_ref.norm import RMSNorm
 
 
 class TransformerBlock(nn.Module):
@@ -46,12 +36,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward: nn.Module = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None,
-                rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: object, ops: Backend,
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block.
-        rope: the (B, T, head_dim/2) complex rotations shared by all layers (see Attention.forward)."""
-        h = x + self.attention(self.attention_norm(x), positions, cache, rope)
-        ff = self.feed_forward(self.ffn_norm(h))
+        rope: the rotation table shared by all layers (see Attention.forward); ops: the backend's functions."""
+        h = x + self.attention(self.attention_norm(x, ops), positions, rope, ops, cache)
+        ff = self.feed_forward(self.ffn_norm(h, ops), ops)
         router_logits = None
         if isinstance(ff, tuple):
             ff, router_logits = ff
@@ -74,8 +64,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.compiled_decode = None  # see compile_decode
-        self.output = Linear(args.dim, args.vocab_size)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.ops: Backend = get_backend("torch")  # see set_backend
+        self.compiled_decode = None  # a torch.compile'd decode step, see compile_decode
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,23 +93,22 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if self.compiled_decode is not None and T == 1 and cache is not None and not return_router_logits:
             return self.compiled_decode(tokens, positions, cache, logits_at)
-        return self._forward(tokens, positions, cache, return_router_logits, logits_at)
+        return self.forward_with(self.ops, tokens, positions, cache, return_router_logits, logits_at)
 
-    def _forward(self, tokens, positions, cache, return_router_logits=False, logits_at=None):
+    def forward_with(self, ops: Backend, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                     return_router_logits: bool = False, logits_at: torch.Tensor | None = None):
+        """:meth:`forward` computed with the functions of `ops` (positions required)."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        args = self.args  # every layer rotates by the same angles: compute them once
-        rope = None  # a compiled step rotates with real cos/sin in each layer (inductor has no complex arithmetic)
-        if not torch.compiler.is_compiling():
-            rope = rope_rotations(positions, args.head_dim, args.rope_theta)  # (B, T, head_dim/2) complex
+        rope = ops.rope_table(positions, self.args.head_dim, self.args.rope_theta)  # the same for every layer
         router_logits = []
         for i, layer in enumerate(self.layers):
-            h, rl = layer(h, positions, None if cache is None else cache[i], rope)
+            h, rl = layer(h, positions, rope, ops, None if cache is None else cache[i])
             if rl is not None:
                 router_logits.append(rl)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
-        logits = self.output(self.norm(h)).float()  # (B, T, vocab)
+        logits = ops.linear(self.norm(h, ops), self.output.weight).float()  # (B, T, vocab)
         return (logits, router_logits) if return_router_logits else logits
 
     def compute_loss(self, tokens: torch.Tensor, targets: torch.Tensor, aux_loss_coef: float = 0.02) -> LossOutput:
@@ -138,39 +128,29 @@ class Transformer(nn.Module):
     def compile_decode(self, enabled: bool = True, freeze: bool = False) -> Transformer:
         """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
 
-        Every step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so
-        all steps reuse one compiled graph (no recompiles per step; a new batch size or cache size compiles
-        again).  MoE layers get their experts stacked (MoeLayer.stack_experts) so that a batch-1 step gathers its
-        chosen experts inside the graph; a larger batch runs the expert dispatch eagerly (it reads expert counts on
-        the host).  Compile after converting or moving the model.  Compiling takes a minute or more on a small CPU;
-        it pays where Python overhead is a large share of a step (small models, MoE): measure with
-        ``benchmarks/bench.py --compile``.  enabled=False returns to eager decoding.
-        freeze=True compiles with inductor's freezing: the weights become constants of the compiled code (folded
-        and laid out for it), so later changes to them are not seen; decode must run without autograd
-        (generate does).
-        """
-        if enabled:
-            for layer in self.layers:
-                if isinstance(layer.feed_forward, MoeLayer):
-                    layer.feed_forward.stack_experts()  # the chosen experts are gathered inside the graph
-        options = {"freezing": True} if freeze else None
-        self.compiled_decode = torch.compile(self._forward, dynamic=False, options=options) if enabled else None
-        return self
+        The compiled step and its compile-friendly functions live in the engine (backends/compiled.py); see
+        there.  enabled=False returns to eager decoding; freeze=True uses inductor's freezing (weights become
+        constants of the compiled code)."""
+        from mistral_ref.backends.compiled import compile_decode
 
-    def set_backend(self, attention: str = "torch", moe: str = "torch") -> Transformer:
-        """Select the implementation of the hot paths.
+        return compile_decode(self, enabled, freeze)
 
-        "torch" (default): PyTorch with the fast paths that equal the reference (attention.sdpa_attention,
-        complex RoPE, moe.moe_forward_grouped); "reference": the plain reference functions (attention.attention,
-        rope.apply_rotary_emb, moe.moe_forward); "triton": triton_kernels.
+    def set_backend(self, backend: str = "torch", *, attention: str | None = None, moe: str | None = None,
+                    linear: str | None = None, rope: str | None = None, rms_norm: str | None = None
+                    ) -> Transformer:
+        """Choose the functions the layers compute with, by backend name (mistral_ref.backends):
+
+        "reference" — the plain functions of rope.py, attention.py, moe.py and this file, F.linear for products;
+        "torch" (default) — PyTorch fast paths that equal them (SDPA, split/upcast CPU products, grouped MoE);
+        "triton" — the Triton kernels (installed with the `triton` extra; registers itself).
+        `backend` sets every function; the keywords override one family each, e.g.
+        ``set_backend("torch", attention="triton", moe="triton")``.  Returns the model.
         """
-        for name in (attention, moe):
-            if name not in ("torch", "reference", "triton"):
-                raise ValueError(f"backend must be 'torch', 'reference' or 'triton', got {name!r}")
-        for layer in self.layers:
-            layer.attention.backend = attention
-            if isinstance(layer.feed_forward, MoeLayer):
-                layer.feed_forward.backend = moe
+        chosen = {"attention": attention, "moe": moe, "linear": linear, "rope": rope, "rms_norm": rms_norm}
+        base = get_backend(backend)
+        self.ops = base.with_parts({part: get_backend(name) for part, name in chosen.items() if name is not None})
+        for prepare in self.ops.prepare:
+            prepare(self)  # e.g. lay the experts out as the backend's MoE dispatch reads them
         return self
 
 

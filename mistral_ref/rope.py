@@ -49,24 +49,3 @@ def apply_rotary_emb_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
-# ---- fast path: the same rotation as one complex multiplication ---------------------------------------------------
-def rope_rotations(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """e^(i * angle) for every (position, pair): the rotations of :func:`rope_angles` as unit complex numbers.
-
-    positions: (B, T) (negative = padding, treated as 0).  returns: (B, T, head_dim/2) complex64.
-    Computed once per forward pass and shared by every layer (they all use the same head_dim and theta).
-    """
-    cos, sin = rope_angles(positions, head_dim, theta)
-    return torch.complex(cos, sin)
-
-
-def apply_rotary_emb_complex(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """:func:`apply_rotary_emb` written as a complex product: (x0 + i x1) * (cos + i sin).
-
-    x: (B, T, H, D); rotations: (B, T, D/2) complex64 from :func:`rope_rotations`.  Returned in x's dtype.
-    The same arithmetic (x0 cos - x1 sin, x0 sin + x1 cos) in fp32, but one kernel instead of about ten.
-    """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, D/2) complex64
-    return torch.view_as_real(pairs * rotations[:, :, None, :]).flatten(-2).type_as(x)

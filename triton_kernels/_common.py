@@ -1,4 +1,10 @@
-"""Helpers shared by the kernel families: interpreter detection, dtype policy, NaN-poisoned outputs, checks.
+"""Helpers shared by the kernel families: the interpreter choice, dtype policy, NaN-poisoned outputs, checks.
+
+Interpreter.  Triton runs CPU tensors only with its numpy interpreter, which must be chosen before Triton itself
+is imported (triton.language defines its own jit functions then).  The package imports this module first, and it
+chooses once, explicitly: the interpreter when TRITON_INTERPRET=1, or when the variable is unset and no CUDA GPU is
+present; compiled kernels otherwise.  It imports Triton with that choice and pins it in
+`triton.knobs.runtime.interpret`; the environment is left as it was.
 
 Dtype policy (one rule for every kernel).  Kernels load their operands in the storage dtype and accumulate in
 fp32.  When `upcast(dtype)` is true they also cast every loaded operand to fp32 at once and run `tl.dot` in
@@ -11,16 +17,53 @@ FlashAttention does.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _choose_interpreter() -> bool:
+    flag = os.environ.get("TRITON_INTERPRET")
+    if flag is not None:
+        return flag.lower() in _TRUE
+    return not torch.cuda.is_available()
+
+
+def _import_triton(interpret: bool):
+    """Import Triton in the chosen mode (see the module docstring); the environment is restored afterwards."""
+    if "triton" in sys.modules:  # imported already (by torch, or the user): its mode is fixed
+        import triton
+
+        if bool(triton.knobs.runtime.interpret) != interpret:
+            raise ImportError(
+                f"Triton was imported before triton_kernels {'without' if interpret else 'with'} its CPU "
+                f"interpreter, but triton_kernels needs it {'on' if interpret else 'off'} here; import "
+                "triton_kernels first, or set TRITON_INTERPRET=1 (CPU) / 0 (GPU) before starting Python")
+        return triton
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        import triton
+
+        triton.knobs.runtime.interpret = interpret  # pinned in Triton's knobs: no longer read from the environment
+    finally:  # (the knob also writes the variable: put back what was there)
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return triton
+
+
+_INTERPRET = _choose_interpreter()
+triton = _import_triton(_INTERPRET)
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels with its numpy interpreter (TRITON_INTERPRET=1), e.g. without a GPU."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    """True when this package's kernels run on Triton's CPU interpreter (see the module docstring)."""
+    return _INTERPRET
 
 
 def upcast(dtype: torch.dtype) -> bool:
@@ -41,7 +84,7 @@ def poisoning() -> bool:
     """
     flag = os.environ.get("TRITON_KERNELS_POISON")
     if flag is not None:
-        return flag.lower() in ("1", "true", "yes", "on")
+        return flag.lower() in _TRUE
     return interpreting()
 
 
@@ -76,6 +119,6 @@ def check_device(where: str, *tensors: torch.Tensor) -> None:
         raise ValueError(f"{where}: all tensors must be on one device, got {sorted(map(str, devices))}")
     device = devices.pop()
     if device.type == "cpu" and not interpreting():
-        raise RuntimeError(f"{where}: tensors are on the CPU but TRITON_INTERPRET is not set; Triton runs "
+        raise RuntimeError(f"{where}: tensors are on the CPU but the kernels were compiled for the GPU; Triton runs "
                            "CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before importing "
-                           "triton)")
+                           "triton_kernels)")

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels._common import block_dim, dot_precision, new_output, upcast
-from triton_kernels.flash_attention import LOG2E, attend_tile, check_attention_inputs, tile_config
+from triton_kernels.flash_common import LOG2E, attend_tile, check_attention_inputs, tile_config
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     q: (B, 1, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim) — e.g. LayerCache.k / .v; q_pos: (B, 1);
     k_pos: (B, S), -1 for empty slots; window: keys a query sees or None.
     num_splits: chunks of the S axis (default: `default_num_splits`); block_n: key tile (power of two >= 16,
-    default from flash_attention.tile_config).
+    default from flash_common.tile_config).
     returns (B, 1, n_heads, head_dim) in q's dtype.
     """
     check_attention_inputs(q, k, v, q_pos, k_pos, window, "decode_attention")

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mistral_ref.moe import route
 from triton_kernels._common import (
     block_dim,
     check_device,
@@ -262,8 +263,6 @@ def moe_forward(
     returns out (N, dim) in x's dtype and router logits (N, E) fp32.
     block_m / block_n / block_k: GEMM tiles (powers of two >= 16).
     """
-    from mistral_ref.moe import route
-
     where = "moe_forward"
     if x.dim() != 2:
         raise ValueError(f"{where}: x must be (N, dim), got shape {tuple(x.shape)}")

@@ -1,0 +1,116 @@
+"""The one dispatch point: backends, i.e. records of the functions a model computes with, looked up by name.
+
+A model's layers (model.py, attention.py, moe.py) never call a fast path directly: they call ``ops.linear``,
+``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe`` and ``ops.update_cache`` (the
+KV cache write) on the :class:`Backend`
+chosen by ``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain
+math of the reference modules), within floating-point rounding; the tests check each one against it.
+
+| name        | where                  | what                                                                     |
+|-------------|------------------------|--------------------------------------------------------------------------|
+| "reference" | backends/reference.py  | the plain functions of norm.py, rope.py, attention.py, moe.py, cache.py  |
+| "torch"     | backends/pytorch.py    | SDPA attention, CPU products (split / upcast), grouped MoE, complex RoPE |
+| "triton"    | triton_kernels (extra) | Triton kernels; registers itself (entry point `mistral_ref.backends`)    |
+
+Compiled decoding (Transformer.compile_decode) uses a compile-friendly variant of "torch" (backends/compiled.py).
+Other packages add a backend with :func:`register_backend` or an entry point in the group ``mistral_ref.backends``
+naming a :class:`Backend` object.  This module imports nothing from the rest of mistral_ref.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
+
+ENTRY_POINT_GROUP = "mistral_ref.backends"
+# the families that set_backend can take from different backends
+PARTS = ("linear", "rms_norm", "rope", "attention", "moe", "update_cache")
+
+
+class BackendError(ValueError):
+    """An unknown backend, or one that cannot run here (its message says what to install)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The functions a model computes with.  Shapes as in the reference functions they equal:
+
+    linear(x (..., in), weight (out, in)) -> (..., out)                     F.linear without bias
+    rms_norm(x (..., dim), weight (dim,), eps) -> (..., dim)                norm.rms_norm
+    rope_table(positions (B, T), head_dim, theta) -> table                  computed once per forward pass
+    rope(x (B, T, H, head_dim), table) -> x rotated                         rope.apply_rotary_emb
+    attention(q, k, v, q_pos, k_pos, window) -> (B, T, n_heads, head_dim)   attention.attention
+    moe(x (N, dim), gate_weight, w1, w2, w3, top_k) -> (N, dim), logits     moe.moe_forward
+    update_cache(layer_cache, k, v, positions) -> keys, values, k_pos       cache.LayerCache.update
+    prepare(model) -> None: run by set_backend, e.g. to lay experts out as the backend reads them.
+    """
+
+    name: str
+    linear: Callable
+    rms_norm: Callable
+    rope_table: Callable
+    rope: Callable
+    attention: Callable
+    moe: Callable
+    update_cache: Callable
+    prepare: tuple[Callable, ...] = field(default=())
+
+    def with_parts(self, parts: dict[str, Backend]) -> Backend:
+        """This backend with some families taken from others, e.g. {"attention": triton} ("rope" brings
+        rope_table along)."""
+        if not parts:
+            return self
+        changes: dict = {}
+        for part, other in parts.items():
+            if part not in PARTS:
+                raise BackendError(f"unknown function family {part!r}; choose from {', '.join(PARTS)}")
+            changes[part] = getattr(other, part)
+            if part == "rope":
+                changes["rope_table"] = other.rope_table
+        prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
+        name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
+        return replace(self, name=name, prepare=prepare, **changes)
+
+
+_BUILTIN = {"reference": "mistral_ref.backends.reference", "torch": "mistral_ref.backends.pytorch"}
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Make `backend` available to set_backend under backend.name (replacing one of that name)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend takes a Backend, got {type(backend).__name__}")
+    _REGISTRY[backend.name] = backend
+
+
+def available_backends() -> list[str]:
+    """Names that get_backend may resolve: built-in, registered, and advertised by installed entry points."""
+    return sorted({*_BUILTIN, *_REGISTRY, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`: built in, registered, or loaded from its entry point on first use."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BUILTIN:
+        register_backend(importlib.import_module(_BUILTIN[name]).BACKEND)
+        return _REGISTRY[name]
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        raise BackendError(f"unknown backend {name!r}; available: {', '.join(available_backends())}. "
+                           + _INSTALL_HINTS.get(name, ""))
+    try:
+        backend = found[0].load()
+    except ImportError as e:  # the package behind it is missing something (e.g. Triton itself)
+        raise BackendError(f"backend {name!r} ({found[0].value}) cannot be imported: {e}. "
+                           + _INSTALL_HINTS.get(name, "Install the package that provides it.")) from e
+    register_backend(backend)
+    return backend
+
+
+_INSTALL_HINTS = {
+    "triton": "Install Triton with `pip install 'mistral-ref[triton]'` (Linux x86_64/aarch64; it runs on NVIDIA "
+              "GPUs, and on a CPU only under its slow interpreter).",
+}

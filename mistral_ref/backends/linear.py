@@ -1,0 +1,94 @@
+"""Fast products x @ weight.T on a CPU: the same numbers as F.linear, faster where PyTorch's BLAS is slow.
+
+Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py checks it.
+* bf16/fp16 products of at least UPCAST_MIN_ROWS rows run in fp32 where :func:`upcast_on_cpu` says the native
+  product is slow (CPUs without AVX512-BF16/AMX: a bf16 GEMM ~10x slower than fp32 on an AVX2 EPYC).  Upcasting
+  costs a pass over the weight: less than a slow GEMM, more than a product of 1-3 rows, which is bound by memory.
+* fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: the BLAS runs a
+  product of a few rows on one core; splitting the weight into one block per thread uses them all.
+* :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop
+  that converts bf16 weights as they stream (used by compiled decoding only, backends/compiled.py).
+Measured speeds are in README ("Speed on a CPU") and `make bench`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+
+UPCAST_MIN_ROWS = 4  # see linear()
+SPLIT_MAX_ROWS = 32  # see split_linear()
+
+# CPUs without bf16/fp16 matrix instructions (AVX512-BF16, AMX) get slow reduced-precision matmuls from PyTorch.
+_SLOW_CPU_MATMUL = {
+    dtype for dtype, native in ((torch.bfloat16, torch.ops.mkldnn._is_mkldnn_bf16_supported),
+                                (torch.float16, torch.ops.mkldnn._is_mkldnn_fp16_supported)) if not native()
+}
+
+
+def upcast_on_cpu(x: torch.Tensor) -> bool:
+    """True if a matmul on `x` is faster in fp32 than in x's dtype: bf16/fp16 on a CPU without native support."""
+    return x.device.type == "cpu" and x.dtype in _SLOW_CPU_MATMUL
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """F.linear(x, weight) (no bias) with the CPU fast paths of the module docstring.
+
+    x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  threads: the split of split_linear (default:
+    torch.get_num_threads()).  Equal to F.linear up to the rounding of the accumulation (upcast products round once).
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    if upcast_on_cpu(x):
+        if rows >= UPCAST_MIN_ROWS:
+            xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 8 MB of weight at once
+            return torch.cat([split_linear(xf, _upcast(w), threads) for w in weight.split(block)], dim=-1).to(x.dtype)
+    elif x.dtype == torch.float32:
+        return split_linear(x, weight, threads)  # (F.linear itself off the CPU or for many rows)
+    return F.linear(x, weight)
+
+
+def multiply_sum_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) written as an elementwise product summed over `in`, accumulated in fp32.
+
+    x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  Eagerly this materialises (..., out, in): only
+    for compiled code, where it becomes one loop.
+    """
+    return (weight.float() * x.float()[..., None, :]).sum(-1).to(x.dtype)  # (..., out, in) -> (..., out)
+
+
+_scratch = threading.local()  # per thread: one reused fp32 buffer for weight upcasts (see _upcast)
+
+
+def _upcast(w: torch.Tensor) -> torch.Tensor:
+    """w.float(), written into a reused per-thread buffer when no gradient is needed.
+
+    A fresh multi-megabyte tensor is mapped anew by the allocator at every call, and on a VM touching its pages
+    costs more than the conversion itself.  The buffer grows to the largest upcast block (8 MB).
+    """
+    if w.requires_grad and torch.is_grad_enabled():
+        return w.float()  # differentiable (training): a plain copy
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < w.numel():
+        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+            buffer = _scratch.buffer = torch.empty(w.numel(), dtype=torch.float32)
+    return buffer[: w.numel()].view(w.shape).copy_(w)
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """fp32 F.linear(x, weight) for a few rows of x, with every thread reading its own block of the weight.
+
+    x: (..., in); weight: (out, in) -> (..., out).  Viewing the weight as P blocks of out/P rows (P = threads,
+    default torch.get_num_threads()), torch.bmm hands one block to each thread: the same dot products, in the same
+    order.  Products of SPLIT_MAX_ROWS rows or more (prefill) are efficient GEMMs already: plain F.linear.
+    """
+    rows, (out_features, in_features) = x.numel() // max(1, x.shape[-1]), weight.shape
+    parts = torch.get_num_threads() if threads is None else threads  # one block per thread
+    if (rows >= SPLIT_MAX_ROWS or parts == 1 or out_features % parts or not weight.is_contiguous()
+            or x.device.type != "cpu"):
+        return F.linear(x, weight)
+    blocks = weight.view(parts, out_features // parts, in_features)  # (P, out/P, in), no copy
+    xs = x.reshape(1, rows, in_features).expand(parts, rows, in_features)  # (P, rows, in), no copy
+    out = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], out_features)

@@ -1,0 +1,110 @@
+"""Fast expert dispatch: the mixture of experts of moe.moe_forward with the work grouped by expert.
+
+Equals: moe.moe_forward(x, gate_weight, w1, w2, w3, top_k) (backend "reference"), tested in
+tests/test_backends_moe.py.  Also here: :func:`stack_experts`, which lays a layer's experts out as (E, ...) tensors
+(the parameters become views: no extra memory), read by compiled decoding (:func:`moe_one_token`) and by the
+Triton MoE kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_ref.backends.linear import linear
+from mistral_ref.moe import route
+
+
+def moe_forward_grouped(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    w1: Sequence[torch.Tensor] | torch.Tensor,
+    w2: Sequence[torch.Tensor] | torch.Tensor,
+    w3: Sequence[torch.Tensor] | torch.Tensor,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.moe_forward with the work grouped by expert: same arguments, same result (fp32: within 1e-6).
+
+    The N*k (token, expert) assignments are sorted by expert, so each expert multiplies one contiguous block of
+    rows and only experts that received tokens are visited; a single token (decode at batch 1) just runs its k
+    experts.  Each token's outputs are summed in increasing expert order, as in the reference.  The per-expert
+    counts become Python ints: one host synchronisation per call, free on a CPU.
+    """
+    weights, experts, logits = route(x, gate_weight, top_k)  # (N, k), (N, k), (N, E)
+    if x.shape[0] == 1:  # one token: gather its k experts, in increasing expert order like the reference
+        out, w = torch.zeros_like(x), weights[0].to(x.dtype)  # (1, dim), (k,)
+        for slot, e in sorted(enumerate(experts[0].tolist()), key=lambda se: se[1]):
+            out += swiglu(x, w1[e], w3[e], w2[e]) * w[slot]
+        return out, logits
+    flat = experts.flatten()  # (N*k,) expert of assignment token*k + slot
+    order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
+    counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
+    token = order // top_k  # (N*k,) token of each sorted assignment
+    xs = x[token]  # (N*k, dim) the rows each expert must process, expert after expert
+    ys = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            ys[start:start + n] = swiglu(xs[start:start + n], w1[e], w3[e], w2[e])  # (n, dim)
+            start += n
+    ys *= weights.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, ys), logits
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert: w2(silu(w1 x) * w3 x) with the fast CPU products.  x: (n, dim) -> (n, dim)"""
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def moe_one_token(
+    x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe.moe_forward for a single token with the experts stacked: what a compiled decode step runs.
+
+    x: (1, dim); w1, w3: (E, hidden, dim); w2: (E, dim, hidden) — the stacks of :func:`stack_experts`.
+    The chosen experts are indexed with a tensor, not a Python int, so torch.compile traces the whole step as one
+    graph; written as multiply-and-sum (not einsum, which would copy the gathered matrices into a bmm), inductor
+    turns each product into one loop that reads only the k chosen experts' rows.  fp32 accumulation; result in
+    x's dtype (fp32: equal to the reference within 1e-6; summed over the k slots, not in expert order).
+    """
+    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+    chosen = experts[0]  # (k,)
+    xf = x.float()  # (1, dim)
+    gate = (w1[chosen].float() * xf).sum(-1)  # (k, hidden)
+    up = (w3[chosen].float() * xf).sum(-1)  # (k, hidden)
+    hidden = (F.silu(gate) * up).to(x.dtype).float()  # rounded like the reference's activations
+    y = (w2[chosen].float() * hidden[:, None, :]).sum(-1)  # (k, dim)
+    out = (y.to(x.dtype).float() * weights[0, :, None]).sum(0, keepdim=True)  # (1, dim)
+    return out.to(x.dtype), logits
+
+
+def stack_experts(layer: nn.Module) -> None:
+    """Move a MoeLayer's expert weights into three stacked tensors, w1/w3 (E, hidden, dim) and w2 (E, dim,
+    hidden), kept as ``layer.stacked``, and make every expert's parameter a view of its slice: one copy at call
+    time, no extra memory after; state dict names and values unchanged.
+
+    Converting or moving the layer afterwards (.to, .float, ...) drops the stacks (MoeLayer._apply).  Experts of
+    different shapes (an expert-parallel rank, whose remote experts are empty placeholders) are left as they are.
+    """
+    layer.stacked = None
+    experts = layer.experts
+    if any(len({getattr(e, name).weight.shape for e in experts}) > 1 for name in ("w1", "w2", "w3")):
+        return
+    stacks = []
+    for name in ("w1", "w2", "w3"):
+        linears = [getattr(e, name) for e in experts]
+        stacked = torch.stack([lin.weight.detach() for lin in linears])  # (E, out, in)
+        for lin, w in zip(linears, stacked):
+            lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+        stacks.append(stacked)
+    layer.stacked = tuple(stacks)
+
+
+def stack_all_experts(model: nn.Module) -> None:
+    """stack_experts on every MoE layer of a model (those with stacks already keep them)."""
+    for module in model.modules():
+        if hasattr(module, "experts") and hasattr(module, "stacked") and module.stacked is None:
+            stack_experts(module)

@@ -1,0 +1,49 @@
+"""Backend "torch" (the default): PyTorch fast paths, each equal to the reference function it replaces.
+
+| op         | function                                   | equals (backend "reference")             |
+|------------|--------------------------------------------|------------------------------------------|
+| linear     | backends/linear.py: linear                 | F.linear                                 |
+| rms_norm   | F.rms_norm                                 | norm.rms_norm (bitwise)                  |
+| rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
+| attention  | backends/sdpa.py: sdpa_attention           | attention.attention                      |
+| moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
+| update_cache | update_cache below                       | cache.LayerCache.update                  |
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistral_ref.backends import Backend
+from mistral_ref.backends.linear import linear
+from mistral_ref.backends.moe import moe_forward_grouped
+from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
+from mistral_ref.backends.sdpa import sdpa_attention
+from mistral_ref.cache import LayerCache
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """norm.rms_norm in one call: F.rms_norm is the same fp32 formula.  x: (..., dim) -> (..., dim)"""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    """cache.update, with a shortcut for a decode step on the CPU where every row is at the same position (batch
+    1, an unragged batch): one slice write instead of a masked scatter (host reads are free on a CPU)."""
+    if k.shape[1] == 1 and positions.device.type == "cpu":
+        lo, hi = (int(p) for p in torch.aminmax(positions[:, 0]))
+        if lo == hi >= 0:
+            if not cache.rolling:
+                cache.check_fits(positions)
+            slot = lo % cache.capacity
+            cache.k[:, slot] = k[:, 0]
+            cache.v[:, slot] = v[:, 0]
+            cache.pos[:, slot] = lo
+            return cache.k, cache.v, cache.pos
+    return cache.update(k, v, positions)
+
+
+BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
+                  rope=apply_rotary_emb_complex, attention=sdpa_attention, moe=moe_forward_grouped,
+                  update_cache=update_cache)

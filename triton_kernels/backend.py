@@ -1,0 +1,30 @@
+"""The "triton" backend: this package's kernels in the record mistral_ref's models compute with.
+
+Registered when triton_kernels is imported, and advertised by the `mistral_ref.backends` entry point, so
+``model.set_backend("triton")`` finds it without an import.  Each kernel equals the reference function named in
+triton_kernels/__init__.py; products stay F.linear (cuBLAS on a GPU) and the cache write is the reference one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mistral_ref.backends import Backend
+from mistral_ref.backends.moe import stack_all_experts
+from mistral_ref.backends.reference import update_cache
+from mistral_ref.rope import rope_angles
+from triton_kernels.flash_attention import attention
+from triton_kernels.moe import moe_forward
+from triton_kernels.norm import rms_norm
+from triton_kernels.rope import apply_rotary_emb
+
+
+def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The RoPE kernel with the (cos, sin) table of rope.rope_angles.  x: (B, T, H, D)."""
+    return apply_rotary_emb(x, *cos_sin)
+
+
+BACKEND = Backend(name="triton", linear=F.linear, rms_norm=rms_norm, rope_table=rope_angles, rope=rotate,
+                  attention=attention, moe=moe_forward, update_cache=update_cache,
+                  prepare=(stack_all_experts,))  # the MoE kernel reads the model's stacked experts, no copy

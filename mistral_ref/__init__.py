@@ -1,6 +1,20 @@
 """mistral-ref: a readable, exact and fast reference implementation of the Mistral model family.
 
-The public API is re-exported lazily, so ``import mistral_ref.tokenizer`` never imports torch.
+Public API (re-exported lazily, so ``import mistral_ref.tokenizer`` never imports torch):
+
+    load_model(path, dtype=None)              a native or Hugging Face checkpoint -> Transformer
+    save_checkpoint / convert_checkpoint      write native or Hugging Face files; convert without loading
+    CheckpointError                           what a bad checkpoint raises (names file, key, expected, found)
+    ModelArgs, PRESETS, parameter_counts      model configurations; the family's presets; sizes on meta
+    Transformer                               the model: forward(tokens, positions, cache) -> logits
+    load_tokenizer, Tokenizer                 SentencePiece and Tekken tokenizers, chat templates
+    generate, generate_stream                 the prefill/decode loop (ragged batches, streaming, stops)
+    GenerationParamError                      what nonsense sampling parameters raise
+    chat_completion                           the Mistral chat-completions API on a model
+    load_embedded                             the shipped tiny Mixtral and its tokenizer
+
+Reading order of the reference: config, norm, rope, attention, moe, model, cache; the fast engine is in
+mistral_ref.backends (one dispatch point: Transformer.set_backend).
 """
 
 from __future__ import annotations
@@ -29,6 +43,10 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

@@ -46,16 +46,29 @@ def test_import_resolves_to_this_repository():
 
 
 def test_set_backend_routes_to_the_kernels(model):
+    """The kernels registered themselves as the backend "triton"; its MoE kernel reads the model's stacked
+    experts (the parameters view the stacks: no second copy of the expert weights)."""
+    from triton_kernels import moe as triton_moe
+
     model.set_backend(attention="triton", moe="triton")
     try:
-        assert all(layer.attention.backend == "triton" for layer in model.layers)
-        assert all(layer.feed_forward.backend == "triton" for layer in model.layers)
+        assert model.ops.attention is triton_kernels.attention
+        assert model.ops.moe is triton_kernels.moe_forward
+        for layer in model.layers:
+            w1, w2, w3 = layer.feed_forward.stacked
+            assert all(e.w1.weight.data_ptr() == w1[i].data_ptr() for i, e in enumerate(layer.feed_forward.experts))
+        triton_moe.clear_stack_cache()
+        with torch.no_grad():
+            model(torch.randint(0, ARGS.vocab_size, (1, 5), device=DEVICE))
+        assert not triton_moe._STACKED  # nothing stacked a second time
+        model.set_backend("triton")
+        assert model.ops.rms_norm is triton_kernels.rms_norm and model.ops.name == "triton"
     finally:
         model.set_backend()
 
 
 def forward(model, backend, tokens, positions=None):
-    model.set_backend(attention=backend, moe=backend)
+    model.set_backend(backend)
     try:
         with torch.no_grad():
             return model(tokens, positions)
@@ -77,7 +90,7 @@ def test_forward_logits_match(model):
 
 def greedy(model, backend, prompt, chunks, steps):
     """Chunked prefill into a KV cache (rolling on the windowed layer), then greedy cached decode."""
-    model.set_backend(attention=backend, moe=backend)
+    model.set_backend(backend)
     B, T = prompt.shape
     cache = KVCache(ARGS, B, T + steps, dtype=torch.float32, device=DEVICE)
     all_logits, tokens = [], []

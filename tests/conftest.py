@@ -1,0 +1,34 @@
+"""Shared fixtures and helpers of the test suite.
+
+* Tolerances: fp32 logits within FP32_RTOL (1e-5) of their oracle, relative to the largest magnitude (rel_err).
+* Threads: the `one_thread` fixture runs a test on one torch thread (tiny shapes: threads only fight for the two
+  cores of a CI machine); the Makefile also sets OMP_NUM_THREADS=1.
+* Models: random_model(args, seed) gives weights with teeth (model_helpers.py), `make_model` the same as a fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_helpers import random_model
+
+FP32_RTOL = 1e-5  # fp32 logits against an oracle, relative to the largest magnitude
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in fp32."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def make_model():
+    """random_model as a fixture: make_model(args, seed=0) -> an eval-mode Transformer with random weights."""
+    return random_model

@@ -1,0 +1,264 @@
+"""Every backend computes what backend "reference" computes (the plain math): the whole model, ragged batches,
+windows shorter than the sequence, head_dim != dim / n_heads (Nemo), experts, cached decode and gradients; the
+registry (names, per-family choices, errors) and the compile-friendly functions of compiled decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from mistral_ref.backends import BackendError, get_backend
+from mistral_ref.cache import KVCache
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.model import Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+GQA_WINDOW = ModelArgs(dim=48, n_layers=3, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
+                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(5, None))
+NEMO = ModelArgs(dim=40, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=97,
+                 norm_eps=1e-5, rope_theta=1e6)  # head_dim 16 != 40 / 4
+MOE = ModelArgs(dim=32, n_layers=2, hidden_dim=48, n_heads=4, n_kv_heads=1, head_dim=8, vocab_size=89,
+                norm_eps=1e-5, rope_theta=1e6, sliding_window=6, moe=MoeArgs(5, 2))
+MODELS = {"gqa_window": GQA_WINDOW, "nemo": NEMO, "moe": MOE}
+
+
+def make_model(args: ModelArgs, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    with torch.no_grad():  # weights larger than the default init: attention and routing far from uniform
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    return model
+
+
+def ragged_positions(B: int, T: int) -> torch.Tensor:
+    """Row b starts 3*b positions later, its first 3*b slots are padding (-1): some rows see no key at all."""
+    pos = torch.arange(T).repeat(B, 1) - 3 * torch.arange(B)[:, None]
+    return pos.masked_fill(pos < 0, -1)
+
+
+def test_split_linear_decode_matches_the_reference_model():
+    """A KV-cache decode on 2 threads (split products, fused paths) equals the reference backend on 1 thread."""
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=200,
+                     norm_eps=1e-5, rope_theta=1e4, sliding_window=5, moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, 200, (2, 12))
+    ref = run(model, "reference", lambda: model(tokens))
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            cache = KVCache(args, 2, 12)
+            steps = [model(tokens[:, t:t + 1], torch.full((2, 1), t), cache) for t in range(12)]
+    finally:
+        torch.set_num_threads(n)
+        model.set_backend()
+    assert rel_err(torch.cat(steps, dim=1), ref) < 1e-5
+
+
+def run(model: Transformer, backend: str, fn):
+    model.set_backend(backend)
+    try:
+        with torch.inference_mode():
+            return fn()
+    finally:
+        model.set_backend()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_forward_equals_reference(name):
+    """A ragged batch longer than the window, no cache: fast and reference logits agree to 1e-5 (fp32) and on
+    every argmax (bf16 model against its own reference)."""
+    args = MODELS[name]
+    model = make_model(args)
+    tokens = torch.randint(0, args.vocab_size, (3, 14), generator=torch.Generator().manual_seed(2))
+    positions = ragged_positions(3, 14)
+    ref = run(model, "reference", lambda: model(tokens, positions))
+    out = run(model, "torch", lambda: model(tokens, positions))
+    assert rel_err(out, ref) < 1e-5
+    valid = positions >= 0
+    assert torch.equal(out.argmax(-1)[valid], ref.argmax(-1)[valid])
+    model.to(torch.bfloat16)
+    ref16 = run(model, "reference", lambda: model(tokens, positions))
+    out16 = run(model, "torch", lambda: model(tokens, positions))
+    # bf16 argmax: wherever the fp32 top-2 margin exceeds the bf16 reference's own error (random models have
+    # near-ties elsewhere), the fast path picks the same token as both references.
+    top2 = ref.topk(2, dim=-1).values
+    clear = valid & (top2[..., 0] - top2[..., 1] > 2 * (ref16 - ref).abs().amax(-1))
+    assert clear.sum() >= valid.sum() // 3
+    assert torch.equal(out16.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert torch.equal(ref16.argmax(-1)[clear], ref.argmax(-1)[clear])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_unpadded_prompt_equals_reference(name):
+    """The common prefill: one unpadded prompt, no cache (causal mode on full layers; the masked path on layers
+    whose window is shorter than the prompt)."""
+    args = MODELS[name]
+    model = make_model(args, seed=3)
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    ref = run(model, "reference", lambda: model(tokens))
+    assert rel_err(run(model, "torch", lambda: model(tokens)), ref) < 1e-5
+
+
+def cached_greedy(model: Transformer, prompt: torch.Tensor, chunk: int, steps: int):
+    """Chunked prefill into a KV cache (rolling on windowed layers), then greedy cached decode."""
+    B, T = prompt.shape
+    cache = KVCache(model.args, B, T + steps, dtype=model.dtype)
+    for start in range(0, T, chunk):
+        pos = torch.arange(start, min(start + chunk, T)).expand(B, -1)
+        logits = model(prompt[:, start:start + chunk], pos, cache)[:, -1]
+    tokens, all_logits = [], [logits]
+    for step in range(steps):
+        nxt = all_logits[-1].argmax(-1, keepdim=True)  # (B, 1)
+        tokens.append(nxt)
+        all_logits.append(model(nxt, torch.full((B, 1), T + step), cache)[:, -1])
+    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_greedy_decode_equals_reference(name):
+    """Prefill in chunks of 4, then 10 decode steps past the window: the same tokens and fp32 logits to 1e-5;
+    in bf16 the same greedy tokens."""
+    args = MODELS[name]
+    model = make_model(args, seed=1)
+    prompt = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref_tokens, ref_logits = run(model, "reference", lambda: cached_greedy(model, prompt, 4, 10))
+    tokens, logits = run(model, "torch", lambda: cached_greedy(model, prompt, 4, 10))
+    assert torch.equal(tokens, ref_tokens)
+    assert rel_err(logits, ref_logits) < 1e-5
+    model.to(torch.bfloat16)
+    ref16, _ = run(model, "reference", lambda: cached_greedy(model, prompt, 4, 4))
+    out16, _ = run(model, "torch", lambda: cached_greedy(model, prompt, 4, 4))
+    assert torch.equal(out16, ref16)
+
+
+def test_logits_at_equals_picking_from_all_logits():
+    model = make_model(GQA_WINDOW)
+    tokens = torch.randint(0, GQA_WINDOW.vocab_size, (3, 8), generator=torch.Generator().manual_seed(4))
+    at = torch.tensor([7, 0, 4])
+    with torch.inference_mode():
+        full = model(tokens)
+        picked = model(tokens, logits_at=at)
+    assert picked.shape == (3, 1, GQA_WINDOW.vocab_size)
+    assert rel_err(picked[:, 0], full[torch.arange(3), at]) < 1e-6
+
+
+def test_fast_paths_keep_gradients():
+    """Training runs the same default backend: gradients flow through SDPA, complex RoPE and grouped experts and
+    equal the reference's."""
+    model = make_model(MOE)
+    tokens = torch.randint(0, MOE.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for backend in ("reference", "torch"):
+        model.set_backend(backend)
+        model.zero_grad()
+        model.compute_loss(tokens[:, :-1], tokens[:, 1:]).loss.backward()
+        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.set_backend()
+    for n, g in grads["reference"].items():
+        assert rel_err(grads["torch"][n], g) < 1e-4, n
+
+
+def test_set_backend_rejects_unknown_names():
+    with pytest.raises(BackendError, match="reference"):
+        make_model(NEMO).set_backend(attention="fast")
+    with pytest.raises(BackendError, match="reference"):
+        make_model(NEMO).set_backend("fast")
+    with pytest.raises(TypeError):
+        make_model(NEMO).set_backend(attention_impl="torch")
+
+
+# ---- the registry and the compiled variant ------------------------------------------------------------------------
+def test_reference_backend_is_the_plain_math_everywhere():
+    """'reference' means the plain functions for every family, projections included."""
+    from mistral_ref import attention, moe, norm
+    from mistral_ref.cache import LayerCache
+
+    ops = make_model(NEMO).set_backend("reference").ops
+    assert ops.linear is torch.nn.functional.linear
+    assert ops.attention is attention.attention and ops.moe is moe.moe_forward and ops.rms_norm is norm.rms_norm
+    cache = LayerCache(1, 4, False, 1, 2, torch.float32, "cpu")
+    k = torch.randn(1, 1, 1, 2)
+    keys, _, pos = ops.update_cache(cache, k, k, torch.tensor([[2]]))
+    assert torch.equal(keys[0, 2], k[0, 0]) and pos.tolist() == [[-1, -1, 2, -1]]
+
+
+def test_per_family_choice_and_names():
+    model = make_model(MOE)
+    model.set_backend("torch", attention="reference", moe="reference")
+    ref = get_backend("reference")
+    assert model.ops.attention is ref.attention and model.ops.moe is ref.moe
+    assert model.ops.linear is get_backend("torch").linear
+    assert model.ops.name == "torch+attention=reference+moe=reference"
+    assert model.set_backend().ops is get_backend("torch")
+
+
+def test_a_registered_backend_is_found_by_name():
+    from dataclasses import replace
+
+    from mistral_ref.backends import available_backends, register_backend
+
+    calls = []
+
+    def counting_attention(*args):
+        calls.append(1)
+        return get_backend("reference").attention(*args)
+
+    register_backend(replace(get_backend("torch"), name="counting", attention=counting_attention))
+    model = make_model(NEMO)
+    tokens = torch.randint(0, NEMO.vocab_size, (1, 5))
+    with torch.inference_mode():
+        ref = model(tokens)
+        out = model.set_backend("counting")(tokens)
+    assert "counting" in available_backends() and len(calls) == NEMO.n_layers
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_a_backend_whose_package_cannot_import_says_how_to_install(monkeypatch):
+    """Triton missing: the entry point exists (installed with mistral-ref) but importing it fails."""
+    import mistral_ref.backends as backends
+
+    class BrokenEntryPoint:
+        name, value = "triton", "triton_kernels.backend:BACKEND"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'triton'")
+
+    monkeypatch.setattr(backends, "_REGISTRY", {})
+    monkeypatch.setattr(backends, "entry_points", lambda group: [BrokenEntryPoint()])
+    with pytest.raises(BackendError, match=r"pip install 'mistral-ref\[triton\]'"):
+        backends.get_backend("triton")
+    monkeypatch.setattr(backends, "entry_points", lambda group: [])
+    with pytest.raises(BackendError, match=r"unknown backend 'triton'.*mistral-ref\[triton\]"):
+        backends.get_backend("triton")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_decode_functions_equal_the_reference_eagerly(name):
+    """The compile-friendly functions (backends/compiled.py), run eagerly: chunked prefill, then decode steps with
+    the unchecked cache write and stacked experts gathered by index, equal the reference (compiling itself takes
+    minutes: `make bench` checks the compiled steps' tokens)."""
+    from mistral_ref.backends.compiled import compiled_backend
+    from mistral_ref.backends.moe import stack_all_experts
+
+    args = MODELS[name]
+    model = make_model(args, seed=4)
+    prompt = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(8))
+    ref_tokens, ref_logits = run(model, "reference", lambda: cached_greedy(model, prompt, 4, 8))
+    stack_all_experts(model)
+    compiled_ops = compiled_backend(threads=2)
+    model.forward = lambda tokens, positions, cache: model.forward_with(compiled_ops, tokens, positions, cache)
+    with torch.inference_mode():
+        tokens, logits = cached_greedy(model, prompt, 4, 8)
+    assert torch.equal(tokens, ref_tokens)
+    assert rel_err(logits, ref_logits) < 1e-5
+
+
+def test_compile_decode_needs_the_torch_backend():
+    with pytest.raises(ValueError, match="set_backend\\('torch'\\)"):
+        make_model(NEMO).set_backend("reference").compile_decode()

@@ -1,0 +1,95 @@
+"""backends/moe.py: grouped and one-token expert dispatch equal moe.moe_forward; stack_experts keeps names,
+values and outputs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+
+from mistral_ref.backends import get_backend
+from mistral_ref.backends.moe import moe_forward_grouped, moe_one_token, stack_experts
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.moe import FeedForward, MoeLayer, moe_forward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REFERENCE = get_backend("reference")
+
+
+@pytest.mark.parametrize("N", [1, 2, 9, 64])
+def test_grouped_moe_equals_reference(N):
+    """One token (decode: only its k experts run), a few tokens (some experts idle), many tokens; one expert of
+    zero width (how parallel.py places an expert held by another rank) contributes exact zeros in both."""
+    g = torch.Generator().manual_seed(N)
+    E, dim, hidden = 6, 16, 24
+    x = torch.randn(N, dim, generator=g)
+    gate = torch.randn(E, dim, generator=g)
+    w1 = [torch.randn(hidden, dim, generator=g) * 0.3 for _ in range(E)]
+    w3 = [torch.randn(hidden, dim, generator=g) * 0.3 for _ in range(E)]
+    w2 = [torch.randn(dim, hidden, generator=g) * 0.3 for _ in range(E)]
+    w1[3], w3[3], w2[3] = torch.zeros(0, dim), torch.zeros(0, dim), torch.zeros(dim, 0)
+    ref, ref_logits = moe_forward(x, gate, w1, w2, w3, top_k=2)
+    out, logits = moe_forward_grouped(x, gate, w1, w2, w3, top_k=2)
+    assert torch.equal(logits, ref_logits)
+    assert rel_err(out, ref) < 1e-6
+    xb = x.bfloat16()
+    ws = [[w.bfloat16() for w in ws] for ws in (w1, w2, w3)]
+    out16 = moe_forward_grouped(xb, gate.bfloat16(), *ws, top_k=2)[0]
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, moe_forward(xb, gate.bfloat16(), *ws, top_k=2)[0]) < 2e-2
+
+
+def test_grouped_moe_accepts_stacked_experts():
+    g = torch.Generator().manual_seed(1)
+    E, dim, hidden, N = 4, 8, 12, 10
+    x, gate = torch.randn(N, dim, generator=g), torch.randn(E, dim, generator=g)
+    w1, w3, w2 = (torch.randn(E, a, b, generator=g) for a, b in ((hidden, dim), (hidden, dim), (dim, hidden)))
+    for n in (1, N):
+        ref = moe_forward(x[:n], gate, w1, w2, w3, 2)[0]
+        assert rel_err(moe_forward_grouped(x[:n], gate, w1, w2, w3, 2)[0], ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_one_token_with_stacked_experts_equals_the_reference(dtype):
+    """The single-token path a compiled decode step runs (experts gathered by index from stacked weights)."""
+    g = torch.Generator().manual_seed(2)
+    E, dim, hidden = 6, 16, 24
+    gate = torch.randn(E, dim, generator=g)
+    w1, w3 = torch.randn(E, hidden, dim, generator=g) / 4, torch.randn(E, hidden, dim, generator=g) / 4
+    w2 = torch.randn(E, dim, hidden, generator=g) / 4
+    for _ in range(20):
+        x = torch.randn(1, dim, generator=g)
+        for k in (1, 2, 3):
+            ref, ref_logits = moe_forward(x.to(dtype), gate, w1.to(dtype), w2.to(dtype), w3.to(dtype), k)
+            out, logits = moe_one_token(x.to(dtype), gate, w1.to(dtype), w2.to(dtype), w3.to(dtype), k)
+            assert out.dtype == dtype and out.shape == (1, dim) and torch.equal(logits, ref_logits)
+            assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_stack_experts_keeps_parameters_names_and_outputs():
+    """stack_experts moves the weights into (E, ...) tensors that the parameters view: same state dict, same
+    outputs, no second copy; converting the module afterwards drops the (then stale) stacks."""
+    args = ModelArgs(dim=32, n_layers=1, hidden_dim=48, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=64,
+                     norm_eps=1e-5, rope_theta=1e4, moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    layer = MoeLayer(args).eval()
+    x = torch.randn(1, 5, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    ref = layer(x, REFERENCE)[0]
+    stack_experts(layer)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for name, stacked in zip(("w1", "w2", "w3"), layer.stacked):
+        assert stacked.shape[0] == 4
+        for i, e in enumerate(layer.experts):
+            w = getattr(e, name).weight
+            assert isinstance(w, torch.nn.Parameter) and w.data_ptr() == stacked[i].data_ptr()
+    assert torch.equal(layer(x, REFERENCE)[0], ref)
+    layer.to(torch.bfloat16)
+    assert layer.stacked is None
+    with warnings.catch_warnings():  # torch warns that initialising a zero-element tensor does nothing
+        warnings.simplefilter("ignore")
+        layer.experts[3] = FeedForward(32, 0)  # as on an expert-parallel rank: a remote expert is a placeholder
+    stack_experts(layer)
+    assert layer.stacked is None  # experts of different shapes cannot be stacked: the eager dispatch stays

@@ -8,13 +8,14 @@
 
 A request goes through three steps:
 
-1. :func:`parse_request` validates the parameters (types, ranges, unknown names) into a :class:`ChatRequest`;
-   every problem is a :class:`RequestError` whose ``field`` names the offending parameter.
+1. :func:`parse_request` validates the parameters into a :class:`ChatRequest`, with the types, ranges, defaults
+   and names declared in request_spec.REQUEST (the table the sampler and the OpenAPI schema use too); every
+   problem is a :class:`RequestError` whose ``field`` names the offending parameter.
 2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it fits
    the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
    ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
    (json_mode.py).
-3. :func:`run` generates with ``generate.generate_stream`` — the one sampling path — and turns its events into
+3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
    a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
    content text (never inside a tool call); text is released as soon as no stop string can claim it.
 

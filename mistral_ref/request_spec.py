@@ -54,6 +54,8 @@ class Field:
     alias_of: this field is another name of that one (``random_seed`` is ``seed``); both may be given if equal.
     azure: one of the Azure AI model inference API's standard parameters (the others are its "extra
     parameters", refused on the Azure route unless the ``extra-parameters`` header lets them through).
+    required: a request must carry it (messages).
+    schema: the JSON Schema of a structured field (its ``$ref``s point into :data:`COMPONENTS`).
     """
 
     name: str

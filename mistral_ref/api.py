@@ -8,13 +8,14 @@
 
 A request goes through three steps:
 
-1. :func:`parse_request` validates the parameters (types, ranges, unknown names) into a :class:`ChatRequest`;
-   every problem is a :class:`RequestError` whose ``field`` names the offending parameter.
+1. :func:`parse_request` validates the parameters into a :class:`ChatRequest`, with the types, ranges, defaults
+   and names declared in request_spec.REQUEST (the table the sampler and the OpenAPI schema use too); every
+   problem is a :class:`RequestError` whose ``field`` names the offending parameter.
 2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it fits
    the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
    ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
    (json_mode.py).
-3. :func:`run` generates with ``generate.generate_stream`` — the one sampling path — and turns its events into
+3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
    a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
    content text (never inside a tool call); text is released as soon as no stop string can claim it.
 
@@ -26,7 +27,6 @@ log-probabilities of the content tokens, in the OpenAI format ``{"content": [{"t
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import uuid
@@ -36,18 +36,16 @@ from typing import Any
 
 import torch
 
-from mistral_ref.generation import MAX_TOP_LOGPROBS, StopStrings, generate_stream
+from mistral_ref.generation import StopStrings, generate_stream
 from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
-from mistral_ref.sampling import GenerationParamError, SamplingParams
+from mistral_ref.request_spec import FIELDS, REQUEST, FieldError, check, type_name
+from mistral_ref.sampling import SamplingParams
 from mistral_ref.tokenizer import ChatTemplateError
 
 DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
 TOOL_CHOICES = ("auto", "none", "any", "required")
-#: Every parameter a request may carry (the Mistral API's, the names the OpenAI client sends, and the extras).
-REQUEST_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "stop", "presence_penalty",
-                  "frequency_penalty", "seed", "random_seed", "response_format", "tools", "tool_choice",
-                  "parallel_tool_calls", "safe_prompt", "stream", "stream_options", "n", "user", "ignore_eos",
-                  "logprobs", "top_logprobs")
+#: Every parameter a request may carry: the fields of the request spec (request_spec.REQUEST).
+REQUEST_FIELDS = tuple(FIELDS)
 
 
 class RequestError(ValueError):
@@ -65,7 +63,7 @@ class ContextLengthError(RequestError):
 # ---- 1. the request ----------------------------------------------------------------------------------------
 @dataclass
 class ChatRequest:
-    """A validated chat-completions request (field names of the Mistral API).
+    """A validated chat-completions request (field names and defaults of request_spec.REQUEST).
 
     tool_choice is normalised to "auto" | "none" | "any" ("required" is "any"; a named function is "any" with
     ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``.  json_mode: response_format json_object.
@@ -73,49 +71,27 @@ class ChatRequest:
 
     messages: list[Any]
     model: str | None = None
-    temperature: float = 0.7
-    top_p: float = 1.0
+    temperature: float = FIELDS["temperature"].default
+    top_p: float = FIELDS["top_p"].default
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = FIELDS["presence_penalty"].default
+    frequency_penalty: float = FIELDS["frequency_penalty"].default
     seed: int | None = None
     json_mode: bool = False
     tools: list[Any] | None = None
-    tool_choice: str = "auto"
-    parallel_tool_calls: bool = True
-    safe_prompt: bool = False
-    stream: bool = False
-    ignore_eos: bool = False
-    logprobs: bool = False
-    top_logprobs: int = 0
+    tool_choice: str = FIELDS["tool_choice"].default
+    parallel_tool_calls: bool = FIELDS["parallel_tool_calls"].default
+    safe_prompt: bool = FIELDS["safe_prompt"].default
+    stream: bool = FIELDS["stream"].default
+    ignore_eos: bool = FIELDS["ignore_eos"].default
+    logprobs: bool = FIELDS["logprobs"].default
+    top_logprobs: int = FIELDS["top_logprobs"].default
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
                               self.seed)
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise RequestError(name, f"must be true or false, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(name, f"must be an integer, got {_type_name(value)} {value!r}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(name, f"must be a finite number, got {_type_name(value)} {value!r}")
-    return float(value)
 
 
 def _stop(value: Any) -> list[str]:
@@ -133,6 +109,12 @@ def _response_format(value: Any) -> bool:
         raise RequestError("response_format",
                            f"must be {{'type': 'text'}} or {{'type': 'json_object'}}{extra}, got {value!r}")
     return value["type"] == "json_object"
+
+
+def _tools(value: Any) -> list[Any] | None:
+    if not isinstance(value, list):
+        raise RequestError("tools", f"must be a list of tools, got {type_name(value)}")
+    return value or None
 
 
 def _tool_choice(value: Any, tools: list[Any] | None) -> tuple[str, list[Any] | None]:
@@ -156,77 +138,58 @@ def _tool_choice(value: Any, tools: list[Any] | None) -> tuple[str, list[Any] | 
     return choice, tools
 
 
+def _stream_options(value: Any) -> None:
+    if not isinstance(value, Mapping) or not set(value) <= {"include_usage"}:
+        raise RequestError("stream_options", f"must be {{'include_usage': bool}}, got {value!r}")
+    if "include_usage" in value and not isinstance(value["include_usage"], bool):
+        raise RequestError("stream_options.include_usage",
+                           f"must be true or false, got {type_name(value['include_usage'])} "
+                           f"{value['include_usage']!r}")
+
+
 def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     """Validate a request body (the JSON object of POST /v1/chat/completions) into a ChatRequest.
 
-    ``null`` means "the default" for every optional field.  Raises RequestError naming the field for a missing
-    or mistyped field, a value out of range, an unknown field, or an unsupported option (n > 1, json_schema).
+    The fields, their types, ranges and defaults are request_spec.REQUEST's; ``null`` means "the default" for
+    every optional field.  Raises RequestError naming the field for a missing or mistyped field, a value out
+    of range, an unknown field, or an unsupported option (n > 1, json_schema).
     """
     if not isinstance(body, Mapping):
-        raise RequestError("body", f"must be a JSON object, got {_type_name(body)}")
+        raise RequestError("body", f"must be a JSON object, got {type_name(body)}")
     body = {k: v for k, v in body.items() if v is not None}
     for name in body:
-        if name not in REQUEST_FIELDS:
+        if name not in FIELDS:
             raise RequestError(name, "unknown parameter")
     if "messages" not in body:
         raise RequestError("messages", "is required (a list of {'role': ..., 'content': ...})")
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
-        raise RequestError("messages", f"must be a non-empty list of messages, got {_type_name(messages)}")
-    req = ChatRequest(messages=messages)
-    if "model" in body and not isinstance(body["model"], str):
-        raise RequestError("model", f"must be a string, got {_type_name(body['model'])}")
-    req.model = body.get("model")
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        if name in body:
-            value = _number(name, body[name])
-            try:
-                SamplingParams(**{name: value})  # the sampler's own range check, attributed to this field
-            except GenerationParamError as e:
-                raise RequestError(name, str(e)) from None
-            setattr(req, name, value)
-    seeds = {name: _int(name, body[name]) for name in ("seed", "random_seed") if name in body}
-    if len(set(seeds.values())) > 1:
-        raise RequestError("random_seed",
-                           f"seed={seeds['seed']} and random_seed={seeds['random_seed']} disagree")
-    if seeds:
-        req.seed = next(iter(seeds.values()))
-        try:
-            SamplingParams(seed=req.seed)
-        except GenerationParamError as e:
-            raise RequestError(next(iter(seeds)), str(e)) from None
-    if "max_tokens" in body:
-        req.max_tokens = _int("max_tokens", body["max_tokens"])
-        if req.max_tokens < 1:
-            raise RequestError("max_tokens", f"must be >= 1, got {req.max_tokens}")
-    if "n" in body and _int("n", body["n"]) != 1:
-        raise RequestError("n", f"only n=1 is supported (one completion per request), got {body['n']}")
-    if "stop" in body:
-        req.stop = _stop(body["stop"])
-    if "response_format" in body:
-        req.json_mode = _response_format(body["response_format"])
-    if "tools" in body:
-        if not isinstance(body["tools"], list):
-            raise RequestError("tools", f"must be a list of tools, got {_type_name(body['tools'])}")
-        req.tools = body["tools"] or None
-    req.tool_choice, req.tools = _tool_choice(body.get("tool_choice", "auto"), req.tools)
-    for name in ("parallel_tool_calls", "safe_prompt", "stream", "ignore_eos", "logprobs"):
-        if name in body:
-            setattr(req, name, _bool(name, body[name]))
-    if "stream_options" in body:
-        opts = body["stream_options"]
-        if not isinstance(opts, Mapping) or not set(opts) <= {"include_usage"}:
-            raise RequestError("stream_options", f"must be {{'include_usage': bool}}, got {opts!r}")
-        if "include_usage" in opts:
-            _bool("stream_options.include_usage", opts["include_usage"])
-    if "user" in body and not isinstance(body["user"], str):
-        raise RequestError("user", f"must be a string, got {_type_name(body['user'])}")
-    if "top_logprobs" in body:
-        req.top_logprobs = _int("top_logprobs", body["top_logprobs"])
-        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}")
-        if req.top_logprobs and not req.logprobs:
-            raise RequestError("top_logprobs", "needs logprobs=true")
+        raise RequestError("messages", f"must be a non-empty list of messages, got {type_name(messages)}")
+    try:  # the scalar fields' types and ranges, in the spec's order
+        values = {f.name: check(f.name, body[f.name]) for f in REQUEST if f.name in body}
+    except FieldError as e:
+        raise RequestError(e.field, e.problem) from None
+    for f in REQUEST:  # an alias (random_seed) stands for its field (seed); both may be given if they agree
+        if f.alias_of is not None and f.name in values:
+            value = values.pop(f.name)
+            if values.setdefault(f.alias_of, value) != value:
+                raise RequestError(f.name, f"{f.alias_of}={values[f.alias_of]} and {f.name}={value} disagree")
+
+    # the structured fields; n and user have nothing left to do (n is 1, user is ignored)
+    del values["messages"]
+    values.pop("n", None)
+    values.pop("user", None)
+    stop = _stop(values.pop("stop")) if "stop" in values else []
+    json_mode = _response_format(values.pop("response_format")) if "response_format" in values else False
+    tools = _tools(values.pop("tools")) if "tools" in values else None
+    tool_choice, tools = _tool_choice(values.pop("tool_choice", FIELDS["tool_choice"].default), tools)
+    if "stream_options" in values:
+        _stream_options(values.pop("stream_options"))
+    req = ChatRequest(messages, stop=stop, json_mode=json_mode, tools=tools, tool_choice=tool_choice, **values)
+
+    # rules across fields
+    if req.top_logprobs and not req.logprobs:
+        raise RequestError("top_logprobs", "needs logprobs=true")
     if req.json_mode and req.tool_choice == "any":
         raise RequestError("response_format", "json_object cannot be combined with tool_choice 'any' / "
                            "'required': the reply must then be a tool call, not JSON content")
@@ -382,7 +345,7 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
     if job.forbid_tool_call:
         processors.append(_never(job.tool_calls_id))
     if req.json_mode:
-        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.temperature == 0.0))
+        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
     s = req.sampling
     stream = generate_stream(
         model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,

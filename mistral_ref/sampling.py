@@ -6,9 +6,11 @@ One step turns the model's raw next-token logits into a token id, in this order:
    ``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``;
 2. logits processors (constrained decoding, e.g. the API's JSON mode):
    ``proc(generated_ids, logits) -> logits``, typically setting disallowed tokens to -inf;
-3. temperature 0: argmax (greedy; top_p is then irrelevant);
-4. otherwise softmax(logits / temperature), then top_p (nucleus) filtering: keep the smallest set of most
-   likely tokens whose probability mass reaches top_p, *including* the token that crosses it;
+3. temperature 0: argmax (greedy; top_p is then irrelevant); so is a temperature below 2**-126, too small to
+   divide by in fp32 (request_spec.GREEDY_BELOW);
+4. otherwise softmax(logits / temperature) (on the logits minus their maximum, so it cannot overflow), then
+   top_p (nucleus) filtering: keep the smallest set of most likely tokens whose probability mass reaches
+   top_p, *including* the token that crosses it;
 5. draw one token from what is left (``torch.multinomial``; with a seed, from a ``torch.Generator`` seeded for
    this request, so a seed reproduces the same tokens on the same device).
 
@@ -17,11 +19,12 @@ Every tensor here is (B, V): one row per sequence of the batch, V = vocabulary s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mistral_ref.request_spec import FIELDS, GREEDY_BELOW, SAMPLING_FIELDS, FieldError, check
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``proc(generated_ids, logits) -> logits``.
@@ -36,46 +39,48 @@ class GenerationParamError(ValueError):
     """A generation / sampling parameter outside its allowed range; the message names the parameter."""
 
 
-def _check_number(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
-    """Return ``value`` as a float if it lies in [low, high] (or (low, high] when low_open), else raise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GenerationParamError(f"{name} must be a finite number, got {value!r}")
-    if value > high or value < low or (low_open and value == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise GenerationParamError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)
+def _checked(name: str, value: object) -> object:
+    """``value`` checked against the request spec's field `name` (type and range), as a GenerationParamError."""
+    try:
+        return check(name, value)
+    except FieldError as e:
+        raise GenerationParamError(f"{name} {e.problem}") from None
+
+
+def is_greedy(temperature: float) -> bool:
+    """Temperature 0 is argmax, and so is one too small to divide by in fp32 (request_spec.GREEDY_BELOW)."""
+    return temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """The chat-completions sampling parameters, validated on construction.
+    """The chat-completions sampling parameters, validated on construction against the request spec
+    (request_spec.FIELDS: the same types, ranges and defaults as the HTTP API).
 
-    temperature: in [0, 2]; 0 means greedy (argmax).  The default 0.7 is the Mistral API's usual default.
+    temperature: in [0, 2]; 0 means greedy (argmax), and so does any temperature below GREEDY_BELOW (2**-126).
+    The default 0.7 is the Mistral API's usual default.
     top_p: in (0, 1]; nucleus sampling mass (1 = no filtering).
     presence_penalty, frequency_penalty: in [-2, 2] (OpenAI's ranges; positive values discourage repetition).
-    seed: an int makes sampling reproducible (a fresh torch.Generator per request); None = torch's global RNG.
+    seed: an int (64 bits) makes sampling reproducible (a fresh torch.Generator per request); None = torch's
+    global RNG.
     """
 
-    temperature: float = 0.7
-    top_p: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = FIELDS["temperature"].default
+    top_p: float = FIELDS["top_p"].default
+    presence_penalty: float = FIELDS["presence_penalty"].default
+    frequency_penalty: float = FIELDS["frequency_penalty"].default
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen dataclass: normalise in place once
-        set_(self, "temperature", _check_number("temperature", self.temperature, 0.0, 2.0))
-        set_(self, "top_p", _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True))
-        set_(self, "presence_penalty", _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0))
-        set_(self, "frequency_penalty", _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise GenerationParamError(f"seed must be an integer or None, got {self.seed!r}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise GenerationParamError(f"seed must fit in 64 bits, got {self.seed}")
+        for name in SAMPLING_FIELDS:
+            value = getattr(self, name)
+            if name == "seed" and value is None:  # no seed: torch's global RNG
+                continue
+            object.__setattr__(self, name, _checked(name, value))  # frozen dataclass: normalise in place once
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return is_greedy(self.temperature)
 
     @property
     def has_penalties(self) -> bool:
@@ -113,17 +118,25 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """The distribution a token is drawn from: softmax(logits / temperature), then top_p, renormalised.
 
-    logits: (B, V) fp32 (after penalties / processors); temperature > 0.  returns (B, V), rows summing to 1.
+    logits: (B, V) (after penalties / processors).  returns (B, V) fp32, rows summing to 1.  A greedy
+    temperature (is_greedy) gives the one-hot argmax.  The logits are shifted by their row maximum before the
+    division, so that however small the temperature, nothing overflows: the best token gets 0, the others
+    tend to -inf.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    if is_greedy(temperature):
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V) <= 0
+    probs = torch.softmax(shifted / temperature, dim=-1)
     probs = top_p_filter(probs, top_p)
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row.  logits: (B, V) -> (B,) int64.  temperature 0 = argmax (top_p ignored)."""
-    if temperature == 0.0:
+    """One token per row.  logits: (B, V) -> (B,) int64.  A greedy temperature (0, or below GREEDY_BELOW) is
+    argmax (top_p ignored)."""
+    if is_greedy(temperature):
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

@@ -19,6 +19,7 @@ that generation at the next token and moves on, so a disconnecting client never 
 The Azure route follows that API's ``extra-parameters`` header: parameters outside its standard set (e.g.
 ``safe_mode``, ``logprobs``, ``random_seed``, sent by the client's ``model_extras``) are an error unless the
 header is ``pass-through`` (they are then passed to the model; ``safe_mode`` is Mistral's ``safe_prompt``) or ``drop``.
+The request's fields, their ranges and the Azure standard set are request_spec's, like the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mistral_ref.api import (
-    REQUEST_FIELDS,
     ContextLengthError,
     RequestError,
     context_length,
@@ -44,28 +44,11 @@ from mistral_ref.api import (
     prepare,
     run,
 )
+from mistral_ref.request_spec import AZURE_ALIASES, AZURE_FIELDS, AZURE_IGNORED, COMPONENTS, request_schema
 
 log = logging.getLogger("mistral_ref.server")
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
-#: The Azure AI model inference API's standard chat-completions parameters; others are "extra parameters".
-AZURE_FIELDS = (
-    "messages",
-    "model",
-    "frequency_penalty",
-    "presence_penalty",
-    "temperature",
-    "top_p",
-    "max_tokens",
-    "response_format",
-    "stop",
-    "stream",
-    "tools",
-    "tool_choice",
-    "seed",
-    "modalities",
-)
-AZURE_ALIASES = {"safe_mode": "safe_prompt"}  # model_extras names -> this API's names
 
 
 class HttpError(Exception):
@@ -326,11 +309,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                 "model",
                 extras[0],
             )
-        if mode == "drop":
-            return {k: v for k, v in body.items() if k not in extras}
-        body = {AZURE_ALIASES.get(k, k): v for k, v in body.items()}
-        body.pop("modalities", None)
-        return body
+        dropped = set(AZURE_IGNORED) | (set(extras) if mode == "drop" else set())
+        return {AZURE_ALIASES.get(k, k): v for k, v in body.items() if k not in dropped}
 
     def _chat(self, azure: bool) -> None:
         self._body_read = False
@@ -389,92 +369,8 @@ def _items(ticket: Ticket) -> Iterator[Any]:
 
 
 # ---- OpenAPI -----------------------------------------------------------------------------------------------
-_MESSAGE = {
-    "type": "object",
-    "required": ["role"],
-    "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant", "tool", "developer"]},
-        "content": {
-            "anyOf": [
-                {"type": "string"},
-                {"type": "null"},
-                {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-                    },
-                },
-            ]
-        },
-        "tool_calls": {"type": "array", "items": {"$ref": "#/components/schemas/ToolCall"}},
-        "tool_call_id": {"type": "string"},
-        "name": {"type": "string"},
-        "prefix": {"type": "boolean"},
-    },
-}
-_TOOL_CALL = {
-    "type": "object",
-    "properties": {
-        "id": {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"},
-        "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
-        },
-    },
-}
-_NUMBER = {"type": "number"}
-REQUEST_SCHEMA: dict[str, Any] = {
-    "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}, "minItems": 1},
-    "model": {"type": "string", "description": "echoed in the response"},
-    "temperature": {**_NUMBER, "minimum": 0, "maximum": 2, "default": 0.7, "description": "0 = greedy"},
-    "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1, "default": 1},
-    "max_tokens": {"type": "integer", "minimum": 1, "description": "default: what the context leaves"},
-    "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-    "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2, "default": 0},
-    "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2, "default": 0},
-    "seed": {"type": "integer"},
-    "random_seed": {"type": "integer", "description": "the Mistral API's name for seed"},
-    "response_format": {"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}},
-    "tools": {
-        "type": "array",
-        "items": {
-            "type": "object",
-            "properties": {
-                "type": {"const": "function"},
-                "function": {
-                    "type": "object",
-                    "required": ["name"],
-                    "properties": {
-                        "name": {"type": "string"},
-                        "description": {"type": "string"},
-                        "parameters": {"type": "object"},
-                    },
-                },
-            },
-        },
-    },
-    "tool_choice": {"anyOf": [{"enum": ["auto", "none", "any", "required"]}, {"type": "object"}]},
-    "parallel_tool_calls": {"type": "boolean", "default": True},
-    "safe_prompt": {"type": "boolean", "default": False},
-    "stream": {"type": "boolean", "default": False},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "n": {"type": "integer", "const": 1},
-    "user": {"type": "string"},
-    "ignore_eos": {"type": "boolean", "default": False, "description": "extra: generate exactly max_tokens"},
-    "logprobs": {
-        "type": "boolean",
-        "default": False,
-        "description": "extra: log-probabilities of the tokens",
-    },
-    "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "default": 0},
-}
-assert set(REQUEST_SCHEMA) == set(REQUEST_FIELDS), "the OpenAPI request schema must list every accepted field"
-
-
 def openapi_document(model_name: str = "mistral-ref") -> dict[str, Any]:
-    """The OpenAPI 3.1 document served at GET /openapi.json."""
+    """The OpenAPI 3.1 document served at GET /openapi.json; the request schema is request_spec's."""
     error = {
         "description": "a bad request; the message names the field",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -574,14 +470,8 @@ def openapi_document(model_name: str = "mistral-ref") -> dict[str, Any]:
         },
         "components": {
             "schemas": {
-                "ChatCompletionRequest": {
-                    "type": "object",
-                    "required": ["messages"],
-                    "additionalProperties": False,
-                    "properties": REQUEST_SCHEMA,
-                },
-                "Message": _MESSAGE,
-                "ToolCall": _TOOL_CALL,
+                "ChatCompletionRequest": request_schema(),
+                **COMPONENTS,
                 "ChatCompletion": {
                     "type": "object",
                     "properties": {

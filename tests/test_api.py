@@ -151,6 +151,14 @@ def test_seed_reproduces_and_random_seed_is_its_alias(sp):
     assert a["choices"][0]["message"] != c["choices"][0]["message"]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(sp):
+    model, tok = sp
+    greedy = chat_completion(model, tok, MESSAGES, temperature=0, max_tokens=8)
+    for t in (1e-40, 5e-324):  # below 2**-126: greedy (1e-40 used to overflow logits / t into NaN)
+        tiny = chat_completion(model, tok, MESSAGES, temperature=t, max_tokens=8, seed=1)
+        assert tiny["choices"][0]["message"] == greedy["choices"][0]["message"]
+
+
 def test_safe_prompt_prepends_the_system_prompt(sp):
     model, tok = sp
     r = chat_completion(model, tok, MESSAGES, temperature=0, max_tokens=1, safe_prompt=True)

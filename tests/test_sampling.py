@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+from mistral_ref.request_spec import GREEDY_BELOW
 from mistral_ref.sampling import (
     GenerationParamError,
     Sampler,
     SamplingParams,
     apply_penalties,
+    is_greedy,
     sample,
     sampling_probs,
     top_p_filter,
@@ -44,6 +46,25 @@ def test_temperature_scales_logits() -> None:
     for t in (0.25, 1.0, 2.0):
         want = torch.softmax(logits / t, -1)
         torch.testing.assert_close(sampling_probs(logits, t, 1.0), want)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    """Below 2**-126 (GREEDY_BELOW) a temperature is greedy like 0; above it, logits are shifted by their maximum
+    before the division, so nothing overflows however small the temperature (1e-40 used to give NaN probabilities
+    and a RuntimeError from torch.multinomial: an HTTP 500)."""
+    logits = torch.tensor([[1000.0, 999.0, -3e5, 998.0], [0.0, 1.0, 0.5, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    for t in (1e-40, 5e-324, GREEDY_BELOW / 2):
+        assert is_greedy(t) and SamplingParams(temperature=t).greedy
+        assert sample(logits, t, generator=g).tolist() == [0, 1]
+        assert sampling_probs(logits, t, 0.5).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    for t in (GREEDY_BELOW, 1e-37, 1e-30):  # sampled, and as one-hot as greedy: 1000 / 1e-37 would overflow fp32
+        assert not is_greedy(t)
+        probs = sampling_probs(logits, t, 1.0)
+        assert torch.isfinite(probs).all() and probs.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+        assert sample(logits, t, generator=g).tolist() == [0, 1]
+    s = Sampler(SamplingParams(temperature=1e-40, seed=0), 2, 4, logits_processors=[lambda g, x: x])
+    assert s(logits, torch.zeros(2, 0, dtype=torch.long)).tolist() == [0, 1]
 
 
 # ---- top_p -------------------------------------------------------------------------------------------------

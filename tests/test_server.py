@@ -250,6 +250,11 @@ def test_azure_extra_parameters_header(served):
     assert status == 200 and r["usage"]["prompt_tokens"] == len(served[2].encode_chat(MESSAGES))
     with pytest.raises(HttpResponseError, match="temperature"):
         azure(server).complete(messages=[azure_models.UserMessage(content="hi")], temperature=9)
+    modalities = {"messages": MESSAGES, "max_tokens": 1, "modalities": ["text"], "safe_mode": True}
+    for mode in ("drop", "pass-through"):  # a standard Azure parameter we accept and ignore, in both modes
+        status, r = raw(server, "POST", "/chat/completions", modalities, {"extra-parameters": mode})
+        safe = mode == "pass-through"  # safe_mode is passed through as safe_prompt, or dropped
+        assert status == 200 and r["usage"]["prompt_tokens"] == len(served[2].encode_chat(MESSAGES, safe_prompt=safe))
 
 
 # ---- errors, documents, concurrency, disconnects
@@ -275,6 +280,14 @@ def test_bad_requests_get_4xx_json_naming_the_field(served, body, status, field)
     got, err = raw(served[0], "POST", "/v1/chat/completions", body)
     assert got == status
     assert err["object"] == "error" and err["error"]["param"] == field and field in err["message"]
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy_not_a_500(served):
+    server, model, tok = served
+    expected = chat_completion(model, tok, MESSAGES, temperature=0, max_tokens=4)["choices"][0]["message"]
+    status, r = raw(server, "POST", "/v1/chat/completions", {"messages": MESSAGES, "temperature": 1e-40,
+                                                             "max_tokens": 4})
+    assert status == 200 and r["choices"][0]["message"] == expected
 
 
 def test_deeply_nested_json_gets_a_400_not_a_dropped_connection(served):

@@ -27,10 +27,10 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from mistral_ref.cache import KVCache, cache_nbytes
+from mistral_ref.request_spec import MAX_TOP_LOGPROBS
 from mistral_ref.sampling import GenerationParamError, LogitsProcessor, Sampler, SamplingParams
 
 FinishReason = Literal["stop", "length"]
-MAX_TOP_LOGPROBS = 20
 
 
 @dataclass

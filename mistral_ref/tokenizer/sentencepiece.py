@@ -29,6 +29,9 @@ def version_from_filename(path: str | Path) -> str | None:
     return m.group(1) if m else None
 
 
+# ---------------------------------------------------------------------------------------------------
+# SentencePiece's decoding rules, shared by decode(special="keep") and streaming (SentencePieceStreamDecoder)
+# ---------------------------------------------------------------------------------------------------
 # Piece kinds of a SentencePiece vocabulary (SentencePieceTokenizer._kinds).
 NORMAL, CONTROL, BYTE, UNKNOWN = 0, 1, 2, 3
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol, get_args
 
 from .errors import ChatTemplateError
 
-Position = Literal["first", "last"]  # the first / last user message
+Position = Literal["first", "last"]  # of the user messages
 SystemPrompt = Literal["first", "last", "block"]
 ToolCallFormat = Literal["json", "json_id", "name_id_args", "name_args"]
 ToolResultFormat = Literal["name_json", "id_json", "id_content", "content"]
@@ -197,7 +197,9 @@ class _Writer:
             )
         return self.tok.special_id(name)
 
-    def user(self, turn: Turn, is_first: bool, is_last: bool, system_prompt: str | None, tools: Any) -> list[int]:
+    def user(
+        self, turn: Turn, is_first: bool, is_last: bool, system_prompt: str | None, tools: list[dict[str, Any]] | None
+    ) -> list[int]:
         text = turn.text
         if system_prompt and _at(self.t.system_prompt, is_first, is_last):
             text = system_prompt + BLANK_LINE + text
@@ -274,7 +276,7 @@ class _Writer:
         return [self.sid("[TOOL_RESULTS]"), *body, self.sid("[/TOOL_RESULTS]")]
 
 
-def _check_one_result_per_call_turn(turns: list[Turn], last_user: int) -> None:
+def _check_one_result_per_call_turn(turns: list[Turn], last_user: int, version: str) -> None:
     """A ``name_json`` result does not say which call it answers, so a tool-call turn may have only one."""
     has_calls, count = False, 0
     for turn in turns[max(last_user, 0) :]:
@@ -285,7 +287,7 @@ def _check_one_result_per_call_turn(turns: list[Turn], last_user: int) -> None:
                 count += 1
                 if count > 1:
                     raise ChatTemplateError(
-                        "tokenizer v2 cannot encode several tool results for one assistant turn; "
+                        f"tokenizer {version} cannot encode several tool results for one assistant turn; "
                         "make one call per assistant message or use a v3+ tokenizer"
                     )
         else:
@@ -307,7 +309,7 @@ def render(
     users = [i for i, turn in enumerate(turns) if turn.role == "user"]
     first_user, last_user = (users[0], users[-1]) if users else (-1, -1)
     if template.tool_result == "name_json":
-        _check_one_result_per_call_turn(turns, last_user)
+        _check_one_result_per_call_turn(turns, last_user, template.version)
     w = _Writer(tok, template)
     out = [tok.bos_id]
     for i, turn in enumerate(turns):

@@ -1,8 +1,9 @@
-"""Chat templates (mistral_ref.tokenizer.chat): token parity with mistral-common, validation, properties."""
+"""Chat templates (mistral_ref.tokenizer.chat, .templates): token parity with mistral-common, validation, properties."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import string
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from mistral_ref.tokenizer import (
     LEGACY_SPECIAL_TOKENS,
     SAFE_PROMPT,
+    TEMPLATES,
+    VERSIONS,
     ChatTemplateError,
     Tokenizer,
     load_tokenizer,
@@ -538,6 +541,14 @@ def test_missing_template_token_is_reported(toks: dict[str, Tokenizer]) -> None:
     ]
     with pytest.raises(ChatTemplateError, match=r"no \[(ARGS|CALL_ID)\] token"):
         tok.encode_chat(msgs)
+
+
+def test_template_table_rows_are_checked() -> None:
+    assert VERSIONS == tuple(TEMPLATES) and all(TEMPLATES[v].version == v for v in VERSIONS)
+    with pytest.raises(ValueError, match="v13: tools='frist'"):
+        dataclasses.replace(TEMPLATES["v13"], tools="frist")  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TEMPLATES["v3"].tools = "first"  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------------

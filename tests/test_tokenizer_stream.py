@@ -1,4 +1,4 @@
-"""Streaming detokenizers (mistral_ref.tokenizer.stream): deltas concatenate to decode(all ids)."""
+"""Streaming detokenizers (SentencePieceStreamDecoder, TekkenStreamDecoder): deltas concatenate to decode(all ids)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_ref.tokenizer import Tokenizer, TokenizerError, load_tokenizer, mistral_common_data_dir
-from mistral_ref.tokenizer.stream import sentencepiece_bytes_to_text
+from mistral_ref.tokenizer.sentencepiece import sentencepiece_bytes_to_text
 
 DATA = mistral_common_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None, reason="the mistral-common wheel ships the tokenizer files")

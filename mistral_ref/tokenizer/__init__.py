@@ -5,24 +5,32 @@
 * :class:`Tokenizer` encodes/decodes text, names special tokens, streams text out of generated ids,
   encodes chat requests (:meth:`Tokenizer.encode_chat`) and parses tool calls back
   (:meth:`Tokenizer.parse_assistant`).
+* :data:`TEMPLATES` is the chat template of every version as a table (one :class:`ChatTemplate` row each).
+
+Modules, each importing only those above it: ``errors``; ``templates`` (the table and the encoder); ``chat``
+(requests) and ``toolcalls`` (parsing calls back); ``base`` (the interface); ``sentencepiece`` and ``tekken``
+(each with its stream decoder); ``files`` (loading).
 
 Only ``sentencepiece`` and ``tiktoken`` are needed: this package never imports torch.
 """
 
 from __future__ import annotations
 
-from .base import VERSIONS, SpecialPolicy, StreamDecoder, Tokenizer
+from .base import SpecialPolicy, StreamDecoder, Tokenizer
 from .chat import SAFE_PROMPT, encode_chat
 from .errors import ChatTemplateError, TokenizerError
 from .files import find_tokenizer_file, load_tokenizer, mistral_common_data_dir, write_tekken_file
 from .sentencepiece import SentencePieceTokenizer
 from .tekken import LEGACY_SPECIAL_TOKENS, TekkenTokenizer
+from .templates import TEMPLATES, VERSIONS, ChatTemplate
 from .toolcalls import parse_assistant
 
 __all__ = [
     "VERSIONS",
     "SAFE_PROMPT",
     "LEGACY_SPECIAL_TOKENS",
+    "TEMPLATES",
+    "ChatTemplate",
     "ChatTemplateError",
     "SentencePieceTokenizer",
     "SpecialPolicy",

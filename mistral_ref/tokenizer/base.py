@@ -8,15 +8,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .chat import encode_chat
 from .errors import TokenizerError
+from .toolcalls import parse_assistant
 
 SpecialPolicy = Literal["ignore", "keep", "raise"]
 """What ``decode`` does with special (control) tokens: drop them, print their names, or raise."""
 
 _POLICIES = ("ignore", "keep", "raise")
-
-#: Instruct/template versions understood by :meth:`Tokenizer.encode_chat`, oldest first.
-VERSIONS = ("v1", "v2", "v3", "v7", "v11", "v13")
 
 
 def check_policy(special: str) -> str:
@@ -24,11 +23,6 @@ def check_policy(special: str) -> str:
     if special not in _POLICIES:
         raise TokenizerError(f"special must be one of {_POLICIES}, got {special!r}")
     return special
-
-
-def version_number(version: str) -> int:
-    """``"v11"`` -> 11."""
-    return int(version[1:])
 
 
 class StreamDecoder(ABC):
@@ -57,7 +51,8 @@ class Tokenizer(ABC):
 
     Attributes:
         kind: ``"sentencepiece"`` or ``"tekken"``.
-        version: instruct version, one of :data:`VERSIONS`; selects the chat template.
+        version: instruct version, one of :data:`~mistral_ref.tokenizer.VERSIONS`; selects the chat template (its row in
+            :data:`~mistral_ref.tokenizer.templates.TEMPLATES`).
         path: the file the tokenizer was loaded from (``None`` if built in memory).
     """
 
@@ -179,8 +174,6 @@ class Tokenizer(ABC):
         Raises:
             ChatTemplateError: the request is invalid for this version (the message says what to change).
         """
-        from .chat import encode_chat
-
         return encode_chat(
             self,
             messages,
@@ -195,8 +188,6 @@ class Tokenizer(ABC):
         Malformed tool-call syntax becomes plain content; this never raises on model output.
         ``rng`` makes the generated tool-call ids reproducible.
         """
-        from .toolcalls import parse_assistant
-
         return parse_assistant(self, ids, rng=rng)
 
     def __repr__(self) -> str:

@@ -1,43 +1,37 @@
-"""Chat templates of every Mistral instruct version (V1, V2, V3, V7, V11, V13).
+"""Chat requests: parse the dicts, validate, normalise, then encode with the version's template.
 
-A request goes through three steps, each mirroring mistral-common (its "test" validation mode):
+A request goes through four steps, each mirroring mistral-common (its "test" validation mode):
 
 1. **parse** the OpenAI / Mistral-API dicts into :class:`Message` records (text content only);
 2. **validate** roles, their order, tool-call ids and names (:class:`ChatTemplateError` says what to change);
-3. **normalise** (merge same-role runs with ``"\\n\\n"``, gather the system prompt for V1-V3, normalise JSON)
-   and **encode** with the version's rules:
+3. **normalise**: merge same-role runs with a blank line, gather the system prompt (rows with
+   ``system_prompt="first"/"last"``), normalise JSON, order tool results;
+4. **encode** with :func:`.templates.render`.
 
-======= ============================== ================================ ======================================
-version system prompt                  tools block                      tool call / tool result
-======= ============================== ================================ ======================================
-V1      text before FIRST user message (none)                           (tools rejected)
-V2      text before LAST user message  before the LAST [INST]           [TOOL_CALLS][{name, arguments}] /
-                                                                        [TOOL_RESULTS][{name, content}]...;
-                                                                        calls/results before the last user
-                                                                        message are dropped
-V3      as V2                          as V2                            adds "id" / {content, call_id}
-V7      [SYSTEM_PROMPT]..[/SYSTEM..]   as V2                            as V3 / [TOOL_RESULTS]id[TOOL_CONTENT]
-V11     as V7                          as V2                            [TOOL_CALLS]name[CALL_ID]id[ARGS]json
-V13     as V7                          before the FIRST [INST]          [TOOL_CALLS]name[ARGS]json /
-                                                                        [TOOL_RESULTS]content[/TOOL_RESULTS]
-======= ============================== ================================ ======================================
-
-Every conversation starts with exactly one BOS; finished assistant turns end with EOS.
+Everything that differs between versions is a field of the version's row in :data:`.templates.TEMPLATES`;
+this module and the encoder read the row, never the version number.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import version_number
 from .errors import ChatTemplateError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import Tokenizer
+from .templates import (
+    BLANK_LINE,
+    NAME_PATTERN,
+    NULL_ID,
+    TOOL_CALL_ID_PATTERN,
+    ChatTemplate,
+    ToolCall,
+    Turn,
+    Vocabulary,
+    render,
+    template_for,
+)
 
 #: The system prompt the Mistral API prepends when ``safe_prompt=True``.
 SAFE_PROMPT = (
@@ -46,10 +40,6 @@ SAFE_PROMPT = (
 )
 
 ROLES = ("system", "user", "assistant", "tool")
-NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-TOOL_CALL_ID_PATTERN = re.compile(r"^[a-zA-Z0-9]{9}$")
-_NULL_ID = "null"  # mistral-common's placeholder for a tool call without id
-_JOIN = "\n\n"
 
 # Which role may follow which (mistral-common's message-order rule).
 _ALLOWED_NEXT = {
@@ -63,15 +53,6 @@ _ALLOWED_NEXT = {
 # ---------------------------------------------------------------------------------------------------
 # 1. parsing
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class ToolCall:
-    """One function call of an assistant message; ``arguments`` is a JSON string."""
-
-    id: str
-    name: str
-    arguments: str
-
-
 @dataclass
 class Message:
     """One parsed chat message.
@@ -92,7 +73,7 @@ class Message:
     @property
     def text(self) -> str:
         """The message text: its pieces joined by a blank line."""
-        return _JOIN.join(self.parts)
+        return BLANK_LINE.join(self.parts)
 
 
 def _err(where: str, what: str) -> ChatTemplateError:
@@ -151,7 +132,7 @@ def _parse_tool_call(where: str, call: Any) -> ToolCall:
         raise _err(where, f"tool call arguments must be a dict or a JSON string, got {type(args).__name__}")
     call_id = call.get("id")
     if call_id is None:
-        call_id = _NULL_ID
+        call_id = NULL_ID
     if not isinstance(call_id, str):
         raise _err(where, f"tool call id must be a string, got {type(call_id).__name__}")
     return ToolCall(id=call_id, name=name, arguments=args)
@@ -267,22 +248,22 @@ def parse_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any
 # ---------------------------------------------------------------------------------------------------
 # 2. validation
 # ---------------------------------------------------------------------------------------------------
-def _check_call_id(where: str, call_id: str | None, v: int, what: str) -> None:
-    if v < 3:
+def _check_call_id(where: str, call_id: str | None, t: ChatTemplate, what: str) -> None:
+    if t.call_ids is None:
         return
-    if v >= 13:
-        if not call_id or call_id == _NULL_ID:
+    if t.call_ids == "non_empty":
+        if not call_id or call_id == NULL_ID:
             raise _err(
-                where, f"{what} needs an id (any non-empty string other than 'null') for tokenizer v{v}"
+                where, f"{what} needs an id (any non-empty string other than 'null') for tokenizer {t.version}"
             )
         return
-    if call_id is None or call_id == _NULL_ID:
+    if call_id is None or call_id == NULL_ID:
         raise _err(where, f"{what} needs an id of 9 characters from a-z, A-Z, 0-9 (e.g. 'aB3dE5fG7')")
     if not TOOL_CALL_ID_PATTERN.match(call_id):
         raise _err(where, f"{what} id {call_id!r} is invalid: use exactly 9 characters from a-z, A-Z, 0-9")
 
 
-def validate(messages: list[Message], v: int) -> None:
+def validate(messages: list[Message], t: ChatTemplate) -> None:
     """Raise :class:`ChatTemplateError` where mistral-common's validator (test mode) would refuse."""
     if not messages:
         raise ChatTemplateError("messages is empty: send at least one user message")
@@ -303,19 +284,22 @@ def validate(messages: list[Message], v: int) -> None:
                 f"messages[{i}] ({cur}): a {cur} message cannot follow a {prev} message "
                 f"(after {prev} come: {', '.join(_ALLOWED_NEXT[prev])})"
             )
-    _validate_tool_pairing(messages, v)
+    if t.results_by_id:
+        _validate_results_by_id(messages)
+    else:
+        _validate_result_counts(messages)
     for i, m in enumerate(messages):
         where = f"messages[{i}] ({m.role})"
         if m.role == "assistant":
             has_calls = bool(m.tool_calls)
-            if v < 7 and m.truthy == has_calls:
+            if not t.text_and_calls and m.truthy == has_calls:
                 what = "both content and tool_calls" if has_calls else "neither content nor tool_calls"
                 raise _err(
                     where,
-                    f"has {what}; with tokenizer v{v} an assistant message carries exactly one of them",
+                    f"has {what}; with tokenizer {t.version} an assistant message carries exactly one of them",
                 )
             for call in m.tool_calls or []:
-                _check_call_id(where, call.id, v, f"tool call {call.name!r}")
+                _check_call_id(where, call.id, t, f"tool call {call.name!r}")
                 if not NAME_PATTERN.match(call.name):
                     raise _err(
                         where,
@@ -329,31 +313,31 @@ def validate(messages: list[Message], v: int) -> None:
                 raise _err(
                     where, f"name {m.name!r} is invalid: use 1-64 characters from a-z, A-Z, 0-9, '_', '-'"
                 )
-            _check_call_id(where, m.tool_call_id, v, "the tool result (tool_call_id)")
+            _check_call_id(where, m.tool_call_id, t, "the tool result (tool_call_id)")
 
 
-def _validate_tool_pairing(messages: list[Message], v: int) -> None:
-    """Every assistant tool call is answered by a tool message before the next assistant message.
+# Like mistral-common, the two pairing checks below skip the first message and let a conversation end with calls
+# still unanswered.
+def _validate_result_counts(messages: list[Message]) -> None:
+    """Each assistant message's tool calls get as many tool messages as calls before the next assistant one."""
+    expected = 0
+    for i in range(1, len(messages)):
+        m = messages[i]
+        if m.role == "tool":
+            expected -= 1
+        elif m.role == "assistant":
+            if expected != 0:
+                raise ChatTemplateError(
+                    f"messages[{i}] (assistant): the previous assistant tool calls got "
+                    f"{'more' if expected < 0 else 'fewer'} tool results than calls; answer each call "
+                    "with exactly one tool message"
+                )
+            if m.tool_calls is not None:
+                expected = len(m.tool_calls)
 
-    Like mistral-common, the first message is not inspected and a conversation may end with calls
-    still unanswered. From v11 on, results are matched to calls by id.
-    """
-    if v < 11:
-        expected = 0
-        for i in range(1, len(messages)):
-            m = messages[i]
-            if m.role == "tool":
-                expected -= 1
-            elif m.role == "assistant":
-                if expected != 0:
-                    raise ChatTemplateError(
-                        f"messages[{i}] (assistant): the previous assistant tool calls got "
-                        f"{'more' if expected < 0 else 'fewer'} tool results than calls; answer each call "
-                        "with exactly one tool message"
-                    )
-                if m.tool_calls is not None:
-                    expected = len(m.tool_calls)
-        return
+
+def _validate_results_by_id(messages: list[Message]) -> None:
+    """Each tool call is answered once, by a tool message with its id, before the next assistant message."""
     want: set[str | None] = set()
     seen: set[str | None] = set()
     for i in range(1, len(messages)):
@@ -382,18 +366,6 @@ def _validate_tool_pairing(messages: list[Message], v: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # 3. normalisation
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class Turn:
-    """A normalised message: same-role runs merged, JSON normalised."""
-
-    role: str
-    text: str
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    name: str | None = None
-    prefix: bool = False
-
-
 def normalize_json(content: str | None) -> str:
     """Re-serialise JSON text compactly as ``json.dumps(..., ensure_ascii=False)``; empty -> ``"{}"``.
 
@@ -407,19 +379,17 @@ def normalize_json(content: str | None) -> str:
         return content
 
 
-def _parse_json(content: str) -> Any:
-    try:
-        return json.loads(content)
-    except (ValueError, RecursionError):
-        return content
+def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, list[Turn]]:
+    """Merge same-role runs into turns; for ``system_prompt="first"/"last"`` rows pull the system text out.
 
-
-def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
-    """Merge same-role runs and (V1-V3) pull the system messages out into one system prompt."""
+    Returns ``(system_prompt, turns)``; ``system_prompt`` is ``None`` for ``"block"`` rows (their system
+    messages stay turns) and when there is no system text.
+    """
+    in_place = t.system_prompt == "block"
     system_prompt: str | None = None
-    if v < 7:
+    if not in_place:
         parts = [m.text for m in messages if m.role == "system" and m.truthy]
-        system_prompt = _JOIN.join(parts) if parts else None
+        system_prompt = BLANK_LINE.join(parts) if parts else None
 
     turns: list[Turn] = []
     latest_call_ids: list[str] = []
@@ -429,11 +399,11 @@ def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
             return
         role = group[0].role
         if role == "system":
-            if v >= 7:
+            if in_place:
                 turns.extend(Turn("system", m.text) for m in group)
             return
         if role == "user":
-            turns.append(Turn("user", _JOIN.join(p for m in group for p in m.parts)))
+            turns.append(Turn("user", BLANK_LINE.join(p for m in group for p in m.parts)))
             return
         if role == "assistant":
             calls = [
@@ -444,7 +414,7 @@ def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
             turns.append(
                 Turn(
                     "assistant",
-                    _JOIN.join(p for m in group for p in m.parts),
+                    BLANK_LINE.join(p for m in group for p in m.parts),
                     tool_calls=calls or None,
                     prefix=any(m.prefix for m in group),
                 )
@@ -453,17 +423,20 @@ def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
             return
         results = [
             Turn(
-                "tool", m.text if v >= 7 else normalize_json(m.text), tool_call_id=m.tool_call_id, name=m.name
+                "tool",
+                normalize_json(m.text) if t.json_results else m.text,
+                tool_call_id=m.tool_call_id,
+                name=m.name,
             )
             for m in group
         ]
-        if v >= 11:  # results are put in the order of the calls they answer
+        if t.results_by_id:  # results are put in the order of the calls they answer
             call_pos = {cid: k for k, cid in enumerate(latest_call_ids)}
-            result_pos = {t.tool_call_id: k for k, t in enumerate(results)}
+            result_pos = {r.tool_call_id: k for k, r in enumerate(results)}
             results.sort(
-                key=lambda t: (
-                    call_pos.get(t.tool_call_id or _NULL_ID, float("inf")),
-                    result_pos[t.tool_call_id],
+                key=lambda r: (
+                    call_pos.get(r.tool_call_id or NULL_ID, float("inf")),
+                    result_pos[r.tool_call_id],
                 )
             )
         turns.extend(results)
@@ -476,7 +449,8 @@ def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
             group = []
         group.append(m)
     flush(group)
-    if not turns or (v < 7 and turns[0].role != "user"):
+    # a system prompt that is not a block of its own needs a user message to go in front of
+    if not turns or (not in_place and turns[0].role != "user"):
         turns.insert(0, Turn("user", ""))
     return system_prompt, turns
 
@@ -484,149 +458,15 @@ def normalize(messages: list[Message], v: int) -> tuple[str | None, list[Turn]]:
 # ---------------------------------------------------------------------------------------------------
 # 4. encoding
 # ---------------------------------------------------------------------------------------------------
-class _Template:
-    def __init__(self, tok: Tokenizer, v: int) -> None:
-        self.tok = tok
-        self.v = v
-        self.enc = tok.encode
-
-    def sid(self, name: str) -> int:
-        if not self.tok.has_special(name):
-            raise ChatTemplateError(
-                f"this {self.tok.kind} tokenizer (version {self.tok.version}) has no {name} token, which the "
-                f"v{self.v} chat template needs; load the tokenizer file that matches the model"
-            )
-        return self.tok.special_id(name)
-
-    def tools_block(self, tools: list[dict[str, Any]] | None) -> list[int]:
-        if not tools:
-            return []
-        body = self.enc(json.dumps(tools, ensure_ascii=False))
-        return [self.sid("[AVAILABLE_TOOLS]"), *body, self.sid("[/AVAILABLE_TOOLS]")]
-
-    def user(
-        self, turn: Turn, tools: Any, is_first: bool, is_last: bool, system_prompt: str | None
-    ) -> list[int]:
-        v = self.v
-        if v == 1:
-            content = system_prompt + _JOIN + turn.text if (is_first and system_prompt) else turn.text
-            return self.enc(f"[INST] {content} [/INST]")
-        head = self.tools_block(tools) if (is_first if v >= 13 else is_last) else []
-        content = turn.text
-        if v < 7 and is_last and system_prompt:
-            content = system_prompt + _JOIN + content
-        return [*head, self.sid("[INST]"), *self.enc(content), self.sid("[/INST]")]
-
-    def system(self, turn: Turn) -> list[int]:
-        return [self.sid("[SYSTEM_PROMPT]"), *self.enc(turn.text), self.sid("[/SYSTEM_PROMPT]")]
-
-    def tool(self, where: str, turn: Turn, before_last_user: bool) -> list[int]:
-        v = self.v
-        if v == 1:
-            raise _err(where, "tool messages need a tokenizer of version v2 or newer (this one is v1)")
-        if v == 2:
-            if before_last_user:
-                return []
-            body = json.dumps([{"name": turn.name, "content": _parse_json(turn.text)}], ensure_ascii=False)
-            return [self.sid("[TOOL_RESULTS]"), *self.enc(body), self.sid("[/TOOL_RESULTS]")]
-        if v == 3:
-            body = json.dumps(
-                {"content": _parse_json(turn.text), "call_id": turn.tool_call_id}, ensure_ascii=False
-            )
-            return [self.sid("[TOOL_RESULTS]"), *self.enc(body), self.sid("[/TOOL_RESULTS]")]
-        if v < 13:
-            return [
-                self.sid("[TOOL_RESULTS]"),
-                *self.enc(turn.tool_call_id or ""),
-                self.sid("[TOOL_CONTENT]"),
-                *self.enc(turn.text),
-                self.sid("[/TOOL_RESULTS]"),
-            ]
-        return [self.sid("[TOOL_RESULTS]"), *self.enc(turn.text), self.sid("[/TOOL_RESULTS]")]
-
-    def _calls_json(self, calls: list[ToolCall]) -> list[int]:
-        items = []
-        for c in calls:
-            item: dict[str, Any] = {"name": c.name, "arguments": _parse_json(c.arguments)}
-            if self.v >= 3 and c.id and c.id != _NULL_ID:
-                item["id"] = c.id
-            items.append(item)
-        return [self.sid("[TOOL_CALLS]"), *self.enc(json.dumps(items, ensure_ascii=False))]
-
-    def _calls_tokens(self, calls: list[ToolCall]) -> list[int]:
-        out: list[int] = []
-        for c in calls:
-            out.append(self.sid("[TOOL_CALLS]"))
-            out += self.enc(c.name)
-            if self.v < 13 and c.id and c.id != _NULL_ID:
-                out += [self.sid("[CALL_ID]"), *self.enc(c.id)]
-            out.append(self.sid("[ARGS]"))
-            out += self.enc(json.dumps(_parse_json(c.arguments), ensure_ascii=False))
-        return out
-
-    def assistant(self, where: str, turn: Turn, before_last_user: bool) -> list[int]:
-        v = self.v
-        calls = turn.tool_calls
-        if v == 1:
-            if calls:
-                raise _err(where, "tool calls need a tokenizer of version v2 or newer (this one is v1)")
-            if not turn.text:
-                raise _err(where, "an assistant message needs content")
-            out = self.enc(turn.text)
-        elif v < 7:
-            if calls and turn.text:
-                raise _err(
-                    where,
-                    "merged consecutive assistant messages have both content and tool_calls, which "
-                    f"tokenizer v{v} cannot encode; send them as one kind",
-                )
-            if calls:
-                if v == 2 and before_last_user:
-                    return []
-                out = self._calls_json(calls)
-            elif turn.text:
-                out = self.enc(turn.text.rstrip(" "))
-            else:
-                raise _err(where, "an assistant message needs content or tool_calls")
-        else:
-            if not turn.text and not calls:
-                raise _err(where, "an assistant message needs content or tool_calls (or both)")
-            out = self.enc(turn.text.rstrip(" ")) if turn.text else []
-            if calls:
-                out += self._calls_json(calls) if v < 11 else self._calls_tokens(calls)
-        if not turn.prefix:
-            out.append(self.tok.eos_id)
-        return out
-
-
-def _check_v2_results(turns: list[Turn], last_user: int) -> None:
-    """V2 prints one tool result per assistant tool-call turn (after the last user message)."""
-    has_calls, count = False, 0
-    for i in range(max(last_user, 0), len(turns)):
-        t = turns[i]
-        if t.role == "assistant":
-            has_calls, count = bool(t.tool_calls), 0
-        elif t.role == "tool":
-            if has_calls:
-                count += 1
-                if count > 1:
-                    raise ChatTemplateError(
-                        "tokenizer v2 cannot encode several tool results for one assistant turn; "
-                        "make one call per assistant message or use a v3+ tokenizer"
-                    )
-        else:
-            has_calls, count = False, 0
-
-
 def encode_chat(
-    tok: Tokenizer,
+    tok: Vocabulary,
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
     safe_prompt: bool = False,
     continue_final_message: bool = False,
 ) -> list[int]:
     """Encode a chat request with the template of ``tok.version``; see :meth:`Tokenizer.encode_chat`."""
-    v = version_number(tok.version)
+    template = template_for(tok.version)
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ChatTemplateError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
     parsed = [parse_message(i, m) for i, m in enumerate(messages)]
@@ -638,32 +478,14 @@ def encode_chat(
                 "continue_final_message=True needs the last message to be the assistant text to continue"
             )
         parsed[-1].prefix = True
-    shift = 1 if safe_prompt else 0
     try:
-        validate(parsed, v)
+        validate(parsed, template)
     except ChatTemplateError as e:
-        if shift:
+        if safe_prompt:
             raise ChatTemplateError(
                 f"{e} (message indexes count the safe-prompt system message as 0)"
             ) from None
         raise
     tool_list = parse_tools(tools)
-    system_prompt, turns = normalize(parsed, v)
-
-    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), -1)
-    last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
-    if v == 2:
-        _check_v2_results(turns, last_user)
-    tpl = _Template(tok, v)
-    out = [tok.bos_id]
-    for i, t in enumerate(turns):
-        where = f"turn {i} ({t.role}, after merging same-role messages)"
-        if t.role == "user":
-            out += tpl.user(t, tool_list, i == first_user, i == last_user, system_prompt)
-        elif t.role == "assistant":
-            out += tpl.assistant(where, t, i < last_user)
-        elif t.role == "tool":
-            out += tpl.tool(where, t, i < last_user)
-        else:
-            out += tpl.system(t)
-    return out
+    system_prompt, turns = normalize(parsed, template)
+    return render(tok, template, system_prompt, turns, tool_list)

@@ -10,6 +10,7 @@ token id = rank + num_special; ids below num_special are the special tokens.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,9 @@ from typing import Any
 
 import tiktoken
 
-from .base import VERSIONS, SpecialPolicy, Tokenizer, check_policy, version_number
+from .base import SpecialPolicy, StreamDecoder, Tokenizer, check_policy
 from .errors import TokenizerError
-from .stream import TekkenStreamDecoder
+from .templates import VERSIONS
 
 #: The special tokens of tekken files up to v7 that carry no ``special_tokens`` list (ids 0..19);
 #: ids 20..num_special-1 are then named ``<SPECIAL_20>`` ... ``<SPECIAL_999>``.
@@ -69,7 +70,7 @@ class TekkenTokenizer(Tokenizer):
 
         listed = data.get("special_tokens")
         if listed is None:
-            if version_number(version) > 7:
+            if VERSIONS.index(version) > VERSIONS.index("v7"):
                 raise TokenizerError(
                     f"{where}: tekken files of version {version} must list their special_tokens"
                 )
@@ -228,3 +229,46 @@ class TekkenTokenizer(Tokenizer):
     def stream_decoder(self, special: SpecialPolicy = "ignore") -> TekkenStreamDecoder:
         """A streaming decoder whose deltas concatenate to ``decode(ids, special)``."""
         return TekkenStreamDecoder(self, special)
+
+
+class TekkenStreamDecoder(StreamDecoder):
+    """Streaming decoder reproducing mistral-common's Tekken decode.
+
+    Ordinary tokens are raw bytes decoded as UTF-8 with ``errors="replace"`` (Python's incremental
+    decoder gives exactly the one-shot result). A special token ends the current run of ordinary
+    tokens: its unfinished bytes are flushed as U+FFFD, as mistral-common decodes each run separately.
+    """
+
+    def __init__(self, tok: TekkenTokenizer, special: str = "ignore") -> None:
+        self._special = check_policy(special)
+        self._bytes = tok._token_bytes
+        self._names = tok._special_names
+        self._num_special = tok.num_special_tokens
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, token_id: int) -> str:
+        """Add one id; return the text it completes."""
+        if token_id >= self._num_special:
+            try:
+                return self._dec.decode(self._bytes[token_id])
+            except (IndexError, TypeError):
+                raise TokenizerError(
+                    f"token id {token_id!r} is out of range for a vocabulary of {len(self._bytes)}"
+                ) from None
+        if token_id < 0:
+            raise TokenizerError(
+                f"token id {token_id} is out of range for a vocabulary of {len(self._bytes)}"
+            )
+        out = self._dec.decode(b"", final=True)
+        self._dec.reset()
+        if self._special == "raise":
+            raise TokenizerError(f"decode(special='raise') met the special token {self._names[token_id]!r}")
+        if self._special == "keep":
+            return out + self._names[token_id]
+        return out
+
+    def flush(self) -> str:
+        """Emit pending bytes (as U+FFFD if incomplete) and start a new sequence."""
+        out = self._dec.decode(b"", final=True)
+        self._dec.reset()
+        return out

@@ -1,11 +1,11 @@
 """Parsing generated assistant tokens back into text and tool calls.
 
-The tool-call syntax depends on the instruct version:
+The syntax is the ``tool_call`` field of the version's row in :data:`.templates.TEMPLATES`:
 
-* v2, v3, v7: ``[TOOL_CALLS]`` followed by a JSON list ``[{"name": ..., "arguments": {...}, "id": ...}]``
-  (v2 has no ``id``); v7 may put text before it.
-* v11: ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`` once per call (``[CALL_ID]id`` optional).
-* v13: ``[TOOL_CALLS]name[ARGS]{json}`` once per call.
+* ``"json"`` (v2), ``"json_id"`` (v3, v7): ``[TOOL_CALLS]`` followed by a JSON list
+  ``[{"name": ..., "arguments": {...}, "id": ...}]`` (no ``id`` in v2); v7 may put text before it.
+* ``"name_id_args"`` (v11): ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`` once per call (``[CALL_ID]id`` optional).
+* ``"name_args"`` (v13): ``[TOOL_CALLS]name[ARGS]{json}`` once per call.
 
 Ids that are missing or not 9 alphanumerics are replaced by fresh random ones. Anything that does not
 parse turns the whole output into plain ``content``: model output never raises.
@@ -17,13 +17,9 @@ import json
 import random
 import string
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .base import version_number
-from .chat import NAME_PATTERN, TOOL_CALL_ID_PATTERN
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .base import Tokenizer
+from .templates import NAME_PATTERN, TOOL_CALL_ID_PATTERN, Vocabulary, template_for
 
 _ALPHANUM = string.ascii_letters + string.digits
 _SYSTEM_RNG = random.SystemRandom()
@@ -78,14 +74,16 @@ def _parse_json_calls(text: str, rng: random.Random | None) -> list[dict[str, An
     return calls
 
 
-def _parse_token_call(tok: Tokenizer, seg: list[int], v: int, rng: random.Random | None) -> dict[str, Any]:
+def _parse_token_call(
+    tok: Vocabulary, seg: list[int], with_id: bool, rng: random.Random | None
+) -> dict[str, Any]:
     args_id = tok.special_id("[ARGS]")
     if args_id not in seg:
         raise _Malformed
     k = seg.index(args_id)
     head, body = seg[:k], seg[k + 1 :]
     call_id: str | None = None
-    if v < 13 and tok.has_special("[CALL_ID]") and tok.special_id("[CALL_ID]") in head:
+    if with_id and tok.has_special("[CALL_ID]") and tok.special_id("[CALL_ID]") in head:
         j = head.index(tok.special_id("[CALL_ID]"))
         call_id = tok.decode(head[j + 1 :]).strip()
         head = head[:j]
@@ -98,7 +96,7 @@ def _parse_token_call(tok: Tokenizer, seg: list[int], v: int, rng: random.Random
     return _call(name, _arguments_json(value), call_id, rng)
 
 
-def parse_assistant(tok: Tokenizer, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
+def parse_assistant(tok: Vocabulary, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
     """Split generated ids into ``{"content": str | None, "tool_calls": [...]}``.
 
     Generation is cut at the first EOS. ``content`` is the text before the first ``[TOOL_CALLS]``
@@ -109,8 +107,8 @@ def parse_assistant(tok: Tokenizer, ids: Sequence[int], rng: random.Random | Non
     eos = tok.eos_id
     if eos in ids:
         ids = ids[: ids.index(eos)]
-    v = version_number(tok.version)
-    if v < 2 or not tok.has_special("[TOOL_CALLS]"):
+    syntax = template_for(tok.version).tool_call
+    if syntax is None or not tok.has_special("[TOOL_CALLS]"):
         return {"content": tok.decode(ids), "tool_calls": []}
     marker = tok.special_id("[TOOL_CALLS]")
     if marker not in ids:
@@ -123,10 +121,10 @@ def parse_assistant(tok: Tokenizer, ids: Sequence[int], rng: random.Random | Non
         else:
             segments[-1].append(t)
     try:
-        if v < 11:
+        if syntax in ("json", "json_id"):
             calls = [c for seg in segments for c in _parse_json_calls(tok.decode(seg), rng)]
         else:
-            calls = [_parse_token_call(tok, seg, v, rng) for seg in segments]
+            calls = [_parse_token_call(tok, seg, syntax == "name_id_args", rng) for seg in segments]
     except _Malformed:
         return {"content": tok.decode(ids), "tool_calls": []}
     text = tok.decode(ids[:first])

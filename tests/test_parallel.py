@@ -19,12 +19,11 @@ import pytest
 import torch
 
 from mistral_ref.cache import KVCache
-from mistral_ref.checkpoint import save_checkpoint
+from mistral_ref.checkpoint import TensorSlice, save_checkpoint
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
 from mistral_ref.parallel import (
     ShardingError,
-    TensorShard,
     check_divisible,
     init_from_env,
     load_sharded_model,
@@ -278,10 +277,10 @@ def test_local_args_split_heads_and_hidden_units():
     assert local_args(moe, 2, "expert").hidden_dim == 48  # whole experts
     assert local_args(moe, 2, "tensor").hidden_dim == 24  # half of every expert
     expert3_w2 = "layers.1.feed_forward.experts.3.w2.weight"
-    assert tensor_shard(expert3_w2, moe, 0, 2, "expert") == TensorShard(1, 0, 0)  # lives on rank 1
-    assert tensor_shard(expert3_w2, moe, 1, 2, "expert") == TensorShard(1, 0, 48)
-    assert tensor_shard(expert3_w2, moe, 1, 2, "tensor") == TensorShard(1, 24, 48)
-    assert tensor_shard("layers.0.attention.wk.weight", moe, 1, 2) == TensorShard(0, 16, 32)
+    assert tensor_shard(expert3_w2, moe, 0, 2, "expert") == TensorSlice(1, 0, 0)  # lives on rank 1
+    assert tensor_shard(expert3_w2, moe, 1, 2, "expert") == TensorSlice(1, 0, 48)
+    assert tensor_shard(expert3_w2, moe, 1, 2, "tensor") == TensorSlice(1, 24, 48)
+    assert tensor_shard("layers.0.attention.wk.weight", moe, 1, 2) == TensorSlice(0, 16, 32)
 
 
 @pytest.mark.parametrize("field,value,world_size,kwargs", [

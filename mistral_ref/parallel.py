@@ -217,7 +217,9 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
     """This rank's Transformer on the meta device (no memory): local shapes, checkpoint names, hooks attached.
 
     args: the global ModelArgs.  The returned model's ``args`` are :func:`local_args` (so a KVCache built from
-    them holds this rank's key-value heads); fill it with ``load_state_dict(shards, assign=True)``.
+    them holds this rank's key-value heads); fill it from files with ``checkpoint.load_weights(model, ...,
+    select=tensor_shard...)`` (:func:`load_sharded_model`) or from memory with ``load_state_dict(shards,
+    assign=True)`` (:func:`shard_model`).
     """
     largs = local_args(args, world_size, moe)
     v0, v1 = tensor_shard("output.weight", args, rank, world_size, moe)[1:]
@@ -274,10 +276,10 @@ def load_sharded_model(path: str | Path, dtype: torch.dtype | str | None = None,
 
     The files are found, checked and read by mistral_ref.checkpoint exactly as load_model does (find_checkpoint;
     checkpoint_index: names, shapes and dtypes against the config, before a byte of weights is read;
-    load_weights), with one difference: for each tensor, only the rows or columns :func:`tensor_shard` names
-    are read, so a rank holds ~1/N of the weights.  Every slice is copied into private memory (no memory-map
-    views).  HF q_proj / k_proj are sliced by whole heads, so putting their rows in native order slice by slice
-    is exact.
+    load_weights), with one difference: for each tensor only this rank's rows (:func:`tensor_shard`) are read
+    — a column slice (wo, w2) reads whole rows through the small reused buffer and keeps its columns — so a
+    rank holds ~1/N of the weights, each slice copied into private memory (no memory-map views).  HF q_proj /
+    k_proj are sliced by whole heads, so putting their rows in native order slice by slice is exact.
     dtype: torch dtype or name ("bf16"); None keeps the checkpoint's (the dtype holding most of its bytes).
     device: default cuda:LOCAL_RANK under NCCL, else cpu.  moe: "expert" (whole experts per rank) or
     "tensor" (every expert's hidden units split).

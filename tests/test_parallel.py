@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from mistral_ref.cache import KVCache
-from mistral_ref.checkpoint import TensorSlice, save_checkpoint
+from mistral_ref.checkpoint import TensorSlice, checkpoint_index, find_checkpoint, load_weights, save_checkpoint
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
 from mistral_ref.parallel import (
     ShardingError,
+    build_local_model,
     check_divisible,
     init_from_env,
     load_sharded_model,
@@ -268,6 +269,25 @@ def test_shards_partition_every_tensor(name, moe, world_size):
             assert all(p is w for p in parts)
         else:
             assert torch.equal(torch.cat(parts, dim=shard.dim), w), key
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name,moe", SCENARIOS)
+def test_ranks_read_their_slices_through_the_checkpoint_loader(tmp_path, name, moe, fmt):
+    """What load_sharded_model does on each rank, in one process: build_local_model, then
+    checkpoint.load_weights reading the slices tensor_shard names (HF q/k rows put in native order by whole
+    heads) gives exactly take_shard of every full tensor."""
+    args, model = CONFIGS[name], build_model(name)
+    save_both_formats(model, tmp_path, name)
+    files = find_checkpoint(tmp_path / f"{name}-{fmt}")
+    index, full = checkpoint_index(files, args), model.state_dict()
+    for rank in range(2):
+        local = build_local_model(args, rank, 2, moe)
+        load_weights(local, files, index, torch.float32,
+                     select=lambda key, rank=rank: tensor_shard(key, args, rank, 2, moe))
+        assert local.state_dict().keys() == full.keys()
+        for key, w in local.state_dict().items():
+            assert torch.equal(w, take_shard(full[key], tensor_shard(key, args, rank, 2, moe))), key
 
 
 def test_local_args_split_heads_and_hidden_units():

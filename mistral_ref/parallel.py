@@ -35,11 +35,11 @@ just the slices of the full one.
 Why explicit collectives in forward hooks and not DTensor's ``parallelize_module`` (ColwiseParallel /
 RowwiseParallel)?  (1) attention.py reshapes with the module's n_heads, so with DTensor we would still have to
 build modules with local head counts — at which point plain tensors plus one all-reduce say everything; (2)
-expert parallelism is not one of DTensor's layer styles; (3) loading a slice straight from a memory-mapped
-safetensors file gives a plain tensor that needs no wrapping; (4) plain tensors keep the state dict, the KV
-cache, the Triton backends and every shape comment of the model code unchanged, and the hooks that
-build_local_model registers show every byte that moves between ranks.  The same code runs on CPU gloo (what
-tests/test_parallel.py checks) and on CUDA NCCL.
+expert parallelism is not one of DTensor's layer styles; (3) reading a rank's slice of each tensor from the
+safetensors files (mistral_ref.checkpoint.load_weights) gives a plain tensor that needs no wrapping; (4) plain
+tensors keep the state dict, the KV cache, the Triton backends and every shape comment of the model code
+unchanged, and the hooks that build_local_model registers show every byte that moves between ranks.  The same
+code runs on CPU gloo (what tests/test_parallel.py checks) and on CUDA NCCL.
 
 Inference only: the collectives are not differentiated through (no Megatron f/g autograd pair), so a backward
 pass through a sharded model gives wrong gradients.  Every rank must be given the same tokens and positions;
@@ -52,13 +52,9 @@ Launch (see README): ``torchrun --nproc-per-node N -m mistral_ref generate CHECK
 
 from __future__ import annotations
 
-import ctypes
-import mmap as _mmap
 import os
 import re
-import sys
 import warnings
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -66,19 +62,19 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from mistral_ref.checkpoint import (
-    TensorInfo,
-    _as_dtype,
+    TensorSlice,
     checkpoint_index,
+    dominant_dtype,
     find_checkpoint,
+    load_weights,
+    parse_dtype,
     read_model_args,
-    to_native_tensor,
 )
 from mistral_ref.config import ModelArgs
-from mistral_ref.model import Transformer
+from mistral_ref.model import Transformer, meta_model
 from mistral_ref.moe import FeedForward
 
 MOE_MODES = ("expert", "tensor")
@@ -123,23 +119,16 @@ def local_args(args: ModelArgs, world_size: int, moe: str = "expert") -> ModelAr
                    hidden_dim=hidden)
 
 
-class TensorShard(NamedTuple):
-    """Rows (dim=0) or columns (dim=1) start .. stop-1 of a checkpoint tensor; dim=None: the whole tensor."""
-
-    dim: int | None
-    start: int = 0
-    stop: int = 0
-
-
 _EXPERT_NAME = re.compile(r"layers\.\d+\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
 
-def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: str = "expert") -> TensorShard:
+def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: str = "expert") -> TensorSlice:
     """Which part of the full (native-named) tensor `name` rank `rank` of `world_size` holds.
 
     args: the global ModelArgs.  Rows of a weight (out_features, in_features) are output features, columns are
-    input features.  A non-local expert (moe="expert") holds a zero-width slice of its hidden units:
-    TensorShard(0, 0, 0) for w1 / w3, TensorShard(1, 0, 0) for w2.
+    input features (TensorSlice: dim 0 or 1, start, stop; dim None: the whole tensor).  A non-local expert
+    (moe="expert") holds a zero-width slice of its hidden units: TensorSlice(0, 0, 0) for w1 / w3,
+    TensorSlice(1, 0, 0) for w2.
     """
     check_divisible(args, world_size, moe)
     if not 0 <= rank < world_size:
@@ -151,16 +140,16 @@ def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: st
 
     hd = args.head_dim
     if name in ("tok_embeddings.weight", "output.weight"):
-        return TensorShard(0, *part(args.vocab_size))
+        return TensorSlice(0, *part(args.vocab_size))
     if name.endswith("attention.wq.weight"):
         h0, h1 = part(args.n_heads)
-        return TensorShard(0, h0 * hd, h1 * hd)
+        return TensorSlice(0, h0 * hd, h1 * hd)
     if name.endswith(("attention.wk.weight", "attention.wv.weight")):
         h0, h1 = part(args.n_kv_heads)
-        return TensorShard(0, h0 * hd, h1 * hd)
+        return TensorSlice(0, h0 * hd, h1 * hd)
     if name.endswith("attention.wo.weight"):
         h0, h1 = part(args.n_heads)
-        return TensorShard(1, h0 * hd, h1 * hd)
+        return TensorSlice(1, h0 * hd, h1 * hd)
     expert = _EXPERT_NAME.fullmatch(name)
     dense_ffn = ("feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
     if expert or name.endswith(dense_ffn):
@@ -170,13 +159,13 @@ def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: st
             start, stop = (0, args.hidden_dim) if e0 <= int(expert[1]) < e1 else (0, 0)
         else:
             start, stop = part(args.hidden_dim)
-        return TensorShard(1 if weight == "w2" else 0, start, stop)
+        return TensorSlice(1 if weight == "w2" else 0, start, stop)
     if name.endswith(("norm.weight", "feed_forward.gate.weight")):
-        return TensorShard(None)
+        return TensorSlice(None)
     raise KeyError(f"no sharding rule for tensor {name!r}")
 
 
-def take_shard(w: torch.Tensor, shard: TensorShard) -> torch.Tensor:
+def take_shard(w: torch.Tensor, shard: TensorSlice) -> torch.Tensor:
     """The part of the full tensor w that `shard` names (a view)."""
     return w if shard.dim is None else w.narrow(shard.dim, shard.start, shard.stop - shard.start)
 
@@ -186,10 +175,11 @@ class VocabParallelEmbedding(nn.Embedding):
     """Embedding rows vocab_start .. vocab_start + num_embeddings - 1; other ranks' ids give zero vectors.
 
     The all-reduce hook on this module adds the ranks' outputs, so each token gets exactly its one real row.
+    The weight is left uninitialised (empty): it is always assigned from a checkpoint or a full model.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, vocab_start: int):
-        super().__init__(num_embeddings, embedding_dim)
+        super().__init__(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
         self.vocab_start = vocab_start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -227,13 +217,15 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
     """This rank's Transformer on the meta device (no memory): local shapes, checkpoint names, hooks attached.
 
     args: the global ModelArgs.  The returned model's ``args`` are :func:`local_args` (so a KVCache built from
-    them holds this rank's key-value heads); fill it with ``load_state_dict(shards, assign=True)``.
+    them holds this rank's key-value heads); fill it from files with ``checkpoint.load_weights(model, ...,
+    select=tensor_shard...)`` (:func:`load_sharded_model`) or from memory with ``load_state_dict(shards,
+    assign=True)`` (:func:`shard_model`).
     """
     largs = local_args(args, world_size, moe)
     v0, v1 = tensor_shard("output.weight", args, rank, world_size, moe)[1:]
-    with torch.device("meta"), warnings.catch_warnings():
+    model = meta_model(largs)
+    with torch.device("meta"), warnings.catch_warnings():  # the modules that differ from meta_model's
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-        model = Transformer(largs)
         model.tok_embeddings = VocabParallelEmbedding(v1 - v0, args.dim, vocab_start=v0)
         model.output = nn.Linear(args.dim, v1 - v0, bias=False)
         if args.moe is not None and moe == "expert":
@@ -276,40 +268,18 @@ def shard_model(model: Transformer, moe: str = "expert",
     return local.eval()
 
 
-# ---- loading: each rank reads only its slices from memory-mapped safetensors files -------------------------
-
-# ---- releasing the file pages a shard was copied from (Linux) ------------------------------------------------
-_PAGE = _mmap.PAGESIZE
-_MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _release_pages(view: torch.Tensor) -> None:
-    """Drop the (clean) file pages behind `view`, a memory-map view whose slice was just copied.
-
-    Pages read once stay resident until the file's last view dies, so without this a rank would hold the pages it
-    read *and* its copy.  Only whole pages inside the tensor are released; a later read faults them back in.
-    """
-    if _LIBC is None or view.device.type != "cpu" or view.numel() == 0:
-        return
-    start = view.data_ptr()
-    lo = -(-start // _PAGE) * _PAGE
-    hi = (start + view.numel() * view.element_size()) // _PAGE * _PAGE
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
+# ---- loading: each rank reads only its slices of the safetensors files --------------------------------------
 def load_sharded_model(path: str | Path, dtype: torch.dtype | str | None = None, *, moe: str = "expert",
                        device: torch.device | str | None = None,
                        group: dist.ProcessGroup | None = None) -> Transformer:
     """Load this rank's shard of a native or Hugging Face checkpoint (directory or .safetensors file).
 
-    The files are found and checked exactly as checkpoint.load_model does (find_checkpoint, checkpoint_index:
-    names, shapes and dtypes against the config, before a byte of weights is read).  Then each tensor is
-    taken from the file's memory map (``get_tensor`` returns a view: nothing is read yet), narrowed to this
-    rank's rows or columns, and copied — so only those bytes are read and only ~1/N of the weights is held —
-    after which the file pages it touched are released.  HF q_proj / k_proj are sliced by whole heads and then
-    un-permuted per local head (checkpoint.to_native_tensor with the local ModelArgs).
+    The files are found, checked and read by mistral_ref.checkpoint exactly as load_model does (find_checkpoint;
+    checkpoint_index: names, shapes and dtypes against the config, before a byte of weights is read;
+    load_weights), with one difference: for each tensor only this rank's rows (:func:`tensor_shard`) are read
+    — a column slice (wo, w2) reads whole rows through the small reused buffer and keeps its columns — so a
+    rank holds ~1/N of the weights, each slice copied into private memory (no memory-map views).  HF q_proj /
+    k_proj are sliced by whole heads, so putting their rows in native order slice by slice is exact.
     dtype: torch dtype or name ("bf16"); None keeps the checkpoint's (the dtype holding most of its bytes).
     device: default cuda:LOCAL_RANK under NCCL, else cpu.  moe: "expert" (whole experts per rank) or
     "tensor" (every expert's hidden units split).
@@ -320,31 +290,13 @@ def load_sharded_model(path: str | Path, dtype: torch.dtype | str | None = None,
     args = read_model_args(files)
     check_divisible(args, world_size, moe)
     index = checkpoint_index(files, args)  # {native name: TensorInfo(file, key, dtype, full shape)}
-    bytes_by_dtype = Counter[torch.dtype]()
-    for info in index.values():
-        bytes_by_dtype[info.dtype] += info.nbytes
-    dtype = _as_dtype(dtype) or bytes_by_dtype.most_common(1)[0][0]
+    dtype = parse_dtype(dtype) or dominant_dtype(index.values())
     if device is None:
         on_nccl = "nccl" in str(dist.get_backend(group))
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}") if on_nccl else torch.device("cpu")
-
     model = build_local_model(args, rank, world_size, moe, group)
-    by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
-    for name, info in index.items():
-        by_file.setdefault(info.file, []).append((name, info))
-    shards: dict[str, torch.Tensor] = {}
-    for file, entries in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name, info in entries:
-                view = f.get_tensor(info.key)  # the whole tensor, as a view of the memory map
-                w = take_shard(view, tensor_shard(name, args, rank, world_size, moe))  # still a view
-                if files.format == "hf":  # whole heads were sliced, so un-permuting the local heads is exact
-                    w = to_native_tensor(info.key, w, model.args)[1]
-                shards[name] = torch.empty(w.shape, dtype=dtype, device=device).copy_(w)  # reads the slice
-                _release_pages(view)
-    model.load_state_dict(shards, assign=True)
-    model.checkpoint_files = files
-    return model.eval()
+    return load_weights(model, files, index, dtype, device, mmap=False, progress=False,
+                        select=lambda name: tensor_shard(name, args, rank, world_size, moe))
 
 
 # ---- launching ---------------------------------------------------------------------------------------------

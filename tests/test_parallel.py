@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from mistral_ref.cache import KVCache
-from mistral_ref.checkpoint import save_checkpoint
+from mistral_ref.checkpoint import TensorSlice, checkpoint_index, find_checkpoint, load_weights, save_checkpoint
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.model import Transformer
 from mistral_ref.parallel import (
     ShardingError,
-    TensorShard,
+    build_local_model,
     check_divisible,
     init_from_env,
     load_sharded_model,
@@ -271,6 +271,25 @@ def test_shards_partition_every_tensor(name, moe, world_size):
             assert torch.equal(torch.cat(parts, dim=shard.dim), w), key
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name,moe", SCENARIOS)
+def test_ranks_read_their_slices_through_the_checkpoint_loader(tmp_path, name, moe, fmt):
+    """What load_sharded_model does on each rank, in one process: build_local_model, then
+    checkpoint.load_weights reading the slices tensor_shard names (HF q/k rows put in native order by whole
+    heads) gives exactly take_shard of every full tensor."""
+    args, model = CONFIGS[name], build_model(name)
+    save_both_formats(model, tmp_path, name)
+    files = find_checkpoint(tmp_path / f"{name}-{fmt}")
+    index, full = checkpoint_index(files, args), model.state_dict()
+    for rank in range(2):
+        local = build_local_model(args, rank, 2, moe)
+        load_weights(local, files, index, torch.float32,
+                     select=lambda key, rank=rank: tensor_shard(key, args, rank, 2, moe))
+        assert local.state_dict().keys() == full.keys()
+        for key, w in local.state_dict().items():
+            assert torch.equal(w, take_shard(full[key], tensor_shard(key, args, rank, 2, moe))), key
+
+
 def test_local_args_split_heads_and_hidden_units():
     a = local_args(CONFIGS["nemo"], 4)
     assert (a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, a.dim, a.vocab_size) == (2, 1, 16, 16, 48, 96)
@@ -278,10 +297,10 @@ def test_local_args_split_heads_and_hidden_units():
     assert local_args(moe, 2, "expert").hidden_dim == 48  # whole experts
     assert local_args(moe, 2, "tensor").hidden_dim == 24  # half of every expert
     expert3_w2 = "layers.1.feed_forward.experts.3.w2.weight"
-    assert tensor_shard(expert3_w2, moe, 0, 2, "expert") == TensorShard(1, 0, 0)  # lives on rank 1
-    assert tensor_shard(expert3_w2, moe, 1, 2, "expert") == TensorShard(1, 0, 48)
-    assert tensor_shard(expert3_w2, moe, 1, 2, "tensor") == TensorShard(1, 24, 48)
-    assert tensor_shard("layers.0.attention.wk.weight", moe, 1, 2) == TensorShard(0, 16, 32)
+    assert tensor_shard(expert3_w2, moe, 0, 2, "expert") == TensorSlice(1, 0, 0)  # lives on rank 1
+    assert tensor_shard(expert3_w2, moe, 1, 2, "expert") == TensorSlice(1, 0, 48)
+    assert tensor_shard(expert3_w2, moe, 1, 2, "tensor") == TensorSlice(1, 24, 48)
+    assert tensor_shard("layers.0.attention.wk.weight", moe, 1, 2) == TensorSlice(0, 16, 32)
 
 
 @pytest.mark.parametrize("field,value,world_size,kwargs", [

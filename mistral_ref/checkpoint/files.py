@@ -1,0 +1,284 @@
+"""Finding a checkpoint's files and checking them against its config before a byte of weights is read.
+
+find_checkpoint: which format a directory holds (native: params.json + consolidated*.safetensors; Hugging Face:
+config.json + model*.safetensors), its shards and index.json, refusing pickles and git-lfs pointers.
+checkpoint_index: every tensor the model needs, named natively, with its file, dtype and shape, after checking
+names, shapes and dtypes against the config (reads headers only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from mistral_ref.checkpoint.errors import CheckpointError, listing
+from mistral_ref.checkpoint.names import hf_to_native_name, natural_key
+from mistral_ref.checkpoint.safetensors_io import (
+    PICKLE_SUFFIXES,
+    TensorInfo,
+    pickle_refusal,
+    read_safetensors_header,
+)
+from mistral_ref.config import ModelArgs
+from mistral_ref.model import meta_model
+
+# ---- finding the files -------------------------------------------------------------------------------------
+_NATIVE_SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")
+_HF_SHARD = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
+_NATIVE_INDEX = "consolidated.safetensors.index.json"
+_HF_INDEX = "model.safetensors.index.json"
+
+
+def shard_names(fmt: str, n: int) -> list[str]:
+    """The names of n weight files of format `fmt`, as the real repositories spell them."""
+    stem = "model" if fmt == "hf" else "consolidated"
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+def index_name(fmt: str) -> str:
+    """The index file of a sharded checkpoint of format `fmt`."""
+    return _HF_INDEX if fmt == "hf" else _NATIVE_INDEX
+
+
+def is_weight_file(fmt: str, name: str) -> bool:
+    """True for the weight files and the index of format `fmt` (what a save of that format replaces)."""
+    pattern = _HF_SHARD if fmt == "hf" else _NATIVE_SHARD
+    return name in (shard_names(fmt, 1)[0], index_name(fmt)) or pattern.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint: format "native" (params.json) or "hf" (config.json), config and shards.
+
+    ignored: weight files of the other format in the same directory (repos often ship both; one set loads).
+    """
+
+    format: str
+    config: Path
+    shards: tuple[Path, ...]
+    index: Path | None = None
+    ignored: tuple[Path, ...] = ()
+
+
+def _shard_set(directory: Path, pattern: re.Pattern[str],
+               index_name: str) -> tuple[tuple[Path, ...], Path | None]:
+    """The weight files of one format in `directory`: from its index.json if present, else its shard names."""
+    index = directory / index_name
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()), key=natural_key)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid index file (expected a JSON object with a "
+                                  f"'weight_map' of tensor name -> file name): {e!r}") from None
+        missing = [f for f in files if not (directory / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index}: names {len(missing)} shard file(s) that are not in {directory}: "
+                f"{listing(missing)} (an incomplete download?)")
+        return tuple(directory / f for f in files), index
+    found = [(p, pattern.fullmatch(p.name)) for p in directory.iterdir()]
+    shards = sorted(((int(m[1]), int(m[2]), p) for p, m in found if m), key=lambda s: s[0])
+    if not shards:
+        return (), None
+    totals = {total for _, total, _ in shards}
+    numbers = [k for k, _, _ in shards]
+    total = max(totals)
+    if len(totals) > 1 or numbers not in (list(range(1, total + 1)), list(range(total))):
+        names = [p.name for _, _, p in shards]
+        raise CheckpointError(
+            f"{directory}: shard files {listing(names, 8)} do not form one complete set of {total} "
+            "(a shard is missing, or files of two different saves are mixed)")
+    return tuple(p for _, _, p in shards), None
+
+
+def _native_files(directory: Path) -> tuple[tuple[Path, ...], Path | None]:
+    single = directory / "consolidated.safetensors"
+    shards, index = _shard_set(directory, _NATIVE_SHARD, _NATIVE_INDEX)
+    if shards:
+        return shards, index
+    return ((single,), None) if single.is_file() else ((), None)
+
+
+def _hf_files(directory: Path) -> tuple[tuple[Path, ...], Path | None]:
+    shards, index = _shard_set(directory, _HF_SHARD, _HF_INDEX)
+    if shards:
+        return shards, index
+    single = directory / "model.safetensors"
+    return ((single,), None) if single.is_file() else ((), None)
+
+
+def find_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Detect the format of a checkpoint directory (or of one .safetensors file next to its config).
+
+    Native = params.json + consolidated.safetensors or consolidated-0000k-of-0000n.safetensors;
+    Hugging Face = config.json + model.safetensors, or model-0000k-of-0000n.safetensors
+    (+ model.safetensors.index.json).
+    A directory holding both loads the native set (recorded in `ignored`).  Pickled weights are refused.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            if path.suffix in PICKLE_SUFFIXES:
+                raise pickle_refusal(path)
+            raise CheckpointError(f"{path}: expected a directory or a .safetensors file")
+        keys = read_safetensors_header(path)
+        looks_hf = any(k.startswith(("model.", "lm_head.")) for k in keys)
+        config = path.parent / ("config.json" if looks_hf else "params.json")
+        if not config.is_file():
+            raise CheckpointError(
+                f"{path}: holds {'Hugging Face' if looks_hf else 'native'} tensor names, so {config.name} is "
+                f"expected next to it, but {config} does not exist")
+        return CheckpointFiles("hf" if looks_hf else "native", config, (path,))
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    native, native_index = _native_files(path) if (path / "params.json").is_file() else ((), None)
+    hf, hf_index = _hf_files(path) if (path / "config.json").is_file() else ((), None)
+    if native:
+        return CheckpointFiles("native", path / "params.json", native, native_index, ignored=hf)
+    if hf:
+        return CheckpointFiles("hf", path / "config.json", hf, hf_index)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise pickle_refusal(path / pickles[0])
+    configs = [n for n in ("params.json", "config.json") if (path / n).is_file()]
+    if not configs:
+        raise CheckpointError(f"{path}: no params.json (native) or config.json (Hugging Face) in this "
+                              "directory")
+    raise CheckpointError(
+        f"{path}: has {' and '.join(configs)} but no weights: expected consolidated.safetensors / "
+        "consolidated-0000k-of-0000n.safetensors (native) or model.safetensors / "
+        f"model-0000k-of-0000n.safetensors (Hugging Face); found "
+        f"{listing(sorted(p.name for p in path.iterdir()), 10)}")
+
+
+def read_model_args(files: CheckpointFiles) -> ModelArgs:
+    """The ModelArgs of a checkpoint, from params.json or config.json."""
+    if files.format == "native":
+        return ModelArgs.from_params_json(files.config)
+    return ModelArgs.from_hf_config(files.config)
+
+
+# ---- the tensor index: every tensor of the checkpoint, named natively, checked against the config ----------
+_IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF RoPE buffers
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """{native name: shape} of every parameter of Transformer(args), from a meta-device model (no memory)."""
+    return {k: tuple(v.shape) for k, v in meta_model(args).state_dict().items()}
+
+
+def _shape_hint(name: str, expected: tuple[int, ...], found: tuple[int, ...], args: ModelArgs) -> str:
+    """Which config field most likely disagrees with the checkpoint."""
+    if len(expected) != len(found):
+        return "the tensor has the wrong number of dimensions"
+    rows_differ = expected[0] != found[0]
+    if name in ("tok_embeddings.weight", "output.weight"):
+        if rows_differ:
+            return f"check vocab_size (config: {args.vocab_size})"
+        return f"check dim / hidden_size (config: {args.dim})"
+    if name.endswith("attention.wq.weight"):
+        if rows_differ:
+            return (f"check n_heads and head_dim (config: {args.n_heads} x {args.head_dim} = "
+                    f"{args.n_heads * args.head_dim} rows; head_dim is not always dim // n_heads)")
+    elif name.endswith(("attention.wk.weight", "attention.wv.weight")):
+        if rows_differ:
+            return (f"check n_kv_heads and head_dim (config: {args.n_kv_heads} x {args.head_dim} = "
+                    f"{args.n_kv_heads * args.head_dim} rows)")
+    elif name.endswith("attention.wo.weight"):
+        if not rows_differ:
+            return f"check n_heads and head_dim (config: {args.n_heads} x {args.head_dim} columns)"
+    elif name.endswith(("w1.weight", "w3.weight")):
+        if rows_differ:
+            return f"check hidden_dim / intermediate_size (config: {args.hidden_dim})"
+    elif name.endswith("w2.weight"):
+        if not rows_differ:
+            return f"check hidden_dim / intermediate_size (config: {args.hidden_dim})"
+    elif name.endswith("feed_forward.gate.weight") and rows_differ:
+        return f"check the number of experts (config: {args.moe.num_experts if args.moe else None})"
+    return f"check dim / hidden_size (config: {args.dim})"
+
+
+def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
+    """{native name: TensorInfo} for every tensor the model needs, after checking names, shapes and dtypes.
+
+    Reads only headers.  Raises CheckpointError for missing keys, shape mismatches, duplicate keys, an
+    index.json that disagrees with its shards, and (if strict) unexpected keys; non-strict loads warn about
+    the latter.
+    """
+    expected = expected_shapes(args)
+    index: dict[str, TensorInfo] = {}
+    unexpected: list[str] = []
+    problems: list[str] = []
+    weight_map = None
+    if files.index is not None:
+        weight_map = json.loads(files.index.read_text(encoding="utf-8"))["weight_map"]
+    for shard in files.shards:
+        for key, info in read_safetensors_header(shard).items():
+            if weight_map is not None and weight_map.get(key) != shard.name:
+                raise CheckpointError(
+                    f"{files.index}: key {key!r} is stored in {shard.name} but the index says "
+                    f"{weight_map.get(key)!r}: the index and the shards come from different saves")
+            if files.format == "hf":
+                if _IGNORED_HF_KEYS.fullmatch(key):
+                    continue
+                try:
+                    name = hf_to_native_name(key)
+                except KeyError:
+                    unexpected.append(key)
+                    continue
+            else:
+                name = key
+            if name not in expected:
+                unexpected.append(key)
+                continue
+            if name in index:
+                raise CheckpointError(f"key {key!r} is stored twice: in {index[name].file} and in {shard}")
+            if tuple(info.shape) != expected[name]:
+                problems.append(
+                    f"{shard}: key {key!r} has shape {list(info.shape)}, expected "
+                    f"{list(expected[name])} from {files.config.name}: "
+                    f"{_shape_hint(name, expected[name], info.shape, args)}")
+            elif not info.dtype.is_floating_point:
+                problems.append(
+                    f"{shard}: key {key!r} has dtype {info.dtype}, expected a floating point type "
+                    "(quantized checkpoints are not supported)")
+            index[name] = info
+    if weight_map is not None:
+        stored = {info.key for info in index.values()} | set(unexpected)
+        absent = sorted(set(weight_map) - stored, key=natural_key)
+        if absent:
+            problems.append(f"{files.index}: names {len(absent)} tensor(s) that its shards do not contain: "
+                            f"{listing(absent)}")
+    missing = sorted(set(expected) - set(index), key=natural_key)
+    where = ", ".join(str(s) for s in files.shards[:3]) + (" ..." if len(files.shards) > 3 else "")
+    if missing:
+        hint = ""
+        dense_found = any(re.search(r"\.(mlp|feed_forward)\.w", u) for u in unexpected)
+        experts_found = any(".experts." in u for u in unexpected)
+        if any(".experts." in m for m in missing) and dense_found:
+            hint = " — the config describes experts (moe / num_local_experts) but the checkpoint is dense"
+        elif any(m.endswith("feed_forward.w1.weight") for m in missing) and experts_found:
+            hint = " — the checkpoint holds experts but the config describes a dense model"
+        elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
+            hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
+        name = files.shards[0].name
+        if len(files.shards) == 1 and (_HF_SHARD.fullmatch(name) or _NATIVE_SHARD.fullmatch(name)):
+            hint += " — this is one shard of a sharded checkpoint: pass the directory instead"
+        problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
+                           f"{listing(missing)}{hint}")
+    if unexpected:
+        message = (f"{where}: {len(unexpected)} unexpected tensor(s) that {files.config.name} does not "
+                   f"describe: {listing(sorted(unexpected, key=natural_key))}")
+        if strict:
+            problems.append(message)
+        else:
+            warnings.warn(message + " (ignored: strict=False)", stacklevel=3)
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    return index

@@ -1,0 +1,142 @@
+"""Native <-> Hugging Face: the tensor names and the q/k row order.  Read this file to learn the conversion.
+
+The two formats hold the same numbers.  They differ in three ways only:
+
+1. tensor names: a fixed map (below), e.g. layers.3.attention.wq.weight <-> model.layers.3.self_attn.q_proj.weight;
+2. the config file: params.json vs config.json (config.py reads both into one ModelArgs);
+3. the row order of the query and key projections.  RoPE rotates pairs of features inside every head.  Native
+   checkpoints pair neighbours (features 2i and 2i+1, "interleaved"); Hugging Face pairs the two halves of the
+   head (features i and i + head_dim/2).  So HF's q_proj / k_proj rows are wq / wk's rows reordered head by head
+   (:func:`permute_qk`).  wv is not rotated and every other tensor is identical in both formats.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import torch
+
+from mistral_ref.config import ModelArgs
+
+# ---- names -------------------------------------------------------------------------------------------------
+_GLOBAL_NAMES = {  # native -> HF
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {  # native suffix of layers.N. -> HF suffix of model.layers.N.
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
+}
+_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight")
+_HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+_HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
+
+
+def native_to_hf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight' (KeyError if unknown)."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _NATIVE_LAYER.fullmatch(name)
+    if m:
+        layer, rest = m.groups()
+        if rest in _LAYER_NAMES:
+            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        e = _EXPERT.fullmatch(rest)
+        if e:
+            return f"model.layers.{layer}.block_sparse_moe.experts.{e[1]}.{e[2]}.weight"
+    raise KeyError(f"no Hugging Face name for native tensor {name!r}")
+
+
+def hf_to_native_name(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight' (KeyError if unknown)."""
+    if name in _HF_TO_NATIVE_GLOBAL:
+        return _HF_TO_NATIVE_GLOBAL[name]
+    m = _HF_LAYER.fullmatch(name)
+    if m:
+        layer, rest = m.groups()
+        if rest in _HF_TO_NATIVE_LAYER:
+            return f"layers.{layer}.{_HF_TO_NATIVE_LAYER[rest]}"
+        e = _HF_EXPERT.fullmatch(rest)
+        if e:
+            return f"layers.{layer}.feed_forward.experts.{e[1]}.{e[2]}.weight"
+    raise KeyError(f"no native name for Hugging Face tensor {name!r}")
+
+
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+# ---- the q/k row order -------------------------------------------------------------------------------------
+def is_qk(native_name: str) -> bool:
+    """True for wq and wk: the two tensors whose rows the formats order differently."""
+    return native_name.endswith(("attention.wq.weight", "attention.wk.weight"))
+
+
+def permute_qk(w: torch.Tensor, head_dim: int, to: Literal["hf", "native"],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Reorder the rows of a query or key projection, head by head, into the other format's RoPE layout.
+
+    w: (n_heads * head_dim, dim), whole heads (n_heads is n_kv_heads for wk; head_dim is the real head width,
+    NOT dim // n_heads: Nemo differs).  Inside one head, feature (pair i, component j) lives at
+
+        native row 2i + j              (head_dim = 8: rows hold pairs 0 0 1 1 2 2 3 3)
+        HF     row j * head_dim/2 + i  (head_dim = 8: rows hold pairs 0 1 2 3 0 1 2 3)
+
+    to="hf" reorders native rows into HF order, to="native" the reverse.  Returns a new tensor, or writes the
+    result (cast to out's dtype) into `out`, a (n_heads * head_dim, dim) tensor, and returns it.
+    This is the one place the q/k order changes: loading, saving and converting all call it.
+    """
+    half, dim = head_dim // 2, w.shape[1]
+    pairs = (half, 2) if to == "hf" else (2, half)  # how w's rows split inside a head: (i, j) or (j, i)
+    rows = w.view(-1, *pairs, dim).transpose(1, 2)  # (n_heads, *reversed(pairs), dim): the other order
+    if out is None:
+        return rows.reshape(w.shape)
+    out.view(-1, *pairs[::-1], dim).copy_(rows)
+    return out
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Native wq/wk rows (interleaved pairs per head) -> HF q_proj/k_proj rows (halves per head).
+
+    w: (n_heads * head_dim, dim).  Within each head, output feature 2i+j moves to j*head_dim/2 + i.
+    :func:`permute_qk` with to="hf".
+    """
+    _check_heads(w, n_heads, head_dim)
+    return permute_qk(w, head_dim, "hf")
+
+
+def permute_to_native(w: torch.Tensor, n_heads: int, head_dim: int, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Inverse of :func:`permute_to_hf`: :func:`permute_qk` with to="native".  w: (n_heads * head_dim, dim)."""
+    _check_heads(w, n_heads, head_dim)
+    return permute_qk(w, head_dim, "native", out)
+
+
+def _check_heads(w: torch.Tensor, n_heads: int, head_dim: int) -> None:
+    if w.shape[0] != n_heads * head_dim:
+        raise ValueError(f"expected {n_heads} heads x {head_dim} = {n_heads * head_dim} rows, got {w.shape[0]}")
+
+
+def to_hf_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """One native tensor -> (HF name, HF tensor)."""
+    return native_to_hf_name(name), permute_qk(w, args.head_dim, "hf") if is_qk(name) else w
+
+
+def to_native_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """One HF tensor -> (native name, native tensor)."""
+    native = hf_to_native_name(name)
+    return native, permute_qk(w, args.head_dim, "native") if is_qk(native) else w

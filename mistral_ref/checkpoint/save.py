@@ -1,0 +1,188 @@
+"""Saving a model and converting a checkpoint directory, one tensor at a time, into either format.
+
+save_checkpoint: a model in memory -> native or HF files.  convert_checkpoint: files -> files of the other
+format (or re-sharded, or cast) without building the model, carrying the tokenizer files across.  Both plan
+the shards, then write each file with write_safetensors (temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from mistral_ref.checkpoint.dtypes import dominant_dtype, parse_dtype
+from mistral_ref.checkpoint.errors import CheckpointError
+from mistral_ref.checkpoint.files import (
+    CheckpointFiles,
+    checkpoint_index,
+    find_checkpoint,
+    index_name,
+    is_weight_file,
+    read_model_args,
+    shard_names,
+)
+from mistral_ref.checkpoint.names import is_qk, native_to_hf_name, natural_key, to_hf_tensor
+from mistral_ref.checkpoint.safetensors_io import (
+    CHUNK_BYTES,
+    Progress,
+    TensorInfo,
+    TensorToWrite,
+    read_tensor,
+    write_safetensors,
+)
+from mistral_ref.config import ConfigError, ModelArgs
+from mistral_ref.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[TensorToWrite],
+                      max_shard_bytes: int | None, progress: bool | None) -> CheckpointFiles:
+    """Config, shards (greedy, in layer order), the index when sharded; then remove stale shards of `fmt`."""
+    if fmt not in ("native", "hf"):
+        raise ValueError(f"format must be 'native' or 'hf', got {fmt!r}")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    tensors = sorted(tensors, key=lambda t: natural_key(t.name))
+    shards: list[list[TensorToWrite]] = [[]]
+    for t in tensors:
+        if shards[-1] and max_shard_bytes is not None and sum(x.nbytes for x in shards[-1]) + t.nbytes > \
+                max_shard_bytes:
+            shards.append([])
+        shards[-1].append(t)
+    names = shard_names(fmt, len(shards))
+    directory.mkdir(parents=True, exist_ok=True)
+
+    if fmt == "hf":
+        try:
+            config = args.to_hf_config()
+        except ConfigError as err:
+            raise CheckpointError(f"{directory / 'config.json'}: {err}") from None
+        dtype_name = str(dominant_dtype(tensors)).removeprefix("torch.")
+        config.update(dtype=dtype_name, torch_dtype=dtype_name)  # transformers 5 reads dtype, 4.x torch_dtype
+        config_path = directory / "config.json"
+    else:
+        config, config_path = args.to_params_json(), directory / "params.json"
+
+    bar = Progress(sum(t.nbytes for t in tensors), progress, f"writing {directory.name}")
+    for shard, name in zip(shards, names):
+        write_safetensors(directory / name, shard, bar)
+    bar.close()
+    index_path = None
+    if len(shards) > 1:
+        index_path = directory / index_name(fmt)
+        weight_map = {t.name: name for shard, name in zip(shards, names) for t in shard}
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors),
+                              "total_parameters": sum(math.prod(t.shape) for t in tensors)},
+                 "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}
+        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    # A directory that held another save of the same format must not keep its shards or index (they'd mix).
+    keep = {*names, *([index_path.name] if index_path else [])}
+    for p in directory.iterdir():
+        if is_weight_file(fmt, p.name) and p.name not in keep:
+            p.unlink()
+    return CheckpointFiles(fmt, config_path, tuple(directory / n for n in names), index_path)
+
+
+def save_checkpoint(model: Transformer, path: str | Path, format: str = "native",
+                    max_shard_bytes: int | None = None, dtype: torch.dtype | str | None = None,
+                    progress: bool | None = None) -> CheckpointFiles:
+    """Write `model` as a native (params.json + consolidated*.safetensors) or Hugging Face (config.json +
+    model*.safetensors [+ model.safetensors.index.json]) checkpoint directory.
+
+    max_shard_bytes: split the weights into shards of at most this many bytes (a bigger tensor gets a shard
+    of its own); None writes one file.  dtype: cast while writing (None keeps the parameters' dtype).
+    Tensors are produced and written one at a time, so memory grows by at most one tensor.
+    Returns the files written.
+    """
+    fmt, args, dtype = format, model.args, parse_dtype(dtype)
+    tensors = []
+    for name, param in model.state_dict().items():
+        out_name = native_to_hf_name(name) if fmt == "hf" else name
+
+        def produce(name: str = name, param: torch.Tensor = param) -> torch.Tensor:
+            tensor = to_hf_tensor(name, param, args)[1] if fmt == "hf" else param
+            return tensor.to(dtype or param.dtype)
+
+        tensors.append(TensorToWrite(out_name, tuple(param.shape), dtype or param.dtype, produce))
+    return _write_checkpoint(Path(path), fmt, args, tensors, max_shard_bytes, progress)
+
+
+# What a converted checkpoint needs besides weights and config to chat at once: the tokenizer files that
+# mistral_ref.tokenizer.load_tokenizer reads (tekken*.json, tokenizer.model.vN, tokenizer.model) and the ones
+# Hugging Face tools read (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
+_TOKENIZER_FILE = re.compile(r"tokenizer\.model.*|.*\.model\.v\d+(m\d+)?|.*tekken.*\.json|tokenizer\.json"
+                             r"|tokenizer_config\.json|special_tokens_map\.json")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[Path]:
+    """Copy the tokenizer files of checkpoint directory `src` into `dst` (each written to a temporary name,
+    then renamed).  Files already in place (src is dst) are left alone.  Returns the files of dst copied."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if not (p.is_file() and _TOKENIZER_FILE.fullmatch(p.name)):
+            continue
+        target = dst / p.name
+        if target.exists() and os.path.samefile(p, target):
+            continue
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        try:
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        copied.append(target)
+    return copied
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
+                       max_shard_bytes: int | None = None, dtype: torch.dtype | str | None = None,
+                       progress: bool | None = None) -> CheckpointFiles:
+    """Convert a checkpoint directory to `format` ("native" or "hf") without building the model.
+
+    Streams tensor by tensor (read, rename, permute q/k, cast if `dtype` is given, write), so memory stays at
+    about one tensor whatever the checkpoint's size.  The source is checked as strictly as load_model checks
+    it.  dst may be the source directory (e.g. to add the other format's files next to the native ones, as the
+    public repositories do).  The tokenizer files next to the source's config (tekken.json, tokenizer.model*,
+    HF's tokenizer.json / tokenizer_config.json / special_tokens_map.json) are copied to dst, so the converted
+    checkpoint chats at once.  Returns the weight files written.
+    """
+    files = find_checkpoint(src)
+    args = read_model_args(files)
+    index = checkpoint_index(files, args, strict=True)
+    dtype = parse_dtype(dtype)
+    # Open every source file before writing anything: a shard of the same name in dst is replaced by rename,
+    # and an open file keeps reading the old one.
+    handles = {file: open(file, "rb", buffering=0) for file in files.shards}
+    scratch = torch.empty(min(CHUNK_BYTES, max(i.nbytes for i in index.values())), dtype=torch.uint8)
+    tensors = []
+    for name, info in index.items():
+
+        def produce(name: str = name, info: TensorInfo = info) -> torch.Tensor:
+            to_native = files.format == "hf" and format == "native" and is_qk(name)
+            tensor = read_tensor(handles[info.file], info, dtype or info.dtype,
+                                 qk_head_dim=args.head_dim if to_native else 0, scratch=scratch)
+            if (files.format, format) == ("native", "hf"):
+                tensor = to_hf_tensor(name, tensor, args)[1]
+            return tensor
+
+        out_name = native_to_hf_name(name) if format == "hf" else name
+        tensors.append(TensorToWrite(out_name, info.shape, dtype or info.dtype, produce))
+    try:
+        written = _write_checkpoint(Path(dst), format, args, tensors, max_shard_bytes, progress)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    copied = copy_tokenizer_files(files.config.parent, Path(dst))
+    if copied:
+        log.info("copied tokenizer file(s) %s to %s", ", ".join(p.name for p in copied), dst)
+    return written

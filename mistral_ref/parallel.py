@@ -202,12 +202,16 @@ def _all_reduce_output(group: dist.ProcessGroup | None):
 
 
 def _all_gather_vocab(group: dist.ProcessGroup | None, world_size: int):
-    """Forward hook on `output`: join the ranks' vocab slices of the logits, (B, T, V/N) -> (B, T, V)."""
+    """Forward hook on the model: join the ranks' vocab slices of the logits, (B, T, V/N) -> (B, T, V).
 
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(output) for _ in range(world_size)]
-        dist.all_gather(parts, output.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+    (On the model, not on `output`: the model multiplies by output.weight through its backend's `linear`.)"""
+
+    def hook(module: nn.Module, inputs, output):
+        logits = output[0] if isinstance(output, tuple) else output  # (B, T, V/N); or (logits, router logits)
+        parts = [torch.empty_like(logits) for _ in range(world_size)]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        gathered = torch.cat(parts, dim=-1)
+        return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
 
     return hook
 
@@ -241,7 +245,7 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
         for layer in model.layers:
             layer.attention.register_forward_hook(all_reduce)  # after wo
             layer.feed_forward.register_forward_hook(all_reduce)  # after w2 / the experts
-        model.output.register_forward_hook(_all_gather_vocab(group, world_size))
+        model.register_forward_hook(_all_gather_vocab(group, world_size))
     return model
 
 

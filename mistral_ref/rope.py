@@ -3,7 +3,7 @@
 Each head vector of width head_dim is read as head_dim/2 pairs (x[2i], x[2i+1]) — a complex number x[2i] + i x[2i+1]
 — and pair i is rotated by the angle  position * theta ** (-2i / head_dim).  Native checkpoints ("consolidated")
 rotate these *interleaved* pairs; Hugging Face checkpoints rotate the two *halves* (x[i], x[i + head_dim/2]) instead,
-which is why q_proj / k_proj rows are permuted when converting (see checkpoint.py).  All angle math runs in fp32.
+which is why q_proj / k_proj rows are permuted when converting (see checkpoint/names.py).  All angle math runs in fp32.
 """
 
 from __future__ import annotations

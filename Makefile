@@ -1,19 +1,43 @@
-# Set-up commands that work on a fresh machine. Everything runs inside .venv.
+# Set-up commands that work on a fresh machine. Everything runs inside .venv; README "Install" explains each step.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | md5sum | cut -c1-12)
+# PyTorch's index of CPU-only wheels (https://pytorch.org/get-started/locally/, "Compute Platform: CPU").
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+# The versions the test suite last passed with: `make` installs these so that every set-up is the same;
+# pyproject.toml states the ranges that `pip install mistral-ref` accepts.
+TESTED := torch==2.13.0 triton==3.8.0
 export TRITON_INTERPRET ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install demo test test-fast lint notebooks bench bench-kernels train-tiny clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
+	@echo "== [1/3] virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch first, pinned to the CPU build on local disk (an open range pulls CUDA).
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,server]'
+	printf '%s\n' $(TESTED) > $(VENV)/tested-versions.txt
+	@echo "== [2/3] torch, CPU build (PyPI's Linux wheel is the CUDA build: 3 GB of GPU libraries)"
+	@# A CPU wheel that pip's configured sources hold locally (find-links) is used as is; otherwise torch comes
+	@# from PyTorch's CPU index. `pip install --dry-run --no-index` asks the local sources only, without installing.
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  echo "torch $$($(BIN)/python -c 'import torch; print(torch.__version__)') is already installed: kept"; \
+	else \
+	  local=$$($(BIN)/pip install --dry-run --no-index --no-deps --quiet --report - \
+	           -c $(VENV)/tested-versions.txt torch 2>/dev/null \
+	         | $(BIN)/python -c "import json, sys; print(json.load(sys.stdin)['install'][0]['metadata']['version'])" \
+	           2>/dev/null); \
+	  case "$$local" in \
+	    *+cpu*) echo "installing torch $$local, the CPU wheel found in pip's local sources (pip config list)"; \
+	            $(BIN)/pip install "torch==$$local" ;; \
+	    *)      echo "no local CPU torch wheel: installing torch from PyTorch's CPU index $(TORCH_CPU_INDEX)"; \
+	            $(BIN)/pip install --index-url $(TORCH_CPU_INDEX) -c $(VENV)/tested-versions.txt torch ;; \
+	  esac; \
+	fi
+	@echo "== [3/3] mistral-ref (editable) with its test and kernels extras"
+	$(BIN)/pip install -c $(VENV)/tested-versions.txt -e '.[test,kernels]'
 	touch $(STAMP)
+	@echo "== installed: $$($(BIN)/python -c 'import torch, mistral_ref; print(f"mistral-ref {mistral_ref.__version__}, torch {torch.__version__}")')"
 
 install: $(STAMP)
 
@@ -41,7 +65,7 @@ bench-kernels: $(STAMP)
 
 # Re-train the embedded tiny Mixtral (~15 min on one thread; same seed and threads give the same weights).
 train-tiny: $(STAMP)
-	$(BIN)/pip install -q django==5.2.19
+	$(BIN)/pip install -e '.[train]'
 	$(BIN)/python -m mistral_ref.train --out mistral_ref/assets/tiny-mixtral --threads 1
 
 clean:

@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ModelArgs": "mistral_ref.config",
-    "PRESETS": "mistral_ref.config",
-    "parameter_counts": "mistral_ref.config",
+    "PRESETS": "mistral_ref.family",
+    "parameter_counts": "mistral_ref.family",
     "Transformer": "mistral_ref.model",
     "load_model": "mistral_ref.checkpoint",
     "save_checkpoint": "mistral_ref.checkpoint",

@@ -1,63 +1,143 @@
 """The `mistral-ref` command (also `python -m mistral_ref`).
 
-  mistral-ref info                     the family table: shapes, windows, tokenizers, parameter counts
+  mistral-ref --version
+  mistral-ref info                     the family table: shapes, windows, tokenizers, parameter counts (no torch)
   mistral-ref demo                     the main job on the embedded default model
   mistral-ref convert SRC DST --to hf  convert a checkpoint between the native and Hugging Face formats
   mistral-ref chat [CHECKPOINT]        an interactive chat in the terminal (streaming; the embedded model
                                        when no checkpoint is given)
   mistral-ref generate [CHECKPOINT] --prompt TEXT   a one-shot raw completion (no chat template), streamed
   mistral-ref serve [CHECKPOINT] --port N           the chat-completions HTTP endpoint (server.py)
+
+Every command but info takes --threads N; `mistral-ref COMMAND --help` lists each option with its default.
+Status lines ("[...]") go to stderr, generated text to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
+from mistral_ref import __version__
 
-def family_table() -> str:
-    """A Markdown table of every preset with its total / active parameter counts (meta device, no memory)."""
-    from mistral_ref.config import PRESETS, parameter_counts
+#: Replies in `chat` stop after this many tokens unless --max-tokens says otherwise (capped by the context).
+CHAT_MAX_TOKENS = 512
 
-    rows = ["| model | dim | layers | heads/kv | head_dim | hidden | vocab | theta | window | experts | tokenizer "
-            "| total | active |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, a in PRESETS.items():
-        c = parameter_counts(a)
-        experts = f"{a.moe.num_experts} top-{a.moe.num_experts_per_tok}" if a.moe else "-"
-        rows.append(
-            f"| {name} | {a.dim} | {a.n_layers} | {a.n_heads}/{a.n_kv_heads} | {a.head_dim} | {a.hidden_dim} "
-            f"| {a.vocab_size} | {a.rope_theta:g} | {a.sliding_window or '-'} | {experts} | {a.tokenizer} "
-            f"| {c['total'] / 1e9:.2f}B | {c['active'] / 1e9:.2f}B |")
-    return "\n".join(rows)
+#: Below this many active parameters a model decodes fastest on one thread: its matrices are too small for the
+#: work a thread gets to outweigh waking and joining it (measurements: README, "Threads").
+SMALL_MODEL_ACTIVE_PARAMS = 20_000_000
 
 
+def _status(message: str) -> None:
+    print(f"[{message}]", file=sys.stderr, flush=True)
+
+
+# ---- threads ------------------------------------------------------------------------------------------------------
+def physical_cores() -> int:
+    """The cores this process may run on, each core's hyper-threads counted once, capped by a cgroup CPU quota."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{topology}/physical_package_id") as pkg, open(f"{topology}/core_id") as core:
+                cores.add((pkg.read().strip(), core.read().strip()))
+        except OSError:  # no sysfs topology (not Linux): count logical CPUs
+            cores.add(("cpu", str(cpu)))
+    n = len(cores)
+    try:  # a container limited to Q microseconds of CPU per P: at most ceil(Q / P) cores' worth
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def free_cores() -> tuple[int, int]:
+    """(physical cores, cores busy with other work): the 1-minute load average, read before this command works."""
+    cores = physical_cores()
+    busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return cores, min(busy, cores)
+
+
+def default_threads(active_params: int | None, cores: int, busy: int) -> tuple[int, str]:
+    """The thread count used without --threads, and the reason printed with it.
+
+    One thread for a small model; otherwise one per physical core that other work leaves free.  A torch thread
+    without a core of its own stalls every parallel step of the others (measured on a busy 2-core machine: two
+    threads decoded 4-30x slower than one, whatever the model size).
+    """
+    if active_params is not None and active_params < SMALL_MODEL_ACTIVE_PARAMS:
+        return 1, f"{active_params / 1e6:.1f}M active parameters: one thread is fastest for a model this small"
+    return max(1, cores - busy), f"{cores} physical cores, {busy} busy with other work (1-minute load average)"
+
+
+def set_threads(args: argparse.Namespace, model_args: object | None = None, quiet: bool = False) -> int:
+    """Apply --threads, else OMP_NUM_THREADS, else default_threads(model) to torch's intra-op pool, and say so.
+
+    The server's worker thread, started afterwards, inherits the setting.  Returns the thread count.
+    """
+    import torch
+
+    if args.threads is not None:
+        n, why = args.threads, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"  # torch already honours it
+    else:
+        active = None
+        if model_args is not None:
+            from mistral_ref.family import parameter_counts
+
+            active = parameter_counts(model_args)["active"]
+        n, why = default_threads(active, *args.cores)
+    torch.set_num_threads(n)
+    if not quiet:
+        _status(f"threads: {n} ({why}); --threads N to change")
+    return n
+
+
+# ---- info, demo, convert --------------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
+    from mistral_ref.family import family_table  # no torch: the counts come from the shapes
+
     print(family_table())
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mistral_ref.config import ModelArgs
+    from mistral_ref.demo import run_demo
+    from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+
+    set_threads(args, ModelArgs.from_params_json(EMBEDDED_MODEL_DIR))
+    return run_demo()
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from mistral_ref.checkpoint import convert_checkpoint
 
+    set_threads(args)
+    t0 = time.perf_counter()
     convert_checkpoint(args.src, args.dst, format=args.to, max_shard_bytes=args.max_shard_bytes)
-    print(f"wrote {args.to} checkpoint to {args.dst}")
+    print(f"wrote {args.to} checkpoint to {args.dst} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from mistral_ref.demo import run_demo
-
-    return run_demo()
-
-
-# ---- chat, generate, serve -----------------------------------------------------------------------------------
+# ---- loading a model: the embedded one by default ---------------------------------------------------------------
 def under_torchrun() -> bool:
     """True when torchrun (or another launcher) started this process as one rank of several."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _is_embedded(checkpoint: str | None) -> bool:
+    from mistral_ref.embedded import is_embedded_model_dir
+
+    return checkpoint is None or is_embedded_model_dir(checkpoint)
 
 
 def load_sharded_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[object, object, str, int]:
@@ -68,51 +148,50 @@ def load_sharded_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[obj
     from pathlib import Path
 
     from mistral_ref import parallel
+    from mistral_ref.embedded import EMBEDDED_DTYPE, EMBEDDED_MODEL_DIR
     from mistral_ref.tokenizer import load_tokenizer
 
     env = parallel.init_from_env()
-    if checkpoint is None:
-        from mistral_ref.embedded import EMBEDDED_MODEL_DIR
-
-        checkpoint = str(EMBEDDED_MODEL_DIR)
+    if _is_embedded(checkpoint):
+        checkpoint, dtype = str(EMBEDDED_MODEL_DIR), dtype or EMBEDDED_DTYPE
     path = Path(checkpoint)
-    model = parallel.load_sharded_model(path, dtype=_dtype(dtype) if dtype else None)
+    model = parallel.load_sharded_model(path, dtype=dtype)
     tok = load_tokenizer(path if path.is_dir() else path.parent)
     if env.rank == 0:
-        print(f"[{path.resolve().name} sharded over {env.world_size} ranks ({env.device})]", file=sys.stderr)
+        _status(f"{path.resolve().name} sharded over {env.world_size} ranks ({env.device})")
     return model, tok, path.resolve().name, env.rank
 
 
 def load_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[object, object, str]:
-    """(model, tokenizer, name) of a checkpoint directory, or of the embedded model when `checkpoint` is None."""
-    if checkpoint is None:
-        try:
-            from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
-        except ImportError:
-            raise FileNotFoundError("no CHECKPOINT given and this install has no embedded model "
-                                    "(mistral_ref.embedded): pass a checkpoint directory") from None
-        model, tok = load_embedded(**({"dtype": _dtype(dtype)} if dtype else {}))
-        print(f"[using the embedded model {EMBEDDED_MODEL_DIR.name} ({EMBEDDED_MODEL_DIR}); pass a CHECKPOINT "
-              "directory to use another]", file=sys.stderr)
-        return model, tok, EMBEDDED_MODEL_DIR.name
+    """(model, tokenizer, name) of a checkpoint directory, or of the embedded model when `checkpoint` is None.
+
+    The embedded model loads the same way whether named by its path or not (in EMBEDDED_DTYPE unless --dtype).
+    """
     from pathlib import Path
 
+    if _is_embedded(checkpoint):
+        from mistral_ref.embedded import EMBEDDED_DTYPE, EMBEDDED_MODEL_DIR, load_embedded
+
+        t0 = time.perf_counter()
+        model, tok = load_embedded(dtype=dtype or EMBEDDED_DTYPE)
+        if checkpoint is None:
+            _status(f"using the embedded model {EMBEDDED_MODEL_DIR.name} ({EMBEDDED_MODEL_DIR}); pass a CHECKPOINT "
+                    "directory to use another")
+        _status(f"loaded {EMBEDDED_MODEL_DIR.name} ({model.dtype}) in {time.perf_counter() - t0:.2f} s")
+        return model, tok, EMBEDDED_MODEL_DIR.name
     from mistral_ref.checkpoint import load_model
     from mistral_ref.tokenizer import load_tokenizer
 
     path = Path(checkpoint)
+    _status(f"loading {path}")
+    t0 = time.perf_counter()
     model = load_model(path, dtype=dtype)
     tok = load_tokenizer(path if path.is_dir() else path.parent)
     if tok.vocab_size != model.args.vocab_size:
         raise ValueError(f"{checkpoint}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.args.vocab_size}")
+    _status(f"loaded {path.resolve().name} ({model.dtype}) in {time.perf_counter() - t0:.2f} s")
     return model, tok, path.resolve().name
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -126,21 +205,46 @@ def _sampling(args: argparse.Namespace) -> dict:
     return out
 
 
+def _compile(model, warm_up=None) -> None:
+    """--compile: say so, compile the decode step, and (given a warm-up run) report the compile time on its own."""
+    _status("--compile: compiling the decode step with torch.compile; this takes a minute or more on a small CPU, "
+            "and again for each new request shape (batch size, cache size)")
+    model.compile_decode()
+    if warm_up is not None:
+        t0 = time.perf_counter()
+        warm_up()
+        _status(f"compiled in {time.perf_counter() - t0:.1f} s (not counted in tokens/s below)")
+
+
+# ---- chat, generate, serve -----------------------------------------------------------------------------------
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation (the system prompt stays)",
+    "/exit": "quit (also /quit, Ctrl-D); Ctrl-C interrupts a reply",
+}
+
+
+def _chat_help() -> str:
+    return "chat commands:\n" + "\n".join(f"  {c:<7} {what}" for c, what in CHAT_COMMANDS.items())
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    from mistral_ref.api import RequestError, chat_completion
+    from mistral_ref.api import RequestError, chat_completion, context_length
 
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
+    set_threads(args, model.args)
     if args.compile:
-        model.compile_decode()
+        _compile(model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {name} ({tok.kind} {tok.version} tokenizer); /reset clears the conversation, "
-              "/exit or Ctrl-D quits, Ctrl-C interrupts a reply", file=sys.stderr)
+        _status(f"chatting with {name} ({tok.kind} {tok.version} tokenizer); /help lists the commands, /exit or "
+                "Ctrl-D quits, Ctrl-C interrupts a reply")
     params = _sampling(args)
     if args.json:
         params["response_format"] = {"type": "json_object"}
+    context = context_length(model, args.max_context)
     while True:
         try:
             line = input("> " if interactive else "")
@@ -152,19 +256,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if text == "/reset":
             history.clear()
-            print("[conversation cleared]", file=sys.stderr)
+            _status("conversation cleared")
+            continue
+        if text in ("/help", "/?") or (text.startswith("/") and " " not in text and len(text) > 1):
+            if text not in ("/help", "/?"):
+                print(f"unknown command {text}", file=sys.stderr)
+            print(_chat_help(), file=sys.stderr)
             continue
         if not text:
             continue
         history.append({"role": "user", "content": line})
+        messages = system + history
+        if args.max_tokens is None:  # the default per reply, capped by what the context leaves
+            params["max_tokens"] = CHAT_MAX_TOKENS
+            if context is not None:
+                left = context - len(tok.encode_chat(messages))
+                params["max_tokens"] = min(CHAT_MAX_TOKENS, left) if left > 0 else None
         try:
-            chunks = chat_completion(model, tok, system + history, stream=True, model_name=name,
+            chunks = chat_completion(model, tok, messages, stream=True, model_name=name,
                                      max_context=args.max_context, **params)
         except RequestError as e:
             history.pop()
-            print(f"[error: {e}]" + (" (try /reset)" if e.field == "messages" else ""), file=sys.stderr)
+            _status(f"error: {e}" + (" (try /reset)" if e.field == "messages" else ""))
             continue
-        reply, calls, finish = "", [], None
+        reply, calls, finish, usage = "", [], None, None
+        t0 = time.perf_counter()
         try:
             for chunk in chunks:
                 delta = chunk["choices"][0]["delta"]
@@ -173,6 +289,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(piece, end="", flush=True)
                 calls += delta.get("tool_calls") or []
                 finish = chunk["choices"][0]["finish_reason"] or finish
+                usage = chunk.get("usage") or usage
         except KeyboardInterrupt:
             chunks.close()
             finish = "interrupted"
@@ -180,20 +297,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"[tool call {call['function']['name']}({call['function']['arguments']}) id={call['id']}]",
                   end="")
         print()
-        if finish in ("length", "interrupted"):
-            print(f"[{finish}]", file=sys.stderr)
+        if finish == "length":
+            _status(f"length: the reply reached max_tokens ({params['max_tokens']}); --max-tokens N allows more")
+        elif finish == "interrupted":
+            _status("interrupted")
+        if args.compile and usage:
+            _status(f"{usage['completion_tokens']} tokens in {time.perf_counter() - t0:.1f} s (includes compiling "
+                    "the decode step when this reply's cache size is new)")
         if calls:  # no tools run in this chat: a call cannot be answered, so the exchange is dropped
             history.pop()
-            print("[the model called a tool; this chat runs no tools, so that exchange was dropped]",
-                  file=sys.stderr)
+            _status("the model called a tool; this chat runs no tools, so that exchange was dropped")
         else:
             history.append({"role": "assistant", "content": reply})
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import time
-
     from mistral_ref.generation import generate_stream
 
     rank = 0
@@ -201,11 +320,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model, tok, _, rank = load_sharded_for_cli(args.checkpoint, args.dtype)
     else:
         model, tok, _ = load_for_cli(args.checkpoint, args.dtype)
-        if args.compile:
-            model.compile_decode()
+    set_threads(args, model.args, quiet=rank != 0)
     ids = tok.encode(args.prompt, bos=True)
     kw = _sampling(args)
-    if rank or under_torchrun():
+    if under_torchrun():
         kw.setdefault("seed", 0)  # ranks must draw the same samples: one shared seed
     max_tokens = kw.pop("max_tokens")
     if args.max_context is not None or model.args.max_seq_len is not None:
@@ -213,6 +331,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(ids) + max_tokens > limit:
             raise ValueError(f"--prompt is {len(ids)} tokens; with --max-tokens {max_tokens} that exceeds the "
                              f"context of {limit} tokens")
+    if args.compile and not under_torchrun():
+        def warm_up():  # the same prompt and cache size: the step compiled here is the one the real run uses
+            stream = generate_stream(model, tok, ids, max_tokens, temperature=0, ignore_eos=True)
+            steps = 0
+            for event in stream:
+                steps += event.token_id is not None
+                if steps == 2:  # the prefill, then one decode step: compiled
+                    break
+            stream.close()
+
+        _compile(model, warm_up if max_tokens > 1 else None)
     t0 = time.perf_counter()
     n = 0
     finish = None
@@ -233,85 +362,136 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if rank:
         return 0
     print()
-    print(f"[{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), prompt {len(ids)} tokens, finish: {finish}]",
-          file=sys.stderr)
+    _status(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s), prompt {len(ids)} tokens, finish: {finish}")
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming host and port when the server could not listen there (checked before loading)."""
+    import socket
+
+    if port == 0:
+        return  # the system picks a free port
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host}: cannot resolve it ({e})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is another server running there? "
+                          "pick another with --port") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from mistral_ref.server import serve
 
+    check_port_free(args.host, args.port)
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
+    set_threads(args, model.args)  # set before serve() starts the model worker thread, which inherits it
     if args.compile:
-        model.compile_decode()
+        _compile(model)
     serve(model, tok, host=args.host, port=args.port, model_name=args.model_name or name,
           max_context=args.max_context, max_body_bytes=args.max_body_bytes)
     return 0
 
 
+# ---- the parser ---------------------------------------------------------------------------------------------------
+def _add_threads_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch threads (default: {default}; OMP_NUM_THREADS, when set, is kept)")
+
+
+_MODEL_THREADS = ("1 for a model under 20M active parameters, else one per physical core not busy with other work")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help="checkpoint directory (native or Hugging Face, with its tokenizer file); default: the "
-                        "embedded model")
+                   help="checkpoint directory (native or Hugging Face, with its tokenizer file) (default: the "
+                        "embedded tiny Mixtral)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="parameter dtype (default: the checkpoint's)")
-    p.add_argument("--max-context", type=int, default=None,
+                   help="parameter dtype (default: the checkpoint's own, i.e. the dtype holding most of its "
+                        "bytes; float32 for the embedded model, named or not, whose numbers were measured in "
+                        "float32)")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="context length in tokens (default: the model's max_seq_len, if it declares one)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (Transformer.compile_decode): faster tokens after a "
-                        "first step that compiles for a minute or so")
+                   help="torch.compile the decode step (Transformer.compile_decode): faster tokens after "
+                        "compiling for a minute or more per request shape (default: off)")
+    _add_threads_option(p, _MODEL_THREADS)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int | None) -> None:
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: str) -> None:
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help=f"tokens to generate (default: "
+                                                                              f"{max_tokens})")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2 (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2 (default: 0)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (default: none)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string, repeatable (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ref", description="Reference implementation of the Mistral family")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print the family table").set_defaults(func=cmd_info)
-    sub.add_parser("demo", help="run the demo on the embedded default model").set_defaults(func=cmd_demo)
+    p.add_argument("--version", action="version", version=f"mistral-ref {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="print the family table (instant: no torch)").set_defaults(func=cmd_info)
+
+    d = sub.add_parser("demo", help="run the demo on the embedded default model")
+    _add_threads_option(d, "1: the embedded model is tiny")
+    d.set_defaults(func=cmd_demo)
+
     c = sub.add_parser("convert", help="convert a checkpoint between native and Hugging Face formats")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", choices=["native", "hf"], required=True)
-    c.add_argument("--max-shard-bytes", type=int, default=None)
+    c.add_argument("src", help="checkpoint directory to read")
+    c.add_argument("dst", help="directory to write")
+    c.add_argument("--to", choices=["native", "hf"], required=True, help="output format (required)")
+    c.add_argument("--max-shard-bytes", type=int, default=None, metavar="BYTES",
+                   help="split the output into shards of at most this size (default: one file)")
+    _add_threads_option(c, "one per physical core not busy with other work")
     c.set_defaults(func=cmd_convert)
 
     ch = sub.add_parser("chat", help="chat in the terminal (streaming)")
     _add_model_options(ch)
-    _add_sampling_options(ch, None)
-    ch.add_argument("--system", default=None, help="a system prompt")
-    ch.add_argument("--json", action="store_true", help="JSON mode: every reply is a JSON object")
+    _add_sampling_options(ch, f"{CHAT_MAX_TOKENS} per reply, capped by the context")
+    ch.add_argument("--system", default=None, help="a system prompt (default: none)")
+    ch.add_argument("--json", action="store_true", help="JSON mode: every reply is a JSON object (default: off)")
     ch.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="one-shot raw completion of a prompt (no chat template), streamed")
     _add_model_options(g)
-    g.add_argument("--prompt", required=True)
-    _add_sampling_options(g, 128)
-    g.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
-    g.set_defaults(func=cmd_generate)
+    g.add_argument("--prompt", required=True, help="the text to continue (required)")
+    _add_sampling_options(g, "128")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly --max-tokens tokens (default: stop at EOS)")
+    g.set_defaults(func=cmd_generate, max_tokens=128)
 
     sv = sub.add_parser("serve", help="serve the chat-completions API over HTTP")
     _add_model_options(sv)
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port, checked before loading; 0 = any (default: 8000)")
     sv.add_argument("--model-name", default=None, help="the name clients use (default: the directory name)")
-    sv.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    sv.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="BYTES",
+                    help="largest request body accepted (default: 4 MiB)")
     sv.set_defaults(func=cmd_serve)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print(f"mistral-ref {args.command}: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    args.cores = free_cores()  # read before this command loads or computes anything (its own load would count)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (`mistral-ref info | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, KeyError) as e:  # our errors say what and where (OSError: e.g. port in use)
         print(f"mistral-ref {args.command}: error: {e}", file=sys.stderr)
         return 2

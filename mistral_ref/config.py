@@ -1,7 +1,9 @@
-"""Model hyper-parameters: one dataclass named after params.json, the family's presets, parameter counts.
+"""Model hyper-parameters: one dataclass named after params.json, and the parsing of both config formats.
 
 `ModelArgs` uses the field names of the native ``params.json`` so a reader can map a checkpoint's file to code.
 Hugging Face ``config.json`` files are translated into the same dataclass by :meth:`ModelArgs.from_hf_config`.
+The published models (presets), their parameter counts and trained contexts live in :mod:`mistral_ref.family`.
+This module imports neither torch nor the model.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +170,11 @@ class ModelArgs:
     # ---- parsing ---------------------------------------------------------------------------------------------
     @classmethod
     def from_params_json(cls, path: str | Path) -> ModelArgs:
-        """Read a native ``params.json`` (a file or a directory holding one)."""
+        """Read a native ``params.json`` (a file or a directory holding one).
+
+        Real params.json files omit max_seq_len: it stays None here, and the checkpoint loader fills it from the
+        matching preset (:func:`mistral_ref.family.with_known_context`).
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "params.json"
@@ -194,10 +200,9 @@ class ModelArgs:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
         try:
-            args = cls(**kwargs)
+            return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-        return args if args.max_seq_len is not None else with_known_context(args)
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelArgs:
@@ -272,67 +277,3 @@ def _require(raw: dict[str, Any], path: Path, keys: tuple[str, ...]) -> None:
     for key in keys:
         if raw.get(key) is None:
             raise ConfigError(f"{path}: required key {key!r} is missing")
-
-
-# ---- the family ------------------------------------------------------------------------------------------------
-_MIXTRAL_MOE = MoeArgs(num_experts=8, num_experts_per_tok=2)
-
-PRESETS: dict[str, ModelArgs] = {
-    "mistral-7b-v0.1": ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                 vocab_size=32000, rope_theta=1e4, sliding_window=4096, max_seq_len=32768,
-                                 tokenizer="v1"),
-    "mistral-7b-v0.2": ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                 vocab_size=32000, rope_theta=1e6, max_seq_len=32768, tokenizer="v1"),
-    "mistral-7b-v0.3": ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                 vocab_size=32768, rope_theta=1e6, max_seq_len=32768, tokenizer="v3"),
-    "mixtral-8x7b": ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                              vocab_size=32000, rope_theta=1e6, moe=_MIXTRAL_MOE, max_seq_len=32768, tokenizer="v1"),
-    "mixtral-8x22b": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
-                               vocab_size=32768, rope_theta=1e6, moe=_MIXTRAL_MOE, max_seq_len=65536, tokenizer="v3"),
-    "mistral-nemo-12b": ModelArgs(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
-                                  vocab_size=131072, rope_theta=1e6, max_seq_len=131072, tokenizer="v3-tekken"),
-    "mistral-small-2409": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
-                                    vocab_size=32768, rope_theta=1e6, max_seq_len=32768, tokenizer="v3"),
-    "mistral-small-2501": ModelArgs(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32, n_kv_heads=8,
-                                    vocab_size=131072, rope_theta=1e8, max_seq_len=32768, tokenizer="v7-tekken"),
-    "mistral-large-2407": ModelArgs(dim=12288, n_layers=88, head_dim=128, hidden_dim=28672, n_heads=96,
-                                    n_kv_heads=8, vocab_size=32768, rope_theta=1e6, max_seq_len=131072,
-                                    tokenizer="v3"),
-}
-
-
-def get_preset(name: str, **overrides: Any) -> ModelArgs:
-    """A preset by name, optionally with some fields replaced (e.g. ``n_layers=2`` for a toy copy)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
-
-
-def with_known_context(args: ModelArgs) -> ModelArgs:
-    """Fill a missing max_seq_len from the preset of the same architecture (real params.json files omit it).
-
-    The match is on every shape field, the window, the experts and rope_theta; an unknown model keeps None and is
-    then bounded only by memory when generating.
-    """
-    if args.max_seq_len is not None:
-        return args
-    for preset in PRESETS.values():
-        if replace(preset, max_seq_len=None, tokenizer=None) == args:
-            return replace(args, max_seq_len=preset.max_seq_len)
-    return args
-
-
-def parameter_counts(args: ModelArgs) -> dict[str, int]:
-    """Total parameters and parameters active per token, counted on the meta device (no memory is allocated).
-
-    Active = total minus the experts a token does not visit: (num_experts - num_experts_per_tok) experts per layer.
-    """
-    from mistral_ref.model import meta_model
-
-    model = meta_model(args)
-    total = sum(p.numel() for p in model.parameters())
-    active = total
-    if args.moe is not None:
-        expert = sum(p.numel() for p in model.layers[0].feed_forward.experts[0].parameters())
-        active -= args.n_layers * (args.moe.num_experts - args.moe.num_experts_per_tok) * expert
-    return {"total": total, "active": active}

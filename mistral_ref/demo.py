@@ -13,39 +13,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
 
 from mistral_ref.api import chat_completion
-from mistral_ref.cli import family_table
-from mistral_ref.config import parameter_counts
-from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
+from mistral_ref.embedded import EMBEDDED_MODEL_DIR, TOOLS, load_embedded, run_tool
+from mistral_ref.family import family_table, parameter_counts
 from mistral_ref.generation import generate_stream
-from mistral_ref.train_data import TOOLS
-
-_UNITS = {("km", "mi"): 0.621371, ("mi", "km"): 1.609344, ("kg", "lb"): 2.204623, ("lb", "kg"): 0.453592,
-          ("m", "ft"): 3.280840, ("ft", "m"): 0.304800}
-
-
-def run_tool(name: str, arguments: dict[str, Any]) -> str:
-    """Execute one of the embedded model's tools (add, multiply, convert_units) and format the result."""
-    if name == "add":
-        value = float(arguments["a"]) + float(arguments["b"])
-    elif name == "multiply":
-        value = float(arguments["a"]) * float(arguments["b"])
-    elif name == "convert_units":
-        f, t, v = arguments["from_unit"], arguments["to_unit"], float(arguments["value"])
-        if (f, t) == ("C", "F"):
-            value = v * 9 / 5 + 32
-        elif (f, t) == ("F", "C"):
-            value = (v - 32) * 5 / 9
-        elif (f, t) in _UNITS:
-            value = v * _UNITS[f, t]
-        else:
-            return f"error: cannot convert {f} to {t}"
-    else:
-        return f"error: unknown tool {name}"
-    value = round(value, 2)
-    return str(int(value)) if value.is_integer() else f"{value:.2f}".rstrip("0").rstrip(".")
 
 
 def _stream_chat(model, tok, messages: list[dict], **params) -> tuple[str, list[dict], str]:

@@ -142,7 +142,7 @@ class Transformer(nn.Module):
 
         "reference" — the plain functions of rope.py, attention.py, moe.py and this file, F.linear for products;
         "torch" (default) — PyTorch fast paths that equal them (SDPA, split/upcast CPU products, grouped MoE);
-        "triton" — the Triton kernels (installed with the `triton` extra; registers itself).
+        "triton" — the Triton kernels (installed with the `kernels` extra; registers itself).
         `backend` sets every function; the keywords override one family each, e.g.
         ``set_backend("torch", attention="triton", moe="triton")``.  Returns the model.
         """

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mistral_ref.embedded import TOOLS  # the tools the conversations offer live with the model
 from mistral_ref.tokenizer import Tokenizer
 from mistral_ref.tokenizer.toolcalls import new_tool_call_id
 
@@ -140,20 +141,6 @@ def text_documents(root: Path, held_out: bool) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # 2. Synthetic conversations (OpenAI / Mistral-API style messages, encoded later with the V3 template)
 # ---------------------------------------------------------------------------------------------------
-def _tool(name: str, description: str, params: dict[str, str]) -> dict[str, Any]:
-    return {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object", "properties": {p: {"type": t} for p, t in params.items()},
-                       "required": list(params)}}}
-
-
-TOOLS = {
-    "add": _tool("add", "Add two numbers.", {"a": "number", "b": "number"}),
-    "multiply": _tool("multiply", "Multiply two numbers.", {"a": "number", "b": "number"}),
-    "convert_units": _tool("convert_units", "Convert a value between units.",
-                           {"value": "number", "from_unit": "string", "to_unit": "string"}),
-}
-
 # unit pair -> (factor or function, long names)
 _CONVERSIONS = {
     ("km", "mi"): (lambda v: v * 0.621371, "miles", "kilometres"),

@@ -231,10 +231,10 @@ def test_a_backend_whose_package_cannot_import_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(backends, "_REGISTRY", {})
     monkeypatch.setattr(backends, "entry_points", lambda group: [BrokenEntryPoint()])
-    with pytest.raises(BackendError, match=r"pip install 'mistral-ref\[triton\]'"):
+    with pytest.raises(BackendError, match=r"pip install 'mistral-ref\[kernels\]'"):
         backends.get_backend("triton")
     monkeypatch.setattr(backends, "entry_points", lambda group: [])
-    with pytest.raises(BackendError, match=r"unknown backend 'triton'.*mistral-ref\[triton\]"):
+    with pytest.raises(BackendError, match=r"unknown backend 'triton'.*mistral-ref\[kernels\]"):
         backends.get_backend("triton")
 
 

@@ -1,24 +1,136 @@
-"""The command line: info prints the family table with published parameter counts; demo runs end to end."""
+"""The command line: info prints the family table (instantly, without torch), --version, help texts with their
+defaults, --threads on every command, --compile's report, serve's port check, chat's commands and default reply
+length, the embedded model's dtype however it is named; chat / generate / serve / demo run end to end."""
 
+import argparse
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import torch
 
-from mistral_ref.cli import family_table, main
-
-
-def test_family_table_has_every_preset_and_published_counts():
-    table = family_table()
-    for name in ("mistral-7b-v0.1", "mixtral-8x7b", "mixtral-8x22b", "mistral-nemo-12b", "mistral-large-2407"):
-        assert f"| {name} |" in table
-    assert "| 46.70B | 12.88B |" in table  # Mixtral-8x7B: 46.7B total, 12.9B active
-    assert "| 140.63B | 39.16B |" in table  # Mixtral-8x22B: 141B / 39B
+import mistral_ref
+from mistral_ref import cli
+from mistral_ref.cli import build_parser, default_threads, main
+from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+from mistral_ref.family import family_table
 
 
 def test_info_command(capsys):
     assert main(["info"]) == 0
-    assert "mistral-nemo-12b" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mistral-nemo-12b" in out and out.strip() == family_table()
+
+
+def test_info_imports_no_torch_and_prints_at_once():
+    """`info` used to take 11 s (torch, then torch._dynamo); it needs neither: the counts come from the shapes."""
+    code = ("import sys, time; t = time.perf_counter(); from mistral_ref.cli import main; main(['info']); "
+            "print(time.perf_counter() - t, sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+            "or m == 'mistral_ref.model'))")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t0
+    seconds, modules = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert modules == "[]"
+    assert float(seconds) < 1.0 and wall < 5.0, (seconds, wall)  # measured ~0.05 s in-process, ~0.2-0.5 s wall
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"mistral-ref {mistral_ref.__version__}\n"
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {a}", action) for a, action in _options(sub))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    options = list(_options(build_parser()))
+    assert len(options) > 30
+    for name, action in options:
+        assert action.help, name
+        if action.option_strings or action.nargs == "?":  # optional: its default is stated, or it is required
+            assert "default:" in action.help or ("(required)" in action.help and action.required), name
+
+
+# ---- threads ----------------------------------------------------------------------------------------------------
+def test_default_threads_one_for_small_models_else_the_free_physical_cores():
+    assert default_threads(4_200_000, cores=8, busy=0)[0] == 1  # the embedded model: threads only fight
+    assert default_threads(7_000_000_000, cores=8, busy=0)[0] == 8
+    assert default_threads(7_000_000_000, cores=8, busy=3)[0] == 5  # a busy core stalls every parallel step
+    assert default_threads(7_000_000_000, cores=2, busy=2)[0] == 1
+    assert default_threads(None, cores=4, busy=1)[0] == 3
+    assert 1 <= cli.physical_cores() <= (torch.get_num_threads() + 1024)
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_threads_option_is_applied_by_every_command(tmp_path_factory, monkeypatch, capsys, restore_threads):
+    """demo, convert, chat, generate and serve take --threads N and run with N torch threads (serve: in the
+    thread that answers requests, which the server starts after the setting)."""
+    import io
+
+    import mistral_ref.checkpoint
+    import mistral_ref.demo
+    import mistral_ref.server
+
+    seen = {}
+
+    def in_new_thread():
+        box = []
+        t = threading.Thread(target=lambda: box.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return box[0]
+
+    monkeypatch.setattr(mistral_ref.demo, "run_demo", lambda: seen.setdefault("demo", torch.get_num_threads()) * 0)
+    monkeypatch.setattr(mistral_ref.checkpoint, "convert_checkpoint",
+                        lambda *a, **k: seen.setdefault("convert", torch.get_num_threads()))
+    monkeypatch.setattr(mistral_ref.server, "serve", lambda *a, **k: seen.setdefault("serve", in_new_thread()))
+    path, _ = _checkpoint(tmp_path_factory)
+    for n, argv in enumerate([["demo"], ["convert", str(path), str(tmp_path_factory.mktemp("o")), "--to", "hf"],
+                              ["serve", str(path), "--port", "0"]], start=2):
+        torch.set_num_threads(1)
+        assert main([*argv, "--threads", str(n)]) == 0
+        assert seen[argv[0]] == n
+    for n, argv in enumerate([["generate", str(path), "--prompt", "Hi", "--max-tokens", "2"],
+                              ["chat", str(path)]], start=2):
+        monkeypatch.setattr("sys.stdin", io.StringIO(""))
+        torch.set_num_threads(1)
+        assert main([*argv, "--threads", str(n)]) == 0
+        assert torch.get_num_threads() == n
+    err = capsys.readouterr().err
+    assert err.count("threads: 2 (--threads)") == 2 and "threads: 4 (--threads)" in err
+    assert main(["generate", str(path), "--prompt", "Hi", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_without_threads_option_the_default_is_chosen_and_said(tmp_path_factory, monkeypatch, capsys,
+                                                               restore_threads):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    path, _ = _checkpoint(tmp_path_factory)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "2"]) == 0
+    assert torch.get_num_threads() == 1
+    assert "one thread is fastest for a model this small" in capsys.readouterr().err  # a tiny test model
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "2"]) == 0
+    assert "threads: 1 (OMP_NUM_THREADS)" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():
@@ -108,6 +220,91 @@ def test_chat_without_checkpoint_uses_the_embedded_model_or_says_why_not(capsys,
         assert "[using the embedded model" in err
     else:
         assert code == 2 and "embedded model" in err
+
+
+def test_compile_says_it_compiles_and_reports_compile_time_apart_from_tokens_per_second(
+        tmp_path_factory, capsys, monkeypatch):
+    """generate --compile announces the compilation, times it on a warm-up of the same shape, then reports the
+    tokens/s of the real run alone (compile_decode is stubbed: compiling itself is timed by make bench)."""
+    from mistral_ref.model import Transformer
+
+    path, _ = _checkpoint(tmp_path_factory)
+    monkeypatch.setattr(Transformer, "compile_decode", lambda self, *a, **k: time.sleep(0.3) or self)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "3", "--temperature", "0", "--compile"]) == 0
+    err = capsys.readouterr().err
+    assert "compiling the decode step with torch.compile" in err
+    assert "not counted in tokens/s below" in err and "compiled in" in err
+    assert err.index("compiled in") < err.index("3 tokens in")
+
+
+def test_serve_checks_the_port_before_loading_the_model(monkeypatch, capsys):
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded although the port is taken")
+
+    monkeypatch.setattr(cli, "load_for_cli", must_not_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_chat_help_lists_the_commands_and_sends_nothing_to_the_model(tmp_path_factory, capsys, monkeypatch):
+    import io
+
+    from mistral_ref.api import chat_completion
+    from mistral_ref.checkpoint import load_model
+
+    path, tok = _checkpoint(tmp_path_factory)
+    monkeypatch.setattr("sys.stdin", io.StringIO("/help\n/frobnicate\nHello there\n"))
+    assert main(["chat", str(path), "--temperature", "0", "--max-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    expected = chat_completion(load_model(path), tok, [{"role": "user", "content": "Hello there"}], temperature=0,
+                               max_tokens=4)["choices"][0]["message"]["content"]
+    assert out.out.splitlines() == [expected]  # one reply: /help and /frobnicate never reached the model
+    assert out.err.count("chat commands:") == 2 and "unknown command /frobnicate" in out.err
+    for command in ("/help", "/reset", "/exit"):
+        assert command in out.err
+
+
+def test_chat_replies_have_a_default_length(tmp_path_factory, capsys, monkeypatch):
+    import io
+
+    from mistral_ref.model import Transformer
+
+    path, _ = _checkpoint(tmp_path_factory)
+    monkeypatch.setattr(Transformer, "compile_decode", lambda self, *a, **k: self)  # compiling: make bench
+    monkeypatch.setattr(cli, "CHAT_MAX_TOKENS", 5)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert main(["chat", str(path), "--temperature", "0", "--compile"]) == 0
+    err = capsys.readouterr().err
+    assert "reached max_tokens (5)" in err  # the random test model never says EOS: cut at the default
+    assert "5 tokens in" in err  # --compile reports each reply's time (it includes compiling)
+
+
+def test_chat_default_reply_length_is_capped_by_the_context(tmp_path_factory, capsys, monkeypatch):
+    import io
+
+    path, tok = _checkpoint(tmp_path_factory)
+    prompt = len(tok.encode_chat([{"role": "user", "content": "Hello there"}]))
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert main(["chat", str(path), "--temperature", "0", "--max-context", str(prompt + 3)]) == 0
+    assert "reached max_tokens (3)" in capsys.readouterr().err
+
+
+def test_the_embedded_model_gives_the_same_text_by_default_and_by_path(capsys):
+    """It used to run in fp32 by default and in bf16 (the file's dtype) when named by its path: other text."""
+    argv = ["--prompt", "Returns the", "--max-tokens", "24", "--temperature", "0", "--ignore-eos"]
+    assert main(["generate", *argv]) == 0
+    default = capsys.readouterr()
+    assert main(["generate", str(EMBEDDED_MODEL_DIR), *argv]) == 0
+    by_path = capsys.readouterr()
+    assert default.out == by_path.out and len(default.out) > 20
+    assert "(torch.float32)" in default.err and "(torch.float32)" in by_path.err
+    assert main(["generate", str(EMBEDDED_MODEL_DIR), *argv, "--dtype", "bfloat16"]) == 0
+    assert "(torch.bfloat16)" in capsys.readouterr().err  # --dtype still wins
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""ModelArgs: parsing params.json / config.json in every spelling seen in the wild, the presets, and parameter
-counts against the published totals."""
+"""ModelArgs: parsing params.json / config.json in every spelling seen in the wild (the presets and parameter counts
+are tested in test_family.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mistral_ref.config import PRESETS, ConfigError, ModelArgs, MoeArgs, get_preset, parameter_counts
+from mistral_ref.config import ConfigError, ModelArgs, MoeArgs
+from mistral_ref.family import get_preset
 
 BASE_PARAMS = {"dim": 64, "n_layers": 2, "hidden_dim": 96, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
                "vocab_size": 100, "norm_eps": 1e-5, "rope_theta": 1e6}
@@ -188,83 +189,6 @@ def test_to_hf_config_round_trip_and_per_layer_windows(tmp_path):
         get_preset("mistral-7b-v0.1", sliding_window=(4096, None)).to_hf_config()
 
 
-# ---- the family --------------------------------------------------------------------------------------------------
-# dim / layers / heads / kv heads / head_dim / hidden / vocab / theta / window / experts (FIELD-NOTES table)
-FAMILY = {
-    "mistral-7b-v0.1": (4096, 32, 32, 8, 128, 14336, 32000, 1e4, 4096, None),
-    "mistral-7b-v0.2": (4096, 32, 32, 8, 128, 14336, 32000, 1e6, None, None),
-    "mistral-7b-v0.3": (4096, 32, 32, 8, 128, 14336, 32768, 1e6, None, None),
-    "mixtral-8x7b": (4096, 32, 32, 8, 128, 14336, 32000, 1e6, None, (8, 2)),
-    "mixtral-8x22b": (6144, 56, 48, 8, 128, 16384, 32768, 1e6, None, (8, 2)),
-    "mistral-nemo-12b": (5120, 40, 32, 8, 128, 14336, 131072, 1e6, None, None),
-    "mistral-small-2409": (6144, 56, 48, 8, 128, 16384, 32768, 1e6, None, None),
-    "mistral-small-2501": (5120, 40, 32, 8, 128, 32768, 131072, 1e8, None, None),
-    "mistral-large-2407": (12288, 88, 96, 8, 128, 28672, 32768, 1e6, None, None),
-}
-
-
-@pytest.mark.parametrize("name", list(FAMILY))
-def test_presets_match_the_published_shapes(name):
-    a = PRESETS[name]
-    moe = (a.moe.num_experts, a.moe.num_experts_per_tok) if a.moe else None
-    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, a.vocab_size, a.rope_theta,
-            a.sliding_window, moe) == FAMILY[name]
-    assert set(PRESETS) == set(FAMILY)
-
-
-# tokenizer version and trained context of each preset (FIELD-NOTES table; v0.2/v0.3 "as v0.1": 32k)
-PRESET_TOKENIZER_AND_CONTEXT = {
-    "mistral-7b-v0.1": ("v1", 32768),
-    "mistral-7b-v0.2": ("v1", 32768),
-    "mistral-7b-v0.3": ("v3", 32768),
-    "mixtral-8x7b": ("v1", 32768),
-    "mixtral-8x22b": ("v3", 65536),
-    "mistral-nemo-12b": ("v3-tekken", 131072),
-    "mistral-small-2409": ("v3", 32768),
-    "mistral-small-2501": ("v7-tekken", 32768),
-    "mistral-large-2407": ("v3", 131072),
-}
-
-
-@pytest.mark.parametrize("name", list(PRESET_TOKENIZER_AND_CONTEXT))
-def test_presets_name_their_tokenizer_version_and_context(name):
-    a = PRESETS[name]
-    assert (a.tokenizer, a.max_seq_len) == PRESET_TOKENIZER_AND_CONTEXT[name]
-    assert set(PRESETS) == set(PRESET_TOKENIZER_AND_CONTEXT)
-
-
-def test_get_preset_overrides_and_unknown_names():
-    assert get_preset("mistral-nemo-12b", n_layers=2).n_layers == 2
-    assert PRESETS["mistral-nemo-12b"].n_layers == 40
-    with pytest.raises(KeyError, match="unknown preset 'mistral-9b'"):
-        get_preset("mistral-9b")
-
-
-@pytest.mark.parametrize("name,total,active", [
-    ("mixtral-8x7b", 46.7e9, 12.9e9),
-    ("mixtral-8x22b", 141e9, 39e9),
-    ("mistral-nemo-12b", 12.2e9, None),
-    ("mistral-7b-v0.1", 7.2e9, None),
-    ("mistral-large-2407", 123e9, None),
-])
-def test_parameter_counts_reproduce_published_totals(name, total, active):
-    counts = parameter_counts(PRESETS[name])
-    assert counts["total"] == pytest.approx(total, rel=0.01)
-    assert counts["active"] == pytest.approx(active if active else total, rel=0.01)
-    if active is None:
-        assert counts["active"] == counts["total"]
-
-
-def test_parameter_count_is_exact_for_a_small_model():
-    a = ModelArgs(dim=8, n_layers=2, hidden_dim=12, n_heads=4, n_kv_heads=2, head_dim=4, vocab_size=10,
-                  moe=MoeArgs(3, 1))
-    attention = 8 * 16 + 2 * 8 * 8 + 16 * 8  # wq, wk + wv, wo
-    expert = 3 * 8 * 12
-    per_layer = attention + 3 * expert + 3 * 8 + 2 * 8  # experts, router, two norms
-    total = 2 * 10 * 8 + 8 + 2 * per_layer  # embeddings + output, final norm
-    assert parameter_counts(a) == {"total": total, "active": total - 2 * 2 * expert}
-
-
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("norm_eps", "x", "norm_eps must be a positive number"),
     ("norm_eps", -1, "norm_eps must be a positive number"),
@@ -279,14 +203,3 @@ def test_bad_numeric_fields_name_file_and_field(tmp_path, field, value, message)
     with pytest.raises(ConfigError, match=message) as err:
         ModelArgs.from_params_json(tmp_path)
     assert str(tmp_path / "params.json") in str(err.value)
-
-
-def test_native_params_without_context_take_it_from_the_matching_preset(tmp_path):
-    """Real params.json files omit max_seq_len; a known architecture gets its trained context, others None."""
-    raw = PRESETS["mistral-nemo-12b"].to_params_json()
-    raw.pop("max_seq_len")
-    (tmp_path / "params.json").write_text(json.dumps(raw))
-    assert ModelArgs.from_params_json(tmp_path).max_seq_len == 131072
-    raw["n_layers"] = 3  # no preset has this shape
-    (tmp_path / "params.json").write_text(json.dumps(raw))
-    assert ModelArgs.from_params_json(tmp_path).max_seq_len is None

@@ -111,6 +111,6 @@ def get_backend(name: str) -> Backend:
 
 
 _INSTALL_HINTS = {
-    "triton": "Install Triton with `pip install 'mistral-ref[triton]'` (Linux x86_64/aarch64; it runs on NVIDIA "
+    "triton": "Install Triton with `pip install 'mistral-ref[kernels]'` (Linux x86_64/aarch64; it runs on NVIDIA "
               "GPUs, and on a CPU only under its slow interpreter).",
 }

@@ -4,12 +4,17 @@
 * Threads: the `one_thread` fixture runs a test on one torch thread (tiny shapes: threads only fight for the two
   cores of a CI machine); the Makefile also sets OMP_NUM_THREADS=1.
 * Models: random_model(args, seed) gives weights with teeth (model_helpers.py), `make_model` the same as a fixture.
+* Checkpoints: `native_dir` / `hf_dir`, a tiny Nemo-shaped random model saved in each format
+  (checkpoint_helpers.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from checkpoint_helpers import save_tiny
 from model_helpers import random_model
 
 FP32_RTOL = 1e-5  # fp32 logits against an oracle, relative to the largest magnitude
@@ -32,3 +37,13 @@ def one_thread():
 def make_model():
     """random_model as a fixture: make_model(args, seed=0) -> an eval-mode Transformer with random weights."""
     return random_model
+
+
+@pytest.fixture
+def native_dir(tmp_path) -> Path:
+    return save_tiny(tmp_path / "native", "native")
+
+
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    return save_tiny(tmp_path / "hf", "hf")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import assert_same_weights, error_text, save_tiny, tiny_args
+from checkpoint_helpers import assert_same_weights, error_text, tiny_args
 from model_helpers import random_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -23,16 +23,6 @@ from mistral_ref.checkpoint import (
     save_checkpoint,
 )
 from mistral_ref.config import ConfigError, ModelArgs
-
-
-@pytest.fixture
-def native_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "native", "native")
-
-
-@pytest.fixture
-def hf_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "hf", "hf")
 
 
 def test_directory_with_both_formats_loads_native_only(tmp_path, caplog):

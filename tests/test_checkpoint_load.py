@@ -7,26 +7,15 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import assert_same_weights, save_tiny
+from checkpoint_helpers import assert_same_weights
 from safetensors import safe_open
 
 from mistral_ref.checkpoint import load_model, save_checkpoint
 from mistral_ref.config import ModelArgs
 from mistral_ref.model import Transformer
-
-
-@pytest.fixture
-def native_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "native", "native")
-
-
-@pytest.fixture
-def hf_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "hf", "hf")
 
 
 def test_progress_bar_only_when_asked_or_big_on_a_terminal(native_dir, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import error_text, save_tiny, tiny_args
+from checkpoint_helpers import error_text, tiny_args
 from safetensors.torch import save_file
 
 from mistral_ref.checkpoint import (
@@ -21,11 +21,6 @@ from mistral_ref.checkpoint import (
     read_tensor,
     safetensors_io,
 )
-
-
-@pytest.fixture
-def native_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "native", "native")
 
 
 # ---- headers: bad files are named with their key and refused before a byte is read --------------------------

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_helpers import TOKENS, assert_same_weights, save_tiny, tiny_args
+from checkpoint_helpers import TOKENS, assert_same_weights, tiny_args
 from model_helpers import random_model
 from safetensors import safe_open
 
@@ -24,16 +23,6 @@ from mistral_ref.checkpoint import (
     save_checkpoint,
 )
 from mistral_ref.config import MoeArgs
-
-
-@pytest.fixture
-def native_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "native", "native")
-
-
-@pytest.fixture
-def hf_dir(tmp_path) -> Path:
-    return save_tiny(tmp_path / "hf", "hf")
 
 
 # ---- save and convert in both formats: load the result back --------------------------------------------------

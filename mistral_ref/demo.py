@@ -34,7 +34,7 @@ def _stream_chat(model, tok, messages: list[dict], **params) -> tuple[str, list[
 
 
 def run_demo() -> int:
-    print("== The Mistral family (parameter counts computed on the meta device, no memory) ==\n")
+    print("== The Mistral family (parameter counts from the shapes, equal to the meta-device model's) ==\n")
     print(family_table())
 
     t0 = time.perf_counter()

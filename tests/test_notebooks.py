@@ -77,11 +77,50 @@ def _params():
         yield pytest.param(path, id=path.stem, marks=marks)
 
 
+# Run first in each kernel (not part of the notebook): every figure a notebook shows is checked before it is shown.
+# A label, tick label, title or annotation reaching outside the figure would be cut off in the picture; the ticks of
+# an axis that counts things (experts, layers, rows, tiles, blocks) must be whole numbers.
+FIGURE_CHECK = """
+import matplotlib.pyplot as _plt
+from matplotlib.text import Text as _Text
+
+_COUNTED = ("expert", "layer", "row", "tile", "block")
+_show = _plt.show
+
+
+def _checked_show(*args, **kwargs):
+    for num in _plt.get_fignums():
+        fig = _plt.figure(num)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        drawn = fig.get_tightbbox(renderer)  # inches: everything drawn, as bbox_inches="tight" would save it
+        w, h = fig.get_size_inches()
+        if drawn.x0 < -0.01 or drawn.y0 < -0.01 or drawn.x1 > w + 0.01 or drawn.y1 > h + 0.01:
+            inside = fig.bbox.contains
+            cut = [t.get_text() for t in fig.findobj(_Text) if t.get_visible() and t.get_text().strip() and not (
+                   inside(*t.get_window_extent(renderer).min) and inside(*t.get_window_extent(renderer).max))]
+            raise AssertionError(f"figure {num} is drawn past its edges {drawn.bounds} (size {w} x {h}): "
+                                 f"cut off: {cut[:5]}")
+        for ax in fig.axes:
+            for label, ticks, (lo, hi) in ((ax.get_xlabel(), ax.get_xticks(), sorted(ax.get_xlim())),
+                                           (ax.get_ylabel(), ax.get_yticks(), sorted(ax.get_ylim()))):
+                if any(word in label.lower() for word in _COUNTED):
+                    shown = [t for t in ticks if lo <= t <= hi]
+                    if any(float(t) != int(t) for t in shown):
+                        raise AssertionError(f"figure {num}: axis {label!r} has fractional ticks {shown}")
+    return _show(*args, **kwargs)
+
+
+_plt.show = _checked_show
+"""
+
+
 @pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("path", list(_params()))
 def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path, record_property):
     nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(FIGURE_CHECK, id="figure-check"))
     workdir = tmp_path / "cwd"
     workdir.mkdir()
     deadline = time.monotonic() + BUDGET_S
@@ -141,6 +180,18 @@ def test_notebook_imports_the_library_and_defines_no_model_code(path: Path):
             bases = {ast.unparse(b) for b in node.bases}
             assert not bases & {"nn.Module", "torch.nn.Module", "Module"}, \
                 f"{path.name} defines model code (class {node.name}); import it from mistral_ref instead"
+
+
+def test_figures_use_constrained_layout_and_titles_state_no_generated_text():
+    """Constrained layout keeps labels inside the figure (checked on every figure when the notebooks run); a title
+    never quotes model output (notebook 04 once titled a chart with a sampled, wrong sentence)."""
+    for source in sorted((NOTEBOOK_DIR / "src").glob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        assert '"figure.constrained_layout.use": True' in text, source.name
+        assert "tight_layout" not in text, f"{source.name}: tight_layout overrides the constrained layout"
+        for line in text.splitlines():
+            if "set_title(" in line or "suptitle(" in line:
+                assert "decode(" not in line and ".tokens" not in line, f"{source.name}: {line.strip()}"
 
 
 def test_committed_notebooks_match_their_sources():

@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from mistral_ref.attention import attention, attention_mask
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import permute_to_hf, permute_to_native
-from mistral_ref.config import PRESETS, ModelArgs, MoeArgs, parameter_counts
-from mistral_ref.model import RMSNorm, Transformer
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.family import PRESETS, parameter_counts
+from mistral_ref.model import RMSNorm, Transformer, meta_model
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss, moe_forward, route
 from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_half, rope_angles, rope_frequencies
 
 torch.manual_seed(0)
-plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+# constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2), "figure.constrained_layout.use": True})
 
 # %% [markdown]
 # ## 1. Rotary position embeddings (RoPE)
@@ -93,7 +95,7 @@ assert abs(scores[20003, 20007] - scores[7, 3]) > 1e-2
 d = 16
 native_freq = [i // 2 for i in range(d)]  # feature 2i and 2i+1 rotate with frequency i
 hf_freq = [i % (d // 2) for i in range(d)]  # feature i and i + d/2 rotate with frequency i
-fig, axes = plt.subplots(1, 2, figsize=(9, 2.2))
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.4))
 for ax, freq, title in ((axes[0], native_freq, "native: interleaved pairs (2i, 2i+1)"),
                         (axes[1], hf_freq, "Hugging Face: halves (i, i + d/2)")):
     ax.imshow([freq], cmap="tab10", vmin=0, vmax=9, aspect="auto")
@@ -102,9 +104,8 @@ for ax, freq, title in ((axes[0], native_freq, "native: interleaved pairs (2i, 2
     ax.set_yticks([])
     ax.set_xticks([])
     ax.set_title(title, fontsize=10)
-fig.suptitle("features of one head (head_dim 16); same colour = same pair, rotated by the same frequency ω",
-             fontsize=9, y=0.02)
-plt.tight_layout()
+fig.supxlabel("features of one head (head_dim 16); same colour = same pair, rotated by the same frequency ω",
+              fontsize=9)
 plt.show()
 
 # The permutation of checkpoint.py makes the two layouts agree: permute the features of x (viewed as rows),
@@ -168,7 +169,6 @@ ax.set_xticks(list(xs))
 ax.set_xticklabels([r[0] for r in rows], rotation=30, ha="right", fontsize=8)
 ax.set_ylabel("KV cache, 32k tokens, bf16 (GiB)")
 ax.legend(fontsize=8)
-plt.tight_layout()
 plt.show()
 mistral7b = next(r for r in rows if r[0] == "mistral-7b-v0.1")
 assert mistral7b[3] / mistral7b[4] == 4 and mistral7b[4] / mistral7b[5] == 8
@@ -188,7 +188,6 @@ for ax, w, title in ((axes[0], None, "causal"), (axes[1], W, f"causal + sliding 
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -268,7 +267,6 @@ with torch.no_grad():
         axes[1].plot(z, ff(z[:, None])[:, 0], label=f"w3 = {gain}")
 axes[1].set_title("a one-unit SwiGLU: silu(w1·z)·(w3·z)")
 axes[1].legend()
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -308,15 +306,16 @@ for n in range(32):
         axes[0].plot(n, e, "w.", ms=4)
 axes[0].set_xlabel("token")
 axes[0].set_ylabel("expert")
+axes[0].set_yticks(range(8))
 axes[0].set_title("router probabilities (dots: the 2 chosen experts)", fontsize=10)
 fig.colorbar(im, ax=axes[0])
 axes[1].bar(range(8), load.tolist())
 axes[1].axhline(1 / 8, color="k", ls="--", lw=0.8, label="perfect balance")
+axes[1].set_xticks(range(8))
 axes[1].set_xlabel("expert")
 axes[1].set_ylabel("share of routed slots")
 axes[1].set_title("expert load", fontsize=10)
 axes[1].legend(fontsize=8)
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -348,16 +347,17 @@ assert aux[-1] > aux[0]
 # %% [markdown]
 # ## 7. Parameter counts of the whole family
 #
-# `config.parameter_counts` builds each model on PyTorch's **meta** device — tensors with shapes but no storage
-# — so counting Mistral Large 2's 123B parameters costs no memory. *Active* parameters are those a token uses:
-# the total minus the 6 experts (of 8) per layer a token does not visit. Below, the counts broken down by part,
-# and the check against Mistral's published numbers: Mixtral-8x7B has 46.7B parameters, 12.9B active;
-# Mixtral-8x22B 141B, 39B active.
+# `family.parameter_counts` computes the counts from the shapes alone (a formula: embeddings, then per layer the
+# attention projections, two norms and the feed-forward or experts + router), so `mistral-ref info` needs no
+# torch. Below it is checked against the real module tree built on PyTorch's **meta** device
+# (`model.meta_model`: tensors with shapes but no storage, so even Mistral Large 2's 123B parameters cost no
+# memory), broken down by part. *Active* parameters are those a token uses: the total minus the 6 experts (of 8)
+# per layer a token does not visit. Then the check against Mistral's published numbers: Mixtral-8x7B has 46.7B
+# parameters, 12.9B active; Mixtral-8x22B 141B, 39B active.
 
 # %%
 def breakdown(args):
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args)
     parts = {"embeddings + output": 0, "attention": 0, "feed-forward / experts": 0, "router + norms": 0}
     for name, p in model.named_parameters():
         if name.startswith(("tok_embeddings", "output")):
@@ -403,5 +403,4 @@ ax.set_xticks(range(len(names)))
 ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
 ax.set_title("the Mistral family: total vs active parameters")
 ax.legend()
-plt.tight_layout()
 plt.show()

@@ -32,7 +32,8 @@ from mistral_ref.tokenizer import (
     write_tekken_file,
 )
 
-plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+# constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2), "figure.constrained_layout.use": True})
 DATA = mistral_common_data_dir()
 assert DATA is not None, "pip install mistral-common (the notebook/test extra) for the tokenizer files"
 print(DATA)
@@ -115,7 +116,6 @@ longest = max(len(ids) for ids in encoded.values())
 fig, axes = plt.subplots(len(toks), 1, figsize=(11, 1.5 * len(toks)))
 for ax, name in zip(axes, toks):
     token_strip(ax, name, encoded[name], longest)
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -269,7 +269,6 @@ axes[1].set_xticks(range(len(langs)))
 axes[1].set_xticklabels(langs, rotation=60, fontsize=8)
 axes[1].set_ylabel("Tekken tokens / SentencePiece tokens")
 axes[1].set_title("below 1: Tekken compresses better", fontsize=10)
-plt.tight_layout()
 plt.show()
 
 better = [lang for lang, r in zip(langs, ratios) if r < 1]

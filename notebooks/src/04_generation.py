@@ -29,7 +29,8 @@ from mistral_ref.model import Transformer
 from mistral_ref.sampling import sample, sampling_probs
 from mistral_ref.tokenizer import load_tokenizer
 
-plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+# constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2), "figure.constrained_layout.use": True})
 if (EMBEDDED_MODEL_DIR / "consolidated.safetensors").is_file():
     model, tok = load_embedded()
     TRAINED = True
@@ -86,7 +87,6 @@ ax.set_xticks(range(grid.shape[0]))
 ax.set_xticklabels(["prefill 0-2"] + [f"decode {p}" for p in range(3, tokens.shape[1])], rotation=45, fontsize=8)
 ax.set_ylabel("slot")
 ax.set_title(f"rolling buffer, W={W}: position p is written to slot p % {W}")
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -119,7 +119,6 @@ for ax in axes:
     ax.legend(fontsize=8)
 axes[0].set_title("temperature reshapes the distribution", fontsize=10)
 axes[1].set_title("top-p cuts the tail and renormalises (T = 1)", fontsize=10)
-plt.tight_layout()
 plt.show()
 
 # %%
@@ -137,7 +136,6 @@ axes[0].set_ylabel("entropy (nats)")
 axes[1].semilogy(top_ps, nucleus)
 axes[1].set_xlabel("top_p")
 axes[1].set_ylabel("tokens kept (nucleus size)")
-plt.tight_layout()
 plt.show()
 
 # The sampler draws from exactly this distribution: 4,000 seeded draws (temperature 1, top_p 0.9) against
@@ -200,7 +198,10 @@ if len(words) >= 3:
 # `generate(..., logprobs=True, top_logprobs=k)` reports, for every generated token, `log p(token)` under the
 # model's raw distribution (before temperature, top-p and constraints) and the k best alternatives. They must
 # equal the **teacher-forced** scores: run the whole sequence through the model once and read off
-# `log_softmax` at each generated position.
+# `log_softmax` at each generated position. A short bar below is a draw the model did not prefer (temperature
+# 0.8 lets such draws through); one unlikely token can lead the rest of the text away from the path the greedy
+# answer follows, and a tiny model then goes on confidently — compare the two texts printed under the chart,
+# and read sampled text as a sample, not as a statement of fact.
 
 # %%
 (result,) = generate(model, [chat], max_tokens=24, temperature=0.8, seed=1, eos_id=tok.eos_id, logprobs=True,
@@ -214,14 +215,17 @@ print(f"max |generate's logprob − teacher-forced| = {(forced - torch.tensor(re
 assert torch.allclose(forced, torch.tensor(result.logprobs), atol=1e-4)
 
 pieces = [tok.id_to_piece(t).replace("▁", "␣") for t in result.tokens]
-fig, ax = plt.subplots(figsize=(11, 3))
-ax.bar(range(len(pieces)), result.logprobs, color="slateblue")
+fig, ax = plt.subplots(figsize=(11, 3.4))
+ax.bar(range(len(pieces)), torch.tensor(result.logprobs).exp().tolist(), color="slateblue")
 ax.set_xticks(range(len(pieces)))
-ax.set_xticklabels(pieces, rotation=70, fontsize=8)
-ax.set_ylabel("log p(token)")
-ax.set_title(f"sampled at temperature 0.8: {tok.decode(result.tokens)!r}"[:110], fontsize=9)
-plt.tight_layout()
+ax.set_xticklabels(pieces, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+ax.set_ylim(0, 1.05)
+ax.set_ylabel("p(token) = exp(logprob)")
+ax.set_title("How likely each sampled token was under the model (sampled at temperature 0.8, seed 1)",
+             fontsize=10)
 plt.show()
+print("sampled text:", repr(tok.decode(result.tokens)))
+print("greedy text: ", repr(streamed))
 for piece, alts in list(zip(pieces, result.top_logprobs))[:5]:
     print(f"{piece!r:12} best alternatives: {[(tok.id_to_piece(i), round(lp, 2)) for i, lp in alts]}")
 
@@ -259,9 +263,10 @@ print(f"\nthe same first request without JSON mode: {plain['choices'][0]['messag
 # %% [markdown]
 # Under the hood: the same request through `generate` with the processor plugged in by hand
 # (`logits_processors=[JsonLogitsProcessor(tok, greedy=True)]`), then the generated ids replayed through the
-# JSON state machine (`json_mode.advance`), counting at every step how much of the vocabulary the grammar still
-# allowed (`JsonVocab.allowed(state)`): rarely more than a few percent — after `{` a key or whitespace, inside a
-# number only digits and what may end a number. (Inside a string value almost every token would be allowed.)
+# JSON state machine (`json_mode.advance`), counting at every step how many tokens of the vocabulary the grammar
+# still allowed (`JsonVocab.allowed(state)`). The model's answer is short, so below it the same count for a
+# hand-written object: after `{` only a key's opening quote or whitespace, inside a number only digits and what
+# may end a number — but inside a string almost every token is allowed (the tall bars).
 
 # %%
 request = [{"role": "user", "content": "Add 2 and 3."}]
@@ -269,18 +274,41 @@ request = [{"role": "user", "content": "Add 2 and 3."}]
                      logits_processors=[JsonLogitsProcessor(tok, greedy=True)])
 assert tok.decode(result.tokens) == answers["Add 2 and 3."]["message"]["content"]  # the API is this path
 vocab = json_vocab(tok)
-state, allowed = initial_state("object"), []
-for i in result.tokens:
-    allowed.append(vocab.allowed(state).float().mean().item())
-    state = advance(state, tok.id_to_bytes(i))
-    assert state is not None  # every generated token kept the text a valid JSON prefix
-shown = [tok.id_to_piece(i).replace("▁", "␣") for i in result.tokens]
-fig, ax = plt.subplots(figsize=(11, 3))
-ax.bar(range(len(allowed)), allowed, color="darkorange")
-ax.set_xticks(range(len(allowed)))
-ax.set_xticklabels(shown, rotation=70, fontsize=8)
-ax.set_yscale("log")
-ax.set_ylabel("share of vocabulary allowed")
-ax.set_title("JSON mode: the allowed set before each generated token", fontsize=10)
-plt.tight_layout()
+
+
+def allowed_counts(ids: list[int]) -> list[int]:
+    """How many vocabulary entries the grammar allows before each token of `ids` (replayed from the start)."""
+    state, counts = initial_state("object"), []
+    for i in ids:
+        counts.append(int(vocab.allowed(state).sum()))
+        state = advance(state, tok.id_to_bytes(i))
+        assert state is not None  # every token kept the text a valid JSON prefix
+    return counts
+
+
+def label(i: int) -> str:
+    piece = tok.id_to_piece(i)
+    return {"<0x0A>": "\\n", "<0x09>": "\\t"}.get(piece, piece.replace("▁", "␣"))
+
+
+written = tok.encode('{"city": "Paris", "population": 2102650, "capital": true}')  # a hand-written object
+rows = [("of the model's answer to 'Add 2 and 3.'", result.tokens),
+        ("of a hand-written object, replayed through the same grammar", written)]
+fig, axes = plt.subplots(2, 1, figsize=(11, 6.4), gridspec_kw={"height_ratios": [1, 1.4]})
+for ax, (title, ids) in zip(axes, rows):
+    counts = allowed_counts(ids)
+    ax.bar(range(len(ids)), counts, color="darkorange")
+    for x, c in enumerate(counts):
+        ax.text(x, c * 1.15, f"{c:,}", ha="center", fontsize=7)
+    ax.axhline(tok.vocab_size, color="grey", lw=0.8, ls="--")  # the whole vocabulary
+    ax.set_yscale("log")
+    ax.set_ylim(0.8, tok.vocab_size * 3)
+    ax.set_yticks([1, 10, 100, 1000])
+    ax.set_yticklabels(["1", "10", "100", "1,000"])
+    ax.set_xlim(-0.6, len(written) - 0.4)  # the same bar width in both rows
+    ax.set_xticks(range(len(ids)))
+    ax.set_xticklabels([label(i) for i in ids], rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_ylabel("tokens allowed")
+    ax.set_title(f"JSON mode: tokens the grammar allows (of {tok.vocab_size:,}, dashed) before each token {title}",
+                 fontsize=10)
 plt.show()

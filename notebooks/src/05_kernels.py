@@ -34,12 +34,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import triton_kernels as tk  # noqa: E402
 from mistral_ref.attention import attention, attention_mask  # noqa: E402
-from mistral_ref.config import PRESETS, ModelArgs, MoeArgs, parameter_counts  # noqa: E402
+from mistral_ref.config import ModelArgs, MoeArgs  # noqa: E402
+from mistral_ref.family import PRESETS, parameter_counts  # noqa: E402
 from mistral_ref.model import Transformer  # noqa: E402
 from mistral_ref.moe import moe_forward, route  # noqa: E402
 from triton_kernels import bench  # noqa: E402
 
-plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+# constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2), "figure.constrained_layout.use": True})
 device = "cuda" if HAS_GPU else "cpu"
 print("device:", torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)")
 _ = torch.manual_seed(0)
@@ -92,7 +94,6 @@ for ax, window in zip(axes, (None, 512)):
     ax.set_title(f"window {window}: {visited.float().mean():.0%} of tiles computed", fontsize=10)
     ax.set_xlabel("key block")
     ax.set_ylabel("query block")
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -152,16 +153,20 @@ print("slots per expert:", torch.bincount(experts.flatten(), minlength=E).tolist
 print(f"{used} tiles of {block_m} rows; experts of the tiles: {block_expert[:used].tolist()}; "
       f"{int(padding.sum())} padding rows")
 
-fig, ax = plt.subplots(figsize=(9, 2.6))
+fig, ax = plt.subplots(figsize=(9, 4.6))
 grid = torch.where(padding, torch.tensor(-1), block_expert[:used, None].cpu().expand(-1, block_m))
 ax.imshow(grid.T, cmap="tab10", vmin=-1, vmax=9, aspect="auto")
 for t in range(used):
     for r in range(block_m):
         label = "pad" if padding[t, r] else f"{int(slots[t, r]) // top_k}"
-        ax.text(t, r, label, ha="center", va="center", fontsize=5)
+        ax.text(t, r, label, ha="center", va="center", fontsize=7)
+ax.set_xticks(range(used))
+ax.set_xticklabels([f"{t}\nexpert {int(block_expert[t])}" for t in range(used)], fontsize=8)
+ax.set_yticks(range(block_m))
+ax.tick_params(axis="y", labelsize=7)
 ax.set_xlabel("tile (one expert each)")
 ax.set_ylabel("row in tile")
-ax.set_title("slots sorted by expert (number = token index; colour = expert)", fontsize=10)
+ax.set_title("slots sorted by expert (number = token index; colour = expert; pad = padding row)", fontsize=10)
 plt.show()
 
 out, logits = tk.moe_forward(x, gate, w1, w2, w3, top_k, block_m=16, block_n=16, block_k=16)
@@ -294,12 +299,11 @@ for i, (name, (f, n)) in enumerate(cases.items()):
     for peak, bw, color in ((gpu_flops, gpu_bw, "tab:green"), (cpu_flops, cpu_bw, "tab:purple")):
         ax.plot(ai, min(peak, ai * bw), "o", color=color, ms=5)
     ax.annotate(name, (ai, min(gpu_flops, ai * gpu_bw)), textcoords="offset points", fontsize=8,
-                xytext=(-10, 12 if i % 2 else -22))
+                xytext=(6, -14) if i % 2 else (-6, 8), ha="left" if i % 2 else "right")
 ax.set_xlabel("arithmetic intensity (FLOP / byte)")
 ax.set_ylabel("attainable FLOP/s")
 ax.set_title("roofline: Mistral-7B forward passes in bf16")
 ax.legend(loc="lower right")
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]

@@ -28,7 +28,8 @@ from pydoc_data.topics import topics
 import matplotlib.pyplot as plt
 import torch
 
-from mistral_ref.config import ModelArgs, MoeArgs, parameter_counts
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.family import parameter_counts
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR
 from mistral_ref.generation import generate
 from mistral_ref.model import Transformer
@@ -43,7 +44,8 @@ from mistral_ref.train import (
 )
 from mistral_ref.train_data import encode_text
 
-plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2)})
+# constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
+plt.rcParams.update({"figure.dpi": 80, "figure.figsize": (9, 3.2), "figure.constrained_layout.use": True})
 tok = load_tokenizer(EMBEDDED_MODEL_DIR / "tokenizer.model.v3")
 names = sorted(topics)
 held_out = names[::10]  # every 10th topic is never trained on
@@ -168,7 +170,6 @@ axes[1].set_title("load-balancing loss (2 = perfectly balanced)", fontsize=10)
 axes[2].plot(steps, [r["lr"] for r in history])
 axes[2].set_xlabel("step")
 axes[2].set_title("learning rate: warm-up, cosine decay", fontsize=10)
-plt.tight_layout()
 plt.show()
 first, last = sum(r["loss"] for r in history[:10]) / 10, sum(r["loss"] for r in history[-10:]) / 10
 print(f"training loss {first:.2f} -> {last:.2f}; held-out {history[49]['held_out']:.2f} (step 50) -> "
@@ -185,17 +186,17 @@ assert last < first - 1.5 and history[-1]["held_out"] < history[49]["held_out"] 
 # routed slots each expert receives on the held-out text.
 
 # %%
-fig, axes = plt.subplots(1, args.n_layers, figsize=(9, 3), sharey=True)
+fig, axes = plt.subplots(1, args.n_layers, figsize=(10.5, 3), sharey=True)
 E = args.moe.num_experts
 for layer, ax in enumerate(axes):
     ax.bar([e - 0.2 for e in range(E)], load_before[layer].tolist(), 0.4, label="before training")
     ax.bar([e + 0.2 for e in range(E)], load_after[layer].tolist(), 0.4, label="after training")
-    ax.axhline(1 / E, color="k", ls="--", lw=0.8)
+    ax.axhline(1 / E, color="k", ls="--", lw=0.8, label=f"perfect balance (1/{E})" if layer == 0 else None)
+    ax.set_xticks(range(E))
     ax.set_title(f"layer {layer}", fontsize=10)
     ax.set_xlabel("expert")
 axes[0].set_ylabel("share of routed slots")
-axes[0].legend(fontsize=8)
-plt.tight_layout()
+fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
 plt.show()
 for name, load in (("before", load_before), ("after", load_after)):
     print(f"{name:6} training: largest share per layer {[round(x, 2) for x in load.max(-1).values.tolist()]}, "

@@ -16,8 +16,8 @@ from mistral_ref.model import Transformer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-GQA_WINDOW = ModelArgs(dim=48, n_layers=3, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
-                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(5, None))
+GQA_WINDOW = ModelArgs(dim=48, n_layers=4, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
+                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(5, None))  # (a pattern divides n_layers)
 NEMO = ModelArgs(dim=40, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=97,
                  norm_eps=1e-5, rope_theta=1e6)  # head_dim 16 != 40 / 4
 MOE = ModelArgs(dim=32, n_layers=2, hidden_dim=48, n_heads=4, n_kv_heads=1, head_dim=8, vocab_size=89,

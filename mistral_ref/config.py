@@ -496,7 +496,9 @@ def _hf_rope(raw: dict[str, Any], model_type: str | None) -> tuple[float, YarnAr
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise ConfigError(f"rope_parameters must be an object, found {rope!r}")
-    theta = raw.get("rope_theta", rope.get("rope_theta"))
+    theta = raw.get("rope_theta")
+    if theta is None:  # transformers 5 keeps it in rope_parameters (and may write "rope_theta": null)
+        theta = rope.get("rope_theta")
     if theta is None:
         warnings.warn("rope_theta is missing; using 1e4 as transformers' MistralConfig does", stacklevel=3)
         theta = 1e4

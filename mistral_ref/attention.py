@@ -6,6 +6,10 @@ built from token *positions*, not from tensor indices, so the same code serves a
 prefill against a KV cache, a rolling (circular) window buffer and ragged batches (position -1 marks padding or an
 empty cache slot).
 
+Ministral 3 also scales each query by its position (:func:`llama4_query_scale`, the "llama 4 scaling"): 1 within the
+original context, 1 + beta * ln(2) in the next stretch of that length, and so on, which keeps attention from
+flattening at long range.  It is plain math on q in :meth:`Attention.forward`, so no attention kernel knows of it.
+
 :func:`attention` is the reference math.  The layer does its arithmetic through `ops`, the record of functions of
 the model's backend (mistral_ref/backends): with backend "reference" those are the plain functions of this file
 and rope.py and F.linear; the other backends compute the same functions faster (each tested equal to these).
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_ref.config import ModelArgs
+from mistral_ref.config import Llama4Scaling, ModelArgs
 
 if TYPE_CHECKING:  # typing only: neither module imports this one
     from mistral_ref.backends import Backend
@@ -59,14 +63,25 @@ def attention(
     return torch.einsum("bhts,bshd->bthd", probs, v)
 
 
+def llama4_query_scale(positions: torch.Tensor, scaling: Llama4Scaling) -> torch.Tensor:
+    """The factor each query is multiplied by: 1 + beta * ln(1 + floor(p / original_max_position_embeddings)).
+
+    positions: (B, T) (-1 = padding, treated as 0).  returns (B, T) fp32: 1 for p < original, 1 + beta * ln 2
+    up to 2 * original, 1 + beta * ln 3 up to 3 * original, ...
+    """
+    stretch = torch.div(positions.clamp(min=0), scaling.original_max_position_embeddings, rounding_mode="floor")
+    return 1 + scaling.beta * torch.log(1 + stretch.float())
+
 
 class Attention(nn.Module):
-    """The attention half of a block: project to q, k, v; rotate q, k; attend; project back with wo."""
+    """The attention half of a block: project to q, k, v; rotate q, k; scale q (llama_4_scaling); attend; project
+    back with wo.  Layer `layer_id` has the window args.window_for_layer(layer_id) (interleaved windows)."""
 
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.window_for_layer(layer_id)
+        self.llama_4_scaling = args.llama_4_scaling
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -82,6 +97,8 @@ class Attention(nn.Module):
         k = ops.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
         v = ops.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = ops.rope(q, rope), ops.rope(k, rope)
+        if self.llama_4_scaling is not None:  # Ministral 3: queries (not keys) grow with their position
+            q = q * llama4_query_scale(positions, self.llama_4_scaling).to(q.dtype)[:, :, None, None]
         if cache is None:
             keys, values, k_pos = k, v, positions
         else:  # keys are cached after the rotation

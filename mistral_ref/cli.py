@@ -1,7 +1,7 @@
 """The `mistral-ref` command (also `python -m mistral_ref`).
 
   mistral-ref --version
-  mistral-ref info                     the family table: shapes, windows, tokenizers, parameter counts (no torch)
+  mistral-ref info                     the family table: shapes, windows, tokenizers, parameters, KV cache (no torch)
   mistral-ref demo                     the main job on the embedded default model
   mistral-ref convert SRC DST --to hf  convert a checkpoint between the native and Hugging Face formats
   mistral-ref chat [CHECKPOINT]        an interactive chat in the terminal (streaming; the embedded model
@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mistral-ref", description="Reference implementation of the Mistral family")
     p.add_argument("--version", action="version", version=f"mistral-ref {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("info", help="print the family table (instant: no torch)").set_defaults(func=cmd_info)
+    sub.add_parser("info", help="print the family table: parameters, KV cache (instant: no torch)").set_defaults(
+        func=cmd_info)
 
     d = sub.add_parser("demo", help="run the demo on the embedded default model")
     _add_threads_option(d, "1: the embedded model is tiny")

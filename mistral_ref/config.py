@@ -4,6 +4,16 @@
 Hugging Face ``config.json`` files are translated into the same dataclass by :meth:`ModelArgs.from_hf_config`.
 The published models (presets), their parameter counts and trained contexts live in :mod:`mistral_ref.family`.
 This module imports neither torch nor the model.
+
+The 2024-2026 models add three sections, spelled as their ``params.json`` spells them:
+* ``sliding_window`` as a per-layer list (Ministral 8B: one full layer, then three with a 32k window);
+  Hugging Face writes ``sliding_window`` + ``layer_types`` (model_type "ministral");
+* ``yarn`` (:class:`YarnArgs`) and ``llama_4_scaling`` (:class:`Llama4Scaling`): the long-context rotary
+  scaling and query scaling of Ministral 3 / Devstral Small 2; Hugging Face writes them into ``rope_parameters``
+  (model_type "ministral3");
+* ``tied_embeddings``: the output projection is the embedding matrix (Ministral 3 3B); HF ``tie_word_embeddings``.
+Multimodal configs (native ``vision_encoder``, HF "mistral3" with a ``text_config``) load their language model;
+image inputs are not supported yet (a warning says so).
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,89 @@ class MoeArgs:
 
     num_experts: int
     num_experts_per_tok: int
+
+
+@dataclass(frozen=True)
+class YarnArgs:
+    """YaRN rotary scaling (Peng et al. 2023): a context `factor` times longer than the one trained with RoPE.
+
+    Field names are the native ``params.json`` ``"yarn"`` section's; Hugging Face's ``rope_parameters`` names are
+    in brackets.  factor [factor]: how much longer the context becomes; original_max_position_embeddings [same]:
+    the context RoPE was trained with; beta [beta_fast] and alpha [beta_slow]: rotations within the original
+    context above which a pair keeps its trained frequency (beta) and below which it is slowed down `factor`
+    times (alpha), with a linear ramp between; apply_scale: multiply cos and sin by 0.1 * ln(factor) + 1
+    (HF: mscale 1 and mscale_all_dim 0) or leave them alone (HF: mscale = mscale_all_dim = 1; Ministral 3);
+    attention_factor [attention_factor]: an explicit cos/sin factor for HF configs that set another one
+    (``params.json`` cannot express it).  rope.yarn_frequencies is the math.
+    """
+
+    factor: float
+    original_max_position_embeddings: int
+    beta: float = 32.0
+    alpha: float = 1.0
+    apply_scale: bool = True
+    attention_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("factor", "beta", "alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"yarn.{name} must be a positive number, found {v!r}")
+            set_(self, name, float(v))
+        if self.factor < 1:
+            raise ConfigError(f"yarn.factor must be >= 1 (a longer context), found {self.factor}")
+        original = self.original_max_position_embeddings
+        if isinstance(original, float) and original.is_integer():
+            set_(self, "original_max_position_embeddings", original := int(original))
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ConfigError(f"yarn.original_max_position_embeddings must be a positive integer, found {original!r}")
+        if self.beta <= self.alpha:
+            raise ConfigError(f"yarn.beta (beta_fast) = {self.beta} must be greater than yarn.alpha (beta_slow) = "
+                              f"{self.alpha}: pairs above beta rotations keep their frequency, below alpha they scale")
+        if not isinstance(self.apply_scale, bool):
+            raise ConfigError(f"yarn.apply_scale must be true or false, found {self.apply_scale!r}")
+        af = self.attention_factor
+        if af is not None:
+            if isinstance(af, bool) or not isinstance(af, (int, float)) or not math.isfinite(af) or af <= 0:
+                raise ConfigError(f"yarn.attention_factor must be a positive number or absent, found {af!r}")
+            set_(self, "attention_factor", float(af))
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor cos and sin are multiplied by (so q.k by its square): attention_factor if given, else
+        0.1 * ln(factor) + 1 with apply_scale, else 1."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return default_yarn_scaling(self.factor) if self.apply_scale else 1.0
+
+
+def default_yarn_scaling(factor: float) -> float:
+    """YaRN's magnitude correction for a context `factor` times longer: 0.1 * ln(factor) + 1 (1 for factor <= 1)."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class Llama4Scaling:
+    """Llama-4-style query scaling (native ``"llama_4_scaling"``; HF ``rope_parameters.llama_4_scaling_beta``).
+
+    A query at position p is multiplied by 1 + beta * ln(1 + floor(p / original_max_position_embeddings)): 1
+    inside the original context, growing slowly beyond it (attention.llama4_query_scale).
+    """
+
+    original_max_position_embeddings: int
+    beta: float
+
+    def __post_init__(self) -> None:
+        original, beta = self.original_max_position_embeddings, self.beta
+        if isinstance(original, float) and original.is_integer():
+            object.__setattr__(self, "original_max_position_embeddings", original := int(original))
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ConfigError(f"llama_4_scaling.original_max_position_embeddings must be a positive integer, "
+                              f"found {original!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+            raise ConfigError(f"llama_4_scaling.beta must be a positive number, found {beta!r}")
+        object.__setattr__(self, "beta", float(beta))
 
 
 def normalize_sliding_window(value: Any, where: str = "sliding_window") -> int | tuple[int | None, ...] | None:
@@ -62,9 +155,12 @@ class ModelArgs:
     dim // n_heads: Nemo has dim 5120, 32 heads, head_dim 128); hidden_dim: SwiGLU inner width;
     n_heads / n_kv_heads: query and key-value heads (grouped-query attention when n_kv_heads < n_heads);
     norm_eps: RMSNorm epsilon; vocab_size: rows of the embedding; rope_theta: rotary base;
-    sliding_window: keys each query sees (query p sees p-W+1 .. p) — int, per-layer tuple or None;
+    sliding_window: keys each query sees (query p sees p-W+1 .. p) — int, None, or a per-layer tuple (None =
+    a full layer) whose length divides n_layers and which repeats (Ministral 8B: (None, 32768, 32768, 32768));
     moe: MoeArgs for Mixtral, None for dense models; max_seq_len: the trained context (metadata only —
-    caches are sized from the actual request, never from this); tokenizer: the tokenizer version a preset uses.
+    caches are sized from the actual request, never from this); yarn: YaRN rotary scaling or None (plain RoPE);
+    llama_4_scaling: the position-dependent query scaling or None; tied_embeddings: the output projection is
+    tok_embeddings.weight (no separate output.weight); tokenizer: the tokenizer version a preset uses.
     """
 
     dim: int
@@ -79,6 +175,9 @@ class ModelArgs:
     sliding_window: int | tuple[int | None, ...] | None = None
     moe: MoeArgs | None = None
     max_seq_len: int | None = None
+    yarn: YarnArgs | None = None
+    llama_4_scaling: Llama4Scaling | None = None
+    tied_embeddings: bool = False
     tokenizer: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,8 +189,9 @@ class ModelArgs:
         if self.n_kv_heads is None:
             set_(self, "n_kv_heads", self.n_heads)
         set_(self, "sliding_window", normalize_sliding_window(self.sliding_window))
-        if isinstance(self.moe, dict):
-            set_(self, "moe", MoeArgs(**self.moe))
+        for name, cls in (("moe", MoeArgs), ("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling)):
+            if isinstance(getattr(self, name), dict):
+                set_(self, name, _section(cls, name, getattr(self, name)))
         for name in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -113,6 +213,12 @@ class ModelArgs:
                 f"moe.num_experts_per_tok={self.moe.num_experts_per_tok} must be in "
                 f"1..num_experts={self.moe.num_experts}"
             )
+        window = self.sliding_window
+        if isinstance(window, tuple) and self.n_layers % len(window):
+            raise ConfigError(f"sliding_window: a per-layer pattern of {len(window)} windows {list(window)} must "
+                              f"divide n_layers={self.n_layers} (it repeats over the layers)")
+        if not isinstance(self.tied_embeddings, bool):
+            raise ConfigError(f"tied_embeddings must be true or false, found {self.tied_embeddings!r}")
 
     # ---- derived views -------------------------------------------------------------------------------------
     def window_for_layer(self, layer_id: int) -> int | None:
@@ -132,20 +238,46 @@ class ModelArgs:
         d.pop("tokenizer")
         if isinstance(self.sliding_window, tuple):
             d["sliding_window"] = list(self.sliding_window)
-        for key in ("sliding_window", "moe", "max_seq_len"):
+        if self.yarn is not None:
+            if self.yarn.attention_factor is not None:
+                raise ConfigError(
+                    f"yarn.attention_factor={self.yarn.attention_factor} cannot be written to params.json, which "
+                    "knows only apply_scale (true: 0.1 * ln(factor) + 1; false: 1)")
+            d["yarn"].pop("attention_factor")
+        for key in ("sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling"):
             if d[key] is None:
                 d.pop(key)
+        if not self.tied_embeddings:
+            d.pop("tied_embeddings")  # written only where it matters, as the published files do
         return d
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The dict written as Hugging Face ``config.json`` (MistralForCausalLM or MixtralForCausalLM)."""
-        window = self.sliding_window
-        if isinstance(window, tuple):
-            raise ConfigError("Hugging Face Mistral/Mixtral configs cannot express a per-layer sliding window list")
-        moe = self.moe
+        """The dict written as Hugging Face ``config.json``.
+
+        MixtralForCausalLM for experts; MinistralForCausalLM ("ministral": ``sliding_window`` + ``layer_types``)
+        for per-layer windows; Ministral3ForCausalLM ("ministral3": YaRN and the query scaling in
+        ``rope_parameters``) for YaRN; MistralForCausalLM otherwise.  Raises ConfigError for what no HF class
+        expresses: two different finite windows, per-layer windows with experts or YaRN, experts with YaRN, and
+        a query scaling without YaRN or with another original context than YaRN's.
+        """
+        window, moe, yarn, l4 = self.sliding_window, self.moe, self.yarn, self.llama_4_scaling
+        per_layer = isinstance(window, tuple)
+        if per_layer and len({w for w in window if w is not None}) > 1:
+            raise ConfigError(f"Hugging Face configs cannot express a per-layer sliding window list with two "
+                              f"different windows {sorted({w for w in window if w is not None})}")
+        if per_layer and (moe or yarn or l4):
+            raise ConfigError("Hugging Face configs cannot express per-layer sliding windows together with "
+                              "experts or YaRN (only MinistralForCausalLM has layer_types)")
+        if (yarn or l4) and moe:
+            raise ConfigError("Hugging Face configs cannot express experts together with YaRN or llama_4_scaling")
+        if l4 is not None and (yarn is None or l4.original_max_position_embeddings
+                               != yarn.original_max_position_embeddings):
+            raise ConfigError("Hugging Face configs express llama_4_scaling only on top of YaRN with the same "
+                              "original_max_position_embeddings (rope_parameters holds one)")
+        model_type = "mixtral" if moe else "ministral3" if yarn else "ministral" if per_layer else "mistral"
         cfg: dict[str, Any] = {
-            "architectures": ["MixtralForCausalLM" if moe else "MistralForCausalLM"],
-            "model_type": "mixtral" if moe else "mistral",
+            "architectures": [_HF_ARCHITECTURES[model_type]],
+            "model_type": model_type,
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "intermediate_size": self.hidden_dim,
@@ -158,13 +290,30 @@ class ModelArgs:
             "sliding_window": window,
             "max_position_embeddings": self.max_seq_len or 32768,
             "hidden_act": "silu",
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tied_embeddings,
             "bos_token_id": 1,
             "eos_token_id": 2,
         }
         if moe:
             cfg["num_local_experts"] = moe.num_experts
             cfg["num_experts_per_tok"] = moe.num_experts_per_tok
+        if per_layer:  # one finite window W, and which layers use it
+            cfg["sliding_window"] = next((w for w in window if w is not None), None)
+            cfg["layer_types"] = ["full_attention" if self.window_for_layer(i) is None else "sliding_attention"
+                                  for i in range(self.n_layers)]
+        if yarn:
+            del cfg["rope_theta"]
+            cfg["rope_parameters"] = {
+                "rope_type": "yarn", "rope_theta": self.rope_theta, "factor": yarn.factor,
+                "original_max_position_embeddings": yarn.original_max_position_embeddings,
+                "beta_fast": yarn.beta, "beta_slow": yarn.alpha,
+                # transformers' rule (modeling_rope_utils): mscale and mscale_all_dim both non-zero give
+                # scale(mscale) / scale(mscale_all_dim) = 1; otherwise 0.1 * ln(factor) + 1
+                "mscale": 1.0, "mscale_all_dim": 0.0 if yarn.apply_scale else 1.0,
+                "llama_4_scaling_beta": l4.beta if l4 else 0.0,  # 0: no query scaling
+            }
+            if yarn.attention_factor is not None:
+                cfg["rope_parameters"]["attention_factor"] = yarn.attention_factor
         return cfg
 
     # ---- parsing ---------------------------------------------------------------------------------------------
@@ -172,15 +321,17 @@ class ModelArgs:
     def from_params_json(cls, path: str | Path) -> ModelArgs:
         """Read a native ``params.json`` (a file or a directory holding one).
 
-        Real params.json files omit max_seq_len: it stays None here, and the checkpoint loader fills it from the
-        matching preset (:func:`mistral_ref.family.with_known_context`).
+        Real params.json files omit max_seq_len: it stays None here (or takes max_position_embeddings where the
+        file has it), and the checkpoint loader fills it from the matching preset
+        (:func:`mistral_ref.family.with_known_context`).  A ``vision_encoder`` section (Mistral Small 3.1+,
+        Ministral 3) is skipped with a warning: the language model loads, image inputs are not supported yet.
         """
         path = Path(path)
         if path.is_dir():
             path = path / "params.json"
         raw = _read_json(path)
         known = {"dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads", "norm_eps",
-                 "rope_theta", "sliding_window", "moe", "max_seq_len"}
+                 "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings"}
         # Keys that real params.json files carry and that do not change the text model.
         harmless = {"max_batch_size", "use_biases", "model_type", "torch_dtype", "dtype", "quantization", "lora",
                     "vision_encoder", "_name_or_path", "version", "max_position_embeddings"}
@@ -188,7 +339,12 @@ class ModelArgs:
         unknown = sorted(set(raw) - known - harmless)
         if unknown:
             warnings.warn(f"{path}: ignoring unknown keys {unknown}", stacklevel=2)
+        if raw.get("vision_encoder"):
+            warnings.warn(f"{path}: a multimodal model (key 'vision_encoder'): loading its language model only; "
+                          "image inputs are not supported yet", stacklevel=2)
         kwargs = {k: raw[k] for k in known if k in raw}
+        if raw.get("max_seq_len") is None and raw.get("max_position_embeddings") is not None:
+            kwargs["max_seq_len"] = raw["max_position_embeddings"]
         if raw.get("rope_theta") is None:
             warnings.warn(
                 f"{path}: rope_theta is missing; using 1e6 as mistral-inference does "
@@ -200,32 +356,53 @@ class ModelArgs:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
         try:
+            for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling)):
+                if raw.get(name) is not None:
+                    kwargs[name] = _section(section, name, raw[name])
+                else:
+                    kwargs.pop(name, None)
             return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_hf_config(cls, path: str | Path) -> ModelArgs:
-        """Read a Hugging Face ``config.json`` of a MistralForCausalLM / MixtralForCausalLM (file or directory)."""
+        """Read a Hugging Face ``config.json`` (file or directory) of a MistralForCausalLM, MixtralForCausalLM,
+        MinistralForCausalLM (``layer_types``), Ministral3ForCausalLM (YaRN + query scaling in
+        ``rope_parameters``) or Mistral3ForConditionalGeneration (its ``text_config``; the vision tower is
+        skipped with a warning: image inputs are not supported yet).  Each field is read as transformers 5.23
+        reads it for that model_type."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         raw = _read_json(path)
         model_type = raw.get("model_type")
-        if model_type not in (None, "mistral", "mixtral"):
-            raise ConfigError(f"{path}: model_type {model_type!r} is not a Mistral or Mixtral text model")
+        if model_type == "mistral3":  # the language model of a vision-language checkpoint
+            text = raw.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{path}: model_type 'mistral3' needs a 'text_config' object, found {text!r}")
+            warnings.warn(f"{path}: a multimodal Mistral3ForConditionalGeneration: loading its language model "
+                          "(text_config) only; image inputs are not supported yet", stacklevel=2)
+            tied = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+            raw = {**text, "tie_word_embeddings": tied}
+            raw.setdefault("model_type", "mistral")
+            model_type = raw["model_type"]
+            where = "text_config."
+        else:
+            where = ""
+        if model_type not in (None, *_HF_ARCHITECTURES):
+            raise ConfigError(f"{path}: {where}model_type {model_type!r} is not a Mistral-family text model "
+                              f"({', '.join(_HF_ARCHITECTURES)})")
         _require(raw, path, ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                              "vocab_size"))
-        if raw.get("tie_word_embeddings"):
-            raise ConfigError(f"{path}: tie_word_embeddings=true is not used by any Mistral-family model")
         known = {"hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "rope_theta", "rope_parameters",
-                 "sliding_window", "max_position_embeddings", "num_local_experts", "num_experts_per_tok",
-                 "model_type", "architectures", "tie_word_embeddings", "hidden_act"}
+                 "rope_scaling", "sliding_window", "layer_types", "max_position_embeddings", "num_local_experts",
+                 "num_experts_per_tok", "model_type", "architectures", "tie_word_embeddings", "hidden_act"}
         harmless = {"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
                     "attention_dropout", "initializer_range", "use_cache", "router_aux_loss_coef",
                     "output_router_logits", "router_jitter_noise", "_name_or_path", "use_sliding_window",
-                    "max_window_layers", "layer_types", "rope_scaling", "output_attentions", "output_hidden_states",
+                    "max_window_layers", "output_attentions", "output_hidden_states",
                     "return_dict", "quantization_config", "_attn_implementation_autoset", "chunk_size_feed_forward",
                     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class"}
         unknown = sorted(set(raw) - known - harmless)
@@ -233,32 +410,145 @@ class ModelArgs:
             warnings.warn(f"{path}: ignoring unknown keys {unknown}", stacklevel=2)
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"{path}: hidden_act {raw['hidden_act']!r} is not supported (Mistral uses silu)")
-        theta = raw.get("rope_theta")
-        if theta is None and isinstance(raw.get("rope_parameters"), dict):
-            theta = raw["rope_parameters"].get("rope_theta")
-            rope_type = raw["rope_parameters"].get("rope_type", "default")
-            if rope_type != "default":
-                raise ConfigError(f"{path}: rope_type {rope_type!r} is not supported (only 'default')")
-        if theta is None:
-            warnings.warn(f"{path}: rope_theta is missing; using 1e4 as transformers' MistralConfig does",
-                          stacklevel=2)
-            theta = 1e4
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"{path}: {where}tie_word_embeddings must be true or false, found {tied!r}")
         moe = None
         if raw.get("num_local_experts"):
             moe = MoeArgs(int(raw["num_local_experts"]), int(raw.get("num_experts_per_tok", 2)))
-        window = raw.get("sliding_window")
-        if raw.get("use_sliding_window") is False:
-            window = None
         try:
+            theta, yarn, llama_4 = _hf_rope(raw, model_type)
             return cls(
                 dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"], hidden_dim=raw["intermediate_size"],
                 n_heads=raw["num_attention_heads"], vocab_size=raw["vocab_size"], head_dim=raw.get("head_dim"),
                 n_kv_heads=raw.get("num_key_value_heads"), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta), sliding_window=window, moe=moe,
-                max_seq_len=raw.get("max_position_embeddings"),
+                rope_theta=theta, sliding_window=_hf_windows(raw, model_type), moe=moe,
+                max_seq_len=raw.get("max_position_embeddings"), yarn=yarn, llama_4_scaling=llama_4,
+                tied_embeddings=tied,
             )
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: {where}{e}") from None
+
+
+# model_type -> the architecture to_hf_config writes (and that from_hf_config accepts)
+_HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                     "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+
+
+def _section(cls: type, name: str, value: Any) -> Any:
+    """A params.json section ("yarn", "llama_4_scaling", "moe") as its dataclass, naming the key on errors."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"key '{name}' must be an object, found {value!r}")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ConfigError(f"key '{name}' has unknown entries {unknown} (expected {names})")
+    required = [f.name for f in fields(cls) if f.default is MISSING]
+    for key in required:
+        if value.get(key) is None:
+            raise ConfigError(f"required key '{name}.{key}' is missing")
+    return cls(**value)
+
+
+def _hf_windows(raw: dict[str, Any], model_type: str | None) -> int | tuple[int | None, ...] | None:
+    """The sliding window(s) of an HF config, as transformers reads them.
+
+    "ministral" (MinistralForCausalLM) gives each layer ``sliding_window`` if its ``layer_types`` entry is
+    "sliding_attention", else full attention; without layer_types every layer slides.  The other classes use
+    one window for every layer and ignore layer_types (transformers warns; so do we).  A per-layer result is
+    shortened to its repeating pattern, e.g. 36 layers of full/32k/32k/32k -> (None, 32768, 32768, 32768).
+    """
+    window = raw.get("sliding_window")
+    if raw.get("use_sliding_window") is False:
+        window = None
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        return window
+    if model_type != "ministral":
+        warnings.warn(f"layer_types is ignored for model_type {model_type!r}, as transformers ignores it: every "
+                      "layer uses sliding_window (interleaved windows need model_type 'ministral')", stacklevel=3)
+        return window
+    n = raw["num_hidden_layers"]
+    if not isinstance(layer_types, list) or len(layer_types) != n or \
+            not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ConfigError(f"layer_types must list 'sliding_attention' or 'full_attention' for each of the {n} "
+                          f"layers, found {layer_types!r}")
+    window = normalize_sliding_window(window)
+    if "sliding_attention" in layer_types and not isinstance(window, int):
+        raise ConfigError(f"layer_types has sliding_attention layers but sliding_window is "
+                          f"{raw.get('sliding_window')!r}")
+    per_layer = tuple(window if t == "sliding_attention" else None for t in layer_types)
+    for period in range(1, n + 1):  # the shortest repeating pattern
+        if n % period == 0 and per_layer == per_layer[:period] * (n // period):
+            return per_layer[:period]
+    return per_layer  # unreachable: period n always matches
+
+
+def _hf_rope(raw: dict[str, Any], model_type: str | None) -> tuple[float, YarnArgs | None, Llama4Scaling | None]:
+    """(rope_theta, yarn, llama_4_scaling) of an HF config, by transformers 5.23's rules.
+
+    ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x) with rope_type / type "default" or "yarn".
+    YaRN: factor (default max_position_embeddings / original), original_max_position_embeddings (default
+    max_position_embeddings), beta_fast (32), beta_slow (1); the cos/sin factor is attention_factor if given,
+    else mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are non-zero, else
+    0.1 * ln(factor) + 1.  The query scaling (llama_4_scaling_beta, 0 = none) is applied by Ministral3 only.
+    """
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"rope_parameters must be an object, found {rope!r}")
+    theta = raw.get("rope_theta")
+    if theta is None:  # transformers 5 keeps it in rope_parameters (and may write "rope_theta": null)
+        theta = rope.get("rope_theta")
+    if theta is None:
+        warnings.warn("rope_theta is missing; using 1e4 as transformers' MistralConfig does", stacklevel=3)
+        theta = 1e4
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
+    beta = rope.get("llama_4_scaling_beta") or 0
+    if rope_type == "default":
+        if beta and model_type == "ministral3":
+            raise ConfigError("rope_parameters.llama_4_scaling_beta needs rope_type 'yarn' (its "
+                              "original_max_position_embeddings)")
+        return float(theta), None, None
+    if rope.get("truncate", True) is not True:
+        raise ConfigError("rope_parameters.truncate=false (unrounded YaRN correction range) is not supported")
+    context = raw.get("max_position_embeddings")
+    original = rope.get("original_max_position_embeddings", context)
+    if original is None:
+        raise ConfigError("rope_parameters.original_max_position_embeddings is missing (and so is "
+                          "max_position_embeddings)")
+    factor = rope.get("factor")
+    if factor is None:
+        if context is None:
+            raise ConfigError("rope_parameters.factor is missing (and so is max_position_embeddings)")
+        factor = context / original
+    yarn = YarnArgs(factor=factor, original_max_position_embeddings=original,
+                    beta=rope.get("beta_fast") or 32.0, alpha=rope.get("beta_slow") or 1.0)
+    scale = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if scale is None:
+        if mscale and mscale_all_dim:
+            scale = _mscale(yarn.factor, mscale) / _mscale(yarn.factor, mscale_all_dim)
+        else:
+            scale = default_yarn_scaling(yarn.factor)
+    if scale == 1.0:
+        yarn = replace(yarn, apply_scale=False)
+    elif not math.isclose(scale, default_yarn_scaling(yarn.factor), rel_tol=1e-12):
+        yarn = replace(yarn, attention_factor=scale)
+    llama_4 = None
+    if beta:
+        if model_type == "ministral3":
+            llama_4 = Llama4Scaling(yarn.original_max_position_embeddings, beta)
+        else:
+            warnings.warn(f"rope_parameters.llama_4_scaling_beta is ignored for model_type {model_type!r}, as "
+                          "transformers ignores it (the query scaling is Ministral3's)", stacklevel=3)
+    return float(theta), yarn, llama_4
+
+
+def _mscale(factor: float, mscale: float) -> float:
+    """transformers' get_mscale: 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def _read_json(path: Path) -> dict[str, Any]:

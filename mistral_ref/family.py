@@ -1,10 +1,12 @@
 """The Mistral family: one preset per published model, parameter counts, and the table `mistral-ref info` prints.
 
 The presets are `ModelArgs` with the published shapes (dim / layers / heads / kv heads / head_dim / hidden / vocab /
-rope theta / window / experts), the tokenizer version and the trained context of each model.  Parameter counts are
-computed from those shapes with the formula below, so this module never imports torch or builds a model:
-`mistral-ref info` prints instantly.  tests/test_family.py checks the formula against the meta-device model
-(`mistral_ref.model.meta_model`) for every preset and for random shapes.
+rope theta / window / experts / YaRN / tied embeddings), the tokenizer version and the trained context of each
+model.  Parameter counts and KV-cache sizes are computed from those shapes with the formulas below, so this module
+never imports torch or builds a model: `mistral-ref info` prints instantly.  tests/test_family.py checks the
+parameter formula against the meta-device model (`mistral_ref.model.meta_model`) and the cache formula against
+`mistral_ref.cache.cache_nbytes`, for every preset and for random shapes.  README ("The family") says which
+numbers come from published files and which could not be checked.
 """
 
 from __future__ import annotations
@@ -12,9 +14,32 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
 
 _MIXTRAL_MOE = MoeArgs(num_experts=8, num_experts_per_tok=2)
+# Ministral 3: YaRN 16x over 16k (256k), no cos/sin magnitude change (HF mscale = mscale_all_dim = 1), and the
+# query scaling with beta 0.1 over the same 16k (transformers' Ministral3Config defaults).
+_MINISTRAL3_YARN = YarnArgs(factor=16.0, original_max_position_embeddings=16384, beta=32.0, alpha=1.0,
+                            apply_scale=False)
+_MINISTRAL3_QUERY = Llama4Scaling(original_max_position_embeddings=16384, beta=0.1)
+# Devstral Small 2: YaRN over 8k to its config's max_position_embeddings of 393216 (48x); not verified (README).
+_DEVSTRAL2_YARN = YarnArgs(factor=48.0, original_max_position_embeddings=8192, beta=32.0, alpha=1.0,
+                           apply_scale=False)
+_DEVSTRAL2_QUERY = Llama4Scaling(original_max_position_embeddings=8192, beta=0.1)
+
+
+def _small3(**kw) -> ModelArgs:
+    """The Mistral Small 3.x text model (24B): Small 3, 3.1, 3.2, Magistral Small, Devstral Small 1 and 2."""
+    return ModelArgs(**{**dict(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32, n_kv_heads=8,
+                               vocab_size=131072, norm_eps=1e-5), **kw})
+
+
+def _ministral3(**kw) -> ModelArgs:
+    """A Ministral 3 text model (2512): 32 heads over 8 kv heads of 128, Tekken vocabulary, YaRN to 256k."""
+    return ModelArgs(**{**dict(n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=131072, norm_eps=1e-5,
+                               yarn=_MINISTRAL3_YARN, llama_4_scaling=_MINISTRAL3_QUERY, max_seq_len=262144,
+                               tokenizer="v13-tekken"), **kw})
+
 
 PRESETS: dict[str, ModelArgs] = {
     "mistral-7b-v0.1": ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
@@ -37,6 +62,23 @@ PRESETS: dict[str, ModelArgs] = {
     "mistral-large-2407": ModelArgs(dim=12288, n_layers=88, head_dim=128, hidden_dim=28672, n_heads=96,
                                     n_kv_heads=8, vocab_size=32768, rope_theta=1e6, max_seq_len=131072,
                                     tokenizer="v3"),
+    "codestral-22b-2405": ModelArgs(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48,
+                                    n_kv_heads=8, vocab_size=32768, rope_theta=1e6, max_seq_len=32768,
+                                    tokenizer="v3"),
+    # one full-attention layer, then three with a 32k window, repeated (the model card's "ragged (128k, 32k, 32k,
+    # 32k)" attention pattern)
+    "ministral-8b-2410": ModelArgs(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32, n_kv_heads=8,
+                                   vocab_size=131072, rope_theta=1e8, sliding_window=(None, 32768, 32768, 32768),
+                                   max_seq_len=131072, tokenizer="v3-tekken"),
+    "ministral-3-3b-2512": _ministral3(dim=3072, n_layers=26, hidden_dim=9216, rope_theta=1e6, tied_embeddings=True),
+    "ministral-3-8b-2512": _ministral3(dim=4096, n_layers=34, hidden_dim=14336, rope_theta=1e6),
+    "ministral-3-14b-2512": _ministral3(dim=5120, n_layers=40, hidden_dim=16384, rope_theta=1e9),
+    "mistral-small-2503": _small3(rope_theta=1e9, max_seq_len=131072, tokenizer="v7-tekken"),  # Small 3.1
+    "mistral-small-2506": _small3(rope_theta=1e9, max_seq_len=131072, tokenizer="v11-tekken"),  # Small 3.2
+    "magistral-small-2506": _small3(rope_theta=1e9, max_seq_len=131072, tokenizer="v11-tekken"),
+    "devstral-small-2505": _small3(rope_theta=1e9, max_seq_len=131072, tokenizer="v7-tekken"),  # Devstral Small 1
+    "devstral-small-2-2512": _small3(rope_theta=1e8, yarn=_DEVSTRAL2_YARN, llama_4_scaling=_DEVSTRAL2_QUERY,
+                                     max_seq_len=262144, tokenizer="v13-tekken"),
 }
 
 
@@ -65,7 +107,7 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
     """Total parameters and parameters active per token, from the shapes alone (no torch, no memory).
 
     The weights of `mistral_ref.model.Transformer(args)`, none with a bias:
-      tok_embeddings and output: vocab_size x dim each; the final norm: dim
+      tok_embeddings and output: vocab_size x dim each (one matrix when tied_embeddings); the final norm: dim
       per layer: wq (n_heads*head_dim x dim), wk and wv (n_kv_heads*head_dim x dim each), wo (dim x n_heads*head_dim),
                  two norms (dim each), and the feed-forward: w1, w3 (hidden_dim x dim), w2 (dim x hidden_dim) —
                  for Mixtral num_experts copies of it plus the router gate (num_experts x dim).
@@ -77,21 +119,64 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
     experts = args.moe.num_experts if args.moe else 1
     router = args.moe.num_experts * d if args.moe else 0
     layer = attention + 2 * d + experts * expert + router
-    total = 2 * args.vocab_size * d + d + args.n_layers * layer
+    embeddings = (1 if args.tied_embeddings else 2) * args.vocab_size * d  # tok_embeddings (and output)
+    total = embeddings + d + args.n_layers * layer
     idle = (args.moe.num_experts - args.moe.num_experts_per_tok) if args.moe else 0
     return {"total": total, "active": total - args.n_layers * idle * expert}
 
 
+def kv_cache_bytes(args: ModelArgs, context: int, bytes_per_value: int = 2, batch_size: int = 1) -> int:
+    """Bytes of keys and values a KV cache holds for `context` positions (bf16 / fp16: 2 bytes per value).
+
+    Each layer keeps min(window, context) slots (a window layer rolls over its W slots; a full layer keeps one
+    per position), each holding a key and a value of n_kv_heads x head_dim.  Equals
+    mistral_ref.cache.cache_nbytes (tests/test_family.py), without torch.
+    """
+    slots = sum(min(w, context) if (w := args.window_for_layer(i)) is not None else context
+                for i in range(args.n_layers))
+    return batch_size * slots * 2 * args.n_kv_heads * args.head_dim * bytes_per_value
+
+
+def _window_text(args: ModelArgs) -> str:
+    """The window column: '-', '4096', or a per-layer pattern such as 'full/32768/32768/32768'."""
+    w = args.sliding_window
+    if isinstance(w, tuple):
+        return "/".join("full" if x is None else str(x) for x in w)
+    return str(w) if w else "-"
+
+
+def _rope_text(args: ModelArgs) -> str:
+    """The theta column: theta, with YaRN as 'yarn 16x16384' and the query scaling as '+q0.1'."""
+    text = f"{args.rope_theta:g}"
+    if args.yarn:
+        text += f" yarn {args.yarn.factor:g}x{args.yarn.original_max_position_embeddings}"
+    if args.llama_4_scaling:
+        text += f" +q{args.llama_4_scaling.beta:g}"
+    return text
+
+
+def _bytes_text(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{n} B"
+
+
 def family_table() -> str:
-    """A Markdown table of every preset with its total / active parameter counts."""
+    """A Markdown table of every preset with its total / active parameter counts and its bf16 KV cache (batch 1):
+    per token (while the context is shorter than every window) and at the trained context ("tied": the output
+    projection is the embedding matrix)."""
     rows = ["| model | dim | layers | heads/kv | head_dim | hidden | vocab | theta | window | experts | tokenizer "
-            "| total | active |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| total | active | context | KV/token | KV at context |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in PRESETS.items():
         c = parameter_counts(a)
         experts = f"{a.moe.num_experts} top-{a.moe.num_experts_per_tok}" if a.moe else "-"
+        context = a.max_seq_len or 32768
+        tied = " tied" if a.tied_embeddings else ""
         rows.append(
             f"| {name} | {a.dim} | {a.n_layers} | {a.n_heads}/{a.n_kv_heads} | {a.head_dim} | {a.hidden_dim} "
-            f"| {a.vocab_size} | {a.rope_theta:g} | {a.sliding_window or '-'} | {experts} | {a.tokenizer} "
-            f"| {c['total'] / 1e9:.2f}B | {c['active'] / 1e9:.2f}B |")
+            f"| {a.vocab_size}{tied} | {_rope_text(a)} | {_window_text(a)} | {experts} | {a.tokenizer} "
+            f"| {c['total'] / 1e9:.2f}B | {c['active'] / 1e9:.2f}B | {context // 1024}k "
+            f"| {_bytes_text(kv_cache_bytes(a, 1))} | {_bytes_text(kv_cache_bytes(a, context))} |")
     return "\n".join(rows)

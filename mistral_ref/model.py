@@ -1,4 +1,5 @@
-"""The Mistral / Mixtral transformer: embeddings -> n_layers x (attention, feed-forward) -> RMSNorm -> logits.
+"""The Mistral / Mixtral transformer: embeddings -> n_layers x (attention, feed-forward) -> RMSNorm -> logits
+(through output.weight, or through the embedding matrix itself for models with tied_embeddings).
 
 Read in this order: norm.py, rope.py, attention.py, moe.py, then this file.  Module and parameter names are those of the
 native checkpoints (tok_embeddings, layers.N.attention.wq, layers.N.feed_forward.w1, ...), so a state dict loads
@@ -64,7 +65,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # tied_embeddings (Ministral 3 3B): the logits are h @ tok_embeddings.weight.T, no output.weight at all
+        self.output = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.ops: Backend = get_backend("torch")  # see set_backend
         self.compiled_decode = None  # a torch.compile'd decode step, see compile_decode
 
@@ -75,6 +77,12 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection (vocab_size, dim): output.weight, or tok_embeddings.weight when the model ties
+        them (args.tied_embeddings)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_router_logits: bool = False, logits_at: torch.Tensor | None = None
@@ -100,7 +108,8 @@ class Transformer(nn.Module):
         """:meth:`forward` computed with the functions of `ops` (positions required)."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        rope = ops.rope_table(positions, self.args.head_dim, self.args.rope_theta)  # the same for every layer
+        a = self.args
+        rope = ops.rope_table(positions, a.head_dim, a.rope_theta, a.yarn)  # the same for every layer
         router_logits = []
         for i, layer in enumerate(self.layers):
             h, rl = layer(h, positions, rope, ops, None if cache is None else cache[i])
@@ -108,7 +117,7 @@ class Transformer(nn.Module):
                 router_logits.append(rl)
         if logits_at is not None:
             h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
-        logits = ops.linear(self.norm(h, ops), self.output.weight).float()  # (B, T, vocab)
+        logits = ops.linear(self.norm(h, ops), self.output_weight).float()  # (B, T, vocab)
         return (logits, router_logits) if return_router_logits else logits
 
     def compute_loss(self, tokens: torch.Tensor, targets: torch.Tensor, aux_loss_coef: float = 0.02) -> LossOutput:

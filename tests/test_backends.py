@@ -10,19 +10,25 @@ from conftest import rel_err
 
 from mistral_ref.backends import BackendError, get_backend
 from mistral_ref.cache import KVCache
-from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-GQA_WINDOW = ModelArgs(dim=48, n_layers=3, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
-                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(5, None))
+GQA_WINDOW = ModelArgs(dim=48, n_layers=4, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
+                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(5, None))  # (a pattern divides n_layers)
 NEMO = ModelArgs(dim=40, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=97,
                  norm_eps=1e-5, rope_theta=1e6)  # head_dim 16 != 40 / 4
 MOE = ModelArgs(dim=32, n_layers=2, hidden_dim=48, n_heads=4, n_kv_heads=1, head_dim=8, vocab_size=89,
                 norm_eps=1e-5, rope_theta=1e6, sliding_window=6, moe=MoeArgs(5, 2))
-MODELS = {"gqa_window": GQA_WINDOW, "nemo": NEMO, "moe": MOE}
+# Ministral-3-like: YaRN over an original context of 4 (a blending ramp, cos/sin scaled by 0.1 ln 4 + 1), the
+# query scaling, tied embeddings, and interleaved windows (full, 6) on top: every new path at once
+MINISTRAL3 = ModelArgs(dim=32, n_layers=4, hidden_dim=48, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=101,
+                       norm_eps=1e-5, rope_theta=1e4, sliding_window=(None, 6), tied_embeddings=True,
+                       yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4, beta=1.0, alpha=0.1),
+                       llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.2))
+MODELS = {"gqa_window": GQA_WINDOW, "nemo": NEMO, "moe": MOE, "ministral3": MINISTRAL3}
 
 
 def make_model(args: ModelArgs, seed: int = 0) -> Transformer:

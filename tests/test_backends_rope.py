@@ -1,4 +1,5 @@
-"""backends/rope.py: RoPE as one complex product equals rope.apply_rotary_emb (fp32 within 1e-6, bf16 bitwise)."""
+"""backends/rope.py: RoPE as one complex product equals rope.apply_rotary_emb (fp32 within 1e-6, bf16 bitwise), with
+plain RoPE and with YaRN (whose table also scales the magnitude)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from conftest import rel_err
 
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
+from mistral_ref.config import YarnArgs
 from mistral_ref.rope import apply_rotary_emb, rope_angles
 
 
@@ -25,3 +27,15 @@ def test_complex_rope_equals_reference():
     out = apply_rotary_emb_complex(xb, rot)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, apply_rotary_emb(xb, cos, sin))  # same fp32 arithmetic, same rounding
+
+
+def test_complex_rope_with_yarn_equals_reference():
+    pos = ragged_positions(2, 9) + 300
+    x = torch.randn(2, 9, 3, 32)
+    yarn = YarnArgs(factor=8.0, original_max_position_embeddings=16, beta=1.0, alpha=0.1)  # scaled by 1.208
+    cos, sin = rope_angles(pos, 32, 1e4, yarn)
+    rot = rope_rotations(pos, 32, 1e4, yarn)
+    assert torch.allclose(rot.abs(), torch.full(rot.shape, yarn.attention_scaling))
+    assert rel_err(apply_rotary_emb_complex(x, rot), apply_rotary_emb(x, cos, sin)) < 1e-6
+    plain = apply_rotary_emb(x, *rope_angles(pos, 32, 1e4))
+    assert rel_err(apply_rotary_emb(x, cos, sin), plain) > 0.1  # YaRN changes the rotation

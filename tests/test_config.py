@@ -49,8 +49,9 @@ def hf(tmp_path: Path, **changes) -> ModelArgs:
     ([4096, None], (4096, None)), ([], None), ([8, 0, "16"], (8, None, 16)),
 ])
 def test_sliding_window_spellings(tmp_path, raw, parsed):
-    assert params(tmp_path, sliding_window=raw).sliding_window == parsed
-    assert hf(tmp_path, sliding_window=raw).sliding_window == parsed
+    # 6 layers: a per-layer pattern must divide n_layers (test_family_config.py tests that rule)
+    assert params(tmp_path, sliding_window=raw, n_layers=6).sliding_window == parsed
+    assert hf(tmp_path, sliding_window=raw, num_hidden_layers=6).sliding_window == parsed
 
 
 @pytest.mark.parametrize("raw", ["four", -1, True, {"size": 4}])
@@ -115,7 +116,7 @@ def test_inconsistent_heads_are_errors(tmp_path):
 
 
 def test_params_json_round_trip(tmp_path):
-    args = ModelArgs(dim=64, n_layers=3, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=100,
+    args = ModelArgs(dim=64, n_layers=4, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=100,
                      rope_theta=1e8, sliding_window=(8, None), moe=MoeArgs(4, 2), max_seq_len=4096)
     path = tmp_path / "params.json"
     path.write_text(json.dumps(args.to_params_json()))
@@ -136,8 +137,9 @@ def test_transformers5_rope_parameters_and_dtype(tmp_path):
               dtype="bfloat16")
     assert args.rope_theta == 1e8
     assert hf(tmp_path, torch_dtype="float16", transformers_version="4.44.0").rope_theta == 1e6
-    with pytest.raises(ConfigError, match="rope_type 'yarn'"):
-        hf(tmp_path, rope_theta=_DROP, rope_parameters={"rope_theta": 1e6, "rope_type": "yarn", "factor": 4})
+    # YaRN is supported now (test_family_config.py); other scalings are refused by name
+    with pytest.raises(ConfigError, match="rope_type 'dynamic'"):
+        hf(tmp_path, rope_theta=_DROP, rope_parameters={"rope_theta": 1e6, "rope_type": "dynamic", "factor": 4})
 
 
 def test_hf_variants(tmp_path):
@@ -148,8 +150,9 @@ def test_hf_variants(tmp_path):
     assert hf(tmp_path, max_position_embeddings=1024000).max_seq_len == 1024000  # metadata only
     with pytest.raises(ConfigError, match="model_type 'llama'"):
         hf(tmp_path, model_type="llama")
+    # tie_word_embeddings=true is supported now (Ministral 3 3B; test_family_checkpoint.py); nonsense is refused
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
-        hf(tmp_path, tie_word_embeddings=True)
+        hf(tmp_path, tie_word_embeddings="yes")
     with pytest.raises(ConfigError, match="hidden_act 'gelu'"):
         hf(tmp_path, hidden_act="gelu")
 
@@ -185,8 +188,10 @@ def test_to_hf_config_round_trip_and_per_layer_windows(tmp_path):
     args = get_preset("mixtral-8x7b", n_layers=2)
     (tmp_path / "config.json").write_text(json.dumps(args.to_hf_config()))
     assert ModelArgs.from_hf_config(tmp_path) == args
+    # one window interleaved with full layers is HF's "ministral" layer_types (test_family_config.py); two
+    # different windows are not expressible
     with pytest.raises(ConfigError, match="per-layer"):
-        get_preset("mistral-7b-v0.1", sliding_window=(4096, None)).to_hf_config()
+        get_preset("mistral-7b-v0.1", sliding_window=(4096, 8192)).to_hf_config()
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -154,14 +154,15 @@ def test_reference_attention_equals_sdpa_with_an_explicit_mask():
 
 
 def test_per_layer_windows_apply_cyclically():
-    args = tiny_args(n_layers=5, sliding_window=[3, None, 5])
+    # (a pattern's length must divide n_layers, as in mistral-inference: 3 windows over 6 layers)
+    args = tiny_args(n_layers=6, sliding_window=[3, None, 5])
     model = random_model(args)
-    assert [layer.attention.window for layer in model.layers] == [3, None, 5, 3, None]
-    assert [args.window_for_layer(i) for i in range(5)] == [3, None, 5, 3, None]
+    assert [layer.attention.window for layer in model.layers] == [3, None, 5, 3, None, 5]
+    assert [args.window_for_layer(i) for i in range(6)] == [3, None, 5, 3, None, 5]
     # the same weights with the windows set by hand give the same logits; one window fewer does not
     tokens = torch.randint(0, 80, (1, 12), generator=gen(13))
-    by_hand = random_model(tiny_args(n_layers=5, sliding_window=None))
-    for layer, w in zip(by_hand.layers, [3, None, 5, 3, None]):
+    by_hand = random_model(tiny_args(n_layers=6, sliding_window=None))
+    for layer, w in zip(by_hand.layers, [3, None, 5, 3, None, 5]):
         layer.attention.window = w
     with torch.no_grad():
         assert torch.equal(model(tokens), by_hand(tokens))

@@ -3,6 +3,9 @@
 Registered when triton_kernels is imported, and advertised by the `mistral_ref.backends` entry point, so
 ``model.set_backend("triton")`` finds it without an import.  Each kernel equals the reference function named in
 triton_kernels/__init__.py; products stay F.linear (cuBLAS on a GPU) and the cache write is the reference one.
+YaRN needs no kernel change: rope.rope_angles builds the (cos, sin) table with YaRN's frequencies and factor, and
+the RoPE kernel only multiplies by it; Ministral 3's query scaling is plain math in attention.Attention.forward
+before the attention kernel, and interleaved windows are each layer's `window` argument.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from triton_kernels.rope import apply_rotary_emb
 
 
 def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The RoPE kernel with the (cos, sin) table of rope.rope_angles.  x: (B, T, H, D)."""
+    """The RoPE kernel with the (cos, sin) table of rope.rope_angles (YaRN included).  x: (B, T, H, D)."""
     return apply_rotary_emb(x, *cos_sin)
 
 

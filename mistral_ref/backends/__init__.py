@@ -39,7 +39,8 @@ class Backend:
 
     linear(x (..., in), weight (out, in)) -> (..., out)                     F.linear without bias
     rms_norm(x (..., dim), weight (dim,), eps) -> (..., dim)                norm.rms_norm
-    rope_table(positions (B, T), head_dim, theta) -> table                  computed once per forward pass
+    rope_table(positions (B, T), head_dim, theta, yarn) -> table            rope.rope_angles (yarn: YarnArgs
+                                                                            or None), once per forward
     rope(x (B, T, H, head_dim), table) -> x rotated                         rope.apply_rotary_emb
     attention(q, k, v, q_pos, k_pos, window) -> (B, T, n_heads, head_dim)   attention.attention
     moe(x (N, dim), gate_weight, w1, w2, w3, top_k) -> (N, dim), logits     moe.moe_forward

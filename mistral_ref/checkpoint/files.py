@@ -9,13 +9,14 @@ names, shapes and dtypes against the config (reads headers only).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from mistral_ref.checkpoint.errors import CheckpointError, listing
-from mistral_ref.checkpoint.names import hf_to_native_name, natural_key
+from mistral_ref.checkpoint.names import hf_to_native_name, is_vision_tensor, language_model_name, natural_key
 from mistral_ref.checkpoint.safetensors_io import (
     PICKLE_SUFFIXES,
     TensorInfo,
@@ -24,6 +25,8 @@ from mistral_ref.checkpoint.safetensors_io import (
 )
 from mistral_ref.config import ModelArgs
 from mistral_ref.model import meta_model
+
+log = logging.getLogger(__name__)
 
 # ---- finding the files -------------------------------------------------------------------------------------
 _NATIVE_SHARD = re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")
@@ -216,6 +219,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     unexpected: list[str] = []
     problems: list[str] = []
     weight_map = None
+    skipped: list[str] = []  # vision-tower tensors; an output weight the config ties to the embeddings
     if files.index is not None:
         weight_map = json.loads(files.index.read_text(encoding="utf-8"))["weight_map"]
     for shard in files.shards:
@@ -224,16 +228,25 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                 raise CheckpointError(
                     f"{files.index}: key {key!r} is stored in {shard.name} but the index says "
                     f"{weight_map.get(key)!r}: the index and the shards come from different saves")
+            if is_vision_tensor(key):  # a multimodal checkpoint: only its language model loads
+                skipped.append(key)
+                continue
             if files.format == "hf":
                 if _IGNORED_HF_KEYS.fullmatch(key):
                     continue
                 try:
-                    name = hf_to_native_name(key)
+                    name = hf_to_native_name(language_model_name(key))
                 except KeyError:
                     unexpected.append(key)
                     continue
             else:
                 name = key
+            if name == "output.weight" and args.tied_embeddings:
+                warnings.warn(f"{shard}: ignoring {key!r}: {files.config.name} ties the output projection to the "
+                              "embeddings (tied_embeddings / tie_word_embeddings), as transformers does",
+                              stacklevel=2)
+                skipped.append(key)
+                continue
             if name not in expected:
                 unexpected.append(key)
                 continue
@@ -249,8 +262,12 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                     f"{shard}: key {key!r} has dtype {info.dtype}, expected a floating point type "
                     "(quantized checkpoints are not supported)")
             index[name] = info
+    vision = sum(map(is_vision_tensor, skipped))
+    if vision:
+        log.info("%s: skipped %d vision-tower tensor(s): image inputs are not supported yet", files.config.parent,
+                 vision)
     if weight_map is not None:
-        stored = {info.key for info in index.values()} | set(unexpected)
+        stored = {info.key for info in index.values()} | set(unexpected) | set(skipped)
         absent = sorted(set(weight_map) - stored, key=natural_key)
         if absent:
             problems.append(f"{files.index}: names {len(absent)} tensor(s) that its shards do not contain: "
@@ -265,6 +282,9 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
             hint = " — the config describes experts (moe / num_local_experts) but the checkpoint is dense"
         elif any(m.endswith("feed_forward.w1.weight") for m in missing) and experts_found:
             hint = " — the checkpoint holds experts but the config describes a dense model"
+        elif missing == ["output.weight"]:
+            hint = (" — if the model ties its output projection to its embeddings, its config must say so "
+                    "(tied_embeddings in params.json, tie_word_embeddings in config.json)")
         elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
             hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
         name = files.shards[0].name

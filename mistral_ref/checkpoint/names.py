@@ -75,6 +75,34 @@ def hf_to_native_name(name: str) -> str:
     raise KeyError(f"no native name for Hugging Face tensor {name!r}")
 
 
+# ---- multimodal checkpoints: the language model's tensors and the vision tower's --------------------------------
+# Mistral Small 3.1+, Ministral 3, Devstral Small 2 ship a Pixtral vision tower: natively as vision_encoder.*,
+# vision_language_adapter.*, patch_merger.*, pre_mm_projector_norm.*; in HF files (Mistral3ForConditionalGeneration)
+# as vision_tower.* and multi_modal_projector.*, with the language model under language_model.model.* /
+# language_model.lm_head.* (hub files) or model.language_model.* (transformers 5).  Only the language model loads.
+_VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..+"
+                     r"|(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\..+")
+_HF_LANGUAGE_MODEL_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                               ("model.language_model.", "model."))
+
+
+def is_vision_tensor(name: str) -> bool:
+    """True for a tensor of a multimodal checkpoint's vision tower or projector (either format)."""
+    return _VISION.fullmatch(name) is not None
+
+
+def language_model_name(hf_name: str) -> str:
+    """The text model's HF name of a tensor of an HF multimodal checkpoint; other names are returned unchanged.
+
+    'language_model.model.layers.0.mlp.up_proj.weight' and 'model.language_model.layers.0.mlp.up_proj.weight'
+    -> 'model.layers.0.mlp.up_proj.weight'; 'language_model.lm_head.weight' -> 'lm_head.weight'.
+    """
+    for prefix, replacement in _HF_LANGUAGE_MODEL_PREFIXES:
+        if hf_name.startswith(prefix):
+            return replacement + hf_name[len(prefix):]
+    return hf_name
+
+
 def natural_key(name: str) -> list[int | str]:
     """Sort key that puts layers.2 before layers.10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

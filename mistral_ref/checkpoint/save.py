@@ -69,7 +69,11 @@ def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[
         config.update(dtype=dtype_name, torch_dtype=dtype_name)  # transformers 5 reads dtype, 4.x torch_dtype
         config_path = directory / "config.json"
     else:
-        config, config_path = args.to_params_json(), directory / "params.json"
+        try:
+            config = args.to_params_json()
+        except ConfigError as err:
+            raise CheckpointError(f"{directory / 'params.json'}: {err}") from None
+        config_path = directory / "params.json"
 
     bar = Progress(sum(t.nbytes for t in tensors), progress, f"writing {directory.name}")
     for shard, name in zip(shards, names):

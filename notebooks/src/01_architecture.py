@@ -22,14 +22,22 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from mistral_ref.attention import attention, attention_mask
+from mistral_ref.attention import attention, attention_mask, llama4_query_scale
+from mistral_ref.backends import get_backend
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import permute_to_hf, permute_to_native
 from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.family import PRESETS, parameter_counts
+from mistral_ref.family import PRESETS, kv_cache_bytes, parameter_counts
 from mistral_ref.model import RMSNorm, Transformer, meta_model
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss, moe_forward, route
-from mistral_ref.rope import apply_rotary_emb, apply_rotary_emb_half, rope_angles, rope_frequencies
+from mistral_ref.rope import (
+    apply_rotary_emb,
+    apply_rotary_emb_half,
+    rope_angles,
+    rope_frequencies,
+    yarn_correction_range,
+    yarn_frequencies,
+)
 
 torch.manual_seed(0)
 # constrained layout: labels, titles and colour bars are never clipped, whatever saves or shows the figure
@@ -156,9 +164,9 @@ for name, args in PRESETS.items():
     full = dataclasses.replace(args, sliding_window=None)
     mha = dataclasses.replace(full, n_kv_heads=args.n_heads)
     rows.append((name, args.n_heads, args.n_kv_heads, kv_cache_gib(mha), kv_cache_gib(full), kv_cache_gib(args)))
-print(f"{'model':20} {'heads':>5} {'kv':>3} {'MHA GiB':>8} {'GQA GiB':>8} {'+window':>8}")
+print(f"{'model':22} {'heads':>5} {'kv':>3} {'MHA GiB':>8} {'GQA GiB':>8} {'+window':>8}")
 for r in rows:
-    print(f"{r[0]:20} {r[1]:5} {r[2]:3} {r[3]:8.1f} {r[4]:8.1f} {r[5]:8.1f}")
+    print(f"{r[0]:22} {r[1]:5} {r[2]:3} {r[3]:8.1f} {r[4]:8.1f} {r[5]:8.1f}")
 
 fig, ax = plt.subplots(figsize=(9, 3.4))
 xs = range(len(rows))
@@ -228,6 +236,83 @@ ax.set_title(f"receptive field of position {T - 1} with a window of W={W} keys (
 plt.show()
 
 # %% [markdown]
+# ### Interleaved windows (Ministral 8B)
+#
+# Ministral 8B mixes the two: its 36 layers repeat the pattern *one full-attention layer, then three layers with a
+# 32k window* (`params.json` lists one window per layer of the pattern, `null` for full; Hugging Face writes
+# `sliding_window` plus `layer_types`). The full layers keep the whole context reachable in one hop; the window
+# layers keep the cache small: a window layer's cache is a rolling buffer of W slots, a full layer's grows with
+# the context (`cache.layer_capacity`).
+
+# %%
+ministral = PRESETS["ministral-8b-2410"]
+print("windows of the first 8 layers:", [ministral.window_for_layer(i) for i in range(8)])
+contexts = [2**k for k in range(10, 18)]  # 1k .. 128k
+fig, ax = plt.subplots()
+for label, args in (("every layer full", dataclasses.replace(ministral, sliding_window=None)),
+                    ("Ministral 8B: 1 full : 3 windowed (32k)", ministral),
+                    ("every layer windowed (32k)", dataclasses.replace(ministral, sliding_window=32768))):
+    ax.plot(contexts, [kv_cache_bytes(args, c) / 2**30 for c in contexts], "o-", label=label)
+ax.set_xscale("log", base=2)
+ax.set_xlabel("context (tokens)")
+ax.set_ylabel("KV cache, bf16, batch 1 (GiB)")
+ax.set_title("interleaved windows: the cache grows with the context only on the full layers")
+ax.legend(fontsize=8)
+plt.show()
+# at 128k: 9 full layers x 131072 slots + 27 window layers x 32768 slots, against 36 x 131072
+assert kv_cache_bytes(ministral, 131072) * 36 == kv_cache_bytes(dataclasses.replace(ministral, sliding_window=None),
+                                                                  131072) * (9 + 27 / 4)
+
+# %% [markdown]
+# ## 3b. Longer contexts: YaRN and the query scaling (Ministral 3)
+#
+# Ministral 3 was trained with RoPE on 16k positions and serves 256k. Positions beyond 16k would turn the slow pairs
+# to angles never seen in training. **YaRN** (Peng et al. 2023) changes the frequencies once, per pair:
+# a pair that turns many times within the original context (more than `beta_fast` = 32 turns) already saw every
+# angle and keeps its frequency; a pair that turns less than `beta_slow` = 1 time is slowed down `factor` = 16
+# times, so 256k positions look like the 16k it knows; the pairs between blend linearly (`rope.yarn_frequencies`).
+# YaRN may also multiply cos and sin by 0.1·ln(factor) + 1 (Ministral 3 does not: `YarnArgs.attention_scaling`
+# is 1).
+
+# %%
+m3 = PRESETS["ministral-3-8b-2512"]
+plain = rope_frequencies(m3.head_dim, m3.rope_theta)
+yarn = yarn_frequencies(m3.head_dim, m3.rope_theta, m3.yarn)
+low, high = yarn_correction_range(m3.head_dim, m3.rope_theta, m3.yarn)
+fig, ax = plt.subplots()
+ax.semilogy(2 * math.pi / plain, label="RoPE, θ = 1e6")
+ax.semilogy(2 * math.pi / (plain / m3.yarn.factor), ":", label="every pair slowed down 16x (position interpolation)")
+ax.semilogy(2 * math.pi / yarn, "--", label="YaRN 16x over 16k")
+ax.axvspan(low, high, color="grey", alpha=0.15, label=f"blend: pairs {low} .. {high}")
+for ctx, name in ((16384, "16k: trained"), (262144, "256k: served")):
+    ax.axhline(ctx, color="grey", lw=0.6, ls="--")
+    ax.text(1, ctx * 1.3, name, fontsize=8, color="grey")
+ax.set_xlabel("pair index i (head_dim = 128)")
+ax.set_ylabel("wavelength 2π/ω_i (tokens)")
+ax.set_title("YaRN keeps the fast pairs and stretches the slow ones")
+ax.legend(fontsize=8)
+plt.show()
+assert torch.equal(yarn[:low + 1], plain[:low + 1])  # fast pairs: unchanged
+assert torch.allclose(yarn[high:], plain[high:] / 16)  # slow pairs: 16x slower
+
+# %% [markdown]
+# Ministral 3 also multiplies each **query** (not key) by `1 + β·ln(1 + ⌊p / 16384⌋)` with β = 0.1 (the
+# "llama 4 scaling", `attention.llama4_query_scale`): 1 inside the trained 16k, then a slowly growing factor that
+# sharpens the softmax where many more keys compete. It is plain arithmetic on q before the attention function,
+# which is why no attention kernel needs to know about it.
+
+# %%
+positions = torch.arange(0, 262144, 256)[None]
+scale = llama4_query_scale(positions, m3.llama_4_scaling)[0]
+fig, ax = plt.subplots(figsize=(9, 2.6))
+ax.plot(positions[0] / 1024, scale)
+ax.set_xlabel("query position (k tokens)")
+ax.set_ylabel("query scale")
+ax.set_title("the query scaling: a step every 16k positions")
+plt.show()
+assert scale[0] == 1 and abs(scale[-1] - (1 + 0.1 * math.log(16))) < 1e-6
+
+# %% [markdown]
 # ## 4. RMSNorm
 #
 # Mistral normalises with RMSNorm: `x / sqrt(mean(x²) + ε) · weight` — no mean subtraction and no bias
@@ -236,11 +321,12 @@ plt.show()
 # change the output.
 
 # %%
+ops = get_backend("reference")  # the layers compute through a backend's functions: here the plain ones
 norm = RMSNorm(8, eps=1e-5)
 x = torch.randn(3, 8) * 5 + 2
-y = norm(x)
+y = norm(x, ops)
 print("rms of the output rows:", y.pow(2).mean(-1).sqrt())
-assert torch.allclose(norm(10 * x), y, atol=1e-5)
+assert torch.allclose(norm(10 * x, ops), y, atol=1e-5)
 print("RMSNorm keeps the mean (LayerNorm would remove it):", y.mean(-1))
 print("LayerNorm of the same rows has mean:", F.layer_norm(x, (8,)).mean(-1))
 
@@ -264,7 +350,7 @@ with torch.no_grad():
     ff.w2.weight.fill_(1.0)
     for gain in (0.5, 1.0, 2.0):
         ff.w3.weight.fill_(gain)
-        axes[1].plot(z, ff(z[:, None])[:, 0], label=f"w3 = {gain}")
+        axes[1].plot(z, ff(z[:, None], ops)[:, 0], label=f"w3 = {gain}")
 axes[1].set_title("a one-unit SwiGLU: silu(w1·z)·(w3·z)")
 axes[1].legend()
 plt.show()
@@ -293,7 +379,7 @@ probs = logits.softmax(-1)
 dense = torch.zeros_like(tokens)
 for e, expert in enumerate(layer.experts):
     w_e = (weights * (experts == e)).sum(-1, keepdim=True)  # (N, 1)
-    dense += w_e * expert(tokens)
+    dense += w_e * expert(tokens, ops)
 sparse, _ = moe_forward(tokens, layer.gate.weight, [e.w1.weight for e in layer.experts],
                         [e.w2.weight for e in layer.experts], [e.w3.weight for e in layer.experts], top_k=2)
 assert torch.allclose(sparse, dense, atol=1e-5)
@@ -373,12 +459,12 @@ def breakdown(args):
 
 counts = {name: parameter_counts(args) for name, args in PRESETS.items()}
 parts = {name: breakdown(args) for name, args in PRESETS.items()}
-print(f"{'model':20} {'total':>8} {'active':>8} | {'embed+output':>12} {'attention':>9} {'FFN/experts':>11} "
+print(f"{'model':22} {'total':>8} {'active':>8} | {'embed+output':>12} {'attention':>9} {'FFN/experts':>11} "
       f"{'router+norms':>12}")
 for name in PRESETS:
     c, p = counts[name], parts[name]
     assert sum(p.values()) == c["total"]
-    print(f"{name:20} {c['total'] / 1e9:7.2f}B {c['active'] / 1e9:7.2f}B | {p['embeddings + output'] / 1e9:11.2f}B "
+    print(f"{name:22} {c['total'] / 1e9:7.2f}B {c['active'] / 1e9:7.2f}B | {p['embeddings + output'] / 1e9:11.2f}B "
           f"{p['attention'] / 1e9:8.2f}B {p['feed-forward / experts'] / 1e9:10.2f}B "
           f"{p['router + norms'] / 1e6:11.2f}M")
 

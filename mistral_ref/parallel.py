@@ -231,7 +231,8 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
     with torch.device("meta"), warnings.catch_warnings():  # the modules that differ from meta_model's
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         model.tok_embeddings = VocabParallelEmbedding(v1 - v0, args.dim, vocab_start=v0)
-        model.output = nn.Linear(args.dim, v1 - v0, bias=False)
+        if not args.tied_embeddings:  # (tied: the logits use the embedding's vocab slice)
+            model.output = nn.Linear(args.dim, v1 - v0, bias=False)
         if args.moe is not None and moe == "expert":
             n = args.moe.num_experts // world_size
             mine = range(rank * n, (rank + 1) * n)  # as in tensor_shard

@@ -20,7 +20,7 @@ import torch
 
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import TensorSlice, checkpoint_index, find_checkpoint, load_weights, save_checkpoint
-from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.model import Transformer
 from mistral_ref.parallel import (
     ShardingError,
@@ -44,8 +44,15 @@ CONFIGS = {
     "mixtral": ModelArgs(dim=32, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, hidden_dim=48,
                          vocab_size=64, norm_eps=1e-5, rope_theta=1e6,
                          moe=MoeArgs(num_experts=4, num_experts_per_tok=2)),
+    # Ministral 3 3B-shaped: tied embeddings (the logits use the vocab-parallel embedding slice), YaRN past a
+    # tiny original context and the llama-4 query scaling
+    "ministral3": ModelArgs(dim=48, n_layers=2, n_heads=8, n_kv_heads=4, head_dim=8, hidden_dim=64,
+                            vocab_size=96, norm_eps=1e-5, rope_theta=1e6, tied_embeddings=True,
+                            yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4),
+                            llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.1)),
 }
-SCENARIOS = [("mistral", "expert"), ("nemo", "expert"), ("mixtral", "expert"), ("mixtral", "tensor")]
+SCENARIOS = [("mistral", "expert"), ("nemo", "expert"), ("mixtral", "expert"), ("mixtral", "tensor"),
+             ("ministral3", "expert")]
 FORMATS = ("native", "hf")
 # Not shardable over 2 or 4 ranks: 3 kv heads (and 6 heads over 4); 3 experts with moe="expert".
 BAD_CONFIGS = {

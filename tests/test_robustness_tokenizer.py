@@ -133,16 +133,24 @@ def test_a_panic_of_tiktoken_becomes_a_tokenizer_error(tekken_data: dict[str, An
         tok.encode(" " * 1_000_000)
 
 
-def test_other_base_exceptions_pass_through(tekken: TekkenTokenizer, monkeypatch) -> None:
-    class Stop(KeyboardInterrupt):
-        pass
+class PanicException(BaseException):  # named like pyo3's, which cannot be imported
+    pass
 
-    class Model:
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("raised, expected", [(PanicException, TokenizerError), (ValueError, TokenizerError),
+                                              (Interrupt, Interrupt)])
+def test_regex_failures_become_tokenizer_errors_and_nothing_else(tekken: TekkenTokenizer, monkeypatch,
+                                                                 raised: type, expected: type) -> None:
+    class FailingModel:
         def encode_ordinary(self, text: str) -> list[int]:
-            raise Stop
+            raise raised("regex failed")
 
-    monkeypatch.setattr(tekken, "_model", Model())
-    with pytest.raises(Stop):
+    monkeypatch.setattr(tekken, "_model", FailingModel())  # undone after the test
+    with pytest.raises(expected):
         tekken.encode("x")
 
 

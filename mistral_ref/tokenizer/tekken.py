@@ -7,8 +7,9 @@ lists ``{rank, token_str, is_control}``. Only the first ``vocab_size - num_speci
 token id = rank + num_special; ids below num_special are the special tokens.
 
 Long runs of white space: tiktoken's regex engine (fancy-regex) gives up on the alternative ``\s+(?!\S)`` once a
-run of white space without a line break reaches about a million characters, and tiktoken then panics (pyo3's
-``PanicException``, not an ``Exception``).  :meth:`TekkenTokenizer.encode` therefore cuts such runs (from
+run of white space without a line break reaches about a million characters, and tiktoken's ``encode_ordinary``
+then panics (pyo3's ``PanicException``, not an ``Exception``; its ``encode``, which mistral-common calls, raises
+a ValueError).  :meth:`TekkenTokenizer.encode` therefore cuts such runs (from
 :data:`LONG_SPACE_RUN` characters on) out of the text and byte-pair-encodes them itself as the single pre-token
 the regex would have made; see :func:`_split_long_space_runs` for why the ids stay identical.
 """
@@ -265,11 +266,13 @@ class TekkenTokenizer(Tokenizer):
         return ids
 
     def _encode_ordinary(self, text: str) -> list[int]:
-        """tiktoken's encoding; its Rust panics (a BaseException) become TokenizerError."""
+        """tiktoken's encoding; a failure of its regex becomes TokenizerError."""
         try:
             return self._model.encode_ordinary(text)
         except BaseException as e:
-            if type(e).__name__ != "PanicException":  # pyo3's; it cannot be imported by name
+            # tiktoken reports a regex failure (e.g. out of backtracking stack) as a ValueError from some entry
+            # points and as a Rust panic from others: pyo3's PanicException, a BaseException not importable by name
+            if not isinstance(e, ValueError) and type(e).__name__ != "PanicException":
                 raise
             raise TokenizerError(
                 f"tiktoken failed on a text of {len(text)} characters with this tekken pattern: {e}"

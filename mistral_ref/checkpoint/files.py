@@ -218,6 +218,13 @@ def min_checkpoint_bytes(args: ModelArgs) -> int:
     return parameter_counts(args)["total"] + args.n_layers * _LAYER_HEADER_BYTES
 
 
+def _one_shard_hint(files: CheckpointFiles) -> str:
+    name = files.shards[0].name
+    if len(files.shards) == 1 and (_HF_SHARD.fullmatch(name) or _NATIVE_SHARD.fullmatch(name)):
+        return " — this is one shard of a sharded checkpoint: pass the directory instead"
+    return ""
+
+
 def _magnitude(n: int) -> str:
     """4.3e+15 (or 10^1234 for an int too large for a float)."""
     return f"{n:.3g}" if n.bit_length() < 1000 else f"10^{int(n.bit_length() * 0.30103)}"
@@ -253,7 +260,7 @@ def check_config_fits_files(files: CheckpointFiles, args: ModelArgs) -> None:
     raise CheckpointError(
         f"{files.config}: describes a model of {_magnitude(parameter_counts(args)['total'])} parameters, needing "
         f"at least {_magnitude(need)} bytes, but its weight files ({shards}) hold {have} bytes: {blame} (a corrupt or "
-        "mismatched config)")
+        f"mismatched config){_one_shard_hint(files)}")
 
 
 def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
@@ -263,6 +270,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     anything), missing keys, shape mismatches, duplicate keys, an index.json that disagrees with its shards,
     and (if strict) unexpected keys; non-strict loads warn about the latter.
     """
+    headers = {shard: read_safetensors_header(shard) for shard in files.shards}  # bad files are named first
     check_config_fits_files(files, args)
     expected = expected_shapes(args)
     index: dict[str, TensorInfo] = {}
@@ -272,7 +280,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     if files.index is not None:
         weight_map = json.loads(files.index.read_text(encoding="utf-8"))["weight_map"]
     for shard in files.shards:
-        for key, info in read_safetensors_header(shard).items():
+        for key, info in headers[shard].items():
             if weight_map is not None and weight_map.get(key) != shard.name:
                 raise CheckpointError(
                     f"{files.index}: key {key!r} is stored in {shard.name} but the index says "
@@ -320,9 +328,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
             hint = " — the checkpoint holds experts but the config describes a dense model"
         elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
             hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
-        name = files.shards[0].name
-        if len(files.shards) == 1 and (_HF_SHARD.fullmatch(name) or _NATIVE_SHARD.fullmatch(name)):
-            hint += " — this is one shard of a sharded checkpoint: pass the directory instead"
+        hint += _one_shard_hint(files)
         problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
                            f"{listing(missing)}{hint}")
     if unexpected:

@@ -3,7 +3,8 @@
 One table, :data:`REQUEST`, drives the three places that need it:
 
 - ``api.parse_request`` validates a request body with :func:`check` (type, range, unknown names) and raises
-  ``RequestError`` naming the field;
+  ``RequestError`` naming the field; before that, :func:`check_nesting_and_integers` refuses bodies nested
+  too deep or holding integers too long to print, whatever the field;
 - ``sampling.SamplingParams`` checks temperature, top_p, the penalties and seed with the same :func:`check`
   (raising ``GenerationParamError``), so the Python API and HTTP share one set of ranges;
 - ``server.openapi_document`` publishes :func:`request_schema` as the ``ChatCompletionRequest`` schema of
@@ -273,7 +274,8 @@ def check_nesting_and_integers(body: Mapping[str, Any]) -> None:
     Walks the body with an explicit stack, so any depth is safe here.  Raises FieldError naming the top-level
     field; its message gives the path (``tools[0].function.parameters.properties.x...``).
     """
-    stack = [(_step(name)[1:], _step(name)[1:], value, 1) for name, value in body.items()]
+    fields = [(name if isinstance(name, str) else _step(name), value) for name, value in body.items()]
+    stack = [(name, name, value, 1) for name, value in fields]
     while stack:
         name, path, value, depth = stack.pop()  # the field, where in it, what is there, how deep
         if isinstance(value, (Mapping, list, tuple)):

@@ -3,7 +3,8 @@
 find_checkpoint: which format a directory holds (native: params.json + consolidated*.safetensors; Hugging Face:
 config.json + model*.safetensors), its shards and index.json, refusing pickles and git-lfs pointers.
 checkpoint_index: every tensor the model needs, named natively, with its file, dtype and shape, after checking
-names, shapes and dtypes against the config (reads headers only).
+names, shapes and dtypes against the config (reads headers only), and, before the model is even built on the
+meta device, that the files are large enough for the model the config describes (check_config_fits_files).
 """
 
 from __future__ import annotations

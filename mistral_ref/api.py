@@ -38,7 +38,7 @@ import torch
 
 from mistral_ref.generation import StopStrings, generate_stream
 from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
-from mistral_ref.request_spec import FIELDS, REQUEST, FieldError, check, type_name
+from mistral_ref.request_spec import FIELDS, REQUEST, FieldError, check, check_nesting_and_integers, type_name
 from mistral_ref.sampling import SamplingParams
 from mistral_ref.tokenizer import ChatTemplateError
 
@@ -156,6 +156,10 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     """
     if not isinstance(body, Mapping):
         raise RequestError("body", f"must be a JSON object, got {type_name(body)}")
+    try:
+        check_nesting_and_integers(body)
+    except FieldError as e:
+        raise RequestError(e.field, e.problem) from None
     body = {k: v for k, v in body.items() if v is not None}
     for name in body:
         if name not in FIELDS:

@@ -556,7 +556,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, or an int of > 4300 digits
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(raw).__name__}")

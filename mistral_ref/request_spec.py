@@ -3,7 +3,8 @@
 One table, :data:`REQUEST`, drives the three places that need it:
 
 - ``api.parse_request`` validates a request body with :func:`check` (type, range, unknown names) and raises
-  ``RequestError`` naming the field;
+  ``RequestError`` naming the field; before that, :func:`check_nesting_and_integers` refuses bodies nested
+  too deep or holding integers too long to print, whatever the field;
 - ``sampling.SamplingParams`` checks temperature, top_p, the penalties and seed with the same :func:`check`
   (raising ``GenerationParamError``), so the Python API and HTTP share one set of ranges;
 - ``server.openapi_document`` publishes :func:`request_schema` as the ``ChatCompletionRequest`` schema of
@@ -22,6 +23,7 @@ shape is checked by their parser in api.py, whose messages say what is expected.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -225,7 +227,10 @@ def type_name(value: Any) -> str:
 
 def _has_type(kind: str, value: Any) -> bool:
     if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an int beyond the float range (JSON allows 1000...0 of 400 digits)
+            return False
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, {"boolean": bool, "string": str}[kind])
@@ -245,6 +250,47 @@ def check(name: str, value: Any) -> Any:
     if not f.in_range(value):
         raise FieldError(name, f"{f.range_doc or 'must be ' + f.interval}, got {value!r}")
     return float(value) if f.type == "number" else value
+
+
+#: Containers nested deeper than this in a request are refused: serialising tool schemas and arguments, and
+#: printing values in error messages, recurse once per level, and Python allows about 1000 levels per thread.
+MAX_NESTING = 100
+
+
+def _step(key: Any) -> str:
+    """One step of a path: ``.name`` for a key, ``[i]`` for an index (the type when a key cannot be shown)."""
+    if isinstance(key, str):
+        return f".{key}"
+    if type(key) is int and key.bit_length() < 64:
+        return f"[{key}]"
+    return f"[{type(key).__name__}]"
+
+
+def check_nesting_and_integers(body: Mapping[str, Any]) -> None:
+    """Refuse what later steps could not even print: containers nested more than :data:`MAX_NESTING` levels
+    (a RecursionError there), and integers with more digits than Python converts to text
+    (``sys.get_int_max_str_digits()``, 4300 by default: a ValueError there).
+
+    Walks the body with an explicit stack, so any depth is safe here.  Raises FieldError naming the top-level
+    field; its message gives the path (``tools[0].function.parameters.properties.x...``).
+    """
+    fields = [(name if isinstance(name, str) else _step(name), value) for name, value in body.items()]
+    stack = [(name, name, value, 1) for name, value in fields]
+    while stack:
+        name, path, value, depth = stack.pop()  # the field, where in it, what is there, how deep
+        if isinstance(value, (Mapping, list, tuple)):
+            if depth > MAX_NESTING:
+                raise FieldError(name, f"{path}...: nested more than {MAX_NESTING} levels deep")
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                where = path + _step(key) if depth < 8 else path  # deeper levels are not spelled out
+                stack += [(name, where, key, depth + 1), (name, where, item, depth + 1)]
+        elif isinstance(value, int) and value.bit_length() > 2000:  # the lowest limit Python allows: 640 digits
+            try:
+                str(value)
+            except ValueError:
+                raise FieldError(name, f"{path}: an integer of more than {sys.get_int_max_str_digits()} "
+                                 "digits") from None
 
 
 # ---- JSON Schema / OpenAPI -----------------------------------------------------------------------------------

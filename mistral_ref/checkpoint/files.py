@@ -3,7 +3,8 @@
 find_checkpoint: which format a directory holds (native: params.json + consolidated*.safetensors; Hugging Face:
 config.json + model*.safetensors), its shards and index.json, refusing pickles and git-lfs pointers.
 checkpoint_index: every tensor the model needs, named natively, with its file, dtype and shape, after checking
-names, shapes and dtypes against the config (reads headers only).
+names, shapes and dtypes against the config (reads headers only), and, before the model is even built on the
+meta device, that the files are large enough for the model the config describes (check_config_fits_files).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mistral_ref.checkpoint.errors import CheckpointError, listing
@@ -23,7 +24,8 @@ from mistral_ref.checkpoint.safetensors_io import (
     pickle_refusal,
     read_safetensors_header,
 )
-from mistral_ref.config import ModelArgs
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.family import parameter_counts
 from mistral_ref.model import meta_model
 
 log = logging.getLogger(__name__)
@@ -207,13 +209,73 @@ def _shape_hint(name: str, expected: tuple[int, ...], found: tuple[int, ...], ar
     return f"check dim / hidden_size (config: {args.dim})"
 
 
+# The config fields that size the model, with their names in config.json.
+_SIZE_FIELDS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "hidden_dim": "intermediate_size",
+                "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+                "vocab_size": "vocab_size", "moe.num_experts": "num_local_experts"}
+_LAYER_HEADER_BYTES = 9 * 40  # a layer stores >= 9 tensors (wq wk wv wo, 2 norms, w1 w2 w3), each >= 40 header bytes
+
+
+def min_checkpoint_bytes(args: ModelArgs) -> int:
+    """The fewest bytes that can hold the weights `args` describe: one byte per parameter (float8) plus the
+    layers' header entries.  Arithmetic on the config only: nothing is built."""
+    return parameter_counts(args)["total"] + args.n_layers * _LAYER_HEADER_BYTES
+
+
+def _one_shard_hint(files: CheckpointFiles) -> str:
+    name = files.shards[0].name
+    if len(files.shards) == 1 and (_HF_SHARD.fullmatch(name) or _NATIVE_SHARD.fullmatch(name)):
+        return " — this is one shard of a sharded checkpoint: pass the directory instead"
+    return ""
+
+
+def _magnitude(n: int) -> str:
+    """4.3e+15 (or 10^1234 for an int too large for a float)."""
+    return f"{n:.3g}" if n.bit_length() < 1000 else f"10^{int(n.bit_length() * 0.30103)}"
+
+
+def check_config_fits_files(files: CheckpointFiles, args: ModelArgs) -> None:
+    """Refuse a config whose model cannot be stored in the checkpoint's files (n_layers = 10**9, a vocab of
+    10**9, ...): building even its meta-device modules would take hours or all memory.
+
+    Raises CheckpointError naming the config file, the weight files' total size and the field(s) that alone
+    imply more bytes than that (with every other size set to 1).
+    """
+    have = sum(shard.stat().st_size for shard in files.shards)
+    need = min_checkpoint_bytes(args)
+    if need <= have:
+        return
+    tiny = ModelArgs(dim=1, n_layers=1, hidden_dim=1, n_heads=1, n_kv_heads=1, head_dim=1, vocab_size=1)
+    culprits = []
+    for field, hf_name in _SIZE_FIELDS.items():
+        if field == "moe.num_experts":
+            value = args.moe.num_experts if args.moe else 1
+            alone = replace(tiny, moe=MoeArgs(value, 1))
+        else:
+            value = getattr(args, field)
+            # n_heads >= n_kv_heads in any valid config, so raising both keeps this a lower bound
+            alone = replace(tiny, **{field: value}, **({"n_heads": value} if field == "n_kv_heads" else {}))
+        if min_checkpoint_bytes(alone) > have:
+            shown = value if value.bit_length() < 64 else _magnitude(value)
+            culprits.append(f"{hf_name if files.format == 'hf' else field}={shown}")
+    blame = (f"{', '.join(culprits)} alone cannot fit" if culprits else
+             "the product of its sizes is too large")
+    shards = listing([shard.name for shard in files.shards], 3)
+    raise CheckpointError(
+        f"{files.config}: describes a model of {_magnitude(parameter_counts(args)['total'])} parameters, needing "
+        f"at least {_magnitude(need)} bytes, but its weight files ({shards}) hold {have} bytes: {blame} (a corrupt or "
+        f"mismatched config){_one_shard_hint(files)}")
+
+
 def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
     """{native name: TensorInfo} for every tensor the model needs, after checking names, shapes and dtypes.
 
-    Reads only headers.  Raises CheckpointError for missing keys, shape mismatches, duplicate keys, an
-    index.json that disagrees with its shards, and (if strict) unexpected keys; non-strict loads warn about
-    the latter.
+    Reads only headers.  Raises CheckpointError for a config too large for the files (before building
+    anything), missing keys, shape mismatches, duplicate keys, an index.json that disagrees with its shards,
+    and (if strict) unexpected keys; non-strict loads warn about the latter.
     """
+    headers = {shard: read_safetensors_header(shard) for shard in files.shards}  # bad files are named first
+    check_config_fits_files(files, args)
     expected = expected_shapes(args)
     index: dict[str, TensorInfo] = {}
     unexpected: list[str] = []
@@ -223,7 +285,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     if files.index is not None:
         weight_map = json.loads(files.index.read_text(encoding="utf-8"))["weight_map"]
     for shard in files.shards:
-        for key, info in read_safetensors_header(shard).items():
+        for key, info in headers[shard].items():
             if weight_map is not None and weight_map.get(key) != shard.name:
                 raise CheckpointError(
                     f"{files.index}: key {key!r} is stored in {shard.name} but the index says "
@@ -287,9 +349,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                     "(tied_embeddings in params.json, tie_word_embeddings in config.json)")
         elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
             hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
-        name = files.shards[0].name
-        if len(files.shards) == 1 and (_HF_SHARD.fullmatch(name) or _NATIVE_SHARD.fullmatch(name)):
-            hint += " — this is one shard of a sharded checkpoint: pass the directory instead"
+        hint += _one_shard_hint(files)
         problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
                            f"{listing(missing)}{hint}")
     if unexpected:

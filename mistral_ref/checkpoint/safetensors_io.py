@@ -4,7 +4,9 @@ memory through a small reused buffer, write a file atomically.  A byte progress 
 A safetensors file is: 8 bytes little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensor bytes
 (offsets count from the end of the header), each tensor row-major.  Nothing in it can execute code, unlike
-torch.save's pickles.
+torch.save's pickles.  The tensors' byte ranges must tile the data exactly (no overlap, no hole, no trailing
+bytes), as the safetensors library requires: two keys sharing bytes would otherwise load, and convert, as
+aliases of one tensor.
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         f.seek(8)
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a repeated key, an int of > 4300 digits
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}): corrupt file") \
             from None
     if not isinstance(header, dict):
@@ -102,15 +104,16 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []  # (begin, end, key) of every tensor's bytes
     for key, entry in header.items():
         try:
             dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_natural(s) for s in entry["shape"])
+            begin, end = (_natural(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: key {key!r}: malformed header entry {entry!r}") from None
+            raise CheckpointError(f"{path}: key {key!r}: malformed header entry {entry!r:.200}") from None
         expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise CheckpointError(
                 f"{path}: key {key!r}: shape {list(shape)} of {entry['dtype']} needs {expected} bytes, "
                 f"the header gives offsets {begin}..{end}: corrupt file")
@@ -120,7 +123,45 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
                 f"bytes of tensor data (file size {size}, expected at least {8 + header_len + end}): "
                 "the file is truncated")
         infos[key] = TensorInfo(path, key, dtype, shape, 8 + header_len + begin)
+        spans.append((begin, end, key))
+    _check_tiling(path, spans, data_size)
     return infos
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads' object hook: a key given twice is an error (json keeps the last one silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _natural(value: object) -> int:
+    """A header number (shape entry, offset): an int >= 0; anything else (bool, float, str, < 0) is corrupt."""
+    if type(value) is not int or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte ranges must cover the data exactly once: no overlap, no hole, nothing after the last."""
+    reached, last_key = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < reached:
+            raise CheckpointError(
+                f"{path}: key {key!r}: its bytes {begin}..{end} overlap those of key {last_key!r} (up to "
+                f"{reached}): corrupt file (two tensors would share memory)")
+        if begin > reached:
+            raise CheckpointError(
+                f"{path}: key {key!r}: its bytes start at {begin} but the tensors before it end at {reached}: "
+                "bytes that belong to no tensor (corrupt file)")
+        reached, last_key = end, key
+    if reached != data_size:
+        raise CheckpointError(
+            f"{path}: the tensors' bytes end at {reached} but the file holds {data_size} bytes of tensor data: "
+            f"{data_size - reached} trailing bytes that belong to no tensor (corrupt file)")
 
 
 # ---- reading one tensor (or a slice of it) into private memory ---------------------------------------------

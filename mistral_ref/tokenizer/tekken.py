@@ -1,10 +1,17 @@
-"""Tekken tokenizers (``tekken.json``): byte-level BPE run by ``tiktoken``.
+r"""Tekken tokenizers (``tekken.json``): byte-level BPE run by ``tiktoken``.
 
 File layout (see tokenizers/README.md): ``config`` holds the pre-tokenizer regex ``pattern``,
 ``default_vocab_size`` (131072), ``default_num_special_tokens`` (1000) and the instruct ``version``;
 ``vocab`` lists ``{rank, token_bytes (base64), token_str}`` by rank; ``special_tokens`` (optional up to v7)
 lists ``{rank, token_str, is_control}``. Only the first ``vocab_size - num_special`` ranks are kept and
 token id = rank + num_special; ids below num_special are the special tokens.
+
+Long runs of white space: tiktoken's regex engine (fancy-regex) gives up on the alternative ``\s+(?!\S)`` once a
+run of white space without a line break reaches about a million characters, and tiktoken's ``encode_ordinary``
+then panics (pyo3's ``PanicException``, not an ``Exception``; its ``encode``, which mistral-common calls, raises
+a ValueError).  :meth:`TekkenTokenizer.encode` therefore cuts such runs (from
+:data:`LONG_SPACE_RUN` characters on) out of the text and byte-pair-encodes them itself as the single pre-token
+the regex would have made; see :func:`_split_long_space_runs` for why the ids stay identical.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import groupby
@@ -31,6 +39,60 @@ LEGACY_SPECIAL_TOKENS = (
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
     "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
 )  # fmt: skip
+
+#: The most special-token slots a file may declare (published files: 1000); more is a corrupt file, refused
+#: before a name list of that length is built.
+MAX_SPECIAL_TOKENS = 100_000
+
+#: The pre-tokenizer regex of every published tekken file (the long-run handling below is derived from it).
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+#: Runs of white space without a line break at least this long are byte-pair-encoded without the regex (tiktoken
+#: panics from about 1,000,000; shorter runs take the same path so that tests can compare it with mistral-common).
+LONG_SPACE_RUN = 4096
+# \s of the Rust regex crate (Unicode White_Space); Python's \s also matches U+001C..U+001F, which are not.
+_WHITE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_LONG_WHITE_RUN = re.compile(f"(?<![{_WHITE}])[{_WHITE}]{{{LONG_SPACE_RUN},}}")  # whole runs only
+
+
+def _split_long_space_runs(text: str) -> list[tuple[str, bool]]:
+    r"""Cut ``text`` into ``(part, is_one_pretoken)``: regex-encoded parts and long white-space pre-tokens.
+
+    Under :data:`TEKKEN_PATTERN`, a maximal run of white space W (followed by non-space B, or by the end) is
+    pre-tokenized as: (line breaks at its start, possibly eaten by a punctuation match before it), then
+    everything up to its last line break (``\s*[\r\n]+``), then the rest R, which has no line break:
+    ``\s+(?!\S)`` takes all of R at the end of the text, otherwise all of R but its last character (which is
+    then matched together with B).  So the full text has a pre-token boundary where R starts; the regex run on
+    the text up to there makes the same matches (nothing before can reach past a line break into R); and the
+    regex has no look-behind, so matching after the pre-token is the same as in the full text.  Encoding the
+    parts separately therefore gives exactly the ids of encoding the whole text.
+    """
+    parts: list[tuple[str, bool]] = []
+    start = 0
+    for m in _LONG_WHITE_RUN.finditer(text):
+        i, j = m.span()
+        last_break = max(text.rfind("\n", i, j), text.rfind("\r", i, j))
+        r = last_break + 1 if last_break >= 0 else i  # R = text[r:j]
+        if j - r < LONG_SPACE_RUN:
+            continue  # a short R: the regex copes
+        end = j if j == len(text) else j - 1
+        parts += [(text[start:r], False), (text[r:end], True)]
+        start = end
+    parts.append((text[start:], False))
+    return parts
+
+
+def _config_int(config: Mapping[str, Any], name: str, where: str) -> int:
+    try:
+        return int(config[name])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise TokenizerError(
+            f"{where}: missing or malformed tekken field config.{name} (expected an integer, found "
+            f"{config.get(name)!r:.60})"
+        ) from None
 
 
 def _tiktoken_is_linear() -> bool:
@@ -59,10 +121,22 @@ class TekkenTokenizer(Tokenizer):
             config = data["config"]
             vocab = data["vocab"]
             pattern = config["pattern"]
-            vocab_size = int(config["default_vocab_size"])
-            num_special = int(config["default_num_special_tokens"])
-        except (KeyError, TypeError, ValueError) as e:
+            len(vocab)
+        except (KeyError, TypeError) as e:
             raise TokenizerError(f"{where}: missing or malformed tekken field {e}") from e
+        vocab_size = _config_int(config, "default_vocab_size", where)
+        num_special = _config_int(config, "default_num_special_tokens", where)
+        if not 0 <= num_special <= MAX_SPECIAL_TOKENS:
+            raise TokenizerError(
+                f"{where}: config.default_num_special_tokens={num_special} is outside 0..{MAX_SPECIAL_TOKENS} "
+                "(published files: 1000): corrupt file"
+            )
+        if not num_special + 256 < vocab_size <= num_special + len(vocab):
+            raise TokenizerError(
+                f"{where}: config.default_vocab_size={vocab_size} needs {vocab_size - num_special} vocab "
+                f"entries after the {num_special} special tokens, but the file has {len(vocab)} "
+                "(and at least 257 are needed): corrupt file"
+            )
         version = config.get("version")
         if version not in VERSIONS:
             raise TokenizerError(f"{where}: unsupported tekken version {version!r}; supported: {VERSIONS}")
@@ -89,11 +163,7 @@ class TekkenTokenizer(Tokenizer):
         if len(set(names)) != len(names):
             raise TokenizerError(f"{where}: special token names are not unique")
 
-        inner = vocab_size - num_special
-        if inner <= 256 or len(vocab) < inner:
-            raise TokenizerError(
-                f"{where}: vocab has {len(vocab)} entries, needs {inner} (= {vocab_size} - {num_special})"
-            )
+        inner = vocab_size - num_special  # 256 < inner <= len(vocab), checked above
         # ids are rank + num_special; tiktoken only compares ranks, so offsetting them keeps every merge
         # identical and makes tiktoken return final ids directly.
         ranks: dict[bytes, int] = {}
@@ -133,8 +203,8 @@ class TekkenTokenizer(Tokenizer):
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{path}: cannot read tekken json ({e})") from e
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, or an int of > 4300 digits
+            raise TokenizerError(f"{path}: cannot read tekken json ({e})") from None
         return cls(data, path)
 
     # ---- vocabulary ---------------------------------------------------------------------------------
@@ -183,12 +253,30 @@ class TekkenTokenizer(Tokenizer):
         """Byte-level BPE of ``text``; special-token names in the text stay ordinary text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._model.encode_ordinary(text)
+        if len(text) < LONG_SPACE_RUN or self.pattern != TEKKEN_PATTERN:
+            ids = self._encode_ordinary(text)
+        else:
+            ids = []
+            for part, is_one_pretoken in _split_long_space_runs(text):
+                ids += self._model._encode_single_piece(part) if is_one_pretoken else self._encode_ordinary(part)
         if bos:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        """tiktoken's encoding; a failure of its regex becomes TokenizerError."""
+        try:
+            return self._model.encode_ordinary(text)
+        except BaseException as e:
+            # tiktoken reports a regex failure (e.g. out of backtracking stack) as a ValueError from some entry
+            # points and as a Rust panic from others: pyo3's PanicException, a BaseException not importable by name
+            if not isinstance(e, ValueError) and type(e).__name__ != "PanicException":
+                raise
+            raise TokenizerError(
+                f"tiktoken failed on a text of {len(text)} characters with this tekken pattern: {e}"
+            ) from None
 
     def decode(self, ids: Sequence[int], special: SpecialPolicy = "ignore") -> str:
         """Decode ids like mistral-common: each run of ordinary tokens is decoded on its own.

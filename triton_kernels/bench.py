@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from mistral_ref.attention import attention as torch_attention
 from mistral_ref.attention import attention_mask
-from mistral_ref.config import PRESETS, ModelArgs
+from mistral_ref.config import ModelArgs
+from mistral_ref.family import PRESETS
 from mistral_ref.moe import moe_forward as torch_moe
 from mistral_ref.moe import route
 from mistral_ref.norm import RMSNorm, rms_norm

@@ -13,26 +13,21 @@
 # | `decode_attention` (what `attention` runs when T = 1) | the same, one query per sequence | split the KV cache into chunks, merge partial softmaxes |
 # | `moe_forward` | `mistral_ref.moe.moe_forward` | sort token slots by expert, then grouped matrix multiplies |
 #
-# Without a GPU, Triton can still *run* kernels with its numpy interpreter (`TRITON_INTERPRET=1`, set before
-# triton is imported). It is slow — one program instance at a time — so the shapes here are tiny, but it checks
-# the kernels' logic on any laptop. With a GPU, the last sections time them.
+# Without a GPU, Triton can still *run* kernels with its numpy interpreter. `triton_kernels` chooses it by itself
+# when no CUDA device is present (before Triton is imported; no environment variable needed). It is slow — one
+# program instance at a time — so the shapes here are tiny, but it checks the kernels' logic on any laptop. With
+# a GPU, the last sections time them.
 
 # %%
-import os
-import sys
 import time
 
 import torch
 
 HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:  # run the kernels on the CPU with Triton's interpreter; it must be chosen before triton loads
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: restart the kernel")
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-import triton_kernels as tk  # noqa: E402
+import triton_kernels as tk  # noqa: E402  (on a CPU: Triton's interpreter, chosen on import)
 from mistral_ref.attention import attention, attention_mask  # noqa: E402
 from mistral_ref.config import ModelArgs, MoeArgs  # noqa: E402
 from mistral_ref.family import PRESETS, parameter_counts  # noqa: E402
@@ -179,7 +174,8 @@ assert err < 1e-4
 # %% [markdown]
 # ## 4. The whole model on the kernels
 #
-# `Transformer.set_backend(attention="triton", moe="triton")` swaps the hot paths of every block. A tiny
+# `Transformer.set_backend("triton")` swaps the functions every block computes with (the backend registry of
+# `mistral_ref.backends`; `triton_kernels` registered itself when imported). A tiny
 # Mixtral (GQA, sliding window shorter than the prompt, 4 experts, top-2) gives the same logits either way:
 
 # %%
@@ -188,9 +184,9 @@ args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=64, n_heads=4, n_kv
 model = Transformer(args).to(device).eval()
 tokens = torch.randint(0, 128, (1, 24), device=device)
 with torch.no_grad():
-    reference = model.set_backend("torch", "torch")(tokens)
-    kernels = model.set_backend("triton", "triton")(tokens)
-model.set_backend("torch", "torch")
+    reference = model.set_backend("reference")(tokens)
+    kernels = model.set_backend("triton")(tokens)
+model.set_backend("torch")
 rel = ((kernels - reference).abs().max() / reference.abs().max()).item()
 print(f"logits, Triton backends vs reference: relative error {rel:.1e}")
 assert rel < 1e-5

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from mistral_ref.tokenizer import (
     LEGACY_SPECIAL_TOKENS,
+    REASONING_EFFORTS,
     SAFE_PROMPT,
     TEMPLATES,
     VERSIONS,
@@ -39,8 +40,23 @@ MODERN_SPECIALS = [
     "[THINK]",
     "[/THINK]",
 ]
+# v15 files as mistral-common's own tests build them: [ARGS] [CALL_ID] at 32, 33, [THINK] [/THINK] at 35, 36,
+# [MODEL_SETTINGS] [/MODEL_SETTINGS] at 37, 38, and a model_settings_builder.
+V15_SPECIALS = [
+    *LEGACY_SPECIAL_TOKENS,
+    *[f"<SPECIAL_{i}>" for i in range(20, 32)],
+    "[ARGS]",
+    "[CALL_ID]",
+    "<SPECIAL_34>",
+    "[THINK]",
+    "[/THINK]",
+    "[MODEL_SETTINGS]",
+    "[/MODEL_SETTINGS]",
+]
+EFFORT_NONE_HIGH = {"type": "enum", "accepts_none": True, "default": "none", "values": ["none", "high"]}
+JSON_SCHEMA_SETTING = {"type": "json_schema", "accepts_none": False, "default": None}
 
-# name -> (file in mistral_common/data or built variant, version)
+# name -> file in mistral_common/data, or the key of a file built from the Nemo file (BUILT)
 CONFIGS = {
     "v1": "tokenizer.model.v1",
     "v2": "mistral_instruct_tokenizer_240216.model.v2",
@@ -50,6 +66,22 @@ CONFIGS = {
     "tekken-v7": "v7",
     "tekken-v11": "v11",
     "tekken-v13": "v13",
+    "tekken-v15": "v15",
+    "tekken-v15-effort": "v15-effort",
+}
+# built file -> (version, special tokens, model_settings_builder)
+BUILT = {
+    "v7": ("v7", list(LEGACY_SPECIAL_TOKENS), None),
+    "v11": ("v11", MODERN_SPECIALS, None),
+    "v13": ("v13", MODERN_SPECIALS, None),
+    # reasoning_effort none / high (default none) and the response format's schema
+    "v15": ("v15", V15_SPECIALS, {"reasoning_effort": EFFORT_NONE_HIGH, "json_schema": JSON_SCHEMA_SETTING}),
+    # every reasoning effort, default medium, no schema setting
+    "v15-effort": (
+        "v15",
+        V15_SPECIALS,
+        {"reasoning_effort": {**EFFORT_NONE_HIGH, "default": "medium", "values": list(REASONING_EFFORTS)}},
+    ),
 }
 
 
@@ -60,9 +92,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     nemo = json.loads((DATA / "tekken_240718.json").read_text(encoding="utf-8"))
     out = {}
     for name, f in CONFIGS.items():
-        if f.startswith("v"):
-            specials = list(LEGACY_SPECIAL_TOKENS) if f == "v7" else MODERN_SPECIALS
-            out[name] = write_tekken_file(nemo, tmp / f"tekken_{f}.json", f, specials)
+        if f in BUILT:
+            version, specials, builder = BUILT[f]
+            out[name] = write_tekken_file(nemo, tmp / f"tekken_{f}.json", version, specials, builder)
         else:
             out[name] = DATA / f
     return out
@@ -152,12 +184,44 @@ def _result(rng: random.Random) -> str:
     )
 
 
+THOUGHTS = ["Let me think.", "", "  The user wants the weather; call get_weather.\n", "Hmm… 2 + 2 = 4 ", "思考"]
+
+
+def _thinking(rng: random.Random, closed: bool = True) -> dict:
+    """A thinking chunk, in mistral-common's form or the Mistral API's (thinking as a list of text chunks)."""
+    text = rng.choice(THOUGHTS)
+    chunk: dict = {"type": "thinking", "thinking": text}
+    if rng.random() < 0.3:
+        chunk["thinking"] = [{"type": "text", "text": text}]
+    if not closed or rng.random() < 0.5:
+        chunk["closed"] = closed
+    return chunk
+
+
+def _with_thinking(rng: random.Random, content: object, closed: bool = True) -> object:
+    """Content with thinking chunks (v13+): before the text mostly, sometimes between text chunks."""
+    text = [content] if isinstance(content, str) else list(content)  # type: ignore[call-overload]
+    chunks = [{"type": "text", "text": t} if isinstance(t, str) else t for t in text]
+    r = rng.random()
+    if r < 0.6:
+        return [_thinking(rng), *chunks]
+    if r < 0.8:
+        return [*chunks[:1], _thinking(rng), *chunks[1:], _thinking(rng, closed)]
+    return [_thinking(rng, closed)] if not chunks[0]["text"] else [*chunks, _thinking(rng, closed)]
+
+
 def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | None, bool, bool]:
-    """A random, mostly valid chat request for version ``v``; some are deliberately invalid."""
+    """A random, mostly valid chat request for version ``v``; some are deliberately invalid.
+
+    From v13 on, assistant messages (and v13 system messages) think, some through ``reasoning_content``; a few
+    v15 system messages do too, which v15 refuses. Older versions draw exactly the random numbers they always did.
+    """
     tools_ok = v >= 2
     msgs: list[dict] = []
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
         msgs.append({"role": rng.choice(["system", "system", "developer"]), "content": _content(rng)})
+        if v >= 13 and rng.random() < (0.3 if v == 13 else 0.03):
+            msgs[-1]["content"] = _with_thinking(rng, msgs[-1]["content"])
     pending_ids: list[str] = []
     for _turn in range(rng.randint(1, 4)):
         for _ in range(rng.choice([1, 1, 1, 2])):
@@ -174,6 +238,8 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
             a: dict = {"role": "assistant", "tool_calls": calls}
             if v >= 7 and rng.random() < 0.3:
                 a["content"] = _text(rng)
+            if v >= 13 and rng.random() < 0.4:
+                a["content"] = [_thinking(rng)] + ([{"type": "text", "text": a["content"]}] if "content" in a else [])
             msgs.append(a)
             results = [
                 {
@@ -190,6 +256,12 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
             pending_ids = [c["id"] for c in calls]
         if rng.random() < 0.8:
             msgs.append({"role": "assistant", "content": _content(rng, allow_empty=False)})
+            if v >= 13:
+                r = rng.random()
+                if r < 0.4:
+                    msgs[-1]["content"] = _with_thinking(rng, msgs[-1]["content"])
+                elif r < 0.5:
+                    msgs[-1]["reasoning_content"] = rng.choice(THOUGHTS)
             if rng.random() < 0.1:
                 msgs.append({"role": "assistant", "content": _text(rng) or "more"})
     del pending_ids
@@ -202,6 +274,8 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
     elif rng.random() < 0.15:
         msgs.append({"role": "assistant", "content": _text(rng) or "Sure"})
         cfm = True
+        if v >= 13 and rng.random() < 0.5:  # continue a thought that is still going on
+            msgs[-1]["content"] = [_thinking(rng, closed=rng.random() < 0.3)]
     tools = _tools(rng) if tools_ok and rng.random() < 0.6 else None
     if rng.random() < 0.05:  # deliberate mistakes
         kind = rng.randrange(4)
@@ -222,17 +296,64 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
     return msgs, tools, rng.random() < 0.2, cfm
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "description": "ville é"}, "days": {"type": "integer"}},
+    "required": ["city"],
+}
+
+
+def make_settings(rng: random.Random, v: int) -> dict:
+    """Random model settings for a request of version ``v`` (v13+; older versions get none and draw nothing):
+    ``reasoning_effort`` (now and then one that the model refuses) and ``response_format``."""
+    out: dict = {}
+    if v < 13:
+        return out
+    r = rng.random()
+    if v == 13 and r < 0.03:
+        out["reasoning_effort"] = rng.choice(REASONING_EFFORTS)  # refused: v13 has no model settings
+    elif v == 15 and r < 0.6:
+        out["reasoning_effort"] = rng.choice(["none", "high"] * 40 + list(REASONING_EFFORTS))
+    r = rng.random()
+    if r < 0.15:
+        out["response_format"] = {"type": "json_object"}
+    elif r < 0.3:
+        schema = {"name": "weather", "schema": SCHEMA, "strict": rng.random() < 0.5}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif r < 0.35:
+        out["response_format"] = {"type": "text"}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # the oracle
 # ---------------------------------------------------------------------------------------------------
-def oracle_encode(mt, messages: list[dict], tools, safe_prompt: bool, cfm: bool) -> list[int]:
+def common_form(messages: list[dict]) -> list[dict]:
+    """The messages with Mistral-API thinking chunks (``thinking`` a list of text chunks) in mistral-common's form
+    (``thinking`` a string), which is all mistral-common takes; we take both and join the texts."""
+    out = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            content = [
+                {**c, "thinking": "".join(t["text"] for t in c["thinking"])}
+                if isinstance(c, dict) and c.get("type") == "thinking" and isinstance(c.get("thinking"), list)
+                else c
+                for c in content
+            ]
+            m = {**m, "content": content}
+        out.append(m)
+    return out
+
+
+def oracle_encode(mt, messages: list[dict], tools, safe_prompt: bool, cfm: bool, **settings) -> list[int]:
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    msgs = ([{"role": "system", "content": SAFE_PROMPT}] if safe_prompt else []) + messages
+    msgs = ([{"role": "system", "content": SAFE_PROMPT}] if safe_prompt else []) + common_form(messages)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         req = ChatCompletionRequest.from_openai(
-            json.loads(json.dumps(msgs)), tools=tools, continue_final_message=cfm
+            json.loads(json.dumps(msgs)), tools=tools, continue_final_message=cfm, **settings
         )
         return mt.encode_chat_completion(req).tokens
 
@@ -263,16 +384,17 @@ def test_chat_matches_mistral_common(name: str, files: dict[str, Path], toks: di
     ok = errors = 0
     for k in range(N_REQUESTS):
         msgs, tools, safe, cfm = make_request(rng, v)
+        extra = make_settings(rng, v)
         try:
-            want = oracle_encode(mt, msgs, tools, safe, cfm)
+            want = oracle_encode(mt, msgs, tools, safe, cfm, **extra)
         except Exception as e:  # noqa: BLE001 - any refusal by the oracle
             with pytest.raises(ChatTemplateError):
-                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
             errors += 1
             del e
             continue
-        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
-        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm], ensure_ascii=False)}"
+        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
+        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm, extra], ensure_ascii=False)}"
         ok += 1
     assert ok >= 300, (ok, errors)
 
@@ -665,7 +787,7 @@ def _mutate(rng: random.Random, msgs: list[dict], v: int) -> list[dict]:
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name", ["v1", "v2", "v3", "tekken-v7", "tekken-v11", "tekken-v13"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v3", "tekken-v7", "tekken-v11", "tekken-v13", "tekken-v15"])
 def test_broken_requests_refused_like_mistral_common(
     name: str, files: dict[str, Path], toks: dict[str, Tokenizer]
 ) -> None:
@@ -677,13 +799,14 @@ def test_broken_requests_refused_like_mistral_common(
     for k in range(120):
         msgs, tools, safe, cfm = make_request(rng, v)
         msgs = _mutate(rng, msgs, v)
+        extra = make_settings(rng, v)
         try:
-            want = oracle_encode(mt, msgs, tools, safe, cfm)
+            want = oracle_encode(mt, msgs, tools, safe, cfm, **extra)
         except Exception:  # noqa: BLE001 - any refusal by the oracle
             refused += 1
             with pytest.raises(ChatTemplateError):
-                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
             continue
-        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
-        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm], ensure_ascii=False)}"
+        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
+        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm, extra], ensure_ascii=False)}"
     assert refused >= 40

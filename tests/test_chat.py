@@ -7,10 +7,18 @@ import dataclasses
 import json
 import random
 import string
-import warnings
 from pathlib import Path
 
 import pytest
+from chat_oracle import (
+    EFFORT_NONE_HIGH,
+    MODERN_SPECIALS,
+    V15_BUILDER,
+    V15_SPECIALS,
+    build_tekken,
+    oracle_encode,
+    oracle_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,37 +32,10 @@ from mistral_ref.tokenizer import (
     Tokenizer,
     load_tokenizer,
     mistral_common_data_dir,
-    write_tekken_file,
 )
 
 DATA = mistral_common_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None, reason="the mistral-common wheel ships the tokenizer files")
-
-# Special tokens of the tekken files built for v7/v11/v13 (layout of recent Mistral releases: the 20 legacy
-# names, fillers, then [ARGS] [CALL_ID] [THINK] [/THINK] at 32..35).
-MODERN_SPECIALS = [
-    *LEGACY_SPECIAL_TOKENS,
-    *[f"<SPECIAL_{i}>" for i in range(20, 32)],
-    "[ARGS]",
-    "[CALL_ID]",
-    "[THINK]",
-    "[/THINK]",
-]
-# v15 files as mistral-common's own tests build them: [ARGS] [CALL_ID] at 32, 33, [THINK] [/THINK] at 35, 36,
-# [MODEL_SETTINGS] [/MODEL_SETTINGS] at 37, 38, and a model_settings_builder.
-V15_SPECIALS = [
-    *LEGACY_SPECIAL_TOKENS,
-    *[f"<SPECIAL_{i}>" for i in range(20, 32)],
-    "[ARGS]",
-    "[CALL_ID]",
-    "<SPECIAL_34>",
-    "[THINK]",
-    "[/THINK]",
-    "[MODEL_SETTINGS]",
-    "[/MODEL_SETTINGS]",
-]
-EFFORT_NONE_HIGH = {"type": "enum", "accepts_none": True, "default": "none", "values": ["none", "high"]}
-JSON_SCHEMA_SETTING = {"type": "json_schema", "accepts_none": False, "default": None}
 
 # name -> file in mistral_common/data, or the key of a file built from the Nemo file (BUILT)
 CONFIGS = {
@@ -74,8 +55,7 @@ BUILT = {
     "v7": ("v7", list(LEGACY_SPECIAL_TOKENS), None),
     "v11": ("v11", MODERN_SPECIALS, None),
     "v13": ("v13", MODERN_SPECIALS, None),
-    # reasoning_effort none / high (default none) and the response format's schema
-    "v15": ("v15", V15_SPECIALS, {"reasoning_effort": EFFORT_NONE_HIGH, "json_schema": JSON_SCHEMA_SETTING}),
+    "v15": ("v15", V15_SPECIALS, V15_BUILDER),
     # every reasoning effort, default medium, no schema setting
     "v15-effort": (
         "v15",
@@ -89,14 +69,9 @@ BUILT = {
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert DATA is not None
     tmp = tmp_path_factory.mktemp("tekken")
-    nemo = json.loads((DATA / "tekken_240718.json").read_text(encoding="utf-8"))
     out = {}
     for name, f in CONFIGS.items():
-        if f in BUILT:
-            version, specials, builder = BUILT[f]
-            out[name] = write_tekken_file(nemo, tmp / f"tekken_{f}.json", version, specials, builder)
-        else:
-            out[name] = DATA / f
+        out[name] = build_tekken(tmp, *BUILT[f], name=f) if f in BUILT else DATA / f
     return out
 
 
@@ -328,49 +303,6 @@ def make_settings(rng: random.Random, v: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the oracle
 # ---------------------------------------------------------------------------------------------------
-def common_form(messages: list[dict]) -> list[dict]:
-    """The messages with Mistral-API thinking chunks (``thinking`` a list of text chunks) in mistral-common's form
-    (``thinking`` a string), which is all mistral-common takes; we take both and join the texts."""
-    out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):
-            content = [
-                {**c, "thinking": "".join(t["text"] for t in c["thinking"])}
-                if isinstance(c, dict) and c.get("type") == "thinking" and isinstance(c.get("thinking"), list)
-                else c
-                for c in content
-            ]
-            m = {**m, "content": content}
-        out.append(m)
-    return out
-
-
-def oracle_encode(mt, messages: list[dict], tools, safe_prompt: bool, cfm: bool, **settings) -> list[int]:
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
-    msgs = ([{"role": "system", "content": SAFE_PROMPT}] if safe_prompt else []) + common_form(messages)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        req = ChatCompletionRequest.from_openai(
-            json.loads(json.dumps(msgs)), tools=tools, continue_final_message=cfm, **settings
-        )
-        return mt.encode_chat_completion(req).tokens
-
-
-_ORACLES: dict[Path, object] = {}
-
-
-def _oracle(path: Path):
-    """mistral-common's MistralTokenizer for ``path`` (test validation mode), loaded once per module."""
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    if path not in _ORACLES:
-        _ORACLES[path] = MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
-    return _ORACLES[path]
-
-
 N_REQUESTS = 330
 
 
@@ -378,7 +310,7 @@ N_REQUESTS = 330
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_chat_matches_mistral_common(name: str, files: dict[str, Path], toks: dict[str, Tokenizer]) -> None:
     tok = toks[name]
-    mt = _oracle(files[name])
+    mt = oracle_tokenizer(files[name])
     v = int(tok.version[1:])
     rng = random.Random(1234 + v)
     ok = errors = 0
@@ -453,6 +385,10 @@ LAYOUTS = {
     f"[/TOOL_RESULTS]21 °C.</s>[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS][INST]Thanks[/INST]",
     "tekken-v13": "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]"
     f"[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS]"
+    '[INST]Weather in Paris?[/INST][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]{"t": 21}'
+    "[/TOOL_RESULTS]21 °C.</s>[INST]Thanks[/INST]",
+    "tekken-v15": "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]"
+    f'[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS][MODEL_SETTINGS]{{"reasoning_effort": "none"}}[/MODEL_SETTINGS]'
     '[INST]Weather in Paris?[/INST][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]{"t": 21}'
     "[/TOOL_RESULTS]21 °C.</s>[INST]Thanks[/INST]",
 }
@@ -792,7 +728,7 @@ def test_broken_requests_refused_like_mistral_common(
     name: str, files: dict[str, Path], toks: dict[str, Tokenizer]
 ) -> None:
     tok = toks[name]
-    mt = _oracle(files[name])
+    mt = oracle_tokenizer(files[name])
     v = int(tok.version[1:])
     rng = random.Random(99 + v)
     refused = 0

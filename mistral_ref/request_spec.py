@@ -15,9 +15,9 @@ The table is plain data (no torch, no web framework).  A :class:`Field` maps ont
 
     (field.annotation | None, pydantic.Field(field.default, ge=..., gt=..., le=..., description=field.doc))
 
-Scalar fields (number, integer, boolean, string, with its allowed values) are validated here completely.  Structured fields (messages,
-stop, response_format, tools, tool_choice, stream_options) carry their JSON Schema in ``Field.schema``; their
-shape is checked by their parser in api.py, whose messages say what is expected.
+Scalar fields (number, integer, boolean, string and its allowed values) are validated here completely.
+Structured fields (messages, stop, response_format, tools, tool_choice, stream_options) carry their JSON Schema in
+``Field.schema``; their shape is checked by their parser in api.py, whose messages say what is expected.
 """
 
 from __future__ import annotations
@@ -105,6 +105,15 @@ def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+_TEXT_CHUNK = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_THINKING_CHUNK = {  # assistant messages (and v13 system messages); "thinking": mistral-common's or the API's
+    "type": "object",
+    "properties": {
+        "type": {"const": "thinking"},
+        "thinking": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_CHUNK}]},
+        "closed": {"type": "boolean"},
+    },
+}
 _MESSAGE = {
     "type": "object",
     "required": ["role"],
@@ -114,19 +123,15 @@ _MESSAGE = {
             "anyOf": [
                 {"type": "string"},
                 {"type": "null"},
-                {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-                    },
-                },
+                {"type": "array", "items": {"anyOf": [_TEXT_CHUNK, _THINKING_CHUNK]}},
             ]
         },
         "tool_calls": {"type": "array", "items": {"$ref": "#/components/schemas/ToolCall"}},
         "tool_call_id": {"type": "string"},
         "name": {"type": "string"},
         "prefix": {"type": "boolean"},
+        "reasoning_content": {"type": "string", "description": "an assistant's thinking (SGLang's field)"},
+        "reasoning": {"type": "string", "description": "an assistant's thinking (vLLM's field)"},
     },
 }
 _TOOL_CALL = {

@@ -11,8 +11,8 @@ A request goes through four steps, each mirroring mistral-common (its "test" val
 
 Thinking chunks come in two spellings, both accepted: mistral-common's ``{"type": "thinking", "thinking": "…",
 "closed": true}`` and the Mistral API's, whose ``thinking`` is a list of text chunks (their texts are joined).
-An assistant message may also carry ``reasoning_content`` / ``reasoning`` (vLLM's and SGLang's field): it becomes
-a closed thinking chunk in front of the content, as mistral-common converts it.
+An assistant message may also carry ``reasoning`` (vLLM's field) or ``reasoning_content`` (SGLang's): it becomes a
+closed thinking chunk in front of the content, as mistral-common converts it.
 
 Everything that differs between versions is a field of the version's row in :data:`.templates.TEMPLATES`;
 this module and the encoder read the row, never the version number.
@@ -84,6 +84,7 @@ class Message:
 
     @property
     def has_thinking(self) -> bool:
+        """The content holds a thinking chunk."""
         return isinstance(self.content, list) and any(isinstance(c, Think) for c in self.content)
 
 
@@ -240,10 +241,8 @@ def parse_message(index: int, raw: Any) -> Message:
             if msg.has_thinking:
                 raise _err(where, "has thinking chunks in content and a reasoning_content / reasoning field; "
                            "send the thinking once")
-            think = Think(reasoning)
-            msg.content = [think] if content is None else [think, *([content] if isinstance(content, str)
-                                                                       else content)]
-            msg.truthy = True
+            rest = [] if content is None else [content] if isinstance(content, str) else content
+            msg.content, msg.truthy = [Think(reasoning), *rest], True
         calls = raw.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):

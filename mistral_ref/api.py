@@ -1,10 +1,12 @@
-"""Chat completions as the Mistral API defines them, on a local model.
+"""Chat and fill-in-the-middle completions as the Mistral API defines them, on a local model.
 
     chat_completion(model, tokenizer, messages, temperature=0, max_tokens=64)
         -> {"id", "object": "chat.completion", "created", "model",
             "choices": [{"index": 0, "message": {"role": "assistant", "content", "tool_calls"},
                          "finish_reason": "stop" | "length" | "tool_calls", "logprobs"}],
             "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+    fim_completion(model, tokenizer, prompt, suffix=None, max_tokens=64)
+        -> the same shape, the generated middle as the message content (no tool_calls, no logprobs)
 
 A request goes through three steps:
 
@@ -18,6 +20,20 @@ A request goes through three steps:
 3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
    a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
    content text (never inside a tool call); text is released as soon as no stop string can claim it.
+
+Reasoning: a model that thinks (``[THINK]…[/THINK]``, v13+ tokenizers) gets its thinking back apart from the
+answer: the message content is then a list of the Mistral API's content chunks, ``{"type": "thinking",
+"thinking": [{"type": "text", "text": ...}], "closed": bool}`` and ``{"type": "text", "text": ...}``, in the
+order generated (a plain string when it did not think).  Streamed, a thinking delta is ``{"content": [{"type":
+"thinking", "thinking": [...], "closed": bool}]}`` (``[THINK]`` opens one with no text, ``[/THINK]`` sends
+``closed: true``) and answer deltas stay strings.  Stop strings and logprobs concern the answer only.
+``reasoning_effort`` goes into v15's model settings (refused by older tokenizers, and by v15 models whose file
+does not list the value); ``prompt_mode="reasoning"`` puts the model's reasoning system prompt (its
+``SYSTEM_PROMPT.txt``, or ``reasoning_prompt=``) before the request's messages.
+
+Fill-in-the-middle (:func:`fim_completion`, fields in request_spec.FIM_REQUEST): the prompt is
+``tokenizer.encode_fim(prompt, suffix)``; the middle is decoded as the continuation of the prompt's text;
+``min_tokens`` keeps the EOS from being generated before that many tokens.
 
 Counting: ``prompt_tokens`` is the length of the encoded prompt; ``completion_tokens`` counts every token the
 model produced, the EOS that ended generation included.  ``logprobs`` (an extra parameter) are the raw model's
@@ -38,9 +54,19 @@ import torch
 
 from mistral_ref.generation import StopStrings, generate_stream
 from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
-from mistral_ref.request_spec import FIELDS, REQUEST, FieldError, check, check_nesting_and_integers, type_name
+from mistral_ref.request_spec import (
+    FIELDS,
+    FIM_FIELDS,
+    FIM_REQUEST,
+    REQUEST,
+    Field,
+    FieldError,
+    check,
+    check_nesting_and_integers,
+    type_name,
+)
 from mistral_ref.sampling import SamplingParams
-from mistral_ref.tokenizer import ChatTemplateError
+from mistral_ref.tokenizer import ChatTemplateError, find_system_prompt, system_prompt_message, thinking_chunk
 
 DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
 TOOL_CHOICES = ("auto", "none", "any", "required")
@@ -87,6 +113,8 @@ class ChatRequest:
     ignore_eos: bool = FIELDS["ignore_eos"].default
     logprobs: bool = FIELDS["logprobs"].default
     top_logprobs: int = FIELDS["top_logprobs"].default
+    reasoning_effort: str | None = None
+    prompt_mode: str | None = None
 
     @property
     def sampling(self) -> SamplingParams:
@@ -147,6 +175,38 @@ def _stream_options(value: Any) -> None:
                            f"{value['include_usage']!r}")
 
 
+def _present(body: Any, fields: Mapping[str, Field], required: str, what: str) -> dict[str, Any]:
+    """A request body's fields, nulls dropped (null means "the default"); unknown names and a missing required
+    field are refused."""
+    if not isinstance(body, Mapping):
+        raise RequestError("body", f"must be a JSON object, got {type_name(body)}")
+    try:  # before anything walks it: bodies nested too deep or holding integers too long to print
+        check_nesting_and_integers(body)
+    except FieldError as e:
+        raise RequestError(e.field, e.problem) from None
+    body = {k: v for k, v in body.items() if v is not None}
+    for name in body:
+        if name not in fields:
+            raise RequestError(name, "unknown parameter")
+    if required not in body:
+        raise RequestError(required, f"is required ({what})")
+    return body
+
+
+def _scalars(body: Mapping[str, Any], table: tuple[Field, ...], fields: Mapping[str, Field]) -> dict[str, Any]:
+    """Each field's value checked (type, range, choices) in the table's order; aliases folded into their field."""
+    try:
+        values = {f.name: check(f.name, body[f.name], fields) for f in table if f.name in body}
+    except FieldError as e:
+        raise RequestError(e.field, e.problem) from None
+    for f in table:  # an alias (random_seed) stands for its field (seed); both may be given if they agree
+        if f.alias_of is not None and f.name in values:
+            value = values.pop(f.name)
+            if values.setdefault(f.alias_of, value) != value:
+                raise RequestError(f.name, f"{f.alias_of}={values[f.alias_of]} and {f.name}={value} disagree")
+    return values
+
+
 def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     """Validate a request body (the JSON object of POST /v1/chat/completions) into a ChatRequest.
 
@@ -154,30 +214,11 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     every optional field.  Raises RequestError naming the field for a missing or mistyped field, a value out
     of range, an unknown field, or an unsupported option (n > 1, json_schema).
     """
-    if not isinstance(body, Mapping):
-        raise RequestError("body", f"must be a JSON object, got {type_name(body)}")
-    try:
-        check_nesting_and_integers(body)
-    except FieldError as e:
-        raise RequestError(e.field, e.problem) from None
-    body = {k: v for k, v in body.items() if v is not None}
-    for name in body:
-        if name not in FIELDS:
-            raise RequestError(name, "unknown parameter")
-    if "messages" not in body:
-        raise RequestError("messages", "is required (a list of {'role': ..., 'content': ...})")
+    body = _present(body, FIELDS, "messages", "a list of {'role': ..., 'content': ...}")
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages", f"must be a non-empty list of messages, got {type_name(messages)}")
-    try:  # the scalar fields' types and ranges, in the spec's order
-        values = {f.name: check(f.name, body[f.name]) for f in REQUEST if f.name in body}
-    except FieldError as e:
-        raise RequestError(e.field, e.problem) from None
-    for f in REQUEST:  # an alias (random_seed) stands for its field (seed); both may be given if they agree
-        if f.alias_of is not None and f.name in values:
-            value = values.pop(f.name)
-            if values.setdefault(f.alias_of, value) != value:
-                raise RequestError(f.name, f"{f.alias_of}={values[f.alias_of]} and {f.name}={value} disagree")
+    values = _scalars(body, REQUEST, FIELDS)
 
     # the structured fields; n and user have nothing left to do (n is 1, user is ignored)
     del values["messages"]
@@ -214,33 +255,59 @@ class Prepared:
     forbid_tool_call: bool
 
 
+#: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
+_TEMPLATE_FIELDS = ("tools", "reasoning_effort", "response_format")
+
+
+def reasoning_system_message(tokenizer: Any, reasoning_prompt: str | None = None) -> dict[str, Any]:
+    """The system message ``prompt_mode="reasoning"`` puts first: `reasoning_prompt`, else the SYSTEM_PROMPT.txt
+    next to the tokenizer file; a RequestError naming prompt_mode when there is neither."""
+    text = reasoning_prompt if reasoning_prompt is not None else find_system_prompt(tokenizer)
+    if text is None:
+        raise RequestError("prompt_mode", "'reasoning' needs the model's reasoning system prompt, and there is "
+                           "no SYSTEM_PROMPT.txt next to its tokenizer file (pass reasoning_prompt=... to "
+                           "chat_completion, or leave prompt_mode out)")
+    return system_prompt_message(text)
+
+
+def _token_budget(n: int, requested: int | None, max_context: int | None, what: str) -> int:
+    """max_tokens for a prompt of n tokens: `requested`, or what the context leaves; ContextLengthError (naming
+    `what` or max_tokens) when they do not fit."""
+    if max_context is not None and n >= max_context:
+        raise ContextLengthError(what, f"the prompt is {n} tokens long; the model's context is {max_context} "
+                                 "tokens, which leaves no room for a completion: shorten the "
+                                 f"{'conversation' if what == 'messages' else what}")
+    if requested is None:
+        return max_context - n if max_context is not None else DEFAULT_MAX_TOKENS
+    if max_context is not None and n + requested > max_context:
+        raise ContextLengthError("max_tokens", f"{requested} tokens after a prompt of {n} tokens exceed "
+                                 f"the model's context of {max_context} tokens (at most {max_context - n} fit)")
+    return requested
+
+
 def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None,
-            model_name: str = "mistral-ref") -> Prepared:
+            model_name: str = "mistral-ref", reasoning_prompt: str | None = None) -> Prepared:
     """Encode `request` with the chat template and size its token budget.
 
     max_context: the model's context length in tokens (prompt + completion); None = no limit known.  A prompt
     that does not fit, or max_tokens beyond what is left, is a RequestError naming messages / max_tokens.
+    reasoning_prompt: the system prompt of ``prompt_mode="reasoning"`` (default: the checkpoint's
+    SYSTEM_PROMPT.txt, see :func:`reasoning_system_message`).
     """
     req = request
     tools = req.tools if req.tool_choice != "none" else None
+    messages = req.messages
+    if req.prompt_mode == "reasoning":
+        messages = [reasoning_system_message(tokenizer, reasoning_prompt), *messages]
     try:
-        prompt = tokenizer.encode_chat(req.messages, tools=tools, safe_prompt=req.safe_prompt,
-                                       continue_final_message=_ends_with_prefix(req.messages))
+        prompt = tokenizer.encode_chat(messages, tools=tools, safe_prompt=req.safe_prompt,
+                                       continue_final_message=_ends_with_prefix(req.messages),
+                                       reasoning_effort=req.reasoning_effort,
+                                       response_format={"type": "json_object"} if req.json_mode else None)
     except ChatTemplateError as e:
-        raise RequestError("tools" if str(e).startswith("tools") else "messages", str(e)) from None
-    n = len(prompt)
-    if max_context is not None and n >= max_context:
-        raise ContextLengthError("messages", f"the prompt is {n} tokens long; the model's context is "
-                                 f"{max_context} tokens, which leaves no room for a completion: shorten the "
-                                 "conversation")
-    if req.max_tokens is None:
-        max_tokens = max_context - n if max_context is not None else DEFAULT_MAX_TOKENS
-    else:
-        max_tokens = req.max_tokens
-        if max_context is not None and n + max_tokens > max_context:
-            raise ContextLengthError("max_tokens", f"{max_tokens} tokens after a prompt of {n} tokens exceed "
-                                     f"the model's context of {max_context} tokens (at most "
-                                     f"{max_context - n} fit)")
+        at = [f for f in _TEMPLATE_FIELDS if str(e).startswith(f)]
+        raise RequestError(at[0] if at else "messages", str(e)) from None
+    max_tokens = _token_budget(len(prompt), req.max_tokens, max_context, "messages")
     marker = tokenizer.special_id("[TOOL_CALLS]") if tokenizer.has_special("[TOOL_CALLS]") else None
     if req.tool_choice == "any" and marker is None:
         raise RequestError("tool_choice", f"this tokenizer ({tokenizer.version}) has no tool calling")
@@ -328,19 +395,66 @@ def _logprob_entry(tokenizer: Any, event: Any) -> dict[str, Any]:
 
 @dataclass
 class _Outcome:
-    """What the event loop accumulated; filled in as the stream goes."""
+    """What the event loop accumulated; filled in as the stream goes.
 
-    content: str = ""
+    pieces: the reply in order, ``["text", str]`` and ``["thinking", str, closed]`` entries.
+    """
+
+    pieces: list[list[Any]] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str = "length"
     completion_tokens: int = 0
     logprobs: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, kind: str, text: str, closed: bool = False) -> None:
+        """Append text to the last piece of this kind, or start one (a thinking piece once closed is done)."""
+        last = self.pieces[-1] if self.pieces else None
+        if last is not None and last[0] == kind and not (kind == "thinking" and last[2]):
+            last[1] += text
+            if kind == "thinking":
+                last[2] = closed
+        else:
+            self.pieces.append([kind, text, closed] if kind == "thinking" else [kind, text])
 
-def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[tuple[str, list[dict]]]:
-    """Run generation; yield (content delta, logprob entries) as content is released, filling `out` as it goes.
+    @property
+    def text(self) -> str:
+        """The answer: every text piece, thinking left out."""
+        return "".join(p[1] for p in self.pieces if p[0] == "text")
 
-    After the last yield `out` holds the finish reason, tool calls (if any) and token counts.
+    def content(self) -> str | list[dict[str, Any]] | None:
+        """The message content: the answer (None if blank next to tool calls), or chunks when the model thought."""
+        if not any(p[0] == "thinking" for p in self.pieces):
+            return None if self.tool_calls and not self.text.strip() else self.text
+        chunks = []
+        for p in self.pieces:
+            if p[0] == "thinking":
+                chunks.append(thinking_chunk(p[1], p[2]))
+            elif p[1] and not (self.tool_calls and not p[1].strip()):  # as tokenizer.parse_assistant words it
+                chunks.append({"type": "text", "text": p[1]})
+        return chunks
+
+
+@dataclass(frozen=True)
+class _Delta:
+    """A piece of the reply as it is released: answer text (with the logprob entries of its tokens) or thinking."""
+
+    kind: str  # "text" | "thinking"
+    text: str
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    closed: bool = False  # thinking: [/THINK] came
+
+
+def _think_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    if tokenizer.has_special("[THINK]") and tokenizer.has_special("[/THINK]"):
+        return tokenizer.special_id("[THINK]"), tokenizer.special_id("[/THINK]")
+    return None, None
+
+
+def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[_Delta]:
+    """Run generation; yield the reply's pieces as they are released, filling `out` as it goes.
+
+    After the last yield `out` holds the finish reason, tool calls (if any) and token counts.  Inside
+    ``[THINK]…[/THINK]`` text is thinking: no stop strings, no logprobs, no tool calls.
     """
     req = job.request
     processors = []
@@ -357,10 +471,22 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
         ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
         logits_processors=processors)
     stop = _ContentStop(req.stop, req.json_mode)
+    think_open, think_close = _think_ids(tokenizer)
     ids: list[int] = []
-    in_tool_call = False
+    in_tool_call = in_think = False
     tail = ""  # text decoded after [TOOL_CALLS]: shown as content only if the calls do not parse
     pending_lp: list[dict[str, Any]] = []
+
+    def think(text: str, closed: bool = False) -> _Delta:
+        out.add("thinking", text, closed)
+        return _Delta("thinking", text, closed=closed)
+
+    def answer(text: str) -> _Delta:
+        nonlocal pending_lp
+        out.add("text", text)
+        delta, pending_lp = _Delta("text", text, pending_lp), []
+        return delta
+
     try:
         for ev in stream:
             if ev.token_id is None:  # the closing event
@@ -369,30 +495,49 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
                     out.completion_tokens += 1  # the stop token (EOS) was generated too
                 if in_tool_call:
                     tail += ev.text
-                    break
-                text, matched = stop.push(ev.text)
-                if matched is None:
-                    text += stop.flush()
+                elif in_think:
+                    if ev.text:
+                        yield think(ev.text)
                 else:
-                    out.finish_reason = "stop"
-                if text or pending_lp:
-                    out.content += text
-                    yield text, pending_lp
+                    text, matched = stop.push(ev.text)
+                    if matched is None:
+                        text += stop.flush()
+                    else:
+                        out.finish_reason = "stop"
+                    if text or pending_lp:
+                        yield answer(text)
                 break
             ids.append(ev.token_id)
             out.completion_tokens += 1
+            if in_think:  # ev.text: the thought's text (at [/THINK], its held-back bytes)
+                if ev.token_id == think_close:
+                    in_think = False
+                    yield think(ev.text, closed=True)
+                elif ev.text:
+                    yield think(ev.text)
+                continue
             if ev.token_id == job.tool_calls_id:
                 in_tool_call = True
             if in_tool_call:
                 tail += ev.text
                 continue
+            if ev.token_id == think_open:  # the answer so far is released whole: stop strings do not span thoughts
+                text, matched = stop.push(ev.text)
+                if matched is None:
+                    text += stop.flush()
+                if text or pending_lp:
+                    yield answer(text)
+                if matched is not None:
+                    out.finish_reason = "stop"
+                    break
+                in_think = True
+                yield think("")
+                continue
             if req.logprobs:
                 pending_lp.append(_logprob_entry(tokenizer, ev))
             text, matched = stop.push(ev.text)
             if text or matched is not None:
-                out.content += text
-                yield text, pending_lp
-                pending_lp = []
+                yield answer(text)
             if matched is not None:
                 out.finish_reason = "stop"
                 break
@@ -405,14 +550,20 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
             out.tool_calls = calls if req.parallel_tool_calls else calls[:1]
             out.finish_reason = "tool_calls"
         elif tail:  # malformed tool-call syntax: the text is content after all
-            out.content += tail
-            yield tail, []
+            yield answer(tail)
 
 
-def _usage(job: Prepared, out: _Outcome) -> dict[str, int]:
-    n = len(job.prompt_ids)
+def _usage(n_prompt: int, out: _Outcome) -> dict[str, int]:
     m = out.completion_tokens
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
+
+
+def _delta_content(d: _Delta) -> str | list[dict[str, Any]]:
+    """A streamed delta's content: the answer's text as a string, thinking as a one-chunk list."""
+    if d.kind == "text":
+        return d.text
+    return [{"type": "thinking", "thinking": [{"type": "text", "text": d.text}] if d.text else [],
+             "closed": d.closed}]
 
 
 def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -422,20 +573,17 @@ def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[
     if job.request.stream:
         return _chunks(model, tokenizer, job, cid, created)
     out = _Outcome()
-    for _, lps in _events(model, tokenizer, job, out):
-        out.logprobs.extend(lps)
-    content: str | None = out.content
-    if out.tool_calls and not content.strip():
-        content = None
+    for d in _events(model, tokenizer, job, out):
+        out.logprobs.extend(d.logprobs)
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "tool_calls": out.tool_calls or None},
+            "message": {"role": "assistant", "content": out.content(), "tool_calls": out.tool_calls or None},
             "finish_reason": out.finish_reason,
             "logprobs": {"content": out.logprobs} if job.request.logprobs else None,
         }],
-        "usage": _usage(job, out),
+        "usage": _usage(len(job.prompt_ids), out),
     }
 
 
@@ -449,28 +597,33 @@ def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -
 
     out = _Outcome()
     yield chunk({"role": "assistant", "content": ""})
-    for text, lps in _events(model, tokenizer, job, out):
-        yield chunk({"content": text}, lps=lps)
+    for d in _events(model, tokenizer, job, out):
+        yield chunk({"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
     if out.tool_calls:
         yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]})
     last = chunk({}, out.finish_reason)
-    last["usage"] = _usage(job, out)
+    last["usage"] = _usage(len(job.prompt_ids), out)
     yield last
 
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
                     model_name: str = "mistral-ref", max_context: int | None = None,
+                    reasoning_prompt: str | None = None,
                     **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """A chat completion shaped exactly like the Mistral API's response (see the module docstring).
 
     model: a mistral_ref Transformer; tokenizer: its mistral_ref Tokenizer (the chat template comes from its
-    version); messages: [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...].
+    version); messages: [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...] (content: a
+    string or a list of text / thinking chunks).
     params: the API's parameters — temperature (default 0.7), top_p, max_tokens, stop (str or list),
     presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
     "json_object"}), tools, tool_choice ("auto" | "none" | "any" | "required" | a named function),
-    parallel_tool_calls, safe_prompt, n (1 only), stream, and the extras ignore_eos, logprobs, top_logprobs.
+    parallel_tool_calls, safe_prompt, n (1 only), stream, reasoning_effort ("none" ... "max", v15 models),
+    prompt_mode ("reasoning"), and the extras ignore_eos, logprobs, top_logprobs.
     model_name: the "model" reported in the response (a request's ``model`` parameter wins);
     max_context: context length in tokens (default and cap: the model's ``args.max_seq_len``, if it declares one).
+    reasoning_prompt: the system prompt ``prompt_mode="reasoning"`` uses (default: the SYSTEM_PROMPT.txt next to
+    the tokenizer file).
 
     returns: a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts
     (finish_reason null until the last chunk, which also carries usage).  The request is validated and encoded
@@ -479,5 +632,121 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     if isinstance(messages, tuple):
         messages = list(messages)
     request = parse_request({"messages": messages, **params})
-    job = prepare(tokenizer, request, context_length(model, max_context), model_name)
+    job = prepare(tokenizer, request, context_length(model, max_context), model_name, reasoning_prompt)
     return run(model, tokenizer, job)
+
+
+# ---- fill in the middle ------------------------------------------------------------------------------------
+@dataclass
+class FimRequest:
+    """A validated fill-in-the-middle request (field names and defaults of request_spec.FIM_REQUEST)."""
+
+    prompt: str
+    suffix: str | None = None
+    model: str | None = None
+    temperature: float = FIM_FIELDS["temperature"].default
+    top_p: float = FIM_FIELDS["top_p"].default
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = FIM_FIELDS["stream"].default
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, seed=self.seed)
+
+
+def parse_fim_request(body: Mapping[str, Any]) -> FimRequest:
+    """Validate a request body (the JSON object of POST /v1/fim/completions) into a FimRequest; RequestError
+    naming the field otherwise (types, ranges and names of request_spec.FIM_REQUEST)."""
+    body = _present(body, FIM_FIELDS, "prompt", "the text before the gap")
+    values = _scalars(body, FIM_REQUEST, FIM_FIELDS)
+    stop = _stop(values.pop("stop")) if "stop" in values else []
+    req = FimRequest(stop=stop, **values)
+    if req.max_tokens is not None and req.min_tokens > req.max_tokens:
+        raise RequestError("min_tokens", f"{req.min_tokens} is more than max_tokens={req.max_tokens}")
+    return req
+
+
+def _no_stop_before(min_tokens: int, stop_id: int):
+    """A logits processor: `stop_id` (EOS) cannot be generated before `min_tokens` tokens."""
+    def proc(generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if generated.shape[1] < min_tokens:
+            logits[:, stop_id] = float("-inf")
+        return logits
+    return proc
+
+
+def fim_completion(model: Any, tokenizer: Any, prompt: str, suffix: str | None = None, *,
+                   model_name: str = "mistral-ref", max_context: int | None = None,
+                   **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """A fill-in-the-middle completion shaped like the Mistral API's (POST /v1/fim/completions).
+
+    prompt: the text before the gap; suffix: the text after it (None: the model continues the prompt).
+    params: max_tokens, min_tokens (EOS is not generated before that many tokens), stop (str or list),
+    temperature (default 0.7), top_p, seed / random_seed, stream, model.
+    Other arguments as in :func:`chat_completion`.
+
+    returns: ``{"id", "object": "chat.completion", "created", "model", "choices": [{"index": 0, "message":
+    {"role": "assistant", "content": middle, "tool_calls": None}, "finish_reason": "stop" | "length"}],
+    "usage"}``, or with stream=True an iterator of "chat.completion.chunk" dicts whose deltas carry the middle.
+    A bad request raises RequestError naming the field before anything is generated.
+    """
+    req = parse_fim_request({"prompt": prompt, "suffix": suffix, **params})
+    try:
+        ids = tokenizer.encode_fim(req.prompt, req.suffix)
+    except ChatTemplateError as e:
+        raise RequestError("prompt", str(e)) from None
+    max_tokens = _token_budget(len(ids), req.max_tokens, context_length(model, max_context), "prompt")
+    if req.min_tokens > max_tokens:
+        raise RequestError("min_tokens", f"{req.min_tokens} is more than the {max_tokens} tokens the context "
+                           "leaves after the prompt")
+    s = req.sampling
+    events = generate_stream(  # validated here, before the first event
+        model, tokenizer, ids, max_tokens, stop=req.stop, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+        logits_processors=[_no_stop_before(req.min_tokens, tokenizer.eos_id)] if req.min_tokens else (),
+        continue_prompt_text=True)
+    cid, created, name = uuid.uuid4().hex, int(time.time()), req.model or model_name
+    if req.stream:
+        return _fim_chunks(events, len(ids), cid, created, name)
+    out = _Outcome()
+    for _ in _fim_text(events, out):
+        pass
+    return {
+        "id": cid, "object": "chat.completion", "created": created, "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text, "tool_calls": None},
+                     "finish_reason": out.finish_reason}],
+        "usage": _usage(len(ids), out),
+    }
+
+
+def _fim_text(events: Iterator[Any], out: _Outcome) -> Iterator[str]:
+    """The middle's text deltas (stop strings already applied by generate_stream), counting into `out`."""
+    try:
+        for ev in events:
+            if ev.token_id is not None:
+                out.completion_tokens += 1
+            else:
+                out.finish_reason = ev.finish_reason
+                out.completion_tokens += isinstance(ev.stop_reason, int)  # the EOS counts too
+            if ev.text:
+                out.add("text", ev.text)
+                yield ev.text
+    finally:
+        events.close()
+
+
+def _fim_chunks(events: Iterator[Any], n_prompt: int, cid: str, created: int,
+                name: str) -> Iterator[dict[str, Any]]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    out = _Outcome()
+    yield chunk({"role": "assistant", "content": ""})
+    for text in _fim_text(events, out):
+        yield chunk({"content": text})
+    last = chunk({}, out.finish_reason)
+    last["usage"] = _usage(n_prompt, out)
+    yield last

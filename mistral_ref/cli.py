@@ -236,6 +236,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.compile:
         _compile(model)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt_mode == "reasoning":  # the checkpoint's reasoning system prompt goes first
+        from mistral_ref.api import reasoning_system_message
+
+        try:
+            system.insert(0, reasoning_system_message(tok))
+        except RequestError as e:
+            _status(f"error: {e}")
+            return 2
     history: list[dict] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -244,6 +252,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling(args)
     if args.json:
         params["response_format"] = {"type": "json_object"}
+    if args.reasoning_effort is not None:
+        params["reasoning_effort"] = args.reasoning_effort
+        try:  # the request checks it on every turn; say it once, before the first
+            tok.encode_chat([{"role": "user", "content": ""}], reasoning_effort=args.reasoning_effort)
+        except ValueError as e:
+            _status(f"error: --reasoning-effort: {e}")
+            return 2
     context = context_length(model, args.max_context)
     while True:
         try:
@@ -270,7 +285,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if args.max_tokens is None:  # the default per reply, capped by what the context leaves
             params["max_tokens"] = CHAT_MAX_TOKENS
             if context is not None:
-                left = context - len(tok.encode_chat(messages))
+                left = context - len(tok.encode_chat(messages, reasoning_effort=args.reasoning_effort))
                 params["max_tokens"] = min(CHAT_MAX_TOKENS, left) if left > 0 else None
         try:
             chunks = chat_completion(model, tok, messages, stream=True, model_name=name,
@@ -285,6 +300,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             for chunk in chunks:
                 delta = chunk["choices"][0]["delta"]
                 piece = delta.get("content") or ""
+                if isinstance(piece, list):  # a thought (reasoning models): on stderr, kept out of the reply
+                    think = "".join(t["text"] for c in piece for t in c["thinking"])
+                    print(think + ("\n" if piece[-1]["closed"] else ""), end="", file=sys.stderr, flush=True)
+                    continue
                 reply += piece
                 print(piece, end="", flush=True)
                 calls += delta.get("tool_calls") or []
@@ -461,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(ch, f"{CHAT_MAX_TOKENS} per reply, capped by the context")
     ch.add_argument("--system", default=None, help="a system prompt (default: none)")
     ch.add_argument("--json", action="store_true", help="JSON mode: every reply is a JSON object (default: off)")
+    ch.add_argument("--reasoning-effort", default=None, metavar="LEVEL",
+                    help="how much a v15 model thinks before answering: none ... max, as its tokenizer file allows "
+                    "(default: the model's own)")
+    ch.add_argument("--prompt-mode", choices=["reasoning"], default=None,
+                    help="reasoning: begin with the checkpoint's SYSTEM_PROMPT.txt (default: none); a model's "
+                    "thinking is shown on stderr")
     ch.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="one-shot raw completion of a prompt (no chat template), streamed")

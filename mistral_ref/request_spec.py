@@ -1,23 +1,24 @@
-"""The chat-completions request, declared once: every field's JSON type, range, default, aliases and doc.
+"""The chat-completions and FIM requests, declared once: every field's JSON type, range, default, aliases and doc.
 
-One table, :data:`REQUEST`, drives the three places that need it:
+One table per endpoint — :data:`REQUEST` (POST /v1/chat/completions) and :data:`FIM_REQUEST` (POST
+/v1/fim/completions) — drives the three places that need it:
 
-- ``api.parse_request`` validates a request body with :func:`check` (type, range, unknown names) and raises
-  ``RequestError`` naming the field; before that, :func:`check_nesting_and_integers` refuses bodies nested
-  too deep or holding integers too long to print, whatever the field;
+- ``api.parse_request`` / ``api.parse_fim_request`` validate a request body with :func:`check` (type, range,
+  allowed values, unknown names) and raise ``RequestError`` naming the field; before that,
+  :func:`check_nesting_and_integers` refuses bodies nested too deep or holding integers too long to print;
 - ``sampling.SamplingParams`` checks temperature, top_p, the penalties and seed with the same :func:`check`
   (raising ``GenerationParamError``), so the Python API and HTTP share one set of ranges;
 - ``server.openapi_document`` publishes :func:`request_schema` as the ``ChatCompletionRequest`` schema of
-  ``GET /openapi.json``.
+  ``GET /openapi.json`` (and :func:`fim_request_schema` as ``FIMCompletionRequest``).
 
 The table is plain data (no torch, no web framework).  A :class:`Field` maps onto a JSON Schema property
 (:func:`json_schema`) and just as directly onto a pydantic field::
 
     (field.annotation | None, pydantic.Field(field.default, ge=..., gt=..., le=..., description=field.doc))
 
-Scalar fields (number, integer, boolean, string) are validated here completely.  Structured fields (messages,
-stop, response_format, tools, tool_choice, stream_options) carry their JSON Schema in ``Field.schema``; their
-shape is checked by their parser in api.py, whose messages say what is expected.
+Scalar fields (number, integer, boolean, string and its allowed values) are validated here completely.
+Structured fields (messages, stop, response_format, tools, tool_choice, stream_options) carry their JSON Schema in
+``Field.schema``; their shape is checked by their parser in api.py, whose messages say what is expected.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
+
+from mistral_ref.tokenizer.settings import REASONING_EFFORTS
 
 #: A temperature below this (the smallest normal float32, 2**-126 ~ 1.2e-38) is greedy, like 0.  The logits
 #: are divided by the temperature in fp32: below it the divisor has no precision left (and rounds to 0 below
@@ -58,6 +61,7 @@ class Field:
     parameters", refused on the Azure route unless the ``extra-parameters`` header lets them through).
     required: a request must carry it (messages).
     schema: the JSON Schema of a structured field (its ``$ref``s point into :data:`COMPONENTS`).
+    choices: the values a string field may take (JSON Schema ``enum``).
     """
 
     name: str
@@ -72,10 +76,13 @@ class Field:
     azure: bool = False
     required: bool = False
     schema: Mapping[str, Any] | None = None
+    choices: tuple[str, ...] | None = None
 
     @property
     def annotation(self) -> Any:
         """The Python type of a value (what a pydantic model would declare)."""
+        if self.choices is not None:
+            return Literal[self.choices]  # Literal["a", "b"]: a tuple subscript spreads
         return {"number": float, "integer": int, "boolean": bool, "string": str, "array": list,
                 "object": dict}.get(self.type, Any)
 
@@ -100,6 +107,15 @@ def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+_TEXT_CHUNK = {"type": "object", "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+_THINKING_CHUNK = {  # assistant messages (and v13 system messages); "thinking": mistral-common's or the API's
+    "type": "object",
+    "properties": {
+        "type": {"const": "thinking"},
+        "thinking": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_CHUNK}]},
+        "closed": {"type": "boolean"},
+    },
+}
 _MESSAGE = {
     "type": "object",
     "required": ["role"],
@@ -109,19 +125,15 @@ _MESSAGE = {
             "anyOf": [
                 {"type": "string"},
                 {"type": "null"},
-                {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-                    },
-                },
+                {"type": "array", "items": {"anyOf": [_TEXT_CHUNK, _THINKING_CHUNK]}},
             ]
         },
         "tool_calls": {"type": "array", "items": {"$ref": "#/components/schemas/ToolCall"}},
         "tool_call_id": {"type": "string"},
         "name": {"type": "string"},
         "prefix": {"type": "boolean"},
+        "reasoning_content": {"type": "string", "description": "an assistant's thinking (SGLang's field)"},
+        "reasoning": {"type": "string", "description": "an assistant's thinking (vLLM's field)"},
     },
 }
 _TOOL_CALL = {
@@ -199,12 +211,35 @@ REQUEST: tuple[Field, ...] = (
     Field("n", "integer", "completions per request: only 1", default=1, minimum=1, maximum=1,
           range_doc="only n=1 is supported (one completion per request)"),
     Field("user", "string", "accepted for the OpenAI client; ignored"),
+    Field("reasoning_effort", "string", "how much the model thinks before answering; v15 tokenizers write it in "
+          "the prompt's model settings (the model's tokenizer file lists the values it takes)",
+          choices=REASONING_EFFORTS),
+    Field("prompt_mode", "string", "'reasoning': begin with the model's reasoning system prompt (its "
+          "SYSTEM_PROMPT.txt)", choices=("reasoning",)),
     Field("ignore_eos", "boolean", "extra: generate exactly max_tokens", default=False),
     Field("logprobs", "boolean", "extra: the log-probabilities of the content tokens", default=False),
     Field("top_logprobs", "integer", "extra: this many most likely alternatives per token (needs logprobs)",
           default=0, minimum=0, maximum=MAX_TOP_LOGPROBS),
 )
 FIELDS: dict[str, Field] = {f.name: f for f in REQUEST}
+
+#: Every parameter of a fill-in-the-middle request (the Mistral API's POST /v1/fim/completions): the model
+#: writes what goes between ``prompt`` and ``suffix``.  The sampling fields are the chat request's.
+FIM_REQUEST: tuple[Field, ...] = (
+    Field("prompt", "string", "the text before the gap (the code to complete)", required=True),
+    Field("suffix", "string", "the text after the gap; without it the model continues the prompt"),
+    FIELDS["model"],
+    FIELDS["temperature"],
+    FIELDS["top_p"],
+    Field("max_tokens", "integer", "default: what the context leaves after the prompt", minimum=1),
+    Field("min_tokens", "integer", "the end-of-sequence token is not generated before this many tokens",
+          minimum=0),
+    FIELDS["stop"],
+    FIELDS["seed"],
+    FIELDS["random_seed"],
+    FIELDS["stream"],
+)
+FIM_FIELDS: dict[str, Field] = {f.name: f for f in FIM_REQUEST}
 #: The fields that sampling.SamplingParams holds (seed also as random_seed in a request).
 SAMPLING_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
 
@@ -236,19 +271,22 @@ def _has_type(kind: str, value: Any) -> bool:
     return isinstance(value, {"boolean": bool, "string": str}[kind])
 
 
-def check(name: str, value: Any) -> Any:
-    """``value`` checked against the field `name`: its type and range (a number comes back as a float).
+def check(name: str, value: Any, fields: Mapping[str, Field] | None = None) -> Any:
+    """``value`` checked against the field `name` of `fields` (default: the chat request's): its type, range and
+    allowed values (a number comes back as a float).
 
-    Raises FieldError (a ValueError naming the field) for a wrong type or a value out of range.  A structured
-    field (one with a ``schema``) is returned as is: its parser in api.py checks it.
+    Raises FieldError (a ValueError naming the field) for a wrong type, a value out of range or not among the
+    choices.  A structured field (one with a ``schema``) is returned as is: its parser in api.py checks it.
     """
-    f = FIELDS[name]
+    f = (FIELDS if fields is None else fields)[name]
     if f.schema is not None:
         return value
     if not _has_type(f.type, value):
         raise FieldError(name, f"must be {_TYPE_WORDS[f.type]}, got {type_name(value)} {value!r}")
     if not f.in_range(value):
         raise FieldError(name, f"{f.range_doc or 'must be ' + f.interval}, got {value!r}")
+    if f.choices is not None and value not in f.choices:
+        raise FieldError(name, f"must be one of {', '.join(map(repr, f.choices))}, got {value!r}")
     return float(value) if f.type == "number" else value
 
 
@@ -297,6 +335,8 @@ def check_nesting_and_integers(body: Mapping[str, Any]) -> None:
 def json_schema(f: Field) -> dict[str, Any]:
     """The JSON Schema (OpenAPI 3.1) property of one field: type, range, default and description."""
     out = dict(f.schema) if f.schema is not None else {"type": f.type}
+    if f.choices is not None:
+        out["enum"] = list(f.choices)
     if f.minimum is not None:
         out["exclusiveMinimum" if f.exclusive_minimum else "minimum"] = f.minimum
     if f.maximum is not None:
@@ -307,11 +347,16 @@ def json_schema(f: Field) -> dict[str, Any]:
     return out
 
 
-def request_schema() -> dict[str, Any]:
-    """The ``ChatCompletionRequest`` JSON Schema: every field of :data:`REQUEST`, nothing else."""
+def request_schema(table: tuple[Field, ...] = REQUEST) -> dict[str, Any]:
+    """The ``ChatCompletionRequest`` JSON Schema: every field of :data:`REQUEST` (or of `table`), nothing else."""
     return {
         "type": "object",
-        "required": [f.name for f in REQUEST if f.required],
+        "required": [f.name for f in table if f.required],
         "additionalProperties": False,
-        "properties": {f.name: json_schema(f) for f in REQUEST},
+        "properties": {f.name: json_schema(f) for f in table},
     }
+
+
+def fim_request_schema() -> dict[str, Any]:
+    """The ``FIMCompletionRequest`` JSON Schema: every field of :data:`FIM_REQUEST`, nothing else."""
+    return request_schema(FIM_REQUEST)

@@ -7,15 +7,24 @@ import dataclasses
 import json
 import random
 import string
-import warnings
 from pathlib import Path
 
 import pytest
+from chat_oracle import (
+    EFFORT_NONE_HIGH,
+    MODERN_SPECIALS,
+    V15_BUILDER,
+    V15_SPECIALS,
+    build_tekken,
+    oracle_encode,
+    oracle_tokenizer,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mistral_ref.tokenizer import (
     LEGACY_SPECIAL_TOKENS,
+    REASONING_EFFORTS,
     SAFE_PROMPT,
     TEMPLATES,
     VERSIONS,
@@ -23,24 +32,12 @@ from mistral_ref.tokenizer import (
     Tokenizer,
     load_tokenizer,
     mistral_common_data_dir,
-    write_tekken_file,
 )
 
 DATA = mistral_common_data_dir()
 pytestmark = pytest.mark.skipif(DATA is None, reason="the mistral-common wheel ships the tokenizer files")
 
-# Special tokens of the tekken files built for v7/v11/v13 (layout of recent Mistral releases: the 20 legacy
-# names, fillers, then [ARGS] [CALL_ID] [THINK] [/THINK] at 32..35).
-MODERN_SPECIALS = [
-    *LEGACY_SPECIAL_TOKENS,
-    *[f"<SPECIAL_{i}>" for i in range(20, 32)],
-    "[ARGS]",
-    "[CALL_ID]",
-    "[THINK]",
-    "[/THINK]",
-]
-
-# name -> (file in mistral_common/data or built variant, version)
+# name -> file in mistral_common/data, or the key of a file built from the Nemo file (BUILT)
 CONFIGS = {
     "v1": "tokenizer.model.v1",
     "v2": "mistral_instruct_tokenizer_240216.model.v2",
@@ -50,6 +47,21 @@ CONFIGS = {
     "tekken-v7": "v7",
     "tekken-v11": "v11",
     "tekken-v13": "v13",
+    "tekken-v15": "v15",
+    "tekken-v15-effort": "v15-effort",
+}
+# built file -> (version, special tokens, model_settings_builder)
+BUILT = {
+    "v7": ("v7", list(LEGACY_SPECIAL_TOKENS), None),
+    "v11": ("v11", MODERN_SPECIALS, None),
+    "v13": ("v13", MODERN_SPECIALS, None),
+    "v15": ("v15", V15_SPECIALS, V15_BUILDER),
+    # every reasoning effort, default medium, no schema setting
+    "v15-effort": (
+        "v15",
+        V15_SPECIALS,
+        {"reasoning_effort": {**EFFORT_NONE_HIGH, "default": "medium", "values": list(REASONING_EFFORTS)}},
+    ),
 }
 
 
@@ -57,14 +69,9 @@ CONFIGS = {
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert DATA is not None
     tmp = tmp_path_factory.mktemp("tekken")
-    nemo = json.loads((DATA / "tekken_240718.json").read_text(encoding="utf-8"))
     out = {}
     for name, f in CONFIGS.items():
-        if f.startswith("v"):
-            specials = list(LEGACY_SPECIAL_TOKENS) if f == "v7" else MODERN_SPECIALS
-            out[name] = write_tekken_file(nemo, tmp / f"tekken_{f}.json", f, specials)
-        else:
-            out[name] = DATA / f
+        out[name] = build_tekken(tmp, *BUILT[f], name=f) if f in BUILT else DATA / f
     return out
 
 
@@ -152,12 +159,44 @@ def _result(rng: random.Random) -> str:
     )
 
 
+THOUGHTS = ["Let me think.", "", "  The user wants the weather; call get_weather.\n", "Hmm… 2 + 2 = 4 ", "思考"]
+
+
+def _thinking(rng: random.Random, closed: bool = True) -> dict:
+    """A thinking chunk, in mistral-common's form or the Mistral API's (thinking as a list of text chunks)."""
+    text = rng.choice(THOUGHTS)
+    chunk: dict = {"type": "thinking", "thinking": text}
+    if rng.random() < 0.3:
+        chunk["thinking"] = [{"type": "text", "text": text}]
+    if not closed or rng.random() < 0.5:
+        chunk["closed"] = closed
+    return chunk
+
+
+def _with_thinking(rng: random.Random, content: object, closed: bool = True) -> object:
+    """Content with thinking chunks (v13+): before the text mostly, sometimes between text chunks."""
+    text = [content] if isinstance(content, str) else list(content)  # type: ignore[call-overload]
+    chunks = [{"type": "text", "text": t} if isinstance(t, str) else t for t in text]
+    r = rng.random()
+    if r < 0.6:
+        return [_thinking(rng), *chunks]
+    if r < 0.8:
+        return [*chunks[:1], _thinking(rng), *chunks[1:], _thinking(rng, closed)]
+    return [_thinking(rng, closed)] if not chunks[0]["text"] else [*chunks, _thinking(rng, closed)]
+
+
 def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | None, bool, bool]:
-    """A random, mostly valid chat request for version ``v``; some are deliberately invalid."""
+    """A random, mostly valid chat request for version ``v``; some are deliberately invalid.
+
+    From v13 on, assistant messages (and v13 system messages) think, some through ``reasoning_content``; a few
+    v15 system messages do too, which v15 refuses. Older versions draw exactly the random numbers they always did.
+    """
     tools_ok = v >= 2
     msgs: list[dict] = []
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
         msgs.append({"role": rng.choice(["system", "system", "developer"]), "content": _content(rng)})
+        if v >= 13 and rng.random() < (0.3 if v == 13 else 0.03):
+            msgs[-1]["content"] = _with_thinking(rng, msgs[-1]["content"])
     pending_ids: list[str] = []
     for _turn in range(rng.randint(1, 4)):
         for _ in range(rng.choice([1, 1, 1, 2])):
@@ -174,6 +213,8 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
             a: dict = {"role": "assistant", "tool_calls": calls}
             if v >= 7 and rng.random() < 0.3:
                 a["content"] = _text(rng)
+            if v >= 13 and rng.random() < 0.4:
+                a["content"] = [_thinking(rng)] + ([{"type": "text", "text": a["content"]}] if "content" in a else [])
             msgs.append(a)
             results = [
                 {
@@ -190,6 +231,12 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
             pending_ids = [c["id"] for c in calls]
         if rng.random() < 0.8:
             msgs.append({"role": "assistant", "content": _content(rng, allow_empty=False)})
+            if v >= 13:
+                r = rng.random()
+                if r < 0.4:
+                    msgs[-1]["content"] = _with_thinking(rng, msgs[-1]["content"])
+                elif r < 0.5:
+                    msgs[-1]["reasoning_content"] = rng.choice(THOUGHTS)
             if rng.random() < 0.1:
                 msgs.append({"role": "assistant", "content": _text(rng) or "more"})
     del pending_ids
@@ -202,6 +249,8 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
     elif rng.random() < 0.15:
         msgs.append({"role": "assistant", "content": _text(rng) or "Sure"})
         cfm = True
+        if v >= 13 and rng.random() < 0.5:  # continue a thought that is still going on
+            msgs[-1]["content"] = [_thinking(rng, closed=rng.random() < 0.3)]
     tools = _tools(rng) if tools_ok and rng.random() < 0.6 else None
     if rng.random() < 0.05:  # deliberate mistakes
         kind = rng.randrange(4)
@@ -222,34 +271,38 @@ def make_request(rng: random.Random, v: int) -> tuple[list[dict], list[dict] | N
     return msgs, tools, rng.random() < 0.2, cfm
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "description": "ville é"}, "days": {"type": "integer"}},
+    "required": ["city"],
+}
+
+
+def make_settings(rng: random.Random, v: int) -> dict:
+    """Random model settings for a request of version ``v`` (v13+; older versions get none and draw nothing):
+    ``reasoning_effort`` (now and then one that the model refuses) and ``response_format``."""
+    out: dict = {}
+    if v < 13:
+        return out
+    r = rng.random()
+    if v == 13 and r < 0.03:
+        out["reasoning_effort"] = rng.choice(REASONING_EFFORTS)  # refused: v13 has no model settings
+    elif v == 15 and r < 0.6:
+        out["reasoning_effort"] = rng.choice(["none", "high"] * 40 + list(REASONING_EFFORTS))
+    r = rng.random()
+    if r < 0.15:
+        out["response_format"] = {"type": "json_object"}
+    elif r < 0.3:
+        schema = {"name": "weather", "schema": SCHEMA, "strict": rng.random() < 0.5}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif r < 0.35:
+        out["response_format"] = {"type": "text"}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # the oracle
 # ---------------------------------------------------------------------------------------------------
-def oracle_encode(mt, messages: list[dict], tools, safe_prompt: bool, cfm: bool) -> list[int]:
-    from mistral_common.protocol.instruct.request import ChatCompletionRequest
-
-    msgs = ([{"role": "system", "content": SAFE_PROMPT}] if safe_prompt else []) + messages
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        req = ChatCompletionRequest.from_openai(
-            json.loads(json.dumps(msgs)), tools=tools, continue_final_message=cfm
-        )
-        return mt.encode_chat_completion(req).tokens
-
-
-_ORACLES: dict[Path, object] = {}
-
-
-def _oracle(path: Path):
-    """mistral-common's MistralTokenizer for ``path`` (test validation mode), loaded once per module."""
-    from mistral_common.protocol.instruct.validator import ValidationMode
-    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-    if path not in _ORACLES:
-        _ORACLES[path] = MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
-    return _ORACLES[path]
-
-
 N_REQUESTS = 330
 
 
@@ -257,22 +310,23 @@ N_REQUESTS = 330
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_chat_matches_mistral_common(name: str, files: dict[str, Path], toks: dict[str, Tokenizer]) -> None:
     tok = toks[name]
-    mt = _oracle(files[name])
+    mt = oracle_tokenizer(files[name])
     v = int(tok.version[1:])
     rng = random.Random(1234 + v)
     ok = errors = 0
     for k in range(N_REQUESTS):
         msgs, tools, safe, cfm = make_request(rng, v)
+        extra = make_settings(rng, v)
         try:
-            want = oracle_encode(mt, msgs, tools, safe, cfm)
+            want = oracle_encode(mt, msgs, tools, safe, cfm, **extra)
         except Exception as e:  # noqa: BLE001 - any refusal by the oracle
             with pytest.raises(ChatTemplateError):
-                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
             errors += 1
             del e
             continue
-        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
-        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm], ensure_ascii=False)}"
+        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
+        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm, extra], ensure_ascii=False)}"
         ok += 1
     assert ok >= 300, (ok, errors)
 
@@ -331,6 +385,10 @@ LAYOUTS = {
     f"[/TOOL_RESULTS]21 °C.</s>[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS][INST]Thanks[/INST]",
     "tekken-v13": "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]"
     f"[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS]"
+    '[INST]Weather in Paris?[/INST][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]{"t": 21}'
+    "[/TOOL_RESULTS]21 °C.</s>[INST]Thanks[/INST]",
+    "tekken-v15": "<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT]"
+    f'[AVAILABLE_TOOLS]{TOOLS_JSON}[/AVAILABLE_TOOLS][MODEL_SETTINGS]{{"reasoning_effort": "none"}}[/MODEL_SETTINGS]'
     '[INST]Weather in Paris?[/INST][TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>[TOOL_RESULTS]{"t": 21}'
     "[/TOOL_RESULTS]21 °C.</s>[INST]Thanks[/INST]",
 }
@@ -665,25 +723,26 @@ def _mutate(rng: random.Random, msgs: list[dict], v: int) -> list[dict]:
 
 
 @pytest.mark.oracle
-@pytest.mark.parametrize("name", ["v1", "v2", "v3", "tekken-v7", "tekken-v11", "tekken-v13"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v3", "tekken-v7", "tekken-v11", "tekken-v13", "tekken-v15"])
 def test_broken_requests_refused_like_mistral_common(
     name: str, files: dict[str, Path], toks: dict[str, Tokenizer]
 ) -> None:
     tok = toks[name]
-    mt = _oracle(files[name])
+    mt = oracle_tokenizer(files[name])
     v = int(tok.version[1:])
     rng = random.Random(99 + v)
     refused = 0
     for k in range(120):
         msgs, tools, safe, cfm = make_request(rng, v)
         msgs = _mutate(rng, msgs, v)
+        extra = make_settings(rng, v)
         try:
-            want = oracle_encode(mt, msgs, tools, safe, cfm)
+            want = oracle_encode(mt, msgs, tools, safe, cfm, **extra)
         except Exception:  # noqa: BLE001 - any refusal by the oracle
             refused += 1
             with pytest.raises(ChatTemplateError):
-                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
+                tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
             continue
-        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm)
-        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm], ensure_ascii=False)}"
+        got = tok.encode_chat(msgs, tools=tools, safe_prompt=safe, continue_final_message=cfm, **extra)
+        assert got == want, f"request {k}: {json.dumps([msgs, tools, safe, cfm, extra], ensure_ascii=False)}"
     assert refused >= 40

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from .chat import encode_chat
 from .errors import TokenizerError
+from .settings import ModelSettingsSpec
+from .templates import render_fim, template_for
 from .toolcalls import parse_assistant
 
 SpecialPolicy = Literal["ignore", "keep", "raise"]
@@ -54,11 +56,14 @@ class Tokenizer(ABC):
         version: instruct version, one of :data:`~mistral_ref.tokenizer.VERSIONS`; selects the chat template (its row in
             :data:`~mistral_ref.tokenizer.templates.TEMPLATES`).
         path: the file the tokenizer was loaded from (``None`` if built in memory).
+        model_settings: the settings a v15 model takes (its tekken.json's ``model_settings_builder``); ``None``
+            for every other file.
     """
 
     kind: str
     version: str
     path: Path | None
+    model_settings: ModelSettingsSpec | None = None
 
     # ---- vocabulary ---------------------------------------------------------------------------------
     @property
@@ -159,14 +164,22 @@ class Tokenizer(ABC):
         tools: Sequence[Mapping[str, Any]] | None = None,
         safe_prompt: bool = False,
         continue_final_message: bool = False,
+        reasoning_effort: str | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Encode a chat-completions request with the template of ``self.version``.
 
         Args:
-            messages: OpenAI / Mistral-API style dicts (roles system, user, assistant, tool).
+            messages: OpenAI / Mistral-API style dicts (roles system, user, assistant, tool); content is a string
+                or a list of chunks: ``{"type": "text", "text": ...}`` and, where the version writes thinking
+                (v13: assistant and system, v15: assistant), ``{"type": "thinking", "thinking": ..., "closed":
+                bool}``.
             tools: ``[{"type": "function", "function": {name, description, parameters}}]`` or ``None``.
             safe_prompt: prepend Mistral's safety system prompt as a first system message.
             continue_final_message: the last message is an assistant prefix to continue (no EOS).
+            reasoning_effort: ``"none"`` ... ``"max"``, written in v15's model settings (refused before v15).
+            response_format: ``{"type": "text" | "json_object" | "json_schema", ...}``; v15 models whose file
+                takes a ``json_schema`` setting get its schema in the model settings.
 
         Returns:
             Token ids, starting with exactly one BOS.
@@ -180,11 +193,27 @@ class Tokenizer(ABC):
             tools=tools,
             safe_prompt=safe_prompt,
             continue_final_message=continue_final_message,
+            reasoning_effort=reasoning_effort,
+            response_format=response_format,
         )
 
-    def parse_assistant(self, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
-        """Turn generated ids into ``{"content": str | None, "tool_calls": [...]}`` for this version.
+    def encode_fim(self, prompt: str, suffix: str | None = None) -> list[int]:
+        """Encode a fill-in-the-middle request: ``<s>[SUFFIX]suffix[PREFIX]prompt`` (v2 and newer).
 
+        The model then writes the text that goes between ``prompt`` and ``suffix``; without a suffix it simply
+        continues the prompt. Token-identical to mistral-common's ``encode_fim``.
+
+        Raises:
+            ChatTemplateError: the version has no fill-in-the-middle (v1), or an argument is not a string.
+        """
+        return render_fim(self, template_for(self.version), prompt, suffix)
+
+    def parse_assistant(self, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
+        """Turn generated ids into ``{"content": ..., "tool_calls": [...]}`` for this version.
+
+        ``content`` is the text (``None`` when blank and there are tool calls), or, when the model thought
+        (``[THINK]…[/THINK]``), a list of Mistral-API content chunks: ``{"type": "thinking", "thinking": [{"type":
+        "text", "text": ...}], "closed": bool}`` and ``{"type": "text", "text": ...}``, in order.
         Malformed tool-call syntax becomes plain content; this never raises on model output.
         ``rng`` makes the generated tool-call ids reproducible.
         """

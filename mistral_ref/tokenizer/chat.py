@@ -2,11 +2,17 @@
 
 A request goes through four steps, each mirroring mistral-common (its "test" validation mode):
 
-1. **parse** the OpenAI / Mistral-API dicts into :class:`Message` records (text content only);
-2. **validate** roles, their order, tool-call ids and names (:class:`ChatTemplateError` says what to change);
+1. **parse** the OpenAI / Mistral-API dicts into :class:`Message` records (text and thinking chunks);
+2. **validate** roles, their order, tool-call ids and names, where thinking may appear, and the request's model
+   settings (:class:`ChatTemplateError` says what to change);
 3. **normalise**: merge same-role runs with a blank line, gather the system prompt (rows with
-   ``system_prompt="first"/"last"``), normalise JSON, order tool results;
+   ``system_prompt="first"/"last"``), normalise JSON, order tool results, build the model settings;
 4. **encode** with :func:`.templates.render`.
+
+Thinking chunks come in two spellings, both accepted: mistral-common's ``{"type": "thinking", "thinking": "…",
+"closed": true}`` and the Mistral API's, whose ``thinking`` is a list of text chunks (their texts are joined).
+An assistant message may also carry ``reasoning`` (vLLM's field) or ``reasoning_content`` (SGLang's): it becomes a
+closed thinking chunk in front of the content, as mistral-common converts it.
 
 Everything that differs between versions is a field of the version's row in :data:`.templates.TEMPLATES`;
 this module and the encoder read the row, never the version number.
@@ -20,12 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ChatTemplateError
+from .settings import REASONING_EFFORTS, check_schema, response_schema
 from .templates import (
     BLANK_LINE,
     NAME_PATTERN,
     NULL_ID,
     TOOL_CALL_ID_PATTERN,
     ChatTemplate,
+    Content,
+    Think,
     ToolCall,
     Turn,
     Vocabulary,
@@ -53,17 +62,20 @@ _ALLOWED_NEXT = {
 # ---------------------------------------------------------------------------------------------------
 # 1. parsing
 # ---------------------------------------------------------------------------------------------------
+Raw = str | list[str | Think] | None
+"""A message's content as sent: a string, chunks (text chunks as strings, empty ones included), or None."""
+
+
 @dataclass
 class Message:
     """One parsed chat message.
 
-    ``parts`` are the non-empty text pieces (one per string, or one per text chunk); ``truthy`` is
-    whether the raw ``content`` was non-empty (a chunk list counts even if its texts are empty), which is
-    what the "content or tool_calls" rule looks at.
+    ``content`` is the content as sent (:data:`Raw`); ``truthy`` is whether it was non-empty (a chunk list counts
+    even if its texts are empty), which is what the "content or tool_calls" rules look at.
     """
 
     role: str
-    parts: list[str]
+    content: Raw
     truthy: bool
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -71,39 +83,106 @@ class Message:
     prefix: bool = False
 
     @property
-    def text(self) -> str:
-        """The message text: its pieces joined by a blank line."""
-        return BLANK_LINE.join(self.parts)
+    def has_thinking(self) -> bool:
+        """The content holds a thinking chunk."""
+        return isinstance(self.content, list) and any(isinstance(c, Think) for c in self.content)
+
+
+def join_content(contents: Sequence[Raw], join_chunks: str = BLANK_LINE) -> Content:
+    """Merge the contents of same-role messages (mistral-common's rule, kept exactly).
+
+    Adjacent text is concatenated: across messages with a blank line, between the chunks of one message with
+    ``join_chunks``; empty texts are skipped; a thinking chunk ends the current text piece (text after it starts
+    anew, with no separator). Only text: a string; else the list of pieces.
+    """
+    pieces: list[str | Think] = []
+    text: list[str] = []  # the text piece being built
+    for content in contents:
+        new_message = bool(text)
+        if not content:
+            continue
+        if isinstance(content, str):
+            text.append((BLANK_LINE if new_message else "") + content)
+            continue
+        for chunk in content:
+            if isinstance(chunk, Think):
+                if text:
+                    pieces.append("".join(text))
+                    text.clear()
+                pieces.append(chunk)
+            elif chunk:
+                sep = "" if not text else BLANK_LINE if new_message else join_chunks
+                text.append(sep + chunk)
+                new_message = False
+    if not pieces:
+        return "".join(text)
+    if text:
+        pieces.append("".join(text))
+    return pieces
 
 
 def _err(where: str, what: str) -> ChatTemplateError:
     return ChatTemplateError(f"{where}: {what}")
 
 
-def _content_parts(where: str, content: Any) -> tuple[list[str], bool]:
+def _thinking_text(where: str, value: Any) -> str:
+    """The text of a thinking chunk: a string, or (Mistral API) a list of text chunks, joined."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for k, chunk in enumerate(value):
+            if not (isinstance(chunk, Mapping) and chunk.get("type", "text") == "text"
+                    and isinstance(chunk.get("text"), str)):
+                raise _err(where, f"thinking[{k}] must be a text chunk {{'type': 'text', 'text': '...'}}")
+            texts.append(chunk["text"])
+        return "".join(texts)
+    raise _err(where, f"'thinking' must be a string or a list of text chunks, got {type(value).__name__}")
+
+
+def _content(where: str, content: Any, role: str) -> tuple[Raw, bool]:
     if content is None:
-        return [], False
+        return None, False
     if isinstance(content, str):
-        return ([content] if content else []), bool(content)
+        return content, bool(content)
     if isinstance(content, list):
-        parts = []
+        chunks: list[str | Think] = []
         for j, chunk in enumerate(content):
             if not isinstance(chunk, Mapping):
                 raise _err(where, f"content[{j}] must be a dict like {{'type': 'text', 'text': '...'}}")
             kind = chunk.get("type")
+            if kind == "thinking":
+                if role not in ("assistant", "system"):
+                    raise _err(where, f"content[{j}] is a thinking chunk; only assistant (and, with some "
+                               "tokenizers, system) messages can hold thinking")
+                closed = chunk.get("closed", True)
+                if not isinstance(closed, bool):
+                    raise _err(where, f"content[{j}]['closed'] must be true or false, got {closed!r}")
+                chunks.append(Think(_thinking_text(f"{where} content[{j}]", chunk.get("thinking")), closed))
+                continue
             if kind != "text":
                 raise _err(
                     where,
                     f"content[{j}] has type {kind!r}; only text chunks ({{'type': 'text', 'text': '...'}}) "
-                    "are supported by this tokenizer",
+                    "and thinking chunks are supported by this tokenizer",
                 )
             text = chunk.get("text")
             if not isinstance(text, str):
                 raise _err(where, f"content[{j}]['text'] must be a string, got {type(text).__name__}")
-            if text:
-                parts.append(text)
-        return parts, bool(content)
-    raise _err(where, f"content must be a string or a list of text chunks, got {type(content).__name__}")
+            chunks.append(text)
+        return chunks, bool(content)
+    raise _err(where, f"content must be a string or a list of chunks, got {type(content).__name__}")
+
+
+def _reasoning_field(where: str, raw: Mapping[str, Any]) -> str | None:
+    """``reasoning_content`` / ``reasoning`` of an assistant message (equal if both are sent)."""
+    values = {k: raw[k] for k in ("reasoning_content", "reasoning") if raw.get(k) is not None}
+    for key, value in values.items():
+        if not isinstance(value, str):
+            raise _err(where, f"{key} must be a string, got {type(value).__name__}")
+    if len(set(values.values())) > 1:
+        raise _err(where, "reasoning_content and reasoning differ; send one of them")
+    return next(iter(values.values()), None)
 
 
 def _parse_tool_call(where: str, call: Any) -> ToolCall:
@@ -151,12 +230,19 @@ def parse_message(index: int, raw: Any) -> Message:
     if role not in ROLES:
         raise _err(where, f"role {role!r} is unknown; use 'system', 'user', 'assistant' or 'tool'")
     where = f"messages[{index}] ({role})"
-    content = raw.get("content")
-    if role != "assistant" and content is None:
+    raw_content = raw.get("content")
+    if role != "assistant" and raw_content is None:
         raise _err(where, "needs 'content' (a string)")
-    parts, truthy = _content_parts(where, content)
-    msg = Message(role=role, parts=parts, truthy=truthy)
+    content, truthy = _content(where, raw_content, role)
+    msg = Message(role=role, content=content, truthy=truthy)
     if role == "assistant":
+        reasoning = _reasoning_field(where, raw)
+        if reasoning is not None:
+            if msg.has_thinking:
+                raise _err(where, "has thinking chunks in content and a reasoning_content / reasoning field; "
+                           "send the thinking once")
+            rest = [] if content is None else [content] if isinstance(content, str) else content
+            msg.content, msg.truthy = [Think(reasoning), *rest], True
         calls = raw.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
@@ -176,28 +262,6 @@ def parse_message(index: int, raw: Any) -> Message:
         msg.tool_call_id = raw.get("tool_call_id")
         msg.name = raw.get("name")
     return msg
-
-
-def _check_schema(where: str, schema: Any) -> None:
-    """A light structural check of a JSON schema (mistral-common runs a full Draft 7 meta-validation)."""
-    if not isinstance(schema, Mapping):
-        raise _err(where, f"parameters must be a JSON schema object (a dict), got {type(schema).__name__}")
-    types = ("array", "boolean", "integer", "null", "number", "object", "string")
-    t = schema.get("type")
-    if t is not None:
-        ts = t if isinstance(t, list) else [t]
-        for x in ts:
-            if x not in types:
-                raise _err(where, f"schema type {x!r} is not one of {types}")
-    props = schema.get("properties")
-    if props is not None:
-        if not isinstance(props, Mapping):
-            raise _err(where, "schema 'properties' must be an object")
-        for key, sub in props.items():
-            _check_schema(f"{where}.properties.{key}", sub)
-    req = schema.get("required")
-    if req is not None and not (isinstance(req, list) and all(isinstance(r, str) for r in req)):
-        raise _err(where, "schema 'required' must be a list of property names")
 
 
 def parse_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -238,7 +302,7 @@ def parse_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any
         params = fn.get("parameters")
         if params is None:
             params = {}
-        _check_schema(f"{where}.function.parameters", params)
+        check_schema(f"{where}.function.parameters", params)
         out.append(
             {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
         )
@@ -290,6 +354,12 @@ def validate(messages: list[Message], t: ChatTemplate) -> None:
         _validate_result_counts(messages)
     for i, m in enumerate(messages):
         where = f"messages[{i}] ({m.role})"
+        if m.has_thinking and m.role not in t.thinking:
+            if t.thinking:
+                raise _err(where, f"holds a thinking chunk; tokenizer {t.version} takes thinking only in "
+                           f"{' and '.join(t.thinking)} messages")
+            raise _err(where, f"holds a thinking chunk; thinking needs a tokenizer of version v13 or newer "
+                       f"(this one is {t.version})")
         if m.role == "assistant":
             has_calls = bool(m.tool_calls)
             if not t.text_and_calls and m.truthy == has_calls:
@@ -379,6 +449,12 @@ def normalize_json(content: str | None) -> str:
         return content
 
 
+def _text(content: Content) -> str:
+    """Content that can only be text here (thinking was refused by validate unless the row allows it)."""
+    assert isinstance(content, str), content
+    return content
+
+
 def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, list[Turn]]:
     """Merge same-role runs into turns; for ``system_prompt="first"/"last"`` rows pull the system text out.
 
@@ -388,7 +464,7 @@ def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, lis
     in_place = t.system_prompt == "block"
     system_prompt: str | None = None
     if not in_place:
-        parts = [m.text for m in messages if m.role == "system" and m.truthy]
+        parts = [_text(join_content([m.content], t.join_chunks)) for m in messages if m.role == "system" and m.truthy]
         system_prompt = BLANK_LINE.join(parts) if parts else None
 
     turns: list[Turn] = []
@@ -400,10 +476,10 @@ def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, lis
         role = group[0].role
         if role == "system":
             if in_place:
-                turns.extend(Turn("system", m.text) for m in group)
+                turns.extend(Turn("system", join_content([m.content], t.join_chunks)) for m in group)
             return
         if role == "user":
-            turns.append(Turn("user", BLANK_LINE.join(p for m in group for p in m.parts)))
+            turns.append(Turn("user", join_content([m.content for m in group], t.join_chunks)))
             return
         if role == "assistant":
             calls = [
@@ -414,21 +490,22 @@ def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, lis
             turns.append(
                 Turn(
                     "assistant",
-                    BLANK_LINE.join(p for m in group for p in m.parts),
+                    join_content([m.content for m in group], t.join_chunks),
                     tool_calls=calls or None,
                     prefix=any(m.prefix for m in group),
                 )
             )
             latest_call_ids.extend(c.id for c in calls)
             return
+        texts = [_text(join_content([m.content], t.join_chunks)) for m in group]
         results = [
             Turn(
                 "tool",
-                normalize_json(m.text) if t.json_results else m.text,
+                normalize_json(text) if t.json_results else text,
                 tool_call_id=m.tool_call_id,
                 name=m.name,
             )
-            for m in group
+            for m, text in zip(group, texts)
         ]
         if t.results_by_id:  # results are put in the order of the calls they answer
             call_pos = {cid: k for k, cid in enumerate(latest_call_ids)}
@@ -458,12 +535,33 @@ def normalize(messages: list[Message], t: ChatTemplate) -> tuple[str | None, lis
 # ---------------------------------------------------------------------------------------------------
 # 4. encoding
 # ---------------------------------------------------------------------------------------------------
+def model_settings(
+    tok: Vocabulary, t: ChatTemplate, reasoning_effort: str | None, response_format: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """The model settings of a request (``None``: the row writes none); :class:`ChatTemplateError` naming
+    ``reasoning_effort`` / ``response_format`` where mistral-common refuses them."""
+    if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
+        raise _err("reasoning_effort", f"must be one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+    response_schema(response_format)  # its shape is checked for every version
+    if not t.model_settings:
+        if reasoning_effort is not None:
+            raise _err("reasoning_effort", f"tokenizer {t.version} has no model settings; reasoning_effort needs "
+                       "a v15 tokenizer (send none, or load the model's own tokenizer file)")
+        return None
+    if tok.model_settings is None:
+        raise ChatTemplateError(f"this {t.version} tokenizer file declares no model settings (tekken.json's "
+                                "model_settings_builder), which the v15 template needs; load the model's own file")
+    return tok.model_settings.build(reasoning_effort, response_format)
+
+
 def encode_chat(
     tok: Vocabulary,
     messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None = None,
     safe_prompt: bool = False,
     continue_final_message: bool = False,
+    reasoning_effort: str | None = None,
+    response_format: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """Encode a chat request with the template of ``tok.version``; see :meth:`Tokenizer.encode_chat`."""
     template = template_for(tok.version)
@@ -471,7 +569,7 @@ def encode_chat(
         raise ChatTemplateError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
     parsed = [parse_message(i, m) for i, m in enumerate(messages)]
     if safe_prompt:
-        parsed.insert(0, Message(role="system", parts=[SAFE_PROMPT], truthy=True))
+        parsed.insert(0, Message(role="system", content=SAFE_PROMPT, truthy=True))
     if continue_final_message:
         if not parsed or parsed[-1].role != "assistant":
             raise ChatTemplateError(
@@ -487,5 +585,25 @@ def encode_chat(
             ) from None
         raise
     tool_list = parse_tools(tools)
+    settings = model_settings(tok, template, reasoning_effort, response_format)
     system_prompt, turns = normalize(parsed, template)
-    return render(tok, template, system_prompt, turns, tool_list)
+    return render(tok, template, system_prompt, turns, tool_list, settings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a model's own system prompt
+# ---------------------------------------------------------------------------------------------------
+def system_prompt_message(text: str) -> dict[str, Any]:
+    """A system message from a checkpoint's system-prompt file (``SYSTEM_PROMPT.txt``).
+
+    Reasoning models ship one whose ``[THINK]…[/THINK]`` shows the model how to think: that part becomes a
+    thinking chunk between text chunks. Text without the markers is one plain string.
+    """
+    start, end = text.find("[THINK]"), text.find("[/THINK]")
+    if start < 0 or end < start:
+        return {"role": "system", "content": text}
+    return {"role": "system", "content": [
+        {"type": "text", "text": text[:start]},
+        {"type": "thinking", "thinking": text[start + len("[THINK]") : end], "closed": True},
+        {"type": "text", "text": text[end + len("[/THINK]") :]},
+    ]}

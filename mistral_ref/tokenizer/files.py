@@ -104,12 +104,15 @@ def write_tekken_file(
     destination: str | Path,
     version: str,
     special_tokens: Sequence[str] | None = None,
+    model_settings_builder: Mapping[str, Any] | None = None,
 ) -> Path:
     """Copy a ``tekken.json`` with another ``config.version`` and, optionally, an explicit special list.
 
-    Useful to build v7/v11/v13 test files from the Nemo file (tekken_240718.json): v11 and v13 files
-    must list their special tokens (``[ARGS]``, ``[CALL_ID]`` ...). ``special_tokens`` are names in id
-    order; ranks are their positions. ``source`` may also be the already parsed json (not modified).
+    Useful to build v7/v11/v13/v15 test files from the Nemo file (tekken_240718.json): v11 and newer files
+    must list their special tokens (``[ARGS]``, ``[CALL_ID]``, ``[THINK]``, ``[MODEL_SETTINGS]`` ...).
+    ``special_tokens`` are names in id order; ranks are their positions. ``model_settings_builder`` (v15) says
+    which model settings the model takes (:mod:`.settings`). ``source`` may also be the already parsed json
+    (not modified).
     """
     if isinstance(source, Mapping):
         data = dict(source)
@@ -121,6 +124,28 @@ def write_tekken_file(
         data["special_tokens"] = [
             {"rank": i, "token_str": name, "is_control": True} for i, name in enumerate(special_tokens)
         ]
+    if model_settings_builder is not None:
+        data["model_settings_builder"] = dict(model_settings_builder)
     dest = Path(destination)
     dest.write_text(json.dumps(data), encoding="utf-8")  # dumps + one write: 4x faster than json.dump
     return dest
+
+
+#: The file in which Mistral checkpoints ship the system prompt their model was trained with.
+SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
+
+
+def find_system_prompt(tokenizer_or_dir: Tokenizer | str | Path) -> str | None:
+    """The text of the ``SYSTEM_PROMPT.txt`` next to a tokenizer file (or in a checkpoint directory), if any.
+
+    Reasoning models (Magistral) ship the system prompt they reason best with there;
+    :func:`~.chat.system_prompt_message` turns it into a system message.
+    """
+    if isinstance(tokenizer_or_dir, Tokenizer):
+        if tokenizer_or_dir.path is None:
+            return None
+        directory = tokenizer_or_dir.path.parent
+    else:
+        directory = Path(tokenizer_or_dir)
+    path = directory / SYSTEM_PROMPT_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None

@@ -4,7 +4,8 @@ File layout (see tokenizers/README.md): ``config`` holds the pre-tokenizer regex
 ``default_vocab_size`` (131072), ``default_num_special_tokens`` (1000) and the instruct ``version``;
 ``vocab`` lists ``{rank, token_bytes (base64), token_str}`` by rank; ``special_tokens`` (optional up to v7)
 lists ``{rank, token_str, is_control}``. Only the first ``vocab_size - num_special`` ranks are kept and
-token id = rank + num_special; ids below num_special are the special tokens.
+token id = rank + num_special; ids below num_special are the special tokens. v15 files add a
+``model_settings_builder`` (:mod:`.settings`).
 
 Long runs of white space: tiktoken's regex engine (fancy-regex) gives up on the alternative ``\s+(?!\S)`` once a
 run of white space without a line break reaches about a million characters, and tiktoken's ``encode_ordinary``
@@ -30,7 +31,8 @@ import tiktoken
 
 from .base import SpecialPolicy, StreamDecoder, Tokenizer, check_policy
 from .errors import TokenizerError
-from .templates import VERSIONS
+from .settings import ModelSettingsSpec
+from .templates import TEMPLATES, VERSIONS
 
 #: The special tokens of tekken files up to v7 that carry no ``special_tokens`` list (ids 0..19);
 #: ids 20..num_special-1 are then named ``<SPECIAL_20>`` ... ``<SPECIAL_999>``.
@@ -186,6 +188,10 @@ class TekkenTokenizer(Tokenizer):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        builder = data.get("model_settings_builder")
+        if builder is not None and not TEMPLATES[version].model_settings:
+            raise TokenizerError(f"{where}: model_settings_builder is for v15 files; this one is {version}")
+        self.model_settings = ModelSettingsSpec.from_json(builder, where) if builder is not None else None
         self._model = tiktoken.Encoding(
             name=f"tekken-{version}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}
         )

@@ -11,10 +11,18 @@ V2   ``<s>[INST]user[/INST][TOOL_CALLS][{"name", "arguments"}]</s>[TOOL_RESULTS]
 V3   as V2, calls ``[{"name", "arguments", "id"}]``, results ``{"content", "call_id"}``, all kept
 V7   ``[SYSTEM_PROMPT]system[/SYSTEM_PROMPT]`` where it was sent, results ``[TOOL_RESULTS]id[TOOL_CONTENT]…``
 V11  calls ``[TOOL_CALLS]name[CALL_ID]id[ARGS]{…}``
-V13  tools before the first ``[INST]``, calls ``[TOOL_CALLS]name[ARGS]{…}``, results ``[TOOL_RESULTS]…``
+V13  tools before the first ``[INST]``, calls ``[TOOL_CALLS]name[ARGS]{…}``, results ``[TOOL_RESULTS]…``;
+     thinking chunks of assistant and system messages as ``[THINK]…[/THINK]``
+V15  as V13, thinking in assistant messages only, ``[MODEL_SETTINGS]{"reasoning_effort": …}[/MODEL_SETTINGS]``
+     after the tools; the text chunks of one message are joined with nothing (not a blank line)
 
 Every conversation starts with exactly one BOS; finished assistant turns end with EOS. A new version is a new
-row; a new feature (thinking, fill-in-the-middle) is a new field whose default keeps the existing rows as they are.
+row; a new feature is a new field whose default keeps the existing rows as they are (``thinking``,
+``model_settings``, ``join_chunks``, ``fim``).
+
+Fill-in-the-middle (:func:`render_fim`, every row with ``fim``): ``<s>[SUFFIX]suffix[PREFIX]prompt``, the model
+writing the middle; the suffix is encoded without SentencePiece's leading space. (No version of mistral-common
+1.13.1 writes ``[MIDDLE]``, although the vocabularies define it.)
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
 from .errors import ChatTemplateError
+from .settings import ModelSettingsSpec
 
 Position = Literal["first", "last"]  # of the user messages
 SystemPrompt = Literal["first", "last", "block"]
@@ -65,7 +74,19 @@ class ChatTemplate:
     inst_as_text: bool
     """``[INST] … [/INST]`` is written as text: the v1 vocabulary has no such control tokens."""
     strip_text: bool
-    """Trailing spaces of the assistant text are removed."""
+    """Trailing spaces of the assistant text are removed (when it is plain text: never in a list of chunks that
+    holds a thinking chunk)."""
+    thinking: tuple[str, ...] = ()
+    """Roles whose content may hold thinking chunks, written ``[THINK]text[/THINK]`` (no ``[/THINK]`` when the
+    chunk is not closed); empty: thinking chunks are refused."""
+    model_settings: bool = False
+    """``[MODEL_SETTINGS]{json}[/MODEL_SETTINGS]`` follows the tools (same user message); the tokenizer file says
+    which settings the model takes (:class:`~.settings.ModelSettingsSpec`). False: ``reasoning_effort`` is
+    refused."""
+    join_chunks: str = "\n\n"
+    """Joins the text chunks of one message (same-role messages are always joined with a blank line)."""
+    fim: bool = True
+    """Fill-in-the-middle requests can be encoded (:func:`render_fim`)."""
 
     def __post_init__(self) -> None:
         allowed = {
@@ -78,6 +99,9 @@ class ChatTemplate:
         for name, values in allowed.items():
             if getattr(self, name) not in values:
                 raise ValueError(f"ChatTemplate {self.version}: {name}={getattr(self, name)!r} is not one of {values}")
+        if not set(self.thinking) <= {"system", "assistant"}:
+            raise ValueError(f"ChatTemplate {self.version}: thinking={self.thinking!r} names roles other than "
+                             "'system' and 'assistant'")
 
     @property
     def calls_carry_ids(self) -> bool:
@@ -92,15 +116,20 @@ class ChatTemplate:
 
 # fmt: off
 #: One row per version; the columns are the fields of ChatTemplate, in order (flags: by_id = results_by_id,
-#: both = text_and_calls, drop = drop_old_tools, inst = inst_as_text, strip = strip_text).
+#: both = text_and_calls, drop = drop_old_tools, inst = inst_as_text, strip = strip_text); the later fields
+#: (thinking, model_settings, join_chunks, fim) by name where a row differs from their defaults.
 TEMPLATES: dict[str, ChatTemplate] = {t.version: t for t in (
     #            version system   tools    tool_call       tool_result   call_ids     by_id  both   drop   inst   strip
-    ChatTemplate("v1",  "first", None,    None,           None,         None,        False, False, False, True,  False),
+    ChatTemplate("v1",  "first", None,    None,           None,         None,        False, False, False, True,  False,
+                 fim=False),
     ChatTemplate("v2",  "last",  "last",  "json",         "name_json",  None,        False, False, True,  False, True),
     ChatTemplate("v3",  "last",  "last",  "json_id",      "id_json",    "9_alnum",   False, False, False, False, True),
     ChatTemplate("v7",  "block", "last",  "json_id",      "id_content", "9_alnum",   False, True,  False, False, True),
     ChatTemplate("v11", "block", "last",  "name_id_args", "id_content", "9_alnum",   True,  True,  False, False, True),
-    ChatTemplate("v13", "block", "first", "name_args",    "content",    "non_empty", True,  True,  False, False, True),
+    ChatTemplate("v13", "block", "first", "name_args",    "content",    "non_empty", True,  True,  False, False, True,
+                 thinking=("system", "assistant")),
+    ChatTemplate("v15", "block", "first", "name_args",    "content",    "non_empty", True,  True,  False, False, True,
+                 thinking=("assistant",), model_settings=True, join_chunks=""),
 )}
 # fmt: on
 
@@ -126,6 +155,7 @@ class Vocabulary(Protocol):
 
     kind: str
     version: str
+    model_settings: ModelSettingsSpec | None
 
     @property
     def bos_id(self) -> int: ...
@@ -154,12 +184,26 @@ class ToolCall:
     arguments: str
 
 
+@dataclass(frozen=True)
+class Think:
+    """A thinking chunk: ``[THINK]text[/THINK]``, or ``[THINK]text`` while the thinking goes on (not closed)."""
+
+    text: str
+    closed: bool = True
+
+
+Content = str | list[str | Think]
+"""A message's content after normalisation: plain text, or chunks (text pieces and thinking) when it holds
+thinking. Plain text and a list of text chunks are written differently (assistant text is stripped only when
+plain), so the distinction is kept, as mistral-common keeps it."""
+
+
 @dataclass
 class Turn:
     """A normalised message (same-role runs merged): what :func:`render` writes."""
 
     role: str
-    text: str
+    content: Content
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -197,21 +241,45 @@ class _Writer:
             )
         return self.tok.special_id(name)
 
+    def content(self, content: Content) -> list[int]:
+        """Plain text, or chunks: text pieces as they are, thinking as ``[THINK]…[/THINK]``."""
+        if isinstance(content, str):
+            return self.enc(content)
+        out: list[int] = []
+        for piece in content:
+            if isinstance(piece, Think):
+                out += [self.sid("[THINK]"), *self.enc(piece.text)]
+                if piece.closed:
+                    out.append(self.sid("[/THINK]"))
+            else:
+                out += self.enc(piece)
+        return out
+
     def user(
-        self, turn: Turn, is_first: bool, is_last: bool, system_prompt: str | None, tools: list[dict[str, Any]] | None
+        self,
+        turn: Turn,
+        is_first: bool,
+        is_last: bool,
+        system_prompt: str | None,
+        tools: list[dict[str, Any]] | None,
+        settings: dict[str, Any] | None,
     ) -> list[int]:
-        text = turn.text
+        text = turn.content
+        assert isinstance(text, str)  # user messages hold no thinking (chat.parse_message refuses it)
         if system_prompt and _at(self.t.system_prompt, is_first, is_last):
             text = system_prompt + BLANK_LINE + text
         if self.t.inst_as_text:
             return self.enc(f"[INST] {text} [/INST]")
         out = []
-        if tools and _at(self.t.tools, is_first, is_last):
-            out = [self.sid("[AVAILABLE_TOOLS]"), *self.enc(_dumps(tools)), self.sid("[/AVAILABLE_TOOLS]")]
+        if _at(self.t.tools, is_first, is_last):
+            if tools:
+                out = [self.sid("[AVAILABLE_TOOLS]"), *self.enc(_dumps(tools)), self.sid("[/AVAILABLE_TOOLS]")]
+            if settings:
+                out += [self.sid("[MODEL_SETTINGS]"), *self.enc(_dumps(settings)), self.sid("[/MODEL_SETTINGS]")]
         return [*out, self.sid("[INST]"), *self.enc(text), self.sid("[/INST]")]
 
     def system(self, turn: Turn) -> list[int]:
-        return [self.sid("[SYSTEM_PROMPT]"), *self.enc(turn.text), self.sid("[/SYSTEM_PROMPT]")]
+        return [self.sid("[SYSTEM_PROMPT]"), *self.content(turn.content), self.sid("[/SYSTEM_PROMPT]")]
 
     def assistant(self, where: str, turn: Turn, before_last_user: bool) -> list[int]:
         t, calls = self.t, turn.tool_calls
@@ -219,18 +287,20 @@ class _Writer:
             raise ChatTemplateError(
                 f"{where}: tool calls need a tokenizer of version v2 or newer (this one is {t.version})"
             )
-        if not calls and not turn.text:
+        if not calls and not turn.content:
             needs = "content" if t.tool_call is None else "content or tool_calls"
             raise ChatTemplateError(f"{where}: an assistant message needs {needs}")
-        if calls and turn.text and not t.text_and_calls:
+        if calls and turn.content and not t.text_and_calls:
             raise ChatTemplateError(
                 f"{where}: merged consecutive assistant messages have both content and tool_calls, which "
                 f"tokenizer {t.version} cannot encode; send them as one kind"
             )
         if calls and t.drop_old_tools and before_last_user:
             return []
-        text = turn.text.rstrip(" ") if t.strip_text else turn.text
-        out = self.enc(text) if text else []
+        content = turn.content
+        if isinstance(content, str) and t.strip_text:
+            content = content.rstrip(" ")
+        out = self.content(content) if content else []
         if calls:
             out += self.tool_calls(calls)
         if not turn.prefix:
@@ -265,14 +335,16 @@ class _Writer:
             )
         if t.drop_old_tools and before_last_user:
             return []
+        text = turn.content
+        assert isinstance(text, str)  # tool messages hold no thinking (chat.parse_message refuses it)
         if t.tool_result == "name_json":
-            body = self.enc(_dumps([{"name": turn.name, "content": parse_json(turn.text)}]))
+            body = self.enc(_dumps([{"name": turn.name, "content": parse_json(text)}]))
         elif t.tool_result == "id_json":
-            body = self.enc(_dumps({"content": parse_json(turn.text), "call_id": turn.tool_call_id}))
+            body = self.enc(_dumps({"content": parse_json(text), "call_id": turn.tool_call_id}))
         elif t.tool_result == "id_content":
-            body = [*self.enc(turn.tool_call_id or ""), self.sid("[TOOL_CONTENT]"), *self.enc(turn.text)]
+            body = [*self.enc(turn.tool_call_id or ""), self.sid("[TOOL_CONTENT]"), *self.enc(text)]
         else:  # "content"
-            body = self.enc(turn.text)
+            body = self.enc(text)
         return [self.sid("[TOOL_RESULTS]"), *body, self.sid("[/TOOL_RESULTS]")]
 
 
@@ -300,11 +372,14 @@ def render(
     system_prompt: str | None,
     turns: list[Turn],
     tools: list[dict[str, Any]] | None,
+    settings: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of a validated, normalised conversation: BOS, then each turn as ``template`` says.
 
     ``system_prompt`` is the joined system text of ``system_prompt="first"/"last"`` rows (``None`` for ``"block"``
-    rows, whose system messages are turns); ``tools`` are in their printed form (:func:`.chat.parse_tools`).
+    rows, whose system messages are turns); ``tools`` are in their printed form (:func:`.chat.parse_tools`);
+    ``settings`` the built model settings of ``model_settings`` rows (:meth:`.settings.ModelSettingsSpec.build`),
+    written after the tools.
     """
     users = [i for i, turn in enumerate(turns) if turn.role == "user"]
     first_user, last_user = (users[0], users[-1]) if users else (-1, -1)
@@ -315,7 +390,7 @@ def render(
     for i, turn in enumerate(turns):
         where = f"turn {i} ({turn.role}, after merging same-role messages)"
         if turn.role == "user":
-            out += w.user(turn, i == first_user, i == last_user, system_prompt, tools)
+            out += w.user(turn, i == first_user, i == last_user, system_prompt, tools, settings)
         elif turn.role == "assistant":
             out += w.assistant(where, turn, i < last_user)
         elif turn.role == "tool":
@@ -323,3 +398,24 @@ def render(
         else:
             out += w.system(turn)
     return out
+
+
+def render_fim(tok: Vocabulary, template: ChatTemplate, prompt: str, suffix: str | None) -> list[int]:
+    """Fill-in-the-middle: ``<s>[SUFFIX]suffix[PREFIX]prompt``; the model generates the middle next.
+
+    The suffix is encoded behind a throw-away character whose two tokens are then dropped, which removes the
+    space SentencePiece puts in front of an encoded text (mistral-common's rule, kept token for token: on Tekken,
+    which adds no space, the same two tokens are dropped).
+    """
+    if not template.fim:
+        raise ChatTemplateError(f"tokenizer {template.version} has no fill-in-the-middle (it needs v2 or newer)")
+    for name, value in (("prompt", prompt), ("suffix", suffix)):
+        if value is not None and not isinstance(value, str):
+            raise ChatTemplateError(f"{name} must be a string, got {type(value).__name__}")
+    if not (tok.has_special("[SUFFIX]") and tok.has_special("[PREFIX]")):
+        raise ChatTemplateError(
+            f"this {tok.kind} vocabulary ({tok.version}) has no [SUFFIX] / [PREFIX] tokens, so it cannot encode "
+            "fill-in-the-middle (mistral-common writes <unk> in their place)"
+        )
+    suffix_ids = tok.encode("\u263a" + suffix)[2:] if suffix else []  # "☺" + suffix
+    return [tok.bos_id, tok.special_id("[SUFFIX]"), *suffix_ids, tok.special_id("[PREFIX]"), *tok.encode(prompt)]

@@ -1,4 +1,9 @@
-"""Parsing generated assistant tokens back into text and tool calls.
+"""Parsing generated assistant tokens back into text, thinking and tool calls.
+
+Thinking (vocabularies with ``[THINK]`` and ``[/THINK]``): each ``[THINK]…[/THINK]`` span before the tool calls
+becomes a thinking chunk (not closed when generation stopped inside it); the reply's content is then a list of
+Mistral-API chunks, ``{"type": "thinking", "thinking": [{"type": "text", "text": …}], "closed": bool}`` and
+``{"type": "text", "text": …}``, in the order generated. Without thinking the content stays a plain string.
 
 The syntax is the ``tool_call`` field of the version's row in :data:`.templates.TEMPLATES`:
 
@@ -96,24 +101,84 @@ def _parse_token_call(
     return _call(name, _arguments_json(value), call_id, rng)
 
 
-def parse_assistant(tok: Vocabulary, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
-    """Split generated ids into ``{"content": str | None, "tool_calls": [...]}``.
+def thinking_chunk(text: str, closed: bool) -> dict[str, Any]:
+    """A thinking chunk in the Mistral API's form (its ``thinking`` is a list of text chunks)."""
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}], "closed": closed}
 
-    Generation is cut at the first EOS. ``content`` is the text before the first ``[TOOL_CALLS]``
-    (``None`` if that is blank and there are tool calls). Each tool call is
-    ``{"id", "type": "function", "function": {"name", "arguments": JSON string}}``.
+
+def _think_ids(tok: Vocabulary) -> tuple[int, int] | tuple[None, None]:
+    """Ids of ``[THINK]`` and ``[/THINK]``, or ``(None, None)`` when the vocabulary lacks them."""
+    if tok.has_special("[THINK]") and tok.has_special("[/THINK]"):
+        return tok.special_id("[THINK]"), tok.special_id("[/THINK]")
+    return None, None
+
+
+def _split_thinking(tok: Vocabulary, ids: list[int]) -> list[tuple[str, list[int], bool]]:
+    """``ids`` as ("text" | "thinking", ids, closed) pieces, in order."""
+    open_id, close_id = _think_ids(tok)
+    pieces: list[tuple[str, list[int], bool]] = []
+    for t in ids:
+        thinking = bool(pieces) and pieces[-1][0] == "thinking" and not pieces[-1][2]
+        if t == open_id and not thinking:
+            pieces.append(("thinking", [], False))
+        elif thinking and t == close_id:
+            pieces[-1] = ("thinking", pieces[-1][1], True)
+        elif thinking or (pieces and pieces[-1][0] == "text"):
+            pieces[-1][1].append(t)
+        else:
+            pieces.append(("text", [t], False))
+    return pieces
+
+
+def _calls_start(tok: Vocabulary, ids: list[int], marker: int) -> int | None:
+    """Index of the first ``[TOOL_CALLS]`` that is not inside thinking (``None`` if there is none)."""
+    open_id, close_id = _think_ids(tok)
+    inside = False
+    for i, t in enumerate(ids):
+        if t == open_id and not inside:
+            inside = True
+        elif t == close_id and inside:
+            inside = False
+        elif t == marker and not inside:
+            return i
+    return None
+
+
+def _content(tok: Vocabulary, pieces: list[tuple[str, list[int], bool]], calls: bool) -> str | list | None:
+    """The reply's content: plain text (``None`` if blank and there are calls), or chunks when it thought."""
+    if not any(kind == "thinking" for kind, _, _ in pieces):
+        text = tok.decode([t for _, ids, _ in pieces for t in ids])
+        return None if calls and not text.strip() else text
+    chunks: list[dict[str, Any]] = []
+    for kind, ids, closed in pieces:
+        text = tok.decode(ids)
+        if kind == "thinking":
+            chunks.append(thinking_chunk(text, closed))
+        elif text and not (calls and not text.strip()):
+            chunks.append({"type": "text", "text": text})
+    return chunks
+
+
+def parse_assistant(tok: Vocabulary, ids: Sequence[int], rng: random.Random | None = None) -> dict[str, Any]:
+    """Split generated ids into ``{"content": str | list | None, "tool_calls": [...]}``.
+
+    Generation is cut at the first EOS. ``content`` is what comes before the first ``[TOOL_CALLS]`` (outside
+    thinking): its text (``None`` if that is blank and there are tool calls), or a list of chunks when it holds
+    thinking (module docstring). Each tool call is ``{"id", "type": "function", "function": {"name",
+    "arguments": JSON string}}``.
     """
     ids = list(ids)
     eos = tok.eos_id
     if eos in ids:
         ids = ids[: ids.index(eos)]
     syntax = template_for(tok.version).tool_call
+    plain = {"content": _content(tok, _split_thinking(tok, ids), False), "tool_calls": []}
     if syntax is None or not tok.has_special("[TOOL_CALLS]"):
-        return {"content": tok.decode(ids), "tool_calls": []}
+        return plain
     marker = tok.special_id("[TOOL_CALLS]")
-    if marker not in ids:
-        return {"content": tok.decode(ids), "tool_calls": []}
-    first = ids.index(marker)
+    first = _calls_start(tok, ids, marker)
+    if first is None:
+        return plain
     segments: list[list[int]] = []
     for t in ids[first:]:
         if t == marker:
@@ -126,6 +191,5 @@ def parse_assistant(tok: Vocabulary, ids: Sequence[int], rng: random.Random | No
         else:
             calls = [_parse_token_call(tok, seg, syntax == "name_id_args", rng) for seg in segments]
     except _Malformed:
-        return {"content": tok.decode(ids), "tool_calls": []}
-    text = tok.decode(ids[:first])
-    return {"content": text if text.strip() else None, "tool_calls": calls}
+        return plain
+    return {"content": _content(tok, _split_thinking(tok, ids[:first]), True), "tool_calls": calls}

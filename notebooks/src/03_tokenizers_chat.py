@@ -8,8 +8,9 @@
 #
 # * **SentencePiece** (`tokenizer.model.v1`, `.v3`, `.v7`): a 32k-piece BPE with byte fallback; `▁` marks a space.
 # * **Tekken** (`tekken.json`, Mistral Nemo and later): a 131k-token byte-level BPE run by tiktoken.
-# * **Template versions** V1 … V13 decide where the system prompt goes, whether `[INST]` is a control token or
-#   just text, and how tools, tool calls and tool results are laid out.
+# * **Template versions** V1 … V15 decide where the system prompt goes, whether `[INST]` is a control token or
+#   just text, how tools, tool calls and tool results are laid out, and (V13, V15) how a model's thinking and its
+#   settings are written.
 #
 # `mistral_ref.tokenizer` reproduces mistral-common token for token (the test suite checks hundreds of
 # conversations per version). The tokenizer files used here ship inside the **mistral-common** wheel, which is a
@@ -305,3 +306,88 @@ assert ratio["Arabic"] < 0.4 and ratio["Hindi"] < 0.5 and ratio["Korean"] < 0.5
 assert all(0.6 < ratio[lang] < 0.95 for lang in European)
 assert ratio["English"] == max(ratio[lang] for lang in European)
 assert 0.75 < ratio["Chinese"] < 0.9
+
+# %% [markdown]
+# ## 5. Reasoning: thinking (V13) and model settings (V15)
+#
+# Reasoning models (Magistral, Mistral Small 4) think before they answer, between two control tokens:
+# `[THINK] … [/THINK]`, then the answer. In a request, an assistant message carries its thinking as a content
+# chunk — mistral-common's `{"type": "thinking", "thinking": "…", "closed": true}` or the Mistral API's, whose
+# `thinking` is a list of text chunks. V13 also lets a system prompt hold one (Magistral's system prompt shows the
+# model a thinking template that way); V15 refuses that, and adds a `[MODEL_SETTINGS]{json}[/MODEL_SETTINGS]`
+# block after the tools, which carries the request's `reasoning_effort` (and, for models that take it, the
+# response format's JSON schema). Which settings a model takes is written in its `tekken.json`
+# (`model_settings_builder`); the wheel has no V15 file either, so we build one as mistral-common's tests do.
+
+# %%
+V15_SPECIALS = [*LEGACY_SPECIAL_TOKENS, *[f"<SPECIAL_{i}>" for i in range(20, 32)], "[ARGS]", "[CALL_ID]",
+                "<SPECIAL_34>", "[THINK]", "[/THINK]", "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]"]
+settings = {"reasoning_effort": {"type": "enum", "accepts_none": True, "default": "none",
+                                 "values": ["none", "high"]}}
+v15_file = write_tekken_file(DATA / "tekken_240718.json", Path(tempfile.mkdtemp()) / "tekken_v15.json", "v15",
+                             V15_SPECIALS, settings)
+toks["V15"] = load_tokenizer(v15_file)
+print(toks["V15"], toks["V15"].model_settings)
+
+reasoning = [
+    {"role": "user", "content": "Is 91 prime?"},
+    {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "91 = 7 x 13, so no."},
+        {"type": "text", "text": "No: 91 = 7 × 13."}]},
+    {"role": "user", "content": "And 97?"},
+]
+for name, kwargs in (("V13", {}), ("V15", {}), ("V15", {"reasoning_effort": "high"})):
+    ids = toks[name].encode_chat(reasoning, **kwargs)
+    print(f"{name} {kwargs}:")
+    print(textwrap.fill(toks[name].decode(ids, special="keep"), 110, subsequent_indent="    "), "\n")
+
+# %% [markdown]
+# Without a `reasoning_effort` the V15 prompt still carries the file's default (`"none"` here): a model with
+# this setting always gets it. Requests a version cannot encode are refused with a message saying what to change —
+# the same requests mistral-common refuses:
+
+# %%
+refused = [
+    ("V7", reasoning, {}),
+    ("V13", reasoning, {"reasoning_effort": "high"}),
+    ("V15", reasoning, {"reasoning_effort": "low"}),
+    ("V15", [{"role": "system", "content": [{"type": "thinking", "thinking": "plan"}]}, reasoning[0]], {}),
+]
+for name, messages, kwargs in refused:
+    try:
+        toks[name].encode_chat(messages, **kwargs)
+        raise AssertionError("accepted")
+    except ChatTemplateError as e:
+        print(f"{name} {kwargs}: {e}")
+
+# %% [markdown]
+# What a reasoning model generates comes back apart: `parse_assistant` returns the thinking and the answer as
+# the Mistral API's content chunks (a thought cut short by `max_tokens` is `closed: false`), and that content can
+# be sent back as the next turn — it encodes to the very same tokens.
+
+# %%
+tok = toks["V13"]
+generated = [tok.special_id("[THINK]"), *tok.encode("97 is not divisible by 2, 3, 5 or 7."),
+             tok.special_id("[/THINK]"), *tok.encode("Yes, 97 is prime."), tok.eos_id]
+reply = tok.parse_assistant(generated)
+print(json.dumps(reply, ensure_ascii=False))
+again = tok.encode_chat([*reasoning, {"role": "assistant", "content": reply["content"]}],
+                        continue_final_message=True)
+assert again[-len(generated) + 1:] == generated[:-1]  # the same tokens, EOS aside (the turn is left open)
+
+# %% [markdown]
+# ## 6. Fill in the middle
+#
+# Code models (Codestral) complete the gap between a prefix and a suffix. The request is not a chat:
+# `encode_fim(prompt, suffix)` gives `<s>[SUFFIX]suffix[PREFIX]prompt` — the suffix first, so the model
+# generates the middle right after the prompt it continues. The suffix is encoded without SentencePiece's
+# leading space. (No version of mistral-common writes the `[MIDDLE]` token its vocabularies define.)
+
+# %%
+for name in ("V3", "V3-Tekken", "V13"):
+    ids = toks[name].encode_fim("def area(r):\n    return", "\n\nprint(area(2.0))")
+    print(f"{name:10} {toks[name].decode(ids, special='keep')!r}")
+try:
+    toks["V1"].encode_fim("def area(r):")
+except ChatTemplateError as e:
+    print(f"V1: {e}")

@@ -10,7 +10,7 @@ Public API (re-exported lazily, so ``import mistral_ref.tokenizer`` never import
     load_tokenizer, Tokenizer                 SentencePiece and Tekken tokenizers, chat templates
     generate, generate_stream                 the prefill/decode loop (ragged batches, streaming, stops)
     GenerationParamError                      what nonsense sampling parameters raise
-    chat_completion                           the Mistral chat-completions API on a model
+    chat_completion, fim_completion           the Mistral chat-completions and fill-in-the-middle APIs
     load_embedded                             the shipped tiny Mixtral and its tokenizer
 
 Reading order of the reference: config, norm, rope, attention, moe, model, cache; the fast engine is in
@@ -40,6 +40,7 @@ _EXPORTS = {
     "GenerationParamError": "mistral_ref.sampling",
     "load_embedded": "mistral_ref.embedded",
     "chat_completion": "mistral_ref.api",
+    "fim_completion": "mistral_ref.api",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

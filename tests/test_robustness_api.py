@@ -118,3 +118,21 @@ def test_a_prompt_of_a_million_spaces_is_encoded_or_refused_cleanly() -> None:
     with pytest.raises(ContextLengthError) as e:
         chat_completion(tiny_model(tok), tok, body["messages"], max_context=4096)
     assert e.value.field == "messages"
+
+
+def test_encode_chat_called_directly_refuses_tools_nested_past_the_recursion_limit():
+    """Without the API's nesting check in front, the template itself refuses (no RecursionError escapes)."""
+    from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+    from mistral_ref.tokenizer import ChatTemplateError, load_tokenizer
+
+    tok = load_tokenizer(EMBEDDED_MODEL_DIR)
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):
+        node["a"] = {}
+        node = node["a"]
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": deep}}]
+    with pytest.raises(ChatTemplateError, match="JSON"):
+        tok.encode_chat([{"role": "user", "content": "hi"}], tools=tools)
+    generated = tok.encode("[" * 5000, bos=False)
+    assert isinstance(tok.parse_assistant(generated)["content"], str)  # malformed output stays content

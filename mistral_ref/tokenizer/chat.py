@@ -205,7 +205,7 @@ def _parse_tool_call(where: str, call: Any) -> ToolCall:
     elif isinstance(args, Mapping):
         try:
             args = json.dumps(dict(args))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise _err(where, f"tool call arguments of {name!r} are not JSON-serialisable ({e})") from None
     elif not isinstance(args, str):
         raise _err(where, f"tool call arguments must be a dict or a JSON string, got {type(args).__name__}")

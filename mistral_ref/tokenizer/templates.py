@@ -219,7 +219,10 @@ def parse_json(content: str) -> Any:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (ValueError, RecursionError) as e:  # nested past the recursion limit, a circular reference
+        raise ChatTemplateError(f"a tool definition or tool call cannot be written as JSON ({e})") from None
 
 
 def _at(position: str | None, is_first: bool, is_last: bool) -> bool:

@@ -44,11 +44,14 @@ def _arguments_json(value: Any) -> str:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # generated text: malformed or nested past the recursion limit
             raise _Malformed from None
     if not isinstance(value, (dict, list)):
         raise _Malformed
-    return json.dumps(value, ensure_ascii=False)
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        raise _Malformed from None
 
 
 def _call(name: Any, arguments: str, call_id: Any, rng: random.Random | None) -> dict[str, Any]:

@@ -49,7 +49,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "mistral_parity: the mistral-ref parity suite (pytest_plugin.py)")
     if config.getoption("mistral_checkpoint"):
         here = str(Path(__file__).resolve())
         if not any(Path(arg.split("::")[0]).resolve() == Path(here) for arg in config.args):
@@ -115,13 +114,11 @@ def _rel_err(a: Any, b: Any) -> float:
 
 # ---- the suite (collected from this file when --mistral-checkpoint is given) -------------------------------
 # transformers first: its run loads and frees its model before mistral_model is loaded for the rest.
-@pytest.mark.mistral_parity
 def test_logits_match_transformers(mistral_transformers_report: Any) -> None:
     report = mistral_transformers_report
     assert report.passed, "\n" + report.table()
 
 
-@pytest.mark.mistral_parity
 def test_greedy_tokens_match_transformers(mistral_transformers_report: Any) -> None:
     g = mistral_transformers_report.greedy
     if g.first_divergence is not None:  # only a near tie of the oracle itself may flip a greedy token
@@ -147,7 +144,6 @@ def _prefill_then_decode(model: Any, tokens: list[int], split: int, chunk: int |
     return torch.cat(out)
 
 
-@pytest.mark.mistral_parity
 def test_cached_decode_matches_full_forward(mistral_model: Any, mistral_probe: list[int], mistral_dtype: Any) -> None:
     import torch
 
@@ -157,7 +153,6 @@ def test_cached_decode_matches_full_forward(mistral_model: Any, mistral_probe: l
     assert _rel_err(cached, full) <= _tolerance(mistral_dtype)
 
 
-@pytest.mark.mistral_parity
 def test_chunked_prefill_matches_full_forward(mistral_model: Any, mistral_probe: list[int],
                                               mistral_dtype: Any) -> None:
     import torch
@@ -177,7 +172,6 @@ CHAT_REQUESTS = [
 ]
 
 
-@pytest.mark.mistral_parity
 def test_chat_template_matches_mistral_common(mistral_checkpoint: Path) -> None:
     pytest.importorskip("mistral_common")
     from mistral_common.protocol.instruct.request import ChatCompletionRequest

@@ -466,7 +466,8 @@ def _add_parity_parser(sub: argparse._SubParsersAction) -> None:
     probe.add_argument("--chat", default=None, metavar="FILE",
                        help="a JSON file of chat messages (or {messages, tools}), encoded with the chat template "
                             "(default: none)")
-    probe.add_argument("--tokens", default=None, metavar="IDS", help="token ids, e.g. '1 415 5565' or '1,415,5565' (default: none)")
+    probe.add_argument("--tokens", default=None, metavar="IDS",
+                       help="token ids, e.g. '1 415 5565' or '1,415,5565' (default: none)")
     pa.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="dtype of both sides (default: the checkpoint's own; float32 for a quantized GGUF)")
     pa.add_argument("--layers", action="store_true",

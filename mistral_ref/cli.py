@@ -477,7 +477,7 @@ def _add_parity_parser(sub: argparse._SubParsersAction) -> None:
                     help="greedy-decode N tokens on each side and report the first step where they diverge "
                          "(default: 0)")
     pa.add_argument("--tolerance", type=float, default=None, metavar="MAX_REL",
-                    help="logits max|a-b|/max|b| that passes (default: 1e-5 for float32, 5e-2 for bfloat16, 1e-2 "
+                    help="logits max|a-b|/max|b| that passes (default: 1e-5 for float32, 0.1 for bfloat16, 0.02 "
                          "for float16)")
     pa.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON (default: no)")
     pa.add_argument("--plot", default=None, metavar="OUT.png",

@@ -64,9 +64,11 @@ from mistral_ref.checkpoint.gguf import gguf_dtype, gguf_index, gguf_model_args,
 from mistral_ref.config import ModelArgs
 
 #: Logits tolerance (max_rel) by dtype.  fp32: this project's oracle tolerance.  bf16 / fp16: two correct
-#: implementations differ by rounding (bf16 keeps 8 bits of mantissa); the values bound what was measured on
-#: random and trained models with a margin (README, "Check parity on your own weights").
-DEFAULT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+#: implementations differ by rounding (bf16 keeps 8 significant bits, fp16 11), and the difference grows with
+#: depth: mistral-ref vs transformers in bf16 measured 2.1e-2 on a 10-layer 0.6B random model and 2.5e-2 on the
+#: embedded model (README, "Check parity on your own weights"); 0.1 leaves room for 32-56 layers and still
+#: fails a wrong layer, whose error is of order 1.
+DEFAULT_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 JUMP_FACTOR = 10.0  # a record "jumps" when its error exceeds the tolerance and this many times every one before
 DEFAULT_PROMPT = "The mistral is a strong, cold wind that blows from the north down the Rhône valley to the"
 TRANSFORMERS = "transformers"
@@ -655,7 +657,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     records = report["records"]
     x = {r["name"]: i for i, r in enumerate(records)}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(records)), 3.6))
-    floor = 1e-12  # exact zeros are drawn here
+    nonzero = [r["max_rel"] for r in records if r["max_rel"] > 0]
+    floor = min(nonzero) / 10 if nonzero else 1e-12  # exact zeros are drawn here, labelled "exact"
     for kind, style in (("attention", "o-"), ("feed_forward", "s-"), ("residual", "^-")):
         rows = [r for r in records if r["kind"] == kind]
         if rows:
@@ -665,7 +668,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     for name, pos in (("embeddings", -1), ("norm", n_layers), ("logits", n_layers + 1)):
         if name in x:
             ax.semilogy([pos], [max(records[x[name]]["max_rel"], floor)], "kD", ms=4)
-            ax.annotate(name, (pos, max(records[x[name]]["max_rel"], floor)), fontsize=7, xytext=(3, 3),
+            exact = " (exact)" if records[x[name]]["max_rel"] == 0 else ""
+            ax.annotate(name + exact, (pos, max(records[x[name]]["max_rel"], floor)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.axhline(report["tolerance"], color="grey", ls="--", lw=0.8, label=f"tolerance {report['tolerance']:g}")
     jump = report.get("first_jump")

@@ -27,9 +27,9 @@ wrong layer (or a quantization) first shows.  The run passes when the logits' ma
 (DEFAULT_TOLERANCE by dtype, or the caller's).
 
 Memory: one implementation at a time.  A side loads (safetensors memory-mapped where no conversion is needed),
-runs the probe with hooks that copy each record to a small CPU tensor (T x dim values: a few MB for a whole 7B
-model and a short probe), optionally greedy-decodes N tokens, and is freed before the other side loads: a 7B
-model in bf16 needs one copy of its 14.5 GB at a time.  The peak resident memory of each side is measured
+runs the probe with hooks that copy each record to a small CPU tensor (T x dim fp32 values: 0.6 MB per record,
+55 MB in all for a 35-token probe of a 7B model), optionally greedy-decodes N tokens, and is freed before the
+other side loads: a 7B model in bf16 needs one copy of its 14.5 GB at a time.  The peak resident memory of each side is measured
 (Linux: VmHWM, reset before each side; elsewhere the process's peak so far).
 """
 
@@ -235,6 +235,19 @@ def check_tokens(tokens: Sequence[int], vocab_size: int, where: str | Path) -> N
                               f"(vocab_size {vocab_size})")
 
 
+def check_transformers_reads_gguf(path: str | Path, args: ModelArgs, positions: int) -> None:
+    """Refuse a GGUF comparison that transformers' GGUF loader would get wrong: it builds Llama/Mistral models
+    only (llama.cpp's MoE layout is not read) and ignores {arch}.attention.sliding_window."""
+    if args.moe:
+        raise CheckpointError(f"{path}: a MoE GGUF (ffn_*_exps): transformers' GGUF loader does not read llama.cpp's "
+                              "experts; compare with the Hugging Face checkpoint instead (--against HF_DIR)")
+    window = args.window_for_layer(0)
+    if window is not None and positions > window:
+        raise CheckpointError(f"{path}: attention.sliding_window is {window}, which transformers' GGUF loader "
+                              f"ignores, and the probe spans {positions} positions: use at most {window} (prompt + "
+                              "--generate), or compare with the Hugging Face checkpoint (--against HF_DIR)")
+
+
 # ---- one side: load, record, decode, free ------------------------------------------------------------------
 @dataclass
 class Trace:
@@ -295,8 +308,8 @@ def _greedy(step: Callable[[list[int], int], torch.Tensor], tokens: list[int], n
             logits = step([trace.generated[-1]], len(tokens) + i)
 
 
-def _finish(trace: Trace, model: torch.nn.Module, tokens: list[int], generate: int, forward: Callable,
-            step: Callable, recorder: _Recorder, log: Log) -> None:
+def _finish(trace: Trace, tokens: list[int], generate: int, forward: Callable, step: Callable,
+            recorder: _Recorder, log: Log) -> None:
     """Run the probe (with hooks), then the greedy decode (without), timing each."""
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -344,7 +357,7 @@ def run_mistral_ref(checkpoint: str | Path, tokens: Sequence[int], dtype: torch.
         positions = torch.arange(start, start + len(ids))[None]
         return model(torch.tensor([ids]), positions, cache)[0, -1]
 
-    _finish(trace, model, tokens, generate, model, step, rec, log)
+    _finish(trace, tokens, generate, model, step, rec, log)
     trace.peak_rss = peak_rss_bytes()
     return trace  # the model is freed with this frame (run_parity collects before the other side loads)
 
@@ -402,7 +415,7 @@ def run_transformers(checkpoint: str | Path, tokens: Sequence[int], dtype: torch
         past[0] = out.past_key_values
         return out.logits[0, -1]
 
-    _finish(trace, hf, tokens, generate, forward, step, rec, log)
+    _finish(trace, tokens, generate, forward, step, rec, log)
     trace.peak_rss = peak_rss_bytes()
     return trace
 
@@ -624,12 +637,14 @@ def run_parity(checkpoint: str | Path, against: str | Path = TRANSFORMERS, token
     if tokens is None:
         tokens, probe = probe_tokens(checkpoint)
     tokens = list(tokens)
-    args, own_dtype, _ = checkpoint_args(checkpoint)
+    args, own_dtype, fmt = checkpoint_args(checkpoint)
     dtype = parse_dtype(dtype) or own_dtype
     if against != TRANSFORMERS:
         check_compatible(checkpoint, against, tokens)
     else:
         check_tokens(tokens, args.vocab_size, checkpoint)
+        if fmt == "gguf":
+            check_transformers_reads_gguf(checkpoint, args, len(tokens) + generate)
     a = run_mistral_ref(checkpoint, tokens, dtype, layers=layers, generate=generate, backend=backend, log=log)
     gc.collect()  # the model of side a is unreachable now: free it before side b loads
     log(f"mistral-ref: done, peak resident memory {a.peak_rss / 2**30:.2f} GiB; freed")

@@ -184,6 +184,18 @@ def test_gguf_against_transformers_and_a_quantization_against_its_source(checkpo
     assert code == 0
 
 
+def test_gguf_comparisons_transformers_would_get_wrong_are_refused(checkpoints, tmp_path):
+    if "gguf" not in checkpoints:
+        pytest.skip("the gguf package is not installed")
+    from mistral_ref.checkpoint import save_gguf
+
+    moe = save_gguf(random_model(MOE_ARGS), tmp_path / "moe.gguf", "F32")
+    with pytest.raises(CheckpointError, match=r"moe\.gguf: a MoE GGUF .*--against HF_DIR"):
+        parity.run_parity(moe, "transformers", [1, 2, 3])
+    with pytest.raises(CheckpointError, match=r"m\.gguf: attention\.sliding_window is 7, .* spans 10 positions"):
+        parity.run_parity(checkpoints["gguf"], "transformers", list(range(1, 9)), generate=2)
+
+
 # ---- probes ---------------------------------------------------------------------------------------------------
 def test_probe_tokens(checkpoints, tmp_path):
     ids, how = parity.probe_tokens(EMBEDDED_MODEL_DIR)

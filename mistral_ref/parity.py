@@ -29,8 +29,8 @@ wrong layer (or a quantization) first shows.  The run passes when the logits' ma
 Memory: one implementation at a time.  A side loads (safetensors memory-mapped where no conversion is needed),
 runs the probe with hooks that copy each record to a small CPU tensor (T x dim fp32 values: 0.6 MB per record,
 55 MB in all for a 35-token probe of a 7B model), optionally greedy-decodes N tokens, and is freed before the
-other side loads: a 7B model in bf16 needs one copy of its 14.5 GB at a time.  The peak resident memory of each side is measured
-(Linux: VmHWM, reset before each side; elsewhere the process's peak so far).
+other side loads: a 7B model in bf16 needs one copy of its 14.5 GB at a time.  The peak resident memory of each
+side is measured (Linux: VmHWM, reset before each side; elsewhere the process's peak so far).
 """
 
 from __future__ import annotations

@@ -239,41 +239,37 @@ def gguf_index(reader: Any, args: ModelArgs, path: str | Path, strict: bool = Tr
     """
     path = Path(path)
     expected = expected_shapes(args)
+    n_experts = args.moe.num_experts if args.moe else 0
     index: dict[str, GGUFSource] = {}
+    covered: set[str] = set()  # native names some tensor of the file stands for (readable or not)
     unexpected, problems = [], []
     for tensor in reader.tensors:
         found = _native_name(tensor.name)
         if found is None:
             unexpected.append(tensor.name)
             continue
-        shape = _logical_shape(tensor)
+        native, stacked = found
+        names = [native.format(e) for e in range(n_experts)] if stacked else [native]
+        if not names or names[0] not in expected:
+            unexpected.append(tensor.name)
+            continue
+        covered.update(names)
+        shape, want = _logical_shape(tensor), ((n_experts,) if stacked else ()) + expected[names[0]]
         kind = tensor.tensor_type.name
         if kind not in PLAIN_TYPES and kind not in QUANTIZED_TYPES:
             problems.append(f"{path}: tensor {tensor.name!r} has ggml type {kind}, which mistral-ref does not "
                             f"read (supported: {', '.join([*PLAIN_TYPES, *QUANTIZED_TYPES])})")
-            continue
-        native, stacked = found
-        if stacked:  # one native tensor per slice along the first axis
-            n = args.moe.num_experts if args.moe else 0
-            want = (n, *expected.get(native.format(0), ()))
-            if not args.moe or native.format(0) not in expected:
-                unexpected.append(tensor.name)
-            elif shape != want:
-                problems.append(f"{path}: tensor {tensor.name!r} has shape {list(shape)}, expected {list(want)} "
-                                "(experts x rows x columns) from the metadata")
-            else:
-                index.update({native.format(e): GGUFSource(tensor, e) for e in range(n)})
-            continue
-        if native not in expected:
-            unexpected.append(tensor.name)
-        elif shape != expected[native]:
-            problems.append(f"{path}: tensor {tensor.name!r} has shape {list(shape)}, expected "
-                            f"{list(expected[native])} from the metadata")
+        elif shape != want:
+            problems.append(f"{path}: tensor {tensor.name!r} has shape {list(shape)}, expected {list(want)} "
+                            f"{'(experts x rows x columns) ' if stacked else ''}from the metadata")
+        elif stacked:  # one native tensor per slice along the first axis
+            index.update({name: GGUFSource(tensor, e) for e, name in enumerate(names)})
         else:
             index[native] = GGUFSource(tensor)
-    if "output.weight" not in index and "tok_embeddings.weight" in index:
+    if "output.weight" not in covered and "tok_embeddings.weight" in index:
         index["output.weight"] = index["tok_embeddings.weight"]  # tied embeddings
-    missing = sorted(set(expected) - set(index), key=natural_key)
+        covered.add("output.weight")
+    missing = sorted(set(expected) - covered, key=natural_key)
     if missing:
         problems.insert(0, f"{path}: missing {len(missing)} tensor(s) that the metadata describes "
                            f"(native names): {listing(missing)}")

@@ -180,26 +180,28 @@ def probe_tokens(checkpoint: str | Path, *, prompt: str | None = None, chat: str
     return tok.encode(text, bos=True), f"prompt {text!r} ({tok.path.name})"
 
 
-def _vocabulary(path: Path) -> tuple[str, list[str] | None] | None:
-    """(where, pieces) of the vocabulary stored with a checkpoint: its tokenizer file's pieces (SentencePiece),
-    else a GGUF's tokenizer.ggml.tokens when they are SentencePiece pieces; None when there is none."""
+def _vocabulary(path: Path) -> tuple[str, str | None, list[Any]] | None:
+    """(where, kind, entries) of the vocabulary stored with a checkpoint: its tokenizer file ("sentencepiece":
+    the pieces; "tekken": the tokens' bytes), else a GGUF's tokenizer.ggml.tokens (SentencePiece pieces when its
+    tokenizer.ggml.model is "llama", else of a kind not compared); None when there is none."""
     tok = _load_tokenizer_or_none(path)
     if tok is not None:
-        pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)] if tok.kind == "sentencepiece" else None
-        return str(tok.path), pieces
+        entries = [tok.id_to_piece(i) for i in range(tok.vocab_size)] if tok.kind == "sentencepiece" \
+            else tok.token_bytes_table()
+        return str(tok.path), tok.kind, entries
     if is_gguf_file(path):
         reader = open_gguf(path)
         if "tokenizer.ggml.tokens" in reader.fields:
-            kind = reader.fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in reader.fields \
+            model = reader.fields["tokenizer.ggml.model"].contents() if "tokenizer.ggml.model" in reader.fields \
                 else None
             tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-            return f"{path} (tokenizer.ggml.tokens)", tokens if kind == "llama" else None
+            return f"{path} (tokenizer.ggml.tokens)", "sentencepiece" if model == "llama" else None, tokens
     return None
 
 
 def check_compatible(a: str | Path, b: str | Path, tokens: Sequence[int]) -> ModelArgs:
     """Refuse to compare two checkpoints that cannot agree: different shapes or vocabulary sizes, tokenizers
-    whose pieces differ, or probe ids outside the vocabulary.  Returns a's ModelArgs.
+    that differ (kind, size or any token), or probe ids outside the vocabulary.  Returns a's ModelArgs.
 
     Raises CheckpointError naming both files and the field that differs.
     """
@@ -213,15 +215,18 @@ def check_compatible(a: str | Path, b: str | Path, tokens: Sequence[int]) -> Mod
                                   f"{what}, so they cannot be compared token for token")
     vocab_a, vocab_b = _vocabulary(a), _vocabulary(b)
     if vocab_a is not None and vocab_b is not None:
-        (where_a, pieces_a), (where_b, pieces_b) = vocab_a, vocab_b
-        if pieces_a is not None and pieces_b is not None:
-            if len(pieces_a) != len(pieces_b):
-                raise CheckpointError(f"{where_a}: {len(pieces_a)} tokens, but {where_b}: {len(pieces_b)} tokens: "
-                                      "the tokenizers differ (vocabulary size)")
-            diff = next((i for i, (x, y) in enumerate(zip(pieces_a, pieces_b)) if x != y), None)
-            if diff is not None:
-                raise CheckpointError(f"{where_a} and {where_b}: token {diff} is {pieces_a[diff]!r} in one and "
-                                      f"{pieces_b[diff]!r} in the other: the tokenizers differ")
+        (where_a, kind_a, entries_a), (where_b, kind_b, entries_b) = vocab_a, vocab_b
+        if kind_a and kind_b and kind_a != kind_b:
+            raise CheckpointError(f"{where_a} is a {kind_a} tokenizer, {where_b} a {kind_b} one: the tokenizers "
+                                  "differ")
+        if len(entries_a) != len(entries_b):
+            raise CheckpointError(f"{where_a}: {len(entries_a)} tokens, but {where_b}: {len(entries_b)} tokens: "
+                                  "the tokenizers differ (vocabulary size)")
+        diff = next((i for i, (x, y) in enumerate(zip(entries_a, entries_b)) if x != y), None) \
+            if kind_a == kind_b else None
+        if diff is not None:
+            raise CheckpointError(f"{where_a} and {where_b}: token {diff} is {entries_a[diff]!r} in one and "
+                                  f"{entries_b[diff]!r} in the other: the tokenizers differ")
     check_tokens(tokens, args_a.vocab_size, a)
     return args_a
 

@@ -262,3 +262,19 @@ def test_cli_errors_without_the_optional_packages(checkpoints, monkeypatch, caps
     code, _, err = run_cli(str(checkpoints["native"]), "--against", str(checkpoints["hf"]), "--plot", "x.png",
                            capsys=capsys)
     assert code == 2 and "--plot needs matplotlib" in err
+
+
+def test_tokenizers_of_another_kind_are_refused(checkpoints, tmp_path):
+    from mistral_ref.tokenizer import mistral_common_data_dir
+
+    data = mistral_common_data_dir()
+    if data is None:
+        pytest.skip("needs mistral-common's tokenizer files")
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(checkpoints["native"], a)
+    shutil.copytree(checkpoints["hf"], b)
+    shutil.copy(EMBEDDED_MODEL_DIR / "tokenizer.model.v3", a)
+    shutil.copy(data / "tekken_240718.json", b / "tekken.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model\.v3 is a sentencepiece tokenizer, .*tekken\.json a "
+                                              r"tekken one"):
+        parity.check_compatible(a, b, [1, 2])

@@ -12,7 +12,8 @@ The suite, on the checkpoint (a native or HF directory, or a .gguf file):
   test_logits_match_transformers          mistral-ref vs transformers on the same ids, every layer recorded
                                           (parity.run_parity); passes within DEFAULT_TOLERANCE of the dtype
   test_greedy_tokens_match_transformers   the same run's greedy tokens, identical (or diverging only where
-                                          transformers' own top-2 margin is a near tie)
+                                          transformers' own top-2 margin is within twice the largest logit
+                                          difference of the probe: a near tie)
   test_cached_decode_matches_full_forward prefill half the probe into a KVCache, decode the rest token by token:
                                           the logits equal one full forward pass
   test_chunked_prefill_matches_full_forward  prefill in chunks of 3 tokens: the same
@@ -120,11 +121,15 @@ def test_logits_match_transformers(mistral_transformers_report: Any) -> None:
 
 
 def test_greedy_tokens_match_transformers(mistral_transformers_report: Any) -> None:
-    g = mistral_transformers_report.greedy
-    if g.first_divergence is not None:  # only a near tie of the oracle itself may flip a greedy token
-        tie = g.b_margin <= mistral_transformers_report.tolerance * 10
-        assert tie, (f"greedy tokens diverge at step {g.first_divergence}: mistral-ref {g.a_tokens}, transformers "
-                     f"{g.b_tokens}; transformers' top-2 margin there is {g.b_margin:.3g}, not a near tie")
+    report = mistral_transformers_report
+    g = report.greedy
+    if g.first_divergence is not None:
+        # Only a near tie may flip a greedy token: transformers' own top-2 margin there must be within twice the
+        # largest logit difference the two sides showed on the probe.
+        bound = 2 * report.logits_error.max_abs
+        assert g.b_margin <= bound, (
+            f"greedy tokens diverge at step {g.first_divergence}: mistral-ref {g.a_tokens}, transformers "
+            f"{g.b_tokens}; transformers' top-2 margin there is {g.b_margin:.3g}, more than {bound:.3g}")
 
 
 def _prefill_then_decode(model: Any, tokens: list[int], split: int, chunk: int | None) -> Any:

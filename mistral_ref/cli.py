@@ -8,6 +8,7 @@
                                        when no checkpoint is given)
   mistral-ref generate [CHECKPOINT] --prompt TEXT   a one-shot raw completion (no chat template), streamed
   mistral-ref serve [CHECKPOINT] --port N           the chat-completions HTTP endpoint (server.py)
+  mistral-ref parity CHECKPOINT [--against transformers | OTHER]   layer-by-layer comparison (parity.py)
 
 Every command but info takes --threads N; `mistral-ref COMMAND --help` lists each option with its default.
 Status lines ("[...]") go to stderr, generated text to stdout.
@@ -121,6 +122,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from mistral_ref.checkpoint import convert_checkpoint
 
+    if args.to == "gguf":
+        return cmd_convert_gguf(args)
     set_threads(args)
     t0 = time.perf_counter()
     convert_checkpoint(args.src, args.dst, format=args.to, max_shard_bytes=args.max_shard_bytes)
@@ -418,6 +421,90 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- parity: layer-by-layer comparison with transformers or another checkpoint; GGUF export ---------------------
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # checkpoint.gguf.SAVE_TYPES
+
+
+def cmd_convert_gguf(args: argparse.Namespace) -> int:
+    """convert SRC DST.gguf --to gguf: load SRC (memory-mapped) and write it tensor by tensor with save_gguf."""
+    from pathlib import Path
+
+    from mistral_ref.checkpoint import copy_tokenizer_files, load_model, save_gguf
+
+    dst = Path(args.dst)
+    if dst.suffix != ".gguf":
+        raise ValueError(f"{dst}: with --to gguf, DST is the .gguf file to write")
+    set_threads(args)
+    t0 = time.perf_counter()
+    save_gguf(load_model(args.src), dst, args.gguf_type)
+    src_dir = Path(args.src) if Path(args.src).is_dir() else Path(args.src).parent
+    copied = copy_tokenizer_files(src_dir, dst.parent)
+    print(f"wrote {args.gguf_type} GGUF {dst} in {time.perf_counter() - t0:.1f} s"
+          + (f" (and the tokenizer file(s) {', '.join(p.name for p in copied)} next to it)" if copied else ""))
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from mistral_ref import parity
+
+    if args.against == parity.TRANSFORMERS and importlib.util.find_spec("transformers") is None:
+        raise ValueError("--against transformers needs the transformers package (the `test` extra); or compare "
+                         "with another checkpoint: --against OTHER_CHECKPOINT")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (the `bench` or `notebooks` extra)")
+    set_threads(args)
+    tokens, probe = parity.probe_tokens(args.checkpoint, prompt=args.prompt, chat=args.chat, tokens=args.tokens)
+    layers = args.layers or args.plot is not None
+    t0 = time.perf_counter()
+    report = parity.run_parity(args.checkpoint, args.against, tokens, probe=probe, dtype=args.dtype, layers=layers,
+                               generate=args.generate, tolerance=args.tolerance, log=_status)
+    print(report.table(layers=layers))
+    _status(f"parity run took {time.perf_counter() - t0:.1f} s; peak resident memory "
+            f"{max(report.a.peak_rss_bytes, report.b.peak_rss_bytes) / 2**30:.2f} GiB")
+    if args.json:
+        _status(f"wrote {parity.write_json(report, args.json)}")
+    if args.plot:
+        _status(f"wrote {parity.plot_report(report.to_dict(), args.plot)}")
+    return 0 if report.passed else 1
+
+
+def _add_parity_parser(sub: argparse._SubParsersAction) -> None:
+    pa = sub.add_parser("parity", help="compare mistral-ref with transformers or another checkpoint, layer by layer",
+                        description="Run mistral-ref on CHECKPOINT and the other implementation on the same token "
+                                    "ids, one at a time, and report per-layer errors, logits agreement and the "
+                                    "first greedy divergence.  Exit status 1 when the logits exceed the tolerance.")
+    pa.add_argument("checkpoint", help="checkpoint directory (native or Hugging Face), .safetensors or .gguf file")
+    pa.add_argument("--against", default="transformers", metavar="transformers|OTHER_CHECKPOINT",
+                    help="transformers (loads CHECKPOINT's HF files, or the GGUF; native files are converted in a "
+                         "temporary directory), or another checkpoint that mistral-ref loads (default: transformers)")
+    probe = pa.add_mutually_exclusive_group()
+    probe.add_argument("--prompt", default=None, help="text to encode with CHECKPOINT's tokenizer (default: a fixed "
+                                                      "sentence, or 16 fixed random ids without a tokenizer)")
+    probe.add_argument("--chat", default=None, metavar="FILE",
+                       help="a JSON file of chat messages (or {messages, tools}), encoded with the chat template "
+                            "(default: none)")
+    probe.add_argument("--tokens", default=None, metavar="IDS",
+                       help="token ids, e.g. '1 415 5565' or '1,415,5565' (default: none)")
+    pa.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="dtype of both sides (default: the checkpoint's own; float32 for a quantized GGUF)")
+    pa.add_argument("--layers", action="store_true",
+                    help="record and print every layer: embeddings, attention, feed-forward/MoE, residual stream, "
+                         "router choices (default: logits only)")
+    pa.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="greedy-decode N tokens on each side and report the first step where they diverge "
+                         "(default: 0)")
+    pa.add_argument("--tolerance", type=float, default=None, metavar="MAX_REL",
+                    help="logits max|a-b|/max|b| that passes (default: 1e-5 for float32, 0.1 for bfloat16, 0.02 "
+                         "for float16)")
+    pa.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON (default: no)")
+    pa.add_argument("--plot", default=None, metavar="OUT.png",
+                    help="plot the error by layer (needs matplotlib; implies --layers) (default: no)")
+    _add_threads_option(pa, "one per physical core not busy with other work")
+    pa.set_defaults(func=cmd_parity)
+
+
 # ---- the parser ---------------------------------------------------------------------------------------------------
 def _add_threads_option(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -469,7 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint between native and Hugging Face formats")
     c.add_argument("src", help="checkpoint directory to read")
     c.add_argument("dst", help="directory to write")
-    c.add_argument("--to", choices=["native", "hf"], required=True, help="output format (required)")
+    c.add_argument("--to", choices=["native", "hf", "gguf"], required=True,
+                   help="output format (required); gguf: DST is a .gguf file")
+    c.add_argument("--gguf-type", default="F16", choices=GGUF_TYPES,
+                   help="with --to gguf: the ggml type of the matrices (norms and routers stay F32) (default: F16)")
     c.add_argument("--max-shard-bytes", type=int, default=None, metavar="BYTES",
                    help="split the output into shards of at most this size (default: one file)")
     _add_threads_option(c, "one per physical core not busy with other work")
@@ -504,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="BYTES",
                     help="largest request body accepted (default: 4 MiB)")
     sv.set_defaults(func=cmd_serve)
+    _add_parity_parser(sub)
     return p
 
 

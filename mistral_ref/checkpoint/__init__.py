@@ -11,6 +11,8 @@ Read in this order:
   load.py            load_model: a meta-device model whose tensors are memory-map views or private copies
                      (load_weights, also used by mistral_ref.parallel to read each rank's slices)
   save.py            save_checkpoint, convert_checkpoint: one tensor at a time, sharded or not
+  gguf.py            llama.cpp's GGUF files: load_gguf (load_model calls it for a .gguf file; names, metadata,
+                     dequantization), save_gguf (F32/F16/BF16/Q8_0/Q4_0/...; the `gguf` extra)
   dtypes.py          parse_dtype ("bf16" -> torch.bfloat16) and dominant_dtype (the dtype holding most bytes)
   errors.py          CheckpointError: every message names the file, the key, what was expected and found
 
@@ -29,6 +31,7 @@ from mistral_ref.checkpoint.files import (
     find_checkpoint,
     read_model_args,
 )
+from mistral_ref.checkpoint.gguf import is_gguf_file, load_gguf, save_gguf
 from mistral_ref.checkpoint.load import load_model, load_weights
 from mistral_ref.checkpoint.names import (
     hf_to_native_name,
@@ -47,7 +50,8 @@ from mistral_ref.model import meta_model
 __all__ = [
     "CheckpointError", "CheckpointFiles", "TensorInfo", "TensorSlice",
     "checkpoint_index", "convert_checkpoint", "copy_tokenizer_files", "dominant_dtype", "expected_shapes",
-    "find_checkpoint", "hf_to_native_name", "is_qk", "load_model", "load_weights", "meta_model",
-    "native_to_hf_name", "parse_dtype", "permute_qk", "permute_to_hf", "permute_to_native", "read_model_args",
-    "read_safetensors_header", "read_tensor", "save_checkpoint", "to_hf_tensor", "to_native_tensor",
+    "find_checkpoint", "hf_to_native_name", "is_gguf_file", "is_qk", "load_gguf", "load_model", "load_weights",
+    "meta_model", "native_to_hf_name", "parse_dtype", "permute_qk", "permute_to_hf", "permute_to_native",
+    "read_model_args", "read_safetensors_header", "read_tensor", "save_checkpoint", "save_gguf", "to_hf_tensor",
+    "to_native_tensor",
 ]

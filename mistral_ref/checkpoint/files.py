@@ -131,7 +131,10 @@ def find_checkpoint(path: str | Path) -> CheckpointFiles:
         if path.suffix != ".safetensors":
             if path.suffix in PICKLE_SUFFIXES:
                 raise pickle_refusal(path)
-            raise CheckpointError(f"{path}: expected a directory or a .safetensors file")
+            with open(path, "rb") as f:
+                head = f.read(8)
+            raise CheckpointError(f"{path}: neither a .safetensors file nor a GGUF file (it starts with {head!r}); "
+                                  "expected a checkpoint directory, a .safetensors file or a llama.cpp .gguf file")
         keys = read_safetensors_header(path)
         looks_hf = any(k.startswith(("model.", "lm_head.")) for k in keys)
         config = path.parent / ("config.json" if looks_hf else "params.json")

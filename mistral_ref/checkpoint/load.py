@@ -21,6 +21,7 @@ from safetensors import safe_open
 from mistral_ref.checkpoint.dtypes import dominant_dtype, parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, checkpoint_index, find_checkpoint, read_model_args
+from mistral_ref.checkpoint.gguf import is_gguf_file, load_gguf
 from mistral_ref.checkpoint.names import is_qk
 from mistral_ref.checkpoint.safetensors_io import (
     CHUNK_BYTES,
@@ -104,7 +105,8 @@ def load_weights(model: Transformer, files: CheckpointFiles, index: dict[str, Te
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                strict: bool = True, progress: bool | None = None, *, mmap: bool = True) -> Transformer:
-    """Load a native or Hugging Face checkpoint directory (or one .safetensors file next to its config).
+    """Load a native or Hugging Face checkpoint directory (or one .safetensors file next to its config), or a
+    llama.cpp GGUF file (checkpoint/gguf.py: load_gguf; needs the `gguf` extra).
 
     dtype: the parameters' dtype ("bf16", "float32", torch.float16, ...); None keeps the checkpoint's (the dtype
     holding most of its bytes).  device: where the parameters live.  strict: unexpected tensors are an error
@@ -119,6 +121,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     The returned model is in eval mode; `model.checkpoint_files` records which files were read (a directory
     holding both formats loads the native set).  Raises CheckpointError (or config.ConfigError) on bad input.
     """
+    if is_gguf_file(path) or str(path).endswith(".gguf"):
+        return load_gguf(path, dtype, device, strict, progress, mmap=mmap)
     files = find_checkpoint(path)
     log.debug("loading %s checkpoint %s (%d shard(s)%s)", files.format, files.config.parent,
               len(files.shards), f"; ignoring {len(files.ignored)} file(s) of the other format"

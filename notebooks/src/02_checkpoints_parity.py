@@ -281,7 +281,6 @@ ax.set_xlabel("layer (attention, feed-forward, residual stream)")
 ax.set_ylabel("max|a − b| / max|b|")
 ax.set_title("error by layer, from the JSON of `mistral-ref parity` (exact zeros drawn at 1e-12)")
 ax.legend(fontsize=8)
-plt.tight_layout()
 plt.show()
 
 # %% [markdown]

@@ -16,8 +16,9 @@ A request goes through three steps:
    ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
    (json_mode.py).
 3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
-   a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
-   content text (never inside a tool call); text is released as soon as no stop string can claim it.
+   a response, or into ``chat.completion.chunk`` dicts when streaming, through :class:`ChatReply` (the push
+   form, which the server feeds from its scheduler).  Stop strings are matched there on the content text (never
+   inside a tool call); text is released as soon as no stop string can claim it.
 
 Counting: ``prompt_tokens`` is the length of the encoded prompt; ``completion_tokens`` counts every token the
 model produced, the EOS that ended generation included.  ``logprobs`` (an extra parameter) are the raw model's
@@ -324,7 +325,7 @@ def _logprob_entry(tokenizer: Any, event: Any) -> dict[str, Any]:
 
 @dataclass
 class _Outcome:
-    """What the event loop accumulated; filled in as the stream goes."""
+    """What the reply accumulated; filled in as the events come."""
 
     content: str = ""
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -333,11 +334,9 @@ class _Outcome:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[tuple[str, list[dict]]]:
-    """Run generation; yield (content delta, logprob entries) as content is released, filling `out` as it goes.
-
-    After the last yield `out` holds the finish reason, tool calls (if any) and token counts.
-    """
+def generation_kwargs(tokenizer: Any, job: Prepared) -> dict[str, Any]:
+    """The keyword arguments of ``generation.generate_stream`` (and of ``scheduler.Job``) that run `job`: its
+    sampling parameters, EOS handling, logprobs and constraints (tool_choice, JSON mode) as logits processors."""
     req = job.request
     processors = []
     if job.force_tool_call:
@@ -347,111 +346,171 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
     if req.json_mode:
         processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
     s = req.sampling
-    stream = generate_stream(
-        model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=s.seed,
-        ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
-        logits_processors=processors)
-    stop = _ContentStop(req.stop, req.json_mode)
-    ids: list[int] = []
-    in_tool_call = False
-    tail = ""  # text decoded after [TOOL_CALLS]: shown as content only if the calls do not parse
-    pending_lp: list[dict[str, Any]] = []
+    return dict(temperature=s.temperature, top_p=s.top_p, presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty, seed=s.seed, ignore_eos=req.ignore_eos,
+                logprobs=req.logprobs, top_logprobs=req.top_logprobs, logits_processors=processors)
+
+
+class ChatReply:
+    """One reply, built event by event from generation's StreamEvents (the push form of :func:`run`).
+
+    ``push(event)`` takes the next event of ``generate_stream`` (or of the server's scheduler, through
+    ``generation.TextEvents``) and returns what can be sent now: with ``stream`` the ``chat.completion.chunk``
+    dicts (the first call also gives the opening role chunk), else nothing.  ``done`` turns True once the reply
+    needs no more tokens (the closing event arrived, or a stop string matched: stop generating then).
+    ``finish()`` returns the rest: with ``stream`` the tool-call chunk (if any) and the last chunk with
+    finish_reason and usage, else ``[the chat.completion dict]``.  ``usage`` is available after finish().
+
+    Stop strings are matched here on the content text (never inside a tool call); text is released as soon as
+    no stop string can claim it.  Text decoded after ``[TOOL_CALLS]`` is parsed as tool calls at the end, and
+    shown as content only if it does not parse.
+    """
+
+    def __init__(self, tokenizer: Any, job: Prepared, cid: str | None = None, created: int | None = None):
+        self.tokenizer, self.job = tokenizer, job
+        self.id = cid or uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
+        self.out = _Outcome()
+        self.done = False
+        self._stop = _ContentStop(job.request.stop, job.request.json_mode)
+        self._ids: list[int] = []
+        self._in_tool_call = False
+        self._tail = ""  # text decoded after [TOOL_CALLS]
+        self._pending_lp: list[dict[str, Any]] = []
+        self._opened = False
+
+    # ---- events -> content deltas (text, logprob entries) ----
+    def _content(self, ev: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+        out, req = self.out, self.job.request
+        if self.done:
+            return []
+        if ev.token_id is None:  # the closing event
+            self.done = True
+            out.finish_reason = ev.finish_reason
+            if isinstance(ev.stop_reason, int):
+                out.completion_tokens += 1  # the stop token (EOS) was generated too
+            if self._in_tool_call:
+                self._tail += ev.text
+                return []
+            text, matched = self._stop.push(ev.text)
+            if matched is None:
+                text += self._stop.flush()
+            else:
+                out.finish_reason = "stop"
+            if text or self._pending_lp:
+                out.content += text
+                return [(text, self._pending_lp)]
+            return []
+        self._ids.append(ev.token_id)
+        out.completion_tokens += 1
+        if ev.token_id == self.job.tool_calls_id:
+            self._in_tool_call = True
+        if self._in_tool_call:
+            self._tail += ev.text
+            return []
+        if req.logprobs:
+            self._pending_lp.append(_logprob_entry(self.tokenizer, ev))
+        text, matched = self._stop.push(ev.text)
+        deltas = []
+        if text or matched is not None:
+            out.content += text
+            deltas.append((text, self._pending_lp))
+            self._pending_lp = []
+        if matched is not None:
+            out.finish_reason = "stop"
+            self.done = True
+        return deltas
+
+    def _tool_calls(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """After the last event: parse the tool calls; malformed tool-call syntax is content after all."""
+        out, req = self.out, self.job.request
+        if not self._in_tool_call:
+            return []
+        rng = random.Random(req.seed) if req.seed is not None else None
+        parsed = self.tokenizer.parse_assistant(self._ids, rng=rng)
+        if parsed["tool_calls"]:
+            out.tool_calls = parsed["tool_calls"] if req.parallel_tool_calls else parsed["tool_calls"][:1]
+            out.finish_reason = "tool_calls"
+        elif self._tail:
+            out.content += self._tail
+            return [(self._tail, [])]
+        return []
+
+    # ---- content deltas -> the response ----
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None,
+               lps: list | None = None) -> dict[str, Any]:
+        want_lp = self.job.request.logprobs
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.job.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
+
+    def _emit(self, deltas: list[tuple[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+        if not self.job.request.stream:
+            for _, lps in deltas:
+                self.out.logprobs.extend(lps)
+            return []
+        chunks = [] if self._opened else [self._chunk({"role": "assistant", "content": ""})]
+        self._opened = True
+        return chunks + [self._chunk({"content": text}, lps=lps) for text, lps in deltas]
+
+    def start(self) -> list[dict[str, Any]]:
+        """What can be sent before any token: the opening role chunk when streaming."""
+        return self._emit([])
+
+    def push(self, ev: Any) -> list[dict[str, Any]]:
+        return self._emit(self._content(ev))
+
+    @property
+    def usage(self) -> dict[str, int]:
+        n, m = len(self.job.prompt_ids), self.out.completion_tokens
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def finish(self) -> list[dict[str, Any]]:
+        out = self.out
+        tail = self._emit(self._tool_calls())
+        if self.job.request.stream:
+            if out.tool_calls:
+                tail.append(self._chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]}))
+            last = self._chunk({}, out.finish_reason)
+            last["usage"] = self.usage
+            return tail + [last]
+        content: str | None = out.content
+        if out.tool_calls and not content.strip():
+            content = None
+        return [{
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.job.model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "tool_calls": out.tool_calls or None},
+                "finish_reason": out.finish_reason,
+                "logprobs": {"content": out.logprobs} if self.job.request.logprobs else None,
+            }],
+            "usage": self.usage,
+        }]
+
+
+def _replies(model: Any, tokenizer: Any, job: Prepared, reply: ChatReply) -> Iterator[dict[str, Any]]:
+    """Run generation for `reply`: yield what it releases, event by event, then its last parts."""
+    yield from reply.start()
+    stream = generate_stream(model, tokenizer, job.prompt_ids, job.max_tokens, **generation_kwargs(tokenizer, job))
     try:
         for ev in stream:
-            if ev.token_id is None:  # the closing event
-                out.finish_reason = ev.finish_reason
-                if isinstance(ev.stop_reason, int):
-                    out.completion_tokens += 1  # the stop token (EOS) was generated too
-                if in_tool_call:
-                    tail += ev.text
-                    break
-                text, matched = stop.push(ev.text)
-                if matched is None:
-                    text += stop.flush()
-                else:
-                    out.finish_reason = "stop"
-                if text or pending_lp:
-                    out.content += text
-                    yield text, pending_lp
-                break
-            ids.append(ev.token_id)
-            out.completion_tokens += 1
-            if ev.token_id == job.tool_calls_id:
-                in_tool_call = True
-            if in_tool_call:
-                tail += ev.text
-                continue
-            if req.logprobs:
-                pending_lp.append(_logprob_entry(tokenizer, ev))
-            text, matched = stop.push(ev.text)
-            if text or matched is not None:
-                out.content += text
-                yield text, pending_lp
-                pending_lp = []
-            if matched is not None:
-                out.finish_reason = "stop"
+            yield from reply.push(ev)
+            if reply.done:
                 break
     finally:
         stream.close()
-    if in_tool_call:
-        parsed = tokenizer.parse_assistant(ids, rng=random.Random(req.seed) if req.seed is not None else None)
-        if parsed["tool_calls"]:
-            calls = parsed["tool_calls"]
-            out.tool_calls = calls if req.parallel_tool_calls else calls[:1]
-            out.finish_reason = "tool_calls"
-        elif tail:  # malformed tool-call syntax: the text is content after all
-            out.content += tail
-            yield tail, []
-
-
-def _usage(job: Prepared, out: _Outcome) -> dict[str, int]:
-    n = len(job.prompt_ids)
-    m = out.completion_tokens
-    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+    yield from reply.finish()
 
 
 def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
-    cid = uuid.uuid4().hex
-    created = int(time.time())
+    replies = _replies(model, tokenizer, job, ChatReply(tokenizer, job))
     if job.request.stream:
-        return _chunks(model, tokenizer, job, cid, created)
-    out = _Outcome()
-    for _, lps in _events(model, tokenizer, job, out):
-        out.logprobs.extend(lps)
-    content: str | None = out.content
-    if out.tool_calls and not content.strip():
-        content = None
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content, "tool_calls": out.tool_calls or None},
-            "finish_reason": out.finish_reason,
-            "logprobs": {"content": out.logprobs} if job.request.logprobs else None,
-        }],
-        "usage": _usage(job, out),
-    }
-
-
-def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -> Iterator[dict[str, Any]]:
-    want_lp = job.request.logprobs
-
-    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": job.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                             "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
-
-    out = _Outcome()
-    yield chunk({"role": "assistant", "content": ""})
-    for text, lps in _events(model, tokenizer, job, out):
-        yield chunk({"content": text}, lps=lps)
-    if out.tool_calls:
-        yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]})
-    last = chunk({}, out.finish_reason)
-    last["usage"] = _usage(job, out)
-    yield last
+        return replies
+    (response,) = replies
+    return response
 
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,

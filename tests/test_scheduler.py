@@ -166,7 +166,7 @@ def test_cancel_and_timeout_stop_within_a_step_and_free_the_row():
     sched.step()
     assert sinks[1].ended == "cancelled" and len(sinks[1].tokens) == n and len(sched.rows) == 2
     sched.run_until_idle()
-    assert sinks[0].ids == sinks[2].ids[:0] + alone(model, ps[0], 50, temperature=0).tokens
+    assert sinks[0].ids == alone(model, ps[0], 50, temperature=0).tokens
     assert sinks[2].ids == alone(model, ps[2], 50, temperature=0).tokens
 
     slow = Collect()

@@ -50,7 +50,6 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -79,54 +78,11 @@ from mistral_ref.generation import text_events
 from mistral_ref.request_spec import AZURE_ALIASES, AZURE_FIELDS, AZURE_IGNORED, COMPONENTS, request_schema
 from mistral_ref.sampling import GenerationParamError
 from mistral_ref.scheduler import Job, Scheduler, SchedulerBusy, Token
+from mistral_ref.server_options import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, ServerOptions
 
 log = logging.getLogger("mistral_ref.server")
 access_log = logging.getLogger("mistral_ref.server.access")
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
-API_KEY_ENV = "MISTRAL_REF_API_KEY"
-
-
-@dataclass
-class ServerOptions:
-    """Everything a server can be told (the CLI's ``serve`` flags); the defaults are safe for a local server.
-
-    Access: api_key (None: no key; then only a loopback address may be served unless insecure); allowed_hosts:
-    the names the Host header may carry (None: localhost / 127.0.0.1 / ::1 and the bound address when serving on
-    loopback, any name otherwise; "*": any); cors_origins: origins a browser page may call from (none: no CORS).
-    Requests: max_body_bytes, max_uri_bytes, max_header_bytes (the whole request head), max_json_depth (nesting),
-    max_stop (stop strings) of at most max_stop_chars characters, max_tools_bytes (the tools as JSON),
-    max_tokens_limit (max_tokens cap; a request without max_tokens gets what the context leaves, at most this),
-    request_timeout (s, queue + generation).
-    Connections: max_connections, header_timeout and body_timeout (s to send the head / the body),
-    keep_alive_timeout (s an idle connection stays open).
-    Batching (scheduler.Scheduler): max_batch (1 = one request at a time), max_queue (waiting requests beyond
-    which new ones get 503), kv_cache_bytes (None: half the memory available at start), prefill_tokens.
-    """
-
-    model_name: str = "mistral-ref"
-    max_context: int | None = None
-    api_key: str | None = None
-    insecure: bool = False
-    allowed_hosts: tuple[str, ...] | None = None
-    cors_origins: tuple[str, ...] = ()
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_uri_bytes: int = 8 << 10
-    max_header_bytes: int = 16 << 10
-    max_json_depth: int = 64
-    max_stop: int = 16
-    max_stop_chars: int = 256
-    max_tools_bytes: int = 64 << 10
-    max_tokens_limit: int = 4096
-    request_timeout: float = 600.0
-    max_connections: int = 256
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    keep_alive_timeout: int = 5
-    max_batch: int = 32
-    max_queue: int = 256
-    kv_cache_bytes: int | None = None
-    prefill_tokens: int = 512
 
 
 class HttpError(Exception):
@@ -723,7 +679,7 @@ class ChatServer:
             self.chat_app.app, http=functools.partial(HttpProtocol, options=options), lifespan="off",
             log_config=None, access_log=False, server_header=False, headers=[("server", "mistral-ref")],
             timeout_keep_alive=options.keep_alive_timeout, h11_max_incomplete_event_size=options.max_header_bytes,
-            backlog=2048, timeout_graceful_shutdown=5)
+            timeout_graceful_shutdown=5)
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -744,6 +700,8 @@ class ChatServer:
         """Serve on this thread until interrupted (Ctrl-C: uvicorn finishes open requests for up to 5 s)."""
         try:
             self.uvicorn.run(sockets=[self.socket])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down
+            pass
         finally:
             self.engine.stop()
 
@@ -772,7 +730,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(address)
-    sock.set_inheritable(True)
+    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     return sock
 
 

@@ -20,9 +20,10 @@ One :meth:`Scheduler.step`, run by one worker thread:
 
 A job leaves when it produces a stop token, reaches max_tokens, its sink says stop (a stop string matched), it is
 cancelled, or its time is up; its row is reused (the last row moves into the hole, so the used rows stay a
-prefix), and when no row is left the cache is released.  Each job samples with its own ``sampling.Sampler`` (its
-own seeded generator, penalty counts and logits processors) on its own row of the logits, so a seeded or greedy
-job gives the tokens it would give alone with ``generation.generate`` (tested, greedy and seeded, fp32).
+prefix), the cache shrinks when the rows left use a small part of it, and when no row is left it is released.
+Each job samples with its own ``sampling.Sampler`` (its own seeded generator, penalty counts and logits
+processors) on its own row of the logits, so a seeded or greedy job gives the tokens it would give alone with
+``generation.generate`` (tested, greedy and seeded, fp32).
 
 Memory: the cache is allocated for the rows and the longest row's prompt + max_tokens (rounded up to
 ``ROUND_POSITIONS``), within ``kv_cache_bytes``; it is re-allocated (rows copied) when a job needs more, and
@@ -224,6 +225,8 @@ class Scheduler:
             self._guarded(self._decode, range(self.n_decoding))
         if not self.rows:
             self.cache = None  # idle: give the memory back
+        else:
+            self._shrink()
         return True
 
     def run_until_idle(self) -> None:
@@ -289,6 +292,15 @@ class Scheduler:
                 self._resize(r, s)
                 return True
         return False
+
+    def _shrink(self) -> None:
+        """Give memory back when the rows left use a quarter of the cache's rows or half of its positions (the
+        gap from the doubling in _room_for keeps a steady load from resizing back and forth)."""
+        n = len(self.rows)
+        positions = -(-max(r.need for r in self.rows) // ROUND_POSITIONS) * ROUND_POSITIONS
+        rows = 1 << (n - 1).bit_length()
+        if self.cache.batch_size >= 4 * rows or self.cache.max_seq_len >= 2 * positions:
+            self._resize(min(self.cache.batch_size, 2 * rows), min(self.cache.max_seq_len, positions))
 
     def _resize(self, rows: int, positions: int) -> None:
         """A new cache of rows x positions holding the used rows of the old one.

@@ -264,9 +264,10 @@ class ChatApp:
 
     async def health(self, request: Request) -> Response:
         s = self.engine.scheduler
+        cache = s.cache  # read once: the model thread may release it meanwhile
         return JSONResponse({"status": "ok", "model": self.options.model_name, "running": len(s.rows),
                              "waiting": len(s.waiting), "max_batch": s.max_batch,
-                             "kv_cache_bytes": s.cache.nbytes() if s.cache is not None else 0})
+                             "kv_cache_bytes": cache.nbytes() if cache is not None else 0})
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document(self.options.model_name, self.options.api_key is not None))
@@ -274,7 +275,10 @@ class ChatApp:
     # ---- generation routes ----
     def completion(self, parse: Callable[[Any, Any], tuple[Prepared, Any]]):
         """The endpoint of a generation route: read the body, then (on a pool thread) parse(body, headers) ->
-        (prepared job, reply); schedule it; answer with the reply, streamed or whole."""
+        (prepared job, reply); schedule it; answer with the reply, streamed or whole.
+
+        The reply is an api.ChatReply or anything with its interface (start / push(event) / finish / done /
+        usage, and ``job``, the Prepared request whose prompt_ids, max_tokens and request it reads)."""
 
         async def endpoint(request: Request) -> Response:
             body = await self._read_body(request)

@@ -217,3 +217,24 @@ def test_one_row_at_a_time_is_the_same_as_batched():
     sched.run_until_idle()
     assert sched.peak_rows == 1
     assert [s.ids for s in sinks] == [alone(model, p, 6, temperature=0).tokens for p in ps]
+
+
+def test_the_cache_shrinks_as_rows_leave_and_results_stay_equal():
+    model = tiny(window=None)
+    short, long_prompt, tail = prompts([3] * 8), prompts([500], seed=1)[0], prompts([5], seed=2)[0]
+    sched = Scheduler(model, max_batch=16)
+    sinks = [Collect() for _ in range(10)]
+    for p, s in zip(short, sinks):
+        sched.submit(Job(p, 2, s, temperature=0, ignore_eos=True))
+    sched.submit(Job(long_prompt, 1, sinks[8], temperature=0, ignore_eos=True))  # 501 positions: the cache grows
+    sched.submit(Job(tail, 60, sinks[9], temperature=0, ignore_eos=True))
+    sched.step()  # 10 jobs in 16 rows of 512 positions; the 8 short ones end within the step: 2 rows are left
+    assert sched.peak_rows == 10 and all(s.ended == "length" for s in sinks[:8])
+    assert (sched.cache.batch_size, sched.cache.max_seq_len) == (4, 512)
+    while len(sched.rows) > 1:
+        sched.step()
+    sched.step()
+    assert (sched.cache.batch_size, sched.cache.max_seq_len) == (2, 256)  # one row of 65 positions is left
+    sched.run_until_idle()
+    assert sinks[9].ids == alone(model, tail, 60, temperature=0).tokens
+    assert sinks[8].ids == alone(model, long_prompt, 1, temperature=0).tokens

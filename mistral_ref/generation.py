@@ -15,6 +15,10 @@ positions.
 
 Log-probabilities are those of the *model*: log_softmax of the raw logits, before penalties, processors,
 temperature and top_p — the teacher-forced score of the token, whatever sampling did.
+
+The server runs many requests through one batch that changes between steps (mistral_ref/scheduler.py); it shares
+this module's validation (:func:`check_generation`) and text side (:class:`TextEvents`, the push form of
+generate_stream's decoding and stop strings).
 """
 
 from __future__ import annotations

@@ -384,8 +384,8 @@ class Scheduler:
             t = min(T, left[j])
             tokens[j, :t] = torch.tensor(r.prompt[r.filled:r.filled + t])
             positions[j, :t] = torch.arange(r.filled, r.filled + t)
-        at = (positions.argmax(dim=1)).to(self.model.device)  # (k,) each row's last column in this chunk
         device = self.model.device
+        at = positions.argmax(dim=1).to(device)  # (k,) each row's last column in this chunk
         logits = self.model(tokens.to(device), positions.to(device), self._view(start, stop), logits_at=at)[:, 0]
         done = []
         for j, r in enumerate(rows):

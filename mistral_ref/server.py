@@ -680,7 +680,7 @@ class ChatServer:
         self.engine = Engine(model, options)
         self.chat_app = ChatApp(model, tokenizer, options, self.engine, host)
         config = uvicorn.Config(
-            self.chat_app.app, http=functools.partial(HttpProtocol, options=options), lifespan="off",
+            self.chat_app.app, http=functools.partial(HttpProtocol, options=options), ws="none", lifespan="off",
             log_config=None, access_log=False, server_header=False, headers=[("server", "mistral-ref")],
             timeout_keep_alive=options.keep_alive_timeout, h11_max_incomplete_event_size=options.max_header_bytes,
             timeout_graceful_shutdown=5)

@@ -11,7 +11,7 @@ TESTED := torch==2.13.0 triton==3.8.0
 export TRITON_INTERPRET ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint notebooks bench bench-kernels train-tiny clean
+.PHONY: install demo test test-fast lint notebooks bench bench-kernels bench-server train-tiny clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "== [1/3] virtual environment $(VENV)"
@@ -62,6 +62,11 @@ bench: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench
+
+# `mistral-ref serve` under 1, 8 and 32 concurrent clients, batched vs one request at a time, then a memory soak
+# (~15 min on 2 cores; BENCH_ARGS="--models embedded --soak 0" for a quick look).
+bench-server: $(STAMP)
+	$(BIN)/python benchmarks/bench_server.py $(BENCH_ARGS)
 
 # Re-train the embedded tiny Mixtral (~15 min on one thread; same seed and threads give the same weights).
 train-tiny: $(STAMP)

@@ -450,109 +450,6 @@ def _think_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[_Delta]:
-    """Run generation; yield the reply's pieces as they are released, filling `out` as it goes.
-
-    After the last yield `out` holds the finish reason, tool calls (if any) and token counts.  Inside
-    ``[THINK]…[/THINK]`` text is thinking: no stop strings, no logprobs, no tool calls.
-    """
-    req = job.request
-    processors = []
-    if job.force_tool_call:
-        processors.append(_only_first(job.tool_calls_id))
-    if job.forbid_tool_call:
-        processors.append(_never(job.tool_calls_id))
-    if req.json_mode:
-        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
-    s = req.sampling
-    stream = generate_stream(
-        model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=s.seed,
-        ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
-        logits_processors=processors)
-    stop = _ContentStop(req.stop, req.json_mode)
-    think_open, think_close = _think_ids(tokenizer)
-    ids: list[int] = []
-    in_tool_call = in_think = False
-    tail = ""  # text decoded after [TOOL_CALLS]: shown as content only if the calls do not parse
-    pending_lp: list[dict[str, Any]] = []
-
-    def think(text: str, closed: bool = False) -> _Delta:
-        out.add("thinking", text, closed)
-        return _Delta("thinking", text, closed=closed)
-
-    def answer(text: str) -> _Delta:
-        nonlocal pending_lp
-        out.add("text", text)
-        delta, pending_lp = _Delta("text", text, pending_lp), []
-        return delta
-
-    try:
-        for ev in stream:
-            if ev.token_id is None:  # the closing event
-                out.finish_reason = ev.finish_reason
-                if isinstance(ev.stop_reason, int):
-                    out.completion_tokens += 1  # the stop token (EOS) was generated too
-                if in_tool_call:
-                    tail += ev.text
-                elif in_think:
-                    if ev.text:
-                        yield think(ev.text)
-                else:
-                    text, matched = stop.push(ev.text)
-                    if matched is None:
-                        text += stop.flush()
-                    else:
-                        out.finish_reason = "stop"
-                    if text or pending_lp:
-                        yield answer(text)
-                break
-            ids.append(ev.token_id)
-            out.completion_tokens += 1
-            if in_think:  # ev.text: the thought's text (at [/THINK], its held-back bytes)
-                if ev.token_id == think_close:
-                    in_think = False
-                    yield think(ev.text, closed=True)
-                elif ev.text:
-                    yield think(ev.text)
-                continue
-            if ev.token_id == job.tool_calls_id:
-                in_tool_call = True
-            if in_tool_call:
-                tail += ev.text
-                continue
-            if ev.token_id == think_open:  # the answer so far is released whole: stop strings do not span thoughts
-                text, matched = stop.push(ev.text)
-                if matched is None:
-                    text += stop.flush()
-                if text or pending_lp:
-                    yield answer(text)
-                if matched is not None:
-                    out.finish_reason = "stop"
-                    break
-                in_think = True
-                yield think("")
-                continue
-            if req.logprobs:
-                pending_lp.append(_logprob_entry(tokenizer, ev))
-            text, matched = stop.push(ev.text)
-            if text or matched is not None:
-                yield answer(text)
-            if matched is not None:
-                out.finish_reason = "stop"
-                break
-    finally:
-        stream.close()
-    if in_tool_call:
-        parsed = tokenizer.parse_assistant(ids, rng=random.Random(req.seed) if req.seed is not None else None)
-        if parsed["tool_calls"]:
-            calls = parsed["tool_calls"]
-            out.tool_calls = calls if req.parallel_tool_calls else calls[:1]
-            out.finish_reason = "tool_calls"
-        elif tail:  # malformed tool-call syntax: the text is content after all
-            yield answer(tail)
-
-
 def _usage(n_prompt: int, out: _Outcome) -> dict[str, int]:
     m = out.completion_tokens
     return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
@@ -566,44 +463,201 @@ def _delta_content(d: _Delta) -> str | list[dict[str, Any]]:
              "closed": d.closed}]
 
 
-def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
-    cid = uuid.uuid4().hex
-    created = int(time.time())
-    if job.request.stream:
-        return _chunks(model, tokenizer, job, cid, created)
-    out = _Outcome()
-    for d in _events(model, tokenizer, job, out):
-        out.logprobs.extend(d.logprobs)
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": out.content(), "tool_calls": out.tool_calls or None},
-            "finish_reason": out.finish_reason,
-            "logprobs": {"content": out.logprobs} if job.request.logprobs else None,
-        }],
-        "usage": _usage(len(job.prompt_ids), out),
-    }
+def generation_kwargs(tokenizer: Any, job: Prepared) -> dict[str, Any]:
+    """The keyword arguments of ``generation.generate_stream`` (and of ``scheduler.Job``) that run `job`: its
+    sampling parameters, EOS handling, logprobs and constraints (tool_choice, JSON mode) as logits processors."""
+    req = job.request
+    processors = []
+    if job.force_tool_call:
+        processors.append(_only_first(job.tool_calls_id))
+    if job.forbid_tool_call:
+        processors.append(_never(job.tool_calls_id))
+    if req.json_mode:
+        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
+    s = req.sampling
+    return dict(temperature=s.temperature, top_p=s.top_p, presence_penalty=s.presence_penalty,
+                frequency_penalty=s.frequency_penalty, seed=s.seed, ignore_eos=req.ignore_eos,
+                logprobs=req.logprobs, top_logprobs=req.top_logprobs, logits_processors=processors)
 
 
-def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -> Iterator[dict[str, Any]]:
-    want_lp = job.request.logprobs
+class ChatReply:
+    """One reply, built event by event from generation's StreamEvents (the push form the server's scheduler feeds;
+    :func:`run` feeds it from ``generate_stream``).
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> dict[str, Any]:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": job.model_name,
+    ``push(event)`` takes the next event and returns what can be sent now: with ``stream`` the
+    ``chat.completion.chunk`` dicts (the first call also gives the opening role chunk), else nothing.  ``done``
+    turns True once the reply needs no more tokens (the closing event arrived, or a stop string matched: stop
+    generating then).  ``finish()`` returns the rest: with ``stream`` the tool-call chunk (if any) and the last chunk
+    with finish_reason and usage, else ``[the chat.completion dict]``.  ``usage`` is available after finish().
+
+    Stop strings are matched on the answer's text (never inside a tool call or a thought); text is released as soon
+    as no stop string can claim it.  Inside ``[THINK]…[/THINK]`` text is thinking: no stop strings, no logprobs, no
+    tool calls.  Text decoded after ``[TOOL_CALLS]`` is parsed as tool calls at the end, and shown as content only
+    if it does not parse.
+    """
+
+    def __init__(self, tokenizer: Any, job: Prepared, cid: str | None = None, created: int | None = None):
+        self.tokenizer, self.job = tokenizer, job
+        self.id = cid or uuid.uuid4().hex
+        self.created = int(time.time()) if created is None else created
+        self.out = _Outcome()
+        self.done = False
+        self._stop = _ContentStop(job.request.stop, job.request.json_mode)
+        self._think_open, self._think_close = _think_ids(tokenizer)
+        self._ids: list[int] = []
+        self._in_tool_call = self._in_think = False
+        self._tail = ""  # text decoded after [TOOL_CALLS]
+        self._pending_lp: list[dict[str, Any]] = []
+        self._opened = False
+
+    # ---- events -> deltas (answer text with its logprob entries, or thinking) ----
+    def _think(self, text: str, closed: bool = False) -> _Delta:
+        self.out.add("thinking", text, closed)
+        return _Delta("thinking", text, closed=closed)
+
+    def _answer(self, text: str) -> _Delta:
+        self.out.add("text", text)
+        delta, self._pending_lp = _Delta("text", text, self._pending_lp), []
+        return delta
+
+    def _content(self, ev: Any) -> list[_Delta]:
+        out, req = self.out, self.job.request
+        if self.done:
+            return []
+        if ev.token_id is None:  # the closing event
+            self.done = True
+            out.finish_reason = ev.finish_reason
+            if isinstance(ev.stop_reason, int):
+                out.completion_tokens += 1  # the stop token (EOS) was generated too
+            if self._in_tool_call:
+                self._tail += ev.text
+                return []
+            if self._in_think:
+                return [self._think(ev.text)] if ev.text else []
+            text, matched = self._stop.push(ev.text)
+            if matched is None:
+                text += self._stop.flush()
+            else:
+                out.finish_reason = "stop"
+            return [self._answer(text)] if text or self._pending_lp else []
+        self._ids.append(ev.token_id)
+        out.completion_tokens += 1
+        if self._in_think:  # ev.text: the thought's text (at [/THINK], its held-back bytes)
+            if ev.token_id == self._think_close:
+                self._in_think = False
+                return [self._think(ev.text, closed=True)]
+            return [self._think(ev.text)] if ev.text else []
+        if ev.token_id == self.job.tool_calls_id:
+            self._in_tool_call = True
+        if self._in_tool_call:
+            self._tail += ev.text
+            return []
+        if ev.token_id == self._think_open:  # the answer so far is released whole: stops do not span thoughts
+            text, matched = self._stop.push(ev.text)
+            if matched is None:
+                text += self._stop.flush()
+            deltas = [self._answer(text)] if text or self._pending_lp else []
+            if matched is not None:
+                out.finish_reason = "stop"
+                self.done = True
+                return deltas
+            self._in_think = True
+            return deltas + [self._think("")]
+        if req.logprobs:
+            self._pending_lp.append(_logprob_entry(self.tokenizer, ev))
+        text, matched = self._stop.push(ev.text)
+        deltas = [self._answer(text)] if text or matched is not None else []
+        if matched is not None:
+            out.finish_reason = "stop"
+            self.done = True
+        return deltas
+
+    def _tool_calls(self) -> list[_Delta]:
+        """After the last event: parse the tool calls; malformed tool-call syntax is content after all."""
+        out, req = self.out, self.job.request
+        if not self._in_tool_call:
+            return []
+        rng = random.Random(req.seed) if req.seed is not None else None
+        parsed = self.tokenizer.parse_assistant(self._ids, rng=rng)
+        if parsed["tool_calls"]:
+            out.tool_calls = parsed["tool_calls"] if req.parallel_tool_calls else parsed["tool_calls"][:1]
+            out.finish_reason = "tool_calls"
+        elif self._tail:
+            return [self._answer(self._tail)]
+        return []
+
+    # ---- deltas -> the response ----
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None,
+               lps: list | None = None) -> dict[str, Any]:
+        want_lp = self.job.request.logprobs
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.job.model_name,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                              "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
 
-    out = _Outcome()
-    yield chunk({"role": "assistant", "content": ""})
-    for d in _events(model, tokenizer, job, out):
-        yield chunk({"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
-    if out.tool_calls:
-        yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]})
-    last = chunk({}, out.finish_reason)
-    last["usage"] = _usage(len(job.prompt_ids), out)
-    yield last
+    def _emit(self, deltas: list[_Delta]) -> list[dict[str, Any]]:
+        if not self.job.request.stream:
+            for d in deltas:
+                self.out.logprobs.extend(d.logprobs)
+            return []
+        chunks = [] if self._opened else [self._chunk({"role": "assistant", "content": ""})]
+        self._opened = True
+        return chunks + [self._chunk({"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
+                         for d in deltas]
+
+    def start(self) -> list[dict[str, Any]]:
+        """What can be sent before any token: the opening role chunk when streaming."""
+        return self._emit([])
+
+    def push(self, ev: Any) -> list[dict[str, Any]]:
+        return self._emit(self._content(ev))
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return _usage(len(self.job.prompt_ids), self.out)
+
+    def finish(self) -> list[dict[str, Any]]:
+        out = self.out
+        tail = self._emit(self._tool_calls())
+        if self.job.request.stream:
+            if out.tool_calls:
+                tail.append(self._chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]}))
+            last = self._chunk({}, out.finish_reason)
+            last["usage"] = self.usage
+            return tail + [last]
+        return [{
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.job.model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": out.content(), "tool_calls": out.tool_calls or None},
+                "finish_reason": out.finish_reason,
+                "logprobs": {"content": out.logprobs} if self.job.request.logprobs else None,
+            }],
+            "usage": self.usage,
+        }]
+
+
+def _replies(model: Any, tokenizer: Any, job: Prepared, reply: ChatReply) -> Iterator[dict[str, Any]]:
+    """Run generation for `reply`: yield what it releases, event by event, then its last parts."""
+    yield from reply.start()
+    stream = generate_stream(model, tokenizer, job.prompt_ids, job.max_tokens, **generation_kwargs(tokenizer, job))
+    try:
+        for ev in stream:
+            yield from reply.push(ev)
+            if reply.done:
+                break
+    finally:
+        stream.close()
+    yield from reply.finish()
+
+
+def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
+    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
+    replies = _replies(model, tokenizer, job, ChatReply(tokenizer, job))
+    if job.request.stream:
+        return replies
+    (response,) = replies
+    return response
 
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,

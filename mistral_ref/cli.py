@@ -409,15 +409,16 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mistral_ref.server import serve
+    from mistral_ref.server import ServerOptions, check_exposure, serve
 
+    check_exposure(args.host, ServerOptions(**_serve_options(args)))  # before loading: a refusal is instant
     check_port_free(args.host, args.port)
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)  # set before serve() starts the model worker thread, which inherits it
     if args.compile:
         _compile(model)
     serve(model, tok, host=args.host, port=args.port, model_name=args.model_name or name,
-          max_context=args.max_context, max_body_bytes=args.max_body_bytes)
+          max_context=args.max_context, max_body_bytes=args.max_body_bytes, **_serve_options(args))
     return 0
 
 
@@ -503,6 +504,54 @@ def _add_parity_parser(sub: argparse._SubParsersAction) -> None:
                     help="plot the error by layer (needs matplotlib; implies --layers) (default: no)")
     _add_threads_option(pa, "one per physical core not busy with other work")
     pa.set_defaults(func=cmd_parity)
+
+
+def _serve_options(args: argparse.Namespace) -> dict:
+    """The serve flags as mistral_ref.server.ServerOptions fields."""
+    from mistral_ref.server_options import API_KEY_ENV
+
+    options = dict(api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, insecure=args.insecure,
+                   cors_origins=tuple(args.cors_origin), max_batch=args.max_batch, max_queue=args.max_queue,
+                   max_tokens_limit=args.max_tokens_limit, request_timeout=args.request_timeout,
+                   max_connections=args.max_connections, header_timeout=args.header_timeout,
+                   body_timeout=args.body_timeout)
+    if args.allowed_host:
+        options["allowed_hosts"] = tuple(args.allowed_host)
+    if args.kv_cache_mib is not None:
+        options["kv_cache_bytes"] = args.kv_cache_mib << 20
+    return options
+
+
+def _add_serve_options(sv: argparse.ArgumentParser) -> None:
+    from mistral_ref.server_options import ServerOptions  # plain data: its defaults are the flags' defaults
+
+    o = ServerOptions()
+    sv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="require 'Authorization: Bearer KEY' (or 'api-key: KEY') on every route (default: the "
+                         "environment variable MISTRAL_REF_API_KEY; prefer it: a flag shows in ps)")
+    sv.add_argument("--insecure", action="store_true",
+                    help="allow serving beyond loopback (e.g. --host 0.0.0.0) without an API key (default: refused)")
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="a name the Host header may carry, repeatable; '*' = any (default: on loopback localhost, "
+                         "127.0.0.1, ::1; beyond loopback any)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="a browser origin allowed to call the API (CORS), repeatable (default: none, CORS off)")
+    sv.add_argument("--max-batch", type=int, default=o.max_batch, metavar="N",
+                    help=f"requests decoding together; 1 = one at a time (default: {o.max_batch})")
+    sv.add_argument("--max-queue", type=int, default=o.max_queue, metavar="N",
+                    help=f"waiting requests beyond which new ones get 503 (default: {o.max_queue})")
+    sv.add_argument("--kv-cache-mib", type=int, default=None, metavar="MIB",
+                    help="KV cache limit; requests wait for room (default: half the memory available at start)")
+    sv.add_argument("--max-tokens-limit", type=int, default=o.max_tokens_limit, metavar="N",
+                    help=f"most tokens one request may generate (default: {o.max_tokens_limit})")
+    sv.add_argument("--request-timeout", type=float, default=o.request_timeout, metavar="S",
+                    help=f"wall-clock budget of a request, queue included (default: {o.request_timeout:g})")
+    sv.add_argument("--max-connections", type=int, default=o.max_connections, metavar="N",
+                    help=f"open connections beyond which new ones get 503 (default: {o.max_connections})")
+    sv.add_argument("--header-timeout", type=float, default=o.header_timeout, metavar="S",
+                    help=f"seconds a client has to send a request's head (default: {o.header_timeout:g})")
+    sv.add_argument("--body-timeout", type=float, default=o.body_timeout, metavar="S",
+                    help=f"seconds a client has to send a request's body (default: {o.body_timeout:g})")
 
 
 # ---- the parser ---------------------------------------------------------------------------------------------------
@@ -593,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", default=None, help="the name clients use (default: the directory name)")
     sv.add_argument("--max-body-bytes", type=int, default=4 << 20, metavar="BYTES",
                     help="largest request body accepted (default: 4 MiB)")
+    _add_serve_options(sv)
     sv.set_defaults(func=cmd_serve)
     _add_parity_parser(sub)
     return p

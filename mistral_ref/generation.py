@@ -15,6 +15,10 @@ positions.
 
 Log-probabilities are those of the *model*: log_softmax of the raw logits, before penalties, processors,
 temperature and top_p — the teacher-forced score of the token, whatever sampling did.
+
+The server runs many requests through one batch that changes between steps (mistral_ref/scheduler.py); it shares
+this module's validation (:func:`check_generation`) and text side (:class:`TextEvents`, the push form of
+generate_stream's decoding and stop strings).
 """
 
 from __future__ import annotations
@@ -131,7 +135,8 @@ def _check_logprobs(logprobs: bool, top_logprobs: int) -> None:
         raise GenerationParamError("top_logprobs > 0 requires logprobs=True")
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: free GPU memory, or the host's MemAvailable (None: unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -152,7 +157,7 @@ def allocate_cache(args, batch_size: int, max_seq_len: int, dtype: torch.dtype, 
     absurd max_tokens must fail here, clearly, not in the allocator (or the kernel's OOM killer).
     """
     need = cache_nbytes(args, batch_size, max_seq_len, dtype) + extra_bytes  # extra: the caller's own buffers
-    free = _available_bytes(torch.device(device))
+    free = available_bytes(torch.device(device))
     if free is not None and need > free:
         raise GenerationParamError(
             f"max_tokens: the KV cache for {batch_size} x {max_seq_len} positions (and output buffers) needs "
@@ -237,13 +242,14 @@ def _pairs(values: torch.Tensor, ids: torch.Tensor) -> list[tuple[int, float]]:
 
 
 # ---- the public entry points -------------------------------------------------------------------------------
-def _checked_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int,
-                   params: SamplingParams, eos_id: int | None, stop_token_ids: Sequence[int] | None,
-                   ignore_eos: bool, logprobs: bool, top_logprobs: int, chunk_size: int | None,
-                   logits_processors: Sequence[LogitsProcessor]) -> tuple[list[list[int]], Iterator[_Step]]:
-    """Validate one request (raising GenerationParamError before any work) and return its prompts and step loop.
+def check_generation(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int,
+                     eos_id: int | None = None, stop_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                     logprobs: bool = False, top_logprobs: int = 0, chunk_size: int | None = None
+                     ) -> tuple[list[list[int]], list[int]]:
+    """Validate a generation request before any work: raises GenerationParamError naming the parameter.
 
-    The one validation path of generate and generate_stream.
+    The one validation path of generate, generate_stream and the server's scheduler (the sampling parameters
+    are SamplingParams'). Returns the prompts as lists of ints and the sorted stop-token ids ([] with ignore_eos).
     """
     args = model.args
     max_tokens = _check_int("max_tokens", max_tokens, 1)
@@ -252,6 +258,17 @@ def _checked_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max
     _check_logprobs(logprobs, top_logprobs)
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size, 1)
+    return prompt_ids, stop_ids
+
+
+def _checked_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_tokens: int,
+                   params: SamplingParams, eos_id: int | None, stop_token_ids: Sequence[int] | None,
+                   ignore_eos: bool, logprobs: bool, top_logprobs: int, chunk_size: int | None,
+                   logits_processors: Sequence[LogitsProcessor]) -> tuple[list[list[int]], Iterator[_Step]]:
+    """Validate one request (check_generation) and return its prompts and step loop."""
+    args = model.args
+    prompt_ids, stop_ids = check_generation(model, prompts, max_tokens, eos_id, stop_token_ids, ignore_eos,
+                                            logprobs, top_logprobs, chunk_size)
     sampler = Sampler(params, len(prompt_ids), args.vocab_size, model.device, logits_processors)
     steps = _steps(model, prompt_ids, max_tokens, sampler, stop_ids, logprobs, top_logprobs, chunk_size)
     return prompt_ids, steps
@@ -401,32 +418,65 @@ def generate_stream(
     params = SamplingParams(temperature, top_p, presence_penalty, frequency_penalty, seed)
     ((prompt,), steps) = _checked_steps(model, [prompt_ids], max_tokens, params, tokenizer.eos_id, stop_token_ids,
                                         ignore_eos, logprobs, top_logprobs, chunk_size, logits_processors)
+    return _stream(steps, text_events(tokenizer, stop, prompt if continue_prompt_text else None))
+
+
+class TextEvents:
+    """The text side of :func:`generate_stream` in push form: feed it each generated token, get StreamEvents.
+
+    ``push(token, stopped, logprob, top)`` returns the events of one generated token: its own (unless it is a stop
+    token) and, when it ends the text (a stop token, a stop string matched), the closing event; ``done`` is then
+    True.  ``end()`` is the closing event of a generation that ended otherwise (max_tokens, the caller stopping
+    it): whatever text was held back.  generate_stream is a loop over this; the server's scheduler pushes tokens.
+    """
+
+    def __init__(self, decoder: Any, matcher: StopStrings):
+        self.decoder, self.matcher = decoder, matcher
+        self.done = False
+        self._finish: FinishReason = "length"
+        self._reason: int | str | None = None
+
+    def push(self, token: int, stopped: bool = False, logprob: float | None = None,
+             top_logprobs: list[tuple[int, float]] | None = None) -> list[StreamEvent]:
+        if stopped:
+            self._finish, self._reason = "stop", token
+            return [self.end()]
+        text, matched = self.matcher.push(self.decoder.feed(token))
+        events = [StreamEvent(token, text, logprob, top_logprobs)]
+        if matched is not None:
+            self.done = True
+            events.append(StreamEvent(None, "", finish_reason="stop", stop_reason=matched))
+        return events
+
+    def end(self) -> StreamEvent:
+        self.done = True
+        text, matched = self.matcher.push(self.decoder.flush())
+        if matched is not None:
+            self._finish, self._reason = "stop", matched
+        else:
+            text += self.matcher.flush()
+        return StreamEvent(None, text, finish_reason=self._finish, stop_reason=self._reason)
+
+
+def text_events(tokenizer: Any, stop: Sequence[str] | str | None = None,
+                prompt: Sequence[int] | None = None) -> TextEvents:
+    """A TextEvents for `tokenizer`'s stream decoder and the stop strings `stop`.  prompt: decode the output as
+    its continuation (generate_stream's continue_prompt_text); None for a reply decoded on its own."""
     matcher = StopStrings(stop)
     decoder = tokenizer.stream_decoder()
-    if continue_prompt_text:
+    if prompt is not None:
         decoder.feed_many(prompt)  # the prompt's text is the user's: only its effect on spacing is kept
-    return _stream(steps, decoder, matcher)
+    return TextEvents(decoder, matcher)
 
 
-def _stream(steps: Iterator[_Step], decoder: Any, matcher: StopStrings) -> Iterator[StreamEvent]:
-    finish: FinishReason = "length"
-    reason: int | str | None = None
-    for s in steps:
-        token = int(s.ids[0])
-        if bool(s.stopped[0]):
-            finish, reason = "stop", token
-            break
-        text, matched = matcher.push(decoder.feed(token))
-        lp = float(s.logprob[0]) if s.logprob is not None else None
-        top = _pairs(s.top_values[0], s.top_ids[0]) if s.top_values is not None else None
-        yield StreamEvent(token, text, lp, top)
-        if matched is not None:
-            steps.close()
-            yield StreamEvent(None, "", finish_reason="stop", stop_reason=matched)
-            return
-    text, matched = matcher.push(decoder.flush())
-    if matched is not None:
-        finish, reason = "stop", matched
-    else:
-        text += matcher.flush()
-    yield StreamEvent(None, text, finish_reason=finish, stop_reason=reason)
+def _stream(steps: Iterator[_Step], events: TextEvents) -> Iterator[StreamEvent]:
+    try:
+        for s in steps:
+            lp = float(s.logprob[0]) if s.logprob is not None else None
+            top = _pairs(s.top_values[0], s.top_ids[0]) if s.top_values is not None else None
+            yield from events.push(int(s.ids[0]), bool(s.stopped[0]), lp, top)
+            if events.done:
+                return
+        yield events.end()
+    finally:
+        steps.close()

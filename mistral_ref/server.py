@@ -1,535 +1,859 @@
-"""A local HTTP endpoint for chat completions that the official clients use unchanged (standard library only).
+"""A local HTTP endpoint for chat completions that the official clients use unchanged: Starlette on uvicorn.
 
     POST /v1/chat/completions   the Mistral chat API (what the `openai` and `mistralai` clients call)
     POST /chat/completions      the Azure AI model inference API (azure-ai-inference's ChatCompletionsClient)
     GET  /info                  Azure's model info: {"model_name", "model_type", "model_provider_name"}
-    GET  /v1/models             the served model, as the Mistral / OpenAI model list
+    GET  /v1/models             the served model, as the Mistral / OpenAI model list (also GET /models)
+    GET  /health                {"status": "ok", ...} with the scheduler's queue and batch
     GET  /openapi.json          an OpenAPI 3.1 description of all of the above
 
-Streaming responses are data-only server-sent events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``).
-Errors are JSON ``{"object": "error", "message", "error": {"message", "type", "param", "code"}}`` with a 4xx
-status whose message names the field: 400 malformed JSON / over-long prompt, 422 an unknown or mistyped field
-or a bad role, 413 a body over ``max_body_bytes``, 404 / 405 an unknown route or method.
+Streaming responses are data-only server-sent events (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``).  Every
+error, at every layer (the HTTP parser included), is JSON ``{"object": "error", "message", "error": {"message",
+"type", "param", "code"}}`` whose message says what is wrong and whose ``param`` names the field or header at
+fault: 400 malformed JSON / an over-long prompt / a refused Host header, 401 a missing or wrong API key, 404 / 405
+an unknown route or method, 408 a client too slow to send its request, 413 a body over ``max_body_bytes``, 414 a
+URI over ``max_uri_bytes``, 415 a body that is not application/json, 422 an unknown or mistyped field, or a field
+over a limit (stop strings, tools), 431 headers over ``max_header_bytes``, 503 a full queue or too many
+connections (with Retry-After).
 
-Concurrency: a ThreadingHTTPServer reads and validates requests on one thread each (tokenising the prompt
-there too); generation happens on one model worker thread that takes requests from a FIFO queue, one at a
-time.  A streaming handler that finds its client gone (a failed write) cancels its request: the worker stops
-that generation at the next token and moves on, so a disconnecting client never wedges the server.
+Generation: the request is validated and encoded on a worker thread of the event loop's pool, then handed to the
+scheduler (scheduler.py): continuous batching of up to ``max_batch`` requests in one KV cache on one model thread;
+the event loop never runs the model.  A client that disconnects, streaming or not, has its generation stopped
+at the scheduler's next step; every request has a wall-clock budget (``request_timeout``: it then ends with
+finish_reason "length") and a token budget (``max_tokens_limit``).
+
+Safe by default: with an API key (``api_key``) every route wants ``Authorization: Bearer KEY`` or Azure's
+``api-key: KEY`` header; binding beyond the loopback interface without a key is refused unless ``insecure``; on
+loopback the Host header must name this machine (DNS rebinding); POST bodies must be application/json; no CORS
+headers unless ``cors_origins`` are given.  Connections: at most ``max_connections`` at once, a request's head
+must arrive within ``header_timeout`` s and its body within ``body_timeout`` s, an idle keep-alive connection is
+closed after ``keep_alive_timeout`` s; these are enforced by uvicorn's options and :class:`HttpProtocol`.
 
 The Azure route follows that API's ``extra-parameters`` header: parameters outside its standard set (e.g.
 ``safe_mode``, ``logprobs``, ``random_seed``, sent by the client's ``model_extras``) are an error unless the
-header is ``pass-through`` (they are then passed to the model; ``safe_mode`` is Mistral's ``safe_prompt``) or ``drop``.
-The request's fields, their ranges and the Azure standard set are request_spec's, like the OpenAPI schema.
+header is ``pass-through`` (they are then passed to the model; ``safe_mode`` is Mistral's ``safe_prompt``) or
+``drop``.  The request's fields, their ranges and the Azure standard set are request_spec's, like the OpenAPI
+schema, and every body goes through api.parse_request: there is one spec.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
+import hmac
+import ipaddress
 import json
 import logging
-import queue
+import os
+import socket
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mistral_ref.api import (
+    ChatReply,
     ContextLengthError,
+    Prepared,
     RequestError,
     context_length,
+    generation_kwargs,
     parse_request,
     prepare,
-    run,
 )
+from mistral_ref.generation import text_events
 from mistral_ref.request_spec import AZURE_ALIASES, AZURE_FIELDS, AZURE_IGNORED, COMPONENTS, request_schema
+from mistral_ref.sampling import GenerationParamError
+from mistral_ref.scheduler import Job, Scheduler, SchedulerBusy, Token
+from mistral_ref.server_options import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, ServerOptions
 
 log = logging.getLogger("mistral_ref.server")
+access_log = logging.getLogger("mistral_ref.server.access")
 
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 
 class HttpError(Exception):
-    """An error response: status, message and the field at fault (None when no single field is)."""
+    """An error response: status, message and the field or header at fault (None when no single one is)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-        self.code = code or HTTPStatus(status).phrase.lower().replace(" ", "_")
+        self.status, self.message, self.field, self.headers = status, message, field, headers or {}
 
 
-# ---- the model worker --------------------------------------------------------------------------------------
-_DONE = object()
+def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON body of every error: the Mistral / OpenAI error shape."""
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    detail = {"message": message, "type": kind, "param": field, "code": code}
+    return {"object": "error", "message": message, "error": detail}
 
 
-@dataclass
-class Ticket:
-    """One queued request: the worker puts results (a response dict, chunks, then _DONE, or an exception)."""
-
-    job: Any
-    out: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+def error_response(err: HttpError) -> JSONResponse:
+    return JSONResponse(error_body(err.status, err.message, err.field), err.status, headers=err.headers)
 
 
-class ModelWorker:
-    """Runs one generation at a time on its own thread, taking Tickets from a FIFO queue."""
+# ---- the model worker ----------------------------------------------------------------------------------------
+class Engine:
+    """The scheduler and the one thread that runs it: all model work happens there."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_queue: int = 256):
-        self.model, self.tokenizer = model, tokenizer
-        self.queue: queue.Queue[Ticket | None] = queue.Queue(maxsize=max_queue)
-        self.served = self.cancelled = 0  # requests finished / stopped early because their client left
+    def __init__(self, model: Any, options: ServerOptions):
+        self.scheduler = Scheduler(model, max_batch=options.max_batch, kv_cache_bytes=options.kv_cache_bytes,
+                                   prefill_tokens=options.prefill_tokens, max_waiting=options.max_queue)
+        self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-model-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Any) -> Ticket:
-        ticket = Ticket(job)
-        try:
-            self.queue.put_nowait(ticket)
-        except queue.Full:
-            raise HttpError(503, "the server is busy (request queue full); retry later") from None
-        return ticket
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                if not self.scheduler.step():
+                    self.scheduler.wait_for_work(0.5)
+            except Exception:  # noqa: BLE001 — the scheduler fails jobs, not itself; if it did, keep serving
+                log.exception("scheduler step failed")
+                time.sleep(0.1)
 
     def stop(self) -> None:
-        self.queue.put(None)
+        self._stopping = True
         self.thread.join(timeout=30)
 
-    def _loop(self) -> None:
-        while (ticket := self.queue.get()) is not None:
-            if ticket.cancelled.is_set():
-                continue
-            try:
-                result = run(self.model, self.tokenizer, ticket.job)
-                if isinstance(result, dict):
-                    ticket.out.put(result)
-                    continue
-                try:
-                    for chunk in result:
-                        if ticket.cancelled.is_set():
-                            log.info("client went away: generation stopped")
-                            self.cancelled += 1
-                            break
-                        ticket.out.put(chunk)
-                finally:
-                    result.close()
-                ticket.out.put(_DONE)
-            except Exception as e:  # noqa: BLE001 — reported to the waiting handler, the worker lives on
-                log.exception("generation failed")
-                ticket.out.put(e)
-            finally:
-                self.served += 1
+
+_END = object()
 
 
-# ---- HTTP -------------------------------------------------------------------------------------------------
-class ChatServer(ThreadingHTTPServer):
-    """The HTTP server: a ThreadingHTTPServer holding the model worker and the serving options."""
+class Generation:
+    """One request's generation: the scheduler's sink for its job (called on the model thread), which turns
+    tokens into response chunks there (generation.TextEvents, api.ChatReply) and hands them to the request's
+    event loop through an asyncio queue: lists of chunk dicts, then an Exception or the end marker."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128  # listen() backlog; socketserver's default of 5 resets bursts of connections
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, reply: ChatReply):
+        self.loop, self.reply = loop, reply
+        self.text = text_events(tokenizer)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.reason: str | None = None  # how the scheduler ended it
+        self.job: Job | None = None
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        host: str = "127.0.0.1",
-        port: int = 8000,
-        model_name: str = "mistral-ref",
-        max_context: int | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        max_queue: int = 256,
-    ):
-        super().__init__((host, port), ChatHandler)
-        self.model_name = model_name
-        self.max_context = context_length(model, max_context)
-        self.max_body_bytes = max_body_bytes
-        self.tokenizer = tokenizer
-        self.created = int(time.time())
-        self.worker = ModelWorker(model, tokenizer, max_queue)
-        self._thread: threading.Thread | None = None
+    def _post(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+    def token(self, token: Token) -> bool:
+        chunks = []
+        for ev in self.text.push(token.id, token.stopped, token.logprob, token.top_logprobs):
+            chunks += self.reply.push(ev)
+        if chunks:
+            self._post(chunks)
+        return not self.reply.done
 
-    def start(self) -> ChatServer:
-        """Serve on a background thread (for tests and notebooks); stop with :meth:`stop`."""
-        self._thread = threading.Thread(target=self.serve_forever, name="mistral-ref-http", daemon=True)
-        self._thread.start()
-        return self
+    def end(self, reason: str) -> None:
+        self.reason = reason
+        if reason != "cancelled":  # nobody is waiting for a cancelled reply
+            chunks = [] if self.reply.done else self.reply.push(self.text.end())
+            self._post(chunks + self.reply.finish())
+        self._post(_END)
 
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self.worker.stop()
+    def error(self, exc: BaseException) -> None:
+        self.reason = "error"
+        self._post(exc)
+
+    async def items(self):
+        """The chunks as they come; raises the generation's exception, if any."""
+        while (item := await self.queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            for chunk in item:
+                yield chunk
 
 
-class ChatHandler(BaseHTTPRequestHandler):
-    server: ChatServer
-    protocol_version = "HTTP/1.1"  # keep-alive for clients that pool connections
-    timeout = 60  # seconds a client may stall mid-request before its handler thread gives up
-    server_version = "mistral-ref"
+async def _until_disconnect(receive: Callable[[], Awaitable[dict]], job: Job) -> None:
+    """Cancel `job` when the client goes away (uvicorn reports http.disconnect once the body has been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — the base class's name
-        log.debug("%s - %s", self.address_string(), format % args)
 
-    # ---- responses ----
-    def _send_json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+def _generation_error(exc: BaseException) -> HttpError:
+    if isinstance(exc, SchedulerBusy):
+        return HttpError(503, str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, GenerationParamError):  # messages start with the parameter's name
+        return HttpError(400, f"generation refused the request: {exc}", str(exc).split()[0].rstrip(":"))
+    return HttpError(500, f"generation failed: {type(exc).__name__}: {exc}")
 
-    def _send_error_json(self, err: HttpError) -> None:
-        kind = "invalid_request_error" if err.status < 500 else "server_error"
-        detail = {"message": err.message, "type": kind, "param": err.field, "code": err.code}
-        self._send_json(err.status, {"object": "error", "message": err.message, "error": detail})
 
-    def _route(self, method: str) -> None:
-        path = urlsplit(self.path).path.rstrip("/") or "/"
-        routes = {
-            ("GET", "/info"): self._info,
-            ("GET", "/v1/models"): self._models,
-            ("GET", "/models"): self._models,
-            ("GET", "/openapi.json"): self._openapi,
-            ("POST", "/v1/chat/completions"): lambda: self._chat(azure=False),
-            ("POST", "/chat/completions"): lambda: self._chat(azure=True),
-        }
+class StreamResponse:
+    """Server-sent events of a generation, watching for the client leaving (which cancels the job)."""
+
+    def __init__(self, gen: Generation):
+        self.gen = gen
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        watcher = asyncio.ensure_future(_until_disconnect(receive, self.gen.job))
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                   (b"x-accel-buffering", b"no")]
         try:
-            handler = routes.get((method, path))
-            if handler is None:
-                if any(p == path for _, p in routes):
-                    raise HttpError(405, f"{method} is not allowed on {path}")
-                raise HttpError(404, f"no route {method} {path}; see GET /openapi.json")
-            handler()
-        except HttpError as e:
-            if method != "GET" and not getattr(self, "_body_read", False):
-                self.close_connection = True  # the unread body would be taken for the next request
-            self._send_error_json(e)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            try:
+                async for chunk in self.gen.items():
+                    data = f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            except Exception as e:  # noqa: BLE001 — the status line is sent: report it as an event
+                err = _generation_error(e)
+                body = f"data: {json.dumps(error_body(err.status, err.message, err.field))}\n\n".encode()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.gen.job.cancel()  # a no-op if it ended; stops it if this response was cut short
 
-    def do_GET(self) -> None:  # noqa: N802 — the base class's naming
-        self._route("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._route("POST")
+# ---- the application -------------------------------------------------------------------------------------
+class ChatApp:
+    """The routes and their handlers; ``app`` is the ASGI application (Starlette, wrapped in the access log,
+    the Host / URI / API-key guard and, when configured, CORS)."""
 
-    def do_PUT(self) -> None:  # noqa: N802 — unsupported methods get a JSON 405 from _route, not an HTML 501
-        self._route("PUT")
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._route("DELETE")
-
-    def do_PATCH(self) -> None:  # noqa: N802
-        self._route("PATCH")
+    def __init__(self, model: Any, tokenizer: Any, options: ServerOptions, engine: Engine, host: str = "127.0.0.1"):
+        self.tokenizer, self.options, self.engine = tokenizer, options, engine
+        self.max_context = context_length(model, options.max_context)
+        self.created = int(time.time())
+        self.allowed_hosts = _allowed_hosts(host, options.allowed_hosts)
+        # The routes.  Another generation endpoint is one entry: its parser turns a body into a Prepared job and
+        # a reply (see _chat), e.g. POST /v1/fim/completions -> self.completion(self._fim) with
+        # _fim(body, headers) -> (job, FimReply(...)); and one path in openapi_document.
+        routes = [
+            Route("/v1/chat/completions", self.completion(self._chat), methods=["POST"]),
+            Route("/chat/completions", self.completion(self._azure_chat), methods=["POST"]),
+            Route("/info", self.info, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+        ]
+        handlers = {HttpError: _http_error, HTTPException: _http_exception, Exception: _crash}
+        app = Starlette(routes=routes, exception_handlers=handlers)
+        app = Guard(app, self.allowed_hosts, options)
+        if options.cors_origins:
+            app = CORSMiddleware(app, allow_origins=list(options.cors_origins), allow_methods=["GET", "POST"],
+                                 allow_headers=["authorization", "api-key", "content-type", "extra-parameters"])
+        self.app = AccessLog(app)
 
     # ---- GET routes ----
-    def _info(self) -> None:
-        self._send_json(
-            200,
-            {
-                "model_name": self.server.model_name,
-                "model_type": "chat-completions",
-                "model_provider_name": "MistralAI",
-            },
-        )
+    async def info(self, request: Request) -> Response:
+        return JSONResponse({"model_name": self.options.model_name, "model_type": "chat-completions",
+                             "model_provider_name": "MistralAI"})
 
-    def _models(self) -> None:
-        s = self.server
-        tools = s.tokenizer.has_special("[TOOL_CALLS]")
+    async def models(self, request: Request) -> Response:
+        tools = self.tokenizer.has_special("[TOOL_CALLS]")
         card = {
-            "id": s.model_name,
-            "object": "model",
-            "created": s.created,
-            "owned_by": "mistral-ref",
-            "max_context_length": s.max_context,
-            "type": "base",
-            "capabilities": {
-                "completion_chat": True,
-                "function_calling": tools,
-                "completion_fim": False,
-                "fine_tuning": False,
-                "vision": False,
-            },
+            "id": self.options.model_name, "object": "model", "created": self.created, "owned_by": "mistral-ref",
+            "max_context_length": self.max_context, "type": "base",
+            "capabilities": {"completion_chat": True, "function_calling": tools, "completion_fim": False,
+                             "fine_tuning": False, "vision": False},
         }
-        self._send_json(200, {"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card]})
 
-    def _openapi(self) -> None:
-        self._send_json(200, openapi_document(self.server.model_name))
+    async def health(self, request: Request) -> Response:
+        s = self.engine.scheduler
+        cache = s.cache  # read once: the model thread may release it meanwhile
+        return JSONResponse({"status": "ok", "model": self.options.model_name, "running": len(s.rows),
+                             "waiting": len(s.waiting), "max_batch": s.max_batch,
+                             "kv_cache_bytes": cache.nbytes() if cache is not None else 0})
 
-    # ---- POST /v1/chat/completions and /chat/completions ----
-    def _read_body(self) -> Any:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HttpError(
-                411, "send the body with a Content-Length (chunked transfer encoding is not supported)"
-            )
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(self.options.model_name, self.options.api_key is not None))
+
+    # ---- generation routes ----
+    def completion(self, parse: Callable[[Any, Any], tuple[Prepared, Any]]):
+        """The endpoint of a generation route: read the body, then (on a pool thread) parse(body, headers) ->
+        (prepared job, reply); schedule it; answer with the reply, streamed or whole.
+
+        The reply is an api.ChatReply or anything with its interface (start / push(event) / finish / done /
+        usage, and ``job``, the Prepared request whose prompt_ids, max_tokens and request it reads)."""
+
+        async def endpoint(request: Request) -> Response:
+            body = await self._read_body(request)
+            loop = asyncio.get_running_loop()
+            gen = await run_in_threadpool(self._submit, parse, body, request.headers, loop)
+            request.scope["mistral_ref.generation"] = gen  # for the access log
+            if gen.reply.job.request.stream:
+                return StreamResponse(gen)
+            watcher = asyncio.ensure_future(_until_disconnect(request.receive, gen.job))
+            try:
+                chunks = [chunk async for chunk in gen.items()]
+            except Exception as e:  # noqa: BLE001 — mapped to its status
+                raise _generation_error(e) from None
+            finally:
+                watcher.cancel()
+            if gen.reason == "cancelled":
+                return Response(status_code=499)  # the client is gone: nobody reads this
+            (response,) = chunks
+            return JSONResponse(response)
+
+        return endpoint
+
+    def _submit(self, parse: Callable, body: bytes, headers: Any, loop: asyncio.AbstractEventLoop) -> Generation:
+        """Parse, validate, encode and schedule a request (on a pool thread: encoding a long prompt takes time)."""
+        job, reply = parse(self._json(body), headers)
+        o = self.options
+        if job.request.max_tokens is None:
+            job = dataclasses.replace(job, max_tokens=min(job.max_tokens, o.max_tokens_limit))
+            reply.job = job
+        elif job.max_tokens > o.max_tokens_limit:
+            raise HttpError(422, f"max_tokens: {job.max_tokens} is over this server's limit of "
+                            f"{o.max_tokens_limit} tokens per request", "max_tokens")
+        gen = Generation(loop, self.tokenizer, reply)
+        gen.job = Job(job.prompt_ids, job.max_tokens, gen, eos_id=self.tokenizer.eos_id, timeout=o.request_timeout,
+                      **generation_kwargs(self.tokenizer, job))
+        opening = reply.start()  # the role chunk of a stream, queued before any token can be
+        if opening:
+            gen._post(opening)
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise HttpError(400, "Content-Length must be an integer", "Content-Length") from None
-        if length > self.server.max_body_bytes:
-            raise HttpError(
-                413,
-                f"the request body is {length} bytes; this server accepts at most "
-                f"{self.server.max_body_bytes} bytes",
-                "body",
-            )
-        raw = self.rfile.read(length) if length > 0 else b""
-        self._body_read = True
+            self.engine.scheduler.submit(gen.job)
+        except (SchedulerBusy, GenerationParamError) as e:
+            raise _generation_error(e) from None
+        return gen
+
+    def _chat(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+        if not isinstance(body, dict):
+            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
         try:
-            return json.loads(raw.decode("utf-8"))
+            request = parse_request(body)
+            self._check_limits(request)
+            job = prepare(self.tokenizer, request, self.max_context, self.options.model_name)
+        except RequestError as e:
+            raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
+        return job, ChatReply(self.tokenizer, job)
+
+    def _azure_chat(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+        if not isinstance(body, dict):
+            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
+        mode = headers.get("extra-parameters", "error").strip().lower()
+        if mode not in ("error", "drop", "pass-through"):
+            raise HttpError(400, f"extra-parameters must be 'error', 'drop' or 'pass-through', got {mode!r}",
+                            "extra-parameters")
+        extras = [k for k in body if k not in AZURE_FIELDS]
+        if extras and mode == "error":
+            raise HttpError(400, f"extra parameters {extras} are not allowed when extra-parameters is not set or "
+                            "set to 'error'; set the header extra-parameters: pass-through to pass them to the "
+                            "model", extras[0])
+        dropped = set(AZURE_IGNORED) | (set(extras) if mode == "drop" else set())
+        return self._chat({AZURE_ALIASES.get(k, k): v for k, v in body.items() if k not in dropped}, headers)
+
+    def _check_limits(self, request: Any) -> None:
+        """The server's limits on what costs per token or per request beyond the prompt (422 naming the field)."""
+        o = self.options
+        if len(request.stop) > o.max_stop:
+            raise HttpError(422, f"stop: {len(request.stop)} stop strings; this server accepts at most {o.max_stop}",
+                            "stop")
+        longest = max(map(len, request.stop), default=0)
+        if longest > o.max_stop_chars:
+            raise HttpError(422, f"stop: a stop string of {longest} characters; this server accepts at most "
+                            f"{o.max_stop_chars}", "stop")
+        if request.tools:
+            size = len(json.dumps(request.tools, ensure_ascii=False).encode())
+            if size > o.max_tools_bytes:
+                raise HttpError(422, f"tools: the tool definitions are {size} bytes of JSON; this server accepts "
+                                f"at most {o.max_tools_bytes}", "tools")
+
+    # ---- the body ----
+    async def _read_body(self, request: Request) -> bytes:
+        o = self.options
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise HttpError(415, f"the body must be JSON sent as Content-Type: application/json, got "
+                            f"{kind or 'no Content-Type'!r}", "Content-Type")
+        close = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > o.max_body_bytes:  # h11 has checked it is an integer
+            raise HttpError(413, f"the request body is {declared} bytes; this server accepts at most "
+                            f"{o.max_body_bytes} bytes", "body", close)
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > o.max_body_bytes:
+                    raise HttpError(413, f"the request body is over {o.max_body_bytes} bytes, the most this server "
+                                    "accepts", "body", close)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), o.body_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {o.body_timeout:g} s", "body",
+                            close) from None
+        except ClientDisconnect:
+            raise HttpError(400, "the client closed the connection before sending its whole body", "body") from None
+        return b"".join(chunks)
+
+    def _json(self, raw: bytes) -> Any:
+        def no_constant(name: str) -> None:
+            raise ValueError(f"{name} is not JSON")
+
+        try:
+            value = json.loads(raw.decode("utf-8"), parse_constant=no_constant)
         except UnicodeDecodeError as e:
             raise HttpError(400, f"the body is not UTF-8 ({e})", "body") from None
         except json.JSONDecodeError as e:
-            raise HttpError(
-                400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", "body"
-            ) from None
+            raise HttpError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                            "body") from None
         except RecursionError:
             raise HttpError(400, "the body's JSON is nested too deeply to parse", "body") from None
+        except ValueError as e:  # an integer of > 4300 digits, NaN / Infinity
+            raise HttpError(400, f"the body's JSON has a value this server refuses: {e}", "body") from None
+        if _too_deep(value, self.options.max_json_depth):
+            raise HttpError(400, f"the body's JSON is nested more than {self.options.max_json_depth} levels deep",
+                            "body")
+        return value
 
-    def _azure_body(self, body: dict[str, Any]) -> dict[str, Any]:
-        mode = self.headers.get("extra-parameters", "error").strip().lower()
-        if mode not in ("error", "drop", "pass-through"):
-            raise HttpError(
-                400,
-                f"extra-parameters must be 'error', 'drop' or 'pass-through', got {mode!r}",
-                "extra-parameters",
-            )
-        extras = [k for k in body if k not in AZURE_FIELDS]
-        if extras and mode == "error":
-            raise HttpError(
-                400,
-                f"extra parameters {extras} are not allowed when extra-parameters is not set or "
-                "set to 'error'; set the header extra-parameters: pass-through to pass them to the "
-                "model",
-                extras[0],
-            )
-        dropped = set(AZURE_IGNORED) | (set(extras) if mode == "drop" else set())
-        return {AZURE_ALIASES.get(k, k): v for k, v in body.items() if k not in dropped}
 
-    def _chat(self, azure: bool) -> None:
-        self._body_read = False
-        body = self._read_body()
-        if not isinstance(body, dict):
-            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
-        if azure:
-            body = self._azure_body(body)
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether `value` nests lists / objects more than `limit` levels (iteratively: no recursion to overflow)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own 404 / 405, as JSON errors."""
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see GET /openapi.json"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+    else:
+        message = str(exc.detail)
+    return JSONResponse(error_body(exc.status_code, message), exc.status_code, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: HttpError) -> Response:
+    return error_response(exc)
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+
+
+# ---- middleware: access log, guard ----------------------------------------------------------------------------
+class AccessLog:
+    """One log line per request (logger mistral_ref.server.access): method, path, status, tokens, seconds."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            request = parse_request(body)
-            job = prepare(self.server.tokenizer, request, self.server.max_context, self.server.model_name)
-        except RequestError as e:
-            raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
-        ticket = self.server.worker.submit(job)
-        if request.stream:
-            self._stream(ticket)
-            return
-        result = ticket.out.get()
-        if isinstance(result, ValueError):  # a generation parameter the model refuses (GenerationParamError)
-            raise HttpError(400, f"generation refused the request: {result}")
-        if isinstance(result, Exception):
-            raise HttpError(500, f"generation failed: {type(result).__name__}: {result}")
-        self._send_json(200, result)
+            await self.app(scope, receive, send_status)
+        finally:
+            gen = scope.get("mistral_ref.generation")
+            tokens = "-"
+            if gen is not None:
+                u = gen.reply.usage
+                tokens = f"prompt={u['prompt_tokens']} completion={u['completion_tokens']} end={gen.reason}"
+            access_log.info("%s %s %s %s %.3fs", scope["method"], scope["path"][:200], status[0] or "-", tokens,
+                            time.perf_counter() - start)
 
-    def _stream(self, ticket: Ticket) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the stream ends when the connection does
-        self.end_headers()
-        self.close_connection = True
+
+class Guard:
+    """Checks every request before routing: URI length (414), header size (431), Host header (400: DNS
+    rebinding), API key (401)."""
+
+    def __init__(self, app: Any, allowed_hosts: frozenset[str] | None, options: ServerOptions):
+        self.app, self.allowed_hosts, self.options = app, allowed_hosts, options
+        self.key = options.api_key.encode() if options.api_key else None
+
+    def check(self, scope: dict) -> None:
+        o = self.options
+        uri = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        if uri > o.max_uri_bytes:
+            raise HttpError(414, f"the URI is {uri} bytes long; this server accepts at most {o.max_uri_bytes}",
+                            "uri")
+        size = sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # "name: value\r\n"
+        if size > o.max_header_bytes:  # (h11 refuses a head it has to wait for beyond this; see HttpProtocol)
+            raise HttpError(431, f"the request's headers are {size} bytes; this server accepts at most "
+                            f"{o.max_header_bytes}", "headers")
+        headers = dict(scope["headers"])  # lower-case names; a repeated header keeps its last value
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if _host_name(host) not in self.allowed_hosts:
+                raise HttpError(400, f"Host: {host!r} does not name this server (it accepts "
+                                f"{sorted(self.allowed_hosts)}); a page must not reach a local server through a "
+                                "name of its own (DNS rebinding)", "Host")
+        if self.key is not None:
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"api-key", b"").strip()
+            if not given or not hmac.compare_digest(given, self.key):
+                why = "a wrong API key" if given else "no API key"
+                raise HttpError(401, f"{why}: send Authorization: Bearer KEY (or the api-key header)",
+                                "Authorization", {"WWW-Authenticate": "Bearer"})
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            try:
+                self.check(scope)
+            except HttpError as e:
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header value, without the port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
         try:
-            for item in _items(ticket):
-                if isinstance(item, Exception):
-                    err = {
-                        "object": "error",
-                        "message": f"generation failed: {item}",
-                        "error": {"message": str(item), "type": "server_error", "param": None, "code": None},
-                    }
-                    self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
-                    break
-                self.wfile.write(f"data: {json.dumps(item, ensure_ascii=False)}\n\n".encode())
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except OSError:  # BrokenPipeError, ConnectionResetError, a timeout: the client is gone
-            ticket.cancelled.set()
-            log.info("client disconnected mid-stream; request cancelled")
+            infos = socket.getaddrinfo(host, None)
+        except socket.gaierror:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
-def _items(ticket: Ticket) -> Iterator[Any]:
-    while (item := ticket.out.get()) is not _DONE:
-        yield item
-        if isinstance(item, Exception):
+def _allowed_hosts(host: str, allowed: tuple[str, ...] | None) -> frozenset[str] | None:
+    if allowed is not None:
+        return None if "*" in allowed else frozenset(_host_name(h) for h in allowed)
+    if is_loopback(host):
+        return frozenset({"localhost", "127.0.0.1", "::1", _host_name(host)})
+    return None
+
+
+# ---- the HTTP/1.1 protocol ----------------------------------------------------------------------------------
+class _Connection(h11.Connection):
+    """h11's connection, also refusing a request head with two Content-Length headers (h11 merges equal ones)
+    and keeping the head's first bytes to tell a too-long request line (414) from too-long headers (431)."""
+
+    def __init__(self, max_head: int, on_head: Callable[[], None]):
+        super().__init__(h11.SERVER, max_incomplete_event_size=max_head)
+        self.max_head, self.on_head = max_head, on_head
+        self.head = b""  # bytes received while waiting for a request head
+        self.refusal: h11.RemoteProtocolError | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        if self.their_state is h11.IDLE and len(self.head) <= self.max_head:
+            self.head += data[: self.max_head + 1 - len(self.head)]
+        super().receive_data(data)
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as e:
+            self.refusal = e
+            raise
+        if isinstance(event, h11.Request):
+            head, self.head = self.head.split(b"\r\n\r\n", 1)[0], b""
+            self.on_head()
+            names = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:]]
+            if names.count(b"content-length") > 1:
+                self.refusal = h11.RemoteProtocolError("the request has more than one Content-Length header")
+                raise self.refusal
+        return event
+
+
+class HttpProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11) with this server's connection rules: at most ``max_connections`` at once
+    (503 beyond), the request head within ``header_timeout`` s (408), and JSON errors for what the parser
+    refuses (400, 414 URI too long, 431 headers too large, 501) instead of uvicorn's plain text."""
+
+    def __init__(self, *args: Any, options: ServerOptions, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.options = options
+        self.conn = _Connection(options.max_header_bytes, self._head_received)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.options.max_connections:
+            self._refuse(503, f"this server has {self.options.max_connections} connections open, its limit; "
+                         "retry later", retry_after=True)
             return
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE and self._head_timer is None:
+            self._arm_head_timer()  # a keep-alive connection starts its next request
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_received()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.options.header_timeout, self._head_timeout)
+
+    def _head_received(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            if self.conn.head:
+                self._refuse(408, f"the request head did not arrive within {self.options.header_timeout:g} s")
+            else:
+                self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn calls this when h11 refuses the request
+        err = self.conn.refusal
+        status, message = (err.error_status_hint, str(err)) if err is not None else (400, msg)
+        limit = self.options.max_header_bytes
+        if status == 431:
+            if b"\r\n" not in self.conn.head[:limit]:
+                status, message = 414, f"the request line is longer than {limit} bytes"
+            else:
+                message = f"the request head (request line and headers) is longer than {limit} bytes"
+        self._refuse(status, f"the HTTP request was refused: {message}")
+
+    def _refuse(self, status: int, message: str, retry_after: bool = False) -> None:
+        """Answer with a JSON error and close the connection, outside the HTTP state machine."""
+        body = json.dumps(error_body(status, message, None)).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n"
+                + ("retry-after: 5\r\n" if retry_after else "") + "\r\n").encode()
+        self._head_received()
+        self.transport.write(head + body)
+        self.transport.close()
+
+
+# ---- the server --------------------------------------------------------------------------------------------
+def check_exposure(host: str, options: ServerOptions) -> None:
+    """Refuse to serve beyond loopback without an API key (unless insecure); warn about what is exposed."""
+    if is_loopback(host):
+        return
+    if options.api_key:
+        log.warning("serving on %s: reachable from other machines; every request needs the API key", host)
+    elif options.insecure:
+        log.warning("serving on %s WITHOUT an API key (--insecure): anyone who can reach this address can use "
+                    "the model", host)
+    else:
+        raise ValueError(f"refusing to serve on {host} (beyond this machine) without an API key: set --api-key or "
+                         f"{API_KEY_ENV}, serve on 127.0.0.1, or pass --insecure")
+
+
+class ChatServer:
+    """The server: the model worker, the ASGI app and uvicorn on a socket bound at construction.
+
+    options: a ServerOptions, or its fields as keywords (``ChatServer(model, tok, port=0, model_name="m")``).
+    Use :meth:`start` / :meth:`stop` to serve on a background thread (tests, notebooks) or :meth:`serve_forever`.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
+                 options: ServerOptions | None = None, **fields: Any):
+        self.options = options = dataclasses.replace(options or ServerOptions(), **fields)
+        check_exposure(host, options)
+        self.socket = _bind(host, port)
+        self.engine = Engine(model, options)
+        self.chat_app = ChatApp(model, tokenizer, options, self.engine, host)
+        config = uvicorn.Config(
+            self.chat_app.app, http=functools.partial(HttpProtocol, options=options), ws="none", lifespan="off",
+            log_config=None, access_log=False, server_header=False, headers=[("server", "mistral-ref")],
+            timeout_keep_alive=options.keep_alive_timeout, h11_max_incomplete_event_size=options.max_header_bytes,
+            timeout_graceful_shutdown=5)
+        self.uvicorn = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until interrupted (Ctrl-C: uvicorn finishes open requests for up to 5 s)."""
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, once it has shut down
+            pass
+        finally:
+            self.engine.stop()
+
+    def start(self) -> ChatServer:
+        """Serve on a background thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [self.socket]},
+                                        name="mistral-ref-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.engine.stop()
+        self.socket.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    return sock
+
+
+def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, model_name: str = "mistral-ref",
+          max_context: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, **options: Any) -> None:
+    """Serve chat completions until interrupted (Ctrl-C).  See the module docstring for the routes; `options`
+    are ServerOptions fields.  The API key defaults to the environment variable MISTRAL_REF_API_KEY."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    options.setdefault("api_key", os.environ.get(API_KEY_ENV) or None)
+    server = ChatServer(model, tokenizer, host, port, model_name=model_name, max_context=max_context,
+                        max_body_bytes=max_body_bytes, **options)
+    o = server.options
+    print(f"mistral-ref: serving {model_name} on {server.url} (POST /v1/chat/completions, POST /chat/completions, "
+          f"GET /info, GET /v1/models, GET /health, GET /openapi.json); API key {'required' if o.api_key else 'off'}; "
+          f"up to {o.max_batch} requests decoding together; Ctrl-C stops", flush=True)
+    server.serve_forever()
 
 
 # ---- OpenAPI -----------------------------------------------------------------------------------------------
-def openapi_document(model_name: str = "mistral-ref") -> dict[str, Any]:
-    """The OpenAPI 3.1 document served at GET /openapi.json; the request schema is request_spec's."""
-    error = {
-        "description": "a bad request; the message names the field",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document served at GET /openapi.json; the request schema is request_spec's.  api_key: the
+    server wants a key (the document then declares the two ways to send it)."""
+    def error(what: str) -> dict[str, Any]:
+        schema = {"$ref": "#/components/schemas/Error"}
+        return {"description": what, "content": {"application/json": {"schema": schema}}}
+
+    errors = {
+        "400": error("malformed JSON, a prompt too long for the context, a refused Host header"),
+        "401": error("a missing or wrong API key"),
+        "408": error("the body did not arrive in time"),
+        "413": error("a body over the size limit"),
+        "415": error("a body that is not application/json"),
+        "422": error("an unknown or invalid field, or one over a limit; param names it"),
+        "503": error("the queue is full: retry after Retry-After seconds"),
     }
     chat = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}
-            },
-        },
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
         "responses": {
             "200": {
-                "description": "a chat.completion, or with stream=true server-sent chat.completion.chunk "
-                "events ending with data: [DONE]",
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-                    "text/event-stream": {"schema": {"type": "string"}},
-                },
+                "description": "a chat.completion, or with stream=true server-sent chat.completion.chunk events "
+                               "ending with data: [DONE]",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                            "text/event-stream": {"schema": {"type": "string"}}},
             },
-            "400": error,
-            "413": error,
-            "422": error,
+            **errors,
         },
     }
     choice = {
         "type": "object",
         "properties": {
             "index": {"type": "integer"},
-            "message": {
-                "type": "object",
-                "properties": {
-                    "role": {"const": "assistant"},
-                    "content": {"type": ["string", "null"]},
-                    "tool_calls": {
-                        "type": ["array", "null"],
-                        "items": {"$ref": "#/components/schemas/ToolCall"},
-                    },
-                },
-            },
+            "message": {"type": "object", "properties": {
+                "role": {"const": "assistant"},
+                "content": {"type": ["string", "null"]},
+                "tool_calls": {"type": ["array", "null"], "items": {"$ref": "#/components/schemas/ToolCall"}},
+            }},
             "finish_reason": {"enum": ["stop", "length", "tool_calls"]},
             "logprobs": {"type": ["object", "null"]},
         },
     }
-    return {
+
+    def get(summary: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        ok = {"description": summary}
+        if schema is not None:
+            ok["content"] = {"application/json": {"schema": schema}}
+        return {"get": {"summary": summary, "responses": {"200": ok, "401": errors["401"]}}}
+
+    info = {"type": "object", "properties": {"model_name": {"type": "string"},
+                                             "model_type": {"const": "chat-completions"},
+                                             "model_provider_name": {"const": "MistralAI"}}}
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {
-            "title": f"mistral-ref chat completions ({model_name})",
-            "version": "1.0.0",
-            "description": "The Mistral chat-completions API and the Azure AI model inference API, served "
-            "locally by mistral-ref.",
-        },
+        "info": {"title": f"mistral-ref chat completions ({model_name})", "version": "1.0.0",
+                 "description": "The Mistral chat-completions API and the Azure AI model inference API, served "
+                                "locally by mistral-ref."},
         "paths": {
             "/v1/chat/completions": {"post": {"summary": "Chat completion (Mistral API)", **chat}},
-            "/chat/completions": {
-                "post": {
-                    "summary": "Chat completion (Azure AI model inference API)",
-                    "parameters": [
-                        {"name": "api-version", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "extra-parameters",
-                            "in": "header",
-                            "schema": {"enum": ["error", "drop", "pass-through"], "default": "error"},
-                        },
-                    ],
-                    **chat,
-                }
-            },
-            "/info": {
-                "get": {
-                    "summary": "Model info (Azure AI model inference API)",
-                    "responses": {
-                        "200": {
-                            "description": "the served model",
-                            "content": {
-                                "application/json": {
-                                    "schema": {
-                                        "type": "object",
-                                        "properties": {
-                                            "model_name": {"type": "string"},
-                                            "model_type": {"const": "chat-completions"},
-                                            "model_provider_name": {"const": "MistralAI"},
-                                        },
-                                    }
-                                }
-                            },
-                        }
-                    },
-                }
-            },
-            "/v1/models": {
-                "get": {"summary": "List models", "responses": {"200": {"description": "the model list"}}}
-            },
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}
-            },
+            "/chat/completions": {"post": {
+                "summary": "Chat completion (Azure AI model inference API)",
+                "parameters": [
+                    {"name": "api-version", "in": "query", "schema": {"type": "string"}},
+                    {"name": "extra-parameters", "in": "header",
+                     "schema": {"enum": ["error", "drop", "pass-through"], "default": "error"}},
+                ],
+                **chat,
+            }},
+            "/info": get("Model info (Azure AI model inference API)", info),
+            "/v1/models": get("List models"),
+            "/models": get("List models"),
+            "/health": get("Liveness, with the scheduler's running and waiting requests"),
+            "/openapi.json": get("This document"),
         },
         "components": {
             "schemas": {
                 "ChatCompletionRequest": request_schema(),
                 **COMPONENTS,
-                "ChatCompletion": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"const": "chat.completion"},
-                        "created": {"type": "integer"},
-                        "model": {"type": "string"},
-                        "choices": {"type": "array", "items": choice},
-                        "usage": {
-                            "type": "object",
-                            "properties": {
-                                k: {"type": "integer"}
-                                for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-                            },
-                        },
-                    },
-                },
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "object": {"const": "error"},
-                        "message": {"type": "string"},
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "param": {"type": ["string", "null"]},
-                                "code": {"type": ["string", "null"]},
-                            },
-                        },
-                    },
-                },
-            }
+                "ChatCompletion": {"type": "object", "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "chat.completion"},
+                    "created": {"type": "integer"},
+                    "model": {"type": "string"},
+                    "choices": {"type": "array", "items": choice},
+                    "usage": {"type": "object", "properties": {
+                        k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}},
+                }},
+                "Error": {"type": "object", "properties": {
+                    "object": {"const": "error"},
+                    "message": {"type": "string"},
+                    "error": {"type": "object", "properties": {
+                        "message": {"type": "string"}, "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}},
+                }},
+            },
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "api-key": {"type": "apiKey", "in": "header", "name": "api-key"}},
         },
     }
-
-
-def serve(
-    model: Any,
-    tokenizer: Any,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    model_name: str = "mistral-ref",
-    max_context: int | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> None:
-    """Serve chat completions until interrupted (Ctrl-C).  See the module docstring for the routes."""
-    server = ChatServer(model, tokenizer, host, port, model_name, max_context, max_body_bytes)
-    print(
-        f"mistral-ref: serving {model_name} on {server.url} (POST /v1/chat/completions, "
-        "POST /chat/completions, GET /info, GET /v1/models, GET /openapi.json); Ctrl-C stops",
-        flush=True,
-    )
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.worker.stop()
+    if api_key:
+        doc["security"] = [{"bearer": []}, {"api-key": []}]
+    return doc

@@ -16,8 +16,9 @@ import torch
 
 from mistral_ref import train_data as data
 from mistral_ref.checkpoint import load_model
-from mistral_ref.config import ModelArgs, parameter_counts
+from mistral_ref.config import ModelArgs
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR, load_embedded
+from mistral_ref.family import parameter_counts
 from mistral_ref.generation import generate
 from mistral_ref.train import TINY_MIXTRAL, TrainConfig, evaluate, held_out_sets
 

@@ -186,6 +186,7 @@ def resolutions(tmp_path_factory) -> dict[str, dict]:
     if cpu is not None:  # what `make` installs: CPU torch, then the project with its test and kernels extras
         cases["cpu"] = ([str(cpu), f"{wheel}[kernels,test]"], [])
         cases["cpu-no-extras"] = ([str(cpu), str(wheel)], [])
+        cases["cpu-notebooks"] = ([str(cpu), f"{wheel}[notebooks]"], [])  # notebooks/README.md's install
     with ThreadPoolExecutor(len(cases)) as pool:
         futures = {k: pool.submit(_resolve, pip, tmp, k, reqs, cons) for k, (reqs, cons) in cases.items()}
         results = {k: f.result() for k, f in futures.items()}
@@ -234,3 +235,5 @@ def test_resolves_with_cpu_torch_and_without_triton(resolutions):
     assert "triton" not in base and not any(n.startswith(("nvidia-", "cuda-")) for n in base)
     assert {"torch", "safetensors", "sentencepiece", "tiktoken", "numpy", "mistral-ref"} <= set(base)
     assert base["mistral-ref"][0] == resolutions["version"]
+    notebooks = _ok(resolutions["cpu-notebooks"])  # JupyterLab for `jupyter lab notebooks/`
+    assert {"jupyterlab", "ipykernel", "matplotlib"} <= set(notebooks) and "+cpu" in notebooks["torch"][0]

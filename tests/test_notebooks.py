@@ -81,10 +81,12 @@ def _params():
 # A label, tick label, title or annotation reaching outside the figure would be cut off in the picture; the ticks of
 # an axis that counts things (experts, layers, rows, tiles, blocks) must be whole numbers.
 FIGURE_CHECK = """
+import re as _re
+
 import matplotlib.pyplot as _plt
 from matplotlib.text import Text as _Text
 
-_COUNTED = ("expert", "layer", "row", "tile", "block")
+_COUNTED = _re.compile(r"(query |key )?(expert|layer|row|tile|block)s?\\b")  # an axis that counts things
 _show = _plt.show
 
 
@@ -104,7 +106,7 @@ def _checked_show(*args, **kwargs):
         for ax in fig.axes:
             for label, ticks, (lo, hi) in ((ax.get_xlabel(), ax.get_xticks(), sorted(ax.get_xlim())),
                                            (ax.get_ylabel(), ax.get_yticks(), sorted(ax.get_ylim()))):
-                if any(word in label.lower() for word in _COUNTED):
+                if _COUNTED.match(label.lower()):
                     shown = [t for t in ticks if lo <= t <= hi]
                     if any(float(t) != int(t) for t in shown):
                         raise AssertionError(f"figure {num}: axis {label!r} has fractional ticks {shown}")

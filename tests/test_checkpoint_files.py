@@ -169,3 +169,16 @@ def test_integer_tensors_are_refused(hf_dir):
     _rewrite_without(f, {"model.norm.weight"}, {"model.norm.weight": torch.zeros(48, dtype=torch.int8)})
     with pytest.raises(CheckpointError, match="'model.norm.weight' has dtype torch.int8"):
         load_model(hf_dir)
+
+
+def test_native_checkpoints_get_the_trained_context_of_their_preset(native_dir, monkeypatch):
+    """params.json omits max_seq_len: loading fills it from the preset of the same architecture."""
+    from dataclasses import replace
+
+    from mistral_ref import family
+    from mistral_ref.checkpoint import find_checkpoint, read_model_args
+
+    monkeypatch.setitem(family.PRESETS, "tiny-test", replace(tiny_args(), max_seq_len=4096))
+    assert read_model_args(find_checkpoint(native_dir)).max_seq_len == 4096
+    monkeypatch.delitem(family.PRESETS, "tiny-test")
+    assert read_model_args(find_checkpoint(native_dir)).max_seq_len is None

@@ -25,7 +25,7 @@ from mistral_ref.checkpoint.safetensors_io import (
     read_safetensors_header,
 )
 from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.family import parameter_counts
+from mistral_ref.family import parameter_counts, with_known_context
 from mistral_ref.model import meta_model
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,8 @@ def find_checkpoint(path: str | Path) -> CheckpointFiles:
 
 def read_model_args(files: CheckpointFiles) -> ModelArgs:
     """The ModelArgs of a checkpoint, from params.json or config.json."""
-    if files.format == "native":
-        return ModelArgs.from_params_json(files.config)
+    if files.format == "native":  # params.json files omit the trained context: the matching preset knows it
+        return with_known_context(ModelArgs.from_params_json(files.config))
     return ModelArgs.from_hf_config(files.config)
 
 

@@ -253,6 +253,8 @@ class Prepared:
     tool_calls_id: int | None  # [TOOL_CALLS] of this vocabulary (None: v1, no tool calling)
     force_tool_call: bool
     forbid_tool_call: bool
+    min_tokens: int = 0  # EOS is not generated before this many tokens (fill in the middle)
+    continue_text: bool = False  # the output's text continues the prompt's (fill in the middle)
 
 
 #: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
@@ -474,6 +476,8 @@ def generation_kwargs(tokenizer: Any, job: Prepared) -> dict[str, Any]:
         processors.append(_never(job.tool_calls_id))
     if req.json_mode:
         processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
+    if job.min_tokens:
+        processors.append(_no_stop_before(job.min_tokens, tokenizer.eos_id))
     s = req.sampling
     return dict(temperature=s.temperature, top_p=s.top_p, presence_penalty=s.presence_penalty,
                 frequency_penalty=s.frequency_penalty, seed=s.seed, ignore_eos=req.ignore_eos,
@@ -732,6 +736,25 @@ def _no_stop_before(min_tokens: int, stop_id: int):
     return proc
 
 
+def prepare_fim(tokenizer: Any, req: FimRequest, max_context: int | None = None,
+                model_name: str = "mistral-ref") -> Prepared:
+    """A fill-in-the-middle request ready to run (what the server schedules): its prompt ids
+    (``tokenizer.encode_fim``), token budget, min_tokens and stop strings, as a Prepared job whose output text
+    continues the prompt's."""
+    try:
+        ids = tokenizer.encode_fim(req.prompt, req.suffix)
+    except ChatTemplateError as e:
+        raise RequestError("prompt", str(e)) from None
+    max_tokens = _token_budget(len(ids), req.max_tokens, max_context, "prompt")
+    if req.min_tokens > max_tokens:
+        raise RequestError("min_tokens", f"{req.min_tokens} is more than the {max_tokens} tokens the context "
+                           "leaves after the prompt")
+    request = ChatRequest(messages=[], model=req.model, temperature=req.temperature, top_p=req.top_p,
+                          max_tokens=req.max_tokens, stop=req.stop, seed=req.seed, stream=req.stream)
+    return Prepared(request, ids, max_tokens, req.model or model_name, None, False, False,
+                    min_tokens=req.min_tokens, continue_text=True)
+
+
 def fim_completion(model: Any, tokenizer: Any, prompt: str, suffix: str | None = None, *,
                    model_name: str = "mistral-ref", max_context: int | None = None,
                    **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -748,15 +771,8 @@ def fim_completion(model: Any, tokenizer: Any, prompt: str, suffix: str | None =
     A bad request raises RequestError naming the field before anything is generated.
     """
     req = parse_fim_request({"prompt": prompt, "suffix": suffix, **params})
-    try:
-        ids = tokenizer.encode_fim(req.prompt, req.suffix)
-    except ChatTemplateError as e:
-        raise RequestError("prompt", str(e)) from None
-    max_tokens = _token_budget(len(ids), req.max_tokens, context_length(model, max_context), "prompt")
-    if req.min_tokens > max_tokens:
-        raise RequestError("min_tokens", f"{req.min_tokens} is more than the {max_tokens} tokens the context "
-                           "leaves after the prompt")
-    s = req.sampling
+    job = prepare_fim(tokenizer, req, context_length(model, max_context), model_name)
+    ids, max_tokens, s = job.prompt_ids, job.max_tokens, req.sampling
     events = generate_stream(  # validated here, before the first event
         model, tokenizer, ids, max_tokens, stop=req.stop, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
         logits_processors=[_no_stop_before(req.min_tokens, tokenizer.eos_id)] if req.min_tokens else (),

@@ -71,11 +71,20 @@ from mistral_ref.api import (
     RequestError,
     context_length,
     generation_kwargs,
+    parse_fim_request,
     parse_request,
     prepare,
+    prepare_fim,
 )
 from mistral_ref.generation import text_events
-from mistral_ref.request_spec import AZURE_ALIASES, AZURE_FIELDS, AZURE_IGNORED, COMPONENTS, request_schema
+from mistral_ref.request_spec import (
+    AZURE_ALIASES,
+    AZURE_FIELDS,
+    AZURE_IGNORED,
+    COMPONENTS,
+    fim_request_schema,
+    request_schema,
+)
 from mistral_ref.sampling import GenerationParamError
 from mistral_ref.scheduler import Job, Scheduler, SchedulerBusy, Token
 from mistral_ref.server_options import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, ServerOptions
@@ -140,7 +149,8 @@ class Generation:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, reply: ChatReply):
         self.loop, self.reply = loop, reply
-        self.text = text_events(tokenizer)
+        job = reply.job  # (fill in the middle: the output's text continues the prompt's)
+        self.text = text_events(tokenizer, prompt=job.prompt_ids if job.continue_text else None)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reason: str | None = None  # how the scheduler ended it
         self.job: Job | None = None
@@ -227,11 +237,11 @@ class ChatApp:
         self.max_context = context_length(model, options.max_context)
         self.created = int(time.time())
         self.allowed_hosts = _allowed_hosts(host, options.allowed_hosts)
-        # The routes.  Another generation endpoint is one entry: its parser turns a body into a Prepared job and
-        # a reply (see _chat), e.g. POST /v1/fim/completions -> self.completion(self._fim) with
-        # _fim(body, headers) -> (job, FimReply(...)); and one path in openapi_document.
+        # The routes.  A generation endpoint is one entry: its parser turns a body into a Prepared job and a reply
+        # (see _chat, _fim); and one path in openapi_document.
         routes = [
             Route("/v1/chat/completions", self.completion(self._chat), methods=["POST"]),
+            Route("/v1/fim/completions", self.completion(self._fim), methods=["POST"]),
             Route("/chat/completions", self.completion(self._azure_chat), methods=["POST"]),
             Route("/info", self.info, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -254,10 +264,11 @@ class ChatApp:
 
     async def models(self, request: Request) -> Response:
         tools = self.tokenizer.has_special("[TOOL_CALLS]")
+        fim = self.tokenizer.has_special("[SUFFIX]") and self.tokenizer.has_special("[PREFIX]")
         card = {
             "id": self.options.model_name, "object": "model", "created": self.created, "owned_by": "mistral-ref",
             "max_context_length": self.max_context, "type": "base",
-            "capabilities": {"completion_chat": True, "function_calling": tools, "completion_fim": False,
+            "capabilities": {"completion_chat": True, "function_calling": tools, "completion_fim": fim,
                              "fine_tuning": False, "vision": False},
         }
         return JSONResponse({"object": "list", "data": [card]})
@@ -334,6 +345,18 @@ class ChatApp:
             raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
         return job, ChatReply(self.tokenizer, job)
 
+    def _fim(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+        """POST /v1/fim/completions: the Mistral FIM API (request_spec.FIM_REQUEST); the reply has the chat shape."""
+        if not isinstance(body, dict):
+            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
+        try:
+            request = parse_fim_request(body)
+            self._check_limits(request)
+            job = prepare_fim(self.tokenizer, request, self.max_context, self.options.model_name)
+        except RequestError as e:
+            raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
+        return job, ChatReply(self.tokenizer, job)
+
     def _azure_chat(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
         if not isinstance(body, dict):
             raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
@@ -359,7 +382,7 @@ class ChatApp:
         if longest > o.max_stop_chars:
             raise HttpError(422, f"stop: a stop string of {longest} characters; this server accepts at most "
                             f"{o.max_stop_chars}", "stop")
-        if request.tools:
+        if getattr(request, "tools", None):  # (a FIM request has none)
             size = len(json.dumps(request.tools, ensure_ascii=False).encode())
             if size > o.max_tools_bytes:
                 raise HttpError(422, f"tools: the tool definitions are {size} bytes of JSON; this server accepts "
@@ -823,6 +846,13 @@ def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> 
                 ],
                 **chat,
             }},
+            "/v1/fim/completions": {"post": {
+                "summary": "Fill-in-the-middle completion (Mistral API; the response has the chat completion's "
+                           "shape)",
+                **chat,
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/FIMCompletionRequest"}}}},
+            }},
             "/info": get("Model info (Azure AI model inference API)", info),
             "/v1/models": get("List models"),
             "/models": get("List models"),
@@ -832,6 +862,7 @@ def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> 
         "components": {
             "schemas": {
                 "ChatCompletionRequest": request_schema(),
+                "FIMCompletionRequest": fim_request_schema(),
                 **COMPONENTS,
                 "ChatCompletion": {"type": "object", "properties": {
                     "id": {"type": "string"},

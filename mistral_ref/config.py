@@ -12,6 +12,10 @@ The 2024-2026 models add three sections, spelled as their ``params.json`` spells
   scaling and query scaling of Ministral 3 / Devstral Small 2; Hugging Face writes them into ``rope_parameters``
   (model_type "ministral3");
 * ``tied_embeddings``: the output projection is the embedding matrix (Ministral 3 3B); HF ``tie_word_embeddings``.
+* ``mla`` (:class:`MlaArgs`) and ``fine_moe`` (:class:`FineMoeArgs`): latent attention and shared + fine-grained
+  experts (Mistral Small 4, Mistral Large 3).  Hugging Face writes them as top-level keys of model_type "mistral4"
+  / "deepseek_v3"; in ``params.json`` they are this project's own sections with HF's key names (we found no
+  published native file of these models to follow).
 Multimodal configs (native ``vision_encoder``, HF "mistral3" with a ``text_config``) load their language model;
 image inputs are not supported yet (a warning says so).
 """
@@ -486,7 +490,8 @@ class ModelArgs:
             path = path / "params.json"
         raw = _read_json(path)
         known = {"dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads", "norm_eps",
-                 "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings"}
+                 "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings",
+                 "mla", "fine_moe"}
         # Keys that real params.json files carry and that do not change the text model.
         harmless = {"max_batch_size", "use_biases", "model_type", "torch_dtype", "dtype", "quantization", "lora",
                     "vision_encoder", "_name_or_path", "version", "max_position_embeddings"}
@@ -511,7 +516,8 @@ class ModelArgs:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
         try:
-            for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling)):
+            for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling), ("mla", MlaArgs),
+                                  ("fine_moe", FineMoeArgs)):
                 if raw.get(name) is not None:
                     kwargs[name] = _section(section, name, raw[name])
                 else:

@@ -185,3 +185,20 @@ def test_greedy_64_tokens_ragged_batch(oracle):
     for chunk_size in (None, 5):
         results = generate(model, prompts, n_new, temperature=0.0, ignore_eos=True, chunk_size=chunk_size)
         assert [r.tokens for r in results] == expected, chunk_size
+
+
+def test_hf_files_we_write_round_trip(oracle, tmp_path):
+    """save_checkpoint(format="hf") then load_model gives the same logits, for both models.  DeepseekV3ForCausalLM
+    reads our files (per-expert tensors, the hub layout).  transformers' Mistral4ForCausalLM reads only its
+    fused experts.gate_up_proj / experts.down_proj tensors, which we do not write (README "Latent attention")."""
+    from mistral_ref.checkpoint import load_model, save_checkpoint
+
+    name, _, model, tokens, ref = oracle
+    save_checkpoint(model, tmp_path, format="hf")
+    back = load_model(tmp_path).set_backend("reference")
+    assert back.args == model.args
+    assert rel_err(forward(back, tokens[:, :60]), ref[:, :60]) <= FP32_RTOL
+    if name == "large3":
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert rel_err(theirs(tokens).logits, ref) <= FP32_RTOL

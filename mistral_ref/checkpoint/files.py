@@ -300,7 +300,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                 if _IGNORED_HF_KEYS.fullmatch(key):
                     continue
                 try:
-                    name = hf_to_native_name(language_model_name(key))
+                    name = hf_to_native_name(language_model_name(key), args)
                 except KeyError:
                     unexpected.append(key)
                     continue

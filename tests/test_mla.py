@@ -152,3 +152,14 @@ def test_compute_loss_counts_the_fine_grained_router():
     tokens = torch.randint(0, 50, (2, 9))
     out = model.compute_loss(tokens[:, :-1], tokens[:, 1:])
     assert out.aux_loss > 0 and torch.isfinite(out.loss)
+
+
+def test_multimodal_wrapper_with_a_latent_text_model(tmp_path):
+    """Mistral3ForConditionalGeneration configs carry the language model in text_config: a deepseek_v3 /
+    mistral4 text_config is read like the plain config (the vision tower is skipped with a warning)."""
+    args = tiny("sigmoid", None, max_seq_len=64)
+    wrapper = {"model_type": "mistral3", "architectures": ["Mistral3ForConditionalGeneration"],
+               "text_config": args.to_hf_config(), "vision_config": {"model_type": "pixtral"}}
+    (tmp_path / "config.json").write_text(json.dumps(wrapper))
+    with pytest.warns(UserWarning, match="language model"):
+        assert ModelArgs.from_hf_config(tmp_path) == args

@@ -28,6 +28,7 @@ The query scaling of Mistral Small 4 (llama_4_scaling) multiplies the whole quer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -92,6 +93,10 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, H * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.wo = nn.Linear(H * mla.v_head_dim, args.dim, bias=False)
+        # An engine fast path for decode steps, installed by backends.mla.use_absorbed_decode: a function with the
+        # arguments of backends.mla.absorbed_latent_attention, attending over the cached latents directly.  None:
+        # keys and values are expanded from the latents (the reference below).
+        self.absorbed_decode: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -118,6 +123,10 @@ class LatentAttention(nn.Module):
             latents, k_ropes, k_pos = latent[:, :, None, :], k_rope, positions
         else:  # the latent cache keeps (latent, k_rope) per token, not per-head keys and values
             latents, k_ropes, k_pos = ops.update_cache(cache, latent[:, :, None, :], k_rope, positions)
+        if self.absorbed_decode is not None and T == 1 and cache is not None:
+            out = self.absorbed_decode(q_nope, q_rope, latents[:, :, 0], k_ropes[:, :, 0], self.kv_b_proj.weight,
+                                       m.v_head_dim, positions, k_pos, self.scale)
+            return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)
         S = latents.shape[1]
         kv_heads = ops.linear(latents[:, :, 0], self.kv_b_proj.weight).view(B, S, H, n + m.v_head_dim)
         k_nope, v = kv_heads.split([n, m.v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)

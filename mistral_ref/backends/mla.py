@@ -11,14 +11,16 @@ the same scores and output come from folding W_UK into the query and W_UV into t
 token drops from H x (n + v) x c (expansion) to 2 x H x c (two dot products in latent space), which is what makes
 a long-context decode step cheap.  Equal to mla.latent_attention within fp32 rounding (tests/test_mla_absorbed.py).
 
-Not yet a part of the backend record: wiring it needs an ``ops.latent_attention`` entry in backends/__init__.py
-(PARTS, Backend) that LatentAttention would call for decode steps.
+:func:`use_absorbed_decode` installs it on a model's latent-attention layers for decode steps (one token per row
+with a cache); prefill keeps the expanded form.  It is not (yet) a part of the backend record, so set_backend does
+not choose it: that would need an ``ops.latent_attention`` entry in backends/__init__.py (PARTS, Backend).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mistral_ref.attention import attention_mask
 
@@ -43,3 +45,12 @@ def absorbed_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent
     probs = F.softmax(scores, dim=-1).to(q_nope.dtype)  # (B, H, T, S)
     out_latent = torch.einsum("bhts,bsc->bthc", probs, latents)  # (B, T, H, c)
     return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, v)
+
+
+def use_absorbed_decode(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every latent-attention layer of `model` decode with :func:`absorbed_latent_attention` (enabled=False
+    returns to the expanded reference).  Returns the model."""
+    for module in model.modules():
+        if hasattr(module, "absorbed_decode"):
+            module.absorbed_decode = absorbed_latent_attention if enabled else None
+    return model

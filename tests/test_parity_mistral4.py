@@ -207,3 +207,26 @@ def test_hf_files_we_write_round_trip(oracle, tmp_path):
         theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
         with torch.no_grad():
             assert rel_err(theirs(tokens).logits, ref) <= FP32_RTOL
+
+
+def test_transformers_save_pretrained_files_load(oracle, tmp_path):
+    """What transformers 5.23 writes loads with load_model: Mistral4 saves its routed experts fused (one
+    experts.gate_up_proj and one experts.down_proj per layer), which the loader reads as per-expert slices of
+    the same file; the streaming converter writes them out as per-expert tensors."""
+    from safetensors import safe_open
+
+    from mistral_ref.checkpoint import convert_checkpoint, find_checkpoint, load_model
+
+    name, hf, _, tokens, ref = oracle
+    hf.save_pretrained(tmp_path / "hf")
+    with safe_open(find_checkpoint(tmp_path / "hf").shards[0], "pt") as f:
+        fused = any(k.endswith("experts.gate_up_proj") for k in f.keys())
+    if name == "small4":
+        assert fused
+    model = load_model(tmp_path / "hf").set_backend("reference")
+    assert rel_err(forward(model, tokens[:, :60]), ref[:, :60]) <= FP32_RTOL
+    # (large3's YaRN cos/sin factor mscale(1) / mscale(0.707) has no params.json spelling: it converts to HF)
+    fmt = "native" if name == "small4" else "hf"
+    convert_checkpoint(tmp_path / "hf", tmp_path / "converted", format=fmt)
+    converted = load_model(tmp_path / "converted").set_backend("reference")
+    assert torch.equal(forward(converted, tokens[:, :60]), forward(model, tokens[:, :60]))

@@ -12,6 +12,8 @@ ragged batch and 64 greedy tokens.  fp32 logits within 1e-5 relative; greedy tok
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import FP32_RTOL, rel_err
@@ -230,3 +232,29 @@ def test_transformers_save_pretrained_files_load(oracle, tmp_path):
     convert_checkpoint(tmp_path / "hf", tmp_path / "converted", format=fmt)
     converted = load_model(tmp_path / "converted").set_backend("reference")
     assert torch.equal(forward(converted, tokens[:, :60]), forward(model, tokens[:, :60]))
+
+
+def test_small4_preset_as_transformers_builds_it():
+    """transformers' Mistral4ForCausalLM built on the meta device from the config.json we write for the Mistral
+    Small 4 preset has our parameter count (118.97B) and reads back to the preset."""
+    import tempfile
+
+    from mistral_ref.family import PRESETS, parameter_counts
+
+    args = PRESETS["mistral-small-4-2603"]
+    cfg = args.to_hf_config()
+    config = transformers.Mistral4Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        model = transformers.Mistral4ForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == parameter_counts(args)["total"]
+    assert model.model.layers[0].self_attn.scaling == pytest.approx(
+        mla_scale(args), rel=1e-12)
+    with tempfile.TemporaryDirectory() as d:
+        config.save_pretrained(d)
+        assert replace(ModelArgs.from_hf_config(d), tokenizer=args.tokenizer) == args
+
+
+def mla_scale(args: ModelArgs) -> float:
+    from mistral_ref.mla import mla_softmax_scale
+
+    return mla_softmax_scale(args.mla, args.yarn)

@@ -98,6 +98,33 @@ class LayerCache:
         self.pos[b, slot] = positions[b, t]
 
 
+class LatentLayerCache(LayerCache):
+    """The cache of a latent-attention layer (mla.py): per token the normed latent (kv_lora_rank numbers) and
+    the rotated key part shared by all heads (qk_rope_head_dim), not per-head keys and values.
+
+    Stored in LayerCache's slots so every write rule (decode, chunks, padding) is the same code: `k` holds the
+    latents (B, S, 1, kv_lora_rank), `v` the rotary keys (B, S, 1, qk_rope_head_dim); :attr:`latent` and
+    :attr:`k_rope` name them.  Never rolling (latent attention has no window).
+    """
+
+    def __init__(self, batch_size: int, capacity: int, kv_lora_rank: int, qk_rope_head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.capacity, self.rolling = capacity, False
+        self.k = torch.zeros(batch_size, capacity, 1, kv_lora_rank, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, capacity, 1, qk_rope_head_dim, dtype=dtype, device=device)
+        self.pos = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        """(B, S, 1, kv_lora_rank): the kv_a_layernorm'd latents."""
+        return self.k
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        """(B, S, 1, qk_rope_head_dim): the rotated key parts."""
+        return self.v
+
+
 def layer_capacity(args: ModelArgs, layer_id: int, max_seq_len: int) -> tuple[int, bool]:
     """(slots, rolling) of one layer's cache: a window W < max_seq_len rolls over W slots, else one per position."""
     window = args.window_for_layer(layer_id)
@@ -105,9 +132,17 @@ def layer_capacity(args: ModelArgs, layer_id: int, max_seq_len: int) -> tuple[in
     return (window if rolling else max_seq_len), rolling
 
 
+def bytes_per_slot(args: ModelArgs) -> int:
+    """Numbers one layer caches per token: 2 x n_kv_heads x head_dim (keys and values), or
+    kv_lora_rank + qk_rope_head_dim for latent attention."""
+    if args.mla is not None:
+        return args.mla.kv_lora_rank + args.mla.qk_rope_head_dim
+    return 2 * args.n_kv_heads * args.head_dim
+
+
 def cache_nbytes(args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> int:
     """Bytes of keys and values a KVCache(args, batch_size, max_seq_len, dtype) will hold, before allocating it."""
-    per_slot = 2 * args.n_kv_heads * args.head_dim * torch.tensor([], dtype=dtype).element_size()
+    per_slot = bytes_per_slot(args) * torch.tensor([], dtype=dtype).element_size()
     slots = sum(layer_capacity(args, i, max_seq_len)[0] for i in range(args.n_layers))
     return batch_size * slots * per_slot
 
@@ -129,6 +164,10 @@ class KVCache:
         self.layers: list[LayerCache] = []
         for layer_id in range(args.n_layers):
             capacity, rolling = layer_capacity(args, layer_id, max_seq_len)
+            if args.mla is not None:  # latent attention: the compressed latent + rotary key per token
+                self.layers.append(LatentLayerCache(batch_size, capacity, args.mla.kv_lora_rank,
+                                                    args.mla.qk_rope_head_dim, dtype, device))
+                continue
             self.layers.append(
                 LayerCache(batch_size, capacity, rolling, args.n_kv_heads, args.head_dim, dtype, device))
 

@@ -12,6 +12,10 @@ The 2024-2026 models add three sections, spelled as their ``params.json`` spells
   scaling and query scaling of Ministral 3 / Devstral Small 2; Hugging Face writes them into ``rope_parameters``
   (model_type "ministral3");
 * ``tied_embeddings``: the output projection is the embedding matrix (Ministral 3 3B); HF ``tie_word_embeddings``.
+* ``mla`` (:class:`MlaArgs`) and ``fine_moe`` (:class:`FineMoeArgs`): latent attention and shared + fine-grained
+  experts (Mistral Small 4, Mistral Large 3).  Hugging Face writes them as top-level keys of model_type "mistral4"
+  / "deepseek_v3"; in ``params.json`` they are this project's own sections with HF's key names (we found no
+  published native file of these models to follow).
 Multimodal configs (native ``vision_encoder``, HF "mistral3" with a ``text_config``) load their language model;
 image inputs are not supported yet (a warning says so).
 """
@@ -36,6 +40,97 @@ class MoeArgs:
 
     num_experts: int
     num_experts_per_tok: int
+
+
+@dataclass(frozen=True)
+class MlaArgs:
+    """Multi-head latent attention (DeepSeek-V2/V3; Mistral Small 4, Mistral Large 3): mla.py has the math.
+
+    Names as Hugging Face's mistral4 / deepseek_v3 configs spell them.  q_lora_rank: width of the compressed
+    query (None: one q_proj instead of q_a_proj -> q_a_layernorm -> q_b_proj); kv_lora_rank: width of the
+    compressed key-value latent (what the latent cache stores per token, with the qk_rope_head_dim rotary key);
+    qk_nope_head_dim / qk_rope_head_dim: the un-rotated and rotated parts of each query and key head;
+    v_head_dim: width of each value head; mscale_all_dim: YaRN's softmax-scale correction (HF
+    rope_parameters.mscale_all_dim; 0 = none): with YaRN the scale qk_head_dim ** -0.5 is multiplied by
+    (0.1 * mscale_all_dim * ln(factor) + 1) ** 2.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "q_lora_rank"):
+            v = getattr(self, name)
+            if name == "q_lora_rank" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"mla.{name} must be a positive integer, found {v!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"mla.qk_rope_head_dim must be even (rotary pairs), found {self.qk_rope_head_dim}")
+        m = self.mscale_all_dim
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+            raise ConfigError(f"mla.mscale_all_dim must be a number >= 0, found {m!r}")
+        object.__setattr__(self, "mscale_all_dim", float(m))
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one query / key head: the un-rotated part then the rotated part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class FineMoeArgs:
+    """Fine-grained experts (DeepSeek-MoE; Mistral Small 4, Mistral Large 3): moe.FineMoeLayer has the math.
+
+    Every token goes through `n_shared_experts` shared experts (one SwiGLU of width n_shared_experts x
+    moe_intermediate_size) plus `num_experts_per_tok` of `num_experts` routed experts of width
+    moe_intermediate_size.  scoring_func: "softmax" (mistral4) or "sigmoid" (deepseek_v3, with a learned
+    e_score_correction_bias that steers the choice but not the weights); experts are split into n_group
+    groups, only the topk_group groups with the best (top-2 sum) scores are eligible; norm_topk_prob: divide
+    the chosen k scores by their sum; routed_scaling_factor multiplies the routed mix; the first
+    first_k_dense_replace layers are dense SwiGLU of width hidden_dim.  HF names, HF n_routed_experts =
+    num_experts.
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    n_shared_experts: int = 1
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"fine_moe.{name} must be a positive integer, found {v!r}")
+        for name in ("n_shared_experts", "first_k_dense_replace"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"fine_moe.{name} must be an integer >= 0, found {v!r}")
+        if self.num_experts % self.n_group:
+            raise ConfigError(f"fine_moe.n_group={self.n_group} must divide num_experts={self.num_experts}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"fine_moe.topk_group={self.topk_group} must be <= n_group={self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+            raise ConfigError(f"fine_moe.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts of "
+                              f"the topk_group={self.topk_group} eligible groups")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError(f"fine_moe.scoring_func must be 'softmax' or 'sigmoid', found {self.scoring_func!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ConfigError(f"fine_moe.norm_topk_prob must be true or false, found {self.norm_topk_prob!r}")
+        r = self.routed_scaling_factor
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ConfigError(f"fine_moe.routed_scaling_factor must be a positive number, found {r!r}")
+        object.__setattr__(self, "routed_scaling_factor", float(r))
 
 
 @dataclass(frozen=True)
@@ -178,6 +273,8 @@ class ModelArgs:
     yarn: YarnArgs | None = None
     llama_4_scaling: Llama4Scaling | None = None
     tied_embeddings: bool = False
+    mla: MlaArgs | None = None
+    fine_moe: FineMoeArgs | None = None
     tokenizer: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -189,7 +286,8 @@ class ModelArgs:
         if self.n_kv_heads is None:
             set_(self, "n_kv_heads", self.n_heads)
         set_(self, "sliding_window", normalize_sliding_window(self.sliding_window))
-        for name, cls in (("moe", MoeArgs), ("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling)):
+        for name, cls in (("moe", MoeArgs), ("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling),
+                          ("mla", MlaArgs), ("fine_moe", FineMoeArgs)):
             if isinstance(getattr(self, name), dict):
                 set_(self, name, _section(cls, name, getattr(self, name)))
         for name in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads"):
@@ -219,6 +317,11 @@ class ModelArgs:
                               f"divide n_layers={self.n_layers} (it repeats over the layers)")
         if not isinstance(self.tied_embeddings, bool):
             raise ConfigError(f"tied_embeddings must be true or false, found {self.tied_embeddings!r}")
+        if self.fine_moe is not None and self.moe is not None:
+            raise ConfigError("moe (Mixtral experts) and fine_moe (shared + fine-grained experts) exclude each other")
+        if self.mla is not None and (self.n_kv_heads != self.n_heads or isinstance(self.sliding_window, tuple)
+                                     or self.sliding_window is not None):
+            raise ConfigError("mla (latent attention) needs n_kv_heads == n_heads and no sliding window")
 
     # ---- derived views -------------------------------------------------------------------------------------
     def window_for_layer(self, layer_id: int) -> int | None:
@@ -230,7 +333,19 @@ class ModelArgs:
 
     @property
     def is_moe(self) -> bool:
-        return self.moe is not None
+        return self.moe is not None or self.fine_moe is not None
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of a head: head_dim, or mla.qk_rope_head_dim for latent attention."""
+        return self.head_dim if self.mla is None else self.mla.qk_rope_head_dim
+
+    def is_dense_layer(self, layer_id: int) -> bool:
+        """True where layer `layer_id` has a plain SwiGLU feed-forward (no experts, or fine_moe's first
+        first_k_dense_replace layers)."""
+        if self.fine_moe is not None:
+            return layer_id < self.fine_moe.first_k_dense_replace
+        return self.moe is None
 
     def to_params_json(self) -> dict[str, Any]:
         """The dict written as native ``params.json`` (tokenizer metadata is not part of it)."""
@@ -244,7 +359,7 @@ class ModelArgs:
                     f"yarn.attention_factor={self.yarn.attention_factor} cannot be written to params.json, which "
                     "knows only apply_scale (true: 0.1 * ln(factor) + 1; false: 1)")
             d["yarn"].pop("attention_factor")
-        for key in ("sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling"):
+        for key in ("sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "mla", "fine_moe"):
             if d[key] is None:
                 d.pop(key)
         if not self.tied_embeddings:
@@ -258,8 +373,11 @@ class ModelArgs:
         for per-layer windows; Ministral3ForCausalLM ("ministral3": YaRN and the query scaling in
         ``rope_parameters``) for YaRN; MistralForCausalLM otherwise.  Raises ConfigError for what no HF class
         expresses: two different finite windows, per-layer windows with experts or YaRN, experts with YaRN, and
-        a query scaling without YaRN or with another original context than YaRN's.
+        a query scaling without YaRN or with another original context than YaRN's.  Latent attention writes
+        Mistral4ForCausalLM / DeepseekV3ForCausalLM (:meth:`_to_hf_mla_config`).
         """
+        if self.mla is not None:
+            return self._to_hf_mla_config()
         window, moe, yarn, l4 = self.sliding_window, self.moe, self.yarn, self.llama_4_scaling
         per_layer = isinstance(window, tuple)
         if per_layer and len({w for w in window if w is not None}) > 1:
@@ -316,6 +434,47 @@ class ModelArgs:
                 cfg["rope_parameters"]["attention_factor"] = yarn.attention_factor
         return cfg
 
+    def _to_hf_mla_config(self) -> dict[str, Any]:
+        """config.json of a latent-attention model: "mistral4" (softmax routing, query scaling) or "deepseek_v3"
+        (sigmoid routing with a correction bias, no query scaling).  rope_interleave is true: our rotary layout."""
+        mla, fm, yarn, l4 = self.mla, self.fine_moe, self.yarn, self.llama_4_scaling
+        assert mla is not None
+        if fm is None:
+            raise ConfigError("Hugging Face configs express latent attention only with fine_moe experts "
+                              "(Mistral4 / DeepseekV3 MoE layers)")
+        model_type = "mistral4" if fm.scoring_func == "softmax" else "deepseek_v3"
+        if l4 is not None and (model_type != "mistral4" or yarn is None
+                               or l4.original_max_position_embeddings != yarn.original_max_position_embeddings):
+            raise ConfigError("Hugging Face configs express llama_4_scaling with latent attention only for "
+                              "softmax routing (mistral4) on top of YaRN with the same original context")
+        if model_type == "mistral4" and l4 is None:
+            raise ConfigError("Mistral4ForCausalLM always applies the llama-4 query scaling: llama_4_scaling "
+                              "is required for softmax-routed latent attention models")
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if yarn is not None:
+            rope = {"rope_type": "yarn", "rope_theta": self.rope_theta, "factor": yarn.factor,
+                    "original_max_position_embeddings": yarn.original_max_position_embeddings,
+                    "beta_fast": yarn.beta, "beta_slow": yarn.alpha, "attention_factor": yarn.attention_scaling,
+                    "mscale": mla.mscale_all_dim, "mscale_all_dim": mla.mscale_all_dim}
+            if l4 is not None:
+                rope["llama_4_scaling_beta"] = l4.beta
+        return {
+            "architectures": [_HF_ARCHITECTURES[model_type]], "model_type": model_type,
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "intermediate_size": self.hidden_dim,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_heads,
+            "rms_norm_eps": self.norm_eps, "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_seq_len or 32768, "hidden_act": "silu",
+            "tie_word_embeddings": self.tied_embeddings, "bos_token_id": 1, "eos_token_id": 2,
+            "q_lora_rank": mla.q_lora_rank, "kv_lora_rank": mla.kv_lora_rank,
+            "qk_nope_head_dim": mla.qk_nope_head_dim, "qk_rope_head_dim": mla.qk_rope_head_dim,
+            "v_head_dim": mla.v_head_dim, "rope_interleave": True, "attention_bias": False,
+            "n_routed_experts": fm.num_experts, "num_experts_per_tok": fm.num_experts_per_tok,
+            "moe_intermediate_size": fm.moe_intermediate_size, "n_shared_experts": fm.n_shared_experts,
+            "first_k_dense_replace": fm.first_k_dense_replace, "n_group": fm.n_group, "topk_group": fm.topk_group,
+            "norm_topk_prob": fm.norm_topk_prob, "routed_scaling_factor": fm.routed_scaling_factor,
+            "rope_parameters": rope,
+        }
+
     # ---- parsing ---------------------------------------------------------------------------------------------
     @classmethod
     def from_params_json(cls, path: str | Path) -> ModelArgs:
@@ -331,7 +490,8 @@ class ModelArgs:
             path = path / "params.json"
         raw = _read_json(path)
         known = {"dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads", "norm_eps",
-                 "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings"}
+                 "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings",
+                 "mla", "fine_moe"}
         # Keys that real params.json files carry and that do not change the text model.
         harmless = {"max_batch_size", "use_biases", "model_type", "torch_dtype", "dtype", "quantization", "lora",
                     "vision_encoder", "_name_or_path", "version", "max_position_embeddings"}
@@ -356,7 +516,8 @@ class ModelArgs:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
         try:
-            for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling)):
+            for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling), ("mla", MlaArgs),
+                                  ("fine_moe", FineMoeArgs)):
                 if raw.get(name) is not None:
                     kwargs[name] = _section(section, name, raw[name])
                 else:
@@ -395,7 +556,8 @@ class ModelArgs:
                               f"({', '.join(_HF_ARCHITECTURES)})")
         _require(raw, path, ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                              "vocab_size"))
-        known = {"hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+        known = set(_HF_MLA_KEYS) if model_type in _HF_MLA_DEFAULTS else set()
+        known |= {"hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "rope_theta", "rope_parameters",
                  "rope_scaling", "sliding_window", "layer_types", "max_position_embeddings", "num_local_experts",
                  "num_experts_per_tok", "model_type", "architectures", "tie_word_embeddings", "hidden_act"}
@@ -413,6 +575,8 @@ class ModelArgs:
         tied = raw.get("tie_word_embeddings", False)
         if not isinstance(tied, bool):
             raise ConfigError(f"{path}: {where}tie_word_embeddings must be true or false, found {tied!r}")
+        if model_type in _HF_MLA_DEFAULTS:
+            return _from_hf_mla(cls, raw, model_type, path, where)
         moe = None
         if raw.get("num_local_experts"):
             moe = MoeArgs(int(raw["num_local_experts"]), int(raw.get("num_experts_per_tok", 2)))
@@ -432,7 +596,68 @@ class ModelArgs:
 
 # model_type -> the architecture to_hf_config writes (and that from_hf_config accepts)
 _HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
-                     "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM"}
+                     "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
+                     "mistral4": "Mistral4ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+
+# Latent attention + fine-grained experts: the keys transformers 5.23's Mistral4Config / DeepseekV3Config read,
+# with their defaults (a config.json that omits one gets what transformers would use).
+_HF_MLA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral4": dict(kv_lora_rank=256, q_lora_rank=1024, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=128,
+                     n_routed_experts=128, num_experts_per_tok=4, moe_intermediate_size=2048, n_shared_experts=1,
+                     first_k_dense_replace=0, n_group=1, topk_group=1, norm_topk_prob=True,
+                     routed_scaling_factor=1.0, rope_interleave=True, attention_bias=False),
+    "deepseek_v3": dict(kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                        v_head_dim=128, n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048,
+                        n_shared_experts=1, first_k_dense_replace=3, n_group=8, topk_group=4, norm_topk_prob=True,
+                        routed_scaling_factor=2.5, rope_interleave=True, attention_bias=False),
+}
+_HF_MLA_KEYS = (*_HF_MLA_DEFAULTS["mistral4"], "num_local_experts", "qk_head_dim", "num_mtp_layers",
+                "pretraining_tp", "scoring_func", "topk_method", "moe_layer_freq", "ep_size",
+                "num_nextn_predict_layers", "aux_loss_alpha", "seq_aux")
+
+
+def _from_hf_mla(cls: type[ModelArgs], raw: dict[str, Any], model_type: str, path: Path, where: str) -> ModelArgs:
+    """ModelArgs of a Mistral4ForCausalLM / DeepseekV3ForCausalLM config.json, as transformers 5.23 reads it.
+
+    mistral4 routes by softmax and always scales queries (llama_4_scaling_beta); deepseek_v3 routes by sigmoid
+    with e_score_correction_bias and never scales queries.  head_dim = qk_nope_head_dim + qk_rope_head_dim; every
+    head has its own keys and values (n_kv_heads = n_heads).  rope_interleave false (half-split rotary rows) and
+    attention_bias true are refused: the published models use neither.
+    """
+    c = {**_HF_MLA_DEFAULTS[model_type], **{k: v for k, v in raw.items() if v is not None or k == "q_lora_rank"}}
+    if "num_local_experts" in raw and "n_routed_experts" not in raw:
+        c["n_routed_experts"] = raw["num_local_experts"]
+    try:
+        if c["rope_interleave"] is not True:
+            raise ConfigError("rope_interleave=false (half-split rotary rows) is not supported; the published "
+                              "Mistral Small 4 / Large 3 / DeepSeek-V3 configs use true")
+        if c["attention_bias"]:
+            raise ConfigError("attention_bias=true is not supported (latent attention without biases only)")
+        scoring = "softmax" if model_type == "mistral4" else "sigmoid"
+        if raw.get("scoring_func", scoring) != scoring:
+            raise ConfigError(f"scoring_func {raw['scoring_func']!r}: transformers' {model_type} routes by {scoring}")
+        theta, yarn, llama_4 = _hf_rope(raw, model_type)
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        mla = MlaArgs(kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
+                      qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
+                      q_lora_rank=c["q_lora_rank"],
+                      mscale_all_dim=(rope.get("mscale_all_dim") or 0.0) if yarn is not None else 0.0)
+        fine_moe = FineMoeArgs(
+            num_experts=c["n_routed_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+            moe_intermediate_size=c["moe_intermediate_size"], n_shared_experts=c["n_shared_experts"],
+            first_k_dense_replace=c["first_k_dense_replace"], n_group=c["n_group"], topk_group=c["topk_group"],
+            norm_topk_prob=c["norm_topk_prob"], routed_scaling_factor=c["routed_scaling_factor"],
+            scoring_func=scoring)
+        tied = raw.get("tie_word_embeddings", False)
+        if not isinstance(tied, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, found {tied!r}")
+        return cls(dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"], hidden_dim=raw["intermediate_size"],
+                   n_heads=raw["num_attention_heads"], vocab_size=raw["vocab_size"], head_dim=mla.qk_head_dim,
+                   n_kv_heads=raw["num_attention_heads"], norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                   rope_theta=theta, max_seq_len=raw.get("max_position_embeddings"), yarn=yarn,
+                   llama_4_scaling=llama_4, tied_embeddings=tied, mla=mla, fine_moe=fine_moe)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {where}{e}") from None
 
 
 def _section(cls: type, name: str, value: Any) -> Any:
@@ -507,7 +732,7 @@ def _hf_rope(raw: dict[str, Any], model_type: str | None) -> tuple[float, YarnAr
         raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' and 'yarn')")
     beta = rope.get("llama_4_scaling_beta") or 0
     if rope_type == "default":
-        if beta and model_type == "ministral3":
+        if beta and model_type in ("ministral3", "mistral4"):
             raise ConfigError("rope_parameters.llama_4_scaling_beta needs rope_type 'yarn' (its "
                               "original_max_position_embeddings)")
         return float(theta), None, None
@@ -538,7 +763,7 @@ def _hf_rope(raw: dict[str, Any], model_type: str | None) -> tuple[float, YarnAr
         yarn = replace(yarn, attention_factor=scale)
     llama_4 = None
     if beta:
-        if model_type == "ministral3":
+        if model_type in ("ministral3", "mistral4"):
             llama_4 = Llama4Scaling(yarn.original_max_position_embeddings, beta)
         else:
             warnings.warn(f"rope_parameters.llama_4_scaling_beta is ignored for model_type {model_type!r}, as "

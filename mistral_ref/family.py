@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 
 _MIXTRAL_MOE = MoeArgs(num_experts=8, num_experts_per_tok=2)
 # Ministral 3: YaRN 16x over 16k (256k), no cos/sin magnitude change (HF mscale = mscale_all_dim = 1), and the
@@ -26,6 +26,19 @@ _MINISTRAL3_QUERY = Llama4Scaling(original_max_position_embeddings=16384, beta=0
 _DEVSTRAL2_YARN = YarnArgs(factor=48.0, original_max_position_embeddings=8192, beta=32.0, alpha=1.0,
                            apply_scale=False)
 _DEVSTRAL2_QUERY = Llama4Scaling(original_max_position_embeddings=8192, beta=0.1)
+
+
+# Mistral Small 4 (119B, 6.5B active): transformers 5.23's Mistral4Config defaults, which are that model's shape
+# (latent attention: q 1024, kv 256, 64 + 64 qk, 128 v; 128 experts of 2048 top-4 + 1 shared; YaRN 128x over 8k with
+# the softmax-scale correction mscale_all_dim 1 and the query scaling beta 0.1; rope theta 1e4).
+_SMALL4 = ModelArgs(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32, n_kv_heads=32,
+                    vocab_size=131072, norm_eps=1e-6, rope_theta=1e4,
+                    yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
+                    llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
+                    mla=MlaArgs(kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,
+                                q_lora_rank=1024, mscale_all_dim=1.0),
+                    fine_moe=FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=2048),
+                    max_seq_len=262144, tokenizer="v15-tekken")
 
 
 def _small3(**kw) -> ModelArgs:
@@ -79,6 +92,7 @@ PRESETS: dict[str, ModelArgs] = {
     "devstral-small-2505": _small3(rope_theta=1e9, max_seq_len=131072, tokenizer="v7-tekken"),  # Devstral Small 1
     "devstral-small-2-2512": _small3(rope_theta=1e8, yarn=_DEVSTRAL2_YARN, llama_4_scaling=_DEVSTRAL2_QUERY,
                                      max_seq_len=262144, tokenizer="v13-tekken"),
+    "mistral-small-4-2603": _SMALL4,
 }
 
 
@@ -112,9 +126,19 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
                  two norms (dim each), and the feed-forward: w1, w3 (hidden_dim x dim), w2 (dim x hidden_dim) —
                  for Mixtral num_experts copies of it plus the router gate (num_experts x dim).
     Active = total minus the experts a token does not visit: (num_experts - num_experts_per_tok) experts per layer.
+
+    With latent attention (args.mla): q_a_proj (q_lora_rank x dim) + q_a_layernorm + q_b_proj (n_heads*qk_head_dim
+    x q_lora_rank), or q_proj (n_heads*qk_head_dim x dim); kv_a_proj_with_mqa ((kv_lora_rank + qk_rope_head_dim) x
+    dim), kv_a_layernorm, kv_b_proj (n_heads*(qk_nope_head_dim + v_head_dim) x kv_lora_rank), wo (dim x
+    n_heads*v_head_dim).  With fine-grained experts (args.fine_moe): the first first_k_dense_replace layers are
+    dense (hidden_dim); the others hold num_experts routed experts of moe_intermediate_size, the shared expert
+    (n_shared_experts x moe_intermediate_size wide) and the router; a token visits num_experts_per_tok routed
+    experts and the shared one (the e_score_correction_bias is a buffer, not a parameter).
     """
     d, hd = args.dim, args.head_dim
     attention = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2  # wq, wo; wk, wv
+    if args.fine_moe is not None or args.mla is not None:
+        return _latent_parameter_counts(args)
     expert = 3 * d * args.hidden_dim  # w1, w2, w3
     experts = args.moe.num_experts if args.moe else 1
     router = args.moe.num_experts * d if args.moe else 0
@@ -125,16 +149,49 @@ def parameter_counts(args: ModelArgs) -> dict[str, int]:
     return {"total": total, "active": total - args.n_layers * idle * expert}
 
 
+def _latent_parameter_counts(args: ModelArgs) -> dict[str, int]:
+    """parameter_counts for models with latent attention and / or fine-grained experts (see there)."""
+    d, H, m, fm = args.dim, args.n_heads, args.mla, args.fine_moe
+    if m is None:
+        attention = d * H * args.head_dim * 2 + d * args.n_kv_heads * args.head_dim * 2
+    else:
+        q = d * H * m.qk_head_dim if m.q_lora_rank is None else \
+            d * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * H * m.qk_head_dim  # q_a_proj, norm, q_b_proj
+        kv = d * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank  # kv_a_proj_with_mqa, kv_a_layernorm
+        kv += m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)  # kv_b_proj
+        attention = q + kv + H * m.v_head_dim * d  # + wo
+    dense = 3 * d * args.hidden_dim
+    total = active = 0
+    for layer in range(args.n_layers):
+        base = attention + 2 * d  # + the two norms
+        if args.is_dense_layer(layer):
+            total, active = total + base + dense, active + base + dense
+        elif fm is not None:
+            expert = 3 * d * fm.moe_intermediate_size
+            shared_router = fm.n_shared_experts * expert + fm.num_experts * d
+            total += base + fm.num_experts * expert + shared_router
+            active += base + fm.num_experts_per_tok * expert + shared_router
+        else:  # Mixtral experts under latent attention
+            moe = args.moe
+            total += base + moe.num_experts * dense + moe.num_experts * d
+            active += base + moe.num_experts_per_tok * dense + moe.num_experts * d
+    embeddings = (1 if args.tied_embeddings else 2) * args.vocab_size * d + d  # + the final norm
+    return {"total": total + embeddings, "active": active + embeddings}
+
+
 def kv_cache_bytes(args: ModelArgs, context: int, bytes_per_value: int = 2, batch_size: int = 1) -> int:
     """Bytes of keys and values a KV cache holds for `context` positions (bf16 / fp16: 2 bytes per value).
 
     Each layer keeps min(window, context) slots (a window layer rolls over its W slots; a full layer keeps one
-    per position), each holding a key and a value of n_kv_heads x head_dim.  Equals
-    mistral_ref.cache.cache_nbytes (tests/test_family.py), without torch.
+    per position), each holding a key and a value of n_kv_heads x head_dim — or, with latent attention, the latent
+    and the rotary key (kv_lora_rank + qk_rope_head_dim).  Equals mistral_ref.cache.cache_nbytes
+    (tests/test_family.py), without torch.
     """
     slots = sum(min(w, context) if (w := args.window_for_layer(i)) is not None else context
                 for i in range(args.n_layers))
-    return batch_size * slots * 2 * args.n_kv_heads * args.head_dim * bytes_per_value
+    per_slot = (args.mla.kv_lora_rank + args.mla.qk_rope_head_dim if args.mla is not None
+                else 2 * args.n_kv_heads * args.head_dim)
+    return batch_size * slots * per_slot * bytes_per_value
 
 
 def _window_text(args: ModelArgs) -> str:
@@ -172,6 +229,8 @@ def family_table() -> str:
     for name, a in PRESETS.items():
         c = parameter_counts(a)
         experts = f"{a.moe.num_experts} top-{a.moe.num_experts_per_tok}" if a.moe else "-"
+        if a.fine_moe:
+            experts = f"{a.fine_moe.num_experts} top-{a.fine_moe.num_experts_per_tok} +{a.fine_moe.n_shared_experts}"
         context = a.max_seq_len or 32768
         tied = " tied" if a.tied_embeddings else ""
         rows.append(

@@ -23,7 +23,8 @@ from mistral_ref.attention import Attention
 from mistral_ref.backends import Backend, get_backend
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.config import ModelArgs
-from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
+from mistral_ref.mla import LatentAttention
+from mistral_ref.moe import FeedForward, FineMoeLayer, MoeLayer, load_balancing_loss
 from mistral_ref.norm import RMSNorm
 
 
@@ -32,10 +33,12 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
-        self.attention = Attention(args, layer_id)
+        # latent attention (args.mla: Mistral Small 4, Large 3) or grouped-query attention
+        self.attention: nn.Module = LatentAttention(args, layer_id) if args.mla else Attention(args, layer_id)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward: nn.Module = MoeLayer(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
+        self.feed_forward: nn.Module = (FeedForward(args.dim, args.hidden_dim) if args.is_dense_layer(layer_id)
+                                        else FineMoeLayer(args) if args.fine_moe else MoeLayer(args))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: object, ops: Backend,
                 cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,7 +112,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         a = self.args
-        rope = ops.rope_table(positions, a.head_dim, a.rope_theta, a.yarn)  # the same for every layer
+        rope = ops.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)  # the same for every layer
         router_logits = []
         for i, layer in enumerate(self.layers):
             h, rl = layer(h, positions, rope, ops, None if cache is None else cache[i])
@@ -128,7 +131,7 @@ class Transformer(nn.Module):
         logits, router_logits = self(tokens, return_router_logits=True)
         lm_loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         if router_logits:
-            moe = self.args.moe
+            moe = self.args.moe or self.args.fine_moe  # both name num_experts, num_experts_per_tok
             aux = load_balancing_loss(router_logits, moe.num_experts, moe.num_experts_per_tok)
         else:
             aux = torch.zeros((), device=logits.device)

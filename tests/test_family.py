@@ -44,6 +44,7 @@ FAMILY = {
     "magistral-small-2506": (5120, 40, 32, 8, 128, 32768, 131072, 1e9, None, None),
     "devstral-small-2505": (5120, 40, 32, 8, 128, 32768, 131072, 1e9, None, None),
     "devstral-small-2-2512": (5120, 40, 32, 8, 128, 32768, 131072, 1e8, None, None),
+    "mistral-small-4-2603": (4096, 36, 32, 32, 128, 12288, 131072, 1e4, None, None),  # + latent attention (test_mla)
 }
 
 
@@ -77,6 +78,7 @@ PRESET_TOKENIZER_AND_CONTEXT = {
     "magistral-small-2506": ("v11-tekken", 131072),
     "devstral-small-2505": ("v7-tekken", 131072),
     "devstral-small-2-2512": ("v13-tekken", 262144),
+    "mistral-small-4-2603": ("v15-tekken", 262144),  # V15: reasoning_effort in [MODEL_SETTINGS] (not verified)
 }
 
 
@@ -155,6 +157,12 @@ def _meta_counts(args: ModelArgs) -> dict[str, int]:
     if args.moe is not None:
         expert = sum(p.numel() for p in model.layers[0].feed_forward.experts[0].parameters())
         active -= args.n_layers * (args.moe.num_experts - args.moe.num_experts_per_tok) * expert
+    if args.fine_moe is not None:  # the routed experts a token does not visit, counted on the modules
+        fm = args.fine_moe
+        for layer in model.layers:
+            if hasattr(layer.feed_forward, "shared_experts"):
+                expert = sum(p.numel() for p in layer.feed_forward.experts[0].parameters())
+                active -= (fm.num_experts - fm.num_experts_per_tok) * expert
     return {"total": total, "active": active}
 
 

@@ -270,6 +270,38 @@ def check_config_fits_files(files: CheckpointFiles, args: ModelArgs) -> None:
         f"mismatched config){_one_shard_hint(files)}")
 
 
+_FUSED_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+
+
+def fused_expert_parts(hf_name: str, info: TensorInfo) -> list[tuple[str, TensorInfo]] | None:
+    """The native expert tensors inside one of transformers 5's fused expert tensors, or None for other names.
+
+    transformers 5.23 keeps (and Mistral4ForCausalLM saves) the routed experts of a layer as two tensors:
+    experts.gate_up_proj (E, 2 * hidden, dim), each expert's gate rows then its up rows, and experts.down_proj
+    (E, dim, hidden).  Each native tensor (experts.e.w1 / w3 / w2) is a contiguous run of bytes there, so it is
+    described by the same file with another offset and shape: nothing is copied.
+    """
+    m = _FUSED_EXPERTS.fullmatch(hf_name)
+    if m is None or len(info.shape) != 3:
+        return None
+    layer, kind = m.groups()
+    n_experts, rows, cols = info.shape
+    size = info.dtype.itemsize
+    parts = []
+    for e in range(n_experts):
+        start = info.offset + e * rows * cols * size
+        if kind == "down_proj":
+            parts.append((f"layers.{layer}.feed_forward.experts.{e}.w2.weight", replace(info, shape=(rows, cols),
+                                                                                          offset=start)))
+        else:
+            half = rows // 2
+            parts.append((f"layers.{layer}.feed_forward.experts.{e}.w1.weight",
+                          replace(info, shape=(half, cols), offset=start)))
+            parts.append((f"layers.{layer}.feed_forward.experts.{e}.w3.weight",
+                          replace(info, shape=(half, cols), offset=start + half * cols * size)))
+    return parts
+
+
 def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
     """{native name: TensorInfo} for every tensor the model needs, after checking names, shapes and dtypes.
 
@@ -299,8 +331,18 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
             if files.format == "hf":
                 if _IGNORED_HF_KEYS.fullmatch(key):
                     continue
+                parts = fused_expert_parts(language_model_name(key), info)
+                if parts is not None:  # transformers 5's (E, ...) expert tensors: one slice per native tensor
+                    for name, part in parts:
+                        if expected.get(name) != part.shape:
+                            problems.append(f"{shard}: key {key!r} has shape {list(info.shape)}, which does not "
+                                            f"split into {files.config.name}'s experts ({name}: "
+                                            f"{list(expected.get(name, ()))})")
+                            break
+                        index[name] = part
+                    continue
                 try:
-                    name = hf_to_native_name(language_model_name(key))
+                    name = hf_to_native_name(language_model_name(key), args)
                 except KeyError:
                     unexpected.append(key)
                     continue

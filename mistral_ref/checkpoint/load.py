@@ -81,8 +81,9 @@ def load_weights(model: Transformer, files: CheckpointFiles, index: dict[str, Te
             with safe_open(file, framework="pt") as mapped:
                 for name, info in entries:
                     qk_head_dim = head_dim if files.format == "hf" and is_qk(name) else 0
+                    whole_key = tuple(mapped.get_slice(info.key).get_shape()) == tuple(info.shape)  # not a slice
                     if mmap and device.type == "cpu" and info.dtype == dtype and not qk_head_dim \
-                            and parts[name] == WHOLE:
+                            and parts[name] == WHOLE and whole_key:  # (files.fused_expert_parts makes slices)
                         state[name] = mapped.get_tensor(info.key)  # a view of the memory map: nothing read yet
                         bar.update(nbytes[name])
                     else:

@@ -37,6 +37,25 @@ _LAYER_NAMES = {  # native suffix of layers.N. -> HF suffix of model.layers.N.
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
 }
+# Latent attention and fine-grained experts (Mistral Small 4, Mistral Large 3): the modules carry HF mistral4 /
+# deepseek_v3's own names, so the attention names map one to one; the routed experts are per-expert tensors as
+# in the hub files (transformers 5 fuses them into experts.gate_up_proj / experts.down_proj in memory only).
+# Their rotary rows need NO permutation: both published configs say rope_interleave true, i.e. HF's rotary rows are
+# the interleaved pairs that native files and rope.apply_rotary_emb use (rope_interleave false is refused by
+# config.py).  Native params.json files of these models are not covered: we found no published mapping.
+_MLA_ATTENTION = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+                  "kv_b_proj")  # o_proj is attention.wo, as in every Mistral model
+_LATENT_LAYER_NAMES = {  # native suffix -> HF suffix, for models with args.mla / args.fine_moe
+    **{f"attention.{n}.weight": f"self_attn.{n}.weight" for n in _MLA_ATTENTION},
+    "feed_forward.gate.weight": "mlp.gate.weight",
+    "feed_forward.gate.e_score_correction_bias": "mlp.gate.e_score_correction_bias",
+    "feed_forward.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "feed_forward.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "feed_forward.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+}
+_FINE_EXPERT_HF = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_HF_FINE_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_HF_TO_NATIVE_LATENT = {v: k for k, v in _LATENT_LAYER_NAMES.items()}
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 _HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
@@ -45,13 +64,22 @@ _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 
 
-def native_to_hf_name(name: str) -> str:
-    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight' (KeyError if unknown)."""
+def native_to_hf_name(name: str, args: ModelArgs | None = None) -> str:
+    """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight' (KeyError if unknown).
+
+    args: needed only for fine-grained experts (args.fine_moe), whose router is mlp.gate where Mixtral's is
+    block_sparse_moe.gate."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _NATIVE_LAYER.fullmatch(name)
     if m:
         layer, rest = m.groups()
+        latent = args is not None and (args.fine_moe is not None or args.mla is not None)
+        if latent and rest in _LATENT_LAYER_NAMES:
+            return f"model.layers.{layer}.{_LATENT_LAYER_NAMES[rest]}"
+        e = _EXPERT.fullmatch(rest)
+        if e and args is not None and args.fine_moe is not None:
+            return f"model.layers.{layer}.mlp.experts.{e[1]}.{_FINE_EXPERT_HF[e[2]]}.weight"
         if rest in _LAYER_NAMES:
             return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
         e = _EXPERT.fullmatch(rest)
@@ -60,15 +88,26 @@ def native_to_hf_name(name: str) -> str:
     raise KeyError(f"no Hugging Face name for native tensor {name!r}")
 
 
-def hf_to_native_name(name: str) -> str:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight' (KeyError if unknown)."""
+def hf_to_native_name(name: str, args: ModelArgs | None = None) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight' (KeyError if unknown).
+
+    args: needed only for latent attention without query compression (args.mla with q_lora_rank None), whose
+    q_proj is attention.q_proj (its rows are not permuted as wq's are)."""
     if name in _HF_TO_NATIVE_GLOBAL:
         return _HF_TO_NATIVE_GLOBAL[name]
     m = _HF_LAYER.fullmatch(name)
     if m:
         layer, rest = m.groups()
+        if args is not None and args.mla is not None and rest == "self_attn.q_proj.weight":
+            return f"layers.{layer}.attention.q_proj.weight"
         if rest in _HF_TO_NATIVE_LAYER:
             return f"layers.{layer}.{_HF_TO_NATIVE_LAYER[rest]}"
+        if rest in _HF_TO_NATIVE_LATENT:
+            return f"layers.{layer}.{_HF_TO_NATIVE_LATENT[rest]}"
+        e = _HF_FINE_EXPERT.fullmatch(rest)
+        if e:
+            w = {v: k for k, v in _FINE_EXPERT_HF.items()}[e[2]]
+            return f"layers.{layer}.feed_forward.experts.{e[1]}.{w}.weight"
         e = _HF_EXPERT.fullmatch(rest)
         if e:
             return f"layers.{layer}.feed_forward.experts.{e[1]}.{e[2]}.weight"
@@ -161,10 +200,10 @@ def _check_heads(w: torch.Tensor, n_heads: int, head_dim: int) -> None:
 
 def to_hf_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One native tensor -> (HF name, HF tensor)."""
-    return native_to_hf_name(name), permute_qk(w, args.head_dim, "hf") if is_qk(name) else w
+    return native_to_hf_name(name, args), permute_qk(w, args.head_dim, "hf") if is_qk(name) else w
 
 
 def to_native_tensor(name: str, w: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
     """One HF tensor -> (native name, native tensor)."""
-    native = hf_to_native_name(name)
+    native = hf_to_native_name(name, args)
     return native, permute_qk(w, args.head_dim, "native") if is_qk(native) else w

@@ -111,7 +111,7 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
     fmt, args, dtype = format, model.args, parse_dtype(dtype)
     tensors = []
     for name, param in model.state_dict().items():
-        out_name = native_to_hf_name(name) if fmt == "hf" else name
+        out_name = native_to_hf_name(name, args) if fmt == "hf" else name
 
         def produce(name: str = name, param: torch.Tensor = param) -> torch.Tensor:
             tensor = to_hf_tensor(name, param, args)[1] if fmt == "hf" else param
@@ -179,7 +179,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
                 tensor = to_hf_tensor(name, tensor, args)[1]
             return tensor
 
-        out_name = native_to_hf_name(name) if format == "hf" else name
+        out_name = native_to_hf_name(name, args) if format == "hf" else name
         tensors.append(TensorToWrite(out_name, info.shape, dtype or info.dtype, produce))
     try:
         written = _write_checkpoint(Path(dst), format, args, tensors, max_shard_bytes, progress)

@@ -1,0 +1,134 @@
+"""Multi-head latent attention (MLA; DeepSeek-V2 2024, section 2.1), as Mistral Small 4 and Mistral Large 3 use it.
+
+Grouped-query attention shrinks the KV cache by sharing key-value heads.  MLA shrinks it further: each token is
+compressed to ONE small latent vector c (kv_lora_rank wide, e.g. 256) from which every head's key and value are
+re-expanded by a learned matrix (kv_b_proj).  Only c — plus one small rotary key shared by all heads — is cached.
+
+Rotary embedding cannot pass through the re-expansion (a rotation between c and kv_b_proj would have to be
+undone per position), so each head is split: a "nope" part (qk_nope_head_dim, no rotation) computed from the
+latent, and a "rope" part (qk_rope_head_dim) that is rotated: per head for queries, ONE rotary key per token
+shared by all heads (it comes straight from the input, beside the latent: kv_a_proj_with_mqa, "multi-query").
+
+Per token, with H heads, n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_dim, c = kv_lora_rank:
+  queries:  x -> [q_a_proj -> q_a_layernorm -> q_b_proj | q_proj] -> (H, n + r) = q_nope | q_rope -> rotate q_rope
+  keys/values: x -> kv_a_proj_with_mqa -> (c + r) = latent | k_rope;  rotate k_rope (shared by the heads)
+            latent -> kv_a_layernorm -> kv_b_proj -> (H, n + v) = k_nope | value
+  scores:   (q_nope . k_nope + q_rope . k_rope) * scale,  scale = (n + r) ** -0.5 x YaRN's mscale ** 2
+  out:      softmax(scores) @ value -> (H * v) -> wo (HF o_proj)
+The cache keeps the normed latent (c) and the rotated k_rope (r): (c + r) numbers per token and layer, against
+2 x n_kv_heads x head_dim for grouped-query attention (family.kv_cache_bytes; README "Latent attention").
+
+Parameter names are Hugging Face mistral4 / deepseek_v3's (q_a_proj, kv_a_proj_with_mqa, ...), except the output
+projection, `wo` as in every Mistral model (HF o_proj).  The
+rotary part uses interleaved pairs as rope.apply_rotary_emb does: that is HF's ``rope_interleave: true`` (both
+published models); the half-split layout (rope_interleave false) would need the rope rows permuted on load.
+The query scaling of Mistral Small 4 (llama_4_scaling) multiplies the whole query, as in attention.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistral_ref.attention import attention_mask, llama4_query_scale
+from mistral_ref.config import MlaArgs, ModelArgs, YarnArgs
+from mistral_ref.norm import RMSNorm
+
+if TYPE_CHECKING:  # typing only
+    from mistral_ref.backends import Backend
+    from mistral_ref.cache import LayerCache
+
+
+def mla_softmax_scale(mla: MlaArgs, yarn: YarnArgs | None) -> float:
+    """qk_head_dim ** -0.5, times (0.1 * mscale_all_dim * ln(factor) + 1) ** 2 with YaRN and mscale_all_dim > 0.
+
+    YaRN stretches the rotary part; DeepSeek's rule corrects the attention temperature on the softmax scale
+    (not on cos / sin, which stay unscaled when HF's mscale == mscale_all_dim)."""
+    scale = mla.qk_head_dim ** -0.5
+    if yarn is not None and mla.mscale_all_dim and yarn.factor > 1:
+        m = 0.1 * mla.mscale_all_dim * math.log(yarn.factor) + 1.0
+        scale *= m * m
+    return scale
+
+
+def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor,
+                     v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference attention of MLA, in plain einsums (query/key and value heads differ in width).
+
+    q_nope: (B, T, H, n); q_rope: (B, T, H, r); k_nope: (B, S, H, n); k_rope: (B, S, r) shared by the heads;
+    v: (B, S, H, v); q_pos (B, T), k_pos (B, S) (-1 = padding / empty slot).  returns (B, T, H, v) in q's dtype.
+    Softmax in fp32; a query that sees no key gets a uniform average instead of NaN (as attention.attention).
+    """
+    scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope)  # (B, H, T, S) the un-rotated part
+    scores = scores + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)  # + the rotated part (one key for all heads)
+    mask = attention_mask(q_pos, k_pos, None)[:, None]  # (B, 1, T, S)
+    scores = (scores.float() * scale).masked_fill(~mask, torch.finfo(torch.float32).min)
+    probs = F.softmax(scores, dim=-1).to(q_nope.dtype)  # (B, H, T, S)
+    return torch.einsum("bhts,bshd->bthd", probs, v)
+
+
+class LatentAttention(nn.Module):
+    """The attention half of a Mistral Small 4 / Mistral Large 3 block (names as in HF checkpoints)."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        mla = args.mla
+        assert mla is not None
+        self.n_heads, self.mla = args.n_heads, mla
+        self.scale = mla_softmax_scale(mla, args.yarn)
+        self.llama_4_scaling = args.llama_4_scaling
+        H, qk = args.n_heads, mla.qk_head_dim
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(args.dim, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(args.dim, mla.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)  # HF: the default eps, not rms_norm_eps
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(args.dim, mla.kv_lora_rank + mla.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, H * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.wo = nn.Linear(H * mla.v_head_dim, args.dim, bias=False)
+        # An engine fast path for decode steps, installed by backends.mla.use_absorbed_decode: a function with the
+        # arguments of backends.mla.absorbed_latent_attention, attending over the cached latents directly.  None:
+        # keys and values are expanded from the latents (the reference below).
+        self.absorbed_decode: Callable[..., torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """x: (B, T, dim); positions: (B, T) (-1 = padding); rope: the rotation table of qk_rope_head_dim
+        (ops.rope_table); cache: a cache.LatentLayerCache or None.  -> (B, T, dim)"""
+        B, T, _ = x.shape
+        m, H = self.mla, self.n_heads
+        n, r = m.qk_nope_head_dim, m.qk_rope_head_dim
+        if m.q_lora_rank is None:
+            q = ops.linear(x, self.q_proj.weight)  # (B, T, H * (n + r))
+        else:
+            q = ops.linear(self.q_a_layernorm(ops.linear(x, self.q_a_proj.weight), ops), self.q_b_proj.weight)
+        q = q.view(B, T, H, n + r)
+        q_nope, q_rope = q.split([n, r], dim=-1)  # (B, T, H, n), (B, T, H, r)
+        kv = ops.linear(x, self.kv_a_proj_with_mqa.weight)  # (B, T, c + r)
+        latent, k_rope = kv.split([m.kv_lora_rank, r], dim=-1)  # (B, T, c), (B, T, r)
+        latent = self.kv_a_layernorm(latent, ops)
+        q_rope = ops.rope(q_rope, rope)
+        k_rope = ops.rope(k_rope[:, :, None, :], rope)  # (B, T, 1, r): one rotary key per token
+        if self.llama_4_scaling is not None:  # Mistral Small 4: the whole query grows with its position
+            s = llama4_query_scale(positions, self.llama_4_scaling).to(q.dtype)[:, :, None, None]
+            q_nope, q_rope = q_nope * s, q_rope * s
+        if cache is None:
+            latents, k_ropes, k_pos = latent[:, :, None, :], k_rope, positions
+        else:  # the latent cache keeps (latent, k_rope) per token, not per-head keys and values
+            latents, k_ropes, k_pos = ops.update_cache(cache, latent[:, :, None, :], k_rope, positions)
+        if self.absorbed_decode is not None and T == 1 and cache is not None:
+            out = self.absorbed_decode(q_nope, q_rope, latents[:, :, 0], k_ropes[:, :, 0], self.kv_b_proj.weight,
+                                       m.v_head_dim, positions, k_pos, self.scale)
+            return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)
+        S = latents.shape[1]
+        kv_heads = ops.linear(latents[:, :, 0], self.kv_b_proj.weight).view(B, S, H, n + m.v_head_dim)
+        k_nope, v = kv_heads.split([n, m.v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
+        out = latent_attention(q_nope, q_rope, k_nope, k_ropes[:, :, 0], v, positions, k_pos, self.scale)
+        return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)

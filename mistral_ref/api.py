@@ -15,8 +15,8 @@ A request goes through three steps:
    problem is a :class:`RequestError` whose ``field`` names the offending parameter.
 2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it fits
    the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
-   ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
-   (json_mode.py).
+   ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format`` ``json_object`` / ``json_schema`` adds the
+   grammar of the schema (grammar.py, llguidance).
 3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
    a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
    content text (never inside a tool call); text is released as soon as no stop string can claim it.
@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from mistral_ref.generation import StopStrings, generate_stream
-from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
+from mistral_ref.grammar import GrammarError, GrammarLogitsProcessor, json_schema_grammar
 from mistral_ref.request_spec import (
     FIELDS,
     FIM_FIELDS,
@@ -67,6 +67,7 @@ from mistral_ref.request_spec import (
 )
 from mistral_ref.sampling import SamplingParams
 from mistral_ref.tokenizer import ChatTemplateError, find_system_prompt, system_prompt_message, thinking_chunk
+from mistral_ref.tokenizer.settings import response_schema
 
 DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
 TOOL_CHOICES = ("auto", "none", "any", "required")
@@ -104,7 +105,8 @@ class ChatRequest:
     presence_penalty: float = FIELDS["presence_penalty"].default
     frequency_penalty: float = FIELDS["frequency_penalty"].default
     seed: int | None = None
-    json_mode: bool = False
+    response_format: dict[str, Any] | None = None  # json_object / json_schema (None: text)
+    grammar: str | None = None  # the llguidance grammar the reply must follow (compiled from response_format)
     tools: list[Any] | None = None
     tool_choice: str = FIELDS["tool_choice"].default
     parallel_tool_calls: bool = FIELDS["parallel_tool_calls"].default
@@ -121,6 +123,11 @@ class ChatRequest:
         return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
                               self.seed)
 
+    @property
+    def json_mode(self) -> bool:
+        """True when the reply must be JSON (response_format json_object or json_schema)."""
+        return self.response_format is not None
+
 
 def _stop(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
@@ -130,13 +137,22 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def _response_format(value: Any) -> bool:
-    if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object"):
-        kind = value.get("type") if isinstance(value, Mapping) else None
-        extra = " (json_schema is not supported)" if kind == "json_schema" else ""
-        raise RequestError("response_format",
-                           f"must be {{'type': 'text'}} or {{'type': 'json_object'}}{extra}, got {value!r}")
-    return value["type"] == "json_object"
+def _response_format(value: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(response_format, grammar): None, None for text; the format and its compiled grammar for json_object
+    (any JSON object) and json_schema (the schema's documents).  A RequestError naming response_format for a
+    malformed value, or response_format.json_schema.schema for a schema feature the grammar engine lacks."""
+    try:
+        schema = response_schema(value)
+    except ChatTemplateError as e:
+        raise RequestError("response_format", str(e).removeprefix("response_format: ")) from None
+    if schema is None:
+        return None, None
+    kind = value["type"]
+    try:
+        grammar = json_schema_grammar(None if kind == "json_object" else schema)
+    except GrammarError as e:
+        raise RequestError("response_format.json_schema.schema", f"is not supported: {e}") from None
+    return dict(value), grammar
 
 
 def _tools(value: Any) -> list[Any] | None:
@@ -225,19 +241,20 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
     values.pop("n", None)
     values.pop("user", None)
     stop = _stop(values.pop("stop")) if "stop" in values else []
-    json_mode = _response_format(values.pop("response_format")) if "response_format" in values else False
+    response_format, grammar = _response_format(values.pop("response_format", None))
     tools = _tools(values.pop("tools")) if "tools" in values else None
     tool_choice, tools = _tool_choice(values.pop("tool_choice", FIELDS["tool_choice"].default), tools)
     if "stream_options" in values:
         _stream_options(values.pop("stream_options"))
-    req = ChatRequest(messages, stop=stop, json_mode=json_mode, tools=tools, tool_choice=tool_choice, **values)
+    req = ChatRequest(messages, stop=stop, response_format=response_format, grammar=grammar, tools=tools,
+                      tool_choice=tool_choice, **values)
 
     # rules across fields
     if req.top_logprobs and not req.logprobs:
         raise RequestError("top_logprobs", "needs logprobs=true")
     if req.json_mode and req.tool_choice == "any":
-        raise RequestError("response_format", "json_object cannot be combined with tool_choice 'any' / "
-                           "'required': the reply must then be a tool call, not JSON content")
+        raise RequestError("response_format", f"{req.response_format['type']} cannot be combined with tool_choice "
+                           "'any' / 'required': the reply must then be a tool call, not JSON content")
     return req
 
 
@@ -303,7 +320,7 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
         prompt = tokenizer.encode_chat(messages, tools=tools, safe_prompt=req.safe_prompt,
                                        continue_final_message=_ends_with_prefix(req.messages),
                                        reasoning_effort=req.reasoning_effort,
-                                       response_format={"type": "json_object"} if req.json_mode else None)
+                                       response_format=req.response_format)
     except ChatTemplateError as e:
         at = [f for f in _TEMPLATE_FIELDS if str(e).startswith(f)]
         raise RequestError(at[0] if at else "messages", str(e)) from None
@@ -350,36 +367,6 @@ def _never(token_id: int):
 
 
 # ---- 3. running --------------------------------------------------------------------------------------------
-class _ContentStop:
-    """Stop strings on the content text (generate.StopStrings).  In JSON mode a stop string counts only once
-    the JSON document is complete, so it can never cut the document: text up to the completion is released as
-    is, and only what follows it goes through the matcher."""
-
-    def __init__(self, stop: list[str], json_mode: bool):
-        self.matcher = StopStrings(stop)
-        self.json_state = initial_state() if json_mode and stop else None
-
-    def push(self, delta: str) -> tuple[str, str | None]:
-        head = ""
-        if self.json_state is not None:
-            for k, ch in enumerate(delta):
-                state = advance(self.json_state, ch.encode("utf-8"))
-                if state is None:  # cannot happen under the grammar; keep the text, never match
-                    return delta, None
-                self.json_state = state
-                if state.complete:
-                    head, delta = delta[: k + 1], delta[k + 1:]
-                    self.json_state = None
-                    break
-            else:
-                return delta, None
-        text, matched = self.matcher.push(delta)
-        return head + text, matched
-
-    def flush(self) -> str:
-        return self.matcher.flush()
-
-
 def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     data = tokenizer.id_to_bytes(token_id)
     special = tokenizer.is_special(token_id)
@@ -462,15 +449,17 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
         processors.append(_only_first(job.tool_calls_id))
     if job.forbid_tool_call:
         processors.append(_never(job.tool_calls_id))
-    if req.json_mode:
-        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
+    if req.grammar is not None:
+        processors.append(GrammarLogitsProcessor(tokenizer, req.grammar))
     s = req.sampling
     stream = generate_stream(
         model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=s.seed,
         ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
         logits_processors=processors)
-    stop = _ContentStop(req.stop, req.json_mode)
+    # a structured reply ends where its grammar does (only EOS may follow the document): stop strings would
+    # only ever cut it, so they do not apply to it
+    stop = StopStrings([] if req.grammar is not None else req.stop)
     think_open, think_close = _think_ids(tokenizer)
     ids: list[int] = []
     in_tool_call = in_think = False

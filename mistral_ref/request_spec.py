@@ -193,9 +193,14 @@ REQUEST: tuple[Field, ...] = (
           **_PENALTY),
     _SEED,
     replace(_SEED, name="random_seed", doc="the Mistral API's name for seed", alias_of="seed", azure=False),
-    Field("response_format", "object", "{'type': 'json_object'} constrains the reply to a JSON object",
+    Field("response_format", "object", "{'type': 'json_object'} constrains the reply to a JSON object, "
+          "{'type': 'json_schema', 'json_schema': {'name', 'schema', 'strict'}} to a document of the schema",
           default={"type": "text"}, azure=True,
-          schema={"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}}),
+          schema={"type": "object", "properties": {
+              "type": {"enum": ["text", "json_object", "json_schema"]},
+              "json_schema": {"type": "object", "properties": {
+                  "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                  "strict": {"type": "boolean"}}, "required": ["name"]}}}),
     Field("tools", "array", "functions the model may call", azure=True,
           schema={"type": "array", "items": _TOOL}),
     Field("tool_choice", "any", "'auto', 'none', 'any' (or 'required': a tool call is forced) or a named "

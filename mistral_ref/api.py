@@ -53,7 +53,13 @@ from typing import Any
 import torch
 
 from mistral_ref.generation import StopStrings, generate_stream
-from mistral_ref.grammar import GrammarError, GrammarLogitsProcessor, json_schema_grammar
+from mistral_ref.grammar import (
+    AfterToken,
+    GrammarError,
+    GrammarLogitsProcessor,
+    json_schema_grammar,
+    tool_call_grammar,
+)
 from mistral_ref.request_spec import (
     FIELDS,
     FIM_FIELDS,
@@ -270,6 +276,7 @@ class Prepared:
     tool_calls_id: int | None  # [TOOL_CALLS] of this vocabulary (None: v1, no tool calling)
     force_tool_call: bool
     forbid_tool_call: bool
+    tool_grammar: str | None = None  # the grammar of what follows [TOOL_CALLS] (names, arguments, how many calls)
 
 
 #: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
@@ -331,7 +338,23 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
     return Prepared(req, prompt, max_tokens, req.model or model_name, marker,
                     force_tool_call=req.tool_choice == "any",
                     # no tools offered (or tool_choice "none"): a call could only name a function that doesn't exist
-                    forbid_tool_call=marker is not None and (req.tool_choice == "none" or not req.tools))
+                    forbid_tool_call=marker is not None and (req.tool_choice == "none" or not req.tools),
+                    tool_grammar=_tool_grammar(tokenizer, req, tools) if marker is not None and tools else None)
+
+
+def _tool_grammar(tokenizer: Any, req: ChatRequest, tools: list[Any]) -> str | None:
+    """The grammar a tool call follows: with tool_choice "any" / "required" / named, every call names a declared
+    (or the named) function with arguments valid against its parameters schema; with "auto", only when a tool is
+    ``strict`` (its arguments are constrained, the others' are any JSON object) or ``parallel_tool_calls`` is
+    false (at most one call).  None: calls are not constrained."""
+    forced = req.tool_choice == "any"
+    strict = any(isinstance(t.get("function"), Mapping) and t["function"].get("strict") for t in tools)
+    if not (forced or strict or not req.parallel_tool_calls):
+        return None
+    try:
+        return tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls, strict_only=not forced)
+    except GrammarError as e:
+        raise RequestError("tools", str(e)) from None
 
 
 def context_length(model: Any, max_context: int | None = None) -> int | None:
@@ -451,6 +474,9 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
         processors.append(_never(job.tool_calls_id))
     if req.grammar is not None:
         processors.append(GrammarLogitsProcessor(tokenizer, req.grammar))
+    if job.tool_grammar is not None:
+        grammar = job.tool_grammar
+        processors.append(AfterToken(job.tool_calls_id, lambda: GrammarLogitsProcessor(tokenizer, grammar)))
     s = req.sampling
     stream = generate_stream(
         model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,

@@ -237,3 +237,80 @@ class GrammarLogitsProcessor:
     def is_accepting(self, row: int = 0) -> bool:
         """True when row `row`'s text so far is a complete document of the grammar."""
         return bool(self.matchers) and self.matchers[row].is_accepting()
+
+
+# ---- tool calls --------------------------------------------------------------------------------------------
+def _lark_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string literal is a Lark string literal
+
+
+def tool_call_grammar(tokenizer: Any, tools: list[Mapping[str, Any]], *, parallel: bool = True,
+                      strict_only: bool = False) -> str:
+    """The grammar of what follows the first ``[TOOL_CALLS]`` token: one call (``parallel=False``) or several,
+    each naming one of `tools` (``{"type": "function", "function": {"name", "parameters", "strict"}}``) with
+    arguments valid against that function's ``parameters`` schema (``strict_only``: only for functions marked
+    ``"strict": true``; the others' arguments are any JSON object).  The syntax is the tokenizer version's
+    (templates.py's ``tool_call``): a JSON list ``[{"name", "arguments"(, "id")}]`` for v2 / v3 / v7,
+    ``name[CALL_ID]id[ARGS]{...}`` for v11, ``name[ARGS]{...}`` for v13 (repeated after ``[TOOL_CALLS]``).
+    GrammarError naming the function when its parameters schema is not supported."""
+    from mistral_ref.tokenizer.templates import template_for
+
+    syntax = template_for(tokenizer.version).tool_call
+    functions = []
+    for tool in tools:
+        fn = tool["function"]
+        params = fn.get("parameters") or {"type": "object"}
+        if strict_only and not fn.get("strict"):
+            params = {"type": "object"}
+        try:
+            check_grammar(_llguidance().LLMatcher.grammar_from_lark("start: " + json_lark(params)))
+        except (GrammarError, ValueError) as e:
+            raise GrammarError(f"function {fn['name']!r}: its parameters schema is not supported: {e}") from None
+        functions.append((fn["name"], params))
+    if syntax in ("json", "json_id"):
+        items = []
+        for name, params in functions:
+            props: dict[str, Any] = {"name": {"const": name}, "arguments": params}
+            if syntax == "json_id":
+                props["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+            items.append({"type": "object", "properties": props, "required": ["name", "arguments"],
+                          "additionalProperties": False})
+        calls = {"type": "array", "items": {"anyOf": items}, "minItems": 1}
+        if not parallel:
+            calls["maxItems"] = 1
+        return json_schema_grammar(calls)
+    if syntax not in ("name_id_args", "name_args"):
+        raise GrammarError(f"tokenizer {tokenizer.version} has no tool calls")
+    args_id = tokenizer.special_id("[ARGS]")
+    call_id = f'(<[{tokenizer.special_id("[CALL_ID]")}]> /[a-zA-Z0-9]{{9}}/)? ' if syntax == "name_id_args" else ""
+    rules = [f"call_{k}: {_lark_string(name)} {call_id}<[{args_id}]> {json_lark(params)}"
+             for k, (name, params) in enumerate(functions)]
+    one = " | ".join(f"call_{k}" for k in range(len(functions)))
+    more = f' (<[{tokenizer.special_id("[TOOL_CALLS]")}]> call)*' if parallel else ""
+    return lark_grammar(f"start: call{more}\ncall: {one}\n" + "\n".join(rules) + "\n")
+
+
+class AfterToken:
+    """A logits processor that runs `inner` (a GrammarLogitsProcessor) on what each row generates after its first
+    `token_id` (``[TOOL_CALLS]``); before that token the row is left alone.  Rows of one batch start their
+    grammar at different steps, so each row gets its own inner processor."""
+
+    def __init__(self, token_id: int, make_inner: Any):
+        self.token_id = token_id
+        self.make_inner = make_inner
+        self.starts: list[int | None] = []
+        self.inner: list[Any] = []
+
+    def __call__(self, generated: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """generated: (B, n); logits: (B, V) -> logits, masked for the rows past their `token_id`."""
+        if not self.starts:
+            self.starts = [None] * generated.shape[0]
+            self.inner = [None] * generated.shape[0]
+        for row in range(generated.shape[0]):
+            if self.starts[row] is None and generated.shape[1] and generated[row, -1].item() == self.token_id:
+                self.starts[row] = generated.shape[1]
+                self.inner[row] = self.make_inner()
+            start = self.starts[row]
+            if start is not None:
+                self.inner[row](generated[row:row + 1, start:], logits[row:row + 1])
+        return logits

@@ -121,6 +121,7 @@ class ChatRequest:
     ignore_eos: bool = FIELDS["ignore_eos"].default
     logprobs: bool = FIELDS["logprobs"].default
     top_logprobs: int = FIELDS["top_logprobs"].default
+    n: int = FIELDS["n"].default
     reasoning_effort: str | None = None
     prompt_mode: str | None = None
 
@@ -242,10 +243,12 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
         raise RequestError("messages", f"must be a non-empty list of messages, got {type_name(messages)}")
     values = _scalars(body, REQUEST, FIELDS)
 
-    # the structured fields; n and user have nothing left to do (n is 1, user is ignored)
+    # the structured fields; user, metadata and prediction are accepted and ignored
     del values["messages"]
-    values.pop("n", None)
     values.pop("user", None)
+    for name in ("metadata", "prediction"):
+        if name in values and not isinstance(values.pop(name), Mapping):
+            raise RequestError(name, f"must be an object, got {type_name(body[name])}")
     stop = _stop(values.pop("stop")) if "stop" in values else []
     response_format, grammar = _response_format(values.pop("response_format", None))
     tools = _tools(values.pop("tools")) if "tools" in values else None
@@ -460,13 +463,15 @@ def _think_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterator[_Delta]:
+def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome, index: int = 0) -> Iterator[_Delta]:
     """Run generation; yield the reply's pieces as they are released, filling `out` as it goes.
 
     After the last yield `out` holds the finish reason, tool calls (if any) and token counts.  Inside
-    ``[THINK]…[/THINK]`` text is thinking: no stop strings, no logprobs, no tool calls.
+    ``[THINK]…[/THINK]`` text is thinking: no stop strings, no logprobs, no tool calls.  index: the choice
+    (choice i samples with seed + i, so the n choices of a seeded request differ and are reproducible).
     """
     req = job.request
+    seed = req.seed + index if req.seed is not None else None
     processors = []
     if job.force_tool_call:
         processors.append(_only_first(job.tool_calls_id))
@@ -480,7 +485,7 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
     s = req.sampling
     stream = generate_stream(
         model, tokenizer, job.prompt_ids, job.max_tokens, temperature=s.temperature, top_p=s.top_p,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=s.seed,
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty, seed=seed,
         ignore_eos=req.ignore_eos, logprobs=req.logprobs, top_logprobs=req.top_logprobs,
         logits_processors=processors)
     # a structured reply ends where its grammar does (only EOS may follow the document): stop strings would
@@ -559,7 +564,7 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
     finally:
         stream.close()
     if in_tool_call:
-        parsed = tokenizer.parse_assistant(ids, rng=random.Random(req.seed) if req.seed is not None else None)
+        parsed = tokenizer.parse_assistant(ids, rng=random.Random(seed) if seed is not None else None)
         if parsed["tool_calls"]:
             calls = parsed["tool_calls"]
             out.tool_calls = calls if req.parallel_tool_calls else calls[:1]
@@ -568,8 +573,8 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome) -> Iterato
             yield answer(tail)
 
 
-def _usage(n_prompt: int, out: _Outcome) -> dict[str, int]:
-    m = out.completion_tokens
+def _usage(n_prompt: int, *outs: _Outcome) -> dict[str, int]:
+    m = sum(out.completion_tokens for out in outs)  # the prompt is read once, whatever the number of choices
     return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
 
 
@@ -582,43 +587,50 @@ def _delta_content(d: _Delta) -> str | list[dict[str, Any]]:
 
 
 def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
+    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks.
+    With n > 1 the choices are generated one after the other (choice i with seed + i)."""
     cid = uuid.uuid4().hex
     created = int(time.time())
     if job.request.stream:
         return _chunks(model, tokenizer, job, cid, created)
-    out = _Outcome()
-    for d in _events(model, tokenizer, job, out):
-        out.logprobs.extend(d.logprobs)
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
-        "choices": [{
-            "index": 0,
+    choices, outs = [], []
+    for i in range(job.request.n):
+        out = _Outcome()
+        for d in _events(model, tokenizer, job, out, i):
+            out.logprobs.extend(d.logprobs)
+        outs.append(out)
+        choices.append({
+            "index": i,
             "message": {"role": "assistant", "content": out.content(), "tool_calls": out.tool_calls or None},
             "finish_reason": out.finish_reason,
             "logprobs": {"content": out.logprobs} if job.request.logprobs else None,
-        }],
-        "usage": _usage(len(job.prompt_ids), out),
-    }
+        })
+    return {"id": cid, "object": "chat.completion", "created": created, "model": job.model_name,
+            "choices": choices, "usage": _usage(len(job.prompt_ids), *outs)}
 
 
 def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -> Iterator[dict[str, Any]]:
+    """The chunks of each choice in turn (each chunk names its choice's index); usage in the very last one."""
     want_lp = job.request.logprobs
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> dict[str, Any]:
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None, lps: list | None = None) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": job.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                "choices": [{"index": i, "delta": delta, "finish_reason": finish,
                              "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
 
-    out = _Outcome()
-    yield chunk({"role": "assistant", "content": ""})
-    for d in _events(model, tokenizer, job, out):
-        yield chunk({"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
-    if out.tool_calls:
-        yield chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]})
-    last = chunk({}, out.finish_reason)
-    last["usage"] = _usage(len(job.prompt_ids), out)
-    yield last
+    outs = []
+    for i in range(job.request.n):
+        out = _Outcome()
+        outs.append(out)
+        yield chunk(i, {"role": "assistant", "content": ""})
+        for d in _events(model, tokenizer, job, out, i):
+            yield chunk(i, {"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
+        if out.tool_calls:
+            yield chunk(i, {"tool_calls": [dict(call, index=k) for k, call in enumerate(out.tool_calls)]})
+        last = chunk(i, {}, out.finish_reason)
+        if i == job.request.n - 1:
+            last["usage"] = _usage(len(job.prompt_ids), *outs)
+        yield last
 
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
@@ -630,11 +642,13 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     model: a mistral_ref Transformer; tokenizer: its mistral_ref Tokenizer (the chat template comes from its
     version); messages: [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...] (content: a
     string or a list of text / thinking chunks).
-    params: the API's parameters — temperature (default 0.7), top_p, max_tokens, stop (str or list),
-    presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
-    "json_object"}), tools, tool_choice ("auto" | "none" | "any" | "required" | a named function),
-    parallel_tool_calls, safe_prompt, n (1 only), stream, reasoning_effort ("none" ... "max", v15 models),
-    prompt_mode ("reasoning"), and the extras ignore_eos, logprobs, top_logprobs.
+    params: the API's parameters — temperature (default 0.7), top_p, max_tokens (or max_completion_tokens), stop
+    (str or list), presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
+    "json_object" | "json_schema", ...}), tools (``"strict": true`` functions get constrained arguments),
+    tool_choice ("auto" | "none" | "any" | "required" | a named function), parallel_tool_calls, safe_prompt,
+    n (choices, 1 to 16), stream, reasoning_effort ("none" ... "max", v15 models), prompt_mode ("reasoning"),
+    metadata and prediction (accepted, ignored), and the extras ignore_eos, logprobs, top_logprobs.  An
+    assistant message last with ``"prefix": true`` is continued.
     model_name: the "model" reported in the response (a request's ``model`` parameter wins);
     max_context: context length in tokens (default and cap: the model's ``args.max_seq_len``, if it declares one).
     reasoning_prompt: the system prompt ``prompt_mode="reasoning"`` uses (default: the SYSTEM_PROMPT.txt next to

@@ -36,6 +36,7 @@ from mistral_ref.tokenizer.settings import REASONING_EFFORTS
 #: ~1.4e-45), while softmax(logits / t) is one-hot up to exact ties long before.
 GREEDY_BELOW = 2.0**-126
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # n: completions per request
 
 
 class FieldError(ValueError):
@@ -213,9 +214,15 @@ REQUEST: tuple[Field, ...] = (
     Field("stream_options", "object", "accepted for the OpenAI client; usage is always in the last chunk",
           schema={"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                   "additionalProperties": False}),
-    Field("n", "integer", "completions per request: only 1", default=1, minimum=1, maximum=1,
-          range_doc="only n=1 is supported (one completion per request)"),
+    Field("n", "integer", "completions per request (choices 0..n-1; the prompt is counted once in usage)",
+          default=1, minimum=1, maximum=MAX_CHOICES),
     Field("user", "string", "accepted for the OpenAI client; ignored"),
+    Field("max_completion_tokens", "integer", "OpenAI's name for max_tokens", minimum=1, alias_of="max_tokens"),
+    Field("metadata", "object", "accepted for the OpenAI client (string tags of the request); ignored",
+          schema={"type": "object", "additionalProperties": {"type": "string"}}),
+    Field("prediction", "object", "accepted for the OpenAI client (predicted output, a speed hint); ignored: "
+          "the completion is the same without it",
+          schema={"type": "object", "properties": {"type": {"const": "content"}, "content": {}}}),
     Field("reasoning_effort", "string", "how much the model thinks before answering; v15 tokenizers write it in "
           "the prompt's model settings (the model's tokenizer file lists the values it takes)",
           choices=REASONING_EFFORTS),

@@ -269,7 +269,8 @@ print(f"\nthe same first request without JSON mode: {plain['choices'][0]['messag
 # the generated ids replayed through its JSON state machine (`json_mode.advance`), counting at every step how
 # many tokens of the vocabulary the grammar still allowed (`JsonVocab.allowed(state)`). The model's answer is
 # short, so below it the same count for a hand-written object: after `{` only a key's opening quote or
-# whitespace, inside a number only digits and what may end a number — but inside a string almost every token is allowed (the tall bars).
+# whitespace, inside a number only digits and what may end a number — but inside a string almost every token
+# is allowed (the tall bars).
 
 # %%
 request = [{"role": "user", "content": "Add 2 and 3."}]

@@ -46,7 +46,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,16 @@ class RequestError(ValueError):
 
 class ContextLengthError(RequestError):
     """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
+
+
+class ContentFilterError(RequestError):
+    """The moderation stage flagged the prompt (a server answers HTTP 400 ``{"error": {"code": "content_filter"}}``)."""
+
+    code = "content_filter"
+
+
+#: A moderation stage: called with text (the prompt's text, then the reply's text so far), True = filter it.
+Moderation = Callable[[str], bool]
 
 
 # ---- 1. the request ----------------------------------------------------------------------------------------
@@ -280,6 +290,7 @@ class Prepared:
     force_tool_call: bool
     forbid_tool_call: bool
     tool_grammar: str | None = None  # the grammar of what follows [TOOL_CALLS] (names, arguments, how many calls)
+    moderation: Moderation | None = None  # the reply's text is checked as it is released (finish "content_filter")
 
 
 #: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
@@ -573,6 +584,45 @@ def _events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome, index: int
             yield answer(tail)
 
 
+def _moderated(events: Iterator[_Delta], out: _Outcome, moderation: Moderation) -> Iterator[_Delta]:
+    """`events` with the answer checked before each release: the answer so far plus the new text goes to
+    `moderation`; when it flags it, that text is withheld, generation stops and finish_reason is "content_filter"."""
+    try:
+        for d in events:
+            if d.kind == "text" and d.text and moderation(out.text):  # out already holds d's text
+                last = next(p for p in reversed(out.pieces) if p[0] == "text")
+                last[1] = last[1][: len(last[1]) - len(d.text)]
+                out.finish_reason = "content_filter"
+                out.tool_calls = []
+                return
+            yield d
+    finally:
+        events.close()
+
+
+def prompt_text(messages: Sequence[Any]) -> str:
+    """The text of a conversation for a moderation stage: every string content and text chunk, one per line."""
+    parts = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [c["text"] for c in content if isinstance(c, Mapping) and isinstance(c.get("text"), str)]
+    return "\n".join(parts)
+
+
+def check_prompt(messages: Sequence[Any], moderation: Moderation | None) -> None:
+    """ContentFilterError (field "messages") when `moderation` flags the conversation's text."""
+    if moderation is not None and moderation(prompt_text(messages)):
+        raise ContentFilterError("messages", "the prompt was filtered by the moderation stage (content_filter)")
+
+
+def _choice_events(model: Any, tokenizer: Any, job: Prepared, out: _Outcome, index: int) -> Iterator[_Delta]:
+    events = _events(model, tokenizer, job, out, index)
+    return events if job.moderation is None else _moderated(events, out, job.moderation)
+
+
 def _usage(n_prompt: int, *outs: _Outcome) -> dict[str, int]:
     m = sum(out.completion_tokens for out in outs)  # the prompt is read once, whatever the number of choices
     return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
@@ -596,7 +646,7 @@ def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[
     choices, outs = [], []
     for i in range(job.request.n):
         out = _Outcome()
-        for d in _events(model, tokenizer, job, out, i):
+        for d in _choice_events(model, tokenizer, job, out, i):
             out.logprobs.extend(d.logprobs)
         outs.append(out)
         choices.append({
@@ -623,7 +673,7 @@ def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -
         out = _Outcome()
         outs.append(out)
         yield chunk(i, {"role": "assistant", "content": ""})
-        for d in _events(model, tokenizer, job, out, i):
+        for d in _choice_events(model, tokenizer, job, out, i):
             yield chunk(i, {"content": _delta_content(d)}, lps=d.logprobs if d.kind == "text" else None)
         if out.tool_calls:
             yield chunk(i, {"tool_calls": [dict(call, index=k) for k, call in enumerate(out.tool_calls)]})
@@ -635,7 +685,7 @@ def _chunks(model: Any, tokenizer: Any, job: Prepared, cid: str, created: int) -
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
                     model_name: str = "mistral-ref", max_context: int | None = None,
-                    reasoning_prompt: str | None = None,
+                    reasoning_prompt: str | None = None, moderation: Moderation | None = None,
                     **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """A chat completion shaped exactly like the Mistral API's response (see the module docstring).
 
@@ -653,6 +703,10 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     max_context: context length in tokens (default and cap: the model's ``args.max_seq_len``, if it declares one).
     reasoning_prompt: the system prompt ``prompt_mode="reasoning"`` uses (default: the SYSTEM_PROMPT.txt next to
     the tokenizer file).
+    moderation: a content-safety stage, ``moderation(text) -> bool`` (True: filter).  It sees the prompt's text
+    first (flagged: ContentFilterError, ``.code == "content_filter"``), then the answer so far each time text is
+    about to be released (flagged: that text is withheld, generation stops, finish_reason "content_filter",
+    streaming too).  Thinking and tool-call arguments are not checked.
 
     returns: a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts
     (finish_reason null until the last chunk, which also carries usage).  The request is validated and encoded
@@ -661,7 +715,9 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     if isinstance(messages, tuple):
         messages = list(messages)
     request = parse_request({"messages": messages, **params})
+    check_prompt(request.messages, moderation)
     job = prepare(tokenizer, request, context_length(model, max_context), model_name, reasoning_prompt)
+    job.moderation = moderation
     return run(model, tokenizer, job)
 
 

@@ -159,6 +159,7 @@ _TOOL = {
                 "name": {"type": "string"},
                 "description": {"type": "string"},
                 "parameters": {"type": "object"},
+                "strict": {"type": "boolean", "description": "constrain the arguments to parameters (grammar)"},
             },
         },
     },
@@ -207,7 +208,7 @@ REQUEST: tuple[Field, ...] = (
     Field("tool_choice", "any", "'auto', 'none', 'any' (or 'required': a tool call is forced) or a named "
           "function", default="auto", azure=True,
           schema={"anyOf": [{"enum": ["auto", "none", "any", "required"]}, {"type": "object"}]}),
-    Field("parallel_tool_calls", "boolean", "false keeps only the first tool call", default=True),
+    Field("parallel_tool_calls", "boolean", "false: at most one tool call (enforced by the grammar)", default=True),
     Field("safe_prompt", "boolean", "prepend Mistral's safety system prompt (Azure model_extras: safe_mode)",
           default=False),
     Field("stream", "boolean", "reply with server-sent chat.completion.chunk events", default=False, azure=True),

@@ -109,7 +109,9 @@ class ChatRequest:
     """A validated chat-completions request (field names and defaults of request_spec.REQUEST).
 
     tool_choice is normalised to "auto" | "none" | "any" ("required" is "any"; a named function is "any" with
-    ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``.  json_mode: response_format json_object.
+    ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``, max_tokens ``max_tokens`` or
+    ``max_completion_tokens``.  response_format: the json_object / json_schema request (None: text); grammar: its
+    compiled llguidance grammar; n: how many choices.
     """
 
     messages: list[Any]

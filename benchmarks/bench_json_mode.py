@@ -1,4 +1,5 @@
-"""Per-token overhead of JSON mode (mistral_ref.json_mode) during generation.
+"""Per-token overhead of constrained JSON decoding: the runtime llguidance processor (mistral_ref.grammar) and
+the hand-written teaching grammar (mistral_ref.json_mode).
 
     .venv/bin/python benchmarks/bench_json_mode.py [--tokens 64] [--rows 4]
 
@@ -12,6 +13,10 @@ with the JsonLogitsProcessor, and the processor's own time is measured per gener
 
 It also reports the one-time cost per tokenizer (token bytes + index) and, for scale, what a naive mask costs:
 running every token of the vocabulary through the grammar in a Python loop, for one state.
+
+Then the same modes with the runtime path, grammar.GrammarLogitsProcessor (llguidance), on ``json_object`` and on
+a JSON schema with nested objects, arrays and enums (rows "llguidance ..."): its time per generated token covers
+feeding the token to the matcher, computing the mask and applying it to the logits.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from mistral_ref.config import ModelArgs
 from mistral_ref.generation import generate
+from mistral_ref.grammar import GrammarLogitsProcessor, json_schema_grammar, ll_tokenizer
 from mistral_ref.json_mode import JsonLogitsProcessor, JsonVocab, advance, initial_state, json_vocab
 from mistral_ref.model import Transformer
 from mistral_ref.tokenizer import load_tokenizer, mistral_common_data_dir
@@ -96,6 +102,42 @@ def run(name: str, tokens: int, rows: int) -> None:
               f"{proc.seconds / n * 1e3:.2f} | {hit} |")
 
 
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"}, "role": {"enum": ["admin", "user"]},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}}}},
+    "required": ["name", "role"]}
+
+
+def run_grammar(name: str, tokens: int, rows: int) -> None:
+    tok = load_tokenizer(mistral_common_data_dir() / name)
+    t0 = time.perf_counter()
+    ll_tokenizer(tok)
+    build = time.perf_counter() - t0
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                                  vocab_size=tok.vocab_size)).eval()
+    prompt = tok.encode_chat([{"role": "user", "content": "Answer in JSON."}])
+    bias = structure_bias(tok, json_vocab(tok))
+    print(f"\n{name}: vocabulary {tok.vocab_size} tokens; llguidance tokenizer built once in {build:.2f} s")
+    print("  | mode | rows | tokens generated | model + sampling ms/token | grammar processor ms/token |")
+    print("  |---|---|---|---|---|")
+    for what, schema in (("json_object", None), ("schema", SCHEMA)):
+        grammar = json_schema_grammar(schema)
+        for mode in ("greedy", "sampled", "sampled + structure"):
+            greedy = mode == "greedy"
+            proc = Timed(GrammarLogitsProcessor(tok, grammar))
+            procs = [bias, proc] if "structure" in mode else [proc]
+            n_rows = 1 if greedy else rows
+            t0 = time.perf_counter()
+            results = generate(model, [prompt] * n_rows, tokens, temperature=0 if greedy else 1.0, seed=0,
+                               eos_id=tok.eos_id, logits_processors=procs)
+            total = time.perf_counter() - t0
+            n = sum(len(r.tokens) + (r.stop_token_id is not None) for r in results)
+            print(f"  | llguidance {what}, {mode} | {n_rows} | {n} | {(total - proc.seconds) / n * 1e3:.2f} | "
+                  f"{proc.seconds / n * 1e3:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=64, help="max tokens per row")
@@ -106,6 +148,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     for name in ("mistral_instruct_tokenizer_240323.model.v3", "tekken_240718.json"):
         run(name, args.tokens, args.rows)
+    for name in ("mistral_instruct_tokenizer_240323.model.v3", "tekken_240718.json"):
+        run_grammar(name, args.tokens, args.rows)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ A request goes through three steps:
    problem is a :class:`RequestError` whose ``field`` names the offending parameter.
 2. :func:`prepare` encodes the conversation with the tokenizer's chat template (tools included), checks it fits
    the context, and decides the constraints: ``tool_choice="any"`` forces the first token to be
-   ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format={"type": "json_object"}`` adds the JSON grammar
-   (json_mode.py).
+   ``[TOOL_CALLS]``, ``"none"`` forbids it, ``response_format`` ``json_object`` / ``json_schema`` adds the
+   grammar of the schema (grammar.py, llguidance).
 3. :func:`run` generates with ``generation.generate_stream`` — the one sampling path — and turns its events into
    a response, or into ``chat.completion.chunk`` dicts when streaming.  Stop strings are matched here on the
    content text (never inside a tool call); text is released as soon as no stop string can claim it.
@@ -46,14 +46,20 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mistral_ref.generation import StopStrings, generate_stream
-from mistral_ref.json_mode import JsonLogitsProcessor, advance, initial_state
+from mistral_ref.grammar import (
+    AfterToken,
+    GrammarError,
+    GrammarLogitsProcessor,
+    json_schema_grammar,
+    tool_call_grammar,
+)
 from mistral_ref.request_spec import (
     FIELDS,
     FIM_FIELDS,
@@ -67,6 +73,7 @@ from mistral_ref.request_spec import (
 )
 from mistral_ref.sampling import SamplingParams
 from mistral_ref.tokenizer import ChatTemplateError, find_system_prompt, system_prompt_message, thinking_chunk
+from mistral_ref.tokenizer.settings import response_schema
 
 DEFAULT_MAX_TOKENS = 512  # used when max_tokens is not given and the model declares no context length
 TOOL_CHOICES = ("auto", "none", "any", "required")
@@ -86,13 +93,25 @@ class ContextLengthError(RequestError):
     """The prompt, or the prompt plus max_tokens, does not fit in the model's context."""
 
 
+class ContentFilterError(RequestError):
+    """The moderation stage flagged the prompt (a server answers HTTP 400 ``{"error": {"code": "content_filter"}}``)."""
+
+    code = "content_filter"
+
+
+#: A moderation stage: called with text (the prompt's text, then the reply's text so far), True = filter it.
+Moderation = Callable[[str], bool]
+
+
 # ---- 1. the request ----------------------------------------------------------------------------------------
 @dataclass
 class ChatRequest:
     """A validated chat-completions request (field names and defaults of request_spec.REQUEST).
 
     tool_choice is normalised to "auto" | "none" | "any" ("required" is "any"; a named function is "any" with
-    ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``.  json_mode: response_format json_object.
+    ``tools`` narrowed to it).  seed is ``seed`` or ``random_seed``, max_tokens ``max_tokens`` or
+    ``max_completion_tokens``.  response_format: the json_object / json_schema request (None: text); grammar: its
+    compiled llguidance grammar; n: how many choices.
     """
 
     messages: list[Any]
@@ -104,7 +123,8 @@ class ChatRequest:
     presence_penalty: float = FIELDS["presence_penalty"].default
     frequency_penalty: float = FIELDS["frequency_penalty"].default
     seed: int | None = None
-    json_mode: bool = False
+    response_format: dict[str, Any] | None = None  # json_object / json_schema (None: text)
+    grammar: str | None = None  # the llguidance grammar the reply must follow (compiled from response_format)
     tools: list[Any] | None = None
     tool_choice: str = FIELDS["tool_choice"].default
     parallel_tool_calls: bool = FIELDS["parallel_tool_calls"].default
@@ -113,6 +133,7 @@ class ChatRequest:
     ignore_eos: bool = FIELDS["ignore_eos"].default
     logprobs: bool = FIELDS["logprobs"].default
     top_logprobs: int = FIELDS["top_logprobs"].default
+    n: int = FIELDS["n"].default
     reasoning_effort: str | None = None
     prompt_mode: str | None = None
 
@@ -120,6 +141,11 @@ class ChatRequest:
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty,
                               self.seed)
+
+    @property
+    def json_mode(self) -> bool:
+        """True when the reply must be JSON (response_format json_object or json_schema)."""
+        return self.response_format is not None
 
 
 def _stop(value: Any) -> list[str]:
@@ -130,13 +156,22 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def _response_format(value: Any) -> bool:
-    if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object"):
-        kind = value.get("type") if isinstance(value, Mapping) else None
-        extra = " (json_schema is not supported)" if kind == "json_schema" else ""
-        raise RequestError("response_format",
-                           f"must be {{'type': 'text'}} or {{'type': 'json_object'}}{extra}, got {value!r}")
-    return value["type"] == "json_object"
+def _response_format(value: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(response_format, grammar): None, None for text; the format and its compiled grammar for json_object
+    (any JSON object) and json_schema (the schema's documents).  A RequestError naming response_format for a
+    malformed value, or response_format.json_schema.schema for a schema feature the grammar engine lacks."""
+    try:
+        schema = response_schema(value)
+    except ChatTemplateError as e:
+        raise RequestError("response_format", str(e).removeprefix("response_format: ")) from None
+    if schema is None:
+        return None, None
+    kind = value["type"]
+    try:
+        grammar = json_schema_grammar(None if kind == "json_object" else schema)
+    except GrammarError as e:
+        raise RequestError("response_format.json_schema.schema", f"is not supported: {e}") from None
+    return dict(value), grammar
 
 
 def _tools(value: Any) -> list[Any] | None:
@@ -220,24 +255,27 @@ def parse_request(body: Mapping[str, Any]) -> ChatRequest:
         raise RequestError("messages", f"must be a non-empty list of messages, got {type_name(messages)}")
     values = _scalars(body, REQUEST, FIELDS)
 
-    # the structured fields; n and user have nothing left to do (n is 1, user is ignored)
+    # the structured fields; user, metadata and prediction are accepted and ignored
     del values["messages"]
-    values.pop("n", None)
     values.pop("user", None)
+    for name in ("metadata", "prediction"):
+        if name in values and not isinstance(values.pop(name), Mapping):
+            raise RequestError(name, f"must be an object, got {type_name(body[name])}")
     stop = _stop(values.pop("stop")) if "stop" in values else []
-    json_mode = _response_format(values.pop("response_format")) if "response_format" in values else False
+    response_format, grammar = _response_format(values.pop("response_format", None))
     tools = _tools(values.pop("tools")) if "tools" in values else None
     tool_choice, tools = _tool_choice(values.pop("tool_choice", FIELDS["tool_choice"].default), tools)
     if "stream_options" in values:
         _stream_options(values.pop("stream_options"))
-    req = ChatRequest(messages, stop=stop, json_mode=json_mode, tools=tools, tool_choice=tool_choice, **values)
+    req = ChatRequest(messages, stop=stop, response_format=response_format, grammar=grammar, tools=tools,
+                      tool_choice=tool_choice, **values)
 
     # rules across fields
     if req.top_logprobs and not req.logprobs:
         raise RequestError("top_logprobs", "needs logprobs=true")
     if req.json_mode and req.tool_choice == "any":
-        raise RequestError("response_format", "json_object cannot be combined with tool_choice 'any' / "
-                           "'required': the reply must then be a tool call, not JSON content")
+        raise RequestError("response_format", f"{req.response_format['type']} cannot be combined with tool_choice "
+                           "'any' / 'required': the reply must then be a tool call, not JSON content")
     return req
 
 
@@ -255,6 +293,8 @@ class Prepared:
     forbid_tool_call: bool
     min_tokens: int = 0  # EOS is not generated before this many tokens (fill in the middle)
     continue_text: bool = False  # the output's text continues the prompt's (fill in the middle)
+    tool_grammar: str | None = None  # the grammar of what follows [TOOL_CALLS] (names, arguments, how many calls)
+    moderation: Moderation | None = None  # the reply's text is checked as it is released (finish "content_filter")
 
 
 #: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
@@ -305,7 +345,7 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
         prompt = tokenizer.encode_chat(messages, tools=tools, safe_prompt=req.safe_prompt,
                                        continue_final_message=_ends_with_prefix(req.messages),
                                        reasoning_effort=req.reasoning_effort,
-                                       response_format={"type": "json_object"} if req.json_mode else None)
+                                       response_format=req.response_format)
     except ChatTemplateError as e:
         at = [f for f in _TEMPLATE_FIELDS if str(e).startswith(f)]
         raise RequestError(at[0] if at else "messages", str(e)) from None
@@ -316,7 +356,23 @@ def prepare(tokenizer: Any, request: ChatRequest, max_context: int | None = None
     return Prepared(req, prompt, max_tokens, req.model or model_name, marker,
                     force_tool_call=req.tool_choice == "any",
                     # no tools offered (or tool_choice "none"): a call could only name a function that doesn't exist
-                    forbid_tool_call=marker is not None and (req.tool_choice == "none" or not req.tools))
+                    forbid_tool_call=marker is not None and (req.tool_choice == "none" or not req.tools),
+                    tool_grammar=_tool_grammar(tokenizer, req, tools) if marker is not None and tools else None)
+
+
+def _tool_grammar(tokenizer: Any, req: ChatRequest, tools: list[Any]) -> str | None:
+    """The grammar a tool call follows: with tool_choice "any" / "required" / named, every call names a declared
+    (or the named) function with arguments valid against its parameters schema; with "auto", only when a tool is
+    ``strict`` (its arguments are constrained, the others' are any JSON object) or ``parallel_tool_calls`` is
+    false (at most one call).  None: calls are not constrained."""
+    forced = req.tool_choice == "any"
+    strict = any(isinstance(t.get("function"), Mapping) and t["function"].get("strict") for t in tools)
+    if not (forced or strict or not req.parallel_tool_calls):
+        return None
+    try:
+        return tool_call_grammar(tokenizer, tools, parallel=req.parallel_tool_calls, strict_only=not forced)
+    except GrammarError as e:
+        raise RequestError("tools", str(e)) from None
 
 
 def context_length(model: Any, max_context: int | None = None) -> int | None:
@@ -352,36 +408,6 @@ def _never(token_id: int):
 
 
 # ---- 3. running --------------------------------------------------------------------------------------------
-class _ContentStop:
-    """Stop strings on the content text (generate.StopStrings).  In JSON mode a stop string counts only once
-    the JSON document is complete, so it can never cut the document: text up to the completion is released as
-    is, and only what follows it goes through the matcher."""
-
-    def __init__(self, stop: list[str], json_mode: bool):
-        self.matcher = StopStrings(stop)
-        self.json_state = initial_state() if json_mode and stop else None
-
-    def push(self, delta: str) -> tuple[str, str | None]:
-        head = ""
-        if self.json_state is not None:
-            for k, ch in enumerate(delta):
-                state = advance(self.json_state, ch.encode("utf-8"))
-                if state is None:  # cannot happen under the grammar; keep the text, never match
-                    return delta, None
-                self.json_state = state
-                if state.complete:
-                    head, delta = delta[: k + 1], delta[k + 1:]
-                    self.json_state = None
-                    break
-            else:
-                return delta, None
-        text, matched = self.matcher.push(delta)
-        return head + text, matched
-
-    def flush(self) -> str:
-        return self.matcher.flush()
-
-
 def _token_entry(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
     data = tokenizer.id_to_bytes(token_id)
     special = tokenizer.is_special(token_id)
@@ -452,8 +478,8 @@ def _think_ids(tokenizer: Any) -> tuple[int | None, int | None]:
     return None, None
 
 
-def _usage(n_prompt: int, out: _Outcome) -> dict[str, int]:
-    m = out.completion_tokens
+def _usage(n_prompt: int, *outs: _Outcome) -> dict[str, int]:
+    m = sum(out.completion_tokens for out in outs)  # the prompt is read once, whatever the number of choices
     return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
 
 
@@ -465,22 +491,28 @@ def _delta_content(d: _Delta) -> str | list[dict[str, Any]]:
              "closed": d.closed}]
 
 
-def generation_kwargs(tokenizer: Any, job: Prepared) -> dict[str, Any]:
+def generation_kwargs(tokenizer: Any, job: Prepared, index: int = 0) -> dict[str, Any]:
     """The keyword arguments of ``generation.generate_stream`` (and of ``scheduler.Job``) that run `job`: its
-    sampling parameters, EOS handling, logprobs and constraints (tool_choice, JSON mode) as logits processors."""
+    sampling parameters, EOS handling, logprobs and constraints (tool_choice, structured outputs, tool-call
+    grammars, min_tokens) as logits processors.  index: the choice (choice i samples with seed + i, so the n
+    choices of a seeded request differ and are reproducible)."""
     req = job.request
     processors = []
     if job.force_tool_call:
         processors.append(_only_first(job.tool_calls_id))
     if job.forbid_tool_call:
         processors.append(_never(job.tool_calls_id))
-    if req.json_mode:
-        processors.append(JsonLogitsProcessor(tokenizer, greedy=req.sampling.greedy))
+    if req.grammar is not None:
+        processors.append(GrammarLogitsProcessor(tokenizer, req.grammar))
+    if job.tool_grammar is not None:
+        grammar = job.tool_grammar
+        processors.append(AfterToken(job.tool_calls_id, lambda: GrammarLogitsProcessor(tokenizer, grammar)))
     if job.min_tokens:
         processors.append(_no_stop_before(job.min_tokens, tokenizer.eos_id))
     s = req.sampling
+    seed = s.seed + index if s.seed is not None else None
     return dict(temperature=s.temperature, top_p=s.top_p, presence_penalty=s.presence_penalty,
-                frequency_penalty=s.frequency_penalty, seed=s.seed, ignore_eos=req.ignore_eos,
+                frequency_penalty=s.frequency_penalty, seed=seed, ignore_eos=req.ignore_eos,
                 logprobs=req.logprobs, top_logprobs=req.top_logprobs, logits_processors=processors)
 
 
@@ -500,26 +532,38 @@ class ChatReply:
     if it does not parse.
     """
 
-    def __init__(self, tokenizer: Any, job: Prepared, cid: str | None = None, created: int | None = None):
+    def __init__(self, tokenizer: Any, job: Prepared, cid: str | None = None, created: int | None = None,
+                 index: int = 0, last: bool = True):
         self.tokenizer, self.job = tokenizer, job
         self.id = cid or uuid.uuid4().hex
         self.created = int(time.time()) if created is None else created
+        self.index, self.last = index, last  # the choice; last: its final chunk carries the usage (n choices)
         self.out = _Outcome()
         self.done = False
-        self._stop = _ContentStop(job.request.stop, job.request.json_mode)
+        # a structured reply ends where its grammar does (only EOS may follow the document): stop strings would
+        # only ever cut it, so they do not apply to it
+        self._stop = StopStrings([] if job.request.grammar is not None else job.request.stop)
         self._think_open, self._think_close = _think_ids(tokenizer)
         self._ids: list[int] = []
         self._in_tool_call = self._in_think = False
         self._tail = ""  # text decoded after [TOOL_CALLS]
         self._pending_lp: list[dict[str, Any]] = []
         self._opened = False
+        self._filtered = False
 
     # ---- events -> deltas (answer text with its logprob entries, or thinking) ----
     def _think(self, text: str, closed: bool = False) -> _Delta:
         self.out.add("thinking", text, closed)
         return _Delta("thinking", text, closed=closed)
 
-    def _answer(self, text: str) -> _Delta:
+    def _answer(self, text: str) -> _Delta | None:
+        """The answer's next text, or None when the moderation stage flags the answer with it: then that text is
+        withheld, generation stops and finish_reason is "content_filter"."""
+        moderation = self.job.moderation
+        if moderation is not None and text and moderation(self.out.text + text):
+            self.out.finish_reason, self.out.tool_calls, self.done = "content_filter", [], True
+            self._filtered = True
+            return None
         self.out.add("text", text)
         delta, self._pending_lp = _Delta("text", text, self._pending_lp), []
         return delta
@@ -596,7 +640,7 @@ class ChatReply:
         want_lp = self.job.request.logprobs
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.job.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                "choices": [{"index": self.index, "delta": delta, "finish_reason": finish,
                              "logprobs": {"content": lps} if want_lp and lps is not None else None}]}
 
     def _emit(self, deltas: list[_Delta]) -> list[dict[str, Any]]:
@@ -614,7 +658,12 @@ class ChatReply:
         return self._emit([])
 
     def push(self, ev: Any) -> list[dict[str, Any]]:
-        return self._emit(self._content(ev))
+        if self._filtered:
+            return []
+        deltas = [d for d in self._content(ev) if d is not None]
+        if self._filtered:
+            self.out.finish_reason = "content_filter"
+        return self._emit(deltas)
 
     @property
     def usage(self) -> dict[str, int]:
@@ -622,17 +671,20 @@ class ChatReply:
 
     def finish(self) -> list[dict[str, Any]]:
         out = self.out
-        tail = self._emit(self._tool_calls())
+        tail = [] if self._filtered else self._emit([d for d in self._tool_calls() if d is not None])
+        if self._filtered:
+            out.finish_reason, out.tool_calls = "content_filter", []
         if self.job.request.stream:
             if out.tool_calls:
                 tail.append(self._chunk({"tool_calls": [dict(call, index=i) for i, call in enumerate(out.tool_calls)]}))
             last = self._chunk({}, out.finish_reason)
-            last["usage"] = self.usage
+            if self.last:
+                last["usage"] = self.usage
             return tail + [last]
         return [{
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.job.model_name,
             "choices": [{
-                "index": 0,
+                "index": self.index,
                 "message": {"role": "assistant", "content": out.content(), "tool_calls": out.tool_calls or None},
                 "finish_reason": out.finish_reason,
                 "logprobs": {"content": out.logprobs} if self.job.request.logprobs else None,
@@ -644,7 +696,8 @@ class ChatReply:
 def _replies(model: Any, tokenizer: Any, job: Prepared, reply: ChatReply) -> Iterator[dict[str, Any]]:
     """Run generation for `reply`: yield what it releases, event by event, then its last parts."""
     yield from reply.start()
-    stream = generate_stream(model, tokenizer, job.prompt_ids, job.max_tokens, **generation_kwargs(tokenizer, job))
+    kwargs = generation_kwargs(tokenizer, job, reply.index)
+    stream = generate_stream(model, tokenizer, job.prompt_ids, job.max_tokens, **kwargs)
     try:
         for ev in stream:
             yield from reply.push(ev)
@@ -655,33 +708,74 @@ def _replies(model: Any, tokenizer: Any, job: Prepared, reply: ChatReply) -> Ite
     yield from reply.finish()
 
 
+def _choices(model: Any, tokenizer: Any, job: Prepared) -> Iterator[dict[str, Any]]:
+    """The n choices one after the other (choice i with seed + i), streamed: each chunk names its choice; the
+    very last chunk carries the usage of them all (the prompt counted once)."""
+    cid, created, n = uuid.uuid4().hex, int(time.time()), job.request.n
+    replies = [ChatReply(tokenizer, job, cid, created, index=i, last=i == n - 1) for i in range(n)]
+    for reply in replies:
+        for chunk in _replies(model, tokenizer, job, reply):
+            if "usage" in chunk:
+                chunk["usage"] = _usage(len(job.prompt_ids), *(r.out for r in replies))
+            yield chunk
+
+
+def prompt_text(messages: Sequence[Any]) -> str:
+    """The text of a conversation for a moderation stage: every string content and text chunk, one per line."""
+    parts = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [c["text"] for c in content if isinstance(c, Mapping) and isinstance(c.get("text"), str)]
+    return "\n".join(parts)
+
+
+def check_prompt(messages: Sequence[Any], moderation: Moderation | None) -> None:
+    """ContentFilterError (field "messages") when `moderation` flags the conversation's text."""
+    if moderation is not None and moderation(prompt_text(messages)):
+        raise ContentFilterError("messages", "the prompt was filtered by the moderation stage (content_filter)")
+
+
 def run(model: Any, tokenizer: Any, job: Prepared) -> dict[str, Any] | Iterator[dict[str, Any]]:
-    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks."""
-    replies = _replies(model, tokenizer, job, ChatReply(tokenizer, job))
+    """Generate for a prepared request: a chat.completion dict, or (job.request.stream) an iterator of chunks.
+    With n > 1 the choices are generated one after the other (choice i with seed + i)."""
     if job.request.stream:
-        return replies
-    (response,) = replies
+        return _choices(model, tokenizer, job)
+    cid, created = uuid.uuid4().hex, int(time.time())
+    replies = [ChatReply(tokenizer, job, cid, created, index=i) for i in range(job.request.n)]
+    responses = [list(_replies(model, tokenizer, job, reply))[-1] for reply in replies]
+    response = responses[0]
+    response["choices"] = [r["choices"][0] for r in responses]
+    response["usage"] = _usage(len(job.prompt_ids), *(reply.out for reply in replies))
     return response
 
 
 def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, Any]], *,
                     model_name: str = "mistral-ref", max_context: int | None = None,
-                    reasoning_prompt: str | None = None,
+                    reasoning_prompt: str | None = None, moderation: Moderation | None = None,
                     **params: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
     """A chat completion shaped exactly like the Mistral API's response (see the module docstring).
 
     model: a mistral_ref Transformer; tokenizer: its mistral_ref Tokenizer (the chat template comes from its
     version); messages: [{"role": "system" | "user" | "assistant" | "tool", "content": ...}, ...] (content: a
     string or a list of text / thinking chunks).
-    params: the API's parameters — temperature (default 0.7), top_p, max_tokens, stop (str or list),
-    presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
-    "json_object"}), tools, tool_choice ("auto" | "none" | "any" | "required" | a named function),
-    parallel_tool_calls, safe_prompt, n (1 only), stream, reasoning_effort ("none" ... "max", v15 models),
-    prompt_mode ("reasoning"), and the extras ignore_eos, logprobs, top_logprobs.
+    params: the API's parameters — temperature (default 0.7), top_p, max_tokens (or max_completion_tokens), stop
+    (str or list), presence_penalty, frequency_penalty, seed / random_seed, response_format ({"type": "text" |
+    "json_object" | "json_schema", ...}), tools (``"strict": true`` functions get constrained arguments),
+    tool_choice ("auto" | "none" | "any" | "required" | a named function), parallel_tool_calls, safe_prompt,
+    n (choices, 1 to 16), stream, reasoning_effort ("none" ... "max", v15 models), prompt_mode ("reasoning"),
+    metadata and prediction (accepted, ignored), and the extras ignore_eos, logprobs, top_logprobs.  An
+    assistant message last with ``"prefix": true`` is continued.
     model_name: the "model" reported in the response (a request's ``model`` parameter wins);
     max_context: context length in tokens (default and cap: the model's ``args.max_seq_len``, if it declares one).
     reasoning_prompt: the system prompt ``prompt_mode="reasoning"`` uses (default: the SYSTEM_PROMPT.txt next to
     the tokenizer file).
+    moderation: a content-safety stage, ``moderation(text) -> bool`` (True: filter).  It sees the prompt's text
+    first (flagged: ContentFilterError, ``.code == "content_filter"``), then the answer so far each time text is
+    about to be released (flagged: that text is withheld, generation stops, finish_reason "content_filter",
+    streaming too).  Thinking and tool-call arguments are not checked.
 
     returns: a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts
     (finish_reason null until the last chunk, which also carries usage).  The request is validated and encoded
@@ -690,7 +784,9 @@ def chat_completion(model: Any, tokenizer: Any, messages: Sequence[Mapping[str, 
     if isinstance(messages, tuple):
         messages = list(messages)
     request = parse_request({"messages": messages, **params})
+    check_prompt(request.messages, moderation)
     job = prepare(tokenizer, request, context_length(model, max_context), model_name, reasoning_prompt)
+    job.moderation = moderation
     return run(model, tokenizer, job)
 
 

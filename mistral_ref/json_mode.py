@@ -1,6 +1,8 @@
-"""JSON mode: constrained decoding that makes the generated text a JSON document.
+"""A hand-written JSON grammar: constrained decoding explained from scratch (notebook 04 teaches with it).
 
-``response_format={"type": "json_object"}`` plugs a :class:`JsonLogitsProcessor` into the one sampling path
+This is a teaching example, not the runtime path: the chat API's structured outputs (``response_format``
+json_object / json_schema, strict tool calls) run on llguidance through mistral_ref/grammar.py, which handles
+any JSON schema.  Everything below works on its own as a :class:`JsonLogitsProcessor` in the one sampling path
 (sampling.py, step 2): before each token is chosen, every token whose bytes cannot continue a valid JSON
 document gets logit -inf.  EOS is allowed only once the top-level value is complete; special tokens never are.
 So a generation that ends at EOS is always valid JSON; one cut by max_tokens may not be.

@@ -36,6 +36,7 @@ from mistral_ref.tokenizer.settings import REASONING_EFFORTS
 #: ~1.4e-45), while softmax(logits / t) is one-hot up to exact ties long before.
 GREEDY_BELOW = 2.0**-126
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 16  # n: completions per request
 
 
 class FieldError(ValueError):
@@ -158,6 +159,7 @@ _TOOL = {
                 "name": {"type": "string"},
                 "description": {"type": "string"},
                 "parameters": {"type": "object"},
+                "strict": {"type": "boolean", "description": "constrain the arguments to parameters (grammar)"},
             },
         },
     },
@@ -193,24 +195,35 @@ REQUEST: tuple[Field, ...] = (
           **_PENALTY),
     _SEED,
     replace(_SEED, name="random_seed", doc="the Mistral API's name for seed", alias_of="seed", azure=False),
-    Field("response_format", "object", "{'type': 'json_object'} constrains the reply to a JSON object",
+    Field("response_format", "object", "{'type': 'json_object'} constrains the reply to a JSON object, "
+          "{'type': 'json_schema', 'json_schema': {'name', 'schema', 'strict'}} to a document of the schema",
           default={"type": "text"}, azure=True,
-          schema={"type": "object", "properties": {"type": {"enum": ["text", "json_object"]}}}),
+          schema={"type": "object", "properties": {
+              "type": {"enum": ["text", "json_object", "json_schema"]},
+              "json_schema": {"type": "object", "properties": {
+                  "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+                  "strict": {"type": "boolean"}}, "required": ["name"]}}}),
     Field("tools", "array", "functions the model may call", azure=True,
           schema={"type": "array", "items": _TOOL}),
     Field("tool_choice", "any", "'auto', 'none', 'any' (or 'required': a tool call is forced) or a named "
           "function", default="auto", azure=True,
           schema={"anyOf": [{"enum": ["auto", "none", "any", "required"]}, {"type": "object"}]}),
-    Field("parallel_tool_calls", "boolean", "false keeps only the first tool call", default=True),
+    Field("parallel_tool_calls", "boolean", "false: at most one tool call (enforced by the grammar)", default=True),
     Field("safe_prompt", "boolean", "prepend Mistral's safety system prompt (Azure model_extras: safe_mode)",
           default=False),
     Field("stream", "boolean", "reply with server-sent chat.completion.chunk events", default=False, azure=True),
     Field("stream_options", "object", "accepted for the OpenAI client; usage is always in the last chunk",
           schema={"type": "object", "properties": {"include_usage": {"type": "boolean"}},
                   "additionalProperties": False}),
-    Field("n", "integer", "completions per request: only 1", default=1, minimum=1, maximum=1,
-          range_doc="only n=1 is supported (one completion per request)"),
+    Field("n", "integer", "completions per request (choices 0..n-1; the prompt is counted once in usage)",
+          default=1, minimum=1, maximum=MAX_CHOICES),
     Field("user", "string", "accepted for the OpenAI client; ignored"),
+    Field("max_completion_tokens", "integer", "OpenAI's name for max_tokens", minimum=1, alias_of="max_tokens"),
+    Field("metadata", "object", "accepted for the OpenAI client (string tags of the request); ignored",
+          schema={"type": "object", "additionalProperties": {"type": "string"}}),
+    Field("prediction", "object", "accepted for the OpenAI client (predicted output, a speed hint); ignored: "
+          "the completion is the same without it",
+          schema={"type": "object", "properties": {"type": {"const": "content"}, "content": {}}}),
     Field("reasoning_effort", "string", "how much the model thinks before answering; v15 tokenizers write it in "
           "the prompt's model settings (the model's tokenizer file lists the values it takes)",
           choices=REASONING_EFFORTS),

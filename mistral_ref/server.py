@@ -339,6 +339,9 @@ class ChatApp:
             raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
         try:
             request = parse_request(body)
+            if request.n != 1:  # one scheduled row per request (api.chat_completion generates n choices)
+                raise RequestError("n", f"only n=1 on this server (got {request.n}); the Python API's "
+                                   "chat_completion generates several choices")
             self._check_limits(request)
             job = prepare(self.tokenizer, request, self.max_context, self.options.model_name)
         except RequestError as e:

@@ -54,7 +54,8 @@ def body(name: str, value) -> dict:
 
 def test_the_table_covers_what_the_tests_below_rely_on() -> None:
     assert {f.name for f in NUMERIC} == {"temperature", "top_p", "presence_penalty", "frequency_penalty",
-                                         "max_tokens", "seed", "random_seed", "n", "top_logprobs"}
+                                         "max_tokens", "seed", "random_seed", "n", "top_logprobs",
+                                         "max_completion_tokens"}
     assert set(SAMPLING_FIELDS) <= set(FIELDS) and REQUEST_FIELDS == tuple(FIELDS)
     assert len(FIELDS) == len(REQUEST)  # no name twice
     for f in REQUEST:

@@ -6,7 +6,8 @@
 # A language model gives next-token logits; *generation* is everything around that: a **KV cache** so each new
 # token costs one position of work instead of re-reading the whole prompt, a **sampler** that turns logits into
 # a choice, a **streaming detokenizer** that turns ids into text as they come, and optional **constraints** such
-# as JSON mode. All of it lives in `mistral_ref.cache`, `sampling`, `generate`, `json_mode` and `api`.
+# as JSON mode. All of it lives in `mistral_ref.cache`, `sampling`, `generation`, `grammar` and `api` (plus
+# `json_mode`, the hand-written JSON grammar this notebook opens up).
 #
 # The model: the tiny Mixtral trained by this project and shipped inside the package
 # (`mistral_ref.embedded.load_embedded()`, 4.2M parameters, a V3 chat template, a 3,072-piece tokenizer). It is
@@ -232,15 +233,16 @@ for piece, alts in list(zip(pieces, result.top_logprobs))[:5]:
 # %% [markdown]
 # ## 5. JSON mode
 #
-# `chat_completion(..., response_format={"type": "json_object"})` plugs a JSON grammar into the sampler
-# (`json_mode.JsonLogitsProcessor`): before each token is chosen, every token whose bytes cannot continue a valid
-# JSON document gets logit −∞, and EOS is allowed only once the top-level object is complete. So an answer that
-# ends with `finish_reason == "stop"` is always valid JSON. The constraint guarantees *syntax*, not *sense*: the
-# model still chooses what goes inside. Ours was never trained to answer in JSON (only to write tool-call
-# arguments), so expect it to wander: an empty object, tool-argument-like keys that never close before
-# `max_tokens`, or an endless run of whitespace (which JSON allows between tokens — a known failure of
-# constrained decoding with models that do not "want" to write JSON). Whatever it does, every answer below is a
-# valid JSON document or, when cut by `max_tokens`, a valid beginning of one:
+# `chat_completion(..., response_format={"type": "json_object"})` (or `"json_schema"` with any JSON schema) plugs
+# a grammar into the sampler (`grammar.GrammarLogitsProcessor`, on the llguidance library): before each token is
+# chosen, every token whose bytes cannot continue a valid document gets logit −∞, and EOS is allowed only once the
+# top-level object is complete. So an answer that ends with `finish_reason == "stop"` is always valid JSON. The
+# constraint guarantees *syntax*, not *sense*: the model still chooses what goes inside. Ours was never trained to
+# answer in JSON (only to write tool-call arguments), so expect it to wander: an empty object, or
+# tool-argument-like keys that never close before `max_tokens`. (Whitespace, which JSON allows anywhere between
+# tokens, is bounded to two characters at a time: a model that does not "want" to write JSON would otherwise fill
+# its context with it.) Whatever it does, every answer below is a valid JSON document or, when cut by
+# `max_tokens`, a valid beginning of one:
 
 # %%
 requests = ["Bonjour !", "Add 2 and 3.", "Capital of Japan?", "Give me a JSON object with the capital of France."]
@@ -261,18 +263,22 @@ plain = chat_completion(model, tok, [{"role": "user", "content": requests[0]}], 
 print(f"\nthe same first request without JSON mode: {plain['choices'][0]['message']['content']!r}")
 
 # %% [markdown]
-# Under the hood: the same request through `generate` with the processor plugged in by hand
-# (`logits_processors=[JsonLogitsProcessor(tok, greedy=True)]`), then the generated ids replayed through the
-# JSON state machine (`json_mode.advance`), counting at every step how many tokens of the vocabulary the grammar
-# still allowed (`JsonVocab.allowed(state)`). The model's answer is short, so below it the same count for a
-# hand-written object: after `{` only a key's opening quote or whitespace, inside a number only digits and what
-# may end a number — but inside a string almost every token is allowed (the tall bars).
+# Under the hood, with a grammar small enough to read: `mistral_ref.json_mode` is a hand-written byte-level JSON
+# grammar (a table-driven pushdown automaton) with its own processor, `JsonLogitsProcessor`. The same request
+# through `generate` with it plugged in by hand (`logits_processors=[JsonLogitsProcessor(tok, greedy=True)]`), then
+# the generated ids replayed through its JSON state machine (`json_mode.advance`), counting at every step how
+# many tokens of the vocabulary the grammar still allowed (`JsonVocab.allowed(state)`). The model's answer is
+# short, so below it the same count for a hand-written object: after `{` only a key's opening quote or
+# whitespace, inside a number only digits and what may end a number — but inside a string almost every token
+# is allowed (the tall bars).
 
 # %%
 request = [{"role": "user", "content": "Add 2 and 3."}]
 (result,) = generate(model, [tok.encode_chat(request)], max_tokens=48, temperature=0.0, eos_id=tok.eos_id,
                      logits_processors=[JsonLogitsProcessor(tok, greedy=True)])
-assert tok.decode(result.tokens) == answers["Add 2 and 3."]["message"]["content"]  # the API is this path
+by_hand = tok.decode(result.tokens)  # the hand-written grammar allows any whitespace: it may differ from the API's
+print("hand-written grammar:", repr(by_hand),
+      "| API (llguidance):", repr(answers["Add 2 and 3."]["message"]["content"]))
 vocab = json_vocab(tok)
 
 

@@ -45,7 +45,7 @@ def compile_everything(arch: int, dtype_name: str) -> list[dict]:
     from triton.compiler import ASTSource
 
     import triton_kernels as tk
-    from triton_kernels import flash_attention, flash_decoding, moe, norm, rope
+    from triton_kernels import flash_attention, flash_common, flash_decoding, moe, norm, rope
 
     type_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                   torch.int32: "i32"}
@@ -85,7 +85,7 @@ def compile_everything(arch: int, dtype_name: str) -> list[dict]:
 
             return launch
 
-    for module in (flash_attention, flash_decoding, moe, norm, rope):
+    for module in (flash_common, flash_attention, flash_decoding, moe, norm, rope):
         module.check_device = lambda where, *tensors: None  # CPU tensors stand in for GPU ones
         for name in KERNELS & set(vars(module)):
             setattr(module, name, CompileInsteadOfLaunch(getattr(module, name)))

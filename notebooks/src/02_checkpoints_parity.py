@@ -278,6 +278,7 @@ for label, report in reports.items():
     ax.semilogy(x, [max(r["max_rel"], 1e-12) for r in rows], "o-", ms=3, label=label)
 ax.axhline(1e-5, color="grey", ls="--", lw=0.8)
 ax.set_xlabel("layer (attention, feed-forward, residual stream)")
+ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
 ax.set_ylabel("max|a − b| / max|b|")
 ax.set_title("error by layer, from the JSON of `mistral-ref parity` (exact zeros drawn at 1e-12)")
 ax.legend(fontsize=8)

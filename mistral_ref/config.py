@@ -84,7 +84,7 @@ class MlaArgs:
 
 @dataclass(frozen=True)
 class FineMoeArgs:
-    """Fine-grained experts (DeepSeek-MoE; Mistral Small 4, Mistral Large 3): moe.FineMoeLayer has the math.
+    """Fine-grained experts (DeepSeek-MoE; Mistral Small 4, Mistral Large 3): fine_moe.FineMoeLayer has the math.
 
     Every token goes through `n_shared_experts` shared experts (one SwiGLU of width n_shared_experts x
     moe_intermediate_size) plus `num_experts_per_tok` of `num_experts` routed experts of width

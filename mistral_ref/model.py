@@ -23,8 +23,9 @@ from mistral_ref.attention import Attention
 from mistral_ref.backends import Backend, get_backend
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.config import ModelArgs
+from mistral_ref.fine_moe import FineMoeLayer
 from mistral_ref.mla import LatentAttention
-from mistral_ref.moe import FeedForward, FineMoeLayer, MoeLayer, load_balancing_loss
+from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss
 from mistral_ref.norm import RMSNorm
 
 

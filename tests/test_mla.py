@@ -16,9 +16,9 @@ from mistral_ref.cache import KVCache, LatentLayerCache, cache_nbytes
 from mistral_ref.checkpoint.names import hf_to_native_name, native_to_hf_name
 from mistral_ref.config import ConfigError, FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, YarnArgs
 from mistral_ref.family import PRESETS, kv_cache_bytes, parameter_counts
+from mistral_ref.fine_moe import route_fine
 from mistral_ref.mla import mla_softmax_scale
 from mistral_ref.model import Transformer, meta_model
-from mistral_ref.moe import route_fine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

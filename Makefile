@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(BIN)/python -m mistral_ref demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check mistral_ref triton_kernels tests benchmarks notebooks/build.py
+	$(BIN)/ruff check mistral_ref triton_kernels parity_oracles tests benchmarks notebooks/build.py
 
 # One thread per test process: the tests use tiny models, where threads only fight for the cores.
 test: $(STAMP) lint

@@ -39,10 +39,10 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,6 @@ from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import (
     CheckpointError,
     checkpoint_index,
-    convert_checkpoint,
     dominant_dtype,
     find_checkpoint,
     load_model,
@@ -367,64 +366,6 @@ def run_mistral_ref(checkpoint: str | Path, tokens: Sequence[int], dtype: torch.
     return trace  # the model is freed with this frame (run_parity collects before the other side loads)
 
 
-def _hf_directory(checkpoint: Path, tmp: str, log: Log) -> dict[str, Any]:
-    """from_pretrained arguments for transformers to load `checkpoint` (converting native files if needed)."""
-    if is_gguf_file(checkpoint):
-        return {"pretrained_model_name_or_path": str(checkpoint.parent), "gguf_file": checkpoint.name}
-    files = find_checkpoint(checkpoint)
-    if files.format == "hf":
-        return {"pretrained_model_name_or_path": str(files.config.parent)}
-    size = sum(p.stat().st_size for p in files.shards)
-    log(f"transformers: {checkpoint} holds native files only: converting them to Hugging Face files in {tmp} "
-        f"({size / 2**30:.2f} GiB of disk, removed afterwards)")
-    convert_checkpoint(checkpoint, tmp, format="hf")
-    return {"pretrained_model_name_or_path": tmp}
-
-
-def run_transformers(checkpoint: str | Path, tokens: Sequence[int], dtype: torch.dtype, *, layers: bool = True,
-                     generate: int = 0, log: Log = _quiet) -> Trace:
-    """The same as run_mistral_ref, with transformers' model (hooks on its modules) on the same checkpoint."""
-    import transformers
-
-    checkpoint, tokens = Path(checkpoint), list(tokens)
-    reset_peak_rss()
-    with tempfile.TemporaryDirectory(prefix="mistral-ref-parity-") as tmp:
-        where = _hf_directory(checkpoint, tmp, log)
-        log(f"transformers: loading {checkpoint} ({str(dtype).removeprefix('torch.')})")
-        t0 = time.perf_counter()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=dtype).eval()
-        load_s = time.perf_counter() - t0
-    fmt = "gguf" if "gguf_file" in where else "hf"
-    trace = Trace(TRANSFORMERS, str(checkpoint), fmt, str(dtype).removeprefix("torch."), load_s=load_s)
-    check_tokens(tokens, hf.config.vocab_size, checkpoint)
-    body = hf.model
-    rec = _Recorder(trace, len(body.layers), log)
-    if layers:
-        rec.record(body.embed_tokens, "embeddings")
-        for i, layer in enumerate(body.layers):
-            rec.record(layer.self_attn, f"layers.{i}.attention")
-            rec.record(layer.mlp, f"layers.{i}.feed_forward")
-            rec.record(layer, f"layers.{i}.residual")
-            if hasattr(layer.mlp, "gate"):  # Mixtral's router returns (logits, weights, expert indices)
-                rec.experts(layer.mlp.gate, i, lambda out: out[2])
-        rec.record(body.norm, "norm")
-    for i, layer in enumerate(body.layers):
-        rec.progress(layer, i)
-    past: list[Any] = [None]
-
-    def forward(ids: torch.Tensor) -> torch.Tensor:
-        return hf(input_ids=ids, use_cache=False).logits
-
-    def step(ids: list[int], start: int) -> torch.Tensor:
-        out = hf(input_ids=torch.tensor([ids]), past_key_values=past[0], use_cache=True)
-        past[0] = out.past_key_values
-        return out.logits[0, -1]
-
-    _finish(trace, tokens, generate, forward, step, rec, log)
-    trace.peak_rss = peak_rss_bytes()
-    return trace
-
-
 # ---- comparing two traces ----------------------------------------------------------------------------------
 @dataclass
 class RecordError:
@@ -627,6 +568,17 @@ def build_report(a: Trace, b: Trace, tokens: Sequence[int], probe: str, dtype: t
         passed=records[-1].max_rel <= tolerance)
 
 
+def other_side(name: str) -> Callable[..., Trace]:
+    """The runner of an oracle side, e.g. "transformers": found through the entry-point group
+    ``mistral_ref.parity_sides`` (the `parity_oracles` package that ships with mistral-ref registers it), so this
+    library never imports an oracle itself."""
+    found = [ep for ep in entry_points(group="mistral_ref.parity_sides") if ep.name == name]
+    if not found:
+        raise ValueError(f"no parity side called {name!r} is installed (the parity_oracles package of mistral-ref "
+                         "registers 'transformers'; reinstall mistral-ref)")
+    return found[0].load()
+
+
 def run_parity(checkpoint: str | Path, against: str | Path = TRANSFORMERS, tokens: Sequence[int] | None = None, *,
                probe: str = "", dtype: torch.dtype | str | None = None, layers: bool = True, generate: int = 0,
                tolerance: float | None = None, backend: str | None = None, log: Log = _quiet) -> ParityReport:
@@ -654,7 +606,7 @@ def run_parity(checkpoint: str | Path, against: str | Path = TRANSFORMERS, token
     gc.collect()  # the model of side a is unreachable now: free it before side b loads
     log(f"mistral-ref: done, peak resident memory {a.peak_rss / 2**30:.2f} GiB; freed")
     if against == TRANSFORMERS:
-        b = run_transformers(checkpoint, tokens, dtype, layers=layers, generate=generate, log=log)
+        b = other_side(TRANSFORMERS)(checkpoint, tokens, dtype, layers=layers, generate=generate, log=log)
     else:
         b = run_mistral_ref(against, tokens, dtype, layers=layers, generate=generate, name="mistral-ref (b)",
                             backend=backend, log=log)

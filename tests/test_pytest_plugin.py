@@ -1,4 +1,4 @@
-"""The pytest plugin (mistral_ref/pytest_plugin.py), run as another project runs it: pytest in a subprocess, in an
+"""The pytest plugin (parity_oracles/pytest_plugin.py), run as another project runs it: pytest in a subprocess, in an
 empty directory, on a tiny random checkpoint that carries the embedded model's tokenizer."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from model_helpers import random_model
 
-import mistral_ref.pytest_plugin
+import parity_oracles.pytest_plugin
 from mistral_ref.checkpoint import copy_tokenizer_files, save_checkpoint
 from mistral_ref.config import ModelArgs
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-PLUGIN = Path(mistral_ref.pytest_plugin.__file__)
+PLUGIN = Path(parity_oracles.pytest_plugin.__file__)
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 
 
@@ -35,8 +35,8 @@ def checkpoint(tmp_path_factory) -> Path:
 def run_pytest(cwd: Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_ADDOPTS", None)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "mistral_ref.pytest_plugin", "-p", "no:cacheprovider",
-                          "-rA", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "parity_oracles.pytest_plugin",
+                          "-p", "no:cacheprovider", "-rA", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     return out.returncode, out.stdout + out.stderr
 
 
@@ -86,4 +86,7 @@ def test_without_a_checkpoint_the_suite_is_skipped_and_not_added(tmp_path):
 def test_registered_as_a_pytest11_entry_point():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert meta["project"]["entry-points"]["pytest11"] == {"mistral_ref.pytest_plugin": "mistral_ref.pytest_plugin"}
+    plugin = "parity_oracles.pytest_plugin"
+    assert meta["project"]["entry-points"]["pytest11"] == {plugin: plugin}
+    sides = meta["project"]["entry-points"]["mistral_ref.parity_sides"]
+    assert sides == {"transformers": "parity_oracles.transformers_side:run_transformers"}

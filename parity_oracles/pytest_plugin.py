@@ -5,7 +5,7 @@
 Installed with mistral-ref (entry point `pytest11`), so every project that has mistral-ref gets the options and
 fixtures; the suite below is added to the run only when --mistral-checkpoint is given (collected from this
 file; run it alone with `pytest --mistral-checkpoint DIR -p no:cacheprovider $(python -c "import
-mistral_ref.pytest_plugin as p; print(p.__file__)")`, where each test is skipped without a checkpoint).
+parity_oracles.pytest_plugin as p; print(p.__file__)")`, where each test is skipped without a checkpoint).
 
 The suite, on the checkpoint (a native or HF directory, or a .gguf file):
 

@@ -36,7 +36,8 @@ def run_pytest(cwd: Path, *args: str) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_ADDOPTS", None)
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "parity_oracles.pytest_plugin",
-                          "-p", "no:cacheprovider", "-rA", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+                          "-p", "no:cacheprovider", "-rA", *args],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     return out.returncode, out.stdout + out.stderr
 
 

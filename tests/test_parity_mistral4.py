@@ -228,8 +228,8 @@ def test_hf_files_we_write_round_trip(oracle, tmp_path):
 
 def test_fused_hf_files_shard_and_convert_both_ways(oracle, tmp_path):
     """HF files across several shards (Mistral4: fused experts; DeepseekV3: per expert), then HF -> native -> HF
-    (DeepseekV3: HF -> HF in one shard -> HF) with the streaming converter: same logits, and the second HF copy's tensors are bit-identical to the first's
-    (the fused layout is rebuilt exactly)."""
+    (DeepseekV3: HF -> HF in one shard -> HF) with the streaming converter: same logits, and the second HF copy's
+    tensors are bit-identical to the first's (the fused layout is rebuilt exactly)."""
     from safetensors.torch import load_file
 
     from mistral_ref.checkpoint import convert_checkpoint, find_checkpoint, load_model, save_checkpoint

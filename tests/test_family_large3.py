@@ -86,3 +86,35 @@ def test_preset_as_transformers_builds_it():
     with tempfile.TemporaryDirectory() as d:
         config.save_pretrained(d)
         assert replace(ModelArgs.from_hf_config(d), tokenizer=LARGE3.tokenizer) == LARGE3
+
+
+def test_the_published_params_json_reads_to_the_preset(tmp_path):
+    """Mistral's own spelling (MLA widths at the top level, a `moe` section with expert_hidden_dim,
+    num_shared_experts, routed_scale...) reads to the preset, not to a Mixtral with 128 experts of 16384."""
+    import json
+
+    (tmp_path / "params.json").write_text(json.dumps({**PUBLISHED_PARAMS, "max_position_embeddings": 294912}))
+    args = ModelArgs.from_params_json(tmp_path)
+    assert args.moe is None
+    assert replace(args, max_seq_len=LARGE3.max_seq_len, tokenizer=LARGE3.tokenizer) == LARGE3
+    assert args.max_seq_len == 294912
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: p["moe"].update(route_every_n=2), "moe.route_every_n=2"),
+    (lambda p: p["moe"].update(use_load_balancing_bias=True), "use_load_balancing_bias"),
+    (lambda p: p["yarn"].update(apply_scale=True), "yarn.apply_scale=true"),
+    (lambda p: p.update(head_dim=128), "head_dim=128 must be qk_nope_head_dim"),
+    (lambda p: p.pop("kv_lora_rank"), "kv_lora_rank"),
+    (lambda p: p["moe"].pop("expert_hidden_dim") and p["moe"].update(num_shared_experts=1), "expert_hidden_dim"),
+])
+def test_what_the_published_spelling_does_not_cover_is_named(tmp_path, edit, message):
+    import json
+
+    from mistral_ref.config import ConfigError
+
+    params = json.loads(json.dumps(PUBLISHED_PARAMS))
+    edit(params)
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ConfigError, match=rf"params\.json: .*{message}"):
+        ModelArgs.from_params_json(tmp_path)

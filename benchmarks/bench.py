@@ -4,9 +4,11 @@
                                          [--compile] [--no-load]
 
 For each model shape (a Mistral-shaped ~125M, a Mixtral-shaped ~140M with 8 experts, a Nemo-shaped one whose
-head_dim is not dim / n_heads) the script builds one random-weight model, writes it as a Hugging Face checkpoint
-with mistral_ref.checkpoint (name map + q/k permutation) and loads that into transformers' MistralForCausalLM /
-MixtralForCausalLM, then checks that both give the same logits and greedy tokens before timing anything.
+head_dim is not dim / n_heads, a Mistral-Small-4-shaped ~130M with latent attention and 128 fine-grained experts
+top-4 + a shared expert) the script builds one random-weight model, writes it as a Hugging Face checkpoint
+with mistral_ref.checkpoint (name map + q/k permutation; Small 4's experts fused as transformers writes them) and
+loads that into transformers' MistralForCausalLM / MixtralForCausalLM / Mistral4ForCausalLM, then checks that both
+give the same logits and greedy tokens before timing anything.
 
 Measured, alternating mistral_ref and transformers run by run (the order flips every round), in fp32 and bf16:
 * decode tokens/s, greedy, 64 new tokens after a 128-token prompt, batch 1 and 8, through both libraries' own
@@ -45,7 +47,8 @@ import torch
 
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import save_checkpoint
-from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
+from mistral_ref.family import kv_cache_bytes, parameter_counts
 from mistral_ref.generation import generate
 from mistral_ref.model import Transformer
 
@@ -59,10 +62,28 @@ MODELS = {
     # 82.9M parameters, head_dim 128 != 640 / 8 as in Mistral Nemo.
     "nemo-80m": ModelArgs(dim=640, n_layers=8, hidden_dim=1792, n_heads=8, n_kv_heads=2, head_dim=128,
                           vocab_size=32768, norm_eps=1e-5, rope_theta=1e6),
+    # 133.3M parameters, 41.9M active: Mistral Small 4 scaled down (6 layers of dim 512; latent attention with
+    # q 256 / kv 128, 32 + 32 qk and 64 v per head, 8 heads; 128 experts of 80 top-4 + 1 shared; Small 4's YaRN
+    # 128x over 8k with the softmax-scale correction and its query scaling), against Mistral4ForCausalLM.
+    "small4-130m": ModelArgs(dim=512, n_layers=6, hidden_dim=1024, n_heads=8, n_kv_heads=8, head_dim=64,
+                             vocab_size=32768, norm_eps=1e-6, rope_theta=1e4,
+                             yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
+                             llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
+                             mla=MlaArgs(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
+                                         q_lora_rank=256, mscale_all_dim=1.0),
+                             fine_moe=FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=80)),
 }
 QUICK_MODELS = {
     "tiny-gqa": ModelArgs(dim=128, n_layers=2, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32,
                           vocab_size=1024, norm_eps=1e-5, rope_theta=1e6),
+    # the small4 row's path (latent attention, 16 fine-grained experts top-4 + shared, Mistral4ForCausalLM), tiny
+    "tiny-small4": ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=16,
+                             vocab_size=1024, norm_eps=1e-6, rope_theta=1e4,
+                             yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
+                             llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
+                             mla=MlaArgs(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                         q_lora_rank=24, mscale_all_dim=1.0),
+                             fine_moe=FineMoeArgs(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -135,6 +156,8 @@ def transformers_model(args: ModelArgs, directory: Path, dtype: torch.dtype):
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cls = MixtralForCausalLM if args.moe else MistralForCausalLM
+    if args.fine_moe is not None:  # latent attention + fine-grained experts (config.json says which class)
+        cls = getattr(transformers, args.to_hf_config()["architectures"][0])
     hf = cls.from_pretrained(directory, dtype=dtype).eval()
     gc = hf.generation_config
     gc.do_sample, gc.temperature, gc.top_p, gc.top_k = False, None, None, None
@@ -156,7 +179,12 @@ def check_parity(ours: Transformer, hf, vocab: int) -> tuple[float, bool]:
 
 def decode_bytes(args: ModelArgs, elem: int, context: int) -> int:
     """Bytes one decode step at batch 1 must read: every weight it multiplies (the embedding table only one row;
-    of the experts only the top_k chosen) plus the keys and values of `context` cached positions."""
+    of the experts only the top_k chosen) plus the keys and values of `context` cached positions.  Latent attention
+    / fine-grained experts: the active parameters (family.parameter_counts) less the embedding table but one row,
+    plus the latent cache (family.kv_cache_bytes)."""
+    if args.mla is not None or args.fine_moe is not None:
+        tables = (0 if args.tied_embeddings else 1) * (args.vocab_size - 1) * args.dim
+        return (parameter_counts(args)["active"] - tables) * elem + kv_cache_bytes(args, context, elem)
     per_layer_attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 2 * args.dim
     ffn = 3 * args.dim * args.hidden_dim
     if args.moe:
@@ -172,7 +200,14 @@ def decode_bytes(args: ModelArgs, elem: int, context: int) -> int:
 def prefill_flops(args: ModelArgs, T: int) -> float:
     """Floating-point operations per token of a T-token prefill: 2 per weight multiplied (the active experts only;
     no vocabulary projection, prefill needs the last token's logits only) plus the attention products
-    (2 x 2 x n_heads x head_dim per key, over the T/2 keys a causal query sees on average, or its window)."""
+    (2 x 2 x n_heads x head_dim per key, over the T/2 keys a causal query sees on average, or its window).
+    Latent attention / fine-grained experts: 2 per active parameter but the embeddings and the output projection
+    (kv_b_proj expands each token's latent once), plus 2 x n_heads x (qk_head_dim + v_head_dim) per visible key."""
+    if args.mla is not None or args.fine_moe is not None:
+        weights = parameter_counts(args)["active"] - (1 if args.tied_embeddings else 2) * args.vocab_size * args.dim
+        m = args.mla
+        per_key = 2 * args.n_heads * ((m.qk_head_dim + m.v_head_dim) if m else 2 * args.head_dim)
+        return 2 * weights + args.n_layers * per_key * (T + 1) / 2
     per_layer = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     k = args.moe.num_experts_per_tok if args.moe else 1
     per_layer += 3 * args.dim * args.hidden_dim * k + (args.dim * args.moe.num_experts if args.moe else 0)

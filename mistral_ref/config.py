@@ -491,7 +491,7 @@ class ModelArgs:
         raw = _read_json(path)
         known = {"dim", "n_layers", "hidden_dim", "n_heads", "vocab_size", "head_dim", "n_kv_heads", "norm_eps",
                  "rope_theta", "sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "tied_embeddings",
-                 "mla", "fine_moe"}
+                 "mla", "fine_moe", *_MISTRAL_MLA_KEYS}
         # Keys that real params.json files carry and that do not change the text model.
         harmless = {"max_batch_size", "use_biases", "model_type", "torch_dtype", "dtype", "quantization", "lora",
                     "vision_encoder", "_name_or_path", "version", "max_position_embeddings"}
@@ -502,7 +502,7 @@ class ModelArgs:
         if raw.get("vision_encoder"):
             warnings.warn(f"{path}: a multimodal model (key 'vision_encoder'): loading its language model only; "
                           "image inputs are not supported yet", stacklevel=2)
-        kwargs = {k: raw[k] for k in known if k in raw}
+        kwargs = {k: raw[k] for k in known if k in raw and k not in _MISTRAL_MLA_KEYS}
         if raw.get("max_seq_len") is None and raw.get("max_position_embeddings") is not None:
             kwargs["max_seq_len"] = raw["max_position_embeddings"]
         if raw.get("rope_theta") is None:
@@ -515,13 +515,19 @@ class ModelArgs:
             if not isinstance(moe, dict) or "num_experts" not in moe or "num_experts_per_tok" not in moe:
                 raise ConfigError(f"{path}: key 'moe' must hold num_experts and num_experts_per_tok, found {moe!r}")
             kwargs["moe"] = MoeArgs(int(moe["num_experts"]), int(moe["num_experts_per_tok"]))
+        if any(k in raw for k in _MISTRAL_MLA_KEYS) or _is_fine_moe_section(moe):  # Mistral's own spelling
+            try:
+                kwargs.pop("moe", None)
+                kwargs.update(_mistral_latent_sections(raw))
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
         try:
             for name, section in (("yarn", YarnArgs), ("llama_4_scaling", Llama4Scaling), ("mla", MlaArgs),
                                   ("fine_moe", FineMoeArgs)):
                 if raw.get(name) is not None:
                     kwargs[name] = _section(section, name, raw[name])
-                else:
-                    kwargs.pop(name, None)
+                elif name in raw:  # null (a section from Mistral's own spelling stays)
+                    kwargs.pop(name)
             return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
@@ -658,6 +664,66 @@ def _from_hf_mla(cls: type[ModelArgs], raw: dict[str, Any], model_type: str, pat
                    llama_4_scaling=llama_4, tied_embeddings=tied, mla=mla, fine_moe=fine_moe)
     except ConfigError as e:
         raise ConfigError(f"{path}: {where}{e}") from None
+
+
+# Mistral's own params.json spelling of latent attention and fine-grained experts (Mistral Large 3's published file;
+# vLLM's adapt_config_dict maps it to deepseek_v3 / MistralLarge3ForCausalLM with softmax scoring): the MLA widths at
+# the top level, the experts in a `moe` section with expert_hidden_dim, num_shared_experts, routed_scale,
+# num_expert_groups, num_expert_groups_per_tok, first_k_dense_replace, route_every_n.
+_MISTRAL_MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_MISTRAL_FINE_MOE_KEYS = {"num_experts", "num_experts_per_tok", "expert_hidden_dim", "num_shared_experts",
+                          "first_k_dense_replace", "routed_scale", "num_expert_groups", "num_expert_groups_per_tok",
+                          "route_every_n", "expert_parallel", "expert_model_parallel"}
+
+
+def _is_fine_moe_section(moe: Any) -> bool:
+    """True for a params.json `moe` section of fine-grained experts (Mistral Large 3), not Mixtral's."""
+    return isinstance(moe, dict) and ("expert_hidden_dim" in moe or bool(moe.get("num_shared_experts")))
+
+
+def _mistral_latent_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"mla": MlaArgs, "fine_moe": FineMoeArgs} (either may be absent) from Mistral's params.json spelling.
+
+    Read as vLLM reads it: softmax scoring with top-k renormalisation; routed_scale is routed_scaling_factor; the
+    expert groups are n_group / topk_group.  With a `yarn` section (apply_scale false, as published) the softmax
+    scale gets YaRN's correction with mscale_all_dim 1, as Mistral's own config.json of Small 4 says for the same
+    section.  Anything this reading does not cover (route_every_n != 1, other moe keys, apply_scale true, a
+    head_dim that is not qk_nope_head_dim + qk_rope_head_dim) is a ConfigError naming the key.
+    """
+    out: dict[str, Any] = {}
+    yarn = raw.get("yarn") or {}
+    if any(k in raw for k in _MISTRAL_MLA_KEYS):
+        missing = [k for k in _MISTRAL_MLA_KEYS[1:] if raw.get(k) is None]
+        if missing:
+            raise ConfigError(f"latent attention needs {missing} (found {[k for k in _MISTRAL_MLA_KEYS if k in raw]})")
+        if isinstance(yarn, dict) and yarn.get("apply_scale"):
+            raise ConfigError("yarn.apply_scale=true with latent attention is not supported (published Mistral "
+                              "latent-attention files say false)")
+        out["mla"] = MlaArgs(kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
+                             qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"],
+                             q_lora_rank=raw.get("q_lora_rank"), mscale_all_dim=1.0 if yarn else 0.0)
+        qk = out["mla"].qk_head_dim
+        if raw.get("head_dim", qk) != qk:
+            raise ConfigError(f"head_dim={raw['head_dim']} must be qk_nope_head_dim + qk_rope_head_dim = {qk}")
+        out["head_dim"] = qk
+    moe = raw.get("moe")
+    if _is_fine_moe_section(moe):
+        unknown = sorted(set(moe) - _MISTRAL_FINE_MOE_KEYS)
+        if unknown:
+            raise ConfigError(f"key 'moe' has entries {unknown} that fine-grained experts do not read (known: "
+                              f"{sorted(_MISTRAL_FINE_MOE_KEYS)})")
+        if moe.get("route_every_n", 1) != 1:
+            raise ConfigError(f"moe.route_every_n={moe['route_every_n']}: experts in every n-th layer only are not "
+                              "supported (1: every layer after first_k_dense_replace)")
+        if "expert_hidden_dim" not in moe:
+            raise ConfigError("required key 'moe.expert_hidden_dim' is missing")
+        out["fine_moe"] = FineMoeArgs(
+            num_experts=moe["num_experts"], num_experts_per_tok=moe["num_experts_per_tok"],
+            moe_intermediate_size=moe["expert_hidden_dim"], n_shared_experts=moe.get("num_shared_experts", 0),
+            first_k_dense_replace=moe.get("first_k_dense_replace", 0), n_group=moe.get("num_expert_groups", 1),
+            topk_group=moe.get("num_expert_groups_per_tok", 1), norm_topk_prob=True,
+            routed_scaling_factor=moe.get("routed_scale", 1.0), scoring_func="softmax")
+    return out
 
 
 def _section(cls: type, name: str, value: Any) -> Any:

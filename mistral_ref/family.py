@@ -41,6 +41,25 @@ _SMALL4 = ModelArgs(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_hea
                     max_seq_len=262144, tokenizer="v15-tekken")
 
 
+# Mistral Large 3 (675B, 41B active with its 2.5B vision encoder; the language model alone: 673B, 39B active): the
+# published params.json of Mistral-Large-3-675B-Instruct-2512 (as quoted in vLLM's and unsloth's tests of their
+# params.json readers; README "The family"): dim 7168, 61 layers of 128 latent-attention heads (q 1536, kv 512,
+# 128 + 64 qk, 128 v), 3 dense layers of 16384 then 128 experts of 4096 top-4 + 1 shared, softmax routing in one
+# group (vLLM: scoring_func softmax, norm_topk_prob true), routed_scale 1; YaRN 36x over 8k with apply_scale false
+# (mscale_all_dim 1, as Mistral translated Small 4's identical yarn section) and the query scaling beta 0.1 over 8k;
+# rope theta 1e4; vocabulary 131072; max_position_embeddings 294912 (the model card: a 256k context).
+_LARGE3 = ModelArgs(dim=7168, n_layers=61, head_dim=192, hidden_dim=16384, n_heads=128, n_kv_heads=128,
+                    vocab_size=131072, norm_eps=1e-6, rope_theta=1e4,
+                    yarn=YarnArgs(factor=36.0, original_max_position_embeddings=8192, beta=32.0, alpha=1.0,
+                                  apply_scale=False),
+                    llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
+                    mla=MlaArgs(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                q_lora_rank=1536, mscale_all_dim=1.0),
+                    fine_moe=FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=4096,
+                                         n_shared_experts=1, first_k_dense_replace=3),
+                    max_seq_len=262144)
+
+
 def _small3(**kw) -> ModelArgs:
     """The Mistral Small 3.x text model (24B): Small 3, 3.1, 3.2, Magistral Small, Devstral Small 1 and 2."""
     return ModelArgs(**{**dict(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32, n_kv_heads=8,
@@ -93,6 +112,7 @@ PRESETS: dict[str, ModelArgs] = {
     "devstral-small-2-2512": _small3(rope_theta=1e8, yarn=_DEVSTRAL2_YARN, llama_4_scaling=_DEVSTRAL2_QUERY,
                                      max_seq_len=262144, tokenizer="v13-tekken"),
     "mistral-small-4-2603": _SMALL4,
+    "mistral-large-3-2512": _LARGE3,
 }
 
 

@@ -13,6 +13,14 @@ The plan (Megatron-LM's tensor parallelism, Shoeybi et al. 2019; N = world size,
   MoE         gate        replicated: every rank routes every token to the same experts
               experts     moe="expert": rank r holds whole experts r*E/N .. (r+1)*E/N - 1      -> all-reduce
                           moe="tensor": every rank holds hidden/N units of every expert        -> all-reduce
+  latent      (args.mla: Mistral Small 4 / Large 3) q_a_proj, kv_a_proj_with_mqa and their norms replicated (every
+  attention   rank computes the whole latent and caches it); q_b_proj / q_proj and kv_b_proj split by whole heads
+              (rows), wo by the same heads (columns)                                          -> all-reduce
+  fine MoE    (args.fine_moe) gate (+ e_score_correction_bias) replicated: every rank routes every token alike
+              routed experts: moe="expert" whole experts r*E/N .. (r+1)*E/N - 1, moe="tensor" every expert's
+              moe_intermediate_size/N units; the shared expert is SPLIT by hidden units in both modes (a
+              replicated one would be added N times by the all-reduce); the first first_k_dense_replace
+              layers are dense FFNs, split by hidden units                                     -> all-reduce
   embedding   rows split by vocabulary: a rank looks up the ids it holds, zeros for the rest    -> all-reduce
   output      rows split by vocabulary: each rank computes its vocab/N logits                   -> all-gather
   norms       replicated
@@ -74,6 +82,7 @@ from mistral_ref.checkpoint import (
     read_model_args,
 )
 from mistral_ref.config import ModelArgs
+from mistral_ref.fine_moe import FineMoeLayer
 from mistral_ref.model import Transformer, meta_model
 from mistral_ref.moe import FeedForward
 
@@ -92,14 +101,25 @@ def check_divisible(args: ModelArgs, world_size: int, moe: str = "expert") -> No
     if moe not in MOE_MODES:
         raise ShardingError(f"moe must be one of {MOE_MODES}, found {moe!r}")
     quantities = [("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("vocab_size", args.vocab_size)]
-    if args.moe is not None and moe == "expert":
+    fm = args.fine_moe
+    if fm is not None:  # routed experts whole or split; the shared expert and the dense layers split
+        if moe == "expert":
+            quantities.append(("fine_moe.num_experts", fm.num_experts))
+            if fm.n_shared_experts:
+                quantities.append(("shared expert width (fine_moe.moe_intermediate_size x n_shared_experts)",
+                                   fm.moe_intermediate_size * fm.n_shared_experts))
+        else:
+            quantities.append(("fine_moe.moe_intermediate_size", fm.moe_intermediate_size))
+        if fm.first_k_dense_replace:
+            quantities.append(("hidden_dim", args.hidden_dim))
+    elif args.moe is not None and moe == "expert":
         quantities.append(("moe.num_experts", args.moe.num_experts))
     else:  # dense FFN, or every expert's hidden layer split
         quantities.append(("hidden_dim", args.hidden_dim))
     for name, value in quantities:
         if value % world_size:
             hint = ""
-            if name == "moe.num_experts":
+            if name in ("moe.num_experts", "fine_moe.num_experts"):
                 hint = " (try moe='tensor' to split every expert's hidden_dim instead)"
             raise ShardingError(
                 f"cannot shard the model over world_size={world_size} ranks: {name}={value} is not divisible "
@@ -109,14 +129,21 @@ def check_divisible(args: ModelArgs, world_size: int, moe: str = "expert") -> No
 def local_args(args: ModelArgs, world_size: int, moe: str = "expert") -> ModelArgs:
     """The ModelArgs one rank builds its modules from: its share of the heads and of the hidden units.
 
-    n_heads and n_kv_heads become n_heads/N and n_kv_heads/N (head_dim is unchanged); hidden_dim becomes
-    hidden_dim/N for dense models and for moe="tensor" (with moe="expert" each held expert stays whole).
+    n_heads and n_kv_heads become n_heads/N and n_kv_heads/N (head_dim is unchanged; latent attention keeps its
+    whole latent); hidden_dim becomes hidden_dim/N for dense models, fine-grained models' dense layers and
+    moe="tensor" (with Mixtral's moe="expert" each held expert stays whole); fine_moe.moe_intermediate_size becomes
+    1/N with moe="tensor" (with moe="expert" build_local_model narrows only the shared expert).
     dim and vocab_size stay global: the residual stream is replicated and logits are gathered to full width.
     """
     check_divisible(args, world_size, moe)
+    fm = args.fine_moe
     hidden = args.hidden_dim if (args.moe is not None and moe == "expert") else args.hidden_dim // world_size
+    if fm is not None:
+        hidden = args.hidden_dim // world_size if fm.first_k_dense_replace else args.hidden_dim
+        if moe == "tensor":
+            fm = replace(fm, moe_intermediate_size=fm.moe_intermediate_size // world_size)
     return replace(args, n_heads=args.n_heads // world_size, n_kv_heads=args.n_kv_heads // world_size,
-                   hidden_dim=hidden)
+                   hidden_dim=hidden, fine_moe=fm)
 
 
 _EXPERT_NAME = re.compile(r"layers\.\d+\.feed_forward\.experts\.(\d+)\.(w[123])\.weight")
@@ -141,6 +168,32 @@ def tensor_shard(name: str, args: ModelArgs, rank: int, world_size: int, moe: st
     hd = args.head_dim
     if name in ("tok_embeddings.weight", "output.weight"):
         return TensorSlice(0, *part(args.vocab_size))
+    mla, fm = args.mla, args.fine_moe
+    if mla is not None:  # latent attention: the per-head projections split by heads, the latent path replicated
+        h0, h1 = part(args.n_heads)
+        per_head = {"attention.q_proj.weight": (0, mla.qk_head_dim), "attention.q_b_proj.weight": (0, mla.qk_head_dim),
+                    "attention.kv_b_proj.weight": (0, mla.qk_nope_head_dim + mla.v_head_dim),
+                    "attention.wo.weight": (1, mla.v_head_dim)}
+        for suffix, (dim, width) in per_head.items():
+            if name.endswith(suffix):
+                return TensorSlice(dim, h0 * width, h1 * width)
+        if name.endswith(("attention.q_a_proj.weight", "attention.kv_a_proj_with_mqa.weight")):
+            return TensorSlice(None)
+    if fm is not None:
+        if name.endswith("feed_forward.gate.e_score_correction_bias"):
+            return TensorSlice(None)
+        shared = re.fullmatch(r"layers\.\d+\.feed_forward\.shared_experts\.(w[123])\.weight", name)
+        if shared:  # split by hidden units in both modes
+            start, stop = part(fm.moe_intermediate_size * fm.n_shared_experts)
+            return TensorSlice(1 if shared[1] == "w2" else 0, start, stop)
+        expert = _EXPERT_NAME.fullmatch(name)
+        if expert:
+            if moe == "expert":
+                e0, e1 = part(fm.num_experts)
+                start, stop = (0, fm.moe_intermediate_size) if e0 <= int(expert[1]) < e1 else (0, 0)
+            else:
+                start, stop = part(fm.moe_intermediate_size)
+            return TensorSlice(1 if expert[2] == "w2" else 0, start, stop)
     if name.endswith("attention.wq.weight"):
         h0, h1 = part(args.n_heads)
         return TensorSlice(0, h0 * hd, h1 * hd)
@@ -233,13 +286,19 @@ def build_local_model(args: ModelArgs, rank: int, world_size: int, moe: str = "e
         model.tok_embeddings = VocabParallelEmbedding(v1 - v0, args.dim, vocab_start=v0)
         if not args.tied_embeddings:  # (tied: the logits use the embedding's vocab slice)
             model.output = nn.Linear(args.dim, v1 - v0, bias=False)
-        if args.moe is not None and moe == "expert":
-            n = args.moe.num_experts // world_size
+        experts = args.moe or args.fine_moe  # both name num_experts
+        if experts is not None and moe == "expert":
+            n = experts.num_experts // world_size
             mine = range(rank * n, (rank + 1) * n)  # as in tensor_shard
             for layer in model.layers:
-                for k in range(args.moe.num_experts):
+                if not hasattr(layer.feed_forward, "experts"):  # a fine-grained model's dense layer
+                    continue
+                for k in range(experts.num_experts):
                     if k not in mine:  # another rank's expert: a zero-width hidden layer, exact zeros
                         layer.feed_forward.experts[k] = FeedForward(args.dim, 0)
+                if isinstance(layer.feed_forward, FineMoeLayer) and layer.feed_forward.shared_experts is not None:
+                    width = args.fine_moe.moe_intermediate_size * args.fine_moe.n_shared_experts
+                    layer.feed_forward.shared_experts = FeedForward(args.dim, width // world_size)
     if world_size > 1:
         all_reduce = _all_reduce_output(group)
         model.tok_embeddings.register_forward_hook(all_reduce)

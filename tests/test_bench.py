@@ -41,6 +41,12 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
     assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
     assert re.search(r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \|", text), text
+    # the Small-4-shaped row's path: latent attention + fine-grained experts against transformers' Mistral4, same run
+    small4 = result["models"]["tiny-small4"]["fp32"]
+    assert small4["parity"]["logits_rel_err"] < 1e-5 and small4["parity"]["greedy_tokens_equal"]
+    assert small4["decode_b1"]["same_tokens"] and small4["decode_b1"]["ratio"]["median"] > 0
+    assert small4["prefill_128"]["ratio"]["median"] > 0
+    assert re.search(r"\| tiny-small4 \| fp32 \| 1 \| .*x \|", text) and "| tiny-small4 | fp32 | 128 |" in text
 
 
 @pytest.mark.slow
@@ -82,3 +88,32 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
     moe = ModelArgs(**{**dense.__dict__, "moe": MoeArgs(4, 2)})
     experts = 3 * 64 * 96
     assert prefill_flops(moe, 1) == prefill_flops(dense, 1) + 2 * 2 * (experts + 64 * 4)
+
+
+def test_small4_row_counts_latent_cache_bytes_and_active_experts():
+    """The Small-4-shaped row's floor and ceiling, counted on the module tree: decode reads the active weights (k of
+    E routed experts, the shared one, the router; one embedding row) and the latent cache; prefill does 2 FLOPs per
+    active matrix weight (no embedding / vocabulary projection) plus 2 x H x (qk + v) per visible key."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench import MODELS, QUICK_MODELS, decode_bytes, prefill_flops
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from mistral_ref.cache import KVCache
+    from mistral_ref.family import parameter_counts
+    from mistral_ref.model import Transformer
+
+    assert 100e6 < parameter_counts(MODELS["small4-130m"])["total"] < 150e6  # ~100-150M, as the row says
+    a = QUICK_MODELS["tiny-small4"]
+    model = Transformer(a)
+    fm, m = a.fine_moe, a.mla
+    expert = sum(p.numel() for p in model.layers[0].feed_forward.experts[0].parameters())
+    idle = a.n_layers * (fm.num_experts - fm.num_experts_per_tok) * expert
+    params = sum(p.numel() for p in model.parameters())
+    cache = KVCache(a, 1, 40, dtype=torch.float32).nbytes()
+    assert decode_bytes(a, 4, 40) == (params - idle - (a.vocab_size - 1) * a.dim) * 4 + cache
+    weights = params - idle - 2 * a.vocab_size * a.dim
+    per_key = 2 * a.n_heads * (m.qk_head_dim + m.v_head_dim)
+    assert prefill_flops(a, 9) == 2 * weights + a.n_layers * per_key * 5

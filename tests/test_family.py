@@ -45,6 +45,7 @@ FAMILY = {
     "devstral-small-2505": (5120, 40, 32, 8, 128, 32768, 131072, 1e9, None, None),
     "devstral-small-2-2512": (5120, 40, 32, 8, 128, 32768, 131072, 1e8, None, None),
     "mistral-small-4-2603": (4096, 36, 32, 32, 128, 12288, 131072, 1e4, None, None),  # + latent attention (test_mla)
+    "mistral-large-3-2512": (7168, 61, 128, 128, 192, 16384, 131072, 1e4, None, None),  # (test_family_large3)
 }
 
 
@@ -79,6 +80,7 @@ PRESET_TOKENIZER_AND_CONTEXT = {
     "devstral-small-2505": ("v7-tekken", 131072),
     "devstral-small-2-2512": ("v13-tekken", 262144),
     "mistral-small-4-2603": ("v15-tekken", 262144),  # V15: reasoning_effort in [MODEL_SETTINGS] (not verified)
+    "mistral-large-3-2512": (None, 262144),  # its tokenizer version was not found (README "The family")
 }
 
 

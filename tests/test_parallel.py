@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ import torch
 
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import TensorSlice, checkpoint_index, find_checkpoint, load_weights, save_checkpoint
-from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.model import Transformer
 from mistral_ref.parallel import (
     ShardingError,
@@ -50,9 +52,27 @@ CONFIGS = {
                             vocab_size=96, norm_eps=1e-5, rope_theta=1e6, tied_embeddings=True,
                             yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4),
                             llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.1)),
+    # Mistral Small 4-shaped: latent attention with compressed queries, a dense first layer, 8 fine-grained experts
+    # top-2 + a shared expert, softmax routing, YaRN with the softmax-scale correction and the query scaling
+    "small4": ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=4, head_dim=12, hidden_dim=48, vocab_size=128,
+                        norm_eps=1e-6, rope_theta=1e4,
+                        yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4, apply_scale=False),
+                        llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.1),
+                        mla=MlaArgs(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                                    q_lora_rank=12, mscale_all_dim=1.0),
+                        fine_moe=FineMoeArgs(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                                             first_k_dense_replace=1)),
+    # DeepSeek-V3-shaped: one q_proj, sigmoid routing with a (random) correction bias over 4 groups of which 2 are
+    # eligible, routed_scaling_factor 2.5, two shared experts
+    "deepseek": ModelArgs(dim=32, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=10, hidden_dim=40, vocab_size=96,
+                          norm_eps=1e-6, rope_theta=1e4,
+                          mla=MlaArgs(kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=4),
+                          fine_moe=FineMoeArgs(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=12,
+                                               n_shared_experts=2, n_group=4, topk_group=2,
+                                               routed_scaling_factor=2.5, scoring_func="sigmoid")),
 }
 SCENARIOS = [("mistral", "expert"), ("nemo", "expert"), ("mixtral", "expert"), ("mixtral", "tensor"),
-             ("ministral3", "expert")]
+             ("ministral3", "expert"), ("small4", "expert"), ("small4", "tensor"), ("deepseek", "expert")]
 FORMATS = ("native", "hf")
 # Not shardable over 2 or 4 ranks: 3 kv heads (and 6 heads over 4); 3 experts with moe="expert".
 BAD_CONFIGS = {
@@ -71,7 +91,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def build_model(name: str) -> Transformer:
     torch.manual_seed(sorted(CONFIGS).index(name))
-    return Transformer(CONFIGS[name]).eval()
+    model = Transformer(CONFIGS[name]).eval()
+    with torch.no_grad():
+        for key, b in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):  # zeros would not test that every rank steers alike
+                b.copy_(0.1 * torch.randn_like(b))
+    return model
 
 
 @torch.inference_mode()
@@ -90,7 +115,9 @@ def greedy(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.
         step_logits.append(logits)
         if i + 1 < steps:
             logits = model(tok[:, None], torch.full((B, 1), T + i), cache)[:, -1]
-    return torch.stack(tokens, 1), torch.stack(step_logits, 1), cache[0].k.shape[2]
+    layer_cache = cache[0]  # a latent cache holds one latent "head" per token
+    heads = (layer_cache.latent if model.args.mla is not None else layer_cache.k).shape[2]
+    return torch.stack(tokens, 1), torch.stack(step_logits, 1), heads
 
 
 def save_both_formats(model: Transformer, root: Path, name: str) -> None:
@@ -217,8 +244,10 @@ def test_sharded_greedy_decoding_with_kv_cache_is_token_identical(run, name, moe
         assert torch.equal(got["greedy"], ref[name]["greedy"]), f"rank {rank}: {name} ({moe}) tokens differ"
         err = rel_err(got["greedy_logits"], ref[name]["greedy_logits"])
         assert err <= 1e-5, f"rank {rank}: {name} ({moe}) decode logits differ, relative error {err:.2e}"
-        # the cache holds this rank's kv heads only
-        assert got["cache_kv_heads"] == CONFIGS[name].n_kv_heads // world_size
+        if CONFIGS[name].mla is not None:  # every rank caches the whole latent (it is not split by heads)
+            assert got["cache_kv_heads"] == 1
+        else:  # the cache holds this rank's kv heads only
+            assert got["cache_kv_heads"] == CONFIGS[name].n_kv_heads // world_size
 
 
 @pytest.mark.distributed
@@ -357,3 +386,41 @@ def test_init_from_env_outside_torchrun_names_the_missing_variables(monkeypatch)
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(RuntimeError, match=r"RANK.*torchrun --nproc-per-node"):
         init_from_env()
+
+
+def test_local_args_of_latent_attention_and_fine_experts():
+    """Heads split (the latent is not); routed experts whole with moe="expert", 1/N wide with moe="tensor"; the
+    dense first layer split; the shared expert split by hidden units in both modes (build_local_model)."""
+    args = CONFIGS["small4"]
+    a = local_args(args, 4, "expert")
+    assert (a.n_heads, a.n_kv_heads, a.mla, a.hidden_dim) == (1, 1, args.mla, 12)
+    assert a.fine_moe == args.fine_moe
+    assert local_args(args, 2, "tensor").fine_moe.moe_intermediate_size == 4
+    for moe, routed in (("expert", 8), ("tensor", 4)):
+        local = build_local_model(args, 1, 2, moe)
+        ff = local.layers[1].feed_forward
+        assert ff.shared_experts.w1.weight.shape == (4, 32)  # 8 units of the shared expert over 2 ranks
+        widths = [e.w1.weight.shape[0] for e in ff.experts]
+        assert widths == ([0] * 4 + [8] * 4 if moe == "expert" else [routed] * 8)
+        assert local.layers[0].feed_forward.w1.weight.shape == (24, 32)  # the dense layer, split
+        assert local.layers[1].attention.kv_b_proj.weight.shape == (2 * (8 + 6), 8)  # 2 of 4 heads
+        assert local.layers[1].attention.kv_a_proj_with_mqa.weight.shape == (8 + 4, 32)  # the whole latent
+    assert tensor_shard("layers.1.attention.wo.weight", args, 1, 2) == TensorSlice(1, 12, 24)  # 2 heads of v 6
+    assert tensor_shard("layers.1.attention.q_b_proj.weight", args, 1, 2) == TensorSlice(0, 24, 48)
+    assert tensor_shard("layers.1.feed_forward.gate.weight", args, 1, 2) == TensorSlice(None)
+    bias = "layers.1.feed_forward.gate.e_score_correction_bias"
+    assert tensor_shard(bias, CONFIGS["deepseek"], 1, 2) == TensorSlice(None)
+
+
+@pytest.mark.parametrize("field,value,world_size,moe,fine", [
+    ("fine_moe.num_experts", 6, 4, "expert", dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=8)),
+    ("shared expert width", 6, 4, "expert", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=6)),
+    ("fine_moe.moe_intermediate_size", 6, 4, "tensor",
+     dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=6)),
+    ("hidden_dim", 30, 4, "expert", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+                                         first_k_dense_replace=1)),
+])
+def test_fine_experts_that_do_not_divide_are_named(field, value, world_size, moe, fine):
+    args = replace(CONFIGS["small4"], hidden_dim=30, fine_moe=FineMoeArgs(**fine))
+    with pytest.raises(ShardingError, match=rf"world_size={world_size} .*{re.escape(field)}.*={value} is not"):
+        check_divisible(args, world_size, moe)

@@ -195,20 +195,67 @@ def test_greedy_64_tokens_ragged_batch(oracle):
 
 
 def test_hf_files_we_write_round_trip(oracle, tmp_path):
-    """save_checkpoint(format="hf") then load_model gives the same logits, for both models.  DeepseekV3ForCausalLM
-    reads our files (per-expert tensors, the hub layout).  transformers' Mistral4ForCausalLM reads only its
-    fused experts.gate_up_proj / experts.down_proj tensors, which we do not write (README "Latent attention")."""
-    from mistral_ref.checkpoint import load_model, save_checkpoint
+    """save_checkpoint(format="hf") then load_model gives the same logits, for both models, and transformers'
+    own from_pretrained reads our files to its logits: DeepseekV3ForCausalLM per-expert tensors (the hub layout),
+    Mistral4ForCausalLM its fused experts.gate_up_proj / experts.down_proj.  Our files hold exactly the tensor
+    names, shapes and dtypes that transformers' save_pretrained writes for the same model."""
+    from safetensors import safe_open
 
-    name, _, model, tokens, ref = oracle
-    save_checkpoint(model, tmp_path, format="hf")
-    back = load_model(tmp_path).set_backend("reference")
+    from mistral_ref.checkpoint import find_checkpoint, load_model, save_checkpoint
+
+    name, hf, model, tokens, ref = oracle
+    save_checkpoint(model, tmp_path / "ours", format="hf")
+    back = load_model(tmp_path / "ours").set_backend("reference")
     assert back.args == model.args
     assert rel_err(forward(back, tokens[:, :60]), ref[:, :60]) <= FP32_RTOL
-    if name == "large3":
-        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
-        with torch.no_grad():
-            assert rel_err(theirs(tokens).logits, ref) <= FP32_RTOL
+    cls = transformers.DeepseekV3ForCausalLM if name == "large3" else transformers.Mistral4ForCausalLM
+    theirs = cls.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert rel_err(theirs(tokens).logits, ref) <= FP32_RTOL
+    hf.save_pretrained(tmp_path / "theirs")
+
+    def layout(path):
+        out = {}
+        for shard in find_checkpoint(path).shards:
+            with safe_open(shard, "pt") as f:
+                out.update({k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()})
+        return out
+
+    ours_layout, theirs_layout = layout(tmp_path / "ours"), layout(tmp_path / "theirs")
+    assert ours_layout == theirs_layout
+    assert any(k.endswith("experts.gate_up_proj") for k in ours_layout) == (name == "small4")
+
+
+def test_fused_hf_files_shard_and_convert_both_ways(oracle, tmp_path):
+    """HF files across several shards (Mistral4: fused experts; DeepseekV3: per expert), then HF -> native -> HF
+    (DeepseekV3: HF -> HF in one shard -> HF) with the streaming converter: same logits, and the second HF copy's
+    tensors are bit-identical to the first's (the fused layout is rebuilt exactly)."""
+    from safetensors.torch import load_file
+
+    from mistral_ref.checkpoint import convert_checkpoint, find_checkpoint, load_model, save_checkpoint
+
+    name, _, model, tokens, ref = oracle
+    half = sum(p.nbytes for p in model.parameters()) // 3
+    save_checkpoint(model, tmp_path / "hf", format="hf", max_shard_bytes=half)
+    assert len(find_checkpoint(tmp_path / "hf").shards) > 1
+    # (large3's YaRN cos/sin factor has no params.json spelling: it goes HF -> HF in one shard instead)
+    middle = "native" if name == "small4" else "hf1"
+    convert_checkpoint(tmp_path / "hf", tmp_path / middle, format="native" if name == "small4" else "hf")
+    convert_checkpoint(tmp_path / middle, tmp_path / "hf2", format="hf")
+    for path in (middle, "hf2"):
+        got = forward(load_model(tmp_path / path).set_backend("reference"), tokens[:, :60])
+        assert rel_err(got, ref[:, :60]) <= FP32_RTOL, path
+
+    def tensors(path):
+        out = {}
+        for shard in find_checkpoint(path).shards:
+            out.update(load_file(shard))
+        return out
+
+    first, second = tensors(tmp_path / "hf"), tensors(tmp_path / "hf2")
+    assert any(k.endswith("experts.gate_up_proj") for k in first) == (name == "small4")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_transformers_save_pretrained_files_load(oracle, tmp_path):

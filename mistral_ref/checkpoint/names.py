@@ -38,8 +38,10 @@ _LAYER_NAMES = {  # native suffix of layers.N. -> HF suffix of model.layers.N.
     "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
 }
 # Latent attention and fine-grained experts (Mistral Small 4, Mistral Large 3): the modules carry HF mistral4 /
-# deepseek_v3's own names, so the attention names map one to one; the routed experts are per-expert tensors as
-# in the hub files (transformers 5 fuses them into experts.gate_up_proj / experts.down_proj in memory only).
+# deepseek_v3's own names, so the attention names map one to one; the routed experts are named per expert here.
+# In files, transformers 5.23 writes DeepseekV3's experts per expert (the hub layout) but Mistral4's fused, one
+# experts.gate_up_proj and one experts.down_proj per layer (hf_fuses_experts; checkpoint.save writes them so,
+# checkpoint.files reads both).
 # Their rotary rows need NO permutation: both published configs say rope_interleave true, i.e. HF's rotary rows are
 # the interleaved pairs that native files and rope.apply_rotary_emb use (rope_interleave false is refused by
 # config.py).  Native params.json files of these models are not covered: we found no published mapping.
@@ -62,6 +64,15 @@ _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
+
+
+def hf_fuses_experts(args: ModelArgs) -> bool:
+    """True where transformers 5.23 saves a layer's routed experts as two fused tensors (Mistral4ForCausalLM: the
+    softmax-routed fine-grained models, config model_type "mistral4"), so HF files we write do the same:
+      model.layers.L.mlp.experts.gate_up_proj (E, 2 * hidden, dim) = per expert [w1 rows; w3 rows]
+      model.layers.L.mlp.experts.down_proj    (E, dim, hidden)     = per expert w2
+    DeepseekV3ForCausalLM (sigmoid routing) and Mixtral save one tensor per expert."""
+    return args.fine_moe is not None and args.fine_moe.scoring_func == "softmax"
 
 
 def native_to_hf_name(name: str, args: ModelArgs | None = None) -> str:

@@ -28,7 +28,7 @@ from mistral_ref.checkpoint.files import (
     read_model_args,
     shard_names,
 )
-from mistral_ref.checkpoint.names import is_qk, native_to_hf_name, natural_key, to_hf_tensor
+from mistral_ref.checkpoint.names import hf_fuses_experts, is_qk, native_to_hf_name, natural_key, to_hf_tensor
 from mistral_ref.checkpoint.safetensors_io import (
     CHUNK_BYTES,
     Progress,
@@ -42,6 +42,42 @@ from mistral_ref.model import Transformer
 
 log = logging.getLogger(__name__)
 
+_HF_EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def fuse_experts(tensors: list[TensorToWrite]) -> list[TensorToWrite]:
+    """Replace HF per-expert tensors by transformers 5.23's two fused tensors per layer (names.hf_fuses_experts):
+    experts.gate_up_proj (E, 2 * hidden, dim), expert e's gate_proj rows then its up_proj rows, and
+    experts.down_proj (E, dim, hidden).  Each fused tensor is produced when written, from its experts' producers:
+    memory grows by one layer's experts (the largest tensor written), not by the model."""
+    layers: dict[str, dict[tuple[int, str], TensorToWrite]] = {}
+    out = []
+    for t in tensors:
+        m = _HF_EXPERT_TENSOR.fullmatch(t.name)
+        if m is None:
+            out.append(t)
+        else:
+            layers.setdefault(m[1], {})[int(m[2]), m[3]] = t
+    for layer, parts in layers.items():
+        n = len(parts) // 3
+        if sorted(parts) != sorted((e, k) for e in range(n) for k in ("gate_proj", "up_proj", "down_proj")):
+            raise CheckpointError(f"layer {layer}: the routed experts are not experts 0..{n - 1} with gate_proj, "
+                                  "up_proj and down_proj each: cannot write them fused")
+        gate, up, down = parts[0, "gate_proj"], parts[0, "up_proj"], parts[0, "down_proj"]
+
+        def gate_up(parts=parts, n=n) -> torch.Tensor:  # (E, 2 * hidden, dim)
+            return torch.stack([torch.cat([parts[e, "gate_proj"].produce(), parts[e, "up_proj"].produce()])
+                                for e in range(n)])
+
+        def down_proj(parts=parts, n=n) -> torch.Tensor:  # (E, dim, hidden)
+            return torch.stack([parts[e, "down_proj"].produce() for e in range(n)])
+
+        prefix = f"model.layers.{layer}.mlp.experts."
+        out.append(TensorToWrite(prefix + "gate_up_proj", (n, gate.shape[0] + up.shape[0], gate.shape[1]),
+                                 gate.dtype, gate_up))
+        out.append(TensorToWrite(prefix + "down_proj", (n, *down.shape), down.dtype, down_proj))
+    return out
+
 
 def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[TensorToWrite],
                       max_shard_bytes: int | None, progress: bool | None) -> CheckpointFiles:
@@ -50,6 +86,8 @@ def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[
         raise ValueError(f"format must be 'native' or 'hf', got {fmt!r}")
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if fmt == "hf" and hf_fuses_experts(args):
+        tensors = fuse_experts(tensors)
     tensors = sorted(tensors, key=lambda t: natural_key(t.name))
     shards: list[list[TensorToWrite]] = [[]]
     for t in tensors:
@@ -102,6 +140,10 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
                     progress: bool | None = None) -> CheckpointFiles:
     """Write `model` as a native (params.json + consolidated*.safetensors) or Hugging Face (config.json +
     model*.safetensors [+ model.safetensors.index.json]) checkpoint directory.
+
+    HF files hold what transformers 5.23's save_pretrained writes for the model class, so its from_pretrained
+    reads them: for Mistral4 (softmax-routed fine-grained experts) each layer's routed experts fused into
+    experts.gate_up_proj / experts.down_proj (fuse_experts), for every other class one tensor per expert.
 
     max_shard_bytes: split the weights into shards of at most this many bytes (a bigger tensor gets a shard
     of its own); None writes one file.  dtype: cast while writing (None keeps the parameters' dtype).

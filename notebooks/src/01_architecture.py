@@ -11,8 +11,9 @@
 #
 # This notebook takes those pieces one at a time and runs them. Every function used here is imported from
 # `mistral_ref`, the code you would read next: `rope.py` → `attention.py` → `moe.py` → `model.py` →
-# `config.py`. The last section counts the parameters of every model in the family without allocating any
-# memory and checks them against the published totals.
+# `config.py`. Section 7 counts the parameters of every model in the family without allocating any memory and
+# checks them against the published totals; section 8 derives what latent attention (Mistral Small 4, Large 3)
+# saves in the KV cache and shows its absorbed decode equals the plain one.
 
 # %%
 import dataclasses
@@ -24,10 +25,12 @@ import torch.nn.functional as F
 
 from mistral_ref.attention import attention, attention_mask, llama4_query_scale
 from mistral_ref.backends import get_backend
+from mistral_ref.backends.mla import absorbed_latent_attention
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import permute_to_hf, permute_to_native
-from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.family import PRESETS, kv_cache_bytes, parameter_counts
+from mistral_ref.config import FineMoeArgs, MlaArgs, ModelArgs, MoeArgs
+from mistral_ref.family import PRESETS, family_table, kv_cache_bytes, parameter_counts
+from mistral_ref.mla import latent_attention
 from mistral_ref.model import RMSNorm, Transformer, meta_model
 from mistral_ref.moe import FeedForward, MoeLayer, load_balancing_loss, moe_forward, route
 from mistral_ref.rope import (
@@ -490,3 +493,98 @@ ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
 ax.set_title("the Mistral family: total vs active parameters")
 ax.legend()
 plt.show()
+
+# %% [markdown]
+# ## 8. Latent attention: what the cache saves, and the absorbed decode
+#
+# Mistral Small 4 and Mistral Large 3 replace grouped-query attention by **multi-head latent attention** (MLA,
+# `mla.py`). A grouped-query layer caches, per token, a key and a value for each of its `n_kv_heads` heads:
+# `2 × n_kv_heads × head_dim` numbers. A latent layer caches one compressed **latent** of `kv_lora_rank` numbers,
+# from which `kv_b_proj` re-expands every head's un-rotated key and its value, plus ONE rotary key of
+# `qk_rope_head_dim` numbers shared by all heads (rotation cannot pass through the re-expansion, so the rotated part
+# travels beside the latent): `kv_lora_rank + qk_rope_head_dim` numbers. Per token over the whole model, in bf16
+# (2 bytes a number):
+#
+# `bytes/token = n_layers × (kv_lora_rank + qk_rope_head_dim) × 2`  vs  `n_layers × 2 × n_kv_heads × head_dim × 2`
+#
+# Mistral Small 4: 36 layers × (256 + 64) × 2 = 23 040 bytes = 22.5 KiB per token. The same model with 8 kv heads
+# of 128 would cache 36 × 2048 × 2 = 144 KiB (6.4×), with full keys and values of its 32 heads 576 KiB (25.6×).
+# The formula below is the one `mistral-ref info` prints (`family.kv_cache_bytes`), checked against the table.
+
+# %%
+def latent_bytes_per_token(a, bytes_per_number=2):
+    return a.n_layers * (a.mla.kv_lora_rank + a.mla.qk_rope_head_dim) * bytes_per_number
+
+
+def gqa_bytes_per_token(a, n_kv_heads, head_dim, bytes_per_number=2):
+    return a.n_layers * 2 * n_kv_heads * head_dim * bytes_per_number
+
+
+small4 = PRESETS["mistral-small-4-2603"]
+mla_b = latent_bytes_per_token(small4)
+gqa8_b = gqa_bytes_per_token(small4, 8, 128)
+full_b = gqa_bytes_per_token(small4, small4.n_heads, 128)
+print(f"Mistral Small 4, per token: latent {mla_b} B = {mla_b / 1024:.1f} KiB; GQA with 8 kv heads "
+      f"{gqa8_b / 1024:.0f} KiB ({gqa8_b / mla_b:.1f}x); full 32 heads {full_b / 1024:.0f} KiB ({full_b / mla_b:.1f}x)")
+assert mla_b == 23040 == kv_cache_bytes(small4, 1)
+assert (gqa8_b / mla_b, full_b / mla_b) == (6.4, 25.6)
+row = next(line for line in family_table().splitlines() if line.startswith("| mistral-small-4-2603 |"))
+assert "| 22.5 KiB | 5.6 GiB |" in row  # what `mistral-ref info` prints: per token, and at the 256k context
+print(row)
+
+large3 = PRESETS["mistral-large-3-2512"]
+print(f"Mistral Large 3, per token: latent {latent_bytes_per_token(large3) / 1024:.1f} KiB "
+      f"(61 layers x (512 + 64) x 2 B); 2 x 128 heads of 128 would cache "
+      f"{gqa_bytes_per_token(large3, 128, 128) / 1024 / 1024:.1f} MiB")
+assert latent_bytes_per_token(large3) == kv_cache_bytes(large3, 1)
+
+# %%
+per_token = {n: kv_cache_bytes(a, 1) / 1024 for n, a in PRESETS.items()}
+fig, ax = plt.subplots(figsize=(9, 3.6))
+ax.bar(list(per_token), list(per_token.values()),
+       color=["darkorange" if PRESETS[n].mla else "steelblue" for n in per_token])
+ax.set_yscale("log")
+ax.set_ylabel("KV cache per token (KiB, bf16)")
+ax.set_xticks(range(len(per_token)))
+ax.set_xticklabels(list(per_token), rotation=30, ha="right", fontsize=8)
+ax.set_title("cache per token: latent attention (orange) vs grouped-query attention (blue)")
+plt.show()
+
+# %% [markdown]
+# Caching only the latent costs a re-expansion at every decode step: the plain path multiplies every cached latent
+# by `kv_b_proj` (`H × (n + v) × c` multiply-adds per cached token) to get keys and values, then attends. The
+# **absorbed** path (`backends/mla.py`) uses associativity instead: `q_nope · (W_UK c) = (W_UKᵀ q_nope) · c`, and
+# `Σ p (W_UV c) = W_UV (Σ p c)`, so the query is moved into latent space once, scores are dot products with the
+# cached latents, and the value projection is applied once to the weighted latent: `2 × H × c` per cached token.
+# Same numbers, in another order. Below: a tiny Small-4-shaped model fills its latent cache with a prompt; with its
+# layer-0 `kv_b_proj` and those cached latents, the absorbed attention equals the plain one (expand, then
+# `mla.latent_attention`) to fp32 rounding.
+
+# %%
+tiny = dataclasses.replace(small4, dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=16,
+                           vocab_size=100,
+                           mla=MlaArgs(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+                                       q_lora_rank=24, mscale_all_dim=1.0),
+                           fine_moe=FineMoeArgs(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32))
+torch.manual_seed(0)
+tiny_model = Transformer(tiny).eval()
+S = 12
+cache = KVCache(tiny, batch_size=1, max_seq_len=S)
+with torch.no_grad():
+    tiny_model(torch.randint(0, 100, (1, S)), torch.arange(S)[None], cache=cache)
+latents, k_rope = cache[0].latent[:, :, 0], cache[0].k_rope[:, :, 0]  # (1, S, 16), (1, S, 8)
+attn0 = tiny_model.layers[0].attention
+H, n, v = tiny.n_heads, tiny.mla.qk_nope_head_dim, tiny.mla.v_head_dim
+q_nope, q_rope = torch.randn(1, 1, H, n), torch.randn(1, 1, H, tiny.mla.qk_rope_head_dim)  # one decode query
+q_pos, k_pos = torch.tensor([[S]]), torch.arange(S)[None]
+with torch.no_grad():
+    expanded = (latents @ attn0.kv_b_proj.weight.T).view(1, S, H, n + v)  # every cached token expanded
+    plain = latent_attention(q_nope, q_rope, expanded[..., :n], k_rope, expanded[..., n:], q_pos, k_pos, attn0.scale)
+    absorbed = absorbed_latent_attention(q_nope, q_rope, latents, k_rope, attn0.kv_b_proj.weight, v, q_pos, k_pos,
+                                         attn0.scale)
+err = ((absorbed - plain).abs().max() / plain.abs().max()).item()
+c = tiny.mla.kv_lora_rank
+print(f"absorbed vs plain: max relative difference {err:.1e}; per cached token {H * (n + v) * c} multiply-adds "
+      f"to expand vs {2 * H * c} in latent space")
+assert plain.shape == absorbed.shape == (1, 1, H, v)
+assert err < 1e-5

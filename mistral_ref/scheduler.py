@@ -170,18 +170,29 @@ class Scheduler:
         """Queue `job`.  Raises GenerationParamError (a ValueError naming the parameter) for a job that can
         never run here (bad parameters, or a cache beyond kv_cache_bytes even alone) and SchedulerBusy when the
         waiting queue is full."""
-        row = self._new_row(job, deadline=None)  # validates, before anything is queued
-        need = cache_nbytes(self.model.args, 1, row.need, self.model.dtype)
-        if need > self.kv_cache_bytes:
-            raise GenerationParamError(
-                f"max_tokens: the prompt ({len(row.prompt)} tokens) + max_tokens ({job.max_tokens}) need "
-                f"{need / 2**20:.1f} MiB of KV cache; this server's cache holds at most "
-                f"{self.kv_cache_bytes / 2**20:.1f} MiB: lower max_tokens or shorten the prompt")
+        self.submit_all([job])
+
+    def submit_all(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` together (the n choices of one request), one row each, or none of them: each counts as one
+        waiting job against ``max_waiting`` and, once admitted, one row against ``max_batch``.  Errors as
+        :meth:`submit`; more jobs than ``max_waiting`` can never be queued: a GenerationParamError naming n."""
+        if len(jobs) > self.max_waiting:
+            raise GenerationParamError(f"n: {len(jobs)} choices are {len(jobs)} jobs; this server queues at most "
+                                       f"{self.max_waiting}")
+        for job in jobs:
+            row = self._new_row(job, deadline=None)  # validates, before anything is queued
+            need = cache_nbytes(self.model.args, 1, row.need, self.model.dtype)
+            if need > self.kv_cache_bytes:
+                raise GenerationParamError(
+                    f"max_tokens: the prompt ({len(row.prompt)} tokens) + max_tokens ({job.max_tokens}) need "
+                    f"{need / 2**20:.1f} MiB of KV cache; this server's cache holds at most "
+                    f"{self.kv_cache_bytes / 2**20:.1f} MiB: lower max_tokens or shorten the prompt")
         with self._lock:
-            if len(self.waiting) >= self.max_waiting:
+            if len(self.waiting) + len(jobs) > self.max_waiting:
                 raise SchedulerBusy(f"the server is busy ({len(self.waiting)} requests waiting); retry later")
-            self.waiting.append((job, time.monotonic()))
-            self.stats["submitted"] += 1
+            now = time.monotonic()
+            self.waiting.extend((job, now) for job in jobs)
+            self.stats["submitted"] += len(jobs)
             self._lock.notify()
 
     def _new_row(self, job: Job, deadline: float | None) -> _Row:

@@ -2,6 +2,8 @@
 
     submit(job) -> waiting (FIFO) --its cache fits--> prefilling rows --prompt done--> decoding rows --> retired
 
+(``submit_all(jobs)`` queues the n choices of one request together, or none of them: n jobs, n rows.)
+
 The cache is one ``KVCache`` of R rows x S positions.  Each running job owns one row: rows ``[0, n_decoding)``
 decode, rows ``[n_decoding, n_rows)`` are still prefilling, the rest are free.  Rows carry their own absolute
 positions, and attention masks are built from positions (attention.attention_mask), so a row at position 900

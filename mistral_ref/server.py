@@ -164,10 +164,10 @@ class Engine:
     step; a content filter's self-check takes it around its forward pass (between two steps, or at once on the
     model thread itself)."""
 
-    def __init__(self, model: Any, options: ServerOptions):
+    def __init__(self, model: Any, options: ServerOptions, lock: threading.RLock | None = None):
         self.scheduler = Scheduler(model, max_batch=options.max_batch, kv_cache_bytes=options.kv_cache_bytes,
                                    prefill_tokens=options.prefill_tokens, max_waiting=options.max_queue)
-        self.lock = threading.RLock()
+        self.lock = lock or threading.RLock()
         self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-model-worker", daemon=True)
         self.thread.start()
@@ -878,15 +878,16 @@ class ChatServer:
                  options: ServerOptions | None = None, **fields: Any):
         self.options = options = dataclasses.replace(options or ServerOptions(), **fields)
         check_exposure(host, options)
-        self.socket = _bind(host, port)
-        self.engine = Engine(model, options)
-        spec = options.content_filter
+        lock = threading.RLock()  # the model's: scheduler steps and self-check forward passes take it
+        spec = options.content_filter  # loaded first: a bad spec is a ValueError before anything starts
         if spec is None or isinstance(spec, ContentFilter):
             content_filter = spec
         elif isinstance(spec, str):
-            content_filter = load_content_filter(spec, model, tokenizer, self.engine.lock)
+            content_filter = load_content_filter(spec, model, tokenizer, lock)
         else:
             content_filter = callable_filter(spec)
+        self.socket = _bind(host, port)
+        self.engine = Engine(model, options, lock)
         self.chat_app = ChatApp(model, tokenizer, options, self.engine, host, content_filter)
         config = uvicorn.Config(
             self.chat_app.app, http=functools.partial(HttpProtocol, options=options), ws="none", lifespan="off",

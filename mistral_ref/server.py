@@ -445,6 +445,8 @@ class ChatApp:
         gen.jobs = [Job(job.prompt_ids, job.max_tokens, choice, eos_id=self.tokenizer.eos_id,
                         timeout=o.request_timeout, **generation_kwargs(self.tokenizer, job, i))
                     for i, choice in enumerate(gen.choices)]
+        for j in gen.jobs[1:]:
+            j.prompt_of = gen.jobs[0]  # the prompt is prefilled once, its cache row copied (scheduler.py)
         for reply in replies:
             opening = reply.start()  # the role chunk of a stream, queued before any token can be
             if opening:

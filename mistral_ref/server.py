@@ -229,19 +229,22 @@ class Generation:
 
     def _ended(self, index: int, reason: str, chunks: list[dict[str, Any]]) -> None:
         """Choice `index` ended with these final chunks: post them (the response, once all ended)."""
+        stream = self.reply.job.request.stream
         with self._lock:
+            if reason != "cancelled" and not stream:
+                self._finals[index] = chunks[0]
             self._left -= 1
             last = self._left == 0
-        self.reason = reason
+        if self.reason != "cancelled":  # one cancelled choice: the client is gone
+            self.reason = reason
         if reason == "cancelled":  # nobody is waiting for a cancelled reply
             chunks = []
-        elif self.reply.job.request.stream:
+        elif stream:
             if last:
                 chunks[-1]["usage"] = self.usage
         else:
-            self._finals[index] = chunks[0]
             chunks = []
-            if last:
+            if last and self.reason != "cancelled":
                 response = self._finals[0]
                 response["choices"] = [f["choices"][0] for f in self._finals]
                 response["usage"] = self.usage

@@ -16,8 +16,9 @@ Two kinds of classifier:
   the text belongs to (0 = none); the answer is one digit.  The probabilities the model gives the ten digits
   (each digit's tokens, with or without a leading space) are the scores, normalised over the ten; the greedy
   answer (the most likely digit) is the one category set true.  One forward pass of the prompt per text, no
-  generation.  Its quality is the model's: the embedded 4M-parameter model is no classifier (README states its
-  measured accuracy).
+  generation; a reply is checked in pieces of :data:`SELF_CHECK_WINDOW` characters (held back until checked).
+  Its quality is the model's: the embedded 4M-parameter model is no classifier (README states its measured
+  accuracy).
 - a callable ``module:function`` (:func:`callable_filter`): ``function(text) -> bool`` (True: flagged; every
   category then carries that verdict, since a bool names none) or ``-> {category: bool | float}`` (a float is a
   score, true from 0.5; categories left out are false; an unknown name is an error).
@@ -45,6 +46,9 @@ CATEGORIES = ("sexual", "hate_and_discrimination", "violence_and_threats", "dang
 BLOCKING = CATEGORIES[:5]
 #: Characters of a text the self-check reads (the end of a longer text: a growing reply's newest part).
 SELF_CHECK_MAX_CHARS = 4000
+#: A reply checked by the self-check is released in pieces of at least this many characters, each checked once
+#: (one forward pass of the classification prompt per piece instead of one per token).
+SELF_CHECK_WINDOW = 64
 
 _SELF_CHECK_PROMPT = (
     "You are a content moderator. Classify the text between the markers into one category:\n"
@@ -75,10 +79,13 @@ class Verdict:
 
 
 class ContentFilter:
-    """A named classifier: ``classify(texts) -> [Verdict]`` (ContentFilterFailed on any failure)."""
+    """A named classifier: ``classify(texts) -> [Verdict]`` (ContentFilterFailed on any failure).
 
-    def __init__(self, name: str, classify: Callable[[Sequence[str]], list[Verdict]]):
-        self.name, self._classify = name, classify
+    window: a reply's answer text is held back until this many characters wait, then checked once and released
+    (api.Prepared.moderation_window; 0: checked at every release, token by token)."""
+
+    def __init__(self, name: str, classify: Callable[[Sequence[str]], list[Verdict]], window: int = 0):
+        self.name, self._classify, self.window = name, classify, window
 
     def classify(self, texts: Sequence[str]) -> list[Verdict]:
         """One Verdict per text."""
@@ -184,7 +191,7 @@ class SelfCheck:
 
 def self_check(model: Any, tokenizer: Any, lock: Any = None) -> ContentFilter:
     """The served model's self-check as a ContentFilter."""
-    return ContentFilter("self-check", SelfCheck(model, tokenizer, lock))
+    return ContentFilter("self-check", SelfCheck(model, tokenizer, lock), window=SELF_CHECK_WINDOW)
 
 
 def load_content_filter(spec: str, model: Any, tokenizer: Any, lock: threading.RLock | None = None

@@ -441,7 +441,7 @@ class ChatApp:
                             "together", "n")
         if self.content_filter is not None:
             self._check_prompt(job)
-            job.moderation = self._moderate_reply
+            job.moderation, job.moderation_window = self._moderate_reply, self.content_filter.window
         cid, created = uuid.uuid4().hex, int(time.time())
         replies = [ChatReply(self.tokenizer, job, cid, created, index=i, last=False) for i in range(n)]
         gen = Generation(loop, self.tokenizer, replies)

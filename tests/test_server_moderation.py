@@ -25,6 +25,7 @@ from mistral_ref.cli import _serve_options, build_parser
 from mistral_ref.moderation import (
     BLOCKING,
     CATEGORIES,
+    ContentFilter,
     ContentFilterFailed,
     SelfCheck,
     callable_filter,
@@ -257,3 +258,33 @@ def test_cli_serve_flag():
     args = build_parser().parse_args(["serve", "--content-filter", "self-check"])
     assert _serve_options(args)["content_filter"] == "self-check"
     assert "content_filter" not in _serve_options(build_parser().parse_args(["serve"]))
+
+
+def test_a_moderation_window_checks_the_reply_in_pieces(served):
+    _, model, tok = served
+    calls = []
+
+    def classify(texts):
+        calls.extend(texts)
+        return [verdict_of(keyword_filter(t)) for t in texts]
+
+    server = ChatServer(model, tok, port=0, content_filter=ContentFilter("windowed", classify, window=12)).start()
+    model.steer(tok.encode(STORY) + [tok.eos_id], len(tok.encode_chat(MESSAGES)))
+    try:
+        chunks = list(oai(server).chat.completions.create(model="tiny", messages=MESSAGES, temperature=0,
+                                                            max_tokens=30, stream=True))
+        model.steer(tok.encode("All is calm here, all is well.") + [tok.eos_id], len(tok.encode_chat(MESSAGES)))
+        calm = oai(server).chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=30)
+    finally:
+        model.steer()
+        server.stop()
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    text = "".join(pieces)
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert "drag" not in text and text and STORY.startswith(text.strip())
+    assert all(len(p) >= 12 for p in pieces)  # released a window at a time
+    assert calm.choices[0].finish_reason == "stop" and calm.choices[0].message.content.strip() == \
+        "All is calm here, all is well."
+    replies = [c for c in calls if c != "Tell me a story."]
+    # one check per window (and one at the end), not one per token
+    assert len(replies) <= len(STORY) // 12 + len("All is calm here, all is well.") // 12 + 3

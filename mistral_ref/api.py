@@ -295,6 +295,7 @@ class Prepared:
     continue_text: bool = False  # the output's text continues the prompt's (fill in the middle)
     tool_grammar: str | None = None  # the grammar of what follows [TOOL_CALLS] (names, arguments, how many calls)
     moderation: Moderation | None = None  # the reply's text is checked as it is released (finish "content_filter")
+    moderation_window: int = 0  # answer characters held back between two moderation checks (0: check every release)
 
 
 #: Request fields a ChatTemplateError may be about (its message starts with the name); otherwise "messages".
@@ -550,20 +551,28 @@ class ChatReply:
         self._pending_lp: list[dict[str, Any]] = []
         self._opened = False
         self._filtered = False
+        self._held = ""  # answer text waiting for the moderation window to fill
 
     # ---- events -> deltas (answer text with its logprob entries, or thinking) ----
     def _think(self, text: str, closed: bool = False) -> _Delta:
         self.out.add("thinking", text, closed)
         return _Delta("thinking", text, closed=closed)
 
-    def _answer(self, text: str) -> _Delta | None:
-        """The answer's next text, or None when the moderation stage flags the answer with it: then that text is
-        withheld, generation stops and finish_reason is "content_filter"."""
+    def _answer(self, text: str, final: bool = False) -> _Delta | None:
+        """The answer's next text, or None when the moderation stage flags the answer with it (then that text is
+        withheld, generation stops and finish_reason is "content_filter") or holds it: with a moderation window,
+        text is held until ``moderation_window`` characters wait (or `final`: the answer ends or pauses for a
+        thought or a tool call), then checked and released at once."""
         moderation = self.job.moderation
-        if moderation is not None and text and moderation(self.out.text + text):
-            self.out.finish_reason, self.out.tool_calls, self.done = "content_filter", [], True
-            self._filtered = True
-            return None
+        if moderation is not None:
+            self._held += text
+            if not final and len(self._held) < self.job.moderation_window:
+                return None
+            text, self._held = self._held, ""
+            if text and moderation(self.out.text + text):
+                self.out.finish_reason, self.out.tool_calls, self.done = "content_filter", [], True
+                self._filtered = True
+                return None
         self.out.add("text", text)
         delta, self._pending_lp = _Delta("text", text, self._pending_lp), []
         return delta
@@ -587,7 +596,7 @@ class ChatReply:
                 text += self._stop.flush()
             else:
                 out.finish_reason = "stop"
-            return [self._answer(text)] if text or self._pending_lp else []
+            return [self._answer(text, final=True)] if text or self._pending_lp or self._held else []
         self._ids.append(ev.token_id)
         out.completion_tokens += 1
         if self._in_think:  # ev.text: the thought's text (at [/THINK], its held-back bytes)
@@ -597,6 +606,8 @@ class ChatReply:
             return [self._think(ev.text)] if ev.text else []
         if ev.token_id == self.job.tool_calls_id:
             self._in_tool_call = True
+            self._tail += ev.text
+            return [self._answer("", final=True)] if self._held else []  # the answer before the call
         if self._in_tool_call:
             self._tail += ev.text
             return []
@@ -604,7 +615,7 @@ class ChatReply:
             text, matched = self._stop.push(ev.text)
             if matched is None:
                 text += self._stop.flush()
-            deltas = [self._answer(text)] if text or self._pending_lp else []
+            deltas = [self._answer(text, final=True)] if text or self._pending_lp or self._held else []
             if matched is not None:
                 out.finish_reason = "stop"
                 self.done = True
@@ -614,7 +625,7 @@ class ChatReply:
         if req.logprobs:
             self._pending_lp.append(_logprob_entry(self.tokenizer, ev))
         text, matched = self._stop.push(ev.text)
-        deltas = [self._answer(text)] if text or matched is not None else []
+        deltas = [self._answer(text, final=matched is not None)] if text or matched is not None else []
         if matched is not None:
             out.finish_reason = "stop"
             self.done = True
@@ -631,7 +642,7 @@ class ChatReply:
             out.tool_calls = parsed["tool_calls"] if req.parallel_tool_calls else parsed["tool_calls"][:1]
             out.finish_reason = "tool_calls"
         elif self._tail:
-            return [self._answer(self._tail)]
+            return [self._answer(self._tail, final=True)]
         return []
 
     # ---- deltas -> the response ----

@@ -519,6 +519,8 @@ def _serve_options(args: argparse.Namespace) -> dict:
         options["allowed_hosts"] = tuple(args.allowed_host)
     if args.kv_cache_mib is not None:
         options["kv_cache_bytes"] = args.kv_cache_mib << 20
+    if args.content_filter is not None:
+        options["content_filter"] = args.content_filter
     return options
 
 
@@ -552,6 +554,11 @@ def _add_serve_options(sv: argparse.ArgumentParser) -> None:
                     help=f"seconds a client has to send a request's head (default: {o.header_timeout:g})")
     sv.add_argument("--body-timeout", type=float, default=o.body_timeout, metavar="S",
                     help=f"seconds a client has to send a request's body (default: {o.body_timeout:g})")
+    sv.add_argument("--content-filter", default=None, metavar="SPEC",
+                    help="content safety on prompts and replies: 'self-check' (the served model classifies with "
+                         "Mistral's moderation categories) or 'module:function' (your callable text -> bool or "
+                         "-> {category: bool | score}); a flagged prompt gets HTTP 400 code content_filter, a "
+                         "flagged reply ends with finish_reason content_filter (default: off)")
 
 
 # ---- the parser ---------------------------------------------------------------------------------------------------

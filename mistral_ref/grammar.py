@@ -16,7 +16,10 @@ Limits that keep a weak model from filling the context inside one token class: w
 tokens is at most :data:`MAX_WHITESPACE` characters of ``[ \\n]`` (no tabs, no runs of blank lines), and
 a run of digits (a number's integer part, fraction or exponent; digits in a string too) is at most
 :data:`MAX_NUMBER_DIGITS` long unless the grammar needs more (the processor drops digit tokens past the bound
-when something else fits).  Strings are bounded only by the schema's ``maxLength``.
+when something else fits), and a JSON string is at most :data:`MAX_STRING_BYTES` bytes of source text between its
+quotes (``GrammarLogitsProcessor(max_string_bytes=...)``): past the bound only tokens that close the string are
+allowed, whatever the schema's ``maxLength`` (a string the grammar needs longer, by ``minLength`` or a
+``pattern``, still gets its bytes).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 MAX_WHITESPACE = 2
 MAX_NUMBER_DIGITS = 16
+MAX_STRING_BYTES = 512
 _WHITESPACE = f"[ \\n]{{0,{MAX_WHITESPACE}}}"
 _JSON_OPTIONS = {"whitespace_pattern": _WHITESPACE}
 
@@ -46,6 +50,41 @@ def _llguidance():
     except ImportError as e:  # pragma: no cover - the `grammar` extra installs it
         raise ImportError("constrained decoding needs llguidance: pip install 'mistral-ref[grammar]'") from e
     return llguidance
+
+
+def _bytes_to_close(data: bytes) -> int:
+    """Bytes of `data` before the '"' that closes a JSON string it continues (len(data) if none does)."""
+    escaped = False
+    for k, b in enumerate(data):
+        if escaped:
+            escaped = False
+        elif b == 0x5C:  # backslash
+            escaped = True
+        elif b == 0x22:  # '"'
+            return k
+    return len(data)
+
+
+class _StringState:
+    """Where a row's generated text is with respect to JSON strings: inside one (and how many bytes in), after a
+    backslash there."""
+
+    def __init__(self):
+        self.inside, self.escaped, self.run = False, False, 0
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if not self.inside:
+                if b == 0x22:
+                    self.inside, self.run = True, 0
+            elif self.escaped:
+                self.escaped, self.run = False, self.run + 1
+            elif b == 0x5C:
+                self.escaped, self.run = True, self.run + 1
+            elif b == 0x22:
+                self.inside, self.run = False, 0
+            else:
+                self.run += 1
 
 
 # ---- the tokenizer -----------------------------------------------------------------------------------------
@@ -70,6 +109,10 @@ class _TokenBytes:
         self.lead_digits = np.array(lead, dtype=np.int64)  # (V,)
         self.trail_digits = np.array(trail, dtype=np.int64)  # (V,)
         self.all_digits = (self.lead_digits > 0) & (self.lead_digits == np.array([len(t) for t in self.tokens]))
+        # strings, for the string bound: bytes before each token's first unescaped '"' when it is read inside a
+        # string (its length if it has none); special tokens never continue a string
+        self.to_close = np.array([_bytes_to_close(data) for data in self.tokens], dtype=np.int64)  # (V,)
+        self.to_close[sorted(specials)] = 0
         # too_long[r]: (ceil(V / 32),) int32 bitmask of the tokens that would make a run of r digits too long
         words = (len(self.tokens) + 31) // 32
         self.too_long = []
@@ -176,14 +219,16 @@ class GrammarLogitsProcessor:
     grammar is finished) allows only EOS.  ``masks_computed`` counts mask computations (for the benchmark).
     """
 
-    def __init__(self, tokenizer: Any, grammar: str):
+    def __init__(self, tokenizer: Any, grammar: str, max_string_bytes: int = MAX_STRING_BYTES):
         llg = _llguidance()
+        self.max_string_bytes = max_string_bytes
         self._llg = llg
         self.tokenizer, self._bytes = _vocab(tokenizer)
         self.grammar = grammar
         self.eos_id = tokenizer.eos_id
         self.matchers: list[Any] = []
         self.digit_runs: list[int] = []  # per row: how many digits the generated text ends with
+        self.strings: list[_StringState] = []  # per row: inside a JSON string?
         self.seen = 0
         self.masks_computed = 0
 
@@ -198,6 +243,7 @@ class GrammarLogitsProcessor:
         if not self.matchers:
             self.matchers = [self._matcher() for _ in range(generated.shape[0])]
             self.digit_runs = [0] * generated.shape[0]
+            self.strings = [_StringState() for _ in range(generated.shape[0])]
         if n == self.seen:
             return
         if n != self.seen + 1:
@@ -210,6 +256,8 @@ class GrammarLogitsProcessor:
             if t < len(tb.tokens):
                 self.digit_runs[row] = self.digit_runs[row] + int(tb.lead_digits[t]) if tb.all_digits[t] \
                     else int(tb.trail_digits[t])
+                if tb.to_close[t] or tb.tokens[t][:1] == b'"':  # (special tokens: 0)
+                    self.strings[row].feed(tb.tokens[t])
         self.seen = n
 
     def bitmask(self, row: int = 0) -> np.ndarray:
@@ -227,7 +275,18 @@ class GrammarLogitsProcessor:
         fill_next_token_bitmask(m, bits)
         self.masks_computed += 1
         bounded = bits[0] & ~self._bytes.too_long[min(self.digit_runs[row], MAX_NUMBER_DIGITS)]
-        return bounded if bounded.any() else bits[0]  # the grammar needs more digits: let it have them
+        if not bounded.any():
+            bounded = bits[0]  # the grammar needs more digits: let it have them
+        s = self.strings[row]
+        if s.inside and not s.escaped and s.run + self._bytes.longest > self.max_string_bytes:
+            # (V,) tokens that would not close the string in time (past the bound, when the grammar needed more,
+            # only a closing quote right away is in time)
+            too_long = self._bytes.to_close + s.run > max(self.max_string_bytes, s.run)
+            words = np.packbits(np.pad(too_long, (0, len(bounded) * 32 - len(too_long))), bitorder="little")
+            closing = bounded & ~words.view(np.int32)
+            if closing.any():  # else the grammar needs a longer string (minLength, a pattern): let it have it
+                bounded = closing
+        return bounded
 
     def allowed(self, row: int = 0) -> np.ndarray:
         """(V,) bool: the tokens row `row`'s grammar allows next (see :meth:`bitmask`)."""

@@ -2,6 +2,12 @@
 
     submit(job) -> waiting (FIFO) --its cache fits--> prefilling rows --prompt done--> decoding rows --> retired
 
+(``submit_all(jobs)`` queues the n choices of one request together, or none of them: n jobs, n rows.  A job whose
+``prompt_of`` names another job with the same prompt — choice i > 0 of a request names choice 0 — does not prefill
+the prompt itself when it joins while that job is still prefilling: it waits, and when the other's prompt is done its
+cache row is copied into this one's, and both sample their first token from the same logits, each with its own
+sampler.  Joining later, it prefills its own copy.)
+
 The cache is one ``KVCache`` of R rows x S positions.  Each running job owns one row: rows ``[0, n_decoding)``
 decode, rows ``[n_decoding, n_rows)`` are still prefilling, the rest are free.  Rows carry their own absolute
 positions, and attention masks are built from positions (attention.attention_mask), so a row at position 900
@@ -107,6 +113,7 @@ class Job:
     top_logprobs: int = 0
     logits_processors: Sequence[LogitsProcessor] = ()
     timeout: float | None = None
+    prompt_of: Job | None = None  # a job with the same prompt whose prefilled cache row this one may copy
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -126,6 +133,7 @@ class _Row:
     generated: torch.Tensor | None  # (1, max_tokens) what the processors see; None without processors
     deadline: float | None
     filled: int = 0  # prompt tokens prefilled so far
+    leader: _Row | None = None  # a prefilling row of job.prompt_of: this row copies its cache instead of prefilling
     n: int = 0  # tokens generated so far
     last: int = 0  # the last generated token: the input of the next decode step
 
@@ -170,18 +178,29 @@ class Scheduler:
         """Queue `job`.  Raises GenerationParamError (a ValueError naming the parameter) for a job that can
         never run here (bad parameters, or a cache beyond kv_cache_bytes even alone) and SchedulerBusy when the
         waiting queue is full."""
-        row = self._new_row(job, deadline=None)  # validates, before anything is queued
-        need = cache_nbytes(self.model.args, 1, row.need, self.model.dtype)
-        if need > self.kv_cache_bytes:
-            raise GenerationParamError(
-                f"max_tokens: the prompt ({len(row.prompt)} tokens) + max_tokens ({job.max_tokens}) need "
-                f"{need / 2**20:.1f} MiB of KV cache; this server's cache holds at most "
-                f"{self.kv_cache_bytes / 2**20:.1f} MiB: lower max_tokens or shorten the prompt")
+        self.submit_all([job])
+
+    def submit_all(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` together (the n choices of one request), one row each, or none of them: each counts as one
+        waiting job against ``max_waiting`` and, once admitted, one row against ``max_batch``.  Errors as
+        :meth:`submit`; more jobs than ``max_waiting`` can never be queued: a GenerationParamError naming n."""
+        if len(jobs) > self.max_waiting:
+            raise GenerationParamError(f"n: {len(jobs)} choices are {len(jobs)} jobs; this server queues at most "
+                                       f"{self.max_waiting}")
+        for job in jobs:
+            row = self._new_row(job, deadline=None)  # validates, before anything is queued
+            need = cache_nbytes(self.model.args, 1, row.need, self.model.dtype)
+            if need > self.kv_cache_bytes:
+                raise GenerationParamError(
+                    f"max_tokens: the prompt ({len(row.prompt)} tokens) + max_tokens ({job.max_tokens}) need "
+                    f"{need / 2**20:.1f} MiB of KV cache; this server's cache holds at most "
+                    f"{self.kv_cache_bytes / 2**20:.1f} MiB: lower max_tokens or shorten the prompt")
         with self._lock:
-            if len(self.waiting) >= self.max_waiting:
+            if len(self.waiting) + len(jobs) > self.max_waiting:
                 raise SchedulerBusy(f"the server is busy ({len(self.waiting)} requests waiting); retry later")
-            self.waiting.append((job, time.monotonic()))
-            self.stats["submitted"] += 1
+            now = time.monotonic()
+            self.waiting.extend((job, now) for job in jobs)
+            self.stats["submitted"] += len(jobs)
             self._lock.notify()
 
     def _new_row(self, job: Job, deadline: float | None) -> _Row:
@@ -274,6 +293,8 @@ class Scheduler:
                 i = len(self.rows)
                 for layer in self.cache.layers:
                     layer.pos[i] = -1  # an empty row: the previous owner's keys are never seen
+                if job.prompt_of is not None:  # its prompt's prefill is running: copy it when done
+                    row.leader = next((r for r in self.rows[self.n_decoding:] if r.job is job.prompt_of), None)
                 self.rows.append(row)
                 self.peak_rows = max(self.peak_rows, len(self.rows))
 
@@ -323,6 +344,9 @@ class Scheduler:
         rows a prefix with the decoding rows first: the last decoding row moves into the hole, the last
         prefilling row into the hole that leaves."""
         row = self.rows[i]
+        for r in self.rows:
+            if r.leader is row:
+                r.leader = None  # it prefills its own copy after all
         if i < self.n_decoding:
             self._move(self.n_decoding - 1, i)
             i = self.n_decoding - 1
@@ -376,7 +400,7 @@ class Scheduler:
         """One chunk of every prefilling row's prompt; rows that finish their prompt sample a first token."""
         start, stop = self.n_decoding, len(self.rows)
         rows = self.rows[start:stop]
-        left = [len(r.prompt) - r.filled for r in rows]
+        left = [0 if r.leader is not None else len(r.prompt) - r.filled for r in rows]  # followers wait
         T = min(max(left), max(1, self.prefill_tokens // len(rows)))  # columns of this chunk
         tokens = torch.zeros(len(rows), T, dtype=torch.long)
         positions = torch.full((len(rows), T), -1, dtype=torch.long)
@@ -387,14 +411,24 @@ class Scheduler:
         device = self.model.device
         at = positions.argmax(dim=1).to(device)  # (k,) each row's last column in this chunk
         logits = self.model(tokens.to(device), positions.to(device), self._view(start, stop), logits_at=at)[:, 0]
-        done = []
+        done, source = [], []  # rows whose prompt is done; the row of logits each samples from
         for j, r in enumerate(rows):
             r.filled += min(T, left[j])
-            if r.filled == len(r.prompt):
+            if r.filled == len(r.prompt) and r.leader is None:
                 done.append(j)
+                source.append(j)
+        for j in list(done):  # followers of a row that finished: its cache row becomes theirs
+            for k, f in enumerate(rows):
+                if f.leader is rows[j]:
+                    for layer in self.cache.layers:
+                        for t in (layer.k, layer.v, layer.pos):
+                            t[start + k] = t[start + j]
+                    f.leader, f.filled = None, len(f.prompt)
+                    done.append(k)
+                    source.append(j)
         if not done:
             return
-        tokens_out = self._choose([rows[j] for j in done], logits[done])  # (k, V) -> one Token per done row
+        tokens_out = self._choose([rows[j] for j in done], logits[source])  # (k, V) -> one Token per done row
         for j, tok in zip(done, tokens_out):
             i = self.rows.index(rows[j])  # rows move as others leave; a done row joins the decoding rows
             self._swap(i, self.n_decoding)

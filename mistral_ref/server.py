@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   the Mistral chat API (what the `openai` and `mistralai` clients call)
     POST /chat/completions      the Azure AI model inference API (azure-ai-inference's ChatCompletionsClient)
+    POST /v1/fim/completions    the Mistral fill-in-the-middle API
+    POST /v1/moderations        the Mistral moderation API, over the content filter (moderation.py)
     GET  /info                  Azure's model info: {"model_name", "model_type", "model_provider_name"}
     GET  /v1/models             the served model, as the Mistral / OpenAI model list (also GET /models)
     GET  /health                {"status": "ok", ...} with the scheduler's queue and batch
@@ -14,13 +16,24 @@ fault: 400 malformed JSON / an over-long prompt / a refused Host header, 401 a m
 an unknown route or method, 408 a client too slow to send its request, 413 a body over ``max_body_bytes``, 414 a
 URI over ``max_uri_bytes``, 415 a body that is not application/json, 422 an unknown or mistyped field, or a field
 over a limit (stop strings, tools), 431 headers over ``max_header_bytes``, 503 a full queue or too many
-connections (with Retry-After).
+connections (with Retry-After), or a content filter that failed (code ``content_filter_error``).
 
 Generation: the request is validated and encoded on a worker thread of the event loop's pool, then handed to the
 scheduler (scheduler.py): continuous batching of up to ``max_batch`` requests in one KV cache on one model thread;
 the event loop never runs the model.  A client that disconnects, streaming or not, has its generation stopped
 at the scheduler's next step; every request has a wall-clock budget (``request_timeout``: it then ends with
-finish_reason "length") and a token budget (``max_tokens_limit``).
+finish_reason "length") and a token budget (``max_tokens_limit``, per choice).  A request for ``n`` choices is n
+scheduler jobs (choice i samples with seed + i, as api.chat_completion): n may be at most ``max_batch`` (422 naming
+n beyond), the n jobs are queued together or not at all and count n against ``max_queue``; streamed, each chunk
+names its choice's index and the last one carries the usage of all (the prompt counted once).
+
+Content safety (``content_filter``: "self-check", "module:function" or a callable; moderation.py): a prompt the
+filter flags is answered 400 ``{"error": {"code": "content_filter", "innererror": {...}}}`` (Azure's shape) before
+anything is scheduled (checked on a pool thread); a reply the filter flags stops with finish_reason
+"content_filter", the flagged text withheld (checked on the model thread each time text is about to be released,
+streaming too).  A filter that fails: 503 ``content_filter_error`` for the prompt; the reply fails closed
+(finish_reason "content_filter").  The self-check's forward passes run under the engine's lock, between two
+scheduler steps: the event loop never runs the model.
 
 Safe by default: with an API key (``api_key``) every route wants ``Authorization: Bearer KEY`` or Azure's
 ``api-key: KEY`` header; binding beyond the loopback interface without a key is refused unless ``insecure``; on
@@ -49,6 +62,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -75,8 +89,18 @@ from mistral_ref.api import (
     parse_request,
     prepare,
     prepare_fim,
+    prompt_text,
 )
 from mistral_ref.generation import text_events
+from mistral_ref.moderation import (
+    CATEGORIES,
+    ContentFilter,
+    ContentFilterFailed,
+    Verdict,
+    callable_filter,
+    load_content_filter,
+    self_check,
+)
 from mistral_ref.request_spec import (
     AZURE_ALIASES,
     AZURE_FIELDS,
@@ -95,32 +119,55 @@ access_log = logging.getLogger("mistral_ref.server.access")
 
 
 class HttpError(Exception):
-    """An error response: status, message and the field or header at fault (None when no single one is)."""
+    """An error response: status, message and the field or header at fault (None when no single one is); code:
+    the error's code (default: the status's phrase, e.g. "unprocessable_entity"); extra: more members of the
+    error object (a content-filter refusal's ``innererror``)."""
 
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 code: str | None = None, extra: dict[str, Any] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.headers = status, message, field, headers or {}
+        self.code, self.extra = code, extra or {}
 
 
-def error_body(status: int, message: str, field: str | None = None) -> dict[str, Any]:
+def error_body(status: int, message: str, field: str | None = None, code: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON body of every error: the Mistral / OpenAI error shape."""
-    code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    code = code or HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     kind = "invalid_request_error" if status < 500 else "server_error"
-    detail = {"message": message, "type": kind, "param": field, "code": code}
+    detail = {"message": message, "type": kind, "param": field, "code": code, **(extra or {})}
     return {"object": "error", "message": message, "error": detail}
 
 
 def error_response(err: HttpError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, err.field), err.status, headers=err.headers)
+    return JSONResponse(error_body(err.status, err.message, err.field, err.code, err.extra), err.status,
+                        headers=err.headers)
+
+
+def content_filter_error(verdict: Verdict | None, field: str) -> HttpError:
+    """HTTP 400 ``{"error": {"code": "content_filter", ...}}``, as Azure's content safety answers a filtered
+    prompt (with its ``innererror.content_filter_result``: each category's ``filtered``)."""
+    result = {c: {"filtered": bool(verdict is not None and verdict.categories[c])} for c in CATEGORIES}
+    return HttpError(400, "the prompt was filtered by the server's content filter (content_filter): rephrase it",
+                     field, code="content_filter",
+                     extra={"innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": result}})
+
+
+def filter_failed_error(exc: ContentFilterFailed) -> HttpError:
+    """HTTP 503 (code content_filter_error): the content filter itself failed, so nothing could be checked."""
+    return HttpError(503, f"{exc}; the request was not served", "content_filter", code="content_filter_error")
 
 
 # ---- the model worker ----------------------------------------------------------------------------------------
 class Engine:
-    """The scheduler and the one thread that runs it: all model work happens there."""
+    """The scheduler and the one thread that runs it: all generation happens there.  ``lock`` is held for each
+    step; a content filter's self-check takes it around its forward pass (between two steps, or at once on the
+    model thread itself)."""
 
-    def __init__(self, model: Any, options: ServerOptions):
+    def __init__(self, model: Any, options: ServerOptions, lock: threading.RLock | None = None):
         self.scheduler = Scheduler(model, max_batch=options.max_batch, kv_cache_bytes=options.kv_cache_bytes,
                                    prefill_tokens=options.prefill_tokens, max_waiting=options.max_queue)
+        self.lock = lock or threading.RLock()
         self._stopping = False
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-model-worker", daemon=True)
         self.thread.start()
@@ -128,7 +175,9 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopping:
             try:
-                if not self.scheduler.step():
+                with self.lock:
+                    stepped = self.scheduler.step()
+                if not stepped:
                     self.scheduler.wait_for_work(0.5)
             except Exception:  # noqa: BLE001 — the scheduler fails jobs, not itself; if it did, keep serving
                 log.exception("scheduler step failed")
@@ -143,39 +192,72 @@ _END = object()
 
 
 class Generation:
-    """One request's generation: the scheduler's sink for its job (called on the model thread), which turns
-    tokens into response chunks there (generation.TextEvents, api.ChatReply) and hands them to the request's
-    event loop through an asyncio queue: lists of chunk dicts, then an Exception or the end marker."""
+    """One request's generation: its n choices (one scheduler job and one api.ChatReply each, choice i sampling
+    with seed + i) and the asyncio queue through which their chunks reach the request's event loop: lists of
+    chunk dicts, then an Exception or the end marker.  Each choice's :class:`Choice` is its job's sink (called on
+    the model thread), which turns tokens into chunks there (generation.TextEvents, api.ChatReply).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, reply: ChatReply):
-        self.loop, self.reply = loop, reply
-        job = reply.job  # (fill in the middle: the output's text continues the prompt's)
-        self.text = text_events(tokenizer, prompt=job.prompt_ids if job.continue_text else None)
+    Streaming, chunks of the choices interleave, each naming its choice's index; the last chunk of the choice that
+    ends last carries the usage of them all (the prompt counted once).  Not streaming, one chat.completion with
+    the n choices in order is posted when the last one ends."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tokenizer: Any, replies: list[ChatReply]):
+        self.loop, self.replies = loop, replies
+        self.reply = replies[0]
+        self.choices = [Choice(self, tokenizer, reply) for reply in replies]
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.reason: str | None = None  # how the scheduler ended it
-        self.job: Job | None = None
+        self.reason: str | None = None  # how the scheduler ended it (the last choice's reason)
+        self.jobs: list[Job] = []
+        self._finals: list[dict[str, Any] | None] = [None] * len(replies)
+        self._left = len(replies)
+        self._lock = threading.Lock()  # choices end on the model thread, cancellations come from anywhere
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """prompt_tokens (once), completion_tokens of all the choices, total_tokens."""
+        u = [r.usage for r in self.replies]
+        n_prompt, m = u[0]["prompt_tokens"], sum(x["completion_tokens"] for x in u)
+        return {"prompt_tokens": n_prompt, "completion_tokens": m, "total_tokens": n_prompt + m}
+
+    def cancel(self) -> None:
+        """Stop every choice's job at the scheduler's next step (a no-op for those that ended)."""
+        for job in self.jobs:
+            job.cancel()
 
     def _post(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    def token(self, token: Token) -> bool:
-        chunks = []
-        for ev in self.text.push(token.id, token.stopped, token.logprob, token.top_logprobs):
-            chunks += self.reply.push(ev)
+    def _ended(self, index: int, reason: str, chunks: list[dict[str, Any]]) -> None:
+        """Choice `index` ended with these final chunks: post them (the response, once all ended)."""
+        stream = self.reply.job.request.stream
+        with self._lock:
+            if reason != "cancelled" and not stream:
+                self._finals[index] = chunks[0]
+            self._left -= 1
+            last = self._left == 0
+        if self.reason != "cancelled":  # one cancelled choice: the client is gone
+            self.reason = reason
+        if reason == "cancelled":  # nobody is waiting for a cancelled reply
+            chunks = []
+        elif stream:
+            if last:
+                chunks[-1]["usage"] = self.usage
+        else:
+            chunks = []
+            if last and self.reason != "cancelled":
+                response = self._finals[0]
+                response["choices"] = [f["choices"][0] for f in self._finals]
+                response["usage"] = self.usage
+                chunks = [response]
         if chunks:
             self._post(chunks)
-        return not self.reply.done
+        if last:
+            self._post(_END)
 
-    def end(self, reason: str) -> None:
-        self.reason = reason
-        if reason != "cancelled":  # nobody is waiting for a cancelled reply
-            chunks = [] if self.reply.done else self.reply.push(self.text.end())
-            self._post(chunks + self.reply.finish())
-        self._post(_END)
-
-    def error(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
         self.reason = "error"
         self._post(exc)
+        self.cancel()  # the other choices are not wanted any more
 
     async def items(self):
         """The chunks as they come; raises the generation's exception, if any."""
@@ -186,11 +268,38 @@ class Generation:
                 yield chunk
 
 
-async def _until_disconnect(receive: Callable[[], Awaitable[dict]], job: Job) -> None:
-    """Cancel `job` when the client goes away (uvicorn reports http.disconnect once the body has been read)."""
+class Choice:
+    """One choice of a Generation: the scheduler's sink for its job."""
+
+    def __init__(self, gen: Generation, tokenizer: Any, reply: ChatReply):
+        self.gen, self.reply = gen, reply
+        job = reply.job  # (fill in the middle: the output's text continues the prompt's)
+        self.text = text_events(tokenizer, prompt=job.prompt_ids if job.continue_text else None)
+
+    def token(self, token: Token) -> bool:
+        chunks = []
+        for ev in self.text.push(token.id, token.stopped, token.logprob, token.top_logprobs):
+            chunks += self.reply.push(ev)
+        if chunks:
+            self.gen._post(chunks)
+        return not self.reply.done
+
+    def end(self, reason: str) -> None:
+        chunks = []
+        if reason != "cancelled":
+            chunks = [] if self.reply.done else self.reply.push(self.text.end())
+            chunks += self.reply.finish()
+        self.gen._ended(self.reply.index, reason, chunks)
+
+    def error(self, exc: BaseException) -> None:
+        self.gen._failed(exc)
+
+
+async def _until_disconnect(receive: Callable[[], Awaitable[dict]], gen: Generation) -> None:
+    """Cancel `gen` when the client goes away (uvicorn reports http.disconnect once the body has been read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    gen.cancel()
 
 
 def _generation_error(exc: BaseException) -> HttpError:
@@ -208,7 +317,7 @@ class StreamResponse:
         self.gen = gen
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        watcher = asyncio.ensure_future(_until_disconnect(receive, self.gen.job))
+        watcher = asyncio.ensure_future(_until_disconnect(receive, self.gen))
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                    (b"x-accel-buffering", b"no")]
         try:
@@ -219,12 +328,13 @@ class StreamResponse:
                     await send({"type": "http.response.body", "body": data, "more_body": True})
             except Exception as e:  # noqa: BLE001 — the status line is sent: report it as an event
                 err = _generation_error(e)
-                body = f"data: {json.dumps(error_body(err.status, err.message, err.field))}\n\n".encode()
+                error = error_body(err.status, err.message, err.field, err.code, err.extra)
+                body = f"data: {json.dumps(error)}\n\n".encode()
                 await send({"type": "http.response.body", "body": body, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         finally:
             watcher.cancel()
-            self.gen.job.cancel()  # a no-op if it ended; stops it if this response was cut short
+            self.gen.cancel()  # a no-op if it ended; stops it if this response was cut short
 
 
 # ---- the application -------------------------------------------------------------------------------------
@@ -232,10 +342,13 @@ class ChatApp:
     """The routes and their handlers; ``app`` is the ASGI application (Starlette, wrapped in the access log,
     the Host / URI / API-key guard and, when configured, CORS)."""
 
-    def __init__(self, model: Any, tokenizer: Any, options: ServerOptions, engine: Engine, host: str = "127.0.0.1"):
+    def __init__(self, model: Any, tokenizer: Any, options: ServerOptions, engine: Engine, host: str = "127.0.0.1",
+                 content_filter: ContentFilter | None = None):
         self.tokenizer, self.options, self.engine = tokenizer, options, engine
         self.max_context = context_length(model, options.max_context)
         self.created = int(time.time())
+        self.model, self.content_filter = model, content_filter
+        self._self_check: ContentFilter | None = None  # what /v1/moderations uses without a filter (built once)
         self.allowed_hosts = _allowed_hosts(host, options.allowed_hosts)
         # The routes.  A generation endpoint is one entry: its parser turns a body into a Prepared job and a reply
         # (see _chat, _fim); and one path in openapi_document.
@@ -243,6 +356,7 @@ class ChatApp:
             Route("/v1/chat/completions", self.completion(self._chat), methods=["POST"]),
             Route("/v1/fim/completions", self.completion(self._fim), methods=["POST"]),
             Route("/chat/completions", self.completion(self._azure_chat), methods=["POST"]),
+            Route("/v1/moderations", self.moderations, methods=["POST"]),
             Route("/info", self.info, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/models", self.models, methods=["GET"]),
@@ -281,15 +395,14 @@ class ChatApp:
                              "kv_cache_bytes": cache.nbytes() if cache is not None else 0})
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi_document(self.options.model_name, self.options.api_key is not None))
+        o = self.options
+        return JSONResponse(openapi_document(o.model_name, o.api_key is not None, o.max_moderation_inputs))
 
     # ---- generation routes ----
-    def completion(self, parse: Callable[[Any, Any], tuple[Prepared, Any]]):
-        """The endpoint of a generation route: read the body, then (on a pool thread) parse(body, headers) ->
-        (prepared job, reply); schedule it; answer with the reply, streamed or whole.
-
-        The reply is an api.ChatReply or anything with its interface (start / push(event) / finish / done /
-        usage, and ``job``, the Prepared request whose prompt_ids, max_tokens and request it reads)."""
+    def completion(self, parse: Callable[[Any, Any], Prepared]):
+        """The endpoint of a generation route: read the body, then (on a pool thread) parse(body, headers) -> a
+        prepared job (api.Prepared); check its prompt with the content filter; schedule its n choices; answer
+        with their replies (api.ChatReply), streamed or whole."""
 
         async def endpoint(request: Request) -> Response:
             body = await self._read_body(request)
@@ -298,7 +411,7 @@ class ChatApp:
             request.scope["mistral_ref.generation"] = gen  # for the access log
             if gen.reply.job.request.stream:
                 return StreamResponse(gen)
-            watcher = asyncio.ensure_future(_until_disconnect(request.receive, gen.job))
+            watcher = asyncio.ensure_future(_until_disconnect(request.receive, gen))
             try:
                 chunks = [chunk async for chunk in gen.items()]
             except Exception as e:  # noqa: BLE001 — mapped to its status
@@ -313,54 +426,122 @@ class ChatApp:
         return endpoint
 
     def _submit(self, parse: Callable, body: bytes, headers: Any, loop: asyncio.AbstractEventLoop) -> Generation:
-        """Parse, validate, encode and schedule a request (on a pool thread: encoding a long prompt takes time)."""
-        job, reply = parse(self._json(body), headers)
+        """Parse, validate, encode, check and schedule a request (on a pool thread: encoding a long prompt and
+        the content filter take time)."""
+        job = parse(self._json(body), headers)
         o = self.options
         if job.request.max_tokens is None:
             job = dataclasses.replace(job, max_tokens=min(job.max_tokens, o.max_tokens_limit))
-            reply.job = job
         elif job.max_tokens > o.max_tokens_limit:
             raise HttpError(422, f"max_tokens: {job.max_tokens} is over this server's limit of "
                             f"{o.max_tokens_limit} tokens per request", "max_tokens")
-        gen = Generation(loop, self.tokenizer, reply)
-        gen.job = Job(job.prompt_ids, job.max_tokens, gen, eos_id=self.tokenizer.eos_id, timeout=o.request_timeout,
-                      **generation_kwargs(self.tokenizer, job))
-        opening = reply.start()  # the role chunk of a stream, queued before any token can be
-        if opening:
-            gen._post(opening)
+        n = job.request.n
+        if n > o.max_batch:  # the n choices decode together: one batch row each
+            raise HttpError(422, f"n: {n} choices need {n} batch rows; this server decodes at most {o.max_batch} "
+                            "together", "n")
+        if self.content_filter is not None:
+            self._check_prompt(job)
+            job.moderation, job.moderation_window = self._moderate_reply, self.content_filter.window
+        cid, created = uuid.uuid4().hex, int(time.time())
+        replies = [ChatReply(self.tokenizer, job, cid, created, index=i, last=False) for i in range(n)]
+        gen = Generation(loop, self.tokenizer, replies)
+        gen.jobs = [Job(job.prompt_ids, job.max_tokens, choice, eos_id=self.tokenizer.eos_id,
+                        timeout=o.request_timeout, **generation_kwargs(self.tokenizer, job, i))
+                    for i, choice in enumerate(gen.choices)]
+        for j in gen.jobs[1:]:
+            j.prompt_of = gen.jobs[0]  # the prompt is prefilled once, its cache row copied (scheduler.py)
+        for reply in replies:
+            opening = reply.start()  # the role chunk of a stream, queued before any token can be
+            if opening:
+                gen._post(opening)
         try:
-            self.engine.scheduler.submit(gen.job)
+            self.engine.scheduler.submit_all(gen.jobs)
         except (SchedulerBusy, GenerationParamError) as e:
             raise _generation_error(e) from None
         return gen
 
-    def _chat(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+    # ---- content safety ----
+    def _check_prompt(self, job: Prepared) -> None:
+        """The content filter on the prompt's text (a chat's messages, a FIM's prompt and suffix): 400
+        content_filter if flagged, 503 if the filter failed."""
+        text = prompt_text(job.request.messages) if job.request.messages else self.tokenizer.decode(job.prompt_ids)
+        try:
+            (verdict,) = self.content_filter.classify([text])
+        except ContentFilterFailed as e:
+            log.error("%s", e)
+            raise filter_failed_error(e) from None
+        if verdict.flagged:
+            raise content_filter_error(verdict, "messages" if job.request.messages else "prompt")
+
+    def _moderate_reply(self, text: str) -> bool:
+        """The moderation stage of every reply (api.ChatReply calls it, on the model thread, before releasing
+        text): flagged, or the filter failed (it fails closed: the text is withheld, finish content_filter)."""
+        try:
+            return self.content_filter.flags(text)
+        except ContentFilterFailed as e:
+            log.error("%s (the reply is stopped with finish_reason content_filter)", e)
+            return True
+
+    def _classify(self, texts: list[str]) -> list[Verdict]:
+        if self.content_filter is None and self._self_check is None:
+            self._self_check = self_check(self.model, self.tokenizer, self.engine.lock)
+        return (self.content_filter or self._self_check).classify(texts)
+
+    async def moderations(self, request: Request) -> Response:
+        """POST /v1/moderations: ``{"model"?, "input": str | [str]}`` -> ``{"id", "model", "results":
+        [{"categories", "category_scores"}]}`` (Mistral's moderation API) from the content filter (self-check
+        when the server has none)."""
+        body = self._json(await self._read_body(request))
+        if not isinstance(body, dict):
+            raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
+        unknown = [k for k in body if k not in ("model", "input")]
+        if unknown:
+            raise HttpError(422, f"{unknown[0]}: unknown parameter (POST /v1/moderations takes model and input)",
+                            unknown[0])
+        if "input" not in body:
+            raise HttpError(422, "input: is required (a string or a list of strings)", "input")
+        texts = body["input"]
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise HttpError(422, f"input: must be a string or a non-empty list of strings, got {body['input']!r}"[:300],
+                            "input")
+        limit = self.options.max_moderation_inputs
+        if len(texts) > limit:
+            raise HttpError(422, f"input: {len(texts)} texts; this server classifies at most {limit} per request",
+                            "input")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise HttpError(422, f"model: must be a string, got {type(model).__name__}", "model")
+        try:
+            verdicts = await run_in_threadpool(self._classify, texts)
+        except ContentFilterFailed as e:
+            log.error("%s", e)
+            raise filter_failed_error(e) from None
+        return JSONResponse({"id": uuid.uuid4().hex, "model": model or self.options.model_name,
+                             "results": [v.result() for v in verdicts]})
+
+    def _chat(self, body: Any, headers: Any) -> Prepared:
         if not isinstance(body, dict):
             raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
         try:
             request = parse_request(body)
-            if request.n != 1:  # one scheduled row per request (api.chat_completion generates n choices)
-                raise RequestError("n", f"only n=1 on this server (got {request.n}); the Python API's "
-                                   "chat_completion generates several choices")
             self._check_limits(request)
-            job = prepare(self.tokenizer, request, self.max_context, self.options.model_name)
+            return prepare(self.tokenizer, request, self.max_context, self.options.model_name)
         except RequestError as e:
             raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
-        return job, ChatReply(self.tokenizer, job)
 
-    def _fim(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+    def _fim(self, body: Any, headers: Any) -> Prepared:
         """POST /v1/fim/completions: the Mistral FIM API (request_spec.FIM_REQUEST); the reply has the chat shape."""
         if not isinstance(body, dict):
             raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
         try:
             request = parse_fim_request(body)
             self._check_limits(request)
-            job = prepare_fim(self.tokenizer, request, self.max_context, self.options.model_name)
+            return prepare_fim(self.tokenizer, request, self.max_context, self.options.model_name)
         except RequestError as e:
             raise HttpError(400 if isinstance(e, ContextLengthError) else 422, str(e), e.field) from None
-        return job, ChatReply(self.tokenizer, job)
 
-    def _azure_chat(self, body: Any, headers: Any) -> tuple[Prepared, ChatReply]:
+    def _azure_chat(self, body: Any, headers: Any) -> Prepared:
         if not isinstance(body, dict):
             raise HttpError(422, f"the body must be a JSON object, got {type(body).__name__}", "body")
         mode = headers.get("extra-parameters", "error").strip().lower()
@@ -500,7 +681,7 @@ class AccessLog:
             gen = scope.get("mistral_ref.generation")
             tokens = "-"
             if gen is not None:
-                u = gen.reply.usage
+                u = gen.usage
                 tokens = f"prompt={u['prompt_tokens']} completion={u['completion_tokens']} end={gen.reason}"
             access_log.info("%s %s %s %s %.3fs", scope["method"], scope["path"][:200], status[0] or "-", tokens,
                             time.perf_counter() - start)
@@ -702,9 +883,17 @@ class ChatServer:
                  options: ServerOptions | None = None, **fields: Any):
         self.options = options = dataclasses.replace(options or ServerOptions(), **fields)
         check_exposure(host, options)
+        lock = threading.RLock()  # the model's: scheduler steps and self-check forward passes take it
+        spec = options.content_filter  # loaded first: a bad spec is a ValueError before anything starts
+        if spec is None or isinstance(spec, ContentFilter):
+            content_filter = spec
+        elif isinstance(spec, str):
+            content_filter = load_content_filter(spec, model, tokenizer, lock)
+        else:
+            content_filter = callable_filter(spec)
         self.socket = _bind(host, port)
-        self.engine = Engine(model, options)
-        self.chat_app = ChatApp(model, tokenizer, options, self.engine, host)
+        self.engine = Engine(model, options, lock)
+        self.chat_app = ChatApp(model, tokenizer, options, self.engine, host, content_filter)
         config = uvicorn.Config(
             self.chat_app.app, http=functools.partial(HttpProtocol, options=options), ws="none", lifespan="off",
             log_config=None, access_log=False, server_header=False, headers=[("server", "mistral-ref")],
@@ -774,28 +963,35 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
     server = ChatServer(model, tokenizer, host, port, model_name=model_name, max_context=max_context,
                         max_body_bytes=max_body_bytes, **options)
     o = server.options
+    content_filter = o.content_filter if isinstance(o.content_filter, str) else "on" if o.content_filter else "off"
     print(f"mistral-ref: serving {model_name} on {server.url} (POST /v1/chat/completions, POST /chat/completions, "
-          f"GET /info, GET /v1/models, GET /health, GET /openapi.json); API key {'required' if o.api_key else 'off'}; "
+          f"POST /v1/fim/completions, POST /v1/moderations, GET /info, GET /v1/models, GET /health, "
+          f"GET /openapi.json); API key {'required' if o.api_key else 'off'}; "
+          f"content filter {content_filter}; "
           f"up to {o.max_batch} requests decoding together; Ctrl-C stops", flush=True)
     server.serve_forever()
 
 
 # ---- OpenAPI -----------------------------------------------------------------------------------------------
-def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> dict[str, Any]:
+def openapi_document(model_name: str = "mistral-ref", api_key: bool = False,
+                     max_moderation_inputs: int = 32) -> dict[str, Any]:
     """The OpenAPI 3.1 document served at GET /openapi.json; the request schema is request_spec's.  api_key: the
-    server wants a key (the document then declares the two ways to send it)."""
+    server wants a key (the document then declares the two ways to send it); max_moderation_inputs: texts per
+    /v1/moderations request."""
     def error(what: str) -> dict[str, Any]:
         schema = {"$ref": "#/components/schemas/Error"}
         return {"description": what, "content": {"application/json": {"schema": schema}}}
 
     errors = {
-        "400": error("malformed JSON, a prompt too long for the context, a refused Host header"),
+        "400": error("malformed JSON, a prompt too long for the context, a refused Host header; a prompt the "
+                     "content filter flagged (code content_filter)"),
         "401": error("a missing or wrong API key"),
         "408": error("the body did not arrive in time"),
         "413": error("a body over the size limit"),
         "415": error("a body that is not application/json"),
         "422": error("an unknown or invalid field, or one over a limit; param names it"),
-        "503": error("the queue is full: retry after Retry-After seconds"),
+        "503": error("the queue is full: retry after Retry-After seconds; or the content filter failed (code "
+                     "content_filter_error)"),
     }
     chat = {
         "requestBody": {"required": True, "content": {
@@ -819,7 +1015,7 @@ def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> 
                 "content": {"type": ["string", "null"]},
                 "tool_calls": {"type": ["array", "null"], "items": {"$ref": "#/components/schemas/ToolCall"}},
             }},
-            "finish_reason": {"enum": ["stop", "length", "tool_calls"]},
+            "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter"]},
             "logprobs": {"type": ["object", "null"]},
         },
     }
@@ -856,6 +1052,17 @@ def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> 
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/FIMCompletionRequest"}}}},
             }},
+            "/v1/moderations": {"post": {
+                "summary": "Moderation (Mistral API): the server's content filter (self-check without one)",
+                "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ModerationRequest"}}}},
+                "responses": {
+                    "200": {"description": "one result per input text", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ModerationResponse"}}}},
+                    **{k: v for k, v in errors.items() if k != "400"},
+                    "400": error("malformed JSON"),
+                },
+            }},
             "/info": get("Model info (Azure AI model inference API)", info),
             "/v1/models": get("List models"),
             "/models": get("List models"),
@@ -875,6 +1082,22 @@ def openapi_document(model_name: str = "mistral-ref", api_key: bool = False) -> 
                     "choices": {"type": "array", "items": choice},
                     "usage": {"type": "object", "properties": {
                         k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}},
+                }},
+                "ModerationRequest": {
+                    "type": "object", "required": ["input"], "additionalProperties": False,
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {"oneOf": [{"type": "string"},
+                                            {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                                             "maxItems": max_moderation_inputs}]},
+                    }},
+                "ModerationResponse": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "model": {"type": "string"},
+                    "results": {"type": "array", "items": {"type": "object", "properties": {
+                        "categories": {"type": "object", "properties": {c: {"type": "boolean"} for c in CATEGORIES}},
+                        "category_scores": {"type": "object",
+                                            "properties": {c: {"type": "number"} for c in CATEGORIES}},
+                    }}},
                 }},
                 "Error": {"type": "object", "properties": {
                     "object": {"const": "error"},

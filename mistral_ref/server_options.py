@@ -3,7 +3,9 @@ without importing the server.  See mistral_ref.server for what each one guards a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 #: The environment variable that `mistral-ref serve` and server.serve() read the API key from.
@@ -25,6 +27,10 @@ class ServerOptions:
     keep_alive_timeout (s an idle connection stays open).
     Batching (scheduler.Scheduler): max_batch (1 = one request at a time), max_queue (waiting requests beyond
     which new ones get 503), kv_cache_bytes (None: half the memory available at start), prefill_tokens.
+    A request's n choices are n jobs: n is at most max_batch (422 beyond), and they count n against max_queue.
+    Content safety (moderation.py): content_filter, "self-check", "module:function" or a callable
+    ``text -> bool | {category: bool | float}`` (None: no filter; POST /v1/moderations then uses self-check);
+    max_moderation_inputs: texts per /v1/moderations request.
     """
 
     model_name: str = "mistral-ref"
@@ -50,3 +56,5 @@ class ServerOptions:
     max_queue: int = 256
     kv_cache_bytes: int | None = None
     prefill_tokens: int = 512
+    content_filter: str | Callable[[str], Any] | None = None
+    max_moderation_inputs: int = 32

@@ -24,6 +24,7 @@ from mistral_ref.api import RequestError, chat_completion, parse_request
 from mistral_ref.generation import generate
 from mistral_ref.grammar import (
     MAX_NUMBER_DIGITS,
+    MAX_STRING_BYTES,
     MAX_WHITESPACE,
     GrammarError,
     GrammarLogitsProcessor,
@@ -122,6 +123,35 @@ def test_digit_runs_are_bounded_unless_the_grammar_needs_more():
     big = {"type": "string", "pattern": "^[0-9]{20}$"}
     tokens, ended = sample(tok, GrammarLogitsProcessor(tok, json_schema_grammar(big)), 40, 0, digits)
     assert ended and re.fullmatch(r'"\d{20}"', tok.decode(tokens).strip())
+
+
+@needs_tokenizer_files
+@pytest.mark.parametrize("name", [SP_V3, TEKKEN_V3])
+def test_strings_are_bounded_unless_the_grammar_needs_more(name):
+    tok = tokenizer(name)
+    letters = torch.zeros(tok.vocab_size)
+    for i in range(tok.vocab_size):
+        data = tok.id_to_bytes(i)
+        if not tok.is_special(i) and data.strip() and data.replace(b" ", b"").isalpha():
+            letters[i] = 20.0  # a model that only wants to write words
+    letters[tok.eos_id] = 10.0
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"],
+              "additionalProperties": False}
+    grammar = json_schema_grammar(schema)
+    for bound in (40, 100):
+        tokens, ended = sample(tok, GrammarLogitsProcessor(tok, grammar, max_string_bytes=bound), 300, 0, letters)
+        assert ended, tok.decode(tokens)
+        value = json.loads(tok.decode(tokens))["s"]
+        assert bound - 24 <= len(value.encode()) <= bound  # it wrote words until the bound closed the string
+    # without the bound (the old behaviour) the same model fills all the tokens it is given inside the string
+    tokens, ended = sample(tok, GrammarLogitsProcessor(tok, grammar, max_string_bytes=10**9), 120, 0, letters)
+    assert not ended and len(tok.decode(tokens)) > 200
+    # the default, and a grammar that needs a longer string still gets it
+    assert GrammarLogitsProcessor(tok, grammar).max_string_bytes == MAX_STRING_BYTES
+    long = {"type": "string", "minLength": 60}
+    tokens, ended = sample(tok, GrammarLogitsProcessor(tok, json_schema_grammar(long), max_string_bytes=20), 200, 0,
+                           letters)
+    assert ended and len(json.loads(tok.decode(tokens))) >= 60
 
 
 @pytest.mark.parametrize("schema, feature", [

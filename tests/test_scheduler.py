@@ -238,3 +238,62 @@ def test_the_cache_shrinks_as_rows_leave_and_results_stay_equal():
     sched.run_until_idle()
     assert sinks[9].ids == alone(model, tail, 60, temperature=0).tokens
     assert sinks[8].ids == alone(model, long_prompt, 1, temperature=0).tokens
+
+
+class CountingModel(torch.nn.Module):
+    """A model wrapper that counts the (row, position) pairs it is given that are not padding."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model, self.args, self.device, self.dtype = model, model.args, model.device, model.dtype
+        self.positions = 0
+
+    def forward(self, tokens, positions=None, cache=None, logits_at=None):
+        self.positions += int((positions >= 0).sum())
+        return self.model(tokens, positions, cache, logits_at=logits_at)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_choices_sharing_a_prompt_prefill_it_once(window):
+    """submit_all of n jobs naming the first as prompt_of: one prefill of the prompt, its cache row copied; each
+    job still gives what it gives alone (seed + i sampling, greedy), and a follower that joins late or loses its
+    leader prefills its own copy."""
+    model = tiny(window=window)
+    counting = CountingModel(model)
+    (p,) = prompts([23])
+    kw = [dict(temperature=1.0, seed=5 + i) for i in range(3)] + [dict(temperature=0)]
+    sinks = [Collect() for _ in kw]
+    jobs = [Job(p, 8, s, eos_id=EOS, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
+    for j in jobs[1:]:
+        j.prompt_of = jobs[0]
+    sched = Scheduler(counting, max_batch=4, prefill_tokens=8)  # the prompt takes several chunks
+    sched.submit_all(jobs)
+    sched.run_until_idle()
+    for sink, k in zip(sinks, kw):
+        assert sink.ids == alone(model, p, 8, eos_id=EOS, ignore_eos=True, **k).tokens
+    # the prompt once, then 7 decode steps per job (the first token of each comes from the prefill's logits)
+    assert counting.positions == len(p) + 4 * 7
+
+    # a batch of 2 rows: jobs 2 and 3 join after the leader left, and prefill their own copies
+    counting.positions = 0
+    sinks = [Collect() for _ in kw]
+    jobs = [Job(p, 8, s, eos_id=EOS, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
+    for j in jobs[1:]:
+        j.prompt_of = jobs[0]
+    sched = Scheduler(counting, max_batch=2, prefill_tokens=8)
+    sched.submit_all(jobs)
+    sched.run_until_idle()
+    for sink, k in zip(sinks, kw):
+        assert sink.ids == alone(model, p, 8, eos_id=EOS, ignore_eos=True, **k).tokens
+    assert counting.positions == 3 * len(p) + 4 * 7
+
+    # the leader cancelled while prefilling: its follower prefills by itself
+    sinks = [Collect() for _ in range(2)]
+    jobs = [Job(p, 8, s, temperature=0, eos_id=EOS) for s in sinks]
+    jobs[1].prompt_of = jobs[0]
+    sched = Scheduler(model, max_batch=4, prefill_tokens=8)
+    sched.submit_all(jobs)
+    sched.step()
+    jobs[0].cancel()
+    sched.run_until_idle()
+    assert sinks[0].ended == "cancelled" and sinks[1].ids == alone(model, p, 8, temperature=0, eos_id=EOS).tokens

@@ -182,12 +182,13 @@ def test_set_backend_rejects_unknown_names():
 # ---- the registry and the compiled variant ------------------------------------------------------------------------
 def test_reference_backend_is_the_plain_math_everywhere():
     """'reference' means the plain functions for every family, projections included."""
-    from mistral_ref import attention, moe, norm
+    from mistral_ref import attention, mla, moe, norm
     from mistral_ref.cache import LayerCache
 
     ops = make_model(NEMO).set_backend("reference").ops
     assert ops.linear is torch.nn.functional.linear
     assert ops.attention is attention.attention and ops.moe is moe.moe_forward and ops.rms_norm is norm.rms_norm
+    assert ops.latent_attention is mla.latent_attention
     cache = LayerCache(1, 4, False, 1, 2, torch.float32, "cpu")
     k = torch.randn(1, 1, 1, 2)
     keys, _, pos = ops.update_cache(cache, k, k, torch.tensor([[2]]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_ref.backends import Backend
+from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.backends.reference import update_cache
 from mistral_ref.rope import rope_angles
@@ -30,4 +31,5 @@ def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 BACKEND = Backend(name="triton", linear=F.linear, rms_norm=rms_norm, rope_table=rope_angles, rope=rotate,
                   attention=attention, moe=moe_forward, update_cache=update_cache,
+                  latent_attention=latent_attention,
                   prepare=(stack_all_experts,))  # the MoE kernel reads the model's stacked experts, no copy

@@ -75,7 +75,8 @@ def compiled_backend(threads: int) -> Backend:
     torch_ops = get_backend("torch")
     return Backend(name="torch-compiled", linear=functools.partial(compiled_linear, threads=threads),
                    rms_norm=torch_ops.rms_norm, rope_table=rope_angles, rope=rotate, attention=compiled_attention,
-                   moe=compiled_moe, update_cache=compiled_update_cache)
+                   moe=compiled_moe, update_cache=compiled_update_cache,
+                   latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse
 
 
 def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = False) -> Transformer:

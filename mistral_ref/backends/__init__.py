@@ -46,6 +46,8 @@ class Backend:
     rope(x (B, T, H, head_dim), table) -> x rotated                         rope.apply_rotary_emb
     attention(q, k, v, q_pos, k_pos, window) -> (B, T, n_heads, head_dim)   attention.attention
     moe(x (N, dim), gate_weight, w1, w2, w3, top_k) -> (N, dim), logits     moe.moe_forward
+    mix_experts(x (N, dim), weights (N, k), experts (N, k), w1, w2, w3)     moe.mix_experts: the experts of a
+        -> (N, dim)                                                         precomputed routing (fine_moe.py)
     update_cache(layer_cache, k, v, positions) -> keys, values, k_pos       cache.LayerCache.update
     latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
                      v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
@@ -59,13 +61,14 @@ class Backend:
     rope: Callable
     attention: Callable
     moe: Callable
+    mix_experts: Callable
     update_cache: Callable
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
 
     def with_parts(self, parts: dict[str, Backend]) -> Backend:
         """This backend with some families taken from others, e.g. {"attention": triton} ("rope" brings
-        rope_table along)."""
+        rope_table along, "moe" mix_experts)."""
         if not parts:
             return self
         changes: dict = {}
@@ -75,6 +78,8 @@ class Backend:
             changes[part] = getattr(other, part)
             if part == "rope":
                 changes["rope_table"] = other.rope_table
+            if part == "moe":
+                changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
         return replace(self, name=name, prepare=prepare, **changes)

@@ -61,6 +61,21 @@ def test_bf16_close_to_the_reference(T):
     assert rel_err(out.float(), ref) <= 3e-2
 
 
+def test_the_torch_form_absorbs_while_that_is_cheaper(monkeypatch):
+    """Absorbed while T (2c - n - v) < (n + v) c: here c = 8, n = 6, v = 5, so up to 17 queries a row."""
+    import mistral_ref.backends.mla as fast
+
+    expanded = []
+    monkeypatch.setattr(fast, "expanded_sdpa_latent_attention", lambda *a: expanded.append(a[0].shape[1]))
+    for T in (1, 17, 18, 30):
+        args = random_inputs(T, S=30)
+        if T <= 17:
+            assert rel_err(latent_attention(*args), reference_latent_attention(*args)) <= 1e-5
+        else:
+            latent_attention(*args)
+    assert expanded == [18, 30]
+
+
 def random_model(scoring: str, q_lora: int | None, dtype=torch.float32) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(tiny(scoring, q_lora)).eval()

@@ -2,8 +2,9 @@
 
 Matches: mistral_ref.mla.latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos, k_pos,
 scale) for T == 1 (:func:`latent_attention`, the "triton" backend's family function; T > 1 goes to the "torch"
-form, expanded keys + SDPA).  It reads cache.LatentLayerCache as it is: per token the normed latent (c numbers)
-and the rotated key part shared by all heads (r numbers); empty slots hold position -1 (ragged batches).
+form: absorbed einsums for short chunks, expanded keys + SDPA for long prompts).  It reads cache.LatentLayerCache
+as it is: per token the normed latent (c numbers) and the rotated key part shared by all heads (r numbers); empty
+slots hold position -1 (ragged batches).
 
 The absorbed form (backends/mla.py explains it): with W_UK, W_UV the key and value halves of kv_b_proj,
   q_latent = W_UK^T q_nope                       (H, c)   one small product per step, in PyTorch
@@ -240,7 +241,8 @@ def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.
                      scale: float) -> torch.Tensor:
     """Drop-in for mistral_ref.mla.latent_attention (the "triton" backend's latent_attention): a decode step
     (T == 1) absorbs kv_b_proj around :func:`latent_decode_attention`; a prefill chunk (T > 1) runs the "torch"
-    form (expanded keys and values, PyTorch's fused attention).  returns (B, T, H, v) in q_nope's dtype."""
+    form (backends/mla.py: absorbed einsums for short chunks, expanded keys + PyTorch's fused attention beyond).
+    returns (B, T, H, v) in q_nope's dtype."""
     B, T, H, n = q_nope.shape
     if T > 1:
         return torch_latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos, k_pos,

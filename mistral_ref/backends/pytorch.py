@@ -9,8 +9,8 @@
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
 | mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
-| latent_attention | backends/mla.py: absorbed (decode) /   | mla.latent_attention                     |
-|              | expanded + SDPA (prefill)                  |                                          |
+| latent_attention | backends/mla.py: absorbed (decode,     | mla.latent_attention                     |
+|              | short chunks) / expanded + SDPA (prompts)  |                                          |
 """
 
 from __future__ import annotations

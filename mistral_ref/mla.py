@@ -17,6 +17,8 @@ Per token, with H heads, n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_
   out:      softmax(scores) @ value -> (H * v) -> wo (HF o_proj)
 The cache keeps the normed latent (c) and the rotated k_rope (r): (c + r) numbers per token and layer, against
 2 x n_kv_heads x head_dim for grouped-query attention (family.kv_cache_bytes; README "Latent attention").
+The layer attends through ``ops.latent_attention``: :func:`latent_attention` below with backend "reference"; the
+engine's forms attend in latent space instead (backends/mla.py, triton_kernels/latent_decode.py).
 
 Parameter names are Hugging Face mistral4 / deepseek_v3's (q_a_proj, kv_a_proj_with_mqa, ...), except the output
 projection, `wo` as in every Mistral model (HF o_proj).  The

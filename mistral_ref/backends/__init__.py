@@ -1,8 +1,9 @@
 """The one dispatch point: backends, i.e. records of the functions a model computes with, looked up by name.
 
-A model's layers (model.py, attention.py, moe.py) never call a fast path directly: they call ``ops.linear``,
-``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe``, ``ops.update_cache`` (the
-KV cache write) and ``ops.latent_attention`` (mla.py's layers) on the :class:`Backend`
+A model's layers (model.py, attention.py, moe.py, mla.py, fine_moe.py) never call a fast path directly: they call
+``ops.linear``, ``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe`` /
+``ops.mix_experts`` (fine_moe.py's routed experts), ``ops.update_cache`` (the KV cache write) and
+``ops.latent_attention`` (mla.py) on the :class:`Backend`
 chosen by ``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain
 math of the reference modules), within floating-point rounding; the tests check each one against it.
 
@@ -11,7 +12,7 @@ math of the reference modules), within floating-point rounding; the tests check 
 | "reference" | backends/reference.py  | the plain functions of norm.py, rope.py, attention.py, moe.py, cache.py, |
 |             |                        | mla.py (latent attention expanded into per-head keys and values)         |
 | "torch"     | backends/pytorch.py    | SDPA attention, CPU products (split / upcast), grouped MoE, complex RoPE,|
-|             |                        | absorbed latent attention for decode steps (backends/mla.py)             |
+|             |                        | latent attention absorbed for decode steps and short chunks (mla.py)     |
 | "triton"    | triton_kernels (extra) | Triton kernels; registers itself (entry point `mistral_ref.backends`)    |
 
 Compiled decoding (Transformer.compile_decode) uses a compile-friendly variant of "torch" (backends/compiled.py).

@@ -1,8 +1,9 @@
 """Fine-grained mixture of experts (DeepSeek-MoE; Mistral Small 4, Mistral Large 3): many small routed experts
 chosen by a group-limited, renormalised router, plus shared experts every token visits.
 
-Read after moe.py: the experts are the same SwiGLU `FeedForward`, mixed by the same loop (`moe.mix_experts`); only
-the router (`route_fine`) and the shared expert differ from Mixtral's.
+Read after moe.py: the experts are the same SwiGLU `FeedForward`, mixed by the same function (`moe.mix_experts`,
+called as ``ops.mix_experts``: the reference loop, or a backend's grouped dispatch / Triton kernel); only the router
+(`route_fine`) and the shared expert differ from Mixtral's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.config import FineMoeArgs, ModelArgs
-from mistral_ref.moe import FeedForward, mix_experts
+from mistral_ref.moe import FeedForward
 
 if TYPE_CHECKING:  # typing only
     from mistral_ref.backends import Backend
@@ -54,8 +55,7 @@ class FineMoeLayer(nn.Module):
     out = shared_experts(x) + sum over the k chosen e of weight_e x experts[e](x).  `gate` is the router
     (`gate.weight`, and `gate.e_score_correction_bias` for sigmoid scoring), `experts` the routed SwiGLUs of width
     moe_intermediate_size, `shared_experts` one SwiGLU of width n_shared_experts x moe_intermediate_size.
-    The routed mix is the reference loop (moe.mix_experts) with every backend: the Mixtral fast paths
-    (ops.moe) know only softmax-over-top-k routing.
+    The routed mix is ``ops.mix_experts`` (moe.mix_experts or a backend's equal form), given route_fine's choice.
     """
 
     def __init__(self, args: ModelArgs):
@@ -70,14 +70,23 @@ class FineMoeLayer(nn.Module):
             FeedForward(args.dim, moe.moe_intermediate_size) for _ in range(moe.num_experts))
         self.shared_experts = (FeedForward(args.dim, moe.moe_intermediate_size * moe.n_shared_experts)
                                if moe.n_shared_experts else None)
+        # A layout, as MoeLayer.stacked: the routed experts' weights as (E, ...) tensors (backends/moe.py)
+        self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _apply(self, fn, recurse=True):
+        self.stacked = None  # new tensors for the experts: stacks would be stale
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, ops: Backend) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, dim) -> (B, T, dim), and router logits (B*T, num_experts) fp32."""
         flat = x.reshape(-1, x.shape[-1])  # (N, dim)
         bias = getattr(self.gate, "e_score_correction_bias", None)
         weights, experts, logits = route_fine(flat, self.gate.weight, self.moe, bias)
-        w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
-        out = mix_experts(flat, weights, experts, w1, w2, w3)
+        if self.stacked is not None:
+            w1, w2, w3 = self.stacked  # (E, hidden, dim), (E, dim, hidden), (E, hidden, dim)
+        else:  # E tensors each
+            w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
+        out = ops.mix_experts(flat, weights, experts, w1, w2, w3)  # (N, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat, ops)
         return out.view_as(x), logits

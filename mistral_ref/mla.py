@@ -17,6 +17,8 @@ Per token, with H heads, n = qk_nope_head_dim, r = qk_rope_head_dim, v = v_head_
   out:      softmax(scores) @ value -> (H * v) -> wo (HF o_proj)
 The cache keeps the normed latent (c) and the rotated k_rope (r): (c + r) numbers per token and layer, against
 2 x n_kv_heads x head_dim for grouped-query attention (family.kv_cache_bytes; README "Latent attention").
+The layer attends through ``ops.latent_attention``: :func:`latent_attention` below with backend "reference"; the
+engine's forms attend in latent space instead (backends/mla.py, triton_kernels/latent_decode.py).
 
 Parameter names are Hugging Face mistral4 / deepseek_v3's (q_a_proj, kv_a_proj_with_mqa, ...), except the output
 projection, `wo` as in every Mistral model (HF o_proj).  The
@@ -28,7 +30,6 @@ The query scaling of Mistral Small 4 (llama_4_scaling) multiplies the whole quer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,14 +57,21 @@ def mla_softmax_scale(mla: MlaArgs, yarn: YarnArgs | None) -> float:
     return scale
 
 
-def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor, k_rope: torch.Tensor,
-                     v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Reference attention of MLA, in plain einsums (query/key and value heads differ in width).
+def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor, k_rope: torch.Tensor,
+                     kv_b_weight: torch.Tensor, v_head_dim: int, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Reference attention of MLA, in plain einsums: expand every latent into per-head keys and values, attend.
 
-    q_nope: (B, T, H, n); q_rope: (B, T, H, r); k_nope: (B, S, H, n); k_rope: (B, S, r) shared by the heads;
-    v: (B, S, H, v); q_pos (B, T), k_pos (B, S) (-1 = padding / empty slot).  returns (B, T, H, v) in q's dtype.
-    Softmax in fp32; a query that sees no key gets a uniform average instead of NaN (as attention.attention).
+    q_nope: (B, T, H, n); q_rope: (B, T, H, r); latents: (B, S, c) (kv_a_layernorm'd); k_rope: (B, S, r) shared
+    by the heads; kv_b_weight: (H * (n + v), c), kv_b_proj.weight; q_pos (B, T), k_pos (B, S) (-1 = padding /
+    empty slot).  returns (B, T, H, v) in q's dtype.  Softmax in fp32; a query that sees no key gets a uniform
+    average instead of NaN (as attention.attention).  The layer calls it as ``ops.latent_attention``; the engine's
+    forms (backends/mla.py: the absorbed decode in latent space) compute the same.
     """
+    B, S, _ = latents.shape
+    H, n = q_nope.shape[2], q_nope.shape[3]
+    kv = F.linear(latents, kv_b_weight).view(B, S, H, n + v_head_dim)  # every cached token re-expanded
+    k_nope, v = kv.split([n, v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
     scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope)  # (B, H, T, S) the un-rotated part
     scores = scores + torch.einsum("bthd,bsd->bhts", q_rope, k_rope)  # + the rotated part (one key for all heads)
     mask = attention_mask(q_pos, k_pos, None)[:, None]  # (B, 1, T, S)
@@ -93,10 +101,6 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(mla.kv_lora_rank, H * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
         self.wo = nn.Linear(H * mla.v_head_dim, args.dim, bias=False)
-        # An engine fast path for decode steps, installed by backends.mla.use_absorbed_decode: a function with the
-        # arguments of backends.mla.absorbed_latent_attention, attending over the cached latents directly.  None:
-        # keys and values are expanded from the latents (the reference below).
-        self.absorbed_decode: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
                 cache: LayerCache | None = None) -> torch.Tensor:
@@ -120,15 +124,10 @@ class LatentAttention(nn.Module):
             s = llama4_query_scale(positions, self.llama_4_scaling).to(q.dtype)[:, :, None, None]
             q_nope, q_rope = q_nope * s, q_rope * s
         if cache is None:
-            latents, k_ropes, k_pos = latent[:, :, None, :], k_rope, positions
+            latents, k_ropes, k_pos = latent, k_rope[:, :, 0], positions  # (B, T, c), (B, T, r)
         else:  # the latent cache keeps (latent, k_rope) per token, not per-head keys and values
             latents, k_ropes, k_pos = ops.update_cache(cache, latent[:, :, None, :], k_rope, positions)
-        if self.absorbed_decode is not None and T == 1 and cache is not None:
-            out = self.absorbed_decode(q_nope, q_rope, latents[:, :, 0], k_ropes[:, :, 0], self.kv_b_proj.weight,
-                                       m.v_head_dim, positions, k_pos, self.scale)
-            return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)
-        S = latents.shape[1]
-        kv_heads = ops.linear(latents[:, :, 0], self.kv_b_proj.weight).view(B, S, H, n + m.v_head_dim)
-        k_nope, v = kv_heads.split([n, m.v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
-        out = latent_attention(q_nope, q_rope, k_nope, k_ropes[:, :, 0], v, positions, k_pos, self.scale)
+            latents, k_ropes = latents[:, :, 0], k_ropes[:, :, 0]  # (B, S, c), (B, S, r)
+        out = ops.latent_attention(q_nope, q_rope, latents, k_ropes, self.kv_b_proj.weight, m.v_head_dim,
+                                   positions, k_pos, self.scale)  # (B, T, H, v)
         return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)

@@ -10,7 +10,7 @@ from conftest import rel_err
 
 from mistral_ref.backends import BackendError, get_backend
 from mistral_ref.cache import KVCache
-from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs, YarnArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +28,18 @@ MINISTRAL3 = ModelArgs(dim=32, n_layers=4, hidden_dim=48, n_heads=4, n_kv_heads=
                        norm_eps=1e-5, rope_theta=1e4, sliding_window=(None, 6), tied_embeddings=True,
                        yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4, beta=1.0, alpha=0.1),
                        llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.2))
-MODELS = {"gqa_window": GQA_WINDOW, "nemo": NEMO, "moe": MOE, "ministral3": MINISTRAL3}
+# Mistral-Small-4-like: latent attention (absorbed for chunks under 9 tokens and decode steps, expanded beyond)
+# and fine-grained experts (16 of them, top-4, 4 groups of which 2 eligible, sigmoid, a shared expert)
+SMALL4 = ModelArgs(dim=32, n_layers=2, hidden_dim=48, n_heads=4, n_kv_heads=4, head_dim=10, vocab_size=83,
+                   norm_eps=1e-5, rope_theta=1e4, yarn=YarnArgs(factor=4.0, original_max_position_embeddings=4,
+                                                              apply_scale=False),
+                   llama_4_scaling=Llama4Scaling(original_max_position_embeddings=4, beta=0.1),
+                   mla=MlaArgs(kv_lora_rank=16, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5, q_lora_rank=12,
+                               mscale_all_dim=1.0),
+                   fine_moe=FineMoeArgs(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=12,
+                                        first_k_dense_replace=1, n_group=4, topk_group=2, scoring_func="sigmoid",
+                                        routed_scaling_factor=2.5))
+MODELS = {"gqa_window": GQA_WINDOW, "nemo": NEMO, "moe": MOE, "ministral3": MINISTRAL3, "small4": SMALL4}
 
 
 def make_model(args: ModelArgs, seed: int = 0) -> Transformer:
@@ -182,12 +193,13 @@ def test_set_backend_rejects_unknown_names():
 # ---- the registry and the compiled variant ------------------------------------------------------------------------
 def test_reference_backend_is_the_plain_math_everywhere():
     """'reference' means the plain functions for every family, projections included."""
-    from mistral_ref import attention, moe, norm
+    from mistral_ref import attention, mla, moe, norm
     from mistral_ref.cache import LayerCache
 
     ops = make_model(NEMO).set_backend("reference").ops
     assert ops.linear is torch.nn.functional.linear
     assert ops.attention is attention.attention and ops.moe is moe.moe_forward and ops.rms_norm is norm.rms_norm
+    assert ops.latent_attention is mla.latent_attention
     cache = LayerCache(1, 4, False, 1, 2, torch.float32, "cpu")
     k = torch.randn(1, 1, 1, 2)
     keys, _, pos = ops.update_cache(cache, k, k, torch.tensor([[2]]))

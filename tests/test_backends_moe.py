@@ -1,5 +1,6 @@
-"""backends/moe.py: grouped and one-token expert dispatch equal moe.moe_forward; stack_experts keeps names,
-values and outputs."""
+"""backends/moe.py: grouped and one-token expert dispatch equal moe.moe_forward, and moe.mix_experts for the
+fine-grained router (fine_moe.route_fine: 128 experts, top-4); stack_experts keeps names, values and outputs of
+Mixtral's and of the fine-grained layer."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ import torch
 from conftest import rel_err
 
 from mistral_ref.backends import get_backend
-from mistral_ref.backends.moe import moe_forward_grouped, moe_one_token, stack_experts
-from mistral_ref.config import ModelArgs, MoeArgs
-from mistral_ref.moe import FeedForward, MoeLayer, moe_forward
+from mistral_ref.backends.moe import (
+    mix_experts_grouped,
+    mix_one_token,
+    moe_forward_grouped,
+    moe_one_token,
+    stack_experts,
+)
+from mistral_ref.config import FineMoeArgs, ModelArgs, MoeArgs
+from mistral_ref.fine_moe import FineMoeLayer, route_fine
+from mistral_ref.moe import FeedForward, MoeLayer, mix_experts, moe_forward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REFERENCE = get_backend("reference")
@@ -93,3 +101,62 @@ def test_stack_experts_keeps_parameters_names_and_outputs():
         layer.experts[3] = FeedForward(32, 0)  # as on an expert-parallel rank: a remote expert is a placeholder
     stack_experts(layer)
     assert layer.stacked is None  # experts of different shapes cannot be stacked: the eager dispatch stays
+
+
+# Mistral Small 4's routing shape (128 experts, top-4) with Large 3's group limit and sigmoid scoring
+FINE = FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=12, n_group=8, topk_group=4,
+                   scoring_func="sigmoid", routed_scaling_factor=2.5)
+
+
+def fine_experts(dim: int, hidden: int, seed: int, E: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    w1, w3 = torch.randn(E, hidden, dim, generator=g) / 4, torch.randn(E, hidden, dim, generator=g) / 4
+    w2 = torch.randn(E, dim, hidden, generator=g) / 4
+    return w1, w2, w3, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 3, 40])
+def test_fast_mixes_of_fine_grained_routing_equal_the_reference(N, dtype):
+    """route_fine's choice (group-limited, sigmoid + correction bias, scaled weights), mixed by the grouped
+    dispatch (stacked and listed experts) and, for one token, by the gather of compiled decoding."""
+    dim = 16
+    w1, w2, w3, g = fine_experts(dim, FINE.moe_intermediate_size, seed=N)
+    x, gate, bias = torch.randn(N, dim, generator=g), torch.randn(128, dim, generator=g), torch.rand(128, generator=g)
+    weights, experts, _ = route_fine(x, gate, FINE, bias)
+    assert experts.shape == (N, 4) and len(experts.unique()) > (N > 1)
+    x, w1, w2, w3 = (t.to(dtype) for t in (x, w1, w2, w3))
+    ref = mix_experts(x, weights, experts, w1, w2, w3)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for ws in ((w1, w2, w3), (list(w1), list(w2), list(w3))):
+        out = mix_experts_grouped(x, weights, experts, *ws)
+        assert out.dtype == dtype and rel_err(out, ref) < tol
+    if N == 1:
+        assert rel_err(mix_one_token(x, weights, experts, w1, w2, w3), ref) < tol
+    assert rel_err(mix_experts_grouped(x, weights, experts.flip(1), w1, w2, w3), ref) > 1e-2  # slots matter
+
+
+def test_fine_grained_layer_with_stacked_experts_and_the_torch_backend():
+    """stack_experts on a FineMoeLayer: same state dict, parameters view the stacks; the layer's output with the
+    "torch" backend equals the reference's, the shared expert included (removing it moves the output)."""
+    args = ModelArgs(dim=16, n_layers=1, hidden_dim=24, n_heads=2, n_kv_heads=2, head_dim=8, vocab_size=64,
+                     norm_eps=1e-5, rope_theta=1e4, fine_moe=FINE)
+    torch.manual_seed(0)
+    layer = FineMoeLayer(args).eval()
+    with torch.no_grad():
+        layer.gate.e_score_correction_bias.uniform_(0, 1)
+    x = torch.randn(2, 5, 16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    ref, ref_logits = layer(x, REFERENCE)
+    stack_experts(layer)
+    assert layer.stacked is not None and layer.stacked[0].shape == (128, 12, 16)
+    assert all(e.w2.weight.data_ptr() == layer.stacked[1][i].data_ptr() for i, e in enumerate(layer.experts))
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for n in (1, 5):  # a decode step (one token) and a chunk
+        out, logits = layer(x[:1, :n], get_backend("torch"))
+        assert rel_err(logits, ref_logits[:n]) < 1e-6 and rel_err(out, ref[:1, :n]) < 1e-6
+    shared = layer.shared_experts(x, REFERENCE)
+    assert rel_err(ref - shared, ref) > 1e-2
+    layer.float()
+    assert layer.stacked is None

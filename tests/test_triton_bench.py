@@ -25,7 +25,7 @@ def test_cpu_path_reports_no_timings_and_runs_the_correctness_sweep(tmp_path, ca
     assert "No CUDA GPU" in out and "nothing is timed" in out
     with open(tmp_path / "kernels-correctness.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["family"] for r in rows} == {"prefill", "decode", "moe", "rms_norm", "rope"}
+    assert {r["family"] for r in rows} == {"prefill", "decode", "moe", "rms_norm", "rope", "latent_decode", "fine_moe"}
     assert all(r["status"] == "pass" for r in rows)
     assert all(r["ms"] == r["tflops"] == r["gbps"] == r["roofline_frac"] == "" for r in rows)  # no timings
     assert all(float(r["max_err"]) <= float(r["tolerance"]) for r in rows)
@@ -67,7 +67,14 @@ def test_gpu_plumbing_with_a_stub_timer(tmp_path):
     rows = bench.gpu_benchmarks(torch.float16, quick=True, peaks=(100.0, 1000.0), device="cpu",
                                 timer=lambda fn: 2.0)
     families = {r.family for r in rows}
-    assert families == {"prefill", "decode", "rms_norm", "rope"}  # quick: Mistral-7B only (no experts)
+    # quick: Mistral-7B (no experts) and Mistral Small 4's latent decode (its 6.4 GB of experts only in full runs)
+    assert families == {"prefill", "decode", "rms_norm", "rope", "latent_decode"}
+    latent = [r for r in rows if r.family == "latent_decode" and r.shape.startswith("B=8 ctx=4096 ")]
+    assert [r.provider for r in latent] == ["torch-absorbed", "triton"]
+    flops, nbytes = bench.latent_decode_work(8, 4096, 32, 64, 64, 128, 256, 2)
+    assert flops == 2.0 * 8 * 32 * (192 * 256 + 4096 * 576)  # absorption + output, scores + latent output
+    assert latent[1].tflops == pytest.approx(flops / 2e-3 / 1e12)
+    assert latent[1].gbps == pytest.approx(nbytes / 2e-3 / 1e9)
     prefill = [r for r in rows if r.family == "prefill" and r.shape.startswith("B=1 T=512 ")]
     assert [r.provider for r in prefill] == ["torch-eager", "torch-sdpa", "triton"]
     flops, nbytes = bench.attention_work(1, 512, 512, 32, 8, 128, 4096, 2)

@@ -20,14 +20,16 @@ import pytest
 pytestmark = pytest.mark.triton
 KERNELS = {"_flash_prefill_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_moe_align_kernel",
            "_moe_gemm1_swiglu_kernel", "_moe_gemm2_kernel", "_moe_sum_slots_kernel", "_rms_norm_kernel",
-           "_rope_kernel"}
+           "_rope_kernel", "_latent_split_kernel", "_latent_merge_kernel"}
 SHARED_LIMIT = {80: 166912, 89: 101376, 90: 232448}  # bytes of shared memory a block may opt in to
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, dtype", [(90, "bfloat16"), (89, "float16"), (80, "float32")])
 def test_every_kernel_compiles_for_the_gpu(arch, dtype):
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's packages, not an install
+    env = {**os.environ, "TRITON_INTERPRET": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, __file__, str(arch), dtype], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -45,7 +47,7 @@ def compile_everything(arch: int, dtype_name: str) -> list[dict]:
     from triton.compiler import ASTSource
 
     import triton_kernels as tk
-    from triton_kernels import flash_attention, flash_common, flash_decoding, moe, norm, rope
+    from triton_kernels import flash_attention, flash_common, flash_decoding, latent_decode, moe, norm, rope
 
     type_names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
                   torch.int32: "i32"}
@@ -85,7 +87,7 @@ def compile_everything(arch: int, dtype_name: str) -> list[dict]:
 
             return launch
 
-    for module in (flash_common, flash_attention, flash_decoding, moe, norm, rope):
+    for module in (flash_common, flash_attention, flash_decoding, latent_decode, moe, norm, rope):
         module.check_device = lambda where, *tensors: None  # CPU tensors stand in for GPU ones
         for name in KERNELS & set(vars(module)):
             setattr(module, name, CompileInsteadOfLaunch(getattr(module, name)))
@@ -104,6 +106,11 @@ def compile_everything(arch: int, dtype_name: str) -> list[dict]:
         tk.rms_norm(torch.randn(4, 4096).to(dtype), torch.ones(4096).to(dtype), 1e-5)
         cos, sin = torch.randn(1, 80, 64), torch.randn(1, 80, 64)
         tk.apply_rotary_emb(q, cos, sin)
+        # latent decode at Mistral Large 3's widths (kv_lora_rank 512, rotary 64, 128 heads; Small 4: 256, 64, 32)
+        q_latent, q_rope = torch.randn(2, 128, 512).to(dtype), torch.randn(2, 128, 64).to(dtype)
+        latents, k_rope = torch.randn(2, 80, 512).to(dtype), torch.randn(2, 80, 64).to(dtype)
+        tk.latent_decode_attention(q_latent, q_rope, latents, k_rope, pos[:, :1].expand(2, 1), pos.expand(2, 80),
+                                   0.1, num_splits=2)
     return results
 
 

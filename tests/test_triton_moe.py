@@ -1,4 +1,5 @@
-"""triton_kernels.moe (sorted dispatch + grouped GEMMs) against the fp32 reference mistral_ref.moe."""
+"""triton_kernels.moe (sorted dispatch + grouped GEMMs) against the fp32 reference mistral_ref.moe: Mixtral's
+routing (moe_forward) and a routing computed elsewhere (mix_experts: fine_moe.route_fine, 128 experts, top-4)."""
 
 import os
 
@@ -9,8 +10,11 @@ import random
 import pytest
 import torch
 
+from mistral_ref.config import FineMoeArgs
+from mistral_ref.fine_moe import route_fine
+from mistral_ref.moe import mix_experts as reference_mix
 from mistral_ref.moe import moe_forward as reference_moe
-from triton_kernels import moe_align_block_size, moe_forward
+from triton_kernels import mix_experts, moe_align_block_size, moe_forward
 from triton_kernels._common import interpreting
 from triton_kernels.moe import stack_experts
 
@@ -143,3 +147,33 @@ def test_bad_inputs_raise_clear_errors():
         moe_forward(x.half(), gate, w1, w2, w3, 1)
     with pytest.raises(ValueError, match=r"x must be \(N, dim\)"):
         moe_forward(x[None], gate, w1, w2, w3, 1)
+
+
+# ---- a precomputed routing: fine-grained experts ------------------------------------------------------------
+@pytest.mark.parametrize("N, scoring", [(1, "softmax"), (13, "sigmoid")])
+def test_mix_experts_with_fine_grained_routing(N, scoring):
+    """Mistral Small 4's 128 experts, top-4 (softmax) and a group-limited sigmoid router with correction bias
+    and routed scaling (Large 3): the kernels given route_fine's choice equal moe.mix_experts."""
+    fine = FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=16, scoring_func=scoring,
+                       n_group=8 if scoring == "sigmoid" else 1, topk_group=3 if scoring == "sigmoid" else 1,
+                       routed_scaling_factor=2.5 if scoring == "sigmoid" else 1.0)
+    x, gate, w1, w2, w3 = make_moe(N, 16, 16, 128, seed=N)
+    bias = torch.rand(128, generator=torch.Generator().manual_seed(3)).to(DEVICE) if scoring == "sigmoid" else None
+    weights, experts, _ = route_fine(x, gate, fine, bias)
+    out = mix_experts(x, weights, experts, torch.stack(w1), torch.stack(w2), torch.stack(w3), **SMALL_BLOCKS)
+    ref = reference_mix(x, weights, experts, w1, w2, w3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    wrong = mix_experts(x, weights.flip(1), experts, w1, w2, w3, **SMALL_BLOCKS)  # listed experts, stacked once
+    assert (wrong - ref).abs().max() > 1e-3
+
+
+def test_mix_experts_bad_routing_raises_clear_errors():
+    x, gate, w1, w2, w3 = make_moe(4, 16, 32, 3)
+    weights, experts = torch.ones(4, 2, device=DEVICE), torch.zeros(4, 2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weights and experts must both be \(N, k\)"):
+        mix_experts(x, weights[:3], experts[:3], w1, w2, w3)
+    with pytest.raises(ValueError, match="expert ids must be in 0..2"):
+        mix_experts(x, weights, experts + 3, w1, w2, w3)
+    with pytest.raises(ValueError, match="integer ids"):
+        mix_experts(x, weights, experts.float(), w1, w2, w3)

@@ -4,6 +4,9 @@ On a CUDA GPU it times, at the shapes of Mistral-7B, Mixtral-8x7B / 8x22B and Ne
   * prefill attention (T = 512 .. 16k) and decode attention (batch 1 .. 64, context up to 32k): the PyTorch
     eager reference (mistral_ref.attention.attention), torch scaled_dot_product_attention, Triton;
   * the MoE layer (1 .. 4096 tokens): the loop-over-experts reference (mistral_ref.moe.moe_forward), Triton;
+  * at Mistral Small 4's shapes: a latent-attention decode step (batch 1 .. 64, context up to 32k) in latent space,
+    PyTorch's absorbed einsums (backends/mla.py) and Triton (triton_kernels/latent_decode.py), and the
+    fine-grained experts given route_fine's choice (128 experts, top-4): mistral_ref.moe.mix_experts, Triton;
   * RMSNorm and RoPE: the PyTorch references, Triton;
 and reports time, TFLOP/s, GB/s and the fraction of the device roofline (max(FLOPs / peak FLOP/s, bytes / peak
 bandwidth) / time; peaks from a table of known GPUs or --peak-tflops / --peak-gbps, else "n/a") as a table, a
@@ -31,8 +34,13 @@ import torch.nn.functional as F
 
 from mistral_ref.attention import attention as torch_attention
 from mistral_ref.attention import attention_mask
+from mistral_ref.backends.mla import absorbed_latent_attention
 from mistral_ref.config import ModelArgs
 from mistral_ref.family import PRESETS
+from mistral_ref.fine_moe import route_fine
+from mistral_ref.mla import latent_attention as torch_latent_attention
+from mistral_ref.mla import mla_softmax_scale
+from mistral_ref.moe import mix_experts as torch_mix
 from mistral_ref.moe import moe_forward as torch_moe
 from mistral_ref.moe import route
 from mistral_ref.norm import RMSNorm, rms_norm
@@ -40,6 +48,7 @@ from mistral_ref.rope import apply_rotary_emb as torch_rope
 from mistral_ref.rope import rope_angles
 
 MODELS = ("mistral-7b-v0.1", "mixtral-8x7b", "mixtral-8x22b", "mistral-nemo-12b")
+LATENT_MODELS = ("mistral-small-4-2603",)  # latent attention + fine-grained experts
 PREFILL_LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 DECODE_BATCHES = (1, 8, 32, 64)
 DECODE_CONTEXTS = (1024, 4096, 16384, 32768)
@@ -92,6 +101,14 @@ def moe_work(N: int, dim: int, hidden: int, top_k: int, experts_used: int, elt: 
     return 6.0 * N * top_k * dim * hidden, float(elt * (3 * experts_used * dim * hidden + 2 * N * dim))
 
 
+def latent_decode_work(B: int, ctx: int, H: int, n: int, r: int, v: int, c: int, elt: int) -> tuple[float, float]:
+    """One absorbed decode step (latent_decode.latent_attention): FLOPs of the query absorption (2 n c per head),
+    the scores (2 (c + r)) and the latent output (2 c) per head and cached token, the output projection (2 v c per
+    head); minimum bytes: the latent cache (c + r per token) and kv_b_proj read once, queries and output."""
+    flops = 2.0 * B * H * ((n + v) * c + ctx * (2 * c + r))
+    return flops, float(elt * (B * ctx * (c + r) + H * (n + v) * c + B * H * (n + r + v)))
+
+
 # ---- the CPU path: correctness sweep under the interpreter -------------------------------------------------
 def _scaled_window(args: ModelArgs, seq: int) -> int | None:
     """A model's window shrunk to fit the small sweep while staying smaller than the sequence."""
@@ -108,7 +125,7 @@ def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...]
     k = kernels or triton_kernels
     rows: list[Row] = []
     g = torch.Generator().manual_seed(0)
-    models = models or (MODELS[:1] + MODELS[2:3] if quick else MODELS)
+    models = models or (MODELS[:1] + MODELS[2:3] if quick else MODELS) + LATENT_MODELS
 
     def record(family, model, shape, dtype, out, ref, tol):
         err = (out.float() - ref.float()).abs().max().item()
@@ -118,6 +135,9 @@ def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...]
 
     for name in models:
         a = PRESETS[name]
+        if a.mla is not None:
+            _latent_sweep(name, a, k, g, record, quick)
+            continue
         n_rep = a.n_heads // a.n_kv_heads
         H_kv = 1 if quick else 2
         H, D = H_kv * n_rep, a.head_dim
@@ -164,6 +184,42 @@ def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...]
         record("rope", name, f"B=1 T=8 H=2 D={D}", torch.float32, k.apply_rotary_emb(xr, cos, sin),
                torch_rope(xr, cos, sin), 1e-5)
     return rows
+
+
+def _latent_sweep(name: str, a: ModelArgs, k, g: torch.Generator, record: Callable, quick: bool) -> None:
+    """A latent model's rows of the sweep: the decode kernel at the model's latent and rotary widths (a ragged
+    batch with a padding query, 2 splits) and the MoE kernels given route_fine's choice among its experts."""
+    m, fm = a.mla, a.fine_moe
+    H, n, r, v, c = 2 if quick else 4, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2)):
+        B, S = 3, 48
+        q_nope, q_rope = (torch.randn(B, 1, H, d, generator=g).to(dtype) for d in (n, r))
+        latents, k_rope = (torch.randn(B, S, d, generator=g).to(dtype) for d in (c, r))
+        kv_b = (torch.randn(H * (n + v), c, generator=g) * c**-0.5).to(dtype)
+        k_pos = torch.arange(S).repeat(B, 1)
+        k_pos[1, 30:] = -1  # ragged: the second sequence holds 30 tokens
+        q_pos = torch.tensor([[S - 1], [29], [-1]])  # the third row is padding
+        scale = mla_softmax_scale(m, a.yarn)
+        args = (q_nope, q_rope, latents, k_rope, kv_b, v, q_pos, k_pos, scale)
+        ref = torch_latent_attention(*[t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                                       for t in args])
+        w = kv_b.view(H, n + v, c)
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], w[:, :n])
+        out = k.latent_decode_attention(q_latent, q_rope[:, 0], latents, k_rope, q_pos, k_pos, scale,
+                                        num_splits=2, block_n=16)
+        record("latent_decode", name, f"B={B} S={S} H={H} c={c} r={r} splits=2", dtype,
+               torch.einsum("bhc,hvc->bhv", out, w[:, n:])[:, None], ref, tol)
+        if fm is not None:
+            N, dim, hidden = 12, 48, 32
+            x, gate = torch.randn(N, dim, generator=g), torch.randn(fm.num_experts, dim, generator=g)
+            w1, w3 = (torch.randn(fm.num_experts, hidden, dim, generator=g) * dim**-0.5 for _ in range(2))
+            w2 = torch.randn(fm.num_experts, dim, hidden, generator=g) * hidden**-0.5
+            weights, experts, _ = route_fine(x, gate, fm)
+            cast = [t.to(dtype) for t in (x, w1, w2, w3)]
+            ref = torch_mix(cast[0].float(), weights, experts, *[t.float() for t in cast[1:]])
+            out = k.mix_experts(cast[0], weights, experts, *cast[1:], block_m=16, block_n=32, block_k=32)
+            record("fine_moe", name, f"N={N} dim={dim} hidden={hidden} E={fm.num_experts} "
+                   f"k={fm.num_experts_per_tok}", dtype, out, ref, 1e-4 if dtype == torch.float32 else 1e-2)
 
 
 # ---- the GPU path: timings ---------------------------------------------------------------------------------
@@ -269,6 +325,34 @@ def gpu_benchmarks(dtype: torch.dtype, quick: bool, peaks: tuple[float | None, f
         cos, sin = rope_angles(torch.arange(N, device=dev)[None], D, a.rope_theta)
         add("rope", name, f"T={N} H={H} D={D}", 6.0 * N * H * D, float(2 * elt * N * H * D + 4 * N * D),
             (("torch-eager", torch_rope), ("triton", tk.apply_rotary_emb)), (xr, cos, sin))
+    for name in LATENT_MODELS:
+        a = PRESETS[name]
+        m, fm, H = a.mla, a.fine_moe, a.n_heads
+        n, r, v, c = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        kv_b = torch.randn(H * (n + v), c, device=dev, dtype=dtype) * c**-0.5
+        for B in DECODE_BATCHES[:2] if quick else DECODE_BATCHES:  # one decode step over a full latent cache
+            for ctx in DECODE_CONTEXTS[:2] if quick else DECODE_CONTEXTS:
+                q_nope, q_rope = (torch.randn(B, 1, H, d, device=dev, dtype=dtype) for d in (n, r))
+                latents, k_rope = (torch.randn(B, ctx, d, device=dev, dtype=dtype) for d in (c, r))
+                k_pos = torch.arange(ctx, device=dev).expand(B, ctx)
+                q_pos = torch.full((B, 1), ctx - 1, device=dev)
+                add("latent_decode", name, f"B={B} ctx={ctx} H={H} c={c} r={r}",
+                    *latent_decode_work(B, ctx, H, n, r, v, c, elt),
+                    (("torch-absorbed", absorbed_latent_attention), ("triton", tk.latent_attention)),
+                    (q_nope, q_rope, latents, k_rope, kv_b, v, q_pos, k_pos, mla_softmax_scale(m, a.yarn)))
+        if fm is not None and not quick:  # 128 experts of Small 4's width: 6.4 GB in bf16
+            E, top_k, hidden = fm.num_experts, fm.num_experts_per_tok, fm.moe_intermediate_size
+            w1, w3 = (torch.randn(E, hidden, a.dim, device=dev, dtype=dtype) * a.dim**-0.5 for _ in range(2))
+            w2 = torch.randn(E, a.dim, hidden, device=dev, dtype=dtype) * hidden**-0.5
+            gate = torch.randn(E, a.dim, device=dev, dtype=dtype)
+            for N in MOE_TOKENS:
+                x = torch.randn(N, a.dim, device=dev, dtype=dtype)
+                weights, experts, _ = route_fine(x, gate, fm)
+                used = int(experts.unique().numel())
+                add("fine_moe", name, f"N={N} dim={a.dim} hidden={hidden} E={E} k={top_k}",
+                    *moe_work(N, a.dim, hidden, top_k, used, elt),
+                    (("torch-loop", torch_mix), ("triton", tk.mix_experts)), (x, weights, experts, w1, w2, w3))
+            del w1, w2, w3
     return rows
 
 
@@ -306,7 +390,7 @@ def write_plot(rows: list[Row], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    families = [f for f in ("prefill", "decode", "moe", "rms_norm", "rope")
+    families = [f for f in ("prefill", "decode", "moe", "rms_norm", "rope", "latent_decode", "fine_moe")
                 if any(r.family == f and r.ms is not None for r in rows)]
     if not families:
         return False
@@ -315,7 +399,7 @@ def write_plot(rows: list[Row], path: Path) -> bool:
         fam_rows = [r for r in rows if r.family == fam and r.ms is not None]
         labels = list(dict.fromkeys(f"{r.model}\n{r.shape}" for r in fam_rows))
         providers = list(dict.fromkeys(r.provider for r in fam_rows))
-        metric = "gbps" if fam in ("decode", "rms_norm", "rope") else "tflops"
+        metric = "gbps" if fam in ("decode", "rms_norm", "rope", "latent_decode") else "tflops"
         width = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):
             vals = {f"{r.model}\n{r.shape}": getattr(r, metric) for r in fam_rows if r.provider == p}

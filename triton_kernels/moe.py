@@ -1,7 +1,9 @@
 """Sparse mixture of experts as sorted dispatch + two grouped GEMMs (the fused-MoE layout of vLLM).
 
 Matches: mistral_ref.moe.moe_forward(x, gate_weight, w1, w2, w3, top_k) -> (out, router_logits) — same name,
-same arguments, same result: out[n] = sum_j weight[n, j] * w2_e(silu(w1_e x_n) * w3_e x_n), e = expert[n, j].
+same arguments, same result: out[n] = sum_j weight[n, j] * w2_e(silu(w1_e x_n) * w3_e x_n), e = expert[n, j];
+and mistral_ref.moe.mix_experts(x, weights, experts, w1, w2, w3) -> out for a routing computed elsewhere
+(fine_moe.route_fine: 128 experts, top-4, group-limited; steps 2-5 below, the shared expert stays in the layer).
 
 The N tokens x k choices make N*k "slots"; slot i = n * top_k + j belongs to token n = i // top_k.
   1. routing: mistral_ref.moe.route (the tiny router matmul, top-k and softmax over the k, in fp32) is reused
@@ -244,7 +246,7 @@ def clear_stack_cache() -> None:
     _STACKED.clear()
 
 
-# ---- the public entry point --------------------------------------------------------------------------------
+# ---- the public entry points --------------------------------------------------------------------------------
 def moe_forward(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -264,32 +266,80 @@ def moe_forward(
     block_m / block_n / block_k: GEMM tiles (powers of two >= 16).
     """
     where = "moe_forward"
+    W1, W2, W3 = _check_experts(where, x, w1, w2, w3, (block_m, block_n, block_k))
+    E, dim = W1.shape[0], x.shape[1]
+    if gate_weight.shape != (E, dim):
+        raise ValueError(f"{where}: gate_weight must be (E, dim)={E, dim}, got {tuple(gate_weight.shape)}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= E:
+        raise ValueError(f"{where}: top_k must be in 1..{E} (the number of experts), got {top_k!r}")
+    check_device(where, x, gate_weight, W1, W2, W3)
+    check_no_grad(where, x, gate_weight, W1, W2, W3)
+    weights, experts, logits = route(x, gate_weight, top_k)  # (N, k) fp32, (N, k) int64, (N, E) fp32
+    return _dispatch(x, weights, experts, W1, W2, W3, block_m, block_n, block_k), logits
+
+
+def mix_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    w1: Sequence[torch.Tensor] | torch.Tensor,
+    w2: Sequence[torch.Tensor] | torch.Tensor,
+    w3: Sequence[torch.Tensor] | torch.Tensor,
+    block_m: int = 64,
+    block_n: int = 64,
+    block_k: int = 32,
+) -> torch.Tensor:
+    """Drop-in for mistral_ref.moe.mix_experts: the same kernels for a routing computed elsewhere (Mixtral's
+    router, or fine_moe.route_fine's group-limited choice among 128 experts).
+
+    x: (N, dim); weights: (N, k) float routing weights; experts: (N, k) integer expert ids; w1, w2, w3 as in
+    moe_forward.  returns (N, dim) in x's dtype.
+    """
+    where = "mix_experts"
+    W1, W2, W3 = _check_experts(where, x, w1, w2, w3, (block_m, block_n, block_k))
+    E, N = W1.shape[0], x.shape[0]
+    if experts.dim() != 2 or experts.shape[0] != N or weights.shape != experts.shape:
+        raise ValueError(f"{where}: weights and experts must both be (N, k) with N={N}, got "
+                         f"{tuple(weights.shape)} and {tuple(experts.shape)}")
+    if experts.dtype.is_floating_point or not 1 <= experts.shape[1] <= E:
+        raise ValueError(f"{where}: experts must be integer ids, k in 1..{E}; got {experts.dtype}, "
+                         f"k={experts.shape[1]}")
+    if N and (int(experts.min()) < 0 or int(experts.max()) >= E):
+        raise ValueError(f"{where}: expert ids must be in 0..{E - 1}, got {int(experts.min())}..{int(experts.max())}")
+    check_device(where, x, weights, experts, W1, W2, W3)
+    check_no_grad(where, x, weights, W1, W2, W3)
+    return _dispatch(x, weights.float(), experts, W1, W2, W3, block_m, block_n, block_k)
+
+
+def _check_experts(where: str, x: torch.Tensor, w1, w2, w3, blocks: tuple[int, int, int]):
+    """The stacked expert weights, after checking x, their shapes, dtypes and the tile sizes."""
     if x.dim() != 2:
         raise ValueError(f"{where}: x must be (N, dim), got shape {tuple(x.shape)}")
     check_float("x", x, where)
     W1, W2, W3 = stack_experts(w1, "w1"), stack_experts(w2, "w2"), stack_experts(w3, "w3")
-    N, dim = x.shape
+    dim = x.shape[1]
     E, hidden = W1.shape[0], W1.shape[1]
-    if gate_weight.shape != (E, dim):
-        raise ValueError(f"{where}: gate_weight must be (E, dim)={E, dim}, got {tuple(gate_weight.shape)}")
     if W1.shape != (E, hidden, dim) or W3.shape != (E, hidden, dim) or W2.shape != (E, dim, hidden):
         raise ValueError(f"{where}: expected w1, w3 {(E, hidden, dim)} and w2 {(E, dim, hidden)}, got "
                          f"{tuple(W1.shape)}, {tuple(W3.shape)}, {tuple(W2.shape)}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"{where}: top_k must be in 1..{E} (the number of experts), got {top_k!r}")
     if not (W1.dtype == W2.dtype == W3.dtype == x.dtype):
         raise TypeError(f"{where}: x and expert weights must share one dtype, got x {x.dtype}, "
                         f"w1 {W1.dtype}, w2 {W2.dtype}, w3 {W3.dtype}")
-    for name, blk in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+    for name, blk in zip(("block_m", "block_n", "block_k"), blocks):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{where}: {name} must be a power of two >= 16, got {blk}")
-    check_device(where, x, gate_weight, W1, W2, W3)
-    check_no_grad(where, x, gate_weight, W1, W2, W3)
+    return W1, W2, W3
 
-    weights, experts, logits = route(x, gate_weight, top_k)  # (N, k) fp32, (N, k) int64, (N, E) fp32
+
+def _dispatch(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor,
+              W3: torch.Tensor, block_m: int, block_n: int, block_k: int) -> torch.Tensor:
+    """Steps 2-5 of the module docstring for a routing (weights (N, k) fp32, experts (N, k)).  -> (N, dim)"""
+    N, dim = x.shape
+    E, hidden = W1.shape[0], W1.shape[1]
+    top_k = experts.shape[1]
     out = new_output((N, dim), x.dtype, x.device)
     if N == 0:
-        return out, logits
+        return out
     num_slots = N * top_k
     sorted_slots, block_expert = moe_align_block_size(experts, E, block_m)
     num_blocks = block_expert.numel()
@@ -313,7 +363,7 @@ def moe_forward(
     _moe_sum_slots_kernel[(N, triton.cdiv(dim, block_d))](
         out_slots, out, *out_slots.stride(), *out.stride(), dim, TOP_K=top_k, BLOCK_D=block_d,
     )
-    return out, logits
+    return out
 
 
-__all__ = ["moe_forward", "moe_align_block_size", "stack_experts", "clear_stack_cache"]
+__all__ = ["moe_forward", "mix_experts", "moe_align_block_size", "stack_experts", "clear_stack_cache"]

@@ -1,15 +1,18 @@
 """The one dispatch point: backends, i.e. records of the functions a model computes with, looked up by name.
 
-A model's layers (model.py, attention.py, moe.py) never call a fast path directly: they call ``ops.linear``,
-``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe`` and ``ops.update_cache`` (the
-KV cache write) on the :class:`Backend`
+A model's layers (model.py, attention.py, moe.py, mla.py, fine_moe.py) never call a fast path directly: they call
+``ops.linear``, ``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe`` /
+``ops.mix_experts`` (fine_moe.py's routed experts), ``ops.update_cache`` (the KV cache write) and
+``ops.latent_attention`` (mla.py) on the :class:`Backend`
 chosen by ``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain
 math of the reference modules), within floating-point rounding; the tests check each one against it.
 
 | name        | where                  | what                                                                     |
 |-------------|------------------------|--------------------------------------------------------------------------|
-| "reference" | backends/reference.py  | the plain functions of norm.py, rope.py, attention.py, moe.py, cache.py  |
-| "torch"     | backends/pytorch.py    | SDPA attention, CPU products (split / upcast), grouped MoE, complex RoPE |
+| "reference" | backends/reference.py  | the plain functions of norm.py, rope.py, attention.py, moe.py, cache.py, |
+|             |                        | mla.py (latent attention expanded into per-head keys and values)         |
+| "torch"     | backends/pytorch.py    | SDPA attention, CPU products (split / upcast), grouped MoE, complex RoPE,|
+|             |                        | latent attention absorbed for decode steps and short chunks (mla.py)     |
 | "triton"    | triton_kernels (extra) | Triton kernels; registers itself (entry point `mistral_ref.backends`)    |
 
 Compiled decoding (Transformer.compile_decode) uses a compile-friendly variant of "torch" (backends/compiled.py).
@@ -26,7 +29,7 @@ from importlib.metadata import entry_points
 
 ENTRY_POINT_GROUP = "mistral_ref.backends"
 # the families that set_backend can take from different backends
-PARTS = ("linear", "rms_norm", "rope", "attention", "moe", "update_cache")
+PARTS = ("linear", "rms_norm", "rope", "attention", "moe", "update_cache", "latent_attention")
 
 
 class BackendError(ValueError):
@@ -44,7 +47,11 @@ class Backend:
     rope(x (B, T, H, head_dim), table) -> x rotated                         rope.apply_rotary_emb
     attention(q, k, v, q_pos, k_pos, window) -> (B, T, n_heads, head_dim)   attention.attention
     moe(x (N, dim), gate_weight, w1, w2, w3, top_k) -> (N, dim), logits     moe.moe_forward
+    mix_experts(x (N, dim), weights (N, k), experts (N, k), w1, w2, w3)     moe.mix_experts: the experts of a
+        -> (N, dim)                                                         precomputed routing (fine_moe.py)
     update_cache(layer_cache, k, v, positions) -> keys, values, k_pos       cache.LayerCache.update
+    latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
+                     v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
     prepare(model) -> None: run by set_backend, e.g. to lay experts out as the backend reads them.
     """
 
@@ -55,12 +62,14 @@ class Backend:
     rope: Callable
     attention: Callable
     moe: Callable
+    mix_experts: Callable
     update_cache: Callable
+    latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
 
     def with_parts(self, parts: dict[str, Backend]) -> Backend:
         """This backend with some families taken from others, e.g. {"attention": triton} ("rope" brings
-        rope_table along)."""
+        rope_table along, "moe" mix_experts)."""
         if not parts:
             return self
         changes: dict = {}
@@ -70,6 +79,8 @@ class Backend:
             changes[part] = getattr(other, part)
             if part == "rope":
                 changes["rope_table"] = other.rope_table
+            if part == "moe":
+                changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
         return replace(self, name=name, prepare=prepare, **changes)

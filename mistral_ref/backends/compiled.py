@@ -9,8 +9,9 @@ steps reuse one compiled graph (a new batch size or cache size compiles again). 
 * rope: real cos/sin (the reference functions): inductor has no complex arithmetic;
 * attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);
-* moe: a single token gathers its k experts from the stacked weights inside the graph (moe_one_token); more
-  tokens run the grouped dispatch eagerly (it reads expert counts on the host: a graph break).
+* moe (and mix_experts, the fine-grained layers' form): a single token gathers its k experts from the stacked
+  weights inside the graph (moe_one_token / mix_one_token); more tokens run the grouped dispatch eagerly (it reads
+  expert counts on the host: a graph break).
 Each of these equals the reference function; tests/test_backends_compiled.py checks the eager versions.
 Compiling takes a minute or more on a small CPU; `make bench` measures what it buys.
 """
@@ -26,7 +27,13 @@ import torch
 from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, get_backend
 from mistral_ref.backends.linear import linear, multiply_sum_linear, upcast_on_cpu
-from mistral_ref.backends.moe import moe_forward_grouped, moe_one_token, stack_all_experts
+from mistral_ref.backends.moe import (
+    mix_experts_grouped,
+    mix_one_token,
+    moe_forward_grouped,
+    moe_one_token,
+    stack_all_experts,
+)
 from mistral_ref.backends.reference import rotate
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import KVCache, LayerCache
@@ -61,6 +68,18 @@ def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.
 _eager_grouped = torch.compiler.disable(moe_forward_grouped)  # data-dependent: a graph break
 
 
+def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                         w1: Sequence[torch.Tensor] | torch.Tensor, w2: Sequence[torch.Tensor] | torch.Tensor,
+                         w3: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """compiled_moe for a precomputed routing (fine_moe.py): mix_one_token or the eager grouped mix."""
+    if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
+        return mix_one_token(x, weights, experts, w1, w2, w3)
+    return _eager_grouped_mix(x, weights, experts, w1, w2, w3)
+
+
+_eager_grouped_mix = torch.compiler.disable(mix_experts_grouped)
+
+
 def compiled_update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
     """cache.update without its host-side capacity check for a decode step (checked once per step, before the
     graph runs: see compile_decode); the masked scatter of LayerCache.write_one compiles into one loop."""
@@ -75,7 +94,8 @@ def compiled_backend(threads: int) -> Backend:
     torch_ops = get_backend("torch")
     return Backend(name="torch-compiled", linear=functools.partial(compiled_linear, threads=threads),
                    rms_norm=torch_ops.rms_norm, rope_table=rope_angles, rope=rotate, attention=compiled_attention,
-                   moe=compiled_moe, update_cache=compiled_update_cache)
+                   moe=compiled_moe, mix_experts=compiled_mix_experts, update_cache=compiled_update_cache,
+                   latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse
 
 
 def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = False) -> Transformer:

@@ -1,38 +1,42 @@
-"""The absorbed form of latent attention (DeepSeek-V2, appendix "MLA inference"): attend over the cached latents
-directly instead of expanding every cached token into per-head keys and values.
+"""Latent attention, fast: the absorbed form for decode steps and short chunks, SDPA over expanded keys for long
+prompts.
 
-mla.latent_attention takes k_nope = latent @ W_UK and v = latent @ W_UV for every cached token (S x H x (n + v)
-numbers, recomputed at every decode step).  Since
+Equals: mla.latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos, k_pos, scale)
+(backend "reference"), tested in tests/test_mla_absorbed.py.  It is the "torch" backend's ``latent_attention``.
+
+The absorbed form (DeepSeek-V2, appendix "MLA inference").  mla.latent_attention expands every cached latent into
+k_nope = W_UK latent and v = W_UV latent (S x H x (n + v) numbers, recomputed at every decode step).  Since
 
     q_nope . k_nope = q_nope . (W_UK latent) = (W_UK^T q_nope) . latent          (per head, W_UK: (n, c))
     probs @ v       = probs @ (W_UV latent)  = W_UV (probs @ latent)              (per head, W_UV: (v, c))
 
 the same scores and output come from folding W_UK into the query and W_UV into the output: the work per cached
 token drops from H x (n + v) x c (expansion) to 2 x H x c (two dot products in latent space), which is what makes
-a long-context decode step cheap.  Equal to mla.latent_attention within fp32 rounding (tests/test_mla_absorbed.py).
-
-:func:`use_absorbed_decode` installs it on a model's latent-attention layers for decode steps (one token per row
-with a cache); prefill keeps the expanded form.  It is not (yet) a part of the backend record, so set_backend does
-not choose it: that would need an ``ops.latent_attention`` entry in backends/__init__.py (PARTS, Backend).
+a long-context decode step cheap.  But every query pays 2 x H x c per key that way, against H x (n + r + v) on
+expanded keys: for T queries the expansion costs S H (n + v) c once, the absorbed form T S H (2c - n - v) more in
+attention.  :func:`latent_attention` takes the form with fewer multiply-adds: absorbed while
+T (2c - n - v) < (n + v) c (Mistral Small 4: T < 154 queries a row), expanded + PyTorch's fused kernel beyond.
+Measured here (one CPU thread, fp32, H = 32, 2048 cached tokens): T = 1: absorbed 12 ms vs expanded 824 ms;
+T = 16: 150 vs 684 ms; T = 256: 1899 vs 1261 ms.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mistral_ref.attention import attention_mask
+from mistral_ref.backends.linear import linear, upcast_on_cpu
+from mistral_ref.backends.sdpa import causal_prompt
 
 
 def absorbed_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
                               k_rope: torch.Tensor, kv_b_weight: torch.Tensor, v_head_dim: int,
                               q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """Latent attention computed in latent space.
+    """Latent attention computed in latent space (arguments and result as mla.latent_attention).
 
-    q_nope: (B, T, H, n); q_rope: (B, T, H, r); latents: (B, S, c) (kv_a_layernorm'd); k_rope: (B, S, r);
-    kv_b_weight: (H * (n + v), c), kv_b_proj.weight; q_pos (B, T), k_pos (B, S).  returns (B, T, H, v) in
-    q_nope's dtype, equal to mla.latent_attention on the expanded keys and values.
+    q_nope: (B, T, H, n); q_rope: (B, T, H, r); latents: (B, S, c); k_rope: (B, S, r); kv_b_weight: (H * (n + v),
+    c); q_pos (B, T), k_pos (B, S).  returns (B, T, H, v) in q_nope's dtype.
     """
     H, n = q_nope.shape[2], q_nope.shape[3]
     w = kv_b_weight.view(H, n + v_head_dim, -1)  # (H, n + v, c)
@@ -47,10 +51,41 @@ def absorbed_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent
     return torch.einsum("bthc,hvc->bthv", out_latent, w_uv)  # (B, T, H, v)
 
 
-def use_absorbed_decode(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Make every latent-attention layer of `model` decode with :func:`absorbed_latent_attention` (enabled=False
-    returns to the expanded reference).  Returns the model."""
-    for module in model.modules():
-        if hasattr(module, "absorbed_decode"):
-            module.absorbed_decode = absorbed_latent_attention if enabled else None
-    return model
+def expanded_sdpa_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor,
+                                   k_rope: torch.Tensor, kv_b_weight: torch.Tensor, v_head_dim: int,
+                                   q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """mla.latent_attention with the expansion by the fast CPU product and the attention by
+    F.scaled_dot_product_attention (the mask as an additive bias, as backends/sdpa.py; plain causal prompts use
+    the kernel's causal mode).  Same arguments and result."""
+    B, S, _ = latents.shape
+    T, H, n = q_nope.shape[1], q_nope.shape[2], q_nope.shape[3]
+    kv = linear(latents, kv_b_weight).view(B, S, H, n + v_head_dim)
+    k_nope, v = kv.split([n, v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
+    q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, n + r)
+    k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, -1)], dim=-1).transpose(1, 2)  # (B, H, S, n + r)
+    v = v.transpose(1, 2)  # (B, H, S, v)
+    start = causal_prompt(q_pos, k_pos, None)
+    if start is not None:
+        out = F.scaled_dot_product_attention(q, k[:, :, start:start + T], v[:, :, start:start + T], is_causal=True,
+                                             scale=scale)
+    else:
+        bias = torch.where(attention_mask(q_pos, k_pos, None), 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=scale)  # (B, H, T, v)
+    return out.transpose(1, 2)
+
+
+def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.Tensor, k_rope: torch.Tensor,
+                     kv_b_weight: torch.Tensor, v_head_dim: int, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """The "torch" backend's latent attention: absorbed while that does fewer multiply-adds (a decode step, a short
+    chunk; in fp32 on a CPU without native reduced-precision products), expanded + SDPA for longer prompts (module
+    docstring).  Arguments and result as mla.latent_attention."""
+    T, n, c = q_nope.shape[1], q_nope.shape[3], latents.shape[2]
+    if T * (2 * c - n - v_head_dim) >= (n + v_head_dim) * c:
+        return expanded_sdpa_latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos,
+                                              k_pos, scale)
+    if upcast_on_cpu(q_nope):
+        out = absorbed_latent_attention(q_nope.float(), q_rope.float(), latents.float(), k_rope.float(),
+                                        kv_b_weight.float(), v_head_dim, q_pos, k_pos, scale)
+        return out.to(q_nope.dtype)
+    return absorbed_latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos, k_pos, scale)

@@ -1,6 +1,7 @@
 """Fast expert dispatch: the mixture of experts of moe.moe_forward with the work grouped by expert.
 
-Equals: moe.moe_forward(x, gate_weight, w1, w2, w3, top_k) (backend "reference"), tested in
+Equals: moe.moe_forward(x, gate_weight, w1, w2, w3, top_k) and, for a router's precomputed choice (Mixtral's or
+fine_moe.route_fine's), moe.mix_experts(x, weights, experts, w1, w2, w3) (backend "reference"), tested in
 tests/test_backends_moe.py.  Also here: :func:`stack_experts`, which lays a layer's experts out as (E, ...) tensors
 (the parameters become views: no extra memory), read by compiled decoding (:func:`moe_one_token`) and by the
 Triton MoE kernel.
@@ -27,18 +28,33 @@ def moe_forward_grouped(
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """moe.moe_forward with the work grouped by expert: same arguments, same result (fp32: within 1e-6).
+    Mixtral's router (moe.route), then :func:`mix_experts_grouped`."""
+    weights, experts, logits = route(x, gate_weight, top_k)  # (N, k), (N, k), (N, E)
+    return mix_experts_grouped(x, weights, experts, w1, w2, w3), logits
+
+
+def mix_experts_grouped(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    w1: Sequence[torch.Tensor] | torch.Tensor,
+    w2: Sequence[torch.Tensor] | torch.Tensor,
+    w3: Sequence[torch.Tensor] | torch.Tensor,
+) -> torch.Tensor:
+    """moe.mix_experts (any router's weights (N, k) and experts (N, k): Mixtral's, fine_moe.route_fine's) with
+    the work grouped by expert.  returns (N, dim) in x's dtype.
 
     The N*k (token, expert) assignments are sorted by expert, so each expert multiplies one contiguous block of
     rows and only experts that received tokens are visited; a single token (decode at batch 1) just runs its k
     experts.  Each token's outputs are summed in increasing expert order, as in the reference.  The per-expert
     counts become Python ints: one host synchronisation per call, free on a CPU.
     """
-    weights, experts, logits = route(x, gate_weight, top_k)  # (N, k), (N, k), (N, E)
+    top_k = experts.shape[1]
     if x.shape[0] == 1:  # one token: gather its k experts, in increasing expert order like the reference
         out, w = torch.zeros_like(x), weights[0].to(x.dtype)  # (1, dim), (k,)
         for slot, e in sorted(enumerate(experts[0].tolist()), key=lambda se: se[1]):
             out += swiglu(x, w1[e], w3[e], w2[e]) * w[slot]
-        return out, logits
+        return out
     flat = experts.flatten()  # (N*k,) expert of assignment token*k + slot
     order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
     counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
@@ -51,7 +67,7 @@ def moe_forward_grouped(
             ys[start:start + n] = swiglu(xs[start:start + n], w1[e], w3[e], w2[e])  # (n, dim)
             start += n
     ys *= weights.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, ys), logits
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -63,6 +79,14 @@ def moe_one_token(
     x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """moe.moe_forward for a single token with the experts stacked: what a compiled decode step runs.
+    Mixtral's router (moe.route), then :func:`mix_one_token`."""
+    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+    return mix_one_token(x, weights, experts, w1, w2, w3), logits
+
+
+def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
+                  w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """moe.mix_experts for a single token with the experts stacked (any router's weights (1, k), experts (1, k)).
 
     x: (1, dim); w1, w3: (E, hidden, dim); w2: (E, dim, hidden) — the stacks of :func:`stack_experts`.
     The chosen experts are indexed with a tensor, not a Python int, so torch.compile traces the whole step as one
@@ -70,21 +94,20 @@ def moe_one_token(
     turns each product into one loop that reads only the k chosen experts' rows.  fp32 accumulation; result in
     x's dtype (fp32: equal to the reference within 1e-6; summed over the k slots, not in expert order).
     """
-    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
     chosen = experts[0]  # (k,)
     xf = x.float()  # (1, dim)
     gate = (w1[chosen].float() * xf).sum(-1)  # (k, hidden)
     up = (w3[chosen].float() * xf).sum(-1)  # (k, hidden)
     hidden = (F.silu(gate) * up).to(x.dtype).float()  # rounded like the reference's activations
     y = (w2[chosen].float() * hidden[:, None, :]).sum(-1)  # (k, dim)
-    out = (y.to(x.dtype).float() * weights[0, :, None]).sum(0, keepdim=True)  # (1, dim)
-    return out.to(x.dtype), logits
+    out = (y.to(x.dtype).float() * weights[0, :, None].float()).sum(0, keepdim=True)  # (1, dim)
+    return out.to(x.dtype)
 
 
 def stack_experts(layer: nn.Module) -> None:
-    """Move a MoeLayer's expert weights into three stacked tensors, w1/w3 (E, hidden, dim) and w2 (E, dim,
-    hidden), kept as ``layer.stacked``, and make every expert's parameter a view of its slice: one copy at call
-    time, no extra memory after; state dict names and values unchanged.
+    """Move a MoeLayer's (or FineMoeLayer's routed) expert weights into three stacked tensors, w1/w3 (E, hidden,
+    dim) and w2 (E, dim, hidden), kept as ``layer.stacked``, and make every expert's parameter a view of its slice:
+    one copy at call time, no extra memory after; state dict names and values unchanged.
 
     Converting or moving the layer afterwards (.to, .float, ...) drops the stacks (MoeLayer._apply).  Experts of
     different shapes (an expert-parallel rank, whose remote experts are empty placeholders) are left as they are.

@@ -7,7 +7,10 @@
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
 | attention  | backends/sdpa.py: sdpa_attention           | attention.attention                      |
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
+| mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
+| latent_attention | backends/mla.py: absorbed (decode,     | mla.latent_attention                     |
+|              | short chunks) / expanded + SDPA (prompts)  |                                          |
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 
 from mistral_ref.backends import Backend
 from mistral_ref.backends.linear import linear
-from mistral_ref.backends.moe import moe_forward_grouped
+from mistral_ref.backends.mla import latent_attention
+from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import LayerCache
@@ -46,4 +50,4 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
                   rope=apply_rotary_emb_complex, attention=sdpa_attention, moe=moe_forward_grouped,
-                  update_cache=update_cache)
+                  mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention)

@@ -134,8 +134,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     if quantize is not None:
         check_scheme(quantize, group_size)  # before reading anything
     if is_gguf_file(path) or str(path).endswith(".gguf"):
-        model = load_gguf(path, dtype, device, strict, progress, mmap=mmap)
-        return model if quantize is None else quantize_model(model, quantize, group_size=group_size)
+        return load_gguf(path, dtype, device, strict, progress, mmap=mmap, quantize=quantize, group_size=group_size)
     files = find_checkpoint(path)
     log.debug("loading %s checkpoint %s (%d shard(s)%s)", files.format, files.config.parent,
               len(files.shards), f"; ignoring {len(files.ignored)} file(s) of the other format"

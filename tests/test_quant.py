@@ -18,6 +18,7 @@ from model_helpers import random_model
 
 from mistral_ref import quantize_model
 from mistral_ref.backends.linear import linear
+from mistral_ref.backends.quant import DEQUANTIZE_MIN_ROWS
 from mistral_ref.cache import KVCache
 from mistral_ref.config import FineMoeArgs, MlaArgs, ModelArgs, MoeArgs
 from mistral_ref.quantize import (
@@ -74,9 +75,10 @@ def test_zero_rows_and_groups_quantize_to_zero():
 
 
 @pytest.mark.parametrize("scheme,group_size", SCHEMES + [("int4", 128)])
-@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("rows", [1, 3, 9, DEQUANTIZE_MIN_ROWS])
 def test_bf16_kernels_equal_the_dequantized_product(scheme, group_size, rows):
-    """backends.linear.linear with a quantized bf16 weight runs torch's int8 / int4 kernels."""
+    """backends.linear.linear with a quantized bf16 weight runs torch's int8 / int4 kernels (from
+    DEQUANTIZE_MIN_ROWS rows: the dequantized fp32 product)."""
     g = torch.Generator().manual_seed(rows)
     qw = quantize_weight(torch.randn(96, 256, generator=g).bfloat16(), scheme, group_size)
     x = torch.randn(2, rows, 256, generator=g).bfloat16()
@@ -88,9 +90,10 @@ def test_bf16_kernels_equal_the_dequantized_product(scheme, group_size, rows):
 
 @pytest.mark.parametrize("scheme,group_size", SCHEMES)
 def test_fp32_products_equal_the_dequantized_product(scheme, group_size):
-    """fp32 activations: dequantized in blocks (8 MB), then the fp32 product; the weight spans several blocks."""
+    """fp32 activations: dequantized in blocks (8 MB), then the fp32 product; the weight spans two blocks, the
+    second of 48 rows (int4: one block of 32 rows and a last one of 16)."""
     g = torch.Generator().manual_seed(1)
-    qw = quantize_weight(torch.randn(8224, 256, generator=g), scheme, group_size)  # 8224 = 257 x 32 rows
+    qw = quantize_weight(torch.randn(8240, 256, generator=g), scheme, group_size)
     x = torch.randn(3, 256, generator=g)
     assert rel_err(linear(x, qw), F.linear(x, qw.dequantize())) < FP32_RTOL
 

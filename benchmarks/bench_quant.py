@@ -3,6 +3,7 @@ int8 / int4 models, in one process on the same weights.
 
     .venv/bin/python benchmarks/bench_quant.py [--models embedded,mistral-125m] [--runs 5] [--threads N]
                                                [--probe 512] [--prompt 128] [--new 64] [--json out.json] [--quick]
+                                               [--quality-only]
 
 Models: "embedded" (the shipped tiny Mixtral, trained: probed on its held-out text) and "mistral-125m" (the
 Mistral shape of benchmarks/bench.py with its random N(0, 0.02) weights: probed on random tokens).
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--quality-only", action="store_true", help="skip the decode timing")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.runs, a.probe, a.prompt, a.new = "embedded,tiny-gqa", 2, 64, 16, 8
@@ -116,11 +118,14 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 print(f"{label:<10} {row['top1']:>7.3f} {row['top5']:>7.3f} {row['kl_mean']:>10.2e} "
                       f"{row['kl_max']:>10.2e}")
+        results[name] = {"quality": q}
+        if a.quality_only:
+            continue
         s = speed(models, fp32.args.vocab_size, a.prompt, a.new, a.runs)
         print(f"{name}: decode tokens/s, batch 1, {a.new} tokens after {a.prompt}, median [min-max] of {a.runs}")
         for label, row in s.items():
             print(f"{label:<10} {fmt(row)}  ({row['median'] / s['bf16']['median']:.2f}x bf16)")
-        results[name] = {"quality": q, "decode_tok_s": s}
+        results[name]["decode_tok_s"] = s
     print(f"\nload average after: {load_average()}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -82,6 +82,12 @@ class QuantizedWeight(nn.Module):
         sz = self.scales_and_zeros.float().transpose(0, 1)  # (out, groups, 2)
         return ((q - 8) * sz[..., :1] + sz[..., 1:]).view(out, inp).to(dtype)
 
+    def float(self) -> torch.Tensor:  # type: ignore[override]
+        """The dequantized weight in fp32, as a tensor's .float() (code written for plain weights, e.g.
+        backends.linear.multiply_sum_linear, calls it).  Converting the model itself (model.float(), .to(dtype))
+        converts the scales and never calls this."""
+        return self.dequantize(torch.float32)
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return f"{self.scheme}, shape={tuple(self.shape)}, dtype={self.dtype}{group}"

@@ -150,6 +150,9 @@ def test_state_dict_names_and_conversion():
     model.bfloat16()  # scales follow the model's dtype, integers stay
     wq = model.layers[0].attention.wq.weight
     assert isinstance(wq, QuantizedWeight) and wq.dtype == torch.bfloat16 and wq.qweight.dtype == torch.uint8
+    assert torch.equal(wq.float(), wq.dequantize(torch.float32)) and wq.dtype == torch.bfloat16  # a tensor's .float()
+    model.float()
+    assert wq.dtype == torch.float32
     int8 = quantize_model(random_model(DENSE), "int8")
     assert int8.state_dict()["layers.0.attention.wk.weight.qweight"].dtype == torch.int8
     assert int8.state_dict()["layers.0.attention.wk.weight.scales"].shape == (32,)

@@ -66,7 +66,10 @@ def variants(fp32: torch.nn.Module) -> dict[str, torch.nn.Module | str]:
 @torch.inference_mode()
 def quality(fp32: torch.nn.Module, models: dict, probe: torch.Tensor) -> dict[str, dict]:
     reference = models["bf16"](probe)[0]  # (T, vocab)
-    rows = {"fp32": logits_agreement(fp32(probe)[0], reference).__dict__}
+    top = reference.argmax(-1)  # how spread the argmax is: top-1 agreement means little if one token wins
+    rows: dict = {"bf16 argmax": {"distinct": int(top.unique().numel()),
+                                  "most_frequent_share": float(top.bincount().max()) / top.numel()}}
+    rows["fp32"] = logits_agreement(fp32(probe)[0], reference).__dict__
     for label, model in models.items():
         if label != "bf16":
             rows[label] = model if isinstance(model, str) else logits_agreement(model(probe)[0], reference).__dict__
@@ -112,13 +115,16 @@ def main(argv: list[str] | None = None) -> dict:
         q = quality(fp32, models, probe)
         print(f"\n{name}: quality against bf16 over {probe.shape[1]} positions")
         print(f"{'variant':<10} {'top-1':>7} {'top-5':>7} {'KL mean':>10} {'KL max':>10}")
+        spread = q.pop("bf16 argmax")
+        print(f"(bf16's argmax: {spread['distinct']} distinct tokens, the most frequent at "
+              f"{spread['most_frequent_share']:.0%} of positions)")
         for label, row in q.items():
             if isinstance(row, str):
                 print(f"{label:<10} n/a: {row}")
             else:
                 print(f"{label:<10} {row['top1']:>7.3f} {row['top5']:>7.3f} {row['kl_mean']:>10.2e} "
                       f"{row['kl_max']:>10.2e}")
-        results[name] = {"quality": q}
+        results[name] = {"quality": q, "bf16_argmax": spread}
         if a.quality_only:
             continue
         s = speed(models, fp32.args.vocab_size, a.prompt, a.new, a.runs)

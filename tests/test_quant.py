@@ -129,6 +129,15 @@ def test_quantized_model_torch_equals_reference_fp32(args, scheme, group_size):
     assert model.quantization["scheme"] == scheme
 
 
+@pytest.mark.parametrize("group_size", [128, 256])
+def test_wide_groups_torch_equals_reference_fp32(group_size):
+    args = ModelArgs(dim=256, n_layers=1, hidden_dim=512, n_heads=4, n_kv_heads=2, head_dim=64, vocab_size=96)
+    model = quantize_model(random_model(args), "int4", group_size=group_size)
+    tokens = torch.randint(0, args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
+    ref, fast = _logits_both_ways(model, tokens)
+    assert rel_err(fast, ref) < FP32_RTOL
+
+
 @pytest.mark.parametrize("args", [DENSE, MIXTRAL], ids=["dense", "mixtral"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_bf16_model_torch_close_to_reference(args, scheme):

@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         probe = probe[:, : min(a.probe, fp32.args.max_seq_len or a.probe)]
         models = variants(fp32)
         q = quality(fp32, models, probe)
-        print(f"\n{name}: quality against bf16 over {probe.shape[1]} positions")
-        print(f"{'variant':<10} {'top-1':>7} {'top-5':>7} {'KL mean':>10} {'KL max':>10}")
         spread = q.pop("bf16 argmax")
-        print(f"(bf16's argmax: {spread['distinct']} distinct tokens, the most frequent at "
-              f"{spread['most_frequent_share']:.0%} of positions)")
+        print(f"\n{name}: quality against bf16 over {probe.shape[1]} positions (bf16's argmax: "
+              f"{spread['distinct']} distinct tokens, the most frequent at {spread['most_frequent_share']:.0%} "
+              "of positions)")
+        print(f"{'variant':<10} {'top-1':>7} {'top-5':>7} {'KL mean':>10} {'KL max':>10}")
         for label, row in q.items():
             if isinstance(row, str):
                 print(f"{label:<10} n/a: {row}")

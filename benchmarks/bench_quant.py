@@ -3,7 +3,7 @@ int8 / int4 models, in one process on the same weights.
 
     .venv/bin/python benchmarks/bench_quant.py [--models embedded,mistral-125m] [--runs 5] [--threads N]
                                                [--probe 512] [--prompt 128] [--new 64] [--json out.json] [--quick]
-                                               [--quality-only]
+                                               [--quality-only | --speed-only]
 
 Models: "embedded" (the shipped tiny Mixtral, trained: probed on its held-out text) and "mistral-125m" (the
 Mistral shape of benchmarks/bench.py with its random N(0, 0.02) weights: probed on random tokens).
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--quality-only", action="store_true", help="skip the decode timing")
+    p.add_argument("--speed-only", action="store_true", help="skip the quality probe")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.runs, a.probe, a.prompt, a.new = "embedded,tiny-gqa", 2, 64, 16, 8
@@ -112,19 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         fp32, probe = build(name)
         probe = probe[:, : min(a.probe, fp32.args.max_seq_len or a.probe)]
         models = variants(fp32)
-        q = quality(fp32, models, probe)
-        spread = q.pop("bf16 argmax")
-        print(f"\n{name}: quality against bf16 over {probe.shape[1]} positions (bf16's argmax: "
-              f"{spread['distinct']} distinct tokens, the most frequent at {spread['most_frequent_share']:.0%} "
-              "of positions)")
-        print(f"{'variant':<10} {'top-1':>7} {'top-5':>7} {'KL mean':>10} {'KL max':>10}")
-        for label, row in q.items():
-            if isinstance(row, str):
-                print(f"{label:<10} n/a: {row}")
-            else:
-                print(f"{label:<10} {row['top1']:>7.3f} {row['top5']:>7.3f} {row['kl_mean']:>10.2e} "
-                      f"{row['kl_max']:>10.2e}")
-        results[name] = {"quality": q, "bf16_argmax": spread}
+        results[name] = {}
+        if not a.speed_only:
+            report_quality(name, quality(fp32, models, probe), probe.shape[1], results[name])
         if a.quality_only:
             continue
         s = speed(models, fp32.args.vocab_size, a.prompt, a.new, a.runs)
@@ -136,6 +127,20 @@ def main(argv: list[str] | None = None) -> dict:
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def report_quality(name: str, q: dict, positions: int, result: dict) -> None:
+    """Print the quality table of one model and add it to its result."""
+    spread = q.pop("bf16 argmax")
+    print(f"\n{name}: quality against bf16 over {positions} positions (bf16's argmax: {spread['distinct']} "
+          f"distinct tokens, the most frequent at {spread['most_frequent_share']:.0%} of positions)")
+    print(f"{'variant':<10} {'top-1':>7} {'top-5':>7} {'KL mean':>10} {'KL max':>10}")
+    for label, row in q.items():
+        if isinstance(row, str):
+            print(f"{label:<10} n/a: {row}")
+        else:
+            print(f"{label:<10} {row['top1']:>7.3f} {row['top5']:>7.3f} {row['kl_mean']:>10.2e} {row['kl_max']:>10.2e}")
+    result.update(quality=q, bf16_argmax=spread)
 
 
 if __name__ == "__main__":

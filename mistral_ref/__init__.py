@@ -12,6 +12,7 @@ Public API (re-exported lazily, so ``import mistral_ref.tokenizer`` never import
     GenerationParamError                      what nonsense sampling parameters raise
     chat_completion, fim_completion           the Mistral chat-completions and fill-in-the-middle APIs
     load_embedded                             the shipped tiny Mixtral and its tokenizer
+    quantize_model                            int8 / int4 weight-only quantization of a model's linear layers
 
 Reading order of the reference: config, norm, rope, attention, moe, model, cache; the fast engine is in
 mistral_ref.backends (one dispatch point: Transformer.set_backend).
@@ -39,6 +40,7 @@ _EXPORTS = {
     "generate_stream": "mistral_ref.generation",
     "GenerationParamError": "mistral_ref.sampling",
     "load_embedded": "mistral_ref.embedded",
+    "quantize_model": "mistral_ref.quantize",
     "chat_completion": "mistral_ref.api",
     "fim_completion": "mistral_ref.api",
 }

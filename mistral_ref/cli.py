@@ -471,6 +471,41 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+# ---- quantize: weight-only int8 / int4 checkpoints (mistral_ref/quantize.py) ----------------------------------
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="write a weight-only int8 / int4 quantized copy of a checkpoint")
+    q.add_argument("src", help="checkpoint to read (directory, or a .gguf file)")
+    q.add_argument("dst", help="directory to write (a native safetensors checkpoint that loads quantized)")
+    q.add_argument("--scheme", choices=["int8", "int4"], required=True,
+                   help="int8: one scale per output channel; int4: a scale and zero per group of inputs (required)")
+    q.add_argument("--group-size", type=int, default=32, metavar="N",
+                   help="int4: inputs per group, 32, 64, 128 or 256 (default: 32)")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the dtype the quantized model computes in (scales, norms, embeddings) (default: the "
+                        "checkpoint's own)")
+    _add_threads_option(q, "one per physical core not busy with other work")
+    q.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """quantize SRC DST --scheme S: load SRC, quantize its linear layers, save DST with its tokenizer files."""
+    from pathlib import Path
+
+    from mistral_ref.checkpoint import copy_tokenizer_files, load_model, save_checkpoint
+
+    set_threads(args)
+    t0 = time.perf_counter()
+    model = load_model(args.src, dtype=args.dtype, quantize=args.scheme, group_size=args.group_size)
+    written = save_checkpoint(model, args.dst)
+    src_dir = Path(args.src) if Path(args.src).is_dir() else Path(args.src).parent
+    copy_tokenizer_files(src_dir, Path(args.dst))
+    size = sum(p.stat().st_size for p in written.shards)
+    group = f" (groups of {args.group_size})" if args.scheme == "int4" else ""
+    print(f"wrote {args.scheme}{group} checkpoint to {args.dst}: {size / 2**20:.1f} MiB of weights, "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _add_parity_parser(sub: argparse._SubParsersAction) -> None:
     pa = sub.add_parser("parity", help="compare mistral-ref with transformers or another checkpoint, layer by layer",
                         description="Run mistral-ref on CHECKPOINT and the other implementation on the same token "
@@ -652,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(sv)
     sv.set_defaults(func=cmd_serve)
     _add_parity_parser(sub)
+    _add_quantize_parser(sub)
     return p
 
 

@@ -6,6 +6,7 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
   costs a pass over the weight: less than a slow GEMM, more than a product of 1-3 rows, which is bound by memory.
 * fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: the BLAS runs a
   product of a few rows on one core; splitting the weight into one block per thread uses them all.
+* quantized weights (mistral_ref/quantize.py: QuantizedWeight) go to backends/quant.py's weight-only kernels.
 * :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop
   that converts bf16 weights as they stream (used by compiled decoding only, backends/compiled.py).
 Measured speeds are in README ("Speed on a CPU") and `make bench`.
@@ -13,10 +14,14 @@ Measured speeds are in README ("Speed on a CPU") and `make bench`.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
 import torch.nn.functional as F
+
+from mistral_ref.backends.quant import quantized_linear
+from mistral_ref.quantize import QuantizedWeight
 
 UPCAST_MIN_ROWS = 4  # see linear()
 SPLIT_MAX_ROWS = 32  # see split_linear()
@@ -39,6 +44,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  threads: the split of split_linear (default:
     torch.get_num_threads()).  Equal to F.linear up to the rounding of the accumulation (upcast products round once).
     """
+    if isinstance(weight, QuantizedWeight):  # int8 / int4 weights (mistral_ref/quantize.py)
+        return quantized_linear(x, weight, functools.partial(split_linear, threads=threads))
     rows = x.numel() // max(1, x.shape[-1])
     if upcast_on_cpu(x):
         if rows >= UPCAST_MIN_ROWS:

@@ -110,10 +110,13 @@ def stack_experts(layer: nn.Module) -> None:
     one copy at call time, no extra memory after; state dict names and values unchanged.
 
     Converting or moving the layer afterwards (.to, .float, ...) drops the stacks (MoeLayer._apply).  Experts of
-    different shapes (an expert-parallel rank, whose remote experts are empty placeholders) are left as they are.
+    different shapes (an expert-parallel rank, whose remote experts are empty placeholders) and quantized experts
+    are left as they are.
     """
     layer.stacked = None
     experts = layer.experts
+    if any(not isinstance(e.w1.weight, torch.Tensor) for e in experts):  # quantized (mistral_ref/quantize.py)
+        return
     if any(len({getattr(e, name).weight.shape for e in experts}) > 1 for name in ("w1", "w2", "w3")):
         return
     stacks = []

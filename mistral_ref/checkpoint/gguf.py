@@ -41,10 +41,12 @@ import torch
 from mistral_ref.checkpoint.dtypes import parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, expected_shapes
+from mistral_ref.checkpoint.gguf_quant import gguf_quantized_weight
 from mistral_ref.checkpoint.names import natural_key
 from mistral_ref.checkpoint.safetensors_io import Progress
 from mistral_ref.config import ConfigError, ModelArgs, MoeArgs
 from mistral_ref.model import Transformer, meta_model
+from mistral_ref.quantize import QuantizedWeight, quantized_shell
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +331,16 @@ def read_gguf_tensor(source: GGUFSource, dtype: torch.dtype, mmap: bool = True) 
 
 
 def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-              strict: bool = True, progress: bool | None = None, *, mmap: bool = True) -> Transformer:
+              strict: bool = True, progress: bool | None = None, *, mmap: bool = True,
+              quantize: str | None = None, group_size: int = 32) -> Transformer:
     """Load a llama.cpp GGUF file into a Transformer (what load_model does for a .gguf file).
 
     dtype: the parameters' dtype; None: float32 for a quantized file (its weights are dequantized), else the
     plain type holding most bytes.  Quantized tensors are dequantized once, at load: the model then computes
     with the dequantized weights (the numbers llama.cpp's kernels approximate on the fly).  mmap, strict,
     progress: as for load_model.  `model.checkpoint_files.format` is "gguf".
+    quantize, group_size: as for load_model; Q4_0 matrices then become int4 groups of 32 without requantizing
+    (checkpoint/gguf_quant.py).
     """
     path = Path(path)
     reader = open_gguf(path)
@@ -344,11 +349,22 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     dtype = parse_dtype(dtype) or gguf_dtype(index)
     device = torch.device(device)
     model = meta_model(args)
+    quantized = {}  # {weight name: its QuantizedWeight placeholder} with quantize
+    if quantize is not None:
+        quantized = {f"{n}.weight": m.weight for n, m in quantized_shell(model, quantize, group_size).named_modules()
+                     if isinstance(getattr(m, "weight", None), QuantizedWeight)}
     bar = Progress(sum(s.nbytes for s in index.values()), progress, f"loading {path.name}")
     state = {}
     try:
         for name, source in index.items():
-            state[name] = read_gguf_tensor(source, dtype, mmap=mmap and device.type == "cpu").to(device)
+            def read(source: GGUFSource = source) -> torch.Tensor:
+                return read_gguf_tensor(source, dtype, mmap=mmap and device.type == "cpu")
+            if name in quantized:
+                data = source.tensor.data if source.expert is None else source.tensor.data[source.expert]
+                qw = gguf_quantized_weight(source.type_name, data, read, quantize, group_size, dtype, name)
+                state.update({f"{name}.{k}": v.to(device) for k, v in qw.state_dict().items()})
+            else:
+                state[name] = read().to(device)
             bar.update(source.nbytes)
     finally:
         bar.close()

@@ -23,6 +23,7 @@ from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, checkpoint_index, find_checkpoint, read_model_args
 from mistral_ref.checkpoint.gguf import is_gguf_file, load_gguf
 from mistral_ref.checkpoint.names import is_qk
+from mistral_ref.checkpoint.quantized import check_requested, quantized_model, read_quantization
 from mistral_ref.checkpoint.safetensors_io import (
     CHUNK_BYTES,
     WHOLE,
@@ -33,6 +34,7 @@ from mistral_ref.checkpoint.safetensors_io import (
     slice_shape,
 )
 from mistral_ref.model import Transformer, meta_model
+from mistral_ref.quantize import check_scheme, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,10 @@ def load_weights(model: Transformer, files: CheckpointFiles, index: dict[str, Te
     """Fill `model` (built on the meta device) with the tensors `index` lists; returns it in eval mode.
 
     index: from :func:`checkpoint_index` ({native name: TensorInfo}, already checked against the config).
-    dtype, device: of every parameter.  select: which rows or columns of each tensor (by native name) to read,
-    e.g. a rank's slice in mistral_ref.parallel; None reads every tensor whole.  HF q/k rows are put in the
-    native order (whole heads, so slicing by heads first is exact).
+    dtype, device: of every parameter (integer tensors, the codes of a quantized model, keep their dtype).
+    select: which rows or columns of each tensor (by native name) to read, e.g. a rank's slice in
+    mistral_ref.parallel; None reads every tensor whole.  HF q/k rows are put in the native order (whole
+    heads, so slicing by heads first is exact).
     mmap: on the CPU, whole tensors that need no conversion stay views of the files' private (copy-on-write)
     memory maps: nothing is read until used.  Everything else is read into private memory one tensor at a
     time by a few threads (:func:`read_tensor`), so resident memory peaks at about one copy of what is loaded.
@@ -82,12 +85,13 @@ def load_weights(model: Transformer, files: CheckpointFiles, index: dict[str, Te
                 for name, info in entries:
                     qk_head_dim = head_dim if files.format == "hf" and is_qk(name) else 0
                     whole_key = tuple(mapped.get_slice(info.key).get_shape()) == tuple(info.shape)  # not a slice
-                    if mmap and device.type == "cpu" and info.dtype == dtype and not qk_head_dim \
+                    want = dtype if info.dtype.is_floating_point else info.dtype  # quantized integers stay
+                    if mmap and device.type == "cpu" and info.dtype == want and not qk_head_dim \
                             and parts[name] == WHOLE and whole_key:  # (files.fused_expert_parts makes slices)
                         state[name] = mapped.get_tensor(info.key)  # a view of the memory map: nothing read yet
                         bar.update(nbytes[name])
                     else:
-                        job = pool.submit(_read_job, info, dtype, parts[name], qk_head_dim, device)
+                        job = pool.submit(_read_job, info, want, parts[name], qk_head_dim, device)
                         jobs[job] = name
         for job in as_completed(jobs):
             name = jobs[job]
@@ -105,7 +109,8 @@ def load_weights(model: Transformer, files: CheckpointFiles, index: dict[str, Te
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-               strict: bool = True, progress: bool | None = None, *, mmap: bool = True) -> Transformer:
+               strict: bool = True, progress: bool | None = None, *, mmap: bool = True,
+               quantize: str | None = None, group_size: int = 32) -> Transformer:
     """Load a native or Hugging Face checkpoint directory (or one .safetensors file next to its config), or a
     llama.cpp GGUF file (checkpoint/gguf.py: load_gguf; needs the `gguf` extra).
 
@@ -119,16 +124,28 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None, device:
     order, device) and all tensors when mmap=False are read into private memory one at a time.  Either way
     resident memory peaks at about one copy of the weights.
 
+    quantize: "int8" or "int4" quantizes the linear layers after loading (mistral_ref.quantize.quantize_model,
+    int4 in groups of `group_size`); a checkpoint saved from a quantized model (checkpoint/quantized.py) loads
+    quantized as it was, without quantizing again, and asking it for another scheme is a CheckpointError.
+
     The returned model is in eval mode; `model.checkpoint_files` records which files were read (a directory
     holding both formats loads the native set).  Raises CheckpointError (or config.ConfigError) on bad input.
     """
+    if quantize is not None:
+        check_scheme(quantize, group_size)  # before reading anything
     if is_gguf_file(path) or str(path).endswith(".gguf"):
-        return load_gguf(path, dtype, device, strict, progress, mmap=mmap)
+        return load_gguf(path, dtype, device, strict, progress, mmap=mmap, quantize=quantize, group_size=group_size)
     files = find_checkpoint(path)
     log.debug("loading %s checkpoint %s (%d shard(s)%s)", files.format, files.config.parent,
               len(files.shards), f"; ignoring {len(files.ignored)} file(s) of the other format"
               if files.ignored else "")
     args = read_model_args(files)
+    quantization = read_quantization(files)
+    if quantization is not None:  # saved quantized: load the codes as they are
+        check_requested(path, quantization, quantize)
+        model, index, dtype = quantized_model(files, args, quantization, dtype)
+        return load_weights(model, files, index, dtype, device, mmap=mmap, progress=progress)
     index = checkpoint_index(files, args, strict=strict)
     dtype = parse_dtype(dtype) or dominant_dtype(index.values())
-    return load_weights(meta_model(args), files, index, dtype, device, mmap=mmap, progress=progress)
+    model = load_weights(meta_model(args), files, index, dtype, device, mmap=mmap, progress=progress)
+    return model if quantize is None else quantize_model(model, quantize, group_size=group_size)

@@ -29,6 +29,7 @@ from mistral_ref.checkpoint.files import (
     shard_names,
 )
 from mistral_ref.checkpoint.names import hf_fuses_experts, is_qk, native_to_hf_name, natural_key, to_hf_tensor
+from mistral_ref.checkpoint.quantized import quantization_entry
 from mistral_ref.checkpoint.safetensors_io import (
     CHUNK_BYTES,
     Progress,
@@ -39,6 +40,7 @@ from mistral_ref.checkpoint.safetensors_io import (
 )
 from mistral_ref.config import ConfigError, ModelArgs
 from mistral_ref.model import Transformer
+from mistral_ref.quantize import quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ def fuse_experts(tensors: list[TensorToWrite]) -> list[TensorToWrite]:
 
 
 def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[TensorToWrite],
-                      max_shard_bytes: int | None, progress: bool | None) -> CheckpointFiles:
+                      max_shard_bytes: int | None, progress: bool | None,
+                      quantization: dict | None = None) -> CheckpointFiles:
     """Config, shards (greedy, in layer order), the index when sharded; then remove stale shards of `fmt`."""
     if fmt not in ("native", "hf"):
         raise ValueError(f"format must be 'native' or 'hf', got {fmt!r}")
@@ -111,6 +114,8 @@ def _write_checkpoint(directory: Path, fmt: str, args: ModelArgs, tensors: list[
             config = args.to_params_json()
         except ConfigError as err:
             raise CheckpointError(f"{directory / 'params.json'}: {err}") from None
+        if quantization is not None:  # a quantized model (checkpoint/quantized.py)
+            config["quantization"] = quantization
         config_path = directory / "params.json"
 
     bar = Progress(sum(t.nbytes for t in tensors), progress, f"writing {directory.name}")
@@ -148,19 +153,29 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
     max_shard_bytes: split the weights into shards of at most this many bytes (a bigger tensor gets a shard
     of its own); None writes one file.  dtype: cast while writing (None keeps the parameters' dtype).
     Tensors are produced and written one at a time, so memory grows by at most one tensor.
+    A quantized model (mistral_ref.quantize) is written in the native format with its integer codes as they
+    are and its quantization in params.json (checkpoint/quantized.py): load_model reads it back quantized.
     Returns the files written.
     """
     fmt, args, dtype = format, model.args, parse_dtype(dtype)
+    quantization = None
+    if quantization_of(model) is not None:
+        if fmt != "native":
+            raise CheckpointError(f"{path}: a quantized model is saved in the native format only, not {fmt!r}")
+        quantization = quantization_entry(model)
+        if dtype is not None:
+            quantization["dtype"] = str(dtype).removeprefix("torch.")
     tensors = []
     for name, param in model.state_dict().items():
         out_name = native_to_hf_name(name, args) if fmt == "hf" else name
+        cast = dtype if param.is_floating_point() else None  # quantized codes keep their integer dtype
 
-        def produce(name: str = name, param: torch.Tensor = param) -> torch.Tensor:
+        def produce(name: str = name, param: torch.Tensor = param, cast: torch.dtype | None = cast) -> torch.Tensor:
             tensor = to_hf_tensor(name, param, args)[1] if fmt == "hf" else param
-            return tensor.to(dtype or param.dtype)
+            return tensor.to(cast or param.dtype)
 
-        tensors.append(TensorToWrite(out_name, tuple(param.shape), dtype or param.dtype, produce))
-    return _write_checkpoint(Path(path), fmt, args, tensors, max_shard_bytes, progress)
+        tensors.append(TensorToWrite(out_name, tuple(param.shape), cast or param.dtype, produce))
+    return _write_checkpoint(Path(path), fmt, args, tensors, max_shard_bytes, progress, quantization)
 
 
 # What a converted checkpoint needs besides weights and config to chat at once: the tokenizer files that

@@ -81,6 +81,8 @@ def latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latents: torch.
     chunk; in fp32 on a CPU without native reduced-precision products), expanded + SDPA for longer prompts (module
     docstring).  Arguments and result as mla.latent_attention."""
     T, n, c = q_nope.shape[1], q_nope.shape[3], latents.shape[2]
+    if T * (2 * c - n - v_head_dim) < (n + v_head_dim) * c and not isinstance(kv_b_weight, torch.Tensor):
+        kv_b_weight = kv_b_weight.dequantize()  # a QuantizedWeight (quantize.py): absorbing needs the matrix itself
     if T * (2 * c - n - v_head_dim) >= (n + v_head_dim) * c:
         return expanded_sdpa_latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos,
                                               k_pos, scale)

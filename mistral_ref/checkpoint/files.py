@@ -16,8 +16,17 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from mistral_ref.checkpoint.errors import CheckpointError, listing
-from mistral_ref.checkpoint.names import hf_to_native_name, is_vision_tensor, language_model_name, natural_key
+from mistral_ref.checkpoint.names import (
+    from_mistral_name,
+    hf_to_native_name,
+    is_fp8_scale,
+    is_vision_tensor,
+    language_model_name,
+    natural_key,
+)
 from mistral_ref.checkpoint.safetensors_io import (
     PICKLE_SUFFIXES,
     TensorInfo,
@@ -173,6 +182,8 @@ def read_model_args(files: CheckpointFiles) -> ModelArgs:
 
 
 # ---- the tensor index: every tensor of the checkpoint, named natively, checked against the config ----------
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                    if hasattr(torch, n))
 _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF RoPE buffers
 
 
@@ -314,6 +325,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     expected = expected_shapes(args)
     index: dict[str, TensorInfo] = {}
     unexpected: list[str] = []
+    unexpected_file: dict[str, str] = {}  # unexpected key -> the file holding it
     problems: list[str] = []
     weight_map = None
     skipped: list[str] = []  # vision-tower tensors; an output weight the config ties to the embeddings
@@ -328,6 +340,11 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
             if is_vision_tensor(key):  # a multimodal checkpoint: only its language model loads
                 skipped.append(key)
                 continue
+            if is_fp8_scale(key) or info.dtype in _FP8_DTYPES:  # never cast float8 bytes without their scales
+                raise CheckpointError(
+                    f"{shard}: tensor {key!r} ({str(info.dtype).removeprefix('torch.')}) belongs to an FP8-quantized "
+                    "checkpoint (float8 weights with per-tensor qscale_weight / qscale_act or weight_scale_inv "
+                    "scales), which mistral-ref does not load: use the BF16 release of the model")
             if files.format == "hf":
                 if _IGNORED_HF_KEYS.fullmatch(key):
                     continue
@@ -345,9 +362,10 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                     name = hf_to_native_name(language_model_name(key), args)
                 except KeyError:
                     unexpected.append(key)
+                    unexpected_file[key] = shard.name
                     continue
             else:
-                name = key
+                name = from_mistral_name(key, args)  # Mistral's names of latent attention / fine experts
             if name == "output.weight" and args.tied_embeddings:
                 warnings.warn(f"{shard}: ignoring {key!r}: {files.config.name} ties the output projection to the "
                               "embeddings (tied_embeddings / tie_word_embeddings), as transformers does",
@@ -356,6 +374,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                 continue
             if name not in expected:
                 unexpected.append(key)
+                unexpected_file[key] = shard.name
                 continue
             if name in index:
                 raise CheckpointError(f"key {key!r} is stored twice: in {index[name].file} and in {shard}")
@@ -398,8 +417,12 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
         problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
                            f"{listing(missing)}{hint}")
     if unexpected:
+        named = [f"{k!r} (in {unexpected_file[k]})" for k in sorted(unexpected, key=natural_key)]
         message = (f"{where}: {len(unexpected)} unexpected tensor(s) that {files.config.name} does not "
-                   f"describe: {listing(sorted(unexpected, key=natural_key))}")
+                   f"describe: {listing(named)}")
+        if files.format == "native" and (args.mla is not None or args.fine_moe is not None):
+            message += (" — native files of latent-attention / fine-grained-expert models name their tensors as "
+                        "Mistral's do (checkpoint/names.py: to_mistral_name)")
         if strict:
             problems.append(message)
         else:

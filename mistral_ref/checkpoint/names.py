@@ -2,7 +2,9 @@
 
 The two formats hold the same numbers.  They differ in three ways only:
 
-1. tensor names: a fixed map (below), e.g. layers.3.attention.wq.weight <-> model.layers.3.self_attn.q_proj.weight;
+1. tensor names: a fixed map (below), e.g. layers.3.attention.wq.weight <-> model.layers.3.self_attn.q_proj.weight.
+   Our parameters carry the native names, except in latent attention and fine-grained experts (Mistral Small 4,
+   Large 3), whose modules keep HF's names and whose native files use Mistral's (:func:`to_mistral_name`);
 2. the config file: params.json vs config.json (config.py reads both into one ModelArgs);
 3. the row order of the query and key projections.  RoPE rotates pairs of features inside every head.  Native
    checkpoints pair neighbours (features 2i and 2i+1, "interleaved"); Hugging Face pairs the two halves of the
@@ -41,10 +43,12 @@ _LAYER_NAMES = {  # native suffix of layers.N. -> HF suffix of model.layers.N.
 # deepseek_v3's own names, so the attention names map one to one; the routed experts are named per expert here.
 # In files, transformers 5.23 writes DeepseekV3's experts per expert (the hub layout) but Mistral4's fused, one
 # experts.gate_up_proj and one experts.down_proj per layer (hf_fuses_experts; checkpoint.save writes them so,
-# checkpoint.files reads both).
-# Their rotary rows need NO permutation: both published configs say rope_interleave true, i.e. HF's rotary rows are
-# the interleaved pairs that native files and rope.apply_rotary_emb use (rope_interleave false is refused by
-# config.py).  Native params.json files of these models are not covered: we found no published mapping.
+# checkpoint.files reads both).  Mistral's own consolidated files spell these tensors differently again: see
+# "Mistral's native names" below.
+# Their rotary rows need NO permutation in either format: both published configs say rope_interleave true, i.e.
+# HF's rotary rows (the last qk_rope_head_dim rows of each q head, the last ones of kv_a_proj_with_mqa) are the
+# interleaved pairs that rope.apply_rotary_emb uses, and Mistral's files hold the same rows (vLLM and sglang load
+# them with is_neox_style=False rotary and no permutation).  rope_interleave false is refused by config.py.
 _MLA_ATTENTION = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                   "kv_b_proj")  # o_proj is attention.wo, as in every Mistral model
 _LATENT_LAYER_NAMES = {  # native suffix -> HF suffix, for models with args.mla / args.fine_moe
@@ -64,6 +68,77 @@ _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
+
+
+# ---- Mistral's native names for latent attention + fine-grained experts --------------------------------------
+# Our model's parameters keep HF's names for these layers (mla.py, fine_moe.py); Mistral's consolidated*.safetensors
+# of Mistral Small 4 / Mistral Large 3 name them as below (vLLM's MistralLarge3ForCausalLM weight mapping, which
+# loads both models from params.json; sglang's copy of it adds attention.wq for q_proj and router_biases for the
+# sigmoid router's correction bias).  Per layer N, our suffix of layers.N. -> Mistral's suffix of layers.N.:
+_MISTRAL_LATENT_NAMES = {
+    "attention.q_proj.weight": "attention.wq.weight",  # no query compression (q_lora_rank None)
+    "attention.q_a_proj.weight": "attention.wq_a.weight",
+    "attention.q_a_layernorm.weight": "attention.q_a_norm.weight",
+    "attention.q_b_proj.weight": "attention.wq_b.weight",
+    "attention.kv_a_proj_with_mqa.weight": "attention.wkv_a_with_mqa.weight",
+    "attention.kv_a_layernorm.weight": "attention.kv_a_norm.weight",
+    "attention.kv_b_proj.weight": "attention.wkv_b.weight",
+    "feed_forward.gate.weight": "gate.weight",  # the experts sit directly under layers.N., not feed_forward
+    "feed_forward.gate.e_score_correction_bias": "router_biases",
+    **{f"feed_forward.shared_experts.{w}.weight": f"shared_experts.{w}.weight" for w in ("w1", "w2", "w3")},
+}  # unchanged: attention.wo, attention_norm, ffn_norm, the dense layers' feed_forward.w1/w2/w3, globals
+_FROM_MISTRAL_LATENT = {v: k for k, v in _MISTRAL_LATENT_NAMES.items()}
+_MISTRAL_EXPERT = re.compile(r"experts\.(\d+)\.(w[123])\.weight")
+
+
+def _is_latent(args: ModelArgs | None) -> bool:
+    return args is not None and (args.mla is not None or args.fine_moe is not None)
+
+
+def to_mistral_name(name: str, args: ModelArgs) -> str:
+    """Our parameter name -> its name in Mistral's native files (the same except for latent attention and
+    fine-grained experts): 'layers.3.attention.kv_b_proj.weight' -> 'layers.3.attention.wkv_b.weight',
+    'layers.3.feed_forward.experts.5.w1.weight' -> 'layers.3.experts.5.w1.weight'."""
+    m = _NATIVE_LAYER.fullmatch(name)
+    if not _is_latent(args) or m is None:
+        return name
+    layer, rest = m.groups()
+    if rest in _MISTRAL_LATENT_NAMES:
+        return f"layers.{layer}.{_MISTRAL_LATENT_NAMES[rest]}"
+    if args.fine_moe is not None and _EXPERT.fullmatch(rest):
+        return f"layers.{layer}.{rest.removeprefix('feed_forward.')}"
+    return name
+
+
+def from_mistral_name(key: str, args: ModelArgs) -> str:
+    """Inverse of :func:`to_mistral_name`: a tensor name of a native file -> our parameter name.
+
+    Names that are not Mistral's spelling come back unchanged: that includes the HF-style names
+    (layers.N.attention.q_a_proj.weight, layers.N.feed_forward.experts.E.w1.weight) that mistral-ref's
+    save_checkpoint wrote for these models before it wrote Mistral's, so such files keep loading."""
+    m = _NATIVE_LAYER.fullmatch(key)
+    if not _is_latent(args) or m is None:
+        return key
+    layer, rest = m.groups()
+    if rest in _FROM_MISTRAL_LATENT:
+        return f"layers.{layer}.{_FROM_MISTRAL_LATENT[rest]}"
+    if args.fine_moe is not None and _MISTRAL_EXPERT.fullmatch(rest):
+        return f"layers.{layer}.feed_forward.{rest}"
+    return key
+
+
+# ---- FP8 checkpoints: recognised and refused ---------------------------------------------------------------
+# Mistral's FP8 releases (params.json "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR" or
+# "NO_SCALES"}) store each quantized weight as float8_e4m3fn next to a per-tensor `<module>.qscale_weight` (vLLM:
+# weight_scale, w = fp8 x scale) and, with static activation scales, `<module>.qscale_act` (vLLM: input_scale), and
+# the attention's `{q,k,v}_fake_quantizer.qscale_act` (fp8 attention scales); DeepSeek-style HF FP8 files carry
+# `weight_scale_inv` (one per 128 x 128 block).  None of this is dequantized here: checkpoint.files refuses it.
+_FP8_NAME = re.compile(r".*(\.qscale_weight|\.qscale_act|\.weight_scale_inv|_fake_quantizer\..*)")
+
+
+def is_fp8_scale(name: str) -> bool:
+    """True for a tensor that only FP8-quantized checkpoints carry (a weight or activation scale)."""
+    return _FP8_NAME.fullmatch(name) is not None
 
 
 def hf_fuses_experts(args: ModelArgs) -> bool:

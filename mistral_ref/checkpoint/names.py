@@ -72,9 +72,11 @@ _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 
 # ---- Mistral's native names for latent attention + fine-grained experts --------------------------------------
 # Our model's parameters keep HF's names for these layers (mla.py, fine_moe.py); Mistral's consolidated*.safetensors
-# of Mistral Small 4 / Mistral Large 3 name them as below (vLLM's MistralLarge3ForCausalLM weight mapping, which
-# loads both models from params.json; sglang's copy of it adds attention.wq for q_proj and router_biases for the
-# sigmoid router's correction bias).  Per layer N, our suffix of layers.N. -> Mistral's suffix of layers.N.:
+# of Mistral Small 4 / Mistral Large 3 name them as below.  Sources: vLLM's MistralLarge3ForCausalLM weight mapping
+# (it loads both models from params.json), transformers' convert_mistral4_weight_to_hf.py (the same names), and
+# sglang's copy of vLLM's mapping, which adds attention.wq for q_proj (no query compression) and router_biases for
+# a sigmoid router's correction bias (neither published model has them).  None of the three permutes any row of
+# these tensors.  Per layer N, our suffix of layers.N. -> Mistral's suffix of layers.N.:
 _MISTRAL_LATENT_NAMES = {
     "attention.q_proj.weight": "attention.wq.weight",  # no query compression (q_lora_rank None)
     "attention.q_a_proj.weight": "attention.wq_a.weight",
@@ -129,10 +131,11 @@ def from_mistral_name(key: str, args: ModelArgs) -> str:
 
 # ---- FP8 checkpoints: recognised and refused ---------------------------------------------------------------
 # Mistral's FP8 releases (params.json "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR" or
-# "NO_SCALES"}) store each quantized weight as float8_e4m3fn next to a per-tensor `<module>.qscale_weight` (vLLM:
-# weight_scale, w = fp8 x scale) and, with static activation scales, `<module>.qscale_act` (vLLM: input_scale), and
-# the attention's `{q,k,v}_fake_quantizer.qscale_act` (fp8 attention scales); DeepSeek-style HF FP8 files carry
-# `weight_scale_inv` (one per 128 x 128 block).  None of this is dequantized here: checkpoint.files refuses it.
+# "NO_SCALES"}) store each quantized weight `<module>.weight` as float8_e4m3fn next to a per-tensor scale
+# `<module>.qscale_weight` (bf16 weight = fp8 weight x qscale_weight; HF calls it weight_scale_inv, vLLM
+# weight_scale) and, with static activation scales ("TENSOR"), `<module>.qscale_act` (HF activation_scale, vLLM
+# input_scale); vLLM also maps `attention.{q,k,v}_fake_quantizer.qscale_act` (fp8 attention scales).  HF FP8 files
+# carry `weight_scale_inv`.  None of this is dequantized here: checkpoint.files refuses such files by name.
 _FP8_NAME = re.compile(r".*(\.qscale_weight|\.qscale_act|\.weight_scale_inv|_fake_quantizer\..*)")
 
 

@@ -234,6 +234,11 @@ def test_fp8_checkpoints_are_refused_by_tensor_name(oracle, tmp_path, kind):
     for strict in (True, False):
         with pytest.raises(CheckpointError, match=rf"consolidated\.safetensors: tensor '{re.escape(bad)}' .*FP8"):
             load_model(tmp_path, strict=strict)
+    with pytest.raises(CheckpointError, match=re.escape(bad)):
+        convert_checkpoint(tmp_path, tmp_path / "hf", format="hf")
+    if kind == "float8 weight":  # without the quantization the config declares: a plain float8 file, loaded
+        (tmp_path / "params.json").write_text(json.dumps(PARAMS_JSON))
+        assert load_model(tmp_path, dtype="float32").args.fine_moe is not None
 
 
 def test_sigmoid_routing_without_query_compression_round_trips(tmp_path):

@@ -313,6 +313,35 @@ def fused_expert_parts(hf_name: str, info: TensorInfo) -> list[tuple[str, Tensor
     return parts
 
 
+def refuse_fp8_quantized(files: CheckpointFiles, headers: dict[Path, dict[str, TensorInfo]]) -> None:
+    """Raise CheckpointError naming the tensor if the files are an FP8-quantized checkpoint (names.is_fp8_scale):
+    a tensor holding FP8 scales (qscale_weight, qscale_act, weight_scale_inv, ..._fake_quantizer.*), or float8
+    tensors under a config that declares quantization (params.json "quantization", config.json
+    "quantization_config").  Their float8 bytes mean something only times their scales, which are not applied
+    here.  (Plain float8 files that save_checkpoint(dtype=float8) writes, without scales, still load.)"""
+    for shard, header in headers.items():
+        for key in header:
+            if is_fp8_scale(key):
+                raise CheckpointError(
+                    f"{shard}: tensor {key!r} is a scale of an FP8-quantized checkpoint (float8 weights times "
+                    "per-tensor qscale_weight / weight_scale_inv scales), which mistral-ref does not load: use the "
+                    "BF16 release of the model")
+    try:
+        raw = json.loads(files.config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_model_args reports a bad config
+    declared = isinstance(raw, dict) and (raw.get("quantization") or raw.get("quantization_config"))
+    if not declared:
+        return
+    for shard, header in headers.items():
+        for key, info in header.items():
+            if info.dtype in _FP8_DTYPES:
+                raise CheckpointError(
+                    f"{shard}: tensor {key!r} is {str(info.dtype).removeprefix('torch.')} and {files.config.name} "
+                    f"declares quantization {json.dumps(declared)[:200]}: an FP8-quantized checkpoint, which "
+                    "mistral-ref does not load: use the BF16 release of the model")
+
+
 def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
     """{native name: TensorInfo} for every tensor the model needs, after checking names, shapes and dtypes.
 
@@ -321,6 +350,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     and (if strict) unexpected keys; non-strict loads warn about the latter.
     """
     headers = {shard: read_safetensors_header(shard) for shard in files.shards}  # bad files are named first
+    refuse_fp8_quantized(files, headers)
     check_config_fits_files(files, args)
     expected = expected_shapes(args)
     index: dict[str, TensorInfo] = {}
@@ -340,11 +370,6 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
             if is_vision_tensor(key):  # a multimodal checkpoint: only its language model loads
                 skipped.append(key)
                 continue
-            if is_fp8_scale(key) or info.dtype in _FP8_DTYPES:  # never cast float8 bytes without their scales
-                raise CheckpointError(
-                    f"{shard}: tensor {key!r} ({str(info.dtype).removeprefix('torch.')}) belongs to an FP8-quantized "
-                    "checkpoint (float8 weights with per-tensor qscale_weight / qscale_act or weight_scale_inv "
-                    "scales), which mistral-ref does not load: use the BF16 release of the model")
             if files.format == "hf":
                 if _IGNORED_HF_KEYS.fullmatch(key):
                     continue

@@ -215,6 +215,17 @@ def test_an_unknown_native_tensor_is_an_error_naming_tensor_and_file(oracle, tmp
         load_model(tmp_path, strict=False)  # non-strict: a warning
 
 
+def test_a_missing_native_tensor_is_named_as_mistral_names_it(oracle, tmp_path):
+    hf, ref, hf_dir, native = oracle
+    tensors = load_file(native / "consolidated.safetensors")
+    del tensors["layers.2.attention.wkv_b.weight"], tensors["layers.1.experts.4.w3.weight"]
+    save_file(tensors, tmp_path / "consolidated.safetensors")
+    (tmp_path / "params.json").write_text((native / "params.json").read_text())
+    expected = "missing 2 tensor(s) that params.json expects: layers.1.experts.4.w3.weight, layers.2.attention.wkv_b"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_model(tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["float8 weight", "qscale_weight", "qscale_act", "weight_scale_inv"])
 def test_fp8_checkpoints_are_refused_by_tensor_name(oracle, tmp_path, kind):
     """Mistral's FP8 releases: float8_e4m3fn weights with a per-tensor qscale_weight (and qscale_act); loading the

@@ -2,9 +2,11 @@
 
 find_checkpoint: which format a directory holds (native: params.json + consolidated*.safetensors; Hugging Face:
 config.json + model*.safetensors), its shards and index.json, refusing pickles and git-lfs pointers.
-checkpoint_index: every tensor the model needs, named natively, with its file, dtype and shape, after checking
-names, shapes and dtypes against the config (reads headers only), and, before the model is even built on the
-meta device, that the files are large enough for the model the config describes (check_config_fits_files).
+checkpoint_index: every tensor the model needs, by the model's parameter name (a native file's names are ours, except
+for Mistral's names of latent attention / fine-grained experts: names.from_mistral_name), with its file, dtype and
+shape, after checking names, shapes and dtypes against the config (reads headers only), and, before the model is
+even built on the meta device, that the files are large enough for the model the config describes
+(check_config_fits_files).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mistral_ref.checkpoint.names import (
     is_vision_tensor,
     language_model_name,
     natural_key,
+    to_mistral_name,
 )
 from mistral_ref.checkpoint.safetensors_io import (
     PICKLE_SUFFIXES,
@@ -439,6 +442,8 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
         elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
             hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
         hint += _one_shard_hint(files)
+        if files.format == "native":  # as the file would name them (Mistral's names for latent layers)
+            missing = [to_mistral_name(m, args) for m in missing]
         problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
                            f"{listing(missing)}{hint}")
     if unexpected:

@@ -300,3 +300,28 @@ def load_args(params: dict) -> ModelArgs:
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "params.json").write_text(json.dumps(params))
         return ModelArgs.from_params_json(d)
+
+
+@pytest.mark.parametrize("preset", ["mistral-small-4-2603", "mistral-large-3-2512"])
+def test_the_presets_name_every_tensor_as_mistral_does(preset):
+    """Every parameter of the two presets (4 layers, 2 of them dense for Large 3) has one of Mistral's names, and
+    the names map back one to one."""
+    from dataclasses import replace
+
+    from mistral_ref.checkpoint.names import from_mistral_name, to_mistral_name
+    from mistral_ref.family import PRESETS
+    from mistral_ref.model import meta_model
+
+    args = replace(PRESETS[preset], n_layers=4)
+    names = list(meta_model(args).state_dict())
+    mistral = [to_mistral_name(n, args) for n in names]
+    assert [from_mistral_name(n, args) for n in mistral] == names
+    mistral_layer = {r"attention\.(wq_a|q_a_norm|wq_b|wkv_a_with_mqa|kv_a_norm|wkv_b|wo)\.weight",
+                     r"(attention_norm|ffn_norm)\.weight", r"feed_forward\.w[123]\.weight", r"gate\.weight",
+                     r"experts\.\d+\.w[123]\.weight", r"shared_experts\.w[123]\.weight"}
+    for n in mistral:
+        assert n in ("tok_embeddings.weight", "norm.weight", "output.weight") or any(
+            re.fullmatch(rf"layers\.\d\.{p}", n) for p in mistral_layer), n
+    dense = args.fine_moe.first_k_dense_replace
+    assert f"layers.{dense}.experts.127.w2.weight" in mistral and f"layers.{dense}.gate.weight" in mistral
+    assert ("layers.0.feed_forward.w1.weight" in mistral) == (dense > 0)

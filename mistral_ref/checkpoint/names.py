@@ -77,7 +77,7 @@ _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 # sglang's copy of vLLM's mapping, which adds attention.wq for q_proj (no query compression) and router_biases for
 # a sigmoid router's correction bias (neither published model has them).  None of the three permutes any row of
 # these tensors.  Per layer N, our suffix of layers.N. -> Mistral's suffix of layers.N.:
-_MISTRAL_LATENT_NAMES = {
+_MISTRAL_MLA_NAMES = {  # with args.mla
     "attention.q_proj.weight": "attention.wq.weight",  # no query compression (q_lora_rank None)
     "attention.q_a_proj.weight": "attention.wq_a.weight",
     "attention.q_a_layernorm.weight": "attention.q_a_norm.weight",
@@ -85,16 +85,20 @@ _MISTRAL_LATENT_NAMES = {
     "attention.kv_a_proj_with_mqa.weight": "attention.wkv_a_with_mqa.weight",
     "attention.kv_a_layernorm.weight": "attention.kv_a_norm.weight",
     "attention.kv_b_proj.weight": "attention.wkv_b.weight",
-    "feed_forward.gate.weight": "gate.weight",  # the experts sit directly under layers.N., not feed_forward
+}
+_MISTRAL_FINE_MOE_NAMES = {  # with args.fine_moe: the experts sit directly under layers.N., not feed_forward
+    "feed_forward.gate.weight": "gate.weight",
     "feed_forward.gate.e_score_correction_bias": "router_biases",
     **{f"feed_forward.shared_experts.{w}.weight": f"shared_experts.{w}.weight" for w in ("w1", "w2", "w3")},
-}  # unchanged: attention.wo, attention_norm, ffn_norm, the dense layers' feed_forward.w1/w2/w3, globals
-_FROM_MISTRAL_LATENT = {v: k for k, v in _MISTRAL_LATENT_NAMES.items()}
+}  # and feed_forward.experts.E.wK -> experts.E.wK.  Unchanged: attention.wo, attention_norm, ffn_norm, the dense
+#    layers' feed_forward.w1/w2/w3, and the global tensors.
 _MISTRAL_EXPERT = re.compile(r"experts\.(\d+)\.(w[123])\.weight")
 
 
-def _is_latent(args: ModelArgs | None) -> bool:
-    return args is not None and (args.mla is not None or args.fine_moe is not None)
+def _mistral_names(args: ModelArgs) -> dict[str, str]:
+    """Our suffix of layers.N. -> Mistral's, for the latent parts `args` has."""
+    return {**(_MISTRAL_MLA_NAMES if args.mla is not None else {}),
+            **(_MISTRAL_FINE_MOE_NAMES if args.fine_moe is not None else {})}
 
 
 def to_mistral_name(name: str, args: ModelArgs) -> str:
@@ -102,11 +106,12 @@ def to_mistral_name(name: str, args: ModelArgs) -> str:
     fine-grained experts): 'layers.3.attention.kv_b_proj.weight' -> 'layers.3.attention.wkv_b.weight',
     'layers.3.feed_forward.experts.5.w1.weight' -> 'layers.3.experts.5.w1.weight'."""
     m = _NATIVE_LAYER.fullmatch(name)
-    if not _is_latent(args) or m is None:
+    if m is None:
         return name
     layer, rest = m.groups()
-    if rest in _MISTRAL_LATENT_NAMES:
-        return f"layers.{layer}.{_MISTRAL_LATENT_NAMES[rest]}"
+    names = _mistral_names(args)
+    if rest in names:
+        return f"layers.{layer}.{names[rest]}"
     if args.fine_moe is not None and _EXPERT.fullmatch(rest):
         return f"layers.{layer}.{rest.removeprefix('feed_forward.')}"
     return name
@@ -119,11 +124,12 @@ def from_mistral_name(key: str, args: ModelArgs) -> str:
     (layers.N.attention.q_a_proj.weight, layers.N.feed_forward.experts.E.w1.weight) that mistral-ref's
     save_checkpoint wrote for these models before it wrote Mistral's, so such files keep loading."""
     m = _NATIVE_LAYER.fullmatch(key)
-    if not _is_latent(args) or m is None:
+    if m is None:
         return key
     layer, rest = m.groups()
-    if rest in _FROM_MISTRAL_LATENT:
-        return f"layers.{layer}.{_FROM_MISTRAL_LATENT[rest]}"
+    ours = {v: k for k, v in _mistral_names(args).items()}
+    if rest in ours:
+        return f"layers.{layer}.{ours[rest]}"
     if args.fine_moe is not None and _MISTRAL_EXPERT.fullmatch(rest):
         return f"layers.{layer}.feed_forward.{rest}"
     return key

@@ -348,7 +348,15 @@ class ModelArgs:
         return self.moe is None
 
     def to_params_json(self) -> dict[str, Any]:
-        """The dict written as native ``params.json`` (tokenizer metadata is not part of it)."""
+        """The dict written as native ``params.json`` (tokenizer metadata is not part of it).
+
+        Latent attention and fine-grained experts are written in Mistral's own spelling (the MLA widths at the
+        top level, a ``moe`` section with expert_hidden_dim, num_shared_experts, ...: what Mistral Large 3's
+        params.json holds and vLLM reads) whenever that spelling says exactly what the model is.  What it cannot
+        say (sigmoid routing, no top-k renormalisation, a YaRN mscale_all_dim other than 1) is written as
+        mistral-ref's own ``mla`` / ``fine_moe`` sections (the dataclasses' fields), which from_params_json reads
+        too.
+        """
         d = asdict(self)
         d.pop("tokenizer")
         if isinstance(self.sliding_window, tuple):
@@ -362,6 +370,11 @@ class ModelArgs:
         for key in ("sliding_window", "moe", "max_seq_len", "yarn", "llama_4_scaling", "mla", "fine_moe"):
             if d[key] is None:
                 d.pop(key)
+        mistral = _mistral_latent_params(self, d.get("yarn"))
+        if mistral is not None:  # latent attention / fine experts in Mistral's own spelling, as published
+            d.pop("mla", None)
+            d.pop("fine_moe", None)
+            d.update(mistral)
         if not self.tied_embeddings:
             d.pop("tied_embeddings")  # written only where it matters, as the published files do
         return d
@@ -723,6 +736,31 @@ def _mistral_latent_sections(raw: dict[str, Any]) -> dict[str, Any]:
             first_k_dense_replace=moe.get("first_k_dense_replace", 0), n_group=moe.get("num_expert_groups", 1),
             topk_group=moe.get("num_expert_groups_per_tok", 1), norm_topk_prob=True,
             routed_scaling_factor=moe.get("routed_scale", 1.0), scoring_func="softmax")
+    return out
+
+
+def _mistral_latent_params(args: ModelArgs, yarn: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The params.json keys of Mistral's spelling for args.mla / args.fine_moe (see _mistral_latent_sections), or
+    None if the model has neither, or if reading those keys back would not give the same model."""
+    if args.mla is None and args.fine_moe is None:
+        return None
+    out: dict[str, Any] = {}
+    m, fm = args.mla, args.fine_moe
+    if m is not None:
+        out.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                   qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim)
+    if fm is not None:
+        out["moe"] = {"num_experts": fm.num_experts, "num_experts_per_tok": fm.num_experts_per_tok,
+                      "expert_hidden_dim": fm.moe_intermediate_size, "num_shared_experts": fm.n_shared_experts,
+                      "first_k_dense_replace": fm.first_k_dense_replace, "routed_scale": fm.routed_scaling_factor,
+                      "num_expert_groups": fm.n_group, "num_expert_groups_per_tok": fm.topk_group,
+                      "route_every_n": 1}
+    try:
+        back = _mistral_latent_sections({**out, **({"yarn": yarn} if yarn else {}), "head_dim": args.head_dim})
+    except ConfigError:
+        return None
+    if back.get("mla") != m or back.get("fine_moe") != fm:
+        return None
     return out
 
 

@@ -2,9 +2,11 @@
 
 find_checkpoint: which format a directory holds (native: params.json + consolidated*.safetensors; Hugging Face:
 config.json + model*.safetensors), its shards and index.json, refusing pickles and git-lfs pointers.
-checkpoint_index: every tensor the model needs, named natively, with its file, dtype and shape, after checking
-names, shapes and dtypes against the config (reads headers only), and, before the model is even built on the
-meta device, that the files are large enough for the model the config describes (check_config_fits_files).
+checkpoint_index: every tensor the model needs, by the model's parameter name (a native file's names are ours, except
+for Mistral's names of latent attention / fine-grained experts: names.from_mistral_name), with its file, dtype and
+shape, after checking names, shapes and dtypes against the config (reads headers only), and, before the model is
+even built on the meta device, that the files are large enough for the model the config describes
+(check_config_fits_files).
 """
 
 from __future__ import annotations
@@ -16,8 +18,18 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from mistral_ref.checkpoint.errors import CheckpointError, listing
-from mistral_ref.checkpoint.names import hf_to_native_name, is_vision_tensor, language_model_name, natural_key
+from mistral_ref.checkpoint.names import (
+    from_mistral_name,
+    hf_to_native_name,
+    is_fp8_scale,
+    is_vision_tensor,
+    language_model_name,
+    natural_key,
+    to_mistral_name,
+)
 from mistral_ref.checkpoint.safetensors_io import (
     PICKLE_SUFFIXES,
     TensorInfo,
@@ -173,6 +185,8 @@ def read_model_args(files: CheckpointFiles) -> ModelArgs:
 
 
 # ---- the tensor index: every tensor of the checkpoint, named natively, checked against the config ----------
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                    if hasattr(torch, n))
 _IGNORED_HF_KEYS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old HF RoPE buffers
 
 
@@ -302,6 +316,35 @@ def fused_expert_parts(hf_name: str, info: TensorInfo) -> list[tuple[str, Tensor
     return parts
 
 
+def refuse_fp8_quantized(files: CheckpointFiles, headers: dict[Path, dict[str, TensorInfo]]) -> None:
+    """Raise CheckpointError naming the tensor if the files are an FP8-quantized checkpoint (names.is_fp8_scale):
+    a tensor holding FP8 scales (qscale_weight, qscale_act, weight_scale_inv, ..._fake_quantizer.*), or float8
+    tensors under a config that declares quantization (params.json "quantization", config.json
+    "quantization_config").  Their float8 bytes mean something only times their scales, which are not applied
+    here.  (Plain float8 files that save_checkpoint(dtype=float8) writes, without scales, still load.)"""
+    for shard, header in headers.items():
+        for key in header:
+            if is_fp8_scale(key):
+                raise CheckpointError(
+                    f"{shard}: tensor {key!r} is a scale of an FP8-quantized checkpoint (float8 weights times "
+                    "per-tensor qscale_weight / weight_scale_inv scales), which mistral-ref does not load: use the "
+                    "BF16 release of the model")
+    try:
+        raw = json.loads(files.config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_model_args reports a bad config
+    declared = isinstance(raw, dict) and (raw.get("quantization") or raw.get("quantization_config"))
+    if not declared:
+        return
+    for shard, header in headers.items():
+        for key, info in header.items():
+            if info.dtype in _FP8_DTYPES:
+                raise CheckpointError(
+                    f"{shard}: tensor {key!r} is {str(info.dtype).removeprefix('torch.')} and {files.config.name} "
+                    f"declares quantization {json.dumps(declared)[:200]}: an FP8-quantized checkpoint, which "
+                    "mistral-ref does not load: use the BF16 release of the model")
+
+
 def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = True) -> dict[str, TensorInfo]:
     """{native name: TensorInfo} for every tensor the model needs, after checking names, shapes and dtypes.
 
@@ -310,10 +353,12 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
     and (if strict) unexpected keys; non-strict loads warn about the latter.
     """
     headers = {shard: read_safetensors_header(shard) for shard in files.shards}  # bad files are named first
+    refuse_fp8_quantized(files, headers)
     check_config_fits_files(files, args)
     expected = expected_shapes(args)
     index: dict[str, TensorInfo] = {}
     unexpected: list[str] = []
+    unexpected_file: dict[str, str] = {}  # unexpected key -> the file holding it
     problems: list[str] = []
     weight_map = None
     skipped: list[str] = []  # vision-tower tensors; an output weight the config ties to the embeddings
@@ -345,9 +390,10 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                     name = hf_to_native_name(language_model_name(key), args)
                 except KeyError:
                     unexpected.append(key)
+                    unexpected_file[key] = shard.name
                     continue
             else:
-                name = key
+                name = from_mistral_name(key, args)  # Mistral's names of latent attention / fine experts
             if name == "output.weight" and args.tied_embeddings:
                 warnings.warn(f"{shard}: ignoring {key!r}: {files.config.name} ties the output projection to the "
                               "embeddings (tied_embeddings / tie_word_embeddings), as transformers does",
@@ -356,6 +402,7 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
                 continue
             if name not in expected:
                 unexpected.append(key)
+                unexpected_file[key] = shard.name
                 continue
             if name in index:
                 raise CheckpointError(f"key {key!r} is stored twice: in {index[name].file} and in {shard}")
@@ -395,11 +442,17 @@ def checkpoint_index(files: CheckpointFiles, args: ModelArgs, strict: bool = Tru
         elif files.format == "native" and any(u.startswith("model.") for u in unexpected):
             hint = " — the file holds Hugging Face names: pass its config.json or name it model.safetensors"
         hint += _one_shard_hint(files)
+        if files.format == "native":  # as the file would name them (Mistral's names for latent layers)
+            missing = [to_mistral_name(m, args) for m in missing]
         problems.insert(0, f"{where}: missing {len(missing)} tensor(s) that {files.config.name} expects: "
                            f"{listing(missing)}{hint}")
     if unexpected:
+        named = [f"{k!r} (in {unexpected_file[k]})" for k in sorted(unexpected, key=natural_key)]
         message = (f"{where}: {len(unexpected)} unexpected tensor(s) that {files.config.name} does not "
-                   f"describe: {listing(sorted(unexpected, key=natural_key))}")
+                   f"describe: {listing(named)}")
+        if files.format == "native" and (args.mla is not None or args.fine_moe is not None):
+            message += (" — native files of latent-attention / fine-grained-expert models name their tensors as "
+                        "Mistral's do (checkpoint/names.py: to_mistral_name)")
         if strict:
             problems.append(message)
         else:

@@ -2,7 +2,9 @@
 
 The two formats hold the same numbers.  They differ in three ways only:
 
-1. tensor names: a fixed map (below), e.g. layers.3.attention.wq.weight <-> model.layers.3.self_attn.q_proj.weight;
+1. tensor names: a fixed map (below), e.g. layers.3.attention.wq.weight <-> model.layers.3.self_attn.q_proj.weight.
+   Our parameters carry the native names, except in latent attention and fine-grained experts (Mistral Small 4,
+   Large 3), whose modules keep HF's names and whose native files use Mistral's (:func:`to_mistral_name`);
 2. the config file: params.json vs config.json (config.py reads both into one ModelArgs);
 3. the row order of the query and key projections.  RoPE rotates pairs of features inside every head.  Native
    checkpoints pair neighbours (features 2i and 2i+1, "interleaved"); Hugging Face pairs the two halves of the
@@ -41,10 +43,12 @@ _LAYER_NAMES = {  # native suffix of layers.N. -> HF suffix of model.layers.N.
 # deepseek_v3's own names, so the attention names map one to one; the routed experts are named per expert here.
 # In files, transformers 5.23 writes DeepseekV3's experts per expert (the hub layout) but Mistral4's fused, one
 # experts.gate_up_proj and one experts.down_proj per layer (hf_fuses_experts; checkpoint.save writes them so,
-# checkpoint.files reads both).
-# Their rotary rows need NO permutation: both published configs say rope_interleave true, i.e. HF's rotary rows are
-# the interleaved pairs that native files and rope.apply_rotary_emb use (rope_interleave false is refused by
-# config.py).  Native params.json files of these models are not covered: we found no published mapping.
+# checkpoint.files reads both).  Mistral's own consolidated files spell these tensors differently again: see
+# "Mistral's native names" below.
+# Their rotary rows need NO permutation in either format: both published configs say rope_interleave true, i.e.
+# HF's rotary rows (the last qk_rope_head_dim rows of each q head, the last ones of kv_a_proj_with_mqa) are the
+# interleaved pairs that rope.apply_rotary_emb uses, and Mistral's files hold the same rows (vLLM and sglang load
+# them with is_neox_style=False rotary and no permutation).  rope_interleave false is refused by config.py.
 _MLA_ATTENTION = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                   "kv_b_proj")  # o_proj is attention.wo, as in every Mistral model
 _LATENT_LAYER_NAMES = {  # native suffix -> HF suffix, for models with args.mla / args.fine_moe
@@ -64,6 +68,86 @@ _NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_TO_NATIVE_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_NATIVE_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
+
+
+# ---- Mistral's native names for latent attention + fine-grained experts --------------------------------------
+# Our model's parameters keep HF's names for these layers (mla.py, fine_moe.py); Mistral's consolidated*.safetensors
+# of Mistral Small 4 / Mistral Large 3 name them as below.  Sources: vLLM's MistralLarge3ForCausalLM weight mapping
+# (it loads both models from params.json), transformers' convert_mistral4_weight_to_hf.py (the same names), and
+# sglang's copy of vLLM's mapping, which adds attention.wq for q_proj (no query compression) and router_biases for
+# a sigmoid router's correction bias (neither published model has them).  None of the three permutes any row of
+# these tensors.  Per layer N, our suffix of layers.N. -> Mistral's suffix of layers.N.:
+_MISTRAL_MLA_NAMES = {  # with args.mla
+    "attention.q_proj.weight": "attention.wq.weight",  # no query compression (q_lora_rank None)
+    "attention.q_a_proj.weight": "attention.wq_a.weight",
+    "attention.q_a_layernorm.weight": "attention.q_a_norm.weight",
+    "attention.q_b_proj.weight": "attention.wq_b.weight",
+    "attention.kv_a_proj_with_mqa.weight": "attention.wkv_a_with_mqa.weight",
+    "attention.kv_a_layernorm.weight": "attention.kv_a_norm.weight",
+    "attention.kv_b_proj.weight": "attention.wkv_b.weight",
+}
+_MISTRAL_FINE_MOE_NAMES = {  # with args.fine_moe: the experts sit directly under layers.N., not feed_forward
+    "feed_forward.gate.weight": "gate.weight",
+    "feed_forward.gate.e_score_correction_bias": "router_biases",
+    **{f"feed_forward.shared_experts.{w}.weight": f"shared_experts.{w}.weight" for w in ("w1", "w2", "w3")},
+}  # and feed_forward.experts.E.wK -> experts.E.wK.  Unchanged: attention.wo, attention_norm, ffn_norm, the dense
+#    layers' feed_forward.w1/w2/w3, and the global tensors.
+_MISTRAL_EXPERT = re.compile(r"experts\.(\d+)\.(w[123])\.weight")
+
+
+def _mistral_names(args: ModelArgs) -> dict[str, str]:
+    """Our suffix of layers.N. -> Mistral's, for the latent parts `args` has."""
+    return {**(_MISTRAL_MLA_NAMES if args.mla is not None else {}),
+            **(_MISTRAL_FINE_MOE_NAMES if args.fine_moe is not None else {})}
+
+
+def to_mistral_name(name: str, args: ModelArgs) -> str:
+    """Our parameter name -> its name in Mistral's native files (the same except for latent attention and
+    fine-grained experts): 'layers.3.attention.kv_b_proj.weight' -> 'layers.3.attention.wkv_b.weight',
+    'layers.3.feed_forward.experts.5.w1.weight' -> 'layers.3.experts.5.w1.weight'."""
+    m = _NATIVE_LAYER.fullmatch(name)
+    if m is None:
+        return name
+    layer, rest = m.groups()
+    names = _mistral_names(args)
+    if rest in names:
+        return f"layers.{layer}.{names[rest]}"
+    if args.fine_moe is not None and _EXPERT.fullmatch(rest):
+        return f"layers.{layer}.{rest.removeprefix('feed_forward.')}"
+    return name
+
+
+def from_mistral_name(key: str, args: ModelArgs) -> str:
+    """Inverse of :func:`to_mistral_name`: a tensor name of a native file -> our parameter name.
+
+    Names that are not Mistral's spelling come back unchanged: that includes the HF-style names
+    (layers.N.attention.q_a_proj.weight, layers.N.feed_forward.experts.E.w1.weight) that mistral-ref's
+    save_checkpoint wrote for these models before it wrote Mistral's, so such files keep loading."""
+    m = _NATIVE_LAYER.fullmatch(key)
+    if m is None:
+        return key
+    layer, rest = m.groups()
+    ours = {v: k for k, v in _mistral_names(args).items()}
+    if rest in ours:
+        return f"layers.{layer}.{ours[rest]}"
+    if args.fine_moe is not None and _MISTRAL_EXPERT.fullmatch(rest):
+        return f"layers.{layer}.feed_forward.{rest}"
+    return key
+
+
+# ---- FP8 checkpoints: recognised and refused ---------------------------------------------------------------
+# Mistral's FP8 releases (params.json "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR" or
+# "NO_SCALES"}) store each quantized weight `<module>.weight` as float8_e4m3fn next to a per-tensor scale
+# `<module>.qscale_weight` (bf16 weight = fp8 weight x qscale_weight; HF calls it weight_scale_inv, vLLM
+# weight_scale) and, with static activation scales ("TENSOR"), `<module>.qscale_act` (HF activation_scale, vLLM
+# input_scale); vLLM also maps `attention.{q,k,v}_fake_quantizer.qscale_act` (fp8 attention scales).  HF FP8 files
+# carry `weight_scale_inv`.  None of this is dequantized here: checkpoint.files refuses such files by name.
+_FP8_NAME = re.compile(r".*(\.qscale_weight|\.qscale_act|\.weight_scale_inv|_fake_quantizer\..*)")
+
+
+def is_fp8_scale(name: str) -> bool:
+    """True for a tensor that only FP8-quantized checkpoints carry (a weight or activation scale)."""
+    return _FP8_NAME.fullmatch(name) is not None
 
 
 def hf_fuses_experts(args: ModelArgs) -> bool:

@@ -28,7 +28,14 @@ from mistral_ref.checkpoint.files import (
     read_model_args,
     shard_names,
 )
-from mistral_ref.checkpoint.names import hf_fuses_experts, is_qk, native_to_hf_name, natural_key, to_hf_tensor
+from mistral_ref.checkpoint.names import (
+    hf_fuses_experts,
+    is_qk,
+    native_to_hf_name,
+    natural_key,
+    to_hf_tensor,
+    to_mistral_name,
+)
 from mistral_ref.checkpoint.quantized import quantization_entry
 from mistral_ref.checkpoint.safetensors_io import (
     CHUNK_BYTES,
@@ -146,6 +153,8 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
     """Write `model` as a native (params.json + consolidated*.safetensors) or Hugging Face (config.json +
     model*.safetensors [+ model.safetensors.index.json]) checkpoint directory.
 
+    Native files of latent-attention / fine-grained-expert models hold Mistral's tensor names (wq_a, wkv_b,
+    experts.E.w1, ...: names.to_mistral_name) and Mistral's params.json spelling (ModelArgs.to_params_json).
     HF files hold what transformers 5.23's save_pretrained writes for the model class, so its from_pretrained
     reads them: for Mistral4 (softmax-routed fine-grained experts) each layer's routed experts fused into
     experts.gate_up_proj / experts.down_proj (fuse_experts), for every other class one tensor per expert.
@@ -167,7 +176,7 @@ def save_checkpoint(model: Transformer, path: str | Path, format: str = "native"
             quantization["dtype"] = str(dtype).removeprefix("torch.")
     tensors = []
     for name, param in model.state_dict().items():
-        out_name = native_to_hf_name(name, args) if fmt == "hf" else name
+        out_name = native_to_hf_name(name, args) if fmt == "hf" else to_mistral_name(name, args)
         cast = dtype if param.is_floating_point() else None  # quantized codes keep their integer dtype
 
         def produce(name: str = name, param: torch.Tensor = param, cast: torch.dtype | None = cast) -> torch.Tensor:
@@ -236,7 +245,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, format: str = "hf",
                 tensor = to_hf_tensor(name, tensor, args)[1]
             return tensor
 
-        out_name = native_to_hf_name(name, args) if format == "hf" else name
+        out_name = native_to_hf_name(name, args) if format == "hf" else to_mistral_name(name, args)
         tensors.append(TensorToWrite(out_name, info.shape, dtype or info.dtype, produce))
     try:
         written = _write_checkpoint(Path(dst), format, args, tensors, max_shard_bytes, progress)

@@ -77,3 +77,29 @@ def test_cli_quantize(tmp_path, capsys):
     assert "group_size must be one of 32, 64, 128, 256 for int4, got 100" in capsys.readouterr().err
     assert main(["quantize", str(dst), str(tmp_path / "again"), "--scheme", "int4", "--threads", "1"]) == 2
     assert "is already quantized (int8)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_latent_attention_model_saves_mistral_names(tmp_path, scheme):
+    """A quantized Small-4-shaped model is written with Mistral's native names (codes and scales follow their
+    weight's name: attention.wkv_b.weight.qweight) and loads back bit for bit."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from test_mla import tiny
+
+    from mistral_ref.model import Transformer
+    torch.manual_seed(0)
+    args = tiny(dim=64, hidden_dim=64, vocab_size=64)  # widths multiples of 32: what the int4 kernel takes
+    args = replace(args, mla=replace(args.mla, kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=16,
+                                     v_head_dim=8, q_lora_rank=32),
+                   fine_moe=replace(args.fine_moe, moe_intermediate_size=32))
+    model = quantize_model(Transformer(args).eval(), scheme)
+    save_checkpoint(model, tmp_path)
+    with safe_open(tmp_path / "consolidated.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "layers.0.attention.wkv_b.weight.qweight" in keys and "layers.0.attention.kv_a_norm.weight" in keys
+    assert not any("kv_b_proj" in k or "layernorm" in k for k in keys)
+    loaded = load_model(tmp_path)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    assert torch.equal(loaded(tokens), model(tokens))

@@ -101,10 +101,22 @@ def _mistral_names(args: ModelArgs) -> dict[str, str]:
             **(_MISTRAL_FINE_MOE_NAMES if args.fine_moe is not None else {})}
 
 
+_QUANTIZED_SUFFIX = re.compile(r"(.*\.weight)(\.qweight|\.scales|\.scales_and_zeros)")
+
+
+def _split_quantized(name: str) -> tuple[str, str]:
+    """'x.weight.qweight' -> ('x.weight', '.qweight'); other names -> (name, '')."""
+    m = _QUANTIZED_SUFFIX.fullmatch(name)
+    return (m[1], m[2]) if m else (name, "")
+
+
 def to_mistral_name(name: str, args: ModelArgs) -> str:
     """Our parameter name -> its name in Mistral's native files (the same except for latent attention and
     fine-grained experts): 'layers.3.attention.kv_b_proj.weight' -> 'layers.3.attention.wkv_b.weight',
     'layers.3.feed_forward.experts.5.w1.weight' -> 'layers.3.experts.5.w1.weight'."""
+    base, suffix = _split_quantized(name)
+    if suffix:  # a quantized weight's codes / scales (quantize.py) follow their weight's name
+        return to_mistral_name(base, args) + suffix
     m = _NATIVE_LAYER.fullmatch(name)
     if m is None:
         return name
@@ -123,6 +135,9 @@ def from_mistral_name(key: str, args: ModelArgs) -> str:
     Names that are not Mistral's spelling come back unchanged: that includes the HF-style names
     (layers.N.attention.q_a_proj.weight, layers.N.feed_forward.experts.E.w1.weight) that mistral-ref's
     save_checkpoint wrote for these models before it wrote Mistral's, so such files keep loading."""
+    base, suffix = _split_quantized(key)
+    if suffix:
+        return from_mistral_name(base, args) + suffix
     m = _NATIVE_LAYER.fullmatch(key)
     if m is None:
         return key

@@ -22,6 +22,7 @@ import torch
 from mistral_ref.checkpoint.dtypes import parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles
+from mistral_ref.checkpoint.names import from_mistral_name
 from mistral_ref.checkpoint.safetensors_io import TensorInfo, read_safetensors_header
 from mistral_ref.config import ModelArgs
 from mistral_ref.model import Transformer, meta_model
@@ -76,6 +77,7 @@ def quantized_index(files: CheckpointFiles, model: Transformer) -> dict[str, Ten
     problems: list[str] = []
     for shard in files.shards:
         for key, info in read_safetensors_header(shard).items():
+            key = from_mistral_name(key, model.args)  # Mistral's names of latent attention / fine experts
             if key not in expected:
                 problems.append(f"{shard}: unexpected tensor {key!r}")
                 continue

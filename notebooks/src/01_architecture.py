@@ -557,8 +557,8 @@ plt.show()
 # `Σ p (W_UV c) = W_UV (Σ p c)`, so the query is moved into latent space once, scores are dot products with the
 # cached latents, and the value projection is applied once to the weighted latent: `2 × H × c` per cached token.
 # Same numbers, in another order. Below: a tiny Small-4-shaped model fills its latent cache with a prompt; with its
-# layer-0 `kv_b_proj` and those cached latents, the absorbed attention equals the plain one (expand, then
-# `mla.latent_attention`) to fp32 rounding.
+# layer-0 `kv_b_proj` and those cached latents, the absorbed attention equals the plain one
+# (`mla.latent_attention`, which expands) to fp32 rounding.
 
 # %%
 tiny = dataclasses.replace(small4, dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=16,
@@ -578,8 +578,8 @@ H, n, v = tiny.n_heads, tiny.mla.qk_nope_head_dim, tiny.mla.v_head_dim
 q_nope, q_rope = torch.randn(1, 1, H, n), torch.randn(1, 1, H, tiny.mla.qk_rope_head_dim)  # one decode query
 q_pos, k_pos = torch.tensor([[S]]), torch.arange(S)[None]
 with torch.no_grad():
-    expanded = (latents @ attn0.kv_b_proj.weight.T).view(1, S, H, n + v)  # every cached token expanded
-    plain = latent_attention(q_nope, q_rope, expanded[..., :n], k_rope, expanded[..., n:], q_pos, k_pos, attn0.scale)
+    # the reference expands every cached latent with kv_b_proj into per-head keys and values, then attends
+    plain = latent_attention(q_nope, q_rope, latents, k_rope, attn0.kv_b_proj.weight, v, q_pos, k_pos, attn0.scale)
     absorbed = absorbed_latent_attention(q_nope, q_rope, latents, k_rope, attn0.kv_b_proj.weight, v, q_pos, k_pos,
                                          attn0.scale)
 err = ((absorbed - plain).abs().max() / plain.abs().max()).item()

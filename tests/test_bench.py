@@ -41,6 +41,18 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
     assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
     assert re.search(r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \|", text), text
+    # llama.cpp: its tables where llama-cpp-python is installed, else one line that says why not
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        assert re.search(r"^llama\.cpp peer skipped: .+", text, re.M), text
+        assert "## llama.cpp" not in text
+    else:
+        assert re.search(r"\| tiny-gqa \| fp32 \| F32 \| .* \| \d+\.\d+ \[.*\]x \| \d+/8 \|", text), text
+        assert re.search(r"\| tiny-gqa \| fp32 \| 128 \| \d+ \[.*\] \| \d+ \[.*\] \|", text), text
+        assert "fp32 greedy tokens identical to llama.cpp's in every model: True" in text
+        peer = result["models"]["tiny-gqa"]["llama_cpp"]["fp32"]
+        assert peer["decode_b1"]["llama_cpp"]["median"] > 0 and peer["prefill_128"]["llama_cpp"]["median"] > 0
 
 
 @pytest.mark.slow
@@ -82,3 +94,90 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
     moe = ModelArgs(**{**dense.__dict__, "moe": MoeArgs(4, 2)})
     experts = 3 * 64 * 96
     assert prefill_flops(moe, 1) == prefill_flops(dense, 1) + 2 * 2 * (experts + 64 * 4)
+
+
+def _peer():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import peer_llamacpp
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return peer_llamacpp
+
+
+def test_llamacpp_gguf_files_hold_the_bench_weights(tmp_path):
+    """The llama.cpp peer's files: one GGUF per dtype row, written by mistral_ref's writer with a tokenizer
+    llama.cpp can load, and loading back (our reader) to the very weights; a model whose vocabulary cannot hold
+    the tokenizer gets a reason instead."""
+    pytest.importorskip("gguf")
+    import torch
+    from model_helpers import random_model
+
+    from mistral_ref.checkpoint import load_model
+    from mistral_ref.checkpoint.gguf import open_gguf
+    from mistral_ref.config import ModelArgs
+
+    peer = _peer()
+    args = ModelArgs(dim=64, n_layers=1, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=peer.TOKENIZER_SIZE, norm_eps=1e-5, rope_theta=1e6)
+    model = random_model(args)
+    files = peer.write_gguf(model, tmp_path, ["fp32", "bf16"])
+    assert set(files) == {"fp32", "bf16"}
+    assert open_gguf(files["bf16"]).fields["tokenizer.ggml.model"].contents() == "llama"
+    for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        loaded = load_model(files[dname])
+        assert loaded.dtype == dtype
+        assert all(torch.equal(a, b.to(dtype)) for a, b in zip(loaded.state_dict().values(),
+                                                                 model.state_dict().values()))
+    small = peer.write_gguf(random_model(ModelArgs(**{**args.__dict__, "vocab_size": 1024})), tmp_path, ["fp32"])
+    assert isinstance(small, str) and "vocabulary (1024)" in small
+
+
+def test_llamacpp_tables_and_agreement():
+    """peer_llamacpp.print_tables: decode rows for each dtype and quantized scheme, prefill rows, agreement."""
+    peer = _peer()
+    s = {"median": 2.0, "min": 1.0, "max": 3.0}
+    dec = {"ours": s, "llama_cpp": s, "ratio": s, "agreement": 8}
+    results = {"m": {"fp32": {"decode_b1": dec, "prefill_512": {"ours": s, "llama_cpp": s, "ratio": s}},
+                     "int4": {**dec, "agreement": 3, "qtype": "Q4_0", "agreement_ours_fp32": 5,
+                              "agreement_llama_cpp_fp32": 4}},
+               "skipped-model": {"skipped": "why"}}
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        peer.print_tables(results, 8, 32)
+    text = out.getvalue()
+    assert "| m | fp32 | F32 | 2.0 [1.0-3.0] | 2.0 [1.0-3.0] | 2.00 [1.00-3.00]x | 8/8 |" in text
+    assert "| m | int4 | Q4_0 | 2.0 [1.0-3.0] | 2.0 [1.0-3.0] | 2.00 [1.00-3.00]x | 3/8 (fp32: 5 / 4) |" in text
+    assert "| m | fp32 | 512 | 2 [1-3] | 2 [1-3] | 2.00 [1.00-3.00]x |" in text
+    assert "fp32 greedy tokens identical to llama.cpp's in every model: True" in text
+    assert "skipped-model" not in text
+    assert peer.agreement([1, 2, 3, 4], [1, 2, 5, 4]) == 2 and peer.agreement([1], [1, 2]) == 1
+
+
+@pytest.mark.slow
+def test_llamacpp_int_rows_against_q8_0_and_q4_0(tmp_path):
+    """mistral_ref int8/int4 (quantize_model) against llama.cpp's Q8_0/Q4_0 of the same F32 file: both decode and
+    print their agreement with the fp32 tokens.  Needs llama_cpp and issue 21's mistral_ref.quantize_model."""
+    import mistral_ref
+
+    if not hasattr(mistral_ref, "quantize_model"):
+        pytest.skip("mistral_ref.quantize_model is not in this tree (issue 21's quantization branch)")
+    peer = _peer()
+    if peer.unavailable():
+        pytest.skip(f"llama_cpp is not importable ({peer.unavailable()}): pip install 'mistral-ref[bench]'")
+    from model_helpers import random_model
+
+    from mistral_ref.config import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16,
+                     vocab_size=peer.TOKENIZER_SIZE, norm_eps=1e-5, rope_theta=1e6)
+    files = peer.write_gguf(random_model(args), tmp_path, ["fp32"])
+    out = peer.bench_quantized("tiny", files, 1, 2, 16, 8, reference=None)
+    assert set(out) == {"int8", "int4"}
+    for scheme, qtype in (("int8", "Q8_0"), ("int4", "Q4_0")):
+        assert out[scheme]["qtype"] == qtype and (tmp_path / f"{qtype}.gguf").is_file()
+        assert out[scheme]["ours"]["median"] > 0 and out[scheme]["llama_cpp"]["median"] > 0
+        assert 0 <= out[scheme]["agreement"] <= 8

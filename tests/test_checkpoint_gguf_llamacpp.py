@@ -165,7 +165,8 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, one_thread):
     prompt = tok.encode("The view function returns an HTTP response", bos=True)
     assert len(prompt) + 32 <= model.args.sliding_window
     ours = generate(model, [prompt], 32, temperature=0.0, ignore_eos=True)[0].tokens
-    llm = llama_cpp_module.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, verbose=False)
+    llm = llama_cpp_module.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1,
+                                 logits_all=True, verbose=False)
     llm.eval(prompt)
     theirs = []
     for _ in range(32):

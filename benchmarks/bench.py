@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     why_not = "--no-llamacpp" if opts.no_llamacpp else llamacpp.unavailable()
     if why_not:
-        print(f"llama.cpp peer skipped: {why_not} (`make bench` builds llama-cpp-python, the `bench` extra)\n")
+        hint = "" if opts.no_llamacpp else " (`make bench` builds llama-cpp-python, the `bench` extra)"
+        print(f"llama.cpp peer skipped: {why_not}{hint}\n")
     llamacpp_results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, args in models.items():

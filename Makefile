@@ -57,7 +57,24 @@ test-fast: $(STAMP)
 notebooks: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/test_notebooks.py
 
+# llama.cpp, the bench's second peer, comes from llama-cpp-python (the `bench` extra), an sdist that compiles
+# llama.cpp for this CPU (GGML_NATIVE: AVX2/AVX-512 as the CPU has them; no GPU back-end, no multimodal library)
+# the first time: minutes. Where it cannot be built the bench runs without it, saying so in one line;
+# `rm .venv/.llama-cpp-failed` tries again.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
 bench: $(STAMP)
+	@if $(BIN)/python -c "import llama_cpp" 2>/dev/null; then :; \
+	elif [ -e $(VENV)/.llama-cpp-failed ]; then \
+	  echo "llama.cpp peer skipped: llama-cpp-python failed to build before ($(VENV)/llama-cpp-build.log; rm $(VENV)/.llama-cpp-failed to retry)"; \
+	else \
+	  echo "== building llama-cpp-python, llama.cpp from source for this CPU (minutes; log: $(VENV)/llama-cpp-build.log)"; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -c $(VENV)/tested-versions.txt -e '.[bench]' \
+	    > $(VENV)/llama-cpp-build.log 2>&1 \
+	  || { touch $(VENV)/.llama-cpp-failed; \
+	       echo "llama.cpp peer skipped: llama-cpp-python could not be built (log: $(VENV)/llama-cpp-build.log)"; }; \
+	fi
 	$(BIN)/python benchmarks/bench.py --compile $(BENCH_ARGS)
 
 bench-kernels: $(STAMP)

@@ -20,7 +20,10 @@ Measured, alternating mistral_ref and transformers run by run (the order flips e
 * the compute ceiling of prefill: FLOPs per prompt token over the FLOP/s of the fastest of 9 runs of a 512-row
   matrix product measured next to the row, and how close each library comes to it;
 * with --compile (as `make bench` runs it): batch-1 decode again after Transformer.compile_decode();
-* loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is.
+* loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is;
+* llama.cpp (benchmarks/peer_llamacpp.py, where llama-cpp-python is installed; --no-llamacpp skips it): the same
+  weights written by mistral_ref's GGUF writer, decode batch 1 and prefill against llama.cpp at each dtype with
+  greedy agreement, and mistral_ref int8/int4 against llama.cpp's own Q8_0/Q4_0.
 
 Every figure is a median over --runs rounds with its [min-max] spread; ratios are per-round ratios (ours / theirs).
 The machine may be shared: the load average is printed before and after.  A benchmark, not a test: nothing here
@@ -75,7 +78,7 @@ MODELS = {
 }
 QUICK_MODELS = {
     "tiny-gqa": ModelArgs(dim=128, n_layers=2, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32,
-                          vocab_size=1024, norm_eps=1e-5, rope_theta=1e6),
+                          vocab_size=3072, norm_eps=1e-5, rope_theta=1e6),  # 3072: llama.cpp's GGUF tokenizer
     # the small4 row's path (latent attention, 16 fine-grained experts top-4 + shared, Mistral4ForCausalLM), tiny
     "tiny-small4": ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=16,
                              vocab_size=1024, norm_eps=1e-6, rope_theta=1e4,
@@ -348,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true",
                    help="also measure decode with Transformer.compile_decode() (compiling takes minutes)")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     opts = p.parse_args(argv)
     warnings.filterwarnings("ignore")
 
@@ -382,12 +386,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"medians [min-max] of {runs} alternating rounds; ratio = mistral_ref / transformers per round\n")
 
     decode_rows, prefill_rows = [], []
+    import peer_llamacpp as llamacpp  # here, not at the top: it imports this module's helpers
+
+    why_not = "--no-llamacpp" if opts.no_llamacpp else llamacpp.unavailable()
+    if why_not:
+        hint = "" if opts.no_llamacpp else " (`make bench` builds llama-cpp-python, the `bench` extra)"
+        print(f"llama.cpp peer skipped: {why_not}{hint}\n")
+    llamacpp_results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, args in models.items():
             base = random_model(args)
             hf_dir = Path(tmp) / name
             save_checkpoint(base, hf_dir, format="hf")  # fp32; transformers casts on load
             res = result["models"][name] = {"parameters": sum(q.numel() for q in base.parameters())}
+            ggufs = None if why_not else llamacpp.write_gguf(base, Path(tmp) / f"{name}-gguf", dtypes)
             for dname in dtypes:
                 dtype = DTYPES[dname]
                 ours = base.to(dtype)  # in place: one copy of the weights per model
@@ -436,6 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
                           f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
                 del hf, ours
+            if ggufs is not None:
+                r = res["llama_cpp"] = llamacpp_results[name] = llamacpp.bench_model(
+                    name, ggufs, dtypes, torch.get_num_threads(), runs, prompt_len, new, prefill_lens,
+                    opts.long_prefill_runs)
+                fp32_tokens = r.get("fp32", {}).get("decode_b1", {}).get("tokens", {}).get("ours")
+                r.update(llamacpp.bench_quantized(name, ggufs, torch.get_num_threads(), runs, prompt_len, new,
+                                                  fp32_tokens))
 
     print(f"\n## Decode: tokens/s, greedy, {new} new tokens after a {prompt_len}-token prompt")
     print("floor = read bandwidth measured just before and after the row / bytes of weights and KV cache read per "
@@ -466,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * pf['ours']['median'] / ceil:.0f}% / {100 * pf['transformers']['median'] / ceil:.0f}% |")
     same = all(d["same_tokens"] for _, dname, _, d, _ in decode_rows if dname == "fp32")
     print(f"\nfp32 greedy tokens identical to transformers' in every decode run: {same}")
+    if llamacpp_results:
+        llamacpp.print_tables(llamacpp_results, new, prompt_len)
 
     bench_load = Path(__file__).with_name("bench_load.py")
     if not quick and not opts.no_load:

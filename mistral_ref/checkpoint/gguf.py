@@ -33,7 +33,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from mistral_ref.checkpoint.safetensors_io import Progress
 from mistral_ref.config import ConfigError, ModelArgs, MoeArgs
 from mistral_ref.model import Transformer, meta_model
 from mistral_ref.quantize import QuantizedWeight, quantized_shell
+
+if TYPE_CHECKING:
+    from mistral_ref.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -392,16 +395,31 @@ def _gguf_name(native: str) -> str:
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}  # LlamaFileType
 
 
+def _model_tokenizer_dir(model: Transformer) -> Path | None:
+    """The directory of the checkpoint `model` was loaded from (where its tokenizer file lives), if known."""
+    files = getattr(model, "checkpoint_files", None)
+    if files is None:
+        return None
+    return Path(files.config).parent
+
+
 def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: str | None = None,
-              progress: bool | None = None) -> Path:
+              progress: bool | None = None, tokenizer: Tokenizer | str | Path | None = None) -> Path:
     """Write `model` as a llama.cpp GGUF file (architecture "llama"), one tensor at a time.
 
     qtype: the ggml type of the matrices (SAVE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); norms and
     the MoE router stay F32, as llama.cpp keeps them.  Quantized types need every row length to be a multiple
     of 32.  q/k rows are written in the native order, which is llama.cpp's (module docstring).  Experts are
-    stacked into blk.N.ffn_{gate,up,down}_exps.  name: general.name (default: the file's stem).  No tokenizer
-    is written (mistral-ref reads the tokenizer file next to the .gguf).  The file is written to a temporary
-    name and renamed.  Returns the path.
+    stacked into blk.N.ffn_{gate,up,down}_exps.  name: general.name (default: the file's stem).
+
+    tokenizer: a Tokenizer, a tokenizer file or a checkpoint directory; None: the one next to the checkpoint the
+    model was loaded from (model.checkpoint_files), if any.  Its vocabulary is written as llama.cpp's
+    tokenizer.ggml.* metadata (checkpoint/gguf_tokenizer.py: SentencePiece as model "llama", tekken as "gpt2"
+    with the "tekken" pre-tokenizer), which llama.cpp needs to load the file; without a tokenizer the file
+    still loads here (mistral-ref reads the tokenizer file next to the .gguf) but not in llama.cpp, and a warning
+    says so.  A sliding window is written as llama.attention.sliding_window, which llama.cpp's "llama"
+    architecture ignores: it attends to the whole context.  The file is written to a temporary name and
+    renamed.  Returns the path.
     """
     path = Path(path)
     gguf = _gguf_package(path)
@@ -411,7 +429,30 @@ def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: st
     if isinstance(args.sliding_window, tuple):
         raise CheckpointError(f"{path}: GGUF metadata cannot express a per-layer sliding window list "
                               f"({args.sliding_window})")
+    if args.mla is not None or args.fine_moe is not None:
+        raise CheckpointError(f"{path}: latent attention / fine-grained experts (Mistral Small 4, Large 3) are "
+                              "not written to GGUF here: this writer knows llama.cpp's 'llama' architecture only")
+    if getattr(model, "quantization", None) is not None:  # quantize.quantize_model's record
+        raise CheckpointError(f"{path}: the model is quantized ({model.quantization['scheme']}); save_gguf writes "
+                              "a float model (its qtype argument quantizes: Q8_0, Q4_0, ...)")
     arch = "llama"
+    if tokenizer is None:
+        directory = _model_tokenizer_dir(model)
+        if directory is not None and directory.is_dir():
+            from mistral_ref.tokenizer import TokenizerError, find_tokenizer_file
+
+            try:
+                tokenizer = find_tokenizer_file(directory)
+            except TokenizerError:
+                tokenizer = None
+    vocab = None
+    if tokenizer is None:
+        log.warning("%s: written without a tokenizer (pass save_gguf(..., tokenizer=...)): llama.cpp cannot load "
+                    "it, mistral-ref reads the tokenizer file placed next to it", path)
+    else:
+        from mistral_ref.checkpoint.gguf_tokenizer import add_tokenizer, tokenizer_metadata
+
+        vocab = tokenizer_metadata(tokenizer, args.vocab_size)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, arch)
     writer.add_string("general.name", name or path.stem)
@@ -431,6 +472,8 @@ def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: st
         writer.add_uint32(f"{arch}.{key}", int(value))
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", args.norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", args.rope_theta)
+    if vocab is not None:
+        add_tokenizer(writer, vocab)
 
     # The plan: (gguf name, the native tensors it holds (stacked if several), ggml type).
     state = model.state_dict()

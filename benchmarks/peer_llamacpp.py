@@ -1,0 +1,289 @@
+"""llama.cpp as a peer in benchmarks/bench.py: the same random weights, exported by mistral_ref's own GGUF writer.
+
+llama.cpp comes from llama-cpp-python (the `bench` extra; `make bench` builds it from source, llama.cpp included,
+for this CPU), driven through its C API (llama_decode on one sequence, batch 1, n_threads = the bench's threads),
+not through its high-level Llama class, so that both sides time the same work:
+
+* decode: greedy, `new` tokens after the same random `prompt`-token prompt as bench.py's decode rows; one
+  llama_decode for the prompt, then one per token; tokens/s = 1 / mean seconds between the ends of consecutive
+  passes, the argmax included (as bench.py's hook times mistral_ref's generate());
+* prefill T: llama_decode of the same T random tokens into a cleared KV cache (n_batch = the context, so it is one
+  call; llama.cpp splits it into micro-batches of n_ubatch=512 itself), logits of the last token only;
+* greedy agreement: llama.cpp's tokens against mistral_ref's tokens of the same runs (leading tokens equal / new);
+* Q8_0 / Q4_0: the F32 file quantized by llama.cpp's own quantizer (llama_model_quantize: its default recipe,
+  which keeps norms in F32 and, for Q4_0, the output matrix in Q6_K), beside mistral_ref's int8 / int4
+  (`mistral_ref.quantize_model`, group size 32) of the same weights.
+
+Each comparison alternates mistral_ref and llama.cpp round by round (bench.alternate), medians [min-max] over the
+rounds.  mistral_ref's side is loaded from the very GGUF file llama.cpp reads (load_model), so both multiply the
+same numbers.  llama.cpp's KV cache is F32 in the fp32 rows (same precision as ours) and its default F16 otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench import StepClock, alternate, fmt, ratios, summary
+
+from mistral_ref.cache import KVCache
+from mistral_ref.checkpoint import load_model, save_gguf
+from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+from mistral_ref.generation import generate
+from mistral_ref.model import Transformer
+
+#: GGUF type of each dtype row, and llama.cpp's quantized types beside mistral_ref's schemes.
+GGUF_TYPES = {"fp32": "F32", "bf16": "BF16"}
+QUANTIZED = {"int8": "Q8_0", "int4": "Q4_0"}
+#: The tokenizer written into the GGUF files (llama.cpp needs one to load a model; the bench feeds token ids,
+#: so which one does not matter): the embedded model's SentencePiece vocabulary, padded with unused tokens.
+TOKENIZER = EMBEDDED_MODEL_DIR / "tokenizer.model.v3"
+TOKENIZER_SIZE = 3072
+
+
+def unavailable() -> str | None:
+    """None if llama_cpp imports, else why not (one line)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception as e:  # ImportError, or OSError/RuntimeError from loading its shared library
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_LOG_CALLBACK = None
+
+
+def _quiet(llama_cpp) -> None:
+    """Keep llama.cpp's log to errors (its loader prints hundreds of lines per model)."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        def log(level: int, text: bytes, _user) -> None:
+            if level == 4:  # GGML_LOG_LEVEL_ERROR
+                print(text.decode(errors="replace"), end="", flush=True)
+
+        _LOG_CALLBACK = llama_cpp.llama_log_callback(log)
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+
+
+class LlamaCpp:
+    """One GGUF file loaded by llama.cpp with one context: a single sequence at batch 1."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False):
+        import llama_cpp as L
+
+        _quiet(L)
+        self.L = L
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = n_ctx
+        cp.n_threads = cp.n_threads_batch = threads
+        if kv_f32:
+            cp.type_k = cp.type_v = L.GGML_TYPE_F32
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context for {path}")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.memory = L.llama_get_memory(self.ctx)
+
+    def forward(self, tokens: list[int]) -> np.ndarray:
+        """llama_decode of `tokens` after what the cache holds; the logits of the last one, (n_vocab,)."""
+        L = self.L
+        ids = (L.llama_token * len(tokens))(*tokens)
+        if L.llama_decode(self.ctx, L.llama_batch_get_one(ids, len(tokens))) != 0:
+            raise RuntimeError(f"llama_decode failed on {len(tokens)} tokens")
+        return np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        self.L.llama_memory_clear(self.memory, True)
+        return self.forward(tokens)
+
+    def greedy(self, prompt: list[int], new: int) -> tuple[list[int], float, float]:
+        """(tokens, seconds to the end of the prompt's pass, seconds per later pass) of a greedy decode."""
+        self.L.llama_memory_clear(self.memory, True)
+        t0 = time.perf_counter()
+        out = [int(self.forward(prompt).argmax())]
+        first = time.perf_counter()
+        for _ in range(new - 1):
+            out.append(int(self.forward([out[-1]]).argmax()))
+        return out, first - t0, (time.perf_counter() - first) / max(new - 1, 1)
+
+    def close(self) -> None:
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, threads: int) -> Path:
+    """`src` (F32 GGUF) quantized to `qtype` ("Q8_0" | "Q4_0") by llama.cpp's llama_model_quantize."""
+    import llama_cpp as L
+
+    _quiet(L)
+    params = L.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = {"Q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}[qtype]
+    if L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize {src} -> {qtype} failed")
+    return dst
+
+
+def write_gguf(model: Transformer, directory: Path, dtypes: list[str]) -> dict[str, Path] | str:
+    """`model`'s weights (fp32) as one GGUF per dtype row, by mistral_ref's writer; or why not (a line)."""
+    if model.args.mla is not None or model.args.fine_moe is not None:
+        return ("latent attention / fine-grained experts: mistral_ref's GGUF writer writes llama.cpp's 'llama' "
+                "architecture only")
+    if model.args.vocab_size < TOKENIZER_SIZE:
+        return (f"the vocabulary ({model.args.vocab_size}) is smaller than the {TOKENIZER_SIZE} tokens of the "
+                "tokenizer the GGUF must carry")
+    directory.mkdir(parents=True, exist_ok=True)
+    return {d: save_gguf(model, directory / f"{d}.gguf", GGUF_TYPES[d], tokenizer=TOKENIZER, progress=False)
+            for d in dtypes if d in GGUF_TYPES}
+
+
+def agreement(ours: list[int], theirs: list[int]) -> int:
+    """How many leading tokens are equal."""
+    n = 0
+    while n < min(len(ours), len(theirs)) and ours[n] == theirs[n]:
+        n += 1
+    return n
+
+
+def compare_decode(ours: Transformer, theirs: LlamaCpp, prompt_len: int, new: int, runs: int) -> dict:
+    """Greedy decode, batch 1, alternating mistral_ref's generate() and llama.cpp's llama_decode loop."""
+    prompt = torch.randint(0, ours.args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    plist = prompt.tolist()
+    tokens: dict[str, list[int]] = {}
+
+    def ours_fn():
+        tokens["ours"] = generate(ours, plist, new, temperature=0.0)[0].tokens
+
+    def theirs_fn():
+        tokens["llama_cpp"], first, step = theirs.greedy(plist[0], new)
+        return first, step
+
+    clock = StepClock(ours)
+    try:
+        t = alternate({"ours": lambda: clock.run(ours_fn), "llama_cpp": theirs_fn}, runs, measure=lambda fn: fn())
+    finally:
+        clock.handle.remove()
+    rate = {k: [1 / step for _, step in v] for k, v in t.items()}
+    return {"ours": summary(rate["ours"]), "llama_cpp": summary(rate["llama_cpp"]),
+            "ratio": ratios(rate["ours"], rate["llama_cpp"]),
+            "ttft_ours_s": summary([f for f, _ in t["ours"]]), "ttft_llama_cpp_s": summary([f for f, _ in
+                                                                                            t["llama_cpp"]]),
+            "agreement": agreement(tokens["ours"], tokens["llama_cpp"]), "new": new,
+            "tokens": tokens, "raw": rate}
+
+
+def compare_prefill(ours: Transformer, theirs: LlamaCpp, T: int, runs: int, warmup: bool = True) -> dict:
+    """One pass over the same T random tokens as bench.py's prefill rows, into a fresh cache; last logits."""
+    tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    positions, last, tlist = torch.arange(T)[None], torch.tensor([T - 1]), tokens[0].tolist()
+
+    @torch.inference_mode()
+    def ours_fn():
+        return ours(tokens, positions, KVCache(ours.args, 1, T + 1, dtype=ours.dtype), logits_at=last)
+
+    t = alternate({"ours": ours_fn, "llama_cpp": lambda: theirs.prefill(tlist)}, runs, warmup=warmup)
+    rate = {k: [T / x for x in v] for k, v in t.items()}
+    return {"ours": summary(rate["ours"]), "llama_cpp": summary(rate["llama_cpp"]),
+            "ratio": ratios(rate["ours"], rate["llama_cpp"]), "raw": rate}
+
+
+def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], threads: int, runs: int,
+                prompt_len: int, new: int, prefill_lens: list[int], long_runs: int) -> dict:
+    """Every fp32/bf16 row of one model against llama.cpp (the files from write_gguf), printing as it goes."""
+    if isinstance(files, str):
+        print(f"  llama.cpp {name}: skipped: {files}")
+        return {"skipped": files}
+    n_ctx = max([*prefill_lens, prompt_len + new]) + 16
+    out: dict = {}
+    for dname in dtypes:
+        if dname not in files:
+            continue
+        ours = load_model(files[dname], dtype="float32" if dname == "fp32" else "bfloat16")
+        theirs = LlamaCpp(files[dname], n_ctx, threads, kv_f32=dname == "fp32")
+        try:
+            entry = out[dname] = {}
+            d = entry["decode_b1"] = compare_decode(ours, theirs, prompt_len, new, runs)
+            print(f"  llama.cpp decode {name} {dname} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, ratio "
+                  f"{fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}", flush=True)
+            for i, T in enumerate(prefill_lens):
+                long = T > 1024 and i > 0
+                pf = entry[f"prefill_{T}"] = compare_prefill(ours, theirs, T, long_runs if long else runs,
+                                                             warmup=not long)
+                print(f"  llama.cpp prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['llama_cpp'], 0)} "
+                      f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
+        finally:
+            theirs.close()
+            del ours
+    return out
+
+
+def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs: int, prompt_len: int,
+                    new: int, reference: list[int] | None = None) -> dict:
+    """mistral_ref int8 / int4 (quantize_model, group 32) against llama.cpp Q8_0 / Q4_0 of the same F32 file:
+    decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens) printed."""
+    import mistral_ref
+
+    if isinstance(files, str) or "fp32" not in files:
+        return {"skipped": files if isinstance(files, str) else "no F32 file (run with fp32 in --dtypes)"}
+    quantize_model = getattr(mistral_ref, "quantize_model", None)
+    if quantize_model is None:
+        line = "mistral_ref.quantize_model is missing (issue 21's quantization is not in this tree)"
+        print(f"  llama.cpp Q8_0/Q4_0 {name}: skipped: {line}")
+        return {"skipped": line}
+    out: dict = {}
+    src = files["fp32"]
+    for scheme, qtype in QUANTIZED.items():
+        path = quantize_gguf(src, src.with_name(f"{qtype}.gguf"), qtype, threads)
+        ours = quantize_model(load_model(src, dtype="float32"), scheme, group_size=32)
+        theirs = LlamaCpp(path, prompt_len + new + 16, threads)
+        try:
+            d = out[scheme] = compare_decode(ours, theirs, prompt_len, new, runs)
+        finally:
+            theirs.close()
+            del ours
+        d["qtype"] = qtype
+        if reference is not None:
+            d["agreement_ours_fp32"] = agreement(reference, d["tokens"]["ours"])
+            d["agreement_llama_cpp_fp32"] = agreement(reference, d["tokens"]["llama_cpp"])
+        print(f"  llama.cpp decode {name} {scheme} vs {qtype} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, "
+              f"ratio {fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}", flush=True)
+    return out
+
+
+def print_tables(results: dict[str, dict], new: int, prompt_len: int) -> None:
+    """The llama.cpp tables: decode rows (fp32, bf16, int8 vs Q8_0, int4 vs Q4_0), then prefill rows."""
+    rows = [(name, key, d) for name, r in results.items() for key, d in r.items() if isinstance(d, dict)]
+    print(f"\n## llama.cpp: decode tokens/s, greedy, {new} new tokens after a {prompt_len}-token prompt, batch 1")
+    print("agreement = leading greedy tokens equal to mistral_ref's in the same run; quantized rows also give each "
+          "side's agreement with the fp32 tokens")
+    print("| model | mistral_ref | llama.cpp | mistral_ref tok/s | llama.cpp tok/s | ratio | agreement |")
+    print("|---|---|---|---|---|---|---|")
+    for name, key, d in rows:
+        dec = d.get("decode_b1", d if "qtype" in d else None)
+        if dec is None:
+            continue
+        theirs = d.get("qtype", GGUF_TYPES.get(key, key))
+        extra = (f" (fp32: {d['agreement_ours_fp32']} / {d['agreement_llama_cpp_fp32']})"
+                 if "agreement_ours_fp32" in d else "")
+        print(f"| {name} | {key} | {theirs} | {fmt(dec['ours'])} | {fmt(dec['llama_cpp'])} | "
+              f"{fmt(dec['ratio'], 2)}x | {dec['agreement']}/{new}{extra} |")
+    print("\n## llama.cpp: prefill tokens/s, one pass into a fresh cache")
+    print("| model | dtype | tokens | mistral_ref | llama.cpp | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, key, d in rows:
+        for k, pf in d.items():
+            if k.startswith("prefill_"):
+                print(f"| {name} | {key} | {k[8:]} | {fmt(pf['ours'], 0)} | {fmt(pf['llama_cpp'], 0)} | "
+                      f"{fmt(pf['ratio'], 2)}x |")
+    agree = [d["decode_b1"]["agreement"] == new for _, key, d in rows if key == "fp32"]
+    if agree:
+        print(f"\nfp32 greedy tokens identical to llama.cpp's in every model: {all(agree)}")

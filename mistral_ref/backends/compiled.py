@@ -163,10 +163,10 @@ class CompiledDecode:
         """Compile now (one step on a scratch cache of capacity(positions)) rather than at the first decode step;
         returns (seconds, what the on-disk cache gave: compile_cache.cache_state)."""
         model = self.model
-        cache = KVCache(model.args, batch_size, self.capacity(positions), model.dtype, model.device)
-        zeros = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         before, t0 = cache_counts(), time.perf_counter()
-        with torch.inference_mode():  # as generation runs: dynamo guards on it
+        with torch.inference_mode():  # as generation runs (dynamo guards on inference tensors)
+            cache = KVCache(model.args, batch_size, self.capacity(positions), model.dtype, model.device)
+            zeros = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
             self(zeros, zeros, cache)
         return time.perf_counter() - t0, cache_state(before, cache_counts())
 

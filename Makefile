@@ -59,6 +59,7 @@ notebooks: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --compile $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_compile.py $(BENCH_COMPILE_ARGS)  # chat --compile: first token cold / warm
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench

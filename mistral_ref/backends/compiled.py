@@ -4,9 +4,9 @@ compile-friendly versions of the "torch" backend's functions.
 Two ways to compile (compile_decode's `mode`):
 * "regional" (default): one TransformerBlock's decode step is compiled once and the same compiled code runs every
   layer (the weights, the layer's cache and the activations are the graph's inputs: layers of the same shape and
-  window share one graph); the output head (final norm + vocabulary projection) is a second small graph; the
-  embedding and the RoPE table run eagerly.  Compiling is a block's work, not n_layers blocks', and inductor's
-  on-disk caches (compile_cache_dir) make a second start warm: a few seconds instead of tens.
+  window share one graph); the output head (final norm + vocabulary projection) is a second small graph in
+  bf16/fp16 (one product, eager in fp32); the embedding and the RoPE table run eagerly.  Compiling is a block's
+  work, not n_layers blocks', and inductor's on-disk caches (compile_cache.py) make a second start warm.
 * "full": the whole forward pass as one graph (freeze=True makes the weights constants of the compiled code).
   Slightly less Python per step, but compiling takes a minute or more on a small CPU.
 Every step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so all steps
@@ -29,6 +29,7 @@ tests/test_compile.py the compiled steps (with a cheap backend); `make bench` ti
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -110,7 +111,8 @@ class CompiledDecode:
     mode "regional": block(layer, h, positions, rope, layer_cache) is compiled once and runs every layer (the
     layer module, its weights and its cache are inputs of the graph, so layers of one shape share it; dynamo
     compiles again only for a layer that differs, e.g. another window or a dense layer among MoE ones), and
-    head(norm, h, output_weight) is a second graph.  mode "full": model.forward_with as one graph.
+    head(norm, h, output_weight) is a second graph for bf16/fp16 models (eager in fp32).  mode "full":
+    model.forward_with as one graph.
     """
 
     def __init__(self, model: Transformer, mode: str = "regional", freeze: bool = False, backend: str = "inductor"):
@@ -119,10 +121,18 @@ class CompiledDecode:
         if freeze and mode != "full":
             raise ValueError("compile_decode: freeze=True makes each layer's weights constants of its own graph; "
                              "it needs mode='full'")
+        import torch._dynamo.config
+        import torch._inductor.config
+
         self.model, self.mode = model, mode
         self.cache_dir = use_compile_cache()
         # one code object serves every layer, model and shape compiled in this process: allow it many entries
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cpp_config = torch._inductor.config.cpp
+        if cpp_config.vec_isa_ok is None:  # (unless TORCHINDUCTOR_VEC_ISA_OK says) trust the CPU's flags rather
+            cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
+        if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
+            torch._inductor.config.compile_threads = 1
         ops = self.ops = compiled_backend(torch.get_num_threads())
         if mode == "full":
             options = {"freezing": True} if freeze else None
@@ -137,7 +147,10 @@ class CompiledDecode:
             return ops.linear(norm(h, ops), output_weight).float()
 
         self._block = torch.compile(block, backend=backend, dynamic=False)
-        self._head = torch.compile(head, backend=backend, dynamic=False)
+        # the head is one product: compiled only where the compiled form is faster, a bf16/fp16 row on a CPU
+        # without native support (multiply-and-sum); elsewhere PyTorch's kernel is as fast and costs no compile
+        reduced = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
+        self._head = torch.compile(head, backend=backend, dynamic=False) if reduced else head
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  logits_at: torch.Tensor | None = None) -> torch.Tensor:

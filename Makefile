@@ -76,6 +76,7 @@ bench: $(STAMP)
 	       echo "llama.cpp peer skipped: llama-cpp-python could not be built (log: $(VENV)/llama-cpp-build.log)"; }; \
 	fi
 	$(BIN)/python benchmarks/bench.py --compile $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_compile.py $(BENCH_COMPILE_ARGS)  # chat --compile: first token cold / warm
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench

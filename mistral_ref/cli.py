@@ -208,15 +208,20 @@ def _sampling(args: argparse.Namespace) -> dict:
     return out
 
 
-def _compile(model, warm_up=None) -> None:
-    """--compile: say so, compile the decode step, and (given a warm-up run) report the compile time on its own."""
-    _status("--compile: compiling the decode step with torch.compile; this takes a minute or more on a small CPU, "
-            "and again for each new request shape (batch size, cache size)")
+def _compile(model, positions: int = CHAT_MAX_TOKENS + 1) -> None:
+    """--compile: say so, compile the decode step now (one step of a batch-1 request of `positions` positions, so
+    the same cache size bucket as the real request), and report the compile time, and whether the on-disk compile
+    cache had it, on a line of its own."""
+    from mistral_ref.backends.compile_cache import cache_counts, cache_state, compile_cache_dir
+
+    _status("--compile: compiling the decode step with torch.compile (one transformer block, reused by every layer; "
+            f"cached in {compile_cache_dir()}); a new batch size or cache size compiles again")
+    t0, before = time.perf_counter(), cache_counts()
     model.compile_decode()
-    if warm_up is not None:
-        t0 = time.perf_counter()
-        warm_up()
-        _status(f"compiled in {time.perf_counter() - t0:.1f} s (not counted in tokens/s below)")
+    if model.compiled_decode is not None:
+        model.compiled_decode.warm_up(1, positions)
+    _status(f"compiled in {time.perf_counter() - t0:.1f} s (cache: {cache_state(before, cache_counts())}; "
+            "not counted in tokens/s below)")
 
 
 # ---- chat, generate, serve -----------------------------------------------------------------------------------
@@ -236,8 +241,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)
-    if args.compile:
-        _compile(model)
+    if args.compile:  # sized for the first reply: the cache capacity is bucketed, so later turns reuse it
+        _compile(model, positions=(args.max_tokens or CHAT_MAX_TOKENS) + 1)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt_mode == "reasoning":  # the checkpoint's reasoning system prompt goes first
         from mistral_ref.api import reasoning_system_message
@@ -325,7 +330,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _status("interrupted")
         if args.compile and usage:
             _status(f"{usage['completion_tokens']} tokens in {time.perf_counter() - t0:.1f} s (includes compiling "
-                    "the decode step when this reply's cache size is new)")
+                    "the decode step when this reply's cache size bucket is new)")
         if calls:  # no tools run in this chat: a call cannot be answered, so the exchange is dropped
             history.pop()
             _status("the model called a tool; this chat runs no tools, so that exchange was dropped")
@@ -353,17 +358,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(ids) + max_tokens > limit:
             raise ValueError(f"--prompt is {len(ids)} tokens; with --max-tokens {max_tokens} that exceeds the "
                              f"context of {limit} tokens")
-    if args.compile and not under_torchrun():
-        def warm_up():  # the same prompt and cache size: the step compiled here is the one the real run uses
-            stream = generate_stream(model, tok, ids, max_tokens, temperature=0, ignore_eos=True)
-            steps = 0
-            for event in stream:
-                steps += event.token_id is not None
-                if steps == 2:  # the prefill, then one decode step: compiled
-                    break
-            stream.close()
-
-        _compile(model, warm_up if max_tokens > 1 else None)
+    if args.compile and not under_torchrun():  # the request's own cache size: the step the real run uses
+        _compile(model, positions=len(ids) + max_tokens)
     t0 = time.perf_counter()
     n = 0
     finish = None
@@ -616,8 +612,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="context length in tokens (default: the model's max_seq_len, if it declares one)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (Transformer.compile_decode): faster tokens after "
-                        "compiling for a minute or more per request shape (default: off)")
+                   help="torch.compile the decode step (Transformer.compile_decode: one block reused by every "
+                        "layer, cached on disk): faster tokens after compiling at start (default: off)")
     _add_threads_option(p, _MODEL_THREADS)
 
 

@@ -210,7 +210,9 @@ def _steps(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, sa
         tokens[i, : len(p)] = torch.tensor(p)
         positions[i, : len(p)] = torch.arange(len(p))
     tokens, positions = tokens.to(device), positions.to(device)
-    cache = allocate_cache(model.args, B, T + max_tokens, model.dtype, device, extra_bytes=B * max_tokens * 8)
+    compiled = getattr(model, "compiled_decode", None)  # a compiled step: capacity in a few sizes, no recompiles
+    size = T + max_tokens if compiled is None else compiled.capacity(T + max_tokens)
+    cache = allocate_cache(model.args, B, size, model.dtype, device, extra_bytes=B * max_tokens * 8)
     logits = prefill(model, cache, tokens, positions, chunk_size)  # (B, V)
 
     next_pos = torch.tensor(lens, device=device)  # (B,) position of the token fed at the next decode step

@@ -72,7 +72,7 @@ class Transformer(nn.Module):
         # tied_embeddings (Ministral 3 3B): the logits are h @ tok_embeddings.weight.T, no output.weight at all
         self.output = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         self.ops: Backend = get_backend("torch")  # see set_backend
-        self.compiled_decode = None  # a torch.compile'd decode step, see compile_decode
+        self.compiled_decode = None  # a compiled decode step (backends.compiled.CompiledDecode)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,15 +138,15 @@ class Transformer(nn.Module):
             aux = torch.zeros((), device=logits.device)
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
 
-    def compile_decode(self, enabled: bool = True, freeze: bool = False) -> Transformer:
+    def compile_decode(self, enabled: bool = True, freeze: bool = False, mode: str = "regional") -> Transformer:
         """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
 
         The compiled step and its compile-friendly functions live in the engine (backends/compiled.py); see
-        there.  enabled=False returns to eager decoding; freeze=True uses inductor's freezing (weights become
-        constants of the compiled code)."""
+        there.  enabled=False returns to eager decoding; mode "regional" compiles one block for every layer, "full"
+        the whole step; freeze=True (full) uses inductor's freezing (weights become constants of the code)."""
         from mistral_ref.backends.compiled import compile_decode
 
-        return compile_decode(self, enabled, freeze)
+        return compile_decode(self, enabled, freeze, mode)
 
     def set_backend(self, backend: str = "torch", *, attention: str | None = None, moe: str | None = None,
                     linear: str | None = None, rope: str | None = None, rms_norm: str | None = None,

@@ -1,8 +1,19 @@
-"""Compiled decoding: one torch.compile'd graph per decode step, built from compile-friendly versions of the
-"torch" backend's functions.
+"""Compiled decoding: the decode step (one token per row, with a KV cache) through torch.compile, built from
+compile-friendly versions of the "torch" backend's functions.
 
-Every decode step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so all
-steps reuse one compiled graph (a new batch size or cache size compiles again).  What differs from "torch":
+Two ways to compile (compile_decode's `mode`):
+* "regional" (default): one TransformerBlock's decode step is compiled once and the same compiled code runs every
+  layer (the weights, the layer's cache and the activations are the graph's inputs: layers of the same shape and
+  window share one graph); the output head (final norm + vocabulary projection) is a second small graph in
+  bf16/fp16 (one product, eager in fp32); the embedding and the RoPE table run eagerly.  Compiling is a block's
+  work, not n_layers blocks', and inductor's on-disk caches (compile_cache.py) make a second start warm.
+* "full": the whole forward pass as one graph (freeze=True makes the weights constants of the compiled code).
+  Slightly less Python per step, but compiling takes a minute or more on a small CPU.
+Every step of a request has the same shapes (batch, cache capacity) and passes positions as tensors, so all steps
+reuse the compiled code; a new batch size or cache capacity compiles again, which is why generation rounds the
+cache capacity up to a power of two (CompiledDecode.capacity): a chat's turns fall into a few sizes.
+
+What differs from "torch":
 * linear: the thread count of split_linear is fixed when compiling (torch.get_num_threads() inside a graph breaks
   it); a one-row bf16/fp16 product on a CPU without native support is multiply-and-sum, which inductor turns into
   one loop that converts weights as they stream;
@@ -12,13 +23,15 @@ steps reuse one compiled graph (a new batch size or cache size compiles again). 
 * moe (and mix_experts, the fine-grained layers' form): a single token gathers its k experts from the stacked
   weights inside the graph (moe_one_token / mix_one_token); more tokens run the grouped dispatch eagerly (it reads
   expert counts on the host: a graph break).
-Each of these equals the reference function; tests/test_backends_compiled.py checks the eager versions.
-Compiling takes a minute or more on a small CPU; `make bench` measures what it buys.
+Each of these equals the reference function; tests/test_backends.py checks the eager versions and
+tests/test_compile.py the compiled steps (with a cheap backend); `make bench` times them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +39,7 @@ import torch
 
 from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, get_backend
+from mistral_ref.backends.compile_cache import cache_counts, cache_state, use_compile_cache
 from mistral_ref.backends.linear import linear, multiply_sum_linear, upcast_on_cpu
 from mistral_ref.backends.moe import (
     mix_experts_grouped,
@@ -98,13 +112,109 @@ def compiled_backend(threads: int) -> Backend:
                    latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse
 
 
-def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = False) -> Transformer:
+# ---- compiled decode steps --------------------------------------------------------------------------------------
+MIN_CAPACITY = 256  # the smallest cache a compiled decode step is built for (in positions)
+MODES = ("regional", "full")
+
+
+def bucket_capacity(positions: int, limit: int | None = None) -> int:
+    """The cache capacity a compiled step is built for: the next power of two >= positions (at least
+    MIN_CAPACITY), capped at `limit` (the model's declared context) but never below `positions`."""
+    size = max(MIN_CAPACITY, 1 << (positions - 1).bit_length())
+    return size if limit is None else max(positions, min(size, limit))
+
+
+class CompiledDecode:
+    """A model's compiled decode step (model.compiled_decode, set by compile_decode): Transformer.forward sends
+    every one-token-per-row step with a cache here.
+
+    mode "regional": block(layer, h, positions, rope, layer_cache) is compiled once and runs every layer (the
+    layer module, its weights and its cache are inputs of the graph, so layers of one shape share it; dynamo
+    compiles again only for a layer that differs, e.g. another window or a dense layer among MoE ones), and
+    head(norm, h, output_weight) is a second graph for bf16/fp16 models (eager in fp32).  mode "full":
+    model.forward_with as one graph.
+    """
+
+    def __init__(self, model: Transformer, mode: str = "regional", freeze: bool = False, backend: str = "inductor"):
+        if mode not in MODES:
+            raise ValueError(f"compile_decode: mode must be one of {MODES}, got {mode!r}")
+        if freeze and mode != "full":
+            raise ValueError("compile_decode: freeze=True makes each layer's weights constants of its own graph; "
+                             "it needs mode='full'")
+        import torch._dynamo.config
+        import torch._inductor.config
+
+        self.model, self.mode = model, mode
+        self.cache_dir = use_compile_cache()
+        # one code object serves every layer, model and shape compiled in this process: allow it many entries
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        cpp_config = torch._inductor.config.cpp
+        if cpp_config.vec_isa_ok is None:  # (unless TORCHINDUCTOR_VEC_ISA_OK says) trust the CPU's flags rather
+            cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
+        if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
+            torch._inductor.config.compile_threads = 1
+        ops = self.ops = compiled_backend(torch.get_num_threads())
+        if mode == "full":
+            options = {"freezing": True} if freeze else None
+            self._full = torch.compile(functools.partial(model.forward_with, ops), backend=backend, dynamic=False,
+                                       options=options)
+            return
+
+        def block(layer, h, positions, rope, layer_cache):  # (B, 1, dim) -> (B, 1, dim)
+            return layer(h, positions, rope, ops, layer_cache)[0]
+
+        def head(norm, h, output_weight):  # (B, 1, dim) -> (B, 1, vocab) fp32
+            return ops.linear(norm(h, ops), output_weight).float()
+
+        self._block = torch.compile(block, backend=backend, dynamic=False)
+        # the head is one product: compiled only where the compiled form is faster, a bf16/fp16 row on a CPU
+        # without native support (multiply-and-sum); elsewhere PyTorch's kernel is as fast and costs no compile
+        reduced = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
+        self._head = torch.compile(head, backend=backend, dynamic=False) if reduced else head
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: (B, 1) -> logits (B, 1, vocab) fp32, as Transformer.forward."""
+        cache.check_fits(positions)  # on the host, once per step, outside the graphs
+        if self.mode == "full":
+            return self._full(tokens, positions, cache, logits_at=logits_at)
+        model, a = self.model, self.model.args
+        h = model.tok_embeddings(tokens)  # (B, 1, dim)
+        rope = self.ops.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)  # shared by the layers
+        for layer, layer_cache in zip(model.layers, cache.layers):
+            h = self._block(layer, h, positions, rope, layer_cache)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, dim)
+        return self._head(model.norm, h, model.output_weight)
+
+    def capacity(self, positions: int) -> int:
+        """The KV-cache capacity to allocate for a request of `positions` positions (bucket_capacity): requests
+        of similar lengths share one compiled step instead of compiling again for every length."""
+        return bucket_capacity(positions, self.model.args.max_seq_len)
+
+    def warm_up(self, batch_size: int = 1, positions: int = 1) -> tuple[float, str]:
+        """Compile now (one step on a scratch cache of capacity(positions)) rather than at the first decode step;
+        returns (seconds, what the on-disk cache gave: compile_cache.cache_state)."""
+        model = self.model
+        before, t0 = cache_counts(), time.perf_counter()
+        with torch.inference_mode():  # as generation runs (dynamo guards on inference tensors)
+            cache = KVCache(model.args, batch_size, self.capacity(positions), model.dtype, model.device)
+            zeros = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+            self(zeros, zeros, cache)
+        return time.perf_counter() - t0, cache_state(before, cache_counts())
+
+
+def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = False,
+                   mode: str = "regional", backend: str = "inductor") -> Transformer:
     """Compile `model`'s decode steps (see the module docstring); enabled=False returns to eager decoding.
 
     Needs the "torch" backend (the compiled functions are its variants).  MoE layers get their experts stacked
-    (backends.moe.stack_experts).  Compile after converting or moving the model.  freeze=True compiles with
-    inductor's freezing: the weights become constants of the compiled code, so later changes to them are not seen;
-    decode must then run without autograd (generate does).
+    (backends.moe.stack_experts).  Compile after converting or moving the model.  Compilation happens at the first
+    decode step of each new shape, or now with model.compiled_decode.warm_up().  mode: "regional" (one block's
+    graph reused by every layer: seconds to compile) or "full" (one graph for the whole step).  freeze=True
+    (mode "full" only) compiles with inductor's freezing: the weights become constants of the compiled code, so
+    later changes to them are not seen; decode must then run without autograd (generate does).  backend: torch.compile's
+    (the tests use "eager" / "aot_eager": dynamo's graphs without inductor's code generation).
     """
     if not enabled:
         model.compiled_decode = None
@@ -113,13 +223,5 @@ def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = Fals
         raise ValueError(f"compile_decode compiles the 'torch' backend's functions; this model uses "
                          f"{model.ops.name!r} (call model.set_backend('torch') first)")
     stack_all_experts(model)  # the chosen experts are gathered inside the graph
-    ops = compiled_backend(torch.get_num_threads())
-    options = {"freezing": True} if freeze else None
-    compiled = torch.compile(functools.partial(model.forward_with, ops), dynamic=False, options=options)
-
-    def decode_step(tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, logits_at=None) -> torch.Tensor:
-        cache.check_fits(positions)  # on the host, once per step, outside the graph
-        return compiled(tokens, positions, cache, logits_at=logits_at)
-
-    model.compiled_decode = decode_step
+    model.compiled_decode = CompiledDecode(model, mode, freeze, backend)
     return model

@@ -1,0 +1,211 @@
+"""Compiled decode without the wait: time from `mistral-ref chat --compile` to the first token (cold and warm
+compile cache), and decode tokens/s eager vs regional compile vs full-graph compile, in one run.
+
+    .venv/bin/python benchmarks/bench_compile.py [--quick] [--models mistral-125m,mixtral-140m] [--dtypes fp32,bf16]
+                                                 [--threads N] [--runs 3] [--new 64] [--json out.json]
+
+For each model shape (bench.py's random-weight Mistral-shaped 125M and Mixtral-shaped 140M; the vocabulary is the
+tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the embedded model's, 3072) and dtype:
+
+* first token: a checkpoint is written to a temporary directory, and `mistral-ref chat CKPT --compile` is started
+  in a fresh process with one user turn on stdin; the time from starting the process to the reply's first
+  character on stdout, which includes starting Python, loading and compiling.  "cold" uses an empty compile cache
+  directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on the same directory (median of --runs starts);
+  `chat` without --compile is the baseline.  The "compiled in X s (cache: ...)" line each start prints is shown.
+* decode tokens/s, greedy, --new tokens after a 128-token prompt, batch 1, in this process on one model: eager,
+  regional compile (compile_decode(mode="regional"), the default) and full-graph compile (mode="full"), rounds
+  alternating, each mode's compile time measured on its own first (cold: a fresh cache directory); the greedy tokens
+  of the three must be identical.
+
+A benchmark, not a test: nothing here asserts a speed; `--quick` smoke-runs one tiny model.  `make bench` runs it
+after bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from bench import (
+    DTYPES,
+    MODELS,
+    QUICK_MODELS,
+    StepClock,
+    alternate,
+    fmt,
+    load_average,
+    physical_cores,
+    random_model,
+    summary,
+)
+
+from mistral_ref.backends.compiled import compile_decode
+from mistral_ref.checkpoint import save_checkpoint
+from mistral_ref.embedded import EMBEDDED_MODEL_DIR
+from mistral_ref.generation import generate
+from mistral_ref.tokenizer import load_tokenizer
+
+COMPILED = re.compile(r"compiled in ([\d.]+) s \(cache: ([\w ]+);")
+
+
+def tokenizer_file() -> Path:
+    """mistral-common's v3 SentencePiece model (Mistral's 32768 tokens) if installed, else the embedded model's."""
+    try:
+        from mistral_ref.tokenizer import mistral_common_data_dir
+
+        path = mistral_common_data_dir() / "mistral_instruct_tokenizer_240323.model.v3"
+        if path.exists():
+            return path
+    except (ImportError, OSError):
+        pass
+    return EMBEDDED_MODEL_DIR / "tokenizer.model.v3"
+
+
+def write_checkpoint(args, directory: Path) -> None:
+    """A random-weight native checkpoint of `args` with a v3 tokenizer next to it."""
+    save_checkpoint(random_model(args), directory, format="native")
+    shutil.copy(tokenizer_file(), directory / "tokenizer.model.v3")
+
+
+def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None) -> dict:
+    """Start `mistral-ref chat` (with --compile when compile_dir is given) on one user turn; seconds from the
+    start to the reply's first character, and the compile time and cache state it printed."""
+    cmd = [sys.executable, "-m", "mistral_ref", "chat", str(ckpt), "--temperature", "0", "--max-tokens", "8",
+           "--dtype", str(DTYPES[dtype]).removeprefix("torch."), "--threads", str(threads)]
+    cmd += ["--compile"] if compile_dir else []
+    env = dict(os.environ)
+    if compile_dir:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_dir)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdin.write(b"Tell me a story.\n")
+    proc.stdin.close()  # one turn, then end of input: chat exits after the reply
+    first = None
+    while first is None:
+        c = proc.stdout.read(1)
+        if not c:
+            break
+        if not c.isspace():
+            first = time.perf_counter() - t0
+    proc.stdout.read()
+    err = proc.stderr.read().decode()
+    if proc.wait() != 0 or first is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err}")
+    m = COMPILED.search(err)
+    return {"first_token_s": first, "compile_s": float(m[1]) if m else None, "cache": m[2] if m else None}
+
+
+def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> dict:
+    ckpt = tmp / "ckpt"
+    write_checkpoint(args, ckpt)
+    cache_dir = tmp / "compile-cache"  # empty: the first compiled start is cold
+    out = {"eager": [first_token(ckpt, dname, threads, None) for _ in range(runs)],
+           "cold": first_token(ckpt, dname, threads, cache_dir),
+           "warm": [first_token(ckpt, dname, threads, cache_dir) for _ in range(runs)]}
+    shutil.rmtree(ckpt)
+    return out
+
+
+def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs: int, tmp: Path) -> dict:
+    """Decode tok/s of eager, regional and full compile on one model, rounds alternating; compile times first."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "decode-cache")  # fresh: both compiles are cold
+    model = random_model(args).to(dtype)
+    steps, compile_s = {"eager": None}, {}
+    for mode in ("regional", "full"):
+        torch._dynamo.reset()
+        compile_decode(model, mode=mode)
+        compile_s[mode] = model.compiled_decode.warm_up(1, prompt_len + new)  # (seconds, cache state)
+        steps[mode] = model.compiled_decode
+    prompt = torch.randint(0, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
+    tokens, clock = {}, StepClock(model)
+
+    def run(mode):
+        def fn():
+            model.compiled_decode = steps[mode]
+            tokens[mode] = generate(model, prompt, new, temperature=0.0)[0].tokens
+            return clock.run(lambda: generate(model, prompt, new, temperature=0.0))[1]
+        return fn
+
+    t = alternate({mode: run(mode) for mode in steps}, runs, measure=lambda fn: fn(), warmup=False)
+    clock.handle.remove()
+    model.compiled_decode = None
+    return {"tok_s": {mode: summary([1 / s for s in v]) for mode, v in t.items()},
+            "compile": {mode: {"seconds": s, "cache": state} for mode, (s, state) in compile_s.items()},
+            "same_tokens": tokens["eager"] == tokens["regional"] == tokens["full"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one tiny model, fp32, one round (smoke test)")
+    p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)} (default mistral-125m,"
+                                    "mixtral-140m)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
+    p.add_argument("--runs", type=int, help="rounds per figure (default 3; quick 1)")
+    p.add_argument("--new", type=int, help="new tokens per decode run (default 64; quick 8)")
+    p.add_argument("--json", type=Path, help="also write every figure here")
+    opts = p.parse_args(argv)
+    threads = opts.threads or physical_cores()
+    torch.set_num_threads(threads)
+    runs = opts.runs or (1 if opts.quick else 3)
+    new = opts.new or (8 if opts.quick else 64)
+    vocab = load_tokenizer(tokenizer_file()).vocab_size
+    if opts.quick:
+        models = {name: replace(a, vocab_size=vocab, n_layers=4) for name, a in QUICK_MODELS.items()}
+    else:
+        names = opts.models.split(",") if opts.models else ["mistral-125m", "mixtral-140m"]
+        models = {name: replace(MODELS[name], vocab_size=vocab) for name in names}
+    dtypes = ["fp32"] if opts.quick else opts.dtypes.split(",")
+
+    print(f"# compiled decode: first token of `mistral-ref chat --compile`, decode eager / regional / full — torch "
+          f"{torch.__version__}, {threads} threads, load average {load_average()}")
+    print(f"vocabulary {vocab} ({tokenizer_file().name}); medians [min-max] of {runs} rounds\n")
+    rows, result = [], {"threads": threads, "runs": runs, "models": {}}
+    for name, args in models.items():
+        for dname in dtypes:
+            with tempfile.TemporaryDirectory() as tmp:
+                ft = bench_first_token(args, dname, threads, runs, Path(tmp))
+                dec = bench_decode_modes(args, DTYPES[dname], 128 if not opts.quick else 32, new, runs, Path(tmp))
+            result["models"].setdefault(name, {})[dname] = {"first_token": ft, "decode": dec}
+            rows.append((name, dname, ft, dec))
+            print(f"  {name} {dname}: first token cold {ft['cold']['first_token_s']:.1f} s (compiled in "
+                  f"{ft['cold']['compile_s']} s, cache {ft['cold']['cache']}), decode regional "
+                  f"{fmt(dec['tok_s']['regional'])} tok/s", flush=True)
+
+    print("\n## Time from `mistral-ref chat --compile` starting to the reply's first token, seconds")
+    print("(compile = the 'compiled in' line of that start; eager = chat without --compile)")
+    print("| model | dtype | eager | cold (compile) | warm (compile) | cache cold / warm |")
+    print("|---|---|---|---|---|---|")
+    for name, dname, ft, _ in rows:
+        warm = [w["first_token_s"] for w in ft["warm"]]
+        warm_c = [w["compile_s"] for w in ft["warm"]]
+        eager = [e["first_token_s"] for e in ft["eager"]]
+        print(f"| {name} | {dname} | {statistics.median(eager):.1f} | {ft['cold']['first_token_s']:.1f} "
+              f"({ft['cold']['compile_s']:.1f}) | {statistics.median(warm):.1f} ({statistics.median(warm_c):.1f}) | "
+              f"{ft['cold']['cache']} / {ft['warm'][-1]['cache']} |")
+    print(f"\n## Decode tokens/s, batch 1, greedy, {new} new tokens; compile = seconds to compile each mode (cold)")
+    print("| model | dtype | eager | regional | full | compile regional / full | greedy tokens identical |")
+    print("|---|---|---|---|---|---|---|")
+    for name, dname, _, dec in rows:
+        t, c = dec["tok_s"], dec["compile"]
+        print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | {fmt(t['full'])} | "
+              f"{c['regional']['seconds']:.1f} / {c['full']['seconds']:.1f} | {dec['same_tokens']} |")
+    print(f"\nload average after: {load_average()}")
+    if opts.json:
+        opts.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -6,14 +6,23 @@
 * Models: random_model(args, seed) gives weights with teeth (model_helpers.py), `make_model` the same as a fixture.
 * Checkpoints: `native_dir` / `hf_dir`, a tiny Nemo-shaped random model saved in each format
   (checkpoint_helpers.py).
+* Triton's mode: on a machine without a CUDA GPU, TRITON_INTERPRET defaults to 1 for the whole session, as the
+  Makefile exports it. Triton fixes its mode when first imported, and torch.compile (the compiled-decode tests)
+  imports it too: without this, a plain `pytest` that ran those tests first would leave the kernel tests a
+  Triton without its interpreter.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from checkpoint_helpers import save_tiny
 from model_helpers import random_model
 

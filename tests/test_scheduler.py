@@ -297,3 +297,32 @@ def test_choices_sharing_a_prompt_prefill_it_once(window):
     jobs[0].cancel()
     sched.run_until_idle()
     assert sinks[0].ended == "cancelled" and sinks[1].ids == alone(model, p, 8, temperature=0, eos_id=EOS).tokens
+
+
+def test_latent_attention_fine_expert_model_batched_equals_alone():
+    """A Small-4-shaped model (latent KV cache, fine-grained experts + shared expert, YaRN) in the continuous batch:
+    staggered greedy jobs and n choices sharing one prefill give what each gives alone."""
+    from test_mla import tiny as tiny_mla
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_mla(vocab_size=VOCAB)).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(8)  # decisive logits
+    ps = prompts([5, 17, 1, 12])
+    budgets = [7, 12, 3, 9]
+    sinks = [Collect() for _ in ps]
+    jobs = [Job(p, m, s, temperature=0, eos_id=EOS) for p, m, s in zip(ps, budgets, sinks)]
+    serve_staggered(Scheduler(model, max_batch=3, prefill_tokens=8), jobs, every=2)
+    for p, m, sink in zip(ps, budgets, sinks):
+        assert sink.ids == alone(model, p, m, temperature=0, eos_id=EOS).tokens
+    (p,) = prompts([13], seed=1)
+    kw = [dict(temperature=1.0, seed=3 + i) for i in range(2)] + [dict(temperature=0)]
+    sinks = [Collect() for _ in kw]
+    jobs = [Job(p, 6, s, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
+    for j in jobs[1:]:
+        j.prompt_of = jobs[0]
+    sched = Scheduler(model, max_batch=4, prefill_tokens=8)
+    sched.submit_all(jobs)
+    sched.run_until_idle()
+    for sink, k in zip(sinks, kw):
+        assert sink.ids == alone(model, p, 6, ignore_eos=True, **k).tokens

@@ -228,8 +228,8 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
 
 def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs: int, prompt_len: int,
                     new: int, reference: list[int] | None = None) -> dict:
-    """mistral_ref int8 / int4 (quantize_model, group 32) against llama.cpp Q8_0 / Q4_0 of the same F32 file:
-    decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens) printed."""
+    """mistral_ref int8 / int4 (quantize_model, group 32, computing in bf16) against llama.cpp Q8_0 / Q4_0 of the
+    same F32 file: decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens) printed."""
     import mistral_ref
 
     if isinstance(files, str) or "fp32" not in files:
@@ -243,7 +243,8 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
     src = files["fp32"]
     for scheme, qtype in QUANTIZED.items():
         path = quantize_gguf(src, src.with_name(f"{qtype}.gguf"), qtype, threads)
-        ours = quantize_model(load_model(src, dtype="float32"), scheme, group_size=32)
+        # quantized models compute in bf16: the int8 / int4 kernels take bf16 rows (fp32 products dequantize)
+        ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=32)
         theirs = LlamaCpp(path, prompt_len + new + 16, threads)
         try:
             d = out[scheme] = compare_decode(ours, theirs, prompt_len, new, runs)

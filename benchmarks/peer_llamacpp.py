@@ -229,7 +229,8 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
 def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs: int, prompt_len: int,
                     new: int, reference: list[int] | None = None) -> dict:
     """mistral_ref int8 / int4 (quantize_model, group 32, computing in bf16) against llama.cpp Q8_0 / Q4_0 of the
-    same F32 file: decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens) printed."""
+    same F32 file: decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens)
+    printed."""
     import mistral_ref
 
     if isinstance(files, str) or "fp32" not in files:

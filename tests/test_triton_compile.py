@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.triton
 KERNELS = {"_flash_prefill_kernel", "_decode_split_kernel", "_decode_merge_kernel", "_moe_align_kernel",
            "_moe_gemm1_swiglu_kernel", "_moe_gemm2_kernel", "_moe_sum_slots_kernel", "_rms_norm_kernel",
-           "_rope_kernel", "_latent_split_kernel", "_latent_merge_kernel"}
+           "_rope_kernel", "_latent_split_kernel"}  # latent decode merges with _decode_merge_kernel
 SHARED_LIMIT = {80: 166912, 89: 101376, 90: 232448}  # bytes of shared memory a block may opt in to
 
 

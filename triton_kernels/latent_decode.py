@@ -17,8 +17,8 @@ the number of heads.  As flash_decoding.py, the S axis is cut into `num_splits` 
   1. `_latent_split_kernel`, grid (B, head blocks, num_splits): online softmax over its chunk (exp2, fp32),
      writing an unnormalised partial output (latent space), its row max m and sum l; key tiles that no query
      may see (empty slots, the future) cost only the load of their positions.
-  2. `_latent_merge_kernel`, grid (B, H): the log-sum-exp merge; a padding query (position -1, sees no key)
-     gets the reference's uniform average over all S latents.
+  2. flash decoding's `_decode_merge_kernel`, grid (B, H), with the latents as one KV head: the log-sum-exp
+     merge; a padding query (position -1, sees no key) gets the reference's uniform average over all S latents.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from triton_kernels._common import (
     upcast,
 )
 from triton_kernels.flash_common import LOG2E
-from triton_kernels.flash_decoding import default_num_splits
+from triton_kernels.flash_decoding import _decode_merge_kernel, default_num_splits
 
 
 @triton.jit
@@ -107,47 +107,6 @@ def _latent_split_kernel(
     tl.store(PartM + part, m_i, mask=h_valid)
     tl.store(PartL + part, l_i, mask=h_valid)
     tl.store(PartAcc + part[:, None] * C + offs_c[None, :], acc, mask=h_valid[:, None] & c_valid[None, :])
-
-
-@triton.jit
-def _latent_merge_kernel(
-    PartAcc, PartM, PartL, Lat, Out,
-    stride_lb, stride_ls, stride_lc,
-    stride_ob, stride_oh, stride_oc,
-    S, C, num_splits,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
-    offs_p = tl.arange(0, BLOCK_SPLITS)
-    offs_c = tl.arange(0, BLOCK_C)
-    p_valid = offs_p < num_splits
-    c_valid = offs_c < C
-
-    part = (b * H + h) * num_splits + offs_p
-    m = tl.load(PartM + part, mask=p_valid, other=float("-inf"))  # (BLOCK_SPLITS,)
-    l = tl.load(PartL + part, mask=p_valid, other=0.0)
-    acc = tl.load(PartAcc + part[:, None] * C + offs_c[None, :], mask=p_valid[:, None] & c_valid[None, :],
-                  other=0.0)  # (BLOCK_SPLITS, BLOCK_C)
-    m_max = tl.max(m, 0)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_use)  # 0 for splits that saw nothing (m = -inf)
-    l_sum = tl.sum(w * l, 0)
-    out = tl.sum(w[:, None] * acc, 0)  # (BLOCK_C,)
-
-    if l_sum == 0.0:  # the query saw no key at all: the reference's uniform average of all S latents
-        offs_n = tl.arange(0, BLOCK_N)
-        lat_sum = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for start_n in range(0, S, BLOCK_N):
-            offs_s = start_n + offs_n
-            lat = tl.load(Lat + b * stride_lb + offs_s[:, None] * stride_ls + offs_c[None, :] * stride_lc,
-                          mask=(offs_s < S)[:, None] & c_valid[None, :], other=0.0)
-            lat_sum += tl.sum(lat.to(tl.float32), 0)
-        out = lat_sum
-        l_sum = l_sum + S
-    out = out / l_sum
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_c * stride_oc, out.to(Out.dtype.element_ty), mask=c_valid)
 
 
 def latent_tile(dtype: torch.dtype, n_heads: int, kv_lora_rank: int) -> tuple[int, int, int]:
@@ -227,11 +186,13 @@ def latent_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, latent
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_R=block_dim(R), num_warps=4,
         num_stages=num_stages,
     )
-    _latent_merge_kernel[(B, H)](
-        part_acc, part_m, part_l, latents, out,
-        *latents.stride(), *out.stride(),
-        S, C, num_splits,
-        BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_N=block_n, BLOCK_C=block_c,
+    # the merge is flash decoding's: the latents are its values, one KV head shared by all H query heads
+    values = latents[:, :, None]  # (B, S, 1, C)
+    _decode_merge_kernel[(B, H)](
+        part_acc, part_m, part_l, values, out,
+        *values.stride(), *out.stride(),
+        S, H, C, num_splits,
+        BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_N=block_n, BLOCK_D=block_c,
     )
     return out
 

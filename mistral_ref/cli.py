@@ -208,20 +208,42 @@ def _sampling(args: argparse.Namespace) -> dict:
     return out
 
 
-def _compile(model, positions: int = CHAT_MAX_TOKENS + 1) -> None:
-    """--compile: say so, compile the decode step now (one step of a batch-1 request of `positions` positions, so
-    the same cache size bucket as the real request), and report the compile time, and whether the on-disk compile
-    cache had it, on a line of its own."""
-    from mistral_ref.backends.compile_cache import cache_counts, cache_state, compile_cache_dir
+def _compile(model, positions: int = CHAT_MAX_TOKENS + 1, background: bool = False) -> None:
+    """--compile: compile the decode step, or load it from the compile cache.  In the foreground (generate):
+    now, for a batch-1 request of `positions` positions (the real request's cache size bucket), with the time
+    on a line of its own.  In the background (chat, serve): each new decode shape is compiled by a worker
+    thread from its first step on, decoding runs eagerly until it is ready, and _compile_report says when."""
+    from mistral_ref.backends.compile_cache import compile_cache_dir
 
-    _status("--compile: compiling the decode step with torch.compile (one transformer block, reused by every layer; "
-            f"cached in {compile_cache_dir()}); a new batch size or cache size compiles again")
-    t0, before = time.perf_counter(), cache_counts()
-    model.compile_decode()
-    if model.compiled_decode is not None:
-        model.compiled_decode.warm_up(1, positions)
-    _status(f"compiled in {time.perf_counter() - t0:.1f} s (cache: {cache_state(before, cache_counts())}; "
-            "not counted in tokens/s below)")
+    when = ("in the background from the first decode step (the first token does not wait; tokens come eagerly "
+            "until it is ready)" if background else "now")
+    _status(f"--compile: compiling the decode step {when} (torch.compile; one transformer block reused by every "
+            f"layer; kept in {compile_cache_dir()}, so the next start loads it); a new batch or cache size "
+            "compiles again")
+    model.compile_decode(background=background)
+    if not background:  # (in the background, the first decode step queues its own shape: nothing to warm up)
+        seconds, what = model.compiled_decode.warm_up(1, positions)
+        _status(f"compiled in {seconds:.1f} s ({what}; not counted in tokens/s below)")
+
+
+def _compile_report(model, reported: bool, finish: bool = False) -> bool:
+    """chat --compile: once the background compilation is done, say when (once; returns whether it has been
+    said).  finish=True (leaving chat): wait for a compilation still running, so it is saved for the next start."""
+    steps = getattr(model.compiled_decode, "steps", None)
+    if steps is None or reported:
+        return reported
+    if finish and not steps.wait(0):
+        _status("--compile: finishing the compiled decode step so that the next start loads it (Ctrl-C skips)")
+        try:
+            steps.wait()
+        except KeyboardInterrupt:
+            return reported
+    if not steps.wait(0) or not steps.events:
+        return reported
+    ready = max(done for _, _, _, done in steps.events) - steps.started
+    _status(f"compiled decode step ready {ready:.1f} s after --compile ({steps.summary()}); "
+            "decoding runs compiled from then on")
+    return True
 
 
 # ---- chat, generate, serve -----------------------------------------------------------------------------------
@@ -242,7 +264,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)
     if args.compile:  # sized for the first reply: the cache capacity is bucketed, so later turns reuse it
-        _compile(model, positions=(args.max_tokens or CHAT_MAX_TOKENS) + 1)
+        _compile(model, positions=(args.max_tokens or CHAT_MAX_TOKENS) + 1, background=True)
+    reported = False  # chat --compile: whether _compile_report has said that the compiled step is ready
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt_mode == "reasoning":  # the checkpoint's reasoning system prompt goes first
         from mistral_ref.api import reasoning_system_message
@@ -329,13 +352,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         elif finish == "interrupted":
             _status("interrupted")
         if args.compile and usage:
-            _status(f"{usage['completion_tokens']} tokens in {time.perf_counter() - t0:.1f} s (includes compiling "
-                    "the decode step when this reply's cache size bucket is new)")
+            _status(f"{usage['completion_tokens']} tokens in {time.perf_counter() - t0:.1f} s")
+            reported = _compile_report(model, reported)
         if calls:  # no tools run in this chat: a call cannot be answered, so the exchange is dropped
             history.pop()
             _status("the model called a tool; this chat runs no tools, so that exchange was dropped")
         else:
             history.append({"role": "assistant", "content": reply})
+    if args.compile:  # a compilation still running is finished, so that the next start is warm
+        _compile_report(model, reported, finish=True)
     return 0
 
 
@@ -411,8 +436,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_port_free(args.host, args.port)
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)  # set before serve() starts the model worker thread, which inherits it
-    if args.compile:
-        _compile(model)
+    if args.compile:  # in the background: the server answers at once, eagerly until the step is ready
+        _compile(model, background=True)
     serve(model, tok, host=args.host, port=args.port, model_name=args.model_name or name,
           max_context=args.max_context, max_body_bytes=args.max_body_bytes, **_serve_options(args))
     return 0

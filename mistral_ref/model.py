@@ -138,15 +138,14 @@ class Transformer(nn.Module):
             aux = torch.zeros((), device=logits.device)
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
 
-    def compile_decode(self, enabled: bool = True, freeze: bool = False, mode: str = "regional") -> Transformer:
+    def compile_decode(self, enabled: bool = True, freeze: bool = False, mode: str = "regional", **options):
         """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
-
         The compiled step and its compile-friendly functions live in the engine (backends/compiled.py); see
         there.  enabled=False returns to eager decoding; mode "regional" compiles one block for every layer, "full"
-        the whole step; freeze=True (full) uses inductor's freezing (weights become constants of the code)."""
+        the whole step; freeze=True (full) uses inductor's freezing (weights become constants of the code);
+        options: compile_decode's (background=True: compile while decoding eagerly).  Returns self."""
         from mistral_ref.backends.compiled import compile_decode
-
-        return compile_decode(self, enabled, freeze, mode)
+        return compile_decode(self, enabled, freeze, mode, **options)
 
     def set_backend(self, backend: str = "torch", *, attention: str | None = None, moe: str | None = None,
                     linear: str | None = None, rope: str | None = None, rms_norm: str | None = None,

@@ -30,6 +30,7 @@ tests/test_compile.py the compiled steps (with a cheap backend); `make bench` ti
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -39,7 +40,8 @@ import torch
 
 from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, get_backend
-from mistral_ref.backends.compile_cache import cache_counts, cache_state, use_compile_cache
+from mistral_ref.backends.compile_cache import use_compile_cache
+from mistral_ref.backends.compiled_steps import StepCache, describe
 from mistral_ref.backends.linear import linear, multiply_sum_linear, upcast_on_cpu
 from mistral_ref.backends.moe import (
     mix_experts_grouped,
@@ -129,18 +131,23 @@ class CompiledDecode:
     every one-token-per-row step with a cache here.
 
     mode "regional": block(layer, h, positions, rope, layer_cache) is compiled once and runs every layer (the
-    layer module, its weights and its cache are inputs of the graph, so layers of one shape share it; dynamo
-    compiles again only for a layer that differs, e.g. another window or a dense layer among MoE ones), and
-    head(norm, h, output_weight) is a second graph for bf16/fp16 models (eager in fp32).  mode "full":
-    model.forward_with as one graph.
+    layer module, its weights and its cache are inputs of the compiled code, so layers of one shape share it;
+    a layer that differs, e.g. another window or a dense layer among MoE ones, gets its own), and
+    head(norm, h, output_weight) is a second step for bf16/fp16 models (eager in fp32).  mode "full":
+    model.forward_with as one step.  The compiled steps are kept, saved and loaded by a StepCache
+    (compiled_steps.py); with background=True they compile in a worker thread while decoding runs eagerly.
     """
 
-    def __init__(self, model: Transformer, mode: str = "regional", freeze: bool = False, backend: str = "inductor"):
+    def __init__(self, model: Transformer, mode: str = "regional", freeze: bool = False, backend: str = "inductor",
+                 background: bool = False):
         if mode not in MODES:
             raise ValueError(f"compile_decode: mode must be one of {MODES}, got {mode!r}")
         if freeze and mode != "full":
             raise ValueError("compile_decode: freeze=True makes each layer's weights constants of its own graph; "
                              "it needs mode='full'")
+        if freeze and background:
+            raise ValueError("compile_decode: freeze=True compiles the weights into the code; it has no "
+                             "background mode")
         import torch._dynamo.config
         import torch._inductor.config
 
@@ -153,12 +160,15 @@ class CompiledDecode:
             cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
         if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
             torch._inductor.config.compile_threads = 1
-        ops = self.ops = compiled_backend(torch.get_num_threads())
-        if mode == "full":
-            options = {"freezing": True} if freeze else None
-            self._full = torch.compile(functools.partial(model.forward_with, ops), backend=backend, dynamic=False,
-                                       options=options)
+        self.threads = torch.get_num_threads()
+        ops = self.ops = compiled_backend(self.threads)
+        self._frozen = None
+        if freeze:  # the weights are constants of the code: compiled in memory, never saved (it would hold them)
+            self._frozen = torch.compile(functools.partial(model.forward_with, ops), backend=backend,
+                                         dynamic=False, options={"freezing": True})
             return
+        self.steps = StepCache(self.cache_dir, backend, background)
+        self._described: dict[int, str] = {}  # id(module) -> digest of describe(module), computed once
 
         def block(layer, h, positions, rope, layer_cache):  # (B, 1, dim) -> (B, 1, dim)
             return layer(h, positions, rope, ops, layer_cache)[0]
@@ -166,26 +176,58 @@ class CompiledDecode:
         def head(norm, h, output_weight):  # (B, 1, dim) -> (B, 1, vocab) fp32
             return ops.linear(norm(h, ops), output_weight).float()
 
-        self._block = torch.compile(block, backend=backend, dynamic=False)
+        def full(model, tokens, positions, cache, logits_at):  # (B, 1) -> (B, 1, vocab) fp32
+            return model.forward_with(ops, tokens, positions, cache, logits_at=logits_at)
+
+        self._block, self._head, self._full = block, head, full
         # the head is one product: compiled only where the compiled form is faster, a bf16/fp16 row on a CPU
         # without native support (multiply-and-sum); elsewhere PyTorch's kernel is as fast and costs no compile
-        reduced = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
-        self._head = torch.compile(head, backend=backend, dynamic=False) if reduced else head
+        self._compile_head = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, 1) -> logits (B, 1, vocab) fp32, as Transformer.forward."""
-        cache.check_fits(positions)  # on the host, once per step, outside the graphs
+        cache.check_fits(positions)  # on the host, once per step, outside the compiled code
+        model, eager = self.model, self.model.ops
+        if self._frozen is not None:
+            return self._frozen(tokens, positions, cache, logits_at=logits_at)
         if self.mode == "full":
-            return self._full(tokens, positions, cache, logits_at=logits_at)
-        model, a = self.model, self.model.args
+            step = self._step("full", self._full, (model, tokens, positions, cache, logits_at))
+            if step is None:  # compiling in the background: this step runs eagerly
+                return model.forward_with(eager, tokens, positions, cache, logits_at=logits_at)
+            return step(model, tokens, positions, cache, logits_at)
+        a = model.args
         h = model.tok_embeddings(tokens)  # (B, 1, dim)
         rope = self.ops.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)  # shared by the layers
+        eager_rope = None  # the eager functions' table (complex rotations), for layers not compiled yet
         for layer, layer_cache in zip(model.layers, cache.layers):
-            h = self._block(layer, h, positions, rope, layer_cache)
+            step = self._step("block", self._block, (layer, h, positions, rope, layer_cache))
+            if step is not None:
+                h = step(layer, h, positions, rope, layer_cache)
+                continue
+            if eager_rope is None:
+                eager_rope = eager.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)
+            h = layer(h, positions, eager_rope, eager, layer_cache)[0]
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, dim)
-        return self._head(model.norm, h, model.output_weight)
+        step = self._step("head", self._head, (model.norm, h, model.output_weight)) if self._compile_head else None
+        if step is None:
+            return eager.linear(model.norm(h, eager), model.output_weight).float()
+        return step(model.norm, h, model.output_weight)
+
+    def _step(self, name: str, fn, args: tuple):
+        """The compiled `fn` for these arguments (StepCache.get), or None while it compiles in the background.
+        Modules are described once (their weights are not expected to change shape: compile after converting
+        the model); tensors and caches at every call."""
+        key = (name, self.threads, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+               tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
+        return self.steps.get(key, name, fn, lambda: _scratch(args))
+
+    def _module_digest(self, module: torch.nn.Module) -> str:
+        digest = self._described.get(id(module))
+        if digest is None:
+            digest = self._described[id(module)] = hashlib.sha256(repr(describe(module)).encode()).hexdigest()
+        return digest
 
     def capacity(self, positions: int) -> int:
         """The KV-cache capacity to allocate for a request of `positions` positions (bucket_capacity): requests
@@ -194,18 +236,43 @@ class CompiledDecode:
 
     def warm_up(self, batch_size: int = 1, positions: int = 1) -> tuple[float, str]:
         """Compile now (one step on a scratch cache of capacity(positions)) rather than at the first decode step;
-        returns (seconds, what the on-disk cache gave: compile_cache.cache_state)."""
+        returns (seconds, what happened: "loaded" (saved steps read from disk), "compiled", ...; with
+        background=True the compilation is only queued: "queued")."""
         model = self.model
-        before, t0 = cache_counts(), time.perf_counter()
+        t0, seen = time.perf_counter(), len(self.steps.events) if self._frozen is None else 0
         with torch.inference_mode():  # as generation runs (dynamo guards on inference tensors)
             cache = KVCache(model.args, batch_size, self.capacity(positions), model.dtype, model.device)
             zeros = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
             self(zeros, zeros, cache)
-        return time.perf_counter() - t0, cache_state(before, cache_counts())
+        if self._frozen is not None:
+            return time.perf_counter() - t0, "compiled in memory (freeze=True)"
+        if self.steps.background:
+            return time.perf_counter() - t0, "queued"
+        return time.perf_counter() - t0, self.steps.summary(seen)
+
+
+def _scratch(args: tuple) -> tuple:
+    """Arguments like `args` for compiling in the background: new tensors of the same shapes and strides, and
+    cache objects holding such tensors (the live cache keeps being written meanwhile); modules and parameters
+    as they are."""
+    def fresh(x):
+        if isinstance(x, torch.nn.Parameter):  # weights are read, never written: the live ones
+            return x
+        if isinstance(x, torch.Tensor):
+            return x.detach().clone()
+        if isinstance(x, (tuple, list)):
+            return type(x)(fresh(y) for y in x)
+        if isinstance(x, (LayerCache, KVCache)) or (hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module)
+                                                     and any(isinstance(v, torch.Tensor) for v in vars(x).values())):
+            copy = object.__new__(type(x))
+            copy.__dict__.update({k: fresh(v) for k, v in vars(x).items()})
+            return copy
+        return x
+    return tuple(fresh(x) for x in args)
 
 
 def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = False,
-                   mode: str = "regional", backend: str = "inductor") -> Transformer:
+                   mode: str = "regional", backend: str = "inductor", background: bool = False) -> Transformer:
     """Compile `model`'s decode steps (see the module docstring); enabled=False returns to eager decoding.
 
     Needs the "torch" backend (the compiled functions are its variants).  MoE layers get their experts stacked
@@ -214,7 +281,10 @@ def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = Fals
     graph reused by every layer: seconds to compile) or "full" (one graph for the whole step).  freeze=True
     (mode "full" only) compiles with inductor's freezing: the weights become constants of the compiled code, so
     later changes to them are not seen; decode must then run without autograd (generate does).  backend: torch.compile's
-    (the tests use "eager" / "aot_eager": dynamo's graphs without inductor's code generation).
+    (the tests use "eager" / "aot_eager": dynamo's graphs without inductor's code generation).  Compiled steps are
+    saved in the compile cache and loaded by the next start (compiled_steps.py).  background=True: a step not
+    compiled yet is compiled by a worker thread and decoding runs eagerly until it is ready (the first token of a
+    chat does not wait for the compiler; model.compiled_decode.steps.wait() blocks until it is done).
     """
     if not enabled:
         model.compiled_decode = None
@@ -223,5 +293,5 @@ def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = Fals
         raise ValueError(f"compile_decode compiles the 'torch' backend's functions; this model uses "
                          f"{model.ops.name!r} (call model.set_backend('torch') first)")
     stack_all_experts(model)  # the chosen experts are gathered inside the graph
-    model.compiled_decode = CompiledDecode(model, mode, freeze, backend)
+    model.compiled_decode = CompiledDecode(model, mode, freeze, backend, background)
     return model

@@ -24,8 +24,10 @@ VOCAB, EOS, WINDOW = 64, 3, 6
 # a rolling layer (window 6: its cache is 6 slots whatever the capacity) and a full one: two kinds of block graph
 ARGS = ModelArgs(dim=32, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=VOCAB,
                  sliding_window=(WINDOW, None))
-LENGTHS = [5, 17, 1, 40, 9, 26, 3, 12]  # prompts: long ones take several prefill chunks
-BUDGETS = [7, 20, 3, 15, 30, 9, 12, 230]  # the last needs 12 + 230 > 240 positions: still the 256 bucket
+# prompts: three one-token prompts submitted together (a prefill chunk of shape (3, 1), which must not go to the
+# compiled step), then one job every two steps; long prompts take several prefill chunks
+LENGTHS = [1, 1, 1, 5, 17, 1, 40, 9, 26, 3, 12]
+BUDGETS = [4, 9, 6, 7, 20, 3, 15, 30, 9, 12, 230]  # the last needs 12 + 230 > 240 positions: still the 256 bucket
 
 
 def tiny() -> Transformer:
@@ -92,10 +94,10 @@ def watch_decode(sched: Scheduler) -> list[dict]:
     return passes
 
 
-def serve_staggered(sched: Scheduler, jobs: list[Job], every: int) -> None:
-    """Submit one job every `every` steps (jobs join a batch that is decoding), then run to idle."""
-    for job in jobs:
-        sched.submit(job)
+def serve_staggered(sched: Scheduler, groups: list[list[Job]], every: int) -> None:
+    """Submit one group of jobs every `every` steps (jobs join a batch that is decoding), then run to idle."""
+    for jobs in groups:
+        sched.submit_all(jobs)
         for _ in range(every):
             sched.step()
     sched.run_until_idle()
@@ -103,7 +105,7 @@ def serve_staggered(sched: Scheduler, jobs: list[Job], every: int) -> None:
 
 @pytest.fixture(scope="module")
 def served():
-    """Eight greedy jobs (at most 5 together) through a scheduler over a compiled step, and each job alone."""
+    """Eleven greedy jobs (at most 5 together) through a scheduler over a compiled step, and each job alone."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = tiny()
@@ -113,13 +115,15 @@ def served():
     shapes = CacheShapes()
     compile_decode(model, backend=shapes)
     sinks = [Collect() for _ in ps]
-    sched = Scheduler(model, max_batch=5, prefill_tokens=16)  # 5 rows for 8 jobs; long prompts in chunks
+    sched = Scheduler(model, max_batch=5, prefill_tokens=16)  # 5 rows for 11 jobs; long prompts in chunks
     passes = watch_decode(sched)
-    serve_staggered(sched, [Job(p, m, s, temperature=0, eos_id=EOS) for p, m, s in zip(ps, BUDGETS, sinks)], 2)
+    jobs = [Job(p, m, s, temperature=0, eos_id=EOS) for p, m, s in zip(ps, BUDGETS, sinks)]
+    serve_staggered(sched, [jobs[:3]] + [[job] for job in jobs[3:]], every=2)
     torch.set_num_threads(threads)
     return dict(alone=alone, sinks=sinks, sched=sched, passes=passes, shapes=shapes)
 
 
+@pytest.mark.slow
 def test_compiled_step_sees_power_of_two_batches_and_capacities(served):
     """Batches of 1 to 5 rows decode; the compiled graphs are built for batch 1, 2, 4, 8 and one capacity only."""
     decoding = {p["n"] for p in served["passes"]}
@@ -133,6 +137,7 @@ def test_compiled_step_sees_power_of_two_batches_and_capacities(served):
     assert all(rows & (rows - 1) == 0 and positions == MIN_CAPACITY for rows, positions in cache)
 
 
+@pytest.mark.slow
 def test_padding_rows_leave_prefilling_rows_untouched(served):
     """A padding row (position -1) that is a still-prefilling row keeps its cache bit for bit through a decode
     pass (and so does a free row)."""
@@ -141,6 +146,7 @@ def test_padding_rows_leave_prefilling_rows_untouched(served):
     assert all(p["untouched"] for p in passes)
 
 
+@pytest.mark.slow
 def test_compiled_jobs_equal_each_alone(served):
     for ref, sink in zip(served["alone"], served["sinks"]):
         assert sink.ids == ref.tokens
@@ -150,6 +156,7 @@ def test_compiled_jobs_equal_each_alone(served):
     assert sched.stats["finished"] == len(LENGTHS) and sched.stats["failed"] == 0
 
 
+@pytest.mark.slow
 def test_padded_rows_count_against_the_cache_budget():
     """kv_cache_bytes for 3 rows: eagerly 3 jobs decode together; compiled, 2 (3 padded to 4 would not fit), and
     each still gives its tokens alone."""
@@ -186,8 +193,8 @@ def test_eager_decode_is_not_padded():
         return forward(tokens, positions, cache, **kw)
 
     model.forward = recording
-    ps = prompts(LENGTHS[:5])
-    serve_staggered(sched, [Job(p, m, Collect(), temperature=0, eos_id=EOS) for p, m in zip(ps, BUDGETS)], 2)
+    ps = prompts(LENGTHS[3:8])
+    serve_staggered(sched, [[Job(p, m, Collect(), temperature=0, eos_id=EOS)] for p, m in zip(ps, BUDGETS)], 2)
     assert rows_seen and all(b == valid for b, valid in rows_seen)  # no padding row
     assert {p["n"] for p in passes} >= {3}
     assert all(s % ROUND_POSITIONS == 0 for _, s in (p["shape"] for p in passes))

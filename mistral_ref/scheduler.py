@@ -34,6 +34,16 @@ processors) on its own row of the logits, so a seeded or greedy job gives the to
 Memory: the cache is allocated for the rows and the longest row's prompt + max_tokens (rounded up to
 ``ROUND_POSITIONS``), within ``kv_cache_bytes``; it is re-allocated (rows copied) when a job needs more, and
 freed when the last job leaves.  While it grows, the old and the new cache exist together for a moment.
+
+A compiled decode step (``model.compiled_decode``, backends/compiled.py) is compiled again for every new batch size
+and cache capacity it sees, which would happen every few steps as jobs join and leave.  So with one, the shapes
+come from a small set: the decode pass runs on the next power of two rows (up to ``max_batch``'s), the extra rows
+fed token 0 at position -1 — a free or still-prefilling row, whose cache such a row leaves untouched (write_one
+skips position -1, and no query attends position -1) — and only the first n rows of logits are used; the cache's
+rows are a power of two (admission counts the padded rows against ``kv_cache_bytes``, so the padded pass always
+fits), and its positions per row are the compiled step's capacity bucket (``compiled_decode.capacity``: powers of
+two) instead of a multiple of ``ROUND_POSITIONS``.  A prefill chunk of one column gets a padding column, so that
+it runs eagerly rather than through the compiled step in yet another shape.  Eager models are not padded.
 """
 
 from __future__ import annotations
@@ -303,12 +313,13 @@ class Scheduler:
         need = len(job.prompt) + job.max_tokens
         n = len(self.rows) + 1
         cache = self.cache
-        if cache is not None and cache.batch_size >= n and cache.max_seq_len >= need:
+        if cache is not None and cache.batch_size >= self._padded(n) and cache.max_seq_len >= need:
             return True
         positions = max([need] + [r.need for r in self.rows])
-        rounded = -(-positions // ROUND_POSITIONS) * ROUND_POSITIONS
-        rows = min(self.max_batch, max(n, 1 << (n - 1).bit_length()))  # rows grow by doubling
-        for r, s in ((rows, rounded), (n, rounded), (n, positions)):  # the roomiest shape that fits the budget
+        rounded = self._positions(positions)
+        least = self._padded(n)  # the rows a decode pass of n rows needs: n, a power of two when compiled
+        rows = max(least, min(self.max_batch, 1 << (n - 1).bit_length()))  # rows grow by doubling
+        for r, s in ((rows, rounded), (least, rounded), (least, positions)):  # the roomiest shape within budget
             if cache_nbytes(self.model.args, r, s, self.model.dtype) <= self.kv_cache_bytes:
                 self._resize(r, s)
                 return True
@@ -318,10 +329,25 @@ class Scheduler:
         """Give memory back when the rows left use a quarter of the cache's rows or half of its positions (the
         gap from the doubling in _room_for keeps a steady load from resizing back and forth)."""
         n = len(self.rows)
-        positions = -(-max(r.need for r in self.rows) // ROUND_POSITIONS) * ROUND_POSITIONS
+        positions = self._positions(max(r.need for r in self.rows))
         rows = 1 << (n - 1).bit_length()
         if self.cache.batch_size >= 4 * rows or self.cache.max_seq_len >= 2 * positions:
             self._resize(min(self.cache.batch_size, 2 * rows), min(self.cache.max_seq_len, positions))
+
+    def _positions(self, need: int) -> int:
+        """Positions per row for a longest row of `need`: the compiled step's capacity bucket (a power of two, so a
+        few capacities serve every request), else `need` rounded up to ROUND_POSITIONS."""
+        compiled = getattr(self.model, "compiled_decode", None)
+        if compiled is not None:
+            return compiled.capacity(need)
+        return -(-need // ROUND_POSITIONS) * ROUND_POSITIONS
+
+    def _padded(self, n: int) -> int:
+        """Rows a decode pass of n rows runs on: n eagerly; the next power of two with a compiled step (n <=
+        max_batch, so at most max_batch's power of two), so that the step is compiled for a few batch sizes."""
+        if getattr(self.model, "compiled_decode", None) is None:
+            return n
+        return 1 << (n - 1).bit_length()
 
     def _resize(self, rows: int, positions: int) -> None:
         """A new cache of rows x positions holding the used rows of the old one.
@@ -401,9 +427,11 @@ class Scheduler:
         start, stop = self.n_decoding, len(self.rows)
         rows = self.rows[start:stop]
         left = [0 if r.leader is not None else len(r.prompt) - r.filled for r in rows]  # followers wait
-        T = min(max(left), max(1, self.prefill_tokens // len(rows)))  # columns of this chunk
-        tokens = torch.zeros(len(rows), T, dtype=torch.long)
-        positions = torch.full((len(rows), T), -1, dtype=torch.long)
+        T = min(max(left), max(1, self.prefill_tokens // len(rows)))  # prompt tokens per row in this chunk
+        # one column would be a decode-shaped call: with a compiled step, a padding column keeps it eager
+        width = 2 if T == 1 and getattr(self.model, "compiled_decode", None) is not None else T
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.full((len(rows), width), -1, dtype=torch.long)
         for j, r in enumerate(rows):
             t = min(T, left[j])
             tokens[j, :t] = torch.tensor(r.prompt[r.filled:r.filled + t])
@@ -436,12 +464,17 @@ class Scheduler:
             self._emit(self.n_decoding - 1, tok)
 
     def _decode(self) -> None:
-        """One token for every decoding row."""
+        """One token for every decoding row: one pass over rows [0, P), P = _padded(n); rows [n, P) (free or
+        prefilling) are padding, token 0 at position -1, which leaves their cache as it is."""
         rows = self.rows[:self.n_decoding]
+        n = len(rows)
+        P = min(self._padded(n), self.cache.batch_size)  # (smaller only if the model was compiled mid-run)
+        tokens = torch.zeros(P, 1, dtype=torch.long)  # (P, 1)
+        positions = torch.full((P, 1), -1, dtype=torch.long)  # (P, 1)
+        tokens[:n, 0] = torch.tensor([r.last for r in rows])
+        positions[:n, 0] = torch.tensor([len(r.prompt) + r.n - 1 for r in rows])
         device = self.model.device
-        tokens = torch.tensor([[r.last] for r in rows], device=device)  # (n, 1)
-        positions = torch.tensor([[len(r.prompt) + r.n - 1] for r in rows], device=device)  # (n, 1)
-        logits = self.model(tokens, positions, self._view(0, len(rows)))[:, -1]  # (n, V)
+        logits = self.model(tokens.to(device), positions.to(device), self._view(0, P))[:n, -1]  # (n, V)
         for r, tok in zip(list(rows), self._choose(rows, logits)):
             self._emit(self.rows.index(r), tok)
 

@@ -13,7 +13,7 @@ import torch
 from conftest import rel_err
 from model_helpers import random_model
 
-from mistral_ref.backends.compile_cache import cache_state, compile_cache_dir
+from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled import MIN_CAPACITY, bucket_capacity, compile_decode
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
@@ -153,10 +153,3 @@ def test_compile_cache_dir_is_under_the_user_cache_unless_inductor_s_is_set(monk
     assert compile_cache_dir() == tmp_path / "mistral-ref" / "compile" / f"torch-{torch.__version__}"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "elsewhere"))
     assert compile_cache_dir() == tmp_path / "elsewhere"
-
-
-def test_cache_state_names_what_the_disk_cache_gave():
-    assert cache_state((2, 1), (2, 3)) == "cold"
-    assert cache_state((2, 1), (4, 1)) == "warm"
-    assert cache_state((0, 0), (1, 1)) == "partly warm"
-    assert cache_state((5, 5), (5, 5)) == "in memory"

@@ -2,8 +2,9 @@
 
 torch.compile's inductor keeps its caches in one directory: the FX graph cache (generated code per graph), the
 AOTAutograd cache, the built C++ kernels and its probe of the CPU's vector instructions, each keyed by the graph,
-the torch version and the CPU.  A later process that compiles the same graph (same model shape, dtype, batch size,
-cache capacity, thread count) loads the built code instead of generating and compiling it again.
+the torch version and the CPU.  Compiled decoding adds its ahead-of-time compiled steps there, under steps/
+(compiled_steps.py): a later process with the same model shape, dtype, batch size, cache capacity and thread count
+loads them instead of tracing and compiling again.
 
 inductor's default directory, /tmp/torchinductor_$USER, is lost at reboot; compiled decoding uses
 ``$XDG_CACHE_HOME/mistral-ref/compile/torch-<version>`` (``~/.cache/...`` when XDG_CACHE_HOME is unset) unless
@@ -32,23 +33,6 @@ def compile_cache_dir() -> Path:
 def use_compile_cache() -> Path:
     """Point inductor at compile_cache_dir() (before the first compilation of the process) and return it."""
     path = compile_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)  # (compiled steps are loaded from here: this user's)
     os.environ[ENV] = str(path)
     return path
-
-
-def cache_counts() -> tuple[int, int]:
-    """(hits, misses) of inductor's FX graph cache so far in this process (one per graph looked up)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
-
-
-def cache_state(before: tuple[int, int], after: tuple[int, int]) -> str:
-    """What a compilation between two cache_counts() found: "warm" (every graph loaded from the disk cache),
-    "cold" (every graph generated and built), "partly warm", or "in memory" (nothing compiled: this process had
-    already compiled these shapes)."""
-    hits, misses = after[0] - before[0], after[1] - before[1]
-    if misses and hits:
-        return "partly warm"
-    return "cold" if misses else "warm" if hits else "in memory"

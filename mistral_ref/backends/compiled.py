@@ -29,6 +29,7 @@ tests/test_compile.py the compiled steps (with a cheap backend); `make bench` ti
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -81,7 +82,8 @@ def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.
     return _eager_grouped(x, gate_weight, w1, w2, w3, top_k)
 
 
-_eager_grouped = torch.compiler.disable(moe_forward_grouped)  # data-dependent: a graph break
+# data-dependent: a graph break (configure_compiler wraps these in torch.compiler.disable, which imports dynamo)
+_eager_grouped = moe_forward_grouped
 
 
 def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -93,7 +95,7 @@ def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.
     return _eager_grouped_mix(x, weights, experts, w1, w2, w3)
 
 
-_eager_grouped_mix = torch.compiler.disable(mix_experts_grouped)
+_eager_grouped_mix = mix_experts_grouped
 
 
 def compiled_update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
@@ -126,6 +128,23 @@ def bucket_capacity(positions: int, limit: int | None = None) -> int:
     return size if limit is None else max(positions, min(size, limit))
 
 
+def configure_compiler() -> None:
+    """torch.compile settings for decode steps (imports dynamo and inductor: ~2 s the first time)."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    global _eager_grouped, _eager_grouped_mix
+    _eager_grouped = torch.compiler.disable(moe_forward_grouped)
+    _eager_grouped_mix = torch.compiler.disable(mix_experts_grouped)
+    # one code object serves every layer, model and shape compiled in this process: allow it many entries
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    cpp_config = torch._inductor.config.cpp
+    if cpp_config.vec_isa_ok is None:  # (unless TORCHINDUCTOR_VEC_ISA_OK says) trust the CPU's flags rather
+        cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
+        torch._inductor.config.compile_threads = 1
+
+
 class CompiledDecode:
     """A model's compiled decode step (model.compiled_decode, set by compile_decode): Transformer.forward sends
     every one-token-per-row step with a cache here.
@@ -148,26 +167,18 @@ class CompiledDecode:
         if freeze and background:
             raise ValueError("compile_decode: freeze=True compiles the weights into the code; it has no "
                              "background mode")
-        import torch._dynamo.config
-        import torch._inductor.config
-
         self.model, self.mode = model, mode
         self.cache_dir = use_compile_cache()
-        # one code object serves every layer, model and shape compiled in this process: allow it many entries
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        cpp_config = torch._inductor.config.cpp
-        if cpp_config.vec_isa_ok is None:  # (unless TORCHINDUCTOR_VEC_ISA_OK says) trust the CPU's flags rather
-            cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
-        if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
-            torch._inductor.config.compile_threads = 1
         self.threads = torch.get_num_threads()
         ops = self.ops = compiled_backend(self.threads)
         self._frozen = None
         if freeze:  # the weights are constants of the code: compiled in memory, never saved (it would hold them)
+            configure_compiler()
             self._frozen = torch.compile(functools.partial(model.forward_with, ops), backend=backend,
                                          dynamic=False, options={"freezing": True})
             return
-        self.steps = StepCache(self.cache_dir, backend, background)
+        # (importing the compiler takes seconds: in the background, the worker does it, not the caller)
+        self.steps = StepCache(self.cache_dir, backend, background, setup=configure_compiler)
         self._described: dict[int, str] = {}  # id(module) -> digest of describe(module), computed once
 
         def block(layer, h, positions, rope, layer_cache):  # (B, 1, dim) -> (B, 1, dim)
@@ -180,6 +191,10 @@ class CompiledDecode:
             return model.forward_with(ops, tokens, positions, cache, logits_at=logits_at)
 
         self._block, self._head, self._full = block, head, full
+        # the full step's model argument: a shallow copy sharing every parameter and module, without this
+        # object (model.compiled_decode holds a lock and a thread, which a saved step cannot refer to)
+        self._model = copy.copy(model)
+        self._model.compiled_decode = None
         # the head is one product: compiled only where the compiled form is faster, a bf16/fp16 row on a CPU
         # without native support (multiply-and-sum); elsewhere PyTorch's kernel is as fast and costs no compile
         self._compile_head = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
@@ -192,10 +207,10 @@ class CompiledDecode:
         if self._frozen is not None:
             return self._frozen(tokens, positions, cache, logits_at=logits_at)
         if self.mode == "full":
-            step = self._step("full", self._full, (model, tokens, positions, cache, logits_at))
+            step = self._step("full", self._full, (self._model, tokens, positions, cache, logits_at))
             if step is None:  # compiling in the background: this step runs eagerly
                 return model.forward_with(eager, tokens, positions, cache, logits_at=logits_at)
-            return step(model, tokens, positions, cache, logits_at)
+            return step(self._model, tokens, positions, cache, logits_at)
         a = model.args
         h = model.tok_embeddings(tokens)  # (B, 1, dim)
         rope = self.ops.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)  # shared by the layers

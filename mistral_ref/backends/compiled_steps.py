@@ -86,10 +86,11 @@ def source_digest() -> str:
     return _source_digest
 
 
-def disk_name(name: str, key: tuple) -> str:
+def disk_name(name: str, key: tuple, backend: str) -> str:
     """The file name of a saved step: a hash of `key` (the step's description, see StepCache.get) and of what
-    the generated code depends on besides its inputs: torch, the mistral_ref source, the CPU's vector ISA."""
-    env = (torch.__version__, source_digest(), torch.backends.cpu.get_cpu_capability())
+    the generated code depends on besides its inputs: the compiler backend, torch, the mistral_ref source, the
+    CPU's vector ISA."""
+    env = (backend, torch.__version__, source_digest(), torch.backends.cpu.get_cpu_capability())
     return f"{name}-{hashlib.sha256(repr((name, key, env)).encode()).hexdigest()[:40]}.bin"
 
 
@@ -108,15 +109,17 @@ class StepCache:
     """Compiled steps by key: in memory, on disk under `directory` (None: memory only), compiled in the
     foreground or by one background thread.
 
-    get(key, name, fn, example_args) returns the compiled function of `fn` for arguments like `example_args`, or
-    None while a background compilation of it is pending.  `key` is a hashable description of everything the
-    compiled code may assume (describe() of the arguments, the caller's fixed settings, the grad / inference
-    mode): steps are looked up by it in memory, and by disk_name(name, key) on disk.  `backend` is
-    torch.compile's ("inductor"; the tests use "eager"); only inductor's steps are saved.
+    setup() runs once before the first compilation.  get(key, name, fn, example_args) returns the compiled
+    function of `fn` for arguments like `example_args`, or None while a background compilation of it is
+    pending.  `key` is a hashable description of everything the compiled code may assume (describe() of the
+    arguments, the caller's fixed settings, the grad / inference mode): steps are looked up by it in memory,
+    and by disk_name(name, key, backend) on disk.  `backend` is torch.compile's ("inductor"; the tests use
+    "eager", whose steps are saved and loaded the same way).
     """
 
-    def __init__(self, directory: Path | None, backend: str = "inductor", background: bool = False):
-        self.directory = directory / "steps" if directory is not None and backend == "inductor" else None
+    def __init__(self, directory: Path | None, backend: str = "inductor", background: bool = False,
+                 setup: Callable[[], None] | None = None):
+        self.directory = directory / "steps" if directory is not None else None
         self.backend, self.background = backend, background
         self.steps: dict[tuple, Callable] = {}
         self.failed: dict[tuple, str] = {}  # key -> why it stays eager
@@ -125,6 +128,7 @@ class StepCache:
         self._pending: set[tuple] = set()
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
+        self._setup = setup  # run once, before the first compilation (in the thread that compiles)
 
     def get(self, key: tuple, name: str, fn: Callable, example_args: Callable[[], tuple]) -> Callable | None:
         """The compiled `fn` for `key`; example_args() gives arguments of the right kind to compile with (in the
@@ -184,7 +188,10 @@ class StepCache:
         """Load the saved step, else compile it (ahead of time, saved; or a plain torch.compile if it has a
         graph break), else record why it stays eager."""
         t0 = time.perf_counter()
-        path = None if self.directory is None else self.directory / disk_name(name, key)
+        if self._setup is not None:
+            self._setup()
+            self._setup = None
+        path = None if self.directory is None else self.directory / disk_name(name, key, self.backend)
         try:
             if path is not None and trusted(path):
                 try:

@@ -1,0 +1,151 @@
+"""Compiled decode steps on disk and in the background (backends/compiled_steps.py): a step is described by
+everything its compiled code assumes, saved after compiling, loaded (not compiled) by the next start, refused when
+the file is not this user's own or is damaged, and compiled by a worker thread while decoding runs eagerly with
+the same tokens.  Compiled with dynamo's "eager" backend (inductor takes seconds to minutes: bench_compile.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+from model_helpers import random_model
+
+from mistral_ref.backends.compiled import compile_decode
+from mistral_ref.backends.compiled_steps import StepCache, describe, disk_name, trusted
+from mistral_ref.cache import KVCache
+from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.generation import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DENSE = ModelArgs(dim=48, n_layers=3, hidden_dim=96, n_heads=6, n_kv_heads=2, head_dim=8, vocab_size=101,
+                  norm_eps=1e-5, rope_theta=1e4, sliding_window=6)
+MOE = ModelArgs(dim=32, n_layers=2, hidden_dim=48, n_heads=4, n_kv_heads=1, head_dim=8, vocab_size=89,
+                norm_eps=1e-5, rope_theta=1e6, moe=MoeArgs(4, 2))
+PROMPTS = [[1, 5, 9, 2, 7, 3, 4], [8, 6, 2, 2, 5]]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Compiled steps go to a temporary directory, never the user's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    return tmp_path / "compile-cache"
+
+
+def greedy(model, prompts=PROMPTS, max_tokens=9):
+    return [r.tokens for r in generate(model, prompts, max_tokens, temperature=0.0)]
+
+
+def fresh(args=DENSE, dtype=torch.float32):
+    torch._dynamo.reset()
+    return random_model(args, 0).to(dtype)
+
+
+def axpy(a, x, y):  # a small function to compile: (n,) -> (n,)
+    return a * x + y
+
+
+def test_describe_tells_apart_what_compiled_code_assumes():
+    x = torch.zeros(4, 6)
+    assert describe(x) == describe(torch.ones(4, 6))  # values do not matter
+    assert describe(x) != describe(torch.zeros(4, 7))  # shapes,
+    assert describe(x) != describe(torch.zeros(6, 4).t().contiguous().t()[:4])  # strides,
+    assert describe(x) != describe(x.double())  # dtypes
+    assert describe(x[1:]) != describe(torch.zeros(3, 6))  # and storage offsets do
+    a, b = random_model(DENSE, 0), random_model(DENSE, 1)
+    assert describe(a.layers[0]) == describe(b.layers[0])  # weights are inputs: other values, the same code
+    b.layers[0].attention.window = 99
+    assert describe(a.layers[0]) != describe(b.layers[0])  # a plain attribute is part of the code
+    full = dataclasses.replace(DENSE, sliding_window=None)
+    c1, c2 = KVCache(full, 1, 16), KVCache(full, 1, 32)
+    assert describe(c1.layers[0]) != describe(c2.layers[0])  # a cache of another capacity
+    assert describe(c1.layers[0]) == describe(KVCache(full, 1, 16).layers[1])
+    with pytest.raises(TypeError, match="cannot describe"):
+        describe(object())
+
+
+def test_a_saved_step_is_loaded_by_the_next_cache_not_compiled(cache_dir):
+    args = (torch.tensor(2.0), torch.arange(5.0), torch.ones(5))
+    key = ("axpy", describe(args))
+    first = StepCache(cache_dir, backend="eager")
+    step = first.get(key, "axpy", axpy, lambda: args)
+    assert torch.equal(step(*args), axpy(*args)) and first.summary() == "compiled and saved"
+    saved = cache_dir / "steps" / disk_name("axpy", key, "eager")
+    assert saved.is_file() and trusted(saved) and (saved.stat().st_mode & 0o777) == 0o600
+
+    second = StepCache(cache_dir, backend="eager")  # a new process would start here
+    step = second.get(key, "axpy", axpy, lambda: args)
+    assert second.summary() == "loaded" and torch.equal(step(*args), axpy(*args))
+    assert disk_name("axpy", key, "inductor") != saved.name  # another backend's code is another file
+
+
+def test_a_file_others_can_write_or_a_damaged_one_is_never_loaded(cache_dir, caplog):
+    args = (torch.tensor(2.0), torch.arange(5.0), torch.ones(5))
+    key = ("axpy", describe(args))
+    StepCache(cache_dir, backend="eager").get(key, "axpy", axpy, lambda: args)
+    saved = cache_dir / "steps" / disk_name("axpy", key, "eager")
+    saved.chmod(0o666)  # writable by anyone: someone else's code could be in it
+    assert not trusted(saved)
+    again = StepCache(cache_dir, backend="eager")
+    again.get(key, "axpy", axpy, lambda: args)
+    assert again.summary() == "compiled and saved" and trusted(saved)  # replaced by this user's own file
+
+    saved.write_bytes(b"not a compiled step")
+    damaged = StepCache(cache_dir, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="mistral_ref.compile"):
+        step = damaged.get(key, "axpy", axpy, lambda: args)
+    assert "could not load" in caplog.text and str(saved) in caplog.text
+    assert damaged.summary() == "compiled and saved" and torch.equal(step(*args), axpy(*args))
+
+
+def test_a_step_that_fails_to_compile_stays_eager_and_says_why(cache_dir, caplog):
+    def bad(x):
+        raise ValueError("no such step")
+
+    steps = StepCache(cache_dir, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="mistral_ref.compile"):
+        assert steps.get(("bad",), "bad", bad, lambda: (torch.ones(2),)) is None
+    assert "no such step" in steps.failed[("bad",)] and "runs eagerly" in caplog.text
+    assert steps.get(("bad",), "bad", bad, lambda: (torch.ones(2),)) is None  # not tried again
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_a_second_start_loads_every_decode_step_it_needs(mode, cache_dir):
+    """Compile, then "restart" (dynamo reset, a new CompiledDecode on another model object of the same shape):
+    the same request's steps all come from the disk, with the same tokens as eager decoding."""
+    model = fresh()
+    eager = greedy(model)
+    compile_decode(model, mode=mode, backend="eager")
+    assert greedy(model) == eager
+    assert "compiled and saved" in model.compiled_decode.steps.summary()
+    assert any((cache_dir / "steps").iterdir())
+
+    model = fresh()
+    compile_decode(model, mode=mode, backend="eager")
+    assert greedy(model) == eager
+    assert model.compiled_decode.steps.summary() == "loaded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+def test_background_compilation_decodes_eagerly_meanwhile_with_the_same_tokens(args):
+    """background=True: the first decode steps run eagerly while a worker thread compiles (a batch of two rows:
+    the MoE model's dispatch of several tokens is a graph break, compiled in memory only); after wait(), the
+    compiled steps give the same tokens."""
+    model = fresh(args)
+    eager = greedy(model)
+    compile_decode(model, backend="eager", background=True)
+    assert greedy(model) == eager  # steps run eagerly, compiled, or some of each: the same tokens
+    steps = model.compiled_decode.steps
+    assert steps.wait(timeout=120) and not steps.failed and steps.steps
+    assert greedy(model) == eager
+    if args.moe:
+        assert "compiled (in memory)" in steps.summary()
+
+
+def test_background_and_freeze_do_not_mix():
+    with pytest.raises(ValueError, match="background"):
+        compile_decode(fresh(), mode="full", freeze=True, background=True)

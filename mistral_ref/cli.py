@@ -208,7 +208,8 @@ def _sampling(args: argparse.Namespace) -> dict:
     return out
 
 
-def _compile(model, positions: int = CHAT_MAX_TOKENS + 1, background: bool = False) -> None:
+def _compile(model, positions: int = CHAT_MAX_TOKENS + 1, background: bool = False, mode: str = "regional"
+             ) -> None:
     """--compile: compile the decode step, or load it from the compile cache.  In the foreground (generate):
     now, for a batch-1 request of `positions` positions (the real request's cache size bucket), with the time
     on a line of its own.  In the background (chat, serve): each new decode shape is compiled by a worker
@@ -217,13 +218,14 @@ def _compile(model, positions: int = CHAT_MAX_TOKENS + 1, background: bool = Fal
 
     when = ("in the background from the first decode step (the first token does not wait; tokens come eagerly "
             "until it is ready)" if background else "now")
-    _status(f"--compile: compiling the decode step {when} (torch.compile; one transformer block reused by every "
-            f"layer; kept in {compile_cache_dir()}, so the next start loads it); a new batch or cache size "
-            "compiles again")
-    model.compile_decode(background=background)
+    what = "one transformer block reused by every layer" if mode == "regional" else "the whole step as one graph"
+    _status(f"--compile: compiling the decode step {when} (torch.compile, {mode}: {what}; kept in "
+            f"{compile_cache_dir()}, so the next start loads it); a new batch or cache size compiles again")
+    t0 = time.perf_counter()
+    model.compile_decode(mode=mode, background=background)
     if not background:  # (in the background, the first decode step queues its own shape: nothing to warm up)
-        seconds, what = model.compiled_decode.warm_up(1, positions)
-        _status(f"compiled in {seconds:.1f} s ({what}; not counted in tokens/s below)")
+        what = model.compiled_decode.warm_up(1, positions)[1] if model.compiled_decode is not None else "off"
+        _status(f"compiled in {time.perf_counter() - t0:.1f} s ({what}; not counted in tokens/s below)")
 
 
 def _compile_report(model, reported: bool, finish: bool = False) -> bool:
@@ -264,7 +266,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)
     if args.compile:  # sized for the first reply: the cache capacity is bucketed, so later turns reuse it
-        _compile(model, positions=(args.max_tokens or CHAT_MAX_TOKENS) + 1, background=True)
+        _compile(model, positions=(args.max_tokens or CHAT_MAX_TOKENS) + 1, background=True, mode=args.compile)
     reported = False  # chat --compile: whether _compile_report has said that the compiled step is ready
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt_mode == "reasoning":  # the checkpoint's reasoning system prompt goes first
@@ -384,7 +386,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt is {len(ids)} tokens; with --max-tokens {max_tokens} that exceeds the "
                              f"context of {limit} tokens")
     if args.compile and not under_torchrun():  # the request's own cache size: the step the real run uses
-        _compile(model, positions=len(ids) + max_tokens)
+        _compile(model, positions=len(ids) + max_tokens, mode=args.compile)
     t0 = time.perf_counter()
     n = 0
     finish = None
@@ -437,7 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tok, name = load_for_cli(args.checkpoint, args.dtype)
     set_threads(args, model.args)  # set before serve() starts the model worker thread, which inherits it
     if args.compile:  # in the background: the server answers at once, eagerly until the step is ready
-        _compile(model, background=True)
+        _compile(model, background=True, mode=args.compile)
     serve(model, tok, host=args.host, port=args.port, model_name=args.model_name or name,
           max_context=args.max_context, max_body_bytes=args.max_body_bytes, **_serve_options(args))
     return 0
@@ -636,9 +638,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "float32)")
     p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
                    help="context length in tokens (default: the model's max_seq_len, if it declares one)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (Transformer.compile_decode: one block reused by every "
-                        "layer, cached on disk): faster tokens after compiling at start (default: off)")
+    p.add_argument("--compile", nargs="?", const="regional", choices=("regional", "full"), default=None,
+                   help="torch.compile the decode step (Transformer.compile_decode): 'regional' (the default "
+                        "with --compile: one block reused by every layer, seconds to compile) or 'full' (the whole "
+                        "step: faster tokens, a minute or more to compile); compiled steps are saved on disk and "
+                        "loaded by the next start; chat and serve compile in the background (default: off)")
     _add_threads_option(p, _MODEL_THREADS)
 
 

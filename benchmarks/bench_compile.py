@@ -7,15 +7,17 @@ compile cache), and decode tokens/s eager vs regional compile vs full-graph comp
 For each model shape (bench.py's random-weight Mistral-shaped 125M and Mixtral-shaped 140M; the vocabulary is the
 tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the embedded model's, 3072) and dtype:
 
-* first token: a checkpoint is written to a temporary directory, and `mistral-ref chat CKPT --compile` is started
-  in a fresh process with one user turn on stdin; the time from starting the process to the reply's first
-  character on stdout, which includes starting Python, loading and compiling.  "cold" uses an empty compile cache
-  directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on the same directory (median of --runs starts);
-  `chat` without --compile is the baseline.  The "compiled in X s (cache: ...)" line each start prints is shown.
+* chat: a checkpoint is written to a temporary directory, and `mistral-ref chat CKPT --compile MODE` (regional,
+  full) is started in a fresh process with one user turn on stdin (a reply of 64 tokens); the time from starting
+  the process to the reply's first character on stdout (starting Python and loading included), and the time from
+  --compile to the compiled step running, as chat reports it (chat compiles in the background: the first tokens
+  decode eagerly).  "cold" uses an empty compile cache directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on
+  the same directory (median of --runs starts), which loads the saved steps; `chat` without --compile is the
+  baseline.
 * decode tokens/s, greedy, --new tokens after a 128-token prompt, batch 1, in this process on one model: eager,
   regional compile (compile_decode(mode="regional"), the default) and full-graph compile (mode="full"), rounds
-  alternating, each mode's compile time measured on its own first (cold: a fresh cache directory); the greedy tokens
-  of the three must be identical.
+  alternating, each mode's compile time measured on its own first (cold: a fresh cache directory), then the time a
+  new CompiledDecode takes to load the saved steps; the greedy tokens of the three must be identical.
 
 A benchmark, not a test: nothing here asserts a speed; `--quick` smoke-runs one tiny model.  `make bench` runs it
 after bench.py.
@@ -56,7 +58,7 @@ from mistral_ref.embedded import EMBEDDED_MODEL_DIR
 from mistral_ref.generation import generate
 from mistral_ref.tokenizer import load_tokenizer
 
-COMPILED = re.compile(r"compiled in ([\d.]+) s \(cache: ([\w ]+);")
+READY = re.compile(r"compiled decode step ready ([\d.]+) s after --compile \(([^)]+)\)")
 
 
 def tokenizer_file() -> Path:
@@ -78,19 +80,20 @@ def write_checkpoint(args, directory: Path) -> None:
     shutil.copy(tokenizer_file(), directory / "tokenizer.model.v3")
 
 
-def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None) -> dict:
-    """Start `mistral-ref chat` (with --compile when compile_dir is given) on one user turn; seconds from the
-    start to the reply's first character, and the compile time and cache state it printed."""
-    cmd = [sys.executable, "-m", "mistral_ref", "chat", str(ckpt), "--temperature", "0", "--max-tokens", "8",
+def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None, mode: str = "regional") -> dict:
+    """Start `mistral-ref chat` (with --compile MODE when compile_dir is given) on one user turn of --max-tokens
+    64; seconds from the start to the reply's first character and to the end of the reply, and when the
+    compiled step was ready (seconds after --compile began, as chat reports it) and how (compiled / loaded)."""
+    cmd = [sys.executable, "-m", "mistral_ref", "chat", str(ckpt), "--temperature", "0", "--max-tokens", "64",
            "--dtype", str(DTYPES[dtype]).removeprefix("torch."), "--threads", str(threads)]
-    cmd += ["--compile"] if compile_dir else []
+    cmd += ["--compile", mode] if compile_dir else []
     env = dict(os.environ)
     if compile_dir:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_dir)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdin.write(b"Tell me a story.\n")
-    proc.stdin.close()  # one turn, then end of input: chat exits after the reply
+    proc.stdin.close()  # one turn, then end of input: chat exits after the reply (and a compilation it started)
     first = None
     while first is None:
         c = proc.stdout.read(1)
@@ -98,34 +101,42 @@ def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None) 
             break
         if not c.isspace():
             first = time.perf_counter() - t0
-    proc.stdout.read()
+    reply = proc.stdout.read()
     err = proc.stderr.read().decode()
     if proc.wait() != 0 or first is None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err}")
-    m = COMPILED.search(err)
-    return {"first_token_s": first, "compile_s": float(m[1]) if m else None, "cache": m[2] if m else None}
+    m = READY.search(err)
+    if compile_dir and m is None:
+        raise RuntimeError(f"{' '.join(cmd)} did not report its compiled step:\n{err}")
+    return {"first_token_s": first, "exit_s": time.perf_counter() - t0, "reply_bytes": len(reply),
+            "ready_s": float(m[1]) if m else None, "how": m[2] if m else None}
 
 
 def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> dict:
     ckpt = tmp / "ckpt"
     write_checkpoint(args, ckpt)
-    cache_dir = tmp / "compile-cache"  # empty: the first compiled start is cold
-    out = {"eager": [first_token(ckpt, dname, threads, None) for _ in range(runs)],
-           "cold": first_token(ckpt, dname, threads, cache_dir),
-           "warm": [first_token(ckpt, dname, threads, cache_dir) for _ in range(runs)]}
+    out = {"eager": [first_token(ckpt, dname, threads, None) for _ in range(runs)]}
+    for mode in ("regional", "full"):
+        cache_dir = tmp / f"compile-cache-{mode}"  # empty: the first compiled start is cold
+        out[mode] = {"cold": first_token(ckpt, dname, threads, cache_dir, mode),
+                     "warm": [first_token(ckpt, dname, threads, cache_dir, mode) for _ in range(runs)]}
     shutil.rmtree(ckpt)
     return out
 
 
 def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs: int, tmp: Path) -> dict:
-    """Decode tok/s of eager, regional and full compile on one model, rounds alternating; compile times first."""
+    """Decode tok/s of eager, regional and full compile on one model, rounds alternating; compile times first
+    (cold: a fresh cache directory), then the time to load the saved steps (a second CompiledDecode)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "decode-cache")  # fresh: both compiles are cold
     model = random_model(args).to(dtype)
-    steps, compile_s = {"eager": None}, {}
+    steps, compile_s, load_s = {"eager": None}, {}, {}
     for mode in ("regional", "full"):
         torch._dynamo.reset()
         compile_decode(model, mode=mode)
-        compile_s[mode] = model.compiled_decode.warm_up(1, prompt_len + new)  # (seconds, cache state)
+        compile_s[mode] = model.compiled_decode.warm_up(1, prompt_len + new)  # (seconds, what happened)
+        torch._dynamo.reset()
+        compile_decode(model, mode=mode)
+        load_s[mode] = model.compiled_decode.warm_up(1, prompt_len + new)  # loaded from the disk this time
         steps[mode] = model.compiled_decode
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1)).tolist()
     tokens, clock = {}, StepClock(model)
@@ -141,7 +152,8 @@ def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs
     clock.handle.remove()
     model.compiled_decode = None
     return {"tok_s": {mode: summary([1 / s for s in v]) for mode, v in t.items()},
-            "compile": {mode: {"seconds": s, "cache": state} for mode, (s, state) in compile_s.items()},
+            "compile": {mode: {"seconds": s, "how": how} for mode, (s, how) in compile_s.items()},
+            "load": {mode: {"seconds": s, "how": how} for mode, (s, how) in load_s.items()},
             "same_tokens": tokens["eager"] == tokens["regional"] == tokens["full"]}
 
 
@@ -179,28 +191,41 @@ def main(argv: list[str] | None = None) -> dict:
                 dec = bench_decode_modes(args, DTYPES[dname], 128 if not opts.quick else 32, new, runs, Path(tmp))
             result["models"].setdefault(name, {})[dname] = {"first_token": ft, "decode": dec}
             rows.append((name, dname, ft, dec))
-            print(f"  {name} {dname}: first token cold {ft['cold']['first_token_s']:.1f} s (compiled in "
-                  f"{ft['cold']['compile_s']} s, cache {ft['cold']['cache']}), decode regional "
-                  f"{fmt(dec['tok_s']['regional'])} tok/s", flush=True)
+            print(f"  {name} {dname}: chat --compile first token {ft['regional']['cold']['first_token_s']:.1f} s "
+                  f"cold, compiled step ready {ft['regional']['cold']['ready_s']:.1f} s after --compile; decode "
+                  f"regional {fmt(dec['tok_s']['regional'])} full {fmt(dec['tok_s']['full'])} tok/s", flush=True)
 
-    print("\n## Time from `mistral-ref chat --compile` starting to the reply's first token, seconds")
-    print("(compile = the 'compiled in' line of that start; eager = chat without --compile)")
-    print("| model | dtype | eager | cold (compile) | warm (compile) | cache cold / warm |")
+    def med(xs, key):
+        return statistics.median(x[key] for x in xs)
+
+    print("\n## `mistral-ref chat --compile [MODE]`: seconds from starting the process to the reply's first token")
+    print("(eager = chat without --compile; cold = empty compile cache, warm = the next starts; medians)")
+    print("| model | dtype | eager | regional cold | regional warm | full cold | full warm |")
+    print("|---|---|---|---|---|---|---|")
+    for name, dname, ft, _ in rows:
+        r, f = ft["regional"], ft["full"]
+        print(f"| {name} | {dname} | {med(ft['eager'], 'first_token_s'):.1f} | {r['cold']['first_token_s']:.1f} | "
+              f"{med(r['warm'], 'first_token_s'):.1f} | {f['cold']['first_token_s']:.1f} | "
+              f"{med(f['warm'], 'first_token_s'):.1f} |")
+    print("\n## ... and seconds from --compile to the compiled step running (compiled in the background meanwhile, "
+          "tokens decode eagerly; warm = loaded from the disk)")
+    print("| model | dtype | regional cold | regional warm | full cold | full warm |")
     print("|---|---|---|---|---|---|")
     for name, dname, ft, _ in rows:
-        warm = [w["first_token_s"] for w in ft["warm"]]
-        warm_c = [w["compile_s"] for w in ft["warm"]]
-        eager = [e["first_token_s"] for e in ft["eager"]]
-        print(f"| {name} | {dname} | {statistics.median(eager):.1f} | {ft['cold']['first_token_s']:.1f} "
-              f"({ft['cold']['compile_s']:.1f}) | {statistics.median(warm):.1f} ({statistics.median(warm_c):.1f}) | "
-              f"{ft['cold']['cache']} / {ft['warm'][-1]['cache']} |")
-    print(f"\n## Decode tokens/s, batch 1, greedy, {new} new tokens; compile = seconds to compile each mode (cold)")
-    print("| model | dtype | eager | regional | full | compile regional / full | greedy tokens identical |")
-    print("|---|---|---|---|---|---|---|")
+        r, f = ft["regional"], ft["full"]
+        print(f"| {name} | {dname} | {r['cold']['ready_s']:.1f} ({r['cold']['how']}) | {med(r['warm'], 'ready_s'):.1f} "
+              f"({r['warm'][-1]['how']}) | {f['cold']['ready_s']:.1f} ({f['cold']['how']}) | "
+              f"{med(f['warm'], 'ready_s'):.1f} ({f['warm'][-1]['how']}) |")
+    print(f"\n## Decode tokens/s, batch 1, greedy, {new} new tokens; compile = seconds to compile each mode (cold), "
+          "load = seconds for a new start to load it")
+    print("| model | dtype | eager | regional | full | compile regional / full | load regional / full | "
+          "greedy tokens identical |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, dname, _, dec in rows:
-        t, c = dec["tok_s"], dec["compile"]
+        t, c, ld = dec["tok_s"], dec["compile"], dec["load"]
         print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | {fmt(t['full'])} | "
-              f"{c['regional']['seconds']:.1f} / {c['full']['seconds']:.1f} | {dec['same_tokens']} |")
+              f"{c['regional']['seconds']:.1f} / {c['full']['seconds']:.1f} | "
+              f"{ld['regional']['seconds']:.1f} / {ld['full']['seconds']:.1f} | {dec['same_tokens']} |")
     print(f"\nload average after: {load_average()}")
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=1))

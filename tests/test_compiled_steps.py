@@ -149,3 +149,16 @@ def test_background_compilation_decodes_eagerly_meanwhile_with_the_same_tokens(a
 def test_background_and_freeze_do_not_mix():
     with pytest.raises(ValueError, match="background"):
         compile_decode(fresh(), mode="full", freeze=True, background=True)
+
+
+def test_arguments_sharing_memory_run_eagerly():
+    """Compiled code assumes distinct inputs (dynamo's guard would refuse the call): tokens and positions given as
+    one tensor take the eager step, with the eager logits."""
+    model = fresh()
+    compile_decode(model, mode="full", backend="eager")
+    with torch.inference_mode():
+        zeros = torch.zeros(1, 1, dtype=torch.long)
+        logits = model(zeros, zeros, KVCache(DENSE, 1, 16))
+        assert not model.compiled_decode.steps.steps  # nothing compiled for the aliased call
+        eager = model.forward_with(model.ops, zeros, zeros.clone(), KVCache(DENSE, 1, 16))
+    assert torch.equal(logits, eager)

@@ -231,9 +231,13 @@ class CompiledDecode:
         return step(model.norm, h, model.output_weight)
 
     def _step(self, name: str, fn, args: tuple):
-        """The compiled `fn` for these arguments (StepCache.get), or None while it compiles in the background.
+        """The compiled `fn` for these arguments (StepCache.get), or None while it compiles in the background
+        (or if two tensor arguments share memory, which the compiled code does not expect: then eagerly).
         Modules are described once (their weights are not expected to change shape: compile after converting
         the model); tensors and caches at every call."""
+        pointers = [x.data_ptr() for x in args if isinstance(x, torch.Tensor) and x.numel()]
+        if len(set(pointers)) < len(pointers):
+            return None
         key = (name, self.threads, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
                tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
         return self.steps.get(key, name, fn, lambda: _scratch(args))
@@ -257,8 +261,8 @@ class CompiledDecode:
         t0, seen = time.perf_counter(), len(self.steps.events) if self._frozen is None else 0
         with torch.inference_mode():  # as generation runs (dynamo guards on inference tensors)
             cache = KVCache(model.args, batch_size, self.capacity(positions), model.dtype, model.device)
-            zeros = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-            self(zeros, zeros, cache)
+            tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+            self(tokens, torch.zeros_like(tokens), cache)  # (two tensors: compiled code assumes no aliasing)
         if self._frozen is not None:
             return time.perf_counter() - t0, "compiled in memory (freeze=True)"
         if self.steps.background:

@@ -24,6 +24,7 @@ eager.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import logging
 import os
@@ -53,6 +54,8 @@ def describe(obj: Any, depth: int = 0) -> Any:
                 obj.requires_grad)
     if isinstance(obj, _PLAIN):
         return obj
+    if isinstance(obj, (os.PathLike, enum.Enum)):
+        return repr(obj)
     if isinstance(obj, (tuple, list)):
         return (type(obj).__name__, tuple(describe(x, depth + 1) for x in obj))
     if isinstance(obj, dict):

@@ -1,9 +1,10 @@
 """Throughput and latency of `mistral-ref serve` under concurrent clients: continuous batching against a server that
-serves one request at a time (the same server with --max-batch 1), in the same run; then memory over a soak.
+serves one request at a time (the same server with --max-batch 1), and with --compile batching with the compiled
+decode step too, in the same run; then memory over a soak.
 
     .venv/bin/python benchmarks/bench_server.py [--models embedded,mistral-125m] [--clients 1,8,32]
                                                 [--requests-per-client 4] [--max-tokens 64] [--prompt-words 60]
-                                                [--soak 2000] [--threads 1] [--json out.json]
+                                                [--soak 2000] [--threads 1] [--compile] [--json out.json]
 
 For each model (the embedded tiny Mixtral; a random-weight Mistral-shaped ~125M model with the 32k SentencePiece
 vocabulary of mistral-common's v3 tokenizer, written as a checkpoint in a temporary directory) and each mode
@@ -14,6 +15,17 @@ non-streaming requests back to back (greedy, ignore_eos, exactly --max-tokens to
 mixes gain less, since prefill is compute-bound already at batch 1).  Per level: aggregate tokens/s (completion
 tokens of all requests / wall time), p50, p95 and max request latency (the max shows whether any request starved).
 The speedup column is batched aggregate tokens/s over one-at-a-time.
+
+--compile adds a third mode: `serve --max-batch 32 --compile` (the decode step compiled by a background thread
+for each new batch size and cache capacity, eagerly until it is ready), with a fresh temporary compile cache
+(TORCHINDUCTOR_CACHE_DIR), so it starts cold whatever ran before.  Before timing, the server is warmed up until it
+reaches steady state: the timed pass (every concurrency level, the same requests) is repeated, untimed, and after
+each pass the script waits until the server process and its children use no CPU for 3 s (no compilation running:
+the server is otherwise idle); steady state is a pass after which the server's `mistral_ref.compile` log (its
+stderr) names no newly built step, i.e. every shape the pass used was compiled already (at most 6 passes; if the
+log shows no step at all, two passes within 10% of each other's tokens/s).  The warm-up time (first request to
+steady state) is printed; steps compiled during the timed pass are counted (a shape the warm-up missed).  The
+"compiled / batched" column is compiled aggregate tokens/s over batched eager tokens/s at the same level.
 
 Soak (--soak N, batched server, embedded model): N mixed requests from 32 clients (streaming or not, 1..48
 tokens, greedy or seeded sampling, stop strings, JSON mode, 5% of streaming clients hang up after the first
@@ -30,6 +42,7 @@ import http.client
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -72,19 +85,68 @@ def mistral_125m_checkpoint(directory: Path) -> Path:
 class Server:
     """`python -m mistral_ref serve` in a subprocess, on a free port of 127.0.0.1."""
 
-    def __init__(self, checkpoint: Path | None, max_batch: int, threads: int):
+    def __init__(self, checkpoint: Path | None, max_batch: int, threads: int, compile_cache: Path | None = None):
+        """compile_cache: run `serve --compile` with this (empty) directory as its compile cache, and keep the
+        lines of its `mistral_ref.compile` log (stderr) in self.compile_log."""
         command = [sys.executable, "-m", "mistral_ref", "serve", *([str(checkpoint)] if checkpoint else []),
                    "--port", "0", "--model-name", "bench", "--max-batch", str(max_batch), "--threads", str(threads),
-                   "--max-queue", "4096", "--max-connections", "1024"]
+                   "--max-queue", "4096", "--max-connections", "1024", *(["--compile"] if compile_cache else [])]
         env = dict(os.environ, PYTHONPATH=str(REPO))
         env.pop("MISTRAL_REF_API_KEY", None)
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True)
+        if compile_cache is not None:
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
+        self.compile_log: list[str] = []  # "... mistral_ref.compile: compiled step block: compiled and saved in ..."
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE if compile_cache else subprocess.DEVNULL, text=True)
+        if compile_cache is not None:  # read stderr to the end (the access log is there too: a full pipe blocks)
+            threading.Thread(target=self._read_log, daemon=True).start()
         line = self.proc.stdout.readline()
         if " on http://" not in line:
             raise SystemExit(f"the server did not start: {line!r}")
         self.host, port = line.split(" on http://")[1].split()[0].split(":")
         self.port = int(port)
+
+    def _read_log(self) -> None:
+        """Keep the compile log's lines that end a step's build: "compiled step NAME: WHAT in S s" (WHAT:
+        loaded, compiled and saved, compiled (in memory), ...) or "... failed to compile (...)"."""
+        for line in self.proc.stderr:
+            if " mistral_ref.compile: " not in line:
+                continue
+            message = line.split(" mistral_ref.compile: ", 1)[1].strip()
+            if re.search(r": .+ in [0-9.]+ s$", message) or "failed to compile" in message:
+                self.compile_log.append(message)
+
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by the server and its descendants (inductor's compile workers, the C++
+        compiler), from /proc; a child's time counts once it has been waited for (its parent's cutime)."""
+        tick, children, stats = os.sysconf("SC_CLK_TCK"), {}, {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:  # gone meanwhile
+                    continue
+                stats[int(entry.name)] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            total += stats.get(pid, 0)
+            todo += children.get(pid, [])
+        return total / tick
+
+    def wait_idle(self, quiet: float = 3.0, limit: float = 3600.0) -> None:
+        """Block until the server (not serving any request) has used under 5% of a core for `quiet` seconds in a
+        row: its background compilations are done."""
+        t0, still, used = time.perf_counter(), 0.0, self.cpu_seconds()
+        while still < quiet:
+            if time.perf_counter() - t0 > limit:
+                print(f"  warning: the server was still busy {limit:.0f} s after the warm-up pass", flush=True)
+                return
+            time.sleep(1.0)
+            now = self.cpu_seconds()
+            still = still + 1.0 if now - used < 0.05 else 0.0
+            used = now
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -184,6 +246,36 @@ def soak(server: Server, n: int, clients: int = 32, seed: int = 1) -> list[tuple
     return samples
 
 
+def warm_up_compiled(server: Server, levels: list[int], args: argparse.Namespace, max_passes: int = 6) -> dict:
+    """Untimed passes of the timed run (every level, the same requests) until steady state (see the module
+    docstring); returns the warm-up's seconds, passes, each pass's tokens/s per level and the compile log."""
+    t0 = time.perf_counter()
+    level(server, 2, 1, 4, seed=99)  # (as the other modes' warm-up)
+    passes: list[list[float]] = []
+    steady = False
+    for n in range(1, max_passes + 1):
+        seen = len(server.compile_log)
+        passes.append([level(server, c, args.requests_per_client, args.max_tokens, seed=c,
+                             words=args.prompt_words)["tok_s"] for c in levels])
+        server.wait_idle()
+        built = len(server.compile_log) - seen
+        print(f"  warm-up pass {n}: {' '.join(f'{t:.1f}' for t in passes[-1])} tok/s at {args.clients} clients; "
+              f"{built} compiled steps built in this pass ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+        if server.compile_log:
+            steady = built == 0
+        elif n > 1:  # no compile log at all: fall back on tokens/s settling
+            if n == 2:
+                print("  warning: the server logged no compiled step; steady state judged by tokens/s", flush=True)
+            steady = all(abs(a - b) < 0.1 * b for a, b in zip(passes[-1], passes[-2], strict=True))
+        if steady:
+            break
+    seconds = time.perf_counter() - t0
+    if not steady:
+        print(f"  warning: no steady state after {max_passes} warm-up passes ({seconds:.0f} s)", flush=True)
+    return {"seconds": seconds, "passes": len(passes), "steady": steady, "tok_s_per_pass": passes,
+            "compile_log": list(server.compile_log)}
+
+
 # ---- the report ----------------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -195,19 +287,28 @@ def main() -> None:
                    help="prompts of 5 to this many words (default: 60, ~10-90 tokens)")
     p.add_argument("--soak", type=int, default=2000, help="mixed requests of the memory soak; 0 = none (default: 2000)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads (default: 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time `serve --max-batch 32 --compile`, warmed up to steady state from a fresh compile "
+                        "cache (minutes: inductor compiles every batch size and cache capacity once)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
-    report: dict = {"levels": {}, "soak": None}
+    report: dict = {"levels": {}, "soak": None, **({"compiled_warm_up": {}} if args.compile else {})}
+    modes = [("batched", 32), ("one-at-a-time", 1), *([("compiled", 32)] if args.compile else [])]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             checkpoint = None if name == "embedded" else mistral_125m_checkpoint(Path(tmp) / name)
             rows: dict = {}
-            for mode, max_batch in (("batched", 32), ("one-at-a-time", 1)):
-                server = Server(checkpoint, max_batch, args.threads)
+            for mode, max_batch in modes:
+                compile_cache = Path(tmp) / f"compile-{name}" if mode == "compiled" else None
+                server = Server(checkpoint, max_batch, args.threads, compile_cache)
                 try:
-                    level(server, 2, 1, 4, seed=99)  # warm-up
+                    if mode == "compiled":
+                        warm = report["compiled_warm_up"][name] = warm_up_compiled(server, levels, args)
+                        seen = len(server.compile_log)
+                    else:
+                        level(server, 2, 1, 4, seed=99)  # warm-up
                     for c in levels:
                         r = level(server, c, args.requests_per_client, args.max_tokens, seed=c,
                                   words=args.prompt_words)
@@ -215,6 +316,11 @@ def main() -> None:
                         print(f"  {name:13s} {mode:13s} {c:3d} clients: {r['tok_s']:7.1f} tok/s  p50 {r['p50']:6.2f} s"
                               f"  p95 {r['p95']:6.2f} s  max {r['max']:6.2f} s  ({r['requests']} requests)",
                               flush=True)
+                    if mode == "compiled":
+                        warm["built_while_timed"] = len(server.compile_log) - seen
+                        if warm["built_while_timed"]:
+                            print(f"  warning: {warm['built_while_timed']} compiled steps were built during the "
+                                  "timed levels (shapes the warm-up did not reach)", flush=True)
                     if mode == "batched" and name == "embedded" and args.soak:
                         t0 = time.perf_counter()
                         samples = soak(server, args.soak)
@@ -227,14 +333,25 @@ def main() -> None:
                     server.stop()
             report["levels"][name] = rows
     print(f"load average after: {os.getloadavg()}\n")
-    print("| model | clients | batched tok/s | p50 / p95 / max s | one-at-a-time tok/s | p50 / p95 / max s | speedup |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | clients | batched tok/s | p50 / p95 / max s | one-at-a-time tok/s | p50 / p95 / max s | speedup |"
+          + (" compiled tok/s | p50 / p95 / max s | compiled / batched |" if args.compile else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.compile else ""))
     for name, rows in report["levels"].items():
         for c, r in rows.items():
             b, o = r["batched"], r["one-at-a-time"]
-            print(f"| {name} | {c} | {b['tok_s']:.0f} | {b['p50']:.2f} / {b['p95']:.2f} / {b['max']:.2f} | "
-                  f"{o['tok_s']:.0f} | {o['p50']:.2f} / {o['p95']:.2f} / {o['max']:.2f} | "
-                  f"{b['tok_s'] / o['tok_s']:.1f}x |")
+            line = (f"| {name} | {c} | {b['tok_s']:.0f} | {b['p50']:.2f} / {b['p95']:.2f} / {b['max']:.2f} | "
+                    f"{o['tok_s']:.0f} | {o['p50']:.2f} / {o['p95']:.2f} / {o['max']:.2f} | "
+                    f"{b['tok_s'] / o['tok_s']:.1f}x |")
+            if args.compile:
+                k = r["compiled"]
+                line += (f" {k['tok_s']:.0f} | {k['p50']:.2f} / {k['p95']:.2f} / {k['max']:.2f} | "
+                         f"{k['tok_s'] / b['tok_s']:.2f}x |")
+            print(line)
+    for name, warm in report.get("compiled_warm_up", {}).items():
+        print(f"\ncompiled warm-up, {name}: {warm['seconds']:.0f} s to "
+              f"{'steady state' if warm['steady'] else 'the last pass (NOT steady)'} ({warm['passes']} passes of "
+              f"every level; {len(warm['compile_log'])} compiled steps built; "
+              f"{warm['built_while_timed']} more while timed)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from conftest import rel_err
 from model_helpers import random_model
 
 from mistral_ref.backends.compiled import compile_decode
@@ -162,3 +163,31 @@ def test_arguments_sharing_memory_run_eagerly():
         assert not model.compiled_decode.steps.steps  # nothing compiled for the aliased call
         eager = model.forward_with(model.ops, zeros, zeros.clone(), KVCache(DENSE, 1, 16))
     assert torch.equal(logits, eager)
+
+
+QUANTIZABLE = ModelArgs(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=96,
+                        norm_eps=1e-5, rope_theta=1e4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_compiles_with_its_weight_only_kernels(scheme):
+    """compile_decode on an int8 / int4 bf16 model: the compiled step calls the weight-only kernels, as eager
+    decoding does (a one-row bf16 product of a dense weight is multiply-and-sum; a quantized one is not), and its
+    logits agree with eager's to bf16's rounding (greedy tokens may part at a near-tie: bf16 rounds differently
+    in the compiled attention and RoPE, as for dense bf16 models)."""
+    from mistral_ref.quantize import quantize_model
+
+    model = quantize_model(fresh(QUANTIZABLE, torch.bfloat16), scheme, group_size=32)
+
+    def step():
+        with torch.inference_mode():
+            cache = KVCache(QUANTIZABLE, 1, 256, torch.bfloat16)
+            model(torch.tensor([PROMPTS[0]]), None, cache)
+            return model(torch.tensor([[3]]), torch.tensor([[7]]), cache)
+
+    eager = step()
+    compile_decode(model, backend="aot_eager")
+    compiled = step()
+    assert model.compiled_decode.steps.summary() == "compiled and saved" and not model.compiled_decode.steps.failed
+    assert rel_err(compiled, eager) < 5e-2  # (tests/test_compile.py allows dense bf16 models the same)

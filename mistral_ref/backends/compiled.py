@@ -61,8 +61,9 @@ if TYPE_CHECKING:  # typing only: the model imports this module, not the other w
 
 
 def compiled_linear(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
-    """backends.linear.linear with a fixed thread count and multiply-and-sum for one reduced-precision row."""
-    if upcast_on_cpu(x) and x.numel() == x.shape[-1]:
+    """backends.linear.linear with a fixed thread count and multiply-and-sum for one reduced-precision row
+    (quantized weights: the weight-only kernels of backends/quant.py, as eagerly)."""
+    if upcast_on_cpu(x) and x.numel() == x.shape[-1] and isinstance(weight, torch.Tensor):
         return multiply_sum_linear(x, weight)
     return linear(x, weight, threads)
 

@@ -2,7 +2,8 @@
 compile cache), and decode tokens/s eager vs regional compile vs full-graph compile, in one run.
 
     .venv/bin/python benchmarks/bench_compile.py [--quick] [--models mistral-125m,mixtral-140m] [--dtypes fp32,bf16]
-                                                 [--threads N] [--runs 3] [--new 64] [--json out.json]
+                                                 [--quantized int8,int4] [--threads N] [--runs 3] [--new 64]
+                                                 [--json out.json]
 
 For each model shape (bench.py's random-weight Mistral-shaped 125M and Mixtral-shaped 140M; the vocabulary is the
 tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the embedded model's, 3072) and dtype:
@@ -17,7 +18,8 @@ tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the emb
 * decode tokens/s, greedy, --new tokens after a 128-token prompt, batch 1, in this process on one model: eager,
   regional compile (compile_decode(mode="regional"), the default) and full-graph compile (mode="full"), rounds
   alternating, each mode's compile time measured on its own first (cold: a fresh cache directory), then the time a
-  new CompiledDecode takes to load the saved steps; the greedy tokens of the three must be identical.
+  new CompiledDecode takes to load the saved steps; the greedy tokens of the three must be identical.  The same
+  for int8 and int4 (group 32) weight-only models computing in bf16 (--quantized; decode only).
 
 A benchmark, not a test: nothing here asserts a speed; `--quick` smoke-runs one tiny model.  `make bench` runs it
 after bench.py.
@@ -56,6 +58,7 @@ from mistral_ref.backends.compiled import compile_decode
 from mistral_ref.checkpoint import save_checkpoint
 from mistral_ref.embedded import EMBEDDED_MODEL_DIR
 from mistral_ref.generation import generate
+from mistral_ref.quantize import quantize_model
 from mistral_ref.tokenizer import load_tokenizer
 
 READY = re.compile(r"compiled decode step ready ([\d.]+) s after --compile \(([^)]+)\)")
@@ -124,13 +127,16 @@ def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> d
     return out
 
 
-def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs: int, tmp: Path) -> dict:
-    """Decode tok/s of eager, regional and full compile on one model, rounds alternating; compile times first
+def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs: int, tmp: Path,
+                       quantize: str | None = None, modes: tuple[str, ...] = ("regional", "full")) -> dict:
+    """Decode tok/s of eager and each compile mode on one model, rounds alternating; compile times first
     (cold: a fresh cache directory), then the time to load the saved steps (a second CompiledDecode)."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "decode-cache")  # fresh: both compiles are cold
     model = random_model(args).to(dtype)
+    if quantize:  # int8 / int4 (group 32) weight-only, computing in `dtype`
+        quantize_model(model, quantize, group_size=32)
     steps, compile_s, load_s = {"eager": None}, {}, {}
-    for mode in ("regional", "full"):
+    for mode in modes:
         torch._dynamo.reset()
         compile_decode(model, mode=mode)
         compile_s[mode] = model.compiled_decode.warm_up(1, prompt_len + new)  # (seconds, what happened)
@@ -154,7 +160,7 @@ def bench_decode_modes(args, dtype: torch.dtype, prompt_len: int, new: int, runs
     return {"tok_s": {mode: summary([1 / s for s in v]) for mode, v in t.items()},
             "compile": {mode: {"seconds": s, "how": how} for mode, (s, how) in compile_s.items()},
             "load": {mode: {"seconds": s, "how": how} for mode, (s, how) in load_s.items()},
-            "same_tokens": tokens["eager"] == tokens["regional"] == tokens["full"]}
+            "same_tokens": all(tokens[mode] == tokens["eager"] for mode in modes)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,10 +168,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one tiny model, fp32, one round (smoke test)")
     p.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)} (default mistral-125m,"
                                     "mixtral-140m)")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16 ('none': only the "
+                                                         "quantized rows)")
     p.add_argument("--threads", type=int, help="torch threads (default: physical cores)")
     p.add_argument("--runs", type=int, help="rounds per figure (default 3; quick 1)")
     p.add_argument("--new", type=int, help="new tokens per decode run (default 64; quick 8)")
+    p.add_argument("--quantized", default="int8,int4",
+                   help="weight-only schemes whose decode modes are measured too, in bf16 (default int8,int4; "
+                        "'' for none)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     opts = p.parse_args(argv)
     threads = opts.threads or physical_cores()
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         names = opts.models.split(",") if opts.models else ["mistral-125m", "mixtral-140m"]
         models = {name: replace(MODELS[name], vocab_size=vocab) for name in names}
-    dtypes = ["fp32"] if opts.quick else opts.dtypes.split(",")
+    dtypes = ["fp32"] if opts.quick else [d for d in opts.dtypes.split(",") if d not in ("", "none")]
 
     print(f"# compiled decode: first token of `mistral-ref chat --compile`, decode eager / regional / full — torch "
           f"{torch.__version__}, {threads} threads, load average {load_average()}")
@@ -195,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict:
                   f"cold, compiled step ready {ft['regional']['cold']['ready_s']:.1f} s after --compile; decode "
                   f"regional {fmt(dec['tok_s']['regional'])} full {fmt(dec['tok_s']['full'])} tok/s", flush=True)
 
+        for scheme in [] if opts.quick or not opts.quantized else opts.quantized.split(","):
+            with tempfile.TemporaryDirectory() as tmp:
+                dec = bench_decode_modes(args, torch.bfloat16, 128, new, runs, Path(tmp), quantize=scheme,
+                                         modes=("regional",))  # (the full graph: minutes more per row)
+            result["models"].setdefault(name, {})[f"{scheme}-bf16"] = {"decode": dec}
+            rows.append((name, f"{scheme} (bf16)", None, dec))
+            print(f"  {name} {scheme} (bf16): decode eager {fmt(dec['tok_s']['eager'])} regional "
+                  f"{fmt(dec['tok_s']['regional'])} tok/s", flush=True)
+
     def med(xs, key):
         return statistics.median(x[key] for x in xs)
 
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| model | dtype | eager | regional cold | regional warm | full cold | full warm |")
     print("|---|---|---|---|---|---|---|")
     for name, dname, ft, _ in rows:
+        if ft is None:  # quantized rows: decode only
+            continue
         r, f = ft["regional"], ft["full"]
         print(f"| {name} | {dname} | {med(ft['eager'], 'first_token_s'):.1f} | {r['cold']['first_token_s']:.1f} | "
               f"{med(r['warm'], 'first_token_s'):.1f} | {f['cold']['first_token_s']:.1f} | "
@@ -212,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| model | dtype | regional cold | regional warm | full cold | full warm |")
     print("|---|---|---|---|---|---|")
     for name, dname, ft, _ in rows:
+        if ft is None:
+            continue
         r, f = ft["regional"], ft["full"]
         print(f"| {name} | {dname} | {r['cold']['ready_s']:.1f} ({r['cold']['how']}) | {med(r['warm'], 'ready_s'):.1f} "
               f"({r['warm'][-1]['how']}) | {f['cold']['ready_s']:.1f} ({f['cold']['how']}) | "
@@ -223,9 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|---|---|---|")
     for name, dname, _, dec in rows:
         t, c, ld = dec["tok_s"], dec["compile"], dec["load"]
-        print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | {fmt(t['full'])} | "
-              f"{c['regional']['seconds']:.1f} / {c['full']['seconds']:.1f} | "
-              f"{ld['regional']['seconds']:.1f} / {ld['full']['seconds']:.1f} | {dec['same_tokens']} |")
+        full = "full" in t  # (quantized rows: regional only)
+        c_full, ld_full = (f"{c['full']['seconds']:.1f}", f"{ld['full']['seconds']:.1f}") if full else ("-", "-")
+        print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | {fmt(t['full']) if full else '-'} | "
+              f"{c['regional']['seconds']:.1f} / {c_full} | {ld['regional']['seconds']:.1f} / {ld_full} | "
+              f"{dec['same_tokens']} |")
     print(f"\nload average after: {load_average()}")
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=1))

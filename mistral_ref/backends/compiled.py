@@ -284,9 +284,9 @@ def _scratch(args: tuple) -> tuple:
             return type(x)(fresh(y) for y in x)
         if isinstance(x, (LayerCache, KVCache)) or (hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module)
                                                      and any(isinstance(v, torch.Tensor) for v in vars(x).values())):
-            copy = object.__new__(type(x))
-            copy.__dict__.update({k: fresh(v) for k, v in vars(x).items()})
-            return copy
+            twin = object.__new__(type(x))
+            twin.__dict__.update({k: fresh(v) for k, v in vars(x).items()})
+            return twin
         return x
     return tuple(fresh(x) for x in args)
 

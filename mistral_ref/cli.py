@@ -216,11 +216,11 @@ def _compile(model, positions: int = CHAT_MAX_TOKENS + 1, background: bool = Fal
     thread from its first step on, decoding runs eagerly until it is ready, and _compile_report says when."""
     from mistral_ref.backends.compile_cache import compile_cache_dir
 
-    when = ("in the background from the first decode step (the first token does not wait; tokens come eagerly "
-            "until it is ready)" if background else "now")
     what = "one transformer block reused by every layer" if mode == "regional" else "the whole step as one graph"
-    _status(f"--compile: compiling the decode step {when} (torch.compile, {mode}: {what}; kept in "
-            f"{compile_cache_dir()}, so the next start loads it); a new batch or cache size compiles again")
+    when = ("in the background from the first decode step: the first token does not wait, tokens come eagerly "
+            "until it is ready" if background else "now")
+    _status(f"--compile: compiling the decode step (torch.compile, {mode}: {what}) {when}; kept in "
+            f"{compile_cache_dir()}, so the next start loads it; a new batch or cache size compiles again")
     t0 = time.perf_counter()
     model.compile_decode(mode=mode, background=background)
     if not background:  # (in the background, the first decode step queues its own shape: nothing to warm up)

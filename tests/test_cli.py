@@ -232,7 +232,7 @@ def test_compile_says_it_compiles_and_reports_compile_time_apart_from_tokens_per
     monkeypatch.setattr(Transformer, "compile_decode", lambda self, *a, **k: time.sleep(0.3) or self)
     assert main(["generate", str(path), "--prompt", "Hi", "--max-tokens", "3", "--temperature", "0", "--compile"]) == 0
     err = capsys.readouterr().err
-    assert "compiling the decode step now (torch.compile" in err
+    assert "compiling the decode step (torch.compile, regional: " in err and ") now;" in err
     assert "not counted in tokens/s below" in err and "compiled in 0." in err
     assert err.index("compiled in") < err.index("3 tokens in")
 

@@ -49,9 +49,8 @@ def describe(obj: Any, depth: int = 0) -> Any:
     children; another object's class and its attributes (a cache layer); sequences element by element."""
     if depth > 8:
         raise ValueError("describe: nested too deeply")
-    if isinstance(obj, torch.Tensor):
-        return ("T", tuple(obj.shape), obj.stride(), obj.dtype, str(obj.device), obj.storage_offset(),
-                obj.requires_grad)
+    if isinstance(obj, torch.Tensor):  # (the first test: this runs for every tensor argument of every step)
+        return ("T", obj.shape, obj.stride(), obj.dtype, obj.device, obj.storage_offset(), obj.requires_grad)
     if isinstance(obj, _PLAIN):
         return obj
     if isinstance(obj, (os.PathLike, enum.Enum)):

@@ -10,11 +10,16 @@
   Makefile exports it. Triton fixes its mode when first imported, and torch.compile (the compiled-decode tests)
   imports it too: without this, a plain `pytest` that ran those tests first would leave the kernel tests a
   Triton without its interpreter.
+* Compile caches: the session's compiled code and saved decode steps (TORCHINDUCTOR_CACHE_DIR) go to a temporary
+  directory removed at exit, never the user's ~/.cache/mistral-ref/compile (subprocesses inherit it).
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,10 @@ if not torch.cuda.is_available():
 
 from checkpoint_helpers import save_tiny
 from model_helpers import random_model
+
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="mistral-ref-tests-compile-")  # (see the module docstring)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
 FP32_RTOL = 1e-5  # fp32 logits against an oracle, relative to the largest magnitude
 

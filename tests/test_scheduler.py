@@ -77,6 +77,19 @@ def serve_staggered(sched: Scheduler, jobs: list[Job], every: int = 3) -> None:
     sched.run_until_idle()
 
 
+def serve_choices(model, p: list[int], max_tokens: int, kw: list[dict], max_batch: int, **job) -> list[Collect]:
+    """The n choices of one request (one Job per keyword set in `kw`, choice i > 0 naming choice 0's prompt as its
+    own), served together with submit_all; returns their sinks."""
+    sinks = [Collect() for _ in kw]
+    jobs = [Job(p, max_tokens, s, **job, **k) for s, k in zip(sinks, kw)]
+    for j in jobs[1:]:
+        j.prompt_of = jobs[0]
+    sched = Scheduler(model, max_batch=max_batch, prefill_tokens=8)
+    sched.submit_all(jobs)
+    sched.run_until_idle()
+    return sinks
+
+
 LENGTHS = [5, 17, 1, 40, 9, 26, 3, 12]
 
 
@@ -262,13 +275,7 @@ def test_choices_sharing_a_prompt_prefill_it_once(window):
     counting = CountingModel(model)
     (p,) = prompts([23])
     kw = [dict(temperature=1.0, seed=5 + i) for i in range(3)] + [dict(temperature=0)]
-    sinks = [Collect() for _ in kw]
-    jobs = [Job(p, 8, s, eos_id=EOS, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
-    for j in jobs[1:]:
-        j.prompt_of = jobs[0]
-    sched = Scheduler(counting, max_batch=4, prefill_tokens=8)  # the prompt takes several chunks
-    sched.submit_all(jobs)
-    sched.run_until_idle()
+    sinks = serve_choices(counting, p, 8, kw, max_batch=4, eos_id=EOS, ignore_eos=True)  # prompt: several chunks
     for sink, k in zip(sinks, kw):
         assert sink.ids == alone(model, p, 8, eos_id=EOS, ignore_eos=True, **k).tokens
     # the prompt once, then 7 decode steps per job (the first token of each comes from the prefill's logits)
@@ -276,13 +283,7 @@ def test_choices_sharing_a_prompt_prefill_it_once(window):
 
     # a batch of 2 rows: jobs 2 and 3 join after the leader left, and prefill their own copies
     counting.positions = 0
-    sinks = [Collect() for _ in kw]
-    jobs = [Job(p, 8, s, eos_id=EOS, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
-    for j in jobs[1:]:
-        j.prompt_of = jobs[0]
-    sched = Scheduler(counting, max_batch=2, prefill_tokens=8)
-    sched.submit_all(jobs)
-    sched.run_until_idle()
+    sinks = serve_choices(counting, p, 8, kw, max_batch=2, eos_id=EOS, ignore_eos=True)
     for sink, k in zip(sinks, kw):
         assert sink.ids == alone(model, p, 8, eos_id=EOS, ignore_eos=True, **k).tokens
     assert counting.positions == 3 * len(p) + 4 * 7
@@ -317,12 +318,6 @@ def test_latent_attention_fine_expert_model_batched_equals_alone():
         assert sink.ids == alone(model, p, m, temperature=0, eos_id=EOS).tokens
     (p,) = prompts([13], seed=1)
     kw = [dict(temperature=1.0, seed=3 + i) for i in range(2)] + [dict(temperature=0)]
-    sinks = [Collect() for _ in kw]
-    jobs = [Job(p, 6, s, ignore_eos=True, **k) for s, k in zip(sinks, kw)]
-    for j in jobs[1:]:
-        j.prompt_of = jobs[0]
-    sched = Scheduler(model, max_batch=4, prefill_tokens=8)
-    sched.submit_all(jobs)
-    sched.run_until_idle()
+    sinks = serve_choices(model, p, 6, kw, max_batch=4, ignore_eos=True)
     for sink, k in zip(sinks, kw):
         assert sink.ids == alone(model, p, 6, ignore_eos=True, **k).tokens

@@ -40,13 +40,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral_ref.attention import attention
-from mistral_ref.backends import Backend, get_backend
+from mistral_ref.backends import Backend, cpu_gemv, get_backend
 from mistral_ref.backends.compile_cache import use_compile_cache
 from mistral_ref.backends.compiled_steps import StepCache, describe
 from mistral_ref.backends.linear import linear, multiply_sum_linear, upcast_on_cpu
 from mistral_ref.backends.moe import (
     mix_experts_grouped,
     mix_one_token,
+    mix_one_token_gemv,
     moe_forward_grouped,
     moe_one_token,
     stack_all_experts,
@@ -54,15 +55,19 @@ from mistral_ref.backends.moe import (
 from mistral_ref.backends.reference import rotate
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import KVCache, LayerCache
+from mistral_ref.moe import route
 from mistral_ref.rope import rope_angles
 
 if TYPE_CHECKING:  # typing only: the model imports this module, not the other way round
     from mistral_ref.model import Transformer
 
 
-def compiled_linear(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
-    """backends.linear.linear with a fixed thread count and multiply-and-sum for one reduced-precision row
-    (quantized weights: the weight-only kernels of backends/quant.py, as eagerly)."""
+def compiled_linear(x: torch.Tensor, weight: torch.Tensor, threads: int, cpu_kernels: bool = False) -> torch.Tensor:
+    """backends.linear.linear with a fixed thread count: the C kernels' custom ops where they take the product
+    (cpu_kernels: they could be loaded, decided before tracing), else multiply-and-sum for one reduced-precision
+    row (quantized weights: the weight-only kernels of backends/quant.py, as eagerly)."""
+    if cpu_kernels and cpu_gemv.applies(x, weight):
+        return cpu_gemv.gemv(x, weight, threads)
     if upcast_on_cpu(x) and x.numel() == x.shape[-1] and isinstance(weight, torch.Tensor):
         return multiply_sum_linear(x, weight)
     return linear(x, weight, threads)
@@ -76,11 +81,21 @@ def compiled_attention(q, k, v, q_pos, k_pos, window):
 
 
 def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.Tensor] | torch.Tensor,
-                 w2: Sequence[torch.Tensor] | torch.Tensor, w3: Sequence[torch.Tensor] | torch.Tensor, top_k: int):
-    """moe_one_token for one token with stacked experts; the grouped dispatch, run eagerly, otherwise."""
+                 w2: Sequence[torch.Tensor] | torch.Tensor, w3: Sequence[torch.Tensor] | torch.Tensor, top_k: int,
+                 threads: int = 1, cpu_kernels: bool = False):
+    """moe_one_token for one token with stacked experts (its products on the C kernels where they take them);
+    the grouped dispatch, run eagerly, otherwise."""
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
+        if cpu_kernels and _gemv_experts(x, w1):
+            weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+            return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads), logits
         return moe_one_token(x, gate_weight, w1, w2, w3, top_k)
     return _eager_grouped(x, gate_weight, w1, w2, w3, top_k)
+
+
+def _gemv_experts(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """The C kernels take this token's expert products: bf16 on a CPU."""
+    return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16
 
 
 # data-dependent: a graph break (configure_compiler wraps these in torch.compiler.disable, which imports dynamo)
@@ -89,9 +104,13 @@ _eager_grouped = moe_forward_grouped
 
 def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                          w1: Sequence[torch.Tensor] | torch.Tensor, w2: Sequence[torch.Tensor] | torch.Tensor,
-                         w3: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """compiled_moe for a precomputed routing (fine_moe.py): mix_one_token or the eager grouped mix."""
+                         w3: Sequence[torch.Tensor] | torch.Tensor, threads: int = 1,
+                         cpu_kernels: bool = False) -> torch.Tensor:
+    """compiled_moe for a precomputed routing (fine_moe.py): mix_one_token (or mix_one_token_gemv) or the eager
+    grouped mix."""
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
+        if cpu_kernels and _gemv_experts(x, w1):
+            return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads)
         return mix_one_token(x, weights, experts, w1, w2, w3)
     return _eager_grouped_mix(x, weights, experts, w1, w2, w3)
 
@@ -108,12 +127,15 @@ def compiled_update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, p
     return cache.update(k, v, positions)
 
 
-def compiled_backend(threads: int) -> Backend:
-    """The "torch" backend's functions in their compile-friendly forms, for a fixed thread count."""
+def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
+    """The "torch" backend's functions in their compile-friendly forms, for a fixed thread count (cpu_kernels:
+    products go to backends/cpu_gemv.py's kernels where they take them)."""
     torch_ops = get_backend("torch")
-    return Backend(name="torch-compiled", linear=functools.partial(compiled_linear, threads=threads),
+    fixed = {"threads": threads, "cpu_kernels": cpu_kernels}
+    return Backend(name="torch-compiled", linear=functools.partial(compiled_linear, **fixed),
                    rms_norm=torch_ops.rms_norm, rope_table=rope_angles, rope=rotate, attention=compiled_attention,
-                   moe=compiled_moe, mix_experts=compiled_mix_experts, update_cache=compiled_update_cache,
+                   moe=functools.partial(compiled_moe, **fixed),
+                   mix_experts=functools.partial(compiled_mix_experts, **fixed), update_cache=compiled_update_cache,
                    latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse
 
 
@@ -171,7 +193,8 @@ class CompiledDecode:
         self.model, self.mode = model, mode
         self.cache_dir = use_compile_cache()
         self.threads = torch.get_num_threads()
-        ops = self.ops = compiled_backend(self.threads)
+        self.cpu_kernels = model.device.type == "cpu" and cpu_gemv.library() is not None
+        ops = self.ops = compiled_backend(self.threads, self.cpu_kernels)
         self._frozen = None
         if freeze:  # the weights are constants of the code: compiled in memory, never saved (it would hold them)
             configure_compiler()
@@ -197,8 +220,10 @@ class CompiledDecode:
         self._model = copy.copy(model)
         self._model.compiled_decode = None
         # the head is one product: compiled only where the compiled form is faster, a bf16/fp16 row on a CPU
-        # without native support (multiply-and-sum); elsewhere PyTorch's kernel is as fast and costs no compile
-        self._compile_head = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
+        # without native support (multiply-and-sum) and without the C kernels (which multiply as fast eagerly);
+        # elsewhere PyTorch's kernel is as fast and costs no compile
+        reduced = upcast_on_cpu(torch.empty(1, dtype=model.dtype, device=model.device))
+        self._compile_head = reduced and not (self.cpu_kernels and model.dtype == torch.bfloat16)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  logits_at: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,7 +264,7 @@ class CompiledDecode:
         pointers = [x.data_ptr() for x in args if isinstance(x, torch.Tensor) and x.numel()]
         if len(set(pointers)) < len(pointers):
             return None
-        key = (name, self.threads, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+        key = (name, self.threads, self.cpu_kernels, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
                tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
         return self.steps.get(key, name, fn, lambda: _scratch(args))
 

@@ -6,6 +6,8 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
   costs a pass over the weight: less than a slow GEMM, more than a product of 1-3 rows, which is bound by memory.
 * fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: the BLAS runs a
   product of a few rows on one core; splitting the weight into one block per thread uses them all.
+* products of a few rows with a bf16 or quantized weight go to the C kernels of backends/cpu_gemv.py (where they
+  can be built: otherwise, and for more rows, the paths here);
 * quantized weights (mistral_ref/quantize.py: QuantizedWeight) go to backends/quant.py's weight-only kernels.
 * :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop
   that converts bf16 weights as they stream (used by compiled decoding only, backends/compiled.py).
@@ -20,6 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.quant import quantized_linear
 from mistral_ref.quantize import QuantizedWeight
 
@@ -44,6 +47,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  threads: the split of split_linear (default:
     torch.get_num_threads()).  Equal to F.linear up to the rounding of the accumulation (upcast products round once).
     """
+    if cpu_gemv.handles(x, weight):  # bf16 / int8 / int4 weights, a few rows: the C kernels (cpu_gemv.py)
+        return cpu_gemv.gemv(x, weight, threads)
     if isinstance(weight, QuantizedWeight):  # int8 / int4 weights (mistral_ref/quantize.py)
         return quantized_linear(x, weight, functools.partial(split_linear, threads=threads))
     rows = x.numel() // max(1, x.shape[-1])

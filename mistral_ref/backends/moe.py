@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.linear import linear
 from mistral_ref.moe import route
 
@@ -102,6 +103,18 @@ def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     y = (w2[chosen].float() * hidden[:, None, :]).sum(-1)  # (k, dim)
     out = (y.to(x.dtype).float() * weights[0, :, None].float()).sum(0, keepdim=True)  # (1, dim)
     return out.to(x.dtype)
+
+
+def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor, threads: int) -> torch.Tensor:
+    """mix_one_token for bf16 stacked experts with the C kernels (backends/cpu_gemv.py): each product is one call
+    for the k chosen experts, which reads only their weights.  Rounded like the reference's bf16 products:
+    gate, up, the hidden activations and each expert's output in x's dtype; summed over the k slots in fp32."""
+    chosen = experts[0]  # (k,)
+    gate = cpu_gemv.experts_gemv(x, w1, chosen, threads)  # (k, hidden)
+    up = cpu_gemv.experts_gemv(x, w3, chosen, threads)  # (k, hidden)
+    y = cpu_gemv.experts_gemv(F.silu(gate) * up, w2, chosen, threads)  # (k, dim): row s with expert chosen[s]
+    return (y * weights[0, :, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)  # (1, dim)
 
 
 def stack_experts(layer: nn.Module) -> None:

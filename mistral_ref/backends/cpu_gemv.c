@@ -1,0 +1,312 @@
+/* Products of a few rows with a weight read once, for decoding on a CPU:
+ *     y (rows, out) = x (rows, in) @ W (out, in).T      x, y: row-major, each bf16 (io_bf16) or fp32
+ * with W stored as bf16, int8 or int4 (mistral_ref/quantize.py):
+ *     bf16:  W[o, i] = the fp32 whose upper 16 bits are w[o, i]
+ *     int8:  W[o, i] = q[o, i] * scale[o]
+ *     int4:  W[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o],  g = i / group
+ * Scales are bf16 (scales_bf16 = 1) or fp32.  Built and loaded by backends/cpu_gemv.py, which says when each is
+ * used; equal to F.linear(x, W.dequantize()) within fp32 rounding (tests/test_cpu_gemv.py).
+ *
+ * A decode step multiplies one row (or a few) by every weight of the model, so its time is the time to read the
+ * weights: each kernel streams its weight once, converts it to fp32 in registers, accumulates in fp32 (in a
+ * different order than a BLAS: sums differ in the last bits) and never writes a converted copy.  OpenMP splits
+ * the output rows over `threads` threads.  On x86-64 with AVX2 and FMA the loops are written with intrinsics
+ * (8 floats a register, several independent sums to hide the FMA latency); elsewhere, or built with
+ * -DCPU_GEMV_PORTABLE, plain loops that the compiler vectorizes for the CPU it runs on.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_GEMV_PORTABLE)
+#include <immintrin.h>
+#define CPU_GEMV_AVX2 1
+#else
+#define CPU_GEMV_AVX2 0
+#endif
+
+/* Which loops this build has: 2 = AVX2 intrinsics, 1 = portable. */
+int cpu_gemv_isa(void) { return CPU_GEMV_AVX2 ? 2 : 1; }
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  /* NaN */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+static inline float scale_at(const void *scales, int64_t k, int scales_bf16) {
+    return scales_bf16 ? bf16_to_float(((const uint16_t *)scales)[k]) : ((const float *)scales)[k];
+}
+
+/* int4 in torch's CPU byte layout (quantize.py, pack_int4): rows in blocks of 32; for each input i a block holds
+ * 16 bytes, low nibbles rows 0..15, high nibbles rows 16..31.  Within a group g of inputs,
+ *     sum_i x_i W[o, i] = scale[g, o] * (sum_i x_i q[o, i] - 8 sum_i x_i) + zero[g, o] * sum_i x_i
+ * so the inner loop keeps one running sum of x_i q per row of the block (32 of them).  A last block of 16 rows
+ * stores for each input 8 bytes holding rows (0, 1), (2, 3), ... as (low, high) nibbles: int4_tail. */
+static void int4_tail(const float *x, const uint8_t *qt, const void *sz, int scales_bf16, float *y,
+                      int64_t rows, int64_t out, int64_t in, int64_t group, int64_t first) {
+    for (int64_t r = 0; r < rows; r++) {
+        float result[16] = {0};
+        for (int64_t g = 0; g < in / group; g++) {
+            float acc[16] = {0}, xsum = 0.0f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                float xi = x[r * in + i];
+                xsum += xi;
+                for (int j = 0; j < 8; j++) {
+                    acc[2 * j] += xi * (float)(qt[i * 8 + j] & 15);
+                    acc[2 * j + 1] += xi * (float)(qt[i * 8 + j] >> 4);
+                }
+            }
+            for (int j = 0; j < 16; j++) {
+                int64_t k = (g * out + first + j) * 2;
+                result[j] += scale_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum) + scale_at(sz, k + 1, scales_bf16) * xsum;
+            }
+        }
+        memcpy(y + r * out + first, result, sizeof result);
+    }
+}
+
+#if CPU_GEMV_AVX2
+
+static inline __m256 load_bf16x8(const uint16_t *p) {  /* 8 bf16 -> 8 fp32: widen to 32 bits, shift up */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __m256 load_int8x8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline __m256 u8x8_to_float(__m128i v) {  /* the low 8 bytes of v */
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* NR rows of x (NR <= 4, a constant after inlining) times one weight row w (in,): y[r * out] for r < NR.
+ * 32 weights a step, as 4 registers with a running sum each (per row of x). */
+#define DOT(NAME, T, LOAD, TO_FLOAT)                                                                        \
+    static inline __attribute__((always_inline)) void NAME(const float *x, const T *w, float *y,            \
+                                                           int64_t in, int64_t out, const int NR) {          \
+        __m256 acc[4][4];                                                                                   \
+        for (int r = 0; r < NR; r++)                                                                        \
+            for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();                                    \
+        int64_t i = 0;                                                                                      \
+        for (; i + 32 <= in; i += 32)                                                                       \
+            for (int u = 0; u < 4; u++) {                                                                   \
+                __m256 wv = LOAD(w + i + 8 * u);                                                            \
+                for (int r = 0; r < NR; r++)                                                                \
+                    acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * in + i + 8 * u), wv, acc[r][u]);    \
+            }                                                                                               \
+        for (int r = 0; r < NR; r++) {                                                                      \
+            float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]))); \
+            for (int64_t j = i; j < in; j++) s += x[r * in + j] * TO_FLOAT(w[j]);                           \
+            y[r * out] = s;                                                                                 \
+        }                                                                                                   \
+    }
+#define INT8_TO_FLOAT(v) ((float)(v))
+DOT(dot_bf16, uint16_t, load_bf16x8, bf16_to_float)
+DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
+
+/* all rows of x times weight row o, four rows of x at a time */
+#define ROWS(DOT_FN, x, w, y, rows, out, in, o)                                            \
+    do {                                                                                    \
+        int64_t r = 0;                                                                      \
+        for (; r + 4 <= rows; r += 4) DOT_FN(x + r * in, w, y + r * out + o, in, out, 4);   \
+        switch (rows - r) {                                                                 \
+            case 3: DOT_FN(x + r * in, w, y + r * out + o, in, out, 3); break;              \
+            case 2: DOT_FN(x + r * in, w, y + r * out + o, in, out, 2); break;              \
+            case 1: DOT_FN(x + r * in, w, y + r * out + o, in, out, 1); break;              \
+        }                                                                                   \
+    } while (0)
+
+static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) ROWS(dot_bf16, x, w + o * in, y, rows, out, in, o);
+}
+
+static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
+               int64_t rows, int64_t out, int64_t in, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) {
+        ROWS(dot_int8, x, q + o * in, y, rows, out, in, o);
+        float scale = scale_at(scales, o, scales_bf16);
+        for (int64_t r = 0; r < rows; r++) y[r * out + o] *= scale;
+    }
+}
+
+/* scales and zeros of rows k/2 .. k/2 + 7 of one group: sz holds (scale, zero) pairs */
+static inline void load_scales_zeros(const void *sz, int64_t k, int scales_bf16, __m256 *s, __m256 *z) {
+    if (scales_bf16) {  /* a pair is one 32-bit word: scale in the low half, zero in the high half */
+        __m256i pairs = _mm256_loadu_si256((const __m256i *)((const uint16_t *)sz + k));
+        *s = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+        *z = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000u)));
+    } else {
+        __m256 a = _mm256_loadu_ps((const float *)sz + k), b = _mm256_loadu_ps((const float *)sz + k + 8);
+        __m256 ss = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  /* s0 s1 s4 s5 | s2 s3 s6 s7 */
+        __m256 zz = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        *s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ss), _MM_SHUFFLE(3, 1, 2, 0)));
+        *z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(zz), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+}
+
+static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
+                        int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    const __m128i low4 = _mm_set1_epi8(15);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < out / 32; b++) {
+        const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
+        for (int64_t r = 0; r < rows; r++) {
+            const float *xr = x + r * in;
+            __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < in / group; g++) {
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+                __m256 xsum = _mm256_setzero_ps();
+                for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                    __m128i bytes = _mm_loadu_si128((const __m128i *)(qb + i * 16));
+                    __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+                    __m256 xi = _mm256_broadcast_ss(xr + i);
+                    xsum = _mm256_add_ps(xsum, xi);
+                    acc[0] = _mm256_fmadd_ps(xi, u8x8_to_float(lo), acc[0]);  /* rows 0..7 */
+                    acc[1] = _mm256_fmadd_ps(xi, u8x8_to_float(_mm_srli_si128(lo, 8)), acc[1]);  /* 8..15 */
+                    acc[2] = _mm256_fmadd_ps(xi, u8x8_to_float(hi), acc[2]);  /* 16..23 */
+                    acc[3] = _mm256_fmadd_ps(xi, u8x8_to_float(_mm_srli_si128(hi, 8)), acc[3]);  /* 24..31 */
+                }
+                for (int u = 0; u < 4; u++) {
+                    __m256 s, z;
+                    load_scales_zeros(sz, (g * out + b * 32 + 8 * u) * 2, scales_bf16, &s, &z);
+                    __m256 centered = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), xsum, acc[u]);  /* acc - 8 xsum */
+                    result[u] = _mm256_fmadd_ps(s, centered, _mm256_fmadd_ps(z, xsum, result[u]));
+                }
+            }
+            for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, result[u]);
+        }
+    }
+}
+
+#else  /* portable loops */
+
+static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t r = 0; r < rows; r++) {
+            float acc = 0.0f;
+            #pragma omp simd reduction(+:acc)
+            for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * bf16_to_float(w[o * in + i]);
+            y[r * out + o] = acc;
+        }
+}
+
+static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
+               int64_t rows, int64_t out, int64_t in, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t r = 0; r < rows; r++) {
+            float acc = 0.0f;
+            #pragma omp simd reduction(+:acc)
+            for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * (float)q[o * in + i];
+            y[r * out + o] = acc * scale_at(scales, o, scales_bf16);
+        }
+}
+
+static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
+                        int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < out / 32; b++) {
+        const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
+        for (int64_t r = 0; r < rows; r++) {
+            float result[32] = {0};
+            for (int64_t g = 0; g < in / group; g++) {
+                float acc[32] = {0}, xsum = 0.0f;
+                for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                    float xi = x[r * in + i];
+                    xsum += xi;
+                    #pragma omp simd
+                    for (int j = 0; j < 16; j++) {
+                        acc[j] += xi * (float)(qb[i * 16 + j] & 15);
+                        acc[16 + j] += xi * (float)(qb[i * 16 + j] >> 4);
+                    }
+                }
+                for (int j = 0; j < 32; j++) {
+                    int64_t k = (g * out + b * 32 + j) * 2;
+                    result[j] += scale_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum)
+                               + scale_at(sz, k + 1, scales_bf16) * xsum;
+                }
+            }
+            memcpy(y + r * out + b * 32, result, sizeof result);
+        }
+    }
+}
+
+#endif
+
+static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
+               int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    int4_blocks(x, q, sz, scales_bf16, y, rows, out, in, group, threads);
+    if (out % 32)
+        int4_tail(x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, y, rows, out, in, group, out / 32 * 32);
+}
+
+/* ---- the entry points (backends/cpu_gemv.py): x and y in bf16 or fp32, converted here ---------------------- */
+
+/* Run one of the *_rows kernels on fp32 copies of a bf16 x and y (x_rows x in and y_rows x out floats: small
+ * next to the weight).  Returns 0, or -1 if memory for the copies could not be allocated. */
+#define WITH_FP32_IO(x, y, x_rows, y_rows, out, in, io_bf16, CALL)                                           \
+    do {                                                                                            \
+        const float *xf = (const float *)(x);                                                       \
+        float *yf = (float *)(y);                                                                   \
+        if (io_bf16) {                                                                              \
+            float *xc = malloc((size_t)((x_rows) * (in)) * sizeof(float));                            \
+            yf = malloc((size_t)((y_rows) * (out)) * sizeof(float));                                  \
+            if (!xc || !yf) { free(xc); free(yf); return -1; }                                      \
+            for (int64_t j_ = 0; j_ < (x_rows) * (in); j_++) xc[j_] = bf16_to_float(((const uint16_t *)(x))[j_]); \
+            xf = xc;                                                                                \
+        }                                                                                           \
+        CALL;                                                                                       \
+        if (io_bf16) {                                                                              \
+            for (int64_t j_ = 0; j_ < (y_rows) * (out); j_++) ((uint16_t *)(y))[j_] = float_to_bf16(yf[j_]); \
+            free((void *)xf);                                                                       \
+            free(yf);                                                                               \
+        }                                                                                           \
+        return 0;                                                                                   \
+    } while (0)
+
+int gemv_bf16(const void *x, const uint16_t *w, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
+              int threads) {
+    WITH_FP32_IO(x, y, rows, rows, out, in, io_bf16, bf16_rows(xf, w, yf, rows, out, in, threads));
+}
+
+int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf16, void *y, int io_bf16,
+              int64_t rows, int64_t out, int64_t in, int threads) {
+    WITH_FP32_IO(x, y, rows, rows, out, in, io_bf16, int8_rows(xf, q, scales, scales_bf16, yf, rows, out, in, threads));
+}
+
+int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, void *y, int io_bf16,
+              int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    WITH_FP32_IO(x, y, rows, rows, out, in, io_bf16,
+                 int4_rows(xf, q, sz, scales_bf16, yf, rows, out, in, group, threads));
+}
+
+/* Mixture of experts, one token: y (k, out) row s = x_s @ W[index[s]].T for the stacked bf16 experts W
+ * (E, out, in), x_s = row s of x (x_rows == k) or its only row (x_rows == 1).  One call for the k chosen
+ * experts of a decode step (backends/moe.py: mix_one_token_gemv).  Returns -2 if an index is not in 0 .. E-1. */
+int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t n_experts, const int64_t *index,
+                      int64_t k, void *y, int io_bf16, int64_t out, int64_t in, int threads) {
+    for (int64_t s = 0; s < k; s++)
+        if (index[s] < 0 || index[s] >= n_experts) return -2;
+    WITH_FP32_IO(x, y, x_rows, k, out, in, io_bf16,
+                 for (int64_t s = 0; s < k; s++)
+                     bf16_rows(xf + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, yf + s * out, 1, out, in,
+                               threads));
+}

@@ -1,0 +1,307 @@
+"""CPU kernels for the products of decoding (cpu_gemv.c): bf16, int8 and int4 weights times a few rows.
+
+Equals: F.linear(x, weight) / F.linear(x, weight.dequantize()) within fp32 rounding (tests/test_cpu_gemv.py).
+backends/linear.py sends a product here when it has fewer than MAX_ROWS[kind] rows, runs on a CPU, and its weight
+is bf16 (x bf16) or a QuantizedWeight (x bf16 or fp32); fp32 weights keep PyTorch's BLAS (split_linear), whose
+sums transformers shares.  Compiled decoding calls the same kernels as the custom ops
+``torch.ops.mistral_ref.gemv_*`` (opaque to torch.compile, so a compiled step runs them as they are).
+
+Why: PyTorch has no fast path for these on CPUs without bf16 instructions (AVX2): its bf16 product of one row
+converts the weight at ~5 G elements/s and its weight-only int8/int4 kernels reach ~7-9; these kernels stream
+the weight once, converting in registers, at the memory bandwidth in bf16 (see `make bench`, README "Speed").
+
+The C source is compiled on first use with the system's C compiler (``$CC``, default ``cc``; torch.compile
+needs one as well): ``-O3 -march=native -fopenmp``, into ``<compile cache>/cpu_gemv/`` (compile_cache.py), named
+by a hash of the source, the compiler, its flags and the CPU's feature flags, so a later start loads it (~1 ms).
+The library shares PyTorch's OpenMP runtime (torch's libgomp is loaded first).  Like a saved compiled step, it
+is loaded only from that directory (this user's, 0700) and only if the file is this user's and no one else can
+write it.  Where it cannot be built (no compiler, a build error) or is turned off (``MISTRAL_REF_CPU_KERNELS=0``)
+:func:`status` says why, one warning says so, and the products stay PyTorch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from mistral_ref.backends.compile_cache import compile_cache_dir
+from mistral_ref.backends.compiled_steps import trusted
+from mistral_ref.quantize import QuantizedWeight
+
+log = logging.getLogger("mistral_ref.cpu_gemv")
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+ENV_SWITCH = "MISTRAL_REF_CPU_KERNELS"  # "0": never build or use the kernels
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
+# the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
+MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2}
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -> 0 or -1 (out of memory)
+    "gemv_bf16": [_P, _P, _P, _INT, _I64, _I64, _I64, _INT],
+    "gemv_int8": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT],
+    "gemv_int4": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT],
+    "gemv_bf16_experts": [_P, _I64, _P, _I64, _P, _I64, _P, _INT, _I64, _I64, _INT],
+}
+
+_lib: ctypes.CDLL | None = None
+_status: str | None = None  # None: not tried yet
+
+
+class CpuKernelError(RuntimeError):
+    """The C kernels could not be built or loaded (the message says why)."""
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform's name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def library_path(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Where the library built by `compiler` with FLAGS + extra_flags is kept (see the module docstring)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = repr((SOURCE.read_bytes(), compiler, version, FLAGS, extra_flags, _cpu_id()))
+    return compile_cache_dir() / "cpu_gemv" / f"cpu_gemv-{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile cpu_gemv.c (unless built already) and return the library's path; CpuKernelError if it cannot.
+
+    extra_flags: more compiler flags (the tests build the portable loops with -DCPU_GEMV_PORTABLE)."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise CpuKernelError(f"no C compiler: {compiler!r} is not on PATH (set CC, or install gcc)")
+    try:
+        path = library_path(compiler, extra_flags)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CpuKernelError(f"cannot run the C compiler {compiler!r}: {e}") from e
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    command = [compiler, *FLAGS, *extra_flags, "-o", tmp, str(SOURCE)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+            raise CpuKernelError(f"building {SOURCE.name} failed ({' '.join(command)}): {lines[-1]}")
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)  # atomic: a process building at the same time finds a whole file or none
+    except subprocess.TimeoutExpired as e:
+        raise CpuKernelError(f"building {SOURCE.name} took over 300 s ({compiler})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """Load a library built by :func:`build` (only a trusted file: see the module docstring)."""
+    if not trusted(path):
+        raise CpuKernelError(f"{path} is not a file of this user's that only this user can write: not loaded")
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The kernels, built and loaded on the first call; None where they are unavailable (:func:`status`)."""
+    global _lib, _status
+    if _status is None:
+        if os.environ.get(ENV_SWITCH, "1") == "0":
+            _status = f"off ({ENV_SWITCH}=0)"
+        elif platform.system() == "Windows":
+            _status = "off (not built on Windows)"
+        else:
+            try:
+                _lib = load(build())
+                _status = f"on ({'AVX2' if _lib.cpu_gemv_isa() == 2 else 'portable'} loops, {SOURCE.name})"
+            except (CpuKernelError, OSError) as e:
+                _status = f"off ({e})"
+                warnings.warn(f"mistral-ref: the C kernels for CPU decoding are unavailable, PyTorch's products "
+                              f"are used instead (slower in bf16 and int8/int4): {e}", stacklevel=2)
+        log.info("CPU decode kernels: %s", _status)
+    return _lib
+
+
+def status() -> str:
+    """"on (...)" or "off (why)": whether products go to these kernels (builds them on the first call)."""
+    library()
+    assert _status is not None
+    return _status
+
+
+def kind(weight: torch.Tensor | QuantizedWeight) -> str | None:
+    """"bf16", "int8" or "int4": which kernel multiplies by `weight`; None for weights they do not take."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.scheme if weight.qweight.is_contiguous() and weight._scales().is_contiguous() else None
+    if weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous():
+        return "bf16"
+    return None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
+    """True if linear(x, weight) is a product these kernels take (see the module docstring); whether they are
+    available is :func:`library`'s question."""
+    which = kind(weight)
+    if which is None or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if not 0 < x.numel() // max(1, x.shape[-1]) < MAX_ROWS[which] or x.dtype != weight.dtype:
+        return False
+    return x.dtype == torch.bfloat16 or (which != "bf16" and x.dtype == torch.float32)
+
+
+def handles(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
+    """True if linear(x, weight) goes to these kernels: :func:`applies` and they are available."""
+    return applies(x, weight) and library() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int | None = None) -> torch.Tensor:
+    """x @ weight.T (weight: bf16 (out, in) or a QuantizedWeight) with the C kernels.  x: (..., in) -> (..., out)
+    in x's dtype.  For products :func:`applies` accepts; threads: default torch.get_num_threads()."""
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], out_features)
+    threads = torch.get_num_threads() if threads is None else threads
+    # eagerly the Python functions below; inside a graph the operators (opaque to the compiler) that call them
+    if isinstance(weight, QuantizedWeight):
+        parts = (weight.qweight, weight._scales(), weight.group_size or 0, threads)
+        y = torch.ops.mistral_ref.gemv_quantized(x2, *parts) if torch.compiler.is_compiling() else \
+            gemv_quantized(x2, *parts)
+    else:
+        y = torch.ops.mistral_ref.gemv_bf16(x2, weight, threads) if torch.compiler.is_compiling() else \
+            gemv_bf16(x2, weight, threads)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def experts_gemv(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, threads: int) -> torch.Tensor:
+    """Row s = x_s @ weights[index[s]].T for stacked bf16 experts (see :func:`gemv_bf16_experts`), as an
+    operator inside a graph."""
+    if torch.compiler.is_compiling():
+        return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
+    return gemv_bf16_experts(x, weights, index, threads)
+
+
+def _checked_library() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise CpuKernelError(f"the C kernels are unavailable: {status()}")
+    return lib
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, in_features: int, dtype: torch.dtype, fits: bool) -> None:
+    """The kernels read memory by these shapes: refuse arguments that do not match them."""
+    if not (fits and x.dim() == 2 and x.shape[1] == in_features and x.dtype == dtype and x.device.type == "cpu"
+            and weight.device.type == "cpu"):
+        raise ValueError(f"cpu_gemv: arguments that do not fit: x {tuple(x.shape)} {x.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype} (in_features {in_features}, x dtype {dtype})")
+
+
+def _done(code: int, rows: int, in_features: int) -> None:
+    if code == -2:
+        raise IndexError("cpu_gemv: an expert index is out of range")
+    if code != 0:
+        raise MemoryError(f"cpu_gemv: no memory for the fp32 copies of a ({rows}, {in_features}) product")
+
+
+def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (rows, in) bf16 @ weight (out, in) bf16 .T -> (rows, out) bf16."""
+    lib, x = _checked_library(), x.contiguous()
+    _check(x, weight, weight.shape[1], torch.bfloat16, weight.dtype == torch.bfloat16 and weight.is_contiguous())
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _done(lib.gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), 1, x.shape[0], weight.shape[0],
+                        x.shape[1], threads), *x.shape)
+    return y
+
+
+def gemv_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                   threads: int) -> torch.Tensor:
+    """x (rows, in) @ the QuantizedWeight of these tensors .T -> (rows, out) in x's dtype (bf16 or fp32): int8 if
+    qweight is int8 (scales (out,)), else int4 (qweight uint8 (out, in / 2), scales_and_zeros (groups, out, 2))."""
+    lib, x = _checked_library(), x.contiguous()
+    if scales.dtype not in (torch.bfloat16, torch.float32) or x.dtype not in (torch.bfloat16, torch.float32):
+        raise CpuKernelError(f"the C kernels take bf16 or fp32 inputs and scales, not {x.dtype} / {scales.dtype}")
+    rows, in_features = x.shape
+    out_features, scales_bf16, io_bf16 = qweight.shape[0], int(scales.dtype == torch.bfloat16), \
+        int(x.dtype == torch.bfloat16)
+    if qweight.dtype == torch.int8:
+        fits = qweight.shape == (out_features, in_features) and scales.shape == (out_features,)
+    else:
+        fits = (qweight.dtype == torch.uint8 and group_size > 0 and in_features % group_size == 0
+                and out_features % 16 == 0 and qweight.shape == (out_features, in_features // 2)
+                and scales.shape == (in_features // group_size, out_features, 2))
+    _check(x, qweight, in_features, x.dtype, fits and qweight.is_contiguous() and scales.is_contiguous())
+    y = torch.empty(rows, out_features, dtype=x.dtype)
+    if qweight.dtype == torch.int8:
+        code = lib.gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scales_bf16, y.data_ptr(),
+                             io_bf16, rows, out_features, in_features, threads)
+    else:
+        code = lib.gemv_int4(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scales_bf16, y.data_ptr(),
+                             io_bf16, rows, out_features, in_features, group_size, threads)
+    _done(code, rows, in_features)
+    return y
+
+
+def gemv_bf16_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, threads: int) -> torch.Tensor:
+    """Row s of the result = x_s @ weights[index[s]].T: the chosen experts of one token.  x: (1 or k, in) bf16,
+    weights: (E, out, in) bf16 (stacked experts), index: (k,) int64 -> (k, out) bf16.  x_s is row s of x, or its
+    only row."""
+    lib, x, index = _checked_library(), x.contiguous(), index.contiguous()
+    k = index.shape[0]
+    if x.shape[0] not in (1, k) or index.dtype != torch.int64 or not weights.is_contiguous():
+        raise ValueError(f"gemv_bf16_experts: x {tuple(x.shape)} must have 1 or {k} rows, index int64 "
+                         f"(got {index.dtype}), weights contiguous")
+    n_experts, out_features, in_features = weights.shape
+    _check(x, weights, in_features, torch.bfloat16, weights.dtype == torch.bfloat16 and weights.dim() == 3)
+    y = torch.empty(k, out_features, dtype=x.dtype)
+    _done(lib.gemv_bf16_experts(x.data_ptr(), x.shape[0], weights.data_ptr(), n_experts, index.data_ptr(), k,
+                                y.data_ptr(), 1, out_features, in_features, threads), k, in_features)
+    return y
+
+
+# ---- the same products as operators, for compiled decode steps ----------------------------------------------
+# (torch.library.Library rather than the custom_op decorator: a call costs ~8 us instead of ~80-110 us here)
+
+_OPS = torch.library.Library("mistral_ref", "DEF")
+_OPS.define("gemv_bf16(Tensor x, Tensor weight, int threads) -> Tensor")
+_OPS.define("gemv_quantized(Tensor x, Tensor qweight, Tensor scales, int group_size, int threads) -> Tensor")
+_OPS.define("gemv_bf16_experts(Tensor x, Tensor weights, Tensor index, int threads) -> Tensor")
+_OPS.impl("gemv_bf16", gemv_bf16, "CPU")
+_OPS.impl("gemv_bf16_experts", gemv_bf16_experts, "CPU")
+_OPS.impl("gemv_quantized", gemv_quantized, "CPU")
+
+
+@torch.library.register_fake("mistral_ref::gemv_bf16", lib=_OPS)
+def _(x, weight, threads):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("mistral_ref::gemv_quantized", lib=_OPS)
+def _(x, qweight, scales, group_size, threads):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.register_fake("mistral_ref::gemv_bf16_experts", lib=_OPS)
+def _(x, weights, index, threads):
+    return x.new_empty(index.shape[0], weights.shape[1])

@@ -1,0 +1,188 @@
+"""The C kernels of backends/cpu_gemv.py against the plain products they replace (F.linear on the dequantized
+weight, computed in fp32), in both builds (AVX2 intrinsics and the portable loops), with the shapes that exercise
+their edges: inputs not a multiple of 32, 1-5 rows (tiles of 4 and the rest), int4's last block of 16 rows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+from mistral_ref.backends import cpu_gemv
+from mistral_ref.backends.linear import linear
+from mistral_ref.backends.moe import mix_one_token_gemv
+from mistral_ref.moe import mix_experts
+from mistral_ref.quantize import QuantizedWeight, quantize_weight
+
+pytestmark = pytest.mark.skipif(cpu_gemv.library() is None, reason=f"C kernels: {cpu_gemv.status()}")
+
+BF16_RTOL = 2 ** -8  # one rounding of the result to bf16 (relative to the largest magnitude)
+
+
+@pytest.fixture(params=["native", "portable"])
+def build(request, monkeypatch):
+    """Run a test with the -march=native build (AVX2 loops on this machine) and with the portable loops."""
+    if request.param == "portable":
+        lib = cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_PORTABLE",)))
+        assert lib.cpu_gemv_isa() == 1
+        monkeypatch.setattr(cpu_gemv, "_lib", lib)
+    return request.param
+
+
+def _weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(48, 64), (40, 100), (16, 7)], ids=["even", "in-remainder", "short"])
+def test_bf16_equals_the_fp32_product_rounded_once(build, rows, shape):
+    w = _weight(*shape).bfloat16()
+    x = torch.randn(rows, shape[1]).bfloat16()
+    y = cpu_gemv.gemv(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
+    assert rel_err(y, F.linear(x.float(), w.float())) <= BF16_RTOL
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("out", [64, 48], ids=["blocks", "int4-tail-16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_quantized_equals_the_dequantized_product(build, rows, scheme, group, out, dtype):
+    inp = 256
+    qw = quantize_weight(_weight(out, inp).to(dtype), scheme, group or 32)
+    x = torch.randn(rows, inp, dtype=dtype)
+    y = cpu_gemv.gemv(x, qw)
+    assert y.dtype == dtype and y.shape == (rows, out)
+    expected = F.linear(x.float(), qw.dequantize(torch.float32))
+    assert rel_err(y, expected) <= (1e-5 if dtype == torch.float32 else BF16_RTOL)
+
+
+def test_leading_dimensions_are_kept():
+    w = _weight(32, 64).bfloat16()
+    x = torch.randn(2, 1, 64).bfloat16()  # (B, T, dim) as the layers call it
+    assert cpu_gemv.gemv(x, w).shape == (2, 1, 32)
+
+
+def test_experts_multiply_each_row_by_its_expert(build):
+    stack = _weight(4 * 24, 64).view(4, 24, 64).bfloat16()  # (E, out, in)
+    index = torch.tensor([3, 0])
+    x = torch.randn(2, 64).bfloat16()
+    y = cpu_gemv.gemv_bf16_experts(x, stack, index, threads=1)
+    for s, e in enumerate(index.tolist()):
+        assert rel_err(y[s], F.linear(x[s].float(), stack[e].float())) <= BF16_RTOL
+    shared = cpu_gemv.gemv_bf16_experts(x[:1], stack, index, threads=1)  # one row for every expert
+    assert rel_err(shared[1], F.linear(x[0].float(), stack[0].float())) <= BF16_RTOL
+
+
+def test_an_expert_index_out_of_range_is_an_error_not_a_read():
+    stack = _weight(2 * 16, 32).view(2, 16, 32).bfloat16()
+    with pytest.raises(IndexError, match="out of range"):
+        cpu_gemv.gemv_bf16_experts(torch.randn(1, 32).bfloat16(), stack, torch.tensor([0, 2]), threads=1)
+
+
+def test_mix_one_token_gemv_equals_the_reference_experts():
+    dim, hidden, n = 64, 96, 4
+    w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
+    w2 = _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
+    x = torch.randn(1, dim).bfloat16()
+    weights, experts = torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 1]])
+    expected = mix_experts(x, weights, experts, list(w1), list(w2), list(w3))
+    got = mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads=1)
+    assert rel_err(got, expected) <= 2 * BF16_RTOL
+
+
+@pytest.mark.parametrize("bad", ["in-features", "dtype", "int4-scales"])
+def test_arguments_that_do_not_fit_are_refused(bad):
+    w = _weight(32, 64).bfloat16()
+    if bad == "in-features":
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_gemv.gemv_bf16(torch.randn(1, 65).bfloat16(), w, 1)
+    elif bad == "dtype":
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_gemv.gemv_bf16(torch.randn(1, 64), w, 1)
+    else:
+        qw = quantize_weight(w, "int4", 32)
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_gemv.gemv_quantized(torch.randn(1, 64).bfloat16(), qw.qweight, qw.scales_and_zeros[:1], 32, 1)
+
+
+def test_empty_input_gives_an_empty_result():
+    w = _weight(32, 64).bfloat16()
+    assert cpu_gemv.gemv(torch.randn(0, 64).bfloat16(), w).shape == (0, 32)
+
+
+def test_linear_sends_few_row_products_here_and_the_rest_elsewhere(monkeypatch):
+    calls = []
+    real = cpu_gemv.gemv
+    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    w = _weight(32, 64).bfloat16()
+    linear(torch.randn(1, 64).bfloat16(), w)
+    linear(torch.randn(cpu_gemv.MAX_ROWS["bf16"], 64).bfloat16(), w)  # a GEMM's size: not here
+    linear(torch.randn(1, 64), w.float())  # fp32 weights keep the BLAS
+    linear(torch.randn(1, 64), quantize_weight(w.float(), "int8"))  # quantized in fp32: here
+    assert calls == [(1, 64), (1, 64)]
+
+
+def test_compiled_code_calls_the_operators():
+    w = _weight(32, 64).bfloat16()
+    qw = quantize_weight(w, "int4", 32)
+    x = torch.randn(1, 64).bfloat16()
+
+    def f(x):
+        return cpu_gemv.gemv(x, w, threads=1) + cpu_gemv.gemv(x, qw, threads=1)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # the fake functions give the shapes
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+# ---- building and loading -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """cpu_gemv as if not loaded yet in this process (restored after the test)."""
+    monkeypatch.setattr(cpu_gemv, "_lib", None)
+    monkeypatch.setattr(cpu_gemv, "_status", None)
+
+
+def test_switched_off_by_the_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv(cpu_gemv.ENV_SWITCH, "0")
+    assert cpu_gemv.library() is None
+    assert cpu_gemv.status() == f"off ({cpu_gemv.ENV_SWITCH}=0)"
+    w = _weight(32, 64).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    assert not cpu_gemv.handles(x, w)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))  # PyTorch's product instead
+
+
+def test_a_missing_compiler_is_a_warning_that_names_it(fresh_state, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-xyz")
+    with pytest.warns(UserWarning, match="no-such-compiler-xyz"):
+        assert cpu_gemv.library() is None
+    assert cpu_gemv.status().startswith("off (no C compiler")
+
+
+def test_a_library_others_can_write_is_not_loaded(tmp_path):
+    path = cpu_gemv.build()
+    copy = tmp_path / "cpu_gemv.so"
+    copy.write_bytes(path.read_bytes())
+    os.chmod(copy, 0o770)
+    with pytest.raises(cpu_gemv.CpuKernelError, match="not loaded"):
+        cpu_gemv.load(copy)
+
+
+def test_the_library_is_built_once_and_named_by_what_it_depends_on():
+    path = cpu_gemv.build()
+    assert path.exists() and path.parent.name == "cpu_gemv"
+    assert cpu_gemv.build() == path  # found, not rebuilt
+    assert cpu_gemv.build(("-DCPU_GEMV_PORTABLE",)) != path
+    assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_the_quantized_weight_module_is_not_a_copy():
+    qw = quantize_weight(_weight(32, 64), "int8")
+    assert isinstance(qw, QuantizedWeight) and cpu_gemv.kind(qw) == "int8"
+    assert cpu_gemv.kind(qw.qweight) is None  # an int8 tensor alone is not a weight the kernels know

@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="rounds for prefills over 1024 tokens (no warm-up: the shorter prefill warmed up)")
     p.add_argument("--compile", action="store_true",
                    help="also measure decode with Transformer.compile_decode() (compiling takes minutes)")
+    p.add_argument("--llamacpp-compile", default="full", choices=["none", "regional", "full"],
+                   help="with --compile: the compile mode of mistral_ref's compiled rows against llama.cpp "
+                        "(default full)")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     opts = p.parse_args(argv)
@@ -449,12 +452,13 @@ def main(argv: list[str] | None = None) -> dict:
                           f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
                 del hf, ours
             if ggufs is not None:
+                mode = opts.llamacpp_compile if opts.compile and opts.llamacpp_compile != "none" else None
                 r = res["llama_cpp"] = llamacpp_results[name] = llamacpp.bench_model(
                     name, ggufs, dtypes, torch.get_num_threads(), runs, prompt_len, new, prefill_lens,
-                    opts.long_prefill_runs)
+                    opts.long_prefill_runs, compile_mode=mode)
                 fp32_tokens = r.get("fp32", {}).get("decode_b1", {}).get("tokens", {}).get("ours")
                 r.update(llamacpp.bench_quantized(name, ggufs, torch.get_num_threads(), runs, prompt_len, new,
-                                                  fp32_tokens))
+                                                  fp32_tokens, compile_mode=mode))
 
     print(f"\n## Decode: tokens/s, greedy, {new} new tokens after a {prompt_len}-token prompt")
     print("floor = read bandwidth measured just before and after the row / bytes of weights and KV cache read per "

@@ -196,9 +196,32 @@ def compare_prefill(ours: Transformer, theirs: LlamaCpp, T: int, runs: int, warm
             "ratio": ratios(rate["ours"], rate["llama_cpp"]), "raw": rate}
 
 
+def compare_compiled(ours: Transformer, theirs: LlamaCpp, prompt_len: int, new: int, runs: int, mode: str) -> dict:
+    """compare_decode with mistral_ref's decode step compiled (compile_decode(mode=mode)), compiled before the
+    timed rounds (its seconds reported apart); eager again afterwards."""
+    t0 = time.perf_counter()
+    ours.compile_decode(mode=mode)
+    _, what = ours.compiled_decode.warm_up(1, prompt_len + new)
+    seconds = time.perf_counter() - t0
+    try:
+        d = compare_decode(ours, theirs, prompt_len, new, runs)
+    finally:
+        ours.compile_decode(False)
+    d.update(compile_s=seconds, compile_what=what, mode=mode)
+    return d
+
+
+def _print_compiled(name: str, label: str, d: dict, new: int) -> None:
+    print(f"  llama.cpp decode {name} {label} b1, mistral_ref compiled ({d['mode']}; {d['compile_s']:.0f} s, "
+          f"{d['compile_what']}): {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, ratio {fmt(d['ratio'], 2)}, "
+          f"greedy agreement {d['agreement']}/{new}", flush=True)
+
+
 def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], threads: int, runs: int,
-                prompt_len: int, new: int, prefill_lens: list[int], long_runs: int) -> dict:
-    """Every fp32/bf16 row of one model against llama.cpp (the files from write_gguf), printing as it goes."""
+                prompt_len: int, new: int, prefill_lens: list[int], long_runs: int,
+                compile_mode: str | None = None) -> dict:
+    """Every fp32/bf16 row of one model against llama.cpp (the files from write_gguf), printing as it goes;
+    compile_mode: also decode with mistral_ref's compiled step ("regional" or "full")."""
     if isinstance(files, str):
         print(f"  llama.cpp {name}: skipped: {files}")
         return {"skipped": files}
@@ -214,6 +237,9 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
             d = entry["decode_b1"] = compare_decode(ours, theirs, prompt_len, new, runs)
             print(f"  llama.cpp decode {name} {dname} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, ratio "
                   f"{fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}", flush=True)
+            if compile_mode:
+                d = entry["decode_b1_compiled"] = compare_compiled(ours, theirs, prompt_len, new, runs, compile_mode)
+                _print_compiled(name, dname, d, new)
             for i, T in enumerate(prefill_lens):
                 long = T > 1024 and i > 0
                 pf = entry[f"prefill_{T}"] = compare_prefill(ours, theirs, T, long_runs if long else runs,
@@ -227,7 +253,7 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
 
 
 def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs: int, prompt_len: int,
-                    new: int, reference: list[int] | None = None) -> dict:
+                    new: int, reference: list[int] | None = None, compile_mode: str | None = None) -> dict:
     """mistral_ref int8 / int4 (quantize_model, group 32, computing in bf16) against llama.cpp Q8_0 / Q4_0 of the
     same F32 file: decode batch 1, alternating; each side's greedy agreement with `reference` (the fp32 tokens)
     printed."""
@@ -249,6 +275,10 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
         theirs = LlamaCpp(path, prompt_len + new + 16, threads)
         try:
             d = out[scheme] = compare_decode(ours, theirs, prompt_len, new, runs)
+            if compile_mode:
+                c = out[f"{scheme} compiled"] = compare_compiled(ours, theirs, prompt_len, new, runs, compile_mode)
+                c["qtype"] = qtype
+                _print_compiled(name, f"{scheme} vs {qtype}", c, new)
         finally:
             theirs.close()
             del ours
@@ -270,14 +300,19 @@ def print_tables(results: dict[str, dict], new: int, prompt_len: int) -> None:
     print("| model | mistral_ref | llama.cpp | mistral_ref tok/s | llama.cpp tok/s | ratio | agreement |")
     print("|---|---|---|---|---|---|---|")
     for name, key, d in rows:
-        dec = d.get("decode_b1", d if "qtype" in d else None)
-        if dec is None:
-            continue
-        theirs = d.get("qtype", GGUF_TYPES.get(key, key))
-        extra = (f" (fp32: {d['agreement_ours_fp32']} / {d['agreement_llama_cpp_fp32']})"
-                 if "agreement_ours_fp32" in d else "")
-        print(f"| {name} | {key} | {theirs} | {fmt(dec['ours'])} | {fmt(dec['llama_cpp'])} | "
-              f"{fmt(dec['ratio'], 2)}x | {dec['agreement']}/{new}{extra} |")
+        decs = [(key, d.get("decode_b1", d if "qtype" in d else None))]
+        if "decode_b1_compiled" in d:
+            decs.append((f"{key} compiled", d["decode_b1_compiled"]))
+        for label, dec in decs:
+            if dec is None:
+                continue
+            theirs = d.get("qtype", GGUF_TYPES.get(key, key))
+            if "mode" in dec:
+                label = f"{label} ({dec['mode']}, {dec['compile_s']:.0f} s: {dec['compile_what']})"
+            extra = (f" (fp32: {d['agreement_ours_fp32']} / {d['agreement_llama_cpp_fp32']})"
+                     if "agreement_ours_fp32" in d else "")
+            print(f"| {name} | {label} | {theirs} | {fmt(dec['ours'])} | {fmt(dec['llama_cpp'])} | "
+                  f"{fmt(dec['ratio'], 2)}x | {dec['agreement']}/{new}{extra} |")
     print("\n## llama.cpp: prefill tokens/s, one pass into a fresh cache")
     print("| model | dtype | tokens | mistral_ref | llama.cpp | ratio |")
     print("|---|---|---|---|---|---|")

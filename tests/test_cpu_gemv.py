@@ -20,6 +20,7 @@ from mistral_ref.quantize import QuantizedWeight, quantize_weight
 pytestmark = pytest.mark.skipif(cpu_gemv.library() is None, reason=f"C kernels: {cpu_gemv.status()}")
 
 BF16_RTOL = 2 ** -8  # one rounding of the result to bf16 (relative to the largest magnitude)
+INT16_RTOL = 1e-4  # the integer path's rounding of each row of bf16 activations to int16 (2^-16 of its maximum)
 
 
 @pytest.fixture(params=["native", "portable"])
@@ -58,7 +59,19 @@ def test_quantized_equals_the_dequantized_product(build, rows, scheme, group, ou
     y = cpu_gemv.gemv(x, qw)
     assert y.dtype == dtype and y.shape == (rows, out)
     expected = F.linear(x.float(), qw.dequantize(torch.float32))
-    assert rel_err(y, expected) <= (1e-5 if dtype == torch.float32 else BF16_RTOL)
+    assert rel_err(y, expected) <= (1e-5 if dtype == torch.float32 else BF16_RTOL + INT16_RTOL)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_integer_path_is_far_finer_than_bf16_rounding(scheme):
+    """bf16 activations (the int16 path): each result is the fp32 product rounded once to bf16, so the mean
+    relative error stays below bf16's half ulp (a path that lost precision would show here)."""
+    qw = quantize_weight(_weight(256, 512).bfloat16(), scheme, 32)
+    x = torch.randn(3, 512).bfloat16()
+    y = cpu_gemv.gemv(x, qw).float()
+    expected = F.linear(x.float(), qw.dequantize(torch.float32))
+    relative = ((y - expected).abs() / expected.abs().clamp(min=1e-3)).mean()
+    assert relative < 2 ** -9
 
 
 def test_leading_dimensions_are_kept():

@@ -15,14 +15,17 @@ cache capacity up to a power of two (CompiledDecode.capacity): a chat's turns fa
 
 What differs from "torch":
 * linear: the thread count of split_linear is fixed when compiling (torch.get_num_threads() inside a graph breaks
-  it); a one-row bf16/fp16 product on a CPU without native support is multiply-and-sum, which inductor turns into
-  one loop that converts weights as they stream;
+  it); the products the C kernels take (backends/cpu_gemv.py: bf16 / int8 / int4 weights, a few rows) call them as
+  operators (torch.ops.mistral_ref.*), decided when compiling (cpu_kernels); without them a one-row bf16/fp16
+  product on a CPU without native support is multiply-and-sum, which inductor turns into one loop that converts
+  weights as they stream;
 * rope: real cos/sin (the reference functions): inductor has no complex arithmetic;
 * attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);
 * moe (and mix_experts, the fine-grained layers' form): a single token gathers its k experts from the stacked
-  weights inside the graph (moe_one_token / mix_one_token); more tokens run the grouped dispatch eagerly (it reads
-  expert counts on the host: a graph break).
+  weights inside the graph (moe_one_token / mix_one_token; bf16 experts with the C kernels: mix_one_token_gemv, one
+  operator call per product for the k experts); more tokens run the grouped dispatch eagerly (it reads expert
+  counts on the host: a graph break).
 Each of these equals the reference function; tests/test_backends.py checks the eager versions and
 tests/test_compile.py the compiled steps (with a cheap backend); `make bench` times them.
 """

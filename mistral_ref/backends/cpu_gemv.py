@@ -1,6 +1,8 @@
 """CPU kernels for the products of decoding (cpu_gemv.c): bf16, int8 and int4 weights times a few rows.
 
-Equals: F.linear(x, weight) / F.linear(x, weight.dequantize()) within fp32 rounding (tests/test_cpu_gemv.py).
+Equals: F.linear(x, weight) / F.linear(x, weight.dequantize()) within fp32 rounding, bf16 activations times int8 /
+int4 weights within a 2^-16 rounding of each row of x to int16 (the integer path of cpu_gemv.c) and the result's
+bf16 rounding (tests/test_cpu_gemv.py).
 backends/linear.py sends a product here when it has fewer than MAX_ROWS[kind] rows, runs on a CPU, and its weight
 is bf16 (x bf16) or a QuantizedWeight (x bf16 or fp32); fp32 weights keep PyTorch's BLAS (split_linear), whose
 sums transformers shares.  Compiled decoding calls the same kernels as the custom ops
@@ -42,7 +44,7 @@ log = logging.getLogger("mistral_ref.cpu_gemv")
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 ENV_SWITCH = "MISTRAL_REF_CPU_KERNELS"  # "0": never build or use the kernels
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
 MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2}

@@ -1,6 +1,7 @@
 """Products with quantized weights (mistral_ref/quantize.py) on PyTorch's CPU weight-only kernels.
 
 Equals: F.linear(x, weight.dequantize()) (backend "reference"), tested in tests/test_quant.py.
+(Decode-sized products go to the C kernels of backends/cpu_gemv.py first, where they can be built: see linear.py.)
 * int8 (per output channel): torch.ops.aten._weight_int8pack_mm(x, qweight, scales), which reads the int8
   weight and applies each row's scale to the dot product.
 * int4 (groups of 32..256 inputs): torch.ops.aten._weight_int4pack_mm_for_cpu(x, qweight, group_size,

@@ -140,6 +140,15 @@ def test_linear_sends_few_row_products_here_and_the_rest_elsewhere(monkeypatch):
     assert calls == [(1, 64), (1, 64)]
 
 
+def test_products_that_need_a_gradient_keep_pytorch():
+    w = _weight(32, 64).bfloat16().requires_grad_()
+    y = linear(torch.randn(1, 64).bfloat16(), w)
+    y.float().sum().backward()  # the C kernels have no backward: linear must not send this product there
+    assert w.grad is not None and w.grad.shape == w.shape
+    with torch.no_grad():
+        assert cpu_gemv.applies(torch.randn(1, 64).bfloat16(), w)
+
+
 def test_compiled_code_calls_the_operators():
     w = _weight(32, 64).bfloat16()
     qw = quantize_weight(w, "int4", 32)

@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -59,6 +60,7 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
 
 _lib: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet
+_loading = threading.Lock()  # (a background compile thread may ask at the same time as the caller)
 
 
 class CpuKernelError(RuntimeError):
@@ -129,6 +131,15 @@ def load(path: Path) -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The kernels, built and loaded on the first call; None where they are unavailable (:func:`status`)."""
     global _lib, _status
+    if _status is not None:
+        return _lib
+    with _loading:
+        _load_once()
+    return _lib
+
+
+def _load_once() -> None:
+    global _lib, _status
     if _status is None:
         if os.environ.get(ENV_SWITCH, "1") == "0":
             _status = f"off ({ENV_SWITCH}=0)"
@@ -143,7 +154,6 @@ def library() -> ctypes.CDLL | None:
                 warnings.warn(f"mistral-ref: the C kernels for CPU decoding are unavailable, PyTorch's products "
                               f"are used instead (slower in bf16 and int8/int4): {e}", stacklevel=2)
         log.info("CPU decode kernels: %s", _status)
-    return _lib
 
 
 def status() -> str:
@@ -168,6 +178,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
     which = kind(weight)
     if which is None or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
+    if torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False)):
+        return False  # the kernels have no backward: training keeps PyTorch's products
     if not 0 < x.numel() // max(1, x.shape[-1]) < MAX_ROWS[which] or x.dtype != weight.dtype:
         return False
     return x.dtype == torch.bfloat16 or (which != "bf16" and x.dtype == torch.float32)

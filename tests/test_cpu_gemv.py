@@ -108,6 +108,24 @@ def test_mix_one_token_gemv_equals_the_reference_experts():
     assert rel_err(got, expected) <= 2 * BF16_RTOL
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mix_one_token_gemv_with_quantized_experts(scheme, dtype):
+    dim, hidden, n = 64, 96, 4
+    w1, w3 = ([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), scheme, 32) for e in range(n)]
+              for s in (1, 2))
+    w2 = [quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), scheme, 32) for e in range(n)]
+    x = torch.randn(1, dim, dtype=dtype)
+    weights, experts = torch.tensor([[0.6, 0.4]]), torch.tensor([[3, 0]])
+    assert cpu_gemv.quantized_experts(x, w1)
+    expected = mix_experts(x, weights, experts, w1, w2, w3)  # the reference loop on the dequantized weights
+    got = mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads=1)
+    # bf16: the reference also rounds the dequantized weights to bf16, and three products are chained
+    assert rel_err(got, expected) <= (1e-5 if dtype == torch.float32 else 4 * BF16_RTOL)
+    with pytest.raises(IndexError, match="out of range"):
+        cpu_gemv.experts_gemv(x, w1, torch.tensor([0, 4]), threads=1)
+
+
 @pytest.mark.parametrize("bad", ["in-features", "dtype", "int4-scales"])
 def test_arguments_that_do_not_fit_are_refused(bad):
     w = _weight(32, 64).bfloat16()

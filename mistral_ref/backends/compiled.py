@@ -23,9 +23,9 @@ What differs from "torch":
 * attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);
 * moe (and mix_experts, the fine-grained layers' form): a single token gathers its k experts from the stacked
-  weights inside the graph (moe_one_token / mix_one_token; bf16 experts with the C kernels: mix_one_token_gemv, one
-  operator call per product for the k experts); more tokens run the grouped dispatch eagerly (it reads expert
-  counts on the host: a graph break).
+  weights inside the graph (moe_one_token / mix_one_token; with the C kernels mix_one_token_gemv, one operator
+  call per product for the k experts, bf16 stacked or quantized ones); more tokens run the grouped dispatch
+  eagerly (it reads expert counts on the host: a graph break).
 Each of these equals the reference function; tests/test_backends.py checks the eager versions and
 tests/test_compile.py the compiled steps (with a cheap backend); `make bench` times them.
 """
@@ -88,17 +88,19 @@ def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.
                  threads: int = 1, cpu_kernels: bool = False):
     """moe_one_token for one token with stacked experts (its products on the C kernels where they take them);
     the grouped dispatch, run eagerly, otherwise."""
+    if x.shape[0] == 1 and cpu_kernels and _gemv_experts(x, w1):
+        weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+        return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads), logits
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
-        if cpu_kernels and _gemv_experts(x, w1):
-            weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
-            return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads), logits
         return moe_one_token(x, gate_weight, w1, w2, w3, top_k)
     return _eager_grouped(x, gate_weight, w1, w2, w3, top_k)
 
 
-def _gemv_experts(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """The C kernels take this token's expert products: bf16 on a CPU."""
-    return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16
+def _gemv_experts(x: torch.Tensor, w1: torch.Tensor | Sequence[torch.Tensor]) -> bool:
+    """The C kernels take this token's expert products: stacked bf16 experts or quantized ones, on a CPU."""
+    if isinstance(w1, torch.Tensor):
+        return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16
+    return cpu_gemv.quantized_experts(x, w1)
 
 
 # data-dependent: a graph break (configure_compiler wraps these in torch.compiler.disable, which imports dynamo)
@@ -111,9 +113,9 @@ def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.
                          cpu_kernels: bool = False) -> torch.Tensor:
     """compiled_moe for a precomputed routing (fine_moe.py): mix_one_token (or mix_one_token_gemv) or the eager
     grouped mix."""
+    if x.shape[0] == 1 and cpu_kernels and _gemv_experts(x, w1):
+        return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads)
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
-        if cpu_kernels and _gemv_experts(x, w1):
-            return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads)
         return mix_one_token(x, weights, experts, w1, w2, w3)
     return _eager_grouped_mix(x, weights, experts, w1, w2, w3)
 

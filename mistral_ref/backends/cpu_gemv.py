@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -209,12 +210,31 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int |
     return y.view(*x.shape[:-1], out_features)
 
 
-def experts_gemv(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, threads: int) -> torch.Tensor:
-    """Row s = x_s @ weights[index[s]].T for stacked bf16 experts (see :func:`gemv_bf16_experts`), as an
-    operator inside a graph."""
-    if torch.compiler.is_compiling():
-        return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
-    return gemv_bf16_experts(x, weights, index, threads)
+def experts_gemv(x: torch.Tensor, weights: torch.Tensor | Sequence[QuantizedWeight], index: torch.Tensor,
+                 threads: int) -> torch.Tensor:
+    """Row s = x_s @ weights[index[s]].T for one token's chosen experts: stacked bf16 experts (E, out, in) (see
+    :func:`gemv_bf16_experts`) or a sequence of E QuantizedWeight (:func:`gemv_quantized_experts`); as an
+    operator inside a graph.  x: (1 or k, in) -> (k, out)."""
+    compiling = torch.compiler.is_compiling()
+    if isinstance(weights, torch.Tensor):
+        if compiling:
+            return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
+        return gemv_bf16_experts(x, weights, index, threads)
+    qweights, scales = [w.qweight for w in weights], [w._scales() for w in weights]
+    group_size = weights[0].group_size or 0
+    if compiling:
+        return torch.ops.mistral_ref.gemv_quantized_experts(x, qweights, scales, index, group_size, threads)
+    return gemv_quantized_experts(x, qweights, scales, index, group_size, threads)
+
+
+def quantized_experts(x: torch.Tensor, weights: object) -> bool:
+    """True if `weights` is a sequence of QuantizedWeight of one scheme that :func:`experts_gemv` takes with x
+    (one token; x in the weights' dtype, bf16 or fp32; on a CPU)."""
+    if not isinstance(weights, (list, tuple)) or not weights or x.device.type != "cpu":
+        return False
+    first = weights[0]
+    return (isinstance(first, QuantizedWeight) and x.dtype == first.dtype in (torch.bfloat16, torch.float32)
+            and all(isinstance(w, QuantizedWeight) and kind(w) == first.scheme for w in weights))
 
 
 def _checked_library() -> ctypes.CDLL:
@@ -294,6 +314,22 @@ def gemv_bf16_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tenso
     return y
 
 
+def gemv_quantized_experts(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                           index: torch.Tensor, group_size: int, threads: int) -> torch.Tensor:
+    """Row s = x_s @ W[index[s]].T, W[e] the quantized weight (qweights[e], scales[e]) (see gemv_quantized): one
+    token's chosen experts when they are quantized.  x: (1 or k, in) -> (k, out) in x's dtype."""
+    k = index.shape[0]
+    if x.dim() != 2 or x.shape[0] not in (1, k) or len(qweights) != len(scales):
+        raise ValueError(f"gemv_quantized_experts: x {tuple(x.shape)} must have 1 or {k} rows, and every expert "
+                         "a code tensor and a scale tensor")
+    rows = []
+    for s, e in enumerate(index.tolist()):
+        if not 0 <= e < len(qweights):
+            raise IndexError(f"cpu_gemv: expert index {e} is out of range (0..{len(qweights) - 1})")
+        rows.append(gemv_quantized(x[s if x.shape[0] == k else 0][None], qweights[e], scales[e], group_size, threads))
+    return torch.cat(rows)
+
+
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
 # (torch.library.Library rather than the custom_op decorator: a call costs ~8 us instead of ~80-110 us here)
 
@@ -303,6 +339,9 @@ _OPS.define("gemv_quantized(Tensor x, Tensor qweight, Tensor scales, int group_s
 _OPS.define("gemv_bf16_experts(Tensor x, Tensor weights, Tensor index, int threads) -> Tensor")
 _OPS.impl("gemv_bf16", gemv_bf16, "CPU")
 _OPS.impl("gemv_bf16_experts", gemv_bf16_experts, "CPU")
+_OPS.define("gemv_quantized_experts(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor index, int group_size, "
+            "int threads) -> Tensor")
+_OPS.impl("gemv_quantized_experts", gemv_quantized_experts, "CPU")
 _OPS.impl("gemv_quantized", gemv_quantized, "CPU")
 
 
@@ -319,3 +358,8 @@ def _(x, qweight, scales, group_size, threads):
 @torch.library.register_fake("mistral_ref::gemv_bf16_experts", lib=_OPS)
 def _(x, weights, index, threads):
     return x.new_empty(index.shape[0], weights.shape[1])
+
+
+@torch.library.register_fake("mistral_ref::gemv_quantized_experts", lib=_OPS)
+def _(x, qweights, scales, index, group_size, threads):
+    return x.new_empty(index.shape[0], qweights[0].shape[0])

@@ -105,11 +105,13 @@ def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     return out.to(x.dtype)
 
 
-def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor,
-                       w2: torch.Tensor, w3: torch.Tensor, threads: int) -> torch.Tensor:
-    """mix_one_token for bf16 stacked experts with the C kernels (backends/cpu_gemv.py): each product is one call
-    for the k chosen experts, which reads only their weights.  Rounded like the reference's bf16 products:
-    gate, up, the hidden activations and each expert's output in x's dtype; summed over the k slots in fp32."""
+def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                       w1: torch.Tensor | Sequence[torch.Tensor], w2: torch.Tensor | Sequence[torch.Tensor],
+                       w3: torch.Tensor | Sequence[torch.Tensor], threads: int) -> torch.Tensor:
+    """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or lists of
+    quantized ones: each product is one call for the k chosen experts, which reads only their weights.  Rounded
+    like the reference's products: gate, up, the hidden activations and each expert's output in x's dtype; summed
+    over the k slots in fp32."""
     chosen = experts[0]  # (k,)
     gate = cpu_gemv.experts_gemv(x, w1, chosen, threads)  # (k, hidden)
     up = cpu_gemv.experts_gemv(x, w3, chosen, threads)  # (k, hidden)

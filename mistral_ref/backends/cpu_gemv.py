@@ -14,7 +14,7 @@ the weight once, converting in registers, at the memory bandwidth in bf16 (see `
 
 The C source is compiled on first use with the system's C compiler (``$CC``, default ``cc``; torch.compile
 needs one as well): ``-O3 -march=native -fopenmp``, into ``<compile cache>/cpu_gemv/`` (compile_cache.py), named
-by a hash of the source, the compiler, its flags and the CPU's feature flags, so a later start loads it (~1 ms).
+by a hash of the source, the compiler, its flags and the CPU's feature flags (~3 s once; a later start loads it).
 The library shares PyTorch's OpenMP runtime (torch's libgomp is loaded first).  Like a saved compiled step, it
 is loaded only from that directory (this user's, 0700) and only if the file is this user's and no one else can
 write it.  Where it cannot be built (no compiler, a build error) or is turned off (``MISTRAL_REF_CPU_KERNELS=0``)

@@ -74,6 +74,25 @@ def test_the_integer_path_is_far_finer_than_bf16_rounding(scheme):
     assert relative < 2 ** -9
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-38], ids=["nan", "inf", "tiny"])
+def test_activations_the_integer_path_cannot_scale_take_the_float_path(scheme, bad):
+    """A row holding NaN or inf (or values whose int16 scale would underflow) is computed in fp32: non-finite
+    results exactly where F.linear's are (never a finite number made up by the scaling; an inf input may give NaN
+    rather than inf, as int4's group sums subtract 8 x sum(x)), the tiny row as the fp32 product."""
+    qw = quantize_weight(_weight(64, 128).bfloat16(), scheme, 32)
+    x = torch.randn(2, 128).bfloat16()
+    x[0, 5] = bad
+    if bad == 1e-38:
+        x[0] = torch.full((128,), 1e-38).bfloat16()
+    y = cpu_gemv.gemv(x, qw).float()
+    expected = F.linear(x.float(), qw.dequantize(torch.float32))
+    finite = expected[0].isfinite()
+    assert torch.equal(y[0].isfinite(), finite)
+    assert torch.allclose(y[0][finite], expected[0][finite], rtol=BF16_RTOL, atol=1e-40)
+    assert rel_err(y[1], expected[1]) <= BF16_RTOL + INT16_RTOL
+
+
 def test_leading_dimensions_are_kept():
     w = _weight(32, 64).bfloat16()
     x = torch.randn(2, 1, 64).bfloat16()  # (B, T, dim) as the layers call it

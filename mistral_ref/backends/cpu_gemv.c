@@ -21,6 +21,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -157,14 +158,23 @@ static void int8_rows(const float *x, const int8_t *q, const void *scales, int s
  * 16 weight / activation pairs and adds neighbours in one instruction, where the float path converts every weight
  * to fp32 first (this is 2-3x fewer instructions per weight).  The int32 sums are moved into fp32 every 1024
  * inputs (each lane's sum stays below 2^31: 2 x 127 x 32767 x 64 steps).  y = scale[o] * sx * sum(q x16). */
-static void quantize_rows_int16(const float *x, int16_t *x16, float *sx, int64_t rows, int64_t in) {
+/* Returns 0 (nothing written that counts) if a row holds inf or NaN, or values so small that its scale would
+ * underflow: the caller then takes the float path, which keeps IEEE semantics. */
+static int quantize_rows_int16(const float *x, int16_t *x16, float *sx, int64_t rows, int64_t in) {
     for (int64_t r = 0; r < rows; r++) {
         float m = 0.0f;
-        for (int64_t i = 0; i < in; i++) m = fabsf(x[r * in + i]) > m ? fabsf(x[r * in + i]) : m;
+        int nan = 0;
+        for (int64_t i = 0; i < in; i++) {
+            float v = fabsf(x[r * in + i]);
+            nan |= v != v;
+            m = v > m ? v : m;
+        }
+        if (nan || !(m <= FLT_MAX) || (m > 0.0f && m < 32767.0f * FLT_MIN)) return 0;
         sx[r] = m > 0.0f ? m / 32767.0f : 1.0f;
         float inv = 1.0f / sx[r];
         for (int64_t i = 0; i < in; i++) x16[r * in + i] = (int16_t)lrintf(x[r * in + i] * inv);
     }
+    return 1;
 }
 
 static inline __attribute__((always_inline)) void dot_int8_int16(const int16_t *x16, const int8_t *w, float *y,
@@ -194,9 +204,8 @@ static inline __attribute__((always_inline)) void dot_int8_int16(const int16_t *
     }
 }
 
-static void int8_rows_int16(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
-                            int64_t rows, int64_t out, int64_t in, int threads, int16_t *x16, float *sx) {
-    quantize_rows_int16(x, x16, sx, rows, in);
+static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q, const void *scales,
+                            int scales_bf16, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         ROWS(dot_int8_int16, x16, q + o * in, y, rows, out, in, o);
@@ -406,11 +415,14 @@ int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf1
         int16_t *x16 = malloc((size_t)(rows * in) * sizeof(int16_t));
         float *sx = malloc((size_t)rows * sizeof(float));
         if (!x16 || !sx) { free(x16); free(sx); end_io(&io, y, 0); return -1; }
-        int8_rows_int16(io.x, q, scales, scales_bf16, io.y, rows, out, in, threads, x16, sx);
+        int integer = quantize_rows_int16(io.x, x16, sx, rows, in);
+        if (integer) int8_rows_int16(x16, sx, q, scales, scales_bf16, io.y, rows, out, in, threads);
         free(x16);
         free(sx);
-        end_io(&io, y, rows * out);
-        return 0;
+        if (integer) {
+            end_io(&io, y, rows * out);
+            return 0;
+        }
     }
 #endif
     int8_rows(io.x, q, scales, scales_bf16, io.y, rows, out, in, threads);
@@ -427,14 +439,17 @@ int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, 
         int16_t *x16 = malloc((size_t)(rows * in) * sizeof(int16_t));
         float *sx = malloc((size_t)rows * sizeof(float));
         if (!x16 || !sx) { free(x16); free(sx); end_io(&io, y, 0); return -1; }
-        quantize_rows_int16(io.x, x16, sx, rows, in);
-        int4_blocks_int16(x16, sx, q, sz, scales_bf16, io.y, rows, out, in, group, threads);
+        int integer = quantize_rows_int16(io.x, x16, sx, rows, in);
+        if (integer) int4_blocks_int16(x16, sx, q, sz, scales_bf16, io.y, rows, out, in, group, threads);
         free(x16);
         free(sx);
-        if (out % 32)
-            int4_tail(io.x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, io.y, rows, out, in, group, out / 32 * 32);
-        end_io(&io, y, rows * out);
-        return 0;
+        if (integer) {
+            if (out % 32)
+                int4_tail(io.x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, io.y, rows, out, in, group,
+                          out / 32 * 32);
+            end_io(&io, y, rows * out);
+            return 0;
+        }
     }
 #endif
     int4_rows(io.x, q, sz, scales_bf16, io.y, rows, out, in, group, threads);

@@ -8,9 +8,9 @@ is bf16 (x bf16) or a QuantizedWeight (x bf16 or fp32); fp32 weights keep PyTorc
 sums transformers shares.  Compiled decoding calls the same kernels as the custom ops
 ``torch.ops.mistral_ref.gemv_*`` (opaque to torch.compile, so a compiled step runs them as they are).
 
-Why: PyTorch has no fast path for these on CPUs without bf16 instructions (AVX2): its bf16 product of one row
-converts the weight at ~5 G elements/s and its weight-only int8/int4 kernels reach ~7-9; these kernels stream
-the weight once, converting in registers, at the memory bandwidth in bf16 (see `make bench`, README "Speed").
+Why: PyTorch has no fast path for these on CPUs without bf16 instructions (AVX2): its one-row bf16 product and
+its weight-only int8/int4 kernels are well below the memory bandwidth; these kernels stream the weight once,
+converting in registers (figures: README "Speed on a CPU", `make bench`).
 
 The C source is compiled on first use with the system's C compiler (``$CC``, default ``cc``; torch.compile
 needs one as well): ``-O3 -march=native -fopenmp``, into ``<compile cache>/cpu_gemv/`` (compile_cache.py), named
@@ -331,7 +331,8 @@ def gemv_quantized_experts(x: torch.Tensor, qweights: list[torch.Tensor], scales
 
 
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
-# (torch.library.Library rather than the custom_op decorator: a call costs ~8 us instead of ~80-110 us here)
+# (torch.library.Library rather than the custom_op decorator, whose Python wrapper costs several times more per
+# call: README, "Speed on a CPU")
 
 _OPS = torch.library.Library("mistral_ref", "DEF")
 _OPS.define("gemv_bf16(Tensor x, Tensor weight, int threads) -> Tensor")

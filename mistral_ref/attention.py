@@ -93,9 +93,10 @@ class Attention(nn.Module):
         (ops.rope_table, computed once per forward pass and shared by the layers); ops: the backend's functions;
         cache: a cache.LayerCache or None.  -> (B, T, dim)"""
         B, T, _ = x.shape
-        q = ops.linear(x, self.wq.weight).view(B, T, self.n_heads, self.head_dim)
-        k = ops.linear(x, self.wk.weight).view(B, T, self.n_kv_heads, self.head_dim)
-        v = ops.linear(x, self.wv.weight).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = ops.linears(x, (self.wq.weight, self.wk.weight, self.wv.weight))  # three products of x
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k = ops.rope(q, rope), ops.rope(k, rope)
         if self.llama_4_scaling is not None:  # Ministral 3: queries (not keys) grow with their position
             q = q * llama4_query_scale(positions, self.llama_4_scaling).to(q.dtype)[:, :, None, None]

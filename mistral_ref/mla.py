@@ -109,13 +109,13 @@ class LatentAttention(nn.Module):
         B, T, _ = x.shape
         m, H = self.mla, self.n_heads
         n, r = m.qk_nope_head_dim, m.qk_rope_head_dim
-        if m.q_lora_rank is None:
-            q = ops.linear(x, self.q_proj.weight)  # (B, T, H * (n + r))
-        else:
-            q = ops.linear(self.q_a_layernorm(ops.linear(x, self.q_a_proj.weight), ops), self.q_b_proj.weight)
+        if m.q_lora_rank is None:  # q: (B, T, H * (n + r)), kv: (B, T, c + r)
+            q, kv = ops.linears(x, (self.q_proj.weight, self.kv_a_proj_with_mqa.weight))
+        else:  # queries through a low-rank bottleneck (q_lora_rank) with its own norm
+            q_a, kv = ops.linears(x, (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight))
+            q = ops.linear(self.q_a_layernorm(q_a, ops), self.q_b_proj.weight)
         q = q.view(B, T, H, n + r)
         q_nope, q_rope = q.split([n, r], dim=-1)  # (B, T, H, n), (B, T, H, r)
-        kv = ops.linear(x, self.kv_a_proj_with_mqa.weight)  # (B, T, c + r)
         latent, k_rope = kv.split([m.kv_lora_rank, r], dim=-1)  # (B, T, c), (B, T, r)
         latent = self.kv_a_layernorm(latent, ops)
         q_rope = ops.rope(q_rope, rope)

@@ -31,8 +31,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
-        """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T)."""
-        return ops.linear(F.silu(ops.linear(x, self.w1.weight)) * ops.linear(x, self.w3.weight), self.w2.weight)
+        """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T, ops.linears
+        several products of x)."""
+        gate, up = ops.linears(x, (self.w1.weight, self.w3.weight))  # (..., hidden_dim) each
+        return ops.linear(F.silu(gate) * up, self.w2.weight)
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -206,6 +206,22 @@ def test_reference_backend_is_the_plain_math_everywhere():
     assert torch.equal(keys[0, 2], k[0, 0]) and pos.tolist() == [[-1, -1, 2, -1]]
 
 
+def test_linears_are_the_backends_linear_one_weight_at_a_time():
+    """ops.linears (q, k, v; w1, w3) equals ops.linear per weight in every backend, and follows a replaced linear."""
+    from dataclasses import replace
+
+    x = torch.randn(1, 1, 48).bfloat16()
+    weights = [torch.randn(out, 48).bfloat16() for out in (48, 16, 16)]
+    for name in ("reference", "torch"):
+        ops = get_backend(name)
+        for got, w in zip(ops.linears(x, weights), weights):
+            torch.testing.assert_close(got, ops.linear(x, w), rtol=0, atol=0)
+    calls = []
+    counting = replace(get_backend("torch"), name="counting-linear", linear=lambda x, w: calls.append(1) or x @ w.T)
+    counting.linears(x, weights)
+    assert len(calls) == 3  # the replaced linear, not the torch backend's one-pass form
+
+
 def test_per_family_choice_and_names():
     model = make_model(MOE)
     model.set_backend("torch", attention="reference", moe="reference")

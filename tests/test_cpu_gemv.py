@@ -99,6 +99,42 @@ def test_leading_dimensions_are_kept():
     assert cpu_gemv.gemv(x, w).shape == (2, 1, 32)
 
 
+@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
+                                          ("int4", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
+def test_many_products_of_one_input_equal_each_product_alone(build, scheme, dtype):
+    """gemv_many (q, k, v or w1, w3 in one call) gives exactly the separate products, for parts of different sizes
+    (int4's 16-row tail included)."""
+    shapes = [(96, 64), (32, 64), (48, 64)]
+    weights = [_weight(*shape, seed=i).to(dtype) for i, shape in enumerate(shapes)]
+    if scheme != "bf16":
+        weights = [quantize_weight(w, scheme, 32) for w in weights]
+    for rows in range(1, cpu_gemv.MAX_ROWS[scheme] if scheme == "int4" else 4):
+        x = torch.randn(2, rows, 64, dtype=dtype)[:1]  # (1, rows, 64): leading dimensions kept
+        assert cpu_gemv.applies_many(x, weights)
+        together = cpu_gemv.gemv_many(x, weights, threads=2)
+        assert [tuple(y.shape) for y in together] == [(1, rows, out) for out, _ in shapes]
+        for y, w in zip(together, weights):
+            torch.testing.assert_close(y, cpu_gemv.gemv(x, w, threads=2), rtol=0, atol=0)
+
+
+def test_many_products_need_one_kernel_for_all():
+    w = _weight(32, 64).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    int8, int4 = quantize_weight(w, "int8"), quantize_weight(w, "int4", 32)
+    assert cpu_gemv.applies_many(x, [w, w]) and cpu_gemv.applies_many(x, [int4, int4])
+    assert not cpu_gemv.applies_many(x, [w, int8])
+    assert not cpu_gemv.applies_many(x, [int8, int4])
+    assert not cpu_gemv.applies_many(x, [int4, quantize_weight(w, "int4", 64)])  # another group size
+    assert not cpu_gemv.applies_many(x, [])
+    with pytest.raises(ValueError, match="one scheme"):
+        cpu_gemv.gemv_quantized_many(x, [int8.qweight, int4.qweight], [int8.scales, int4.scales_and_zeros], 32, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_gemv.gemv_bf16_many(torch.randn(1, 65).bfloat16(), [w, w], 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_gemv.gemv_quantized_many(torch.randn(1, 66).bfloat16(), [int4.qweight], [int4.scales_and_zeros], 32, 1)
+
+
 def test_experts_multiply_each_row_by_its_expert(build):
     stack = _weight(4 * 24, 64).view(4, 24, 64).bfloat16()  # (E, out, in)
     index = torch.tensor([3, 0])
@@ -192,7 +228,9 @@ def test_compiled_code_calls_the_operators():
     x = torch.randn(1, 64).bfloat16()
 
     def f(x):
-        return cpu_gemv.gemv(x, w, threads=1) + cpu_gemv.gemv(x, qw, threads=1)
+        a, b = cpu_gemv.gemv_many(x, [w, w], threads=1)
+        c, d = cpu_gemv.gemv_many(x, [qw, qw], threads=1)
+        return cpu_gemv.gemv(x, w, threads=1) + cpu_gemv.gemv(x, qw, threads=1) + a + b + c + d
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # the fake functions give the shapes
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)

@@ -1,11 +1,11 @@
 """The one dispatch point: backends, i.e. records of the functions a model computes with, looked up by name.
 
 A model's layers (model.py, attention.py, moe.py, mla.py, fine_moe.py) never call a fast path directly: they call
-``ops.linear``, ``ops.rms_norm``, ``ops.rope_table`` / ``ops.rope``, ``ops.attention``, ``ops.moe`` /
-``ops.mix_experts`` (fine_moe.py's routed experts), ``ops.update_cache`` (the KV cache write) and
-``ops.latent_attention`` (mla.py) on the :class:`Backend`
-chosen by ``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain
-math of the reference modules), within floating-point rounding; the tests check each one against it.
+``ops.linear`` (``ops.linears``: several products of one input), ``ops.rms_norm``, ``ops.rope_table`` /
+``ops.rope``, ``ops.attention``, ``ops.moe`` / ``ops.mix_experts`` (fine_moe.py's routed experts),
+``ops.update_cache`` (the KV cache write) and ``ops.latent_attention`` (mla.py) on the :class:`Backend` chosen by
+``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain math of the
+reference modules), within floating-point rounding; the tests check each one against it.
 
 | name        | where                  | what                                                                     |
 |-------------|------------------------|--------------------------------------------------------------------------|
@@ -23,9 +23,10 @@ naming a :class:`Backend` object.  This module imports nothing from the rest of 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
+from typing import Any
 
 ENTRY_POINT_GROUP = "mistral_ref.backends"
 # the families that set_backend can take from different backends
@@ -41,6 +42,8 @@ class Backend:
     """The functions a model computes with.  Shapes as in the reference functions they equal:
 
     linear(x (..., in), weight (out, in)) -> (..., out)                     F.linear without bias
+    linears(x, weights) -> tuple of linear(x, w) for w in weights           a method: several products of
+        one input (q, k, v; w1, w3), in one pass where the linear function has a `many` attribute
     rms_norm(x (..., dim), weight (dim,), eps) -> (..., dim)                norm.rms_norm
     rope_table(positions (B, T), head_dim, theta, yarn) -> table            rope.rope_angles (yarn: YarnArgs
                                                                             or None), once per forward
@@ -66,6 +69,13 @@ class Backend:
     update_cache: Callable
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
+
+    def linears(self, x: Any, weights: Sequence[Any]) -> tuple:
+        """(linear(x, w) for w in weights): in one pass where `linear` has a `many` form (an attribute of the
+        function: the C kernels take several products of one input in one call), else one product at a time.
+        Kept on the linear function itself, so that replacing `linear` replaces both."""
+        many = getattr(self.linear, "many", None)
+        return tuple(many(x, weights)) if many is not None else tuple(self.linear(x, w) for w in weights)
 
     def with_parts(self, parts: dict[str, Backend]) -> Backend:
         """This backend with some families taken from others, e.g. {"attention": triton} ("rope" brings

@@ -18,7 +18,8 @@ What differs from "torch":
   it); the products the C kernels take (backends/cpu_gemv.py: bf16 / int8 / int4 weights, a few rows) call them as
   operators (torch.ops.mistral_ref.*), decided when compiling (cpu_kernels); without them a one-row bf16/fp16
   product on a CPU without native support is multiply-and-sum, which inductor turns into one loop that converts
-  weights as they stream;
+  weights as they stream; linears (several products of one input) is one operator call where the kernels take
+  all of them;
 * rope: real cos/sin (the reference functions): inductor has no complex arithmetic;
 * attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);
@@ -74,6 +75,15 @@ def compiled_linear(x: torch.Tensor, weight: torch.Tensor, threads: int, cpu_ker
     if upcast_on_cpu(x) and x.numel() == x.shape[-1] and isinstance(weight, torch.Tensor):
         return multiply_sum_linear(x, weight)
     return linear(x, weight, threads)
+
+
+def compiled_linears(x: torch.Tensor, weights: Sequence[torch.Tensor], threads: int,
+                     cpu_kernels: bool = False) -> tuple[torch.Tensor, ...]:
+    """backends.linear.linears with a fixed thread count: one operator call for all the products where the C
+    kernels take each of them, else compiled_linear one weight at a time."""
+    if cpu_kernels and cpu_gemv.applies_many(x, weights):
+        return tuple(cpu_gemv.gemv_many(x, weights, threads))
+    return tuple(compiled_linear(x, w, threads, cpu_kernels) for w in weights)
 
 
 def compiled_attention(q, k, v, q_pos, k_pos, window):
@@ -137,7 +147,9 @@ def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
     products go to backends/cpu_gemv.py's kernels where they take them)."""
     torch_ops = get_backend("torch")
     fixed = {"threads": threads, "cpu_kernels": cpu_kernels}
-    return Backend(name="torch-compiled", linear=functools.partial(compiled_linear, **fixed),
+    linear = functools.partial(compiled_linear, **fixed)
+    linear.many = functools.partial(compiled_linears, **fixed)  # type: ignore[attr-defined]  # Backend.linears
+    return Backend(name="torch-compiled", linear=linear,
                    rms_norm=torch_ops.rms_norm, rope_table=rope_angles, rope=rotate, attention=compiled_attention,
                    moe=functools.partial(compiled_moe, **fixed),
                    mix_experts=functools.partial(compiled_mix_experts, **fixed), update_cache=compiled_update_cache,

@@ -380,86 +380,150 @@ static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scal
 
 /* ---- the entry points (backends/cpu_gemv.py): x and y in bf16 or fp32, converted here ---------------------- */
 
-/* fp32 views of x and y for the *_rows kernels: x and y themselves (fp32), or copies of a bf16 x and a buffer for
- * y that end_io rounds into y (x_rows x in and y_rows x out floats: small next to the weight). */
-typedef struct { const float *x; float *y; float *x_copy, *y_copy; } io_t;
+/* fp32 views of x and of each result for the *_rows kernels: x itself and each y (fp32), or a copy of a bf16 x
+ * and one buffer (rows x the largest out floats, small next to a weight) that end_part rounds into each bf16 y. */
+typedef struct { const float *x; float *x_copy, *y_buf; } io_t;
 
-static int begin_io(io_t *io, const void *x, void *y, int64_t nx, int64_t ny, int io_bf16) {
-    io->x = (const float *)x, io->y = (float *)y, io->x_copy = io->y_copy = NULL;
+static int begin_io(io_t *io, const void *x, int64_t nx, int64_t ny_max, int io_bf16) {
+    io->x = (const float *)x, io->x_copy = io->y_buf = NULL;
     if (!io_bf16) return 0;
     io->x_copy = malloc((size_t)nx * sizeof(float));
-    io->y_copy = malloc((size_t)ny * sizeof(float));
-    if (!io->x_copy || !io->y_copy) { free(io->x_copy); free(io->y_copy); return -1; }
+    io->y_buf = malloc((size_t)ny_max * sizeof(float));
+    if (!io->x_copy || !io->y_buf) { free(io->x_copy); free(io->y_buf); return -1; }
     for (int64_t k = 0; k < nx; k++) io->x_copy[k] = bf16_to_float(((const uint16_t *)x)[k]);
-    io->x = io->x_copy, io->y = io->y_copy;
+    io->x = io->x_copy;
     return 0;
 }
 
-static void end_io(io_t *io, void *y, int64_t ny) {
-    if (io->y_copy)
-        for (int64_t k = 0; k < ny; k++) ((uint16_t *)y)[k] = float_to_bf16(io->y_copy[k]);
-    free(io->x_copy);
-    free(io->y_copy);
+static float *part_out(const io_t *io, void *y) { return io->y_buf ? io->y_buf : (float *)y; }
+
+static void end_part(const io_t *io, void *y, int64_t ny) {
+    if (io->y_buf)
+        for (int64_t k = 0; k < ny; k++) ((uint16_t *)y)[k] = float_to_bf16(io->y_buf[k]);
 }
 
+static void end_io(io_t *io) {
+    free(io->x_copy);
+    free(io->y_buf);
+}
+
+static int64_t largest(const int64_t *outs, int64_t n) {
+    int64_t m = 0;
+    for (int64_t p = 0; p < n; p++) m = outs[p] > m ? outs[p] : m;
+    return m;
+}
+
+/* Several products of one x ("many": the query, key and value projections of a layer, or w1 and w3): y[p] (rows,
+ * outs[p]) = x @ W_p.T for p < n, W_p = w[p] (and scales[p]) as in the header.  One call converts x once and
+ * runs the n products back to back: what a product of a small weight costs besides reading it (the call from
+ * Python, x's conversion) is paid once. */
+int gemv_bf16_many(const void *x, int64_t n, const uint16_t *const *w, void *const *y, const int64_t *outs,
+                   int io_bf16, int64_t rows, int64_t in, int threads) {
+    io_t io;
+    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
+    for (int64_t p = 0; p < n; p++) {
+        bf16_rows(io.x, w[p], part_out(&io, y[p]), rows, outs[p], in, threads);
+        end_part(&io, y[p], rows * outs[p]);
+    }
+    end_io(&io);
+    return 0;
+}
+
+#if CPU_GEMV_AVX2
+/* bf16 activations as int16 (quantize_rows_int16) for the integer paths: 1 with x16 / sx allocated and filled,
+ * 0 if a row cannot be (the float path then), -1 without memory */
+static int begin_int16(const io_t *io, int64_t rows, int64_t in, int16_t **x16, float **sx) {
+    *x16 = malloc((size_t)(rows * in) * sizeof(int16_t));
+    *sx = malloc((size_t)rows * sizeof(float));
+    if (!*x16 || !*sx) { free(*x16); free(*sx); return -1; }
+    if (quantize_rows_int16(io->x, *x16, *sx, rows, in)) return 1;
+    free(*x16);
+    free(*sx);
+    return 0;
+}
+#endif
+
+int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void *const *scales, int scales_bf16,
+                   void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int threads) {
+    io_t io;
+    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
+#if CPU_GEMV_AVX2
+    if (io_bf16) {  /* bf16 activations: the integer path (fp32 ones keep fp32 arithmetic throughout) */
+        int16_t *x16;
+        float *sx;
+        int integer = begin_int16(&io, rows, in, &x16, &sx);
+        if (integer < 0) { end_io(&io); return -1; }
+        if (integer) {
+            for (int64_t p = 0; p < n; p++) {
+                int8_rows_int16(x16, sx, q[p], scales[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in,
+                                threads);
+                end_part(&io, y[p], rows * outs[p]);
+            }
+            free(x16);
+            free(sx);
+            end_io(&io);
+            return 0;
+        }
+    }
+#endif
+    for (int64_t p = 0; p < n; p++) {
+        int8_rows(io.x, q[p], scales[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in, threads);
+        end_part(&io, y[p], rows * outs[p]);
+    }
+    end_io(&io);
+    return 0;
+}
+
+int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void *const *sz, int scales_bf16,
+                   void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int64_t group,
+                   int threads) {
+    io_t io;
+    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
+#if CPU_GEMV_AVX2
+    if (io_bf16) {  /* bf16 activations: the integer path for the blocks of 32 rows */
+        int16_t *x16;
+        float *sx;
+        int integer = begin_int16(&io, rows, in, &x16, &sx);
+        if (integer < 0) { end_io(&io); return -1; }
+        if (integer) {
+            for (int64_t p = 0; p < n; p++) {
+                float *yp = part_out(&io, y[p]);
+                int64_t out = outs[p];
+                int4_blocks_int16(x16, sx, q[p], sz[p], scales_bf16, yp, rows, out, in, group, threads);
+                if (out % 32)
+                    int4_tail(io.x, q[p] + out / 32 * 32 * (in / 2), sz[p], scales_bf16, yp, rows, out, in, group,
+                              out / 32 * 32);
+                end_part(&io, y[p], rows * out);
+            }
+            free(x16);
+            free(sx);
+            end_io(&io);
+            return 0;
+        }
+    }
+#endif
+    for (int64_t p = 0; p < n; p++) {
+        int4_rows(io.x, q[p], sz[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in, group, threads);
+        end_part(&io, y[p], rows * outs[p]);
+    }
+    end_io(&io);
+    return 0;
+}
+
+/* One product: the "many" entry points with n = 1. */
 int gemv_bf16(const void *x, const uint16_t *w, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
               int threads) {
-    io_t io;
-    if (begin_io(&io, x, y, rows * in, rows * out, io_bf16)) return -1;
-    bf16_rows(io.x, w, io.y, rows, out, in, threads);
-    end_io(&io, y, rows * out);
-    return 0;
+    return gemv_bf16_many(x, 1, &w, &y, &out, io_bf16, rows, in, threads);
 }
 
 int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf16, void *y, int io_bf16,
               int64_t rows, int64_t out, int64_t in, int threads) {
-    io_t io;
-    if (begin_io(&io, x, y, rows * in, rows * out, io_bf16)) return -1;
-#if CPU_GEMV_AVX2
-    if (io_bf16) {  /* bf16 activations: the integer path (fp32 ones keep fp32 arithmetic throughout) */
-        int16_t *x16 = malloc((size_t)(rows * in) * sizeof(int16_t));
-        float *sx = malloc((size_t)rows * sizeof(float));
-        if (!x16 || !sx) { free(x16); free(sx); end_io(&io, y, 0); return -1; }
-        int integer = quantize_rows_int16(io.x, x16, sx, rows, in);
-        if (integer) int8_rows_int16(x16, sx, q, scales, scales_bf16, io.y, rows, out, in, threads);
-        free(x16);
-        free(sx);
-        if (integer) {
-            end_io(&io, y, rows * out);
-            return 0;
-        }
-    }
-#endif
-    int8_rows(io.x, q, scales, scales_bf16, io.y, rows, out, in, threads);
-    end_io(&io, y, rows * out);
-    return 0;
+    return gemv_int8_many(x, 1, &q, &scales, scales_bf16, &y, &out, io_bf16, rows, in, threads);
 }
 
 int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, void *y, int io_bf16,
               int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
-    io_t io;
-    if (begin_io(&io, x, y, rows * in, rows * out, io_bf16)) return -1;
-#if CPU_GEMV_AVX2
-    if (io_bf16) {  /* bf16 activations: the integer path for the blocks of 32 rows */
-        int16_t *x16 = malloc((size_t)(rows * in) * sizeof(int16_t));
-        float *sx = malloc((size_t)rows * sizeof(float));
-        if (!x16 || !sx) { free(x16); free(sx); end_io(&io, y, 0); return -1; }
-        int integer = quantize_rows_int16(io.x, x16, sx, rows, in);
-        if (integer) int4_blocks_int16(x16, sx, q, sz, scales_bf16, io.y, rows, out, in, group, threads);
-        free(x16);
-        free(sx);
-        if (integer) {
-            if (out % 32)
-                int4_tail(io.x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, io.y, rows, out, in, group,
-                          out / 32 * 32);
-            end_io(&io, y, rows * out);
-            return 0;
-        }
-    }
-#endif
-    int4_rows(io.x, q, sz, scales_bf16, io.y, rows, out, in, group, threads);
-    end_io(&io, y, rows * out);
-    return 0;
+    return gemv_int4_many(x, 1, &q, &sz, scales_bf16, &y, &out, io_bf16, rows, in, group, threads);
 }
 
 /* Mixture of experts, one token: y (k, out) row s = x_s @ W[index[s]].T for the stacked bf16 experts W
@@ -470,9 +534,11 @@ int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t 
     for (int64_t s = 0; s < k; s++)
         if (index[s] < 0 || index[s] >= n_experts) return -2;
     io_t io;
-    if (begin_io(&io, x, y, x_rows * in, k * out, io_bf16)) return -1;
+    if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
+    float *ys = part_out(&io, y);
     for (int64_t s = 0; s < k; s++)
-        bf16_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, io.y + s * out, 1, out, in, threads);
-    end_io(&io, y, k * out);
+        bf16_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, ys + s * out, 1, out, in, threads);
+    end_part(&io, y, k * out);
+    end_io(&io);
     return 0;
 }

@@ -57,6 +57,10 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "gemv_int8": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT],
     "gemv_int4": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "gemv_bf16_experts": [_P, _I64, _P, _I64, _P, _I64, _P, _INT, _I64, _I64, _INT],
+    # several products of one x: (x, n, weights[n]..., y[n], outs[n], io_bf16, rows, in[, group], threads)
+    "gemv_bf16_many": [_P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT],
+    "gemv_int8_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _INT],
+    "gemv_int4_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -164,10 +168,18 @@ def status() -> str:
     return _status
 
 
+def _tensors(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of a QuantizedWeight, read from its buffers directly: a module's attribute lookup costs about a
+    microsecond, and a decode step asks at every product."""
+    buffers = weight._buffers
+    return buffers["qweight"], buffers["scales" if weight.scheme == "int8" else "scales_and_zeros"]
+
+
 def kind(weight: torch.Tensor | QuantizedWeight) -> str | None:
     """"bf16", "int8" or "int4": which kernel multiplies by `weight`; None for weights they do not take."""
     if isinstance(weight, QuantizedWeight):
-        return weight.scheme if weight.qweight.is_contiguous() and weight._scales().is_contiguous() else None
+        qweight, scales = _tensors(weight)
+        return weight.scheme if qweight.is_contiguous() and scales.is_contiguous() else None
     if weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous():
         return "bf16"
     return None
@@ -177,11 +189,14 @@ def applies(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
     """True if linear(x, weight) is a product these kernels take (see the module docstring); whether they are
     available is :func:`library`'s question."""
     which = kind(weight)
-    if which is None or x.device.type != "cpu" or weight.device.type != "cpu":
+    if which is None or x.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or getattr(weight, "requires_grad", False)):
+    tensor = _tensors(weight)[1] if isinstance(weight, QuantizedWeight) else weight  # the float tensor, on its device
+    if tensor.device.type != "cpu" or x.dtype != tensor.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or tensor.requires_grad):
         return False  # the kernels have no backward: training keeps PyTorch's products
-    if not 0 < x.numel() // max(1, x.shape[-1]) < MAX_ROWS[which] or x.dtype != weight.dtype:
+    if not 0 < x.numel() // max(1, x.shape[-1]) < MAX_ROWS[which]:
         return False
     return x.dtype == torch.bfloat16 or (which != "bf16" and x.dtype == torch.float32)
 
@@ -194,20 +209,52 @@ def handles(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
 def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int | None = None) -> torch.Tensor:
     """x @ weight.T (weight: bf16 (out, in) or a QuantizedWeight) with the C kernels.  x: (..., in) -> (..., out)
     in x's dtype.  For products :func:`applies` accepts; threads: default torch.get_num_threads()."""
-    out_features, in_features = weight.shape
+    quantized = isinstance(weight, QuantizedWeight)
+    qweight, scales = _tensors(weight) if quantized else (weight, None)
+    out_features, in_features = qweight.shape[0], x.shape[-1]
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     threads = torch.get_num_threads() if threads is None else threads
     # eagerly the Python functions below; inside a graph the operators (opaque to the compiler) that call them
-    if isinstance(weight, QuantizedWeight):
-        parts = (weight.qweight, weight._scales(), weight.group_size or 0, threads)
+    if quantized:
+        parts = (qweight, scales, weight.group_size or 0, threads)
         y = torch.ops.mistral_ref.gemv_quantized(x2, *parts) if torch.compiler.is_compiling() else \
             gemv_quantized(x2, *parts)
     else:
         y = torch.ops.mistral_ref.gemv_bf16(x2, weight, threads) if torch.compiler.is_compiling() else \
             gemv_bf16(x2, weight, threads)
     return y.view(*x.shape[:-1], out_features)
+
+
+def applies_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]) -> bool:
+    """True if every product of :func:`gemv_many` is one :func:`applies` takes, all with the same kernel (and, when
+    quantized, the same group size and scale dtype: one call reads them all)."""
+    if not weights or not all(applies(x, w) for w in weights):
+        return False
+    first = weights[0]
+    if isinstance(first, QuantizedWeight):  # (applies: the scales have x's dtype)
+        return all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme and w.group_size == first.group_size
+                   for w in weights)
+    return all(not isinstance(w, QuantizedWeight) for w in weights)
+
+
+def gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight],
+              threads: int | None = None) -> list[torch.Tensor]:
+    """[x @ w.T for w in weights] in one call (x converted once): for products :func:`applies_many` accepts.
+    x: (..., in) -> [(..., out_p)] in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    threads = torch.get_num_threads() if threads is None else threads
+    compiling = torch.compiler.is_compiling()
+    if isinstance(weights[0], QuantizedWeight):
+        qweights, scales = (list(t) for t in zip(*map(_tensors, weights)))
+        group_size = weights[0].group_size or 0
+        ys = torch.ops.mistral_ref.gemv_quantized_many(x2, qweights, scales, group_size, threads) if compiling \
+            else gemv_quantized_many(x2, qweights, scales, group_size, threads)
+    else:
+        ys = torch.ops.mistral_ref.gemv_bf16_many(x2, list(weights), threads) if compiling else \
+            gemv_bf16_many(x2, list(weights), threads)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
 def experts_gemv(x: torch.Tensor, weights: torch.Tensor | Sequence[QuantizedWeight], index: torch.Tensor,
@@ -220,7 +267,7 @@ def experts_gemv(x: torch.Tensor, weights: torch.Tensor | Sequence[QuantizedWeig
         if compiling:
             return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
         return gemv_bf16_experts(x, weights, index, threads)
-    qweights, scales = [w.qweight for w in weights], [w._scales() for w in weights]
+    qweights, scales = (list(t) for t in zip(*map(_tensors, weights)))
     group_size = weights[0].group_size or 0
     if compiling:
         return torch.ops.mistral_ref.gemv_quantized_experts(x, qweights, scales, index, group_size, threads)
@@ -252,6 +299,21 @@ def _check(x: torch.Tensor, weight: torch.Tensor, in_features: int, dtype: torch
                          f"{tuple(weight.shape)} {weight.dtype} (in_features {in_features}, x dtype {dtype})")
 
 
+def _check_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
+    """_check for a quantized weight's tensors: int8 codes (out, in) with scales (out,), or int4's packed codes
+    (out, in / 2) with scales_and_zeros (groups, out, 2)."""
+    if scales.dtype not in (torch.bfloat16, torch.float32) or x.dtype not in (torch.bfloat16, torch.float32):
+        raise CpuKernelError(f"the C kernels take bf16 or fp32 inputs and scales, not {x.dtype} / {scales.dtype}")
+    in_features, out_features = x.shape[-1], qweight.shape[0]
+    if qweight.dtype == torch.int8:
+        fits = qweight.shape == (out_features, in_features) and scales.shape == (out_features,)
+    else:
+        fits = (qweight.dtype == torch.uint8 and group_size > 0 and in_features % group_size == 0
+                and out_features % 16 == 0 and qweight.shape == (out_features, in_features // 2)
+                and scales.shape == (in_features // group_size, out_features, 2))
+    _check(x, qweight, in_features, x.dtype, fits and qweight.is_contiguous() and scales.is_contiguous())
+
+
 def _done(code: int, rows: int, in_features: int) -> None:
     if code == -2:
         raise IndexError("cpu_gemv: an expert index is out of range")
@@ -274,18 +336,10 @@ def gemv_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """x (rows, in) @ the QuantizedWeight of these tensors .T -> (rows, out) in x's dtype (bf16 or fp32): int8 if
     qweight is int8 (scales (out,)), else int4 (qweight uint8 (out, in / 2), scales_and_zeros (groups, out, 2))."""
     lib, x = _checked_library(), x.contiguous()
-    if scales.dtype not in (torch.bfloat16, torch.float32) or x.dtype not in (torch.bfloat16, torch.float32):
-        raise CpuKernelError(f"the C kernels take bf16 or fp32 inputs and scales, not {x.dtype} / {scales.dtype}")
+    _check_quantized(x, qweight, scales, group_size)
     rows, in_features = x.shape
     out_features, scales_bf16, io_bf16 = qweight.shape[0], int(scales.dtype == torch.bfloat16), \
         int(x.dtype == torch.bfloat16)
-    if qweight.dtype == torch.int8:
-        fits = qweight.shape == (out_features, in_features) and scales.shape == (out_features,)
-    else:
-        fits = (qweight.dtype == torch.uint8 and group_size > 0 and in_features % group_size == 0
-                and out_features % 16 == 0 and qweight.shape == (out_features, in_features // 2)
-                and scales.shape == (in_features // group_size, out_features, 2))
-    _check(x, qweight, in_features, x.dtype, fits and qweight.is_contiguous() and scales.is_contiguous())
     y = torch.empty(rows, out_features, dtype=x.dtype)
     if qweight.dtype == torch.int8:
         code = lib.gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), scales_bf16, y.data_ptr(),
@@ -295,6 +349,51 @@ def gemv_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                              io_bf16, rows, out_features, in_features, group_size, threads)
     _done(code, rows, in_features)
     return y
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def gemv_bf16_many(x: torch.Tensor, weights: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
+    """[x (rows, in) bf16 @ w (out_p, in) bf16 .T -> (rows, out_p) bf16 for w in weights], in one call."""
+    lib, x = _checked_library(), x.contiguous()
+    if not weights:
+        raise ValueError("gemv_bf16_many: no weights")
+    for w in weights:
+        _check(x, w, w.shape[-1], torch.bfloat16, w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous())
+    ys = [torch.empty(x.shape[0], w.shape[0], dtype=x.dtype) for w in weights]
+    outs = (ctypes.c_int64 * len(weights))(*(w.shape[0] for w in weights))
+    _done(lib.gemv_bf16_many(x.data_ptr(), len(weights), _pointers(weights), _pointers(ys), outs, 1, x.shape[0],
+                             x.shape[1], threads), *x.shape)
+    return ys
+
+
+def gemv_quantized_many(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
+                        group_size: int, threads: int) -> list[torch.Tensor]:
+    """[x (rows, in) @ W_p.T for the QuantizedWeights W_p of these tensors (see gemv_quantized), one scheme, group
+    size and scale dtype] in one call -> [(rows, out_p)] in x's dtype."""
+    lib, x = _checked_library(), x.contiguous()
+    if not qweights or len(qweights) != len(scales):
+        raise ValueError("gemv_quantized_many: every weight needs a code tensor and a scale tensor")
+    dtypes = {(q.dtype, s.dtype) for q, s in zip(qweights, scales)}
+    if len(dtypes) != 1:
+        raise ValueError(f"gemv_quantized_many: weights of one scheme and one scale dtype, got "
+                         f"{sorted(map(str, dtypes))}")
+    for q, s in zip(qweights, scales):
+        _check_quantized(x, q, s, group_size)
+    rows, in_features = x.shape
+    scales_bf16, io_bf16 = int(scales[0].dtype == torch.bfloat16), int(x.dtype == torch.bfloat16)
+    ys = [torch.empty(rows, q.shape[0], dtype=x.dtype) for q in qweights]
+    outs = (ctypes.c_int64 * len(qweights))(*(q.shape[0] for q in qweights))
+    n, qs, ss, yp = len(qweights), _pointers(qweights), _pointers(scales), _pointers(ys)
+    if qweights[0].dtype == torch.int8:
+        code = lib.gemv_int8_many(x.data_ptr(), n, qs, ss, scales_bf16, yp, outs, io_bf16, rows, in_features, threads)
+    else:
+        code = lib.gemv_int4_many(x.data_ptr(), n, qs, ss, scales_bf16, yp, outs, io_bf16, rows, in_features,
+                                  group_size, threads)
+    _done(code, rows, in_features)
+    return ys
 
 
 def gemv_bf16_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, threads: int) -> torch.Tensor:
@@ -322,12 +421,15 @@ def gemv_quantized_experts(x: torch.Tensor, qweights: list[torch.Tensor], scales
     if x.dim() != 2 or x.shape[0] not in (1, k) or len(qweights) != len(scales):
         raise ValueError(f"gemv_quantized_experts: x {tuple(x.shape)} must have 1 or {k} rows, and every expert "
                          "a code tensor and a scale tensor")
-    rows = []
-    for s, e in enumerate(index.tolist()):
+    chosen = index.tolist()
+    for e in chosen:
         if not 0 <= e < len(qweights):
             raise IndexError(f"cpu_gemv: expert index {e} is out of range (0..{len(qweights) - 1})")
-        rows.append(gemv_quantized(x[s if x.shape[0] == k else 0][None], qweights[e], scales[e], group_size, threads))
-    return torch.cat(rows)
+    if x.shape[0] == 1:  # one input for the k experts: one call
+        return torch.cat(gemv_quantized_many(x, [qweights[e] for e in chosen], [scales[e] for e in chosen],
+                                             group_size, threads))
+    return torch.cat([gemv_quantized(x[s][None], qweights[e], scales[e], group_size, threads)
+                      for s, e in enumerate(chosen)])
 
 
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
@@ -344,6 +446,11 @@ _OPS.define("gemv_quantized_experts(Tensor x, Tensor[] qweights, Tensor[] scales
             "int threads) -> Tensor")
 _OPS.impl("gemv_quantized_experts", gemv_quantized_experts, "CPU")
 _OPS.impl("gemv_quantized", gemv_quantized, "CPU")
+_OPS.define("gemv_bf16_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
+_OPS.impl("gemv_bf16_many", gemv_bf16_many, "CPU")
+_OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
+            "-> Tensor[]")
+_OPS.impl("gemv_quantized_many", gemv_quantized_many, "CPU")
 
 
 @torch.library.register_fake("mistral_ref::gemv_bf16", lib=_OPS)
@@ -364,3 +471,13 @@ def _(x, weights, index, threads):
 @torch.library.register_fake("mistral_ref::gemv_quantized_experts", lib=_OPS)
 def _(x, qweights, scales, index, group_size, threads):
     return x.new_empty(index.shape[0], qweights[0].shape[0])
+
+
+@torch.library.register_fake("mistral_ref::gemv_bf16_many", lib=_OPS)
+def _(x, weights, threads):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("mistral_ref::gemv_quantized_many", lib=_OPS)
+def _(x, qweights, scales, group_size, threads):
+    return [x.new_empty(x.shape[0], q.shape[0]) for q in qweights]

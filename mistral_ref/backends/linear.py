@@ -7,7 +7,8 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
 * fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: the BLAS runs a
   product of a few rows on one core; splitting the weight into one block per thread uses them all.
 * products of a few rows with a bf16 or quantized weight go to the C kernels of backends/cpu_gemv.py (where they
-  can be built: otherwise, and for more rows, the paths here);
+  can be built: otherwise, and for more rows, the paths here); :func:`linears`, several products of one input
+  (q, k, v; w1, w3), is one call of those kernels;
 * quantized weights (mistral_ref/quantize.py: QuantizedWeight) go to backends/quant.py's weight-only kernels.
 * :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop
   that converts bf16 weights as they stream (used by compiled decoding only, backends/compiled.py).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     elif x.dtype == torch.float32:
         return split_linear(x, weight, threads)  # (F.linear itself off the CPU or for many rows)
     return F.linear(x, weight)
+
+
+def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], threads: int | None = None) -> tuple[torch.Tensor, ...]:
+    """tuple(linear(x, w) for w in weights): one call of the C kernels for all of them where they take every
+    product (cpu_gemv.gemv_many: x converted once, one call instead of several), else one linear each."""
+    if cpu_gemv.applies_many(x, weights) and cpu_gemv.library() is not None:
+        return tuple(cpu_gemv.gemv_many(x, weights, threads))
+    return tuple(linear(x, w, threads) for w in weights)
+
+
+linear.many = linears  # type: ignore[attr-defined]  # Backend.linears: several products of one x in one call
 
 
 def multiply_sum_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

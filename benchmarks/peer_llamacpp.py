@@ -196,15 +196,35 @@ def compare_prefill(ours: Transformer, theirs: LlamaCpp, T: int, runs: int, warm
             "ratio": ratios(rate["ours"], rate["llama_cpp"]), "raw": rate}
 
 
+def step_profile(model: Transformer, prompt_len: int, new: int) -> dict:
+    """Where a decode step's time goes: one greedy generate() (a prompt_len-token prompt, `new` tokens) under
+    torch.profiler, after the timed rounds.  Returns the profiled seconds per decode step (the profiler adds a
+    few microseconds an operator), the seconds per step in the C kernels' operators (torch.ops.mistral_ref.*, their
+    own time: the products of backends/cpu_gemv.c and the Python that calls them) and their calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clock = StepClock(model)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _, step = clock.run(lambda: generate(model, [[1] * prompt_len], new, temperature=0.0))
+    finally:
+        clock.handle.remove()
+    kernels = [e for e in prof.key_averages() if e.key.startswith("mistral_ref::")]
+    steps = max(new - 1, 1)  # the prompt's pass calls none of them: its products have too many rows
+    return {"step_s": step, "products_s": sum(e.self_cpu_time_total for e in kernels) / 1e6 / steps,
+            "calls": sum(e.count for e in kernels) / steps}
+
+
 def compare_compiled(ours: Transformer, theirs: LlamaCpp, prompt_len: int, new: int, runs: int, mode: str) -> dict:
     """compare_decode with mistral_ref's decode step compiled (compile_decode(mode=mode)), compiled before the
-    timed rounds (its seconds reported apart); eager again afterwards."""
+    timed rounds (its seconds reported apart), then one profiled run (step_profile); eager again afterwards."""
     t0 = time.perf_counter()
     ours.compile_decode(mode=mode)
     _, what = ours.compiled_decode.warm_up(1, prompt_len + new)
     seconds = time.perf_counter() - t0
     try:
         d = compare_decode(ours, theirs, prompt_len, new, runs)
+        d["profile"] = step_profile(ours, prompt_len, new)
     finally:
         ours.compile_decode(False)
     d.update(compile_s=seconds, compile_what=what, mode=mode)
@@ -215,6 +235,11 @@ def _print_compiled(name: str, label: str, d: dict, new: int) -> None:
     print(f"  llama.cpp decode {name} {label} b1, mistral_ref compiled ({d['mode']}; {d['compile_s']:.0f} s, "
           f"{d['compile_what']}): {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, ratio {fmt(d['ratio'], 2)}, "
           f"greedy agreement {d['agreement']}/{new}", flush=True)
+    prof = d.get("profile")
+    if prof:
+        print(f"    profiled step {prof['step_s'] * 1e3:.1f} ms: C-kernel operators {prof['products_s'] * 1e3:.1f} ms "
+              f"({prof['products_s'] / prof['step_s']:.0%}) in {prof['calls']:.0f} calls, the rest "
+              f"{(prof['step_s'] - prof['products_s']) * 1e3:.1f} ms", flush=True)
 
 
 def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], threads: int, runs: int,

@@ -117,3 +117,31 @@ def test_small4_row_counts_latent_cache_bytes_and_active_experts():
     weights = params - idle - 2 * a.vocab_size * a.dim
     per_key = 2 * a.n_heads * (m.qk_head_dim + m.v_head_dim)
     assert prefill_flops(a, 9) == 2 * weights + a.n_layers * per_key * 5
+
+
+def test_step_profile_counts_the_c_kernel_calls_of_a_decode_step():
+    """peer_llamacpp.step_profile (printed under each compiled llama.cpp row): a bf16 decode step of a dense model
+    calls the C kernels once for q/k/v, once each for wo, w1/w3 and w2 per layer, and once for the vocabulary;
+    their time is part of the step's.  (Compiled with dynamo's "eager" backend: the graph's operator calls without
+    inductor's code generation.)"""
+    import torch
+
+    from mistral_ref.backends import cpu_gemv
+    from mistral_ref.config import ModelArgs
+    from mistral_ref.model import Transformer
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from peer_llamacpp import step_profile
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    args = ModelArgs(dim=64, n_layers=3, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=100,
+                     norm_eps=1e-5, rope_theta=1e4)
+    torch.manual_seed(0)
+    model = Transformer(args).eval().to(torch.bfloat16).compile_decode(mode="full", backend="eager")
+    model.compiled_decode.warm_up(1, 8 + 5)
+    prof = step_profile(model, prompt_len=8, new=5)
+    assert prof["calls"] == 4 * args.n_layers + 1
+    assert 0 < prof["products_s"] < prof["step_s"]

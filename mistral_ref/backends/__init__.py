@@ -69,13 +69,19 @@ class Backend:
     update_cache: Callable
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
+    # linear's form for several products of one input, kept as an attribute `many` of the linear function itself
+    # (so that replacing `linear` replaces both); read here once, not inside compiled code
+    _many: Callable | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_many", getattr(self.linear, "many", None))
 
     def linears(self, x: Any, weights: Sequence[Any]) -> tuple:
-        """(linear(x, w) for w in weights): in one pass where `linear` has a `many` form (an attribute of the
-        function: the C kernels take several products of one input in one call), else one product at a time.
-        Kept on the linear function itself, so that replacing `linear` replaces both."""
-        many = getattr(self.linear, "many", None)
-        return tuple(many(x, weights)) if many is not None else tuple(self.linear(x, w) for w in weights)
+        """(linear(x, w) for w in weights): in one pass where `linear` has a `many` form (the C kernels take
+        several products of one input in one call), else one product at a time."""
+        if self._many is not None:
+            return tuple(self._many(x, weights))
+        return tuple(self.linear(x, w) for w in weights)
 
     def with_parts(self, parts: dict[str, Backend]) -> Backend:
         """This backend with some families taken from others, e.g. {"attention": triton} ("rope" brings

@@ -39,8 +39,9 @@ FP32_RTOL = 1e-5  # fp32 logits against an oracle, relative to the largest magni
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|, in fp32."""
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+    """max |a - b| / max |b|, in fp32 (no gradient: a figure, not part of a graph)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture

@@ -119,6 +119,7 @@ def test_small4_row_counts_latent_cache_bytes_and_active_experts():
     assert prefill_flops(a, 9) == 2 * weights + a.n_layers * per_key * 5
 
 
+@pytest.mark.slow  # a compiled decode step (dynamo, ~10 s)
 def test_step_profile_counts_the_c_kernel_calls_of_a_decode_step():
     """peer_llamacpp.step_profile (printed under each compiled llama.cpp row): a bf16 decode step of a dense model
     calls the C kernels once for q/k/v, once each for wo, w1/w3 and w2 per layer, and once for the vocabulary;

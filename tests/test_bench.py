@@ -16,6 +16,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def benchmark_module(name: str):
+    """A module of benchmarks/ (bench, peer_llamacpp), imported with that directory on the path."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 @pytest.mark.slow
 @pytest.mark.oracle
 def test_quick_benchmark_prints_ratios(tmp_path):
@@ -69,11 +80,7 @@ def test_json_mode_benchmark_reports_the_processor_overhead():
 def test_prefill_flops_counts_two_per_active_weight_plus_attention():
     """The compute ceiling's FLOP count: 2 per multiplied weight (k experts of E, router included, no vocabulary
     projection) plus 4 x n_heads x head_dim per visible key, on average (T+1)/2 keys or the window."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench import prefill_flops
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    prefill_flops = benchmark_module("bench").prefill_flops
     from mistral_ref.config import ModelArgs, MoeArgs
     from mistral_ref.model import Transformer
 
@@ -96,11 +103,9 @@ def test_small4_row_counts_latent_cache_bytes_and_active_experts():
     active matrix weight (no embedding / vocabulary projection) plus 2 x H x (qk + v) per visible key."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench import MODELS, QUICK_MODELS, decode_bytes, prefill_flops
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench = benchmark_module("bench")
+    MODELS, QUICK_MODELS, decode_bytes, prefill_flops = (bench.MODELS, bench.QUICK_MODELS, bench.decode_bytes,
+                                                         bench.prefill_flops)
     from mistral_ref.cache import KVCache
     from mistral_ref.family import parameter_counts
     from mistral_ref.model import Transformer
@@ -133,11 +138,7 @@ def test_step_profile_counts_the_c_kernel_calls_of_a_decode_step():
 
     if cpu_gemv.library() is None:
         pytest.skip(f"C kernels: {cpu_gemv.status()}")
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from peer_llamacpp import step_profile
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    step_profile = benchmark_module("peer_llamacpp").step_profile
     args = ModelArgs(dim=64, n_layers=3, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=100,
                      norm_eps=1e-5, rope_theta=1e4)
     torch.manual_seed(0)

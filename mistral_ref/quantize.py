@@ -24,6 +24,7 @@ tied-embedding models), norms, and the MoE routers (`gate`: tiny, and a rounding
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -102,6 +103,44 @@ class QuantizedWeight(nn.Module):
                 return type(a)(plain(b) for b in a)
             return a
         return func(*plain(args), **{k: plain(v) for k, v in (kwargs or {}).items()})
+
+
+class QuantizedExperts(Sequence):
+    """A MoE layer's E quantized experts of one kind (all w1, all w2 or all w3) with their codes and scales in two
+    stacked tensors: a layout for the fast backends (backends/moe.py: stack_experts), not math.
+
+    qweight: (E, out, in) int8 or (E, out, in / 2) uint8; scales: (E, out) or scales_and_zeros (E, in / G, out, 2).
+    Each expert's QuantizedWeight keeps its buffers as views of its slice (no extra memory; state dict unchanged),
+    and indexing gives it back: code written for a list of experts (moe.mix_experts) reads this the same way.
+    """
+
+    def __init__(self, experts: Sequence[QuantizedWeight]):
+        first = experts[0]
+        self.scheme, self.group_size = first.scheme, first.group_size
+        name = "scales" if self.scheme == "int8" else "scales_and_zeros"
+        self.qweight = torch.stack([e.qweight for e in experts])
+        self.scales = torch.stack([e._buffers[name] for e in experts])
+        for e, q, s in zip(experts, self.qweight, self.scales):
+            e._buffers["qweight"], e._buffers[name] = q, s
+        self.experts = list(experts)
+
+    @staticmethod
+    def stackable(experts: Sequence[Any]) -> bool:
+        """True if `experts` are QuantizedWeights of one scheme, group size, shape and dtype (on one device)."""
+        first = experts[0] if experts else None
+        return isinstance(first, QuantizedWeight) and all(
+            isinstance(e, QuantizedWeight) and (e.scheme, e.group_size, e.shape, e.dtype, e.device)
+            == (first.scheme, first.group_size, first.shape, first.dtype, first.device) for e in experts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, e):  # type: ignore[override]
+        return self.experts[e]
 
 
 # ---- the int4 byte layout ------------------------------------------------------------------------------------

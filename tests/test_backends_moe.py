@@ -103,6 +103,28 @@ def test_stack_experts_keeps_parameters_names_and_outputs():
     assert layer.stacked is None  # experts of different shapes cannot be stacked: the eager dispatch stays
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_stack_experts_stacks_quantized_experts_into_views(scheme):
+    """Quantized experts are stacked too (codes and scales, QuantizedExperts): same state dict, each expert's
+    buffers view its slice, same outputs."""
+    from mistral_ref.quantize import QuantizedExperts, quantize_model
+    args = ModelArgs(dim=32, n_layers=1, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=8, vocab_size=64,
+                     norm_eps=1e-5, rope_theta=1e4, moe=MoeArgs(4, 2))
+    torch.manual_seed(0)
+    layer = quantize_model(MoeLayer(args).eval(), scheme, group_size=32)
+    x = torch.randn(1, 3, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    ref = layer(x, REFERENCE)[0]
+    stack_experts(layer)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for name, stacked in zip(("w1", "w2", "w3"), layer.stacked):
+        assert isinstance(stacked, QuantizedExperts) and stacked.qweight.shape[0] == 4
+        for i, e in enumerate(layer.experts):
+            assert getattr(e, name).weight.qweight.data_ptr() == stacked.qweight[i].data_ptr()
+    assert torch.equal(layer(x, REFERENCE)[0], ref)
+
+
 # Mistral Small 4's routing shape (128 experts, top-4) with Large 3's group limit and sigmoid scoring
 FINE = FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=12, n_group=8, topk_group=4,
                    scoring_func="sigmoid", routed_scaling_factor=2.5)

@@ -15,7 +15,7 @@ from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.moe import mix_one_token_gemv
 from mistral_ref.moe import mix_experts
-from mistral_ref.quantize import QuantizedWeight, quantize_weight
+from mistral_ref.quantize import QuantizedExperts, QuantizedWeight, quantize_weight
 
 pytestmark = pytest.mark.skipif(cpu_gemv.library() is None, reason=f"C kernels: {cpu_gemv.status()}")
 
@@ -172,13 +172,45 @@ def test_mix_one_token_gemv_with_quantized_experts(scheme, dtype):
     w2 = [quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), scheme, 32) for e in range(n)]
     x = torch.randn(1, dim, dtype=dtype)
     weights, experts = torch.tensor([[0.6, 0.4]]), torch.tensor([[3, 0]])
-    assert cpu_gemv.quantized_experts(x, w1)
     expected = mix_experts(x, weights, experts, w1, w2, w3)  # the reference loop on the dequantized weights
+    assert not cpu_gemv.quantized_experts(x, w1)  # a list: the kernels take stacked experts
+    w1, w2, w3 = (QuantizedExperts(w) for w in (w1, w2, w3))
+    assert cpu_gemv.quantized_experts(x, w1) and not cpu_gemv.quantized_experts(x.to(torch.float16), w1)
     got = mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads=1)
     # bf16: the reference also rounds the dequantized weights to bf16, and three products are chained
     assert rel_err(got, expected) <= (1e-5 if dtype == torch.float32 else 4 * BF16_RTOL)
     with pytest.raises(IndexError, match="out of range"):
         cpu_gemv.experts_gemv(x, w1, torch.tensor([0, 4]), threads=1)
+
+
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8", torch.float32), ("int4", torch.bfloat16),
+                                          ("int4", torch.float32)], ids=["int8-bf16", "int8-fp32", "int4-bf16",
+                                                                         "int4-fp32"])
+@pytest.mark.parametrize("out", [64, 48], ids=["blocks", "int4-tail-16"])
+def test_stacked_quantized_experts_equal_each_expert_alone(build, scheme, dtype, out):
+    """gemv_quantized_experts (the k chosen experts of stacked codes and scales, one call) gives exactly the
+    products of each expert's QuantizedWeight, with one input row per expert or one shared row."""
+    experts = QuantizedExperts([quantize_weight(_weight(out, 128, seed=e).to(dtype), scheme, 64) for e in range(5)])
+    index = torch.tensor([4, 1, 2])
+    for x in (torch.randn(3, 128, dtype=dtype), torch.randn(1, 128, dtype=dtype)):
+        y = cpu_gemv.experts_gemv(x, experts, index, threads=2)
+        assert y.shape == (3, out) and y.dtype == dtype
+        for s, e in enumerate(index.tolist()):
+            alone = cpu_gemv.gemv(x[s if len(x) > 1 else 0][None], experts[e], threads=2)[0]
+            torch.testing.assert_close(y[s], alone, rtol=0, atol=0)
+
+
+def test_quantized_experts_stack_into_views():
+    """QuantizedExperts stacks the codes and scales and leaves each expert's buffers as views of its slice."""
+    experts = [quantize_weight(_weight(32, 64, seed=e).bfloat16(), "int4", 32) for e in range(3)]
+    codes = [e.qweight.clone() for e in experts]
+    stacked = QuantizedExperts(experts)
+    assert stacked.qweight.shape == (3, 32, 32) and stacked.scales.shape == (3, 2, 32, 2) and len(stacked) == 3
+    for i, e in enumerate(stacked):
+        assert e is experts[i] and e.qweight.data_ptr() == stacked.qweight[i].data_ptr()
+        assert torch.equal(e.qweight, codes[i]) and e.scales_and_zeros.data_ptr() == stacked.scales[i].data_ptr()
+    assert not QuantizedExperts.stackable([experts[0], quantize_weight(_weight(32, 64).bfloat16(), "int8")])
+    assert not QuantizedExperts.stackable([experts[0], quantize_weight(_weight(48, 64).bfloat16(), "int4", 32)])
 
 
 @pytest.mark.parametrize("bad", ["in-features", "dtype", "int4-scales"])

@@ -474,6 +474,17 @@ int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void 
     return 0;
 }
 
+#if CPU_GEMV_AVX2
+/* int4_rows with the activations as int16 (x16, sx) for the blocks of 32 rows; x (fp32) for the last 16 */
+static void int4_rows_int16(const int16_t *x16, const float *sx, const float *x, const uint8_t *q, const void *sz,
+                            int scales_bf16, float *y, int64_t rows, int64_t out, int64_t in, int64_t group,
+                            int threads) {
+    int4_blocks_int16(x16, sx, q, sz, scales_bf16, y, rows, out, in, group, threads);
+    if (out % 32)
+        int4_tail(x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, y, rows, out, in, group, out / 32 * 32);
+}
+#endif
+
 int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void *const *sz, int scales_bf16,
                    void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int64_t group,
                    int threads) {
@@ -487,13 +498,9 @@ int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void
         if (integer < 0) { end_io(&io); return -1; }
         if (integer) {
             for (int64_t p = 0; p < n; p++) {
-                float *yp = part_out(&io, y[p]);
-                int64_t out = outs[p];
-                int4_blocks_int16(x16, sx, q[p], sz[p], scales_bf16, yp, rows, out, in, group, threads);
-                if (out % 32)
-                    int4_tail(io.x, q[p] + out / 32 * 32 * (in / 2), sz[p], scales_bf16, yp, rows, out, in, group,
-                              out / 32 * 32);
-                end_part(&io, y[p], rows * out);
+                int4_rows_int16(x16, sx, io.x, q[p], sz[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in,
+                                group, threads);
+                end_part(&io, y[p], rows * outs[p]);
             }
             free(x16);
             free(sx);
@@ -539,6 +546,52 @@ int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t 
     for (int64_t s = 0; s < k; s++)
         bf16_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, ys + s * out, 1, out, in, threads);
     end_part(&io, y, k * out);
+    end_io(&io);
+    return 0;
+}
+
+/* The same for quantized experts stacked as in backends/moe.py (stack_experts): codes q (E, out, in) int8
+ * (group == 0) or (E, out, in / 2) int4 bytes, scales (E, out) or scales and zeros (E, in / group, out, 2).
+ * One call for the k chosen experts of a decode step, x converted (and rounded to int16) once.  Returns -2 if an
+ * index is not in 0 .. E-1. */
+int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const void *scales, int scales_bf16,
+                           int64_t n_experts, const int64_t *index, int64_t k, void *y, int io_bf16, int64_t out,
+                           int64_t in, int64_t group, int threads) {
+    for (int64_t s = 0; s < k; s++)
+        if (index[s] < 0 || index[s] >= n_experts) return -2;
+    const int64_t q_bytes = group ? out * (in / 2) : out * in;  /* one expert's codes */
+    const int64_t s_bytes = (group ? in / group * out * 2 : out) * (scales_bf16 ? 2 : 4);  /* and its scales */
+    io_t io;
+    if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
+    int integer = 0;
+    int16_t *x16 = NULL;
+    float *sx = NULL;
+#if CPU_GEMV_AVX2
+    if (io_bf16) {  /* bf16 activations: the integer paths */
+        integer = begin_int16(&io, x_rows, in, &x16, &sx);
+        if (integer < 0) { end_io(&io); return -1; }
+    }
+#endif
+    float *ys = part_out(&io, y);
+    for (int64_t s = 0; s < k; s++) {
+        const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
+        const uint8_t *qe = (const uint8_t *)q + index[s] * q_bytes;
+        const void *se = (const char *)scales + index[s] * s_bytes;
+        float *yr = ys + s * out;
+#if CPU_GEMV_AVX2
+        if (integer && group == 0)
+            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, se, scales_bf16, yr, 1, out, in, threads);
+        else if (integer)
+            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, se, scales_bf16, yr, 1, out, in, group, threads);
+        else
+#endif
+        if (group == 0)
+            int8_rows(io.x + r * in, (const int8_t *)qe, se, scales_bf16, yr, 1, out, in, threads);
+        else
+            int4_rows(io.x + r * in, qe, se, scales_bf16, yr, 1, out, in, group, threads);
+    }
+    end_part(&io, y, k * out);
+    if (integer) { free(x16); free(sx); }
     end_io(&io);
     return 0;
 }

@@ -40,7 +40,7 @@ import torch
 
 from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled_steps import trusted
-from mistral_ref.quantize import QuantizedWeight
+from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 
 log = logging.getLogger("mistral_ref.cpu_gemv")
 
@@ -57,6 +57,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "gemv_int8": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT],
     "gemv_int4": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "gemv_bf16_experts": [_P, _I64, _P, _I64, _P, _I64, _P, _INT, _I64, _I64, _INT],
+    # (x, x_rows, codes, scales, scales_bf16, E, index, k, y, io_bf16, out, in, group (0: int8), threads)
+    "gemv_quantized_experts": [_P, _I64, _P, _P, _INT, _I64, _P, _I64, _P, _INT, _I64, _I64, _I64, _INT],
     # several products of one x: (x, n, weights[n]..., y[n], outs[n], io_bf16, rows, in[, group], threads)
     "gemv_bf16_many": [_P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT],
     "gemv_int8_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _INT],
@@ -257,31 +259,28 @@ def gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-def experts_gemv(x: torch.Tensor, weights: torch.Tensor | Sequence[QuantizedWeight], index: torch.Tensor,
+def experts_gemv(x: torch.Tensor, weights: torch.Tensor | QuantizedExperts, index: torch.Tensor,
                  threads: int) -> torch.Tensor:
     """Row s = x_s @ weights[index[s]].T for one token's chosen experts: stacked bf16 experts (E, out, in) (see
-    :func:`gemv_bf16_experts`) or a sequence of E QuantizedWeight (:func:`gemv_quantized_experts`); as an
-    operator inside a graph.  x: (1 or k, in) -> (k, out)."""
+    :func:`gemv_bf16_experts`) or stacked quantized ones (:func:`gemv_quantized_experts`); as an operator inside a
+    graph.  x: (1 or k, in) -> (k, out)."""
     compiling = torch.compiler.is_compiling()
     if isinstance(weights, torch.Tensor):
         if compiling:
             return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
         return gemv_bf16_experts(x, weights, index, threads)
-    qweights, scales = (list(t) for t in zip(*map(_tensors, weights)))
-    group_size = weights[0].group_size or 0
+    parts = (weights.qweight, weights.scales, index, weights.group_size or 0, threads)
     if compiling:
-        return torch.ops.mistral_ref.gemv_quantized_experts(x, qweights, scales, index, group_size, threads)
-    return gemv_quantized_experts(x, qweights, scales, index, group_size, threads)
+        return torch.ops.mistral_ref.gemv_quantized_experts(x, *parts)
+    return gemv_quantized_experts(x, *parts)
 
 
 def quantized_experts(x: torch.Tensor, weights: object) -> bool:
-    """True if `weights` is a sequence of QuantizedWeight of one scheme that :func:`experts_gemv` takes with x
+    """True if `weights` are stacked quantized experts (QuantizedExperts) that :func:`experts_gemv` takes with x
     (one token; x in the weights' dtype, bf16 or fp32; on a CPU)."""
-    if not isinstance(weights, (list, tuple)) or not weights or x.device.type != "cpu":
-        return False
-    first = weights[0]
-    return (isinstance(first, QuantizedWeight) and x.dtype == first.dtype in (torch.bfloat16, torch.float32)
-            and all(isinstance(w, QuantizedWeight) and kind(w) == first.scheme for w in weights))
+    return (isinstance(weights, QuantizedExperts) and x.device.type == "cpu" and weights.qweight.device.type == "cpu"
+            and x.dtype == weights.dtype in (torch.bfloat16, torch.float32)
+            and weights.qweight.is_contiguous() and weights.scales.is_contiguous())
 
 
 def _checked_library() -> ctypes.CDLL:
@@ -291,27 +290,40 @@ def _checked_library() -> ctypes.CDLL:
     return lib
 
 
+# The checks below run at every product of a decode step (a compiled step calls these functions through its
+# operators ~40-50 times), so they read each tensor attribute once and compare plain ints: a torch.Size compared
+# with a tuple, or a tensor's .device, costs ~1-2 us, and the checks of a step once cost ~3 ms of its ~11
+# (Mixtral-140M int8, one-off; README "Speed on a CPU").
+_FLOATS = (torch.bfloat16, torch.float32)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, in_features: int, dtype: torch.dtype, fits: bool) -> None:
     """The kernels read memory by these shapes: refuse arguments that do not match them."""
-    if not (fits and x.dim() == 2 and x.shape[1] == in_features and x.dtype == dtype and x.device.type == "cpu"
-            and weight.device.type == "cpu"):
+    if not (fits and x.ndim == 2 and x.shape[1] == in_features and x.dtype is dtype and x.is_cpu and weight.is_cpu):
         raise ValueError(f"cpu_gemv: arguments that do not fit: x {tuple(x.shape)} {x.dtype}, weight "
                          f"{tuple(weight.shape)} {weight.dtype} (in_features {in_features}, x dtype {dtype})")
 
 
+def _fits_quantized(in_features: int, codes: torch.dtype, q: Sequence[int], s: Sequence[int], group_size: int
+                    ) -> bool:
+    """The shapes of one quantized weight: int8 codes q (out, in) with scales s (out,), or int4's packed codes
+    (out, in / 2) uint8 with scales_and_zeros (in / group_size, out, 2)."""
+    if len(q) != 2:
+        return False
+    if codes is torch.int8:
+        return q[1] == in_features and len(s) == 1 and s[0] == q[0]
+    return (codes is torch.uint8 and group_size > 0 and in_features % group_size == 0 and q[0] % 16 == 0
+            and 2 * q[1] == in_features and len(s) == 3 and s[0] == in_features // group_size and s[1] == q[0]
+            and s[2] == 2)
+
+
 def _check_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> None:
-    """_check for a quantized weight's tensors: int8 codes (out, in) with scales (out,), or int4's packed codes
-    (out, in / 2) with scales_and_zeros (groups, out, 2)."""
-    if scales.dtype not in (torch.bfloat16, torch.float32) or x.dtype not in (torch.bfloat16, torch.float32):
+    """_check for a quantized weight's tensors (see _fits_quantized)."""
+    if scales.dtype not in _FLOATS or x.dtype not in _FLOATS:
         raise CpuKernelError(f"the C kernels take bf16 or fp32 inputs and scales, not {x.dtype} / {scales.dtype}")
-    in_features, out_features = x.shape[-1], qweight.shape[0]
-    if qweight.dtype == torch.int8:
-        fits = qweight.shape == (out_features, in_features) and scales.shape == (out_features,)
-    else:
-        fits = (qweight.dtype == torch.uint8 and group_size > 0 and in_features % group_size == 0
-                and out_features % 16 == 0 and qweight.shape == (out_features, in_features // 2)
-                and scales.shape == (in_features // group_size, out_features, 2))
-    _check(x, qweight, in_features, x.dtype, fits and qweight.is_contiguous() and scales.is_contiguous())
+    fits = _fits_quantized(x.shape[-1], qweight.dtype, qweight.shape, scales.shape, group_size)
+    _check(x, qweight, x.shape[-1], x.dtype, fits and qweight.is_contiguous() and scales.is_contiguous()
+           and scales.is_cpu)
 
 
 def _done(code: int, rows: int, in_features: int) -> None:
@@ -352,7 +364,7 @@ def gemv_quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
 def gemv_bf16_many(x: torch.Tensor, weights: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
@@ -363,7 +375,7 @@ def gemv_bf16_many(x: torch.Tensor, weights: list[torch.Tensor], threads: int) -
     for w in weights:
         _check(x, w, w.shape[-1], torch.bfloat16, w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous())
     ys = [torch.empty(x.shape[0], w.shape[0], dtype=x.dtype) for w in weights]
-    outs = (ctypes.c_int64 * len(weights))(*(w.shape[0] for w in weights))
+    outs = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
     _done(lib.gemv_bf16_many(x.data_ptr(), len(weights), _pointers(weights), _pointers(ys), outs, 1, x.shape[0],
                              x.shape[1], threads), *x.shape)
     return ys
@@ -376,16 +388,16 @@ def gemv_quantized_many(x: torch.Tensor, qweights: list[torch.Tensor], scales: l
     lib, x = _checked_library(), x.contiguous()
     if not qweights or len(qweights) != len(scales):
         raise ValueError("gemv_quantized_many: every weight needs a code tensor and a scale tensor")
-    dtypes = {(q.dtype, s.dtype) for q, s in zip(qweights, scales)}
-    if len(dtypes) != 1:
-        raise ValueError(f"gemv_quantized_many: weights of one scheme and one scale dtype, got "
-                         f"{sorted(map(str, dtypes))}")
+    codes, floats = qweights[0].dtype, scales[0].dtype
     for q, s in zip(qweights, scales):
+        if q.dtype is not codes or s.dtype is not floats:
+            raise ValueError(f"gemv_quantized_many: weights of one scheme and one scale dtype, got "
+                             f"{sorted({f'{q.dtype}/{s.dtype}' for q, s in zip(qweights, scales)})}")
         _check_quantized(x, q, s, group_size)
     rows, in_features = x.shape
     scales_bf16, io_bf16 = int(scales[0].dtype == torch.bfloat16), int(x.dtype == torch.bfloat16)
     ys = [torch.empty(rows, q.shape[0], dtype=x.dtype) for q in qweights]
-    outs = (ctypes.c_int64 * len(qweights))(*(q.shape[0] for q in qweights))
+    outs = (ctypes.c_int64 * len(qweights))(*[q.shape[0] for q in qweights])
     n, qs, ss, yp = len(qweights), _pointers(qweights), _pointers(scales), _pointers(ys)
     if qweights[0].dtype == torch.int8:
         code = lib.gemv_int8_many(x.data_ptr(), n, qs, ss, scales_bf16, yp, outs, io_bf16, rows, in_features, threads)
@@ -413,23 +425,32 @@ def gemv_bf16_experts(x: torch.Tensor, weights: torch.Tensor, index: torch.Tenso
     return y
 
 
-def gemv_quantized_experts(x: torch.Tensor, qweights: list[torch.Tensor], scales: list[torch.Tensor],
-                           index: torch.Tensor, group_size: int, threads: int) -> torch.Tensor:
-    """Row s = x_s @ W[index[s]].T, W[e] the quantized weight (qweights[e], scales[e]) (see gemv_quantized): one
-    token's chosen experts when they are quantized.  x: (1 or k, in) -> (k, out) in x's dtype."""
-    k = index.shape[0]
-    if x.dim() != 2 or x.shape[0] not in (1, k) or len(qweights) != len(scales):
-        raise ValueError(f"gemv_quantized_experts: x {tuple(x.shape)} must have 1 or {k} rows, and every expert "
-                         "a code tensor and a scale tensor")
-    chosen = index.tolist()
-    for e in chosen:
-        if not 0 <= e < len(qweights):
-            raise IndexError(f"cpu_gemv: expert index {e} is out of range (0..{len(qweights) - 1})")
-    if x.shape[0] == 1:  # one input for the k experts: one call
-        return torch.cat(gemv_quantized_many(x, [qweights[e] for e in chosen], [scales[e] for e in chosen],
-                                             group_size, threads))
-    return torch.cat([gemv_quantized(x[s][None], qweights[e], scales[e], group_size, threads)
-                      for s, e in enumerate(chosen)])
+def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, index: torch.Tensor,
+                           group_size: int, threads: int) -> torch.Tensor:
+    """Row s = x_s @ W[index[s]].T for stacked quantized experts (QuantizedExperts' tensors): int8 codes (E, out,
+    in) with scales (E, out), or int4 codes (E, out, in / 2) with scales_and_zeros (E, in / G, out, 2).  One
+    token's chosen experts in one call.  x: (1 or k, in) bf16 or fp32, index: (k,) int64 -> (k, out) in x's dtype;
+    x_s is row s of x, or its only row."""
+    lib, x, index = _checked_library(), x.contiguous(), index.contiguous()
+    k = index.shape[0] if index.ndim == 1 else -1
+    (n_experts, *q), (n_scales, *sz) = qweight.shape or (0,), scales.shape or (-1,)
+    if x.ndim != 2 or x.shape[0] not in (1, k) or index.dtype is not torch.int64 or not n_experts \
+            or n_scales != n_experts or not index.is_cpu:
+        raise ValueError(f"gemv_quantized_experts: x {tuple(x.shape)} must have 1 or {k} rows, index int64 on the "
+                         f"CPU (got {index.dtype}), codes (E, out, in) and scales of E experts (got "
+                         f"{tuple(qweight.shape)}, {tuple(scales.shape)})")
+    if scales.dtype not in _FLOATS or x.dtype not in _FLOATS:
+        raise CpuKernelError(f"the C kernels take bf16 or fp32 inputs and scales, not {x.dtype} / {scales.dtype}")
+    _check(x, qweight, x.shape[1], x.dtype, _fits_quantized(x.shape[1], qweight.dtype, q, sz, group_size)
+           and qweight.is_contiguous() and scales.is_contiguous() and scales.is_cpu)
+    out_features = q[0]
+    y = torch.empty(k, out_features, dtype=x.dtype)
+    group = group_size if qweight.dtype == torch.uint8 else 0
+    _done(lib.gemv_quantized_experts(x.data_ptr(), x.shape[0], qweight.data_ptr(), scales.data_ptr(),
+                                     int(scales.dtype == torch.bfloat16), n_experts, index.data_ptr(), k, y.data_ptr(),
+                                     int(x.dtype == torch.bfloat16), out_features, x.shape[1], group, threads),
+          k, x.shape[1])
+    return y
 
 
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
@@ -442,7 +463,7 @@ _OPS.define("gemv_quantized(Tensor x, Tensor qweight, Tensor scales, int group_s
 _OPS.define("gemv_bf16_experts(Tensor x, Tensor weights, Tensor index, int threads) -> Tensor")
 _OPS.impl("gemv_bf16", gemv_bf16, "CPU")
 _OPS.impl("gemv_bf16_experts", gemv_bf16_experts, "CPU")
-_OPS.define("gemv_quantized_experts(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor index, int group_size, "
+_OPS.define("gemv_quantized_experts(Tensor x, Tensor qweight, Tensor scales, Tensor index, int group_size, "
             "int threads) -> Tensor")
 _OPS.impl("gemv_quantized_experts", gemv_quantized_experts, "CPU")
 _OPS.impl("gemv_quantized", gemv_quantized, "CPU")
@@ -469,8 +490,8 @@ def _(x, weights, index, threads):
 
 
 @torch.library.register_fake("mistral_ref::gemv_quantized_experts", lib=_OPS)
-def _(x, qweights, scales, index, group_size, threads):
-    return x.new_empty(index.shape[0], qweights[0].shape[0])
+def _(x, qweight, scales, index, group_size, threads):
+    return x.new_empty(index.shape[0], qweight.shape[1])
 
 
 @torch.library.register_fake("mistral_ref::gemv_bf16_many", lib=_OPS)

@@ -18,6 +18,7 @@ from torch import nn
 from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.linear import linear
 from mistral_ref.moe import route
+from mistral_ref.quantize import QuantizedExperts
 
 
 def moe_forward_grouped(
@@ -106,12 +107,12 @@ def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
 
 
 def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                       w1: torch.Tensor | Sequence[torch.Tensor], w2: torch.Tensor | Sequence[torch.Tensor],
-                       w3: torch.Tensor | Sequence[torch.Tensor], threads: int) -> torch.Tensor:
-    """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or lists of
-    quantized ones: each product is one call for the k chosen experts, which reads only their weights.  Rounded
-    like the reference's products: gate, up, the hidden activations and each expert's output in x's dtype; summed
-    over the k slots in fp32."""
+                       w1: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts,
+                       w3: torch.Tensor | QuantizedExperts, threads: int) -> torch.Tensor:
+    """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or stacked
+    quantized ones (QuantizedExperts): each product is one call for the k chosen experts, which reads only their
+    weights.  Rounded like the reference's products: gate, up, the hidden activations and each expert's output in
+    x's dtype; summed over the k slots in fp32."""
     chosen = experts[0]  # (k,)
     gate = cpu_gemv.experts_gemv(x, w1, chosen, threads)  # (k, hidden)
     up = cpu_gemv.experts_gemv(x, w3, chosen, threads)  # (k, hidden)
@@ -124,13 +125,17 @@ def stack_experts(layer: nn.Module) -> None:
     dim) and w2 (E, dim, hidden), kept as ``layer.stacked``, and make every expert's parameter a view of its slice:
     one copy at call time, no extra memory after; state dict names and values unchanged.
 
-    Converting or moving the layer afterwards (.to, .float, ...) drops the stacks (MoeLayer._apply).  Experts of
-    different shapes (an expert-parallel rank, whose remote experts are empty placeholders) and quantized experts
-    are left as they are.
+    Quantized experts (mistral_ref/quantize.py) are stacked the same way into three QuantizedExperts (stacked
+    codes and scales; each QuantizedWeight's buffers become views).  Converting or moving the layer afterwards
+    (.to, .float, ...) drops the stacks (MoeLayer._apply).  Experts of different shapes (an expert-parallel rank,
+    whose remote experts are empty placeholders) are left as they are.
     """
     layer.stacked = None
     experts = layer.experts
-    if any(not isinstance(e.w1.weight, torch.Tensor) for e in experts):  # quantized (mistral_ref/quantize.py)
+    if any(not isinstance(e.w1.weight, torch.Tensor) for e in experts):  # quantized
+        kinds = [[getattr(e, name).weight for e in experts] for name in ("w1", "w2", "w3")]
+        if all(QuantizedExperts.stackable(ws) for ws in kinds):
+            layer.stacked = tuple(QuantizedExperts(ws) for ws in kinds)
         return
     if any(len({getattr(e, name).weight.shape for e in experts}) > 1 for name in ("w1", "w2", "w3")):
         return

@@ -386,6 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"]["read_bandwidth_GBs"] = summary([b / 1e9 for b in bw])
     print(f"read bandwidth (sum of a {bw_bytes >> 20} MiB tensor): "
           f"{fmt(result['machine']['read_bandwidth_GBs'])} GB/s")
+    from mistral_ref.backends import cpu_gemv
+
+    m["cpu_kernels"], m["cpu_operators"] = cpu_gemv.status(), cpu_gemv.operators(wait=True)  # built before timing
+    print(f"C kernels: {m['cpu_kernels']}; their operators: {m['cpu_operators']}")
     print(f"medians [min-max] of {runs} alternating rounds; ratio = mistral_ref / transformers per round\n")
 
     decode_rows, prefill_rows = [], []

@@ -30,6 +30,8 @@ def build(request, monkeypatch):
         lib = cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_PORTABLE",)))
         assert lib.cpu_gemv_isa() == 1
         monkeypatch.setattr(cpu_gemv, "_lib", lib)
+        # the operators' C++ kernels hold their own (native) build: calls go to the Python functions and this _lib
+        monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (testing the portable build)")
     return request.param
 
 
@@ -315,3 +317,63 @@ def test_the_quantized_weight_module_is_not_a_copy():
     qw = quantize_weight(_weight(32, 64), "int8")
     assert isinstance(qw, QuantizedWeight) and cpu_gemv.kind(qw) == "int8"
     assert cpu_gemv.kind(qw.qweight) is None  # an int8 tensor alone is not a weight the kernels know
+
+
+# ---- the operators' C++ kernels (cpu_gemv_ops.cpp) -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpp_operators():
+    """The operators with their C++ kernels loaded (built once per compile cache; this machine has g++)."""
+    assert cpu_gemv.operators(wait=True) == "C++"
+    return torch.ops.mistral_ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cpp_operators_equal_the_python_functions(cpp_operators, dtype):
+    """Every operator's C++ kernel returns exactly what the Python function of the same name returns (the same
+    C products behind both): dense bf16, int8 and int4 (with its 16-row tail), several products, experts."""
+    ops, g = cpp_operators, torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=g).to(dtype)
+    same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)  # noqa: E731
+    if dtype == torch.bfloat16:
+        w = _weight(48, 64).bfloat16()
+        same(ops.gemv_bf16(x, w, 2), cpu_gemv.gemv_bf16(x, w, 2))
+        for a, b in zip(ops.gemv_bf16_many(x, [w, w[:16]], 2), cpu_gemv.gemv_bf16_many(x, [w, w[:16]], 2)):
+            same(a, b)
+        stack, index = _weight(4 * 32, 64).view(4, 32, 64).bfloat16(), torch.tensor([2, 0, 3])
+        same(ops.gemv_bf16_experts(x, stack, index, 2), cpu_gemv.gemv_bf16_experts(x, stack, index, 2))
+    for scheme in ("int8", "int4"):
+        qws = [quantize_weight(_weight(out, 64, seed=out).to(dtype), scheme, 32) for out in (48, 32, 64)]
+        qs, ss = [q.qweight for q in qws], [q._scales() for q in qws]
+        same(ops.gemv_quantized(x, qs[0], ss[0], 32, 2), cpu_gemv.gemv_quantized(x, qs[0], ss[0], 32, 2))
+        for a, b in zip(ops.gemv_quantized_many(x, qs, ss, 32, 2), cpu_gemv.gemv_quantized_many(x, qs, ss, 32, 2)):
+            same(a, b)
+        experts = QuantizedExperts([quantize_weight(_weight(32, 64, seed=e).to(dtype), scheme, 32) for e in range(4)])
+        index = torch.tensor([3, 1, 2])
+        for xs in (x, x[:1]):
+            same(ops.gemv_quantized_experts(xs, experts.qweight, experts.scales, index, 32, 2),
+                 cpu_gemv.gemv_quantized_experts(xs, experts.qweight, experts.scales, index, 32, 2))
+
+
+def test_cpp_operators_refuse_what_the_python_functions_refuse(cpp_operators):
+    ops, x = cpp_operators, torch.randn(1, 64).bfloat16()
+    w, q4 = _weight(32, 64).bfloat16(), quantize_weight(_weight(32, 64).bfloat16(), "int4", 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.gemv_bf16(torch.randn(1, 65).bfloat16(), w, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.gemv_bf16(x.float(), w, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.gemv_quantized(x, q4.qweight, q4.scales_and_zeros[:1], 32, 1)
+    with pytest.raises(ValueError, match="one scheme"):
+        q8 = quantize_weight(w, "int8")
+        ops.gemv_quantized_many(x, [q8.qweight, q4.qweight], [q8.scales, q4.scales_and_zeros], 32, 1)
+    with pytest.raises(IndexError, match="out of range"):
+        ops.gemv_bf16_experts(x, w.view(2, 16, 64), torch.tensor([0, 2]), 1)
+    experts = QuantizedExperts([quantize_weight(w, "int8") for _ in range(2)])
+    with pytest.raises(IndexError, match="out of range"):
+        ops.gemv_quantized_experts(x, experts.qweight, experts.scales, torch.tensor([-1]), 0, 1)
+    with pytest.raises(ValueError, match="1 or 2 rows"):
+        ops.gemv_quantized_experts(torch.randn(3, 64).bfloat16(), experts.qweight, experts.scales,
+                                   torch.tensor([0, 1]), 0, 1)
+    with pytest.raises(RuntimeError, match="bf16 or fp32"):
+        ops.gemv_quantized(x.half(), experts.qweight[0], experts.scales[0], 0, 1)

@@ -246,6 +246,8 @@ class CompiledDecode:
                  logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, 1) -> logits (B, 1, vocab) fp32, as Transformer.forward."""
         cache.check_fits(positions)  # on the host, once per step, outside the compiled code
+        if self.cpu_kernels:
+            cpu_gemv.operators()  # loads the operators' C++ kernels between two steps once they are built
         model, eager = self.model, self.model.ops
         if self._frozen is not None:
             return self._frozen(tokens, positions, cache, logits_at=logits_at)

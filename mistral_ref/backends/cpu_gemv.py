@@ -46,6 +46,7 @@ log = logging.getLogger("mistral_ref.cpu_gemv")
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 ENV_SWITCH = "MISTRAL_REF_CPU_KERNELS"  # "0": never build or use the kernels
+OPS_SWITCH = "MISTRAL_REF_CPU_OPS"  # "0": the operators stay in Python (no C++ build)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
@@ -156,11 +157,130 @@ def _load_once() -> None:
             try:
                 _lib = load(build())
                 _status = f"on ({'AVX2' if _lib.cpu_gemv_isa() == 2 else 'portable'} loops, {SOURCE.name})"
+                if os.environ.get(OPS_SWITCH, "1") != "0":  # the operators' C++ kernels, built in the background
+                    _start_ops()
             except (CpuKernelError, OSError) as e:
                 _status = f"off ({e})"
                 warnings.warn(f"mistral-ref: the C kernels for CPU decoding are unavailable, PyTorch's products "
                               f"are used instead (slower in bf16 and int8/int4): {e}", stacklevel=2)
         log.info("CPU decode kernels: %s", _status)
+
+
+# ---- the operators' C++ kernels (cpu_gemv_ops.cpp) ----------------------------------------------------------
+
+OPS_SOURCE = Path(__file__).with_name("cpu_gemv_ops.cpp")
+_ops_status: str | None = None  # None: not asked for yet; "C++", "building", "Python (why)"
+_ops_thread: threading.Thread | None = None
+_ops_lock = threading.Lock()
+_ops_built: Path | None = None  # the library, built and not loaded yet
+
+
+def ops_library_path(compiler: str, cxx: str) -> Path:
+    """Where the operators' library built with these compilers for this torch is kept (the compile cache)."""
+    versions = [subprocess.run([c, "--version"], capture_output=True, text=True, timeout=30).stdout
+                for c in (compiler, cxx)]
+    key = repr((SOURCE.read_bytes(), OPS_SOURCE.read_bytes(), versions, FLAGS, _cpu_id(), torch.__version__,
+                torch.__file__))
+    return compile_cache_dir() / "cpu_gemv" / f"cpu_gemv_ops-{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
+
+
+def build_ops() -> Path:
+    """Compile cpu_gemv_ops.cpp with cpu_gemv.c against the running torch (unless built already; ~15 s on two
+    cores, at low priority) and return the library's path; CpuKernelError if it cannot."""
+    compiler, cxx = os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"
+    for c in (compiler, cxx):
+        if shutil.which(c) is None:
+            raise CpuKernelError(f"no compiler: {c!r} is not on PATH (set CC / CXX, or install gcc and g++)")
+    try:
+        path = ops_library_path(compiler, cxx)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise CpuKernelError(f"cannot run the compilers {compiler!r} / {cxx!r}: {e}") from e
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:  # processes sharing the cache build it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            _build_ops(compiler, cxx, path)
+    return path
+
+
+def _build_ops(compiler: str, cxx: str, path: Path) -> None:
+    from torch.utils import cpp_extension
+
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        obj, so = Path(tmp) / "cpu_gemv.o", Path(tmp) / "ops.so"
+        commands = [
+            [compiler, *[f for f in FLAGS if f not in ("-shared", "-lm")], "-c", str(SOURCE), "-o", str(obj)],
+            [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             *[f"-I{p}" for p in cpp_extension.include_paths()], str(OPS_SOURCE), str(obj), "-o", str(so),
+             f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", "-lm"],
+        ]
+        for command in commands:
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                      preexec_fn=lambda: os.nice(10))
+            except subprocess.TimeoutExpired as e:
+                raise CpuKernelError(f"building {OPS_SOURCE.name} took over 600 s") from e
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+                raise CpuKernelError(f"building {OPS_SOURCE.name} failed ({command[0]}): {lines[-1]}")
+        os.chmod(so, 0o700)
+        os.replace(so, path)  # atomic, as in build()
+
+
+def operators(wait: bool = False) -> str:
+    """Which code serves the torch.ops.mistral_ref.gemv_* operators: "C++" (cpu_gemv_ops.cpp, loaded), "building"
+    (in a background thread, started when the C kernels load; the Python functions serve meanwhile) or "Python
+    (why)".  wait: wait for the build.  A built library is loaded here, in the caller's thread, between two
+    products (the dispatcher's table is not changed under a product running in another thread): the decode loops
+    call this once a step (CompiledDecode) or the products do (:func:`_as_operator`)."""
+    if _ops_status is not None:
+        return _ops_status
+    if library() is None:
+        _set_ops(f"Python (the C kernels are off: {status()})")
+    elif os.environ.get(OPS_SWITCH, "1") == "0":
+        _set_ops(f"Python ({OPS_SWITCH}=0)")
+    thread = _start_ops()
+    if wait and thread is not None:
+        thread.join()
+    if _ops_built is not None and _ops_status is None:
+        try:
+            torch.ops.load_library(str(_ops_built))
+            _set_ops("C++")
+        except (OSError, RuntimeError) as e:
+            _set_ops(f"Python (loading {_ops_built.name}: {e})")
+    return _ops_status or "building"
+
+
+def _start_ops() -> threading.Thread | None:
+    global _ops_thread
+    with _ops_lock:
+        if _ops_status is None and _ops_thread is None:
+            _ops_thread = threading.Thread(target=_build_in_background, name="mistral-ref-cpu-ops", daemon=True)
+            _ops_thread.start()
+        return _ops_thread
+
+
+def _set_ops(value: str) -> None:
+    global _ops_status
+    _ops_status = value
+
+
+def _build_in_background() -> None:
+    global _ops_built
+    try:
+        path = build_ops()
+        if not trusted(path):
+            raise CpuKernelError(f"{path} is not a file of this user's that only this user can write: not loaded")
+        _ops_built = path
+    except (CpuKernelError, OSError) as e:
+        _set_ops(f"Python ({e})")
+        log.info("CPU decode operators stay in Python: %s", e)
 
 
 def status() -> str:
@@ -218,15 +338,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int |
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     threads = torch.get_num_threads() if threads is None else threads
-    # eagerly the Python functions below; inside a graph the operators (opaque to the compiler) that call them
+    # inside a graph the operators (opaque to the compiler); eagerly the Python functions below, or the operators
+    # once their C++ kernels are loaded (:func:`operators`)
     if quantized:
         parts = (qweight, scales, weight.group_size or 0, threads)
-        y = torch.ops.mistral_ref.gemv_quantized(x2, *parts) if torch.compiler.is_compiling() else \
-            gemv_quantized(x2, *parts)
+        y = torch.ops.mistral_ref.gemv_quantized(x2, *parts) if _as_operator() else gemv_quantized(x2, *parts)
     else:
-        y = torch.ops.mistral_ref.gemv_bf16(x2, weight, threads) if torch.compiler.is_compiling() else \
+        y = torch.ops.mistral_ref.gemv_bf16(x2, weight, threads) if _as_operator() else \
             gemv_bf16(x2, weight, threads)
     return y.view(*x.shape[:-1], out_features)
+
+
+def _as_operator() -> bool:
+    """Call the operators (in a graph being compiled, or eagerly once their C++ kernels are loaded) rather than
+    the Python functions.  (is_compiling first: a graph must not read, and be guarded on, the load status.)"""
+    if torch.compiler.is_compiling():
+        return True
+    return (_ops_status or operators()) == "C++"
 
 
 def applies_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]) -> bool:
@@ -247,7 +375,7 @@ def gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]
     x: (..., in) -> [(..., out_p)] in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     threads = torch.get_num_threads() if threads is None else threads
-    compiling = torch.compiler.is_compiling()
+    compiling = _as_operator()
     if isinstance(weights[0], QuantizedWeight):
         qweights, scales = (list(t) for t in zip(*map(_tensors, weights)))
         group_size = weights[0].group_size or 0
@@ -264,7 +392,7 @@ def experts_gemv(x: torch.Tensor, weights: torch.Tensor | QuantizedExperts, inde
     """Row s = x_s @ weights[index[s]].T for one token's chosen experts: stacked bf16 experts (E, out, in) (see
     :func:`gemv_bf16_experts`) or stacked quantized ones (:func:`gemv_quantized_experts`); as an operator inside a
     graph.  x: (1 or k, in) -> (k, out)."""
-    compiling = torch.compiler.is_compiling()
+    compiling = _as_operator()
     if isinstance(weights, torch.Tensor):
         if compiling:
             return torch.ops.mistral_ref.gemv_bf16_experts(x, weights, index, threads)
@@ -455,23 +583,26 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
 
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
 # (torch.library.Library rather than the custom_op decorator, whose Python wrapper costs several times more per
-# call: README, "Speed on a CPU")
+# call: README, "Speed on a CPU").  The Python functions above serve them under CompositeExplicitAutograd; the C++
+# kernels of cpu_gemv_ops.cpp, once built and loaded (:func:`operators`), register for the CPU key, which the
+# dispatcher prefers: a compiled step then calls them without Python, with no recompilation.
 
+_PYTHON_KEY = "CompositeExplicitAutograd"
 _OPS = torch.library.Library("mistral_ref", "DEF")
 _OPS.define("gemv_bf16(Tensor x, Tensor weight, int threads) -> Tensor")
 _OPS.define("gemv_quantized(Tensor x, Tensor qweight, Tensor scales, int group_size, int threads) -> Tensor")
 _OPS.define("gemv_bf16_experts(Tensor x, Tensor weights, Tensor index, int threads) -> Tensor")
-_OPS.impl("gemv_bf16", gemv_bf16, "CPU")
-_OPS.impl("gemv_bf16_experts", gemv_bf16_experts, "CPU")
+_OPS.impl("gemv_bf16", gemv_bf16, _PYTHON_KEY)
+_OPS.impl("gemv_bf16_experts", gemv_bf16_experts, _PYTHON_KEY)
 _OPS.define("gemv_quantized_experts(Tensor x, Tensor qweight, Tensor scales, Tensor index, int group_size, "
             "int threads) -> Tensor")
-_OPS.impl("gemv_quantized_experts", gemv_quantized_experts, "CPU")
-_OPS.impl("gemv_quantized", gemv_quantized, "CPU")
+_OPS.impl("gemv_quantized_experts", gemv_quantized_experts, _PYTHON_KEY)
+_OPS.impl("gemv_quantized", gemv_quantized, _PYTHON_KEY)
 _OPS.define("gemv_bf16_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
-_OPS.impl("gemv_bf16_many", gemv_bf16_many, "CPU")
+_OPS.impl("gemv_bf16_many", gemv_bf16_many, _PYTHON_KEY)
 _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
             "-> Tensor[]")
-_OPS.impl("gemv_quantized_many", gemv_quantized_many, "CPU")
+_OPS.impl("gemv_quantized_many", gemv_quantized_many, _PYTHON_KEY)
 
 
 @torch.library.register_fake("mistral_ref::gemv_bf16", lib=_OPS)

@@ -1,0 +1,217 @@
+// The operators torch.ops.mistral_ref.gemv_* (defined in backends/cpu_gemv.py) as C++ kernels for the CPU
+// dispatch key: the same checks and the same calls into cpu_gemv.c as the Python functions of cpu_gemv.py, without
+// the Python between the dispatcher and the kernel.  A compiled decode step calls these operators 30-50 times a
+// step; through Python each call costs ~20-60 us besides the product (README, "Speed on a CPU").
+//
+// Built by cpu_gemv.py (build_ops) from this file and cpu_gemv.c, linked against the torch it runs with, loaded with
+// torch.ops.load_library; until it is loaded (or where it cannot be built) the Python functions serve the
+// operators, registered under CompositeExplicitAutograd, which a CPU kernel registered here takes precedence over.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+int gemv_bf16(const void *x, const uint16_t *w, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
+              int threads);
+int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf16, void *y, int io_bf16,
+              int64_t rows, int64_t out, int64_t in, int threads);
+int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, void *y, int io_bf16, int64_t rows,
+              int64_t out, int64_t in, int64_t group, int threads);
+int gemv_bf16_many(const void *x, int64_t n, const uint16_t *const *w, void *const *y, const int64_t *outs,
+                   int io_bf16, int64_t rows, int64_t in, int threads);
+int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void *const *scales, int scales_bf16,
+                   void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int threads);
+int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void *const *sz, int scales_bf16,
+                   void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int64_t group,
+                   int threads);
+int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t n_experts, const int64_t *index,
+                      int64_t k, void *y, int io_bf16, int64_t out, int64_t in, int threads);
+int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const void *scales, int scales_bf16,
+                           int64_t n_experts, const int64_t *index, int64_t k, void *y, int io_bf16, int64_t out,
+                           int64_t in, int64_t group, int threads);
+}
+
+namespace {
+
+using at::Tensor;
+
+bool is_float(const Tensor &t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat;
+}
+
+// cpu_gemv.py: _check
+void check(const Tensor &x, const Tensor &weight, int64_t in_features, at::ScalarType dtype, bool fits) {
+  TORCH_CHECK_VALUE(fits && x.dim() == 2 && x.size(1) == in_features && x.scalar_type() == dtype && x.is_cpu() &&
+                        weight.is_cpu(),
+                    "cpu_gemv: arguments that do not fit: x ", x.sizes(), " ", x.scalar_type(), ", weight ",
+                    weight.sizes(), " ", weight.scalar_type(), " (in_features ", in_features, ", x dtype ", dtype, ")");
+}
+
+// cpu_gemv.py: _fits_quantized (q, s: the shapes of one expert's codes and scales)
+bool fits_quantized(int64_t in, at::ScalarType codes, at::IntArrayRef q, at::IntArrayRef s, int64_t group) {
+  if (q.size() != 2) return false;
+  if (codes == at::kChar) return q[1] == in && s.size() == 1 && s[0] == q[0];
+  return codes == at::kByte && group > 0 && in % group == 0 && q[0] % 16 == 0 && 2 * q[1] == in && s.size() == 3 &&
+         s[0] == in / group && s[1] == q[0] && s[2] == 2;
+}
+
+void check_floats(const Tensor &x, const Tensor &scales) {
+  TORCH_CHECK(is_float(x) && is_float(scales), "the C kernels take bf16 or fp32 inputs and scales, not ",
+              x.scalar_type(), " / ", scales.scalar_type());
+}
+
+// cpu_gemv.py: _check_quantized
+void check_quantized(const Tensor &x, const Tensor &qweight, const Tensor &scales, int64_t group) {
+  check_floats(x, scales);
+  int64_t in = x.size(-1);
+  check(x, qweight, in, x.scalar_type(),
+        fits_quantized(in, qweight.scalar_type(), qweight.sizes(), scales.sizes(), group) &&
+            qweight.is_contiguous() && scales.is_contiguous() && scales.is_cpu());
+}
+
+void done(int code, int64_t rows, int64_t in) {
+  TORCH_CHECK_INDEX(code != -2, "cpu_gemv: an expert index is out of range");
+  TORCH_CHECK(code == 0, "cpu_gemv: no memory for the fp32 copies of a (", rows, ", ", in, ") product");
+}
+
+int bf16(const Tensor &t) { return t.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+Tensor op_gemv_bf16(const Tensor &x_, const Tensor &weight, int64_t threads) {
+  Tensor x = x_.contiguous();
+  TORCH_CHECK_VALUE(weight.dim() == 2, "cpu_gemv: the weight must be (out, in), got ", weight.sizes());
+  check(x, weight, weight.size(1), at::kBFloat16, weight.scalar_type() == at::kBFloat16 && weight.is_contiguous());
+  Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  done(gemv_bf16(x.data_ptr(), static_cast<const uint16_t *>(weight.data_ptr()), y.data_ptr(), 1, x.size(0),
+                 weight.size(0), x.size(1), static_cast<int>(threads)),
+       x.size(0), x.size(1));
+  return y;
+}
+
+Tensor op_gemv_quantized(const Tensor &x_, const Tensor &qweight, const Tensor &scales, int64_t group,
+                         int64_t threads) {
+  Tensor x = x_.contiguous();
+  check_quantized(x, qweight, scales, group);
+  int64_t rows = x.size(0), in = x.size(1), out = qweight.size(0);
+  Tensor y = at::empty({rows, out}, x.options());
+  int code = qweight.scalar_type() == at::kChar
+                 ? gemv_int8(x.data_ptr(), static_cast<const int8_t *>(qweight.data_ptr()), scales.data_ptr(),
+                             bf16(scales), y.data_ptr(), bf16(x), rows, out, in, static_cast<int>(threads))
+                 : gemv_int4(x.data_ptr(), static_cast<const uint8_t *>(qweight.data_ptr()), scales.data_ptr(),
+                             bf16(scales), y.data_ptr(), bf16(x), rows, out, in, group, static_cast<int>(threads));
+  done(code, rows, in);
+  return y;
+}
+
+std::vector<Tensor> op_gemv_bf16_many(const Tensor &x_, at::TensorList weights, int64_t threads) {
+  Tensor x = x_.contiguous();
+  TORCH_CHECK_VALUE(!weights.empty(), "gemv_bf16_many: no weights");
+  const int64_t n = static_cast<int64_t>(weights.size());
+  std::vector<Tensor> ys;
+  std::vector<const uint16_t *> ws;
+  std::vector<void *> yp;
+  std::vector<int64_t> outs;
+  for (const Tensor &w : weights) {
+    TORCH_CHECK_VALUE(w.dim() == 2, "cpu_gemv: a weight must be (out, in), got ", w.sizes());
+    check(x, w, w.size(-1), at::kBFloat16, w.scalar_type() == at::kBFloat16 && w.is_contiguous());
+    ys.push_back(at::empty({x.size(0), w.size(0)}, x.options()));
+    ws.push_back(static_cast<const uint16_t *>(w.data_ptr()));
+    yp.push_back(ys.back().data_ptr());
+    outs.push_back(w.size(0));
+  }
+  done(gemv_bf16_many(x.data_ptr(), n, ws.data(), yp.data(), outs.data(), 1, x.size(0), x.size(1),
+                      static_cast<int>(threads)),
+       x.size(0), x.size(1));
+  return ys;
+}
+
+std::vector<Tensor> op_gemv_quantized_many(const Tensor &x_, at::TensorList qweights, at::TensorList scales,
+                                           int64_t group, int64_t threads) {
+  Tensor x = x_.contiguous();
+  TORCH_CHECK_VALUE(!qweights.empty() && qweights.size() == scales.size(),
+                    "gemv_quantized_many: every weight needs a code tensor and a scale tensor");
+  const int64_t n = static_cast<int64_t>(qweights.size());
+  std::vector<Tensor> ys;
+  std::vector<const void *> qs, ss;
+  std::vector<void *> yp;
+  std::vector<int64_t> outs;
+  for (int64_t p = 0; p < n; p++) {
+    const Tensor &q = qweights[p], &s = scales[p];
+    TORCH_CHECK_VALUE(q.scalar_type() == qweights[0].scalar_type() && s.scalar_type() == scales[0].scalar_type(),
+                      "gemv_quantized_many: weights of one scheme and one scale dtype, got ", q.scalar_type(), "/",
+                      s.scalar_type(), " after ", qweights[0].scalar_type(), "/", scales[0].scalar_type());
+    check_quantized(x, q, s, group);
+    ys.push_back(at::empty({x.size(0), q.size(0)}, x.options()));
+    qs.push_back(q.data_ptr());
+    ss.push_back(s.data_ptr());
+    yp.push_back(ys.back().data_ptr());
+    outs.push_back(q.size(0));
+  }
+  int code = qweights[0].scalar_type() == at::kChar
+                 ? gemv_int8_many(x.data_ptr(), n, reinterpret_cast<const int8_t *const *>(qs.data()), ss.data(),
+                                  bf16(scales[0]), yp.data(), outs.data(), bf16(x), x.size(0), x.size(1),
+                                  static_cast<int>(threads))
+                 : gemv_int4_many(x.data_ptr(), n, reinterpret_cast<const uint8_t *const *>(qs.data()), ss.data(),
+                                  bf16(scales[0]), yp.data(), outs.data(), bf16(x), x.size(0), x.size(1), group,
+                                  static_cast<int>(threads));
+  done(code, x.size(0), x.size(1));
+  return ys;
+}
+
+void check_experts(const Tensor &x, const Tensor &index, int64_t k, int64_t n_experts, const char *name) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && (x.size(0) == 1 || x.size(0) == k) && index.dim() == 1 &&
+                        index.scalar_type() == at::kLong && index.is_cpu() && n_experts > 0,
+                    name, ": x ", x.sizes(), " must have 1 or ", k, " rows, index int64 on the CPU (got ",
+                    index.scalar_type(), "), at least one expert");
+}
+
+Tensor op_gemv_bf16_experts(const Tensor &x_, const Tensor &weights, const Tensor &index_, int64_t threads) {
+  Tensor x = x_.contiguous(), index = index_.contiguous();
+  int64_t k = index.dim() == 1 ? index.size(0) : -1;
+  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.is_contiguous(),
+                    "gemv_bf16_experts: the weights must be stacked (E, out, in) and contiguous, got ",
+                    weights.sizes());
+  check_experts(x, index, k, weights.size(0), "gemv_bf16_experts");
+  check(x, weights, weights.size(2), at::kBFloat16, weights.scalar_type() == at::kBFloat16);
+  int64_t out = weights.size(1), in = weights.size(2);
+  Tensor y = at::empty({k, out}, x.options());
+  done(gemv_bf16_experts(x.data_ptr(), x.size(0), static_cast<const uint16_t *>(weights.data_ptr()), weights.size(0),
+                         index.data_ptr<int64_t>(), k, y.data_ptr(), 1, out, in, static_cast<int>(threads)),
+       k, in);
+  return y;
+}
+
+Tensor op_gemv_quantized_experts(const Tensor &x_, const Tensor &qweight, const Tensor &scales, const Tensor &index_,
+                                 int64_t group, int64_t threads) {
+  Tensor x = x_.contiguous(), index = index_.contiguous();
+  int64_t k = index.dim() == 1 ? index.size(0) : -1;
+  TORCH_CHECK_VALUE(qweight.dim() >= 1 && scales.dim() >= 1 && qweight.size(0) == scales.size(0),
+                    "gemv_quantized_experts: codes (E, out, in) and scales of E experts, got ", qweight.sizes(),
+                    ", ", scales.sizes());
+  check_experts(x, index, k, qweight.size(0), "gemv_quantized_experts");
+  check_floats(x, scales);
+  int64_t in = x.size(1);
+  check(x, qweight, in, x.scalar_type(),
+        fits_quantized(in, qweight.scalar_type(), qweight.sizes().slice(1), scales.sizes().slice(1), group) &&
+            qweight.is_contiguous() && scales.is_contiguous() && scales.is_cpu());
+  int64_t out = qweight.size(1);
+  Tensor y = at::empty({k, out}, x.options());
+  done(gemv_quantized_experts(x.data_ptr(), x.size(0), qweight.data_ptr(), scales.data_ptr(), bf16(scales),
+                              qweight.size(0), index.data_ptr<int64_t>(), k, y.data_ptr(), bf16(x), out, in,
+                              qweight.scalar_type() == at::kByte ? group : 0, static_cast<int>(threads)),
+       k, in);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
+  m.impl("gemv_bf16", TORCH_FN(op_gemv_bf16));
+  m.impl("gemv_quantized", TORCH_FN(op_gemv_quantized));
+  m.impl("gemv_bf16_many", TORCH_FN(op_gemv_bf16_many));
+  m.impl("gemv_quantized_many", TORCH_FN(op_gemv_quantized_many));
+  m.impl("gemv_bf16_experts", TORCH_FN(op_gemv_bf16_experts));
+  m.impl("gemv_quantized_experts", TORCH_FN(op_gemv_quantized_experts));
+}

@@ -147,3 +147,13 @@ def test_step_profile_counts_the_c_kernel_calls_of_a_decode_step():
     prof = step_profile(model, prompt_len=8, new=5)
     assert prof["calls"] == 4 * args.n_layers + 1
     assert 0 < prof["products_s"] < prof["step_s"]
+
+
+@pytest.mark.slow
+def test_operators_benchmark_compares_python_and_cpp_operators():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_operators.py"), "--rounds", "1",
+                           "--new", "4", "--threads", "1", "--cases", "tiny-gqa:int8"], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = re.search(r"tiny-gqa int8 round 1: Python (\d+\.\d+) .* C\+\+ (\d+\.\d+) .* ratio (\d+\.\d+)", proc.stdout)
+    assert row and all(float(v) > 0 for v in row.groups()), proc.stdout

@@ -146,3 +146,15 @@ print(float((out - ref).abs().max()), os.environ.get("TRITON_INTERPRET"))
         pytest.skip("a GPU is present: the kernels compile for it")
     err, env_after = run_python(code).split()
     assert float(err) < 1e-5 and env_after == "None"
+
+
+def test_the_kernel_sources_are_package_data():
+    """The C and C++ sources that backends/cpu_gemv.py compiles at run time ship in the wheel (package-data)."""
+    import fnmatch
+    import re
+
+    section = (REPO / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
+    patterns = re.findall(r'"([^"]+)"', re.search(r"^mistral_ref = \[(.*?)\]", section, re.M | re.S).group(1))
+    sources = [p.relative_to(REPO / "mistral_ref").as_posix() for p in (REPO / "mistral_ref").rglob("*")
+               if p.suffix in (".c", ".cpp", ".h")]
+    assert sources and all(any(fnmatch.fnmatch(s, pat) for pat in patterns) for s in sources), (sources, patterns)

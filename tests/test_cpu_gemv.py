@@ -377,3 +377,20 @@ def test_cpp_operators_refuse_what_the_python_functions_refuse(cpp_operators):
                                    torch.tensor([0, 1]), 0, 1)
     with pytest.raises(RuntimeError, match="bf16 or fp32"):
         ops.gemv_quantized(x.half(), experts.qweight[0], experts.scales[0], 0, 1)
+
+
+def test_without_a_cpp_compiler_the_operators_stay_in_python(tmp_path):
+    """A C++ build that fails leaves the operators to the Python functions, says why, and products still run."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from mistral_ref.backends import cpu_gemv\n"
+            "state = cpu_gemv.operators(wait=True)\n"
+            "w = torch.randn(32, 64).bfloat16(); x = torch.randn(1, 64).bfloat16()\n"
+            "y = cpu_gemv.gemv(x, w)\n"
+            "assert torch.equal(torch.ops.mistral_ref.gemv_bf16(x, w, 1), y)\n"
+            "print(state)")
+    env = {**os.environ, "CXX": "false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("Python (building cpu_gemv_ops.cpp failed (false)"), done.stdout

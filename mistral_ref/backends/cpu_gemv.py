@@ -221,13 +221,19 @@ def _build_ops(compiler: str, cxx: str, path: Path) -> None:
              f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", "-lm"],
         ]
         for command in commands:
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                      preexec_fn=lambda: os.nice(10))
-            except subprocess.TimeoutExpired as e:
-                raise CpuKernelError(f"building {OPS_SOURCE.name} took over 600 s") from e
-            if done.returncode != 0:
-                lines = (done.stderr or done.stdout).strip().splitlines() or ["(no output)"]
+            # (not preexec_fn=os.nice: unsafe in a process with threads; the priority is lowered once started)
+            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as compiling:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, compiling.pid, 10)
+                except OSError:
+                    pass  # exited already, or not allowed: build at normal priority
+                try:
+                    output = compiling.communicate(timeout=600)[0]
+                except subprocess.TimeoutExpired as e:
+                    compiling.kill()
+                    raise CpuKernelError(f"building {OPS_SOURCE.name} took over 600 s") from e
+            if compiling.returncode != 0:
+                lines = output.strip().splitlines() or ["(no output)"]
                 raise CpuKernelError(f"building {OPS_SOURCE.name} failed ({command[0]}): {lines[-1]}")
         os.chmod(so, 0o700)
         os.replace(so, path)  # atomic, as in build()
@@ -249,11 +255,13 @@ def operators(wait: bool = False) -> str:
     if wait and thread is not None:
         thread.join()
     if _ops_built is not None and _ops_status is None:
-        try:
-            torch.ops.load_library(str(_ops_built))
-            _set_ops("C++")
-        except (OSError, RuntimeError) as e:
-            _set_ops(f"Python (loading {_ops_built.name}: {e})")
+        with _ops_lock:  # one thread loads it (registering the kernels twice is an error)
+            if _ops_status is None:
+                try:
+                    torch.ops.load_library(str(_ops_built))
+                    _set_ops("C++")
+                except (OSError, RuntimeError) as e:
+                    _set_ops(f"Python (loading {_ops_built.name}: {e})")
     return _ops_status or "building"
 
 

@@ -203,6 +203,11 @@ def step_profile(model: Transformer, prompt_len: int, new: int) -> dict:
     own time: the products of backends/cpu_gemv.c and the Python that calls them) and their calls per step."""
     from torch.profiler import ProfilerActivity, profile
 
+    from mistral_ref.backends import cpu_gemv
+
+    if prompt_len < max(cpu_gemv.MAX_ROWS.values()):  # (eager products call the same operators once in C++)
+        raise ValueError(f"step_profile: a prompt of {prompt_len} tokens would send its products to the C kernels "
+                         f"too; use >= {max(cpu_gemv.MAX_ROWS.values())}")
     clock = StepClock(model)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:

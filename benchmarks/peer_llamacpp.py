@@ -200,24 +200,38 @@ def step_profile(model: Transformer, prompt_len: int, new: int) -> dict:
     """Where a decode step's time goes: one greedy generate() (a prompt_len-token prompt, `new` tokens) under
     torch.profiler, after the timed rounds.  Returns the profiled seconds per decode step (the profiler adds a
     few microseconds an operator), the seconds per step in the C kernels' operators (torch.ops.mistral_ref.*, their
-    own time: the products of backends/cpu_gemv.c and the Python that calls them) and their calls per step."""
-    from torch.profiler import ProfilerActivity, profile
+    own time: the products of backends/cpu_gemv.c and the code that calls them) and their calls per step.  Each
+    forward pass is a profiler range, so the operators the prompt's pass calls (a short prompt's products, the last
+    position's vocabulary product) are left out."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    from mistral_ref.backends import cpu_gemv
+    passes: list = []
 
-    if prompt_len < max(cpu_gemv.MAX_ROWS.values()):  # (eager products call the same operators once in C++)
-        raise ValueError(f"step_profile: a prompt of {prompt_len} tokens would send its products to the C kernels "
-                         f"too; use >= {max(cpu_gemv.MAX_ROWS.values())}")
+    def enter(module, args):
+        passes.append(record_function(f"mistral_ref.forward.{len(passes)}"))
+        passes[-1].__enter__()
+
+    def leave(module, args, out):
+        passes[-1].__exit__(None, None, None)
+
+    def pass_of(event) -> int:  # the forward pass an event ran in (0: the prompt's), -1 outside them
+        while event is not None and not event.name.startswith("mistral_ref.forward."):
+            event = event.cpu_parent
+        return -1 if event is None else int(event.name.rsplit(".", 1)[1])
+
     clock = StepClock(model)
+    hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             _, step = clock.run(lambda: generate(model, [[1] * prompt_len], new, temperature=0.0))
     finally:
         clock.handle.remove()
-    kernels = [e for e in prof.key_averages() if e.key.startswith("mistral_ref::")]
-    steps = max(new - 1, 1)  # the prompt's pass calls none of them: its products have too many rows
+        for hook in hooks:
+            hook.remove()
+    kernels = [e for e in prof.events() if e.name.startswith("mistral_ref::") and pass_of(e) > 0]
+    steps = max(new - 1, 1)
     return {"step_s": step, "products_s": sum(e.self_cpu_time_total for e in kernels) / 1e6 / steps,
-            "calls": sum(e.count for e in kernels) / steps}
+            "calls": len(kernels) / steps}
 
 
 def compare_compiled(ours: Transformer, theirs: LlamaCpp, prompt_len: int, new: int, runs: int, mode: str) -> dict:

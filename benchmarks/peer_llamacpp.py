@@ -22,6 +22,9 @@ same numbers.  llama.cpp's KV cache is F32 in the fp32 rows (same precision as o
 from __future__ import annotations
 
 import ctypes
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -72,13 +75,14 @@ def _quiet(llama_cpp) -> None:
 class LlamaCpp:
     """One GGUF file loaded by llama.cpp with one context: a single sequence at batch 1."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False):
+    def __init__(self, path: Path, n_ctx: int, threads: int, kv_f32: bool = False, extra_bufts: bool = True):
         import llama_cpp as L
 
         _quiet(L)
         self.L = L
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        mp.use_extra_bufts = extra_bufts  # llama.cpp's CPU-specific weight layouts (repacked blocks, AMX)
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -118,6 +122,46 @@ class LlamaCpp:
     def close(self) -> None:
         self.L.llama_free(self.ctx)
         self.L.llama_model_free(self.model)
+
+
+_PROBE = """
+import sys
+sys.path[:0] = sys.argv[3:]
+from peer_llamacpp import LlamaCpp
+m = LlamaCpp(sys.argv[1], 64, int(sys.argv[2]))
+m.forward(list(range(1, 9)))
+m.forward([9])
+m.close()
+"""
+_extra_bufts: dict[tuple[str, int], str | None] = {}
+
+
+def extra_bufts_fail(path: Path, threads: int) -> str | None:
+    """Why llama.cpp's extra buffer types (its repacked and AMX weight layouts, on by default) cannot be used for
+    this file on this CPU, or None: a prompt and a decode step in a child process, which a crash cannot take down
+    with the bench.  (On an AMX Xeon, llama-cpp-python 0.3.36 built with GGML_NATIVE died with SIGSEGV in its first
+    llama_decode of Q8_0 / Q4_0 files; without those layouts it runs.)  One probe per file and thread count."""
+    key = (str(path), threads)
+    if key not in _extra_bufts:
+        here = str(Path(__file__).resolve().parent)
+        r = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(threads), here, *sys.path],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode < 0:
+            _extra_bufts[key] = f"killed by {signal.Signals(-r.returncode).name}"
+        elif r.returncode > 0:
+            _extra_bufts[key] = f"exit status {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1][:200]}"
+        else:
+            _extra_bufts[key] = None
+    return _extra_bufts[key]
+
+
+def open_llamacpp(path: Path, n_ctx: int, threads: int, label: str, kv_f32: bool = False) -> LlamaCpp:
+    """LlamaCpp with its default extra buffer types where a probe runs them, without them (saying so) where not."""
+    why = extra_bufts_fail(path, threads)
+    if why:
+        print(f"  llama.cpp {label}: its extra buffer types (repacked / AMX weight layouts) crashed in a probe "
+              f"({why}); this row runs llama.cpp without them", flush=True)
+    return LlamaCpp(path, n_ctx, threads, kv_f32=kv_f32, extra_bufts=why is None)
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, threads: int) -> Path:
@@ -275,7 +319,7 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
         if dname not in files:
             continue
         ours = load_model(files[dname], dtype="float32" if dname == "fp32" else "bfloat16")
-        theirs = LlamaCpp(files[dname], n_ctx, threads, kv_f32=dname == "fp32")
+        theirs = open_llamacpp(files[dname], n_ctx, threads, f"{name} {dname}", kv_f32=dname == "fp32")
         try:
             entry = out[dname] = {}
             d = entry["decode_b1"] = compare_decode(ours, theirs, prompt_len, new, runs)
@@ -316,7 +360,7 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
         path = quantize_gguf(src, src.with_name(f"{qtype}.gguf"), qtype, threads)
         # quantized models compute in bf16: the int8 / int4 kernels take bf16 rows (fp32 products dequantize)
         ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=32)
-        theirs = LlamaCpp(path, prompt_len + new + 16, threads)
+        theirs = open_llamacpp(path, prompt_len + new + 16, threads, f"{name} {qtype}")
         try:
             d = out[scheme] = compare_decode(ours, theirs, prompt_len, new, runs)
             if compile_mode:

@@ -23,15 +23,28 @@ BF16_RTOL = 2 ** -8  # one rounding of the result to bf16 (relative to the large
 INT16_RTOL = 1e-4  # the integer path's rounding of each row of bf16 activations to int16 (2^-16 of its maximum)
 
 
-@pytest.fixture(params=["native", "portable"])
+#: The builds besides -march=native: their compiler flag and the loops they must have (cpu_gemv_isa()).
+OTHER_BUILDS = {"portable": (("-DCPU_GEMV_PORTABLE",), 1), "avx2": (("-DCPU_GEMV_NO_AVX512",), 2)}
+
+
+def other_build(name: str, monkeypatch) -> None:
+    """Make cpu_gemv use the build `name` of OTHER_BUILDS."""
+    flags, isa = OTHER_BUILDS[name]
+    lib = cpu_gemv.load(cpu_gemv.build(flags))
+    assert lib.cpu_gemv_isa() == isa
+    monkeypatch.setattr(cpu_gemv, "_lib", lib)
+    # the operators' C++ kernels hold their own (native) build: calls go to the Python functions and this _lib
+    monkeypatch.setattr(cpu_gemv, "_ops_status", f"Python (testing the {name} build)")
+
+
+@pytest.fixture(params=["native", "portable", "avx2"])
 def build(request, monkeypatch):
-    """Run a test with the -march=native build (AVX2 loops on this machine) and with the portable loops."""
-    if request.param == "portable":
-        lib = cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_PORTABLE",)))
-        assert lib.cpu_gemv_isa() == 1
-        monkeypatch.setattr(cpu_gemv, "_lib", lib)
-        # the operators' C++ kernels hold their own (native) build: calls go to the Python functions and this _lib
-        monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (testing the portable build)")
+    """Run a test with the -march=native build, the portable loops, and (on a CPU with AVX-512, where the native
+    build has the AVX-512 loops) the AVX2 loops alone."""
+    if request.param == "avx2" and cpu_gemv.library().cpu_gemv_isa() != 3:
+        pytest.skip("the native build is the AVX2 one on this CPU")
+    if request.param != "native":
+        other_build(request.param, monkeypatch)
     return request.param
 
 
@@ -200,6 +213,38 @@ def test_stacked_quantized_experts_equal_each_expert_alone(build, scheme, dtype,
         for s, e in enumerate(index.tolist()):
             alone = cpu_gemv.gemv(x[s if len(x) > 1 else 0][None], experts[e], threads=2)[0]
             torch.testing.assert_close(y[s], alone, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(cpu_gemv.library() is None or cpu_gemv.library().cpu_gemv_isa() != 3,
+                    reason="the AVX-512 loops: a CPU with AVX-512 BW and VNNI")
+@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
+                                          ("int4", torch.bfloat16)],
+                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16"])
+def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
+    """Each 512-bit register of the AVX-512 loops holds two of the AVX2 loops' registers lane for lane: one
+    product, several products of one input, and stacked experts give bitwise the AVX2 build's results, for 1-5
+    rows, inputs that are not a multiple of 32 or span more than one 1024-input int32 block, and int4's tail."""
+    monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing builds)")  # calls go to cpu_gemv._lib
+    inp = {"bf16": 1100, "int8": 1100, "int4": 1152}[scheme]  # int4: a multiple of its group (64)
+    weights = [_weight(out, inp, seed=out).to(dtype) for out in (64, 48)]
+    if scheme != "bf16":
+        weights = [quantize_weight(w, scheme, 64) for w in weights]
+    rows = range(1, 6) if scheme != "int4" else range(1, cpu_gemv.MAX_ROWS["int4"])
+    xs = [torch.randn(r, inp, dtype=dtype) for r in rows]
+    index = torch.tensor([1, 0, 1])
+
+    def results() -> list[torch.Tensor]:
+        out = [cpu_gemv.gemv(x, w, threads=2) for x in xs for w in weights]
+        out += [y for x in xs for y in cpu_gemv.gemv_many(x, weights, threads=2)]
+        if scheme != "bf16":
+            experts = QuantizedExperts([weights[0], quantize_weight(_weight(64, inp, 7).to(dtype), scheme, 64)])
+            out += [cpu_gemv.experts_gemv(xs[0][:1].expand(3, inp).contiguous(), experts, index, threads=2)]
+        return out
+
+    native = results()
+    other_build("avx2", monkeypatch)
+    for a, b in zip(native, results(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_quantized_experts_stack_into_views():

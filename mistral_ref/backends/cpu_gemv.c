@@ -31,9 +31,20 @@
 #else
 #define CPU_GEMV_AVX2 0
 #endif
+/* On CPUs with AVX-512 (BW and VNNI), unless built with -DCPU_GEMV_NO_AVX512: the inner loops of the bf16, int8 and
+ * int4-with-bf16-activations kernels take 16 floats / 32 int16 a register, and vpdpwssd multiplies and adds int16
+ * pairs into int32 in one instruction.  Each 512-bit register holds exactly two of the AVX2 loop's 256-bit
+ * registers, lane for lane, and is split back into them before the sums that round: the results are bitwise those
+ * of the AVX2 loops (tests/test_cpu_gemv.py compares the two builds). */
+#if CPU_GEMV_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
+    !defined(CPU_GEMV_NO_AVX512)
+#define CPU_GEMV_AVX512 1
+#else
+#define CPU_GEMV_AVX512 0
+#endif
 
-/* Which loops this build has: 2 = AVX2 intrinsics, 1 = portable. */
-int cpu_gemv_isa(void) { return CPU_GEMV_AVX2 ? 2 : 1; }
+/* Which loops this build has: 3 = AVX-512 + AVX2 intrinsics, 2 = AVX2 intrinsics, 1 = portable. */
+int cpu_gemv_isa(void) { return CPU_GEMV_AVX512 ? 3 : CPU_GEMV_AVX2 ? 2 : 1; }
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -122,9 +133,42 @@ static inline float hsum(__m256 v) {
             y[r * out] = s;                                                                                 \
         }                                                                                                   \
     }
+#if CPU_GEMV_AVX512
+/* DOT with 16-float registers: acc[r][h] holds the AVX2 loop's acc[r][2h] (low half) and acc[r][2h+1] (high). */
+#define DOT512(NAME, T, LOAD, TO_FLOAT)                                                                     \
+    static inline __attribute__((always_inline)) void NAME(const float *x, const T *w, float *y,            \
+                                                           int64_t in, int64_t out, const int NR) {          \
+        __m512 acc[4][2];                                                                                   \
+        for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                          \
+        int64_t i = 0;                                                                                      \
+        for (; i + 32 <= in; i += 32)                                                                       \
+            for (int h = 0; h < 2; h++) {                                                                   \
+                __m512 wv = LOAD(w + i + 16 * h);                                                           \
+                for (int r = 0; r < NR; r++)                                                                \
+                    acc[r][h] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * in + i + 16 * h), wv, acc[r][h]);   \
+            }                                                                                               \
+        for (int r = 0; r < NR; r++) {                                                                      \
+            __m256 a01 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][0]), _mm512_extractf32x8_ps(acc[r][0], 1)); \
+            __m256 a23 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][1]), _mm512_extractf32x8_ps(acc[r][1], 1)); \
+            float s = hsum(_mm256_add_ps(a01, a23));                                                        \
+            for (int64_t j = i; j < in; j++) s += x[r * in + j] * TO_FLOAT(w[j]);                           \
+            y[r * out] = s;                                                                                 \
+        }                                                                                                   \
+    }
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 load_int8x16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#define INT8_TO_FLOAT(v) ((float)(v))
+DOT512(dot_bf16, uint16_t, load_bf16x16, bf16_to_float)
+DOT512(dot_int8, int8_t, load_int8x16, INT8_TO_FLOAT)
+#else
 #define INT8_TO_FLOAT(v) ((float)(v))
 DOT(dot_bf16, uint16_t, load_bf16x8, bf16_to_float)
 DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
+#endif
 
 /* all rows of x times weight row o, four rows of x at a time */
 #define ROWS(DOT_FN, x, w, y, rows, out, in, o)                                            \
@@ -185,6 +229,29 @@ static inline __attribute__((always_inline)) void dot_int8_int16(const int16_t *
         __m256i acc[4][2];
         for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         int64_t stop = i + 1024 < in ? i + 1024 : in;
+#if CPU_GEMV_AVX512
+        /* 32 pairs an instruction, into four independent sums per row (vpdpwssd's latency is several cycles)
+         * whose int32 total is exact: the same lanes as the AVX2 loop's (acc[r][0], acc[r][1]) */
+        __m512i a[4][4];
+        for (int r = 0; r < NR; r++)
+            for (int u = 0; u < 4; u++) a[r][u] = _mm512_setzero_si512();
+        for (; i + 128 <= stop; i += 128)
+            for (int u = 0; u < 4; u++) {
+                __m512i wu = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i + 32 * u)));
+                for (int r = 0; r < NR; r++)
+                    a[r][u] = _mm512_dpwssd_epi32(a[r][u], wu, _mm512_loadu_si512(x16 + r * in + i + 32 * u));
+            }
+        for (; i + 32 <= stop; i += 32) {
+            __m512i w01 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+            for (int r = 0; r < NR; r++)
+                a[r][0] = _mm512_dpwssd_epi32(a[r][0], w01, _mm512_loadu_si512(x16 + r * in + i));
+        }
+        for (int r = 0; r < NR; r++) {
+            __m512i sum = _mm512_add_epi32(_mm512_add_epi32(a[r][0], a[r][1]), _mm512_add_epi32(a[r][2], a[r][3]));
+            acc[r][0] = _mm512_castsi512_si256(sum);
+            acc[r][1] = _mm512_extracti64x4_epi64(sum, 1);
+        }
+#else
         for (; i + 32 <= stop; i += 32) {
             __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
             __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i + 16)));
@@ -194,6 +261,7 @@ static inline __attribute__((always_inline)) void dot_int8_int16(const int16_t *
                 acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(w1, _mm256_loadu_si256(xr + 1)));
             }
         }
+#endif
         for (int r = 0; r < NR; r++)
             total[r] += hsum(_mm256_add_ps(_mm256_cvtepi32_ps(acc[r][0]), _mm256_cvtepi32_ps(acc[r][1])));
     }
@@ -287,6 +355,12 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                                   _mm256_setzero_si256()};
                 int32_t xsum = 0;
+#if CPU_GEMV_AVX512
+                /* rows 0..15 and 16..31 in one register each, (acc[0], acc[1]) and (acc[2], acc[3]), as two
+                 * independent sums (even and odd pairs of inputs; the int32 total is exact) */
+                __m512i lo512[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+                __m512i hi512[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+#endif
                 for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
                     __m128i b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
                     __m128i b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
@@ -295,13 +369,39 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
                     __m128i hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
                     int32_t pair;
                     memcpy(&pair, xr + i, sizeof pair);
-                    __m256i xp = _mm256_set1_epi32(pair);  /* x16[i], x16[i+1], x16[i], ... */
                     xsum += xr[i] + xr[i + 1];
+#if CPU_GEMV_AVX512
+                    __m512i xp = _mm512_set1_epi32(pair);
+                    __m256i lo = _mm256_set_m128i(_mm_unpackhi_epi8(lo0, lo1), _mm_unpacklo_epi8(lo0, lo1));
+                    __m256i hi = _mm256_set_m128i(_mm_unpackhi_epi8(hi0, hi1), _mm_unpacklo_epi8(hi0, hi1));
+                    lo512[0] = _mm512_dpwssd_epi32(lo512[0], _mm512_cvtepu8_epi16(lo), xp);
+                    hi512[0] = _mm512_dpwssd_epi32(hi512[0], _mm512_cvtepu8_epi16(hi), xp);
+                    /* the next pair of inputs (a group holds an even number of pairs) into the other sums */
+                    i += 2;
+                    b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
+                    b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
+                    lo0 = _mm_and_si128(b0, low4), lo1 = _mm_and_si128(b1, low4);
+                    hi0 = _mm_and_si128(_mm_srli_epi16(b0, 4), low4), hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
+                    memcpy(&pair, xr + i, sizeof pair);
+                    xsum += xr[i] + xr[i + 1];
+                    xp = _mm512_set1_epi32(pair);
+                    lo = _mm256_set_m128i(_mm_unpackhi_epi8(lo0, lo1), _mm_unpacklo_epi8(lo0, lo1));
+                    hi = _mm256_set_m128i(_mm_unpackhi_epi8(hi0, hi1), _mm_unpacklo_epi8(hi0, hi1));
+                    lo512[1] = _mm512_dpwssd_epi32(lo512[1], _mm512_cvtepu8_epi16(lo), xp);
+                    hi512[1] = _mm512_dpwssd_epi32(hi512[1], _mm512_cvtepu8_epi16(hi), xp);
+#else
+                    __m256i xp = _mm256_set1_epi32(pair);  /* x16[i], x16[i+1], x16[i], ... */
                     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo0, lo1)), xp));
                     acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo0, lo1)), xp));
                     acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(hi0, hi1)), xp));
                     acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(hi0, hi1)), xp));
+#endif
                 }
+#if CPU_GEMV_AVX512
+                __m512i lo_sum = _mm512_add_epi32(lo512[0], lo512[1]), hi_sum = _mm512_add_epi32(hi512[0], hi512[1]);
+                acc[0] = _mm512_castsi512_si256(lo_sum), acc[1] = _mm512_extracti64x4_epi64(lo_sum, 1);
+                acc[2] = _mm512_castsi512_si256(hi_sum), acc[3] = _mm512_extracti64x4_epi64(hi_sum, 1);
+#endif
                 __m256 xs = _mm256_set1_ps((float)xsum);
                 __m256i x8 = _mm256_set1_epi32(8 * xsum);
                 for (int u = 0; u < 4; u++) {  /* rows 8u .. 8u+7 of the block: A - 8 X */

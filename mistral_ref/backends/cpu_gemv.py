@@ -47,6 +47,8 @@ log = logging.getLogger("mistral_ref.cpu_gemv")
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 ENV_SWITCH = "MISTRAL_REF_CPU_KERNELS"  # "0": never build or use the kernels
 OPS_SWITCH = "MISTRAL_REF_CPU_OPS"  # "0": the operators stay in Python (no C++ build)
+#: What cpu_gemv_isa() returns, by name.
+ISA_NAMES = {1: "portable", 2: "AVX2", 3: "AVX-512 + AVX2"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
@@ -156,7 +158,7 @@ def _load_once() -> None:
         else:
             try:
                 _lib = load(build())
-                _status = f"on ({'AVX2' if _lib.cpu_gemv_isa() == 2 else 'portable'} loops, {SOURCE.name})"
+                _status = f"on ({ISA_NAMES[_lib.cpu_gemv_isa()]} loops, {SOURCE.name})"
                 if os.environ.get(OPS_SWITCH, "1") != "0":  # the operators' C++ kernels, built in the background
                     _start_ops()
             except (CpuKernelError, OSError) as e:

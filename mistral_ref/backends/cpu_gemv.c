@@ -31,11 +31,13 @@
 #else
 #define CPU_GEMV_AVX2 0
 #endif
-/* On CPUs with AVX-512 (BW and VNNI), unless built with -DCPU_GEMV_NO_AVX512: the inner loops of the bf16, int8 and
- * int4-with-bf16-activations kernels take 16 floats / 32 int16 a register, and vpdpwssd multiplies and adds int16
- * pairs into int32 in one instruction.  Each 512-bit register holds exactly two of the AVX2 loop's 256-bit
- * registers, lane for lane, and is split back into them before the sums that round: the results are bitwise those
- * of the AVX2 loops (tests/test_cpu_gemv.py compares the two builds). */
+/* On CPUs with AVX-512 (BW and VNNI), unless built with -DCPU_GEMV_NO_AVX512: the inner loops of the bf16 and int8
+ * kernels take 16 floats / 32 int16 a register, vpdpwssd multiplies and adds int16 pairs into int32 in one
+ * instruction, and one row of x (decoding) is multiplied by four weight rows at a time (x read once for the four,
+ * their horizontal sums done together).  Each 512-bit register holds exactly two of the AVX2 loop's 256-bit
+ * registers, lane for lane, and is split back into them before the sums that round, which are done in the AVX2
+ * loop's order: the results are bitwise those of the AVX2 loops (tests/test_cpu_gemv.py compares the two builds).
+ * int4 keeps the AVX2 loops: its 512-bit version was no faster (its shuffles, not its products, are the cost). */
 #if CPU_GEMV_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     !defined(CPU_GEMV_NO_AVX512)
 #define CPU_GEMV_AVX512 1
@@ -134,6 +136,10 @@ static inline float hsum(__m256 v) {
         }                                                                                                   \
     }
 #if CPU_GEMV_AVX512
+static inline __m256 upper8(__m512 v) {  /* lanes 8..15 (AVX-512F alone) */
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
 /* DOT with 16-float registers: acc[r][h] holds the AVX2 loop's acc[r][2h] (low half) and acc[r][2h+1] (high). */
 #define DOT512(NAME, T, LOAD, TO_FLOAT)                                                                     \
     static inline __attribute__((always_inline)) void NAME(const float *x, const T *w, float *y,            \
@@ -148,8 +154,8 @@ static inline float hsum(__m256 v) {
                     acc[r][h] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * in + i + 16 * h), wv, acc[r][h]);   \
             }                                                                                               \
         for (int r = 0; r < NR; r++) {                                                                      \
-            __m256 a01 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][0]), _mm512_extractf32x8_ps(acc[r][0], 1)); \
-            __m256 a23 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][1]), _mm512_extractf32x8_ps(acc[r][1], 1)); \
+            __m256 a01 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][0]), upper8(acc[r][0])); \
+            __m256 a23 = _mm256_add_ps(_mm512_castps512_ps256(acc[r][1]), upper8(acc[r][1])); \
             float s = hsum(_mm256_add_ps(a01, a23));                                                        \
             for (int64_t j = i; j < in; j++) s += x[r * in + j] * TO_FLOAT(w[j]);                           \
             y[r * out] = s;                                                                                 \
@@ -164,6 +170,43 @@ static inline __m512 load_int8x16(const int8_t *p) {
 #define INT8_TO_FLOAT(v) ((float)(v))
 DOT512(dot_bf16, uint16_t, load_bf16x16, bf16_to_float)
 DOT512(dot_int8, int8_t, load_int8x16, INT8_TO_FLOAT)
+
+/* (hsum(va), hsum(vb), hsum(vc), hsum(vd)): the same additions in the same order as hsum, four rows at once */
+static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
+    __m128 sa = _mm_add_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
+    __m128 sb = _mm_add_ps(_mm256_castps256_ps128(vb), _mm256_extractf128_ps(vb, 1));
+    __m128 sc = _mm_add_ps(_mm256_castps256_ps128(vc), _mm256_extractf128_ps(vc, 1));
+    __m128 sd = _mm_add_ps(_mm256_castps256_ps128(vd), _mm256_extractf128_ps(vd, 1));
+    __m128 ab = _mm_add_ps(_mm_movelh_ps(sa, sb), _mm_movehl_ps(sb, sa));  /* a0+a2 a1+a3 b0+b2 b1+b3 */
+    __m128 cd = _mm_add_ps(_mm_movelh_ps(sc, sd), _mm_movehl_ps(sd, sc));
+    return _mm_add_ps(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* One row of x times four bf16 weight rows (w: 4 x in), the decode case: x read once for the four, their
+ * horizontal sums done together.  The lanes, FMAs and additions are dot_bf16's, in its order: bitwise its
+ * results. */
+static inline void dot4_bf16(const float *x, const uint16_t *w, float *y, int64_t in) {
+    __m512 acc[4][2];
+    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= in; i += 32)
+        for (int h = 0; h < 2; h++) {
+            __m512 xv = _mm512_loadu_ps(x + i + 16 * h);
+            for (int k = 0; k < 4; k++)
+                acc[k][h] = _mm512_fmadd_ps(xv, load_bf16x16(w + k * in + i + 16 * h), acc[k][h]);
+        }
+    __m256 v[4];
+    for (int k = 0; k < 4; k++)
+        v[k] = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[k][0]), upper8(acc[k][0])),
+                             _mm256_add_ps(_mm512_castps512_ps256(acc[k][1]), upper8(acc[k][1])));
+    __m128 s = hsum4(v[0], v[1], v[2], v[3]);
+    for (int64_t j = i; j < in; j++) {
+        __m128 wj = _mm_setr_ps(bf16_to_float(w[j]), bf16_to_float(w[in + j]), bf16_to_float(w[2 * in + j]),
+                                bf16_to_float(w[3 * in + j]));
+        s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(x[j]), wj));
+    }
+    _mm_storeu_ps(y, s);
+}
 #else
 #define INT8_TO_FLOAT(v) ((float)(v))
 DOT(dot_bf16, uint16_t, load_bf16x8, bf16_to_float)
@@ -183,6 +226,15 @@ DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
     } while (0)
 
 static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+#if CPU_GEMV_AVX512
+    if (rows == 1) {  /* four weight rows at a time; the last out % 4 below */
+        int64_t out4 = out / 4 * 4;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < out4; o += 4) dot4_bf16(x, w + o * in, y + o, in);
+        for (int64_t o = out4; o < out; o++) dot_bf16(x, w + o * in, y + o, in, out, 1);
+        return;
+    }
+#endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) ROWS(dot_bf16, x, w + o * in, y, rows, out, in, o);
 }
@@ -272,8 +324,59 @@ static inline __attribute__((always_inline)) void dot_int8_int16(const int16_t *
     }
 }
 
+#if CPU_GEMV_AVX512
+/* One row of x16 times four weight rows (w: 4 x in), the decode case: four independent sums, x read once for all
+ * four, their horizontal sums done together; y[k] = sum_k * mult[k].  The integer lanes, conversions and float
+ * additions are dot_int8_int16's, in its order, and mult = scale * sx as int8_rows_int16 scales: bitwise its
+ * results, with a third of its instructions per row outside the inner loop. */
+static inline void dot4_int8_int16(const int16_t *x, const int8_t *w, float *y, int64_t in, __m128 mult) {
+    __m128 total = _mm_setzero_ps();
+    int64_t i = 0;
+    while (i + 32 <= in) {
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+        int64_t stop = i + 1024 < in ? i + 1024 : in;
+        for (; i + 32 <= stop; i += 32) {
+            __m512i xv = _mm512_loadu_si512(x + i);
+            for (int k = 0; k < 4; k++)
+                a[k] = _mm512_dpwssd_epi32(
+                    a[k], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k * in + i))), xv);
+        }
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) {
+            __m512 f = _mm512_cvtepi32_ps(a[k]);
+            v[k] = _mm256_add_ps(_mm512_castps512_ps256(f), upper8(f));
+        }
+        total = _mm_add_ps(total, hsum4(v[0], v[1], v[2], v[3]));
+    }
+    float rest[4];
+    for (int k = 0; k < 4; k++) {
+        int64_t sum = 0;
+        for (int64_t j = i; j < in; j++) sum += (int64_t)x[j] * w[k * in + j];
+        rest[k] = (float)sum;
+    }
+    _mm_storeu_ps(y, _mm_mul_ps(_mm_add_ps(total, _mm_loadu_ps(rest)), mult));
+}
+#endif
+
 static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q, const void *scales,
                             int scales_bf16, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+#if CPU_GEMV_AVX512
+    if (rows == 1) {  /* four weight rows at a time; the last out % 4 below */
+        int64_t out4 = out / 4 * 4;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < out4; o += 4) {
+            __m128 s = _mm_setr_ps(scale_at(scales, o, scales_bf16), scale_at(scales, o + 1, scales_bf16),
+                                   scale_at(scales, o + 2, scales_bf16), scale_at(scales, o + 3, scales_bf16));
+            dot4_int8_int16(x16, q + o * in, y + o, in, _mm_mul_ps(s, _mm_set1_ps(sx[0])));
+        }
+        for (int64_t o = out4; o < out; o++) {
+            dot_int8_int16(x16, q + o * in, y + o, in, out, 1);
+            y[o] *= scale_at(scales, o, scales_bf16) * sx[0];
+        }
+        return;
+    }
+#endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         ROWS(dot_int8_int16, x16, q + o * in, y, rows, out, in, o);
@@ -355,12 +458,6 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                                   _mm256_setzero_si256()};
                 int32_t xsum = 0;
-#if CPU_GEMV_AVX512
-                /* rows 0..15 and 16..31 in one register each, (acc[0], acc[1]) and (acc[2], acc[3]), as two
-                 * independent sums (even and odd pairs of inputs; the int32 total is exact) */
-                __m512i lo512[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-                __m512i hi512[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
-#endif
                 for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
                     __m128i b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
                     __m128i b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
@@ -370,38 +467,12 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
                     int32_t pair;
                     memcpy(&pair, xr + i, sizeof pair);
                     xsum += xr[i] + xr[i + 1];
-#if CPU_GEMV_AVX512
-                    __m512i xp = _mm512_set1_epi32(pair);
-                    __m256i lo = _mm256_set_m128i(_mm_unpackhi_epi8(lo0, lo1), _mm_unpacklo_epi8(lo0, lo1));
-                    __m256i hi = _mm256_set_m128i(_mm_unpackhi_epi8(hi0, hi1), _mm_unpacklo_epi8(hi0, hi1));
-                    lo512[0] = _mm512_dpwssd_epi32(lo512[0], _mm512_cvtepu8_epi16(lo), xp);
-                    hi512[0] = _mm512_dpwssd_epi32(hi512[0], _mm512_cvtepu8_epi16(hi), xp);
-                    /* the next pair of inputs (a group holds an even number of pairs) into the other sums */
-                    i += 2;
-                    b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
-                    b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
-                    lo0 = _mm_and_si128(b0, low4), lo1 = _mm_and_si128(b1, low4);
-                    hi0 = _mm_and_si128(_mm_srli_epi16(b0, 4), low4), hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
-                    memcpy(&pair, xr + i, sizeof pair);
-                    xsum += xr[i] + xr[i + 1];
-                    xp = _mm512_set1_epi32(pair);
-                    lo = _mm256_set_m128i(_mm_unpackhi_epi8(lo0, lo1), _mm_unpacklo_epi8(lo0, lo1));
-                    hi = _mm256_set_m128i(_mm_unpackhi_epi8(hi0, hi1), _mm_unpacklo_epi8(hi0, hi1));
-                    lo512[1] = _mm512_dpwssd_epi32(lo512[1], _mm512_cvtepu8_epi16(lo), xp);
-                    hi512[1] = _mm512_dpwssd_epi32(hi512[1], _mm512_cvtepu8_epi16(hi), xp);
-#else
                     __m256i xp = _mm256_set1_epi32(pair);  /* x16[i], x16[i+1], x16[i], ... */
                     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo0, lo1)), xp));
                     acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo0, lo1)), xp));
                     acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(hi0, hi1)), xp));
                     acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(hi0, hi1)), xp));
-#endif
                 }
-#if CPU_GEMV_AVX512
-                __m512i lo_sum = _mm512_add_epi32(lo512[0], lo512[1]), hi_sum = _mm512_add_epi32(hi512[0], hi512[1]);
-                acc[0] = _mm512_castsi512_si256(lo_sum), acc[1] = _mm512_extracti64x4_epi64(lo_sum, 1);
-                acc[2] = _mm512_castsi512_si256(hi_sum), acc[3] = _mm512_extracti64x4_epi64(hi_sum, 1);
-#endif
                 __m256 xs = _mm256_set1_ps((float)xsum);
                 __m256i x8 = _mm256_set1_epi32(8 * xsum);
                 for (int u = 0; u < 4; u++) {  /* rows 8u .. 8u+7 of the block: A - 8 X */

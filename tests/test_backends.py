@@ -9,6 +9,7 @@ import torch
 from conftest import rel_err
 
 from mistral_ref.backends import BackendError, get_backend
+from mistral_ref.backends import linear as linear_module
 from mistral_ref.cache import KVCache
 from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.model import Transformer
@@ -57,8 +58,9 @@ def ragged_positions(B: int, T: int) -> torch.Tensor:
     return pos.masked_fill(pos < 0, -1)
 
 
-def test_split_linear_decode_matches_the_reference_model():
+def test_split_linear_decode_matches_the_reference_model(monkeypatch):
     """A KV-cache decode on 2 threads (split products, fused paths) equals the reference backend on 1 thread."""
+    monkeypatch.setitem(linear_module._split_measured, 2, True)  # split, whatever split_pays measures here
     args = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=200,
                      norm_eps=1e-5, rope_theta=1e4, sliding_window=5, moe=MoeArgs(4, 2))
     torch.manual_seed(0)

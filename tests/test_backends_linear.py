@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import rel_err
 
-from mistral_ref.backends.linear import UPCAST_MIN_ROWS, linear, multiply_sum_linear, split_linear, upcast_on_cpu
+from mistral_ref.backends import linear as linear_module
+from mistral_ref.backends.linear import (
+    UPCAST_MIN_ROWS,
+    linear,
+    multiply_sum_linear,
+    split_linear,
+    split_pays,
+    upcast_on_cpu,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,9 +52,10 @@ def test_multiply_sum_linear_is_the_product_accumulated_in_fp32():
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("rows", [1, 2, 8, 31, 32])
-def test_split_linear_equals_f_linear(threads, rows):
+def test_split_linear_equals_f_linear(threads, rows, monkeypatch):
     """The weight split into one block of rows per thread gives F.linear's products (fp32: the same dot products;
     asserted within 1e-6), for any leading shape, whether or not the rows divide evenly (then: F.linear)."""
+    monkeypatch.setitem(linear_module._split_measured, threads, True)  # the split, whatever this machine measures
     g = torch.Generator().manual_seed(rows)
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -66,3 +75,17 @@ def test_split_linear_equals_f_linear(threads, rows):
         assert rel_err(split_linear(x, w), torch.nn.functional.linear(x, w)) < 1e-6
     finally:
         torch.set_num_threads(n)
+
+
+def test_split_pays_is_measured_once_per_thread_count(monkeypatch):
+    """split_pays times the split against F.linear once per thread count and keeps the answer; one thread never
+    splits; compiled code reads the measured answer (compiled_backend measures before tracing)."""
+    monkeypatch.setattr(linear_module, "_split_measured", {})
+    assert split_pays(1) is False and linear_module._split_measured == {}
+    first = split_pays(2)
+    assert isinstance(first, bool) and linear_module._split_measured == {2: first}
+    linear_module._split_measured[2] = not first  # a second call reads, it does not time again
+    assert split_pays(2) is (not first)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert split_pays(2) is (not first) and split_pays(5) is True  # nothing measured for 5: the split
+    assert 5 not in linear_module._split_measured

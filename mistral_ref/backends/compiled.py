@@ -47,7 +47,7 @@ from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, cpu_gemv, get_backend
 from mistral_ref.backends.compile_cache import use_compile_cache
 from mistral_ref.backends.compiled_steps import StepCache, describe
-from mistral_ref.backends.linear import linear, multiply_sum_linear, upcast_on_cpu
+from mistral_ref.backends.linear import linear, multiply_sum_linear, split_pays, upcast_on_cpu
 from mistral_ref.backends.moe import (
     mix_experts_grouped,
     mix_one_token,
@@ -146,6 +146,7 @@ def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
     """The "torch" backend's functions in their compile-friendly forms, for a fixed thread count (cpu_kernels:
     products go to backends/cpu_gemv.py's kernels where they take them)."""
     torch_ops = get_backend("torch")
+    split_pays(threads)  # measured here, eagerly: split_linear reads the answer inside the graph
     fixed = {"threads": threads, "cpu_kernels": cpu_kernels}
     linear = functools.partial(compiled_linear, **fixed)
     linear.many = functools.partial(compiled_linears, **fixed)  # type: ignore[attr-defined]  # Backend.linears

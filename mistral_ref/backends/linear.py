@@ -4,8 +4,10 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
 * bf16/fp16 products of at least UPCAST_MIN_ROWS rows run in fp32 where :func:`upcast_on_cpu` says the native
   product is slow (CPUs without AVX512-BF16/AMX: a bf16 GEMM ~10x slower than fp32 on an AVX2 EPYC).  Upcasting
   costs a pass over the weight: less than a slow GEMM, more than a product of 1-3 rows, which is bound by memory.
-* fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: the BLAS runs a
-  product of a few rows on one core; splitting the weight into one block per thread uses them all.
+* fp32 products of fewer than SPLIT_MAX_ROWS rows (decode) go through :func:`split_linear`: where the BLAS runs a
+  product of a few rows on one core (an AVX2 EPYC), splitting the weight into one block per thread uses them all;
+  where it threads such products itself (an AVX-512 Xeon) the split only adds a cost, and :func:`split_pays`
+  (measured once per thread count) turns it off.
 * products of a few rows with a bf16 or quantized weight go to the C kernels of backends/cpu_gemv.py (where they
   can be built: otherwise, and for more rows, the paths here); :func:`linears`, several products of one input
   (q, k, v; w1, w3), is one call of those kernels;
@@ -101,19 +103,54 @@ def _upcast(w: torch.Tensor) -> torch.Tensor:
     return buffer[: w.numel()].view(w.shape).copy_(w)
 
 
+_split_measured: dict[int, bool] = {}  # split_pays: thread count -> does the split beat F.linear here
+
+
+def split_pays(threads: int) -> bool:
+    """Whether split_linear's one block of the weight per thread beats F.linear for a one-row fp32 product on this
+    machine with `threads` threads: measured once per thread count (~20-50 ms: a 2048 x 2048 weight, 7 alternating
+    timings of each, medians), True if the split is at least 10% faster.  Inside compiled code (where timing is
+    impossible) the measured answer, or True if none: compiled_backend measures before tracing."""
+    if threads <= 1:
+        return False
+    if torch.compiler.is_compiling():
+        return _split_measured.get(threads, True)
+    if threads not in _split_measured:
+        import time
+
+        with torch.inference_mode():
+            weight = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+            x, times = weight[:1].clone(), {"split": [], "blas": []}
+            for _ in range(7):
+                for name, fn in (("split", lambda: _split(x, weight, threads)), ("blas", lambda: F.linear(x, weight))):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        split, blas = (sorted(v)[3] for v in times.values())
+        _split_measured[threads] = split <= 0.9 * blas
+    return _split_measured[threads]
+
+
+def _split(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """x @ weight.T with weight viewed as `parts` blocks of rows, one bmm batch each (see split_linear)."""
+    rows, (out_features, in_features) = x.numel() // max(1, x.shape[-1]), weight.shape
+    blocks = weight.view(parts, out_features // parts, in_features)  # (P, out/P, in), no copy
+    xs = x.reshape(1, rows, in_features).expand(parts, rows, in_features)  # (P, rows, in), no copy
+    out = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+
+
 def split_linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """fp32 F.linear(x, weight) for a few rows of x, with every thread reading its own block of the weight.
 
     x: (..., in); weight: (out, in) -> (..., out).  Viewing the weight as P blocks of out/P rows (P = threads,
     default torch.get_num_threads()), torch.bmm hands one block to each thread: the same dot products, in the same
-    order.  Products of SPLIT_MAX_ROWS rows or more (prefill) are efficient GEMMs already: plain F.linear.
+    order.  Products of SPLIT_MAX_ROWS rows or more (prefill) are efficient GEMMs already, and where the BLAS
+    threads few-row products itself the split does not pay (:func:`split_pays`): plain F.linear.
     """
-    rows, (out_features, in_features) = x.numel() // max(1, x.shape[-1]), weight.shape
+    rows, out_features = x.numel() // max(1, x.shape[-1]), weight.shape[0]
     parts = torch.get_num_threads() if threads is None else threads  # one block per thread
     if (rows >= SPLIT_MAX_ROWS or parts == 1 or out_features % parts or not weight.is_contiguous()
-            or x.device.type != "cpu"):
+            or x.device.type != "cpu" or not split_pays(parts)):
         return F.linear(x, weight)
-    blocks = weight.view(parts, out_features // parts, in_features)  # (P, out/P, in), no copy
-    xs = x.reshape(1, rows, in_features).expand(parts, rows, in_features)  # (P, rows, in), no copy
-    out = torch.bmm(xs, blocks.transpose(1, 2))  # (P, rows, out/P)
-    return out.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    return _split(x, weight, parts)

@@ -1,6 +1,7 @@
 """The C kernels of backends/cpu_gemv.py against the plain products they replace (F.linear on the dequantized
-weight, computed in fp32), in both builds (AVX2 intrinsics and the portable loops), with the shapes that exercise
-their edges: inputs not a multiple of 32, 1-5 rows (tiles of 4 and the rest), int4's last block of 16 rows."""
+weight, computed in fp32), in every build (the native one: AVX-512 or AVX2 intrinsics; the portable loops; the AVX2
+loops alone on an AVX-512 CPU), with the shapes that exercise their edges: inputs not a multiple of 32, 1-5 rows
+(tiles of 4 and the rest), int4's last block of 16 rows, out not a multiple of 4 (the AVX-512 four-row tiles)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("shape", [(48, 64), (40, 100), (16, 7)], ids=["even", "in-remainder", "short"])
+@pytest.mark.parametrize("shape", [(48, 64), (40, 100), (16, 7), (42, 100)],
+                         ids=["even", "in-remainder", "short", "out-remainder"])
 def test_bf16_equals_the_fp32_product_rounded_once(build, rows, shape):
     w = _weight(*shape).bfloat16()
     x = torch.randn(rows, shape[1]).bfloat16()
@@ -75,6 +77,16 @@ def test_quantized_equals_the_dequantized_product(build, rows, scheme, group, ou
     assert y.dtype == dtype and y.shape == (rows, out)
     expected = F.linear(x.float(), qw.dequantize(torch.float32))
     assert rel_err(y, expected) <= (1e-5 if dtype == torch.float32 else BF16_RTOL + INT16_RTOL)
+
+
+@pytest.mark.parametrize("out", [45, 3], ids=["tiles-and-rest", "rest-only"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_with_rows_not_a_multiple_of_four(build, out, dtype):
+    """The AVX-512 loops multiply one row of x by four weight rows at a time: the last out % 4 rows too."""
+    qw = quantize_weight(_weight(out, 1100).to(dtype), "int8")
+    x = torch.randn(1, 1100, dtype=dtype)
+    expected = F.linear(x.float(), qw.dequantize(torch.float32))
+    assert rel_err(cpu_gemv.gemv(x, qw), expected) <= (1e-5 if dtype == torch.float32 else BF16_RTOL + INT16_RTOL)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -223,10 +235,12 @@ def test_stacked_quantized_experts_equal_each_expert_alone(build, scheme, dtype,
 def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
     """Each 512-bit register of the AVX-512 loops holds two of the AVX2 loops' registers lane for lane: one
     product, several products of one input, and stacked experts give bitwise the AVX2 build's results, for 1-5
-    rows, inputs that are not a multiple of 32 or span more than one 1024-input int32 block, and int4's tail."""
+    rows, inputs that are not a multiple of 32 or span more than one 1024-input int32 block, outputs not a multiple
+    of 4, and int4's tail.  (bf16 results round the fp32 sums, which hides most one-ulp differences: the bf16
+    weights are also compared with fp32 x and y, and int8 with fp32 x; the int16 path of int8 ends in bf16.)"""
     monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing builds)")  # calls go to cpu_gemv._lib
     inp = {"bf16": 1100, "int8": 1100, "int4": 1152}[scheme]  # int4: a multiple of its group (64)
-    weights = [_weight(out, inp, seed=out).to(dtype) for out in (64, 48)]
+    weights = [_weight(out, inp, seed=out).to(dtype) for out in (64, 48 if scheme == "int4" else 45)]
     if scheme != "bf16":
         weights = [quantize_weight(w, scheme, 64) for w in weights]
     rows = range(1, 6) if scheme != "int4" else range(1, cpu_gemv.MAX_ROWS["int4"])
@@ -241,9 +255,19 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
             out += [cpu_gemv.experts_gemv(xs[0][:1].expand(3, inp).contiguous(), experts, index, threads=2)]
         return out
 
-    native = results()
+    def fp32_results() -> list[torch.Tensor]:  # bf16 weights, fp32 x and y through the C entry point: the sums
+        out = []                                   # before any bf16 rounding of the result, compared bitwise too
+        for x in xs:
+            for w in (weights if scheme == "bf16" else []):
+                y = torch.empty(x.shape[0], w.shape[0])
+                assert cpu_gemv._lib.gemv_bf16(x.float().data_ptr(), w.data_ptr(), y.data_ptr(), 0, x.shape[0],
+                                               w.shape[0], inp, 2) == 0
+                out.append(y)
+        return out
+
+    native = results() + fp32_results()
     other_build("avx2", monkeypatch)
-    for a, b in zip(native, results(), strict=True):
+    for a, b in zip(native, results() + fp32_results(), strict=True):
         assert torch.equal(a, b)
 
 

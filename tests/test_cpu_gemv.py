@@ -25,14 +25,15 @@ INT16_RTOL = 1e-4  # the integer path's rounding of each row of bf16 activations
 
 
 #: The builds besides -march=native: their compiler flag and the loops they must have (cpu_gemv_isa()).
-OTHER_BUILDS = {"portable": (("-DCPU_GEMV_PORTABLE",), 1), "avx2": (("-DCPU_GEMV_NO_AVX512",), 2)}
+OTHER_BUILDS = {"portable": (("-DCPU_GEMV_PORTABLE",), 1), "avx2": (("-DCPU_GEMV_NO_AVX512",), 2),
+                "no-prefetch": (("-DCPU_GEMV_NO_PREFETCH",), None)}
 
 
 def other_build(name: str, monkeypatch) -> None:
     """Make cpu_gemv use the build `name` of OTHER_BUILDS."""
     flags, isa = OTHER_BUILDS[name]
     lib = cpu_gemv.load(cpu_gemv.build(flags))
-    assert lib.cpu_gemv_isa() == isa
+    assert lib.cpu_gemv_isa() == (isa or cpu_gemv.library().cpu_gemv_isa())
     monkeypatch.setattr(cpu_gemv, "_lib", lib)
     # the operators' C++ kernels hold their own (native) build: calls go to the Python functions and this _lib
     monkeypatch.setattr(cpu_gemv, "_ops_status", f"Python (testing the {name} build)")
@@ -268,6 +269,20 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
     native = results() + fp32_results()
     other_build("avx2", monkeypatch)
     for a, b in zip(native, results() + fp32_results(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
+def test_prefetching_changes_no_result(scheme, monkeypatch):
+    """The loops' prefetches of the next weight rows (past the last row too) change no bit of any product."""
+    monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing builds)")  # calls go to cpu_gemv._lib
+    w = _weight(96, 320).bfloat16()
+    w = w if scheme == "bf16" else quantize_weight(w, scheme, 32)
+    xs = [torch.randn(rows, 320).bfloat16() for rows in (1, 3)] + [torch.randn(1, 320)] * (scheme != "bf16")
+    native = [cpu_gemv.gemv(x, w, threads=2) for x in xs if scheme != "int4" or len(x) == 1]
+    other_build("no-prefetch", monkeypatch)
+    for a, b in zip(native, [cpu_gemv.gemv(x, w, threads=2) for x in xs if scheme != "int4" or len(x) == 1],
+                    strict=True):
         assert torch.equal(a, b)
 
 

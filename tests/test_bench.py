@@ -158,3 +158,18 @@ def test_operators_benchmark_compares_python_and_cpp_operators():
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = re.search(r"tiny-gqa int8 round 1: Python (\d+\.\d+) .* C\+\+ (\d+\.\d+) .* ratio (\d+\.\d+)", proc.stdout)
     assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
+
+
+def test_a_llamacpp_probe_that_crashes_runs_llamacpp_without_its_extra_buffer_types(tmp_path, monkeypatch):
+    """peer_llamacpp.extra_bufts_fail runs llama.cpp's default weight layouts in a child process first (they died
+    with SIGSEGV on an AMX Xeon): a crash or an error is a line saying so, success None; one probe per file."""
+    peer = benchmark_module("peer_llamacpp")
+    monkeypatch.setattr(peer, "_extra_bufts", {})
+    probes = {"crash": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+              "error": "import sys; sys.exit('llama_decode failed')", "fine": "pass"}
+    for name, probe in probes.items():
+        monkeypatch.setattr(peer, "_PROBE", probe)
+        assert peer.extra_bufts_fail(tmp_path / f"{name}.gguf", 2) == {
+            "crash": "killed by SIGSEGV", "error": "exit status 1: llama_decode failed", "fine": None}[name]
+    monkeypatch.setattr(peer, "_PROBE", "raise SystemExit(3)")
+    assert peer.extra_bufts_fail(tmp_path / "crash.gguf", 2) == "killed by SIGSEGV"  # remembered, not run again

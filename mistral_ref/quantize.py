@@ -148,10 +148,12 @@ class QuantizedExperts(Sequence):
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Codes q (out, in) in 0..15 -> (out, in / 2) uint8 in the layout torch's int4 CPU kernel reads.
 
-    The layout of torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) (torch 2.5 .. 2.13; tested equal in
-    tests/test_quant.py): rows in blocks of 32; within a block, for each input k, 16 bytes whose low nibbles are
-    rows 0..15 and high nibbles rows 16..31.  A last block of 16 rows stores, for each k, 8 bytes holding rows
-    (0, 1), (2, 3), ... as (low, high) nibbles.  out must be a multiple of 16.
+    The layout of torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) on an AVX2 CPU (torch 2.5 .. 2.13;
+    tested equal in tests/test_quant.py where torch packs that way: on an AVX-512 CPU it packs otherwise, and
+    backends/quant.py then never hands these bytes to torch's kernel), the layout checkpoints store and the C
+    kernels read, whatever the CPU: rows in blocks of 32; within a block, for each input k, 16 bytes whose low
+    nibbles are rows 0..15 and high nibbles rows 16..31.  A last block of 16 rows stores, for each k, 8 bytes
+    holding rows (0, 1), (2, 3), ... as (low, high) nibbles.  out must be a multiple of 16.
     """
     out, inp = q.shape
     q = q.to(torch.uint8)

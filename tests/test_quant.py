@@ -17,6 +17,7 @@ from conftest import FP32_RTOL, rel_err
 from model_helpers import random_model
 
 from mistral_ref import quantize_model
+from mistral_ref.backends import quant
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.quant import DEQUANTIZE_MIN_ROWS
 from mistral_ref.cache import KVCache
@@ -45,11 +46,33 @@ SCHEMES = [("int8", 32), ("int4", 32), ("int4", 64)]
 
 @pytest.mark.parametrize("out", [32, 48, 96, 16])
 def test_pack_int4_is_the_layout_of_torchs_cpu_kernel(out):
-    """pack_int4 writes what torch's own packing writes (if a torch release changes it, this fails)."""
+    """pack_int4 writes what torch's own packing writes on an AVX2 CPU (if a torch release changes it, this fails
+    there); torch packs for the CPU it runs on (otherwise on AVX-512), and quant.torch_int4_layout_matches, which
+    decides whether torch's int4 kernel may read our bytes, says which."""
     q = torch.randint(0, 16, (out, 64), generator=torch.Generator().manual_seed(out), dtype=torch.int32)
     packed = pack_int4(q)
-    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert quant.torch_int4_layout_matches()
+    if quant.torch_int4_layout_matches():
+        assert torch.equal(packed, theirs)
+    else:  # (on AVX-512 a lone block of 16 rows happens to be packed alike)
+        assert out == 16 or not torch.equal(packed, theirs)
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["torch-kernel", "other-layout"])
+def test_int4_products_of_a_few_rows_where_torch_packs_otherwise(matches, monkeypatch):
+    """2-63 bf16 rows of an int4 product go to torch's kernel only where it reads pack_int4's layout; elsewhere
+    they dequantize (an AVX-512 CPU): the dequantized product either way."""
+    if matches and not quant.torch_int4_layout_matches():
+        pytest.skip("torch's int4 kernel reads another layout on this CPU")
+    monkeypatch.setattr(quant, "_int4_layout_matches", matches)
+    qw = quantize_weight(torch.randn(48, 128, generator=torch.Generator().manual_seed(1)), "int4", 32).to(
+        torch.bfloat16)
+    x = torch.randn(3, 128).bfloat16()
+    expected = F.linear(x.float(), qw.dequantize(torch.float32))
+    assert rel_err(quant.quantized_linear(x, qw), expected) < 1e-2
 
 
 @pytest.mark.parametrize("scheme,group_size", SCHEMES + [("int4", 128)])

@@ -17,6 +17,9 @@ weight, a shared machine: ratios, not times):
   :func:`dequantize_rows`) and multiplied with the `dense` fp32 product: ~1x the dense product;
 * fp32: the kernels have no fast fp32 path (int8 6x, int4 30x slower than the dense fp32 product at one row), so
   fp32 products always dequantize.  Quantized models are meant to compute in bf16 (or fp16).
+* int4 where torch's kernel reads another layout than quantize.pack_int4's (:func:`torch_int4_layout_matches`:
+  torch packs for the CPU it runs on, and on an AVX-512 CPU its blocks differ from the AVX2 layout this project
+  stores and its C kernels read): always dequantize, since the kernel would read our bytes as other rows.
 Off the CPU the weight is dequantized whole (the kernels here are CPU kernels).
 """
 
@@ -27,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mistral_ref.quantize import QuantizedWeight
+from mistral_ref.quantize import QuantizedWeight, pack_int4
 
 DEQUANTIZE_MIN_ROWS = 64  # bf16 / fp16 products of this many rows or more dequantize (see the module docstring)
 _BLOCK_ELEMENTS = 2 << 20  # dequantize <= 8 MB of fp32 weight at once
@@ -45,7 +48,8 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
         return F.linear(x, weight.dequantize())
     if x.dtype != weight.dtype:
         raise RuntimeError(f"quantized linear: input dtype {x.dtype} does not match the weight's {weight.dtype}")
-    if x.dtype == torch.float32 or rows >= DEQUANTIZE_MIN_ROWS:
+    if (x.dtype == torch.float32 or rows >= DEQUANTIZE_MIN_ROWS
+            or (weight.scheme == "int4" and not torch_int4_layout_matches())):
         xf = x.float()
         block = max(32, _BLOCK_ELEMENTS // in_features // 32 * 32)  # rows of weight per block (int4: 32s)
         parts = [dense(xf, dequantize_rows(weight, start, start + block))
@@ -58,6 +62,20 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight.qweight, weight.group_size,
                                                        weight.scales_and_zeros)
     return y.view(*x.shape[:-1], out_features)
+
+
+_int4_layout_matches: bool | None = None
+
+
+def torch_int4_layout_matches() -> bool:
+    """Whether torch's int4 CPU kernel reads the layout of quantize.pack_int4 on this CPU: torch's own packing of
+    one small weight compared with pack_int4's, once per process."""
+    global _int4_layout_matches
+    if _int4_layout_matches is None:
+        codes = torch.randint(0, 16, (64, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        _int4_layout_matches = theirs.shape == (64, 32) and torch.equal(pack_int4(codes), theirs)
+    return _int4_layout_matches
 
 
 def dequantize_rows(weight: QuantizedWeight, start: int, stop: int) -> torch.Tensor:

@@ -159,8 +159,9 @@ def open_llamacpp(path: Path, n_ctx: int, threads: int, label: str, kv_f32: bool
     """LlamaCpp with its default extra buffer types where a probe runs them, without them (saying so) where not."""
     why = extra_bufts_fail(path, threads)
     if why:
-        print(f"  llama.cpp {label}: its extra buffer types (repacked / AMX weight layouts) crashed in a probe "
-              f"({why}); this row runs llama.cpp without them", flush=True)
+        print(f"  llama.cpp {label}: its extra buffer types (repacked / AMX weight layouts) "
+              f"{'crashed' if why.startswith('killed') else 'failed'} in a probe ({why}); this row runs llama.cpp "
+              "without them", flush=True)
     return LlamaCpp(path, n_ctx, threads, kv_f32=kv_f32, extra_bufts=why is None)
 
 

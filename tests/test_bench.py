@@ -160,6 +160,20 @@ def test_operators_benchmark_compares_python_and_cpp_operators():
     assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
 
 
+def test_cpu_builds_benchmark_compares_the_kernel_builds():
+    from mistral_ref.backends import cpu_gemv
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_builds.py"), "--mb", "16",
+                           "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for scheme in ("bf16", "int8", "int4"):
+        for build in ("native", "no prefetch"):
+            row = re.search(rf"{scheme} {build}: (\d+\.\d+) .* per round: (\d+\.\d+)", proc.stdout)
+            assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
+
+
 def test_a_llamacpp_probe_that_crashes_runs_llamacpp_without_its_extra_buffer_types(tmp_path, monkeypatch):
     """peer_llamacpp.extra_bufts_fail runs llama.cpp's default weight layouts in a child process first (they died
     with SIGSEGV on an AMX Xeon): a crash or an error is a line saying so, success None; one probe per file."""

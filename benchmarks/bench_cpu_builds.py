@@ -1,0 +1,85 @@
+"""The C kernels' builds against each other, same run: one-row products streaming from memory (decode's case).
+
+`make bench` runs it last.  Each kernel build of backends/cpu_gemv.c is loaded side by side (cpu_gemv.build with
+extra flags: the native build, the same without its prefetches, and, on a CPU with AVX-512, the AVX2 loops alone)
+and times one-row bf16 / int8 / int4 products over weights far larger than the caches (`--mb` of bf16 weight),
+alternating the builds, each round starting with the next one (whichever ran first in a round was slower here:
+the position, not the code, showed between identical int4 loops).  Prints GB/s of weight read per build (median
+[min-max]) and each round's time ratio to the native build.  The builds give bitwise the same results
+(tests/test_cpu_gemv.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mistral_ref.backends import cpu_gemv
+from mistral_ref.quantize import quantize_weight
+
+
+def builds() -> dict[str, object]:
+    """name -> loaded library: native first."""
+    native = cpu_gemv.library()
+    if native is None:
+        raise SystemExit(f"C kernels unavailable: {cpu_gemv.status()}")
+    out = {"native": native, "no prefetch": cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_PREFETCH",)))}
+    if native.cpu_gemv_isa() == 3:
+        out["AVX2 loops"] = cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_AVX512",)))
+    return out
+
+
+def product(lib, x: torch.Tensor, w, y: torch.Tensor, threads: int) -> None:
+    """y = x @ w.T through `lib` (bf16 x and y), as cpu_gemv.gemv_bf16 / gemv_quantized call it."""
+    rows, inp = x.shape
+    if isinstance(w, torch.Tensor):
+        code = lib.gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 1, rows, w.shape[0], inp, threads)
+    elif w.scheme == "int8":
+        code = lib.gemv_int8(x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
+                             int(w.scales.dtype == torch.bfloat16), y.data_ptr(), 1, rows, w.shape[0], inp, threads)
+    else:
+        code = lib.gemv_int4(x.data_ptr(), w.qweight.data_ptr(), w.scales_and_zeros.data_ptr(),
+                             int(w.scales_and_zeros.dtype == torch.bfloat16), y.data_ptr(), 1, rows, w.shape[0],
+                             inp, w.group_size, threads)
+    if code != 0:
+        raise MemoryError("cpu_gemv: out of memory")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mb", type=int, default=256, help="MB of bf16 weight (8192 x 1024 matrices)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    opts = p.parse_args(argv)
+    libs = builds()
+    g = torch.Generator().manual_seed(0)
+    dense = [(torch.randn(8192, 1024, generator=g) * 0.05).bfloat16() for _ in range(max(1, opts.mb // 16))]
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    y = torch.empty(1, 8192, dtype=torch.bfloat16)
+    print(f"# C kernel builds, one-row products of {len(dense)} x (8192 x 1024) weights, {opts.threads} threads, "
+          f"{opts.rounds} alternating rounds; GB/s of weight read, median [min-max]; per-round time ratio to native")
+    for scheme, width in (("bf16", 2.0), ("int8", 1.0), ("int4", 0.5)):
+        weights = dense if scheme == "bf16" else [quantize_weight(w, scheme, 32) for w in dense]
+        nbytes = len(dense) * 8192 * 1024 * width
+        seconds: dict[str, list[float]] = {name: [] for name in libs}
+        names = list(libs)
+        for k in range(opts.rounds + 1):  # the first round warms up, not counted
+            for name in names[k % len(names):] + names[:k % len(names)]:  # each round starts with another build
+                lib = libs[name]
+                t0 = time.perf_counter()
+                for w in weights:
+                    product(lib, x, w, y, opts.threads)
+                seconds[name].append(time.perf_counter() - t0)
+        for name, s in seconds.items():
+            s = s[1:]
+            rates = [nbytes / t / 1e9 for t in s]
+            ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(s, seconds["native"][1:]))
+            print(f"{scheme} {name}: {statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}] GB/s, "
+                  f"time / native per round: {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,12 +37,19 @@
  * their horizontal sums done together).  Each 512-bit register holds exactly two of the AVX2 loop's 256-bit
  * registers, lane for lane, and is split back into them before the sums that round, which are done in the AVX2
  * loop's order: the results are bitwise those of the AVX2 loops (tests/test_cpu_gemv.py compares the two builds).
- * int4 keeps the AVX2 loops: its 512-bit version was no faster (its shuffles, not its products, are the cost). */
+ * int4 with bf16 activations takes a 512-bit loop where the CPU also has AVX512-VBMI (int4_blocks_vbmi: one byte
+ * permutation per 32 (row, input) pairs instead of the AVX2 loop's unpack and widen per 8 rows); its integer sums
+ * are exact, so it too gives the AVX2 loop's results bitwise. */
 #if CPU_GEMV_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && \
     !defined(CPU_GEMV_NO_AVX512)
 #define CPU_GEMV_AVX512 1
 #else
 #define CPU_GEMV_AVX512 0
+#endif
+#if CPU_GEMV_AVX512 && defined(__AVX512VBMI__)
+#define CPU_GEMV_INT4_VBMI 1
+#else
+#define CPU_GEMV_INT4_VBMI 0
 #endif
 
 /* The intrinsic loops ask for the weight rows they will read next (the rows four ahead, or the next block of 32
@@ -464,8 +471,74 @@ static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int sc
  * the codes of inputs i and i+1 are interleaved per row (unpack) and widened to 16 bits, and multiplied by the
  * pair (x16[i], x16[i+1]) broadcast; per group the int32 sums A = sum x16 q and X = sum x16 give
  * sum x (q - 8) = sx (A - 8 X) and sum x = sx X. */
+#if CPU_GEMV_INT4_VBMI
+/* int4_blocks_int16 on AVX512-VBMI (group % 4 == 0).  Four inputs of a block are 64 contiguous bytes (input i:
+ * 16 bytes, rows 0..15 in the low nibbles, 16..31 in the high ones); one masked byte permutation (vpermb) turns a
+ * nibble half into 32 int16 words, word 2r + t = row r of input i + t (pairs) or i + 2 + t (pairs_23), which
+ * vpdpwssd multiplies by the broadcast pair (x16[i], x16[i+1]) (or i+2, i+3) and adds into int32 lane r.  The
+ * group sums are exact integers, split back into the AVX2 loop's four 8-row registers before its float steps:
+ * bitwise int4_blocks_int16's results. */
+static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
+                             float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    uint8_t index01[64], index23[64];
+    for (int w = 0; w < 32; w++) {  /* word w = 2r + t: its low byte from row r of input t (or 2 + t) */
+        index01[2 * w] = (uint8_t)((w & 1) * 16 + w / 2), index23[2 * w] = (uint8_t)((2 + (w & 1)) * 16 + w / 2);
+        index01[2 * w + 1] = index23[2 * w + 1] = 0;  /* (masked to zero: the high byte of each word) */
+    }
+    const __m512i pairs01 = _mm512_loadu_si512(index01), pairs23 = _mm512_loadu_si512(index23);
+    const __mmask64 low_bytes = 0x5555555555555555ULL;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < out / 32; b++) {
+        const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
+        for (int64_t r = 0; r < rows; r++) {
+            const int16_t *xr = x16 + r * in;
+            __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t g = 0; g < in / group; g++) {
+                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();  /* rows 0..15, 16..31 */
+                int32_t xsum = 0;
+                if (r == 0 && b + 1 < out / 32) {  /* the next block's scales of this group: a line of their own */
+                    const char *next = (const char *)sz + (g * out + (b + 1) * 32) * 2 * (scales_bf16 ? 2 : 4);
+                    for (int l = 0; l < (scales_bf16 ? 2 : 4); l++) PREFETCH(next + 64 * l);
+                }
+                for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+                    PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, one 64-byte line */
+                    __m512i v = _mm512_loadu_si512(qb + i * 16);  /* inputs i .. i+3 */
+                    __m512i vlo = _mm512_and_si512(v, low4), vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    int32_t p01, p23;
+                    memcpy(&p01, xr + i, sizeof p01);
+                    memcpy(&p23, xr + i + 2, sizeof p23);
+                    __m512i x01 = _mm512_set1_epi32(p01), x23 = _mm512_set1_epi32(p23);
+                    xsum += xr[i] + xr[i + 1] + xr[i + 2] + xr[i + 3];
+                    lo = _mm512_dpwssd_epi32(lo, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vlo), x01);
+                    lo = _mm512_dpwssd_epi32(lo, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vlo), x23);
+                    hi = _mm512_dpwssd_epi32(hi, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vhi), x01);
+                    hi = _mm512_dpwssd_epi32(hi, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vhi), x23);
+                }
+                __m256i acc[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
+                                  _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
+                __m256 xs = _mm256_set1_ps((float)xsum);
+                __m256i x8 = _mm256_set1_epi32(8 * xsum);
+                for (int u = 0; u < 4; u++) {  /* rows 8u .. 8u+7 of the block: A - 8 X */
+                    __m256 centered = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[u], x8));
+                    result[u] = add_group(result[u], centered, xs, sz, (g * out + b * 32 + 8 * u) * 2, scales_bf16);
+                }
+            }
+            __m256 scale = _mm256_set1_ps(sx[r]);
+            for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
+        }
+    }
+}
+#endif
+
 static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
                               float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+#if CPU_GEMV_INT4_VBMI
+    if (group % 4 == 0) {
+        int4_blocks_vbmi(x16, sx, q, sz, scales_bf16, y, rows, out, in, group, threads);
+        return;
+    }
+#endif
     const __m128i low4 = _mm_set1_epi8(15);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < out / 32; b++) {

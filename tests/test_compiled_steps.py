@@ -15,7 +15,7 @@ from model_helpers import random_model
 
 from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.compiled import compile_decode
-from mistral_ref.backends.compiled_steps import StepCache, describe, disk_name, trusted
+from mistral_ref.backends.compiled_steps import GuardedOnce, StepCache, describe, disk_name, global_state, trusted
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.generation import generate
@@ -81,6 +81,40 @@ def test_a_saved_step_is_loaded_by_the_next_cache_not_compiled(cache_dir):
     step = second.get(key, "axpy", axpy, lambda: args)
     assert second.summary() == "loaded" and torch.equal(step(*args), axpy(*args))
     assert disk_name("axpy", key, "inductor") != saved.name  # another backend's code is another file
+
+
+def test_a_step_checks_its_guards_at_the_first_call_only(cache_dir):
+    """dynamo's guards of a saved step run at its first call (a loaded file that does not fit the arguments
+    fails there), then the key stands for them: no per-call checks of every argument."""
+    args = (torch.tensor(2.0), torch.arange(5.0), torch.ones(5))
+    key = ("axpy", describe(args))
+    StepCache(cache_dir, backend="eager").get(key, "axpy", axpy, lambda: args)
+    step = StepCache(cache_dir, backend="eager").get(key, "axpy", axpy, lambda: args)  # loaded
+    assert isinstance(step, GuardedOnce) and not step.checked
+    with pytest.raises(RuntimeError, match="[Gg]uard"):  # a mistaken key: the first call's guards catch it
+        step(torch.tensor(2.0), torch.arange(6.0), torch.ones(6))
+    assert not step.checked
+    assert torch.equal(step(*args), axpy(*args)) and step.checked
+    assert step.step._guard_check_enabled is False
+
+
+def test_global_settings_are_part_of_a_steps_key(one_thread):
+    """What dynamo's global-state guard checks (threads, default dtype, deterministic algorithms, autocast) is in
+    every key: another setting compiles another step instead of failing a guard."""
+    before = global_state()
+    torch.set_num_threads(2)
+    try:
+        assert global_state() != before
+    finally:
+        torch.set_num_threads(1)
+    with torch.autocast("cpu"):
+        assert global_state() != before
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert global_state() != before
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert global_state() == before
 
 
 def test_a_file_others_can_write_or_a_damaged_one_is_never_loaded(cache_dir, caplog):

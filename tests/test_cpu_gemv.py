@@ -211,6 +211,47 @@ def test_mix_one_token_gemv_with_quantized_experts(scheme, dtype):
         cpu_gemv.experts_gemv(x, w1, torch.tensor([0, 4]), threads=1)
 
 
+def _three_products(x, weights, index, w1, w2, w3):
+    """experts_swiglu as three experts_gemv calls and torch's operations between them (what mix_one_token_gemv
+    ran before the fused operator)."""
+    gate, up = cpu_gemv.experts_gemv(x, w1, index, 1), cpu_gemv.experts_gemv(x, w3, index, 1)
+    y = cpu_gemv.experts_gemv(F.silu(gate) * up, w2, index, 1)
+    return (y * weights[:, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)
+
+
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
+                                        ("int4", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_experts_swiglu_is_the_three_products_bitwise(build, kind, dtype, k):
+    """The fused operator of a MoE layer (one call: gate, up, SiLU, down, the weighted sum) gives bitwise what
+    the three expert products and torch's operations between them give, in every build; its C++ kernel too."""
+    dim, hidden, n = 64, 96, 4
+    if kind == "bf16":
+        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
+        w2 = _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
+    else:
+        w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
+                                    for e in range(n)]) for s in (1, 2))
+        w2 = QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32) for e in range(n)])
+    x = torch.randn(1, dim, generator=torch.Generator().manual_seed(k)).to(dtype)
+    index, weights = torch.tensor([3, 0, 2][:k]), torch.tensor([0.5, 0.3, 0.2][:k])
+    expected = _three_products(x, weights, index, w1, w2, w3)
+    got = cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if build == "native" and cpu_gemv.operators(wait=True) == "C++":
+        ops = torch.ops.mistral_ref
+        got = ops.swiglu_bf16_experts(x, w1, w3, w2, index, weights, 1) if kind == "bf16" else \
+            ops.swiglu_quantized_experts(x, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales,
+                                         index, weights, 32 if kind == "int4" else 0, 1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        if kind == "bf16":
+            with pytest.raises(ValueError, match="one row"):
+                ops.swiglu_bf16_experts(x.expand(2, dim), w1, w3, w2, index, weights, 1)
+    with pytest.raises(ValueError, match="one row"):
+        cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights.double(), 1)
+
+
 @pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8", torch.float32), ("int4", torch.bfloat16),
                                           ("int4", torch.float32)], ids=["int8-bf16", "int8-fp32", "int4-bf16",
                                                                          "int4-fp32"])

@@ -46,7 +46,7 @@ import torch
 from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, cpu_gemv, get_backend
 from mistral_ref.backends.compile_cache import use_compile_cache
-from mistral_ref.backends.compiled_steps import StepCache, describe
+from mistral_ref.backends.compiled_steps import StepCache, describe, global_state
 from mistral_ref.backends.linear import linear, multiply_sum_linear, split_pays, upcast_on_cpu
 from mistral_ref.backends.moe import (
     mix_experts_grouped,
@@ -182,6 +182,10 @@ def configure_compiler() -> None:
     cpp_config = torch._inductor.config.cpp
     if cpp_config.vec_isa_ok is None:  # (unless TORCHINDUCTOR_VEC_ISA_OK says) trust the CPU's flags rather
         cpp_config.vec_isa_ok = True  # than building a test program per vector ISA: seconds of a cold start
+    # the generated code would check every input's size and strides at every call: the step's key (describe())
+    # already fixes them, and the checks cost ~0.1 ms a decode step
+    torch._inductor.config.size_asserts = False
+    torch._inductor.config.alignment_asserts = False
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:  # a graph or two of one kernel each: no worker pool
         torch._inductor.config.compile_threads = 1
 
@@ -285,6 +289,7 @@ class CompiledDecode:
         if len(set(pointers)) < len(pointers):
             return None
         key = (name, self.threads, self.cpu_kernels, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
+               global_state(),
                tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
         return self.steps.get(key, name, fn, lambda: _scratch(args))
 

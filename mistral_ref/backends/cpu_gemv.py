@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled_steps import trusted
@@ -413,6 +414,58 @@ def experts_gemv(x: torch.Tensor, weights: torch.Tensor | QuantizedExperts, inde
     return gemv_quantized_experts(x, *parts)
 
 
+def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: torch.Tensor | QuantizedExperts,
+                   w2: torch.Tensor | QuantizedExperts, index: torch.Tensor, weights: torch.Tensor,
+                   threads: int) -> torch.Tensor:
+    """One token's routed experts, summed: sum_s weights[s] * w2[e_s](silu(w1[e_s] x) * w3[e_s] x), e_s =
+    index[s], with the stacked experts of :func:`experts_gemv` (all three bf16, or all three quantized alike) in
+    one operator call (a compiled step calls one operator per MoE layer instead of three, and two generated
+    kernels between them).  x: (1, dim) bf16 (or fp32 with quantized experts), index: (k,) int64, weights: (k,)
+    fp32 -> (1, dim) in x's dtype, rounded as backends/moe.py's mix_one_token_gemv rounds: its operations, in
+    its order (tests/test_cpu_gemv.py: bitwise)."""
+    compiling = _as_operator()
+    if isinstance(w1, torch.Tensor):
+        parts = (x, w1, w3, w2, index, weights, threads)
+        return torch.ops.mistral_ref.swiglu_bf16_experts(*parts) if compiling else swiglu_bf16_experts(*parts)
+    parts = (x, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales, index, weights,
+             w1.group_size or 0, threads)
+    if compiling:
+        return torch.ops.mistral_ref.swiglu_quantized_experts(*parts)
+    return swiglu_quantized_experts(*parts)
+
+
+def _mix(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, product, weights: torch.Tensor) -> torch.Tensor:
+    """The rest of experts_swiglu after the gate and up products (k, hidden): the down product (`product` of the
+    hidden rows), each expert's output times its weight in x's dtype, summed over the k experts in fp32."""
+    y = product(F.silu(gate) * up)  # (k, dim)
+    return (y * weights[:, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)  # (1, dim)
+
+
+def _check_swiglu(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    if x.ndim != 2 or x.shape[0] != 1 or weights.shape != index.shape or weights.dtype != torch.float32:
+        raise ValueError(f"swiglu experts: x must be one row (got {tuple(x.shape)}), weights (k,) fp32 like index "
+                         f"(got {tuple(weights.shape)} {weights.dtype}, index {tuple(index.shape)})")
+
+
+def swiglu_bf16_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, index: torch.Tensor,
+                        weights: torch.Tensor, threads: int) -> torch.Tensor:
+    """experts_swiglu for stacked bf16 experts w1, w3 (E, hidden, dim), w2 (E, dim, hidden)."""
+    _check_swiglu(x, index, weights)
+    gate = gemv_bf16_experts(x, w1, index, threads)  # (k, hidden)
+    up = gemv_bf16_experts(x, w3, index, threads)
+    return _mix(x, gate, up, lambda h: gemv_bf16_experts(h, w2, index, threads), weights)
+
+
+def swiglu_quantized_experts(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, q3: torch.Tensor,
+                             s3: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, index: torch.Tensor,
+                             weights: torch.Tensor, group_size: int, threads: int) -> torch.Tensor:
+    """experts_swiglu for stacked quantized experts (codes and scales of w1, w3, w2, one scheme)."""
+    _check_swiglu(x, index, weights)
+    gate = gemv_quantized_experts(x, q1, s1, index, group_size, threads)  # (k, hidden)
+    up = gemv_quantized_experts(x, q3, s3, index, group_size, threads)
+    return _mix(x, gate, up, lambda h: gemv_quantized_experts(h, q2, s2, index, group_size, threads), weights)
+
+
 def quantized_experts(x: torch.Tensor, weights: object) -> bool:
     """True if `weights` are stacked quantized experts (QuantizedExperts) that :func:`experts_gemv` takes with x
     (one token; x in the weights' dtype, bf16 or fp32; on a CPU)."""
@@ -608,6 +661,12 @@ _OPS.define("gemv_quantized_experts(Tensor x, Tensor qweight, Tensor scales, Ten
             "int threads) -> Tensor")
 _OPS.impl("gemv_quantized_experts", gemv_quantized_experts, _PYTHON_KEY)
 _OPS.impl("gemv_quantized", gemv_quantized, _PYTHON_KEY)
+_OPS.define("swiglu_bf16_experts(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor index, Tensor weights, "
+            "int threads) -> Tensor")
+_OPS.impl("swiglu_bf16_experts", swiglu_bf16_experts, _PYTHON_KEY)
+_OPS.define("swiglu_quantized_experts(Tensor x, Tensor q1, Tensor s1, Tensor q3, Tensor s3, Tensor q2, Tensor s2, "
+            "Tensor index, Tensor weights, int group_size, int threads) -> Tensor")
+_OPS.impl("swiglu_quantized_experts", swiglu_quantized_experts, _PYTHON_KEY)
 _OPS.define("gemv_bf16_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
 _OPS.impl("gemv_bf16_many", gemv_bf16_many, _PYTHON_KEY)
 _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
@@ -633,6 +692,16 @@ def _(x, weights, index, threads):
 @torch.library.register_fake("mistral_ref::gemv_quantized_experts", lib=_OPS)
 def _(x, qweight, scales, index, group_size, threads):
     return x.new_empty(index.shape[0], qweight.shape[1])
+
+
+@torch.library.register_fake("mistral_ref::swiglu_bf16_experts", lib=_OPS)
+def _(x, w1, w3, w2, index, weights, threads):
+    return x.new_empty(1, w2.shape[1])
+
+
+@torch.library.register_fake("mistral_ref::swiglu_quantized_experts", lib=_OPS)
+def _(x, q1, s1, q3, s3, q2, s2, index, weights, group_size, threads):
+    return x.new_empty(1, q2.shape[1])
 
 
 @torch.library.register_fake("mistral_ref::gemv_bf16_many", lib=_OPS)

@@ -8,6 +8,7 @@
 // operators, registered under CompositeExplicitAutograd, which a CPU kernel registered here takes precedence over.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/silu.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -205,6 +206,37 @@ Tensor op_gemv_quantized_experts(const Tensor &x_, const Tensor &qweight, const 
   return y;
 }
 
+// cpu_gemv.py: _check_swiglu, _mix
+void check_swiglu(const Tensor &x, const Tensor &index, const Tensor &weights) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == 1 && weights.sizes() == index.sizes() &&
+                        weights.scalar_type() == at::kFloat,
+                    "swiglu experts: x must be one row (got ", x.sizes(), "), weights (k,) fp32 like index (got ",
+                    weights.sizes(), " ", weights.scalar_type(), ", index ", index.sizes(), ")");
+}
+
+template <typename Product>
+Tensor mix(const Tensor &x, const Tensor &gate, const Tensor &up, Product product, const Tensor &weights) {
+  Tensor y = product(at::silu(gate).mul(up));  // (k, dim)
+  return y.mul(weights.unsqueeze(1).to(x.scalar_type())).to(at::kFloat).sum(0, true).to(x.scalar_type());
+}
+
+Tensor op_swiglu_bf16_experts(const Tensor &x, const Tensor &w1, const Tensor &w3, const Tensor &w2,
+                              const Tensor &index, const Tensor &weights, int64_t threads) {
+  check_swiglu(x, index, weights);
+  Tensor gate = op_gemv_bf16_experts(x, w1, index, threads), up = op_gemv_bf16_experts(x, w3, index, threads);
+  return mix(x, gate, up, [&](const Tensor &h) { return op_gemv_bf16_experts(h, w2, index, threads); }, weights);
+}
+
+Tensor op_swiglu_quantized_experts(const Tensor &x, const Tensor &q1, const Tensor &s1, const Tensor &q3,
+                                   const Tensor &s3, const Tensor &q2, const Tensor &s2, const Tensor &index,
+                                   const Tensor &weights, int64_t group, int64_t threads) {
+  check_swiglu(x, index, weights);
+  Tensor gate = op_gemv_quantized_experts(x, q1, s1, index, group, threads);
+  Tensor up = op_gemv_quantized_experts(x, q3, s3, index, group, threads);
+  return mix(x, gate, up, [&](const Tensor &h) { return op_gemv_quantized_experts(h, q2, s2, index, group, threads); },
+             weights);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
@@ -214,4 +246,6 @@ TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
   m.impl("gemv_quantized_many", TORCH_FN(op_gemv_quantized_many));
   m.impl("gemv_bf16_experts", TORCH_FN(op_gemv_bf16_experts));
   m.impl("gemv_quantized_experts", TORCH_FN(op_gemv_quantized_experts));
+  m.impl("swiglu_bf16_experts", TORCH_FN(op_swiglu_bf16_experts));
+  m.impl("swiglu_quantized_experts", TORCH_FN(op_swiglu_quantized_experts));
 }

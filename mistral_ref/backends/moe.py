@@ -112,12 +112,8 @@ def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Te
     """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or stacked
     quantized ones (QuantizedExperts): each product is one call for the k chosen experts, which reads only their
     weights.  Rounded like the reference's products: gate, up, the hidden activations and each expert's output in
-    x's dtype; summed over the k slots in fp32."""
-    chosen = experts[0]  # (k,)
-    gate = cpu_gemv.experts_gemv(x, w1, chosen, threads)  # (k, hidden)
-    up = cpu_gemv.experts_gemv(x, w3, chosen, threads)  # (k, hidden)
-    y = cpu_gemv.experts_gemv(F.silu(gate) * up, w2, chosen, threads)  # (k, dim): row s with expert chosen[s]
-    return (y * weights[0, :, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)  # (1, dim)
+    x's dtype; summed over the k slots in fp32.  One operator call (cpu_gemv.experts_swiglu) for the layer."""
+    return cpu_gemv.experts_swiglu(x, w1, w3, w2, experts[0], weights[0].float(), threads)  # (1, dim)
 
 
 def stack_experts(layer: nn.Module) -> None:

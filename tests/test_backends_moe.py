@@ -58,6 +58,38 @@ def test_grouped_moe_accepts_stacked_experts():
         assert rel_err(moe_forward_grouped(x[:n], gate, w1, w2, w3, 2)[0], ref) < 1e-6
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
+def test_one_token_of_eager_decoding_is_one_fused_call(scheme, monkeypatch):
+    """Eager decoding of one token with stacked experts the C kernels take: the grouped dispatch makes one
+    experts_swiglu call (not 3 products per expert), equal to the reference within bf16 rounding, and falls back
+    to the loop over experts where the kernels are off."""
+    from mistral_ref.backends import cpu_gemv
+    from mistral_ref.quantize import QuantizedExperts, quantize_weight
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    g = torch.Generator().manual_seed(3)
+    E, dim, hidden = 6, 64, 96
+    gate = torch.randn(E, dim, generator=g)
+    ws = [torch.randn(E, a, b, generator=g).bfloat16() / 8 for a, b in ((hidden, dim), (dim, hidden), (hidden, dim))]
+    if scheme != "bf16":
+        ws = [QuantizedExperts([quantize_weight(e, scheme, 32) for e in w]) for w in ws]
+    w1, w2, w3 = ws
+    ref_w = [w if scheme == "bf16" else torch.stack([q.dequantize() for q in w.experts]) for w in ws]
+    x = torch.randn(1, dim, generator=g).bfloat16()
+    calls = []
+    real = cpu_gemv.experts_swiglu
+    monkeypatch.setattr(cpu_gemv, "experts_swiglu", lambda *a: calls.append(1) or real(*a))
+    out, logits = moe_forward_grouped(x, gate, w1, w2, w3, 2)
+    ref, ref_logits = moe_forward(x, gate, *ref_w, 2)
+    assert calls == [1] and torch.equal(logits, ref_logits)
+    assert rel_err(out, ref) < 2 ** -7  # the kernels round each product to bf16 as the reference does
+    monkeypatch.setattr(cpu_gemv, "_lib", None)  # kernels off: the loop over experts, not the fused call
+    monkeypatch.setattr(cpu_gemv, "_status", "off (test)")
+    if scheme == "bf16":
+        assert rel_err(moe_forward_grouped(x, gate, w1, w2, w3, 2)[0], ref) < 2 ** -7 and calls == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_one_token_with_stacked_experts_equals_the_reference(dtype):
     """The single-token path a compiled decode step runs (experts gathered by index from stacked weights)."""

@@ -49,6 +49,7 @@ from mistral_ref.backends.compile_cache import use_compile_cache
 from mistral_ref.backends.compiled_steps import StepCache, describe, global_state
 from mistral_ref.backends.linear import linear, multiply_sum_linear, split_pays, upcast_on_cpu
 from mistral_ref.backends.moe import (
+    gemv_experts_apply,
     mix_experts_grouped,
     mix_one_token,
     mix_one_token_gemv,
@@ -98,19 +99,12 @@ def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.
                  threads: int = 1, cpu_kernels: bool = False):
     """moe_one_token for one token with stacked experts (its products on the C kernels where they take them);
     the grouped dispatch, run eagerly, otherwise."""
-    if x.shape[0] == 1 and cpu_kernels and _gemv_experts(x, w1):
+    if x.shape[0] == 1 and cpu_kernels and gemv_experts_apply(x, w1):
         weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
         return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads), logits
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
         return moe_one_token(x, gate_weight, w1, w2, w3, top_k)
     return _eager_grouped(x, gate_weight, w1, w2, w3, top_k)
-
-
-def _gemv_experts(x: torch.Tensor, w1: torch.Tensor | Sequence[torch.Tensor]) -> bool:
-    """The C kernels take this token's expert products: stacked bf16 experts or quantized ones, on a CPU."""
-    if isinstance(w1, torch.Tensor):
-        return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16
-    return cpu_gemv.quantized_experts(x, w1)
 
 
 # data-dependent: a graph break (configure_compiler wraps these in torch.compiler.disable, which imports dynamo)
@@ -123,7 +117,7 @@ def compiled_mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.
                          cpu_kernels: bool = False) -> torch.Tensor:
     """compiled_moe for a precomputed routing (fine_moe.py): mix_one_token (or mix_one_token_gemv) or the eager
     grouped mix."""
-    if x.shape[0] == 1 and cpu_kernels and _gemv_experts(x, w1):
+    if x.shape[0] == 1 and cpu_kernels and gemv_experts_apply(x, w1):
         return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads)
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
         return mix_one_token(x, weights, experts, w1, w2, w3)

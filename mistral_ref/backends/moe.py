@@ -49,9 +49,13 @@ def mix_experts_grouped(
     The N*k (token, expert) assignments are sorted by expert, so each expert multiplies one contiguous block of
     rows and only experts that received tokens are visited; a single token (decode at batch 1) just runs its k
     experts.  Each token's outputs are summed in increasing expert order, as in the reference.  The per-expert
-    counts become Python ints: one host synchronisation per call, free on a CPU.
+    counts become Python ints: one host synchronisation per call, free on a CPU.  A single token whose experts
+    the C kernels take (stacked, on a CPU: :func:`gemv_experts_apply`) is one call, :func:`mix_one_token_gemv`
+    (its k outputs summed in fp32, then rounded: the reference rounds after each expert).
     """
     top_k = experts.shape[1]
+    if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
+        return mix_one_token_gemv(x, weights, experts, w1, w2, w3, torch.get_num_threads())
     if x.shape[0] == 1:  # one token: gather its k experts, in increasing expert order like the reference
         out, w = torch.zeros_like(x), weights[0].to(x.dtype)  # (1, dim), (k,)
         for slot, e in sorted(enumerate(experts[0].tolist()), key=lambda se: se[1]):
@@ -104,6 +108,14 @@ def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
     y = (w2[chosen].float() * hidden[:, None, :]).sum(-1)  # (k, dim)
     out = (y.to(x.dtype).float() * weights[0, :, None].float()).sum(0, keepdim=True)  # (1, dim)
     return out.to(x.dtype)
+
+
+def gemv_experts_apply(x: torch.Tensor, w1: torch.Tensor | Sequence[torch.Tensor] | QuantizedExperts) -> bool:
+    """The C kernels take this token's expert products (cpu_gemv.experts_gemv): stacked bf16 experts, or stacked
+    quantized ones, on a CPU."""
+    if isinstance(w1, torch.Tensor):
+        return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16 and w1.dim() == 3
+    return cpu_gemv.quantized_experts(x, w1)
 
 
 def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,

@@ -61,7 +61,8 @@ def test_grouped_moe_accepts_stacked_experts():
 @pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
 def test_one_token_of_eager_decoding_is_one_fused_call(scheme, monkeypatch):
     """Eager decoding of one token with stacked experts the C kernels take: the grouped dispatch makes one
-    experts_swiglu call (not 3 products per expert), equal to the reference within bf16 rounding, and falls back
+    experts_moe call (router and experts; not 3 products per expert), equal to the reference within bf16
+    rounding (the router's logits exactly), and falls back
     to the loop over experts where the kernels are off."""
     from mistral_ref.backends import cpu_gemv
     from mistral_ref.quantize import QuantizedExperts, quantize_weight
@@ -78,8 +79,8 @@ def test_one_token_of_eager_decoding_is_one_fused_call(scheme, monkeypatch):
     ref_w = [w if scheme == "bf16" else torch.stack([q.dequantize() for q in w.experts]) for w in ws]
     x = torch.randn(1, dim, generator=g).bfloat16()
     calls = []
-    real = cpu_gemv.experts_swiglu
-    monkeypatch.setattr(cpu_gemv, "experts_swiglu", lambda *a: calls.append(1) or real(*a))
+    real = cpu_gemv.experts_moe
+    monkeypatch.setattr(cpu_gemv, "experts_moe", lambda *a: calls.append(1) or real(*a))
     out, logits = moe_forward_grouped(x, gate, w1, w2, w3, 2)
     ref, ref_logits = moe_forward(x, gate, *ref_w, 2)
     assert calls == [1] and torch.equal(logits, ref_logits)

@@ -252,6 +252,39 @@ def test_experts_swiglu_is_the_three_products_bitwise(build, kind, dtype, k):
         cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights.double(), 1)
 
 
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "int8-bf16", "int4-fp32"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_experts_moe_is_the_router_then_experts_swiglu_bitwise(build, kind, dtype, top_k):
+    """The whole MoE layer of one token in one operator call: moe.route's logits, choice and weights, then
+    experts_swiglu, bitwise, through the Python function and the C++ kernel (which makes route's ATen calls)."""
+    from mistral_ref.moe import route
+
+    dim, hidden, n = 64, 96, 4
+    if kind == "bf16":
+        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
+        w2 = _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
+    else:
+        w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
+                                    for e in range(n)]) for s in (1, 2))
+        w2 = QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32) for e in range(n)])
+    gate = _weight(n, dim, 7).to(dtype)
+    for seed in range(3):
+        x = torch.randn(1, dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+        weights, experts, logits = route(x, gate, top_k)
+        expected = cpu_gemv.experts_swiglu(x, w1, w3, w2, experts[0], weights[0], 1)
+        got, got_logits = cpu_gemv.experts_moe(x, gate, w1, w3, w2, top_k, 1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+        if build == "native" and cpu_gemv.operators(wait=True) == "C++":
+            ops = torch.ops.mistral_ref
+            got, got_logits = ops.moe_bf16_experts(x, gate, w1, w3, w2, top_k, 1) if kind == "bf16" else \
+                ops.moe_quantized_experts(x, gate, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight,
+                                          w2.scales, top_k, 32 if kind == "int4" else 0, 1)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            torch.testing.assert_close(got_logits, logits, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("scheme,dtype", [("int8", torch.bfloat16), ("int8", torch.float32), ("int4", torch.bfloat16),
                                           ("int4", torch.float32)], ids=["int8-bf16", "int8-fp32", "int4-bf16",
                                                                          "int4-fp32"])

@@ -60,7 +60,6 @@ from mistral_ref.backends.moe import (
 from mistral_ref.backends.reference import rotate
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import KVCache, LayerCache
-from mistral_ref.moe import route
 from mistral_ref.rope import rope_angles
 
 if TYPE_CHECKING:  # typing only: the model imports this module, not the other way round
@@ -100,8 +99,7 @@ def compiled_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: Sequence[torch.
     """moe_one_token for one token with stacked experts (its products on the C kernels where they take them);
     the grouped dispatch, run eagerly, otherwise."""
     if x.shape[0] == 1 and cpu_kernels and gemv_experts_apply(x, w1):
-        weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
-        return mix_one_token_gemv(x, weights, experts, w1, w2, w3, threads), logits
+        return cpu_gemv.experts_moe(x, gate_weight, w1, w3, w2, top_k, threads)  # router and experts: one call
     if x.shape[0] == 1 and isinstance(w1, torch.Tensor):
         return moe_one_token(x, gate_weight, w1, w2, w3, top_k)
     return _eager_grouped(x, gate_weight, w1, w2, w3, top_k)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled_steps import trusted
+from mistral_ref.moe import route
 from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 
 log = logging.getLogger("mistral_ref.cpu_gemv")
@@ -434,6 +435,39 @@ def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: tor
     return swiglu_quantized_experts(*parts)
 
 
+def experts_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor | QuantizedExperts,
+                w3: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts, top_k: int,
+                threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's MoE layer for one token in one operator call: the router (moe.route: fp32 logits, top-k, softmax
+    over the k) and :func:`experts_swiglu` of the chosen experts.  x: (1, dim), gate_weight: (E, dim) -> out
+    (1, dim) in x's dtype and the router logits (1, E) fp32: bitwise moe.route then experts_swiglu (the C++
+    kernel makes the same ATen calls as route)."""
+    compiling = _as_operator()
+    if isinstance(w1, torch.Tensor):
+        parts = (x, gate_weight, w1, w3, w2, top_k, threads)
+        out = torch.ops.mistral_ref.moe_bf16_experts(*parts) if compiling else moe_bf16_experts(*parts)
+    else:
+        parts = (x, gate_weight, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales, top_k,
+                 w1.group_size or 0, threads)
+        out = torch.ops.mistral_ref.moe_quantized_experts(*parts) if compiling else moe_quantized_experts(*parts)
+    return out[0], out[1]
+
+
+def moe_bf16_experts(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                     w2: torch.Tensor, top_k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """experts_moe for stacked bf16 experts."""
+    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+    return swiglu_bf16_experts(x, w1, w3, w2, experts[0], weights[0], threads), logits
+
+
+def moe_quantized_experts(x: torch.Tensor, gate_weight: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor,
+                          q3: torch.Tensor, s3: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, top_k: int,
+                          group_size: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """experts_moe for stacked quantized experts."""
+    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
+    return swiglu_quantized_experts(x, q1, s1, q3, s3, q2, s2, experts[0], weights[0], group_size, threads), logits
+
+
 def _mix(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, product, weights: torch.Tensor) -> torch.Tensor:
     """The rest of experts_swiglu after the gate and up products (k, hidden): the down product (`product` of the
     hidden rows), each expert's output times its weight in x's dtype, summed over the k experts in fp32."""
@@ -667,6 +701,12 @@ _OPS.impl("swiglu_bf16_experts", swiglu_bf16_experts, _PYTHON_KEY)
 _OPS.define("swiglu_quantized_experts(Tensor x, Tensor q1, Tensor s1, Tensor q3, Tensor s3, Tensor q2, Tensor s2, "
             "Tensor index, Tensor weights, int group_size, int threads) -> Tensor")
 _OPS.impl("swiglu_quantized_experts", swiglu_quantized_experts, _PYTHON_KEY)
+_OPS.define("moe_bf16_experts(Tensor x, Tensor gate_weight, Tensor w1, Tensor w3, Tensor w2, int top_k, "
+            "int threads) -> (Tensor, Tensor)")
+_OPS.impl("moe_bf16_experts", moe_bf16_experts, _PYTHON_KEY)
+_OPS.define("moe_quantized_experts(Tensor x, Tensor gate_weight, Tensor q1, Tensor s1, Tensor q3, Tensor s3, "
+            "Tensor q2, Tensor s2, int top_k, int group_size, int threads) -> (Tensor, Tensor)")
+_OPS.impl("moe_quantized_experts", moe_quantized_experts, _PYTHON_KEY)
 _OPS.define("gemv_bf16_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
 _OPS.impl("gemv_bf16_many", gemv_bf16_many, _PYTHON_KEY)
 _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
@@ -702,6 +742,16 @@ def _(x, w1, w3, w2, index, weights, threads):
 @torch.library.register_fake("mistral_ref::swiglu_quantized_experts", lib=_OPS)
 def _(x, q1, s1, q3, s3, q2, s2, index, weights, group_size, threads):
     return x.new_empty(1, q2.shape[1])
+
+
+@torch.library.register_fake("mistral_ref::moe_bf16_experts", lib=_OPS)
+def _(x, gate_weight, w1, w3, w2, top_k, threads):
+    return x.new_empty(1, w2.shape[1]), x.new_empty(1, gate_weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("mistral_ref::moe_quantized_experts", lib=_OPS)
+def _(x, gate_weight, q1, s1, q3, s3, q2, s2, top_k, group_size, threads):
+    return x.new_empty(1, q2.shape[1]), x.new_empty(1, gate_weight.shape[0], dtype=torch.float32)
 
 
 @torch.library.register_fake("mistral_ref::gemv_bf16_many", lib=_OPS)

@@ -8,10 +8,14 @@
 // operators, registered under CompositeExplicitAutograd, which a CPU kernel registered here takes precedence over.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/topk.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -237,6 +241,27 @@ Tensor op_swiglu_quantized_experts(const Tensor &x, const Tensor &q1, const Tens
              weights);
 }
 
+// moe.route: fp32 router logits (1, E), the top k of them, softmax over those k -> (weights (k,), experts (k,), logits)
+std::tuple<Tensor, Tensor, Tensor> route(const Tensor &x, const Tensor &gate_weight, int64_t top_k) {
+  Tensor logits = at::linear(x.to(at::kFloat), gate_weight.to(at::kFloat));
+  auto [top, experts] = at::topk(logits, top_k, -1);
+  return {at::softmax(top, -1).select(0, 0), experts.select(0, 0), logits};
+}
+
+std::tuple<Tensor, Tensor> op_moe_bf16_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &w1,
+                                               const Tensor &w3, const Tensor &w2, int64_t top_k, int64_t threads) {
+  auto [weights, experts, logits] = route(x, gate_weight, top_k);
+  return {op_swiglu_bf16_experts(x, w1, w3, w2, experts, weights, threads), logits};
+}
+
+std::tuple<Tensor, Tensor> op_moe_quantized_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &q1,
+                                                    const Tensor &s1, const Tensor &q3, const Tensor &s3,
+                                                    const Tensor &q2, const Tensor &s2, int64_t top_k, int64_t group,
+                                                    int64_t threads) {
+  auto [weights, experts, logits] = route(x, gate_weight, top_k);
+  return {op_swiglu_quantized_experts(x, q1, s1, q3, s3, q2, s2, experts, weights, group, threads), logits};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
@@ -248,4 +273,6 @@ TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
   m.impl("gemv_quantized_experts", TORCH_FN(op_gemv_quantized_experts));
   m.impl("swiglu_bf16_experts", TORCH_FN(op_swiglu_bf16_experts));
   m.impl("swiglu_quantized_experts", TORCH_FN(op_swiglu_quantized_experts));
+  m.impl("moe_bf16_experts", TORCH_FN(op_moe_bf16_experts));
+  m.impl("moe_quantized_experts", TORCH_FN(op_moe_quantized_experts));
 }

@@ -74,6 +74,11 @@ class Transformer(nn.Module):
         self.ops: Backend = get_backend("torch")  # see set_backend
         self.compiled_decode = None  # a compiled decode step (backends.compiled.CompiledDecode)
 
+    def _apply(self, fn, recurse=True):
+        if self.compiled_decode is not None:  # compiled steps are keyed by the weights' dtypes and shapes
+            self.compiled_decode.forget_modules()
+        return super()._apply(fn, recurse)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype

@@ -276,6 +276,8 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 32) -> nn
     for module in model.modules():
         if getattr(module, "stacked", None) is not None:
             module.stacked = None  # stacks of the old expert weights (backends/moe.py) are stale
+    if getattr(model, "compiled_decode", None) is not None:
+        model.compiled_decode.forget_modules()  # compiled steps were keyed by the old weights' kinds
     model.quantization = {"scheme": scheme, **({"group_size": group_size} if scheme == "int4" else {})}
     return model
 

@@ -77,6 +77,34 @@ def test_compiled_decode_gives_eager_greedy_tokens(args, dtype, mode):
     assert rel_err(logits, eager_logits) < (1e-5 if dtype == torch.float32 else 5e-2)  # bf16: other roundings
 
 
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_converting_or_quantizing_a_compiled_model_compiles_for_the_new_weights(mode):
+    """Compiled steps check dynamo's guards at their first call only, so a model converted (.to) or quantized
+    after compile_decode must not reach the steps compiled for its old weights: its modules are described again,
+    the keys change, new steps are compiled, and decoding gives eager decoding's tokens (no guard failure)."""
+    model = fresh(MOE)
+    compile_decode(model, mode=mode, backend="aot_eager")
+    greedy(model)
+    before = len(model.compiled_decode.steps.steps)
+    model.to(torch.bfloat16)
+    with torch.inference_mode():
+        compiled_tokens = greedy(model)
+    assert len(model.compiled_decode.steps.steps) > before
+    eager = fresh(MOE).to(torch.bfloat16)
+    assert compiled_tokens == greedy(eager)
+    from mistral_ref.quantize import quantize_model
+
+    dense = fresh(DENSE)
+    compile_decode(dense, mode=mode, backend="aot_eager")
+    greedy(dense)
+    before = len(dense.compiled_decode.steps.steps)
+    quantize_model(dense, "int8")
+    got = greedy(dense)
+    assert len(dense.compiled_decode.steps.steps) > before
+    dense.compile_decode(False)
+    assert got == greedy(dense)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args, blocks", [(DENSE, 1), (MOE, 1), (INTERLEAVED, 2)], ids=["dense", "moe", "interleaved"])
 def test_regional_compiles_one_block_for_all_layers(args, blocks):

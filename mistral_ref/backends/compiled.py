@@ -275,8 +275,8 @@ class CompiledDecode:
     def _step(self, name: str, fn, args: tuple):
         """The compiled `fn` for these arguments (StepCache.get), or None while it compiles in the background
         (or if two tensor arguments share memory, which the compiled code does not expect: then eagerly).
-        Modules are described once (their weights are not expected to change shape: compile after converting
-        the model); tensors and caches at every call."""
+        Modules are described once, and again after forget_modules() (converting, moving or quantizing the model
+        calls it); tensors and caches at every call."""
         pointers = [x.data_ptr() for x in args if isinstance(x, torch.Tensor) and x.numel()]
         if len(set(pointers)) < len(pointers):
             return None
@@ -284,6 +284,13 @@ class CompiledDecode:
                global_state(),
                tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
         return self.steps.get(key, name, fn, lambda: _scratch(args))
+
+    def forget_modules(self) -> None:
+        """Describe the modules again at the next step: their weights changed dtype, shape or kind (the model was
+        converted, moved or quantized), so the steps compiled for the old ones no longer apply.  Transformer._apply
+        and quantize_model call it: steps check their guards at the first call only (compiled_steps.GuardedOnce),
+        and the key must then tell the new weights apart."""
+        self._described.clear()
 
     def _module_digest(self, module: torch.nn.Module) -> str:
         digest = self._described.get(id(module))

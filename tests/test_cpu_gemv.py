@@ -211,6 +211,17 @@ def test_mix_one_token_gemv_with_quantized_experts(scheme, dtype):
         cpu_gemv.experts_gemv(x, w1, torch.tensor([0, 4]), threads=1)
 
 
+def _stacked_experts(kind, dtype, n, dim, hidden):
+    """w1, w3 (n, hidden, dim) and w2 (n, dim, hidden) stacked: bf16 tensors, or QuantizedExperts of `kind`."""
+    if kind == "bf16":
+        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
+        return w1, w3, _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
+    w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
+                                for e in range(n)]) for s in (1, 2))
+    return w1, w3, QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32)
+                                     for e in range(n)])
+
+
 def _three_products(x, weights, index, w1, w2, w3):
     """experts_swiglu as three experts_gemv calls and torch's operations between them (what mix_one_token_gemv
     ran before the fused operator)."""
@@ -226,14 +237,8 @@ def _three_products(x, weights, index, w1, w2, w3):
 def test_experts_swiglu_is_the_three_products_bitwise(build, kind, dtype, k):
     """The fused operator of a MoE layer (one call: gate, up, SiLU, down, the weighted sum) gives bitwise what
     the three expert products and torch's operations between them give, in every build; its C++ kernel too."""
-    dim, hidden, n = 64, 96, 4
-    if kind == "bf16":
-        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
-        w2 = _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
-    else:
-        w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
-                                    for e in range(n)]) for s in (1, 2))
-        w2 = QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32) for e in range(n)])
+    dim, n = 64, 4
+    w1, w3, w2 = _stacked_experts(kind, dtype, n, dim, hidden=96)
     x = torch.randn(1, dim, generator=torch.Generator().manual_seed(k)).to(dtype)
     index, weights = torch.tensor([3, 0, 2][:k]), torch.tensor([0.5, 0.3, 0.2][:k])
     expected = _three_products(x, weights, index, w1, w2, w3)
@@ -260,14 +265,8 @@ def test_experts_moe_is_the_router_then_experts_swiglu_bitwise(build, kind, dtyp
     experts_swiglu, bitwise, through the Python function and the C++ kernel (which makes route's ATen calls)."""
     from mistral_ref.moe import route
 
-    dim, hidden, n = 64, 96, 4
-    if kind == "bf16":
-        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
-        w2 = _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
-    else:
-        w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
-                                    for e in range(n)]) for s in (1, 2))
-        w2 = QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32) for e in range(n)])
+    dim, n = 64, 4
+    w1, w3, w2 = _stacked_experts(kind, dtype, n, dim, hidden=96)
     gate = _weight(n, dim, 7).to(dtype)
     for seed in range(3):
         x = torch.randn(1, dim, generator=torch.Generator().manual_seed(seed)).to(dtype)

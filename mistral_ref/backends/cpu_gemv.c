@@ -434,6 +434,17 @@ static inline __m256 add_group(__m256 result, __m256 centered, __m256 xsum, cons
     return _mm256_fmadd_ps(s, centered, _mm256_fmadd_ps(z, xsum, result));
 }
 
+/* The end of one group in the integer int4 loops: the int32 sums A of rows 8u .. 8u+7 (acc[u]) and X = the group's
+ * sum of x16 give sum x (q - 8) = A - 8 X, added to each row's result with the group's scale and zero (add_group). */
+static inline void add_int_group(__m256 result[4], const __m256i acc[4], int32_t xsum, const void *sz, int64_t k,
+                                 int scales_bf16) {
+    __m256 xs = _mm256_set1_ps((float)xsum);
+    __m256i x8 = _mm256_set1_epi32(8 * xsum);
+    for (int u = 0; u < 4; u++)  /* k + 16 u: the first pair of rows 8u .. 8u+7 */
+        result[u] = add_group(result[u], _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[u], x8)), xs, sz, k + 16 * u,
+                              scales_bf16);
+}
+
 static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
                         int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
     const __m128i low4 = _mm_set1_epi8(15);
@@ -517,12 +528,7 @@ static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t 
                 }
                 __m256i acc[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
                                   _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
-                __m256 xs = _mm256_set1_ps((float)xsum);
-                __m256i x8 = _mm256_set1_epi32(8 * xsum);
-                for (int u = 0; u < 4; u++) {  /* rows 8u .. 8u+7 of the block: A - 8 X */
-                    __m256 centered = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[u], x8));
-                    result[u] = add_group(result[u], centered, xs, sz, (g * out + b * 32 + 8 * u) * 2, scales_bf16);
-                }
+                add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
             }
             __m256 scale = _mm256_set1_ps(sx[r]);
             for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
@@ -566,12 +572,7 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
                     acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(hi0, hi1)), xp));
                     acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(hi0, hi1)), xp));
                 }
-                __m256 xs = _mm256_set1_ps((float)xsum);
-                __m256i x8 = _mm256_set1_epi32(8 * xsum);
-                for (int u = 0; u < 4; u++) {  /* rows 8u .. 8u+7 of the block: A - 8 X */
-                    __m256 centered = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[u], x8));
-                    result[u] = add_group(result[u], centered, xs, sz, (g * out + b * 32 + 8 * u) * 2, scales_bf16);
-                }
+                add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
             }
             __m256 scale = _mm256_set1_ps(sx[r]);
             for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));

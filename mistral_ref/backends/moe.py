@@ -124,9 +124,9 @@ def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Te
                        w1: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts,
                        w3: torch.Tensor | QuantizedExperts, threads: int) -> torch.Tensor:
     """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or stacked
-    quantized ones (QuantizedExperts): each product is one call for the k chosen experts, which reads only their
-    weights.  Rounded like the reference's products: gate, up, the hidden activations and each expert's output in
-    x's dtype; summed over the k slots in fp32.  One operator call (cpu_gemv.experts_swiglu) for the layer."""
+    quantized ones (QuantizedExperts): one operator call (cpu_gemv.experts_swiglu) for the layer, whose products
+    read only the k chosen experts' weights.  Rounded like the reference's products: gate, up, the hidden
+    activations and each expert's output in x's dtype; summed over the k slots in fp32."""
     return cpu_gemv.experts_swiglu(x, w1, w3, w2, experts[0], weights[0].float(), threads)  # (1, dim)
 
 

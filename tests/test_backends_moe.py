@@ -62,7 +62,7 @@ def test_grouped_moe_accepts_stacked_experts():
 def test_one_token_of_eager_decoding_is_one_fused_call(scheme, monkeypatch):
     """Eager decoding of one token with stacked experts the C kernels take: the grouped dispatch makes one
     experts_moe call (router and experts; not 3 products per expert), equal to the reference within bf16
-    rounding (the router's logits exactly), and falls back
+    rounding (the router's logits within fp32 rounding: the C loop sums in another order), and falls back
     to the loop over experts where the kernels are off."""
     from mistral_ref.backends import cpu_gemv
     from mistral_ref.quantize import QuantizedExperts, quantize_weight
@@ -83,7 +83,7 @@ def test_one_token_of_eager_decoding_is_one_fused_call(scheme, monkeypatch):
     monkeypatch.setattr(cpu_gemv, "experts_moe", lambda *a: calls.append(1) or real(*a))
     out, logits = moe_forward_grouped(x, gate, w1, w2, w3, 2)
     ref, ref_logits = moe_forward(x, gate, *ref_w, 2)
-    assert calls == [1] and torch.equal(logits, ref_logits)
+    assert calls == [1] and rel_err(logits, ref_logits) < 1e-6
     assert rel_err(out, ref) < 2 ** -7  # the kernels round each product to bf16 as the reference does
     monkeypatch.setattr(cpu_gemv, "_lib", None)  # kernels off: the loop over experts, not the fused call
     monkeypatch.setattr(cpu_gemv, "_status", "off (test)")

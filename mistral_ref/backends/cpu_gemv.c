@@ -863,3 +863,106 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
     end_io(&io);
     return 0;
 }
+
+/* ---- one token's mixture of experts, whole (backends/moe.py: mix_one_token_gemv, compiled steps) -------------- */
+
+/* x's dtype: a float rounded to bf16 and back (io_bf16), or left as it is (fp32) */
+static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+static inline float value_at(const void *p, int64_t k, int is_bf16) {
+    return is_bf16 ? bf16_to_float(((const uint16_t *)p)[k]) : ((const float *)p)[k];
+}
+
+/* The chosen experts' products, SiLU and weighted sum:
+ *     out (1, dim) = sum_s weights[s] * W2[e_s] (silu(W1[e_s] x) * W3[e_s] x),   e_s = index[s], s < k
+ * W1, W3 (E, hidden, dim) and W2 (E, dim, hidden) stacked bf16 experts (kind 0: w1, w3, w2 the weights, s* NULL)
+ * or quantized ones (kind 1 int8, 2 int4: codes and scales as gemv_quantized_experts takes them).  Rounded as
+ * the reference rounds a layer in x's dtype: the gate and up products, SiLU(gate), the hidden activations and
+ * each expert's output; the k weighted outputs are summed in fp32 and rounded once (backends/moe.py).  Returns 0,
+ * -1 without memory, -2 for an expert index out of range. */
+int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const void *s1, const void *w3,
+                   const void *s3, const void *w2, const void *s2, int scales_bf16, int64_t group, int64_t n_experts,
+                   const int64_t *index, const float *weights, int64_t k, int64_t hidden, int64_t dim, void *out,
+                   int threads) {
+    const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);  /* x's dtype: activations, products */
+    char *buf = malloc((size_t)k * (3 * (size_t)hidden + (size_t)dim) * size);
+    if (!buf) return -1;
+    char *gate = buf, *up = gate + k * hidden * size, *h = up + k * hidden * size, *y = h + k * hidden * size;
+    int code;
+    if (kind == 0) {
+        code = gemv_bf16_experts(x, 1, w1, n_experts, index, k, gate, 1, hidden, dim, threads);
+        if (!code) code = gemv_bf16_experts(x, 1, w3, n_experts, index, k, up, 1, hidden, dim, threads);
+    } else {
+        const int64_t g = kind == 2 ? group : 0;
+        code = gemv_quantized_experts(x, 1, w1, s1, scales_bf16, n_experts, index, k, gate, io_bf16, hidden, dim,
+                                      g, threads);
+        if (!code) code = gemv_quantized_experts(x, 1, w3, s3, scales_bf16, n_experts, index, k, up, io_bf16,
+                                                 hidden, dim, g, threads);
+    }
+    if (code) { free(buf); return code; }
+    for (int64_t j = 0; j < k * hidden; j++) {  /* h = silu(gate) * up, each rounded to x's dtype */
+        const float g = value_at(gate, j, io_bf16);
+        const float silu = in_dtype(g / (1.0f + expf(-g)), io_bf16);
+        const float v = in_dtype(silu * value_at(up, j, io_bf16), io_bf16);
+        if (io_bf16) ((uint16_t *)h)[j] = float_to_bf16(v); else ((float *)h)[j] = v;
+    }
+    if (kind == 0)
+        code = gemv_bf16_experts(h, k, w2, n_experts, index, k, y, 1, dim, hidden, threads);
+    else
+        code = gemv_quantized_experts(h, k, w2, s2, scales_bf16, n_experts, index, k, y, io_bf16, dim, hidden,
+                                      kind == 2 ? group : 0, threads);
+    if (!code)
+        for (int64_t d = 0; d < dim; d++) {  /* sum_s weights[s] y[s, d]: each term in x's dtype, the sum in fp32 */
+            float sum = 0.0f;
+            for (int64_t s = 0; s < k; s++)
+                sum += in_dtype(value_at(y, s * dim + d, io_bf16) * in_dtype(weights[s], io_bf16), io_bf16);
+            if (io_bf16) ((uint16_t *)out)[d] = float_to_bf16(sum); else ((float *)out)[d] = sum;
+        }
+    free(buf);
+    return code;
+}
+
+/* Mixtral's router for one token (moe.route): logits (E,) = x @ gate.T in fp32, the k largest of them (the
+ * lower expert first among equal logits; NaN counts as the largest, as in torch.topk), softmax over those k.
+ * x: (dim,) bf16 or fp32, gate: (E, dim) bf16 or fp32 -> logits (E,), index (k,), weights (k,) fp32; returns 0. */
+int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts, int64_t dim,
+                     int64_t k, float *logits, int64_t *index, float *weights) {
+    for (int64_t e = 0; e < n_experts; e++) {
+        float acc[16] = {0};  /* 16 independent sums: the compiler vectorizes them */
+        int64_t i = 0;
+        for (; i + 16 <= dim; i += 16)
+            for (int j = 0; j < 16; j++)
+                acc[j] += value_at(x, i + j, io_bf16) * value_at(gate, e * dim + i + j, gate_bf16);
+        float s = 0.0f;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        for (; i < dim; i++) s += value_at(x, i, io_bf16) * value_at(gate, e * dim + i, gate_bf16);
+        logits[e] = s;
+    }
+    for (int64_t s = 0; s < k; s++) {  /* selection: k is small (2 for Mixtral) */
+        int64_t best = -1;
+        for (int64_t e = 0; e < n_experts; e++) {
+            int taken = 0;
+            for (int64_t t = 0; t < s; t++) taken |= index[t] == e;
+            if (taken) continue;
+            if (best < 0 || (isnan(logits[e]) && !isnan(logits[best])) || logits[e] > logits[best]) best = e;
+        }
+        index[s] = best;
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < k; s++) total += weights[s] = expf(logits[index[s]] - logits[index[0]]);
+    for (int64_t s = 0; s < k; s++) weights[s] /= total;
+    return 0;
+}
+
+/* route_one_token, then swiglu_experts of the chosen experts: a Mixtral MoE layer for one token in one call. */
+int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t top_k, int kind,
+                  const void *w1, const void *s1, const void *w3, const void *s3, const void *w2, const void *s2,
+                  int scales_bf16, int64_t group, int64_t n_experts, int64_t hidden, int64_t dim, void *out,
+                  float *logits, int threads) {
+    int64_t index[64];
+    float weights[64];
+    if (top_k < 1 || top_k > 64 || top_k > n_experts) return -2;
+    route_one_token(x, io_bf16, gate, gate_bf16, n_experts, dim, top_k, logits, index, weights);
+    return swiglu_experts(x, io_bf16, kind, w1, s1, w3, s3, w2, s2, scales_bf16, group, n_experts, index, weights,
+                          top_k, hidden, dim, out, threads);
+}

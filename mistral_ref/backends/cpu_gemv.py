@@ -37,11 +37,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled_steps import trusted
-from mistral_ref.moe import route
 from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 
 log = logging.getLogger("mistral_ref.cpu_gemv")
@@ -68,6 +66,14 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "gemv_bf16_many": [_P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT],
     "gemv_int8_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _INT],
     "gemv_int4_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
+    # one token's experts: (x, io_bf16, kind (0 bf16, 1 int8, 2 int4), w1, s1, w3, s3, w2, s2, scales_bf16, group,
+    # E, index, weights, k, hidden, dim, out, threads); with the router first: (x, io_bf16, gate, gate_bf16, top_k,
+    # kind, w1 ... s2, scales_bf16, group, E, hidden, dim, out, logits, threads)
+    "swiglu_experts": [_P, _INT, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _INT],
+    # (x, io_bf16, gate, gate_bf16, E, dim, k, logits, index, weights): moe.route for one token
+    "route_one_token": [_P, _INT, _P, _INT, _I64, _I64, _I64, _P, _P, _P],
+    "moe_one_token": [_P, _INT, _P, _INT, _I64, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _P,
+                      _INT],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -422,8 +428,10 @@ def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: tor
     index[s], with the stacked experts of :func:`experts_gemv` (all three bf16, or all three quantized alike) in
     one operator call (a compiled step calls one operator per MoE layer instead of three, and two generated
     kernels between them).  x: (1, dim) bf16 (or fp32 with quantized experts), index: (k,) int64, weights: (k,)
-    fp32 -> (1, dim) in x's dtype, rounded as backends/moe.py's mix_one_token_gemv rounds: its operations, in
-    its order (tests/test_cpu_gemv.py: bitwise)."""
+    fp32 -> (1, dim) in x's dtype, rounded as the reference rounds a layer in x's dtype (gate, up, SiLU, hidden
+    activations, each expert's output), the k weighted outputs summed in fp32: one C function (cpu_gemv.c,
+    swiglu_experts), equal to those torch operations on the same products within a rounding of x's dtype where
+    C's expf and torch's differ in the last bit (tests/test_cpu_gemv.py)."""
     compiling = _as_operator()
     if isinstance(w1, torch.Tensor):
         parts = (x, w1, w3, w2, index, weights, threads)
@@ -438,10 +446,11 @@ def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: tor
 def experts_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor | QuantizedExperts,
                 w3: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts, top_k: int,
                 threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral's MoE layer for one token in one operator call: the router (moe.route: fp32 logits, top-k, softmax
-    over the k) and :func:`experts_swiglu` of the chosen experts.  x: (1, dim), gate_weight: (E, dim) -> out
-    (1, dim) in x's dtype and the router logits (1, E) fp32: bitwise moe.route then experts_swiglu (the C++
-    kernel makes the same ATen calls as route)."""
+    """Mixtral's MoE layer for one token in one operator call, without a torch operation inside: the router
+    (moe.route's fp32 logits, top-k, softmax over the k, as C loops: cpu_gemv.c, route_one_token) and
+    :func:`experts_swiglu` of the chosen experts.  x: (1, dim), gate_weight: (E, dim) -> out (1, dim) in x's
+    dtype and the router logits (1, E) fp32.  The logits equal moe.route's within fp32 rounding (another order of
+    sums), so the experts chosen are route's but where two logits tie to ~1e-7 (tests/test_cpu_gemv.py)."""
     compiling = _as_operator()
     if isinstance(w1, torch.Tensor):
         parts = (x, gate_weight, w1, w3, w2, top_k, threads)
@@ -456,48 +465,95 @@ def experts_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor | Q
 def moe_bf16_experts(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                      w2: torch.Tensor, top_k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """experts_moe for stacked bf16 experts."""
-    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
-    return swiglu_bf16_experts(x, w1, w3, w2, experts[0], weights[0], threads), logits
+    return _moe(x, gate_weight, top_k, 0, (w1, None, w3, None, w2, None), 0, threads)
 
 
 def moe_quantized_experts(x: torch.Tensor, gate_weight: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor,
                           q3: torch.Tensor, s3: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, top_k: int,
                           group_size: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """experts_moe for stacked quantized experts."""
-    weights, experts, logits = route(x, gate_weight, top_k)  # (1, k), (1, k), (1, E)
-    return swiglu_quantized_experts(x, q1, s1, q3, s3, q2, s2, experts[0], weights[0], group_size, threads), logits
-
-
-def _mix(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, product, weights: torch.Tensor) -> torch.Tensor:
-    """The rest of experts_swiglu after the gate and up products (k, hidden): the down product (`product` of the
-    hidden rows), each expert's output times its weight in x's dtype, summed over the k experts in fp32."""
-    y = product(F.silu(gate) * up)  # (k, dim)
-    return (y * weights[:, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)  # (1, dim)
-
-
-def _check_swiglu(x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
-    if x.ndim != 2 or x.shape[0] != 1 or weights.shape != index.shape or weights.dtype != torch.float32:
-        raise ValueError(f"swiglu experts: x must be one row (got {tuple(x.shape)}), weights (k,) fp32 like index "
-                         f"(got {tuple(weights.shape)} {weights.dtype}, index {tuple(index.shape)})")
+    return _moe(x, gate_weight, top_k, _scheme(q1), (q1, s1, q3, s3, q2, s2), group_size, threads)
 
 
 def swiglu_bf16_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, index: torch.Tensor,
                         weights: torch.Tensor, threads: int) -> torch.Tensor:
     """experts_swiglu for stacked bf16 experts w1, w3 (E, hidden, dim), w2 (E, dim, hidden)."""
-    _check_swiglu(x, index, weights)
-    gate = gemv_bf16_experts(x, w1, index, threads)  # (k, hidden)
-    up = gemv_bf16_experts(x, w3, index, threads)
-    return _mix(x, gate, up, lambda h: gemv_bf16_experts(h, w2, index, threads), weights)
+    return _swiglu(x, 0, (w1, None, w3, None, w2, None), 0, index, weights, threads)
 
 
 def swiglu_quantized_experts(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, q3: torch.Tensor,
                              s3: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, index: torch.Tensor,
                              weights: torch.Tensor, group_size: int, threads: int) -> torch.Tensor:
     """experts_swiglu for stacked quantized experts (codes and scales of w1, w3, w2, one scheme)."""
-    _check_swiglu(x, index, weights)
-    gate = gemv_quantized_experts(x, q1, s1, index, group_size, threads)  # (k, hidden)
-    up = gemv_quantized_experts(x, q3, s3, index, group_size, threads)
-    return _mix(x, gate, up, lambda h: gemv_quantized_experts(h, q2, s2, index, group_size, threads), weights)
+    return _swiglu(x, _scheme(q1), (q1, s1, q3, s3, q2, s2), group_size, index, weights, threads)
+
+
+def _scheme(codes: torch.Tensor) -> int:
+    """The C functions' `kind` of quantized experts: 1 int8, 2 int4 (0 is bf16)."""
+    return 1 if codes.dtype == torch.int8 else 2
+
+
+def _check_experts(x: torch.Tensor, kind: int, parts: tuple, group_size: int) -> tuple[int, int, int]:
+    """The three stacked experts of a SwiGLU layer fit x (1, dim): w1, w3 (E, hidden, dim), w2 (E, dim, hidden),
+    bf16 (kind 0) or quantized alike (codes and scales).  Returns (E, hidden, dim)."""
+    w1, s1, w3, s3, w2, s2 = parts
+    if x.ndim != 2 or x.shape[0] != 1 or w1.ndim != 3 or (kind and s1.ndim < 2):
+        raise ValueError(f"experts: x must be one row (got {tuple(x.shape)}) and the experts stacked (E, out, in) "
+                         f"(got {tuple(w1.shape)})")
+    n_experts, dim = w1.shape[0], x.shape[1]
+    hidden = w1.shape[1]
+    for w, s, out, inp in ((w1, s1, hidden, dim), (w3, s3, hidden, dim), (w2, s2, dim, hidden)):
+        if w.ndim != 3 or w.shape[0] != n_experts or w.dtype != w1.dtype:
+            raise ValueError(f"experts: w1, w3 and w2 must stack as many experts of one dtype, got "
+                             f"{tuple(w1.shape)} {w1.dtype} and {tuple(w.shape)} {w.dtype}")
+        if kind == 0:
+            _check(x, w, dim, torch.bfloat16, w.dtype == torch.bfloat16 and tuple(w.shape[1:]) == (out, inp)
+                   and w.is_contiguous())
+            continue
+        if s.ndim < 2 or s.shape[0] != n_experts or s.dtype != s1.dtype or s.dtype not in _FLOATS or x.dtype not in _FLOATS:
+            raise ValueError(f"experts: scales of {n_experts} experts of one dtype, bf16 or fp32, for bf16 or fp32 "
+                             f"x, got {tuple(s.shape)} {s.dtype}, x {x.dtype}")
+        _check(x, w, dim, x.dtype, _fits_quantized(inp, w.dtype, w.shape[1:], s.shape[1:], group_size)
+               and w.shape[1] == out and w.is_contiguous() and s.is_contiguous() and s.is_cpu)
+    return n_experts, hidden, dim
+
+
+def _pointers_of(parts: tuple) -> list[int | None]:
+    return [None if t is None else t.data_ptr() for t in parts]
+
+
+def _swiglu(x: torch.Tensor, kind: int, parts: tuple, group_size: int, index: torch.Tensor, weights: torch.Tensor,
+            threads: int) -> torch.Tensor:
+    lib, x, index, weights = _checked_library(), x.contiguous(), index.contiguous(), weights.contiguous()
+    if index.ndim != 1 or index.dtype != torch.int64 or weights.shape != index.shape \
+            or weights.dtype != torch.float32 or not index.is_cpu or not weights.is_cpu:
+        raise ValueError(f"swiglu experts: index (k,) int64 and weights (k,) fp32 on the CPU (got index "
+                         f"{tuple(index.shape)} {index.dtype}, weights {tuple(weights.shape)} {weights.dtype})")
+    n_experts, hidden, dim = _check_experts(x, kind, parts, group_size)
+    out = torch.empty(1, dim, dtype=x.dtype)
+    scales_bf16 = int(parts[1] is not None and parts[1].dtype == torch.bfloat16)
+    _done(lib.swiglu_experts(x.data_ptr(), int(x.dtype == torch.bfloat16), kind, *_pointers_of(parts), scales_bf16,
+                             group_size, n_experts, index.data_ptr(), weights.data_ptr(), index.shape[0], hidden,
+                             dim, out.data_ptr(), threads), 1, dim)
+    return out
+
+
+def _moe(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, kind: int, parts: tuple, group_size: int,
+         threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lib, x = _checked_library(), x.contiguous()
+    n_experts, hidden, dim = _check_experts(x, kind, parts, group_size)
+    if gate_weight.shape != (n_experts, dim) or gate_weight.dtype not in _FLOATS or not gate_weight.is_cpu:
+        raise ValueError(f"experts: the router's weight must be ({n_experts}, {dim}) bf16 or fp32 on the CPU, got "
+                         f"{tuple(gate_weight.shape)} {gate_weight.dtype}")
+    if not 1 <= top_k <= min(n_experts, 64):
+        raise ValueError(f"experts: top_k must be 1 .. {min(n_experts, 64)}, got {top_k}")
+    gate_weight = gate_weight.contiguous()
+    out, logits = torch.empty(1, dim, dtype=x.dtype), torch.empty(1, n_experts)
+    scales_bf16 = int(parts[1] is not None and parts[1].dtype == torch.bfloat16)
+    _done(lib.moe_one_token(x.data_ptr(), int(x.dtype == torch.bfloat16), gate_weight.data_ptr(),
+                            int(gate_weight.dtype == torch.bfloat16), top_k, kind, *_pointers_of(parts), scales_bf16,
+                            group_size, n_experts, hidden, dim, out.data_ptr(), logits.data_ptr(), threads), 1, dim)
+    return out, logits
 
 
 def quantized_experts(x: torch.Tensor, weights: object) -> bool:

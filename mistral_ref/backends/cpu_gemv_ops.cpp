@@ -8,12 +8,9 @@
 // operators, registered under CompositeExplicitAutograd, which a CPU kernel registered here takes precedence over.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
-#include <ATen/ops/silu.h>
-#include <ATen/ops/softmax.h>
-#include <ATen/ops/topk.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -37,6 +34,14 @@ int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t 
 int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const void *scales, int scales_bf16,
                            int64_t n_experts, const int64_t *index, int64_t k, void *y, int io_bf16, int64_t out,
                            int64_t in, int64_t group, int threads);
+int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const void *s1, const void *w3,
+                   const void *s3, const void *w2, const void *s2, int scales_bf16, int64_t group, int64_t n_experts,
+                   const int64_t *index, const float *weights, int64_t k, int64_t hidden, int64_t dim, void *out,
+                   int threads);
+int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t top_k, int kind,
+                  const void *w1, const void *s1, const void *w3, const void *s3, const void *w2, const void *s2,
+                  int scales_bf16, int64_t group, int64_t n_experts, int64_t hidden, int64_t dim, void *out,
+                  float *logits, int threads);
 }
 
 namespace {
@@ -210,56 +215,100 @@ Tensor op_gemv_quantized_experts(const Tensor &x_, const Tensor &qweight, const 
   return y;
 }
 
-// cpu_gemv.py: _check_swiglu, _mix
-void check_swiglu(const Tensor &x, const Tensor &index, const Tensor &weights) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == 1 && weights.sizes() == index.sizes() &&
-                        weights.scalar_type() == at::kFloat,
-                    "swiglu experts: x must be one row (got ", x.sizes(), "), weights (k,) fp32 like index (got ",
-                    weights.sizes(), " ", weights.scalar_type(), ", index ", index.sizes(), ")");
+// cpu_gemv.py: _check_experts (kind 0 bf16: s1, s3, s2 undefined; 1 int8, 2 int4)
+std::tuple<int64_t, int64_t, int64_t> check_experts_swiglu(const Tensor &x, int64_t kind, const Tensor &w1,
+                                                           const Tensor &s1, const Tensor &w3, const Tensor &s3,
+                                                           const Tensor &w2, const Tensor &s2, int64_t group) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == 1 && w1.dim() == 3, "experts: x must be one row (got ", x.sizes(),
+                    ") and the experts stacked (E, out, in) (got ", w1.sizes(), ")");
+  const int64_t n_experts = w1.size(0), hidden = w1.size(1), dim = x.size(1);
+  const Tensor *ws[3] = {&w1, &w3, &w2}, *ss[3] = {&s1, &s3, &s2};
+  const int64_t outs[3] = {hidden, hidden, dim}, ins[3] = {dim, dim, hidden};
+  for (int p = 0; p < 3; p++) {
+    const Tensor &w = *ws[p];
+    TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == n_experts && w.scalar_type() == w1.scalar_type(),
+                      "experts: w1, w3 and w2 must stack as many experts of one dtype, got ", w1.sizes(), " ",
+                      w1.scalar_type(), " and ", w.sizes(), " ", w.scalar_type());
+    if (kind == 0) {
+      check(x, w, dim, at::kBFloat16,
+            w.scalar_type() == at::kBFloat16 && w.dim() == 3 && w.size(1) == outs[p] && w.size(2) == ins[p] &&
+                w.is_contiguous());
+    } else {
+      const Tensor &s = *ss[p];
+      TORCH_CHECK_VALUE(s.dim() >= 2 && s.size(0) == n_experts && s.scalar_type() == s1.scalar_type(),
+                        "experts: scales of ", n_experts, " experts of one dtype, got ", s.sizes());
+      check_floats(x, s);
+      check(x, w, dim, x.scalar_type(),
+            fits_quantized(ins[p], w.scalar_type(), w.sizes().slice(1), s.sizes().slice(1), group) &&
+                w.size(1) == outs[p] && w.is_contiguous() && s.is_contiguous() && s.is_cpu());
+    }
+  }
+  return {n_experts, hidden, dim};
 }
 
-template <typename Product>
-Tensor mix(const Tensor &x, const Tensor &gate, const Tensor &up, Product product, const Tensor &weights) {
-  Tensor y = product(at::silu(gate).mul(up));  // (k, dim)
-  return y.mul(weights.unsqueeze(1).to(x.scalar_type())).to(at::kFloat).sum(0, true).to(x.scalar_type());
+const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+int64_t scheme(const Tensor &codes) { return codes.scalar_type() == at::kChar ? 1 : 2; }
+
+Tensor swiglu(const Tensor &x_, int64_t kind, const Tensor &w1, const Tensor &s1, const Tensor &w3, const Tensor &s3,
+              const Tensor &w2, const Tensor &s2, const Tensor &index_, const Tensor &weights_, int64_t group,
+              int64_t threads) {
+  Tensor x = x_.contiguous(), index = index_.contiguous(), weights = weights_.contiguous();
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.scalar_type() == at::kLong && weights.sizes() == index.sizes() &&
+                        weights.scalar_type() == at::kFloat && index.is_cpu() && weights.is_cpu(),
+                    "swiglu experts: index (k,) int64 and weights (k,) fp32 on the CPU (got index ", index.sizes(),
+                    " ", index.scalar_type(), ", weights ", weights.sizes(), " ", weights.scalar_type(), ")");
+  auto [n_experts, hidden, dim] = check_experts_swiglu(x, kind, w1, s1, w3, s3, w2, s2, group);
+  Tensor out = at::empty({1, dim}, x.options());
+  done(swiglu_experts(x.data_ptr(), bf16(x), static_cast<int>(kind), w1.data_ptr(), ptr(s1), w3.data_ptr(), ptr(s3),
+                      w2.data_ptr(), ptr(s2), s1.defined() ? bf16(s1) : 0, group, n_experts,
+                      index.data_ptr<int64_t>(), weights.data_ptr<float>(), index.size(0), hidden, dim,
+                      out.data_ptr(), static_cast<int>(threads)),
+       1, dim);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> moe(const Tensor &x_, const Tensor &gate_, int64_t top_k, int64_t kind, const Tensor &w1,
+                               const Tensor &s1, const Tensor &w3, const Tensor &s3, const Tensor &w2,
+                               const Tensor &s2, int64_t group, int64_t threads) {
+  Tensor x = x_.contiguous(), gate = gate_.contiguous();
+  auto [n_experts, hidden, dim] = check_experts_swiglu(x, kind, w1, s1, w3, s3, w2, s2, group);
+  TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(0) == n_experts && gate.size(1) == dim && is_float(gate) &&
+                        gate.is_cpu(),
+                    "experts: the router's weight must be (", n_experts, ", ", dim, ") bf16 or fp32 on the CPU, got ",
+                    gate.sizes(), " ", gate.scalar_type());
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= std::min<int64_t>(n_experts, 64), "experts: top_k must be 1 .. ",
+                    std::min<int64_t>(n_experts, 64), ", got ", top_k);
+  Tensor out = at::empty({1, dim}, x.options()), logits = at::empty({1, n_experts}, x.options().dtype(at::kFloat));
+  done(moe_one_token(x.data_ptr(), bf16(x), gate.data_ptr(), bf16(gate), top_k, static_cast<int>(kind),
+                     w1.data_ptr(), ptr(s1), w3.data_ptr(), ptr(s3), w2.data_ptr(), ptr(s2),
+                     s1.defined() ? bf16(s1) : 0, group, n_experts, hidden, dim, out.data_ptr(),
+                     logits.data_ptr<float>(), static_cast<int>(threads)),
+       1, dim);
+  return {out, logits};
 }
 
 Tensor op_swiglu_bf16_experts(const Tensor &x, const Tensor &w1, const Tensor &w3, const Tensor &w2,
                               const Tensor &index, const Tensor &weights, int64_t threads) {
-  check_swiglu(x, index, weights);
-  Tensor gate = op_gemv_bf16_experts(x, w1, index, threads), up = op_gemv_bf16_experts(x, w3, index, threads);
-  return mix(x, gate, up, [&](const Tensor &h) { return op_gemv_bf16_experts(h, w2, index, threads); }, weights);
+  return swiglu(x, 0, w1, Tensor(), w3, Tensor(), w2, Tensor(), index, weights, 0, threads);
 }
 
 Tensor op_swiglu_quantized_experts(const Tensor &x, const Tensor &q1, const Tensor &s1, const Tensor &q3,
                                    const Tensor &s3, const Tensor &q2, const Tensor &s2, const Tensor &index,
                                    const Tensor &weights, int64_t group, int64_t threads) {
-  check_swiglu(x, index, weights);
-  Tensor gate = op_gemv_quantized_experts(x, q1, s1, index, group, threads);
-  Tensor up = op_gemv_quantized_experts(x, q3, s3, index, group, threads);
-  return mix(x, gate, up, [&](const Tensor &h) { return op_gemv_quantized_experts(h, q2, s2, index, group, threads); },
-             weights);
-}
-
-// moe.route: fp32 router logits (1, E), the top k of them, softmax over those k -> (weights (k,), experts (k,), logits)
-std::tuple<Tensor, Tensor, Tensor> route(const Tensor &x, const Tensor &gate_weight, int64_t top_k) {
-  Tensor logits = at::linear(x.to(at::kFloat), gate_weight.to(at::kFloat));
-  auto [top, experts] = at::topk(logits, top_k, -1);
-  return {at::softmax(top, -1).select(0, 0), experts.select(0, 0), logits};
+  return swiglu(x, scheme(q1), q1, s1, q3, s3, q2, s2, index, weights, group, threads);
 }
 
 std::tuple<Tensor, Tensor> op_moe_bf16_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &w1,
                                                const Tensor &w3, const Tensor &w2, int64_t top_k, int64_t threads) {
-  auto [weights, experts, logits] = route(x, gate_weight, top_k);
-  return {op_swiglu_bf16_experts(x, w1, w3, w2, experts, weights, threads), logits};
+  return moe(x, gate_weight, top_k, 0, w1, Tensor(), w3, Tensor(), w2, Tensor(), 0, threads);
 }
 
 std::tuple<Tensor, Tensor> op_moe_quantized_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &q1,
                                                     const Tensor &s1, const Tensor &q3, const Tensor &s3,
                                                     const Tensor &q2, const Tensor &s2, int64_t top_k, int64_t group,
                                                     int64_t threads) {
-  auto [weights, experts, logits] = route(x, gate_weight, top_k);
-  return {op_swiglu_quantized_experts(x, q1, s1, q3, s3, q2, s2, experts, weights, group, threads), logits};
+  return moe(x, gate_weight, top_k, scheme(q1), q1, s1, q3, s3, q2, s2, group, threads);
 }
 
 }  // namespace

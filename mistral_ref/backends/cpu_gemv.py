@@ -510,7 +510,8 @@ def _check_experts(x: torch.Tensor, kind: int, parts: tuple, group_size: int) ->
             _check(x, w, dim, torch.bfloat16, w.dtype == torch.bfloat16 and tuple(w.shape[1:]) == (out, inp)
                    and w.is_contiguous())
             continue
-        if s.ndim < 2 or s.shape[0] != n_experts or s.dtype != s1.dtype or s.dtype not in _FLOATS or x.dtype not in _FLOATS:
+        if (s.ndim < 2 or s.shape[0] != n_experts or s.dtype != s1.dtype or s.dtype not in _FLOATS
+                or x.dtype not in _FLOATS):
             raise ValueError(f"experts: scales of {n_experts} experts of one dtype, bf16 or fp32, for bf16 or fp32 "
                              f"x, got {tuple(s.shape)} {s.dtype}, x {x.dtype}")
         _check(x, w, dim, x.dtype, _fits_quantized(inp, w.dtype, w.shape[1:], s.shape[1:], group_size)

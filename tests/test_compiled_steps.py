@@ -13,9 +13,17 @@ import torch
 from conftest import rel_err
 from model_helpers import random_model
 
-from mistral_ref.backends import cpu_gemv
+from mistral_ref.backends import compiled_steps, cpu_gemv
 from mistral_ref.backends.compiled import compile_decode
-from mistral_ref.backends.compiled_steps import GuardedOnce, StepCache, describe, disk_name, global_state, trusted
+from mistral_ref.backends.compiled_steps import (
+    GuardedOnce,
+    StepCache,
+    describe,
+    described,
+    disk_name,
+    global_state,
+    trusted,
+)
 from mistral_ref.cache import KVCache
 from mistral_ref.config import ModelArgs, MoeArgs
 from mistral_ref.generation import generate
@@ -66,6 +74,29 @@ def test_describe_tells_apart_what_compiled_code_assumes():
     assert describe(c1.layers[0]) == describe(KVCache(full, 1, 16).layers[1])
     with pytest.raises(TypeError, match="cannot describe"):
         describe(object())
+
+
+def test_a_cache_is_described_once_until_something_in_it_is_replaced(monkeypatch):
+    """described(cache): the digest of describe(cache), remembered on the cache until an attribute of the cache or
+    of one of its layers is replaced; what compiled code assumes still tells caches apart."""
+    full = dataclasses.replace(DENSE, sliding_window=None)
+    cache, calls = KVCache(full, 1, 16), []
+    real = compiled_steps.describe
+    monkeypatch.setattr(compiled_steps, "describe", lambda obj, depth=0: calls.append(depth) or real(obj, depth))
+    first = described(cache)
+    assert described(cache) == first and calls.count(0) == 1  # the memo: described once
+    assert described(KVCache(full, 1, 16)) == first != described(KVCache(full, 1, 32))
+    assert described(KVCache(full, 2, 16)) != first  # batch size
+    cache.layers[1].k = cache.layers[1].k.double()  # a tensor replaced by another dtype
+    second = described(cache)
+    assert second != first and calls.count(0) == 5
+    cache.layers[1].k = cache.layers[1].k.float()  # replaced again, by an equal layout: the first digest
+    assert described(cache) == first and calls.count(0) == 6
+    cache.layers[0].rolling = True  # a plain attribute
+    assert described(cache) != first
+    cache.layers.append(cache.layers[0])  # a layer more
+    assert described(cache) != described(KVCache(full, 1, 16))
+    assert compiled_steps.MEMO not in repr(real(cache))  # (the memo is not described)
 
 
 def test_a_saved_step_is_loaded_by_the_next_cache_not_compiled(cache_dir):

@@ -46,7 +46,7 @@ import torch
 from mistral_ref.attention import attention
 from mistral_ref.backends import Backend, cpu_gemv, get_backend
 from mistral_ref.backends.compile_cache import use_compile_cache
-from mistral_ref.backends.compiled_steps import StepCache, describe, global_state
+from mistral_ref.backends.compiled_steps import MEMO, StepCache, describe, described, global_state
 from mistral_ref.backends.linear import linear, multiply_sum_linear, split_pays, upcast_on_cpu
 from mistral_ref.backends.moe import (
     gemv_experts_apply,
@@ -282,7 +282,8 @@ class CompiledDecode:
             return None
         key = (name, self.threads, self.cpu_kernels, torch.is_inference_mode_enabled(), torch.is_grad_enabled(),
                global_state(),
-               tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else describe(x) for x in args))
+               tuple(self._module_digest(x) if isinstance(x, torch.nn.Module) else
+                     described(x) if isinstance(x, (KVCache, LayerCache)) else describe(x) for x in args))
         return self.steps.get(key, name, fn, lambda: _scratch(args))
 
     def forget_modules(self) -> None:
@@ -334,7 +335,7 @@ def _scratch(args: tuple) -> tuple:
         if isinstance(x, (LayerCache, KVCache)) or (hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module)
                                                      and any(isinstance(v, torch.Tensor) for v in vars(x).values())):
             twin = object.__new__(type(x))
-            twin.__dict__.update({k: fresh(v) for k, v in vars(x).items()})
+            twin.__dict__.update({k: fresh(v) for k, v in vars(x).items() if k != MEMO})
             return twin
         return x
     return tuple(fresh(x) for x in args)

@@ -213,9 +213,9 @@ def test_mix_one_token_gemv_with_quantized_experts(scheme, dtype):
 
 def _stacked_experts(kind, dtype, n, dim, hidden):
     """w1, w3 (n, hidden, dim) and w2 (n, dim, hidden) stacked: bf16 tensors, or QuantizedExperts of `kind`."""
-    if kind == "bf16":
-        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).bfloat16() for s in (1, 2))
-        return w1, w3, _weight(n * dim, hidden, 3).view(n, dim, hidden).bfloat16()
+    if kind in ("bf16", "fp32"):
+        w1, w3 = (_weight(n * hidden, dim, s).view(n, hidden, dim).to(dtype) for s in (1, 2))
+        return w1, w3, _weight(n * dim, hidden, 3).view(n, dim, hidden).to(dtype)
     w1, w3 = (QuantizedExperts([quantize_weight(_weight(hidden, dim, 10 * s + e).to(dtype), kind, 32)
                                 for e in range(n)]) for s in (1, 2))
     return w1, w3, QuantizedExperts([quantize_weight(_weight(dim, hidden, 30 + e).to(dtype), kind, 32)
@@ -225,30 +225,35 @@ def _stacked_experts(kind, dtype, n, dim, hidden):
 def _three_products(x, weights, index, w1, w2, w3):
     """experts_swiglu as three experts_gemv calls and torch's operations between them, rounded in x's dtype as
     the reference rounds (what mix_one_token_gemv ran before the fused operator)."""
-    gate, up = cpu_gemv.experts_gemv(x, w1, index, 1), cpu_gemv.experts_gemv(x, w3, index, 1)
-    y = cpu_gemv.experts_gemv(F.silu(gate) * up, w2, index, 1)
+    if isinstance(w1, torch.Tensor) and w1.dtype == torch.float32:  # torch's products (experts_gemv: not fp32)
+        gate, up = torch.stack([x[0] @ w1[e].T for e in index]), torch.stack([x[0] @ w3[e].T for e in index])
+        h = F.silu(gate) * up
+        y = torch.stack([h[s] @ w2[e].T for s, e in enumerate(index)])
+    else:
+        gate, up = cpu_gemv.experts_gemv(x, w1, index, 1), cpu_gemv.experts_gemv(x, w3, index, 1)
+        y = cpu_gemv.experts_gemv(F.silu(gate) * up, w2, index, 1)
     return (y * weights[:, None].to(x.dtype)).float().sum(0, keepdim=True).to(x.dtype)
 
 
 def _swiglu_op(kind, x, w1, w3, w2, index, weights):
     ops = torch.ops.mistral_ref
-    if kind == "bf16":
-        return ops.swiglu_bf16_experts(x, w1, w3, w2, index, weights, 1)
+    if kind in ("bf16", "fp32"):
+        return ops.swiglu_float_experts(x, w1, w3, w2, index, weights, 1)
     return ops.swiglu_quantized_experts(x, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales,
                                         index, weights, 32 if kind == "int4" else 0, 1)
 
 
 def _moe_op(kind, x, gate, w1, w3, w2, top_k):
     ops = torch.ops.mistral_ref
-    if kind == "bf16":
-        return ops.moe_bf16_experts(x, gate, w1, w3, w2, top_k, 1)
+    if kind in ("bf16", "fp32"):
+        return ops.moe_float_experts(x, gate, w1, w3, w2, top_k, 1)
     return ops.moe_quantized_experts(x, gate, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales,
                                      top_k, 32 if kind == "int4" else 0, 1)
 
 
-@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
-                                        ("int4", torch.bfloat16), ("int4", torch.float32)],
-                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                        ("int8", torch.float32), ("int4", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "fp32", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_experts_swiglu_is_the_three_products(build, kind, dtype, k):
     """The fused MoE layer of one token (one C call: gate, up, SiLU, down, the weighted sum) against the three
@@ -270,7 +275,7 @@ def test_experts_swiglu_is_the_three_products(build, kind, dtype, k):
         torch.testing.assert_close(_swiglu_op(kind, x, w1, w3, w2, index, weights), got, rtol=0, atol=0)
         if kind == "bf16":
             with pytest.raises(ValueError, match="one row"):
-                torch.ops.mistral_ref.swiglu_bf16_experts(x.expand(2, dim), w1, w3, w2, index, weights, 1)
+                torch.ops.mistral_ref.swiglu_float_experts(x.expand(2, dim), w1, w3, w2, index, weights, 1)
     with pytest.raises(ValueError, match="fp32"):
         cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights.double(), 1)
     with pytest.raises(IndexError, match="out of range"):
@@ -294,8 +299,8 @@ def test_experts_swiglu_rounds_as_the_reference_layer():
     assert rel_err(got, expected) <= BF16_RTOL
 
 
-@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int4", torch.float32)],
-                         ids=["bf16", "int8-bf16", "int4-fp32"])
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                        ("int4", torch.float32)], ids=["bf16", "fp32", "int8-bf16", "int4-fp32"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_experts_moe_is_the_router_then_experts_swiglu(build, kind, dtype, top_k):
     """The whole MoE layer of one token in one C call: moe.route's logits (within fp32 rounding: the C loop sums

@@ -201,36 +201,42 @@ static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
     return _mm_add_ps(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-/* One row of x times four bf16 weight rows (w: 4 x in), the decode case: x read once for the four, their
- * horizontal sums done together.  The lanes, FMAs and additions are dot_bf16's, in its order: bitwise its
- * results. */
-static inline void dot4_bf16(const float *x, const uint16_t *w, float *y, int64_t in) {
-    __m512 acc[4][2];
-    for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
-        for (int k = 0; k < 4; k++) PREFETCH(w + (4 + k) * in + i);  /* the next four rows */
-        for (int h = 0; h < 2; h++) {
-            __m512 xv = _mm512_loadu_ps(x + i + 16 * h);
-            for (int k = 0; k < 4; k++)
-                acc[k][h] = _mm512_fmadd_ps(xv, load_bf16x16(w + k * in + i + 16 * h), acc[k][h]);
-        }
+/* One row of x times four weight rows (w: 4 x in), the decode case: x read once for the four, their horizontal
+ * sums done together.  The lanes, FMAs and additions are DOT512's, in its order: bitwise its results. */
+#define DOT4(NAME, T, LOAD, TO_FLOAT)                                                                      \
+    static inline void NAME(const float *x, const T *w, float *y, int64_t in) {                           \
+        __m512 acc[4][2];                                                                                   \
+        for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();                          \
+        int64_t i = 0;                                                                                      \
+        for (; i + 32 <= in; i += 32) {                                                                     \
+            for (int k = 0; k < 4; k++) PREFETCH(w + (4 + k) * in + i);  /* the next four rows */          \
+            for (int h = 0; h < 2; h++) {                                                                   \
+                __m512 xv = _mm512_loadu_ps(x + i + 16 * h);                                                \
+                for (int k = 0; k < 4; k++)                                                                 \
+                    acc[k][h] = _mm512_fmadd_ps(xv, LOAD(w + k * in + i + 16 * h), acc[k][h]);              \
+            }                                                                                               \
+        }                                                                                                   \
+        __m256 v[4];                                                                                        \
+        for (int k = 0; k < 4; k++)                                                                         \
+            v[k] = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[k][0]), upper8(acc[k][0])),       \
+                                 _mm256_add_ps(_mm512_castps512_ps256(acc[k][1]), upper8(acc[k][1])));      \
+        __m128 s = hsum4(v[0], v[1], v[2], v[3]);                                                           \
+        for (int64_t j = i; j < in; j++) {                                                                  \
+            __m128 wj = _mm_setr_ps(TO_FLOAT(w[j]), TO_FLOAT(w[in + j]), TO_FLOAT(w[2 * in + j]),           \
+                                    TO_FLOAT(w[3 * in + j]));                                               \
+            s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(x[j]), wj));                                          \
+        }                                                                                                   \
+        _mm_storeu_ps(y, s);                                                                                \
     }
-    __m256 v[4];
-    for (int k = 0; k < 4; k++)
-        v[k] = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(acc[k][0]), upper8(acc[k][0])),
-                             _mm256_add_ps(_mm512_castps512_ps256(acc[k][1]), upper8(acc[k][1])));
-    __m128 s = hsum4(v[0], v[1], v[2], v[3]);
-    for (int64_t j = i; j < in; j++) {
-        __m128 wj = _mm_setr_ps(bf16_to_float(w[j]), bf16_to_float(w[in + j]), bf16_to_float(w[2 * in + j]),
-                                bf16_to_float(w[3 * in + j]));
-        s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(x[j]), wj));
-    }
-    _mm_storeu_ps(y, s);
-}
+#define F32_TO_FLOAT(v) (v)
+DOT4(dot4_bf16, uint16_t, load_bf16x16, bf16_to_float)
+DOT512(dot_f32, float, _mm512_loadu_ps, F32_TO_FLOAT)
+DOT4(dot4_f32, float, _mm512_loadu_ps, F32_TO_FLOAT)
 #else
 #define INT8_TO_FLOAT(v) ((float)(v))
+#define F32_TO_FLOAT(v) (v)
 DOT(dot_bf16, uint16_t, load_bf16x8, bf16_to_float)
+DOT(dot_f32, float, _mm256_loadu_ps, F32_TO_FLOAT)
 DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
 #endif
 
@@ -258,6 +264,21 @@ static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows,
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) ROWS(dot_bf16, x, w + o * in, y, rows, out, in, o);
+}
+
+/* bf16_rows for fp32 weights (a token's fp32 experts: backends/moe.py) */
+static void f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+#if CPU_GEMV_AVX512
+    if (rows == 1) {
+        int64_t out4 = out / 4 * 4;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t o = 0; o < out4; o += 4) dot4_f32(x, w + o * in, y + o, in);
+        for (int64_t o = out4; o < out; o++) dot_f32(x, w + o * in, y + o, in, out, 1);
+        return;
+    }
+#endif
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++) ROWS(dot_f32, x, w + o * in, y, rows, out, in, o);
 }
 
 static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
@@ -593,6 +614,17 @@ static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows,
         }
 }
 
+static void f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t r = 0; r < rows; r++) {
+            float acc = 0.0f;
+            #pragma omp simd reduction(+:acc)
+            for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * w[o * in + i];
+            y[r * out + o] = acc;
+        }
+}
+
 static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
                int64_t rows, int64_t out, int64_t in, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -818,6 +850,16 @@ int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t 
     return 0;
 }
 
+/* The same for stacked fp32 experts and fp32 x, y (the products of an fp32 model's MoE layer for one token). */
+static int f32_experts(const float *x, int64_t x_rows, const float *w, int64_t n_experts, const int64_t *index,
+                       int64_t k, float *y, int64_t out, int64_t in, int threads) {
+    for (int64_t s = 0; s < k; s++)
+        if (index[s] < 0 || index[s] >= n_experts) return -2;
+    for (int64_t s = 0; s < k; s++)
+        f32_rows(x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, y + s * out, 1, out, in, threads);
+    return 0;
+}
+
 /* The same for quantized experts stacked as in backends/moe.py (stack_experts): codes q (E, out, in) int8
  * (group == 0) or (E, out, in / 2) int4 bytes, scales (E, out) or scales and zeros (E, in / group, out, 2).
  * One call for the k chosen experts of a decode step, x converted (and rounded to int16) once.  Returns -2 if an
@@ -875,8 +917,9 @@ static inline float value_at(const void *p, int64_t k, int is_bf16) {
 
 /* The chosen experts' products, SiLU and weighted sum:
  *     out (1, dim) = sum_s weights[s] * W2[e_s] (silu(W1[e_s] x) * W3[e_s] x),   e_s = index[s], s < k
- * W1, W3 (E, hidden, dim) and W2 (E, dim, hidden) stacked bf16 experts (kind 0: w1, w3, w2 the weights, s* NULL)
- * or quantized ones (kind 1 int8, 2 int4: codes and scales as gemv_quantized_experts takes them).  Rounded as
+ * W1, W3 (E, hidden, dim) and W2 (E, dim, hidden) stacked bf16 experts (kind 0: w1, w3, w2 the weights, s* NULL),
+ * fp32 ones with fp32 x (kind 3, likewise) or quantized ones (kind 1 int8, 2 int4: codes and scales as
+ * gemv_quantized_experts takes them).  Rounded as
  * the reference rounds a layer in x's dtype: the gate and up products, SiLU(gate), the hidden activations and
  * each expert's output; the k weighted outputs are summed in fp32 and rounded once (backends/moe.py).  Returns 0,
  * -1 without memory, -2 for an expert index out of range. */
@@ -892,6 +935,9 @@ int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const v
     if (kind == 0) {
         code = gemv_bf16_experts(x, 1, w1, n_experts, index, k, gate, 1, hidden, dim, threads);
         if (!code) code = gemv_bf16_experts(x, 1, w3, n_experts, index, k, up, 1, hidden, dim, threads);
+    } else if (kind == 3) {
+        code = f32_experts(x, 1, w1, n_experts, index, k, (float *)gate, hidden, dim, threads);
+        if (!code) code = f32_experts(x, 1, w3, n_experts, index, k, (float *)up, hidden, dim, threads);
     } else {
         const int64_t g = kind == 2 ? group : 0;
         code = gemv_quantized_experts(x, 1, w1, s1, scales_bf16, n_experts, index, k, gate, io_bf16, hidden, dim,
@@ -908,6 +954,8 @@ int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const v
     }
     if (kind == 0)
         code = gemv_bf16_experts(h, k, w2, n_experts, index, k, y, 1, dim, hidden, threads);
+    else if (kind == 3)
+        code = f32_experts((const float *)h, k, w2, n_experts, index, k, (float *)y, dim, hidden, threads);
     else
         code = gemv_quantized_experts(h, k, w2, s2, scales_bf16, n_experts, index, k, y, io_bf16, dim, hidden,
                                       kind == 2 ? group : 0, threads);

@@ -425,17 +425,17 @@ def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: tor
                    w2: torch.Tensor | QuantizedExperts, index: torch.Tensor, weights: torch.Tensor,
                    threads: int) -> torch.Tensor:
     """One token's routed experts, summed: sum_s weights[s] * w2[e_s](silu(w1[e_s] x) * w3[e_s] x), e_s =
-    index[s], with the stacked experts of :func:`experts_gemv` (all three bf16, or all three quantized alike) in
-    one operator call (a compiled step calls one operator per MoE layer instead of three, and two generated
-    kernels between them).  x: (1, dim) bf16 (or fp32 with quantized experts), index: (k,) int64, weights: (k,)
-    fp32 -> (1, dim) in x's dtype, rounded as the reference rounds a layer in x's dtype (gate, up, SiLU, hidden
-    activations, each expert's output), the k weighted outputs summed in fp32: one C function (cpu_gemv.c,
+    index[s], with stacked experts (all three bf16 or fp32 like x, or all three quantized alike, as
+    :func:`experts_gemv` takes them) in one operator call (a compiled step calls one operator per MoE layer
+    instead of three, and two generated kernels between them).  x: (1, dim) bf16 or fp32, index: (k,) int64,
+    weights: (k,) fp32 -> (1, dim) in x's dtype, rounded as the reference rounds a layer in x's dtype (gate, up,
+    SiLU, hidden activations, each expert's output), the k weighted outputs summed in fp32: one C function (cpu_gemv.c,
     swiglu_experts), equal to those torch operations on the same products within a rounding of x's dtype where
     C's expf and torch's differ in the last bit (tests/test_cpu_gemv.py)."""
     compiling = _as_operator()
     if isinstance(w1, torch.Tensor):
         parts = (x, w1, w3, w2, index, weights, threads)
-        return torch.ops.mistral_ref.swiglu_bf16_experts(*parts) if compiling else swiglu_bf16_experts(*parts)
+        return torch.ops.mistral_ref.swiglu_float_experts(*parts) if compiling else swiglu_float_experts(*parts)
     parts = (x, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales, index, weights,
              w1.group_size or 0, threads)
     if compiling:
@@ -454,7 +454,7 @@ def experts_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor | Q
     compiling = _as_operator()
     if isinstance(w1, torch.Tensor):
         parts = (x, gate_weight, w1, w3, w2, top_k, threads)
-        out = torch.ops.mistral_ref.moe_bf16_experts(*parts) if compiling else moe_bf16_experts(*parts)
+        out = torch.ops.mistral_ref.moe_float_experts(*parts) if compiling else moe_float_experts(*parts)
     else:
         parts = (x, gate_weight, w1.qweight, w1.scales, w3.qweight, w3.scales, w2.qweight, w2.scales, top_k,
                  w1.group_size or 0, threads)
@@ -462,10 +462,10 @@ def experts_moe(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor | Q
     return out[0], out[1]
 
 
-def moe_bf16_experts(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                     w2: torch.Tensor, top_k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """experts_moe for stacked bf16 experts."""
-    return _moe(x, gate_weight, top_k, 0, (w1, None, w3, None, w2, None), 0, threads)
+def moe_float_experts(x: torch.Tensor, gate_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                      w2: torch.Tensor, top_k: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """experts_moe for stacked bf16 experts, or fp32 ones with fp32 x."""
+    return _moe(x, gate_weight, top_k, _float_kind(w1), (w1, None, w3, None, w2, None), 0, threads)
 
 
 def moe_quantized_experts(x: torch.Tensor, gate_weight: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor,
@@ -475,10 +475,11 @@ def moe_quantized_experts(x: torch.Tensor, gate_weight: torch.Tensor, q1: torch.
     return _moe(x, gate_weight, top_k, _scheme(q1), (q1, s1, q3, s3, q2, s2), group_size, threads)
 
 
-def swiglu_bf16_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, index: torch.Tensor,
-                        weights: torch.Tensor, threads: int) -> torch.Tensor:
-    """experts_swiglu for stacked bf16 experts w1, w3 (E, hidden, dim), w2 (E, dim, hidden)."""
-    return _swiglu(x, 0, (w1, None, w3, None, w2, None), 0, index, weights, threads)
+def swiglu_float_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, index: torch.Tensor,
+                         weights: torch.Tensor, threads: int) -> torch.Tensor:
+    """experts_swiglu for stacked bf16 experts w1, w3 (E, hidden, dim), w2 (E, dim, hidden), or fp32 ones with fp32
+    x."""
+    return _swiglu(x, _float_kind(w1), (w1, None, w3, None, w2, None), 0, index, weights, threads)
 
 
 def swiglu_quantized_experts(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor, q3: torch.Tensor,
@@ -489,15 +490,20 @@ def swiglu_quantized_experts(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor
 
 
 def _scheme(codes: torch.Tensor) -> int:
-    """The C functions' `kind` of quantized experts: 1 int8, 2 int4 (0 is bf16)."""
+    """The C functions' `kind` of quantized experts: 1 int8, 2 int4."""
     return 1 if codes.dtype == torch.int8 else 2
+
+
+def _float_kind(weights: torch.Tensor) -> int:
+    """The C functions' `kind` of unquantized experts: 0 bf16, 3 fp32."""
+    return 3 if weights.dtype == torch.float32 else 0
 
 
 def _check_experts(x: torch.Tensor, kind: int, parts: tuple, group_size: int) -> tuple[int, int, int]:
     """The three stacked experts of a SwiGLU layer fit x (1, dim): w1, w3 (E, hidden, dim), w2 (E, dim, hidden),
-    bf16 (kind 0) or quantized alike (codes and scales).  Returns (E, hidden, dim)."""
+    bf16 (kind 0) or fp32 (kind 3) like x, or quantized alike (codes and scales).  Returns (E, hidden, dim)."""
     w1, s1, w3, s3, w2, s2 = parts
-    if x.ndim != 2 or x.shape[0] != 1 or w1.ndim != 3 or (kind and s1.ndim < 2):
+    if x.ndim != 2 or x.shape[0] != 1 or w1.ndim != 3 or (kind in (1, 2) and s1.ndim < 2):
         raise ValueError(f"experts: x must be one row (got {tuple(x.shape)}) and the experts stacked (E, out, in) "
                          f"(got {tuple(w1.shape)})")
     n_experts, dim = w1.shape[0], x.shape[1]
@@ -506,9 +512,9 @@ def _check_experts(x: torch.Tensor, kind: int, parts: tuple, group_size: int) ->
         if w.ndim != 3 or w.shape[0] != n_experts or w.dtype != w1.dtype:
             raise ValueError(f"experts: w1, w3 and w2 must stack as many experts of one dtype, got "
                              f"{tuple(w1.shape)} {w1.dtype} and {tuple(w.shape)} {w.dtype}")
-        if kind == 0:
-            _check(x, w, dim, torch.bfloat16, w.dtype == torch.bfloat16 and tuple(w.shape[1:]) == (out, inp)
-                   and w.is_contiguous())
+        if kind in (0, 3):  # bf16 experts with bf16 x, fp32 ones with fp32 x
+            dtype = torch.bfloat16 if kind == 0 else torch.float32
+            _check(x, w, dim, dtype, w.dtype == dtype and tuple(w.shape[1:]) == (out, inp) and w.is_contiguous())
             continue
         if (s.ndim < 2 or s.shape[0] != n_experts or s.dtype != s1.dtype or s.dtype not in _FLOATS
                 or x.dtype not in _FLOATS):
@@ -752,15 +758,15 @@ _OPS.define("gemv_quantized_experts(Tensor x, Tensor qweight, Tensor scales, Ten
             "int threads) -> Tensor")
 _OPS.impl("gemv_quantized_experts", gemv_quantized_experts, _PYTHON_KEY)
 _OPS.impl("gemv_quantized", gemv_quantized, _PYTHON_KEY)
-_OPS.define("swiglu_bf16_experts(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor index, Tensor weights, "
+_OPS.define("swiglu_float_experts(Tensor x, Tensor w1, Tensor w3, Tensor w2, Tensor index, Tensor weights, "
             "int threads) -> Tensor")
-_OPS.impl("swiglu_bf16_experts", swiglu_bf16_experts, _PYTHON_KEY)
+_OPS.impl("swiglu_float_experts", swiglu_float_experts, _PYTHON_KEY)
 _OPS.define("swiglu_quantized_experts(Tensor x, Tensor q1, Tensor s1, Tensor q3, Tensor s3, Tensor q2, Tensor s2, "
             "Tensor index, Tensor weights, int group_size, int threads) -> Tensor")
 _OPS.impl("swiglu_quantized_experts", swiglu_quantized_experts, _PYTHON_KEY)
-_OPS.define("moe_bf16_experts(Tensor x, Tensor gate_weight, Tensor w1, Tensor w3, Tensor w2, int top_k, "
+_OPS.define("moe_float_experts(Tensor x, Tensor gate_weight, Tensor w1, Tensor w3, Tensor w2, int top_k, "
             "int threads) -> (Tensor, Tensor)")
-_OPS.impl("moe_bf16_experts", moe_bf16_experts, _PYTHON_KEY)
+_OPS.impl("moe_float_experts", moe_float_experts, _PYTHON_KEY)
 _OPS.define("moe_quantized_experts(Tensor x, Tensor gate_weight, Tensor q1, Tensor s1, Tensor q3, Tensor s3, "
             "Tensor q2, Tensor s2, int top_k, int group_size, int threads) -> (Tensor, Tensor)")
 _OPS.impl("moe_quantized_experts", moe_quantized_experts, _PYTHON_KEY)
@@ -791,7 +797,7 @@ def _(x, qweight, scales, index, group_size, threads):
     return x.new_empty(index.shape[0], qweight.shape[1])
 
 
-@torch.library.register_fake("mistral_ref::swiglu_bf16_experts", lib=_OPS)
+@torch.library.register_fake("mistral_ref::swiglu_float_experts", lib=_OPS)
 def _(x, w1, w3, w2, index, weights, threads):
     return x.new_empty(1, w2.shape[1])
 
@@ -801,7 +807,7 @@ def _(x, q1, s1, q3, s3, q2, s2, index, weights, group_size, threads):
     return x.new_empty(1, q2.shape[1])
 
 
-@torch.library.register_fake("mistral_ref::moe_bf16_experts", lib=_OPS)
+@torch.library.register_fake("mistral_ref::moe_float_experts", lib=_OPS)
 def _(x, gate_weight, w1, w3, w2, top_k, threads):
     return x.new_empty(1, w2.shape[1]), x.new_empty(1, gate_weight.shape[0], dtype=torch.float32)
 

@@ -215,7 +215,7 @@ Tensor op_gemv_quantized_experts(const Tensor &x_, const Tensor &qweight, const 
   return y;
 }
 
-// cpu_gemv.py: _check_experts (kind 0 bf16: s1, s3, s2 undefined; 1 int8, 2 int4)
+// cpu_gemv.py: _check_experts (kind 0 bf16, 3 fp32: s1, s3, s2 undefined; 1 int8, 2 int4)
 std::tuple<int64_t, int64_t, int64_t> check_experts_swiglu(const Tensor &x, int64_t kind, const Tensor &w1,
                                                            const Tensor &s1, const Tensor &w3, const Tensor &s3,
                                                            const Tensor &w2, const Tensor &s2, int64_t group) {
@@ -229,9 +229,10 @@ std::tuple<int64_t, int64_t, int64_t> check_experts_swiglu(const Tensor &x, int6
     TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == n_experts && w.scalar_type() == w1.scalar_type(),
                       "experts: w1, w3 and w2 must stack as many experts of one dtype, got ", w1.sizes(), " ",
                       w1.scalar_type(), " and ", w.sizes(), " ", w.scalar_type());
-    if (kind == 0) {
-      check(x, w, dim, at::kBFloat16,
-            w.scalar_type() == at::kBFloat16 && w.dim() == 3 && w.size(1) == outs[p] && w.size(2) == ins[p] &&
+    if (kind == 0 || kind == 3) {  // bf16 experts with bf16 x, fp32 ones with fp32 x
+      const at::ScalarType dtype = kind == 0 ? at::kBFloat16 : at::kFloat;
+      check(x, w, dim, dtype,
+            w.scalar_type() == dtype && w.dim() == 3 && w.size(1) == outs[p] && w.size(2) == ins[p] &&
                 w.is_contiguous());
     } else {
       const Tensor &s = *ss[p];
@@ -249,6 +250,8 @@ std::tuple<int64_t, int64_t, int64_t> check_experts_swiglu(const Tensor &x, int6
 const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 int64_t scheme(const Tensor &codes) { return codes.scalar_type() == at::kChar ? 1 : 2; }
+
+int64_t float_kind(const Tensor &weights) { return weights.scalar_type() == at::kFloat ? 3 : 0; }
 
 Tensor swiglu(const Tensor &x_, int64_t kind, const Tensor &w1, const Tensor &s1, const Tensor &w3, const Tensor &s3,
               const Tensor &w2, const Tensor &s2, const Tensor &index_, const Tensor &weights_, int64_t group,
@@ -288,9 +291,9 @@ std::tuple<Tensor, Tensor> moe(const Tensor &x_, const Tensor &gate_, int64_t to
   return {out, logits};
 }
 
-Tensor op_swiglu_bf16_experts(const Tensor &x, const Tensor &w1, const Tensor &w3, const Tensor &w2,
+Tensor op_swiglu_float_experts(const Tensor &x, const Tensor &w1, const Tensor &w3, const Tensor &w2,
                               const Tensor &index, const Tensor &weights, int64_t threads) {
-  return swiglu(x, 0, w1, Tensor(), w3, Tensor(), w2, Tensor(), index, weights, 0, threads);
+  return swiglu(x, float_kind(w1), w1, Tensor(), w3, Tensor(), w2, Tensor(), index, weights, 0, threads);
 }
 
 Tensor op_swiglu_quantized_experts(const Tensor &x, const Tensor &q1, const Tensor &s1, const Tensor &q3,
@@ -299,9 +302,9 @@ Tensor op_swiglu_quantized_experts(const Tensor &x, const Tensor &q1, const Tens
   return swiglu(x, scheme(q1), q1, s1, q3, s3, q2, s2, index, weights, group, threads);
 }
 
-std::tuple<Tensor, Tensor> op_moe_bf16_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &w1,
+std::tuple<Tensor, Tensor> op_moe_float_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &w1,
                                                const Tensor &w3, const Tensor &w2, int64_t top_k, int64_t threads) {
-  return moe(x, gate_weight, top_k, 0, w1, Tensor(), w3, Tensor(), w2, Tensor(), 0, threads);
+  return moe(x, gate_weight, top_k, float_kind(w1), w1, Tensor(), w3, Tensor(), w2, Tensor(), 0, threads);
 }
 
 std::tuple<Tensor, Tensor> op_moe_quantized_experts(const Tensor &x, const Tensor &gate_weight, const Tensor &q1,
@@ -320,8 +323,8 @@ TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
   m.impl("gemv_quantized_many", TORCH_FN(op_gemv_quantized_many));
   m.impl("gemv_bf16_experts", TORCH_FN(op_gemv_bf16_experts));
   m.impl("gemv_quantized_experts", TORCH_FN(op_gemv_quantized_experts));
-  m.impl("swiglu_bf16_experts", TORCH_FN(op_swiglu_bf16_experts));
+  m.impl("swiglu_float_experts", TORCH_FN(op_swiglu_float_experts));
   m.impl("swiglu_quantized_experts", TORCH_FN(op_swiglu_quantized_experts));
-  m.impl("moe_bf16_experts", TORCH_FN(op_moe_bf16_experts));
+  m.impl("moe_float_experts", TORCH_FN(op_moe_float_experts));
   m.impl("moe_quantized_experts", TORCH_FN(op_moe_quantized_experts));
 }

@@ -113,18 +113,18 @@ def mix_one_token(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
 
 
 def gemv_experts_apply(x: torch.Tensor, w1: torch.Tensor | Sequence[torch.Tensor] | QuantizedExperts) -> bool:
-    """The C kernels take this token's expert products (cpu_gemv.experts_gemv): stacked bf16 experts, or stacked
-    quantized ones, on a CPU."""
+    """The C kernels take this token's expert products (cpu_gemv.experts_swiglu, experts_moe): stacked bf16 or
+    fp32 experts (x in their dtype), or stacked quantized ones, on a CPU."""
     if isinstance(w1, torch.Tensor):
-        return x.device.type == "cpu" and x.dtype == w1.dtype == torch.bfloat16 and w1.dim() == 3
+        return x.device.type == "cpu" and x.dtype == w1.dtype in (torch.bfloat16, torch.float32) and w1.dim() == 3
     return cpu_gemv.quantized_experts(x, w1)
 
 
 def mix_one_token_gemv(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                        w1: torch.Tensor | QuantizedExperts, w2: torch.Tensor | QuantizedExperts,
                        w3: torch.Tensor | QuantizedExperts, threads: int) -> torch.Tensor:
-    """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 stacked experts (E, out, in) or stacked
-    quantized ones (QuantizedExperts): one operator call (cpu_gemv.experts_swiglu) for the layer, whose products
+    """mix_one_token with the C kernels (backends/cpu_gemv.py) for bf16 or fp32 stacked experts (E, out, in) or
+    stacked quantized ones (QuantizedExperts): one operator call (cpu_gemv.experts_swiglu) for the layer, whose products
     read only the k chosen experts' weights.  Rounded like the reference's products: gate, up, the hidden
     activations and each expert's output in x's dtype; summed over the k slots in fp32."""
     return cpu_gemv.experts_swiglu(x, w1, w3, w2, experts[0], weights[0].float(), threads)  # (1, dim)

@@ -252,33 +252,28 @@ DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
         }                                                                                   \
     } while (0)
 
-static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+/* y (rows, out) = x @ W.T for bf16 weights w, or fp32 ones (w_f32: a token's fp32 experts, backends/moe.py) */
+static void float_rows(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
+                       int threads) {
+    const uint16_t *wb = w;
+    const float *wf = w;
 #if CPU_GEMV_AVX512
     if (rows == 1) {  /* four weight rows at a time; the last out % 4 below */
         int64_t out4 = out / 4 * 4;
         #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t o = 0; o < out4; o += 4) dot4_bf16(x, w + o * in, y + o, in);
-        for (int64_t o = out4; o < out; o++) dot_bf16(x, w + o * in, y + o, in, out, 1);
+        for (int64_t o = 0; o < out4; o += 4)
+            if (w_f32) dot4_f32(x, wf + o * in, y + o, in); else dot4_bf16(x, wb + o * in, y + o, in);
+        for (int64_t o = out4; o < out; o++)
+            if (w_f32) dot_f32(x, wf + o * in, y + o, in, out, 1); else dot_bf16(x, wb + o * in, y + o, in, out, 1);
         return;
     }
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++) ROWS(dot_bf16, x, w + o * in, y, rows, out, in, o);
-}
-
-/* bf16_rows for fp32 weights (a token's fp32 experts: backends/moe.py) */
-static void f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
-#if CPU_GEMV_AVX512
-    if (rows == 1) {
-        int64_t out4 = out / 4 * 4;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t o = 0; o < out4; o += 4) dot4_f32(x, w + o * in, y + o, in);
-        for (int64_t o = out4; o < out; o++) dot_f32(x, w + o * in, y + o, in, out, 1);
-        return;
-    }
-#endif
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++) ROWS(dot_f32, x, w + o * in, y, rows, out, in, o);
+    for (int64_t o = 0; o < out; o++)
+        if (w_f32)
+            ROWS(dot_f32, x, wf + o * in, y, rows, out, in, o);
+        else
+            ROWS(dot_bf16, x, wb + o * in, y, rows, out, in, o);
 }
 
 static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
@@ -603,24 +598,16 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
 
 #else  /* portable loops */
 
-static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+static void float_rows(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
+                       int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++)
         for (int64_t r = 0; r < rows; r++) {
             float acc = 0.0f;
             #pragma omp simd reduction(+:acc)
-            for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * bf16_to_float(w[o * in + i]);
-            y[r * out + o] = acc;
-        }
-}
-
-static void f32_rows(const float *x, const float *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++)
-        for (int64_t r = 0; r < rows; r++) {
-            float acc = 0.0f;
-            #pragma omp simd reduction(+:acc)
-            for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * w[o * in + i];
+            for (int64_t i = 0; i < in; i++)
+                acc += x[r * in + i] * (w_f32 ? ((const float *)w)[o * in + i]
+                                              : bf16_to_float(((const uint16_t *)w)[o * in + i]));
             y[r * out + o] = acc;
         }
 }
@@ -667,6 +654,10 @@ static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int sc
 }
 
 #endif
+
+static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
+    float_rows(x, w, 0, y, rows, out, in, threads);
+}
 
 static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
                int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
@@ -856,7 +847,7 @@ static int f32_experts(const float *x, int64_t x_rows, const float *w, int64_t n
     for (int64_t s = 0; s < k; s++)
         if (index[s] < 0 || index[s] >= n_experts) return -2;
     for (int64_t s = 0; s < k; s++)
-        f32_rows(x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, y + s * out, 1, out, in, threads);
+        float_rows(x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, 1, y + s * out, 1, out, in, threads);
     return 0;
 }
 

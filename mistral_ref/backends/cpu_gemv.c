@@ -209,7 +209,8 @@ static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
         for (int k = 0; k < 4; k++) acc[k][0] = acc[k][1] = _mm512_setzero_ps();                          \
         int64_t i = 0;                                                                                      \
         for (; i + 32 <= in; i += 32) {                                                                     \
-            for (int k = 0; k < 4; k++) PREFETCH(w + (4 + k) * in + i);  /* the next four rows */          \
+            for (int k = 0; k < 4; k++)  /* the next four rows: each 64-byte line of their 32 weights */      \
+                for (int b = 0; b < 32 * (int)sizeof(T); b += 64) PREFETCH((const char *)(w + (4 + k) * in + i) + b); \
             for (int h = 0; h < 2; h++) {                                                                   \
                 __m512 xv = _mm512_loadu_ps(x + i + 16 * h);                                                \
                 for (int k = 0; k < 4; k++)                                                                 \

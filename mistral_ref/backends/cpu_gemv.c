@@ -79,8 +79,9 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as to
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-static inline float scale_at(const void *scales, int64_t k, int scales_bf16) {
-    return scales_bf16 ? bf16_to_float(((const uint16_t *)scales)[k]) : ((const float *)scales)[k];
+/* element k of a bf16 (is_bf16) or fp32 array: scales, and the MoE function's activations */
+static inline float value_at(const void *p, int64_t k, int is_bf16) {
+    return is_bf16 ? bf16_to_float(((const uint16_t *)p)[k]) : ((const float *)p)[k];
 }
 
 /* int4 in torch's CPU byte layout (quantize.py, pack_int4): rows in blocks of 32; for each input i a block holds
@@ -104,7 +105,7 @@ static void int4_tail(const float *x, const uint8_t *qt, const void *sz, int sca
             }
             for (int j = 0; j < 16; j++) {
                 int64_t k = (g * out + first + j) * 2;
-                result[j] += scale_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum) + scale_at(sz, k + 1, scales_bf16) * xsum;
+                result[j] += value_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum) + value_at(sz, k + 1, scales_bf16) * xsum;
             }
         }
         memcpy(y + r * out + first, result, sizeof result);
@@ -282,7 +283,7 @@ static void int8_rows(const float *x, const int8_t *q, const void *scales, int s
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         ROWS(dot_int8, x, q + o * in, y, rows, out, in, o);
-        float scale = scale_at(scales, o, scales_bf16);
+        float scale = value_at(scales, o, scales_bf16);
         for (int64_t r = 0; r < rows; r++) y[r * out + o] *= scale;
     }
 }
@@ -408,13 +409,13 @@ static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q
         int64_t out4 = out / 4 * 4;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t o = 0; o < out4; o += 4) {
-            __m128 s = _mm_setr_ps(scale_at(scales, o, scales_bf16), scale_at(scales, o + 1, scales_bf16),
-                                   scale_at(scales, o + 2, scales_bf16), scale_at(scales, o + 3, scales_bf16));
+            __m128 s = _mm_setr_ps(value_at(scales, o, scales_bf16), value_at(scales, o + 1, scales_bf16),
+                                   value_at(scales, o + 2, scales_bf16), value_at(scales, o + 3, scales_bf16));
             dot4_int8_int16(x16, q + o * in, y + o, in, _mm_mul_ps(s, _mm_set1_ps(sx[0])));
         }
         for (int64_t o = out4; o < out; o++) {
             dot_int8_int16(x16, q + o * in, y + o, in, out, 1);
-            y[o] *= scale_at(scales, o, scales_bf16) * sx[0];
+            y[o] *= value_at(scales, o, scales_bf16) * sx[0];
         }
         return;
     }
@@ -422,7 +423,7 @@ static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++) {
         ROWS(dot_int8_int16, x16, q + o * in, y, rows, out, in, o);
-        float scale = scale_at(scales, o, scales_bf16);
+        float scale = value_at(scales, o, scales_bf16);
         for (int64_t r = 0; r < rows; r++) y[r * out + o] *= scale * sx[r];
     }
 }
@@ -621,7 +622,7 @@ static void int8_rows(const float *x, const int8_t *q, const void *scales, int s
             float acc = 0.0f;
             #pragma omp simd reduction(+:acc)
             for (int64_t i = 0; i < in; i++) acc += x[r * in + i] * (float)q[o * in + i];
-            y[r * out + o] = acc * scale_at(scales, o, scales_bf16);
+            y[r * out + o] = acc * value_at(scales, o, scales_bf16);
         }
 }
 
@@ -645,8 +646,8 @@ static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int sc
                 }
                 for (int j = 0; j < 32; j++) {
                     int64_t k = (g * out + b * 32 + j) * 2;
-                    result[j] += scale_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum)
-                               + scale_at(sz, k + 1, scales_bf16) * xsum;
+                    result[j] += value_at(sz, k, scales_bf16) * (acc[j] - 8.0f * xsum)
+                               + value_at(sz, k + 1, scales_bf16) * xsum;
                 }
             }
             memcpy(y + r * out + b * 32, result, sizeof result);
@@ -902,10 +903,6 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
 
 /* x's dtype: a float rounded to bf16 and back (io_bf16), or left as it is (fp32) */
 static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
-
-static inline float value_at(const void *p, int64_t k, int is_bf16) {
-    return is_bf16 ? bf16_to_float(((const uint16_t *)p)[k]) : ((const float *)p)[k];
-}
 
 /* The chosen experts' products, SiLU and weighted sum:
  *     out (1, dim) = sum_s weights[s] * W2[e_s] (silu(W1[e_s] x) * W3[e_s] x),   e_s = index[s], s < k

@@ -66,6 +66,19 @@ def test_bf16_equals_the_fp32_product_rounded_once(build, rows, shape):
     assert rel_err(y, F.linear(x.float(), w.float())) <= BF16_RTOL
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("shape", [(48, 64), (40, 100), (16, 7), (42, 100)],
+                         ids=["even", "in-remainder", "short", "out-remainder"])
+def test_fp32_equals_the_fp32_product(build, rows, shape):
+    """fp32 weights (an fp32 model's one-row decode products; the C function takes any rows) within fp32 rounding
+    of the product in float64: the sums of another order than the BLAS's."""
+    w = _weight(*shape)
+    x = torch.randn(rows, shape[1])
+    y = cpu_gemv.gemv(x, w)
+    assert y.dtype == torch.float32 and y.shape == (rows, shape[0])
+    assert rel_err(y, F.linear(x.double(), w.double())) <= 1e-6
+
+
 @pytest.mark.parametrize("rows", [1, 3, 5])
 @pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("out", [64, 48], ids=["blocks", "int4-tail-16"])
@@ -127,17 +140,17 @@ def test_leading_dimensions_are_kept():
     assert cpu_gemv.gemv(x, w).shape == (2, 1, 32)
 
 
-@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
-                                          ("int4", torch.bfloat16), ("int4", torch.float32)],
-                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
+@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                          ("int8", torch.float32), ("int4", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "fp32", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
 def test_many_products_of_one_input_equal_each_product_alone(build, scheme, dtype):
     """gemv_many (q, k, v or w1, w3 in one call) gives exactly the separate products, for parts of different sizes
     (int4's 16-row tail included)."""
     shapes = [(96, 64), (32, 64), (48, 64)]
     weights = [_weight(*shape, seed=i).to(dtype) for i, shape in enumerate(shapes)]
-    if scheme != "bf16":
+    if scheme not in ("bf16", "fp32"):
         weights = [quantize_weight(w, scheme, 32) for w in weights]
-    for rows in range(1, cpu_gemv.MAX_ROWS[scheme] if scheme == "int4" else 4):
+    for rows in range(1, cpu_gemv.MAX_ROWS[scheme] if scheme in ("int4", "fp32") else 4):
         x = torch.randn(2, rows, 64, dtype=dtype)[:1]  # (1, rows, 64): leading dimensions kept
         assert cpu_gemv.applies_many(x, weights)
         together = cpu_gemv.gemv_many(x, weights, threads=2)
@@ -152,13 +165,14 @@ def test_many_products_need_one_kernel_for_all():
     int8, int4 = quantize_weight(w, "int8"), quantize_weight(w, "int4", 32)
     assert cpu_gemv.applies_many(x, [w, w]) and cpu_gemv.applies_many(x, [int4, int4])
     assert not cpu_gemv.applies_many(x, [w, int8])
+    assert not cpu_gemv.applies_many(x, [w, w.float()]) and not cpu_gemv.applies_many(x.float(), [w.float(), w])
     assert not cpu_gemv.applies_many(x, [int8, int4])
     assert not cpu_gemv.applies_many(x, [int4, quantize_weight(w, "int4", 64)])  # another group size
     assert not cpu_gemv.applies_many(x, [])
     with pytest.raises(ValueError, match="one scheme"):
         cpu_gemv.gemv_quantized_many(x, [int8.qweight, int4.qweight], [int8.scales, int4.scales_and_zeros], 32, 1)
     with pytest.raises(ValueError, match="do not fit"):
-        cpu_gemv.gemv_bf16_many(torch.randn(1, 65).bfloat16(), [w, w], 1)
+        cpu_gemv.gemv_float_many(torch.randn(1, 65).bfloat16(), [w, w], 1)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_gemv.gemv_quantized_many(torch.randn(1, 66).bfloat16(), [int4.qweight], [int4.scales_and_zeros], 32, 1)
 
@@ -380,19 +394,20 @@ def test_stacked_quantized_experts_equal_each_expert_alone(build, scheme, dtype,
 
 @pytest.mark.skipif(cpu_gemv.library() is None or cpu_gemv.library().cpu_gemv_isa() != 3,
                     reason="the AVX-512 loops: a CPU with AVX-512 BW and VNNI")
-@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("int8", torch.bfloat16), ("int8", torch.float32),
-                                          ("int4", torch.bfloat16)],
-                         ids=["bf16", "int8-bf16", "int8-fp32", "int4-bf16"])
+@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                          ("int8", torch.float32), ("int4", torch.bfloat16)],
+                         ids=["bf16", "fp32", "int8-bf16", "int8-fp32", "int4-bf16"])
 def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
     """Each 512-bit register of the AVX-512 loops holds two of the AVX2 loops' registers lane for lane: one
     product, several products of one input, and stacked experts give bitwise the AVX2 build's results, for 1-5
     rows, inputs that are not a multiple of 32 or span more than one 1024-input int32 block, outputs not a multiple
-    of 4, and int4's tail.  (bf16 results round the fp32 sums, which hides most one-ulp differences: the bf16
-    weights are also compared with fp32 x and y, and int8 with fp32 x; the int16 path of int8 ends in bf16.)"""
+    of 4, and int4's tail; fp32 weights too.  (bf16 results round the fp32 sums, which hides most one-ulp
+    differences: the bf16 weights are also compared with fp32 x and y, and int8 with fp32 x; the int16 path of int8
+    ends in bf16.)"""
     monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing builds)")  # calls go to cpu_gemv._lib
-    inp = {"bf16": 1100, "int8": 1100, "int4": 1152}[scheme]  # int4: a multiple of its group (64)
+    inp = {"bf16": 1100, "fp32": 1100, "int8": 1100, "int4": 1152}[scheme]  # int4: a multiple of its group (64)
     weights = [_weight(out, inp, seed=out).to(dtype) for out in (64, 48 if scheme == "int4" else 45)]
-    if scheme != "bf16":
+    if scheme not in ("bf16", "fp32"):
         weights = [quantize_weight(w, scheme, 64) for w in weights]
     rows = range(1, 6) if scheme != "int4" else range(1, cpu_gemv.MAX_ROWS["int4"])
     xs = [torch.randn(r, inp, dtype=dtype) for r in rows]
@@ -401,7 +416,7 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
     def results() -> list[torch.Tensor]:
         out = [cpu_gemv.gemv(x, w, threads=2) for x in xs for w in weights]
         out += [y for x in xs for y in cpu_gemv.gemv_many(x, weights, threads=2)]
-        if scheme != "bf16":
+        if scheme not in ("bf16", "fp32"):
             experts = QuantizedExperts([weights[0], quantize_weight(_weight(64, inp, 7).to(dtype), scheme, 64)])
             out += [cpu_gemv.experts_gemv(xs[0][:1].expand(3, inp).contiguous(), experts, index, threads=2)]
         return out
@@ -411,8 +426,8 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
         for x in xs:
             for w in (weights if scheme == "bf16" else []):
                 y = torch.empty(x.shape[0], w.shape[0])
-                assert cpu_gemv._lib.gemv_bf16(x.float().data_ptr(), w.data_ptr(), y.data_ptr(), 0, x.shape[0],
-                                               w.shape[0], inp, 2) == 0
+                assert cpu_gemv._lib.gemv_float(x.float().data_ptr(), w.data_ptr(), 0, y.data_ptr(), 0, x.shape[0],
+                                                w.shape[0], inp, 2) == 0
                 out.append(y)
         return out
 
@@ -454,10 +469,10 @@ def test_arguments_that_do_not_fit_are_refused(bad):
     w = _weight(32, 64).bfloat16()
     if bad == "in-features":
         with pytest.raises(ValueError, match="do not fit"):
-            cpu_gemv.gemv_bf16(torch.randn(1, 65).bfloat16(), w, 1)
+            cpu_gemv.gemv_float(torch.randn(1, 65).bfloat16(), w, 1)
     elif bad == "dtype":
         with pytest.raises(ValueError, match="do not fit"):
-            cpu_gemv.gemv_bf16(torch.randn(1, 64), w, 1)
+            cpu_gemv.gemv_float(torch.randn(1, 64), w, 1)
     else:
         qw = quantize_weight(w, "int4", 32)
         with pytest.raises(ValueError, match="do not fit"):
@@ -476,9 +491,10 @@ def test_linear_sends_few_row_products_here_and_the_rest_elsewhere(monkeypatch):
     w = _weight(32, 64).bfloat16()
     linear(torch.randn(1, 64).bfloat16(), w)
     linear(torch.randn(cpu_gemv.MAX_ROWS["bf16"], 64).bfloat16(), w)  # a GEMM's size: not here
-    linear(torch.randn(1, 64), w.float())  # fp32 weights keep the BLAS
+    linear(torch.randn(1, 64), w.float())  # fp32, one row (a decode step of batch 1): here
+    linear(torch.randn(2, 64), w.float())  # fp32, more rows: the BLAS
     linear(torch.randn(1, 64), quantize_weight(w.float(), "int8"))  # quantized in fp32: here
-    assert calls == [(1, 64), (1, 64)]
+    assert calls == [(1, 64), (1, 64), (1, 64)]
 
 
 def test_products_that_need_a_gradient_keep_pytorch():
@@ -571,11 +587,16 @@ def test_cpp_operators_equal_the_python_functions(cpp_operators, dtype):
     same = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0)  # noqa: E731
     if dtype == torch.bfloat16:
         w = _weight(48, 64).bfloat16()
-        same(ops.gemv_bf16(x, w, 2), cpu_gemv.gemv_bf16(x, w, 2))
-        for a, b in zip(ops.gemv_bf16_many(x, [w, w[:16]], 2), cpu_gemv.gemv_bf16_many(x, [w, w[:16]], 2)):
+        same(ops.gemv_float(x, w, 2), cpu_gemv.gemv_float(x, w, 2))
+        for a, b in zip(ops.gemv_float_many(x, [w, w[:16]], 2), cpu_gemv.gemv_float_many(x, [w, w[:16]], 2)):
             same(a, b)
         stack, index = _weight(4 * 32, 64).view(4, 32, 64).bfloat16(), torch.tensor([2, 0, 3])
         same(ops.gemv_bf16_experts(x, stack, index, 2), cpu_gemv.gemv_bf16_experts(x, stack, index, 2))
+    else:
+        w = _weight(48, 64)
+        same(ops.gemv_float(x, w, 2), cpu_gemv.gemv_float(x, w, 2))
+        for a, b in zip(ops.gemv_float_many(x, [w, w[:16]], 2), cpu_gemv.gemv_float_many(x, [w, w[:16]], 2)):
+            same(a, b)
     for scheme in ("int8", "int4"):
         qws = [quantize_weight(_weight(out, 64, seed=out).to(dtype), scheme, 32) for out in (48, 32, 64)]
         qs, ss = [q.qweight for q in qws], [q._scales() for q in qws]
@@ -593,9 +614,11 @@ def test_cpp_operators_refuse_what_the_python_functions_refuse(cpp_operators):
     ops, x = cpp_operators, torch.randn(1, 64).bfloat16()
     w, q4 = _weight(32, 64).bfloat16(), quantize_weight(_weight(32, 64).bfloat16(), "int4", 32)
     with pytest.raises(ValueError, match="do not fit"):
-        ops.gemv_bf16(torch.randn(1, 65).bfloat16(), w, 1)
+        ops.gemv_float(torch.randn(1, 65).bfloat16(), w, 1)
     with pytest.raises(ValueError, match="do not fit"):
-        ops.gemv_bf16(x.float(), w, 1)
+        ops.gemv_float(x.float(), w, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.gemv_float_many(x.float(), [w.float(), w], 1)
     with pytest.raises(ValueError, match="do not fit"):
         ops.gemv_quantized(x, q4.qweight, q4.scales_and_zeros[:1], 32, 1)
     with pytest.raises(ValueError, match="one scheme"):
@@ -622,7 +645,7 @@ def test_without_a_cpp_compiler_the_operators_stay_in_python(tmp_path):
             "state = cpu_gemv.operators(wait=True)\n"
             "w = torch.randn(32, 64).bfloat16(); x = torch.randn(1, 64).bfloat16()\n"
             "y = cpu_gemv.gemv(x, w)\n"
-            "assert torch.equal(torch.ops.mistral_ref.gemv_bf16(x, w, 1), y)\n"
+            "assert torch.equal(torch.ops.mistral_ref.gemv_float(x, w, 1), y)\n"
             "print(state)")
     env = {**os.environ, "CXX": "false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -1,7 +1,7 @@
 /* Products of a few rows with a weight read once, for decoding on a CPU:
  *     y (rows, out) = x (rows, in) @ W (out, in).T      x, y: row-major, each bf16 (io_bf16) or fp32
- * with W stored as bf16, int8 or int4 (mistral_ref/quantize.py):
- *     bf16:  W[o, i] = the fp32 whose upper 16 bits are w[o, i]
+ * with W stored as bf16, fp32, int8 or int4 (mistral_ref/quantize.py):
+ *     bf16:  W[o, i] = the fp32 whose upper 16 bits are w[o, i]      (fp32: W[o, i] = w[o, i])
  *     int8:  W[o, i] = q[o, i] * scale[o]
  *     int4:  W[o, i] = (q[o, i] - 8) * scale[g, o] + zero[g, o],  g = i / group
  * Scales are bf16 (scales_bf16 = 1) or fp32.  Built and loaded by backends/cpu_gemv.py, which says when each is
@@ -254,7 +254,7 @@ DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
         }                                                                                   \
     } while (0)
 
-/* y (rows, out) = x @ W.T for bf16 weights w, or fp32 ones (w_f32: a token's fp32 experts, backends/moe.py) */
+/* y (rows, out) = x @ W.T for bf16 weights w, or fp32 ones (w_f32: an fp32 model's one-row products and experts) */
 static void float_rows(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
                        int threads) {
     const uint16_t *wb = w;
@@ -707,12 +707,12 @@ static int64_t largest(const int64_t *outs, int64_t n) {
  * outs[p]) = x @ W_p.T for p < n, W_p = w[p] (and scales[p]) as in the header.  One call converts x once and
  * runs the n products back to back: what a product of a small weight costs besides reading it (the call from
  * Python, x's conversion) is paid once. */
-int gemv_bf16_many(const void *x, int64_t n, const uint16_t *const *w, void *const *y, const int64_t *outs,
-                   int io_bf16, int64_t rows, int64_t in, int threads) {
+int gemv_float_many(const void *x, int64_t n, const void *const *w, int w_f32, void *const *y, const int64_t *outs,
+                    int io_bf16, int64_t rows, int64_t in, int threads) {
     io_t io;
     if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
     for (int64_t p = 0; p < n; p++) {
-        bf16_rows(io.x, w[p], part_out(&io, y[p]), rows, outs[p], in, threads);
+        float_rows(io.x, w[p], w_f32, part_out(&io, y[p]), rows, outs[p], in, threads);
         end_part(&io, y[p], rows * outs[p]);
     }
     end_io(&io);
@@ -811,9 +811,9 @@ int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void
 }
 
 /* One product: the "many" entry points with n = 1. */
-int gemv_bf16(const void *x, const uint16_t *w, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
-              int threads) {
-    return gemv_bf16_many(x, 1, &w, &y, &out, io_bf16, rows, in, threads);
+int gemv_float(const void *x, const void *w, int w_f32, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
+               int threads) {
+    return gemv_float_many(x, 1, &w, w_f32, &y, &out, io_bf16, rows, in, threads);
 }
 
 int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf16, void *y, int io_bf16,

@@ -1,11 +1,11 @@
-"""CPU kernels for the products of decoding (cpu_gemv.c): bf16, int8 and int4 weights times a few rows.
+"""CPU kernels for the products of decoding (cpu_gemv.c): bf16, fp32, int8 and int4 weights times a few rows.
 
 Equals: F.linear(x, weight) / F.linear(x, weight.dequantize()) within fp32 rounding, bf16 activations times int8 /
 int4 weights within a 2^-16 rounding of each row of x to int16 (the integer path of cpu_gemv.c) and the result's
 bf16 rounding (tests/test_cpu_gemv.py).
 backends/linear.py sends a product here when it has fewer than MAX_ROWS[kind] rows, runs on a CPU, and its weight
-is bf16 (x bf16) or a QuantizedWeight (x bf16 or fp32); fp32 weights keep PyTorch's BLAS (split_linear), whose
-sums transformers shares.  Compiled decoding calls the same kernels as the custom ops
+is bf16 (x bf16), fp32 (x fp32, one row: a decode step of batch 1) or a QuantizedWeight (x bf16 or fp32); an fp32
+product of more rows keeps PyTorch's BLAS (split_linear).  Compiled decoding calls the same kernels as the custom ops
 ``torch.ops.mistral_ref.gemv_*`` (opaque to torch.compile, so a compiled step runs them as they are).
 
 Why: PyTorch has no fast path for these on CPUs without bf16 instructions (AVX2): its one-row bf16 product and
@@ -52,18 +52,18 @@ ISA_NAMES = {1: "portable", 2: "AVX2", 3: "AVX-512 + AVX2"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
-MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2}
+MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once for any rows
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -> 0 or -1 (out of memory)
-    "gemv_bf16": [_P, _P, _P, _INT, _I64, _I64, _I64, _INT],
+    "gemv_float": [_P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT],  # (x, w, w_f32, y, io_bf16, ...): bf16 or fp32 w
     "gemv_int8": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _INT],
     "gemv_int4": [_P, _P, _P, _INT, _P, _INT, _I64, _I64, _I64, _I64, _INT],
     "gemv_bf16_experts": [_P, _I64, _P, _I64, _P, _I64, _P, _INT, _I64, _I64, _INT],
     # (x, x_rows, codes, scales, scales_bf16, E, index, k, y, io_bf16, out, in, group (0: int8), threads)
     "gemv_quantized_experts": [_P, _I64, _P, _P, _INT, _I64, _P, _I64, _P, _INT, _I64, _I64, _I64, _INT],
     # several products of one x: (x, n, weights[n]..., y[n], outs[n], io_bf16, rows, in[, group], threads)
-    "gemv_bf16_many": [_P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT],
+    "gemv_float_many": [_P, _I64, _P, _INT, _P, _P, _INT, _I64, _I64, _INT],  # (x, n, w[n], w_f32, y[n], ...)
     "gemv_int8_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _INT],
     "gemv_int4_many": [_P, _I64, _P, _P, _INT, _P, _P, _INT, _I64, _I64, _I64, _INT],
     # one token's experts: (x, io_bf16, kind (0 bf16, 1 int8, 2 int4), w1, s1, w3, s3, w2, s2, scales_bf16, group,
@@ -316,12 +316,12 @@ def _tensors(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kind(weight: torch.Tensor | QuantizedWeight) -> str | None:
-    """"bf16", "int8" or "int4": which kernel multiplies by `weight`; None for weights they do not take."""
+    """"bf16", "fp32", "int8" or "int4": which kernel multiplies by `weight`; None for weights they do not take."""
     if isinstance(weight, QuantizedWeight):
         qweight, scales = _tensors(weight)
         return weight.scheme if qweight.is_contiguous() and scales.is_contiguous() else None
-    if weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.is_contiguous():
-        return "bf16"
+    if weight.dtype in _FLOATS and weight.dim() == 2 and weight.is_contiguous():
+        return "bf16" if weight.dtype == torch.bfloat16 else "fp32"
     return None
 
 
@@ -338,7 +338,7 @@ def applies(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
         return False  # the kernels have no backward: training keeps PyTorch's products
     if not 0 < x.numel() // max(1, x.shape[-1]) < MAX_ROWS[which]:
         return False
-    return x.dtype == torch.bfloat16 or (which != "bf16" and x.dtype == torch.float32)
+    return x.dtype in _FLOATS  # (and the weight's or its scales' dtype)
 
 
 def handles(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
@@ -347,8 +347,8 @@ def handles(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int | None = None) -> torch.Tensor:
-    """x @ weight.T (weight: bf16 (out, in) or a QuantizedWeight) with the C kernels.  x: (..., in) -> (..., out)
-    in x's dtype.  For products :func:`applies` accepts; threads: default torch.get_num_threads()."""
+    """x @ weight.T (weight: bf16 or fp32 (out, in), or a QuantizedWeight) with the C kernels.  x: (..., in) ->
+    (..., out) in x's dtype.  For products :func:`applies` accepts; threads: default torch.get_num_threads()."""
     quantized = isinstance(weight, QuantizedWeight)
     qweight, scales = _tensors(weight) if quantized else (weight, None)
     out_features, in_features = qweight.shape[0], x.shape[-1]
@@ -362,8 +362,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, threads: int |
         parts = (qweight, scales, weight.group_size or 0, threads)
         y = torch.ops.mistral_ref.gemv_quantized(x2, *parts) if _as_operator() else gemv_quantized(x2, *parts)
     else:
-        y = torch.ops.mistral_ref.gemv_bf16(x2, weight, threads) if _as_operator() else \
-            gemv_bf16(x2, weight, threads)
+        y = torch.ops.mistral_ref.gemv_float(x2, weight, threads) if _as_operator() else \
+            gemv_float(x2, weight, threads)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -377,14 +377,14 @@ def _as_operator() -> bool:
 
 def applies_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]) -> bool:
     """True if every product of :func:`gemv_many` is one :func:`applies` takes, all with the same kernel (and, when
-    quantized, the same group size and scale dtype: one call reads them all)."""
+    quantized, the same group size and scale dtype; else one dtype: one call reads them all)."""
     if not weights or not all(applies(x, w) for w in weights):
         return False
     first = weights[0]
     if isinstance(first, QuantizedWeight):  # (applies: the scales have x's dtype)
         return all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme and w.group_size == first.group_size
                    for w in weights)
-    return all(not isinstance(w, QuantizedWeight) for w in weights)
+    return all(not isinstance(w, QuantizedWeight) and w.dtype == first.dtype for w in weights)
 
 
 def gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight],
@@ -400,8 +400,8 @@ def gemv_many(x: torch.Tensor, weights: Sequence[torch.Tensor | QuantizedWeight]
         ys = torch.ops.mistral_ref.gemv_quantized_many(x2, qweights, scales, group_size, threads) if compiling \
             else gemv_quantized_many(x2, qweights, scales, group_size, threads)
     else:
-        ys = torch.ops.mistral_ref.gemv_bf16_many(x2, list(weights), threads) if compiling else \
-            gemv_bf16_many(x2, list(weights), threads)
+        ys = torch.ops.mistral_ref.gemv_float_many(x2, list(weights), threads) if compiling else \
+            gemv_float_many(x2, list(weights), threads)
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
@@ -621,13 +621,13 @@ def _done(code: int, rows: int, in_features: int) -> None:
         raise MemoryError(f"cpu_gemv: no memory for the fp32 copies of a ({rows}, {in_features}) product")
 
 
-def gemv_bf16(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
-    """x (rows, in) bf16 @ weight (out, in) bf16 .T -> (rows, out) bf16."""
+def gemv_float(x: torch.Tensor, weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (rows, in) @ weight (out, in) .T -> (rows, out), all bf16 or all fp32."""
     lib, x = _checked_library(), x.contiguous()
-    _check(x, weight, weight.shape[1], torch.bfloat16, weight.dtype == torch.bfloat16 and weight.is_contiguous())
+    _check(x, weight, weight.shape[1], weight.dtype, weight.dtype in _FLOATS and weight.is_contiguous())
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    _done(lib.gemv_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), 1, x.shape[0], weight.shape[0],
-                        x.shape[1], threads), *x.shape)
+    _done(lib.gemv_float(x.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.float32), y.data_ptr(),
+                         int(x.dtype == torch.bfloat16), x.shape[0], weight.shape[0], x.shape[1], threads), *x.shape)
     return y
 
 
@@ -655,17 +655,19 @@ def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def gemv_bf16_many(x: torch.Tensor, weights: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
-    """[x (rows, in) bf16 @ w (out_p, in) bf16 .T -> (rows, out_p) bf16 for w in weights], in one call."""
+def gemv_float_many(x: torch.Tensor, weights: list[torch.Tensor], threads: int) -> list[torch.Tensor]:
+    """[x (rows, in) @ w (out_p, in) .T -> (rows, out_p) for w in weights], all bf16 or all fp32, in one call."""
     lib, x = _checked_library(), x.contiguous()
     if not weights:
-        raise ValueError("gemv_bf16_many: no weights")
+        raise ValueError("gemv_float_many: no weights")
+    dtype = weights[0].dtype
     for w in weights:
-        _check(x, w, w.shape[-1], torch.bfloat16, w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous())
+        _check(x, w, w.shape[-1], dtype, w.dtype is dtype in _FLOATS and w.dim() == 2 and w.is_contiguous())
     ys = [torch.empty(x.shape[0], w.shape[0], dtype=x.dtype) for w in weights]
     outs = (ctypes.c_int64 * len(weights))(*[w.shape[0] for w in weights])
-    _done(lib.gemv_bf16_many(x.data_ptr(), len(weights), _pointers(weights), _pointers(ys), outs, 1, x.shape[0],
-                             x.shape[1], threads), *x.shape)
+    _done(lib.gemv_float_many(x.data_ptr(), len(weights), _pointers(weights), int(dtype == torch.float32),
+                              _pointers(ys), outs, int(x.dtype == torch.bfloat16), x.shape[0], x.shape[1], threads),
+          *x.shape)
     return ys
 
 
@@ -749,10 +751,10 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
 
 _PYTHON_KEY = "CompositeExplicitAutograd"
 _OPS = torch.library.Library("mistral_ref", "DEF")
-_OPS.define("gemv_bf16(Tensor x, Tensor weight, int threads) -> Tensor")
+_OPS.define("gemv_float(Tensor x, Tensor weight, int threads) -> Tensor")
 _OPS.define("gemv_quantized(Tensor x, Tensor qweight, Tensor scales, int group_size, int threads) -> Tensor")
 _OPS.define("gemv_bf16_experts(Tensor x, Tensor weights, Tensor index, int threads) -> Tensor")
-_OPS.impl("gemv_bf16", gemv_bf16, _PYTHON_KEY)
+_OPS.impl("gemv_float", gemv_float, _PYTHON_KEY)
 _OPS.impl("gemv_bf16_experts", gemv_bf16_experts, _PYTHON_KEY)
 _OPS.define("gemv_quantized_experts(Tensor x, Tensor qweight, Tensor scales, Tensor index, int group_size, "
             "int threads) -> Tensor")
@@ -770,14 +772,14 @@ _OPS.impl("moe_float_experts", moe_float_experts, _PYTHON_KEY)
 _OPS.define("moe_quantized_experts(Tensor x, Tensor gate_weight, Tensor q1, Tensor s1, Tensor q3, Tensor s3, "
             "Tensor q2, Tensor s2, int top_k, int group_size, int threads) -> (Tensor, Tensor)")
 _OPS.impl("moe_quantized_experts", moe_quantized_experts, _PYTHON_KEY)
-_OPS.define("gemv_bf16_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
-_OPS.impl("gemv_bf16_many", gemv_bf16_many, _PYTHON_KEY)
+_OPS.define("gemv_float_many(Tensor x, Tensor[] weights, int threads) -> Tensor[]")
+_OPS.impl("gemv_float_many", gemv_float_many, _PYTHON_KEY)
 _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
             "-> Tensor[]")
 _OPS.impl("gemv_quantized_many", gemv_quantized_many, _PYTHON_KEY)
 
 
-@torch.library.register_fake("mistral_ref::gemv_bf16", lib=_OPS)
+@torch.library.register_fake("mistral_ref::gemv_float", lib=_OPS)
 def _(x, weight, threads):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -817,7 +819,7 @@ def _(x, gate_weight, q1, s1, q3, s3, q2, s2, top_k, group_size, threads):
     return x.new_empty(1, q2.shape[1]), x.new_empty(1, gate_weight.shape[0], dtype=torch.float32)
 
 
-@torch.library.register_fake("mistral_ref::gemv_bf16_many", lib=_OPS)
+@torch.library.register_fake("mistral_ref::gemv_float_many", lib=_OPS)
 def _(x, weights, threads):
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 

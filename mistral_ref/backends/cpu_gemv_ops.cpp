@@ -16,14 +16,14 @@
 #include <vector>
 
 extern "C" {
-int gemv_bf16(const void *x, const uint16_t *w, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
-              int threads);
+int gemv_float(const void *x, const void *w, int w_f32, void *y, int io_bf16, int64_t rows, int64_t out, int64_t in,
+               int threads);
 int gemv_int8(const void *x, const int8_t *q, const void *scales, int scales_bf16, void *y, int io_bf16,
               int64_t rows, int64_t out, int64_t in, int threads);
 int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, void *y, int io_bf16, int64_t rows,
               int64_t out, int64_t in, int64_t group, int threads);
-int gemv_bf16_many(const void *x, int64_t n, const uint16_t *const *w, void *const *y, const int64_t *outs,
-                   int io_bf16, int64_t rows, int64_t in, int threads);
+int gemv_float_many(const void *x, int64_t n, const void *const *w, int w_f32, void *const *y, const int64_t *outs,
+                    int io_bf16, int64_t rows, int64_t in, int threads);
 int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void *const *scales, int scales_bf16,
                    void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int threads);
 int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void *const *sz, int scales_bf16,
@@ -89,13 +89,14 @@ void done(int code, int64_t rows, int64_t in) {
 
 int bf16(const Tensor &t) { return t.scalar_type() == at::kBFloat16 ? 1 : 0; }
 
-Tensor op_gemv_bf16(const Tensor &x_, const Tensor &weight, int64_t threads) {
+// x and weight both bf16 or both fp32 (cpu_gemv.py: gemv_float)
+Tensor op_gemv_float(const Tensor &x_, const Tensor &weight, int64_t threads) {
   Tensor x = x_.contiguous();
   TORCH_CHECK_VALUE(weight.dim() == 2, "cpu_gemv: the weight must be (out, in), got ", weight.sizes());
-  check(x, weight, weight.size(1), at::kBFloat16, weight.scalar_type() == at::kBFloat16 && weight.is_contiguous());
+  check(x, weight, weight.size(1), weight.scalar_type(), is_float(weight) && weight.is_contiguous());
   Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
-  done(gemv_bf16(x.data_ptr(), static_cast<const uint16_t *>(weight.data_ptr()), y.data_ptr(), 1, x.size(0),
-                 weight.size(0), x.size(1), static_cast<int>(threads)),
+  done(gemv_float(x.data_ptr(), weight.data_ptr(), 1 - bf16(weight), y.data_ptr(), bf16(x), x.size(0), weight.size(0),
+                  x.size(1), static_cast<int>(threads)),
        x.size(0), x.size(1));
   return y;
 }
@@ -115,24 +116,25 @@ Tensor op_gemv_quantized(const Tensor &x_, const Tensor &qweight, const Tensor &
   return y;
 }
 
-std::vector<Tensor> op_gemv_bf16_many(const Tensor &x_, at::TensorList weights, int64_t threads) {
+std::vector<Tensor> op_gemv_float_many(const Tensor &x_, at::TensorList weights, int64_t threads) {
   Tensor x = x_.contiguous();
-  TORCH_CHECK_VALUE(!weights.empty(), "gemv_bf16_many: no weights");
+  TORCH_CHECK_VALUE(!weights.empty(), "gemv_float_many: no weights");
   const int64_t n = static_cast<int64_t>(weights.size());
+  const at::ScalarType dtype = weights[0].scalar_type();
   std::vector<Tensor> ys;
-  std::vector<const uint16_t *> ws;
+  std::vector<const void *> ws;
   std::vector<void *> yp;
   std::vector<int64_t> outs;
   for (const Tensor &w : weights) {
     TORCH_CHECK_VALUE(w.dim() == 2, "cpu_gemv: a weight must be (out, in), got ", w.sizes());
-    check(x, w, w.size(-1), at::kBFloat16, w.scalar_type() == at::kBFloat16 && w.is_contiguous());
+    check(x, w, w.size(-1), dtype, is_float(w) && w.scalar_type() == dtype && w.is_contiguous());
     ys.push_back(at::empty({x.size(0), w.size(0)}, x.options()));
-    ws.push_back(static_cast<const uint16_t *>(w.data_ptr()));
+    ws.push_back(w.data_ptr());
     yp.push_back(ys.back().data_ptr());
     outs.push_back(w.size(0));
   }
-  done(gemv_bf16_many(x.data_ptr(), n, ws.data(), yp.data(), outs.data(), 1, x.size(0), x.size(1),
-                      static_cast<int>(threads)),
+  done(gemv_float_many(x.data_ptr(), n, ws.data(), dtype == at::kFloat ? 1 : 0, yp.data(), outs.data(), bf16(x),
+                       x.size(0), x.size(1), static_cast<int>(threads)),
        x.size(0), x.size(1));
   return ys;
 }
@@ -317,9 +319,9 @@ std::tuple<Tensor, Tensor> op_moe_quantized_experts(const Tensor &x, const Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
-  m.impl("gemv_bf16", TORCH_FN(op_gemv_bf16));
+  m.impl("gemv_float", TORCH_FN(op_gemv_float));
   m.impl("gemv_quantized", TORCH_FN(op_gemv_quantized));
-  m.impl("gemv_bf16_many", TORCH_FN(op_gemv_bf16_many));
+  m.impl("gemv_float_many", TORCH_FN(op_gemv_float_many));
   m.impl("gemv_quantized_many", TORCH_FN(op_gemv_quantized_many));
   m.impl("gemv_bf16_experts", TORCH_FN(op_gemv_bf16_experts));
   m.impl("gemv_quantized_experts", TORCH_FN(op_gemv_quantized_experts));

@@ -33,10 +33,10 @@ def builds() -> dict[str, object]:
 
 
 def product(lib, x: torch.Tensor, w, y: torch.Tensor, threads: int) -> None:
-    """y = x @ w.T through `lib` (bf16 x and y), as cpu_gemv.gemv_bf16 / gemv_quantized call it."""
+    """y = x @ w.T through `lib` (bf16 x and y), as cpu_gemv.gemv_float / gemv_quantized call it."""
     rows, inp = x.shape
     if isinstance(w, torch.Tensor):
-        code = lib.gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), 1, rows, w.shape[0], inp, threads)
+        code = lib.gemv_float(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 1, rows, w.shape[0], inp, threads)
     elif w.scheme == "int8":
         code = lib.gemv_int8(x.data_ptr(), w.qweight.data_ptr(), w.scales.data_ptr(),
                              int(w.scales.dtype == torch.bfloat16), y.data_ptr(), 1, rows, w.shape[0], inp, threads)

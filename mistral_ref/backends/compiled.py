@@ -15,11 +15,11 @@ cache capacity up to a power of two (CompiledDecode.capacity): a chat's turns fa
 
 What differs from "torch":
 * linear: the thread count of split_linear is fixed when compiling (torch.get_num_threads() inside a graph breaks
-  it); the products the C kernels take (backends/cpu_gemv.py: bf16 / int8 / int4 weights, a few rows) call them as
-  operators (torch.ops.mistral_ref.*), decided when compiling (cpu_kernels); without them a one-row bf16/fp16
-  product on a CPU without native support is multiply-and-sum, which inductor turns into one loop that converts
-  weights as they stream; linears (several products of one input) is one operator call where the kernels take
-  all of them;
+  it); the products the C kernels take (backends/cpu_gemv.py: bf16 / int8 / int4 weights, a few rows; fp32, one
+  row) call them as operators (torch.ops.mistral_ref.*), decided when compiling (cpu_kernels); without them a
+  one-row bf16/fp16 product on a CPU without native support is multiply-and-sum, which inductor turns into one
+  loop that converts weights as they stream; linears (several products of one input) is one operator call where
+  the kernels take all of them;
 * rope: real cos/sin (the reference functions): inductor has no complex arithmetic;
 * attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);

@@ -8,8 +8,9 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
   product of a few rows on one core (an AVX2 EPYC), splitting the weight into one block per thread uses them all;
   where it threads such products itself (an AVX-512 Xeon) the split only adds a cost, and :func:`split_pays`
   (measured once per thread count) turns it off.
-* products of a few rows with a bf16 or quantized weight go to the C kernels of backends/cpu_gemv.py (where they
-  can be built: otherwise, and for more rows, the paths here); :func:`linears`, several products of one input
+* products of a few rows with a bf16 or quantized weight, and one-row fp32 products, go to the C kernels of
+  backends/cpu_gemv.py (where they can be built: otherwise, and for more rows, the paths here; the fp32 split above
+  then serves 2 to SPLIT_MAX_ROWS - 1 rows); :func:`linears`, several products of one input
   (q, k, v; w1, w3), is one call of those kernels;
 * quantized weights (mistral_ref/quantize.py: QuantizedWeight) go to backends/quant.py's weight-only kernels.
 * :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop

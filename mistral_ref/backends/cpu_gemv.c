@@ -657,10 +657,6 @@ static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int sc
 
 #endif
 
-static void bf16_rows(const float *x, const uint16_t *w, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
-    float_rows(x, w, 0, y, rows, out, in, threads);
-}
-
 static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scales_bf16, float *y,
                int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
     int4_blocks(x, q, sz, scales_bf16, y, rows, out, in, group, threads);
@@ -837,7 +833,7 @@ int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t 
     if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
     float *ys = part_out(&io, y);
     for (int64_t s = 0; s < k; s++)
-        bf16_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, ys + s * out, 1, out, in, threads);
+        float_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, 0, ys + s * out, 1, out, in, threads);
     end_part(&io, y, k * out);
     end_io(&io);
     return 0;

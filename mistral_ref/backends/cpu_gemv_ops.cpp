@@ -133,7 +133,7 @@ std::vector<Tensor> op_gemv_float_many(const Tensor &x_, at::TensorList weights,
     yp.push_back(ys.back().data_ptr());
     outs.push_back(w.size(0));
   }
-  done(gemv_float_many(x.data_ptr(), n, ws.data(), dtype == at::kFloat ? 1 : 0, yp.data(), outs.data(), bf16(x),
+  done(gemv_float_many(x.data_ptr(), n, ws.data(), 1 - bf16(weights[0]), yp.data(), outs.data(), bf16(x),
                        x.size(0), x.size(1), static_cast<int>(threads)),
        x.size(0), x.size(1));
   return ys;

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
+from mistral_ref.attention import attention
 from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.moe import mix_one_token_gemv
@@ -518,6 +519,84 @@ def test_compiled_code_calls_the_operators():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # the fake functions give the shapes
     torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+    args = _attention_case(2, 16, 4, 2, 32, [7, 20], torch.bfloat16)
+    attend = torch.compile(lambda *a: cpu_gemv.attention(*a, 8, threads=1), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(attend(*args), cpu_gemv.attention(*args, 8, threads=1), rtol=0, atol=0)
+
+
+# ---- attention of one query per row ------------------------------------------------------------------------
+
+def _attention_case(batch: int, slots: int, heads: int, kv_heads: int, head_dim: int, newest: list[int],
+                    dtype: torch.dtype, seed: int = 0):
+    """q (B, 1, H, D), a cache k, v (B, S, KV, D) whose row b holds positions 0 .. newest[b] in slots p % S (a
+    rolling buffer once newest >= S; empty slots -1), q_pos = newest (-1: a padding row, which sees no key)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, slots, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, slots, kv_heads, head_dim, generator=g).to(dtype)
+    k_pos = torch.full((batch, slots), -1, dtype=torch.long)
+    for b, p in enumerate(newest):
+        held = torch.arange(max(0, p - slots + 1), p + 1)
+        k_pos[b, held % slots] = held
+    return q, k, v, torch.tensor(newest)[:, None], k_pos
+
+
+ATTENTION_CASES = {  # (batch, slots, heads, kv_heads, head_dim, newest per row, window)
+    "gqa-128": (1, 64, 8, 2, 128, [40], None),  # Nemo's head_dim, part of the cache filled
+    "window-rolling": (2, 16, 4, 4, 32, [50, 9], 16),  # a rolling buffer past its window, a row not yet full
+    "window-in-full-cache": (1, 96, 6, 3, 64, [90], 24),  # keys in the cache the window hides
+    "ragged-with-padding": (3, 32, 6, 2, 40, [10, -1, 31], None),  # 40: 32 + 8 (a short chunk of values)
+    "head-dim-72-odd-count": (2, 48, 4, 1, 72, [6, 46], None),  # 7 and 47 keys: not a multiple of 4
+    "head-dim-not-multiple-of-8": (1, 20, 4, 2, 20, [19], None),  # the plain loops in every build
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=list(ATTENTION_CASES))
+def test_attend_one_equals_the_reference_attention(build, case, dtype):
+    """cpu_gemv.attention == attention.attention for one query per row: fp32 within fp32 rounding (sums in another
+    order), bf16 within one bf16 rounding of the output; a padding row (no key) gets the reference's uniform average."""
+    *shape, newest, window = ATTENTION_CASES[case]
+    q, k, v, q_pos, k_pos = _attention_case(*shape, newest, dtype)
+    got = cpu_gemv.attention(q, k, v, q_pos, k_pos, window, threads=2)
+    want = attention(q, k, v, q_pos, k_pos, window)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
+    exact = attention(q.double(), k.double(), v.double(), q_pos, k_pos, window)  # the same inputs, float64
+    if dtype == torch.float32:
+        assert rel_err(got, exact) < 1e-6
+    else:  # about as far from the exact result as the reference's own bf16 roundings take it
+        assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
+
+
+def test_attend_one_skips_what_the_query_does_not_see():
+    """Keys and values the mask hides (future slots, outside the window, empty) cannot change the result, even
+    when they are huge or NaN: they are skipped, not multiplied by zero."""
+    q, k, v, q_pos, k_pos = _attention_case(1, 32, 4, 2, 64, [20], torch.float32)
+    want = cpu_gemv.attention(q, k, v, q_pos, k_pos, 8, threads=1)
+    hidden = (k_pos > 20) | (k_pos <= 20 - 8) | (k_pos < 0)
+    k[hidden[..., None, None].expand_as(k)] = float("nan")
+    v[hidden[..., None, None].expand_as(v)] = 1e30
+    torch.testing.assert_close(cpu_gemv.attention(q, k, v, q_pos, k_pos, 8, threads=1), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["heads", "dtype", "q-pos", "k-pos", "window"])
+def test_attend_one_refuses_arguments_that_do_not_fit(bad):
+    q, k, v, q_pos, k_pos = _attention_case(1, 8, 4, 2, 16, [5], torch.float32)
+    window = None
+    if bad == "heads":
+        q = q[:, :, :3]
+    elif bad == "dtype":
+        k = k.bfloat16()
+    elif bad == "q-pos":
+        q_pos = q_pos.int()
+    elif bad == "k-pos":
+        k_pos = k_pos[:, :4]
+    else:
+        window = -5
+    assert not (bad in ("heads", "dtype") and cpu_gemv.attention_applies(q, k, v))
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_gemv.attend_one(q, k, v, q_pos, k_pos, -1 if window is None else window, 1)
 
 
 # ---- building and loading -------------------------------------------------------------------------------------
@@ -608,6 +687,21 @@ def test_cpp_operators_equal_the_python_functions(cpp_operators, dtype):
         for xs in (x, x[:1]):
             same(ops.gemv_quantized_experts(xs, experts.qweight, experts.scales, index, 32, 2),
                  cpu_gemv.gemv_quantized_experts(xs, experts.qweight, experts.scales, index, 32, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cpp_attend_one_equals_the_python_function(cpp_operators, dtype):
+    for case in ("gqa-128", "window-rolling", "ragged-with-padding"):
+        *shape, newest, window = ATTENTION_CASES[case]
+        args = _attention_case(*shape, newest, dtype)
+        w = -1 if window is None else window
+        torch.testing.assert_close(cpp_operators.attend_one(*args, w, 2), cpu_gemv.attend_one(*args, w, 2),
+                                   rtol=0, atol=0)
+    q, k, v, q_pos, k_pos = _attention_case(1, 8, 4, 2, 16, [5], dtype)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpp_operators.attend_one(q[:, :, :3], k, v, q_pos, k_pos, -1, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpp_operators.attend_one(q, k, v, q_pos.int(), k_pos, -1, 1)
 
 
 def test_cpp_operators_refuse_what_the_python_functions_refuse(cpp_operators):

@@ -21,7 +21,9 @@ What differs from "torch":
   loop that converts weights as they stream; linears (several products of one input) is one operator call where
   the kernels take all of them;
 * rope: real cos/sin (the reference functions): inductor has no complex arithmetic;
-* attention: one query per row uses the reference math, which fuses (the SDPA kernel's fixed cost dominates);
+* attention: one query per row goes to the C kernel's operator (cpu_gemv.attention: the keys the query sees,
+  nothing else) where the kernels are loaded, else the reference math, which fuses (the SDPA kernel's fixed cost
+  dominates);
 * update_cache: the masked scatter of LayerCache.write_one (no host reads inside the graph);
 * moe (and mix_experts, the fine-grained layers' form): a single token gathers its k experts from the stacked
   weights inside the graph (moe_one_token / mix_one_token; with the C kernels mix_one_token_gemv, one operator
@@ -86,8 +88,11 @@ def compiled_linears(x: torch.Tensor, weights: Sequence[torch.Tensor], threads: 
     return tuple(compiled_linear(x, w, threads, cpu_kernels) for w in weights)
 
 
-def compiled_attention(q, k, v, q_pos, k_pos, window):
-    """attention.attention for one query per row (fuses), sdpa_attention for more."""
+def compiled_attention(q, k, v, q_pos, k_pos, window, threads: int = 1, cpu_kernels: bool = False):
+    """attention.attention for one query per row: the C kernel's operator where it takes it (cpu_gemv.attention),
+    else the reference math (it fuses); sdpa_attention for more."""
+    if q.shape[1] == 1 and cpu_kernels and cpu_gemv.attention_applies(q, k, v):
+        return cpu_gemv.attention(q, k, v, q_pos, k_pos, window, threads)
     if q.shape[1] == 1:
         return attention(q, k, v, q_pos, k_pos, window)
     return sdpa_attention(q, k, v, q_pos, k_pos, window)
@@ -142,8 +147,8 @@ def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
     fixed = {"threads": threads, "cpu_kernels": cpu_kernels}
     linear = functools.partial(compiled_linear, **fixed)
     linear.many = functools.partial(compiled_linears, **fixed)  # type: ignore[attr-defined]  # Backend.linears
-    return Backend(name="torch-compiled", linear=linear,
-                   rms_norm=torch_ops.rms_norm, rope_table=rope_angles, rope=rotate, attention=compiled_attention,
+    return Backend(name="torch-compiled", linear=linear, rms_norm=torch_ops.rms_norm, rope_table=rope_angles,
+                   rope=rotate, attention=functools.partial(compiled_attention, **fixed),
                    moe=functools.partial(compiled_moe, **fixed),
                    mix_experts=functools.partial(compiled_mix_experts, **fixed), update_cache=compiled_update_cache,
                    latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse

@@ -132,6 +132,17 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* (hsum(va), hsum(vb), hsum(vc), hsum(vd)): the same additions in the same order as hsum, four rows at once */
+static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
+    __m128 sa = _mm_add_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
+    __m128 sb = _mm_add_ps(_mm256_castps256_ps128(vb), _mm256_extractf128_ps(vb, 1));
+    __m128 sc = _mm_add_ps(_mm256_castps256_ps128(vc), _mm256_extractf128_ps(vc, 1));
+    __m128 sd = _mm_add_ps(_mm256_castps256_ps128(vd), _mm256_extractf128_ps(vd, 1));
+    __m128 ab = _mm_add_ps(_mm_movelh_ps(sa, sb), _mm_movehl_ps(sb, sa));  /* a0+a2 a1+a3 b0+b2 b1+b3 */
+    __m128 cd = _mm_add_ps(_mm_movelh_ps(sc, sd), _mm_movehl_ps(sd, sc));
+    return _mm_add_ps(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 /* NR rows of x (NR <= 4, a constant after inlining) times one weight row w (in,): y[r * out] for r < NR.
  * 32 weights a step, as 4 registers with a running sum each (per row of x). */
 #define DOT(NAME, T, LOAD, TO_FLOAT)                                                                        \
@@ -190,17 +201,6 @@ static inline __m512 load_int8x16(const int8_t *p) {
 #define INT8_TO_FLOAT(v) ((float)(v))
 DOT512(dot_bf16, uint16_t, load_bf16x16, bf16_to_float)
 DOT512(dot_int8, int8_t, load_int8x16, INT8_TO_FLOAT)
-
-/* (hsum(va), hsum(vb), hsum(vc), hsum(vd)): the same additions in the same order as hsum, four rows at once */
-static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
-    __m128 sa = _mm_add_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
-    __m128 sb = _mm_add_ps(_mm256_castps256_ps128(vb), _mm256_extractf128_ps(vb, 1));
-    __m128 sc = _mm_add_ps(_mm256_castps256_ps128(vc), _mm256_extractf128_ps(vc, 1));
-    __m128 sd = _mm_add_ps(_mm256_castps256_ps128(vd), _mm256_extractf128_ps(vd, 1));
-    __m128 ab = _mm_add_ps(_mm_movelh_ps(sa, sb), _mm_movehl_ps(sb, sa));  /* a0+a2 a1+a3 b0+b2 b1+b3 */
-    __m128 cd = _mm_add_ps(_mm_movelh_ps(sc, sd), _mm_movehl_ps(sd, sc));
-    return _mm_add_ps(_mm_shuffle_ps(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)), _mm_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
-}
 
 /* One row of x times four weight rows (w: 4 x in), the decode case: x read once for the four, their horizontal
  * sums done together.  The lanes, FMAs and additions are DOT512's, in its order: bitwise its results. */
@@ -998,4 +998,184 @@ int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, i
     route_one_token(x, io_bf16, gate, gate_bf16, n_experts, dim, top_k, logits, index, weights);
     return swiglu_experts(x, io_bf16, kind, w1, s1, w3, s3, w2, s2, scales_bf16, group, n_experts, index, weights,
                           top_k, hidden, dim, out, threads);
+}
+
+/* ---- attention of one query per row to a layer's KV cache (a decode step; backends/cpu_gemv.py: attend_one) --- */
+
+/* The math of one (row, head) of attend_one below, on its fp32 query qf (head_dim,): the scores of the n slots
+ * slot[0 .. n) (q . k, rounded as the caller says) into prob, and out (head_dim,) = sum_j prob[j] v[slot[j]] once
+ * the caller has turned the scores into probabilities.  Key and value rows are `stride` bytes apart, bf16 or fp32. */
+static float dot_key(const float *q, const char *k, int bf16, int64_t d) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < d; i++) s += q[i] * value_at(k, i, bf16);
+    return s;
+}
+
+static void weighted_values(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v,
+                            int64_t stride, int bf16, int64_t d) {
+    memset(out, 0, (size_t)d * sizeof(float));
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < d; i++) out[i] += prob[j] * value_at(v + slot[j] * stride, i, bf16);
+}
+
+#if CPU_GEMV_AVX2
+/* The same with 8-float registers, for head_dim % 8 == 0: four keys at a time (their horizontal sums together),
+ * and 32 output sums in registers while the value rows stream by.  BF16 and M (head_dim / 8 left, up to 4) are
+ * constants after inlining. */
+static inline __attribute__((always_inline)) __m256 load_row8(const char *p, const int bf16) {
+    return bf16 ? load_bf16x8((const uint16_t *)p) : _mm256_loadu_ps((const float *)p);
+}
+
+static inline __attribute__((always_inline)) void scores8(const float *q, const int64_t *slot, int64_t n,
+                                                          const char *k, int64_t stride, const int bf16, int64_t d,
+                                                          float *score) {
+    const int64_t size = bf16 ? 2 : 4;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const char *k0 = k + slot[j] * stride, *k1 = k + slot[j + 1] * stride, *k2 = k + slot[j + 2] * stride,
+                   *k3 = k + slot[j + 3] * stride;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < d; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, load_row8(k0 + i * size, bf16), a0);
+            a1 = _mm256_fmadd_ps(qv, load_row8(k1 + i * size, bf16), a1);
+            a2 = _mm256_fmadd_ps(qv, load_row8(k2 + i * size, bf16), a2);
+            a3 = _mm256_fmadd_ps(qv, load_row8(k3 + i * size, bf16), a3);
+        }
+        _mm_storeu_ps(score + j, hsum4(a0, a1, a2, a3));
+    }
+    for (; j < n; j++) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_row8(k + slot[j] * stride + i * size, bf16), a);
+        score[j] = hsum(a);
+    }
+}
+
+static inline __attribute__((always_inline)) void values8(float *out, const float *prob, const int64_t *slot,
+                                                          int64_t n, const char *v, int64_t stride, const int bf16,
+                                                          const int m) {
+    const int64_t size = bf16 ? 2 : 4;
+    __m256 acc[4];
+    for (int u = 0; u < m; u++) acc[u] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const __m256 p = _mm256_set1_ps(prob[j]);
+        const char *row = v + slot[j] * stride;
+        for (int u = 0; u < m; u++) acc[u] = _mm256_fmadd_ps(p, load_row8(row + 8 * u * size, bf16), acc[u]);
+    }
+    for (int u = 0; u < m; u++) _mm256_storeu_ps(out + 8 * u, acc[u]);
+}
+
+static void weighted_values8(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v,
+                             int64_t stride, const int bf16, int64_t d) {
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t c = 0; c < d; c += 32) {
+        const int m = d - c >= 32 ? 4 : (int)(d - c) / 8;
+        const char *vc = v + c * size;
+        if (bf16)
+            switch (m) {
+                case 4: values8(out + c, prob, slot, n, vc, stride, 1, 4); break;
+                case 3: values8(out + c, prob, slot, n, vc, stride, 1, 3); break;
+                case 2: values8(out + c, prob, slot, n, vc, stride, 1, 2); break;
+                default: values8(out + c, prob, slot, n, vc, stride, 1, 1);
+            }
+        else
+            switch (m) {
+                case 4: values8(out + c, prob, slot, n, vc, stride, 0, 4); break;
+                case 3: values8(out + c, prob, slot, n, vc, stride, 0, 3); break;
+                case 2: values8(out + c, prob, slot, n, vc, stride, 0, 2); break;
+                default: values8(out + c, prob, slot, n, vc, stride, 0, 1);
+            }
+    }
+}
+#endif
+
+/* scores of slot[0 .. n) into score: the AVX2 loops where head_dim allows, else dot_key */
+static void key_scores(const float *q, const int64_t *slot, int64_t n, const char *k, int64_t stride, int bf16,
+                       int64_t d, float *score) {
+#if CPU_GEMV_AVX2
+    if (d % 8 == 0) {
+        if (bf16) scores8(q, slot, n, k, stride, 1, d, score); else scores8(q, slot, n, k, stride, 0, d, score);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < n; j++) score[j] = dot_key(q, k + slot[j] * stride, bf16, d);
+}
+
+static void values(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v, int64_t stride,
+                   int bf16, int64_t d) {
+#if CPU_GEMV_AVX2
+    if (d % 8 == 0) {
+        weighted_values8(out, prob, slot, n, v, stride, bf16, d);
+        return;
+    }
+#endif
+    weighted_values(out, prob, slot, n, v, stride, bf16, d);
+}
+
+/* attention_mask for one query at position qp: does it see the key at position p? (window < 0: no window) */
+static inline int sees(int64_t p, int64_t qp, int64_t window) {
+    return p >= 0 && p <= qp && (window < 0 || p > qp - window);
+}
+
+/* attention.attention for T = 1:
+ *     out[b, h] = sum_s softmax_s(q[b, h] . k[b, s, h / rep] * head_dim^-0.5) v[b, s, h / rep],  rep = heads / kv_heads
+ * over the slots s whose position k_pos[b, s] the query at q_pos[b] sees (attention_mask: 0 <= k_pos <= q_pos,
+ * and k_pos > q_pos - window unless window < 0); a query that sees none averages all `slots` values uniformly, as
+ * the reference's softmax over equal masked scores does.  q (batch, heads, head_dim), k, v (batch, slots,
+ * kv_heads, head_dim), out (batch, heads, head_dim): all bf16 (io_bf16) or fp32; k_pos (batch, slots), q_pos
+ * (batch,) int64.  Rounded where the reference rounds in bf16: the product q . k, the scaled score, the
+ * probabilities and the output (sums in fp32, in another order than the reference's).  Slots the query does not
+ * see are skipped, not multiplied by zero: a step costs what the filled part of the cache holds.  OpenMP splits
+ * the (row, head) pairs over `threads`.  Returns 0, or -1 without memory. */
+int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos, const int64_t *q_pos,
+               int64_t window, void *out, int io_bf16, int64_t batch, int64_t slots, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, int threads) {
+    const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t rep = heads / kv_heads, pairs = batch * heads;
+    const float scale = (float)pow((double)head_dim, -0.5);
+    /* per row: the slots its query sees (none: every slot, blind[b] = 1); per (row, head): their scores, then
+     * probabilities, q and the output */
+    int64_t *seen = malloc((size_t)(batch * slots) * sizeof(int64_t)), *count = malloc((size_t)batch * sizeof(int64_t));
+    char *blind = malloc((size_t)batch);
+    float *buf = malloc((size_t)(pairs * (slots + 2 * head_dim)) * sizeof(float));
+    if (!seen || !count || !blind || !buf) { free(seen); free(count); free(blind); free(buf); return -1; }
+    for (int64_t b = 0; b < batch; b++) {
+        count[b] = 0;
+        for (int64_t s = 0; s < slots; s++)
+            if (sees(k_pos[b * slots + s], q_pos[b], window)) seen[b * slots + count[b]++] = s;
+        if ((blind[b] = !count[b]))
+            for (int64_t s = 0; s < slots; s++) seen[b * slots + count[b]++] = s;
+    }
+    const int64_t stride = kv_heads * head_dim * (int64_t)size;  /* bytes from one slot to the next */
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t bh = 0; bh < pairs; bh++) {
+        const int64_t b = bh / heads, *slot = seen + b * slots, n = count[b];
+        float *prob = buf + bh * (slots + 2 * head_dim), *qf = prob + slots, *y = qf + head_dim;
+        const int64_t first = (b * slots * kv_heads + bh % heads / rep) * head_dim * (int64_t)size;
+        for (int64_t i = 0; i < head_dim; i++) qf[i] = value_at(q, bh * head_dim + i, io_bf16);
+        if (!blind[b]) {
+            key_scores(qf, slot, n, (const char *)k + first, stride, io_bf16, head_dim, prob);
+            float best = -INFINITY, total = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                float x = io_bf16 ? in_dtype(in_dtype(prob[j], 1) * scale, 1) : prob[j] * scale;
+                prob[j] = x;
+                best = j == 0 || x > best ? x : best;
+            }
+            for (int64_t j = 0; j < n; j++) total += prob[j] = expf(prob[j] - best);
+            for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(prob[j] / total, io_bf16);
+        } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
+            for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(1.0f / (float)slots, io_bf16);
+        }
+        values(y, prob, slot, n, (const char *)v + first, stride, io_bf16, head_dim);
+        for (int64_t i = 0; i < head_dim; i++) {
+            if (io_bf16) ((uint16_t *)out)[bh * head_dim + i] = float_to_bf16(y[i]);
+            else ((float *)out)[bh * head_dim + i] = y[i];
+        }
+    }
+    free(seen);
+    free(count);
+    free(blind);
+    free(buf);
+    return 0;
 }

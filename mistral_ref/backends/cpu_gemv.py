@@ -1,4 +1,5 @@
-"""CPU kernels for the products of decoding (cpu_gemv.c): bf16, fp32, int8 and int4 weights times a few rows.
+"""CPU kernels for the products of decoding (cpu_gemv.c): bf16, fp32, int8 and int4 weights times a few rows; and
+the attention of one query per row to a KV cache (:func:`attention`, equal to attention.attention for T = 1).
 
 Equals: F.linear(x, weight) / F.linear(x, weight.dequantize()) within fp32 rounding, bf16 activations times int8 /
 int4 weights within a 2^-16 rounding of each row of x to int16 (the integer path of cpu_gemv.c) and the result's
@@ -74,6 +75,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "route_one_token": [_P, _INT, _P, _INT, _I64, _I64, _I64, _P, _P, _P],
     "moe_one_token": [_P, _INT, _P, _INT, _I64, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _P,
                       _INT],
+    # (q, k, v, k_pos, q_pos, window, out, io_bf16, batch, slots, heads, kv_heads, head_dim, threads)
+    "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -743,6 +746,48 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
     return y
 
 
+# ---- attention of one query per row (a decode step) -----------------------------------------------------------
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True if attention.attention(q, k, v, ...) is one these kernels take: one query per row (q (B, 1, H, D)),
+    on a CPU, q, k and v all bf16 or all fp32, whole groups of query heads per key-value head, no autograd."""
+    return (q.ndim == 4 and q.shape[1] == 1 and k.ndim == 4 and q.device.type == "cpu" and k.device.type == "cpu"
+            and v.device.type == "cpu" and q.dtype in _FLOATS and k.dtype is q.dtype and v.dtype is q.dtype
+            and q.shape[2] % k.shape[2] == 0 and k.shape == v.shape and k.shape[3] == q.shape[3]
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              window: int | None, threads: int | None = None) -> torch.Tensor:
+    """attention.attention for one query per row (:func:`attention_applies`) in one C call (cpu_gemv.c,
+    attend_one): q (B, 1, H, D), k, v (B, S, kv_heads, D), q_pos (B, 1), k_pos (B, S) -> (B, 1, H, D); as an
+    operator inside a graph."""
+    threads = torch.get_num_threads() if threads is None else threads
+    window = -1 if window is None else window
+    if _as_operator():
+        return torch.ops.mistral_ref.attend_one(q, k, v, q_pos, k_pos, window, threads)
+    return attend_one(q, k, v, q_pos, k_pos, window, threads)
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               window: int, threads: int) -> torch.Tensor:
+    """:func:`attention` through ctypes (window -1: none)."""
+    lib = _checked_library()
+    q, k, v, q_pos, k_pos = (t.contiguous() for t in (q, k, v, q_pos, k_pos))
+    if not (attention_applies(q, k, v) and q_pos.shape == (q.shape[0], 1) and k_pos.shape == k.shape[:2]
+            and q_pos.dtype is torch.int64 and k_pos.dtype is torch.int64 and q.shape[0] == k.shape[0]
+            and q_pos.is_cpu and k_pos.is_cpu and k.shape[2] > 0 and window >= -1):
+        raise ValueError(f"attend_one: arguments that do not fit: q {tuple(q.shape)} {q.dtype}, k / v "
+                         f"{tuple(k.shape)} {k.dtype} / {tuple(v.shape)} {v.dtype}, q_pos {tuple(q_pos.shape)} "
+                         f"{q_pos.dtype}, k_pos {tuple(k_pos.shape)} {k_pos.dtype}, window {window}")
+    out = torch.empty_like(q)
+    B, S, kv_heads, D = k.shape
+    if lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_pos.data_ptr(), q_pos.data_ptr(), window,
+                      out.data_ptr(), int(q.dtype == torch.bfloat16), B, S, q.shape[2], kv_heads, D, threads):
+        raise MemoryError(f"attend_one: no memory for the scores of {B} x {q.shape[2]} heads x {S} slots")
+    return out
+
+
 # ---- the same products as operators, for compiled decode steps ----------------------------------------------
 # (torch.library.Library rather than the custom_op decorator, whose Python wrapper costs several times more per
 # call: README, "Speed on a CPU").  The Python functions above serve them under CompositeExplicitAutograd; the C++
@@ -777,6 +822,8 @@ _OPS.impl("gemv_float_many", gemv_float_many, _PYTHON_KEY)
 _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, int group_size, int threads) "
             "-> Tensor[]")
 _OPS.impl("gemv_quantized_many", gemv_quantized_many, _PYTHON_KEY)
+_OPS.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, int window, int threads) -> Tensor")
+_OPS.impl("attend_one", attend_one, _PYTHON_KEY)
 
 
 @torch.library.register_fake("mistral_ref::gemv_float", lib=_OPS)
@@ -827,3 +874,8 @@ def _(x, weights, threads):
 @torch.library.register_fake("mistral_ref::gemv_quantized_many", lib=_OPS)
 def _(x, qweights, scales, group_size, threads):
     return [x.new_empty(x.shape[0], q.shape[0]) for q in qweights]
+
+
+@torch.library.register_fake("mistral_ref::attend_one", lib=_OPS)
+def _(q, k, v, q_pos, k_pos, window, threads):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -42,6 +42,9 @@ int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, i
                   const void *w1, const void *s1, const void *w3, const void *s3, const void *w2, const void *s2,
                   int scales_bf16, int64_t group, int64_t n_experts, int64_t hidden, int64_t dim, void *out,
                   float *logits, int threads);
+int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos, const int64_t *q_pos,
+               int64_t window, void *out, int io_bf16, int64_t batch, int64_t slots, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, int threads);
 }
 
 namespace {
@@ -316,6 +319,32 @@ std::tuple<Tensor, Tensor> op_moe_quantized_experts(const Tensor &x, const Tenso
   return moe(x, gate_weight, top_k, scheme(q1), q1, s1, q3, s3, q2, s2, group, threads);
 }
 
+// cpu_gemv.py: attend_one (attention_applies and the positions' shapes)
+Tensor op_attend_one(const Tensor &q_, const Tensor &k_, const Tensor &v_, const Tensor &q_pos_, const Tensor &k_pos_,
+                     int64_t window, int64_t threads) {
+  Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), q_pos = q_pos_.contiguous(),
+         k_pos = k_pos_.contiguous();
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(1) == 1 && k.dim() == 4 && k.sizes() == v.sizes() && q.is_cpu() &&
+                        k.is_cpu() && v.is_cpu() && is_float(q) && k.scalar_type() == q.scalar_type() &&
+                        v.scalar_type() == q.scalar_type() && k.size(2) > 0 && q.size(2) % k.size(2) == 0 &&
+                        k.size(3) == q.size(3) && q.size(0) == k.size(0) && q_pos.dim() == 2 &&
+                        q_pos.size(0) == q.size(0) && q_pos.size(1) == 1 && k_pos.dim() == 2 &&
+                        k_pos.size(0) == k.size(0) && k_pos.size(1) == k.size(1) &&
+                        q_pos.scalar_type() == at::kLong && k_pos.scalar_type() == at::kLong && q_pos.is_cpu() &&
+                        k_pos.is_cpu() && window >= -1,
+                    "attend_one: arguments that do not fit: q ", q.sizes(), " ", q.scalar_type(), ", k / v ",
+                    k.sizes(), " ", k.scalar_type(), " / ", v.sizes(), " ", v.scalar_type(), ", q_pos ",
+                    q_pos.sizes(), " ", q_pos.scalar_type(), ", k_pos ", k_pos.sizes(), " ", k_pos.scalar_type(),
+                    ", window ", window);
+  Tensor out = at::empty(q.sizes(), q.options());
+  const int64_t batch = k.size(0), slots = k.size(1);
+  TORCH_CHECK(attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_pos.data_ptr<int64_t>(),
+                         q_pos.data_ptr<int64_t>(), window, out.data_ptr(), bf16(q), batch, slots, q.size(2),
+                         k.size(2), k.size(3), static_cast<int>(threads)) == 0,
+              "attend_one: no memory for the scores of ", batch, " x ", q.size(2), " heads x ", slots, " slots");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
@@ -329,4 +358,5 @@ TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
   m.impl("swiglu_quantized_experts", TORCH_FN(op_swiglu_quantized_experts));
   m.impl("moe_float_experts", TORCH_FN(op_moe_float_experts));
   m.impl("moe_quantized_experts", TORCH_FN(op_moe_quantized_experts));
+  m.impl("attend_one", TORCH_FN(op_attend_one));
 }

@@ -5,7 +5,8 @@
 | linear     | backends/linear.py: linear                 | F.linear                                 |
 | rms_norm   | F.rms_norm                                 | norm.rms_norm (bitwise)                  |
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
-| attention  | backends/sdpa.py: sdpa_attention           | attention.attention                      |
+| attention  | attention below: sdpa_attention, and one   | attention.attention                      |
+|            | query per row on a CPU: cpu_gemv.attention |                                          |
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
 | mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_ref.backends import Backend
+from mistral_ref.backends import Backend, cpu_gemv
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
@@ -30,6 +31,15 @@ from mistral_ref.cache import LayerCache
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """norm.rms_norm in one call: F.rms_norm is the same fp32 formula.  x: (..., dim) -> (..., dim)"""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+              window: int | None) -> torch.Tensor:
+    """sdpa_attention; a decode step (one query per row) on a CPU goes to the C kernel (cpu_gemv.attention: the
+    keys the query sees, nothing else) where it is available.  q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
+    if q.shape[1] == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
+        return cpu_gemv.attention(q, k, v, q_pos, k_pos, window)
+    return sdpa_attention(q, k, v, q_pos, k_pos, window)
 
 
 def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
@@ -49,5 +59,5 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 
 
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
-                  rope=apply_rotary_emb_complex, attention=sdpa_attention, moe=moe_forward_grouped,
+                  rope=apply_rotary_emb_complex, attention=attention, moe=moe_forward_grouped,
                   mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention)

@@ -307,7 +307,17 @@ static int quantize_rows_int16(const float *x, int16_t *x16, float *sx, int64_t 
         if (nan || !(m <= FLT_MAX) || (m > 0.0f && m < 32767.0f * FLT_MIN)) return 0;
         sx[r] = m > 0.0f ? m / 32767.0f : 1.0f;
         float inv = 1.0f / sx[r];
-        for (int64_t i = 0; i < in; i++) x16[r * in + i] = (int16_t)lrintf(x[r * in + i] * inv);
+        const float *xr = x + r * in;
+        int16_t *qr = x16 + r * in;
+        int64_t i = 0;
+        for (; i + 16 <= in; i += 16) {  /* lrintf's rounding (to nearest even) 16 at a time, then to int16 */
+            const __m256 vinv = _mm256_set1_ps(inv);
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i + 8), vinv));
+            __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);  /* |values| <= 32767 */
+            _mm256_storeu_si256((__m256i *)(qr + i), ab);
+        }
+        for (; i < in; i++) qr[i] = (int16_t)lrintf(xr[i] * inv);
     }
     return 1;
 }
@@ -931,6 +941,7 @@ int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const v
                                                  hidden, dim, g, threads);
     }
     if (code) { free(buf); return code; }
+    #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < k * hidden; j++) {  /* h = silu(gate) * up, each rounded to x's dtype */
         const float g = value_at(gate, j, io_bf16);
         const float silu = in_dtype(g / (1.0f + expf(-g)), io_bf16);

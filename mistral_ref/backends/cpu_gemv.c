@@ -24,6 +24,9 @@
 #include <float.h>
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_GEMV_PORTABLE)
 #include <immintrin.h>
@@ -1144,12 +1147,14 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
                int64_t head_dim, int threads) {
     const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);
     const int64_t rep = heads / kv_heads, pairs = batch * heads;
+    threads = threads < 1 ? 1 : threads;
     const float scale = (float)pow((double)head_dim, -0.5);
-    /* per row: the slots its query sees (none: every slot, blind[b] = 1); per (row, head): their scores, then
-     * probabilities, q and the output */
+    /* per row: the slots its query sees (none: every slot, blind[b] = 1); per thread: the scores, then
+     * probabilities, of the (row, head) it is doing, its q and output in fp32 */
     int64_t *seen = malloc((size_t)(batch * slots) * sizeof(int64_t)), *count = malloc((size_t)batch * sizeof(int64_t));
     char *blind = malloc((size_t)batch);
-    float *buf = malloc((size_t)(pairs * (slots + 2 * head_dim)) * sizeof(float));
+    const int64_t per_thread = slots + 2 * head_dim;
+    float *buf = malloc((size_t)(threads * per_thread) * sizeof(float));
     if (!seen || !count || !blind || !buf) { free(seen); free(count); free(blind); free(buf); return -1; }
     for (int64_t b = 0; b < batch; b++) {
         count[b] = 0;
@@ -1162,7 +1167,12 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
         const int64_t b = bh / heads, *slot = seen + b * slots, n = count[b];
-        float *prob = buf + bh * (slots + 2 * head_dim), *qf = prob + slots, *y = qf + head_dim;
+#ifdef _OPENMP
+        float *prob = buf + omp_get_thread_num() * per_thread;
+#else
+        float *prob = buf;
+#endif
+        float *qf = prob + slots, *y = qf + head_dim;
         const int64_t first = (b * slots * kv_heads + bh % heads / rep) * head_dim * (int64_t)size;
         for (int64_t i = 0; i < head_dim; i++) qf[i] = value_at(q, bh * head_dim + i, io_bf16);
         if (!blind[b]) {

@@ -569,6 +569,11 @@ def test_attend_one_equals_the_reference_attention(build, case, dtype):
         assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
 
 
+def test_attend_one_of_an_empty_batch_is_empty():
+    q, k, v, q_pos, k_pos = (t[:0] for t in _attention_case(1, 8, 4, 2, 16, [5], torch.bfloat16))
+    assert cpu_gemv.attention(q, k, v, q_pos, k_pos, None, threads=2).shape == (0, 1, 4, 16)
+
+
 def test_attend_one_skips_what_the_query_does_not_see():
     """Keys and values the mask hides (future slots, outside the window, empty) cannot change the result, even
     when they are huge or NaN: they are skipped, not multiplied by zero."""
@@ -580,12 +585,14 @@ def test_attend_one_skips_what_the_query_does_not_see():
     torch.testing.assert_close(cpu_gemv.attention(q, k, v, q_pos, k_pos, 8, threads=1), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad", ["heads", "dtype", "q-pos", "k-pos", "window"])
+@pytest.mark.parametrize("bad", ["heads", "no-kv-heads", "dtype", "q-pos", "k-pos", "window"])
 def test_attend_one_refuses_arguments_that_do_not_fit(bad):
     q, k, v, q_pos, k_pos = _attention_case(1, 8, 4, 2, 16, [5], torch.float32)
     window = None
     if bad == "heads":
         q = q[:, :, :3]
+    elif bad == "no-kv-heads":
+        k, v = k[:, :, :0], v[:, :, :0]
     elif bad == "dtype":
         k = k.bfloat16()
     elif bad == "q-pos":
@@ -594,7 +601,7 @@ def test_attend_one_refuses_arguments_that_do_not_fit(bad):
         k_pos = k_pos[:, :4]
     else:
         window = -5
-    assert not (bad in ("heads", "dtype") and cpu_gemv.attention_applies(q, k, v))
+    assert not (bad in ("heads", "no-kv-heads", "dtype") and cpu_gemv.attention_applies(q, k, v))
     with pytest.raises(ValueError, match="do not fit"):
         cpu_gemv.attend_one(q, k, v, q_pos, k_pos, -1 if window is None else window, 1)
 

@@ -1148,6 +1148,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);
     const int64_t rep = heads / kv_heads, pairs = batch * heads;
     threads = threads < 1 ? 1 : threads;
+    if (pairs == 0) return 0;  /* no query: nothing to compute (and no zero-size allocation) */
     const float scale = (float)pow((double)head_dim, -0.5);
     /* per row: the slots its query sees (none: every slot, blind[b] = 1); per thread: the scores, then
      * probabilities, of the (row, head) it is doing, its q and output in fp32 */

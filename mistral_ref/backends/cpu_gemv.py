@@ -753,7 +753,7 @@ def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     on a CPU, q, k and v all bf16 or all fp32, whole groups of query heads per key-value head, no autograd."""
     return (q.ndim == 4 and q.shape[1] == 1 and k.ndim == 4 and q.device.type == "cpu" and k.device.type == "cpu"
             and v.device.type == "cpu" and q.dtype in _FLOATS and k.dtype is q.dtype and v.dtype is q.dtype
-            and q.shape[2] % k.shape[2] == 0 and k.shape == v.shape and k.shape[3] == q.shape[3]
+            and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0 and k.shape == v.shape and k.shape[3] == q.shape[3]
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
@@ -776,7 +776,7 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.T
     q, k, v, q_pos, k_pos = (t.contiguous() for t in (q, k, v, q_pos, k_pos))
     if not (attention_applies(q, k, v) and q_pos.shape == (q.shape[0], 1) and k_pos.shape == k.shape[:2]
             and q_pos.dtype is torch.int64 and k_pos.dtype is torch.int64 and q.shape[0] == k.shape[0]
-            and q_pos.is_cpu and k_pos.is_cpu and k.shape[2] > 0 and window >= -1):
+            and q_pos.is_cpu and k_pos.is_cpu and window >= -1):
         raise ValueError(f"attend_one: arguments that do not fit: q {tuple(q.shape)} {q.dtype}, k / v "
                          f"{tuple(k.shape)} {k.dtype} / {tuple(v.shape)} {v.dtype}, q_pos {tuple(q_pos.shape)} "
                          f"{q_pos.dtype}, k_pos {tuple(k_pos.shape)} {k_pos.dtype}, window {window}")

@@ -415,3 +415,27 @@ def test_demo_runs_end_to_end():
     assert "| mixtral-8x7b |" in text and "== The embedded model: tiny-mixtral" in text
     assert text.count("[finish_reason=stop]") >= 3  # chat replies end with EOS
     assert "tools offered: ['add', 'multiply', 'convert_units']" in text
+
+
+def test_the_cli_stacks_the_experts_of_the_model_it_loads():
+    """load_for_cli stacks a MoE model's experts (their parameters become views of the stacks, same values), so an
+    eager one-token step takes the C experts kernel; the logits of a step equal the unstacked model's."""
+    from mistral_ref.embedded import load_embedded
+
+    model, _, _ = cli.load_for_cli(None, "float32")
+    plain, _ = load_embedded(dtype="float32")
+    layers = [layer.feed_forward for layer in model.layers]
+    assert all(ff.stacked is not None for ff in layers)
+    for ff in layers:
+        w1 = ff.stacked[0]
+        assert ff.experts[1].w1.weight.data_ptr() == w1[1].data_ptr()
+    assert all(layer.feed_forward.stacked is None for layer in plain.layers)
+    tokens = torch.tensor([[1, 5, 9, 30]])
+    positions = torch.arange(4)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, positions), plain(tokens, positions), rtol=1e-5, atol=1e-5)
+    from mistral_ref.generation import generate
+
+    prompt = [[1, 5, 9, 30, 2, 7]]  # one-token decode steps: the stacked model's go to the C experts kernel
+    stacked, lists = (generate(m, prompt, 8, temperature=0.0)[0].tokens for m in (model, plain))
+    assert stacked == lists

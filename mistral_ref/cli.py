@@ -176,12 +176,12 @@ def load_for_cli(checkpoint: str | None, dtype: str | None) -> tuple[object, obj
 
 
 def _decoding_layout(model):
-    """Stack a MoE model's experts (backends/moe.py: stack_experts; each expert's weights become views of three
-    (E, ...) tensors: same names and values, one copy of the weights; from a memory-mapped checkpoint the stacks
-    are private memory rather than views of the files): then a one-token step,
-    eager as well as compiled, sends a layer's chosen experts to the C kernels in one call instead of the grouped
-    dispatch (README, "Speed on a CPU").  The CLI owns the model it loads, so replacing the experts' parameter
-    objects is safe here; library users call stack_all_experts themselves (compile_decode does)."""
+    """Stack a MoE model's experts (backends/moe.py: stack_experts): each expert's weights become views of three
+    (E, ...) tensors, same names and values, one copy of the weights (from a memory-mapped checkpoint the stacks
+    are private memory rather than views of the files).  A one-token step, eager as well as compiled, then sends a
+    layer's chosen experts to the C kernels in one call instead of the grouped dispatch.  The CLI owns the model it
+    loads, so replacing the experts' parameter objects is safe here; library users call stack_all_experts
+    themselves (compile_decode does)."""
     from mistral_ref.backends.moe import stack_all_experts
 
     stack_all_experts(model)

@@ -312,9 +312,9 @@ static int quantize_rows_int16(const float *x, int16_t *x16, float *sx, int64_t 
         float inv = 1.0f / sx[r];
         const float *xr = x + r * in;
         int16_t *qr = x16 + r * in;
+        const __m256 vinv = _mm256_set1_ps(inv);
         int64_t i = 0;
         for (; i + 16 <= in; i += 16) {  /* lrintf's rounding (to nearest even) 16 at a time, then to int16 */
-            const __m256 vinv = _mm256_set1_ps(inv);
             __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv));
             __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + i + 8), vinv));
             __m256i ab = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);  /* |values| <= 32767 */
@@ -1034,8 +1034,8 @@ static void weighted_values(float *out, const float *prob, const int64_t *slot, 
 
 #if CPU_GEMV_AVX2
 /* The same with 8-float registers, for head_dim % 8 == 0: four keys at a time (their horizontal sums together),
- * and 32 output sums in registers while the value rows stream by.  BF16 and M (head_dim / 8 left, up to 4) are
- * constants after inlining. */
+ * and 32 output sums in registers while the value rows stream by.  BF16 and M (8-float registers of sums: 4,
+ * or 1 for the last head_dim % 32) are constants after inlining. */
 static inline __attribute__((always_inline)) __m256 load_row8(const char *p, const int bf16) {
     return bf16 ? load_bf16x8((const uint16_t *)p) : _mm256_loadu_ps((const float *)p);
 }
@@ -1083,24 +1083,13 @@ static inline __attribute__((always_inline)) void values8(float *out, const floa
 static void weighted_values8(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v,
                              int64_t stride, const int bf16, int64_t d) {
     const int64_t size = bf16 ? 2 : 4;
-    for (int64_t c = 0; c < d; c += 32) {
-        const int m = d - c >= 32 ? 4 : (int)(d - c) / 8;
-        const char *vc = v + c * size;
-        if (bf16)
-            switch (m) {
-                case 4: values8(out + c, prob, slot, n, vc, stride, 1, 4); break;
-                case 3: values8(out + c, prob, slot, n, vc, stride, 1, 3); break;
-                case 2: values8(out + c, prob, slot, n, vc, stride, 1, 2); break;
-                default: values8(out + c, prob, slot, n, vc, stride, 1, 1);
-            }
-        else
-            switch (m) {
-                case 4: values8(out + c, prob, slot, n, vc, stride, 0, 4); break;
-                case 3: values8(out + c, prob, slot, n, vc, stride, 0, 3); break;
-                case 2: values8(out + c, prob, slot, n, vc, stride, 0, 2); break;
-                default: values8(out + c, prob, slot, n, vc, stride, 0, 1);
-            }
-    }
+    int64_t c = 0;
+    for (; c + 32 <= d; c += 32)  /* 32 outputs a pass, then 8 */
+        if (bf16) values8(out + c, prob, slot, n, v + c * size, stride, 1, 4);
+        else values8(out + c, prob, slot, n, v + c * size, stride, 0, 4);
+    for (; c < d; c += 8)
+        if (bf16) values8(out + c, prob, slot, n, v + c * size, stride, 1, 1);
+        else values8(out + c, prob, slot, n, v + c * size, stride, 0, 1);
 }
 #endif
 

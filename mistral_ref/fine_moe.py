@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.config import FineMoeArgs, ModelArgs
-from mistral_ref.moe import FeedForward
+from mistral_ref.moe import ExpertWeights, FeedForward
 
 if TYPE_CHECKING:  # typing only
     from mistral_ref.backends import Backend
@@ -84,8 +84,8 @@ class FineMoeLayer(nn.Module):
         weights, experts, logits = route_fine(flat, self.gate.weight, self.moe, bias)
         if self.stacked is not None:
             w1, w2, w3 = self.stacked  # (E, hidden, dim), (E, dim, hidden), (E, hidden, dim)
-        else:  # E tensors each
-            w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
+        else:  # E tensors each, looked up when indexed
+            w1, w2, w3 = (ExpertWeights(self.experts, name) for name in ("w1", "w2", "w3"))
         out = ops.mix_experts(flat, weights, experts, w1, w2, w3)  # (N, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat, ops)

@@ -71,6 +71,24 @@ def moe_forward(
 Weights = Sequence[torch.Tensor] | torch.Tensor  # E tensors, or one stacked (E, ...) tensor
 
 
+class ExpertWeights(Sequence):
+    """The E weights named `name` ("w1", "w2" or "w3") of a layer's experts, as a sequence that looks each one up
+    when it is indexed: what MoeLayer (and fine_moe.FineMoeLayer) hand `ops.moe` for experts that are not stacked.
+    A decode step reads only its k chosen experts, so it looks up k weights, not all E (a list of all of them,
+    built every step, costs more than the products themselves for 128 small experts)."""
+
+    def __init__(self, experts: nn.ModuleList, name: str):
+        self.experts, self.name = experts, name
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, e):  # type: ignore[override]
+        if isinstance(e, slice):
+            return [self[i] for i in range(*e.indices(len(self)))]
+        return getattr(self.experts[e], self.name).weight  # (hidden, dim) for w1, w3; (dim, hidden) for w2
+
+
 def mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: Weights, w2: Weights,
                 w3: Weights) -> torch.Tensor:
     """The routed experts' weighted sum: loop over experts, each SwiGLU on the tokens routed to it.
@@ -111,8 +129,8 @@ class MoeLayer(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (N, dim)
         if self.stacked is not None:
             w1, w2, w3 = self.stacked  # (E, hidden, dim), (E, dim, hidden), (E, hidden, dim)
-        else:  # E tensors each
-            w1, w2, w3 = ([getattr(e, name).weight for e in self.experts] for name in ("w1", "w2", "w3"))
+        else:  # E tensors each, looked up when indexed
+            w1, w2, w3 = (ExpertWeights(self.experts, name) for name in ("w1", "w2", "w3"))
         out, logits = ops.moe(flat, self.gate.weight, w1, w2, w3, self.top_k)
         return out.view_as(x), logits
 

@@ -215,3 +215,63 @@ def test_fine_grained_layer_with_stacked_experts_and_the_torch_backend():
     assert rel_err(ref - shared, ref) > 1e-2
     layer.float()
     assert layer.stacked is None
+
+
+@pytest.mark.parametrize("form", ["fp32", "bf16", "int8", "fine-bf16"])
+def test_unstacked_experts_decode_through_one_c_call(form, make_model, monkeypatch):
+    """A model whose experts are not stacked (load_model keeps each expert's parameters) sends an eager decode
+    step's chosen experts to the C kernels in one call a layer (cpu_gemv.swiglu_chosen, the chosen experts' own
+    tensors), and its logits equal the reference backend's: fp32 within 1e-5, bf16 and int8 within the
+    reference's own bf16 rounding; Mixtral's experts, and the fine-grained ones of Small 4's layer."""
+    from mistral_ref.backends import cpu_gemv
+    from mistral_ref.cache import KVCache
+    from mistral_ref.config import ModelArgs, MoeArgs
+    from mistral_ref.quantize import quantize_model
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    experts = {"fine_moe": FINE} if form.startswith("fine") else {"moe": MoeArgs(num_experts=4, num_experts_per_tok=2)}
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=80,
+                     norm_eps=1e-5, rope_theta=1e4, **experts)
+    model = make_model(args)
+    if form != "fp32":
+        model = model.to(torch.bfloat16)
+    if form == "int8":
+        quantize_model(model, "int8")
+    calls = []
+    real = cpu_gemv.swiglu_chosen
+    monkeypatch.setattr(cpu_gemv, "swiglu_chosen", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.tensor([[3, 17, 42, 5, 60]])
+    logits = {}
+    for name in ("reference", "torch"):
+        model.set_backend(name)
+        cache = KVCache(args, 1, 8, dtype=model.dtype)
+        with torch.no_grad():
+            model(tokens[:, :4], torch.arange(4)[None], cache)
+            logits[name] = model(tokens[:, 4:], torch.tensor([[4]]), cache)  # one token: a decode step
+    assert len(calls) == args.n_layers  # one call a MoE layer, in the "torch" backend's step only
+    tol = 1e-5 if form == "fp32" else 3e-2
+    assert rel_err(logits["torch"], logits["reference"]) < tol
+
+
+def test_expert_weights_look_each_weight_up_when_indexed():
+    """MoeLayer hands ops.moe its unstacked experts as ExpertWeights: a sequence of the E parameters, each looked up
+    when indexed (the parameter object itself, never a stale copy: a replaced parameter is seen at once)."""
+    from torch import nn
+
+    from mistral_ref.moe import ExpertWeights
+
+    layer = MoeLayer(ModelArgs(dim=8, n_layers=1, hidden_dim=12, n_heads=2, n_kv_heads=2, head_dim=4, vocab_size=16,
+                               norm_eps=1e-5, rope_theta=1e4, moe=MoeArgs(num_experts=4, num_experts_per_tok=2)))
+    w2 = ExpertWeights(layer.experts, "w2")
+    assert len(w2) == 4 and w2[1] is layer.experts[1].w2.weight and w2[-1] is layer.experts[3].w2.weight
+    assert [t.data_ptr() for t in w2] == [e.w2.weight.data_ptr() for e in layer.experts]
+    assert [t.data_ptr() for t in w2[1:3]] == [e.w2.weight.data_ptr() for e in layer.experts[1:3]]
+    layer.experts[2].w2.weight = nn.Parameter(torch.zeros(8, 12))
+    assert w2[2] is layer.experts[2].w2.weight and not w2[2].any()
+    x = torch.randn(3, 8)
+    w1, w3 = ExpertWeights(layer.experts, "w1"), ExpertWeights(layer.experts, "w3")
+    as_lists = [[getattr(e, n).weight for e in layer.experts] for n in ("w1", "w2", "w3")]
+    with torch.no_grad():
+        assert torch.equal(moe_forward(x, layer.gate.weight, w1, w2, w3, 2)[0],
+                           moe_forward(x, layer.gate.weight, *as_lists, 2)[0])

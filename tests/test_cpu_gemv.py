@@ -752,3 +752,61 @@ def test_without_a_cpp_compiler_the_operators_stay_in_python(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith("Python (building cpu_gemv_ops.cpp failed (false)"), done.stdout
+
+
+def _separate(kind, stack, e):
+    """Expert e of a stack as a weight of its own (a copy: memory the stack does not hold)."""
+    if kind in ("bf16", "fp32"):
+        return stack[e].clone()
+    w = stack[e]
+    return QuantizedWeight(w.scheme, w.qweight.clone(), w._scales().clone(), w.group_size)
+
+
+@pytest.mark.parametrize("kind,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                        ("int8", torch.float32), ("int4", torch.bfloat16), ("int4", torch.float32)],
+                         ids=["bf16", "fp32", "int8-bf16", "int8-fp32", "int4-bf16", "int4-fp32"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_swiglu_chosen_is_experts_swiglu_of_a_stack(build, kind, dtype, k):
+    """Experts kept as separate tensors (a model whose experts are not stacked): swiglu_chosen of the k chosen
+    experts' own weights gives experts_swiglu of the stack bitwise (the same C function, handed the weights'
+    addresses instead of finding them in a stack), in every build; chosen_apply says so."""
+    dim, n = 64, 4
+    w1, w3, w2 = _stacked_experts(kind, dtype, n, dim, hidden=96)
+    x = torch.randn(1, dim, generator=torch.Generator().manual_seed(k)).to(dtype)
+    index, weights = torch.tensor([3, 0, 2][:k]), torch.tensor([0.5, 0.3, 0.2][:k])
+    chosen = [[_separate(kind, w, e) for e in index.tolist()] for w in (w1, w3, w2)]
+    assert cpu_gemv.chosen_apply(x, *chosen)
+    got = cpu_gemv.swiglu_chosen(x, *chosen, weights, 1)
+    assert got.dtype == dtype and got.shape == (1, dim)
+    torch.testing.assert_close(got, cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights, 1), rtol=0, atol=0)
+
+
+def test_swiglu_chosen_refuses_what_it_cannot_read():
+    """chosen_apply says no (the caller keeps its loop) and swiglu_chosen raises for experts of mixed kinds,
+    shapes or dtypes, non-contiguous ones, an expert of zero width, and weights that are not k fp32 values."""
+    dim, hidden = 32, 48
+    x = torch.randn(1, dim).bfloat16()
+    w1, w3, w2 = ([_weight(a, b, s).bfloat16() for s in range(2)] for a, b in ((hidden, dim), (hidden, dim),
+                                                                               (dim, hidden)))
+    weights = torch.tensor([0.6, 0.4])
+    assert cpu_gemv.chosen_apply(x, w1, w3, w2)
+    int8 = quantize_weight(w1[1].float(), "int8", 32)
+    cases = {
+        "mixed kinds": (x, [w1[0], int8.to(torch.bfloat16)], w3, w2),
+        "mixed dtypes": (x, [w1[0], w1[1].float()], w3, w2),
+        "another hidden": (x, w1, [w3[0], w3[1][:40]], w2),
+        "transposed": (x, w1, w3, [w2[0], w2[1].T.contiguous().T]),
+        "zero width": (x, [torch.zeros(0, dim).bfloat16()] * 2, [torch.zeros(0, dim).bfloat16()] * 2,
+                       [torch.zeros(dim, 0).bfloat16()] * 2),
+        "two rows": (x.expand(2, dim), w1, w3, w2),
+    }
+    for name, args in cases.items():
+        assert not cpu_gemv.chosen_apply(*args), name
+        with pytest.raises(ValueError, match="swiglu_chosen"):
+            cpu_gemv.swiglu_chosen(*args, weights, 1)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        cpu_gemv.swiglu_chosen(x, w1, w3, w2, weights.double(), 1)
+    with pytest.raises(ValueError, match="w1, w3 and w2 each"):
+        cpu_gemv.swiglu_chosen(x, w1, w3, w2[:1], weights, 1)
+    with torch.enable_grad():  # the kernels have no backward: training keeps the loop
+        assert not cpu_gemv.chosen_apply(x, [w1[0].requires_grad_(), w1[1]], w3, w2)

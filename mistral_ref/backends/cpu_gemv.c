@@ -835,44 +835,40 @@ int gemv_int4(const void *x, const uint8_t *q, const void *sz, int scales_bf16, 
     return gemv_int4_many(x, 1, &q, &sz, scales_bf16, &y, &out, io_bf16, rows, in, group, threads);
 }
 
-/* Mixture of experts, one token: y (k, out) row s = x_s @ W[index[s]].T for the stacked bf16 experts W
- * (E, out, in), x_s = row s of x (x_rows == k) or its only row (x_rows == 1).  One call for the k chosen
- * experts of a decode step (backends/moe.py: mix_one_token_gemv).  Returns -2 if an index is not in 0 .. E-1. */
-int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t n_experts, const int64_t *index,
-                      int64_t k, void *y, int io_bf16, int64_t out, int64_t in, int threads) {
-    for (int64_t s = 0; s < k; s++)
+/* Mixture of experts, one token: y (k, out) row s = x_s @ W_s.T for the k chosen experts' weights W_s (out, in),
+ * x_s = row s of x (x_rows == k) or its only row (x_rows == 1).  The static functions below take one pointer a
+ * slot (`chosen`): the entry points find them in a stack of E experts (E, out, in) from the chosen indices
+ * (backends/moe.py: stack_experts, compiled steps), or get them from Python, one tensor an expert (an eager step
+ * of a model whose experts are not stacked: swiglu_chosen). */
+
+/* slot s's weights in a stack: base + index[s] * bytes (one expert's); -2 if an index is not in 0 .. E-1 */
+static int chosen_of(const void *base, int64_t bytes, int64_t n_experts, const int64_t *index, int64_t k,
+                     const void **chosen) {
+    for (int64_t s = 0; s < k; s++) {
         if (index[s] < 0 || index[s] >= n_experts) return -2;
+        chosen[s] = base ? (const char *)base + index[s] * bytes : NULL;
+    }
+    return 0;
+}
+
+/* bf16 weights (w_f32 = 0) or fp32 ones with fp32 x and y (w_f32 = 1, io_bf16 = 0) */
+static int float_experts(const void *x, int64_t x_rows, const void *const *chosen, int w_f32, int64_t k, void *y,
+                         int io_bf16, int64_t out, int64_t in, int threads) {
     io_t io;
     if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
     float *ys = part_out(&io, y);
     for (int64_t s = 0; s < k; s++)
-        float_rows(io.x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, 0, ys + s * out, 1, out, in, threads);
+        float_rows(io.x + (x_rows == 1 ? 0 : s * in), chosen[s], w_f32, ys + s * out, 1, out, in, threads);
     end_part(&io, y, k * out);
     end_io(&io);
     return 0;
 }
 
-/* The same for stacked fp32 experts and fp32 x, y (the products of an fp32 model's MoE layer for one token). */
-static int f32_experts(const float *x, int64_t x_rows, const float *w, int64_t n_experts, const int64_t *index,
-                       int64_t k, float *y, int64_t out, int64_t in, int threads) {
-    for (int64_t s = 0; s < k; s++)
-        if (index[s] < 0 || index[s] >= n_experts) return -2;
-    for (int64_t s = 0; s < k; s++)
-        float_rows(x + (x_rows == 1 ? 0 : s * in), w + index[s] * out * in, 1, y + s * out, 1, out, in, threads);
-    return 0;
-}
-
-/* The same for quantized experts stacked as in backends/moe.py (stack_experts): codes q (E, out, in) int8
- * (group == 0) or (E, out, in / 2) int4 bytes, scales (E, out) or scales and zeros (E, in / group, out, 2).
- * One call for the k chosen experts of a decode step, x converted (and rounded to int16) once.  Returns -2 if an
- * index is not in 0 .. E-1. */
-int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const void *scales, int scales_bf16,
-                           int64_t n_experts, const int64_t *index, int64_t k, void *y, int io_bf16, int64_t out,
-                           int64_t in, int64_t group, int threads) {
-    for (int64_t s = 0; s < k; s++)
-        if (index[s] < 0 || index[s] >= n_experts) return -2;
-    const int64_t q_bytes = group ? out * (in / 2) : out * in;  /* one expert's codes */
-    const int64_t s_bytes = (group ? in / group * out * 2 : out) * (scales_bf16 ? 2 : 4);  /* and its scales */
+/* quantized weights: codes q (out, in) int8 (group == 0) or (out, in / 2) int4 bytes, scales (out,) or scales and
+ * zeros (in / group, out, 2); x converted (and rounded to int16) once for the k experts */
+static int quantized_experts(const void *x, int64_t x_rows, const void *const *q, const void *const *scales,
+                             int scales_bf16, int64_t k, void *y, int io_bf16, int64_t out, int64_t in,
+                             int64_t group, int threads) {
     io_t io;
     if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
     int integer = 0;
@@ -887,25 +883,55 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
     float *ys = part_out(&io, y);
     for (int64_t s = 0; s < k; s++) {
         const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
-        const uint8_t *qe = (const uint8_t *)q + index[s] * q_bytes;
-        const void *se = (const char *)scales + index[s] * s_bytes;
+        const uint8_t *qe = q[s];
         float *yr = ys + s * out;
 #if CPU_GEMV_AVX2
         if (integer && group == 0)
-            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, se, scales_bf16, yr, 1, out, in, threads);
+            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in,
+                            threads);
         else if (integer)
-            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, se, scales_bf16, yr, 1, out, in, group, threads);
+            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
+                            threads);
         else
 #endif
         if (group == 0)
-            int8_rows(io.x + r * in, (const int8_t *)qe, se, scales_bf16, yr, 1, out, in, threads);
+            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
         else
-            int4_rows(io.x + r * in, qe, se, scales_bf16, yr, 1, out, in, group, threads);
+            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
     }
     end_part(&io, y, k * out);
     if (integer) { free(x16); free(sx); }
     end_io(&io);
     return 0;
+}
+
+/* Stacked bf16 experts W (E, out, in): the products of one token's k chosen experts index[0 .. k) in one call
+ * (backends/moe.py: experts_gemv).  Returns -2 if an index is not in 0 .. E-1, -1 without memory. */
+int gemv_bf16_experts(const void *x, int64_t x_rows, const uint16_t *w, int64_t n_experts, const int64_t *index,
+                      int64_t k, void *y, int io_bf16, int64_t out, int64_t in, int threads) {
+    const void **chosen = malloc((size_t)(k ? k : 1) * sizeof *chosen);
+    if (!chosen) return -1;
+    int code = chosen_of(w, out * in * 2, n_experts, index, k, chosen);
+    if (!code) code = float_experts(x, x_rows, chosen, 0, k, y, io_bf16, out, in, threads);
+    free(chosen);
+    return code;
+}
+
+/* The same for quantized experts stacked as in backends/moe.py (stack_experts): codes (E, out, in) int8 (group ==
+ * 0) or (E, out, in / 2) int4 bytes, scales (E, out) or scales and zeros (E, in / group, out, 2). */
+int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const void *scales, int scales_bf16,
+                           int64_t n_experts, const int64_t *index, int64_t k, void *y, int io_bf16, int64_t out,
+                           int64_t in, int64_t group, int threads) {
+    const int64_t q_bytes = group ? out * (in / 2) : out * in;  /* one expert's codes */
+    const int64_t s_bytes = (group ? in / group * out * 2 : out) * (scales_bf16 ? 2 : 4);  /* and its scales */
+    const void **chosen = malloc((size_t)(k ? 2 * k : 1) * sizeof *chosen);
+    if (!chosen) return -1;
+    int code = chosen_of(q, q_bytes, n_experts, index, k, chosen);
+    if (!code) code = chosen_of(scales, s_bytes, n_experts, index, k, chosen + k);
+    if (!code) code = quantized_experts(x, x_rows, chosen, chosen + k, scales_bf16, k, y, io_bf16, out, in, group,
+                                        threads);
+    free(chosen);
+    return code;
 }
 
 /* ---- one token's mixture of experts, whole (backends/moe.py: mix_one_token_gemv, compiled steps) -------------- */
@@ -914,50 +940,41 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
 static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
 /* The chosen experts' products, SiLU and weighted sum:
- *     out (1, dim) = sum_s weights[s] * W2[e_s] (silu(W1[e_s] x) * W3[e_s] x),   e_s = index[s], s < k
- * W1, W3 (E, hidden, dim) and W2 (E, dim, hidden) stacked bf16 experts (kind 0: w1, w3, w2 the weights, s* NULL),
- * fp32 ones with fp32 x (kind 3, likewise) or quantized ones (kind 1 int8, 2 int4: codes and scales as
- * gemv_quantized_experts takes them).  Rounded as
- * the reference rounds a layer in x's dtype: the gate and up products, SiLU(gate), the hidden activations and
- * each expert's output; the k weighted outputs are summed in fp32 and rounded once (backends/moe.py).  Returns 0,
- * -1 without memory, -2 for an expert index out of range. */
-int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const void *s1, const void *w3,
-                   const void *s3, const void *w2, const void *s2, int scales_bf16, int64_t group, int64_t n_experts,
-                   const int64_t *index, const float *weights, int64_t k, int64_t hidden, int64_t dim, void *out,
-                   int threads) {
+ *     out (1, dim) = sum_s weights[s] * W2_s (silu(W1_s x) * W3_s x),   s < k
+ * w1[s], w3[s] (hidden, dim) and w2[s] (dim, hidden) slot s's weights: bf16 (kind 0: s1, s3, s2 unused), fp32
+ * with fp32 x (kind 3, likewise), or quantized (kind 1 int8, 2 int4: codes w and scales s as quantized_experts
+ * takes them).  Rounded as the reference rounds a layer in x's dtype: the gate and up products, SiLU(gate), the
+ * hidden activations and each expert's output; the k weighted outputs are summed in fp32 and rounded once
+ * (backends/moe.py).  Returns 0, or -1 without memory. */
+int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, const void *const *s1,
+                  const void *const *w3, const void *const *s3, const void *const *w2, const void *const *s2,
+                  int scales_bf16, int64_t group, const float *weights, int64_t k, int64_t hidden, int64_t dim,
+                  void *out, int threads) {
     const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);  /* x's dtype: activations, products */
-    char *buf = malloc((size_t)k * (3 * (size_t)hidden + (size_t)dim) * size);
+    char *buf = malloc((size_t)k * (3 * (size_t)hidden + (size_t)dim) * size + 1);
     if (!buf) return -1;
     char *gate = buf, *up = gate + k * hidden * size, *h = up + k * hidden * size, *y = h + k * hidden * size;
+    const int64_t g = kind == 2 ? group : 0;
     int code;
-    if (kind == 0) {
-        code = gemv_bf16_experts(x, 1, w1, n_experts, index, k, gate, 1, hidden, dim, threads);
-        if (!code) code = gemv_bf16_experts(x, 1, w3, n_experts, index, k, up, 1, hidden, dim, threads);
-    } else if (kind == 3) {
-        code = f32_experts(x, 1, w1, n_experts, index, k, (float *)gate, hidden, dim, threads);
-        if (!code) code = f32_experts(x, 1, w3, n_experts, index, k, (float *)up, hidden, dim, threads);
+    if (kind == 0 || kind == 3) {
+        code = float_experts(x, 1, w1, kind == 3, k, gate, io_bf16, hidden, dim, threads);
+        if (!code) code = float_experts(x, 1, w3, kind == 3, k, up, io_bf16, hidden, dim, threads);
     } else {
-        const int64_t g = kind == 2 ? group : 0;
-        code = gemv_quantized_experts(x, 1, w1, s1, scales_bf16, n_experts, index, k, gate, io_bf16, hidden, dim,
-                                      g, threads);
-        if (!code) code = gemv_quantized_experts(x, 1, w3, s3, scales_bf16, n_experts, index, k, up, io_bf16,
-                                                 hidden, dim, g, threads);
+        code = quantized_experts(x, 1, w1, s1, scales_bf16, k, gate, io_bf16, hidden, dim, g, threads);
+        if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);
     }
     if (code) { free(buf); return code; }
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < k * hidden; j++) {  /* h = silu(gate) * up, each rounded to x's dtype */
-        const float g = value_at(gate, j, io_bf16);
-        const float silu = in_dtype(g / (1.0f + expf(-g)), io_bf16);
+        const float gj = value_at(gate, j, io_bf16);
+        const float silu = in_dtype(gj / (1.0f + expf(-gj)), io_bf16);
         const float v = in_dtype(silu * value_at(up, j, io_bf16), io_bf16);
         if (io_bf16) ((uint16_t *)h)[j] = float_to_bf16(v); else ((float *)h)[j] = v;
     }
-    if (kind == 0)
-        code = gemv_bf16_experts(h, k, w2, n_experts, index, k, y, 1, dim, hidden, threads);
-    else if (kind == 3)
-        code = f32_experts((const float *)h, k, w2, n_experts, index, k, (float *)y, dim, hidden, threads);
+    if (kind == 0 || kind == 3)
+        code = float_experts(h, k, w2, kind == 3, k, y, io_bf16, dim, hidden, threads);
     else
-        code = gemv_quantized_experts(h, k, w2, s2, scales_bf16, n_experts, index, k, y, io_bf16, dim, hidden,
-                                      kind == 2 ? group : 0, threads);
+        code = quantized_experts(h, k, w2, s2, scales_bf16, k, y, io_bf16, dim, hidden, g, threads);
     if (!code)
         for (int64_t d = 0; d < dim; d++) {  /* sum_s weights[s] y[s, d]: each term in x's dtype, the sum in fp32 */
             float sum = 0.0f;
@@ -966,6 +983,32 @@ int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const v
             if (io_bf16) ((uint16_t *)out)[d] = float_to_bf16(sum); else ((float *)out)[d] = sum;
         }
     free(buf);
+    return code;
+}
+
+/* swiglu_chosen for stacked experts: W1, W3 (E, hidden, dim) and W2 (E, dim, hidden) (bf16 or fp32: kind 0 or 3,
+ * s* NULL; quantized: codes and scales stacked as gemv_quantized_experts takes them), slot s = expert index[s].
+ * Returns 0, -1 without memory, -2 for an expert index out of range. */
+int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const void *s1, const void *w3,
+                   const void *s3, const void *w2, const void *s2, int scales_bf16, int64_t group, int64_t n_experts,
+                   const int64_t *index, const float *weights, int64_t k, int64_t hidden, int64_t dim, void *out,
+                   int threads) {
+    const int64_t elem = kind == 3 ? 4 : 2;  /* bytes of a float weight */
+    const int64_t w1_bytes = kind == 1 ? hidden * dim : kind == 2 ? hidden * (dim / 2) : hidden * dim * elem;
+    const int64_t w2_bytes = kind == 1 ? dim * hidden : kind == 2 ? dim * (hidden / 2) : dim * hidden * elem;
+    const int64_t s1_bytes = (kind == 2 ? dim / (group ? group : 1) * hidden * 2 : hidden) * (scales_bf16 ? 2 : 4);
+    const int64_t s2_bytes = (kind == 2 ? hidden / (group ? group : 1) * dim * 2 : dim) * (scales_bf16 ? 2 : 4);
+    const void **p = malloc((size_t)(k ? 6 * k : 1) * sizeof *p);  /* w1, s1, w3, s3, w2, s2: k pointers each */
+    if (!p) return -1;
+    int code = chosen_of(w1, w1_bytes, n_experts, index, k, p);
+    if (!code) code = chosen_of(s1, s1_bytes, n_experts, index, k, p + k);
+    if (!code) code = chosen_of(w3, w1_bytes, n_experts, index, k, p + 2 * k);
+    if (!code) code = chosen_of(s3, s1_bytes, n_experts, index, k, p + 3 * k);
+    if (!code) code = chosen_of(w2, w2_bytes, n_experts, index, k, p + 4 * k);
+    if (!code) code = chosen_of(s2, s2_bytes, n_experts, index, k, p + 5 * k);
+    if (!code) code = swiglu_chosen(x, io_bf16, kind, p, p + k, p + 2 * k, p + 3 * k, p + 4 * k, p + 5 * k,
+                                    scales_bf16, group, weights, k, hidden, dim, out, threads);
+    free(p);
     return code;
 }
 

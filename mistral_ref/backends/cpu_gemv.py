@@ -71,6 +71,9 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     # E, index, weights, k, hidden, dim, out, threads); with the router first: (x, io_bf16, gate, gate_bf16, top_k,
     # kind, w1 ... s2, scales_bf16, group, E, hidden, dim, out, logits, threads)
     "swiglu_experts": [_P, _INT, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _INT],
+    # the same for the chosen experts' own tensors: (x, io_bf16, kind, w1[k], s1[k], w3[k], s3[k], w2[k], s2[k],
+    # scales_bf16, group, weights, k, hidden, dim, out, threads)
+    "swiglu_chosen": [_P, _INT, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _P, _I64, _I64, _I64, _P, _INT],
     # (x, io_bf16, gate, gate_bf16, E, dim, k, logits, index, weights): moe.route for one token
     "route_one_token": [_P, _INT, _P, _INT, _I64, _I64, _I64, _P, _P, _P],
     "moe_one_token": [_P, _INT, _P, _INT, _I64, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _P,
@@ -490,6 +493,98 @@ def swiglu_quantized_experts(x: torch.Tensor, q1: torch.Tensor, s1: torch.Tensor
                              weights: torch.Tensor, group_size: int, threads: int) -> torch.Tensor:
     """experts_swiglu for stacked quantized experts (codes and scales of w1, w3, w2, one scheme)."""
     return _swiglu(x, _scheme(q1), (q1, s1, q3, s3, q2, s2), group_size, index, weights, threads)
+
+
+def chosen_apply(x: torch.Tensor, w1: Sequence[torch.Tensor | QuantizedWeight],
+                 w3: Sequence[torch.Tensor | QuantizedWeight], w2: Sequence[torch.Tensor | QuantizedWeight]) -> bool:
+    """True if :func:`swiglu_chosen` takes one token x (1, dim) with its chosen experts' weights (one tensor or
+    QuantizedWeight an expert); whether the kernels are available is :func:`library`'s question."""
+    return not isinstance(_chosen(x, w1, w3, w2), str)
+
+
+def swiglu_chosen(x: torch.Tensor, w1: Sequence[torch.Tensor | QuantizedWeight],
+                  w3: Sequence[torch.Tensor | QuantizedWeight], w2: Sequence[torch.Tensor | QuantizedWeight],
+                  weights: torch.Tensor, threads: int, checked: tuple | None = None) -> torch.Tensor:
+    """:func:`experts_swiglu` for experts kept as separate weights (a model whose experts are not stacked, decoding
+    eagerly): sum_s weights[s] * w2[s](silu(w1[s] x) * w3[s] x) over the k chosen experts, whose w1[s], w3[s]
+    (hidden, dim) and w2[s] (dim, hidden) are bf16 or fp32 tensors like x or QuantizedWeights of one scheme and
+    group size with scales in x's dtype, in one C call (cpu_gemv.c: swiglu_chosen, the function experts_swiglu
+    runs on its stacks).  x: (1, dim), weights: (k,) fp32 -> (1, dim) in x's dtype, rounded as experts_swiglu
+    rounds.  checked: what :func:`chosen_or_none` found for these weights (not checked again)."""
+    lib, k = _checked_library(), len(w1)
+    if not (tuple(weights.shape) == (k,) and weights.dtype == torch.float32 and weights.is_cpu):
+        raise ValueError(f"swiglu_chosen: k fp32 weights for k experts, got {tuple(weights.shape)} {weights.dtype} "
+                         f"for {k}")
+    parts = checked or _chosen(x, w1, w3, w2)
+    if isinstance(parts, str):
+        raise ValueError(f"swiglu_chosen: {parts}")
+    which, group, scales_bf16, codes, scales = parts
+    x, weights, dim = x.contiguous(), weights.contiguous(), x.shape[1]
+    out = torch.empty(1, dim, dtype=x.dtype)
+    p = [_pointers(codes[i * k:(i + 1) * k]) for i in range(3)]
+    ps = [_pointers(scales[i * k:(i + 1) * k]) if scales else None for i in range(3)]
+    _done(lib.swiglu_chosen(x.data_ptr(), int(x.dtype == torch.bfloat16), which, p[0], ps[0], p[1], ps[1], p[2],
+                            ps[2], scales_bf16, group, weights.data_ptr(), k, w1[0].shape[0], dim, out.data_ptr(),
+                            threads), 1, dim)
+    return out
+
+
+def chosen_or_none(x: torch.Tensor, w1: Sequence[torch.Tensor | QuantizedWeight],
+                   w3: Sequence[torch.Tensor | QuantizedWeight], w2: Sequence[torch.Tensor | QuantizedWeight]
+                   ) -> tuple | None:
+    """What :func:`swiglu_chosen` needs of these weights (pass it as `checked`), or None where it does not take
+    them (:func:`chosen_apply`): one pass of checks for a decode step's MoE layer."""
+    parts = _chosen(x, w1, w3, w2)
+    return None if isinstance(parts, str) else parts
+
+
+def _chosen(x: torch.Tensor, w1: Sequence, w3: Sequence, w2: Sequence) -> tuple | str:
+    """(kind, group, scales_bf16, codes, scales) of the chosen experts' weights for swiglu_chosen (codes: the 3k
+    weight or code tensors, w1's then w3's then w2's; scales: theirs, quantized), or why it cannot take them.
+    A decode step asks at every MoE layer for 3k weights: attributes are read once, compared as plain values."""
+    k = len(w1)
+    if not (k and len(w3) == k and len(w2) == k):
+        return f"k weights of w1, w3 and w2 each, got {len(w1)} / {len(w3)} / {len(w2)}"
+    dtype, shape = x.dtype, x.shape
+    if not (len(shape) == 2 and shape[0] == 1 and dtype in _FLOATS and x.is_cpu):
+        return f"x must be one row (1, dim) of bf16 or fp32 on the CPU, got {tuple(shape)} {dtype} {x.device}"
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return "x requires grad (the kernels have no backward)"
+    dim, first = shape[1], w1[0]
+    quantized = isinstance(first, QuantizedWeight)
+    hidden = first.shape[0]
+    if hidden == 0:
+        return "experts of zero width (hidden 0)"
+    if quantized:
+        which, group = _scheme(first.qweight), first.group_size or 0
+    else:
+        which, group = (3 if dtype is torch.float32 else 0), 0
+    codes, scales = [], []
+    for ws, out, inp in ((w1, hidden, dim), (w3, hidden, dim), (w2, dim, hidden)):
+        for w in ws:
+            if quantized:
+                if not isinstance(w, QuantizedWeight) or (w.group_size or 0) != group:
+                    return f"experts of one kind and group size, got {first!r} and {w!r}"
+                q, sc = _tensors(w)
+                if not (_scheme(q) == which and sc.dtype is dtype and q.shape[0] == out and q.is_cpu and sc.is_cpu
+                        and q.is_contiguous() and sc.is_contiguous()
+                        and _fits_quantized(inp, q.dtype, q.shape, sc.shape, group)):
+                    return f"a quantized expert that does not fit ({out}, {inp}) with {dtype} scales: {w!r}"
+                codes.append(q)
+                scales.append(sc)
+                continue
+            if not isinstance(w, torch.Tensor):
+                return f"experts of one kind, got {first!r} and {w!r}"
+            ws_shape = w.shape
+            if not (w.dtype is dtype and len(ws_shape) == 2 and ws_shape[0] == out and ws_shape[1] == inp
+                    and w.is_cpu and w.is_contiguous()):
+                return (f"expert weights ({out}, {inp}) {dtype}, contiguous, on the CPU, got {tuple(ws_shape)} "
+                        f"{w.dtype}")
+            if grad and w.requires_grad:
+                return "an expert's weight requires grad (the kernels have no backward)"
+            codes.append(w)
+    return which, group, int(quantized and dtype is torch.bfloat16), codes, scales
 
 
 def _scheme(codes: torch.Tensor) -> int:

@@ -52,15 +52,21 @@ def mix_experts_grouped(
     rows and only experts that received tokens are visited; a single token (decode at batch 1) just runs its k
     experts.  Each token's outputs are summed in increasing expert order, as in the reference.  The per-expert
     counts become Python ints: one host synchronisation per call, free on a CPU.  A single token whose experts
-    the C kernels take (stacked, on a CPU: :func:`gemv_experts_apply`) is one call, :func:`mix_one_token_gemv`
-    (its k outputs summed in fp32, then rounded: the reference rounds after each expert).
+    the C kernels take is one call: :func:`mix_one_token_gemv` for stacked experts (:func:`gemv_experts_apply`),
+    cpu_gemv.swiglu_chosen for experts kept as separate weights (the k chosen ones' tensors); either sums the k
+    outputs in fp32, then rounds (the reference rounds after each expert).
     """
     top_k = experts.shape[1]
     if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
         return mix_one_token_gemv(x, weights, experts, w1, w2, w3, torch.get_num_threads())
     if x.shape[0] == 1:  # one token: gather its k experts, in increasing expert order like the reference
+        chosen = experts[0].tolist()
+        w1s, w3s, w2s = ([w[e] for e in chosen] for w in (w1, w3, w2))  # the k experts' weights each
+        checked = cpu_gemv.chosen_or_none(x, w1s, w3s, w2s) if cpu_gemv.library() is not None else None
+        if checked is not None:
+            return cpu_gemv.swiglu_chosen(x, w1s, w3s, w2s, weights[0].float(), torch.get_num_threads(), checked)
         out, w = torch.zeros_like(x), weights[0].to(x.dtype)  # (1, dim), (k,)
-        for slot, e in sorted(enumerate(experts[0].tolist()), key=lambda se: se[1]):
+        for slot, e in sorted(enumerate(chosen), key=lambda se: se[1]):
             out += swiglu(x, w1[e], w3[e], w2[e]) * w[slot]
         return out
     flat = experts.flatten()  # (N*k,) expert of assignment token*k + slot

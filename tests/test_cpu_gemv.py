@@ -810,3 +810,43 @@ def test_swiglu_chosen_refuses_what_it_cannot_read():
         cpu_gemv.swiglu_chosen(x, w1, w3, w2[:1], weights, 1)
     with torch.enable_grad():  # the kernels have no backward: training keeps the loop
         assert not cpu_gemv.chosen_apply(x, [w1[0].requires_grad_(), w1[1]], w3, w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1, 640), (3, 1, 100), (2, 5, 33), (7,)], ids=str)
+def test_rms_norm_is_the_reference_norm(build, dtype, shape):
+    """The C RMSNorm of a few rows against norm.rms_norm: fp32 within 1e-6 (the sum of squares in another
+    order), bf16 within one rounding and mostly bitwise (the same roundings: the normalised row, then the
+    weight's product), in every build; dims that are not multiples of 16; rows scaled by 1e4 and 1e-4."""
+    from mistral_ref.backends.pytorch import rms_norm as torch_backend_rms_norm
+    from mistral_ref.norm import rms_norm
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(dtype)
+    if x.ndim == 3:
+        x[0, 0] *= 1e4  # a row far from 1 in each direction
+        x[-1, -1] *= 1e-4
+    assert cpu_gemv.rms_norm_applies(x, weight)
+    got, expected = cpu_gemv.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        assert rel_err(got, expected) <= 1e-6
+    else:
+        assert rel_err(got, expected) <= BF16_RTOL and (got == expected).float().mean() >= 0.95
+    if build == "native":  # the "torch" backend sends a decode step's norm here
+        torch.testing.assert_close(torch_backend_rms_norm(x, weight, 1e-5), got, rtol=0, atol=0)
+
+
+def test_rms_norm_refuses_what_it_cannot_read():
+    """A prompt's rows, mixed dtypes, a weight of another width, autograd: rms_norm_applies says no (the "torch"
+    backend keeps F.rms_norm) and rms_norm raises."""
+    x, w = torch.randn(1, 1, 64), torch.randn(64)
+    cases = {"a prompt": (torch.randn(1, cpu_gemv.RMS_NORM_ROWS + 1, 64), w), "mixed dtypes": (x, w.bfloat16()),
+             "another width": (x, w[:32]), "fp16": (x.half(), w.half()), "empty dim": (x[..., :0], w[:0])}
+    for name, args in cases.items():
+        assert not cpu_gemv.rms_norm_applies(*args), name
+        with pytest.raises(ValueError, match="rms_norm"):
+            cpu_gemv.rms_norm(*args, 1e-5)
+    with torch.enable_grad():
+        assert not cpu_gemv.rms_norm_applies(x, w.requires_grad_())

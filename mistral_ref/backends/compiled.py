@@ -59,6 +59,7 @@ from mistral_ref.backends.moe import (
     moe_one_token,
     stack_all_experts,
 )
+from mistral_ref.backends.pytorch import rms_norm_torch
 from mistral_ref.backends.reference import rotate
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import KVCache, LayerCache
@@ -147,7 +148,7 @@ def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
     fixed = {"threads": threads, "cpu_kernels": cpu_kernels}
     linear = functools.partial(compiled_linear, **fixed)
     linear.many = functools.partial(compiled_linears, **fixed)  # type: ignore[attr-defined]  # Backend.linears
-    return Backend(name="torch-compiled", linear=linear, rms_norm=torch_ops.rms_norm, rope_table=rope_angles,
+    return Backend(name="torch-compiled", linear=linear, rms_norm=rms_norm_torch, rope_table=rope_angles,
                    rope=rotate, attention=functools.partial(compiled_attention, **fixed),
                    moe=functools.partial(compiled_moe, **fixed),
                    mix_experts=functools.partial(compiled_mix_experts, **fixed), update_cache=compiled_update_cache,

@@ -1057,6 +1057,37 @@ int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, i
                           top_k, hidden, dim, out, threads);
 }
 
+/* ---- RMSNorm of a few rows (an eager decode step: backends/pytorch.py, rms_norm) ------------------------------ */
+
+/* norm.rms_norm: out (rows, dim) = weight * round(x / sqrt(mean(x^2) + eps)), x, weight and out all bf16
+ * (io_bf16) or all fp32; the mean of squares in fp32 (16 partial sums, then added: another order than torch's,
+ * within fp32 rounding), the normalised row rounded to x's dtype before the weight multiplies, as the reference
+ * rounds. */
+int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        float acc[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= dim; i += 16)
+            for (int j = 0; j < 16; j++) {
+                const float v = value_at(x, r * dim + i + j, io_bf16);
+                acc[j] += v * v;
+            }
+        float sum = 0.0f;
+        for (int j = 0; j < 16; j++) sum += acc[j];
+        for (; i < dim; i++) {
+            const float v = value_at(x, r * dim + i, io_bf16);
+            sum += v * v;
+        }
+        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (int64_t d = 0; d < dim; d++) {
+            const float normed = in_dtype(value_at(x, r * dim + d, io_bf16) * scale, io_bf16);
+            const float y = value_at(weight, d, io_bf16) * normed;
+            if (io_bf16) ((uint16_t *)out)[r * dim + d] = float_to_bf16(y); else ((float *)out)[r * dim + d] = y;
+        }
+    }
+    return 0;
+}
+
 /* ---- attention of one query per row to a layer's KV cache (a decode step; backends/cpu_gemv.py: attend_one) --- */
 
 /* The math of one (row, head) of attend_one below, on its fp32 query qf (head_dim,): the scores of the n slots

@@ -78,6 +78,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "route_one_token": [_P, _INT, _P, _INT, _I64, _I64, _I64, _P, _P, _P],
     "moe_one_token": [_P, _INT, _P, _INT, _I64, _INT, _P, _P, _P, _P, _P, _P, _INT, _I64, _I64, _I64, _I64, _P, _P,
                       _INT],
+    # (x, weight, out, io_bf16, rows, dim, eps)
+    "rms_norm_rows": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float],
     # (q, k, v, k_pos, q_pos, window, out, io_bf16, batch, slots, heads, kv_heads, head_dim, threads)
     "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
 }
@@ -839,6 +841,34 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
                                      int(x.dtype == torch.bfloat16), out_features, x.shape[1], group, threads),
           k, x.shape[1])
     return y
+
+
+# ---- RMSNorm of a few rows (a decode step, eagerly) --------------------------------------------------------------
+
+RMS_NORM_ROWS = 32  # more rows (a prompt) stay with torch's vectorized F.rms_norm
+
+
+def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True if norm.rms_norm(x, weight, eps) is one :func:`rms_norm` takes: a few rows of x on a CPU, x and weight
+    (dim,) both bf16 or both fp32, no autograd."""
+    return (x.dtype in _FLOATS and weight.dtype is x.dtype and x.is_cpu and weight.is_cpu and weight.ndim == 1
+            and x.ndim >= 1 and weight.shape[0] == x.shape[-1] > 0 and x.numel() <= RMS_NORM_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """norm.rms_norm for a few rows (:func:`rms_norm_applies`) in one C call (cpu_gemv.c, rms_norm_rows): the
+    reference's roundings in x's dtype, its sums in another order (fp32: within 1e-6).  x: (..., dim) -> (..., dim)"""
+    lib = _checked_library()
+    if not rms_norm_applies(x, weight):
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
+                         f"are not a few rows of bf16 or fp32 with their (dim,) weight on the CPU")
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    lib.rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
+                      x.numel() // dim, dim, eps)
+    return out
 
 
 # ---- attention of one query per row (a decode step) -----------------------------------------------------------

@@ -3,7 +3,8 @@
 | op         | function                                   | equals (backend "reference")             |
 |------------|--------------------------------------------|------------------------------------------|
 | linear     | backends/linear.py: linear                 | F.linear                                 |
-| rms_norm   | F.rms_norm                                 | norm.rms_norm (bitwise)                  |
+| rms_norm   | rms_norm below: F.rms_norm (bitwise), and  | norm.rms_norm                            |
+|            | a few rows on a CPU: cpu_gemv.rms_norm     |                                          |
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
@@ -29,7 +30,15 @@ from mistral_ref.cache import LayerCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """norm.rms_norm in one call: F.rms_norm is the same fp32 formula.  x: (..., dim) -> (..., dim)"""
+    """norm.rms_norm: a few rows on a CPU (a decode step) in one C call (cpu_gemv.rms_norm) where the kernels are
+    available, else :func:`rms_norm_torch`.  x: (..., dim) -> (..., dim)"""
+    if cpu_gemv.rms_norm_applies(x, weight) and cpu_gemv.library() is not None:
+        return cpu_gemv.rms_norm(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """norm.rms_norm in one call: F.rms_norm is the same fp32 formula (bitwise).  x: (..., dim) -> (..., dim)"""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 

@@ -4,7 +4,7 @@
 |------------|--------------------------------------------|------------------------------------------|
 | linear     | backends/linear.py: linear                 | F.linear                                 |
 | rms_norm   | rms_norm below: F.rms_norm (bitwise), and  | norm.rms_norm                            |
-|            | a few rows on a CPU: cpu_gemv.rms_norm     |                                          |
+|            | a few bf16 rows (CPU): cpu_gemv.rms_norm   |                                          |
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
@@ -30,8 +30,8 @@ from mistral_ref.cache import LayerCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """norm.rms_norm: a few rows on a CPU (a decode step) in one C call (cpu_gemv.rms_norm) where the kernels are
-    available, else :func:`rms_norm_torch`.  x: (..., dim) -> (..., dim)"""
+    """norm.rms_norm: a few bf16 rows on a CPU (a decode step) in one C call (cpu_gemv.rms_norm) where the kernels
+    are available, else :func:`rms_norm_torch`.  x: (..., dim) -> (..., dim)"""
     if cpu_gemv.rms_norm_applies(x, weight) and cpu_gemv.library() is not None:
         return cpu_gemv.rms_norm(x, weight, eps)
     return rms_norm_torch(x, weight, eps)

@@ -133,13 +133,19 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+_NUMPY_ARGMAX = (torch.float32, torch.bfloat16, torch.float16)  # the logits argmax sends through numpy on a CPU
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1): (B, V) -> (B,) int64, the first index of each row's maximum (of its first NaN, if
-    any).  fp32 rows on a CPU go through numpy's argmax, the same answer (tests/test_sampling.py): PyTorch's CPU
-    argmax reduces one element at a time, numpy's is vectorized (README, "Speed on a CPU")."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2 and not logits.requires_grad:
-        return torch.from_numpy(logits.numpy().argmax(-1).astype(np.int64, copy=False))
+    any).  Rows on a CPU go through numpy's argmax, the same answer (tests/test_sampling.py): PyTorch's CPU argmax
+    reduces one element at a time, numpy's is vectorized (README, "Speed on a CPU"); bf16 and fp16 rows are
+    converted to fp32 first (exactly: every bf16 or fp16 value, NaN and infinities included, is an fp32 value)."""
+    if logits.device.type == "cpu" and logits.dtype in _NUMPY_ARGMAX and logits.dim() == 2 and not logits.requires_grad:
+        values = logits if logits.dtype == torch.float32 else logits.float()
+        return torch.from_numpy(values.numpy().argmax(-1).astype(np.int64, copy=False))
     return logits.argmax(dim=-1)
+
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,

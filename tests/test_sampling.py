@@ -44,14 +44,15 @@ def test_temperature_zero_is_argmax_and_ignores_top_p() -> None:
 
 def test_greedy_argmax_is_torch_argmax_exactly() -> None:
     """sampling.argmax (numpy's on a CPU) gives torch.argmax's indices: random rows, ties (the first maximum),
-    NaN (the first NaN), rows of -inf, +inf, a strided view, bf16 (torch's own), and int64 (B,) on the CPU."""
+    NaN (the first NaN), rows of -inf, +inf, a strided view, bf16 and fp16 (converted to fp32 first), fp64
+    (torch's own), and int64 (B,) on the CPU."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 32000, generator=g)
     x[1, [7, 99, 31000]] = 50.0  # a tie: the first
     x[2, [5, 400]] = float("nan")  # NaN wins, the first one
     x[3] = float("-inf")
     x[4, [3, 9]] = float("inf")
-    cases = [x, x[:, ::3], x[1:2], torch.zeros(2, 7), x.bfloat16()]
+    cases = [x, x[:, ::3], x[1:2], torch.zeros(2, 7), x.bfloat16(), x.bfloat16()[:, ::3], x.half(), x.double()]
     for logits in cases:
         got = argmax(logits)
         assert got.dtype == torch.int64 and torch.equal(got, logits.argmax(dim=-1)), logits.shape

@@ -61,7 +61,7 @@ import torch
 
 from mistral_ref.cache import KVCache, cache_nbytes
 from mistral_ref.generation import available_bytes, check_generation
-from mistral_ref.sampling import GenerationParamError, LogitsProcessor, Sampler, SamplingParams
+from mistral_ref.sampling import GenerationParamError, LogitsProcessor, Sampler, SamplingParams, argmax
 
 log = logging.getLogger("mistral_ref.scheduler")
 
@@ -481,7 +481,7 @@ class Scheduler:
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[Token | Exception]:
         """Each row's next token from its row of logits (n, V), with its own sampler (greedy rows at once); an
         Exception for a row whose sampler failed (a logits processor that allows no token)."""
-        ids = logits.argmax(dim=-1).tolist()  # the plain greedy rows' tokens
+        ids = argmax(logits).tolist()  # the plain greedy rows' tokens (numpy's vectorized argmax on a CPU)
         failed: dict[int, Exception] = {}
         for j, r in enumerate(rows):
             if not r.plain:

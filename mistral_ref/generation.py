@@ -216,15 +216,20 @@ def _steps(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, sa
     logits = prefill(model, cache, tokens, positions, chunk_size)  # (B, V)
 
     next_pos = torch.tensor(lens, device=device)  # (B,) position of the token fed at the next decode step
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    stop, stop_set = torch.tensor(stop_ids, dtype=torch.long, device=device), set(stop_ids)
     active = torch.ones(B, dtype=torch.bool, device=device)
+    # Every row still generating, known on the host: until a row stops, a step needs no masking.  (A step's small
+    # tensor operations run with the caches cold from the forward pass: each costs tens of microseconds.)
+    all_active, no_stop = True, torch.zeros(B, dtype=torch.bool, device=device)
     generated = torch.zeros(B, max_tokens, dtype=torch.long, device=device)  # (B, max_tokens)
     for step in range(max_tokens):
         ids = sampler(logits, generated[:, :step], active)  # (B,)
-        ids = ids.masked_fill(~active, 0)  # frozen rows feed a harmless id at position -1
+        if not all_active:
+            ids = ids.masked_fill(~active, 0)  # frozen rows feed a harmless id at position -1
         generated[:, step] = ids
         sampler.observe(ids, active)
-        stopped = active & torch.isin(ids, stop) if stop_ids else torch.zeros_like(active)
+        hit = bool(stop_set) and not stop_set.isdisjoint(ids.tolist())  # a stop token among the ids
+        stopped = active & torch.isin(ids, stop) if hit else no_stop
         lp = top_v = top_i = None
         if logprobs:
             logp = torch.log_softmax(logits, dim=-1)  # (B, V) raw model distribution
@@ -232,10 +237,13 @@ def _steps(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int, sa
             if top_logprobs:
                 top_v, top_i = logp.topk(top_logprobs, dim=-1)
         yield _Step(ids, active, stopped, lp, top_v, top_i)
-        active = active & ~stopped
-        if step == max_tokens - 1 or not bool(active.any()):
+        if step == max_tokens - 1:
             return
-        pos = torch.where(active, next_pos + step, -1)  # (B,)
+        if hit:
+            active, all_active = active & ~stopped, False
+            if not bool(active.any()):
+                return
+        pos = next_pos + step if all_active else torch.where(active, next_pos + step, -1)  # (B,)
         logits = model(ids[:, None], pos[:, None], cache)[:, -1]  # (B, V)
 
 

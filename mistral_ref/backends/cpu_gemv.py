@@ -863,12 +863,13 @@ def _rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False) -> torch.Tensor:
     """norm.rms_norm for a few rows of bf16 or fp32 (:func:`_rms_norm_fits`) in one C call (cpu_gemv.c,
     rms_norm_rows): the reference's roundings in x's dtype, its sums in another order (fp32: within 1e-6).
+    checked: the caller has just asked :func:`rms_norm_applies` (a decode step asks once, not twice).
     x: (..., dim) -> (..., dim)"""
     lib = _checked_library()
-    if not _rms_norm_fits(x, weight):
+    if not (checked or _rms_norm_fits(x, weight)):
         raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
                          f"are not a few rows of bf16 or fp32 with their (dim,) weight on the CPU")
     x, weight = x.contiguous(), weight.contiguous()

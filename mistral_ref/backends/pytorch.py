@@ -33,7 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """norm.rms_norm: a few bf16 rows on a CPU (a decode step) in one C call (cpu_gemv.rms_norm) where the kernels
     are available, else :func:`rms_norm_torch`.  x: (..., dim) -> (..., dim)"""
     if cpu_gemv.rms_norm_applies(x, weight) and cpu_gemv.library() is not None:
-        return cpu_gemv.rms_norm(x, weight, eps)
+        return cpu_gemv.rms_norm(x, weight, eps, checked=True)
     return rms_norm_torch(x, weight, eps)
 
 

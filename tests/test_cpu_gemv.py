@@ -548,6 +548,12 @@ ATTENTION_CASES = {  # (batch, slots, heads, kv_heads, head_dim, newest per row,
     "ragged-with-padding": (3, 32, 6, 2, 40, [10, -1, 31], None),  # 40: 32 + 8 (a short chunk of values)
     "head-dim-72-odd-count": (2, 48, 4, 1, 72, [6, 46], None),  # 7 and 47 keys: not a multiple of 4
     "head-dim-not-multiple-of-8": (1, 20, 4, 2, 20, [19], None),  # the plain loops in every build
+    # the AVX-512 build's grouped loops: 6 heads a key / value head (groups of 4 and 2), 291 keys (not a multiple of
+    # 16: the softmax's tail); one head a key / value head, head_dim 48 (no pair products: 48 % 32); 8 heads on one
+    # key / value head, head_dim 80 (a pass of 64 outputs, then 16) in a rolling buffer past its window
+    "long-gqa-6-heads-a-group": (1, 300, 12, 2, 64, [290], None),
+    "mha-head-dim-48": (2, 40, 3, 3, 48, [39, 17], None),
+    "head-dim-80-rolling-window": (1, 200, 8, 1, 80, [500], 100),
 }
 
 
@@ -567,6 +573,18 @@ def test_attend_one_equals_the_reference_attention(build, case, dtype):
         assert rel_err(got, exact) < 1e-6
     else:  # about as far from the exact result as the reference's own bf16 roundings take it
         assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attend_one_propagates_a_nan_it_sees_as_the_reference(build, dtype):
+    """A NaN in a key the query sees makes that query's heads NaN (the softmax of a NaN score), as in the
+    reference; the heads of the other key / value head and the other row stay finite."""
+    q, k, v, q_pos, k_pos = _attention_case(2, 40, 8, 2, 64, [35, 30], dtype)
+    k[0, 7, 1, 5] = float("nan")
+    got = cpu_gemv.attention(q, k, v, q_pos, k_pos, None, threads=2)
+    want = attention(q, k, v, q_pos, k_pos, None)
+    assert torch.equal(got.isnan(), want.isnan()) and got[0, 0, 4:].isnan().all() and not got[0, 0, :4].isnan().any()
+    assert rel_err(got[1], want[1]) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
 
 
 def test_attend_one_of_an_empty_batch_is_empty():

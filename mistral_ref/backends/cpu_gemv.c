@@ -1195,6 +1195,239 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
     return p >= 0 && p <= qp && (window < 0 || p > qp - window);
 }
 
+#if CPU_GEMV_AVX512
+/* ---- attention of one query per row, the AVX-512 loops (head_dim % 16 == 0) ----
+ * The query heads that share a key / value head (grouped-query attention: heads / kv_heads of them) are done
+ * together, up to GROUP at a time, so each key and value row of the cache is read and widened once for them;
+ * 16 lanes a register; the softmax (scale, bf16 roundings, maximum, exp, sum, division) 16 slots at a time;
+ * bf16 scores with AVX512-BF16's pair products where the CPU has them (exact products of bf16 values, summed in
+ * fp32).  The sums run in another order than the AVX2 loops' (both within fp32 rounding of the reference's). */
+#define GROUP 4
+#define AHEAD 8  /* rows of the cache asked for ahead of their use */
+
+static inline __m512 load_row16(const char *p, const int bf16) {
+    return bf16 ? load_bf16x16((const uint16_t *)p) : _mm512_loadu_ps((const float *)p);
+}
+
+/* in_dtype(v, 1) of 16 floats: round to nearest even bf16 (NaN -> 0x7fc0), as float_to_bf16, and widen */
+static inline __m512 round_bf16x16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(r);
+}
+
+/* e^x of 16 floats, x <= 0 or NaN (a score minus the largest): Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a
+ * degree-6 polynomial in r, then 2^n by scalef, which goes through the denormals to 0), within 2 ulp of expf */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);  /* (NaN stays NaN: vmaxps returns its second operand) */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* the four sums of a[0..4) (16 lanes each) */
+static inline __m128 sum4x16(const __m512 a[4]) {
+    return hsum4(_mm256_add_ps(_mm512_castps512_ps256(a[0]), upper8(a[0])),
+                 _mm256_add_ps(_mm512_castps512_ps256(a[1]), upper8(a[1])),
+                 _mm256_add_ps(_mm512_castps512_ps256(a[2]), upper8(a[2])),
+                 _mm256_add_ps(_mm512_castps512_ps256(a[3]), upper8(a[3])));
+}
+
+/* score[g * slots + j] = q_g . k[slot[j]] for the G <= GROUP heads g (q: G x d, fp32; or bf16 for qb) */
+static inline __attribute__((always_inline)) void group_scores(const float *q, const uint16_t *qb,
+                                                               const int64_t *slot, int64_t n, const char *k,
+                                                               int64_t stride, const int bf16, int64_t d,
+                                                               const int G, float *score, int64_t slots) {
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t j = 0; j < n; j++) {
+        const char *row = k + slot[j] * stride;
+        if (j + AHEAD < n)  /* the key AHEAD slots on: its row's lines */
+            for (int64_t b = 0; b < d * size; b += 64) PREFETCH(k + slot[j + AHEAD] * stride + b);
+        __m512 acc[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+        if (bf16 && d % 32 == 0) {  /* 32 bf16 pairs a register: exact products, fp32 sums */
+            for (int64_t i = 0; i < d; i += 32) {
+                const __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(row + i * 2));
+                for (int g = 0; g < G; g++)
+                    acc[g] = _mm512_dpbf16_ps(acc[g], kv, (__m512bh)_mm512_loadu_si512((const void *)(qb + g * d + i)));
+            }
+        } else
+#endif
+        {
+            for (int64_t i = 0; i < d; i += 16) {
+                const __m512 kv = load_row16(row + i * size, bf16);
+                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), kv, acc[g]);
+            }
+        }
+        float s[4];
+        _mm_storeu_ps(s, sum4x16(acc));
+        for (int g = 0; g < G; g++) score[g * slots + j] = s[g];
+    }
+}
+
+/* group_scores with G and BF16 constants */
+static void scores_of(const float *q, const uint16_t *qb, const int64_t *slot, int64_t n, const char *k,
+                      int64_t stride, int bf16, int64_t d, int G, float *score, int64_t slots) {
+#define SCORES(B, N) group_scores(q, qb, slot, n, k, stride, B, d, N, score, slots)
+    if (bf16) {
+        switch (G) { case 1: SCORES(1, 1); break; case 2: SCORES(1, 2); break; case 3: SCORES(1, 3); break;
+                     default: SCORES(1, 4); }
+    } else {
+        switch (G) { case 1: SCORES(0, 1); break; case 2: SCORES(0, 2); break; case 3: SCORES(0, 3); break;
+                     default: SCORES(0, 4); }
+    }
+#undef SCORES
+}
+
+/* the reference's softmax of one head's n scores, in place: x = score * scale (bf16: each rounded), then
+ * e^(x - max) / sum (bf16: rounded) */
+static void softmax16(float *p, int64_t n, float scale, const int bf16) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 x = _mm512_loadu_ps(p + j);
+        x = bf16 ? round_bf16x16(_mm512_mul_ps(round_bf16x16(x), sc)) : _mm512_mul_ps(x, sc);
+        _mm512_storeu_ps(p + j, x);
+        best = _mm512_max_ps(best, x);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    }
+    float top = _mm512_reduce_max_ps(best);
+    for (; j < n; j++) {
+        float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, 1) : p[j] * scale;
+        p[j] = x;
+        top = x > top ? x : top;
+        nan |= x != x;
+    }
+    if (nan) top = NAN;  /* a NaN score makes every probability NaN, as in the reference */
+    const __m512 m = _mm512_set1_ps(top);
+    __m512 total = _mm512_setzero_ps();
+    float tail = 0.0f;
+    for (j = 0; j + 16 <= n; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+        _mm512_storeu_ps(p + j, e);
+        total = _mm512_add_ps(total, e);
+    }
+    for (; j < n; j++) {
+        float e[16] = {0};
+        e[0] = p[j] - top;
+        _mm512_storeu_ps(e, exp16(_mm512_loadu_ps(e)));
+        tail += p[j] = e[0];
+    }
+    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total) + tail);
+    for (j = 0; j + 16 <= n; j += 16) {
+        const __m512 x = _mm512_div_ps(_mm512_loadu_ps(p + j), sum);
+        _mm512_storeu_ps(p + j, bf16 ? round_bf16x16(x) : x);
+    }
+    const float s = _mm512_cvtss_f32(sum);
+    for (; j < n; j++) p[j] = in_dtype(p[j] / s, bf16);
+}
+
+/* y[g * d + c .. + 16 M) = sum_j prob[g * slots + j] v[slot[j]][c .. + 16 M) for the G heads; M (1..4) and BF16 are
+ * constants after inlining */
+static inline __attribute__((always_inline)) void group_values(float *y, const float *prob, const int64_t *slot,
+                                                               int64_t n, const char *v, int64_t stride,
+                                                               const int bf16, int64_t d, const int G,
+                                                               int64_t slots, const int M) {
+    const int64_t size = bf16 ? 2 : 4;
+    __m512 acc[GROUP][4];
+    for (int g = 0; g < GROUP; g++)
+        for (int u = 0; u < M; u++) acc[g][u] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+        const char *row = v + slot[j] * stride;
+        if (j + AHEAD < n)
+            for (int u = 0; u < M; u++) PREFETCH(v + slot[j + AHEAD] * stride + 16 * u * size);
+        __m512 vv[4];
+        for (int u = 0; u < M; u++) vv[u] = load_row16(row + 16 * u * size, bf16);
+        for (int g = 0; g < G; g++) {
+            const __m512 p = _mm512_set1_ps(prob[g * slots + j]);
+            for (int u = 0; u < M; u++) acc[g][u] = _mm512_fmadd_ps(p, vv[u], acc[g][u]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int u = 0; u < M; u++) _mm512_storeu_ps(y + g * d + 16 * u, acc[g][u]);
+}
+
+static void group_values_all(float *y, const float *prob, const int64_t *slot, int64_t n, const char *v,
+                             int64_t stride, const int bf16, int64_t d, int G, int64_t slots) {
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t c = 0; c < d; c += 64) {  /* 64 outputs a pass over the rows, then what is left (16, 32, 48) */
+        const int M = d - c >= 64 ? 4 : (int)((d - c) / 16);
+        float *yc = y + c;
+        const char *vc = v + c * size;
+#define VALUES(B, N, MM) group_values(yc, prob, slot, n, vc, stride, B, d, N, slots, MM)
+#define VALUES_M(B, N) switch (M) { case 4: VALUES(B, N, 4); break; case 3: VALUES(B, N, 3); break; \
+                                    case 2: VALUES(B, N, 2); break; default: VALUES(B, N, 1); }
+#define VALUES_G(B) switch (G) { case 1: VALUES_M(B, 1) break; case 2: VALUES_M(B, 2) break; \
+                                 case 3: VALUES_M(B, 3) break; default: VALUES_M(B, 4) }
+        if (bf16) { VALUES_G(1) } else { VALUES_G(0) }
+#undef VALUES_G
+#undef VALUES_M
+#undef VALUES
+    }
+}
+
+/* attend_one's work after the slots each row sees are known (seen, count, blind): one task per (row, key / value
+ * head, chunk of its query heads), chunks of GROUP heads, or fewer where that gives each thread a task */
+static int attend_grouped(const void *q, const void *k, const void *v, const int64_t *seen, const int64_t *count,
+                          const char *blind, void *out, int io_bf16, int64_t batch, int64_t slots, int64_t heads,
+                          int64_t kv_heads, int64_t d, int threads) {
+    const int64_t size = io_bf16 ? 2 : 4, rep = heads / kv_heads, stride = kv_heads * d * size;
+    int64_t chunk = rep < GROUP ? rep : GROUP;
+    while (chunk > 1 && batch * kv_heads * ((rep + chunk - 1) / chunk) < threads) chunk = (chunk + 1) / 2;
+    const int64_t chunks = (rep + chunk - 1) / chunk, tasks = batch * kv_heads * chunks;
+    const float scale = (float)pow((double)d, -0.5);
+    const int64_t per_thread = GROUP * (slots + 3 * d);  /* probabilities, q in fp32, outputs, q in bf16 */
+    float *buf = malloc((size_t)(threads * per_thread) * sizeof(float));
+    if (!buf) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t b = t / (kv_heads * chunks), kh = t / chunks % kv_heads, h0 = kh * rep + t % chunks * chunk;
+        const int G = (int)(rep - t % chunks * chunk < chunk ? rep - t % chunks * chunk : chunk);
+        const int64_t *slot = seen + b * slots, n = count[b];
+#ifdef _OPENMP
+        float *prob = buf + omp_get_thread_num() * per_thread;
+#else
+        float *prob = buf;
+#endif
+        float *qf = prob + GROUP * slots, *y = qf + GROUP * d;
+        uint16_t *qb = (uint16_t *)(y + GROUP * d);
+        const int64_t first = (b * slots * kv_heads + kh) * d * size;  /* row b's slot 0, key / value head kh */
+        const int64_t qfirst = (b * heads + h0) * d;
+        for (int64_t i = 0; i < G * d; i++) qf[i] = value_at(q, qfirst + i, io_bf16);
+        if (io_bf16) memcpy(qb, (const uint16_t *)q + qfirst, (size_t)(G * d) * sizeof(uint16_t));
+        if (!blind[b]) {
+            scores_of(qf, qb, slot, n, (const char *)k + first, stride, io_bf16, d, G, prob, slots);
+            for (int g = 0; g < G; g++) softmax16(prob + g * slots, n, scale, io_bf16);
+        } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
+            for (int g = 0; g < G; g++)
+                for (int64_t j = 0; j < n; j++) prob[g * slots + j] = in_dtype(1.0f / (float)slots, io_bf16);
+        }
+        group_values_all(y, prob, slot, n, (const char *)v + first, stride, io_bf16, d, G, slots);
+        for (int64_t i = 0; i < G * d; i++) {
+            if (io_bf16) ((uint16_t *)out)[qfirst + i] = float_to_bf16(y[i]);
+            else ((float *)out)[qfirst + i] = y[i];
+        }
+    }
+    free(buf);
+    return 0;
+}
+#endif
+
 /* attention.attention for T = 1:
  *     out[b, h] = sum_s softmax_s(q[b, h] . k[b, s, h / rep] * head_dim^-0.5) v[b, s, h / rep],  rep = heads / kv_heads
  * over the slots s whose position k_pos[b, s] the query at q_pos[b] sees (attention_mask: 0 <= k_pos <= q_pos,
@@ -1227,6 +1460,17 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         if ((blind[b] = !count[b]))
             for (int64_t s = 0; s < slots; s++) seen[b * slots + count[b]++] = s;
     }
+#if CPU_GEMV_AVX512
+    if (head_dim % 16 == 0) {
+        free(buf);
+        int status = attend_grouped(q, k, v, seen, count, blind, out, io_bf16, batch, slots, heads, kv_heads,
+                                    head_dim, threads);
+        free(seen);
+        free(count);
+        free(blind);
+        return status;
+    }
+#endif
     const int64_t stride = kv_heads * head_dim * (int64_t)size;  /* bytes from one slot to the next */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {

@@ -75,7 +75,7 @@ bench: $(STAMP)
 	  || { touch $(VENV)/.llama-cpp-failed; \
 	       echo "llama.cpp peer skipped: llama-cpp-python could not be built (log: $(VENV)/llama-cpp-build.log)"; }; \
 	fi
-	$(BIN)/python benchmarks/bench.py --compile $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py --compile --long-context 2048 $(BENCH_ARGS)
 	$(BIN)/python benchmarks/bench_compile.py $(BENCH_COMPILE_ARGS)  # chat --compile: first token cold / warm
 	$(BIN)/python benchmarks/bench_operators.py --rounds 2  # the gemv operators in C++ vs Python, compiled step
 	$(BIN)/python benchmarks/bench_cpu_builds.py  # the C kernel builds (prefetch, AVX-512) side by side

@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--llamacpp-compile", default="full", choices=["none", "regional", "full"],
                    help="with --compile: the compile mode of mistral_ref's compiled rows against llama.cpp "
                         "(default full)")
+    p.add_argument("--long-context", type=int, metavar="TOKENS",
+                   help="also decode against llama.cpp after a prompt of TOKENS tokens (e.g. 2048), eager and, "
+                        "with --compile, compiled")
     p.add_argument("--no-load", action="store_true", help="skip the loading benchmark")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     opts = p.parse_args(argv)
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
                 mode = opts.llamacpp_compile if opts.compile and opts.llamacpp_compile != "none" else None
                 r = res["llama_cpp"] = llamacpp_results[name] = llamacpp.bench_model(
                     name, ggufs, dtypes, torch.get_num_threads(), runs, prompt_len, new, prefill_lens,
-                    opts.long_prefill_runs, compile_mode=mode)
+                    opts.long_prefill_runs, compile_mode=mode, long_context=opts.long_context)
                 fp32_tokens = r.get("fp32", {}).get("decode_b1", {}).get("tokens", {}).get("ours")
                 r.update(llamacpp.bench_quantized(name, ggufs, torch.get_num_threads(), runs, prompt_len, new,
                                                   fp32_tokens, compile_mode=mode))

@@ -308,13 +308,15 @@ def _print_compiled(name: str, label: str, d: dict, new: int) -> None:
 
 def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], threads: int, runs: int,
                 prompt_len: int, new: int, prefill_lens: list[int], long_runs: int,
-                compile_mode: str | None = None) -> dict:
+                compile_mode: str | None = None, long_context: int | None = None) -> dict:
     """Every fp32/bf16 row of one model against llama.cpp (the files from write_gguf), printing as it goes;
-    compile_mode: also decode with mistral_ref's compiled step ("regional" or "full")."""
+    compile_mode: also decode with mistral_ref's compiled step ("regional" or "full"); long_context: also decode
+    after a prompt of that many tokens (eager, and compiled with compile_mode), where attention over the cache
+    weighs beside the weights."""
     if isinstance(files, str):
         print(f"  llama.cpp {name}: skipped: {files}")
         return {"skipped": files}
-    n_ctx = max([*prefill_lens, prompt_len + new]) + 16
+    n_ctx = max([*prefill_lens, prompt_len + new, (long_context or 0) + new]) + 16
     out: dict = {}
     for dname in dtypes:
         if dname not in files:
@@ -329,6 +331,15 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
             if compile_mode:
                 d = entry["decode_b1_compiled"] = compare_compiled(ours, theirs, prompt_len, new, runs, compile_mode)
                 _print_compiled(name, dname, d, new)
+            if long_context:
+                label = f"{dname}, {long_context}-token prompt"
+                d = entry[f"decode_b1_ctx{long_context}"] = compare_decode(ours, theirs, long_context, new, runs)
+                print(f"  llama.cpp decode {name} {label} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, "
+                      f"ratio {fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}", flush=True)
+                if compile_mode:
+                    d = entry[f"decode_b1_ctx{long_context}_compiled"] = compare_compiled(
+                        ours, theirs, long_context, new, runs, compile_mode)
+                    _print_compiled(name, label, d, new)
             for i, T in enumerate(prefill_lens):
                 long = T > 1024 and i > 0
                 pf = entry[f"prefill_{T}"] = compare_prefill(ours, theirs, T, long_runs if long else runs,
@@ -392,6 +403,11 @@ def print_tables(results: dict[str, dict], new: int, prompt_len: int) -> None:
         decs = [(key, d.get("decode_b1", d if "qtype" in d else None))]
         if "decode_b1_compiled" in d:
             decs.append((f"{key} compiled", d["decode_b1_compiled"]))
+        for k in d:  # after a long prompt (--long-context)
+            if k.startswith("decode_b1_ctx"):
+                tokens = k.removeprefix("decode_b1_ctx").removesuffix("_compiled")
+                decs.append((f"{key}, {tokens}-token prompt{' compiled' if k.endswith('_compiled') else ''}",
+                             d[k]))
         for label, dec in decs:
             if dec is None:
                 continue

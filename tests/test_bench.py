@@ -188,3 +188,25 @@ def test_a_llamacpp_probe_that_crashes_runs_llamacpp_without_its_extra_buffer_ty
             "crash": "killed by SIGSEGV", "error": "exit status 1: llama_decode failed", "fine": None}[name]
     monkeypatch.setattr(peer, "_PROBE", "raise SystemExit(3)")
     assert peer.extra_bufts_fail(tmp_path / "crash.gguf", 2) == "killed by SIGSEGV"  # remembered, not run again
+
+
+def test_llamacpp_tables_label_the_long_context_rows(capsys):
+    """bench.py --long-context N: peer_llamacpp.bench_model's rows after an N-token prompt (eager and compiled) are
+    printed in the decode table, labelled with the prompt's length, beside the usual rows."""
+    peer = benchmark_module("peer_llamacpp")
+
+    def row(ours: float, theirs: float, **extra) -> dict:
+        s = {"median": ours, "min": ours, "max": ours}
+        t = {"median": theirs, "min": theirs, "max": theirs}
+        r = {"median": ours / theirs, "min": ours / theirs, "max": ours / theirs}
+        return {"ours": s, "llama_cpp": t, "ratio": r, "agreement": 8, **extra}
+
+    compiled = {"mode": "full", "compile_s": 12.0, "compile_what": "loaded"}
+    results = {"nemo": {"bf16": {"decode_b1": row(80.0, 100.0), "decode_b1_ctx2048": row(60.0, 50.0),
+                                 "decode_b1_ctx2048_compiled": row(75.0, 50.0, **compiled)}}}
+    peer.print_tables(results, 8, 128)
+    out = capsys.readouterr().out
+    assert "| nemo | bf16 | BF16 | 80.0 [80.0-80.0] | 100.0 [100.0-100.0] | 0.80 [0.80-0.80]x | 8/8 |" in out
+    assert "| nemo | bf16, 2048-token prompt | BF16 | 60.0 [60.0-60.0] | 50.0 [50.0-50.0] | 1.20 [1.20-1.20]x |" in out
+    assert ("| nemo | bf16, 2048-token prompt compiled (full, 12 s: loaded) | BF16 | 75.0 [75.0-75.0] | 50.0 "
+            "[50.0-50.0] | 1.50 [1.50-1.50]x |") in out

@@ -1195,54 +1195,118 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
     return p >= 0 && p <= qp && (window < 0 || p > qp - window);
 }
 
-#if CPU_GEMV_AVX512
-/* ---- attention of one query per row, the AVX-512 loops (head_dim % 16 == 0) ----
+#if CPU_GEMV_AVX2
+/* ---- attention of one query per row, grouped (head_dim a multiple of LANES) ----
  * The query heads that share a key / value head (grouped-query attention: heads / kv_heads of them) are done
  * together, up to GROUP at a time, so each key and value row of the cache is read and widened once for them;
- * 16 lanes a register; the softmax (scale, bf16 roundings, maximum, exp, sum, division) 16 slots at a time;
- * bf16 scores with AVX512-BF16's pair products where the CPU has them (exact products of bf16 values, summed in
- * fp32).  The sums run in another order than the AVX2 loops' (both within fp32 rounding of the reference's). */
+ * LANES floats a register (16 with AVX-512, else 8 with AVX2); the softmax (scale, bf16 roundings, maximum, exp,
+ * sum, division) LANES slots at a time; bf16 scores with AVX512-BF16's pair products where the CPU has them (exact
+ * products of bf16 values, summed in fp32).  The sums run in another order than the per-head loops above (both
+ * within fp32 rounding of the reference's).  The v_* functions are the few vector operations this needs, at the
+ * build's width. */
 #define GROUP 4
 #define AHEAD 8  /* rows of the cache asked for ahead of their use */
-
-static inline __m512 load_row16(const char *p, const int bf16) {
+#if CPU_GEMV_AVX512
+#define LANES 16
+#define VALUE_VECS 4  /* registers of outputs per head in a pass over the value rows (GROUP x them in use) */
+typedef __m512 vec;
+typedef __m512i ivec;
+static inline vec v_zero(void) { return _mm512_setzero_ps(); }
+static inline vec v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vec v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec v_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec v_div(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline int v_any_nan(vec v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
+static inline __m256 v_fold(vec v) { return _mm256_add_ps(_mm512_castps512_ps256(v), upper8(v)); }  /* 8 sums */
+static inline float v_sum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline float v_top(vec v) { return _mm512_reduce_max_ps(v); }
+static inline vec v_row(const char *p, const int bf16) {
     return bf16 ? load_bf16x16((const uint16_t *)p) : _mm512_loadu_ps((const float *)p);
 }
+static inline vec v_nan_to(vec r, vec v, ivec bits) {  /* r, with v's NaN lanes set to `bits` */
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(_mm512_castps_si512(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                                     bits));
+}
+static inline vec v_round_int(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec v_scale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* p 2^n, through the denormals */
+#define I_SET1 _mm512_set1_epi32
+#define I_AND _mm512_and_si512
+#define I_ADD _mm512_add_epi32
+#define I_SRLI _mm512_srli_epi32
+#define I_CAST _mm512_castps_si512
+#define F_CAST _mm512_castsi512_ps
+#else
+#define LANES 8
+#define VALUE_VECS 2  /* (16 registers: GROUP x 2 sums, the rows, the probability) */
+typedef __m256 vec;
+typedef __m256i ivec;
+static inline vec v_zero(void) { return _mm256_setzero_ps(); }
+static inline vec v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vec v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec v_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec v_div(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline int v_any_nan(vec v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+static inline __m256 v_fold(vec v) { return v; }
+static inline float v_sum(vec v) { return hsum(v); }
+static inline float v_top(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline vec v_row(const char *p, const int bf16) {
+    return bf16 ? load_bf16x8((const uint16_t *)p) : _mm256_loadu_ps((const float *)p);
+}
+static inline vec v_nan_to(vec r, vec v, ivec bits) {
+    return _mm256_blendv_ps(r, _mm256_castsi256_ps(bits), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+static inline vec v_round_int(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec v_scale2(vec p, vec n) {  /* p 2^n for n >= -126, else 0 (v_exp's smallest n is -127) */
+    const vec two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                             _mm256_set1_epi32(127)), 23));
+    return _mm256_and_ps(_mm256_mul_ps(p, two_n), _mm256_cmp_ps(n, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ));  /* NaN kept */
+}
+#define I_SET1 _mm256_set1_epi32
+#define I_AND _mm256_and_si256
+#define I_ADD _mm256_add_epi32
+#define I_SRLI _mm256_srli_epi32
+#define I_CAST _mm256_castps_si256
+#define F_CAST _mm256_castsi256_ps
+#endif
 
-/* in_dtype(v, 1) of 16 floats: round to nearest even bf16 (NaN -> 0x7fc0), as float_to_bf16, and widen */
-static inline __m512 round_bf16x16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u));
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-    return _mm512_castsi512_ps(r);
+/* in_dtype(v, 1) of LANES floats: round to nearest even bf16 (NaN -> 0x7fc0), as float_to_bf16, and widen */
+static inline vec v_round_bf16(vec v) {
+    const ivec bits = I_CAST(v);
+    const ivec odd = I_AND(I_SRLI(bits, 16), I_SET1(1));
+    const ivec r = I_AND(I_ADD(bits, I_ADD(I_SET1(0x7fff), odd)), I_SET1((int)0xffff0000u));
+    return v_nan_to(F_CAST(r), v, I_SET1(0x7fc00000));
 }
 
-/* e^x of 16 floats, x <= 0 or NaN (a score minus the largest): Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a
- * degree-6 polynomial in r, then 2^n by scalef, which goes through the denormals to 0), within 2 ulp of expf */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);  /* (NaN stays NaN: vmaxps returns its second operand) */
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-/* the four sums of a[0..4) (16 lanes each) */
-static inline __m128 sum4x16(const __m512 a[4]) {
-    return hsum4(_mm256_add_ps(_mm512_castps512_ps256(a[0]), upper8(a[0])),
-                 _mm256_add_ps(_mm512_castps512_ps256(a[1]), upper8(a[1])),
-                 _mm256_add_ps(_mm512_castps512_ps256(a[2]), upper8(a[2])),
-                 _mm256_add_ps(_mm512_castps512_ps256(a[3]), upper8(a[3])));
+/* e^x of LANES floats, x <= 0 or NaN (a score minus the largest): Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a
+ * degree-6 polynomial in r, then 2^n), within 2 ulp of expf; below e^-87 (where expf's results are denormal, at
+ * most 1e-38 of the largest term) the AVX2 width gives 0 */
+static inline vec v_exp(vec x) {
+    x = v_max(v_set1(LANES == 16 ? -110.0f : -88.0f), x);  /* (NaN stays NaN: max returns its second operand) */
+    const vec n = v_round_int(v_mul(x, v_set1(1.44269504088896341f)));
+    vec r = v_sub(x, v_mul(n, v_set1(0.693359375f)));
+    r = v_sub(r, v_mul(n, v_set1(-2.12194440e-4f)));
+    vec p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_scale2(p, n);
 }
 
 /* score[g * slots + j] = q_g . k[slot[j]] for the G <= GROUP heads g (q: G x d, fp32; or bf16 for qb) */
@@ -1255,9 +1319,9 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
         const char *row = k + slot[j] * stride;
         if (j + AHEAD < n)  /* the key AHEAD slots on: its row's lines */
             for (int64_t b = 0; b < d * size; b += 64) PREFETCH(k + slot[j + AHEAD] * stride + b);
-        __m512 acc[GROUP];
-        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
-#if defined(__AVX512BF16__)
+        vec acc[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = v_zero();
+#if CPU_GEMV_AVX512 && defined(__AVX512BF16__)
         if (bf16 && d % 32 == 0) {  /* 32 bf16 pairs a register: exact products, fp32 sums */
             for (int64_t i = 0; i < d; i += 32) {
                 const __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(row + i * 2));
@@ -1265,15 +1329,17 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
                     acc[g] = _mm512_dpbf16_ps(acc[g], kv, (__m512bh)_mm512_loadu_si512((const void *)(qb + g * d + i)));
             }
         } else
+#else
+        (void)qb;
 #endif
         {
-            for (int64_t i = 0; i < d; i += 16) {
-                const __m512 kv = load_row16(row + i * size, bf16);
-                for (int g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + i), kv, acc[g]);
+            for (int64_t i = 0; i < d; i += LANES) {
+                const vec kv = v_row(row + i * size, bf16);
+                for (int g = 0; g < G; g++) acc[g] = v_fma(v_load(q + g * d + i), kv, acc[g]);
             }
         }
         float s[4];
-        _mm_storeu_ps(s, sum4x16(acc));
+        _mm_storeu_ps(s, hsum4(v_fold(acc[0]), v_fold(acc[1]), v_fold(acc[2]), v_fold(acc[3])));
         for (int g = 0; g < G; g++) score[g * slots + j] = s[g];
     }
 }
@@ -1294,19 +1360,19 @@ static void scores_of(const float *q, const uint16_t *qb, const int64_t *slot, i
 
 /* the reference's softmax of one head's n scores, in place: x = score * scale (bf16: each rounded), then
  * e^(x - max) / sum (bf16: rounded) */
-static void softmax16(float *p, int64_t n, float scale, const int bf16) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    __m512 best = _mm512_set1_ps(-INFINITY);
-    __mmask16 nan = 0;
+static void softmax_row(float *p, int64_t n, float scale, const int bf16) {
+    const vec sc = v_set1(scale);
+    vec best = v_set1(-INFINITY);
+    int nan = 0;
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        __m512 x = _mm512_loadu_ps(p + j);
-        x = bf16 ? round_bf16x16(_mm512_mul_ps(round_bf16x16(x), sc)) : _mm512_mul_ps(x, sc);
-        _mm512_storeu_ps(p + j, x);
-        best = _mm512_max_ps(best, x);
-        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    for (; j + LANES <= n; j += LANES) {
+        vec x = v_load(p + j);
+        x = bf16 ? v_round_bf16(v_mul(v_round_bf16(x), sc)) : v_mul(x, sc);
+        v_store(p + j, x);
+        best = v_max(best, x);
+        nan |= v_any_nan(x);
     }
-    float top = _mm512_reduce_max_ps(best);
+    float top = v_top(best);
     for (; j < n; j++) {
         float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, 1) : p[j] * scale;
         p[j] = x;
@@ -1314,64 +1380,68 @@ static void softmax16(float *p, int64_t n, float scale, const int bf16) {
         nan |= x != x;
     }
     if (nan) top = NAN;  /* a NaN score makes every probability NaN, as in the reference */
-    const __m512 m = _mm512_set1_ps(top);
-    __m512 total = _mm512_setzero_ps();
+    const vec m = v_set1(top);
+    vec total = v_zero();
     float tail = 0.0f;
-    for (j = 0; j + 16 <= n; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
-        _mm512_storeu_ps(p + j, e);
-        total = _mm512_add_ps(total, e);
+    for (j = 0; j + LANES <= n; j += LANES) {
+        const vec e = v_exp(v_sub(v_load(p + j), m));
+        v_store(p + j, e);
+        total = v_add(total, e);
     }
-    for (; j < n; j++) {
-        float e[16] = {0};
+    for (; j < n; j++) {  /* the last n % LANES, one lane each */
+        float e[LANES] = {0};
         e[0] = p[j] - top;
-        _mm512_storeu_ps(e, exp16(_mm512_loadu_ps(e)));
+        v_store(e, v_exp(v_load(e)));
         tail += p[j] = e[0];
     }
-    const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(total) + tail);
-    for (j = 0; j + 16 <= n; j += 16) {
-        const __m512 x = _mm512_div_ps(_mm512_loadu_ps(p + j), sum);
-        _mm512_storeu_ps(p + j, bf16 ? round_bf16x16(x) : x);
+    const float s = v_sum(total) + tail;
+    const vec sum = v_set1(s);
+    for (j = 0; j + LANES <= n; j += LANES) {
+        const vec x = v_div(v_load(p + j), sum);
+        v_store(p + j, bf16 ? v_round_bf16(x) : x);
     }
-    const float s = _mm512_cvtss_f32(sum);
     for (; j < n; j++) p[j] = in_dtype(p[j] / s, bf16);
 }
 
-/* y[g * d + c .. + 16 M) = sum_j prob[g * slots + j] v[slot[j]][c .. + 16 M) for the G heads; M (1..4) and BF16 are
- * constants after inlining */
+/* y[g * d + c .. + LANES M) = sum_j prob[g * slots + j] v[slot[j]][c .. + LANES M) for the G heads; G, M (1 ..
+ * VALUE_VECS) and BF16 are constants after inlining */
 static inline __attribute__((always_inline)) void group_values(float *y, const float *prob, const int64_t *slot,
                                                                int64_t n, const char *v, int64_t stride,
                                                                const int bf16, int64_t d, const int G,
                                                                int64_t slots, const int M) {
     const int64_t size = bf16 ? 2 : 4;
-    __m512 acc[GROUP][4];
+    vec acc[GROUP][VALUE_VECS];
     for (int g = 0; g < GROUP; g++)
-        for (int u = 0; u < M; u++) acc[g][u] = _mm512_setzero_ps();
+        for (int u = 0; u < M; u++) acc[g][u] = v_zero();
     for (int64_t j = 0; j < n; j++) {
         const char *row = v + slot[j] * stride;
         if (j + AHEAD < n)
-            for (int u = 0; u < M; u++) PREFETCH(v + slot[j + AHEAD] * stride + 16 * u * size);
-        __m512 vv[4];
-        for (int u = 0; u < M; u++) vv[u] = load_row16(row + 16 * u * size, bf16);
+            for (int u = 0; u < M; u++) PREFETCH(v + slot[j + AHEAD] * stride + LANES * u * size);
+        vec vv[VALUE_VECS];
+        for (int u = 0; u < M; u++) vv[u] = v_row(row + LANES * u * size, bf16);
         for (int g = 0; g < G; g++) {
-            const __m512 p = _mm512_set1_ps(prob[g * slots + j]);
-            for (int u = 0; u < M; u++) acc[g][u] = _mm512_fmadd_ps(p, vv[u], acc[g][u]);
+            const vec p = v_set1(prob[g * slots + j]);
+            for (int u = 0; u < M; u++) acc[g][u] = v_fma(p, vv[u], acc[g][u]);
         }
     }
     for (int g = 0; g < G; g++)
-        for (int u = 0; u < M; u++) _mm512_storeu_ps(y + g * d + 16 * u, acc[g][u]);
+        for (int u = 0; u < M; u++) v_store(y + g * d + LANES * u, acc[g][u]);
 }
 
 static void group_values_all(float *y, const float *prob, const int64_t *slot, int64_t n, const char *v,
                              int64_t stride, const int bf16, int64_t d, int G, int64_t slots) {
     const int64_t size = bf16 ? 2 : 4;
-    for (int64_t c = 0; c < d; c += 64) {  /* 64 outputs a pass over the rows, then what is left (16, 32, 48) */
-        const int M = d - c >= 64 ? 4 : (int)((d - c) / 16);
+    for (int64_t c = 0; c < d; c += VALUE_VECS * LANES) {  /* VALUE_VECS registers of outputs a pass, then less */
+        const int M = d - c >= VALUE_VECS * LANES ? VALUE_VECS : (int)((d - c) / LANES);
         float *yc = y + c;
         const char *vc = v + c * size;
 #define VALUES(B, N, MM) group_values(yc, prob, slot, n, vc, stride, B, d, N, slots, MM)
+#if VALUE_VECS == 4
 #define VALUES_M(B, N) switch (M) { case 4: VALUES(B, N, 4); break; case 3: VALUES(B, N, 3); break; \
                                     case 2: VALUES(B, N, 2); break; default: VALUES(B, N, 1); }
+#else
+#define VALUES_M(B, N) switch (M) { case 2: VALUES(B, N, 2); break; default: VALUES(B, N, 1); }
+#endif
 #define VALUES_G(B) switch (G) { case 1: VALUES_M(B, 1) break; case 2: VALUES_M(B, 2) break; \
                                  case 3: VALUES_M(B, 3) break; default: VALUES_M(B, 4) }
         if (bf16) { VALUES_G(1) } else { VALUES_G(0) }
@@ -1412,7 +1482,7 @@ static int attend_grouped(const void *q, const void *k, const void *v, const int
         if (io_bf16) memcpy(qb, (const uint16_t *)q + qfirst, (size_t)(G * d) * sizeof(uint16_t));
         if (!blind[b]) {
             scores_of(qf, qb, slot, n, (const char *)k + first, stride, io_bf16, d, G, prob, slots);
-            for (int g = 0; g < G; g++) softmax16(prob + g * slots, n, scale, io_bf16);
+            for (int g = 0; g < G; g++) softmax_row(prob + g * slots, n, scale, io_bf16);
         } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
             for (int g = 0; g < G; g++)
                 for (int64_t j = 0; j < n; j++) prob[g * slots + j] = in_dtype(1.0f / (float)slots, io_bf16);
@@ -1460,8 +1530,8 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         if ((blind[b] = !count[b]))
             for (int64_t s = 0; s < slots; s++) seen[b * slots + count[b]++] = s;
     }
-#if CPU_GEMV_AVX512
-    if (head_dim % 16 == 0) {
+#if CPU_GEMV_AVX2
+    if (head_dim % LANES == 0) {
         free(buf);
         int status = attend_grouped(q, k, v, seen, count, blind, out, io_bf16, batch, slots, heads, kv_heads,
                                     head_dim, threads);

@@ -1209,18 +1209,9 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
 #if CPU_GEMV_AVX512
 #define LANES 16
 #define VALUE_VECS 4  /* registers of outputs per head in a pass over the value rows (GROUP x them in use) */
+#define VP(name) _mm512_##name##_ps  /* the float operation `name` of this width */
 typedef __m512 vec;
 typedef __m512i ivec;
-static inline vec v_zero(void) { return _mm512_setzero_ps(); }
-static inline vec v_set1(float x) { return _mm512_set1_ps(x); }
-static inline vec v_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void v_store(float *p, vec v) { _mm512_storeu_ps(p, v); }
-static inline vec v_fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
-static inline vec v_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
-static inline vec v_div(vec a, vec b) { return _mm512_div_ps(a, b); }
-static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline int v_any_nan(vec v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
 static inline __m256 v_fold(vec v) { return _mm256_add_ps(_mm512_castps512_ps256(v), upper8(v)); }  /* 8 sums */
 static inline float v_sum(vec v) { return _mm512_reduce_add_ps(v); }
@@ -1243,18 +1234,9 @@ static inline vec v_scale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* 
 #else
 #define LANES 8
 #define VALUE_VECS 2  /* (16 registers: GROUP x 2 sums, the rows, the probability) */
+#define VP(name) _mm256_##name##_ps
 typedef __m256 vec;
 typedef __m256i ivec;
-static inline vec v_zero(void) { return _mm256_setzero_ps(); }
-static inline vec v_set1(float x) { return _mm256_set1_ps(x); }
-static inline vec v_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void v_store(float *p, vec v) { _mm256_storeu_ps(p, v); }
-static inline vec v_fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline vec v_mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-static inline vec v_add(vec a, vec b) { return _mm256_add_ps(a, b); }
-static inline vec v_sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
-static inline vec v_div(vec a, vec b) { return _mm256_div_ps(a, b); }
-static inline vec v_max(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline int v_any_nan(vec v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
 static inline __m256 v_fold(vec v) { return v; }
 static inline float v_sum(vec v) { return hsum(v); }
@@ -1282,6 +1264,16 @@ static inline vec v_scale2(vec p, vec n) {  /* p 2^n for n >= -126, else 0 (v_ex
 #define I_CAST _mm256_castps_si256
 #define F_CAST _mm256_castsi256_ps
 #endif
+static inline vec v_zero(void) { return VP(setzero)(); }
+static inline vec v_set1(float x) { return VP(set1)(x); }
+static inline vec v_load(const float *p) { return VP(loadu)(p); }
+static inline void v_store(float *p, vec v) { VP(storeu)(p, v); }
+static inline vec v_fma(vec a, vec b, vec c) { return VP(fmadd)(a, b, c); }
+static inline vec v_mul(vec a, vec b) { return VP(mul)(a, b); }
+static inline vec v_add(vec a, vec b) { return VP(add)(a, b); }
+static inline vec v_sub(vec a, vec b) { return VP(sub)(a, b); }
+static inline vec v_div(vec a, vec b) { return VP(div)(a, b); }
+static inline vec v_max(vec a, vec b) { return VP(max)(a, b); }
 
 /* in_dtype(v, 1) of LANES floats: round to nearest even bf16 (NaN -> 0x7fc0), as float_to_bf16, and widen */
 static inline vec v_round_bf16(vec v) {

@@ -147,7 +147,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-
 def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row.  logits: (B, V) -> (B,) int64.  A greedy temperature (0, or below GREEDY_BELOW) is

@@ -1106,90 +1106,6 @@ static void weighted_values(float *out, const float *prob, const int64_t *slot, 
         for (int64_t i = 0; i < d; i++) out[i] += prob[j] * value_at(v + slot[j] * stride, i, bf16);
 }
 
-#if CPU_GEMV_AVX2
-/* The same with 8-float registers, for head_dim % 8 == 0: four keys at a time (their horizontal sums together),
- * and 32 output sums in registers while the value rows stream by.  BF16 and M (8-float registers of sums: 4,
- * or 1 for the last head_dim % 32) are constants after inlining. */
-static inline __attribute__((always_inline)) __m256 load_row8(const char *p, const int bf16) {
-    return bf16 ? load_bf16x8((const uint16_t *)p) : _mm256_loadu_ps((const float *)p);
-}
-
-static inline __attribute__((always_inline)) void scores8(const float *q, const int64_t *slot, int64_t n,
-                                                          const char *k, int64_t stride, const int bf16, int64_t d,
-                                                          float *score) {
-    const int64_t size = bf16 ? 2 : 4;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const char *k0 = k + slot[j] * stride, *k1 = k + slot[j + 1] * stride, *k2 = k + slot[j + 2] * stride,
-                   *k3 = k + slot[j + 3] * stride;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t i = 0; i < d; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(qv, load_row8(k0 + i * size, bf16), a0);
-            a1 = _mm256_fmadd_ps(qv, load_row8(k1 + i * size, bf16), a1);
-            a2 = _mm256_fmadd_ps(qv, load_row8(k2 + i * size, bf16), a2);
-            a3 = _mm256_fmadd_ps(qv, load_row8(k3 + i * size, bf16), a3);
-        }
-        _mm_storeu_ps(score + j, hsum4(a0, a1, a2, a3));
-    }
-    for (; j < n; j++) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t i = 0; i < d; i += 8)
-            a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_row8(k + slot[j] * stride + i * size, bf16), a);
-        score[j] = hsum(a);
-    }
-}
-
-static inline __attribute__((always_inline)) void values8(float *out, const float *prob, const int64_t *slot,
-                                                          int64_t n, const char *v, int64_t stride, const int bf16,
-                                                          const int m) {
-    const int64_t size = bf16 ? 2 : 4;
-    __m256 acc[4];
-    for (int u = 0; u < m; u++) acc[u] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-        const __m256 p = _mm256_set1_ps(prob[j]);
-        const char *row = v + slot[j] * stride;
-        for (int u = 0; u < m; u++) acc[u] = _mm256_fmadd_ps(p, load_row8(row + 8 * u * size, bf16), acc[u]);
-    }
-    for (int u = 0; u < m; u++) _mm256_storeu_ps(out + 8 * u, acc[u]);
-}
-
-static void weighted_values8(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v,
-                             int64_t stride, const int bf16, int64_t d) {
-    const int64_t size = bf16 ? 2 : 4;
-    int64_t c = 0;
-    for (; c + 32 <= d; c += 32)  /* 32 outputs a pass, then 8 */
-        if (bf16) values8(out + c, prob, slot, n, v + c * size, stride, 1, 4);
-        else values8(out + c, prob, slot, n, v + c * size, stride, 0, 4);
-    for (; c < d; c += 8)
-        if (bf16) values8(out + c, prob, slot, n, v + c * size, stride, 1, 1);
-        else values8(out + c, prob, slot, n, v + c * size, stride, 0, 1);
-}
-#endif
-
-/* scores of slot[0 .. n) into score: the AVX2 loops where head_dim allows, else dot_key */
-static void key_scores(const float *q, const int64_t *slot, int64_t n, const char *k, int64_t stride, int bf16,
-                       int64_t d, float *score) {
-#if CPU_GEMV_AVX2
-    if (d % 8 == 0) {
-        if (bf16) scores8(q, slot, n, k, stride, 1, d, score); else scores8(q, slot, n, k, stride, 0, d, score);
-        return;
-    }
-#endif
-    for (int64_t j = 0; j < n; j++) score[j] = dot_key(q, k + slot[j] * stride, bf16, d);
-}
-
-static void values(float *out, const float *prob, const int64_t *slot, int64_t n, const char *v, int64_t stride,
-                   int bf16, int64_t d) {
-#if CPU_GEMV_AVX2
-    if (d % 8 == 0) {
-        weighted_values8(out, prob, slot, n, v, stride, bf16, d);
-        return;
-    }
-#endif
-    weighted_values(out, prob, slot, n, v, stride, bf16, d);
-}
-
 /* attention_mask for one query at position qp: does it see the key at position p? (window < 0: no window) */
 static inline int sees(int64_t p, int64_t qp, int64_t window) {
     return p >= 0 && p <= qp && (window < 0 || p > qp - window);
@@ -1201,7 +1117,7 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
  * together, up to GROUP at a time, so each key and value row of the cache is read and widened once for them;
  * LANES floats a register (16 with AVX-512, else 8 with AVX2); the softmax (scale, bf16 roundings, maximum, exp,
  * sum, division) LANES slots at a time; bf16 scores with AVX512-BF16's pair products where the CPU has them (exact
- * products of bf16 values, summed in fp32).  The sums run in another order than the per-head loops above (both
+ * products of bf16 values, summed in fp32).  The sums run in another order than the plain loops above (both
  * within fp32 rounding of the reference's).  The v_* functions are the few vector operations this needs, at the
  * build's width. */
 #define GROUP 4
@@ -1498,8 +1414,9 @@ static int attend_grouped(const void *q, const void *k, const void *v, const int
  * kv_heads, head_dim), out (batch, heads, head_dim): all bf16 (io_bf16) or fp32; k_pos (batch, slots), q_pos
  * (batch,) int64.  Rounded where the reference rounds in bf16: the product q . k, the scaled score, the
  * probabilities and the output (sums in fp32, in another order than the reference's).  Slots the query does not
- * see are skipped, not multiplied by zero: a step costs what the filled part of the cache holds.  OpenMP splits
- * the (row, head) pairs over `threads`.  Returns 0, or -1 without memory. */
+ * see are skipped, not multiplied by zero: a step costs what the filled part of the cache holds.  The vector
+ * loops (attend_grouped) where head_dim is a multiple of their register, else the plain ones a (row, head) at a
+ * time; OpenMP over `threads`.  Returns 0, or -1 without memory. */
 int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos, const int64_t *q_pos,
                int64_t window, void *out, int io_bf16, int64_t batch, int64_t slots, int64_t heads, int64_t kv_heads,
                int64_t head_dim, int threads) {
@@ -1508,13 +1425,10 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     threads = threads < 1 ? 1 : threads;
     if (pairs == 0) return 0;  /* no query: nothing to compute (and no zero-size allocation) */
     const float scale = (float)pow((double)head_dim, -0.5);
-    /* per row: the slots its query sees (none: every slot, blind[b] = 1); per thread: the scores, then
-     * probabilities, of the (row, head) it is doing, its q and output in fp32 */
+    /* per row: the slots its query sees (none: every slot, blind[b] = 1) */
     int64_t *seen = malloc((size_t)(batch * slots) * sizeof(int64_t)), *count = malloc((size_t)batch * sizeof(int64_t));
     char *blind = malloc((size_t)batch);
-    const int64_t per_thread = slots + 2 * head_dim;
-    float *buf = malloc((size_t)(threads * per_thread) * sizeof(float));
-    if (!seen || !count || !blind || !buf) { free(seen); free(count); free(blind); free(buf); return -1; }
+    if (!seen || !count || !blind) { free(seen); free(count); free(blind); return -1; }
     for (int64_t b = 0; b < batch; b++) {
         count[b] = 0;
         for (int64_t s = 0; s < slots; s++)
@@ -1523,8 +1437,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
             for (int64_t s = 0; s < slots; s++) seen[b * slots + count[b]++] = s;
     }
 #if CPU_GEMV_AVX2
-    if (head_dim % LANES == 0) {
-        free(buf);
+    if (head_dim % LANES == 0) {  /* the vector loops */
         int status = attend_grouped(q, k, v, seen, count, blind, out, io_bf16, batch, slots, heads, kv_heads,
                                     head_dim, threads);
         free(seen);
@@ -1533,6 +1446,11 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         return status;
     }
 #endif
+    /* else plain loops, a (row, head) at a time; per thread: the scores, then probabilities, of the (row, head) it
+     * is doing, its q and output in fp32 */
+    const int64_t per_thread = slots + 2 * head_dim;
+    float *buf = malloc((size_t)(threads * per_thread) * sizeof(float));
+    if (!buf) { free(seen); free(count); free(blind); return -1; }
     const int64_t stride = kv_heads * head_dim * (int64_t)size;  /* bytes from one slot to the next */
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t bh = 0; bh < pairs; bh++) {
@@ -1546,7 +1464,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         const int64_t first = (b * slots * kv_heads + bh % heads / rep) * head_dim * (int64_t)size;
         for (int64_t i = 0; i < head_dim; i++) qf[i] = value_at(q, bh * head_dim + i, io_bf16);
         if (!blind[b]) {
-            key_scores(qf, slot, n, (const char *)k + first, stride, io_bf16, head_dim, prob);
+            for (int64_t j = 0; j < n; j++) prob[j] = dot_key(qf, (const char *)k + first + slot[j] * stride, io_bf16, head_dim);
             float best = -INFINITY, total = 0.0f;
             for (int64_t j = 0; j < n; j++) {
                 float x = io_bf16 ? in_dtype(in_dtype(prob[j], 1) * scale, 1) : prob[j] * scale;
@@ -1558,7 +1476,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
             for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(1.0f / (float)slots, io_bf16);
         }
-        values(y, prob, slot, n, (const char *)v + first, stride, io_bf16, head_dim);
+        weighted_values(y, prob, slot, n, (const char *)v + first, stride, io_bf16, head_dim);
         for (int64_t i = 0; i < head_dim; i++) {
             if (io_bf16) ((uint16_t *)out)[bh * head_dim + i] = float_to_bf16(y[i]);
             else ((float *)out)[bh * head_dim + i] = y[i];

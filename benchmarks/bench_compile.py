@@ -8,13 +8,15 @@ compile cache), and decode tokens/s eager vs regional compile vs full-graph comp
 For each model shape (bench.py's random-weight Mistral-shaped 125M and Mixtral-shaped 140M; the vocabulary is the
 tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the embedded model's, 3072) and dtype:
 
-* chat: a checkpoint is written to a temporary directory, and `mistral-ref chat CKPT --compile MODE` (regional,
-  full) is started in a fresh process with one user turn on stdin (a reply of 64 tokens); the time from starting
-  the process to the reply's first character on stdout (starting Python and loading included), and the time from
-  --compile to the compiled step running, as chat reports it (chat compiles in the background: the first tokens
-  decode eagerly).  "cold" uses an empty compile cache directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on
-  the same directory (median of --runs starts), which loads the saved steps; `chat` without --compile is the
-  baseline.
+* chat: a checkpoint is written to a temporary directory in the row's dtype (as Mistral's bf16 checkpoints are),
+  and `mistral-ref chat CKPT --compile MODE` (regional, full) is started in a fresh process with one user turn on
+  stdin (a reply of 64 tokens); the time from starting the process to the reply's first character on stdout
+  (starting Python and loading included), and the time from --compile to the compiled step running, as chat
+  reports it (chat compiles in the background: the first tokens decode eagerly).  "cold" uses an empty compile
+  cache directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on the same directory (median of --runs starts),
+  which loads the saved steps; `chat` without --compile is the baseline, and `python -c "import torch"`, started
+  beside each eager start, the floor under any start.  The starts write and reuse Python's bytecode, as Python
+  does by default (a PYTHONDONTWRITEBYTECODE in the environment is dropped for them).
 * decode tokens/s, greedy, --new tokens after a 128-token prompt, batch 1, in this process on one model: eager,
   regional compile (compile_decode(mode="regional"), the default) and full-graph compile (mode="full"), rounds
   alternating, each mode's compile time measured on its own first (cold: a fresh cache directory), then the time a
@@ -77,9 +79,9 @@ def tokenizer_file() -> Path:
     return EMBEDDED_MODEL_DIR / "tokenizer.model.v3"
 
 
-def write_checkpoint(args, directory: Path) -> None:
-    """A random-weight native checkpoint of `args` with a v3 tokenizer next to it."""
-    save_checkpoint(random_model(args), directory, format="native")
+def write_checkpoint(args, directory: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A random-weight native checkpoint of `args` in `dtype` with a v3 tokenizer next to it."""
+    save_checkpoint(random_model(args).to(dtype), directory, format="native")
     shutil.copy(tokenizer_file(), directory / "tokenizer.model.v3")
 
 
@@ -90,7 +92,7 @@ def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None, 
     cmd = [sys.executable, "-m", "mistral_ref", "chat", str(ckpt), "--temperature", "0", "--max-tokens", "64",
            "--dtype", str(DTYPES[dtype]).removeprefix("torch."), "--threads", str(threads)]
     cmd += ["--compile", mode] if compile_dir else []
-    env = dict(os.environ)
+    env = start_env()
     if compile_dir:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(compile_dir)
     t0 = time.perf_counter()
@@ -115,10 +117,29 @@ def first_token(ckpt: Path, dtype: str, threads: int, compile_dir: Path | None, 
             "ready_s": float(m[1]) if m else None, "how": m[2] if m else None}
 
 
+def start_env() -> dict:
+    """The environment of the timed starts: this one, except that Python writes and reuses bytecode as it does by
+    default (PYTHONDONTWRITEBYTECODE, set in some sandboxes, would compile mistral_ref's sources at every start)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def import_torch() -> float:
+    """Seconds from starting Python to `import torch` done: the floor under any start of mistral-ref."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, env=start_env())
+    return time.perf_counter() - t0
+
+
 def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> dict:
+    """Starts of `chat` (eager, then --compile regional and full: cold, then warm) on a checkpoint saved in the
+    run's dtype (as Mistral's are: bf16 weights load as views of the file), each eager start beside a start of
+    `python -c "import torch"` (the floor)."""
     ckpt = tmp / "ckpt"
-    write_checkpoint(args, ckpt)
-    out = {"eager": [first_token(ckpt, dname, threads, None) for _ in range(runs)]}
+    write_checkpoint(args, ckpt, DTYPES[dname])
+    out = {"eager": [], "import_torch": []}
+    for _ in range(runs):
+        out["import_torch"].append(import_torch())
+        out["eager"].append(first_token(ckpt, dname, threads, None))
     for mode in ("regional", "full"):
         cache_dir = tmp / f"compile-cache-{mode}"  # empty: the first compiled start is cold
         out[mode] = {"cold": first_token(ckpt, dname, threads, cache_dir, mode),
@@ -218,14 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
         return statistics.median(x[key] for x in xs)
 
     print("\n## `mistral-ref chat --compile [MODE]`: seconds from starting the process to the reply's first token")
-    print("(eager = chat without --compile; cold = empty compile cache, warm = the next starts; medians)")
-    print("| model | dtype | eager | regional cold | regional warm | full cold | full warm |")
-    print("|---|---|---|---|---|---|---|")
+    print("(eager = chat without --compile; cold = empty compile cache, warm = the next starts; medians; floor = "
+          "`python -c 'import torch'`, timed beside the eager starts)")
+    print("| model | dtype | floor | eager | regional cold | regional warm | full cold | full warm |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, dname, ft, _ in rows:
         if ft is None:  # quantized rows: decode only
             continue
         r, f = ft["regional"], ft["full"]
-        print(f"| {name} | {dname} | {med(ft['eager'], 'first_token_s'):.1f} | {r['cold']['first_token_s']:.1f} | "
+        print(f"| {name} | {dname} | {statistics.median(ft['import_torch']):.1f} | "
+              f"{med(ft['eager'], 'first_token_s'):.1f} | {r['cold']['first_token_s']:.1f} | "
               f"{med(r['warm'], 'first_token_s'):.1f} | {f['cold']['first_token_s']:.1f} | "
               f"{med(f['warm'], 'first_token_s'):.1f} |")
     print("\n## ... and seconds from --compile to the compiled step running (compiled in the background meanwhile, "

@@ -24,13 +24,16 @@ write it.  Where it cannot be built (no compiler, a build error) or is turned of
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -187,10 +190,12 @@ def _load_once() -> None:
 # ---- the operators' C++ kernels (cpu_gemv_ops.cpp) ----------------------------------------------------------
 
 OPS_SOURCE = Path(__file__).with_name("cpu_gemv_ops.cpp")
+BUILDER = Path(__file__).with_name("ops_builder.py")  # runs the compilers in a process of its own
 _ops_status: str | None = None  # None: not asked for yet; "C++", "building", "Python (why)"
 _ops_thread: threading.Thread | None = None
 _ops_lock = threading.Lock()
 _ops_built: Path | None = None  # the library, built and not loaded yet
+_ops_handed_off = threading.Event()  # the build runs in its own process (or needs none): exiting will not stop it
 
 
 def ops_library_path(compiler: str, cxx: str) -> Path:
@@ -204,7 +209,10 @@ def ops_library_path(compiler: str, cxx: str) -> Path:
 
 def build_ops() -> Path:
     """Compile cpu_gemv_ops.cpp with cpu_gemv.c against the running torch (unless built already; ~15 s on two
-    cores, at low priority) and return the library's path; CpuKernelError if it cannot."""
+    cores, at low priority) and return the library's path; CpuKernelError if it cannot.
+
+    The compilers run in a process of their own (ops_builder.py, a new session): if this process exits first (a
+    short chat), the build still completes and the next start loads it."""
     compiler, cxx = os.environ.get("CC") or "cc", os.environ.get("CXX") or "c++"
     for c in (compiler, cxx):
         if shutil.which(c) is None:
@@ -216,45 +224,29 @@ def build_ops() -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    import fcntl
-
-    with open(path.with_suffix(".lock"), "w") as lock:  # processes sharing the cache build it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
-            _build_ops(compiler, cxx, path)
-    return path
-
-
-def _build_ops(compiler: str, cxx: str, path: Path) -> None:
-    from torch.utils import cpp_extension
-
-    torch_lib = Path(torch.__file__).parent / "lib"
+    torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        obj, so = Path(tmp) / "cpu_gemv.o", Path(tmp) / "ops.so"
-        commands = [
-            [compiler, *[f for f in FLAGS if f not in ("-shared", "-lm")], "-c", str(SOURCE), "-o", str(obj)],
-            [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-             *[f"-I{p}" for p in cpp_extension.include_paths()], str(OPS_SOURCE), str(obj), "-o", str(so),
-             f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}", "-lm"],
-        ]
-        for command in commands:
-            # (not preexec_fn=os.nice: unsafe in a process with threads; the priority is lowered once started)
-            with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as compiling:
-                try:
-                    os.setpriority(os.PRIO_PROCESS, compiling.pid, 10)
-                except OSError:
-                    pass  # exited already, or not allowed: build at normal priority
-                try:
-                    output = compiling.communicate(timeout=600)[0]
-                except subprocess.TimeoutExpired as e:
-                    compiling.kill()
-                    raise CpuKernelError(f"building {OPS_SOURCE.name} took over 600 s") from e
-            if compiling.returncode != 0:
-                lines = output.strip().splitlines() or ["(no output)"]
-                raise CpuKernelError(f"building {OPS_SOURCE.name} failed ({command[0]}): {lines[-1]}")
-        os.chmod(so, 0o700)
-        os.replace(so, path)  # atomic, as in build()
+    spec = {"target": str(path), "lock": str(path.with_suffix(".lock")), "built": "ops.so", "commands": [
+        [compiler, *[f for f in FLAGS if f not in ("-shared", "-lm")], "-c", str(SOURCE), "-o", "{tmp}/cpu_gemv.o"],
+        [cxx, "-O2", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+         f"-I{torch_dir / 'include'}", str(OPS_SOURCE), "{tmp}/cpu_gemv.o", "-o", "{tmp}/ops.so",
+         f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lm"],
+    ]}
+    fd, spec_file = tempfile.mkstemp(suffix=".json", dir=path.parent)  # (the builder deletes it once read)
+    with os.fdopen(fd, "w") as f:
+        json.dump(spec, f)
+    try:
+        builder = subprocess.Popen([sys.executable, "-I", str(BUILDER), spec_file], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)  # not this process's signals, not its exit
+    except OSError as e:
+        os.unlink(spec_file)
+        raise CpuKernelError(f"cannot start {BUILDER.name}: {e}") from e
+    _ops_handed_off.set()
+    output = builder.communicate()[0]  # (one line, written when the build has failed)
+    if builder.returncode != 0 or not path.exists():
+        raise CpuKernelError(f"building {OPS_SOURCE.name} {output.strip() or f'exited with {builder.returncode}'}")
+    return path
 
 
 def operators(wait: bool = False) -> str:
@@ -289,6 +281,8 @@ def _start_ops() -> threading.Thread | None:
         if _ops_status is None and _ops_thread is None:
             _ops_thread = threading.Thread(target=_build_in_background, name="mistral-ref-cpu-ops", daemon=True)
             _ops_thread.start()
+            # a process exiting at once waits (milliseconds) until the builder has started, not for the build
+            atexit.register(_ops_handed_off.wait, 30)
         return _ops_thread
 
 
@@ -307,6 +301,8 @@ def _build_in_background() -> None:
     except (CpuKernelError, OSError) as e:
         _set_ops(f"Python ({e})")
         log.info("CPU decode operators stay in Python: %s", e)
+    finally:
+        _ops_handed_off.set()
 
 
 def status() -> str:

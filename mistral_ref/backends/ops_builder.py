@@ -1,0 +1,73 @@
+"""Build the operators' C++ library (cpu_gemv_ops.cpp) in a process of its own, which outlives the one that asked.
+
+cpu_gemv.build_ops starts this file as a script (``python -I ops_builder.py SPEC.json``; standard library only, so
+it starts in milliseconds) in a new session at low priority, and waits for it in a background thread.  A short
+`mistral-ref chat` or `generate` may exit long before the ~15 s build ends: the build still completes and the next
+start loads the library, instead of every short start beginning the build again and leaving a half-done compiler
+behind.
+
+SPEC.json: {"commands": [[argv...], ...] (run in order, in a temporary directory next to the target; "{tmp}" in
+an argument is that directory), "built": the file the last command writes (relative to {tmp}), "target": where
+it goes (atomically, by rename), "lock": a file locked while building (processes sharing the cache build once)}.
+The spec file is deleted once read.  Exit status 0 when the target exists; otherwise 1 and one line on stdout
+saying what failed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TIMEOUT_S = 600  # per command
+
+
+def build(spec: dict) -> str | None:
+    """Run spec's commands unless its target exists; None on success, else what failed (one line)."""
+    target = Path(spec["target"])
+    with open(spec["lock"], "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same target: wait for it, then done
+        if target.exists():
+            return None
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            for command in spec["commands"]:
+                argv = [arg.replace("{tmp}", tmp) for arg in command]
+                try:
+                    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          timeout=TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    return f"took over {TIMEOUT_S} s ({argv[0]})"
+                except OSError as e:
+                    return f"cannot run {argv[0]}: {e}"
+                if done.returncode != 0:
+                    lines = done.stdout.strip().splitlines() or ["(no output)"]
+                    return f"failed ({argv[0]}): {lines[-1]}"
+            built = Path(tmp) / spec["built"]
+            os.chmod(built, 0o700)
+            os.replace(built, target)  # atomic: a reader finds a whole file or none
+    return None
+
+
+def main(argv: list[str]) -> int:
+    try:
+        os.nice(10)  # a build beside decoding takes the cores' spare time
+    except OSError:
+        pass
+    spec_file = Path(argv[1])
+    spec = json.loads(spec_file.read_text())
+    spec_file.unlink()
+    error = build(spec)
+    if error:
+        try:
+            os.write(sys.stdout.fileno(), f"{error}\n".encode())
+        except OSError:
+            pass  # the process that asked has exited: only the target matters
+    return 1 if error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

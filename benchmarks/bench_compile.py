@@ -3,7 +3,7 @@ compile cache), and decode tokens/s eager vs regional compile vs full-graph comp
 
     .venv/bin/python benchmarks/bench_compile.py [--quick] [--models mistral-125m,mixtral-140m] [--dtypes fp32,bf16]
                                                  [--quantized int8,int4] [--threads N] [--runs 3] [--new 64]
-                                                 [--json out.json]
+                                                 [--skip-decode] [--json out.json]
 
 For each model shape (bench.py's random-weight Mistral-shaped 125M and Mixtral-shaped 140M; the vocabulary is the
 tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the embedded model's, 3072) and dtype:
@@ -15,7 +15,7 @@ tokenizer's: mistral-common's v3 SentencePiece model, 32768 tokens, else the emb
   reports it (chat compiles in the background: the first tokens decode eagerly).  "cold" uses an empty compile
   cache directory (TORCHINDUCTOR_CACHE_DIR), "warm" starts again on the same directory (median of --runs starts),
   which loads the saved steps; `chat` without --compile is the baseline, and `python -c "import torch"`, started
-  beside each eager start, the floor under any start.  The starts write and reuse Python's bytecode, as Python
+  before each start, the floor under any start.  The starts write and reuse Python's bytecode, as Python
   does by default (a PYTHONDONTWRITEBYTECODE in the environment is dropped for them).
 * decode tokens/s, greedy, --new tokens after a 128-token prompt, batch 1, in this process on one model: eager,
   regional compile (compile_decode(mode="regional"), the default) and full-graph compile (mode="full"), rounds
@@ -132,18 +132,21 @@ def import_torch() -> float:
 
 def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> dict:
     """Starts of `chat` (eager, then --compile regional and full: cold, then warm) on a checkpoint saved in the
-    run's dtype (as Mistral's are: bf16 weights load as views of the file), each eager start beside a start of
+    run's dtype (as Mistral's are: bf16 weights load as views of the file), each start after one of
     `python -c "import torch"` (the floor)."""
     ckpt = tmp / "ckpt"
     write_checkpoint(args, ckpt, DTYPES[dname])
-    out = {"eager": [], "import_torch": []}
-    for _ in range(runs):
-        out["import_torch"].append(import_torch())
-        out["eager"].append(first_token(ckpt, dname, threads, None))
+    floor = []
+
+    def start(compile_dir: Path | None = None, mode: str = "regional") -> dict:
+        floor.append(import_torch())
+        return first_token(ckpt, dname, threads, compile_dir, mode)
+
+    out = {"eager": [start() for _ in range(runs)]}
     for mode in ("regional", "full"):
         cache_dir = tmp / f"compile-cache-{mode}"  # empty: the first compiled start is cold
-        out[mode] = {"cold": first_token(ckpt, dname, threads, cache_dir, mode),
-                     "warm": [first_token(ckpt, dname, threads, cache_dir, mode) for _ in range(runs)]}
+        out[mode] = {"cold": start(cache_dir, mode), "warm": [start(cache_dir, mode) for _ in range(runs)]}
+    out["import_torch"] = floor
     shutil.rmtree(ckpt)
     return out
 
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quantized", default="int8,int4",
                    help="weight-only schemes whose decode modes are measured too, in bf16 (default int8,int4; "
                         "'' for none)")
+    p.add_argument("--skip-decode", action="store_true", help="only the chat starts (no decode tokens/s)")
     p.add_argument("--json", type=Path, help="also write every figure here")
     opts = p.parse_args(argv)
     threads = opts.threads or physical_cores()
@@ -219,14 +223,17 @@ def main(argv: list[str] | None = None) -> dict:
         for dname in dtypes:
             with tempfile.TemporaryDirectory() as tmp:
                 ft = bench_first_token(args, dname, threads, runs, Path(tmp))
-                dec = bench_decode_modes(args, DTYPES[dname], 128 if not opts.quick else 32, new, runs, Path(tmp))
+                dec = None if opts.skip_decode else bench_decode_modes(
+                    args, DTYPES[dname], 128 if not opts.quick else 32, new, runs, Path(tmp))
             result["models"].setdefault(name, {})[dname] = {"first_token": ft, "decode": dec}
             rows.append((name, dname, ft, dec))
+            decode = "" if dec is None else (f"; decode regional {fmt(dec['tok_s']['regional'])} full "
+                                             f"{fmt(dec['tok_s']['full'])} tok/s")
             print(f"  {name} {dname}: chat --compile first token {ft['regional']['cold']['first_token_s']:.1f} s "
-                  f"cold, compiled step ready {ft['regional']['cold']['ready_s']:.1f} s after --compile; decode "
-                  f"regional {fmt(dec['tok_s']['regional'])} full {fmt(dec['tok_s']['full'])} tok/s", flush=True)
+                  f"cold, compiled step ready {ft['regional']['cold']['ready_s']:.1f} s after --compile{decode}",
+                  flush=True)
 
-        for scheme in [] if opts.quick or not opts.quantized else opts.quantized.split(","):
+        for scheme in [] if opts.quick or opts.skip_decode or not opts.quantized else opts.quantized.split(","):
             with tempfile.TemporaryDirectory() as tmp:
                 dec = bench_decode_modes(args, torch.bfloat16, 128, new, runs, Path(tmp), quantize=scheme,
                                          modes=("regional",))  # (the full graph: minutes more per row)
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("\n## `mistral-ref chat --compile [MODE]`: seconds from starting the process to the reply's first token")
     print("(eager = chat without --compile; cold = empty compile cache, warm = the next starts; medians; floor = "
-          "`python -c 'import torch'`, timed beside the eager starts)")
+          "`python -c 'import torch'`, started before each start)")
     print("| model | dtype | floor | eager | regional cold | regional warm | full cold | full warm |")
     print("|---|---|---|---|---|---|---|---|")
     for name, dname, ft, _ in rows:
@@ -262,18 +269,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {dname} | {r['cold']['ready_s']:.1f} ({r['cold']['how']}) | {med(r['warm'], 'ready_s'):.1f} "
               f"({r['warm'][-1]['how']}) | {f['cold']['ready_s']:.1f} ({f['cold']['how']}) | "
               f"{med(f['warm'], 'ready_s'):.1f} ({f['warm'][-1]['how']}) |")
-    print(f"\n## Decode tokens/s, batch 1, greedy, {new} new tokens; compile = seconds to compile each mode (cold), "
-          "load = seconds for a new start to load it")
-    print("| model | dtype | eager | regional | full | compile regional / full | load regional / full | "
-          "greedy tokens identical |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, dname, _, dec in rows:
-        t, c, ld = dec["tok_s"], dec["compile"], dec["load"]
-        full = "full" in t  # (quantized rows: regional only)
-        c_full, ld_full = (f"{c['full']['seconds']:.1f}", f"{ld['full']['seconds']:.1f}") if full else ("-", "-")
-        print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | {fmt(t['full']) if full else '-'} | "
-              f"{c['regional']['seconds']:.1f} / {c_full} | {ld['regional']['seconds']:.1f} / {ld_full} | "
-              f"{dec['same_tokens']} |")
+    decoded = [row for row in rows if row[3] is not None]
+    if decoded:  # (not with --skip-decode)
+        print(f"\n## Decode tokens/s, batch 1, greedy, {new} new tokens; compile = seconds to compile each mode "
+              "(cold), load = seconds for a new start to load it")
+        print("| model | dtype | eager | regional | full | compile regional / full | load regional / full | "
+              "greedy tokens identical |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, dname, _, dec in decoded:
+            t, c, ld = dec["tok_s"], dec["compile"], dec["load"]
+            full = "full" in t  # (quantized rows: regional only)
+            c_full, ld_full = (f"{c['full']['seconds']:.1f}", f"{ld['full']['seconds']:.1f}") if full else ("-", "-")
+            print(f"| {name} | {dname} | {fmt(t['eager'])} | {fmt(t['regional'])} | "
+                  f"{fmt(t['full']) if full else '-'} | {c['regional']['seconds']:.1f} / {c_full} | "
+                  f"{ld['regional']['seconds']:.1f} / {ld_full} | {dec['same_tokens']} |")
     print(f"\nload average after: {load_average()}")
     if opts.json:
         opts.json.write_text(json.dumps(result, indent=1))

@@ -124,10 +124,16 @@ def start_env() -> dict:
 
 
 def import_torch() -> float:
-    """Seconds from starting Python to `import torch` done: the floor under any start of mistral-ref."""
+    """Seconds from starting Python to `import torch` done (a character on stdout, as first_token times it; not
+    the process's exit): the floor under any start of mistral-ref."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True, env=start_env())
-    return time.perf_counter() - t0
+    with subprocess.Popen([sys.executable, "-c", "import torch; print('x', flush=True)"], stdout=subprocess.PIPE,
+                          env=start_env()) as proc:
+        if proc.stdout.read(1) != b"x":
+            raise RuntimeError("python -c 'import torch' failed")
+        seconds = time.perf_counter() - t0
+        proc.stdout.read()
+    return seconds
 
 
 def bench_first_token(args, dname: str, threads: int, runs: int, tmp: Path) -> dict:

@@ -210,3 +210,26 @@ def test_llamacpp_tables_label_the_long_context_rows(capsys):
     assert "| nemo | bf16, 2048-token prompt | BF16 | 60.0 [60.0-60.0] | 50.0 [50.0-50.0] | 1.20 [1.20-1.20]x |" in out
     assert ("| nemo | bf16, 2048-token prompt compiled (full, 12 s: loaded) | BF16 | 75.0 [75.0-75.0] | 50.0 "
             "[50.0-50.0] | 1.50 [1.50-1.50]x |") in out
+
+
+@pytest.mark.slow
+def test_chat_start_is_timed_beside_its_floor(tmp_path, monkeypatch):
+    """bench_compile's start measurement on a tiny bf16 checkpoint: `chat` without --compile replies and its first
+    character is timed, the floor (`python -c "import torch"` to its first output) is timed too, and the starts run
+    without PYTHONDONTWRITEBYTECODE (bytecode kept, as a default Python does)."""
+    import dataclasses
+
+    import torch
+
+    from mistral_ref.checkpoint import load_model
+
+    bc = benchmark_module("bench_compile")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert "PYTHONDONTWRITEBYTECODE" not in bc.start_env() and bc.start_env()["PATH"]
+    vocab = bc.load_tokenizer(bc.tokenizer_file()).vocab_size
+    args = dataclasses.replace(bc.QUICK_MODELS["tiny-gqa"], vocab_size=vocab)
+    bc.write_checkpoint(args, tmp_path / "ckpt", torch.bfloat16)
+    assert {t.dtype for t in load_model(tmp_path / "ckpt").state_dict().values()} == {torch.bfloat16}
+    floor = bc.import_torch()
+    start = bc.first_token(tmp_path / "ckpt", "bf16", 1, None)
+    assert floor > 0 and 0 < start["first_token_s"] <= start["exit_s"] and start["reply_bytes"] > 0, (floor, start)

@@ -29,26 +29,41 @@ TIMEOUT_S = 600  # per command
 def build(spec: dict) -> str | None:
     """Run spec's commands unless its target exists; None on success, else what failed (one line)."""
     target = Path(spec["target"])
-    with open(spec["lock"], "w") as lock:
+    try:
+        lock = open(spec["lock"], "w")
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same target: wait for it, then done
+    except OSError as e:
+        return f"cannot lock {spec['lock']}: {e}"
+    with lock:
         if target.exists():
             return None
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            for command in spec["commands"]:
-                argv = [arg.replace("{tmp}", tmp) for arg in command]
-                try:
-                    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          timeout=TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    return f"took over {TIMEOUT_S} s ({argv[0]})"
-                except OSError as e:
-                    return f"cannot run {argv[0]}: {e}"
-                if done.returncode != 0:
-                    lines = done.stdout.strip().splitlines() or ["(no output)"]
-                    return f"failed ({argv[0]}): {lines[-1]}"
-            built = Path(tmp) / spec["built"]
-            os.chmod(built, 0o700)
-            os.replace(built, target)  # atomic: a reader finds a whole file or none
+        try:
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                error = run_commands(spec["commands"], tmp)
+                if error:
+                    return error
+                built = Path(tmp) / spec["built"]
+                os.chmod(built, 0o700)
+                os.replace(built, target)  # atomic: a reader finds a whole file or none
+        except OSError as e:  # (no room, no permission, a command that did not write `built`)
+            return f"cannot build in {target.parent}: {e}"
+    return None
+
+
+def run_commands(commands: list[list[str]], tmp: str) -> str | None:
+    """Each command in turn, "{tmp}" in its arguments replaced; None when all succeed, else the first failure."""
+    for command in commands:
+        argv = [arg.replace("{tmp}", tmp) for arg in command]
+        try:
+            done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"took over {TIMEOUT_S} s ({argv[0]})"
+        except OSError as e:
+            return f"cannot run {argv[0]}: {e}"
+        if done.returncode != 0:
+            lines = done.stdout.strip().splitlines() or ["(no output)"]
+            return f"failed ({argv[0]}): {lines[-1]}"
     return None
 
 

@@ -896,3 +896,26 @@ def test_rms_norm_refuses_what_it_cannot_read():
             cpu_gemv.rms_norm(*args, 1e-5)
     with torch.enable_grad():
         assert not cpu_gemv.rms_norm_applies(x, w.requires_grad_())
+
+
+def test_a_forked_child_exits_without_waiting_for_the_parents_builder(tmp_path):
+    """The wait at exit for the operators' builder to start is the starting process's: a child forked while the
+    build was being handed off (its thread not copied) exits at once instead of waiting for it."""
+    import subprocess
+    import sys
+
+    code = ("import os, time\n"
+            "from mistral_ref.backends import cpu_gemv\n"
+            "cpu_gemv._ops_handed_off.clear()\n"  # as if the build were being handed off right now
+            "cpu_gemv.atexit.register(cpu_gemv._wait_for_builder, os.getpid())\n"
+            "t = time.perf_counter()\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    raise SystemExit(0)\n"  # the child exits through the interpreter: atexit runs
+            "os.waitpid(pid, 0)\n"
+            "print(time.perf_counter() - t)\n"
+            "cpu_gemv._ops_handed_off.set()\n")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "MISTRAL_REF_CPU_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 10, done.stdout  # the parent's own wait would be 30 s

@@ -281,9 +281,15 @@ def _start_ops() -> threading.Thread | None:
         if _ops_status is None and _ops_thread is None:
             _ops_thread = threading.Thread(target=_build_in_background, name="mistral-ref-cpu-ops", daemon=True)
             _ops_thread.start()
-            # a process exiting at once waits (milliseconds) until the builder has started, not for the build
-            atexit.register(_ops_handed_off.wait, 30)
+            atexit.register(_wait_for_builder, os.getpid())
         return _ops_thread
+
+
+def _wait_for_builder(pid: int) -> None:
+    """At exit: a process exiting at once waits (milliseconds) until the builder has started, not for the build.
+    Not in a forked child (pid differs), where no thread of this process's build runs to say so."""
+    if os.getpid() == pid:
+        _ops_handed_off.wait(30)
 
 
 def _set_ops(value: str) -> None:

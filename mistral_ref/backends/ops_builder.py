@@ -31,10 +31,13 @@ def build(spec: dict) -> str | None:
     target = Path(spec["target"])
     try:
         lock = open(spec["lock"], "w")
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same target: wait for it, then done
     except OSError as e:
         return f"cannot lock {spec['lock']}: {e}"
     with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same target: wait for it, then done
+        except OSError as e:
+            return f"cannot lock {spec['lock']}: {e}"
         if target.exists():
             return None
         try:

@@ -18,7 +18,9 @@ Measured, alternating mistral_ref and transformers run by run (the order flips e
 * the memory-bandwidth floor of decode: bytes of weights and KV cache one token must read, over this machine's
   read bandwidth measured now (a large tensor sum), and how close the measured decode rate comes to it;
 * the compute ceiling of prefill: FLOPs per prompt token over the FLOP/s of the fastest of 9 runs of a 512-row
-  matrix product measured next to the row, and how close each library comes to it;
+  matrix product measured next to the row, and how close each library comes to it; and the bound on the prefill
+  ratio that the matrix products set: the seconds mistral_ref's prefill spends in them (profiled), against
+  transformers' seconds (both libraries call the same BLAS for them);
 * with --compile (as `make bench` runs it): batch-1 decode again after Transformer.compile_decode();
 * loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is;
 * llama.cpp (benchmarks/peer_llamacpp.py, where llama-cpp-python is installed; --no-llamacpp skips it): the same
@@ -230,6 +232,28 @@ def gemm_flops(args: ModelArgs, runs: int) -> list[float]:
     return max(best, key=max)
 
 
+# Matrix products as the profiler names them: weight products (F.linear, the experts' grouped products) and any
+# batched product outside SDPA's fused kernel.
+PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm"})
+
+
+def product_seconds(fn: Callable[[], object], runs: int = 3) -> float:
+    """Median over `runs` profiled calls of fn of the seconds spent inside matrix products (PRODUCT_OPS, self time).
+
+    For a prefill of mistral_ref this is the part of its time that the BLAS decides (oneDNN's GEMM, which
+    transformers calls for the same products): its time over this is the most a prefill of mistral_ref could gain
+    on transformers with every other operation free, the bound printed beside the prefill ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    out = []
+    for _ in range(runs):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        out.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6)
+    return statistics.median(out)
+
+
 # ---- timing ---------------------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
@@ -315,7 +339,9 @@ def bench_decode(ours: Transformer, hf, batch: int, prompt_len: int, new: int, r
 
 
 def bench_prefill(ours: Transformer, hf, T: int, runs: int, warmup: bool = True) -> dict:
-    """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only."""
+    """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only.  Then the
+    seconds of mistral_ref's prefill spent in matrix products (product_seconds) and the bound they put on the
+    ratio: transformers' median seconds over them."""
     tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
     positions = torch.arange(T)[None]
     last = torch.tensor([T - 1])
@@ -331,8 +357,12 @@ def bench_prefill(ours: Transformer, hf, T: int, runs: int, warmup: bool = True)
 
     t = alternate({"ours": ours_fn, "hf": hf_fn}, runs, warmup=warmup)
     rate = {k: [T / x for x in v] for k, v in t.items()}
+    products = product_seconds(ours_fn, 1 if T > 1024 else 3)
     return {"ours": summary(rate["ours"]), "transformers": summary(rate["hf"]),
-            "ratio": ratios(rate["ours"], rate["hf"]), "raw": rate}
+            "ratio": ratios(rate["ours"], rate["hf"]), "raw": rate,
+            "products_s": products, "ours_s": statistics.median(t["ours"]),
+            "transformers_s": statistics.median(t["hf"]),
+            "ratio_bound": statistics.median(t["hf"]) / products if products > 0 else float("inf")}
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -456,7 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
                     pf["gemm_GFLOPs"], pf["ceiling_tok_s"] = gemm / 1e9, gemm / prefill_flops(args, T)
                     prefill_rows.append((name, dname, T, pf))
                     print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
-                          f"tok/s, ratio {fmt(pf['ratio'], 2)}", flush=True)
+                          f"tok/s, ratio {fmt(pf['ratio'], 2)}; matrix products {1e3 * pf['products_s']:.0f} ms of "
+                          f"mistral_ref's {1e3 * pf['ours_s']:.0f}, bound {pf['ratio_bound']:.2f}x", flush=True)
                 del hf, ours
             if ggufs is not None:
                 mode = opts.llamacpp_compile if opts.compile and opts.llamacpp_compile != "none" else None
@@ -487,13 +518,17 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n## Prefill: tokens/s, one forward pass into a fresh cache")
     print("ceiling = FLOP/s of the fastest of 9 runs of a 512-row matrix product (fp32 or bf16, the faster), "
           "measured next to the row / FLOPs per prompt token; 'of ceiling' for mistral_ref, then transformers")
-    print("| model | dtype | tokens | mistral_ref | transformers | ratio | ceiling tok/s (GFLOP/s) | of ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("products = share of mistral_ref's prefill spent in matrix products (profiled, median of 3; one at 2048+); "
+          "bound = transformers' seconds / those products' seconds: the ratio with every other operation free")
+    print("| model | dtype | tokens | mistral_ref | transformers | ratio | ceiling tok/s (GFLOP/s) | of ceiling | "
+          "products | bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, dname, T, pf in prefill_rows:
         ceil = pf["ceiling_tok_s"]
         print(f"| {name} | {dname} | {T} | {fmt(pf['ours'], 0)} | {fmt(pf['transformers'], 0)} | "
               f"{fmt(pf['ratio'], 2)}x | {ceil:.0f} ({pf['gemm_GFLOPs']:.0f}) | "
-              f"{100 * pf['ours']['median'] / ceil:.0f}% / {100 * pf['transformers']['median'] / ceil:.0f}% |")
+              f"{100 * pf['ours']['median'] / ceil:.0f}% / {100 * pf['transformers']['median'] / ceil:.0f}% | "
+              f"{100 * pf['products_s'] / pf['ours_s']:.0f}% | {pf['ratio_bound']:.2f}x |")
     same = all(d["same_tokens"] for _, dname, _, d, _ in decode_rows if dname == "fp32")
     print(f"\nfp32 greedy tokens identical to transformers' in every decode run: {same}")
     if llamacpp_results:

@@ -51,7 +51,11 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert result["machine"]["read_bandwidth_GBs"]["median"] > 0
     prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
     assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
-    assert re.search(r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \|", text), text
+    row = r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \| \d+% \| [\d.]+x \|"
+    assert re.search(row, text), text
+    # the bound the matrix products put on the ratio: transformers' seconds over our seconds in products
+    assert 0 < prefill["products_s"] < prefill["ours_s"]
+    assert prefill["ratio_bound"] == pytest.approx(prefill["transformers_s"] / prefill["products_s"])
     # the Small-4-shaped row's path: latent attention + fine-grained experts against transformers' Mistral4, same run
     small4 = result["models"]["tiny-small4"]["fp32"]
     assert small4["parity"]["logits_rel_err"] < 1e-5 and small4["parity"]["greedy_tokens_equal"]
@@ -95,6 +99,18 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
     moe = ModelArgs(**{**dense.__dict__, "moe": MoeArgs(4, 2)})
     experts = 3 * 64 * 96
     assert prefill_flops(moe, 1) == prefill_flops(dense, 1) + 2 * 2 * (experts + 64 * 4)
+
+
+def test_product_seconds_count_the_matrix_products_and_nothing_else():
+    """The prefill ratio's bound: the profiled seconds in matrix products (mm, addmm, bmm), not in other work."""
+    import torch
+
+    product_seconds = benchmark_module("bench").product_seconds
+    a, b, x = torch.randn(256, 256), torch.randn(256, 256), torch.randn(1 << 20)
+    assert product_seconds(lambda: (x.exp(), x.sin())) == 0.0
+    with_products = product_seconds(lambda: (a @ b, torch.addmm(a, a, b), torch.bmm(a[None], b[None]), x.exp()))
+    assert with_products > 0
+    assert product_seconds(lambda: [a @ b for _ in range(8)]) > product_seconds(lambda: a @ b)
 
 
 def test_small4_row_counts_latent_cache_bytes_and_active_experts():

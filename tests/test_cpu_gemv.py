@@ -438,10 +438,67 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.fixture
+def restore_walk():
+    """The walk cpu_gemv chose for this machine, restored after the test (which may set the other)."""
+    before = cpu_gemv.library().cpu_gemv_walk()
+    yield
+    cpu_gemv.set_walk(bool(before))
+
+
+@pytest.mark.parametrize("path", ["ctypes", "operators"])
+@pytest.mark.parametrize("scheme,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), ("int8", torch.bfloat16),
+                                          ("int8", torch.float32), ("int4", torch.bfloat16)],
+                         ids=["bf16", "fp32", "int8-bf16", "int8-fp32", "int4-bf16"])
+def test_both_walks_give_the_same_bits(scheme, dtype, path, restore_walk, monkeypatch):
+    """One-row products walk their weight four rows at a time (prefetching) or one row at a time, whichever reads
+    faster here (cpu_gemv.choose_walk): the same bits either way, one product and several of one input, outputs not
+    a multiple of 4, inputs not a multiple of 32 or over one 1024-input int32 block; through the C kernels and
+    through the operators' own copy of them (set_walk sets both)."""
+    if path == "ctypes":
+        monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing walks)")  # calls go to cpu_gemv._lib
+    else:
+        assert cpu_gemv.operators(wait=True) == "C++"
+    inp = {"bf16": 1100, "fp32": 1100, "int8": 1100, "int4": 1152}[scheme]
+    weights = [_weight(out, inp, seed=out).to(dtype) for out in (64, 48 if scheme == "int4" else 45)]
+    if scheme not in ("bf16", "fp32"):
+        weights = [quantize_weight(w, scheme, 64) for w in weights]
+    x = torch.randn(1, inp, dtype=dtype)
+
+    def results() -> list[torch.Tensor]:
+        return [cpu_gemv.gemv(x, w, threads=2) for w in weights] + cpu_gemv.gemv_many(x, weights, threads=2)
+
+    cpu_gemv.set_walk(True)
+    assert cpu_gemv.walk() == "four rows at a time, prefetching"
+    four = results()
+    cpu_gemv.set_walk(False)
+    assert cpu_gemv.walk() == "one row at a time"
+    for a, b in zip(four, results(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_walk_is_timed_or_set_by_the_environment(restore_walk, monkeypatch):
+    """choose_walk times both walks (and leaves the library's walk as it was) unless MISTRAL_REF_CPU_WALK names
+    one; another value is an error that says what it expects."""
+    lib = cpu_gemv.library()
+    for before in (0, 1):
+        lib.cpu_gemv_set_walk(before)
+        assert cpu_gemv.choose_walk(lib, threads=2) in (0, 1)
+        assert lib.cpu_gemv_walk() == before
+    monkeypatch.setenv(cpu_gemv.WALK_SWITCH, "one")
+    assert cpu_gemv.choose_walk(lib) == 0
+    monkeypatch.setenv(cpu_gemv.WALK_SWITCH, "four")
+    assert cpu_gemv.choose_walk(lib) == 1
+    monkeypatch.setenv(cpu_gemv.WALK_SWITCH, "fast")
+    with pytest.raises(cpu_gemv.CpuKernelError, match="MISTRAL_REF_CPU_WALK='fast': expected 'four' or 'one'"):
+        cpu_gemv.choose_walk(lib)
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
-def test_prefetching_changes_no_result(scheme, monkeypatch):
+def test_prefetching_changes_no_result(scheme, monkeypatch, restore_walk):
     """The loops' prefetches of the next weight rows (past the last row too) change no bit of any product."""
     monkeypatch.setattr(cpu_gemv, "_ops_status", "Python (comparing builds)")  # calls go to cpu_gemv._lib
+    cpu_gemv.set_walk(True)  # the walk that prefetches
     w = _weight(96, 320).bfloat16()
     w = w if scheme == "bf16" else quantize_weight(w, scheme, 32)
     xs = [torch.randn(rows, 320).bfloat16() for rows in (1, 3)] + [torch.randn(1, 320)] * (scheme != "bf16")

@@ -60,10 +60,21 @@
  * at ~12 of the ~18 GB/s a plain sum reads on the AVX-512 Xeon (README "Speed on a CPU").  A prefetch changes no
  * arithmetic; -DCPU_GEMV_NO_PREFETCH builds without it, for comparison. */
 #if CPU_GEMV_AVX2 && !defined(CPU_GEMV_NO_PREFETCH)
-#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#define PREFETCH_ALWAYS(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #else
-#define PREFETCH(p) ((void)(p))
+#define PREFETCH_ALWAYS(p) ((void)(p))
 #endif
+
+/* How a product of one row of x (a decode step) walks its weight.  four_rows = 1: four weight rows at a time
+ * (x read once for the four) while asking for the four rows after them (PREFETCH): the faster walk on the AVX-512
+ * Xeon.  four_rows = 0: one row after the other, no prefetch instructions, the hardware prefetcher alone: on the
+ * Zen 4 EPYC, several streams a core and the prefetch instructions each halved the rate a core reads its weight
+ * (README "Speed on a CPU").  Both walks give the same results bitwise (the four-row loops are the one-row loops'
+ * arithmetic, in their order).  backends/cpu_gemv.py times both once and sets the faster (cpu_gemv_set_walk). */
+static int four_rows = 1;
+void cpu_gemv_set_walk(int four) { four_rows = four != 0; }
+int cpu_gemv_walk(void) { return four_rows; }
+#define PREFETCH(p) do { if (four_rows) PREFETCH_ALWAYS(p); } while (0)
 
 /* Which loops this build has: 3 = AVX-512 + AVX2 intrinsics, 2 = AVX2 intrinsics, 1 = portable. */
 int cpu_gemv_isa(void) { return CPU_GEMV_AVX512 ? 3 : CPU_GEMV_AVX2 ? 2 : 1; }
@@ -263,7 +274,7 @@ static void float_rows(const float *x, const void *w, int w_f32, float *y, int64
     const uint16_t *wb = w;
     const float *wf = w;
 #if CPU_GEMV_AVX512
-    if (rows == 1) {  /* four weight rows at a time; the last out % 4 below */
+    if (rows == 1 && four_rows) {  /* four weight rows at a time; the last out % 4 below */
         int64_t out4 = out / 4 * 4;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t o = 0; o < out4; o += 4)
@@ -418,7 +429,7 @@ static inline void dot4_int8_int16(const int16_t *x, const int8_t *w, float *y, 
 static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q, const void *scales,
                             int scales_bf16, float *y, int64_t rows, int64_t out, int64_t in, int threads) {
 #if CPU_GEMV_AVX512
-    if (rows == 1) {  /* four weight rows at a time; the last out % 4 below */
+    if (rows == 1 && four_rows) {  /* four weight rows at a time; the last out % 4 below */
         int64_t out4 = out / 4 * 4;
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t o = 0; o < out4; o += 4) {
@@ -1226,7 +1237,7 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
     for (int64_t j = 0; j < n; j++) {
         const char *row = k + slot[j] * stride;
         if (j + AHEAD < n)  /* the key AHEAD slots on: its row's lines */
-            for (int64_t b = 0; b < d * size; b += 64) PREFETCH(k + slot[j + AHEAD] * stride + b);
+            for (int64_t b = 0; b < d * size; b += 64) PREFETCH_ALWAYS(k + slot[j + AHEAD] * stride + b);
         vec acc[GROUP];
         for (int g = 0; g < GROUP; g++) acc[g] = v_zero();
 #if CPU_GEMV_AVX512 && defined(__AVX512BF16__)
@@ -1324,7 +1335,7 @@ static inline __attribute__((always_inline)) void group_values(float *y, const f
     for (int64_t j = 0; j < n; j++) {
         const char *row = v + slot[j] * stride;
         if (j + AHEAD < n)
-            for (int u = 0; u < M; u++) PREFETCH(v + slot[j + AHEAD] * stride + LANES * u * size);
+            for (int u = 0; u < M; u++) PREFETCH_ALWAYS(v + slot[j + AHEAD] * stride + LANES * u * size);
         vec vv[VALUE_VECS];
         for (int u = 0; u < M; u++) vv[u] = v_row(row + LANES * u * size, bf16);
         for (int g = 0; g < G; g++) {

@@ -53,6 +53,9 @@ ENV_SWITCH = "MISTRAL_REF_CPU_KERNELS"  # "0": never build or use the kernels
 OPS_SWITCH = "MISTRAL_REF_CPU_OPS"  # "0": the operators stay in Python (no C++ build)
 #: What cpu_gemv_isa() returns, by name.
 ISA_NAMES = {1: "portable", 2: "AVX2", 3: "AVX-512 + AVX2"}
+WALK_SWITCH = "MISTRAL_REF_CPU_WALK"  # "four" / "one": how one-row products walk their weight, instead of timing it
+#: cpu_gemv_walk(), by name (cpu_gemv.c, four_rows): the same results bitwise, read at different rates per CPU.
+WALKS = {1: "four rows at a time, prefetching", 0: "one row at a time"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
@@ -154,7 +157,57 @@ def load(path: Path) -> ctypes.CDLL:
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = ctypes.c_int
+    lib.cpu_gemv_set_walk.argtypes, lib.cpu_gemv_set_walk.restype = [_INT], None
+    lib.cpu_gemv_walk.argtypes, lib.cpu_gemv_walk.restype = [], _INT
     return lib
+
+
+def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
+    """How one-row products walk their weight on this machine (cpu_gemv.c, four_rows): WALK_SWITCH if set, else
+    timed once: 48 MB of bf16 weights (beyond the caches), 5 alternating passes each walk with `threads` threads
+    (default torch.get_num_threads(); ~30-60 ms), the faster median kept.  Both give the same results bitwise: on
+    the AVX-512 Xeon four rows at a time with prefetching read faster, on the Zen 4 EPYC one row at a time did
+    (README, "Speed on a CPU").  Returns 1 (four rows) or 0 (one row); the caller sets it (cpu_gemv_set_walk)."""
+    forced = os.environ.get(WALK_SWITCH)
+    if forced is not None:
+        if forced not in ("four", "one"):
+            raise CpuKernelError(f"{WALK_SWITCH}={forced!r}: expected 'four' or 'one'")
+        return int(forced == "four")
+    import time
+
+    threads = torch.get_num_threads() if threads is None else threads
+    rows, cols = 2048, 2048
+    weights = [torch.ones(rows, cols, dtype=torch.bfloat16) for _ in range(6)]  # written: real pages, 8 MB each
+    x, y = torch.ones(1, cols), torch.empty(1, rows)
+    times: dict[int, list[float]] = {1: [], 0: []}
+    previous = lib.cpu_gemv_walk()
+    try:
+        for r in range(6):
+            for walk in (1, 0) if r % 2 == 0 else (0, 1):
+                lib.cpu_gemv_set_walk(walk)
+                t0 = time.perf_counter()
+                for w in weights:
+                    lib.gemv_float(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 0, 1, rows, cols, threads)
+                if r > 0:  # the first round warms up
+                    times[walk].append(time.perf_counter() - t0)
+    finally:
+        lib.cpu_gemv_set_walk(previous)
+    return int(sorted(times[1])[2] <= sorted(times[0])[2])
+
+
+def walk() -> str:
+    """How the kernels' one-row products walk their weights (WALKS), or "off (why)" without the kernels."""
+    lib = library()
+    return WALKS[lib.cpu_gemv_walk()] if lib is not None else status()
+
+
+def set_walk(four_rows: bool) -> None:
+    """Make one-row products walk their weights four rows at a time (True) or one (False), in the C kernels and in
+    the operators' library if loaded (its own copy of cpu_gemv.c); the results are the same bitwise."""
+    lib = _checked_library()
+    lib.cpu_gemv_set_walk(int(four_rows))
+    if _ops_status == "C++" and _ops_built is not None:
+        ctypes.CDLL(str(_ops_built)).cpu_gemv_set_walk(ctypes.c_int(int(four_rows)))
 
 
 def library() -> ctypes.CDLL | None:
@@ -176,7 +229,9 @@ def _load_once() -> None:
             _status = "off (not built on Windows)"
         else:
             try:
-                _lib = load(build())
+                lib = load(build())
+                lib.cpu_gemv_set_walk(choose_walk(lib))
+                _lib = lib
                 _status = f"on ({ISA_NAMES[_lib.cpu_gemv_isa()]} loops, {SOURCE.name})"
                 if os.environ.get(OPS_SWITCH, "1") != "0":  # the operators' C++ kernels, built in the background
                     _start_ops()
@@ -269,6 +324,8 @@ def operators(wait: bool = False) -> str:
             if _ops_status is None:
                 try:
                     torch.ops.load_library(str(_ops_built))
+                    # its own copy of cpu_gemv.c: the walk chosen for the C kernels (the same file handle)
+                    ctypes.CDLL(str(_ops_built)).cpu_gemv_set_walk(ctypes.c_int(library().cpu_gemv_walk()))
                     _set_ops("C++")
                 except (OSError, RuntimeError) as e:
                     _set_ops(f"Python (loading {_ops_built.name}: {e})")

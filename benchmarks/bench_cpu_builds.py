@@ -1,7 +1,8 @@
 """The C kernels' builds against each other, same run: one-row products streaming from memory (decode's case).
 
 `make bench` runs it last.  Each kernel build of backends/cpu_gemv.c is loaded side by side (cpu_gemv.build with
-extra flags: the native build, the same without its prefetches, and, on a CPU with AVX-512, the AVX2 loops alone)
+extra flags: the native build with the walk cpu_gemv chose and with the other one, the same build without its
+prefetches, and, on a CPU with AVX-512, the AVX2 loops alone)
 and times one-row bf16 / int8 / int4 products over weights far larger than the caches (`--mb` of bf16 weight),
 alternating the builds, each round starting with the next one (whichever ran first in a round was slower here:
 the position, not the code, showed between identical int4 loops).  Prints GB/s of weight read per build (median
@@ -21,14 +22,17 @@ from mistral_ref.backends import cpu_gemv
 from mistral_ref.quantize import quantize_weight
 
 
-def builds() -> dict[str, object]:
-    """name -> loaded library: native first."""
+def builds() -> dict[str, tuple[object, int]]:
+    """name -> (loaded library, walk to set: 1 four rows at a time, 0 one row): native first, with the walk
+    cpu_gemv chose for this machine; then the native build with the other walk, and the others with four rows."""
     native = cpu_gemv.library()
     if native is None:
         raise SystemExit(f"C kernels unavailable: {cpu_gemv.status()}")
-    out = {"native": native, "no prefetch": cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_PREFETCH",)))}
+    chosen = native.cpu_gemv_walk()
+    out = {"native": (native, chosen), f"native, {cpu_gemv.WALKS[1 - chosen]}": (native, 1 - chosen),
+           "no prefetch": (cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_PREFETCH",))), 1)}
     if native.cpu_gemv_isa() == 3:
-        out["AVX2 loops"] = cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_AVX512",)))
+        out["AVX2 loops"] = (cpu_gemv.load(cpu_gemv.build(("-DCPU_GEMV_NO_AVX512",))), 1)
     return out
 
 
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     y = torch.empty(1, 8192, dtype=torch.bfloat16)
     print(f"# C kernel builds, one-row products of {len(dense)} x (8192 x 1024) weights, {opts.threads} threads, "
           f"{opts.rounds} alternating rounds; GB/s of weight read, median [min-max]; per-round time ratio to native")
+    print(f"# native: the walk cpu_gemv chose here, {cpu_gemv.walk()}; 'no prefetch' and 'AVX2 loops' walk four rows "
+          f"at a time (their loops without prefetches / without the four-row AVX-512 loops)")
     for scheme, width in (("bf16", 2.0), ("int8", 1.0), ("int4", 0.5)):
         weights = dense if scheme == "bf16" else [quantize_weight(w, scheme, 32) for w in dense]
         nbytes = len(dense) * 8192 * 1024 * width
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         names = list(libs)
         for k in range(opts.rounds + 1):  # the first round warms up, not counted
             for name in names[k % len(names):] + names[:k % len(names)]:  # each round starts with another build
-                lib = libs[name]
+                lib, walk = libs[name]
+                lib.cpu_gemv_set_walk(walk)
                 t0 = time.perf_counter()
                 for w in weights:
                     product(lib, x, w, y, opts.threads)
@@ -79,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(s, seconds["native"][1:]))
             print(f"{scheme} {name}: {statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}] GB/s, "
                   f"time / native per round: {ratios}", flush=True)
+    native, chosen = libs["native"]
+    native.cpu_gemv_set_walk(chosen)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ No timing is asserted (the machine may be shared); the figures are only checked 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -183,10 +184,12 @@ def test_cpu_builds_benchmark_compares_the_kernel_builds():
     if cpu_gemv.library() is None:
         pytest.skip(f"C kernels: {cpu_gemv.status()}")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_builds.py"), "--mb", "16",
-                           "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+                           "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, cpu_gemv.WALK_SWITCH: "one"})  # (else timed: either walk)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "native: the walk cpu_gemv chose here, one row at a time" in proc.stdout
     for scheme in ("bf16", "int8", "int4"):
-        for build in ("native", "no prefetch"):
+        for build in ("native", "no prefetch", "native, four rows at a time, prefetching"):
             row = re.search(rf"{scheme} {build}: (\d+\.\d+) .* per round: (\d+\.\d+)", proc.stdout)
             assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
 

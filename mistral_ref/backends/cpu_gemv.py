@@ -19,7 +19,9 @@ by a hash of the source, the compiler, its flags and the CPU's feature flags (~3
 The library shares PyTorch's OpenMP runtime (torch's libgomp is loaded first).  Like a saved compiled step, it
 is loaded only from that directory (this user's, 0700) and only if the file is this user's and no one else can
 write it.  Where it cannot be built (no compiler, a build error) or is turned off (``MISTRAL_REF_CPU_KERNELS=0``)
-:func:`status` says why, one warning says so, and the products stay PyTorch's.
+:func:`status` says why, one warning says so, and the products stay PyTorch's.  Once loaded, :func:`choose_walk`
+times the two ways a one-row product can walk its weight (four rows at a time with prefetching, or one row at a
+time; the same bits) and keeps the faster for this process (``MISTRAL_REF_CPU_WALK=four|one`` chooses instead).
 """
 
 from __future__ import annotations
@@ -164,10 +166,12 @@ def load(path: Path) -> ctypes.CDLL:
 
 def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
     """How one-row products walk their weight on this machine (cpu_gemv.c, four_rows): WALK_SWITCH if set, else
-    timed once: 48 MB of bf16 weights (beyond the caches), 5 alternating passes each walk with `threads` threads
-    (default torch.get_num_threads(); ~30-60 ms), the faster median kept.  Both give the same results bitwise: on
-    the AVX-512 Xeon four rows at a time with prefetching read faster, on the Zen 4 EPYC one row at a time did
-    (README, "Speed on a CPU").  Returns 1 (four rows) or 0 (one row); the caller sets it (cpu_gemv_set_walk)."""
+    timed once: 48 MB of bf16 weights (beyond the caches) in rows of 1024 inputs (decode's rows are 0.5-2 KB; from
+    4 KB rows on the two walks came closer on the Zen 4), 7 alternating passes each walk with `threads` threads
+    (default torch.get_num_threads(); ~40-70 ms), the walk with the fastest pass kept (noise only slows a pass).
+    Both give the same results bitwise: on the AVX-512 Xeon four rows at a time with prefetching read faster, on
+    the Zen 4 EPYC one row at a time did (README, "Speed on a CPU").  Returns 1 (four rows) or 0 (one row); the
+    caller sets it (cpu_gemv_set_walk)."""
     forced = os.environ.get(WALK_SWITCH)
     if forced is not None:
         if forced not in ("four", "one"):
@@ -176,13 +180,13 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
     import time
 
     threads = torch.get_num_threads() if threads is None else threads
-    rows, cols = 2048, 2048
+    rows, cols = 4096, 1024
     weights = [torch.ones(rows, cols, dtype=torch.bfloat16) for _ in range(6)]  # written: real pages, 8 MB each
     x, y = torch.ones(1, cols), torch.empty(1, rows)
     times: dict[int, list[float]] = {1: [], 0: []}
     previous = lib.cpu_gemv_walk()
     try:
-        for r in range(6):
+        for r in range(8):
             for walk in (1, 0) if r % 2 == 0 else (0, 1):
                 lib.cpu_gemv_set_walk(walk)
                 t0 = time.perf_counter()
@@ -192,7 +196,7 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
                     times[walk].append(time.perf_counter() - t0)
     finally:
         lib.cpu_gemv_set_walk(previous)
-    return int(sorted(times[1])[2] <= sorted(times[0])[2])
+    return int(min(times[1]) <= min(times[0]))
 
 
 def walk() -> str:

@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> dict:
     from mistral_ref.backends import cpu_gemv
 
     m["cpu_kernels"], m["cpu_operators"] = cpu_gemv.status(), cpu_gemv.operators(wait=True)  # built before timing
-    print(f"C kernels: {m['cpu_kernels']}; their operators: {m['cpu_operators']}")
+    m["cpu_walk"] = cpu_gemv.walk()  # timed at load (cpu_gemv.choose_walk), or MISTRAL_REF_CPU_WALK
+    print(f"C kernels: {m['cpu_kernels']}; their operators: {m['cpu_operators']}; one-row products walk "
+          f"{m['cpu_walk']}")
     print(f"medians [min-max] of {runs} alternating rounds; ratio = mistral_ref / transformers per round\n")
 
     decode_rows, prefill_rows = [], []

@@ -50,6 +50,9 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert decode["ours"]["median"] > 0 and decode["transformers"]["median"] > 0
     assert 0 < decode["fraction_of_floor"]
     assert result["machine"]["read_bandwidth_GBs"]["median"] > 0
+    walk = result["machine"]["cpu_walk"]  # which walk the C kernels' one-row products took in this run
+    assert walk in ("four rows at a time, prefetching", "one row at a time") or walk.startswith("off")
+    assert f"one-row products walk {walk}" in text
     prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
     assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
     row = r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \| \d+% \| [\d.]+x \|"

@@ -548,7 +548,9 @@ static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t 
             const int16_t *xr = x16 + r * in;
             __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t g = 0; g < in / group; g++) {
-                __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();  /* rows 0..15, 16..31 */
+                /* rows 0..15 (lo) and 16..31 (hi), inputs i, i+1 (01) and i+2, i+3 (23) apart: four independent
+                 * chains of vpdpwssd (its latency, not its throughput, bounded two chains); exact integer sums */
+                __m512i lo01 = _mm512_setzero_si512(), hi01 = lo01, lo23 = lo01, hi23 = lo01;
                 int32_t xsum = 0;
                 if (r == 0 && b + 1 < out / 32) {  /* the next block's scales of this group: a line of their own */
                     const char *next = (const char *)sz + (g * out + (b + 1) * 32) * 2 * (scales_bf16 ? 2 : 4);
@@ -563,11 +565,12 @@ static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t 
                     memcpy(&p23, xr + i + 2, sizeof p23);
                     __m512i x01 = _mm512_set1_epi32(p01), x23 = _mm512_set1_epi32(p23);
                     xsum += xr[i] + xr[i + 1] + xr[i + 2] + xr[i + 3];
-                    lo = _mm512_dpwssd_epi32(lo, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vlo), x01);
-                    lo = _mm512_dpwssd_epi32(lo, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vlo), x23);
-                    hi = _mm512_dpwssd_epi32(hi, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vhi), x01);
-                    hi = _mm512_dpwssd_epi32(hi, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vhi), x23);
+                    lo01 = _mm512_dpwssd_epi32(lo01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vlo), x01);
+                    lo23 = _mm512_dpwssd_epi32(lo23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vlo), x23);
+                    hi01 = _mm512_dpwssd_epi32(hi01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vhi), x01);
+                    hi23 = _mm512_dpwssd_epi32(hi23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vhi), x23);
                 }
+                __m512i lo = _mm512_add_epi32(lo01, lo23), hi = _mm512_add_epi32(hi01, hi23);
                 __m256i acc[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
                                   _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
                 add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);

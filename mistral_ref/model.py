@@ -77,6 +77,8 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):
         if self.compiled_decode is not None:  # compiled steps are keyed by the weights' dtypes and shapes
             self.compiled_decode.forget_modules()
+        from mistral_ref.backends.decode_step import forget
+        forget(self)  # and so is the plan of the engine's whole decode step (backends/decode_step.py)
         return super()._apply(fn, recurse)
 
     @property
@@ -110,6 +112,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if self.compiled_decode is not None and T == 1 and cache is not None and not return_router_logits:
             return self.compiled_decode(tokens, positions, cache, logits_at)
+        if self.ops.decode_step is not None and T == 1 and cache is not None and not return_router_logits:
+            logits = self.ops.decode_step(self, tokens, positions, cache, logits_at)  # the engine's whole step
+            if logits is not None:
+                return logits
         return self.forward_with(self.ops, tokens, positions, cache, return_router_logits, logits_at)
 
     def forward_with(self, ops: Backend, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,

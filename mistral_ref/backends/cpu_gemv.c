@@ -1102,6 +1102,49 @@ int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int
     return 0;
 }
 
+/* ---- the elementwise steps of one token's block (cpu_gemv_ops.cpp: decode_block) -------------------------- */
+
+/* rope.apply_rotary_emb on one token's heads, in place, as backends/rope.py computes it: each pair (a, b) of a
+ * head times the rotation (c, s) of its index, a complex product in fp32 whose four products are rounded before
+ * they are added ((a c - b s, a s + b c): no fused multiply-add, as torch's complex multiplication), then rounded
+ * to x's dtype.  x: (heads, head_dim) bf16 or fp32; rot: (head_dim / 2, 2) fp32, (cos, sin) of each pair. */
+void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot) {
+    for (int64_t h = 0; h < heads; h++)
+        for (int64_t j = 0; j < head_dim / 2; j++) {
+            const int64_t i = h * head_dim + 2 * j;
+            const float a = value_at(x, i, io_bf16), b = value_at(x, i + 1, io_bf16);
+            const float c = rot[2 * j], s = rot[2 * j + 1];
+            const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
+            const float re = ac - bs, im = as + bc;
+            if (io_bf16) {
+                ((uint16_t *)x)[i] = float_to_bf16(re);
+                ((uint16_t *)x)[i + 1] = float_to_bf16(im);
+            } else {
+                ((float *)x)[i] = re;
+                ((float *)x)[i + 1] = im;
+            }
+        }
+}
+
+/* out = a + b (n values of x's dtype, the sum rounded to it): a residual connection */
+void add_rows(const void *a, const void *b, void *out, int io_bf16, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = value_at(a, i, io_bf16) + value_at(b, i, io_bf16);
+        if (io_bf16) ((uint16_t *)out)[i] = float_to_bf16(v); else ((float *)out)[i] = v;
+    }
+}
+
+/* out = silu(gate) * up (n values of x's dtype), SiLU and the product each rounded to x's dtype, as
+ * F.silu(gate) * up computes a dense SwiGLU (moe.FeedForward); C's expf may differ from torch's exp in the last
+ * bit of fp32 */
+void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        const float g = value_at(gate, j, io_bf16);
+        const float v = in_dtype(in_dtype(g / (1.0f + expf(-g)), io_bf16) * value_at(up, j, io_bf16), io_bf16);
+        if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(v); else ((float *)out)[j] = v;
+    }
+}
+
 /* ---- attention of one query per row to a layer's KV cache (a decode step; backends/cpu_gemv.py: attend_one) --- */
 
 /* The math of one (row, head) of attend_one below, on its fp32 query qf (head_dim,): the scores of the n slots

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_ref.backends import Backend, cpu_gemv
+from mistral_ref.backends.decode_step import decode_step
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
@@ -69,4 +70,5 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
                   rope=apply_rotary_emb_complex, attention=attention, moe=moe_forward_grouped,
-                  mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention)
+                  mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention,
+                  decode_step=decode_step)

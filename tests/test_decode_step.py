@@ -1,0 +1,162 @@
+"""The engine's whole decode step (backends/decode_step.py: one operator call a block) against the "torch"
+backend's eager layers and the "reference" backend: beyond the sliding window, GQA, head_dim != dim / n_heads,
+Mixtral's experts, bf16, int8 and int4; when it is taken and when not; its kept plan after the model changes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import FP32_RTOL, rel_err
+from torch import nn
+
+from mistral_ref.backends import cpu_gemv, decode_step
+from mistral_ref.cache import CacheOverflowError, KVCache
+from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs
+from mistral_ref.generation import generate
+from mistral_ref.quantize import quantize_model
+
+pytestmark = pytest.mark.skipif(cpu_gemv.library() is None or cpu_gemv.operators(wait=True) != "C++",
+                                reason=f"the C kernels' C++ operators are not available: {cpu_gemv.operators()}")
+
+# 6 query heads on 2 kv heads of 32 (dim 96: head_dim != dim / n_heads), a window of 12 the steps run past
+DENSE = ModelArgs(dim=96, n_layers=3, hidden_dim=160, n_heads=6, n_kv_heads=2, head_dim=32, vocab_size=320,
+                  norm_eps=1e-5, rope_theta=1e4, sliding_window=12)
+MOE = dataclasses.replace(DENSE, moe=MoeArgs(num_experts=4, num_experts_per_tok=2))
+STEPS, PROMPT = 30, 5
+
+
+def layers_only(model):
+    """The model with the "torch" backend's functions but without its whole decode step: the layers run."""
+    model.ops = dataclasses.replace(model.ops, decode_step=None)
+    return model
+
+
+def decode(model, steps: int = STEPS, start: int = 0, capacity: int = 64) -> tuple[torch.Tensor, list[int]]:
+    """Greedy decoding after a PROMPT-token prompt at positions start..: the logits of every step (steps, vocab)
+    and the tokens."""
+    args = model.args
+    cache = KVCache(args, 1, capacity, model.dtype, "cpu")
+    prompt = torch.randint(0, args.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    logits, tokens = [], []
+    with torch.inference_mode():
+        out = model(prompt, torch.arange(start, start + PROMPT)[None], cache)
+        for i in range(steps):
+            token = out[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            out = model(token, torch.tensor([[start + PROMPT + i]]), cache)
+            logits.append(out[0, -1])
+    return torch.stack(logits), tokens
+
+
+def blocks_called(model, **kw) -> int:
+    """How many decode_block calls decoding makes (the profiler's count of the operator)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        decode(model, **kw)
+    return sum(e.name == "mistral_ref::decode_block" for e in prof.events())
+
+
+@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+def test_fp32_equals_the_layers_and_the_reference(args, make_model):
+    model = make_model(args)
+    assert blocks_called(model) == STEPS * args.n_layers  # every step, every block
+    fused, fused_tokens = decode(model)
+    layers, layer_tokens = decode(layers_only(make_model(args)))
+    reference, reference_tokens = decode(make_model(args).set_backend("reference"))
+    assert rel_err(fused, layers) < FP32_RTOL and rel_err(fused, reference) < FP32_RTOL
+    assert fused_tokens == layer_tokens == reference_tokens
+
+
+@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_bf16_and_quantized_equal_the_layers(args, scheme, make_model):
+    """The same kernels and roundings as the eager layers: equal but where SiLU's expf and torch's exp differ in
+    fp32's last bit and that moves a bf16 rounding (in practice: bitwise)."""
+    models = []
+    for _ in range(2):
+        model = make_model(args).to(torch.bfloat16)
+        if scheme:
+            quantize_model(model, scheme, group_size=32)
+        models.append(model)
+    assert blocks_called(models[0], steps=3) == 3 * args.n_layers
+    fused, fused_tokens = decode(models[0])
+    layers, layer_tokens = decode(layers_only(models[1]))
+    assert rel_err(fused, layers) < 1e-2
+    assert fused_tokens == layer_tokens
+
+
+def test_positions_past_the_rotation_table_and_the_caches_end(make_model):
+    """Positions from 300 (the table of rotations grows past 256), a full cache that overflows as the layers'."""
+    args = dataclasses.replace(DENSE, sliding_window=None)
+    fused, _ = decode(make_model(args), steps=8, start=300, capacity=400)
+    layers, _ = decode(layers_only(make_model(args)), steps=8, start=300, capacity=400)
+    assert rel_err(fused, layers) < FP32_RTOL
+    for model in (make_model(args), layers_only(make_model(args))):
+        with pytest.raises(CacheOverflowError, match="position 8 does not fit a KV cache allocated for 8"):
+            decode(model, steps=8, capacity=8)
+
+
+def test_not_taken_where_it_does_not_apply(make_model):
+    model = make_model(DENSE)
+    cache = KVCache(DENSE, 2, 16, torch.float32, "cpu")
+    tokens, positions = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        assert decode_step.decode_step(model, tokens, positions, cache) is None  # two rows
+        assert decode_step.decode_step(model, tokens[:1], positions[:1], None) is None  # no cache
+    one = KVCache(DENSE, 1, 16, torch.float32, "cpu")
+    assert torch.is_grad_enabled() and decode_step.decode_step(model, tokens[:1], positions[:1], one) is None
+    # another family's function: the whole step would not call it
+    assert make_model(DENSE).set_backend("torch", attention="reference").ops.decode_step is None
+    assert blocks_called(make_model(DENSE).set_backend("torch", attention="reference"), steps=2) == 0
+    # query scaling by position (Ministral 3): not a block decode_block computes
+    scaled = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
+    assert blocks_called(make_model(scaled), steps=2) == 0
+    assert decode_step.plan(make_model(scaled)) is None
+
+
+def test_the_kept_plan_follows_the_model(make_model):
+    """Converting, quantizing or replacing a weight by hand after steps have run: the next step uses the new
+    weights (the plan is dropped), equal to the layers on the same model."""
+    model = make_model(DENSE)
+    decode(model, steps=2)
+    model.to(torch.bfloat16)
+    twin = make_model(DENSE).to(torch.bfloat16)
+    assert rel_err(decode(model)[0], decode(layers_only(twin))[0]) < 1e-2
+    quantize_model(model, "int8")
+    quantize_model(twin, "int8")
+    assert rel_err(decode(model)[0], decode(twin)[0]) < 1e-2
+    fresh = make_model(DENSE)
+    decode(fresh, steps=2)
+    new = torch.randn_like(fresh.layers[1].attention.wq.weight)
+    fresh.layers[1].attention.wq.weight = nn.Parameter(new)
+    other = layers_only(make_model(DENSE))
+    other.layers[1].attention.wq.weight = nn.Parameter(new.clone())
+    assert rel_err(decode(fresh)[0], decode(other)[0]) < FP32_RTOL
+
+
+def test_generate_takes_it(make_model):
+    """generate (inference mode) decodes through it, the tokens those of the layers."""
+    model = make_model(MOE)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ours = generate(model, [[1, 2, 3]], 10, temperature=0.0)
+    assert any(e.name == "mistral_ref::decode_block" for e in prof.events())
+    assert ours == generate(layers_only(make_model(MOE)), [[1, 2, 3]], 10, temperature=0.0)
+
+
+def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
+    model = make_model(DENSE)
+    blocks = decode_step.plan(model)
+    norms, weights, window = blocks[0]
+    rot = decode_step.rotations(model, 0)
+    h, position = torch.zeros(1, 1, DENSE.dim), torch.zeros(1, 1, dtype=torch.long)
+    cache = KVCache(DENSE, 1, 16, torch.bfloat16, "cpu").layers[0]  # bf16 cache for an fp32 model
+    with pytest.raises(ValueError, match="decode_block: the cache must be"):
+        torch.ops.mistral_ref.decode_block(h, position, rot, *norms, *weights, cache.k, cache.v, cache.pos, window, 1)
+    cache = KVCache(DENSE, 1, 16, torch.float32, "cpu").layers[0]
+    far = torch.full((1, 1), rot.shape[0], dtype=torch.long)  # past the table of rotations
+    with pytest.raises(ValueError, match="decode_block: .*rotations"):
+        torch.ops.mistral_ref.decode_block(h, far, rot, *norms, *weights, cache.k, cache.v, cache.pos, window, 1)
+    swapped = (weights[0][1:] + weights[0][:1],) + weights[1:]  # wk, wv, wo, wq
+    with pytest.raises(ValueError, match=r"decode_block: wv \[96, 192\] Float does not fit \(64, 96\)"):
+        torch.ops.mistral_ref.decode_block(h, position, rot, *norms, *swapped, cache.k, cache.v, cache.pos, window, 1)

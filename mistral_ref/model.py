@@ -77,8 +77,6 @@ class Transformer(nn.Module):
     def _apply(self, fn, recurse=True):
         if self.compiled_decode is not None:  # compiled steps are keyed by the weights' dtypes and shapes
             self.compiled_decode.forget_modules()
-        from mistral_ref.backends.decode_step import forget
-        forget(self)  # and so is the plan of the engine's whole decode step (backends/decode_step.py)
         return super()._apply(fn, recurse)
 
     @property

@@ -115,22 +115,27 @@ def test_not_taken_where_it_does_not_apply(make_model):
     assert decode_step.plan(make_model(scaled)) is None
 
 
-def test_the_kept_plan_follows_the_model(make_model):
-    """Converting, quantizing or replacing a weight by hand after steps have run: the next step uses the new
-    weights (the plan is dropped), equal to the layers on the same model."""
-    model = make_model(DENSE)
+@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+def test_the_kept_plan_follows_the_model(args, make_model):
+    """Converting (the experts' stacks are dropped then), quantizing or replacing a weight by hand after steps
+    have run: the next step uses the new weights, equal to the layers on the same model."""
+    model = make_model(args)
     decode(model, steps=2)
     model.to(torch.bfloat16)
-    twin = make_model(DENSE).to(torch.bfloat16)
+    twin = make_model(args).to(torch.bfloat16)
+    assert blocks_called(model, steps=2) == 2 * args.n_layers
     assert rel_err(decode(model)[0], decode(layers_only(twin))[0]) < 1e-2
     quantize_model(model, "int8")
     quantize_model(twin, "int8")
     assert rel_err(decode(model)[0], decode(twin)[0]) < 1e-2
-    fresh = make_model(DENSE)
+    model.float()  # quantized codes stay, their scales convert: the plan reads the new scales
+    twin.float()
+    assert rel_err(decode(model)[0], decode(layers_only(twin))[0]) < FP32_RTOL
+    fresh = make_model(args)
     decode(fresh, steps=2)
     new = torch.randn_like(fresh.layers[1].attention.wq.weight)
     fresh.layers[1].attention.wq.weight = nn.Parameter(new)
-    other = layers_only(make_model(DENSE))
+    other = layers_only(make_model(args))
     other.layers[1].attention.wq.weight = nn.Parameter(new.clone())
     assert rel_err(decode(fresh)[0], decode(other)[0]) < FP32_RTOL
 
@@ -146,8 +151,8 @@ def test_generate_takes_it(make_model):
 
 def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
     model = make_model(DENSE)
-    blocks = decode_step.plan(model)
-    norms, weights, window = blocks[0]
+    block = decode_step.plan(model)[0]
+    norms, weights, window = block.norms, block.arguments(torch.float32), block.window
     rot = decode_step.rotations(model, 0)
     h, position = torch.zeros(1, 1, DENSE.dim), torch.zeros(1, 1, dtype=torch.long)
     cache = KVCache(DENSE, 1, 16, torch.bfloat16, "cpu").layers[0]  # bf16 cache for an fp32 model

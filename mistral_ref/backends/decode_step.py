@@ -53,15 +53,19 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         return None
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
-    blocks = plan(model)
+    blocks, dtype = plan(model), model.dtype
     if blocks is None:
         return None
-    caches = []
-    for layer_cache in cache.layers:
-        if (type(layer_cache) is not LayerCache or layer_cache.k.dtype != model.dtype or layer_cache.k.shape[0] != 1
-                or not (layer_cache.k.is_contiguous() and layer_cache.v.is_contiguous())):
+    steps = []
+    for block, layer_cache in zip(blocks, cache.layers):
+        args = block.arguments(dtype)
+        k, v = layer_cache.k, layer_cache.v
+        if (args is None or type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != 1
+                or not (k.is_contiguous() and v.is_contiguous())):
+            if args is None:  # a weight changed dtype or layout under the plan: plan again at the next step
+                model.__dict__.pop(PLAN, None)
             return None
-        caches.append((layer_cache.k, layer_cache.v, layer_cache.pos))
+        steps.append((block.norms, args, k, v, layer_cache.pos, block.window))
     position = int(positions[0, 0])
     for layer_cache in cache.layers:  # a full layer's cache must hold the position (cache.LayerCache.check_fits)
         if not layer_cache.rolling and position >= layer_cache.capacity:
@@ -69,7 +73,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     rot = rotations(model, position)
     threads = torch.get_num_threads()
     h = model.tok_embeddings(tokens)  # (1, 1, dim)
-    for (norms, args, window), (k, v, pos) in zip(blocks, caches):
+    for norms, args, k, v, pos, window in steps:
         h, _ = torch.ops.mistral_ref.decode_block(h, positions, rot, *norms, *args, k, v, pos, window, threads)
     ops = model.ops
     return ops.linear(model.norm(h, ops), model.output_weight).float()  # (1, 1, vocab)
@@ -85,44 +89,144 @@ def _registered(*_) -> None:
     _registrations += 1
 
 
-# any assignment of a weight or a module anywhere (quantize_model, load_state_dict(assign=True), stacking experts,
-# replacing a layer by hand) makes the kept plans stale; Transformer._apply (.to, .half, ...) drops them itself
+# assigning a weight or a module anywhere (quantize_model, load_state_dict(assign=True), stacking experts,
+# replacing a layer by hand) makes the kept plans stale.  Converting or moving (.to, .half: nn.Module._apply) keeps
+# the Parameter objects and the modules' buffer dicts, which a plan holds, and drops the experts' stacks, which
+# Block.arguments checks: the tensors themselves are looked up at every step.
 torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
 torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
 torch.nn.modules.module.register_module_module_registration_hook(_registered)
 
-PLAN = "_decode_step_plan"  # where a model keeps its plan (forget() drops it)
+PLAN = "_decode_step_plan"  # where a model keeps its plan
 
 
-def plan(model: Transformer) -> list | None:
-    """Per block: ((attention_norm, ffn_norm, eps), decode_block's weight arguments, window), or None if a block
-    is not one decode_block takes.  Kept on the model until a module is assigned anywhere or the model's dtype,
-    backend or kind (quantization) changes; stacks Mixtral's experts on first use (backends/moe.py)."""
+class Weights:
+    """A block's weights of one kind, as decode_block takes them: float Parameters (held: converting the model
+    changes their data, not them), or QuantizedWeights' buffer dicts (held: converting replaces the tensors in
+    them), the codes and scales read at each step."""
+
+    def __init__(self, weights: list):
+        first = weights[0]
+        self.quantized = isinstance(first, QuantizedWeight)
+        self.group = (first.group_size or 0) if self.quantized else 0
+        self.items = [(w._buffers, "scales" if w.scheme == "int8" else "scales_and_zeros") for w in weights] \
+            if self.quantized else list(weights)
+
+    @staticmethod
+    def of(weights: list, dtype: torch.dtype) -> Weights | None:
+        """Weights of float tensors of `dtype`, or of quantized ones of one scheme and group size with scales of
+        `dtype`; None otherwise."""
+        first = weights[0]
+        if isinstance(first, QuantizedWeight):
+            if not all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme
+                       and w.group_size == first.group_size for w in weights):
+                return None
+        elif not all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedWeight) for w in weights):
+            return None
+        found = Weights(weights)
+        return found if found.tensors(dtype) is not None else None
+
+    def tensors(self, dtype: torch.dtype) -> tuple[list, list] | None:
+        """(weights or codes, scales ([] for float weights)) as they are now; None if one no longer fits."""
+        if not self.quantized:
+            ws = self.items
+            return (ws, []) if all(w.dtype == dtype and w.dim() == 2 and w.is_contiguous() for w in ws) else None
+        codes, scales = [b["qweight"] for b, _ in self.items], [b[name] for b, name in self.items]
+        fits = all(c.is_contiguous() and s.is_contiguous() and s.dtype == dtype for c, s in zip(codes, scales))
+        return (codes, scales) if fits else None
+
+
+class Block:
+    """What decode_block needs of one transformer block besides the activations and the cache."""
+
+    def __init__(self, layer: TransformerBlock, attn: Weights, ffn: Weights | None):
+        self.norms = (layer.attention_norm.weight, layer.ffn_norm.weight, layer.attention_norm.eps)
+        self.attn, self.ffn = attn, ffn
+        self.window = -1 if layer.attention.window is None else layer.attention.window
+        ff = layer.feed_forward
+        self.moe = ff if type(ff) is MoeLayer else None
+        self.stacked = None if self.moe is None else ff.stacked  # (E, ...) stacks: replaced when the layer converts
+        self.gate, self.top_k = (ff.gate.weight, ff.top_k) if self.moe is not None else (None, 0)
+
+    def arguments(self, dtype: torch.dtype) -> tuple | None:
+        """(attn, attn_scales, ffn, ffn_scales, gate, top_k, group_size) now; None if they no longer fit."""
+        attn = self.attn.tensors(dtype)
+        if attn is None or any(w.dtype != dtype for w in self.norms[:2]):
+            return None
+        if self.moe is None:
+            ffn = self.ffn.tensors(dtype)
+            group = max(self.attn.group, self.ffn.group)
+        else:
+            if self.moe.stacked is not self.stacked or self.gate.dtype != dtype:
+                return None
+            ffn = experts_of(self.stacked, dtype)
+            experts_group = self.stacked[0].group_size if isinstance(self.stacked[0], QuantizedExperts) else 0
+            group = max(self.attn.group, experts_group or 0)
+        if ffn is None:
+            return None
+        return attn[0], attn[1], ffn[0], ffn[1], self.gate, self.top_k, group
+
+
+def plan(model: Transformer) -> list[Block] | None:
+    """A Block for every layer, or None if a layer is not one decode_block takes.  Kept on the model until a
+    module, parameter or buffer is assigned anywhere, or the model's dtype or backend changes; stacks Mixtral's
+    experts on first use (backends/moe.py: stack_experts)."""
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))
     kept = model.__dict__.get(PLAN)
     if kept is not None and kept[0] == key:
         return kept[1]
-    a, blocks = model.args, []
-    if a.rope_dim != a.head_dim or model.dtype not in _FLOATS:
+    a, dtype, blocks = model.args, model.dtype, []
+    if a.rope_dim != a.head_dim or dtype not in _FLOATS:
         blocks = None
     else:
         for layer in model.layers:
-            args = block_arguments(layer, model.dtype)
-            if args is None:
+            block = block_of(layer, dtype)
+            if block is None or block.arguments(dtype) is None:
                 blocks = None
                 break
-            window = -1 if layer.attention.window is None else layer.attention.window
-            blocks.append(((layer.attention_norm.weight, layer.ffn_norm.weight, layer.attention_norm.eps), args,
-                           window))
+            blocks.append(block)
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))  # (stacking the experts registers)
     model.__dict__[PLAN] = (key, blocks)
     return blocks
 
 
-def forget(model: torch.nn.Module) -> None:
-    """Drop the plan a model keeps (Transformer._apply: its weights change dtype or device in place)."""
-    model.__dict__.pop(PLAN, None)
-    model.__dict__.pop(ROTATIONS, None)
+def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:
+    """The Block of a layer decode_block takes: grouped-query attention without query scaling, a dense SwiGLU
+    or Mixtral's experts (stacked here); None for any other."""
+    attention, ff = layer.attention, layer.feed_forward
+    if type(attention) is not Attention or attention.llama_4_scaling is not None:
+        return None
+    attn = Weights.of([attention.wq.weight, attention.wk.weight, attention.wv.weight, attention.wo.weight], dtype)
+    if type(ff) is FeedForward:
+        ffn = Weights.of([ff.w1.weight, ff.w3.weight, ff.w2.weight], dtype)
+        if ffn is None:
+            return None
+    elif type(ff) is MoeLayer:
+        if ff.stacked is None:
+            stack_experts(ff)  # (experts of different shapes stay unstacked: not taken)
+        if ff.stacked is None:
+            return None
+        ffn = None
+    else:
+        return None
+    if attn is None or (ffn is not None and attn.group and ffn.group and attn.group != ffn.group):
+        return None  # (one group size for the block's int4 products)
+    return Block(layer, attn, ffn)
+
+
+def experts_of(stacks: tuple, dtype: torch.dtype) -> tuple[list, list] | None:
+    """A MoeLayer's stacks (w1, w2, w3) as decode_block takes them, (w1, w3, w2) and their scales: (E, out, in)
+    tensors of `dtype`, or QuantizedExperts with scales of `dtype`; None otherwise."""
+    w1, w2, w3 = stacks
+    ordered = [w1, w3, w2]
+    if isinstance(w1, QuantizedExperts):
+        if not all(isinstance(s, QuantizedExperts) and s.scheme == w1.scheme and s.group_size == w1.group_size
+                   and s.scales.dtype == dtype for s in ordered):
+            return None
+        return [s.qweight for s in ordered], [s.scales for s in ordered]
+    if all(isinstance(s, torch.Tensor) and s.dtype == dtype and s.is_contiguous() for s in ordered):
+        return ordered, []
+    return None
 
 
 ROTATIONS = "_decode_step_rotations"  # where a model keeps its table of rotations
@@ -140,63 +244,4 @@ def rotations(model: Transformer, position: int) -> torch.Tensor:
     n = 1 << max(position, 255).bit_length()
     table = torch.view_as_real(rope_rotations(torch.arange(n)[None], a.rope_dim, a.rope_theta, a.yarn))[0]
     model.__dict__[ROTATIONS] = (key, table.contiguous())
-    return table
-
-
-def block_arguments(layer: TransformerBlock, dtype: torch.dtype) -> tuple | None:
-    """decode_block's weight arguments for one block (attn, attn_scales, ffn, ffn_scales, gate, top_k, group_size),
-    or None if the block is not one it takes."""
-    attention, ff = layer.attention, layer.feed_forward
-    if (type(attention) is not Attention or attention.llama_4_scaling is not None
-            or layer.attention_norm.weight.dtype != dtype or layer.ffn_norm.weight.dtype != dtype):
-        return None
-    attn = weights_of([attention.wq.weight, attention.wk.weight, attention.wv.weight, attention.wo.weight], dtype)
-    if attn is None:
-        return None
-    gate, top_k = None, 0
-    if type(ff) is FeedForward:
-        ffn = weights_of([ff.w1.weight, ff.w3.weight, ff.w2.weight], dtype)
-    elif type(ff) is MoeLayer:
-        if ff.stacked is None:
-            stack_experts(ff)  # (experts of different shapes stay unstacked: not taken)
-        if ff.stacked is None or ff.gate.weight.dtype != dtype:
-            return None
-        w1, w2, w3 = ff.stacked
-        ffn = experts_of([w1, w3, w2], dtype)
-        gate, top_k = ff.gate.weight, ff.top_k
-    else:
-        return None
-    if ffn is None or (attn[2] != ffn[2] and attn[1] and ffn[1]):  # one group size where both are int4
-        return None
-    return attn[0], attn[1], ffn[0], ffn[1], gate, top_k, max(attn[2], ffn[2])
-
-
-def weights_of(weights: list, dtype: torch.dtype) -> tuple[list, list, int] | None:
-    """(tensors, scales, group_size) for decode_block: float weights of `dtype` (scales []), or quantized ones of
-    one scheme and group size with scales of `dtype`; None otherwise."""
-    first = weights[0]
-    if isinstance(first, QuantizedWeight):
-        if not all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme and w.group_size == first.group_size
-                   for w in weights):
-            return None
-        pairs = [cpu_gemv._tensors(w) for w in weights]
-        if any(s.dtype != dtype or not q.is_contiguous() or not s.is_contiguous() for q, s in pairs):
-            return None
-        return [q for q, _ in pairs], [s for _, s in pairs], first.group_size or 0
-    if all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedWeight) and w.dtype == dtype
-           and w.is_contiguous() and w.dim() == 2 for w in weights):
-        return weights, [], 0
-    return None
-
-
-def experts_of(stacks: list, dtype: torch.dtype) -> tuple[list, list, int] | None:
-    """weights_of for stacked experts (w1, w3, w2): (E, out, in) tensors of `dtype`, or QuantizedExperts."""
-    first = stacks[0]
-    if isinstance(first, QuantizedExperts):
-        if not all(isinstance(s, QuantizedExperts) and s.scheme == first.scheme and s.group_size == first.group_size
-                   and s.scales.dtype == dtype for s in stacks):
-            return None
-        return [s.qweight for s in stacks], [s.scales for s in stacks], first.group_size or 0
-    if all(isinstance(s, torch.Tensor) and s.dtype == dtype and s.is_contiguous() for s in stacks):
-        return stacks, [], 0
-    return None
+    return model.__dict__[ROTATIONS][1]

@@ -109,6 +109,19 @@ def test_not_taken_where_it_does_not_apply(make_model):
     # another family's function: the whole step would not call it
     assert make_model(DENSE).set_backend("torch", attention="reference").ops.decode_step is None
     assert blocks_called(make_model(DENSE).set_backend("torch", attention="reference"), steps=2) == 0
+    # a forward hook inside a block (tensor parallelism's all-reduce after wo), or one on every module: the
+    # step would skip it
+    hooked, seen = make_model(DENSE), []
+    decode(hooked, steps=2)  # (a plan kept from before the hook)
+    handle = hooked.layers[1].attention.register_forward_hook(lambda *_: seen.append(1))
+    assert blocks_called(hooked, steps=2) == 0 and len(seen) == 3  # the prompt's pass and two steps
+    handle.remove()
+    assert blocks_called(hooked, steps=2) == 2 * DENSE.n_layers
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert blocks_called(make_model(DENSE), steps=2) == 0
+    finally:
+        handle.remove()
     # query scaling by position (Ministral 3): not a block decode_block computes
     scaled = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
     assert blocks_called(make_model(scaled), steps=2) == 0

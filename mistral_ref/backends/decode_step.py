@@ -20,7 +20,9 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   by position) and a dense SwiGLU or Mixtral's experts (stacked here, as compiled decoding stacks them: the
   parameters become views of the stacks); every weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
-* every layer's cache is a plain batch-1 LayerCache of the model's dtype.
+* every layer's cache is a plain batch-1 LayerCache of the model's dtype;
+* no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe), and
+  no global forward hook is registered: the step calls no block's forward, so it would skip them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.modules.module as nn_module
 
 from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv
@@ -41,6 +44,9 @@ if TYPE_CHECKING:  # typing only: the model imports the backends, not the other 
     from mistral_ref.model import Transformer, TransformerBlock
 
 _FLOATS = (torch.bfloat16, torch.float32)
+# forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
+# blocks' forward calls, so it is not taken while there are any
+_GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
@@ -54,8 +60,8 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
     blocks, dtype = plan(model), model.dtype
-    if blocks is None:
-        return None
+    if blocks is None or any(model.__dict__[HOOKS]) or any(_GLOBAL_HOOKS):
+        return None  # a forward hook on a part of a block (tensor parallelism's all-reduce, a probe) must run
     steps = []
     for block, layer_cache in zip(blocks, cache.layers):
         args = block.arguments(dtype)
@@ -93,11 +99,12 @@ def _registered(*_) -> None:
 # replacing a layer by hand) makes the kept plans stale.  Converting or moving (.to, .half: nn.Module._apply) keeps
 # the Parameter objects and the modules' buffer dicts, which a plan holds, and drops the experts' stacks, which
 # Block.arguments checks: the tensors themselves are looked up at every step.
-torch.nn.modules.module.register_module_parameter_registration_hook(_registered)
-torch.nn.modules.module.register_module_buffer_registration_hook(_registered)
-torch.nn.modules.module.register_module_module_registration_hook(_registered)
+nn_module.register_module_parameter_registration_hook(_registered)
+nn_module.register_module_buffer_registration_hook(_registered)
+nn_module.register_module_module_registration_hook(_registered)
 
 PLAN = "_decode_step_plan"  # where a model keeps its plan
+HOOKS = "_decode_step_hooks"  # and the forward-hook dicts of every module inside its blocks (the step skips them)
 
 
 class Weights:
@@ -124,16 +131,21 @@ class Weights:
         elif not all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedWeight) for w in weights):
             return None
         found = Weights(weights)
-        return found if found.tensors(dtype) is not None else None
+        tensors = found.tensors(dtype)
+        if tensors is None:
+            return None
+        codes, scales = tensors
+        fits = all(t.dim() == 2 and t.is_contiguous() for t in codes) and all(s.is_contiguous() for s in scales)
+        return found if fits else None
 
     def tensors(self, dtype: torch.dtype) -> tuple[list, list] | None:
-        """(weights or codes, scales ([] for float weights)) as they are now; None if one no longer fits."""
+        """(weights or codes, scales ([] for float weights)) as they are now; None if their dtype no longer fits
+        (decode_block checks every shape and layout itself: a clear error, never a wrong read)."""
         if not self.quantized:
             ws = self.items
-            return (ws, []) if all(w.dtype == dtype and w.dim() == 2 and w.is_contiguous() for w in ws) else None
+            return (ws, []) if all(w.dtype == dtype for w in ws) else None
         codes, scales = [b["qweight"] for b, _ in self.items], [b[name] for b, name in self.items]
-        fits = all(c.is_contiguous() and s.is_contiguous() and s.dtype == dtype for c, s in zip(codes, scales))
-        return (codes, scales) if fits else None
+        return (codes, scales) if all(s.dtype == dtype for s in scales) else None
 
 
 class Block:
@@ -187,6 +199,8 @@ def plan(model: Transformer) -> list[Block] | None:
             blocks.append(block)
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))  # (stacking the experts registers)
     model.__dict__[PLAN] = (key, blocks)
+    model.__dict__[HOOKS] = tuple(d for layer in model.layers for m in layer.modules()
+                                  for d in (m._forward_hooks, m._forward_pre_hooks))
     return blocks
 
 

@@ -162,6 +162,18 @@ def test_generate_takes_it(make_model):
     assert ours == generate(layers_only(make_model(MOE)), [[1, 2, 3]], 10, temperature=0.0)
 
 
+def test_what_it_keeps_works_outside_inference_mode(make_model):
+    """The experts' stacks and the rotations it makes while generate runs in inference mode are normal tensors:
+    the model then trains, and converts and decodes again."""
+    model = make_model(MOE)
+    generate(model, [[1, 2, 3]], 4, temperature=0.0)  # stacks the experts (in inference mode)
+    assert all(not p.is_inference() for p in model.parameters())
+    model.compute_loss(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).loss.backward()
+    model.to(torch.bfloat16)
+    assert generate(model, [[1, 2, 3]], 4, temperature=0.0) == generate(
+        layers_only(make_model(MOE).to(torch.bfloat16)), [[1, 2, 3]], 4, temperature=0.0)
+
+
 def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
     model = make_model(DENSE)
     block = decode_step.plan(model)[0]

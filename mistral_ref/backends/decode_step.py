@@ -217,7 +217,8 @@ def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:
             return None
     elif type(ff) is MoeLayer:
         if ff.stacked is None:
-            stack_experts(ff)  # (experts of different shapes stay unstacked: not taken)
+            with torch.inference_mode(False):  # normal tensors: the parameters become views of the stacks
+                stack_experts(ff)  # (experts of different shapes stay unstacked: not taken)
         if ff.stacked is None:
             return None
         ffn = None
@@ -256,6 +257,7 @@ def rotations(model: Transformer, position: int) -> torch.Tensor:
     if kept is not None and kept[0] == key and kept[1].shape[0] > position:
         return kept[1]
     n = 1 << max(position, 255).bit_length()
-    table = torch.view_as_real(rope_rotations(torch.arange(n)[None], a.rope_dim, a.rope_theta, a.yarn))[0]
-    model.__dict__[ROTATIONS] = (key, table.contiguous())
+    with torch.inference_mode(False):  # a normal tensor, kept across modes
+        table = torch.view_as_real(rope_rotations(torch.arange(n)[None], a.rope_dim, a.rope_theta, a.yarn))[0]
+        model.__dict__[ROTATIONS] = (key, table.contiguous())
     return model.__dict__[ROTATIONS][1]

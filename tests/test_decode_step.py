@@ -12,6 +12,7 @@ from conftest import FP32_RTOL, rel_err
 from torch import nn
 
 from mistral_ref.backends import cpu_gemv, decode_step
+from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.cache import CacheOverflowError, KVCache
 from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs
 from mistral_ref.generation import generate
@@ -57,20 +58,34 @@ def blocks_called(model, **kw) -> int:
     return sum(e.name == "mistral_ref::decode_block" for e in prof.events())
 
 
-@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
-def test_fp32_equals_the_layers_and_the_reference(args, make_model):
+def stacked(model):
+    """The model with its experts stacked (backends/moe.py), as the CLI and compile_decode lay them out."""
+    stack_all_experts(model)
+    return model
+
+
+@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked)],
+                         ids=["dense", "moe", "moe-stacked"])
+def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
     model = make_model(args)
+    if layout:
+        layout(model)
+    parameters = list(model.parameters())
     assert blocks_called(model) == STEPS * args.n_layers  # every step, every block
+    assert all(a is b for a, b in zip(parameters, model.parameters(), strict=True))  # none replaced
     fused, fused_tokens = decode(model)
     layers, layer_tokens = decode(layers_only(make_model(args)))
     reference, reference_tokens = decode(make_model(args).set_backend("reference"))
+    if layout:  # stacked experts decode as their own tensors do
+        assert fused_tokens == decode(make_model(args))[1]
     assert rel_err(fused, layers) < FP32_RTOL and rel_err(fused, reference) < FP32_RTOL
     assert fused_tokens == layer_tokens == reference_tokens
 
 
-@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked)],
+                         ids=["dense", "moe", "moe-stacked"])
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
-def test_bf16_and_quantized_equal_the_layers(args, scheme, make_model):
+def test_bf16_and_quantized_equal_the_layers(args, layout, scheme, make_model):
     """The same kernels and roundings as the eager layers: equal but where SiLU's expf and torch's exp differ in
     fp32's last bit and that moves a bf16 rounding (in practice: bitwise)."""
     models = []
@@ -78,6 +93,8 @@ def test_bf16_and_quantized_equal_the_layers(args, scheme, make_model):
         model = make_model(args).to(torch.bfloat16)
         if scheme:
             quantize_model(model, scheme, group_size=32)
+        if layout:
+            layout(model)
         models.append(model)
     assert blocks_called(models[0], steps=3) == 3 * args.n_layers
     fused, fused_tokens = decode(models[0])
@@ -163,10 +180,11 @@ def test_generate_takes_it(make_model):
 
 
 def test_what_it_keeps_works_outside_inference_mode(make_model):
-    """The experts' stacks and the rotations it makes while generate runs in inference mode are normal tensors:
-    the model then trains, and converts and decodes again."""
+    """It replaces no parameter, and the table of rotations it keeps from a generate (in inference mode) is a
+    normal tensor: the model then trains, and converts and decodes again."""
     model = make_model(MOE)
-    generate(model, [[1, 2, 3]], 4, temperature=0.0)  # stacks the experts (in inference mode)
+    generate(model, [[1, 2, 3]], 4, temperature=0.0)
+    assert not model.__dict__[decode_step.ROTATIONS][1].is_inference()
     assert all(not p.is_inference() for p in model.parameters())
     model.compute_loss(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]])).loss.backward()
     model.to(torch.bfloat16)

@@ -46,6 +46,12 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
                int64_t window, void *out, int io_bf16, int64_t batch, int64_t slots, int64_t heads, int64_t kv_heads,
                int64_t head_dim, int threads);
 int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps);
+int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts, int64_t dim,
+                    int64_t k, float *logits, int64_t *index, float *weights);
+int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, const void *const *s1,
+                  const void *const *w3, const void *const *s3, const void *const *w2, const void *const *s2,
+                  int scales_bf16, int64_t group, const float *weights, int64_t k, int64_t hidden, int64_t dim,
+                  void *out, int threads);
 void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot);
 void add_rows(const void *a, const void *b, void *out, int io_bf16, int64_t n);
 void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n);
@@ -403,7 +409,8 @@ void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p
 //   x = rms_norm(h, attn_norm); q, k, v = x wq.T, x wk.T, x wv.T; rotate q and k by rot[position] (rot: (N,
 //   head_dim / 2, 2) fp32, cos and sin of every pair for positions 0 .. N-1; position -1 as 0); write k, v, position into slot position % slots of the cache; a = attention of q to the cache
 //   (window: -1 for none); h1 = h + a wo.T; x = rms_norm(h1, ffn_norm); h2 = h1 + w2(silu(x w1.T) * x w3.T) (a
-//   dense block: ffn = w1, w3, w2) or h1 + Mixtral's experts (gate: the router, ffn = the stacked w1, w3, w2).
+//   dense block: ffn = w1, w3, w2) or h1 + Mixtral's experts (gate: the router; ffn = the stacked w1, w3, w2, or
+//   every expert's own w1, then w3, then w2: moe.route's choice as C loops, then the chosen experts' products).
 // attn = wq, wk, wv, wo and ffn: bf16 / fp32 weights of h's dtype (scales empty), or int8 / int4 codes with their
 // scales (group_size for int4).  Returns h2 (1, 1, dim) and the router's logits (1, E) fp32 (empty when dense).
 std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &position, const Tensor &rot_,
@@ -443,28 +450,35 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
   const char *attn_names[4] = {"wq", "wk", "wv", "wo"};
   for (size_t p = 0; p < 4; p++) check_weight(attn_names[p], attn, attn_scales, p, outs[p], ins[p], dtype, group);
-  const bool moe = gate_.has_value();
-  TORCH_CHECK_VALUE(ffn.size() == 3 && (ffn_scales.empty() || ffn_scales.size() == 3),
-                    "decode_block: ffn must be w1, w3, w2 (and their scales, if quantized)");
-  int64_t hidden;
-  Tensor gate;
-  if (moe) {
-    gate = gate_->contiguous();
-    auto [n_experts, hid, d] = check_experts_swiglu(h.view({1, dim}), ffn_scales.empty() ? float_kind(ffn[0])
-                                                    : scheme(ffn[0]), ffn[0], ffn_scales.empty() ? Tensor()
-                                                    : ffn_scales[0], ffn[1], ffn_scales.empty() ? Tensor()
-                                                    : ffn_scales[1], ffn[2], ffn_scales.empty() ? Tensor()
-                                                    : ffn_scales[2], group);
-    TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(0) == n_experts && gate.size(1) == dim && is_float(gate) &&
-                          gate.is_cpu() && top_k >= 1 && top_k <= std::min<int64_t>(n_experts, 64),
-                      "decode_block: the router must be (", n_experts, ", ", dim, ") bf16 or fp32, top_k 1 .. ",
-                      std::min<int64_t>(n_experts, 64), "; got ", gate.sizes(), ", ", top_k);
+  const bool moe = gate_.has_value(), quantized_ffn = !ffn_scales.empty();
+  Tensor gate = moe ? gate_->contiguous() : Tensor();
+  const int64_t n_experts = moe ? gate.size(0) : 0;
+  // Mixtral's experts stacked (w1, w3, w2: (E, out, in) each), or each expert's own tensors (w1 of experts 0 ..
+  // E-1, then w3, then w2); a dense block's w1, w3, w2
+  const bool stacked = moe && ffn.size() == 3 && ffn[0].dim() == 3;
+  TORCH_CHECK_VALUE((ffn.size() == 3 || (moe && !stacked && ffn.size() == static_cast<size_t>(3 * n_experts))) &&
+                        (!quantized_ffn || ffn_scales.size() == ffn.size()) && !ffn.empty(),
+                    "decode_block: ffn must be w1, w3, w2 (stacked, for experts) or every expert's w1, w3 and w2 "
+                    "(and their scales, if quantized), got ", ffn.size(), " tensors for ", n_experts, " experts");
+  int64_t hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
+  if (moe)
+    TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(1) == dim && is_float(gate) && gate.is_cpu() && top_k >= 1 &&
+                          top_k <= std::min<int64_t>(n_experts, 64),
+                      "decode_block: the router must be (E, ", dim, ") bf16 or fp32, top_k 1 .. min(E, 64); got ",
+                      gate.sizes(), ", ", top_k);
+  if (stacked) {
+    const int64_t kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
+    auto [experts, hid, d] = check_experts_swiglu(h.view({1, dim}), kind, ffn[0], quantized_ffn ? ffn_scales[0] :
+                                                  Tensor(), ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
+                                                  quantized_ffn ? ffn_scales[2] : Tensor(), group);
+    TORCH_CHECK_VALUE(experts == n_experts, "decode_block: ", experts, " stacked experts for a router of ",
+                      n_experts);
     hidden = hid;
   } else {
-    hidden = ffn[0].dim() == 2 ? ffn[0].size(0) : 0;
-    const int64_t f_outs[3] = {hidden, hidden, dim}, f_ins[3] = {dim, dim, hidden};
+    const int64_t e = moe ? n_experts : 1, f_outs[3] = {hidden, hidden, dim}, f_ins[3] = {dim, dim, hidden};
     const char *ffn_names[3] = {"w1", "w3", "w2"};
-    for (size_t p = 0; p < 3; p++) check_weight(ffn_names[p], ffn, ffn_scales, p, f_outs[p], f_ins[p], dtype, group);
+    for (size_t p = 0; p < ffn.size(); p++)
+      check_weight(ffn_names[p / e], ffn, ffn_scales, p, f_outs[p / e], f_ins[p / e], dtype, group);
   }
 
   // scratch of h's dtype: x (dim), q, k, v, the attention's output, its projection, h1 (dim), gate, up (hidden)
@@ -496,13 +510,30 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   products(a, io, q_dim, attn, attn_scales, 3, 1, group, wo_out, threads);
   add_rows(h.data_ptr(), o, h1, io, dim);
   rms_norm_rows(h1, ffn_norm.data_ptr(), x, io, 1, dim, static_cast<float>(eps));
-  if (moe) {
-    const bool quantized = !ffn_scales.empty();
+  if (moe && !stacked) {  // moe.route (the C loops of moe_one_token), then the chosen experts' own tensors
+    int64_t index[64];
+    float weights[64];
+    route_one_token(x, io, gate.data_ptr(), bf16(gate), n_experts, dim, top_k, logits.data_ptr<float>(), index,
+                    weights);
+    std::vector<const void *> chosen(6 * top_k, nullptr);  // w1, s1, w3, s3, w2, s2: top_k each
+    for (int64_t k = 0; k < top_k; k++)
+      for (int64_t p = 0; p < 3; p++) {
+        TORCH_CHECK_INDEX(index[k] >= 0 && index[k] < n_experts, "decode_block: the router chose no expert");
+        chosen[(2 * p) * top_k + k] = ffn[p * n_experts + index[k]].data_ptr();
+        if (quantized_ffn) chosen[(2 * p + 1) * top_k + k] = ffn_scales[p * n_experts + index[k]].data_ptr();
+      }
+    const void *const *c = chosen.data();
+    done(swiglu_chosen(x, io, quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]), c, c + top_k, c + 2 * top_k,
+                       c + 3 * top_k, c + 4 * top_k, c + 5 * top_k, quantized_ffn ? bf16(ffn_scales[0]) : 0, group,
+                       weights, top_k, hidden, dim, ff, threads),
+         1, dim);
+  } else if (moe) {
+    const bool quantized = quantized_ffn;
     done(moe_one_token(x, io, gate.data_ptr(), bf16(gate), top_k, quantized ? scheme(ffn[0]) : float_kind(ffn[0]),
                        ffn[0].data_ptr(), quantized ? ffn_scales[0].data_ptr() : nullptr, ffn[1].data_ptr(),
                        quantized ? ffn_scales[1].data_ptr() : nullptr, ffn[2].data_ptr(),
                        quantized ? ffn_scales[2].data_ptr() : nullptr, quantized ? bf16(ffn_scales[0]) : 0, group,
-                       ffn[0].size(0), hidden, dim, ff, logits.data_ptr<float>(), threads),
+                       n_experts, hidden, dim, ff, logits.data_ptr<float>(), threads),
          1, dim);
   } else {
     void *gate_up[2] = {g, up};

@@ -17,8 +17,9 @@ step; it returns None, and the layers run as usual, unless every one of these ho
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
 * every block has grouped-query attention with RoPE over the whole head (no latent attention, no query scaling
-  by position) and a dense SwiGLU or Mixtral's experts (stacked here, as compiled decoding stacks them: the
-  parameters become views of the stacks); every weight is of the model's dtype (bf16 or fp32) or quantized
+  by position) and a dense SwiGLU or Mixtral's experts (stacked by backends/moe.py's stack_experts, as the CLI
+  and compiled decoding lay them out, or each expert's own weights: the step never replaces a parameter); every
+  weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
 * every layer's cache is a plain batch-1 LayerCache of the model's dtype;
 * no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe), and
@@ -34,7 +35,6 @@ import torch.nn.modules.module as nn_module
 
 from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv
-from mistral_ref.backends.moe import stack_experts
 from mistral_ref.backends.rope import rope_rotations
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.moe import FeedForward, MoeLayer
@@ -165,12 +165,12 @@ class Block:
         attn = self.attn.tensors(dtype)
         if attn is None or any(w.dtype != dtype for w in self.norms[:2]):
             return None
-        if self.moe is None:
+        if self.moe is not None and (self.moe.stacked is not self.stacked or self.gate.dtype != dtype):
+            return None  # (the experts were stacked, or their stacks dropped by a conversion: plan again)
+        if self.stacked is None:
             ffn = self.ffn.tensors(dtype)
             group = max(self.attn.group, self.ffn.group)
         else:
-            if self.moe.stacked is not self.stacked or self.gate.dtype != dtype:
-                return None
             ffn = experts_of(self.stacked, dtype)
             experts_group = self.stacked[0].group_size if isinstance(self.stacked[0], QuantizedExperts) else 0
             group = max(self.attn.group, experts_group or 0)
@@ -181,8 +181,7 @@ class Block:
 
 def plan(model: Transformer) -> list[Block] | None:
     """A Block for every layer, or None if a layer is not one decode_block takes.  Kept on the model until a
-    module, parameter or buffer is assigned anywhere, or the model's dtype or backend changes; stacks Mixtral's
-    experts on first use (backends/moe.py: stack_experts)."""
+    module, parameter or buffer is assigned anywhere, or the model's dtype or backend changes."""
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))
     kept = model.__dict__.get(PLAN)
     if kept is not None and kept[0] == key:
@@ -197,7 +196,6 @@ def plan(model: Transformer) -> list[Block] | None:
                 blocks = None
                 break
             blocks.append(block)
-    key = (_registrations, model.dtype, id(model.ops), len(model.layers))  # (stacking the experts registers)
     model.__dict__[PLAN] = (key, blocks)
     model.__dict__[HOOKS] = tuple(d for layer in model.layers for m in layer.modules()
                                   for d in (m._forward_hooks, m._forward_pre_hooks))
@@ -206,7 +204,7 @@ def plan(model: Transformer) -> list[Block] | None:
 
 def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:
     """The Block of a layer decode_block takes: grouped-query attention without query scaling, a dense SwiGLU
-    or Mixtral's experts (stacked here); None for any other."""
+    or Mixtral's experts (stacked, or each expert's own weights); None for any other."""
     attention, ff = layer.attention, layer.feed_forward
     if type(attention) is not Attention or attention.llama_4_scaling is not None:
         return None
@@ -215,13 +213,11 @@ def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:
         ffn = Weights.of([ff.w1.weight, ff.w3.weight, ff.w2.weight], dtype)
         if ffn is None:
             return None
-    elif type(ff) is MoeLayer:
-        if ff.stacked is None:
-            with torch.inference_mode(False):  # normal tensors: the parameters become views of the stacks
-                stack_experts(ff)  # (experts of different shapes stay unstacked: not taken)
-        if ff.stacked is None:
+    elif type(ff) is MoeLayer:  # stacked (backends/moe.py: stack_experts), or each expert's own tensors
+        ffn = None if ff.stacked is not None else Weights.of(
+            [getattr(e, name).weight for name in ("w1", "w3", "w2") for e in ff.experts], dtype)
+        if ff.stacked is None and ffn is None:
             return None
-        ffn = None
     else:
         return None
     if attn is None or (ffn is not None and attn.group and ffn.group and attn.group != ffn.group):

@@ -5,12 +5,14 @@ Mixtral's experts, bf16, int8 and int4; when it is taken and when not; its kept 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 from conftest import FP32_RTOL, rel_err
 from torch import nn
 
+from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv, decode_step
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.cache import CacheOverflowError, KVCache
@@ -139,6 +141,19 @@ def test_not_taken_where_it_does_not_apply(make_model):
         assert blocks_called(make_model(DENSE), steps=2) == 0
     finally:
         handle.remove()
+    # a forward replaced on a class (an intervention patched in by a test's conftest) or on one module
+    patched, real = make_model(DENSE), Attention.forward
+    decode(patched, steps=2)
+    try:
+        Attention.forward = lambda self, *a, **k: real(self, *a, **k) * 1.001
+        assert blocks_called(patched, steps=2) == 0
+        Attention.forward = functools.wraps(real)(lambda self, *a, **k: real(self, *a, **k))
+        assert blocks_called(patched, steps=2) == 0
+    finally:
+        Attention.forward = real
+    assert blocks_called(patched, steps=2) == 2 * DENSE.n_layers
+    patched.layers[2].feed_forward.forward = lambda x, ops: torch.zeros_like(x)
+    assert blocks_called(patched, steps=2) == 0
     # query scaling by position (Ministral 3): not a block decode_block computes
     scaled = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
     assert blocks_called(make_model(scaled), steps=2) == 0

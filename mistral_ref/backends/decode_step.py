@@ -22,8 +22,9 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
 * every layer's cache is a plain batch-1 LayerCache of the model's dtype;
-* no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe), and
-  no global forward hook is registered: the step calls no block's forward, so it would skip them.
+* no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe) or a
+  forward replaced on its class or on itself (a patch, an intervention), and no global forward hook is registered:
+  the step calls no block's forward, so it would skip them.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
     blocks, dtype = plan(model), model.dtype
-    if blocks is None or any(model.__dict__[HOOKS]) or any(_GLOBAL_HOOKS):
-        return None  # a forward hook on a part of a block (tensor parallelism's all-reduce, a probe) must run
+    if blocks is None or any(_GLOBAL_HOOKS):
+        return None
+    _, _, _, hooks, instances = model.__dict__[PLAN]
+    if any(hooks) or any("forward" in d for d in instances):
+        return None  # a hook on a part of a block (tensor parallelism's all-reduce, a probe) or a patched forward
     steps = []
     for block, layer_cache in zip(blocks, cache.layers):
         args = block.arguments(dtype)
@@ -104,7 +108,6 @@ nn_module.register_module_buffer_registration_hook(_registered)
 nn_module.register_module_module_registration_hook(_registered)
 
 PLAN = "_decode_step_plan"  # where a model keeps its plan
-HOOKS = "_decode_step_hooks"  # and the forward-hook dicts of every module inside its blocks (the step skips them)
 
 
 class Weights:
@@ -184,10 +187,12 @@ def plan(model: Transformer) -> list[Block] | None:
     module, parameter or buffer is assigned anywhere, or the model's dtype or backend changes."""
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))
     kept = model.__dict__.get(PLAN)
-    if kept is not None and kept[0] == key:
+    if kept is not None and kept[0] == key and all(cls.forward is f for cls, f in kept[2]):
         return kept[1]
     a, dtype, blocks = model.args, model.dtype, []
-    if a.rope_dim != a.head_dim or dtype not in _FLOATS:
+    modules = [m for layer in model.layers for m in layer.modules()]
+    forwards = tuple((cls, cls.forward) for cls in {type(m) for m in modules})
+    if a.rope_dim != a.head_dim or dtype not in _FLOATS or not all(own(cls, f) for cls, f in forwards):
         blocks = None
     else:
         for layer in model.layers:
@@ -196,10 +201,16 @@ def plan(model: Transformer) -> list[Block] | None:
                 blocks = None
                 break
             blocks.append(block)
-    model.__dict__[PLAN] = (key, blocks)
-    model.__dict__[HOOKS] = tuple(d for layer in model.layers for m in layer.modules()
-                                  for d in (m._forward_hooks, m._forward_pre_hooks))
+    # (the forward-hook dicts and the instance dicts of every module inside the blocks, checked at every step)
+    skipped = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+    model.__dict__[PLAN] = (key, blocks, forwards, skipped, tuple(vars(m) for m in modules))
     return blocks
+
+
+def own(cls: type, forward) -> bool:
+    """Whether cls.forward is the one its class defines (not replaced or wrapped by a patch: the step skips it)."""
+    defining = next(c for c in cls.__mro__ if "forward" in vars(c))  # (nn.ModuleList: nn.Module's placeholder)
+    return getattr(forward, "__module__", None) == defining.__module__ and not hasattr(forward, "__wrapped__")
 
 
 def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:

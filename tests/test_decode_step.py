@@ -105,6 +105,40 @@ def test_bf16_and_quantized_equal_the_layers(args, layout, scheme, make_model):
     assert fused_tokens == layer_tokens
 
 
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_several_rows_at_their_own_positions(scheme, make_model):
+    """A bf16 batch of 3 rows at different positions, one of them padding (-1) at every step, past the window:
+    equal to the layers' step (whose cache write is then the masked scatter); int4 and experts: not taken."""
+    def run(model):
+        model = model.to(torch.bfloat16)
+        if scheme:
+            quantize_model(model, scheme)
+        cache = KVCache(DENSE, 3, 32, torch.bfloat16, "cpu")
+        tokens = torch.randint(0, DENSE.vocab_size, (3, 1), generator=torch.Generator().manual_seed(2))
+        out = []
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            for i in range(20):
+                positions = torch.tensor([[i], [2 * i + 1], [-1 if i % 3 == 0 else i + 5]])
+                logits = model(tokens, positions, cache)
+                out.append(logits[:, 0])
+                tokens = logits[:, -1].argmax(-1, keepdim=True)
+        calls = sum(e.name == "mistral_ref::decode_block" for e in prof.events())
+        return torch.stack(out), calls, cache
+    fused, calls, cache = run(make_model(DENSE))
+    layers, _, layer_cache = run(layers_only(make_model(DENSE)))
+    assert calls == 20 * DENSE.n_layers
+    assert rel_err(fused, layers) < 1e-2 and fused.argmax(-1).equal(layers.argmax(-1))
+    for a, b in zip(cache.layers, layer_cache.layers, strict=True):
+        assert torch.equal(a.pos, b.pos) and rel_err(a.k, b.k) < 1e-2
+    tokens, positions = torch.zeros(2, 1, dtype=torch.long), torch.tensor([[0], [3]])
+    for args, q in ((DENSE, "int4"), (MOE, None)):
+        model = make_model(args).to(torch.bfloat16)
+        if q:
+            quantize_model(model, q)
+        with torch.inference_mode():
+            assert decode_step.decode_step(model, tokens, positions, KVCache(args, 2, 8, torch.bfloat16, "cpu")) is None
+
+
 def test_positions_past_the_rotation_table_and_the_caches_end(make_model):
     """Positions from 300 (the table of rotations grows past 256), a full cache that overflows as the layers'."""
     args = dataclasses.replace(DENSE, sliding_window=None)
@@ -121,7 +155,7 @@ def test_not_taken_where_it_does_not_apply(make_model):
     cache = KVCache(DENSE, 2, 16, torch.float32, "cpu")
     tokens, positions = torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
     with torch.inference_mode():
-        assert decode_step.decode_step(model, tokens, positions, cache) is None  # two rows
+        assert decode_step.decode_step(model, tokens, positions, cache) is None  # two rows of an fp32 model
         assert decode_step.decode_step(model, tokens[:1], positions[:1], None) is None  # no cache
     one = KVCache(DENSE, 1, 16, torch.float32, "cpu")
     assert torch.is_grad_enabled() and decode_step.decode_step(model, tokens[:1], positions[:1], one) is None

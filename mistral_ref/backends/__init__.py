@@ -57,7 +57,7 @@ class Backend:
     latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
                      v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
     prepare(model) -> None: run by set_backend, e.g. to lay experts out as the backend reads them.
-    decode_step(model, tokens (1, 1), positions (1, 1), cache, logits_at) -> logits (1, 1, vocab) or None:
+    decode_step(model, tokens (B, 1), positions (B, 1), cache, logits_at) -> logits (B, 1, vocab) or None:
         optional, a whole decode step in the backend's own way (model.forward asks it first; None: the layers
         run); dropped when with_parts replaces any family, since it would not call the replacement.
     """

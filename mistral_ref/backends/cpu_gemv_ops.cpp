@@ -360,8 +360,8 @@ Tensor op_attend_one(const Tensor &q_, const Tensor &k_, const Tensor &v_, const
 // The products y_p = x @ w_p.T of one row x (in values of x's dtype) by weights w[first .. first + n) with their
 // scales s (empty for bf16 / fp32 weights), as backends/linear.py calls the kernels eagerly: one weight through
 // gemv_float / gemv_int8 / gemv_int4, several through the *_many forms (x converted once).
-void products(const void *x, int io_bf16, int64_t in, at::TensorList w, at::TensorList s, size_t first, size_t n,
-              int64_t group, void *const *y, int threads) {
+void products(const void *x, int io_bf16, int64_t rows, int64_t in, at::TensorList w, at::TensorList s, size_t first,
+              size_t n, int64_t group, void *const *y, int threads) {
   std::vector<const void *> ws, ss;
   std::vector<int64_t> outs;
   for (size_t p = first; p < first + n; p++) {
@@ -372,21 +372,22 @@ void products(const void *x, int io_bf16, int64_t in, at::TensorList w, at::Tens
   int code;
   if (s.empty()) {
     const int w_f32 = w[first].scalar_type() == at::kFloat;
-    code = n == 1 ? gemv_float(x, ws[0], w_f32, y[0], io_bf16, 1, outs[0], in, threads)
-                  : gemv_float_many(x, n, ws.data(), w_f32, y, outs.data(), io_bf16, 1, in, threads);
+    code = n == 1 ? gemv_float(x, ws[0], w_f32, y[0], io_bf16, rows, outs[0], in, threads)
+                  : gemv_float_many(x, n, ws.data(), w_f32, y, outs.data(), io_bf16, rows, in, threads);
   } else if (w[first].scalar_type() == at::kChar) {
     const int sb = bf16(s[first]);
-    code = n == 1 ? gemv_int8(x, static_cast<const int8_t *>(ws[0]), ss[0], sb, y[0], io_bf16, 1, outs[0], in, threads)
+    code = n == 1 ? gemv_int8(x, static_cast<const int8_t *>(ws[0]), ss[0], sb, y[0], io_bf16, rows, outs[0], in,
+                              threads)
                   : gemv_int8_many(x, n, reinterpret_cast<const int8_t *const *>(ws.data()), ss.data(), sb, y,
-                                   outs.data(), io_bf16, 1, in, threads);
+                                   outs.data(), io_bf16, rows, in, threads);
   } else {
     const int sb = bf16(s[first]);
-    code = n == 1 ? gemv_int4(x, static_cast<const uint8_t *>(ws[0]), ss[0], sb, y[0], io_bf16, 1, outs[0], in, group,
-                              threads)
+    code = n == 1 ? gemv_int4(x, static_cast<const uint8_t *>(ws[0]), ss[0], sb, y[0], io_bf16, rows, outs[0], in,
+                              group, threads)
                   : gemv_int4_many(x, n, reinterpret_cast<const uint8_t *const *>(ws.data()), ss.data(), sb, y,
-                                   outs.data(), io_bf16, 1, in, group, threads);
+                                   outs.data(), io_bf16, rows, in, group, threads);
   }
-  done(code, 1, in);
+  done(code, rows, in);
 }
 
 // w[p] (`what`: its name; (out, in)) with its scales s[p] (none: a float weight of x's dtype) fits a product
@@ -404,15 +405,19 @@ void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p
                     s.empty() ? "" : " (quantized)", " does not fit (", out, ", ", in, ") ", dtype);
 }
 
-// A decode step of one transformer block for one token (batch 1) at `position` (1, 1), the steps and roundings of
-// the "torch" backend's eager step (model.TransformerBlock with backends/pytorch.py's functions, in h's dtype):
+// A decode step of one transformer block for one token per row (B rows, h (B, 1, dim)) at `position` (B, 1), the
+// steps and roundings of the "torch" backend's eager step (model.TransformerBlock with backends/pytorch.py's
+// functions, in h's dtype), row by row:
 //   x = rms_norm(h, attn_norm); q, k, v = x wq.T, x wk.T, x wv.T; rotate q and k by rot[position] (rot: (N,
-//   head_dim / 2, 2) fp32, cos and sin of every pair for positions 0 .. N-1; position -1 as 0); write k, v, position into slot position % slots of the cache; a = attention of q to the cache
+//   head_dim / 2, 2) fp32, cos and sin of every pair for positions 0 .. N-1; position -1 as 0); write k, v and the
+//   position into slot position % slots of the row's cache (a row at -1 is padding: nothing written); a =
+//   attention of q to the cache
 //   (window: -1 for none); h1 = h + a wo.T; x = rms_norm(h1, ffn_norm); h2 = h1 + w2(silu(x w1.T) * x w3.T) (a
 //   dense block: ffn = w1, w3, w2) or h1 + Mixtral's experts (gate: the router; ffn = the stacked w1, w3, w2, or
 //   every expert's own w1, then w3, then w2: moe.route's choice as C loops, then the chosen experts' products).
 // attn = wq, wk, wv, wo and ffn: bf16 / fp32 weights of h's dtype (scales empty), or int8 / int4 codes with their
-// scales (group_size for int4).  Returns h2 (1, 1, dim) and the router's logits (1, E) fp32 (empty when dense).
+// scales (group_size for int4).  Mixtral's experts: one row only.  Returns h2 (B, 1, dim) and the router's logits
+// (1, E) fp32 (empty when dense).
 std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &position, const Tensor &rot_,
                                            const Tensor &attn_norm, const Tensor &ffn_norm, double eps,
                                            at::TensorList attn, at::TensorList attn_scales, at::TensorList ffn,
@@ -423,30 +428,34 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   const at::ScalarType dtype = h.scalar_type();
   const int io = dtype == at::kBFloat16 ? 1 : 0, threads = static_cast<int>(threads_);
   const int64_t dim = h.size(-1);
-  TORCH_CHECK_VALUE(is_float(h) && h.is_cpu() && h.numel() == dim, "decode_block: h must be one bf16 or fp32 row "
-                    "on the CPU, got ", h.sizes(), " ", h.scalar_type());
-  TORCH_CHECK_VALUE(position.numel() == 1 && position.scalar_type() == at::kLong && position.is_cpu(),
-                    "decode_block: position must be one int64 on the CPU, got ", position.sizes());
-  TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == 1 && cache_k.sizes() == cache_v.sizes() &&
+  const int64_t rows = h.dim() == 3 && h.size(1) == 1 ? h.size(0) : 0;
+  TORCH_CHECK_VALUE(is_float(h) && h.is_cpu() && rows > 0, "decode_block: h must be (B, 1, dim) bf16 or fp32 on the "
+                    "CPU, got ", h.sizes(), " ", h.scalar_type());
+  TORCH_CHECK_VALUE(position.dim() == 2 && position.size(0) == rows && position.size(1) == 1 &&
+                        position.scalar_type() == at::kLong && position.is_cpu() && position.is_contiguous(),
+                    "decode_block: position must be (", rows, ", 1) int64 on the CPU, got ", position.sizes());
+  TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == rows && cache_k.sizes() == cache_v.sizes() &&
                         cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype && cache_k.is_contiguous() &&
                         cache_v.is_contiguous() && cache_k.is_cpu() && cache_v.is_cpu() && cache_pos.dim() == 2 &&
-                        cache_pos.size(0) == 1 && cache_pos.size(1) == cache_k.size(1) &&
+                        cache_pos.size(0) == rows && cache_pos.size(1) == cache_k.size(1) &&
                         cache_pos.scalar_type() == at::kLong && cache_pos.is_contiguous() && cache_pos.is_cpu() &&
                         cache_k.size(1) > 0 && window >= -1,
-                    "decode_block: the cache must be k, v (1, slots, kv_heads, head_dim) of h's dtype and pos (1, "
-                    "slots) int64, got ", cache_k.sizes(), " ", cache_k.scalar_type(), ", ", cache_pos.sizes());
+                    "decode_block: the cache must be k, v (", rows, ", slots, kv_heads, head_dim) of h's dtype and pos "
+                    "(", rows, ", slots) int64, got ", cache_k.sizes(), " ", cache_k.scalar_type(), ", ", cache_pos.sizes());
   const int64_t slots = cache_k.size(1), kv_heads = cache_k.size(2), head_dim = cache_k.size(3);
   TORCH_CHECK_VALUE(attn.size() == 4 && (attn_scales.empty() || attn_scales.size() == 4) && head_dim % 2 == 0 &&
                         attn[0].dim() == 2 && attn[0].size(0) % head_dim == 0 && attn[0].size(0) > 0,
                     "decode_block: attn must be wq, wk, wv, wo (and their scales, if quantized)");
   const int64_t heads = attn[0].size(0) / head_dim, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
-  const int64_t pos = position.data_ptr<int64_t>()[0], turn = pos < 0 ? 0 : pos;  // rope_angles: -1 turns as 0
+  const int64_t *pos = position.data_ptr<int64_t>();
+  int64_t last = 0;  // the largest position (rope_angles turns -1 as 0)
+  for (int64_t r = 0; r < rows; r++) last = std::max(last, pos[r]);
   TORCH_CHECK_VALUE(heads % kv_heads == 0 && rot.scalar_type() == at::kFloat && rot.dim() == 3 &&
-                        rot.size(1) * 2 == head_dim && rot.size(2) == 2 && turn < rot.size(0) &&
+                        rot.size(1) * 2 == head_dim && rot.size(2) == 2 && last < rot.size(0) &&
                         attn_norm.numel() == dim && ffn_norm.numel() == dim && attn_norm.scalar_type() == dtype &&
                         ffn_norm.scalar_type() == dtype && attn_norm.is_contiguous() && ffn_norm.is_contiguous(),
                     "decode_block: ", heads, " query heads for ", kv_heads, " kv heads, rotations ", rot.sizes(),
-                    " (positions to ", pos, ", head_dim ", head_dim, " fp32), norms of ", dim, " ", dtype, " values");
+                    " (positions to ", last, ", head_dim ", head_dim, " fp32), norms of ", dim, " ", dtype, " values");
   const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
   const char *attn_names[4] = {"wq", "wk", "wv", "wo"};
   for (size_t p = 0; p < 4; p++) check_weight(attn_names[p], attn, attn_scales, p, outs[p], ins[p], dtype, group);
@@ -461,6 +470,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
                     "decode_block: ffn must be w1, w3, w2 (stacked, for experts) or every expert's w1, w3 and w2 "
                     "(and their scales, if quantized), got ", ffn.size(), " tensors for ", n_experts, " experts");
   int64_t hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
+  TORCH_CHECK_VALUE(!moe || rows == 1, "decode_block: Mixtral's experts take one row, got ", rows);
   if (moe)
     TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(1) == dim && is_float(gate) && gate.is_cpu() && top_k >= 1 &&
                           top_k <= std::min<int64_t>(n_experts, 64),
@@ -483,33 +493,38 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
 
   // scratch of h's dtype: x (dim), q, k, v, the attention's output, its projection, h1 (dim), gate, up (hidden)
   const int64_t size = io ? 2 : 4;
-  Tensor scratch = at::empty({(4 * dim + 2 * q_dim + 2 * kv_dim + 2 * hidden) * size}, h.options().dtype(at::kByte));
+  Tensor scratch = at::empty({rows * (4 * dim + 2 * q_dim + 2 * kv_dim + 2 * hidden) * size},
+                             h.options().dtype(at::kByte));
   char *p = static_cast<char *>(scratch.data_ptr());
-  char *x = p, *q = x + dim * size, *k = q + q_dim * size, *v = k + kv_dim * size, *a = v + kv_dim * size;
-  char *o = a + q_dim * size, *h1 = o + dim * size, *ff = h1 + dim * size, *up = ff + dim * size;
-  char *g = up + hidden * size;
+  const int64_t b = rows * size;  // bytes of one value in every row
+  char *x = p, *q = x + dim * b, *k = q + q_dim * b, *v = k + kv_dim * b, *a = v + kv_dim * b;
+  char *o = a + q_dim * b, *h1 = o + dim * b, *ff = h1 + dim * b, *up = ff + dim * b;
+  char *g = up + hidden * b;
   Tensor out = at::empty(h_.sizes(), h.options());
   Tensor logits = at::empty({moe ? 1 : 0, moe ? gate.size(0) : 0}, h.options().dtype(at::kFloat));
 
-  rms_norm_rows(h.data_ptr(), attn_norm.data_ptr(), x, io, 1, dim, static_cast<float>(eps));
+  rms_norm_rows(h.data_ptr(), attn_norm.data_ptr(), x, io, rows, dim, static_cast<float>(eps));
   void *qkv[3] = {q, k, v};
-  products(x, io, dim, attn, attn_scales, 0, 3, group, qkv, threads);
-  const float *rotation = rot.data_ptr<float>() + turn * head_dim;  // this position's (cos, sin) pairs
-  rope_heads(q, io, heads, head_dim, rotation);
-  rope_heads(k, io, kv_heads, head_dim, rotation);
-  if (pos >= 0) {  // backends/pytorch.py: update_cache (a row at -1 is padding: nothing written)
-    const int64_t slot = pos % slots;
-    std::copy(k, k + kv_dim * size, static_cast<char *>(cache_k.data_ptr()) + slot * kv_dim * size);
-    std::copy(v, v + kv_dim * size, static_cast<char *>(cache_v.data_ptr()) + slot * kv_dim * size);
-    cache_pos.data_ptr<int64_t>()[slot] = pos;
+  products(x, io, rows, dim, attn, attn_scales, 0, 3, group, qkv, threads);
+  for (int64_t r = 0; r < rows; r++) {
+    const float *rotation = rot.data_ptr<float>() + std::max<int64_t>(pos[r], 0) * head_dim;  // (cos, sin) pairs
+    char *qr = q + r * q_dim * size, *kr = k + r * kv_dim * size, *vr = v + r * kv_dim * size;
+    rope_heads(qr, io, heads, head_dim, rotation);
+    rope_heads(kr, io, kv_heads, head_dim, rotation);
+    if (pos[r] >= 0) {  // backends/pytorch.py: update_cache (a row at -1 is padding: nothing written)
+      const int64_t slot = r * slots + pos[r] % slots;
+      std::copy(kr, kr + kv_dim * size, static_cast<char *>(cache_k.data_ptr()) + slot * kv_dim * size);
+      std::copy(vr, vr + kv_dim * size, static_cast<char *>(cache_v.data_ptr()) + slot * kv_dim * size);
+      cache_pos.data_ptr<int64_t>()[slot] = pos[r];
+    }
   }
-  TORCH_CHECK(attend_one(q, cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr<int64_t>(), &pos, window, a, io,
-                         1, slots, heads, kv_heads, head_dim, threads) == 0,
+  TORCH_CHECK(attend_one(q, cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr<int64_t>(), pos, window, a, io,
+                         rows, slots, heads, kv_heads, head_dim, threads) == 0,
               "decode_block: no memory for the attention's scores");
   void *wo_out[1] = {o};
-  products(a, io, q_dim, attn, attn_scales, 3, 1, group, wo_out, threads);
-  add_rows(h.data_ptr(), o, h1, io, dim);
-  rms_norm_rows(h1, ffn_norm.data_ptr(), x, io, 1, dim, static_cast<float>(eps));
+  products(a, io, rows, q_dim, attn, attn_scales, 3, 1, group, wo_out, threads);
+  add_rows(h.data_ptr(), o, h1, io, rows * dim);
+  rms_norm_rows(h1, ffn_norm.data_ptr(), x, io, rows, dim, static_cast<float>(eps));
   if (moe && !stacked) {  // moe.route (the C loops of moe_one_token), then the chosen experts' own tensors
     int64_t index[64];
     float weights[64];
@@ -537,12 +552,12 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
          1, dim);
   } else {
     void *gate_up[2] = {g, up};
-    products(x, io, dim, ffn, ffn_scales, 0, 2, group, gate_up, threads);
-    silu_mul(g, up, g, io, hidden);
+    products(x, io, rows, dim, ffn, ffn_scales, 0, 2, group, gate_up, threads);
+    silu_mul(g, up, g, io, rows * hidden);
     void *down[1] = {ff};
-    products(g, io, hidden, ffn, ffn_scales, 2, 1, group, down, threads);
+    products(g, io, rows, hidden, ffn, ffn_scales, 2, 1, group, down, threads);
   }
-  add_rows(h1, ff, out.data_ptr(), io, dim);
+  add_rows(h1, ff, out.data_ptr(), io, rows * dim);
   return {out, logits};
 }
 

@@ -1,4 +1,4 @@
-"""A decode step of batch 1 with each transformer block in one operator call: ``torch.ops.mistral_ref.decode_block``
+"""A decode step with each transformer block in one operator call: ``torch.ops.mistral_ref.decode_block``
 (cpu_gemv_ops.cpp), the "torch" backend's eager decode step without the Python between a block's functions.
 
 Equals: the "torch" backend's eager step (model.TransformerBlock with backends/pytorch.py's functions, in the model's
@@ -13,7 +13,9 @@ between the operators.  Here a block is one call (figures: README "Speed on a CP
 
 Transformer.forward asks :func:`decode_step` (the "torch" backend's Backend.decode_step) first for every decode
 step; it returns None, and the layers run as usual, unless every one of these holds:
-* one row, one token, a KV cache; no autograd (generate runs in inference mode); on the CPU;
+* one token per row, a KV cache; no autograd (generate runs in inference mode); on the CPU; one row, or up to
+  MAX_ROWS rows of a bf16 model whose blocks are dense with bf16 or int8 weights (the products the C kernels take
+  for several rows in the layers' step too; rows may sit at different positions, -1 for padding);
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
 * every block has grouped-query attention with RoPE over the whole head (no latent attention, no query scaling
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # typing only: the model imports the backends, not the other 
     from mistral_ref.model import Transformer, TransformerBlock
 
 _FLOATS = (torch.bfloat16, torch.float32)
+MAX_ROWS = 31  # rows of a step (bf16 and int8 products of fewer than 32 rows are the C kernels', as in linear.py)
 # forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
 # blocks' forward calls, so it is not taken while there are any
 _GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
@@ -54,14 +57,16 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
     """model(tokens, positions, cache, logits_at=logits_at) for one token of one row, each block in one operator
     call; None where this step does not apply (see the module docstring: the caller then runs the layers).
-    tokens, positions: (1, 1) int64 -> logits (1, 1, vocab) fp32."""
-    if (tokens.shape != (1, 1) or cache is None or torch.is_grad_enabled() or tokens.device.type != "cpu"
+    tokens, positions: (B, 1) int64 -> logits (B, 1, vocab) fp32."""
+    rows = tokens.shape[0] if tokens.dim() == 2 and tokens.shape[1] == 1 else 0
+    if (not 0 < rows <= MAX_ROWS or cache is None or torch.is_grad_enabled() or tokens.device.type != "cpu"
             or len(cache.layers) != len(model.layers)):
         return None
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
     blocks, dtype = plan(model), model.dtype
-    if blocks is None or any(_GLOBAL_HOOKS):
+    if blocks is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16
+                                                                  and all(b.batchable for b in blocks))):
         return None
     _, _, _, hooks, instances = model.__dict__[PLAN]
     if any(hooks) or any("forward" in d for d in instances):
@@ -70,23 +75,23 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     for block, layer_cache in zip(blocks, cache.layers):
         args = block.arguments(dtype)
         k, v = layer_cache.k, layer_cache.v
-        if (args is None or type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != 1
+        if (args is None or type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != rows
                 or not (k.is_contiguous() and v.is_contiguous())):
             if args is None:  # a weight changed dtype or layout under the plan: plan again at the next step
                 model.__dict__.pop(PLAN, None)
             return None
         steps.append((block.norms, args, k, v, layer_cache.pos, block.window))
-    position = int(positions[0, 0])
+    position = int(positions.max())
     for layer_cache in cache.layers:  # a full layer's cache must hold the position (cache.LayerCache.check_fits)
         if not layer_cache.rolling and position >= layer_cache.capacity:
             layer_cache.check_fits(positions)
     rot = rotations(model, position)
     threads = torch.get_num_threads()
-    h = model.tok_embeddings(tokens)  # (1, 1, dim)
+    h = model.tok_embeddings(tokens)  # (B, 1, dim)
     for norms, args, k, v, pos, window in steps:
         h, _ = torch.ops.mistral_ref.decode_block(h, positions, rot, *norms, *args, k, v, pos, window, threads)
     ops = model.ops
-    return ops.linear(model.norm(h, ops), model.output_weight).float()  # (1, 1, vocab)
+    return ops.linear(model.norm(h, ops), model.output_weight).float()  # (B, 1, vocab)
 
 
 # ---- what a step reads, kept between steps -------------------------------------------------------------------
@@ -118,6 +123,7 @@ class Weights:
     def __init__(self, weights: list):
         first = weights[0]
         self.quantized = isinstance(first, QuantizedWeight)
+        self.int4 = self.quantized and first.scheme == "int4"
         self.group = (first.group_size or 0) if self.quantized else 0
         self.items = [(w._buffers, "scales" if w.scheme == "int8" else "scales_and_zeros") for w in weights] \
             if self.quantized else list(weights)
@@ -162,6 +168,8 @@ class Block:
         self.moe = ff if type(ff) is MoeLayer else None
         self.stacked = None if self.moe is None else ff.stacked  # (E, ...) stacks: replaced when the layer converts
         self.gate, self.top_k = (ff.gate.weight, ff.top_k) if self.moe is not None else (None, 0)
+        # several rows: dense blocks whose products the C kernels take for several rows, as the layers' do
+        self.batchable = self.moe is None and not (attn.int4 or ffn.int4)
 
     def arguments(self, dtype: torch.dtype) -> tuple | None:
         """(attn, attn_scales, ffn, ffn_scales, gate, top_k, group_size) now; None if they no longer fit."""

@@ -119,6 +119,8 @@ def test_several_rows_at_their_own_positions(scheme, make_model):
         with torch.inference_mode(), torch.profiler.profile() as prof:
             for i in range(20):
                 positions = torch.tensor([[i], [2 * i + 1], [-1 if i % 3 == 0 else i + 5]])
+                if i == 19:  # (positions a caller made by expanding one column: not contiguous)
+                    positions = torch.tensor([[i]]).expand(3, 1)
                 logits = model(tokens, positions, cache)
                 out.append(logits[:, 0])
                 tokens = logits[:, -1].argmax(-1, keepdim=True)

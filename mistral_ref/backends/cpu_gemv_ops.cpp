@@ -418,13 +418,13 @@ void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p
 // attn = wq, wk, wv, wo and ffn: bf16 / fp32 weights of h's dtype (scales empty), or int8 / int4 codes with their
 // scales (group_size for int4).  Mixtral's experts: one row only.  Returns h2 (B, 1, dim) and the router's logits
 // (1, E) fp32 (empty when dense).
-std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &position, const Tensor &rot_,
+std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &position_, const Tensor &rot_,
                                            const Tensor &attn_norm, const Tensor &ffn_norm, double eps,
                                            at::TensorList attn, at::TensorList attn_scales, at::TensorList ffn,
                                            at::TensorList ffn_scales, const std::optional<Tensor> &gate_,
                                            int64_t top_k, int64_t group, Tensor &cache_k, Tensor &cache_v,
                                            Tensor &cache_pos, int64_t window, int64_t threads_) {
-  Tensor h = h_.contiguous(), rot = rot_.contiguous();
+  Tensor h = h_.contiguous(), rot = rot_.contiguous(), position = position_.contiguous();
   const at::ScalarType dtype = h.scalar_type();
   const int io = dtype == at::kBFloat16 ? 1 : 0, threads = static_cast<int>(threads_);
   const int64_t dim = h.size(-1);
@@ -432,7 +432,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   TORCH_CHECK_VALUE(is_float(h) && h.is_cpu() && rows > 0, "decode_block: h must be (B, 1, dim) bf16 or fp32 on the "
                     "CPU, got ", h.sizes(), " ", h.scalar_type());
   TORCH_CHECK_VALUE(position.dim() == 2 && position.size(0) == rows && position.size(1) == 1 &&
-                        position.scalar_type() == at::kLong && position.is_cpu() && position.is_contiguous(),
+                        position.scalar_type() == at::kLong && position.is_cpu(),
                     "decode_block: position must be (", rows, ", 1) int64 on the CPU, got ", position.sizes());
   TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == rows && cache_k.sizes() == cache_v.sizes() &&
                         cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype && cache_k.is_contiguous() &&

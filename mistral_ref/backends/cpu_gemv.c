@@ -953,6 +953,18 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
 /* x's dtype: a float rounded to bf16 and back (io_bf16), or left as it is (fp32) */
 static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
+/* out = silu(gate) * up (n values of x's dtype), SiLU and the product each rounded to x's dtype, as
+ * F.silu(gate) * up computes SwiGLU's hidden activations (moe.FeedForward); C's expf may differ from torch's exp in
+ * the last bit of fp32.  out may be gate. */
+void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const float g = value_at(gate, j, io_bf16);
+        const float v = in_dtype(in_dtype(g / (1.0f + expf(-g)), io_bf16) * value_at(up, j, io_bf16), io_bf16);
+        if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(v); else ((float *)out)[j] = v;
+    }
+}
+
 /* The chosen experts' products, SiLU and weighted sum:
  *     out (1, dim) = sum_s weights[s] * W2_s (silu(W1_s x) * W3_s x),   s < k
  * w1[s], w3[s] (hidden, dim) and w2[s] (dim, hidden) slot s's weights: bf16 (kind 0: s1, s3, s2 unused), fp32
@@ -978,13 +990,7 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
         if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);
     }
     if (code) { free(buf); return code; }
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < k * hidden; j++) {  /* h = silu(gate) * up, each rounded to x's dtype */
-        const float gj = value_at(gate, j, io_bf16);
-        const float silu = in_dtype(gj / (1.0f + expf(-gj)), io_bf16);
-        const float v = in_dtype(silu * value_at(up, j, io_bf16), io_bf16);
-        if (io_bf16) ((uint16_t *)h)[j] = float_to_bf16(v); else ((float *)h)[j] = v;
-    }
+    silu_mul(gate, up, h, io_bf16, k * hidden, threads);  /* h = silu(gate) * up */
     if (kind == 0 || kind == 3)
         code = float_experts(h, k, w2, kind == 3, k, y, io_bf16, dim, hidden, threads);
     else
@@ -1134,16 +1140,6 @@ void add_rows(const void *a, const void *b, void *out, int io_bf16, int64_t n) {
     }
 }
 
-/* out = silu(gate) * up (n values of x's dtype), SiLU and the product each rounded to x's dtype, as
- * F.silu(gate) * up computes a dense SwiGLU (moe.FeedForward); C's expf may differ from torch's exp in the last
- * bit of fp32 */
-void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n) {
-    for (int64_t j = 0; j < n; j++) {
-        const float g = value_at(gate, j, io_bf16);
-        const float v = in_dtype(in_dtype(g / (1.0f + expf(-g)), io_bf16) * value_at(up, j, io_bf16), io_bf16);
-        if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(v); else ((float *)out)[j] = v;
-    }
-}
 
 /* ---- attention of one query per row to a layer's KV cache (a decode step; backends/cpu_gemv.py: attend_one) --- */
 

@@ -54,7 +54,7 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
                   void *out, int threads);
 void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot);
 void add_rows(const void *a, const void *b, void *out, int io_bf16, int64_t n);
-void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n);
+void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n, int threads);
 }
 
 namespace {
@@ -553,7 +553,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   } else {
     void *gate_up[2] = {g, up};
     products(x, io, rows, dim, ffn, ffn_scales, 0, 2, group, gate_up, threads);
-    silu_mul(g, up, g, io, rows * hidden);
+    silu_mul(g, up, g, io, rows * hidden, threads);
     void *down[1] = {ff};
     products(g, io, rows, hidden, ffn, ffn_scales, 2, 1, group, down, threads);
   }

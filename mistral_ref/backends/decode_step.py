@@ -23,7 +23,7 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   and compiled decoding lay them out, or each expert's own weights: the step never replaces a parameter); every
   weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
-* every layer's cache is a plain batch-1 LayerCache of the model's dtype;
+* every layer's cache is a plain LayerCache of the model's dtype with a row for each token;
 * no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe) or a
   forward replaced on its class or on itself (a patch, an intervention), and no global forward hook is registered:
   the step calls no block's forward, so it would skip them.
@@ -46,8 +46,8 @@ from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 if TYPE_CHECKING:  # typing only: the model imports the backends, not the other way round
     from mistral_ref.model import Transformer, TransformerBlock
 
-_FLOATS = (torch.bfloat16, torch.float32)
-MAX_ROWS = 31  # rows of a step (bf16 and int8 products of fewer than 32 rows are the C kernels', as in linear.py)
+# rows of a step: the layers' step sends bf16 and int8 products of fewer rows than these to the C kernels too
+MAX_ROWS = min(cpu_gemv.MAX_ROWS["bf16"], cpu_gemv.MAX_ROWS["int8"]) - 1
 # forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
 # blocks' forward calls, so it is not taken while there are any
 _GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
@@ -55,7 +55,7 @@ _GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
-    """model(tokens, positions, cache, logits_at=logits_at) for one token of one row, each block in one operator
+    """model(tokens, positions, cache, logits_at=logits_at) for one token per row, each block in one operator
     call; None where this step does not apply (see the module docstring: the caller then runs the layers).
     tokens, positions: (B, 1) int64 -> logits (B, 1, vocab) fp32."""
     rows = tokens.shape[0] if tokens.dim() == 2 and tokens.shape[1] == 1 else 0
@@ -200,7 +200,7 @@ def plan(model: Transformer) -> list[Block] | None:
     a, dtype, blocks = model.args, model.dtype, []
     modules = [m for layer in model.layers for m in layer.modules()]
     forwards = tuple((cls, cls.forward) for cls in {type(m) for m in modules})
-    if a.rope_dim != a.head_dim or dtype not in _FLOATS or not all(own(cls, f) for cls, f in forwards):
+    if a.rope_dim != a.head_dim or dtype not in cpu_gemv._FLOATS or not all(own(cls, f) for cls, f in forwards):
         blocks = None
     else:
         for layer in model.layers:

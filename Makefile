@@ -11,7 +11,7 @@ TESTED := torch==2.13.0 triton==3.8.0
 export TRITON_INTERPRET ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint notebooks bench bench-kernels bench-server train-tiny gpu-check clean
+.PHONY: install demo test test-fast lint notebooks bench bench-kernels bench-server train-tiny gpu-test gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "== [1/3] virtual environment $(VENV)"
@@ -98,9 +98,12 @@ clean:
 
 # On a machine with an NVIDIA GPU: the Triton tests compiled for the device (no interpreter), then the kernel
 # harness. It uses the Python named by GPU_PY (one with a CUDA build of torch, Triton and this project's test extra
-# installed, e.g. `pip install -e '.[test,kernels]'` in a CUDA environment), not the CPU-only .venv.
+# installed, e.g. `pip install -e '.[test,kernels]'` in a CUDA environment), not the CPU-only .venv. The tests run
+# to the end (no -x): a GPU lease is short, and one run should show every failure.
 GPU_PY ?= python3
-gpu-check:
+GPU_OUT ?= bench-out-gpu
+gpu-test:
 	$(GPU_PY) -c "import torch; assert torch.cuda.is_available(), 'gpu-check needs a CUDA GPU and a CUDA build of torch'; print(torch.cuda.get_device_name())"
-	TRITON_INTERPRET=0 $(GPU_PY) -m pytest -q -x tests/test_triton_*.py tests/test_family_triton.py
-	TRITON_INTERPRET=0 $(GPU_PY) -m triton_kernels.bench --out bench-out-gpu
+	TRITON_INTERPRET=0 $(GPU_PY) -m pytest -q --durations=10 tests/test_triton_*.py tests/test_family_triton.py
+gpu-check: gpu-test
+	TRITON_INTERPRET=0 $(GPU_PY) -m triton_kernels.bench --out $(GPU_OUT)

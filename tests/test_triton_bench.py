@@ -86,3 +86,33 @@ def test_gpu_plumbing_with_a_stub_timer(tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
     pytest.importorskip("matplotlib")
     assert bench.write_plot(rows, tmp_path / "k.png") and (tmp_path / "k.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_gpu_path_times_under_inference_mode_and_survives_a_raising_provider():
+    """The kernels refuse inputs autograd would track (an RMSNorm weight is a Parameter): the harness times under
+    inference_mode. A provider that raises becomes a row saying so, and the next ones are still timed."""
+    seen = []
+
+    def timer(fn):
+        seen.append(torch.is_grad_enabled())
+        if len(seen) == 1:
+            raise RuntimeError("kernel exploded\nsecond line")
+        return 2.0
+
+    rows = bench.gpu_benchmarks(torch.float16, quick=True, peaks=(None, None), device="cpu", timer=timer)
+    assert not any(seen) and len(seen) == len(rows)
+    assert rows[0].status == "error: RuntimeError: kernel exploded" and rows[0].ms is None
+    assert all(r.status == "ok" for r in rows[1:])
+
+
+def test_sweep_wrapper_moves_tensors_to_the_device_and_back():
+    calls = []
+
+    def kernel(x, y, *, z):
+        calls.append((x.device, y, z.device))
+        return x.device.type, 7  # (a meta tensor cannot come back: the move to the CPU runs on the GPU machine)
+
+    out = bench._on_device(kernel, "meta")(torch.ones(2), 3, z=torch.ones(2))
+    assert calls == [(torch.device("meta"), 3, torch.device("meta"))]
+    assert out == ("meta", 7)

@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -115,14 +116,22 @@ def _scaled_window(args: ModelArgs, seq: int) -> int | None:
     return None if args.window_for_layer(0) is None else max(1, seq // 3)
 
 
-def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...] | None = None) -> list[Row]:
+def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...] | None = None,
+                      device: str | None = None) -> list[Row]:
     """Every kernel vs its fp32 PyTorch reference at small shapes with each model's head layout.
 
-    kernels: a namespace with the triton_kernels functions (default: the package); models: preset names.
+    kernels: a namespace with the triton_kernels functions (default: the package); models: preset names;
+    device: where the kernels run (default: the CPU under the interpreter, else "cuda"). Inputs and references
+    are made on the CPU (one seeded generator, the same numbers on every machine); each kernel call moves its
+    tensors to `device` and its result back.
     """
     import triton_kernels
+    from triton_kernels._common import interpreting
 
     k = kernels or triton_kernels
+    device = device or ("cpu" if interpreting() else "cuda")
+    if device != "cpu":
+        k = SimpleNamespace(**{name: _on_device(getattr(k, name), device) for name in triton_kernels.__all__})
     rows: list[Row] = []
     g = torch.Generator().manual_seed(0)
     models = models or (MODELS[:1] + MODELS[2:3] if quick else MODELS) + LATENT_MODELS
@@ -184,6 +193,16 @@ def correctness_sweep(quick: bool = False, kernels=None, models: tuple[str, ...]
         record("rope", name, f"B=1 T=8 H=2 D={D}", torch.float32, k.apply_rotary_emb(xr, cos, sin),
                torch_rope(xr, cos, sin), 1e-5)
     return rows
+
+
+def _on_device(fn: Callable, device: str) -> Callable:
+    """fn with its tensor arguments moved to `device` and its tensor results (or tuple of them) to the CPU."""
+    def moved(*args, **kwargs):
+        to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        out = fn(*map(to, args), **{key: to(value) for key, value in kwargs.items()})
+        back = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
+    return moved
 
 
 def _latent_sweep(name: str, a: ModelArgs, k, g: torch.Generator, record: Callable, quick: bool) -> None:
@@ -260,7 +279,9 @@ def gpu_benchmarks(dtype: torch.dtype, quick: bool, peaks: tuple[float | None, f
                    ) -> list[Row]:
     """Time every provider at the model shapes; one Row per (shape, provider), printed as it is measured.
 
-    `device` and `timer` exist so tests can drive the plumbing without a GPU (with a stub timer).
+    `device` and `timer` exist so tests can drive the plumbing without a GPU (with a stub timer). The kernels are
+    inference-only: everything runs under torch.inference_mode(). A provider that raises gets a row whose status
+    is the error (printed, in the CSV, and main() exits 1), and the harness goes on with the next one.
     """
     import triton_kernels as tk
 
@@ -270,7 +291,11 @@ def gpu_benchmarks(dtype: torch.dtype, quick: bool, peaks: tuple[float | None, f
     def add(family, model, shape, flops, nbytes, providers, args):
         """providers: (name, fn) pairs all called as fn(*args)."""
         for provider, fn in providers:
-            ms = timer(lambda fn=fn: fn(*args))
+            try:
+                with torch.inference_mode():
+                    ms = timer(lambda fn=fn: fn(*args))
+            except Exception as e:  # noqa: BLE001 - a row that says what broke, then the next provider
+                ms = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             row = Row(family, model, shape, provider, str(dtype).replace("torch.", ""))
             if isinstance(ms, str):
                 row.status = ms
@@ -464,7 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     plotted = write_plot(rows, args.out / "kernels.png")
     print(f"CSV: {args.out / 'kernels.csv'}" + (f"; plot: {args.out / 'kernels.png'}" if plotted else
                                                  "; no plot (matplotlib not installed)"))
-    return 0
+    errors = [r for r in rows if r.status.startswith("error")]
+    if errors:
+        print(f"{len(errors)} of {len(rows)} rows raised (status column); exit status 1")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mistral_ref.attention import attention
-from mistral_ref.backends import Backend, cpu_gemv, get_backend
+from mistral_ref.backends import Backend, cpu_gemv, get_backend, huge_pages
 from mistral_ref.backends.compile_cache import use_compile_cache
 from mistral_ref.backends.compiled_steps import MEMO, StepCache, describe, described, global_state
 from mistral_ref.backends.linear import linear, multiply_sum_linear, split_pays, upcast_on_cpu
@@ -369,5 +369,6 @@ def compile_decode(model: Transformer, enabled: bool = True, freeze: bool = Fals
         raise ValueError(f"compile_decode compiles the 'torch' backend's functions; this model uses "
                          f"{model.ops.name!r} (call model.set_backend('torch') first)")
     stack_all_experts(model)  # the chosen experts are gathered inside the graph
+    huge_pages.place(model)  # the weights each step streams, on 2 MB pages (CPU; see backends/huge_pages.py)
     model.compiled_decode = CompiledDecode(model, mode, freeze, backend, background)
     return model

@@ -37,7 +37,7 @@ import torch
 import torch.nn.modules.module as nn_module
 
 from mistral_ref.attention import Attention
-from mistral_ref.backends import cpu_gemv
+from mistral_ref.backends import cpu_gemv, huge_pages
 from mistral_ref.backends.rope import rope_rotations
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.moe import FeedForward, MoeLayer
@@ -209,6 +209,8 @@ def plan(model: Transformer) -> list[Block] | None:
                 blocks = None
                 break
             blocks.append(block)
+    if blocks is not None:
+        huge_pages.place(model)  # the weights this step streams, on 2 MB pages (once; see backends/huge_pages.py)
     # (the forward-hook dicts and the instance dicts of every module inside the blocks, checked at every step)
     skipped = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
     model.__dict__[PLAN] = (key, blocks, forwards, skipped, tuple(vars(m) for m in modules))

@@ -116,3 +116,24 @@ def test_sweep_wrapper_moves_tensors_to_the_device_and_back():
     out = bench._on_device(kernel, "meta")(torch.ones(2), 3, z=torch.ones(2))
     assert calls == [(torch.device("meta"), 3, torch.device("meta"))]
     assert out == ("meta", 7)
+
+
+def test_tile_sweep_rows_with_a_stub_timer():
+    """The sweep's rows (a dry run on the meta device: nothing is allocated or run): the default tiles first,
+    each beside PyTorch's fastest, TFLOP/s from the same work counts as the main harness."""
+    rows = bench.tile_sweep(torch.bfloat16, peaks=(989.0, 4800.0), device="meta", timer=lambda fn: 2.0)
+    prefill = [r for r in rows if r.family == "prefill"]
+    moe = [r for r in rows if r.family == "moe"]
+    assert len(prefill) == 3 * (1 + len(bench.PREFILL_TILES)) and len(moe) == 2 * (1 + len(bench.MOE_TILES))
+    assert prefill[0].provider == "torch-sdpa" and prefill[1].provider == "triton 64x64 w4 s2"
+    assert moe[0].provider == "torch-loop" and moe[1].provider == "triton 64x64x32"
+    flops, _ = bench.attention_work(1, 4096, 4096, 32, 8, 128, None, 2)
+    assert prefill[1].tflops == pytest.approx(flops / 2e-3 / 1e12)
+    assert all(r.status == "ok" for r in rows)
+
+
+def test_prefill_launch_options_are_checked():
+    q = torch.zeros(1, 4, 2, 16)
+    pos = torch.arange(4)[None]
+    with pytest.raises(ValueError, match="num_warps"):
+        triton_kernels.prefill_attention(q, q, q, pos, pos, None, num_warps=3)

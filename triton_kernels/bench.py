@@ -274,6 +274,91 @@ def _sdpa(q, k, v, q_pos, k_pos, window):
     return out.transpose(1, 2)
 
 
+def _measure(rows: list[Row], timer: Callable, peaks: tuple[float | None, float | None], dtype: torch.dtype,
+             family: str, model: str, shape: str, flops: float, nbytes: float, providers, args) -> None:
+    """Time each (name, fn) provider as fn(*args) under inference_mode; one printed Row each, appended to rows (a
+    provider that raises gets a row whose status is the error, and the next one is still timed)."""
+    for provider, fn in providers:
+        try:
+            with torch.inference_mode():
+                ms = timer(lambda fn=fn: fn(*args))
+        except Exception as e:  # noqa: BLE001 - a row that says what broke, then the next provider
+            ms = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        row = Row(family, model, shape, provider, str(dtype).replace("torch.", ""))
+        if isinstance(ms, str):
+            row.status = ms
+        else:
+            row.ms, row.tflops, row.gbps = ms, flops / ms / 1e9, nbytes / ms / 1e6
+            if peaks[0] and peaks[1]:
+                row.roofline_frac = max(flops / (peaks[0] * 1e12), nbytes / (peaks[1] * 1e9)) / (ms / 1e3)
+            row.status = "ok"
+        rows.append(row)
+        print(_format_row(row), flush=True)
+
+
+# tile sweeps (--tiles): the default first; (block_m, block_n, num_warps, num_stages) for the flash prefill and
+# (block_m, block_n, block_k) for the MoE GEMMs
+PREFILL_TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                 (64, 128, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3))
+MOE_TILES = ((64, 64, 32), (128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64), (16, 64, 64), (32, 128, 64))
+
+
+def tile_sweep(dtype: torch.dtype, peaks: tuple[float | None, float | None], device: str = "cuda",
+               timer: Callable[[Callable[[], object]], float | str] = _time) -> list[Row]:
+    """The flash prefill at each of PREFILL_TILES (Nemo's heads without a window at T = 4096 and 16384, and
+    Mistral-7B's 4096-key window at 16384) and the Mixtral-8x7B MoE at each of MOE_TILES (N = 64 and 4096 tokens),
+    beside PyTorch's fastest (SDPA, the expert loop): what the untuned defaults leave on a given GPU."""
+    import triton_kernels as tk
+
+    dev, elt = device, torch.tensor([], dtype=dtype).element_size()
+    rows: list[Row] = []
+    for name, T in (("mistral-nemo-12b", 4096), ("mistral-nemo-12b", 16384), ("mistral-7b-v0.1", 16384)):
+        a = PRESETS[name]
+        H, H_kv, D, W = a.n_heads, a.n_kv_heads, a.head_dim, a.window_for_layer(0)
+        q = torch.randn(1, T, H, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(1, T, H_kv, D, device=dev, dtype=dtype) for _ in range(2))
+        pos = torch.arange(T, device=dev)[None]
+        providers = [("torch-sdpa", _sdpa)] + [
+            (f"triton {bm}x{bn} w{w} s{st}", lambda *x, t=(bm, bn, w, st): tk.prefill_attention(
+                *x, block_m=t[0], block_n=t[1], num_warps=t[2], num_stages=t[3])) for bm, bn, w, st in PREFILL_TILES]
+        first = len(rows)
+        _measure(rows, timer, peaks, dtype, "prefill", name, f"B=1 T={T} H={H}/{H_kv} D={D} W={W}",
+                 *attention_work(1, T, T, H, H_kv, D, W, elt), providers, (q, k, v, pos, pos, W))
+        _errors(rows[first:], providers, (q, k, v, pos, pos, W))
+        del q, k, v
+    a = PRESETS["mixtral-8x7b"]
+    E, top_k = a.moe.num_experts, a.moe.num_experts_per_tok
+    w1, w3 = (torch.randn(E, a.hidden_dim, a.dim, device=dev, dtype=dtype) * a.dim**-0.5 for _ in range(2))
+    w2 = torch.randn(E, a.dim, a.hidden_dim, device=dev, dtype=dtype) * a.hidden_dim**-0.5
+    gate = torch.randn(E, a.dim, device=dev, dtype=dtype)
+    for N in (64, 4096):
+        x = torch.randn(N, a.dim, device=dev, dtype=dtype)
+        # experts whose weights are read (a dry run on the meta device, which has no values, counts them all)
+        used = E if x.is_meta else int(route(x, gate, top_k)[1].unique().numel())
+        providers = [("torch-loop", torch_moe)] + [
+            (f"triton {bm}x{bn}x{bk}", lambda *x, t=(bm, bn, bk): tk.moe_forward(
+                *x, block_m=t[0], block_n=t[1], block_k=t[2])) for bm, bn, bk in MOE_TILES]
+        _measure(rows, timer, peaks, dtype, "moe", "mixtral-8x7b", f"N={N} dim={a.dim} hidden={a.hidden_dim} "
+                 f"E={E} k={top_k}", *moe_work(N, a.dim, a.hidden_dim, top_k, used, elt), providers,
+                 (x, gate, w1, w2, w3, top_k))
+        _errors(rows[-len(providers):], providers, (x, gate, w1, w2, w3, top_k))
+    return rows
+
+
+def _errors(rows: list[Row], providers, args) -> None:
+    """Each kernel row's largest difference from the first provider's output (PyTorch's), in row.max_err: another
+    tile size is another order of the sums, never another result (not on the meta device: no values)."""
+    if args[0].is_meta:
+        return
+    with torch.inference_mode():
+        first = providers[0][1](*args)
+        first = (first[0] if isinstance(first, tuple) else first).float()
+        for row, (_, fn) in zip(rows[1:], providers[1:]):
+            if row.status == "ok":
+                out = fn(*args)
+                row.max_err = float(((out[0] if isinstance(out, tuple) else out).float() - first).abs().max())
+
+
 def gpu_benchmarks(dtype: torch.dtype, quick: bool, peaks: tuple[float | None, float | None],
                    device: str = "cuda", timer: Callable[[Callable[[], object]], float | str] = _time,
                    ) -> list[Row]:
@@ -290,22 +375,7 @@ def gpu_benchmarks(dtype: torch.dtype, quick: bool, peaks: tuple[float | None, f
 
     def add(family, model, shape, flops, nbytes, providers, args):
         """providers: (name, fn) pairs all called as fn(*args)."""
-        for provider, fn in providers:
-            try:
-                with torch.inference_mode():
-                    ms = timer(lambda fn=fn: fn(*args))
-            except Exception as e:  # noqa: BLE001 - a row that says what broke, then the next provider
-                ms = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            row = Row(family, model, shape, provider, str(dtype).replace("torch.", ""))
-            if isinstance(ms, str):
-                row.status = ms
-            else:
-                row.ms, row.tflops, row.gbps = ms, flops / ms / 1e9, nbytes / ms / 1e6
-                if peaks[0] and peaks[1]:
-                    row.roofline_frac = max(flops / (peaks[0] * 1e12), nbytes / (peaks[1] * 1e9)) / (ms / 1e3)
-                row.status = "ok"
-            rows.append(row)
-            print(_format_row(row), flush=True)
+        _measure(rows, timer, peaks, dtype, family, model, shape, flops, nbytes, providers, args)
 
     attention_providers = (("torch-eager", torch_attention), ("torch-sdpa", _sdpa), ("triton", tk.attention))
     for name in MODELS[:1] if quick else MODELS:
@@ -449,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="dtype of the GPU timings")
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--tiles", action="store_true",
+                        help="only the tile sweep: the flash prefill and MoE kernels at other tile sizes (GPU)")
     parser.add_argument("--peak-tflops", type=float, help="device peak dense fp16/bf16 TFLOP/s (roofline)")
     parser.add_argument("--peak-gbps", type=float, help="device peak memory bandwidth in GB/s (roofline)")
     args = parser.parse_args(argv)
@@ -484,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f"{peaks[0]} TFLOP/s, {peaks[1]} GB/s" if all(peaks)
              else "unknown (pass --peak-tflops and --peak-gbps)"))
     print(_header())
+    if args.tiles:
+        rows = tile_sweep(getattr(torch, args.dtype), peaks)
+        write_csv(rows, args.out / "tiles.csv")
+        print(f"CSV: {args.out / 'tiles.csv'}")
+        return 1 if any(r.status.startswith("error") for r in rows) else 0
     rows = gpu_benchmarks(getattr(torch, args.dtype), args.quick, peaks)
     write_csv(rows, args.out / "kernels.csv")
     plotted = write_plot(rows, args.out / "kernels.png")

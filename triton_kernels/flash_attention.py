@@ -138,21 +138,26 @@ def contiguous_base(k_pos: torch.Tensor) -> torch.Tensor | None:
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                       k_pos: torch.Tensor, window: int | None, block_m: int | None = None,
-                      block_n: int | None = None) -> torch.Tensor:
+                      block_n: int | None = None, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Prefill attention with the flash kernel (any T, including 1).
 
     q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S) integer
     positions, -1 = padding / empty slot; window: keys a query sees (p-W+1 .. p) or None.
     returns (B, T, n_heads, head_dim) in q's dtype.
-    block_m / block_n: tile sizes (powers of two >= 16), default `tile_config(q.dtype)`.
+    block_m / block_n: tile sizes (powers of two >= 16), default `tile_config(q.dtype)`; num_warps / num_stages:
+    Triton's launch options (default 4 and `tile_config`'s stages; `python -m triton_kernels.bench --tiles` times
+    others on a GPU).
     """
     check_attention_inputs(q, k, v, q_pos, k_pos, window, "prefill_attention")
     q_pos, k_pos = q_pos.long(), k_pos.long()
-    default_m, default_n, num_stages = tile_config(q.dtype)
-    block_m, block_n = block_m or default_m, block_n or default_n
+    default_m, default_n, default_stages = tile_config(q.dtype)
+    block_m, block_n, num_stages = block_m or default_m, block_n or default_n, num_stages or default_stages
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"prefill_attention: {name} must be a power of two >= 16, got {blk}")
+    if num_warps not in (1, 2, 4, 8, 16) or num_stages < 1:
+        raise ValueError(f"prefill_attention: num_warps must be 1, 2, 4, 8 or 16 and num_stages >= 1, got "
+                         f"{num_warps} and {num_stages}")
     B, T, H, D = q.shape
     S, H_kv = k.shape[1], k.shape[2]
     out = new_output((B, T, H, D), q.dtype, q.device)
@@ -168,7 +173,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         T, S, H, H // H_kv, D, window or 0, D**-0.5 * LOG2E,
         HAS_WINDOW=window is not None, KV_CONTIGUOUS=base is not None, UPCAST=upcast(q.dtype),
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_dim(D),
-        num_warps=4, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -124,16 +124,23 @@ def test_tile_sweep_rows_with_a_stub_timer():
     rows = bench.tile_sweep(torch.bfloat16, peaks=(989.0, 4800.0), device="meta", timer=lambda fn: 2.0)
     prefill = [r for r in rows if r.family == "prefill"]
     moe = [r for r in rows if r.family == "moe"]
-    assert len(prefill) == 3 * (1 + len(bench.PREFILL_TILES)) and len(moe) == 2 * (1 + len(bench.MOE_TILES))
+    fine = [r for r in rows if r.family == "fine_moe"]
+    assert len(prefill) == 3 * (1 + len(bench.PREFILL_TILES))
+    assert len(moe) == len(fine) == 2 * (1 + len(bench.MOE_TILES))
     assert prefill[0].provider == "torch-sdpa" and prefill[1].provider == "triton 64x64 w4 s2"
-    assert moe[0].provider == "torch-loop" and moe[1].provider == "triton 64x64x32"
+    # the MoE kernels' defaults for bf16 first, then the previous ones
+    assert triton_kernels.moe_tiles(torch.bfloat16) == (64, 64, 64) == bench.MOE_TILES[0]
+    assert moe[0].provider == fine[0].provider == "torch-loop" and moe[1].provider == "triton 64x64x64"
     flops, _ = bench.attention_work(1, 4096, 4096, 32, 8, 128, None, 2)
     assert prefill[1].tflops == pytest.approx(flops / 2e-3 / 1e12)
     assert all(r.status == "ok" for r in rows)
 
 
 def test_prefill_launch_options_are_checked():
-    q = torch.zeros(1, 4, 2, 16)
-    pos = torch.arange(4)[None]
+    from triton_kernels._common import interpreting
+
+    device = "cpu" if interpreting() else "cuda"
+    q = torch.zeros(1, 4, 2, 16, device=device)
+    pos = torch.arange(4, device=device)[None]
     with pytest.raises(ValueError, match="num_warps"):
         triton_kernels.prefill_attention(q, q, q, pos, pos, None, num_warps=3)

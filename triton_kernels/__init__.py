@@ -31,7 +31,7 @@ from triton_kernels.backend import BACKEND
 from triton_kernels.flash_attention import attention, prefill_attention
 from triton_kernels.flash_decoding import decode_attention
 from triton_kernels.latent_decode import latent_attention, latent_decode_attention
-from triton_kernels.moe import mix_experts, moe_align_block_size, moe_forward
+from triton_kernels.moe import mix_experts, moe_align_block_size, moe_forward, moe_tiles
 from triton_kernels.norm import rms_norm
 from triton_kernels.rope import apply_rotary_emb
 
@@ -39,4 +39,4 @@ register_backend(BACKEND)
 
 __all__ = ["attention", "prefill_attention", "decode_attention", "latent_attention", "latent_decode_attention",
            "moe_forward",
-           "mix_experts", "moe_align_block_size", "rms_norm", "apply_rotary_emb"]
+           "mix_experts", "moe_tiles", "moe_align_block_size", "rms_norm", "apply_rotary_emb"]

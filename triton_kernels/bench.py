@@ -300,7 +300,7 @@ def _measure(rows: list[Row], timer: Callable, peaks: tuple[float | None, float 
 # (block_m, block_n, block_k) for the MoE GEMMs
 PREFILL_TILES = ((64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
                  (64, 128, 4, 2), (128, 32, 4, 3), (64, 64, 4, 3))
-MOE_TILES = ((64, 64, 32), (128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 64), (16, 64, 64), (32, 128, 64))
+MOE_TILES = ((64, 64, 64), (64, 64, 32), (128, 128, 64), (128, 64, 64), (64, 128, 64), (16, 64, 64), (32, 128, 64))
 
 
 def tile_sweep(dtype: torch.dtype, peaks: tuple[float | None, float | None], device: str = "cuda",
@@ -342,6 +342,28 @@ def tile_sweep(dtype: torch.dtype, peaks: tuple[float | None, float | None], dev
                  f"E={E} k={top_k}", *moe_work(N, a.dim, a.hidden_dim, top_k, used, elt), providers,
                  (x, gate, w1, w2, w3, top_k))
         _errors(rows[-len(providers):], providers, (x, gate, w1, w2, w3, top_k))
+    del w1, w2, w3
+    a = PRESETS["mistral-small-4-2603"]  # fine-grained experts: 128 of hidden 2048, top-4 (6.4 GB in bf16)
+    fm = a.fine_moe
+    E, hidden = fm.num_experts, fm.moe_intermediate_size
+    w1, w3 = (torch.randn(E, hidden, a.dim, device=dev, dtype=dtype) * a.dim**-0.5 for _ in range(2))
+    w2 = torch.randn(E, a.dim, hidden, device=dev, dtype=dtype) * hidden**-0.5
+    gate = torch.randn(E, a.dim, device=dev, dtype=dtype)
+    for N in (64, 4096):
+        x = torch.randn(N, a.dim, device=dev, dtype=dtype)
+        weights, experts, _ = (None, None, None) if x.is_meta else route_fine(x, gate, fm)
+        if x.is_meta:  # a dry run: a routing of the right shape
+            weights = torch.empty(N, fm.num_experts_per_tok, device=dev)
+            experts = torch.empty(N, fm.num_experts_per_tok, device=dev, dtype=torch.long)
+        used = E if x.is_meta else int(experts.unique().numel())
+        providers = [("torch-loop", torch_mix)] + [
+            (f"triton {bm}x{bn}x{bk}", lambda *x, t=(bm, bn, bk): tk.mix_experts(
+                *x, block_m=t[0], block_n=t[1], block_k=t[2])) for bm, bn, bk in MOE_TILES]
+        _measure(rows, timer, peaks, dtype, "fine_moe", "mistral-small-4-2603",
+                 f"N={N} dim={a.dim} hidden={hidden} E={E} k={fm.num_experts_per_tok}",
+                 *moe_work(N, a.dim, hidden, fm.num_experts_per_tok, used, elt), providers,
+                 (x, weights, experts, w1, w2, w3))
+        _errors(rows[-len(providers):], providers, (x, weights, experts, w1, w2, w3))
     return rows
 
 

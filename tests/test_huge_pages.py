@@ -54,9 +54,11 @@ def test_weights_move_with_their_values_and_objects():
     assert huge_pages.place(model, min_bytes=0) == 0  # nothing left to move
 
 
-def test_small_models_and_the_switch_move_nothing(monkeypatch):
+def test_small_models_shared_memory_and_the_switch_move_nothing(monkeypatch):
     model = random_model(DENSE)
     assert huge_pages.place(model) == 0  # under 2 MB of weights: not worth a mapping
+    shared = random_model(DENSE).share_memory()  # other processes may read it: left where it is
+    assert huge_pages.place(shared, min_bytes=0) == 0 and all(p.is_shared() for p in shared.parameters())
     monkeypatch.undo()
     monkeypatch.setenv(huge_pages.SWITCH, "0")
     assert huge_pages.available() == f"{huge_pages.SWITCH}=0"

@@ -249,8 +249,9 @@ def clear_stack_cache() -> None:
 # ---- the public entry points --------------------------------------------------------------------------------
 def moe_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
     """Default (block_m, block_n, block_k) of the grouped GEMMs: 64 x 64 x 64 for fp16 / bf16 (24 KB of shared
-    memory a pipeline stage, so Triton's 3 stages fit the 99 KB of sm_86 / sm_89 parts; on an H200 1.4x the
-    64 x 64 x 32 used before, README "Triton kernels"), 64 x 64 x 32 for fp32 (whose tiles are twice the bytes)."""
+    memory a pipeline stage, so Triton's 3 stages fit the 99 KB of sm_86 / sm_89 parts; chosen by
+    `python -m triton_kernels.bench --tiles`, figures in README "Triton kernels"), 64 x 64 x 32 for fp32 (whose
+    tiles are twice the bytes)."""
     return (64, 64, 64) if dtype in (torch.float16, torch.bfloat16) else (64, 64, 32)
 
 

@@ -12,7 +12,8 @@ stack_experts), storage by storage: tensors that shared a storage (tied weights,
 the new one, at the same offsets and strides.  The Parameter objects stay the same (optimizers, hooks and state
 dict keep working); only their storage changes, so a `.data` or `.detach()` alias taken before is a copy from then
 on.  Each storage is its own torch storage inside the mapping (safetensors sees no shared tensors).  Values and
-dtypes are unchanged, bitwise.
+dtypes are unchanged, bitwise.  Left where they are: tensors in shared memory (`share_memory_()`: other processes
+read them), inference tensors, and anything not on the CPU.
 
 The "torch" backend's decode step (backends/decode_step.py) calls it once per model, when it first plans; set
 MISTRAL_REF_HUGE_PAGES=0 to keep the weights where they are.  Figures: README "Speed on a CPU".
@@ -70,7 +71,8 @@ def place(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     arenas = module.__dict__.setdefault(ARENAS, [])
     storages: dict[int, list[torch.Tensor]] = {}
     for t in _tensors(module):
-        if t.device.type != "cpu" or t.layout != torch.strided or t.is_inference() or t.numel() == 0:
+        if (t.device.type != "cpu" or t.layout != torch.strided or t.is_inference() or t.numel() == 0
+                or t.is_shared()):  # (shared memory: another process reads it; a private copy would end that)
             continue
         ptr = t.untyped_storage().data_ptr()
         if any(start <= ptr < end for start, end in arenas):

@@ -160,6 +160,26 @@ def test_many_products_of_one_input_equal_each_product_alone(build, scheme, dtyp
             torch.testing.assert_close(y, cpu_gemv.gemv(x, w, threads=2), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("four_rows", [False, True], ids=["one-row-walk", "four-row-walk"])
+def test_many_float_products_cut_anywhere_give_each_product_bitwise(build, four_rows):
+    """gemv_many runs float products in one parallel region, the rows of all weights end to end cut among the
+    threads: shares that begin inside a weight and in the middle of four rows give bitwise each product alone."""
+    shapes = [(7, 64), (33, 64), (5, 64)]
+    before = cpu_gemv.walk() == cpu_gemv.WALKS[1]
+    cpu_gemv.set_walk(four_rows)
+    try:
+        for dtype, row_counts in ((torch.bfloat16, (1, 3)), (torch.float32, (1,))):
+            weights = [_weight(*shape, seed=i).to(dtype) for i, shape in enumerate(shapes)]
+            for rows in row_counts:
+                x = torch.randn(rows, 64, dtype=dtype)
+                alone = [cpu_gemv.gemv(x, w, threads=1) for w in weights]
+                for threads in (1, 2, 3):
+                    for y, expected in zip(cpu_gemv.gemv_many(x, weights, threads=threads), alone):
+                        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    finally:
+        cpu_gemv.set_walk(before)
+
+
 def test_many_products_need_one_kernel_for_all():
     w = _weight(32, 64).bfloat16()
     x = torch.randn(1, 64).bfloat16()

@@ -292,6 +292,25 @@ static void float_rows(const float *x, const void *w, int w_f32, float *y, int64
             ROWS(dot_bf16, x, wb + o * in, y, rows, out, in, o);
 }
 
+/* float_rows' output rows a <= o < b, on the calling thread (float_products' share of a product): the same dot
+ * functions row by row, four weight rows at a time where float_rows walks them so (each output bitwise DOT512's) */
+static void float_range(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
+                        int64_t a, int64_t b) {
+    const uint16_t *wb = w;
+    const float *wf = w;
+    int64_t o = a;
+#if CPU_GEMV_AVX512
+    if (rows == 1 && four_rows)
+        for (; o + 4 <= b; o += 4)
+            if (w_f32) dot4_f32(x, wf + o * in, y + o, in); else dot4_bf16(x, wb + o * in, y + o, in);
+#endif
+    for (; o < b; o++)
+        if (w_f32)
+            ROWS(dot_f32, x, wf + o * in, y, rows, out, in, o);
+        else
+            ROWS(dot_bf16, x, wb + o * in, y, rows, out, in, o);
+}
+
 static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
                int64_t rows, int64_t out, int64_t in, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -691,6 +710,31 @@ static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scal
         int4_tail(x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, y, rows, out, in, group, out / 32 * 32);
 }
 
+/* n products in one parallel region: ys[p] (rows, outs[p]) = xs[p] @ W_p.T.  The output rows of all n weights,
+ * end to end, are cut into one contiguous share a thread: one fork and join for the n products instead of n, and a
+ * thread's stream of weights runs on from one matrix into the next (the query, key and value projections, w1 and
+ * w3, the chosen experts).  Every output row is computed by the same dot function as in float_rows: bitwise the
+ * same results, whatever the threads. */
+static void float_products(const float *const *xs, const void *const *w, int w_f32, float *const *ys,
+                           const int64_t *outs, int64_t n, int64_t rows, int64_t in, int threads) {
+#if CPU_GEMV_AVX2 && defined(_OPENMP)
+    int64_t total = 0;
+    for (int64_t p = 0; p < n; p++) total += outs[p];
+    #pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+        int64_t base = 0;
+        for (int64_t p = 0; p < n && base < hi; base += outs[p], p++) {
+            const int64_t a = lo > base ? lo - base : 0, b = hi - base < outs[p] ? hi - base : outs[p];
+            if (a < b) float_range(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, a, b);
+        }
+    }
+#else
+    for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, threads);
+#endif
+}
+
 /* ---- the entry points (backends/cpu_gemv.py): x and y in bf16 or fp32, converted here ---------------------- */
 
 /* fp32 views of x and of each result for the *_rows kernels: x itself and each y (fp32), or a copy of a bf16 x
@@ -732,12 +776,20 @@ static int64_t largest(const int64_t *outs, int64_t n) {
  * Python, x's conversion) is paid once. */
 int gemv_float_many(const void *x, int64_t n, const void *const *w, int w_f32, void *const *y, const int64_t *outs,
                     int io_bf16, int64_t rows, int64_t in, int threads) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < n; p++) total += outs[p];
     io_t io;
-    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
-    for (int64_t p = 0; p < n; p++) {
-        float_rows(io.x, w[p], w_f32, part_out(&io, y[p]), rows, outs[p], in, threads);
-        end_part(&io, y[p], rows * outs[p]);
-    }
+    if (begin_io(&io, x, rows * in, rows * total, io_bf16)) return -1;
+    const float **xs = malloc((size_t)n * sizeof(*xs));
+    float **ys = malloc((size_t)n * sizeof(*ys));
+    if (!xs || !ys) { free(xs); free(ys); end_io(&io); return -1; }
+    for (int64_t p = 0, at = 0; p < n; at += rows * outs[p], p++)  /* a bf16 y: its own part of the fp32 buffer */
+        xs[p] = io.x, ys[p] = io.y_buf ? io.y_buf + at : (float *)y[p];
+    float_products(xs, w, w_f32, ys, outs, n, rows, in, threads);
+    if (io.y_buf)
+        for (int64_t p = 0; p < n; p++)
+            for (int64_t k = 0; k < rows * outs[p]; k++) ((uint16_t *)y[p])[k] = float_to_bf16(ys[p][k]);
+    free(xs), free(ys);
     end_io(&io);
     return 0;
 }
@@ -870,10 +922,16 @@ static int float_experts(const void *x, int64_t x_rows, const void *const *chose
                          int io_bf16, int64_t out, int64_t in, int threads) {
     io_t io;
     if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
-    float *ys = part_out(&io, y);
+    float *y_all = part_out(&io, y);
+    const float **xs = malloc((size_t)k * sizeof(*xs));
+    float **ys = malloc((size_t)k * sizeof(*ys));
+    int64_t *outs = malloc((size_t)k * sizeof(*outs));
+    if (!xs || !ys || !outs) { free(xs); free(ys); free(outs); end_io(&io); return -1; }
     for (int64_t s = 0; s < k; s++)
-        float_rows(io.x + (x_rows == 1 ? 0 : s * in), chosen[s], w_f32, ys + s * out, 1, out, in, threads);
+        xs[s] = io.x + (x_rows == 1 ? 0 : s * in), ys[s] = y_all + s * out, outs[s] = out;
+    float_products(xs, chosen, w_f32, ys, outs, k, 1, in, threads);  /* the k experts in one parallel region */
     end_part(&io, y, k * out);
+    free(xs), free(ys), free(outs);
     end_io(&io);
     return 0;
 }
@@ -982,9 +1040,12 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
     char *gate = buf, *up = gate + k * hidden * size, *h = up + k * hidden * size, *y = h + k * hidden * size;
     const int64_t g = kind == 2 ? group : 0;
     int code;
-    if (kind == 0 || kind == 3) {
-        code = float_experts(x, 1, w1, kind == 3, k, gate, io_bf16, hidden, dim, threads);
-        if (!code) code = float_experts(x, 1, w3, kind == 3, k, up, io_bf16, hidden, dim, threads);
+    if (kind == 0 || kind == 3) {  /* w1 and w3 of the k experts in one region: gate, then up (contiguous) */
+        const void **both = malloc(2 * (size_t)k * sizeof(*both));
+        if (!both) { free(buf); return -1; }
+        for (int64_t s = 0; s < k; s++) both[s] = w1[s], both[k + s] = w3[s];
+        code = float_experts(x, 1, both, kind == 3, 2 * k, gate, io_bf16, hidden, dim, threads);
+        free(both);
     } else {
         code = quantized_experts(x, 1, w1, s1, scales_bf16, k, gate, io_bf16, hidden, dim, g, threads);
         if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);

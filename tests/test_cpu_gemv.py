@@ -404,13 +404,14 @@ def test_stacked_quantized_experts_equal_each_expert_alone(build, scheme, dtype,
     """gemv_quantized_experts (the k chosen experts of stacked codes and scales, one call) gives exactly the
     products of each expert's QuantizedWeight, with one input row per expert or one shared row."""
     experts = QuantizedExperts([quantize_weight(_weight(out, 128, seed=e).to(dtype), scheme, 64) for e in range(5)])
-    index = torch.tensor([4, 1, 2])
-    for x in (torch.randn(3, 128, dtype=dtype), torch.randn(1, 128, dtype=dtype)):
-        y = cpu_gemv.experts_gemv(x, experts, index, threads=2)
-        assert y.shape == (3, out) and y.dtype == dtype
-        for s, e in enumerate(index.tolist()):
-            alone = cpu_gemv.gemv(x[s if len(x) > 1 else 0][None], experts[e], threads=2)[0]
-            torch.testing.assert_close(y[s], alone, rtol=0, atol=0)
+    for index in (torch.tensor([4, 1, 2]), torch.tensor([4, 1]), torch.tensor([4, 1, 2, 0])):
+        k = len(index)  # threads=2 takes whole experts a thread where k is even, else shares each one's rows
+        for x in (torch.randn(k, 128, dtype=dtype), torch.randn(1, 128, dtype=dtype)):
+            y = cpu_gemv.experts_gemv(x, experts, index, threads=2)
+            assert y.shape == (k, out) and y.dtype == dtype
+            for s, e in enumerate(index.tolist()):
+                alone = cpu_gemv.gemv(x[s if len(x) > 1 else 0][None], experts[e], threads=2)[0]
+                torch.testing.assert_close(y[s], alone, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(cpu_gemv.library() is None or cpu_gemv.library().cpu_gemv_isa() != 3,
@@ -901,6 +902,8 @@ def test_swiglu_chosen_is_experts_swiglu_of_a_stack(build, kind, dtype, k):
     got = cpu_gemv.swiglu_chosen(x, *chosen, weights, 1)
     assert got.dtype == dtype and got.shape == (1, dim)
     torch.testing.assert_close(got, cpu_gemv.experts_swiglu(x, w1, w3, w2, index, weights, 1), rtol=0, atol=0)
+    for threads in (2, 3):  # whole experts a thread where k (or 2k: w1 and w3) divides by the threads, else rows
+        torch.testing.assert_close(cpu_gemv.swiglu_chosen(x, *chosen, weights, threads), got, rtol=0, atol=0)
 
 
 def test_swiglu_chosen_refuses_what_it_cannot_read():

@@ -953,23 +953,29 @@ static int quantized_experts(const void *x, int64_t x_rows, const void *const *q
     }
 #endif
     float *ys = part_out(&io, y);
+    /* As many experts as threads (or a multiple): each thread takes whole experts, one parallel region for the k
+     * (a product's rows do not depend on the threads that share it: the same results); otherwise one region an
+     * expert, its rows shared */
+    const int whole = threads > 1 && k % threads == 0;
+    #pragma omp parallel for num_threads(whole ? threads : 1) schedule(static)
     for (int64_t s = 0; s < k; s++) {
+        const int inner = whole ? 1 : threads;
         const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
         const uint8_t *qe = q[s];
         float *yr = ys + s * out;
 #if CPU_GEMV_AVX2
         if (integer && group == 0)
             int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in,
-                            threads);
+                            inner);
         else if (integer)
             int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
-                            threads);
+                            inner);
         else
 #endif
         if (group == 0)
-            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
+            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, inner);
         else
-            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
+            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, inner);
     }
     end_part(&io, y, k * out);
     if (integer) { free(x16); free(sx); }
@@ -1046,9 +1052,14 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
         for (int64_t s = 0; s < k; s++) both[s] = w1[s], both[k + s] = w3[s];
         code = float_experts(x, 1, both, kind == 3, 2 * k, gate, io_bf16, hidden, dim, threads);
         free(both);
-    } else {
-        code = quantized_experts(x, 1, w1, s1, scales_bf16, k, gate, io_bf16, hidden, dim, g, threads);
-        if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);
+    } else {  /* likewise: w1 and w3 of the k experts in one call */
+        const void **both = malloc(4 * (size_t)k * sizeof(*both));
+        if (!both) { free(buf); return -1; }
+        for (int64_t s = 0; s < k; s++)
+            both[s] = w1[s], both[k + s] = w3[s], both[2 * k + s] = s1[s], both[3 * k + s] = s3[s];
+        code = quantized_experts(x, 1, both, both + 2 * k, scales_bf16, 2 * k, gate, io_bf16, hidden, dim, g,
+                                 threads);
+        free(both);
     }
     if (code) { free(buf); return code; }
     silu_mul(gate, up, h, io_bf16, k * hidden, threads);  /* h = silu(gate) * up */

@@ -31,6 +31,8 @@ step; it returns None, and the layers run as usual, unless every one of these ho
 
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +48,8 @@ from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 if TYPE_CHECKING:  # typing only: the model imports the backends, not the other way round
     from mistral_ref.model import Transformer, TransformerBlock
 
+_DTYPE, _CODES = operator.attrgetter("dtype"), operator.itemgetter("qweight")
+_FORWARD = itertools.repeat("forward")  # ("forward" in d for each instance dict d, as map(operator.contains, ...))
 # rows of a step: the layers' step sends bf16 and int8 products of fewer rows than these to the C kernels too
 MAX_ROWS = min(cpu_gemv.MAX_ROWS["bf16"], cpu_gemv.MAX_ROWS["int8"]) - 1
 # forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
@@ -69,7 +73,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
                                                                   and all(b.batchable for b in blocks))):
         return None
     _, _, _, hooks, instances = model.__dict__[PLAN]
-    if any(hooks) or any("forward" in d for d in instances):
+    if any(hooks) or any(map(operator.contains, instances, _FORWARD)):
         return None  # a hook on a part of a block (tensor parallelism's all-reduce, a probe) or a patched forward
     steps = []
     for block, layer_cache in zip(blocks, cache.layers):
@@ -127,6 +131,8 @@ class Weights:
         self.group = (first.group_size or 0) if self.quantized else 0
         self.items = [(w._buffers, "scales" if w.scheme == "int8" else "scales_and_zeros") for w in weights] \
             if self.quantized else list(weights)
+        self.dicts = [d for d, _ in self.items] if self.quantized else []
+        self.names = [n for _, n in self.items] if self.quantized else []
 
     @staticmethod
     def of(weights: list, dtype: torch.dtype) -> Weights | None:
@@ -150,11 +156,12 @@ class Weights:
     def tensors(self, dtype: torch.dtype) -> tuple[list, list] | None:
         """(weights or codes, scales ([] for float weights)) as they are now; None if their dtype no longer fits
         (decode_block checks every shape and layout itself: a clear error, never a wrong read)."""
+        # (map with operator's getters: loops in C, read at every step for every block)
         if not self.quantized:
             ws = self.items
-            return (ws, []) if all(w.dtype == dtype for w in ws) else None
-        codes, scales = [b["qweight"] for b, _ in self.items], [b[name] for b, name in self.items]
-        return (codes, scales) if all(s.dtype == dtype for s in scales) else None
+            return (ws, []) if all(map(dtype.__eq__, map(_DTYPE, ws))) else None
+        codes, scales = list(map(_CODES, self.dicts)), list(map(dict.__getitem__, self.dicts, self.names))
+        return (codes, scales) if all(map(dtype.__eq__, map(_DTYPE, scales))) else None
 
 
 class Block:

@@ -180,6 +180,20 @@ def test_many_float_products_cut_anywhere_give_each_product_bitwise(build, four_
         cpu_gemv.set_walk(before)
 
 
+def test_the_fuse_switch_changes_no_result(build):
+    """cpu_gemv_set_fuse(0) (one parallel region a product, for comparisons) gives the fused region's bits."""
+    lib = cpu_gemv.library()
+    weights = [_weight(*shape, seed=i).bfloat16() for i, shape in enumerate([(7, 64), (33, 64), (5, 64)])]
+    x = torch.randn(1, 64).bfloat16()
+    fused = cpu_gemv.gemv_many(x, weights, threads=2)
+    lib.cpu_gemv_set_fuse(0)
+    try:
+        for y, expected in zip(cpu_gemv.gemv_many(x, weights, threads=2), fused):
+            torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    finally:
+        lib.cpu_gemv_set_fuse(1)
+
+
 def test_many_products_need_one_kernel_for_all():
     w = _weight(32, 64).bfloat16()
     x = torch.randn(1, 64).bfloat16()

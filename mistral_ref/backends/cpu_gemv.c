@@ -715,9 +715,17 @@ static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scal
  * thread's stream of weights runs on from one matrix into the next (the query, key and value projections, w1 and
  * w3, the chosen experts).  Every output row is computed by the same dot function as in float_rows: bitwise the
  * same results, whatever the threads. */
+static int fuse_products = 1;  /* 0: one region a product, as before (cpu_gemv_set_fuse: for comparisons, as
+                                  * in README "Several products in one parallel region") */
+void cpu_gemv_set_fuse(int fuse) { fuse_products = fuse != 0; }
+
 static void float_products(const float *const *xs, const void *const *w, int w_f32, float *const *ys,
                            const int64_t *outs, int64_t n, int64_t rows, int64_t in, int threads) {
 #if CPU_GEMV_AVX2 && defined(_OPENMP)
+    if (!fuse_products) {
+        for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, threads);
+        return;
+    }
     int64_t total = 0;
     for (int64_t p = 0; p < n; p++) total += outs[p];
     #pragma omp parallel num_threads(threads)
@@ -938,6 +946,32 @@ static int float_experts(const void *x, int64_t x_rows, const void *const *chose
 
 /* quantized weights: codes q (out, in) int8 (group == 0) or (out, in / 2) int4 bytes, scales (out,) or scales and
  * zeros (in / group, out, 2); x converted (and rounded to int16) once for the k experts */
+/* expert s of quantized_experts: its product (k rows of x, or the one row all share) on `threads` threads */
+static void quantized_expert(const io_t *io, const int16_t *x16, const float *sx, int integer, int64_t x_rows,
+                             int64_t s, const void *const *q, const void *const *scales, int scales_bf16, float *ys,
+                             int64_t out, int64_t in, int64_t group, int threads) {
+    const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
+    const uint8_t *qe = q[s];
+    float *yr = ys + s * out;
+#if CPU_GEMV_AVX2
+    if (integer && group == 0) {
+        int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
+        return;
+    }
+    if (integer) {
+        int4_rows_int16(x16 + r * in, sx + r, io->x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
+                        threads);
+        return;
+    }
+#else
+    (void)x16, (void)sx, (void)integer;
+#endif
+    if (group == 0)
+        int8_rows(io->x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
+    else
+        int4_rows(io->x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
+}
+
 static int quantized_experts(const void *x, int64_t x_rows, const void *const *q, const void *const *scales,
                              int scales_bf16, int64_t k, void *y, int io_bf16, int64_t out, int64_t in,
                              int64_t group, int threads) {
@@ -953,30 +987,8 @@ static int quantized_experts(const void *x, int64_t x_rows, const void *const *q
     }
 #endif
     float *ys = part_out(&io, y);
-    /* As many experts as threads (or a multiple): each thread takes whole experts, one parallel region for the k
-     * (a product's rows do not depend on the threads that share it: the same results); otherwise one region an
-     * expert, its rows shared */
-    const int whole = threads > 1 && k % threads == 0;
-    #pragma omp parallel for num_threads(whole ? threads : 1) schedule(static)
-    for (int64_t s = 0; s < k; s++) {
-        const int inner = whole ? 1 : threads;
-        const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
-        const uint8_t *qe = q[s];
-        float *yr = ys + s * out;
-#if CPU_GEMV_AVX2
-        if (integer && group == 0)
-            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in,
-                            inner);
-        else if (integer)
-            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
-                            inner);
-        else
-#endif
-        if (group == 0)
-            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, inner);
-        else
-            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, inner);
-    }
+    for (int64_t s = 0; s < k; s++)  /* (whole experts a thread, one region for the k: no faster, measured) */
+        quantized_expert(&io, x16, sx, integer, x_rows, s, q, scales, scales_bf16, ys, out, in, group, threads);
     end_part(&io, y, k * out);
     if (integer) { free(x16); free(sx); }
     end_io(&io);
@@ -1052,14 +1064,9 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
         for (int64_t s = 0; s < k; s++) both[s] = w1[s], both[k + s] = w3[s];
         code = float_experts(x, 1, both, kind == 3, 2 * k, gate, io_bf16, hidden, dim, threads);
         free(both);
-    } else {  /* likewise: w1 and w3 of the k experts in one call */
-        const void **both = malloc(4 * (size_t)k * sizeof(*both));
-        if (!both) { free(buf); return -1; }
-        for (int64_t s = 0; s < k; s++)
-            both[s] = w1[s], both[k + s] = w3[s], both[2 * k + s] = s1[s], both[3 * k + s] = s3[s];
-        code = quantized_experts(x, 1, both, both + 2 * k, scales_bf16, 2 * k, gate, io_bf16, hidden, dim, g,
-                                 threads);
-        free(both);
+    } else {
+        code = quantized_experts(x, 1, w1, s1, scales_bf16, k, gate, io_bf16, hidden, dim, g, threads);
+        if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);
     }
     if (code) { free(buf); return code; }
     silu_mul(gate, up, h, io_bf16, k * hidden, threads);  /* h = silu(gate) * up */

@@ -710,15 +710,15 @@ static void int4_rows(const float *x, const uint8_t *q, const void *sz, int scal
         int4_tail(x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, y, rows, out, in, group, out / 32 * 32);
 }
 
+static int fuse_products = 1;  /* 0: one region a product, as before (cpu_gemv_set_fuse: for comparisons, as
+                                  * in README "Several products in one parallel region") */
+void cpu_gemv_set_fuse(int fuse) { fuse_products = fuse != 0; }
+
 /* n products in one parallel region: ys[p] (rows, outs[p]) = xs[p] @ W_p.T.  The output rows of all n weights,
  * end to end, are cut into one contiguous share a thread: one fork and join for the n products instead of n, and a
  * thread's stream of weights runs on from one matrix into the next (the query, key and value projections, w1 and
  * w3, the chosen experts).  Every output row is computed by the same dot function as in float_rows: bitwise the
  * same results, whatever the threads. */
-static int fuse_products = 1;  /* 0: one region a product, as before (cpu_gemv_set_fuse: for comparisons, as
-                                  * in README "Several products in one parallel region") */
-void cpu_gemv_set_fuse(int fuse) { fuse_products = fuse != 0; }
-
 static void float_products(const float *const *xs, const void *const *w, int w_f32, float *const *ys,
                            const int64_t *outs, int64_t n, int64_t rows, int64_t in, int threads) {
 #if CPU_GEMV_AVX2 && defined(_OPENMP)
@@ -946,32 +946,6 @@ static int float_experts(const void *x, int64_t x_rows, const void *const *chose
 
 /* quantized weights: codes q (out, in) int8 (group == 0) or (out, in / 2) int4 bytes, scales (out,) or scales and
  * zeros (in / group, out, 2); x converted (and rounded to int16) once for the k experts */
-/* expert s of quantized_experts: its product (k rows of x, or the one row all share) on `threads` threads */
-static void quantized_expert(const io_t *io, const int16_t *x16, const float *sx, int integer, int64_t x_rows,
-                             int64_t s, const void *const *q, const void *const *scales, int scales_bf16, float *ys,
-                             int64_t out, int64_t in, int64_t group, int threads) {
-    const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
-    const uint8_t *qe = q[s];
-    float *yr = ys + s * out;
-#if CPU_GEMV_AVX2
-    if (integer && group == 0) {
-        int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
-        return;
-    }
-    if (integer) {
-        int4_rows_int16(x16 + r * in, sx + r, io->x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
-                        threads);
-        return;
-    }
-#else
-    (void)x16, (void)sx, (void)integer;
-#endif
-    if (group == 0)
-        int8_rows(io->x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
-    else
-        int4_rows(io->x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
-}
-
 static int quantized_experts(const void *x, int64_t x_rows, const void *const *q, const void *const *scales,
                              int scales_bf16, int64_t k, void *y, int io_bf16, int64_t out, int64_t in,
                              int64_t group, int threads) {
@@ -987,8 +961,24 @@ static int quantized_experts(const void *x, int64_t x_rows, const void *const *q
     }
 #endif
     float *ys = part_out(&io, y);
-    for (int64_t s = 0; s < k; s++)  /* (whole experts a thread, one region for the k: no faster, measured) */
-        quantized_expert(&io, x16, sx, integer, x_rows, s, q, scales, scales_bf16, ys, out, in, group, threads);
+    for (int64_t s = 0; s < k; s++) {
+        const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
+        const uint8_t *qe = q[s];
+        float *yr = ys + s * out;
+#if CPU_GEMV_AVX2
+        if (integer && group == 0)
+            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in,
+                            threads);
+        else if (integer)
+            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
+                            threads);
+        else
+#endif
+        if (group == 0)
+            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
+        else
+            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
+    }
     end_part(&io, y, k * out);
     if (integer) { free(x16); free(sx); }
     end_io(&io);

@@ -12,7 +12,11 @@ not through its high-level Llama class, so that both sides time the same work:
 * greedy agreement: llama.cpp's tokens against mistral_ref's tokens of the same runs (leading tokens equal / new);
 * Q8_0 / Q4_0: the F32 file quantized by llama.cpp's own quantizer (llama_model_quantize: its default recipe,
   which keeps norms in F32 and, for Q4_0, the output matrix in Q6_K), beside mistral_ref's int8 / int4
-  (`mistral_ref.quantize_model`, group size 32) of the same weights.
+  (`mistral_ref.quantize_model`) of the same weights: int4 with groups of 32 (a bf16 scale and zero a group: 5
+  bits a weight) and of 64 (4.5 bits a weight, the size of Q4_0's blocks of 32 with one fp16 scale);
+* quality of the quantized rows: each side's logits at every position of the prompt, decoded one token at a time
+  as generation runs (mistral_ref's decode step, llama.cpp's llama_decode), against mistral_ref's fp32 logits of
+  the same prompt (`mistral_ref.parity.logits_agreement`: top-1 agreement, mean KL(fp32 || side) in nats).
 
 Each comparison alternates mistral_ref and llama.cpp round by round (bench.alternate), medians [min-max] over the
 rounds.  mistral_ref's side is loaded from the very GGUF file llama.cpp reads (load_model), so both multiply the
@@ -40,7 +44,8 @@ from mistral_ref.model import Transformer
 
 #: GGUF type of each dtype row, and llama.cpp's quantized types beside mistral_ref's schemes.
 GGUF_TYPES = {"fp32": "F32", "bf16": "BF16"}
-QUANTIZED = {"int8": "Q8_0", "int4": "Q4_0"}
+#: mistral_ref scheme (row label: scheme, group size) -> llama.cpp type; "int4 g64" is the same size as Q4_0.
+QUANTIZED = {"int8": ("int8", 32, "Q8_0"), "int4": ("int4", 32, "Q4_0"), "int4 g64": ("int4", 64, "Q4_0")}
 #: The tokenizer written into the GGUF files (llama.cpp needs one to load a model; the bench feeds token ids,
 #: so which one does not matter): the embedded model's SentencePiece vocabulary, padded with unused tokens.
 TOKENIZER = EMBEDDED_MODEL_DIR / "tokenizer.model.v3"
@@ -226,6 +231,31 @@ def compare_decode(ours: Transformer, theirs: LlamaCpp, prompt_len: int, new: in
             "tokens": tokens, "raw": rate}
 
 
+def stepwise_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """mistral_ref's logits (T, vocab) fp32 at each of `tokens`, one decode step a token into a KV cache (the
+    path generation takes, the C kernels' decode products included)."""
+    cache = KVCache(model.args, 1, len(tokens), dtype=model.dtype)
+    with torch.inference_mode():
+        return torch.cat([model(torch.tensor([[t]]), torch.tensor([[i]]), cache)[0] for i, t in enumerate(tokens)])
+
+
+def llamacpp_logits(theirs: LlamaCpp, tokens: list[int]) -> torch.Tensor:
+    """llama.cpp's logits (T, vocab) at each of `tokens`, one llama_decode a token after a cleared cache."""
+    theirs.L.llama_memory_clear(theirs.memory, True)
+    return torch.stack([torch.from_numpy(theirs.forward([t]).copy()) for t in tokens]).float()
+
+
+def quality(reference: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Top-1 agreement and mean / max KL(reference || side) of each side's logits (T, vocab)."""
+    from mistral_ref.parity import logits_agreement
+
+    out = {}
+    for side, logits in (("ours", ours), ("llama_cpp", theirs)):
+        a = logits_agreement(logits, reference)  # (KL(b || a): b = the fp32 reference)
+        out[side] = {"top1": a.top1, "kl_mean": a.kl_mean, "kl_max": a.kl_max}
+    return out
+
+
 def compare_prefill(ours: Transformer, theirs: LlamaCpp, T: int, runs: int, warmup: bool = True) -> dict:
     """One pass over the same T random tokens as bench.py's prefill rows, into a fresh cache; last logits."""
     tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
@@ -368,17 +398,26 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
         return {"skipped": line}
     out: dict = {}
     src = files["fp32"]
-    for scheme, qtype in QUANTIZED.items():
-        path = quantize_gguf(src, src.with_name(f"{qtype}.gguf"), qtype, threads)
+    fp32 = load_model(src, dtype="float32")
+    probe = torch.randint(0, fp32.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.inference_mode():
+        fp32_logits = fp32(torch.tensor([probe]))[0].float()  # (T, vocab)
+    del fp32
+    for label, (scheme, group, qtype) in QUANTIZED.items():
+        path = src.with_name(f"{qtype}.gguf")
+        if not path.exists():
+            quantize_gguf(src, path, qtype, threads)
         # quantized models compute in bf16: the int8 / int4 kernels take bf16 rows (fp32 products dequantize)
-        ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=32)
+        ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=group)
         theirs = open_llamacpp(path, prompt_len + new + 16, threads, f"{name} {qtype}")
         try:
-            d = out[scheme] = compare_decode(ours, theirs, prompt_len, new, runs)
-            if compile_mode:
-                c = out[f"{scheme} compiled"] = compare_compiled(ours, theirs, prompt_len, new, runs, compile_mode)
+            q = quality(fp32_logits, stepwise_logits(ours, probe), llamacpp_logits(theirs, probe))
+            d = out[label] = compare_decode(ours, theirs, prompt_len, new, runs)
+            d["quality"] = q
+            if compile_mode and label in ("int8", "int4"):
+                c = out[f"{label} compiled"] = compare_compiled(ours, theirs, prompt_len, new, runs, compile_mode)
                 c["qtype"] = qtype
-                _print_compiled(name, f"{scheme} vs {qtype}", c, new)
+                _print_compiled(name, f"{label} vs {qtype}", c, new)
         finally:
             theirs.close()
             del ours
@@ -386,9 +425,16 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
         if reference is not None:
             d["agreement_ours_fp32"] = agreement(reference, d["tokens"]["ours"])
             d["agreement_llama_cpp_fp32"] = agreement(reference, d["tokens"]["llama_cpp"])
-        print(f"  llama.cpp decode {name} {scheme} vs {qtype} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, "
-              f"ratio {fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}", flush=True)
+        print(f"  llama.cpp decode {name} {label} vs {qtype} b1: {fmt(d['ours'])} vs {fmt(d['llama_cpp'])} tok/s, "
+              f"ratio {fmt(d['ratio'], 2)}, greedy agreement {d['agreement']}/{new}; {quality_line(q)}", flush=True)
     return out
+
+
+def quality_line(q: dict) -> str:
+    """top-1 / mean KL against the fp32 logits, both sides (bench_quantized's quality)."""
+    o, t = q["ours"], q["llama_cpp"]
+    return (f"vs fp32 logits: top-1 {o['top1']:.3f} / {t['top1']:.3f}, "
+            f"mean KL {o['kl_mean']:.2e} / {t['kl_mean']:.2e} nats (mistral_ref / llama.cpp)")
 
 
 def print_tables(results: dict[str, dict], new: int, prompt_len: int) -> None:
@@ -416,6 +462,8 @@ def print_tables(results: dict[str, dict], new: int, prompt_len: int) -> None:
                 label = f"{label} ({dec['mode']}, {dec['compile_s']:.0f} s: {dec['compile_what']})"
             extra = (f" (fp32: {d['agreement_ours_fp32']} / {d['agreement_llama_cpp_fp32']})"
                      if "agreement_ours_fp32" in d else "")
+            if "quality" in d and dec is d:
+                extra += f"; {quality_line(d['quality'])}"
             print(f"| {name} | {label} | {theirs} | {fmt(dec['ours'])} | {fmt(dec['llama_cpp'])} | "
                   f"{fmt(dec['ratio'], 2)}x | {dec['agreement']}/{new}{extra} |")
     print("\n## llama.cpp: prefill tokens/s, one pass into a fresh cache")

@@ -235,6 +235,39 @@ def test_llamacpp_tables_label_the_long_context_rows(capsys):
             "[50.0-50.0] | 1.50 [1.50-1.50]x |") in out
 
 
+@pytest.mark.oracle
+def test_quantized_rows_measure_quality_against_the_fp32_logits(capsys):
+    """peer_llamacpp's quantized rows: each side's logits one decode step a token (stepwise_logits equals a fp32
+    prefill's logits), scored against the fp32 reference (top-1, KL(fp32 || side)); the row prints both sides."""
+    peer = benchmark_module("peer_llamacpp")
+    from mistral_ref.model import ModelArgs, Transformer
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, hidden_dim=128, n_heads=4, n_kv_heads=2, head_dim=16,
+                                  vocab_size=97, norm_eps=1e-5, rope_theta=1e4, sliding_window=5))
+    tokens = torch.randint(0, 97, (12,)).tolist()  # beyond the window
+    with torch.inference_mode():
+        full = model(torch.tensor([tokens]))[0]
+    steps = peer.stepwise_logits(model, tokens)
+    assert steps.shape == (12, 97) and torch.allclose(steps, full, rtol=1e-5, atol=1e-5)
+    noisy = full + 0.5 * torch.randn_like(full)
+    q = peer.quality(full, steps, noisy)
+    assert q["ours"]["top1"] == 1.0 and q["ours"]["kl_mean"] < 1e-9
+    assert 0.0 < q["llama_cpp"]["top1"] <= 1.0 and q["llama_cpp"]["kl_mean"] > 1e-3
+    assert q["llama_cpp"]["kl_max"] >= q["llama_cpp"]["kl_mean"]
+
+    def row(ours: float, theirs: float) -> dict:
+        summary = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
+        return {"ours": summary(ours), "llama_cpp": summary(theirs), "ratio": summary(ours / theirs),
+                "agreement": 3, "qtype": "Q4_0", "quality": q}
+
+    peer.print_tables({"m": {"int4 g64": row(90.0, 100.0)}}, 8, 128)
+    out = capsys.readouterr().out
+    assert "| m | int4 g64 | Q4_0 | 90.0 [90.0-90.0] | 100.0 [100.0-100.0] | 0.90 [0.90-0.90]x | 3/8; " in out
+    assert f"top-1 1.000 / {q['llama_cpp']['top1']:.3f}" in out and "mean KL " in out
+
+
 @pytest.mark.slow
 def test_chat_start_is_timed_beside_its_floor(tmp_path, monkeypatch):
     """bench_compile's start measurement on a tiny bf16 checkpoint: `chat` without --compile replies and its first

@@ -194,6 +194,39 @@ def test_the_fuse_switch_changes_no_result(build):
         lib.cpu_gemv_set_fuse(1)
 
 
+@pytest.mark.parametrize("four_rows", [False, True], ids=["one-row-walk", "four-row-walk"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_products_in_one_region_give_each_product_bitwise(build, scheme, four_rows):
+    """Quantized products of bf16 rows run in one parallel region (quantized_products), their units (int8: output
+    rows; int4: blocks of 32 rows and a last 16) end to end cut among 1-5 threads: bitwise each product computed
+    alone in its own region (cpu_gemv_set_fuse(0)); likewise the chosen experts of a stack, x shared or a row each."""
+    lib = cpu_gemv.library()
+    shapes = [(7, 64), (33, 64), (5, 64)] if scheme == "int8" else [(48, 64), (96, 64), (16, 64)]
+    weights = [quantize_weight(_weight(*shape, seed=i).bfloat16(), scheme, 32) for i, shape in enumerate(shapes)]
+    experts = QuantizedExperts([quantize_weight(_weight(*shapes[0], seed=10 + e).bfloat16(), scheme, 32)
+                                for e in range(4)])
+    index = torch.tensor([2, 0, 3])
+    before = cpu_gemv.walk() == cpu_gemv.WALKS[1]
+    cpu_gemv.set_walk(four_rows)
+    try:
+        for rows in (1, 3):
+            x = torch.randn(rows, 64).bfloat16()
+            lib.cpu_gemv_set_fuse(0)
+            try:
+                alone = [cpu_gemv.gemv(x, w, threads=2) for w in weights]
+                chosen = {r: cpu_gemv.experts_gemv(x[:r], experts, index, threads=2) for r in (1, 3) if r <= rows}
+            finally:
+                lib.cpu_gemv_set_fuse(1)
+            for threads in (1, 2, 3, 5):
+                for y, expected in zip(cpu_gemv.gemv_many(x, weights, threads=threads), alone):
+                    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+                for r, expected in chosen.items():
+                    torch.testing.assert_close(cpu_gemv.experts_gemv(x[:r], experts, index, threads=threads),
+                                               expected, rtol=0, atol=0)
+    finally:
+        cpu_gemv.set_walk(before)
+
+
 def test_many_products_need_one_kernel_for_all():
     w = _weight(32, 64).bfloat16()
     x = torch.randn(1, 64).bfloat16()

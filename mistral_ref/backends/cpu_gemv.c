@@ -471,6 +471,26 @@ static void int8_rows_int16(const int16_t *x16, const float *sx, const int8_t *q
     }
 }
 
+/* int8_rows_int16's output rows a .. b-1 (one thread's share in quantized_products): the same dot functions and
+ * scalings, so bitwise its results wherever a share starts */
+static void int8_range_int16(const int16_t *x16, const float *sx, const int8_t *q, const void *scales, int scales_bf16,
+                             float *y, int64_t rows, int64_t out, int64_t in, int64_t a, int64_t b) {
+    int64_t o = a;
+#if CPU_GEMV_AVX512
+    if (rows == 1 && four_rows)
+        for (; o + 4 <= b; o += 4) {
+            __m128 s = _mm_setr_ps(value_at(scales, o, scales_bf16), value_at(scales, o + 1, scales_bf16),
+                                   value_at(scales, o + 2, scales_bf16), value_at(scales, o + 3, scales_bf16));
+            dot4_int8_int16(x16, q + o * in, y + o, in, _mm_mul_ps(s, _mm_set1_ps(sx[0])));
+        }
+#endif
+    for (; o < b; o++) {
+        ROWS(dot_int8_int16, x16, q + o * in, y, rows, out, in, o);
+        float scale = value_at(scales, o, scales_bf16);
+        for (int64_t r = 0; r < rows; r++) y[r * out + o] *= scale * sx[r];
+    }
+}
+
 /* scales and zeros of rows k/2 .. k/2 + 7 of one group: sz holds (scale, zero) pairs */
 static inline void load_scales_zeros(const void *sz, int64_t k, int scales_bf16, __m256 *s, __m256 *z) {
     if (scales_bf16) {  /* a pair is one 32-bit word: scale in the low half, zero in the high half */
@@ -550,56 +570,102 @@ static void int4_blocks(const float *x, const uint8_t *q, const void *sz, int sc
  * vpdpwssd multiplies by the broadcast pair (x16[i], x16[i+1]) (or i+2, i+3) and adds into int32 lane r.  The
  * group sums are exact integers, split back into the AVX2 loop's four 8-row registers before its float steps:
  * bitwise int4_blocks_int16's results. */
-static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
-                             float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
-    uint8_t index01[64], index23[64];
-    for (int w = 0; w < 32; w++) {  /* word w = 2r + t: its low byte from row r of input t (or 2 + t) */
-        index01[2 * w] = (uint8_t)((w & 1) * 16 + w / 2), index23[2 * w] = (uint8_t)((2 + (w & 1)) * 16 + w / 2);
-        index01[2 * w + 1] = index23[2 * w + 1] = 0;  /* (masked to zero: the high byte of each word) */
-    }
-    const __m512i pairs01 = _mm512_loadu_si512(index01), pairs23 = _mm512_loadu_si512(index23);
+static void int4_block_vbmi(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
+                            float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int64_t b,
+                            __m512i pairs01, __m512i pairs23) {  /* rows b*32 .. b*32+31 */
     const __mmask64 low_bytes = 0x5555555555555555ULL;
     const __m512i low4 = _mm512_set1_epi8(15);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < out / 32; b++) {
-        const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
-        for (int64_t r = 0; r < rows; r++) {
-            const int16_t *xr = x16 + r * in;
-            __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t g = 0; g < in / group; g++) {
-                /* rows 0..15 (lo) and 16..31 (hi), inputs i, i+1 (01) and i+2, i+3 (23) apart: four independent
-                 * chains of vpdpwssd (its latency, not its throughput, bounded two chains); exact integer sums */
-                __m512i lo01 = _mm512_setzero_si512(), hi01 = lo01, lo23 = lo01, hi23 = lo01;
-                int32_t xsum = 0;
-                if (r == 0 && b + 1 < out / 32) {  /* the next block's scales of this group: a line of their own */
-                    const char *next = (const char *)sz + (g * out + (b + 1) * 32) * 2 * (scales_bf16 ? 2 : 4);
-                    for (int l = 0; l < (scales_bf16 ? 2 : 4); l++) PREFETCH(next + 64 * l);
-                }
-                for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
-                    PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, one 64-byte line */
-                    __m512i v = _mm512_loadu_si512(qb + i * 16);  /* inputs i .. i+3 */
-                    __m512i vlo = _mm512_and_si512(v, low4), vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                    int32_t p01, p23;
-                    memcpy(&p01, xr + i, sizeof p01);
-                    memcpy(&p23, xr + i + 2, sizeof p23);
-                    __m512i x01 = _mm512_set1_epi32(p01), x23 = _mm512_set1_epi32(p23);
-                    xsum += xr[i] + xr[i + 1] + xr[i + 2] + xr[i + 3];
-                    lo01 = _mm512_dpwssd_epi32(lo01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vlo), x01);
-                    lo23 = _mm512_dpwssd_epi32(lo23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vlo), x23);
-                    hi01 = _mm512_dpwssd_epi32(hi01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vhi), x01);
-                    hi23 = _mm512_dpwssd_epi32(hi23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vhi), x23);
-                }
-                __m512i lo = _mm512_add_epi32(lo01, lo23), hi = _mm512_add_epi32(hi01, hi23);
-                __m256i acc[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
-                                  _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
-                add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
+    const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xr = x16 + r * in;
+        __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < in / group; g++) {
+            /* rows 0..15 (lo) and 16..31 (hi), inputs i, i+1 (01) and i+2, i+3 (23) apart: four independent
+             * chains of vpdpwssd (its latency, not its throughput, bounded two chains); exact integer sums */
+            __m512i lo01 = _mm512_setzero_si512(), hi01 = lo01, lo23 = lo01, hi23 = lo01;
+            int32_t xsum = 0;
+            if (r == 0 && b + 1 < out / 32) {  /* the next block's scales of this group: a line of their own */
+                const char *next = (const char *)sz + (g * out + (b + 1) * 32) * 2 * (scales_bf16 ? 2 : 4);
+                for (int l = 0; l < (scales_bf16 ? 2 : 4); l++) PREFETCH(next + 64 * l);
             }
-            __m256 scale = _mm256_set1_ps(sx[r]);
-            for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
+            for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+                PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, one 64-byte line */
+                __m512i v = _mm512_loadu_si512(qb + i * 16);  /* inputs i .. i+3 */
+                __m512i vlo = _mm512_and_si512(v, low4), vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                int32_t p01, p23;
+                memcpy(&p01, xr + i, sizeof p01);
+                memcpy(&p23, xr + i + 2, sizeof p23);
+                __m512i x01 = _mm512_set1_epi32(p01), x23 = _mm512_set1_epi32(p23);
+                xsum += xr[i] + xr[i + 1] + xr[i + 2] + xr[i + 3];
+                lo01 = _mm512_dpwssd_epi32(lo01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vlo), x01);
+                lo23 = _mm512_dpwssd_epi32(lo23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vlo), x23);
+                hi01 = _mm512_dpwssd_epi32(hi01, _mm512_maskz_permutexvar_epi8(low_bytes, pairs01, vhi), x01);
+                hi23 = _mm512_dpwssd_epi32(hi23, _mm512_maskz_permutexvar_epi8(low_bytes, pairs23, vhi), x23);
+            }
+            __m512i lo = _mm512_add_epi32(lo01, lo23), hi = _mm512_add_epi32(hi01, hi23);
+            __m256i acc[4] = {_mm512_castsi512_si256(lo), _mm512_extracti64x4_epi64(lo, 1),
+                              _mm512_castsi512_si256(hi), _mm512_extracti64x4_epi64(hi, 1)};
+            add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
         }
+        __m256 scale = _mm256_set1_ps(sx[r]);
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
     }
 }
+
+/* the byte permutations of int4_block_vbmi: word w = 2r + t takes its low byte from row r of input t (pairs01) or
+ * 2 + t (pairs23); the high byte of each word is masked to zero */
+static void vbmi_pairs(__m512i *pairs01, __m512i *pairs23) {
+    uint8_t index01[64], index23[64];
+    for (int w = 0; w < 32; w++) {
+        index01[2 * w] = (uint8_t)((w & 1) * 16 + w / 2), index23[2 * w] = (uint8_t)((2 + (w & 1)) * 16 + w / 2);
+        index01[2 * w + 1] = index23[2 * w + 1] = 0;
+    }
+    *pairs01 = _mm512_loadu_si512(index01), *pairs23 = _mm512_loadu_si512(index23);
+}
+
+static void int4_blocks_vbmi(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
+                             float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
+    __m512i pairs01, pairs23;
+    vbmi_pairs(&pairs01, &pairs23);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < out / 32; b++)
+        int4_block_vbmi(x16, sx, q, sz, scales_bf16, y, rows, out, in, group, b, pairs01, pairs23);
+}
 #endif
+
+static void int4_block_int16(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
+                             float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int64_t b) {
+    const __m128i low4 = _mm_set1_epi8(15);
+    const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xr = x16 + r * in;
+        __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < in / group; g++) {
+            __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                              _mm256_setzero_si256()};
+            int32_t xsum = 0;
+            for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
+                if (!(i & 3)) PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, once a 64-byte line */
+                __m128i b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
+                __m128i b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
+                __m128i lo0 = _mm_and_si128(b0, low4), lo1 = _mm_and_si128(b1, low4);
+                __m128i hi0 = _mm_and_si128(_mm_srli_epi16(b0, 4), low4);
+                __m128i hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
+                int32_t pair;
+                memcpy(&pair, xr + i, sizeof pair);
+                __m256i xp = _mm256_set1_epi32(pair);  /* x16[i], x16[i+1], x16[i], ... */
+                xsum += xr[i] + xr[i + 1];
+                acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo0, lo1)), xp));
+                acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo0, lo1)), xp));
+                acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(hi0, hi1)), xp));
+                acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(hi0, hi1)), xp));
+            }
+            add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
+        }
+        __m256 scale = _mm256_set1_ps(sx[r]);
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
+    }
+}
 
 static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t *q, const void *sz, int scales_bf16,
                               float *y, int64_t rows, int64_t out, int64_t in, int64_t group, int threads) {
@@ -609,39 +675,9 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
         return;
     }
 #endif
-    const __m128i low4 = _mm_set1_epi8(15);
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < out / 32; b++) {
-        const uint8_t *qb = q + b * 32 * (in / 2);  /* (in, 16) bytes */
-        for (int64_t r = 0; r < rows; r++) {
-            const int16_t *xr = x16 + r * in;
-            __m256 result[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t g = 0; g < in / group; g++) {
-                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                                  _mm256_setzero_si256()};
-                int32_t xsum = 0;
-                for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
-                    if (!(i & 3)) PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, once a 64-byte line */
-                    __m128i b0 = _mm_loadu_si128((const __m128i *)(qb + i * 16));
-                    __m128i b1 = _mm_loadu_si128((const __m128i *)(qb + (i + 1) * 16));
-                    __m128i lo0 = _mm_and_si128(b0, low4), lo1 = _mm_and_si128(b1, low4);
-                    __m128i hi0 = _mm_and_si128(_mm_srli_epi16(b0, 4), low4);
-                    __m128i hi1 = _mm_and_si128(_mm_srli_epi16(b1, 4), low4);
-                    int32_t pair;
-                    memcpy(&pair, xr + i, sizeof pair);
-                    __m256i xp = _mm256_set1_epi32(pair);  /* x16[i], x16[i+1], x16[i], ... */
-                    xsum += xr[i] + xr[i + 1];
-                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo0, lo1)), xp));
-                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo0, lo1)), xp));
-                    acc[2] = _mm256_add_epi32(acc[2], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(hi0, hi1)), xp));
-                    acc[3] = _mm256_add_epi32(acc[3], _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(hi0, hi1)), xp));
-                }
-                add_int_group(result, acc, xsum, sz, (g * out + b * 32) * 2, scales_bf16);
-            }
-            __m256 scale = _mm256_set1_ps(sx[r]);
-            for (int u = 0; u < 4; u++) _mm256_storeu_ps(y + r * out + b * 32 + 8 * u, _mm256_mul_ps(result[u], scale));
-        }
-    }
+    for (int64_t b = 0; b < out / 32; b++)
+        int4_block_int16(x16, sx, q, sz, scales_bf16, y, rows, out, in, group, b);
 }
 
 #else  /* portable loops */
@@ -746,7 +782,7 @@ static void float_products(const float *const *xs, const void *const *w, int w_f
 /* ---- the entry points (backends/cpu_gemv.py): x and y in bf16 or fp32, converted here ---------------------- */
 
 /* fp32 views of x and of each result for the *_rows kernels: x itself and each y (fp32), or a copy of a bf16 x
- * and one buffer (rows x the largest out floats, small next to a weight) that end_part rounds into each bf16 y. */
+ * and one buffer (the products' rows x outs floats, small next to a weight) that end_part rounds into each bf16 y. */
 typedef struct { const float *x; float *x_copy, *y_buf; } io_t;
 
 static int begin_io(io_t *io, const void *x, int64_t nx, int64_t ny_max, int io_bf16) {
@@ -770,12 +806,6 @@ static void end_part(const io_t *io, void *y, int64_t ny) {
 static void end_io(io_t *io) {
     free(io->x_copy);
     free(io->y_buf);
-}
-
-static int64_t largest(const int64_t *outs, int64_t n) {
-    int64_t m = 0;
-    for (int64_t p = 0; p < n; p++) m = outs[p] > m ? outs[p] : m;
-    return m;
 }
 
 /* Several products of one x ("many": the query, key and value projections of a layer, or w1 and w3): y[p] (rows,
@@ -819,10 +849,18 @@ static int begin_int16(const io_t *io, int64_t rows, int64_t in, int16_t **x16, 
 }
 #endif
 
+#if CPU_GEMV_AVX2
+static int integer_many(const io_t *io, const int16_t *x16, const float *sx, const void *const *q,
+                        const void *const *s, int scales_bf16, void *const *y, const int64_t *outs, int64_t n,
+                        int64_t rows, int64_t in, int64_t group, int threads);
+#endif
+
 int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void *const *scales, int scales_bf16,
                    void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int threads) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < n; p++) total += outs[p];
     io_t io;
-    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
+    if (begin_io(&io, x, rows * in, rows * total, io_bf16)) return -1;
 #if CPU_GEMV_AVX2
     if (io_bf16) {  /* bf16 activations: the integer path (fp32 ones keep fp32 arithmetic throughout) */
         int16_t *x16;
@@ -830,15 +868,12 @@ int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void 
         int integer = begin_int16(&io, rows, in, &x16, &sx);
         if (integer < 0) { end_io(&io); return -1; }
         if (integer) {
-            for (int64_t p = 0; p < n; p++) {
-                int8_rows_int16(x16, sx, q[p], scales[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in,
-                                threads);
-                end_part(&io, y[p], rows * outs[p]);
-            }
+            int code = integer_many(&io, x16, sx, (const void *const *)q, scales, scales_bf16, y, outs, n, rows, in,
+                                    0, threads);
             free(x16);
             free(sx);
             end_io(&io);
-            return 0;
+            return code;
         }
     }
 #endif
@@ -859,29 +894,113 @@ static void int4_rows_int16(const int16_t *x16, const float *sx, const float *x,
     if (out % 32)
         int4_tail(x, q + out / 32 * 32 * (in / 2), sz, scales_bf16, y, rows, out, in, group, out / 32 * 32);
 }
+
+/* n quantized products with int16 activations in one parallel region, as float_products does for float weights:
+ * ys[p] (rows, outs[p]) = xs[p] @ W_p.T, W_p = codes q[p] and scales s[p], int8 (group == 0) or int4; x16s[p],
+ * sxs[p] the int16 rows of x (xs[p], fp32: int4's 16-row tail).  The units of work (int8: output rows; int4:
+ * blocks of 32 rows, and a last block of 16) of all n products, end to end, are cut into one contiguous share a
+ * thread.  Each unit is computed by the function int8_rows_int16 / int4_rows_int16 use for it: bitwise their
+ * results, whatever the threads. */
+static void quantized_products(const int16_t *const *x16s, const float *const *sxs, const float *const *xs,
+                               const void *const *q, const void *const *s, int scales_bf16, float *const *ys,
+                               const int64_t *outs, int64_t n, int64_t rows, int64_t in, int64_t group, int threads) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < n; p++) total += group ? (outs[p] + 31) / 32 : outs[p];
+#if CPU_GEMV_INT4_VBMI
+    __m512i pairs01, pairs23;
+    vbmi_pairs(&pairs01, &pairs23);
+#endif
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t nt = 1, t = 0;
+#endif
+        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
+        int64_t base = 0;
+        for (int64_t p = 0; p < n && base < hi; p++) {
+            const int64_t units = group ? (outs[p] + 31) / 32 : outs[p], out = outs[p];
+            const int64_t a = lo > base ? lo - base : 0, b = hi - base < units ? hi - base : units;
+            base += units;
+            if (!group) {
+                if (a < b) int8_range_int16(x16s[p], sxs[p], q[p], s[p], scales_bf16, ys[p], rows, out, in, a, b);
+                continue;
+            }
+            for (int64_t u = a; u < b; u++) {
+                const uint8_t *codes = q[p];
+                if (u == out / 32) {  /* the last 16 rows */
+                    int4_tail(xs[p], codes + out / 32 * 32 * (in / 2), s[p], scales_bf16, ys[p], rows, out, in, group,
+                              out / 32 * 32);
+                    continue;
+                }
+#if CPU_GEMV_INT4_VBMI
+                if (group % 4 == 0) {
+                    int4_block_vbmi(x16s[p], sxs[p], codes, s[p], scales_bf16, ys[p], rows, out, in, group, u, pairs01,
+                                    pairs23);
+                    continue;
+                }
+#endif
+                int4_block_int16(x16s[p], sxs[p], codes, s[p], scales_bf16, ys[p], rows, out, in, group, u);
+            }
+        }
+    }
+}
+#endif
+
+#if CPU_GEMV_AVX2
+/* The integer paths of gemv_int8_many / gemv_int4_many (x16, sx: x as int16): the n products in one parallel region
+ * (quantized_products), or one region a product where cpu_gemv_set_fuse(0) asks.  io's y buffer (bf16 results)
+ * holds rows x the sum of outs floats.  Returns 0, or -1 without memory. */
+static int integer_many(const io_t *io, const int16_t *x16, const float *sx, const void *const *q,
+                        const void *const *s, int scales_bf16, void *const *y, const int64_t *outs, int64_t n,
+                        int64_t rows, int64_t in, int64_t group, int threads) {
+    if (!fuse_products) {
+        for (int64_t p = 0; p < n; p++) {
+            if (group)
+                int4_rows_int16(x16, sx, io->x, q[p], s[p], scales_bf16, part_out(io, y[p]), rows, outs[p], in, group,
+                                threads);
+            else
+                int8_rows_int16(x16, sx, q[p], s[p], scales_bf16, part_out(io, y[p]), rows, outs[p], in, threads);
+            end_part(io, y[p], rows * outs[p]);
+        }
+        return 0;
+    }
+    const int16_t **x16s = malloc((size_t)n * sizeof(*x16s));
+    const float **sxs = malloc((size_t)n * sizeof(*sxs)), **xs = malloc((size_t)n * sizeof(*xs));
+    float **ys = malloc((size_t)n * sizeof(*ys));
+    if (!x16s || !sxs || !xs || !ys) { free(x16s), free(sxs), free(xs), free(ys); return -1; }
+    for (int64_t p = 0, at = 0; p < n; at += rows * outs[p], p++)  /* a bf16 y: its own part of the fp32 buffer */
+        x16s[p] = x16, sxs[p] = sx, xs[p] = io->x, ys[p] = io->y_buf ? io->y_buf + at : (float *)y[p];
+    quantized_products(x16s, sxs, xs, q, s, scales_bf16, ys, outs, n, rows, in, group, threads);
+    if (io->y_buf)
+        for (int64_t p = 0; p < n; p++)
+            for (int64_t k = 0; k < rows * outs[p]; k++) ((uint16_t *)y[p])[k] = float_to_bf16(ys[p][k]);
+    free(x16s), free(sxs), free(xs), free(ys);
+    return 0;
+}
 #endif
 
 int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void *const *sz, int scales_bf16,
                    void *const *y, const int64_t *outs, int io_bf16, int64_t rows, int64_t in, int64_t group,
                    int threads) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < n; p++) total += outs[p];
     io_t io;
-    if (begin_io(&io, x, rows * in, rows * largest(outs, n), io_bf16)) return -1;
+    if (begin_io(&io, x, rows * in, rows * total, io_bf16)) return -1;
 #if CPU_GEMV_AVX2
-    if (io_bf16) {  /* bf16 activations: the integer path for the blocks of 32 rows */
+    if (io_bf16) {  /* bf16 activations: the integer path for the blocks of 32 rows (x as fp32 for a last 16) */
         int16_t *x16;
         float *sx;
         int integer = begin_int16(&io, rows, in, &x16, &sx);
         if (integer < 0) { end_io(&io); return -1; }
         if (integer) {
-            for (int64_t p = 0; p < n; p++) {
-                int4_rows_int16(x16, sx, io.x, q[p], sz[p], scales_bf16, part_out(&io, y[p]), rows, outs[p], in,
-                                group, threads);
-                end_part(&io, y[p], rows * outs[p]);
-            }
+            int code = integer_many(&io, x16, sx, (const void *const *)q, sz, scales_bf16, y, outs, n, rows, in,
+                                    group, threads);
             free(x16);
             free(sx);
             end_io(&io);
-            return 0;
+            return code;
         }
     }
 #endif
@@ -961,6 +1080,28 @@ static int quantized_experts(const void *x, int64_t x_rows, const void *const *q
     }
 #endif
     float *ys = part_out(&io, y);
+#if CPU_GEMV_AVX2
+    if (integer && fuse_products) {  /* the k products in one parallel region */
+        const int16_t **x16s = malloc((size_t)(k ? k : 1) * sizeof(*x16s));
+        const float **sxs = malloc((size_t)(k ? k : 1) * sizeof(*sxs)), **xs = malloc((size_t)(k ? k : 1) * sizeof(*xs));
+        float **yk = malloc((size_t)(k ? k : 1) * sizeof(*yk));
+        int64_t *outs = malloc((size_t)(k ? k : 1) * sizeof(*outs));
+        if (!x16s || !sxs || !xs || !yk || !outs) {
+            free(x16s), free(sxs), free(xs), free(yk), free(outs), free(x16), free(sx), end_io(&io);
+            return -1;
+        }
+        for (int64_t s = 0; s < k; s++) {
+            const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
+            x16s[s] = x16 + r * in, sxs[s] = sx + r, xs[s] = io.x + r * in, yk[s] = ys + s * out, outs[s] = out;
+        }
+        quantized_products(x16s, sxs, xs, q, scales, scales_bf16, yk, outs, k, 1, in, group, threads);
+        free(x16s), free(sxs), free(xs), free(yk), free(outs);
+        end_part(&io, y, k * out);
+        free(x16), free(sx);
+        end_io(&io);
+        return 0;
+    }
+#endif
     for (int64_t s = 0; s < k; s++) {
         const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
         const uint8_t *qe = q[s];

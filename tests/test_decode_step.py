@@ -196,6 +196,62 @@ def test_not_taken_where_it_does_not_apply(make_model):
     assert decode_step.plan(make_model(scaled)) is None
 
 
+@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked), (DENSE, "int8"), (MOE, "int4")],
+                         ids=["dense", "moe", "moe-stacked", "dense-int8", "moe-int4"])
+def test_declined_exactly_where_the_layers_would_run_a_hook(args, layout, make_model):
+    """A forward hook, or a forward replaced on the module itself, on each module of a block in turn (the block,
+    its norms, attention, the weights' modules, the router, each expert): where the layers' step runs it, the
+    whole step is declined; where the layers' step never calls that module, the step is taken (decode_step only
+    checks the modules it would skip: called_modules)."""
+    model = make_model(args)
+    if layout in ("int8", "int4"):
+        model = quantize_model(model.to(torch.bfloat16), layout)
+    elif layout:
+        layout(model)
+    block = model.layers[1]
+    called = {id(m) for m in decode_step.called_modules(block)}
+    for name, module in block.named_modules():
+        fired = []
+        handle = module.register_forward_hook(lambda *_, fired=fired: fired.append(1))
+        try:
+            ops = model.ops
+            model.ops = dataclasses.replace(ops, decode_step=None)  # the layers' step
+            try:
+                decode(model, steps=2)
+            finally:
+                model.ops = ops
+            runs_hook = len(fired) == 3  # the prompt's pass and two steps
+            assert len(fired) in (0, 3), name
+            assert runs_hook == (id(module) in called), name
+            taken = blocks_called(model, steps=2)
+            assert taken == (0 if runs_hook else 2 * args.n_layers), name
+        finally:
+            handle.remove()
+        if id(module) in called:  # a forward patched on the module itself
+            module.forward = functools.partial(type(module).forward, module)
+            try:
+                assert blocks_called(model, steps=2) == 0, name
+            finally:
+                del module.forward
+    assert blocks_called(model, steps=2) == 2 * args.n_layers
+
+
+def test_a_kept_plan_lets_replaced_weights_go(make_model):
+    """A plan holds the weights it read; replacing them (quantize_model after decoding) drops it at once, so the
+    old weights are freed without waiting for another step."""
+    import gc
+    import weakref
+
+    model = make_model(DENSE).to(torch.bfloat16)
+    decode(model, steps=2)
+    assert decode_step.PLAN in vars(model)
+    old = weakref.ref(model.layers[0].attention.wq.weight)
+    quantize_model(model, "int8")
+    gc.collect()
+    assert old() is None and decode_step.PLAN not in vars(model)
+    assert blocks_called(model, steps=2) == 2 * DENSE.n_layers  # planned again at the next step
+
+
 @pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
 def test_the_kept_plan_follows_the_model(args, make_model):
     """Converting (the experts' stacks are dropped then), quantizing or replacing a weight by hand after steps

@@ -24,15 +24,18 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
 * every layer's cache is a plain LayerCache of the model's dtype with a row for each token;
-* no module inside a block has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe) or a
-  forward replaced on its class or on itself (a patch, an intervention), and no global forward hook is registered:
-  the step calls no block's forward, so it would skip them.
+* no module whose forward the layers' step calls (:func:`called_modules`: a block, its norms, its attention, its
+  feed-forward) has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe) or a forward replaced
+  on its class or on itself (a patch, an intervention), and no global forward hook is registered: the step calls
+  no block's forward, so it would skip them.  (The weights' modules, wq .. w3, the router and each expert, are
+  never called as modules, in the layers' step either: their hooks would not run there.)
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,7 +87,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
             if args is None:  # a weight changed dtype or layout under the plan: plan again at the next step
                 model.__dict__.pop(PLAN, None)
             return None
-        steps.append((block.norms, args, k, v, layer_cache.pos, block.window))
+        steps.append((*block.norms, *args, k, v, layer_cache.pos, block.window))
     position = int(positions.max())
     for layer_cache in cache.layers:  # a full layer's cache must hold the position (cache.LayerCache.check_fits)
         if not layer_cache.rolling and position >= layer_cache.capacity:
@@ -92,8 +95,8 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     rot = rotations(model, position)
     threads = torch.get_num_threads()
     h = model.tok_embeddings(tokens)  # (B, 1, dim)
-    for norms, args, k, v, pos, window in steps:
-        h, _ = torch.ops.mistral_ref.decode_block(h, positions, rot, *norms, *args, k, v, pos, window, threads)
+    for step in steps:  # (the norms, the block's weights, its cache, its window)
+        h, _ = torch.ops.mistral_ref.decode_block(h, positions, rot, *step, threads)
     ops = model.ops
     return ops.linear(model.norm(h, ops), model.output_weight).float()  # (B, 1, vocab)
 
@@ -101,11 +104,15 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
 # ---- what a step reads, kept between steps -------------------------------------------------------------------
 
 _registrations = 0  # parameters, buffers and submodules assigned to any module in this process so far
+_planned: weakref.WeakSet = weakref.WeakSet()  # models that keep a plan
 
 
 def _registered(*_) -> None:
     global _registrations
     _registrations += 1
+    for model in list(_planned):  # a kept plan holds the weights it read: the replaced ones may go now
+        model.__dict__.pop(PLAN, None)
+    _planned.clear()
 
 
 # assigning a weight or a module anywhere (quantize_model, load_state_dict(assign=True), stacking experts,
@@ -205,7 +212,7 @@ def plan(model: Transformer) -> list[Block] | None:
     if kept is not None and kept[0] == key and all(cls.forward is f for cls, f in kept[2]):
         return kept[1]
     a, dtype, blocks = model.args, model.dtype, []
-    modules = [m for layer in model.layers for m in layer.modules()]
+    modules = [m for layer in model.layers for m in called_modules(layer)]
     forwards = tuple((cls, cls.forward) for cls in {type(m) for m in modules})
     if a.rope_dim != a.head_dim or dtype not in cpu_gemv._FLOATS or not all(own(cls, f) for cls, f in forwards):
         blocks = None
@@ -221,7 +228,17 @@ def plan(model: Transformer) -> list[Block] | None:
     # (the forward-hook dicts and the instance dicts of every module inside the blocks, checked at every step)
     skipped = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
     model.__dict__[PLAN] = (key, blocks, forwards, skipped, tuple(vars(m) for m in modules))
+    _planned.add(model)
     return blocks
+
+
+def called_modules(layer: TransformerBlock) -> list[torch.nn.Module]:
+    """The modules of a block whose forward the layers' step calls (TransformerBlock.forward): the block, its two
+    norms, its attention and its feed-forward, which multiply by their weights through the backend's functions and
+    call no module of theirs.  Their hooks and patched forwards are the ones this step would skip
+    (tests/test_decode_step.py hooks every module of a block and checks that the step is declined exactly where the
+    layers' step runs the hook)."""
+    return [layer, layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward]
 
 
 def own(cls: type, forward) -> bool:

@@ -227,6 +227,21 @@ def test_quantized_products_in_one_region_give_each_product_bitwise(build, schem
         cpu_gemv.set_walk(before)
 
 
+def test_the_scale_prefetch_switch_changes_no_result(build):
+    """cpu_gemv_set_scale_prefetch(0) (the int4 scales asked for only where the walk prefetches: for comparisons)
+    gives the same bits: a prefetch changes no arithmetic."""
+    lib = cpu_gemv.library()
+    weights = [quantize_weight(_weight(out, 256, seed=out).bfloat16(), "int4", 32) for out in (96, 48)]
+    x = torch.randn(1, 256).bfloat16()
+    expected = cpu_gemv.gemv_many(x, weights, threads=2)
+    lib.cpu_gemv_set_scale_prefetch(0)
+    try:
+        for y, e in zip(cpu_gemv.gemv_many(x, weights, threads=2), expected):
+            torch.testing.assert_close(y, e, rtol=0, atol=0)
+    finally:
+        lib.cpu_gemv_set_scale_prefetch(1)
+
+
 def test_many_products_need_one_kernel_for_all():
     w = _weight(32, 64).bfloat16()
     x = torch.randn(1, 64).bfloat16()

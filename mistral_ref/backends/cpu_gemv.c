@@ -75,6 +75,14 @@ static int four_rows = 1;
 void cpu_gemv_set_walk(int four) { four_rows = four != 0; }
 int cpu_gemv_walk(void) { return four_rows; }
 #define PREFETCH(p) do { if (four_rows) PREFETCH_ALWAYS(p); } while (0)
+/* The int4 loops' scales and zeros are (group, row) pairs, group by group: a block of 32 rows reads a line of them
+ * in each of in / group places, one stream a group, more than the hardware prefetchers follow.  The AVX512-VBMI
+ * int4 loop asks for the next block's line of each group whichever the walk (the walk's prefetches are the
+ * weights'; README "Speed on a CPU" has the measurements; the AVX2 loop, measured slower with it on large inputs,
+ * does not).  cpu_gemv_set_scale_prefetch(0): only where the walk prefetches (for comparisons). */
+static int scale_prefetch = 1;
+void cpu_gemv_set_scale_prefetch(int on) { scale_prefetch = on != 0; }
+#define SZ_PREFETCH(p) do { if (scale_prefetch || four_rows) PREFETCH_ALWAYS(p); } while (0)
 
 /* Which loops this build has: 3 = AVX-512 + AVX2 intrinsics, 2 = AVX2 intrinsics, 1 = portable. */
 int cpu_gemv_isa(void) { return CPU_GEMV_AVX512 ? 3 : CPU_GEMV_AVX2 ? 2 : 1; }
@@ -586,7 +594,7 @@ static void int4_block_vbmi(const int16_t *x16, const float *sx, const uint8_t *
             int32_t xsum = 0;
             if (r == 0 && b + 1 < out / 32) {  /* the next block's scales of this group: a line of their own */
                 const char *next = (const char *)sz + (g * out + (b + 1) * 32) * 2 * (scales_bf16 ? 2 : 4);
-                for (int l = 0; l < (scales_bf16 ? 2 : 4); l++) PREFETCH(next + 64 * l);
+                for (int l = 0; l < (scales_bf16 ? 2 : 4); l++) SZ_PREFETCH(next + 64 * l);
             }
             for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
                 PREFETCH(qb + 16 * in + i * 16);  /* the next block of 32 rows, one 64-byte line */

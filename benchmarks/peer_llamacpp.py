@@ -403,10 +403,11 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
     with torch.inference_mode():
         fp32_logits = fp32(torch.tensor([probe]))[0].float()  # (T, vocab)
     del fp32
+    made: dict[str, Path] = {}  # each llama.cpp type quantized once, here, from this F32 file
     for label, (scheme, group, qtype) in QUANTIZED.items():
-        path = src.with_name(f"{qtype}.gguf")
-        if not path.exists():
-            quantize_gguf(src, path, qtype, threads)
+        if qtype not in made:
+            made[qtype] = quantize_gguf(src, src.with_name(f"{qtype}.gguf"), qtype, threads)
+        path = made[qtype]
         # quantized models compute in bf16: the int8 / int4 kernels take bf16 rows (fp32 products dequantize)
         ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=group)
         theirs = open_llamacpp(path, prompt_len + new + 16, threads, f"{name} {qtype}")

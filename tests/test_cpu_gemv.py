@@ -180,20 +180,6 @@ def test_many_float_products_cut_anywhere_give_each_product_bitwise(build, four_
         cpu_gemv.set_walk(before)
 
 
-def test_the_fuse_switch_changes_no_result(build):
-    """cpu_gemv_set_fuse(0) (one parallel region a product, for comparisons) gives the fused region's bits."""
-    lib = cpu_gemv.library()
-    weights = [_weight(*shape, seed=i).bfloat16() for i, shape in enumerate([(7, 64), (33, 64), (5, 64)])]
-    x = torch.randn(1, 64).bfloat16()
-    fused = cpu_gemv.gemv_many(x, weights, threads=2)
-    lib.cpu_gemv_set_fuse(0)
-    try:
-        for y, expected in zip(cpu_gemv.gemv_many(x, weights, threads=2), fused):
-            torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    finally:
-        lib.cpu_gemv_set_fuse(1)
-
-
 @pytest.mark.parametrize("four_rows", [False, True], ids=["one-row-walk", "four-row-walk"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_products_in_one_region_give_each_product_bitwise(build, scheme, four_rows):
@@ -227,19 +213,23 @@ def test_quantized_products_in_one_region_give_each_product_bitwise(build, schem
         cpu_gemv.set_walk(before)
 
 
-def test_the_scale_prefetch_switch_changes_no_result(build):
-    """cpu_gemv_set_scale_prefetch(0) (the int4 scales asked for only where the walk prefetches: for comparisons)
-    gives the same bits: a prefetch changes no arithmetic."""
+@pytest.mark.parametrize("switch", ["cpu_gemv_set_fuse", "cpu_gemv_set_scale_prefetch"])
+def test_the_comparison_switches_change_no_result(build, switch):
+    """The C switches kept for same-process comparisons give the same bits switched off: cpu_gemv_set_fuse(0) (one
+    parallel region a product) and cpu_gemv_set_scale_prefetch(0) (int4 scales asked for only where the walk
+    prefetches: a prefetch changes no arithmetic); bf16 and int4 products."""
     lib = cpu_gemv.library()
-    weights = [quantize_weight(_weight(out, 256, seed=out).bfloat16(), "int4", 32) for out in (96, 48)]
-    x = torch.randn(1, 256).bfloat16()
-    expected = cpu_gemv.gemv_many(x, weights, threads=2)
-    lib.cpu_gemv_set_scale_prefetch(0)
+    bf16 = [_weight(*shape, seed=i).bfloat16() for i, shape in enumerate([(7, 64), (33, 64), (5, 64)])]
+    int4 = [quantize_weight(_weight(out, 256, seed=out).bfloat16(), "int4", 32) for out in (96, 48)]
+    cases = [(torch.randn(1, 64).bfloat16(), bf16), (torch.randn(1, 256).bfloat16(), int4)]
+    expected = [cpu_gemv.gemv_many(x, weights, threads=2) for x, weights in cases]
+    getattr(lib, switch)(0)
     try:
-        for y, e in zip(cpu_gemv.gemv_many(x, weights, threads=2), expected):
-            torch.testing.assert_close(y, e, rtol=0, atol=0)
+        for (x, weights), before in zip(cases, expected):
+            for y, e in zip(cpu_gemv.gemv_many(x, weights, threads=2), before):
+                torch.testing.assert_close(y, e, rtol=0, atol=0)
     finally:
-        lib.cpu_gemv_set_scale_prefetch(1)
+        getattr(lib, switch)(1)
 
 
 def test_many_products_need_one_kernel_for_all():

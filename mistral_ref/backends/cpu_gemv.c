@@ -758,6 +758,22 @@ static int fuse_products = 1;  /* 0: one region a product, as before (cpu_gemv_s
                                   * in README "Several products in one parallel region") */
 void cpu_gemv_set_fuse(int fuse) { fuse_products = fuse != 0; }
 
+/* Inside a parallel region: the calling thread's share [*lo, *hi) of `total` units of work (the output rows or
+ * blocks of several products, end to end), one contiguous share a thread; and [*a, *b), the part of it in the
+ * product whose units are base .. base + units - 1 (empty where *a >= *b). */
+static inline void thread_share(int64_t total, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t nt = 1, t = 0;
+#endif
+    *lo = total * t / nt, *hi = total * (t + 1) / nt;
+}
+
+static inline void share_in(int64_t lo, int64_t hi, int64_t base, int64_t units, int64_t *a, int64_t *b) {
+    *a = lo > base ? lo - base : 0, *b = hi - base < units ? hi - base : units;
+}
+
 /* n products in one parallel region: ys[p] (rows, outs[p]) = xs[p] @ W_p.T.  The output rows of all n weights,
  * end to end, are cut into one contiguous share a thread: one fork and join for the n products instead of n, and a
  * thread's stream of weights runs on from one matrix into the next (the query, key and value projections, w1 and
@@ -774,11 +790,10 @@ static void float_products(const float *const *xs, const void *const *w, int w_f
     for (int64_t p = 0; p < n; p++) total += outs[p];
     #pragma omp parallel num_threads(threads)
     {
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
-        int64_t base = 0;
-        for (int64_t p = 0; p < n && base < hi; base += outs[p], p++) {
-            const int64_t a = lo > base ? lo - base : 0, b = hi - base < outs[p] ? hi - base : outs[p];
+        int64_t lo, hi, a, b;
+        thread_share(total, &lo, &hi);
+        for (int64_t p = 0, base = 0; p < n && base < hi; base += outs[p], p++) {
+            share_in(lo, hi, base, outs[p], &a, &b);
             if (a < b) float_range(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, a, b);
         }
     }
@@ -860,7 +875,7 @@ static int begin_int16(const io_t *io, int64_t rows, int64_t in, int16_t **x16, 
 #if CPU_GEMV_AVX2
 static int integer_many(const io_t *io, const int16_t *x16, const float *sx, const void *const *q,
                         const void *const *s, int scales_bf16, void *const *y, const int64_t *outs, int64_t n,
-                        int64_t rows, int64_t in, int64_t group, int threads);
+                        int64_t rows, int64_t in, int64_t group, int row_each, int threads);
 #endif
 
 int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void *const *scales, int scales_bf16,
@@ -877,7 +892,7 @@ int gemv_int8_many(const void *x, int64_t n, const int8_t *const *q, const void 
         if (integer < 0) { end_io(&io); return -1; }
         if (integer) {
             int code = integer_many(&io, x16, sx, (const void *const *)q, scales, scales_bf16, y, outs, n, rows, in,
-                                    0, threads);
+                                    0, 0, threads);
             free(x16);
             free(sx);
             end_io(&io);
@@ -920,17 +935,12 @@ static void quantized_products(const int16_t *const *x16s, const float *const *s
 #endif
     #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-        const int64_t nt = 1, t = 0;
-#endif
-        const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
-        int64_t base = 0;
-        for (int64_t p = 0; p < n && base < hi; p++) {
-            const int64_t units = group ? (outs[p] + 31) / 32 : outs[p], out = outs[p];
-            const int64_t a = lo > base ? lo - base : 0, b = hi - base < units ? hi - base : units;
-            base += units;
+        int64_t lo, hi, a, b;
+        thread_share(total, &lo, &hi);
+        for (int64_t p = 0, base = 0, units; p < n && base < hi; base += units, p++) {
+            const int64_t out = outs[p];
+            units = group ? (out + 31) / 32 : out;
+            share_in(lo, hi, base, units, &a, &b);
             if (!group) {
                 if (a < b) int8_range_int16(x16s[p], sxs[p], q[p], s[p], scales_bf16, ys[p], rows, out, in, a, b);
                 continue;
@@ -957,30 +967,31 @@ static void quantized_products(const int16_t *const *x16s, const float *const *s
 #endif
 
 #if CPU_GEMV_AVX2
-/* The integer paths of gemv_int8_many / gemv_int4_many (x16, sx: x as int16): the n products in one parallel region
+/* The integer paths of gemv_int8_many / gemv_int4_many and of the chosen experts (x16, sx: x as int16): y[p] (rows,
+ * outs[p]) = x @ W_p.T, or x's row p where row_each (one row a product: the experts' w2), in one parallel region
  * (quantized_products), or one region a product where cpu_gemv_set_fuse(0) asks.  io's y buffer (bf16 results)
  * holds rows x the sum of outs floats.  Returns 0, or -1 without memory. */
 static int integer_many(const io_t *io, const int16_t *x16, const float *sx, const void *const *q,
                         const void *const *s, int scales_bf16, void *const *y, const int64_t *outs, int64_t n,
-                        int64_t rows, int64_t in, int64_t group, int threads) {
-    if (!fuse_products) {
-        for (int64_t p = 0; p < n; p++) {
+                        int64_t rows, int64_t in, int64_t group, int row_each, int threads) {
+    const int16_t **x16s = malloc((size_t)(n ? n : 1) * sizeof(*x16s));
+    const float **sxs = malloc((size_t)(n ? n : 1) * sizeof(*sxs)), **xs = malloc((size_t)(n ? n : 1) * sizeof(*xs));
+    float **ys = malloc((size_t)(n ? n : 1) * sizeof(*ys));
+    if (!x16s || !sxs || !xs || !ys) { free(x16s), free(sxs), free(xs), free(ys); return -1; }
+    for (int64_t p = 0, at = 0; p < n; at += rows * outs[p], p++) {  /* a bf16 y: its own part of the fp32 buffer */
+        const int64_t r = row_each ? p : 0;
+        x16s[p] = x16 + r * in, sxs[p] = sx + r, xs[p] = io->x + r * in;
+        ys[p] = io->y_buf ? io->y_buf + at : (float *)y[p];
+    }
+    if (fuse_products)
+        quantized_products(x16s, sxs, xs, q, s, scales_bf16, ys, outs, n, rows, in, group, threads);
+    else
+        for (int64_t p = 0; p < n; p++)
             if (group)
-                int4_rows_int16(x16, sx, io->x, q[p], s[p], scales_bf16, part_out(io, y[p]), rows, outs[p], in, group,
+                int4_rows_int16(x16s[p], sxs[p], xs[p], q[p], s[p], scales_bf16, ys[p], rows, outs[p], in, group,
                                 threads);
             else
-                int8_rows_int16(x16, sx, q[p], s[p], scales_bf16, part_out(io, y[p]), rows, outs[p], in, threads);
-            end_part(io, y[p], rows * outs[p]);
-        }
-        return 0;
-    }
-    const int16_t **x16s = malloc((size_t)n * sizeof(*x16s));
-    const float **sxs = malloc((size_t)n * sizeof(*sxs)), **xs = malloc((size_t)n * sizeof(*xs));
-    float **ys = malloc((size_t)n * sizeof(*ys));
-    if (!x16s || !sxs || !xs || !ys) { free(x16s), free(sxs), free(xs), free(ys); return -1; }
-    for (int64_t p = 0, at = 0; p < n; at += rows * outs[p], p++)  /* a bf16 y: its own part of the fp32 buffer */
-        x16s[p] = x16, sxs[p] = sx, xs[p] = io->x, ys[p] = io->y_buf ? io->y_buf + at : (float *)y[p];
-    quantized_products(x16s, sxs, xs, q, s, scales_bf16, ys, outs, n, rows, in, group, threads);
+                int8_rows_int16(x16s[p], sxs[p], q[p], s[p], scales_bf16, ys[p], rows, outs[p], in, threads);
     if (io->y_buf)
         for (int64_t p = 0; p < n; p++)
             for (int64_t k = 0; k < rows * outs[p]; k++) ((uint16_t *)y[p])[k] = float_to_bf16(ys[p][k]);
@@ -1004,7 +1015,7 @@ int gemv_int4_many(const void *x, int64_t n, const uint8_t *const *q, const void
         if (integer < 0) { end_io(&io); return -1; }
         if (integer) {
             int code = integer_many(&io, x16, sx, (const void *const *)q, sz, scales_bf16, y, outs, n, rows, in,
-                                    group, threads);
+                                    group, 0, threads);
             free(x16);
             free(sx);
             end_io(&io);
@@ -1078,58 +1089,35 @@ static int quantized_experts(const void *x, int64_t x_rows, const void *const *q
                              int64_t group, int threads) {
     io_t io;
     if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
-    int integer = 0;
-    int16_t *x16 = NULL;
-    float *sx = NULL;
 #if CPU_GEMV_AVX2
-    if (io_bf16) {  /* bf16 activations: the integer paths */
-        integer = begin_int16(&io, x_rows, in, &x16, &sx);
-        if (integer < 0) { end_io(&io); return -1; }
+    if (io_bf16) {  /* bf16 activations: the integer paths, the k products in one region (integer_many) */
+        int16_t *x16;
+        float *sx;
+        int integer = begin_int16(&io, x_rows, in, &x16, &sx);
+        void **ys = malloc((size_t)(k ? k : 1) * sizeof(*ys));
+        int64_t *outs = malloc((size_t)(k ? k : 1) * sizeof(*outs));
+        int code = integer < 0 || !ys || !outs ? -1 : 0;
+        if (integer > 0 && !code) {
+            for (int64_t s = 0; s < k; s++) ys[s] = (char *)y + s * out * sizeof(uint16_t), outs[s] = out;
+            code = integer_many(&io, x16, sx, q, scales, scales_bf16, ys, outs, k, 1, in, group, x_rows != 1, threads);
+        }
+        free(ys), free(outs);
+        if (integer > 0) free(x16), free(sx);
+        if (integer || code) {
+            end_io(&io);
+            return code;
+        }
     }
 #endif
     float *ys = part_out(&io, y);
-#if CPU_GEMV_AVX2
-    if (integer && fuse_products) {  /* the k products in one parallel region */
-        const int16_t **x16s = malloc((size_t)(k ? k : 1) * sizeof(*x16s));
-        const float **sxs = malloc((size_t)(k ? k : 1) * sizeof(*sxs)), **xs = malloc((size_t)(k ? k : 1) * sizeof(*xs));
-        float **yk = malloc((size_t)(k ? k : 1) * sizeof(*yk));
-        int64_t *outs = malloc((size_t)(k ? k : 1) * sizeof(*outs));
-        if (!x16s || !sxs || !xs || !yk || !outs) {
-            free(x16s), free(sxs), free(xs), free(yk), free(outs), free(x16), free(sx), end_io(&io);
-            return -1;
-        }
-        for (int64_t s = 0; s < k; s++) {
-            const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
-            x16s[s] = x16 + r * in, sxs[s] = sx + r, xs[s] = io.x + r * in, yk[s] = ys + s * out, outs[s] = out;
-        }
-        quantized_products(x16s, sxs, xs, q, scales, scales_bf16, yk, outs, k, 1, in, group, threads);
-        free(x16s), free(sxs), free(xs), free(yk), free(outs);
-        end_part(&io, y, k * out);
-        free(x16), free(sx);
-        end_io(&io);
-        return 0;
-    }
-#endif
-    for (int64_t s = 0; s < k; s++) {
+    for (int64_t s = 0; s < k; s++) {  /* fp32 products */
         const int64_t r = x_rows == 1 ? 0 : s;  /* the row of x this expert takes */
-        const uint8_t *qe = q[s];
-        float *yr = ys + s * out;
-#if CPU_GEMV_AVX2
-        if (integer && group == 0)
-            int8_rows_int16(x16 + r * in, sx + r, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in,
-                            threads);
-        else if (integer)
-            int4_rows_int16(x16 + r * in, sx + r, io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group,
-                            threads);
-        else
-#endif
         if (group == 0)
-            int8_rows(io.x + r * in, (const int8_t *)qe, scales[s], scales_bf16, yr, 1, out, in, threads);
+            int8_rows(io.x + r * in, (const int8_t *)q[s], scales[s], scales_bf16, ys + s * out, 1, out, in, threads);
         else
-            int4_rows(io.x + r * in, qe, scales[s], scales_bf16, yr, 1, out, in, group, threads);
+            int4_rows(io.x + r * in, q[s], scales[s], scales_bf16, ys + s * out, 1, out, in, group, threads);
     }
     end_part(&io, y, k * out);
-    if (integer) { free(x16); free(sx); }
     end_io(&io);
     return 0;
 }
@@ -1203,9 +1191,12 @@ int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, c
         for (int64_t s = 0; s < k; s++) both[s] = w1[s], both[k + s] = w3[s];
         code = float_experts(x, 1, both, kind == 3, 2 * k, gate, io_bf16, hidden, dim, threads);
         free(both);
-    } else {
-        code = quantized_experts(x, 1, w1, s1, scales_bf16, k, gate, io_bf16, hidden, dim, g, threads);
-        if (!code) code = quantized_experts(x, 1, w3, s3, scales_bf16, k, up, io_bf16, hidden, dim, g, threads);
+    } else {  /* likewise: codes and scales of w1 then w3 */
+        const void **both = malloc(4 * (size_t)k * sizeof(*both)), **scales = both + 2 * k;
+        if (!both) { free(buf); return -1; }
+        for (int64_t s = 0; s < k; s++) both[s] = w1[s], both[k + s] = w3[s], scales[s] = s1[s], scales[k + s] = s3[s];
+        code = quantized_experts(x, 1, both, scales, scales_bf16, 2 * k, gate, io_bf16, hidden, dim, g, threads);
+        free(both);
     }
     if (code) { free(buf); return code; }
     silu_mul(gate, up, h, io_bf16, k * hidden, threads);  /* h = silu(gate) * up */

@@ -53,11 +53,11 @@ def decode(model, steps: int = STEPS, start: int = 0, capacity: int = 64) -> tup
     return torch.stack(logits), tokens
 
 
-def blocks_called(model, **kw) -> int:
-    """How many decode_block calls decoding makes (the profiler's count of the operator)."""
+def steps_taken(model, **kw) -> int:
+    """How many decode_model calls decoding makes (the profiler's count of the operator)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         decode(model, **kw)
-    return sum(e.name == "mistral_ref::decode_block" for e in prof.events())
+    return sum(e.name == "mistral_ref::decode_model" for e in prof.events())
 
 
 def stacked(model):
@@ -73,7 +73,7 @@ def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
     if layout:
         layout(model)
     parameters = list(model.parameters())
-    assert blocks_called(model) == STEPS * args.n_layers  # every step, every block
+    assert steps_taken(model) == STEPS  # one call every step
     assert all(a is b for a, b in zip(parameters, model.parameters(), strict=True))  # none replaced
     fused, fused_tokens = decode(model)
     layers, layer_tokens = decode(layers_only(make_model(args)))
@@ -98,7 +98,7 @@ def test_bf16_and_quantized_equal_the_layers(args, layout, scheme, make_model):
         if layout:
             layout(model)
         models.append(model)
-    assert blocks_called(models[0], steps=3) == 3 * args.n_layers
+    assert steps_taken(models[0], steps=3) == 3
     fused, fused_tokens = decode(models[0])
     layers, layer_tokens = decode(layers_only(models[1]))
     assert rel_err(fused, layers) < 1e-2
@@ -124,11 +124,11 @@ def test_several_rows_at_their_own_positions(scheme, make_model):
                 logits = model(tokens, positions, cache)
                 out.append(logits[:, 0])
                 tokens = logits[:, -1].argmax(-1, keepdim=True)
-        calls = sum(e.name == "mistral_ref::decode_block" for e in prof.events())
+        calls = sum(e.name == "mistral_ref::decode_model" for e in prof.events())
         return torch.stack(out), calls, cache
     fused, calls, cache = run(make_model(DENSE))
     layers, _, layer_cache = run(layers_only(make_model(DENSE)))
-    assert calls == 20 * DENSE.n_layers
+    assert calls == 20
     assert rel_err(fused, layers) < 1e-2 and fused.argmax(-1).equal(layers.argmax(-1))
     for a, b in zip(cache.layers, layer_cache.layers, strict=True):
         assert torch.equal(a.pos, b.pos) and rel_err(a.k, b.k) < 1e-2
@@ -163,18 +163,18 @@ def test_not_taken_where_it_does_not_apply(make_model):
     assert torch.is_grad_enabled() and decode_step.decode_step(model, tokens[:1], positions[:1], one) is None
     # another family's function: the whole step would not call it
     assert make_model(DENSE).set_backend("torch", attention="reference").ops.decode_step is None
-    assert blocks_called(make_model(DENSE).set_backend("torch", attention="reference"), steps=2) == 0
+    assert steps_taken(make_model(DENSE).set_backend("torch", attention="reference"), steps=2) == 0
     # a forward hook inside a block (tensor parallelism's all-reduce after wo), or one on every module: the
     # step would skip it
     hooked, seen = make_model(DENSE), []
     decode(hooked, steps=2)  # (a plan kept from before the hook)
     handle = hooked.layers[1].attention.register_forward_hook(lambda *_: seen.append(1))
-    assert blocks_called(hooked, steps=2) == 0 and len(seen) == 3  # the prompt's pass and two steps
+    assert steps_taken(hooked, steps=2) == 0 and len(seen) == 3  # the prompt's pass and two steps
     handle.remove()
-    assert blocks_called(hooked, steps=2) == 2 * DENSE.n_layers
+    assert steps_taken(hooked, steps=2) == 2
     handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)
     try:
-        assert blocks_called(make_model(DENSE), steps=2) == 0
+        assert steps_taken(make_model(DENSE), steps=2) == 0
     finally:
         handle.remove()
     # a forward replaced on a class (an intervention patched in by a test's conftest) or on one module
@@ -182,17 +182,17 @@ def test_not_taken_where_it_does_not_apply(make_model):
     decode(patched, steps=2)
     try:
         Attention.forward = lambda self, *a, **k: real(self, *a, **k) * 1.001
-        assert blocks_called(patched, steps=2) == 0
+        assert steps_taken(patched, steps=2) == 0
         Attention.forward = functools.wraps(real)(lambda self, *a, **k: real(self, *a, **k))
-        assert blocks_called(patched, steps=2) == 0
+        assert steps_taken(patched, steps=2) == 0
     finally:
         Attention.forward = real
-    assert blocks_called(patched, steps=2) == 2 * DENSE.n_layers
+    assert steps_taken(patched, steps=2) == 2
     patched.layers[2].feed_forward.forward = lambda x, ops: torch.zeros_like(x)
-    assert blocks_called(patched, steps=2) == 0
-    # query scaling by position (Ministral 3): not a block decode_block computes
+    assert steps_taken(patched, steps=2) == 0
+    # query scaling by position (Ministral 3): not a block decode_model computes
     scaled = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
-    assert blocks_called(make_model(scaled), steps=2) == 0
+    assert steps_taken(make_model(scaled), steps=2) == 0
     assert decode_step.plan(make_model(scaled)) is None
 
 
@@ -223,17 +223,62 @@ def test_declined_exactly_where_the_layers_would_run_a_hook(args, layout, make_m
             runs_hook = len(fired) == 3  # the prompt's pass and two steps
             assert len(fired) in (0, 3), name
             assert runs_hook == (id(module) in called), name
-            taken = blocks_called(model, steps=2)
-            assert taken == (0 if runs_hook else 2 * args.n_layers), name
+            taken = steps_taken(model, steps=2)
+            assert taken == (0 if runs_hook else 2), name
         finally:
             handle.remove()
         if id(module) in called:  # a forward patched on the module itself
             module.forward = functools.partial(type(module).forward, module)
             try:
-                assert blocks_called(model, steps=2) == 0, name
+                assert steps_taken(model, steps=2) == 0, name
             finally:
                 del module.forward
-    assert blocks_called(model, steps=2) == 2 * args.n_layers
+    assert steps_taken(model, steps=2) == 2
+
+
+def test_the_embedding_and_the_final_norm_are_skipped_too(make_model):
+    """The step also computes the embedding and the final norm without calling their modules: a hook or a patched
+    forward on either declines it, as on a block's modules."""
+    model = make_model(DENSE)
+    for module in (model.tok_embeddings, model.norm):
+        fired = []
+        handle = module.register_forward_hook(lambda *_, fired=fired: fired.append(1))
+        try:
+            assert steps_taken(model, steps=2) == 0 and len(fired) == 3  # the prompt's pass and two steps
+        finally:
+            handle.remove()
+        module.forward = functools.partial(type(module).forward, module)
+        try:
+            assert steps_taken(model, steps=2) == 0
+        finally:
+            del module.forward
+    assert steps_taken(model, steps=2) == 2
+
+
+def test_an_output_product_the_kernels_do_not_take_for_these_rows_runs_after_the_operator(make_model):
+    """A bf16 batch of 3 rows whose output weight is int4 (the C kernels take int4 products of one row only): the
+    operator returns the hidden states and the final norm and the output product run in Python, as in the layers'
+    step; one row folds them into the operator.  Both equal the layers."""
+    from mistral_ref.quantize import quantize_weight
+
+    def build():
+        model = make_model(DENSE).to(torch.bfloat16)
+        weight = quantize_weight(model.output.weight, "int4", 32)
+        del model.output.weight
+        model.output.weight = weight
+        return model
+    model, twin = build(), layers_only(build())
+    assert decode_step.plan(model).output_rows == cpu_gemv.MAX_ROWS["int4"] == 2
+    cache, twin_cache = (KVCache(DENSE, 3, 32, torch.bfloat16, "cpu") for _ in range(2))
+    tokens = torch.randint(0, DENSE.vocab_size, (3, 1), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        for i in range(4):
+            positions = torch.tensor([[i], [i + 2], [i + 7]])
+            ours, theirs = model(tokens, positions, cache), twin(tokens, positions, twin_cache)
+            assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+            tokens = ours[:, -1].argmax(-1, keepdim=True)
+    assert sum(e.name == "mistral_ref::decode_model" for e in prof.events()) == 4
+    assert torch.equal(decode(build())[0], decode(layers_only(build()))[0])  # one row: in the operator
 
 
 def test_a_kept_plan_lets_replaced_weights_go(make_model):
@@ -249,7 +294,7 @@ def test_a_kept_plan_lets_replaced_weights_go(make_model):
     quantize_model(model, "int8")
     gc.collect()
     assert old() is None and decode_step.PLAN not in vars(model)
-    assert blocks_called(model, steps=2) == 2 * DENSE.n_layers  # planned again at the next step
+    assert steps_taken(model, steps=2) == 2  # planned again at the next step
 
 
 @pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
@@ -260,7 +305,7 @@ def test_the_kept_plan_follows_the_model(args, make_model):
     decode(model, steps=2)
     model.to(torch.bfloat16)
     twin = make_model(args).to(torch.bfloat16)
-    assert blocks_called(model, steps=2) == 2 * args.n_layers
+    assert steps_taken(model, steps=2) == 2
     assert rel_err(decode(model)[0], decode(layers_only(twin))[0]) < 1e-2
     quantize_model(model, "int8")
     quantize_model(twin, "int8")
@@ -282,7 +327,7 @@ def test_generate_takes_it(make_model):
     model = make_model(MOE)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         ours = generate(model, [[1, 2, 3]], 10, temperature=0.0)
-    assert any(e.name == "mistral_ref::decode_block" for e in prof.events())
+    assert any(e.name == "mistral_ref::decode_model" for e in prof.events())
     assert ours == generate(layers_only(make_model(MOE)), [[1, 2, 3]], 10, temperature=0.0)
 
 
@@ -300,18 +345,37 @@ def test_what_it_keeps_works_outside_inference_mode(make_model):
 
 
 def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
+    """decode_model checks every tensor it reads against the shapes it computes: a clear error naming the layer
+    and the tensor, never a wrong read."""
     model = make_model(DENSE)
-    block = decode_step.plan(model)[0]
-    norms, weights, window = block.norms, block.arguments(torch.float32), block.window
-    rot = decode_step.rotations(model, 0)
-    h, position = torch.zeros(1, 1, DENSE.dim), torch.zeros(1, 1, dtype=torch.long)
-    cache = KVCache(DENSE, 1, 16, torch.bfloat16, "cpu").layers[0]  # bf16 cache for an fp32 model
-    with pytest.raises(ValueError, match="decode_block: the cache must be"):
-        torch.ops.mistral_ref.decode_block(h, position, rot, *norms, *weights, cache.k, cache.v, cache.pos, window, 1)
-    cache = KVCache(DENSE, 1, 16, torch.float32, "cpu").layers[0]
-    far = torch.full((1, 1), rot.shape[0], dtype=torch.long)  # past the table of rotations
-    with pytest.raises(ValueError, match="decode_block: .*rotations"):
-        torch.ops.mistral_ref.decode_block(h, far, rot, *norms, *weights, cache.k, cache.v, cache.pos, window, 1)
-    swapped = (weights[0][1:] + weights[0][:1],) + weights[1:]  # wk, wv, wo, wq
-    with pytest.raises(ValueError, match=r"decode_block: wv \[96, 192\] Float does not fit \(64, 96\)"):
-        torch.ops.mistral_ref.decode_block(h, position, rot, *norms, *swapped, cache.k, cache.v, cache.pos, window, 1)
+    steps = decode_step.plan(model)
+    weights, rot = steps.weights(torch.float32), decode_step.rotations(model, 0)
+    tokens, position = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+
+    def call(weights=weights, position=position, caches=None, layout=steps.layout, tokens=tokens):
+        caches = caches or [t for c in KVCache(DENSE, 1, 16, torch.float32, "cpu").layers for t in (c.k, c.v, c.pos)]
+        return torch.ops.mistral_ref.decode_model(tokens, position, rot, weights, layout, steps.eps, caches, True, 1)
+
+    assert call().shape == (1, 1, DENSE.vocab_size)
+    bf16 = [t for c in KVCache(DENSE, 1, 16, torch.bfloat16, "cpu").layers for t in (c.k, c.v, c.pos)]
+    with pytest.raises(ValueError, match="decode_model: layer 0: the cache must be"):  # bf16 for an fp32 model
+        call(caches=bf16)
+    with pytest.raises(ValueError, match="decode_model: layer 0: .*rotations"):  # past the table of rotations
+        call(position=torch.full((1, 1), rot.shape[0], dtype=torch.long))
+    swapped = list(weights)
+    swapped[2:6] = weights[3:6] + weights[2:3]  # layer 0: wk, wv, wo, wq
+    with pytest.raises(ValueError, match=r"decode_model: layer 0: wv \[96, 192\] Float does not fit \(64, 96\)"):
+        call(weights=swapped)
+    assert len(weights) == 3 * (2 + 4 + 3) + 3  # (norms, attention, feed-forward) a layer; embedding, norm, output
+    with pytest.raises(ValueError, match="decode_model: 31 weights for a layout of 30"):
+        call(weights=weights + weights[:1])
+    with pytest.raises(ValueError, match="decode_model: tokens must be .* got 9 cache tensors, 23 ints"):
+        call(layout=steps.layout[:-1])
+    with pytest.raises(ValueError, match="decode_model: layer 1: a layout of 3 attention scales"):
+        call(layout=steps.layout[:7] + [3] + steps.layout[8:])
+    wrong = list(weights)
+    wrong[-1] = weights[-1].T.contiguous()  # the output weight (dim, vocab)
+    with pytest.raises(ValueError, match=r"decode_model: the output weight \[96, 320\] Float does not fit"):
+        call(weights=wrong)
+    with pytest.raises(IndexError, match="index out of range"):
+        call(tokens=torch.full((1, 1), DENSE.vocab_size))

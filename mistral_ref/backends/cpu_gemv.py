@@ -1021,12 +1021,10 @@ _OPS.define("gemv_quantized_many(Tensor x, Tensor[] qweights, Tensor[] scales, i
 _OPS.impl("gemv_quantized_many", gemv_quantized_many, _PYTHON_KEY)
 _OPS.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos, int window, int threads) -> Tensor")
 _OPS.impl("attend_one", attend_one, _PYTHON_KEY)
-# one token's whole block (backends/decode_step.py): C++ only, no Python form (eager decoding calls it only once
-# the operators' C++ kernels are loaded); it writes the layer's cache
-_OPS.define("decode_block(Tensor h, Tensor position, Tensor rot, Tensor attn_norm, Tensor ffn_norm, float eps, "
-            "Tensor[] attn, Tensor[] attn_scales, Tensor[] ffn, Tensor[] ffn_scales, Tensor? gate, int top_k, "
-            "int group_size, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor(c!) cache_pos, int window, int threads) "
-            "-> (Tensor, Tensor)")
+# a whole decode step (backends/decode_step.py): C++ only, no Python form (eager decoding calls it only once the
+# operators' C++ kernels are loaded); it writes every layer's cache
+_OPS.define("decode_model(Tensor tokens, Tensor position, Tensor rot, Tensor[] weights, int[] layout, float[] eps, "
+            "Tensor(a!)[] caches, bool fold, int threads) -> Tensor")
 
 
 @torch.library.register_fake("mistral_ref::gemv_float", lib=_OPS)

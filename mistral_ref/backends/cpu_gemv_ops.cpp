@@ -7,11 +7,16 @@
 // torch.ops.load_library; until it is loaded (or where it cannot be built) the Python functions serve the
 // operators, registered under CompositeExplicitAutograd, which a CPU kernel registered here takes precedence over.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/embedding.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/rms_norm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -391,8 +396,8 @@ void products(const void *x, int io_bf16, int64_t rows, int64_t in, at::TensorLi
 }
 
 // w[p] (`what`: its name; (out, in)) with its scales s[p] (none: a float weight of x's dtype) fits a product
-void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p, int64_t out, int64_t in,
-                  at::ScalarType dtype, int64_t group) {
+void check_weight(int64_t layer, const char *what, at::TensorList w, at::TensorList s, size_t p, int64_t out,
+                  int64_t in, at::ScalarType dtype, int64_t group) {
   const Tensor &q = w[p];
   bool fits = q.is_cpu() && q.is_contiguous() && q.dim() == 2 && q.size(0) == out;
   if (s.empty())
@@ -401,13 +406,14 @@ void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p
     fits = fits && s[p].scalar_type() == dtype && s[p].is_contiguous() && s[p].is_cpu() &&
            s[p].scalar_type() == s[0].scalar_type() && q.scalar_type() == w[0].scalar_type() &&
            fits_quantized(in, q.scalar_type(), q.sizes(), s[p].sizes(), group);
-  TORCH_CHECK_VALUE(fits, "decode_block: ", what, " ", q.sizes(), " ", q.scalar_type(),
-                    s.empty() ? "" : " (quantized)", " does not fit (", out, ", ", in, ") ", dtype);
+  TORCH_CHECK_VALUE(fits, "decode_model: ", layer < 0 ? "" : "layer ", layer < 0 ? "" : std::to_string(layer),
+                    layer < 0 ? "" : ": ", what, " ", q.sizes(), " ", q.scalar_type(), s.empty() ? "" : " (quantized)",
+                    " does not fit (", out, ", ", in, ") ", dtype);
 }
 
-// A decode step of one transformer block for one token per row (B rows, h (B, 1, dim)) at `position` (B, 1), the
-// steps and roundings of the "torch" backend's eager step (model.TransformerBlock with backends/pytorch.py's
-// functions, in h's dtype), row by row:
+// One transformer block (layer `layer`) of a decode step for one token per row (B rows, h (B, 1, dim)) at the
+// positions pos[0 .. B), into out (h's shape), with the steps and roundings of the "torch" backend's eager step
+// (model.TransformerBlock with backends/pytorch.py's functions, in h's dtype), row by row:
 //   x = rms_norm(h, attn_norm); q, k, v = x wq.T, x wk.T, x wv.T; rotate q and k by rot[position] (rot: (N,
 //   head_dim / 2, 2) fp32, cos and sin of every pair for positions 0 .. N-1; position -1 as 0); write k, v and the
 //   position into slot position % slots of the row's cache (a row at -1 is padding: nothing written); a =
@@ -416,50 +422,41 @@ void check_weight(const char *what, at::TensorList w, at::TensorList s, size_t p
 //   dense block: ffn = w1, w3, w2) or h1 + Mixtral's experts (gate: the router; ffn = the stacked w1, w3, w2, or
 //   every expert's own w1, then w3, then w2: moe.route's choice as C loops, then the chosen experts' products).
 // attn = wq, wk, wv, wo and ffn: bf16 / fp32 weights of h's dtype (scales empty), or int8 / int4 codes with their
-// scales (group_size for int4).  Mixtral's experts: one row only.  Returns h2 (B, 1, dim) and the router's logits
-// (1, E) fp32 (empty when dense).
-std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &position_, const Tensor &rot_,
-                                           const Tensor &attn_norm, const Tensor &ffn_norm, double eps,
-                                           at::TensorList attn, at::TensorList attn_scales, at::TensorList ffn,
-                                           at::TensorList ffn_scales, const std::optional<Tensor> &gate_,
-                                           int64_t top_k, int64_t group, Tensor &cache_k, Tensor &cache_v,
-                                           Tensor &cache_pos, int64_t window, int64_t threads_) {
-  Tensor h = h_.contiguous(), rot = rot_.contiguous(), position = position_.contiguous();
+// scales (group_size for int4).  Mixtral's experts: one row only.
+void block_step(int64_t layer, const Tensor &h, Tensor &out, const int64_t *pos, int64_t last, const Tensor &rot,
+                const Tensor &attn_norm, const Tensor &ffn_norm, double eps, at::TensorList attn,
+                at::TensorList attn_scales, at::TensorList ffn, at::TensorList ffn_scales, const Tensor *gate_,
+                int64_t top_k, int64_t group, const Tensor &cache_k, const Tensor &cache_v, const Tensor &cache_pos,
+                int64_t window, int threads) {
   const at::ScalarType dtype = h.scalar_type();
-  const int io = dtype == at::kBFloat16 ? 1 : 0, threads = static_cast<int>(threads_);
-  const int64_t dim = h.size(-1);
-  const int64_t rows = h.dim() == 3 && h.size(1) == 1 ? h.size(0) : 0;
-  TORCH_CHECK_VALUE(is_float(h) && h.is_cpu() && rows > 0, "decode_block: h must be (B, 1, dim) bf16 or fp32 on the "
-                    "CPU, got ", h.sizes(), " ", h.scalar_type());
-  TORCH_CHECK_VALUE(position.dim() == 2 && position.size(0) == rows && position.size(1) == 1 &&
-                        position.scalar_type() == at::kLong && position.is_cpu(),
-                    "decode_block: position must be (", rows, ", 1) int64 on the CPU, got ", position.sizes());
+  const int io = dtype == at::kBFloat16 ? 1 : 0;
+  const int64_t rows = h.size(0), dim = h.size(-1);
   TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == rows && cache_k.sizes() == cache_v.sizes() &&
                         cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype && cache_k.is_contiguous() &&
                         cache_v.is_contiguous() && cache_k.is_cpu() && cache_v.is_cpu() && cache_pos.dim() == 2 &&
                         cache_pos.size(0) == rows && cache_pos.size(1) == cache_k.size(1) &&
                         cache_pos.scalar_type() == at::kLong && cache_pos.is_contiguous() && cache_pos.is_cpu() &&
                         cache_k.size(1) > 0 && window >= -1,
-                    "decode_block: the cache must be k, v (", rows, ", slots, kv_heads, head_dim) of h's dtype and pos "
-                    "(", rows, ", slots) int64, got ", cache_k.sizes(), " ", cache_k.scalar_type(), ", ", cache_pos.sizes());
+                    "decode_model: layer ", layer, ": the cache must be k, v (", rows, ", slots, kv_heads, head_dim) "
+                    "of h's dtype and pos (", rows, ", slots) int64, got ", cache_k.sizes(), " ",
+                    cache_k.scalar_type(), ", ", cache_pos.sizes());
   const int64_t slots = cache_k.size(1), kv_heads = cache_k.size(2), head_dim = cache_k.size(3);
   TORCH_CHECK_VALUE(attn.size() == 4 && (attn_scales.empty() || attn_scales.size() == 4) && head_dim % 2 == 0 &&
                         attn[0].dim() == 2 && attn[0].size(0) % head_dim == 0 && attn[0].size(0) > 0,
-                    "decode_block: attn must be wq, wk, wv, wo (and their scales, if quantized)");
+                    "decode_model: layer ", layer, ": attn must be wq, wk, wv, wo (and their scales, if quantized)");
   const int64_t heads = attn[0].size(0) / head_dim, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
-  const int64_t *pos = position.data_ptr<int64_t>();
-  int64_t last = 0;  // the largest position (rope_angles turns -1 as 0)
-  for (int64_t r = 0; r < rows; r++) last = std::max(last, pos[r]);
   TORCH_CHECK_VALUE(heads % kv_heads == 0 && rot.scalar_type() == at::kFloat && rot.dim() == 3 &&
                         rot.size(1) * 2 == head_dim && rot.size(2) == 2 && last < rot.size(0) &&
                         attn_norm.numel() == dim && ffn_norm.numel() == dim && attn_norm.scalar_type() == dtype &&
                         ffn_norm.scalar_type() == dtype && attn_norm.is_contiguous() && ffn_norm.is_contiguous(),
-                    "decode_block: ", heads, " query heads for ", kv_heads, " kv heads, rotations ", rot.sizes(),
-                    " (positions to ", last, ", head_dim ", head_dim, " fp32), norms of ", dim, " ", dtype, " values");
+                    "decode_model: layer ", layer, ": ", heads, " query heads for ", kv_heads, " kv heads, rotations ",
+                    rot.sizes(), " (positions to ", last, ", head_dim ", head_dim, " fp32), norms of ", dim, " ", dtype,
+                    " values");
   const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
   const char *attn_names[4] = {"wq", "wk", "wv", "wo"};
-  for (size_t p = 0; p < 4; p++) check_weight(attn_names[p], attn, attn_scales, p, outs[p], ins[p], dtype, group);
-  const bool moe = gate_.has_value(), quantized_ffn = !ffn_scales.empty();
+  for (size_t p = 0; p < 4; p++)
+    check_weight(layer, attn_names[p], attn, attn_scales, p, outs[p], ins[p], dtype, group);
+  const bool moe = gate_ != nullptr, quantized_ffn = !ffn_scales.empty();
   Tensor gate = moe ? gate_->contiguous() : Tensor();
   const int64_t n_experts = moe ? gate.size(0) : 0;
   // Mixtral's experts stacked (w1, w3, w2: (E, out, in) each), or each expert's own tensors (w1 of experts 0 ..
@@ -467,28 +464,29 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   const bool stacked = moe && ffn.size() == 3 && ffn[0].dim() == 3;
   TORCH_CHECK_VALUE((ffn.size() == 3 || (moe && !stacked && ffn.size() == static_cast<size_t>(3 * n_experts))) &&
                         (!quantized_ffn || ffn_scales.size() == ffn.size()) && !ffn.empty(),
-                    "decode_block: ffn must be w1, w3, w2 (stacked, for experts) or every expert's w1, w3 and w2 "
-                    "(and their scales, if quantized), got ", ffn.size(), " tensors for ", n_experts, " experts");
+                    "decode_model: layer ", layer, ": ffn must be w1, w3, w2 (stacked, for experts) or every "
+                    "expert's w1, w3 and w2 (and their scales, if quantized), got ", ffn.size(), " tensors for ",
+                    n_experts, " experts");
   int64_t hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
-  TORCH_CHECK_VALUE(!moe || rows == 1, "decode_block: Mixtral's experts take one row, got ", rows);
+  TORCH_CHECK_VALUE(!moe || rows == 1, "decode_model: Mixtral's experts take one row, got ", rows);
   if (moe)
     TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(1) == dim && is_float(gate) && gate.is_cpu() && top_k >= 1 &&
                           top_k <= std::min<int64_t>(n_experts, 64),
-                      "decode_block: the router must be (E, ", dim, ") bf16 or fp32, top_k 1 .. min(E, 64); got ",
-                      gate.sizes(), ", ", top_k);
+                      "decode_model: layer ", layer, ": the router must be (E, ", dim, ") bf16 or fp32, top_k 1 .. "
+                      "min(E, 64); got ", gate.sizes(), ", ", top_k);
   if (stacked) {
     const int64_t kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
     auto [experts, hid, d] = check_experts_swiglu(h.view({1, dim}), kind, ffn[0], quantized_ffn ? ffn_scales[0] :
                                                   Tensor(), ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
                                                   quantized_ffn ? ffn_scales[2] : Tensor(), group);
-    TORCH_CHECK_VALUE(experts == n_experts, "decode_block: ", experts, " stacked experts for a router of ",
-                      n_experts);
+    TORCH_CHECK_VALUE(experts == n_experts, "decode_model: layer ", layer, ": ", experts,
+                      " stacked experts for a router of ", n_experts);
     hidden = hid;
   } else {
     const int64_t e = moe ? n_experts : 1, f_outs[3] = {hidden, hidden, dim}, f_ins[3] = {dim, dim, hidden};
     const char *ffn_names[3] = {"w1", "w3", "w2"};
     for (size_t p = 0; p < ffn.size(); p++)
-      check_weight(ffn_names[p / e], ffn, ffn_scales, p, f_outs[p / e], f_ins[p / e], dtype, group);
+      check_weight(layer, ffn_names[p / e], ffn, ffn_scales, p, f_outs[p / e], f_ins[p / e], dtype, group);
   }
 
   // scratch of h's dtype: x (dim), q, k, v, the attention's output, its projection, h1 (dim), gate, up (hidden)
@@ -500,8 +498,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   char *x = p, *q = x + dim * b, *k = q + q_dim * b, *v = k + kv_dim * b, *a = v + kv_dim * b;
   char *o = a + q_dim * b, *h1 = o + dim * b, *ff = h1 + dim * b, *up = ff + dim * b;
   char *g = up + hidden * b;
-  Tensor out = at::empty(h_.sizes(), h.options());
-  Tensor logits = at::empty({moe ? 1 : 0, moe ? gate.size(0) : 0}, h.options().dtype(at::kFloat));
+  std::vector<float> logits(n_experts);  // the router's (the layers' step returns them for the auxiliary loss)
 
   rms_norm_rows(h.data_ptr(), attn_norm.data_ptr(), x, io, rows, dim, static_cast<float>(eps));
   void *qkv[3] = {q, k, v};
@@ -520,7 +517,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   }
   TORCH_CHECK(attend_one(q, cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr<int64_t>(), pos, window, a, io,
                          rows, slots, heads, kv_heads, head_dim, threads) == 0,
-              "decode_block: no memory for the attention's scores");
+              "decode_model: no memory for the attention's scores");
   void *wo_out[1] = {o};
   products(a, io, rows, q_dim, attn, attn_scales, 3, 1, group, wo_out, threads);
   add_rows(h.data_ptr(), o, h1, io, rows * dim);
@@ -528,12 +525,11 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
   if (moe && !stacked) {  // moe.route (the C loops of moe_one_token), then the chosen experts' own tensors
     int64_t index[64];
     float weights[64];
-    route_one_token(x, io, gate.data_ptr(), bf16(gate), n_experts, dim, top_k, logits.data_ptr<float>(), index,
-                    weights);
+    route_one_token(x, io, gate.data_ptr(), bf16(gate), n_experts, dim, top_k, logits.data(), index, weights);
     std::vector<const void *> chosen(6 * top_k, nullptr);  // w1, s1, w3, s3, w2, s2: top_k each
     for (int64_t k = 0; k < top_k; k++)
       for (int64_t p = 0; p < 3; p++) {
-        TORCH_CHECK_INDEX(index[k] >= 0 && index[k] < n_experts, "decode_block: the router chose no expert");
+        TORCH_CHECK_INDEX(index[k] >= 0 && index[k] < n_experts, "decode_model: the router chose no expert");
         chosen[(2 * p) * top_k + k] = ffn[p * n_experts + index[k]].data_ptr();
         if (quantized_ffn) chosen[(2 * p + 1) * top_k + k] = ffn_scales[p * n_experts + index[k]].data_ptr();
       }
@@ -548,7 +544,7 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
                        ffn[0].data_ptr(), quantized ? ffn_scales[0].data_ptr() : nullptr, ffn[1].data_ptr(),
                        quantized ? ffn_scales[1].data_ptr() : nullptr, ffn[2].data_ptr(),
                        quantized ? ffn_scales[2].data_ptr() : nullptr, quantized ? bf16(ffn_scales[0]) : 0, group,
-                       n_experts, hidden, dim, ff, logits.data_ptr<float>(), threads),
+                       n_experts, hidden, dim, ff, logits.data(), threads),
          1, dim);
   } else {
     void *gate_up[2] = {g, up};
@@ -558,7 +554,106 @@ std::tuple<Tensor, Tensor> op_decode_block(const Tensor &h_, const Tensor &posit
     products(g, io, rows, hidden, ffn, ffn_scales, 2, 1, group, down, threads);
   }
   add_rows(h1, ff, out.data_ptr(), io, rows * dim);
-  return {out, logits};
+}
+
+constexpr int64_t LAYOUT = 7;  // ints of a layer in decode_model's layout (see there)
+constexpr int64_t RMS_NORM_ROWS = 32;  // cpu_gemv.py: the rows the "torch" backend's rms_norm sends to the C loop
+
+// A whole decode step of a model for one token per row (backends/decode_step.py: decode_step), tokens (B, 1) int64
+// at positions (B, 1): h = the embedding's rows; every block as block_step; then, if `fold`, the final norm and the
+// output product as the "torch" backend's layers compute them (the norm: the C loop for bf16 rows, else F.rms_norm's
+// formula; the product: the C kernels, as backends/linear.py sends it there) and the logits (B, 1, vocab) fp32;
+// else h (B, 1, dim) before the final norm.
+// weights, for each layer: attention_norm, ffn_norm, wq, wk, wv, wo, their scales (if quantized), the feed-forward's
+// tensors (w1, w3, w2; or every expert's w1, then w3, then w2), their scales (if quantized), the router (Mixtral);
+// then the embedding, the final norm's weight and, if the output product is here, the output weight (and scales).
+// layout: 7 ints a layer (attention scales: 0 or 4; feed-forward tensors; their scales; a router: 0 or 1; top_k;
+// the int4 group size; the window, -1 for none), then 3 for the output (weight: 0 or 1; scales: 0 or 1; group).
+// eps: each layer's norms' eps, then the final norm's.  caches: k, v, pos of each layer (written).
+Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Tensor &rot_, at::TensorList weights,
+                       at::IntArrayRef layout, at::ArrayRef<double> eps, at::TensorList caches, bool fold,
+                       int64_t threads_) {
+  Tensor tokens = tokens_.contiguous(), position = position_.contiguous(), rot = rot_.contiguous();
+  const int threads = static_cast<int>(threads_);
+  const int64_t rows = tokens.dim() == 2 && tokens.size(1) == 1 ? tokens.size(0) : 0;
+  const int64_t n_layers = static_cast<int64_t>(caches.size()) / 3;
+  TORCH_CHECK_VALUE(rows > 0 && tokens.scalar_type() == at::kLong && tokens.is_cpu() &&
+                        caches.size() == static_cast<size_t>(3 * n_layers) &&
+                        layout.size() == static_cast<size_t>(LAYOUT * n_layers + 3) &&
+                        eps.size() == static_cast<size_t>(n_layers + 1),
+                    "decode_model: tokens must be (B, 1) int64 on the CPU (got ", tokens.sizes(), " ",
+                    tokens.scalar_type(), "), with k, v, pos of every layer, ", LAYOUT, " ints of layout a layer and "
+                    "3 for the output, an eps a layer and one for the final norm; got ", caches.size(), " cache "
+                    "tensors, ", layout.size(), " ints, ", eps.size(), " eps");
+  TORCH_CHECK_VALUE(position.dim() == 2 && position.size(0) == rows && position.size(1) == 1 &&
+                        position.scalar_type() == at::kLong && position.is_cpu(),
+                    "decode_model: position must be (", rows, ", 1) int64 on the CPU, got ", position.sizes());
+  const int64_t *pos = position.data_ptr<int64_t>();
+  int64_t last = 0;  // the largest position (rope_angles turns -1 as 0)
+  for (int64_t r = 0; r < rows; r++) last = std::max(last, pos[r]);
+  size_t at = 0;  // the next of `weights`
+  auto take = [&](int64_t n) {
+    TORCH_CHECK_VALUE(n >= 0 && at + static_cast<size_t>(n) <= weights.size(), "decode_model: ", weights.size(),
+                      " weights for this layout");
+    at::TensorList part = weights.slice(at, static_cast<size_t>(n));
+    at += static_cast<size_t>(n);
+    return part;
+  };
+  std::vector<at::TensorList> blocks;  // each layer's weights, in the order above
+  for (int64_t l = 0; l < n_layers; l++) {
+    const int64_t *lay = layout.data() + LAYOUT * l;
+    TORCH_CHECK_VALUE((lay[0] == 0 || lay[0] == 4) && lay[1] > 0 && (lay[2] == 0 || lay[2] == lay[1]) &&
+                          (lay[3] == 0 || lay[3] == 1),
+                      "decode_model: layer ", l, ": a layout of ", lay[0], " attention scales (0 or 4), ", lay[1],
+                      " feed-forward tensors, ", lay[2], " of their scales (none or as many), ", lay[3],
+                      " routers (0 or 1)");
+    blocks.push_back(take(6 + lay[0] + lay[1] + lay[2] + lay[3]));
+  }
+  const int64_t *tail = layout.data() + LAYOUT * n_layers;
+  TORCH_CHECK_VALUE((tail[0] == 0 || tail[0] == 1) && (tail[1] == 0 || tail[1] == tail[0]),
+                    "decode_model: an output layout of ", tail[0], " weights (0 or 1) and ", tail[1],
+                    " scales (none or as many)");
+  at::TensorList end = take(2 + tail[0] + tail[1]);
+  TORCH_CHECK_VALUE(at == weights.size(), "decode_model: ", weights.size(), " weights for a layout of ", at);
+  const Tensor &embedding = end[0], &norm = end[1];
+  TORCH_CHECK_VALUE(embedding.dim() == 2 && is_float(embedding) && embedding.is_cpu(),
+                    "decode_model: the embedding must be (vocab, dim) bf16 or fp32 on the CPU, got ",
+                    embedding.sizes(), " ", embedding.scalar_type());
+  Tensor h = at::embedding(embedding, tokens), other = at::empty_like(h);  // (B, 1, dim)
+  const at::ScalarType dtype = h.scalar_type();
+  const int64_t dim = h.size(-1);
+  for (int64_t l = 0; l < n_layers; l++) {
+    const int64_t *lay = layout.data() + LAYOUT * l;
+    at::TensorList w = blocks[l];
+    const int64_t n_ffn = lay[1];
+    at::TensorList attn = w.slice(2, 4), attn_scales = w.slice(6, lay[0]);
+    at::TensorList ffn = w.slice(6 + lay[0], n_ffn), ffn_scales = w.slice(6 + lay[0] + n_ffn, lay[2]);
+    const Tensor *gate = lay[3] ? &w[6 + lay[0] + n_ffn + lay[2]] : nullptr;
+    block_step(l, h, other, pos, last, rot, w[0], w[1], eps[l], attn, attn_scales, ffn, ffn_scales, gate, lay[4],
+               lay[5], caches[3 * l], caches[3 * l + 1], caches[3 * l + 2], lay[6], threads);
+    std::swap(h, other);
+  }
+  if (!fold) return h;
+  TORCH_CHECK_VALUE(tail[0] == 1 && norm.dim() == 1 && norm.size(0) == dim && norm.scalar_type() == dtype &&
+                        norm.is_contiguous(),
+                    "decode_model: the final norm must be (", dim, ") ", dtype, ", with an output weight; got ",
+                    norm.sizes(), " ", norm.scalar_type());
+  const double norm_eps = eps[n_layers];
+  const int io = dtype == at::kBFloat16 ? 1 : 0;
+  Tensor normed;  // backends/pytorch.py: rms_norm
+  if (io && rows <= RMS_NORM_ROWS) {
+    normed = at::empty_like(h);
+    rms_norm_rows(h.data_ptr(), norm.data_ptr(), normed.data_ptr(), io, rows, dim, static_cast<float>(norm_eps));
+  } else {
+    normed = at::mul(norm, at::rms_norm(h.to(at::kFloat), {dim}, std::nullopt, norm_eps).to(dtype));
+  }
+  at::TensorList out_w = end.slice(2, 1), out_s = end.slice(3, tail[1]);
+  const int64_t vocab = out_w[0].dim() == 2 ? out_w[0].size(0) : 0;
+  check_weight(-1, "the output weight", out_w, out_s, 0, vocab, dim, dtype, tail[2]);
+  Tensor logits = at::empty({rows, 1, vocab}, h.options());
+  void *y[1] = {logits.data_ptr()};
+  products(normed.data_ptr(), io, rows, dim, out_w, out_s, 0, 1, tail[2], y, threads);
+  return logits.to(at::kFloat);
 }
 
 }  // namespace
@@ -575,5 +670,5 @@ TORCH_LIBRARY_IMPL(mistral_ref, CPU, m) {
   m.impl("moe_float_experts", TORCH_FN(op_moe_float_experts));
   m.impl("moe_quantized_experts", TORCH_FN(op_moe_quantized_experts));
   m.impl("attend_one", TORCH_FN(op_attend_one));
-  m.impl("decode_block", TORCH_FN(op_decode_block));
+  m.impl("decode_model", TORCH_FN(op_decode_model));
 }

@@ -1,15 +1,18 @@
-"""A decode step with each transformer block in one operator call: ``torch.ops.mistral_ref.decode_block``
-(cpu_gemv_ops.cpp), the "torch" backend's eager decode step without the Python between a block's functions.
+"""A decode step of the whole model in one operator call: ``torch.ops.mistral_ref.decode_model``
+(cpu_gemv_ops.cpp), the "torch" backend's eager decode step without the Python between its functions.
 
-Equals: the "torch" backend's eager step (model.TransformerBlock with backends/pytorch.py's functions, in the model's
-dtype): the same C kernels for the products, RMSNorm, Mixtral's experts and attention, the same roundings; RoPE's
-complex product, the KV-cache write, the residual additions and SiLU as C loops (SiLU with C's expf, which may
-differ from torch's exp in the last bit of fp32).  tests/test_decode_step.py checks it against that step and the
+Equals: the "torch" backend's eager step (model.Transformer's layers with backends/pytorch.py's functions, in the
+model's dtype): the embedding lookup, the same C kernels for the products, RMSNorm, Mixtral's experts and attention,
+the same roundings; RoPE's complex product, the KV-cache write, the residual additions and SiLU as C loops (SiLU
+with C's expf, which may differ from torch's exp in the last bit of fp32); the final norm and the output product as
+that step computes them (the output product there when the C kernels take it for these rows, as backends/linear.py
+sends it: else in Python after the operator).  tests/test_decode_step.py checks it against that step and the
 "reference" backend, beyond a sliding window, with GQA, head_dim != dim / n_heads, experts, int8 and int4.
 
 Why: an eager step calls ~10 functions a block from Python (~10-20 us each besides the arithmetic); a small
 model's step is then a third Python, and a compiled step (backends/compiled.py) still runs its wrapper's Python
-between the operators.  Here a block is one call (figures: README "Speed on a CPU", `make bench`).
+between the operators.  Here the step is one call, whose arguments are read from where the model keeps them
+(figures: README "Speed on a CPU", `make bench`).
 
 Transformer.forward asks :func:`decode_step` (the "torch" backend's Backend.decode_step) first for every decode
 step; it returns None, and the layers run as usual, unless every one of these holds:
@@ -18,17 +21,18 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   for several rows in the layers' step too; rows may sit at different positions, -1 for padding);
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
-* every block has grouped-query attention with RoPE over the whole head (no latent attention, no query scaling
-  by position) and a dense SwiGLU or Mixtral's experts (stacked by backends/moe.py's stack_experts, as the CLI
-  and compiled decoding lay them out, or each expert's own weights: the step never replaces a parameter); every
-  weight is of the model's dtype (bf16 or fp32) or quantized
-  (int8 / int4) with scales of that dtype, one scheme for the whole block;
+* the embedding is an nn.Embedding without max_norm, every norm an RMSNorm; every block has grouped-query attention
+  with RoPE over the whole head (no latent attention, no query scaling by position) and a dense SwiGLU or
+  Mixtral's experts (stacked by backends/moe.py's stack_experts, as the CLI and compiled decoding lay them out, or
+  each expert's own weights: the step never replaces a parameter); every weight is of the model's dtype (bf16 or
+  fp32) or quantized (int8 / int4) with scales of that dtype, one scheme for the whole block;
 * every layer's cache is a plain LayerCache of the model's dtype with a row for each token;
-* no module whose forward the layers' step calls (:func:`called_modules`: a block, its norms, its attention, its
-  feed-forward) has a forward hook (tensor parallelism's all-reduce after wo and w2, a probe) or a forward replaced
-  on its class or on itself (a patch, an intervention), and no global forward hook is registered: the step calls
-  no block's forward, so it would skip them.  (The weights' modules, wq .. w3, the router and each expert, are
-  never called as modules, in the layers' step either: their hooks would not run there.)
+* no module whose forward the layers' step calls (:func:`called_modules`: the embedding, the final norm, and in
+  every block the block, its norms, its attention, its feed-forward) has a forward hook (tensor parallelism's
+  all-reduce after wo and w2, a probe) or a forward replaced on its class or on itself (a patch, an
+  intervention), and no global forward hook is registered: the step calls none of their forwards, so it would
+  skip them.  (The weights' modules, wq .. w3, the output, the router and each expert, are never called as
+  modules, in the layers' step either: their hooks would not run there.)
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.modules.module as nn_module
+from torch import nn
 
 from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv, huge_pages
 from mistral_ref.backends.rope import rope_rotations
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.moe import FeedForward, MoeLayer
+from mistral_ref.norm import RMSNorm
 from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
 
 if TYPE_CHECKING:  # typing only: the model imports the backends, not the other way round
     from mistral_ref.model import Transformer, TransformerBlock
 
-_DTYPE, _CODES = operator.attrgetter("dtype"), operator.itemgetter("qweight")
+_DTYPE = operator.attrgetter("dtype")
 _FORWARD = itertools.repeat("forward")  # ("forward" in d for each instance dict d, as map(operator.contains, ...))
+_STACKED = itertools.repeat("stacked")  # (a MoeLayer's stacks, read from its __dict__ at every step)
 # rows of a step: the layers' step sends bf16 and int8 products of fewer rows than these to the C kernels too
 MAX_ROWS = min(cpu_gemv.MAX_ROWS["bf16"], cpu_gemv.MAX_ROWS["int8"]) - 1
 # forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
@@ -62,8 +69,8 @@ _GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                 logits_at: torch.Tensor | None = None) -> torch.Tensor | None:
-    """model(tokens, positions, cache, logits_at=logits_at) for one token per row, each block in one operator
-    call; None where this step does not apply (see the module docstring: the caller then runs the layers).
+    """model(tokens, positions, cache, logits_at=logits_at) for one token per row in one operator call; None
+    where this step does not apply (see the module docstring: the caller then runs the layers).
     tokens, positions: (B, 1) int64 -> logits (B, 1, vocab) fp32."""
     rows = tokens.shape[0] if tokens.dim() == 2 and tokens.shape[1] == 1 else 0
     if (not 0 < rows <= MAX_ROWS or cache is None or torch.is_grad_enabled() or tokens.device.type != "cpu"
@@ -71,34 +78,34 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
         return None
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
-    blocks, dtype = plan(model), model.dtype
-    if blocks is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16
-                                                                  and all(b.batchable for b in blocks))):
+    steps, dtype = plan(model), model.dtype
+    if steps is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16 and steps.batchable)):
         return None
     _, _, _, hooks, instances = model.__dict__[PLAN]
     if any(hooks) or any(map(operator.contains, instances, _FORWARD)):
         return None  # a hook on a part of a block (tensor parallelism's all-reduce, a probe) or a patched forward
-    steps = []
-    for block, layer_cache in zip(blocks, cache.layers):
-        args = block.arguments(dtype)
+    weights = steps.weights(dtype)
+    if weights is None:  # a weight changed dtype or layout under the plan: plan again at the next step
+        model.__dict__.pop(PLAN, None)
+        return None
+    caches = []
+    for layer_cache in cache.layers:
         k, v = layer_cache.k, layer_cache.v
-        if (args is None or type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != rows
+        if (type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != rows
                 or not (k.is_contiguous() and v.is_contiguous())):
-            if args is None:  # a weight changed dtype or layout under the plan: plan again at the next step
-                model.__dict__.pop(PLAN, None)
             return None
-        steps.append((*block.norms, *args, k, v, layer_cache.pos, block.window))
-    position = int(positions.max())
+        caches += (k, v, layer_cache.pos)
+    position = max(map(max, positions.tolist()))
     for layer_cache in cache.layers:  # a full layer's cache must hold the position (cache.LayerCache.check_fits)
         if not layer_cache.rolling and position >= layer_cache.capacity:
             layer_cache.check_fits(positions)
-    rot = rotations(model, position)
-    threads = torch.get_num_threads()
-    h = model.tok_embeddings(tokens)  # (B, 1, dim)
-    for step in steps:  # (the norms, the block's weights, its cache, its window)
-        h, _ = torch.ops.mistral_ref.decode_block(h, positions, rot, *step, threads)
+    fold = rows < steps.output_rows  # the output product in the operator: where backends/linear.py sends it to C
+    out = torch.ops.mistral_ref.decode_model(tokens, positions, rotations(model, position), weights, steps.layout,
+                                             steps.eps, caches, fold, torch.get_num_threads())
+    if fold:
+        return out  # (B, 1, vocab) fp32
     ops = model.ops
-    return ops.linear(model.norm(h, ops), model.output_weight).float()  # (B, 1, vocab)
+    return ops.linear(model.norm(out, ops), model.output_weight).float()  # (B, 1, vocab)
 
 
 # ---- what a step reads, kept between steps -------------------------------------------------------------------
@@ -117,127 +124,191 @@ def _registered(*_) -> None:
 
 # assigning a weight or a module anywhere (quantize_model, load_state_dict(assign=True), stacking experts,
 # replacing a layer by hand) makes the kept plans stale.  Converting or moving (.to, .half: nn.Module._apply) keeps
-# the Parameter objects and the modules' buffer dicts, which a plan holds, and drops the experts' stacks, which
-# Block.arguments checks: the tensors themselves are looked up at every step.
+# the modules' parameter and buffer dicts, which a plan reads the tensors from at every step, and drops the
+# experts' stacks, which Steps.weights checks.
 nn_module.register_module_parameter_registration_hook(_registered)
 nn_module.register_module_buffer_registration_hook(_registered)
 nn_module.register_module_module_registration_hook(_registered)
 
 PLAN = "_decode_step_plan"  # where a model keeps its plan
+LAYOUT = 7  # ints of a layer in decode_model's layout (cpu_gemv_ops.cpp)
 
 
-class Weights:
-    """A block's weights of one kind, as decode_block takes them: float Parameters (held: converting the model
-    changes their data, not them), or QuantizedWeights' buffer dicts (held: converting replaces the tensors in
-    them), the codes and scales read at each step."""
+class Steps:
+    """What decode_model reads of a model at every step: where each of its weights is kept (a module's parameter
+    or buffer dict and the name in it, read at every step: converting the model replaces the tensors there), and
+    the layout of the list they make (cpu_gemv_ops.cpp: op_decode_model)."""
 
-    def __init__(self, weights: list):
-        first = weights[0]
-        self.quantized = isinstance(first, QuantizedWeight)
-        self.int4 = self.quantized and first.scheme == "int4"
-        self.group = (first.group_size or 0) if self.quantized else 0
-        self.items = [(w._buffers, "scales" if w.scheme == "int8" else "scales_and_zeros") for w in weights] \
-            if self.quantized else list(weights)
-        self.dicts = [d for d, _ in self.items] if self.quantized else []
-        self.names = [n for _, n in self.items] if self.quantized else []
+    def __init__(self):
+        self.dicts: list[dict] = []  # the weights' dicts and names, in decode_model's order
+        self.names: list[str] = []
+        self.floats: list[int] = []  # the indexes of the float weights and scales: of the model's dtype
+        self.layout: list[int] = []
+        self.eps: list[float] = []
+        self.stacks: list[tuple[dict, tuple]] = []  # (a MoeLayer's __dict__, the stacks read from it)
+        self.batchable = True  # several rows: dense blocks whose products the C kernels take for several rows
+        self.output_rows = 0  # the output product in the operator for fewer rows than these (0: never)
+        self._floats = self._stacked = None
 
-    @staticmethod
-    def of(weights: list, dtype: torch.dtype) -> Weights | None:
-        """Weights of float tensors of `dtype`, or of quantized ones of one scheme and group size with scales of
-        `dtype`; None otherwise."""
+    def add(self, d: dict, name: str, floating: bool = True) -> None:
+        if floating:
+            self.floats.append(len(self.dicts))
+        self.dicts.append(d)
+        self.names.append(name)
+
+    def add_weights(self, linears: list, dtype: torch.dtype) -> tuple[int, int] | None:
+        """The weights of `linears` (nn.Linear-like modules with their weight of one kind): float weights of
+        `dtype`, or quantized ones of one scheme and group size with scales of `dtype` (every code tensor, then
+        every scale tensor); (scales added, group size), or None if they do not fit."""
+        weights = [lin.weight for lin in linears]
         first = weights[0]
         if isinstance(first, QuantizedWeight):
             if not all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme
-                       and w.group_size == first.group_size for w in weights):
+                       and w.group_size == first.group_size and w.dtype == dtype for w in weights):
                 return None
-        elif not all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedWeight) for w in weights):
+            name = "scales" if first.scheme == "int8" else "scales_and_zeros"
+            if not all(w.qweight.dim() == 2 and w.qweight.is_contiguous() and w._buffers[name].is_contiguous()
+                       for w in weights):
+                return None
+            for w in weights:
+                self.add(w._buffers, "qweight", floating=False)
+            for w in weights:
+                self.add(w._buffers, name)
+            return len(weights), first.group_size or 0
+        if not all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedWeight) and w.dtype == dtype
+                   and w.dim() == 2 and w.is_contiguous() for w in weights):
             return None
-        found = Weights(weights)
-        tensors = found.tensors(dtype)
-        if tensors is None:
-            return None
-        codes, scales = tensors
-        fits = all(t.dim() == 2 and t.is_contiguous() for t in codes) and all(s.is_contiguous() for s in scales)
-        return found if fits else None
+        for lin in linears:
+            self.add(lin._parameters, "weight")
+        return 0, 0
 
-    def tensors(self, dtype: torch.dtype) -> tuple[list, list] | None:
-        """(weights or codes, scales ([] for float weights)) as they are now; None if their dtype no longer fits
-        (decode_block checks every shape and layout itself: a clear error, never a wrong read)."""
-        # (map with operator's getters: loops in C, read at every step for every block)
-        if not self.quantized:
-            ws = self.items
-            return (ws, []) if all(map(dtype.__eq__, map(_DTYPE, ws))) else None
-        codes, scales = list(map(_CODES, self.dicts)), list(map(dict.__getitem__, self.dicts, self.names))
-        return (codes, scales) if all(map(dtype.__eq__, map(_DTYPE, scales))) else None
-
-
-class Block:
-    """What decode_block needs of one transformer block besides the activations and the cache."""
-
-    def __init__(self, layer: TransformerBlock, attn: Weights, ffn: Weights | None):
-        self.norms = (layer.attention_norm.weight, layer.ffn_norm.weight, layer.attention_norm.eps)
-        self.attn, self.ffn = attn, ffn
-        self.window = -1 if layer.attention.window is None else layer.attention.window
-        ff = layer.feed_forward
-        self.moe = ff if type(ff) is MoeLayer else None
-        self.stacked = None if self.moe is None else ff.stacked  # (E, ...) stacks: replaced when the layer converts
-        self.gate, self.top_k = (ff.gate.weight, ff.top_k) if self.moe is not None else (None, 0)
-        # several rows: dense blocks whose products the C kernels take for several rows, as the layers' do
-        self.batchable = self.moe is None and not (attn.int4 or ffn.int4)
-
-    def arguments(self, dtype: torch.dtype) -> tuple | None:
-        """(attn, attn_scales, ffn, ffn_scales, gate, top_k, group_size) now; None if they no longer fit."""
-        attn = self.attn.tensors(dtype)
-        if attn is None or any(w.dtype != dtype for w in self.norms[:2]):
-            return None
-        if self.moe is not None and (self.moe.stacked is not self.stacked or self.gate.dtype != dtype):
-            return None  # (the experts were stacked, or their stacks dropped by a conversion: plan again)
-        if self.stacked is None:
-            ffn = self.ffn.tensors(dtype)
-            group = max(self.attn.group, self.ffn.group)
+    def add_stacks(self, ff: MoeLayer, dtype: torch.dtype) -> tuple[int, int] | None:
+        """A MoeLayer's stacks (w1, w2, w3) as decode_model takes them, (w1, w3, w2) and their scales: (E, out,
+        in) tensors of `dtype`, or QuantizedExperts with scales of `dtype`; (scales added, group size) or None."""
+        w1, w2, w3 = stacks = ff.stacked
+        ordered = [w1, w3, w2]
+        if isinstance(w1, QuantizedExperts):
+            if not all(isinstance(s, QuantizedExperts) and s.scheme == w1.scheme and s.group_size == w1.group_size
+                       and s.scales.dtype == dtype for s in ordered):
+                return None
+            for s in ordered:
+                self.add({"w": s.qweight}, "w", floating=False)
+            for s in ordered:
+                self.add({"w": s.scales}, "w")
+            found = 3, w1.group_size or 0
+        elif all(isinstance(s, torch.Tensor) and s.dtype == dtype and s.is_contiguous() for s in ordered):
+            for s in ordered:
+                self.add({"w": s}, "w")
+            found = 0, 0
         else:
-            ffn = experts_of(self.stacked, dtype)
-            experts_group = self.stacked[0].group_size if isinstance(self.stacked[0], QuantizedExperts) else 0
-            group = max(self.attn.group, experts_group or 0)
-        if ffn is None:
             return None
-        return attn[0], attn[1], ffn[0], ffn[1], self.gate, self.top_k, group
+        self.stacks.append((vars(ff), stacks))
+        return found
+
+    def add_block(self, layer: TransformerBlock, dtype: torch.dtype) -> bool:
+        """A layer decode_model takes: grouped-query attention without query scaling, a dense SwiGLU or
+        Mixtral's experts (stacked, or each expert's own weights); False for any other."""
+        attention, ff = layer.attention, layer.feed_forward
+        norms = (layer.attention_norm, layer.ffn_norm)
+        if (type(attention) is not Attention or attention.llama_4_scaling is not None
+                or not all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
+                or layer.attention_norm.eps != layer.ffn_norm.eps):
+            return False
+        for n in norms:
+            self.add(n._parameters, "weight")
+        attn = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
+        if attn is None:
+            return False
+        gate = None
+        if type(ff) is FeedForward:
+            ffn, n_ffn = self.add_weights([ff.w1, ff.w3, ff.w2], dtype), 3
+        elif type(ff) is MoeLayer:
+            gate = ff.gate
+            if ff.stacked is not None:
+                ffn, n_ffn = self.add_stacks(ff, dtype), 3
+            else:  # every expert's own w1, then w3, then w2
+                linears = [getattr(e, name) for name in ("w1", "w3", "w2") for e in ff.experts]
+                ffn, n_ffn = self.add_weights(linears, dtype), len(linears)
+            if not (isinstance(gate.weight, torch.Tensor) and not isinstance(gate.weight, QuantizedWeight)
+                    and gate.weight.dtype == dtype):
+                return False
+        else:
+            return False
+        if ffn is None or (attn[1] and ffn[1] and attn[1] != ffn[1]):
+            return False  # (one group size for the block's int4 products)
+        if gate is not None:
+            self.add(gate._parameters, "weight")
+        window = -1 if attention.window is None else attention.window
+        self.layout += (attn[0], n_ffn, ffn[0], int(gate is not None), ff.top_k if gate is not None else 0,
+                        max(attn[1], ffn[1]), window)
+        self.eps.append(layer.attention_norm.eps)
+        self.batchable = self.batchable and gate is None and not (attn[1] or ffn[1])  # (a group size: int4)
+        return True
+
+    def add_ends(self, model: Transformer, dtype: torch.dtype) -> bool:
+        """The embedding, the final norm and (where the C kernels take it) the output weight."""
+        embedding, norm = model.tok_embeddings, model.norm
+        if (type(embedding) is not nn.Embedding or embedding.max_norm is not None or embedding.weight.dtype != dtype
+                or type(norm) is not RMSNorm or norm.weight.dtype != dtype):
+            return False
+        self.add(embedding._parameters, "weight")
+        self.add(norm._parameters, "weight")
+        self.eps.append(norm.eps)
+        output = model.tok_embeddings if model.output is None else model.output
+        which = cpu_gemv.kind(output.weight)
+        found = self.add_weights([output], dtype) if which is not None else None
+        if found is None:
+            self.layout += (0, 0, 0)
+        else:
+            self.layout += (1, found[0], found[1])
+            self.output_rows = cpu_gemv.MAX_ROWS[which]
+        self._floats = operator.itemgetter(*self.floats)  # (2 or more: a tuple)
+        self._stacked = [d for d, _ in self.stacks], [s for _, s in self.stacks]
+        return True
+
+    def weights(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """decode_model's weights as they are now; None if they no longer fit the plan (a weight of another
+        dtype, the experts' stacks dropped or replaced)."""
+        # (map with operator's getters: loops in C, over every weight of the model at every step)
+        weights = list(map(dict.__getitem__, self.dicts, self.names))
+        if not all(map(dtype.__eq__, map(_DTYPE, self._floats(weights)))):
+            return None
+        dicts, kept = self._stacked
+        if dicts and not all(map(operator.is_, map(dict.__getitem__, dicts, _STACKED), kept)):
+            return None
+        return weights
 
 
-def plan(model: Transformer) -> list[Block] | None:
-    """A Block for every layer, or None if a layer is not one decode_block takes.  Kept on the model until a
+def plan(model: Transformer) -> Steps | None:
+    """The Steps of the model, or None if a part of it is not one decode_model takes.  Kept on the model until a
     module, parameter or buffer is assigned anywhere, or the model's dtype or backend changes."""
     key = (_registrations, model.dtype, id(model.ops), len(model.layers))
     kept = model.__dict__.get(PLAN)
     if kept is not None and kept[0] == key and all(cls.forward is f for cls, f in kept[2]):
         return kept[1]
-    a, dtype, blocks = model.args, model.dtype, []
-    modules = [m for layer in model.layers for m in called_modules(layer)]
+    a, dtype = model.args, model.dtype
+    modules = [model.tok_embeddings, model.norm] + [m for layer in model.layers for m in called_modules(layer)]
     forwards = tuple((cls, cls.forward) for cls in {type(m) for m in modules})
-    if a.rope_dim != a.head_dim or dtype not in cpu_gemv._FLOATS or not all(own(cls, f) for cls, f in forwards):
-        blocks = None
-    else:
-        for layer in model.layers:
-            block = block_of(layer, dtype)
-            if block is None or block.arguments(dtype) is None:
-                blocks = None
-                break
-            blocks.append(block)
-    if blocks is not None:
+    steps = None
+    if a.rope_dim == a.head_dim and dtype in cpu_gemv._FLOATS and all(own(cls, f) for cls, f in forwards):
+        steps = Steps()
+        if not (all(steps.add_block(layer, dtype) for layer in model.layers) and steps.add_ends(model, dtype)):
+            steps = None
+    if steps is not None:
         huge_pages.place(model)  # the weights this step streams, on 2 MB pages (once; see backends/huge_pages.py)
-    # (the forward-hook dicts and the instance dicts of every module inside the blocks, checked at every step)
+    # (the forward-hook dicts and the instance dicts of every module the layers' step calls, checked at every step)
     skipped = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
-    model.__dict__[PLAN] = (key, blocks, forwards, skipped, tuple(vars(m) for m in modules))
+    model.__dict__[PLAN] = (key, steps, forwards, skipped, tuple(vars(m) for m in modules))
     _planned.add(model)
-    return blocks
+    return steps
 
 
 def called_modules(layer: TransformerBlock) -> list[torch.nn.Module]:
     """The modules of a block whose forward the layers' step calls (TransformerBlock.forward): the block, its two
     norms, its attention and its feed-forward, which multiply by their weights through the backend's functions and
-    call no module of theirs.  Their hooks and patched forwards are the ones this step would skip
-    (tests/test_decode_step.py hooks every module of a block and checks that the step is declined exactly where the
-    layers' step runs the hook)."""
+    call no module of theirs.  Their hooks and patched forwards are the ones this step would skip, with those of
+    the model's embedding and final norm (tests/test_decode_step.py hooks every module of a block and checks that
+    the step is declined exactly where the layers' step runs the hook)."""
     return [layer, layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward]
 
 
@@ -245,44 +316,6 @@ def own(cls: type, forward) -> bool:
     """Whether cls.forward is the one its class defines (not replaced or wrapped by a patch: the step skips it)."""
     defining = next(c for c in cls.__mro__ if "forward" in vars(c))  # (nn.ModuleList: nn.Module's placeholder)
     return getattr(forward, "__module__", None) == defining.__module__ and not hasattr(forward, "__wrapped__")
-
-
-def block_of(layer: TransformerBlock, dtype: torch.dtype) -> Block | None:
-    """The Block of a layer decode_block takes: grouped-query attention without query scaling, a dense SwiGLU
-    or Mixtral's experts (stacked, or each expert's own weights); None for any other."""
-    attention, ff = layer.attention, layer.feed_forward
-    if type(attention) is not Attention or attention.llama_4_scaling is not None:
-        return None
-    attn = Weights.of([attention.wq.weight, attention.wk.weight, attention.wv.weight, attention.wo.weight], dtype)
-    if type(ff) is FeedForward:
-        ffn = Weights.of([ff.w1.weight, ff.w3.weight, ff.w2.weight], dtype)
-        if ffn is None:
-            return None
-    elif type(ff) is MoeLayer:  # stacked (backends/moe.py: stack_experts), or each expert's own tensors
-        ffn = None if ff.stacked is not None else Weights.of(
-            [getattr(e, name).weight for name in ("w1", "w3", "w2") for e in ff.experts], dtype)
-        if ff.stacked is None and ffn is None:
-            return None
-    else:
-        return None
-    if attn is None or (ffn is not None and attn.group and ffn.group and attn.group != ffn.group):
-        return None  # (one group size for the block's int4 products)
-    return Block(layer, attn, ffn)
-
-
-def experts_of(stacks: tuple, dtype: torch.dtype) -> tuple[list, list] | None:
-    """A MoeLayer's stacks (w1, w2, w3) as decode_block takes them, (w1, w3, w2) and their scales: (E, out, in)
-    tensors of `dtype`, or QuantizedExperts with scales of `dtype`; None otherwise."""
-    w1, w2, w3 = stacks
-    ordered = [w1, w3, w2]
-    if isinstance(w1, QuantizedExperts):
-        if not all(isinstance(s, QuantizedExperts) and s.scheme == w1.scheme and s.group_size == w1.group_size
-                   and s.scales.dtype == dtype for s in ordered):
-            return None
-        return [s.qweight for s in ordered], [s.scales for s in ordered]
-    if all(isinstance(s, torch.Tensor) and s.dtype == dtype and s.is_contiguous() for s in ordered):
-        return ordered, []
-    return None
 
 
 ROTATIONS = "_decode_step_rotations"  # where a model keeps its table of rotations

@@ -66,7 +66,8 @@ def run_commands(commands: list[list[str]], tmp: str) -> str | None:
             return f"cannot run {argv[0]}: {e}"
         if done.returncode != 0:
             lines = done.stdout.strip().splitlines() or ["(no output)"]
-            return f"failed ({argv[0]}): {lines[-1]}"
+            errors = [line for line in lines if "error" in line]  # (a compiler's last line is often context)
+            return f"failed ({argv[0]}): {errors[0] if errors else lines[-1]}"
     return None
 
 

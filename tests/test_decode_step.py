@@ -369,6 +369,8 @@ def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
     assert len(weights) == 3 * (2 + 4 + 3) + 3  # (norms, attention, feed-forward) a layer; embedding, norm, output
     with pytest.raises(ValueError, match="decode_model: 31 weights for a layout of 30"):
         call(weights=weights + weights[:1])
+    with pytest.raises(ValueError, match="decode_model: 29 weights for this layout"):
+        call(weights=weights[:-1])
     with pytest.raises(ValueError, match="decode_model: tokens must be .* got 9 cache tensors, 23 ints"):
         call(layout=steps.layout[:-1])
     with pytest.raises(ValueError, match="decode_model: layer 1: a layout of 3 attention scales"):

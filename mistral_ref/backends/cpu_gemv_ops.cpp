@@ -591,12 +591,12 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
   const int64_t *pos = position.data_ptr<int64_t>();
   int64_t last = 0;  // the largest position (rope_angles turns -1 as 0)
   for (int64_t r = 0; r < rows; r++) last = std::max(last, pos[r]);
-  size_t at = 0;  // the next of `weights`
+  size_t taken = 0;  // weights handed out so far
   auto take = [&](int64_t n) {
-    TORCH_CHECK_VALUE(n >= 0 && at + static_cast<size_t>(n) <= weights.size(), "decode_model: ", weights.size(),
+    TORCH_CHECK_VALUE(n >= 0 && taken + static_cast<size_t>(n) <= weights.size(), "decode_model: ", weights.size(),
                       " weights for this layout");
-    at::TensorList part = weights.slice(at, static_cast<size_t>(n));
-    at += static_cast<size_t>(n);
+    at::TensorList part = weights.slice(taken, static_cast<size_t>(n));
+    taken += static_cast<size_t>(n);
     return part;
   };
   std::vector<at::TensorList> blocks;  // each layer's weights, in the order above
@@ -614,7 +614,7 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
                     "decode_model: an output layout of ", tail[0], " weights (0 or 1) and ", tail[1],
                     " scales (none or as many)");
   at::TensorList end = take(2 + tail[0] + tail[1]);
-  TORCH_CHECK_VALUE(at == weights.size(), "decode_model: ", weights.size(), " weights for a layout of ", at);
+  TORCH_CHECK_VALUE(taken == weights.size(), "decode_model: ", weights.size(), " weights for a layout of ", taken);
   const Tensor &embedding = end[0], &norm = end[1];
   TORCH_CHECK_VALUE(embedding.dim() == 2 && is_float(embedding) && embedding.is_cpu(),
                     "decode_model: the embedding must be (vocab, dim) bf16 or fp32 on the CPU, got ",

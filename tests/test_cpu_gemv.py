@@ -5,6 +5,7 @@ loops alone on an AVX-512 CPU), with the shapes that exercise their edges: input
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -345,7 +346,7 @@ def _moe_op(kind, x, gate, w1, w3, w2, top_k):
 def test_experts_swiglu_is_the_three_products(build, kind, dtype, k):
     """The fused MoE layer of one token (one C call: gate, up, SiLU, down, the weighted sum) against the three
     expert products with torch's operations between them, in every build: within fp32 rounding in fp32, and in
-    bf16 mostly bitwise (C's expf and torch's may round SiLU's last bit apart, which can move a hidden activation
+    bf16 mostly bitwise (the C exp and torch's may round SiLU's last bits apart, which can move a hidden activation
     by one bf16 step); its C++ kernel gives the Python function's result bitwise (the same C function)."""
     dim, n = 64, 4
     w1, w3, w2 = _stacked_experts(kind, dtype, n, dim, hidden=96)
@@ -1051,3 +1052,43 @@ def test_a_forked_child_exits_without_waiting_for_the_parents_builder(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 10, done.stdout  # the parent's own wait would be 30 s
+
+
+def _silu_mul(lib, gate: torch.Tensor, up: torch.Tensor, threads: int) -> torch.Tensor:
+    """cpu_gemv.c's silu_mul (called by the C kernels only: SwiGLU's silu(gate) * up) through ctypes."""
+    fn = lib.silu_mul
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int], None
+    out = torch.empty_like(gate)
+    fn(gate.data_ptr(), up.data_ptr(), out.data_ptr(), int(gate.dtype == torch.bfloat16), gate.numel(), threads)
+    return out
+
+
+def test_silu_gives_every_build_the_same_bits_and_torchs_within_a_few_ulp():
+    """SiLU's e^-g in the C kernels is a polynomial whose vector lanes and scalar form run the same operations:
+    every build, thread count and position of a value gives the same bits.  In fp32 within 4 ulp of torch's F.silu
+    over the activations' range (|g| <= 80) and past it (where expf takes over: overflow, denormals), its
+    infinities and NaN; on bf16 activations torch's bf16 results."""
+    g = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(s)) * s for s in (1, 4, 30)]
+                  + [torch.linspace(-120, 120, 4001), torch.tensor(
+                      [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 79.99, 80.0, 80.01,
+                       -80.0, -80.01, 88.5, -88.5, 104.0, -104.0])])
+    up = torch.ones_like(g)
+    libs = {"native": cpu_gemv.library()}
+    for name in ("portable", "avx2"):
+        if name == "portable" or cpu_gemv.library().cpu_gemv_isa() == 3:
+            libs[name] = cpu_gemv.load(cpu_gemv.build(OTHER_BUILDS[name][0]))
+    first = _silu_mul(libs["native"], g, up, 1)
+    for name, lib in libs.items():
+        for threads in (1, 3):
+            assert torch.equal(_silu_mul(lib, g, up, threads).view(torch.int32), first.view(torch.int32)), name
+            assert torch.equal(_silu_mul(lib, g[5:], up[5:], threads).view(torch.int32), first[5:].view(torch.int32))
+    expected = F.silu(g)
+    finite = torch.isfinite(expected)
+    ulp = (first[finite].view(torch.int32).long() - expected[finite].view(torch.int32).long()).abs()
+    assert ulp.max() <= 4
+    assert (finite & (g.abs() > 80)).sum() > 1000  # (expf's range, in that bound too)
+    assert torch.equal(first[~finite].isnan(), expected[~finite].isnan())
+    assert torch.equal(first[torch.isinf(expected)], expected[torch.isinf(expected)])
+    gb = (torch.randn(50000, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
+    ub = torch.randn(50000, generator=torch.Generator().manual_seed(6)).bfloat16()
+    assert torch.equal(_silu_mul(libs["native"], gb, ub, 2), F.silu(gb) * ub)

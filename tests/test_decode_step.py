@@ -88,8 +88,8 @@ def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
                          ids=["dense", "moe", "moe-stacked"])
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_bf16_and_quantized_equal_the_layers(args, layout, scheme, make_model):
-    """The same kernels and roundings as the eager layers: equal but where SiLU's expf and torch's exp differ in
-    fp32's last bit and that moves a bf16 rounding (in practice: bitwise)."""
+    """The same kernels and roundings as the eager layers: equal but where SiLU's exp polynomial and torch's exp
+    differ in fp32's last bits and that moves a bf16 rounding (in practice: bitwise)."""
     models = []
     for _ in range(2):
         model = make_model(args).to(torch.bfloat16)

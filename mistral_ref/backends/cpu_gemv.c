@@ -1156,15 +1156,52 @@ int gemv_quantized_experts(const void *x, int64_t x_rows, const void *q, const v
 /* x's dtype: a float rounded to bf16 and back (io_bf16), or left as it is (fp32) */
 static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
 
+/* e^x for |x| <= SILU_EXP_MAX, where its results are normal floats: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2,
+ * a degree-6 polynomial in r, then 2^n; within 2 ulp of expf), the operations of v_exp below in its order, so a
+ * value gets the same bits in every lane and every build (fp contraction is off: -std=c11) */
+#define SILU_EXP_MAX 80.0f
+static inline float exp_poly(float x) {
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r + 1.0f);
+    return ldexpf(p, (int)n);
+}
+
+/* SiLU as torch writes it, g / (1 + e^-g): e^-g by exp_poly for |g| <= SILU_EXP_MAX (every activation a model
+ * makes), else (where e^-g overflows or is a denormal, and NaN) by expf */
+static inline float silu_one(float g) {
+    return g / (1.0f + (fabsf(g) <= SILU_EXP_MAX ? exp_poly(-g) : expf(-g)));
+}
+
+static void silu_values(float *g, int64_t n);  /* silu_one in place, vectorized where the build can (below) */
+
 /* out = silu(gate) * up (n values of x's dtype), SiLU and the product each rounded to x's dtype, as
- * F.silu(gate) * up computes SwiGLU's hidden activations (moe.FeedForward); C's expf may differ from torch's exp in
- * the last bit of fp32.  out may be gate. */
+ * F.silu(gate) * up computes SwiGLU's hidden activations (moe.FeedForward); exp_poly may differ from torch's exp
+ * in the last bit or two of fp32.  Each thread takes one contiguous share, SILU_CHUNK values at a time.  out may
+ * be gate. */
+#define SILU_CHUNK 256
 void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n, int threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t j = 0; j < n; j++) {
-        const float g = value_at(gate, j, io_bf16);
-        const float v = in_dtype(in_dtype(g / (1.0f + expf(-g)), io_bf16) * value_at(up, j, io_bf16), io_bf16);
-        if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(v); else ((float *)out)[j] = v;
+    #pragma omp parallel num_threads(threads)
+    {
+        float s[SILU_CHUNK];
+        int64_t lo, hi;
+        thread_share(n, &lo, &hi);
+        for (int64_t c = lo; c < hi; c += SILU_CHUNK) {
+            const int64_t m = hi - c < SILU_CHUNK ? hi - c : SILU_CHUNK;
+            for (int64_t j = 0; j < m; j++) s[j] = value_at(gate, c + j, io_bf16);
+            silu_values(s, m);
+            for (int64_t j = 0; j < m; j++) {
+                const float v = in_dtype(in_dtype(s[j], io_bf16) * value_at(up, c + j, io_bf16), io_bf16);
+                if (io_bf16) ((uint16_t *)out)[c + j] = float_to_bf16(v); else ((float *)out)[c + j] = v;
+            }
+        }
     }
 }
 
@@ -1391,6 +1428,9 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
 typedef __m512 vec;
 typedef __m512i ivec;
 static inline int v_any_nan(vec v) { return _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0; }
+static inline int v_all_within(vec v, float m) {  /* |v| <= m in every lane (NaN is not) */
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(v), _mm512_set1_ps(m), _CMP_LE_OQ) == 0xffff;
+}
 static inline __m256 v_fold(vec v) { return _mm256_add_ps(_mm512_castps512_ps256(v), upper8(v)); }  /* 8 sums */
 static inline float v_sum(vec v) { return _mm512_reduce_add_ps(v); }
 static inline float v_top(vec v) { return _mm512_reduce_max_ps(v); }
@@ -1416,6 +1456,10 @@ static inline vec v_scale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* 
 typedef __m256 vec;
 typedef __m256i ivec;
 static inline int v_any_nan(vec v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0; }
+static inline int v_all_within(vec v, float m) {
+    const vec magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    return _mm256_movemask_ps(_mm256_cmp_ps(magnitude, _mm256_set1_ps(m), _CMP_LE_OQ)) == 0xff;
+}
 static inline __m256 v_fold(vec v) { return v; }
 static inline float v_sum(vec v) { return hsum(v); }
 static inline float v_top(vec v) {
@@ -1477,6 +1521,21 @@ static inline vec v_exp(vec x) {
     p = v_fma(p, r, v_set1(5.0000001201e-1f));
     p = v_fma(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
     return v_scale2(p, n);
+}
+
+/* silu_one over n floats in place, LANES at a time: v_exp where every lane is within SILU_EXP_MAX (exp_poly's
+ * operations, the same bits), else lane by lane */
+static void silu_values(float *g, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vec x = v_load(g + i);
+        if (!v_all_within(x, SILU_EXP_MAX)) {
+            for (int j = 0; j < LANES; j++) g[i + j] = silu_one(g[i + j]);
+            continue;
+        }
+        v_store(g + i, v_div(x, v_add(v_set1(1.0f), v_exp(v_mul(x, v_set1(-1.0f))))));
+    }
+    for (; i < n; i++) g[i] = silu_one(g[i]);
 }
 
 /* score[g * slots + j] = q_g . k[slot[j]] for the G <= GROUP heads g (q: G x d, fp32; or bf16 for qb) */
@@ -1750,3 +1809,9 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     free(buf);
     return 0;
 }
+
+#if !CPU_GEMV_AVX2
+static void silu_values(float *g, int64_t n) {  /* (builds without AVX2: silu_one value by value) */
+    for (int64_t i = 0; i < n; i++) g[i] = silu_one(g[i]);
+}
+#endif

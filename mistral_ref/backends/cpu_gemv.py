@@ -502,7 +502,7 @@ def experts_swiglu(x: torch.Tensor, w1: torch.Tensor | QuantizedExperts, w3: tor
     weights: (k,) fp32 -> (1, dim) in x's dtype, rounded as the reference rounds a layer in x's dtype (gate, up,
     SiLU, hidden activations, each expert's output), the k weighted outputs summed in fp32: one C function (cpu_gemv.c,
     swiglu_experts), equal to those torch operations on the same products within a rounding of x's dtype where
-    C's expf and torch's differ in the last bit (tests/test_cpu_gemv.py)."""
+    SiLU's exp (cpu_gemv.c: exp_poly) and torch's differ in the last bits (tests/test_cpu_gemv.py)."""
     compiling = _as_operator()
     if isinstance(w1, torch.Tensor):
         parts = (x, w1, w3, w2, index, weights, threads)

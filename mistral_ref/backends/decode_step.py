@@ -4,10 +4,11 @@
 Equals: the "torch" backend's eager step (model.Transformer's layers with backends/pytorch.py's functions, in the
 model's dtype): the embedding lookup, the same C kernels for the products, RMSNorm, Mixtral's experts and attention,
 the same roundings; RoPE's complex product, the KV-cache write, the residual additions and SiLU as C loops (SiLU
-with C's expf, which may differ from torch's exp in the last bit of fp32); the final norm and the output product as
-that step computes them (the output product there when the C kernels take it for these rows, as backends/linear.py
-sends it: else in Python after the operator).  tests/test_decode_step.py checks it against that step and the
-"reference" backend, beyond a sliding window, with GQA, head_dim != dim / n_heads, experts, int8 and int4.
+with cpu_gemv.c's exp polynomial, which may differ from torch's exp in fp32's last bits); the final norm and the
+output product as that step computes them (the output product there when the C kernels take it for these rows, as
+backends/linear.py sends it: else in Python after the operator).  tests/test_decode_step.py checks it against that
+step and the "reference" backend, beyond a sliding window, with GQA, head_dim != dim / n_heads, experts, int8 and
+int4.
 
 Why: an eager step calls ~10 functions a block from Python (~10-20 us each besides the arithmetic); a small
 model's step is then a third Python, and a compiled step (backends/compiled.py) still runs its wrapper's Python

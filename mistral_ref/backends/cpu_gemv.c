@@ -1158,7 +1158,7 @@ static inline float in_dtype(float v, int io_bf16) { return io_bf16 ? bf16_to_fl
 
 /* e^x for |x| <= SILU_EXP_MAX, where its results are normal floats: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2,
  * a degree-6 polynomial in r, then 2^n; within 2 ulp of expf), the operations of v_exp below in its order, so a
- * value gets the same bits in every lane and every build (fp contraction is off: -std=c11) */
+ * value gets the same bits in every lane and every build (built with -ffp-contract=off: no fused a * b + c) */
 #define SILU_EXP_MAX 80.0f
 static inline float exp_poly(float x) {
     const float n = rintf(x * 1.44269504088896341f);

@@ -58,7 +58,9 @@ ISA_NAMES = {1: "portable", 2: "AVX2", 3: "AVX-512 + AVX2"}
 WALK_SWITCH = "MISTRAL_REF_CPU_WALK"  # "four" / "one": how one-row products walk their weight, instead of timing it
 #: cpu_gemv_walk(), by name (cpu_gemv.c, four_rows): the same results bitwise, read at different rates per CPU.
 WALKS = {1: "four rows at a time, prefetching", 0: "one row at a time"}
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-lm")
+# (-ffp-contract=off: no compiler fuses a * b + c that the C writes apart, as clang would by default: the scalar
+# and vector forms of a loop give the same bits, cpu_gemv.c: exp_poly)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off", "-lm")
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
 MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once for any rows

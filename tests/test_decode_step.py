@@ -381,3 +381,48 @@ def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
         call(weights=wrong)
     with pytest.raises(IndexError, match="index out of range"):
         call(tokens=torch.full((1, 1), DENSE.vocab_size))
+
+
+@pytest.mark.parametrize("args,scheme", [(DENSE, None), (MOE, "int8"), (MOE, "int4")], ids=["dense", "moe-int8",
+                                                                                           "moe-int4"])
+def test_random_corruptions_of_the_arguments_raise_a_clear_error(args, scheme, make_model):
+    """The operator reads memory by the shapes it is handed: a wrong layout int, a weight of another shape or
+    dtype, two weights swapped or one missing, a cache or table of rotations cut short, a token out of range, in
+    120 random trials, either still fit (a weight swapped with one of its shape) or raise ValueError / IndexError,
+    never another error or a crash."""
+    import random
+
+    model = make_model(args).to(torch.bfloat16)
+    if scheme:
+        quantize_model(model, scheme, group_size=32)
+    steps = decode_step.plan(model)
+    weights, rng, raised = steps.weights(torch.bfloat16), random.Random(0), 0
+    for _ in range(120):
+        w, layout = list(weights), list(steps.layout)
+        caches = [t for c in KVCache(args, 1, 16, torch.bfloat16, "cpu").layers for t in (c.k, c.v, c.pos)]
+        tokens, rot = torch.tensor([[3]]), decode_step.rotations(model, 20)
+        kind, i = rng.randrange(6), rng.randrange(len(w))
+        if kind == 0:
+            layout[rng.randrange(len(layout))] = rng.choice([-5, -1, 0, 1, 2, 3, 5, 64, 10**6])
+        elif kind == 1:
+            t = w[i]
+            w[i] = rng.choice([t.flatten(), t[..., :-1].contiguous(), t.float() if t.is_floating_point() else
+                               t.to(torch.int32), torch.zeros(0), t.t() if t.dim() == 2 else t])
+        elif kind == 2:
+            j = rng.randrange(len(w))
+            w[i], w[j] = w[j], w[i]
+        elif kind == 3:
+            j = rng.randrange(len(caches))
+            caches[j] = rng.choice([caches[j][:, :-1], caches[j].float(), caches[j][..., :1]])
+        elif kind == 4:
+            tokens = rng.choice([torch.tensor([[10**6]]), torch.tensor([[-1]]), torch.tensor([[1, 2]])])
+            rot = rng.choice([rot, rot[:5], rot.double(), rot[:, :-1]])
+        else:
+            del w[i]
+        position = torch.tensor([[rng.randint(-1, 20)]])
+        try:
+            torch.ops.mistral_ref.decode_model(tokens, position, rot, w, layout, steps.eps, caches, True, 2)
+        except (ValueError, IndexError) as e:
+            assert str(e), "an error without a message"
+            raised += 1
+    assert raised > 60

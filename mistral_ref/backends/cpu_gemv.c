@@ -1354,7 +1354,7 @@ int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int
     return 0;
 }
 
-/* ---- the elementwise steps of one token's block (cpu_gemv_ops.cpp: decode_block) -------------------------- */
+/* ---- the elementwise steps of one token's block (cpu_gemv_ops.cpp: decode_model's block_step) ------------- */
 
 /* rope.apply_rotary_emb on one token's heads, in place, as backends/rope.py computes it: each pair (a, b) of a
  * head times the rotation (c, s) of its index, a complex product in fp32 whose four products are rounded before

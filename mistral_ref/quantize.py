@@ -35,6 +35,11 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
 KEEP = ("gate",)  # linear layers named so are never quantized (MoE routers)
 
 
+def scales_name(scheme: str) -> str:
+    """The buffer a QuantizedWeight of `scheme` keeps its scales in: "scales" (int8) or "scales_and_zeros" (int4)."""
+    return "scales" if scheme == "int8" else "scales_and_zeros"
+
+
 class QuantizationError(ValueError):
     """A scheme, group size or weight shape that weight-only quantization cannot take (names the tensor)."""
 
@@ -53,7 +58,7 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.scheme, self.group_size = scheme, group_size
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales" if scheme == "int8" else "scales_and_zeros", scales)
+        self.register_buffer(scales_name(scheme), scales)
 
     @property
     def shape(self) -> torch.Size:
@@ -70,7 +75,7 @@ class QuantizedWeight(nn.Module):
         return self.qweight.device
 
     def _scales(self) -> torch.Tensor:
-        return self.scales if self.scheme == "int8" else self.scales_and_zeros
+        return self._buffers[scales_name(self.scheme)]
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out, in): the formula of the module docstring computed in fp32, then rounded to `dtype`
@@ -117,7 +122,7 @@ class QuantizedExperts(Sequence):
     def __init__(self, experts: Sequence[QuantizedWeight]):
         first = experts[0]
         self.scheme, self.group_size = first.scheme, first.group_size
-        name = "scales" if self.scheme == "int8" else "scales_and_zeros"
+        name = scales_name(self.scheme)
         self.qweight = torch.stack([e.qweight for e in experts])
         self.scales = torch.stack([e._buffers[name] for e in experts])
         for e, q, s in zip(experts, self.qweight, self.scales):

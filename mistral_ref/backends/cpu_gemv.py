@@ -46,7 +46,7 @@ import torch
 
 from mistral_ref.backends.compile_cache import compile_cache_dir
 from mistral_ref.backends.compiled_steps import trusted
-from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
+from mistral_ref.quantize import QuantizedExperts, QuantizedWeight, scales_name
 
 log = logging.getLogger("mistral_ref.cpu_gemv")
 
@@ -385,7 +385,7 @@ def _tensors(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales) of a QuantizedWeight, read from its buffers directly: a module's attribute lookup costs about a
     microsecond, and a decode step asks at every product."""
     buffers = weight._buffers
-    return buffers["qweight"], buffers["scales" if weight.scheme == "int8" else "scales_and_zeros"]
+    return buffers["qweight"], buffers[scales_name(weight.scheme)]
 
 
 def kind(weight: torch.Tensor | QuantizedWeight) -> str | None:

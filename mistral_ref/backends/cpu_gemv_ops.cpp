@@ -599,7 +599,8 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
     taken += static_cast<size_t>(n);
     return part;
   };
-  std::vector<at::TensorList> blocks;  // each layer's weights, in the order above
+  // each layer's weights, in the order above: the whole layout is checked before any cache is written
+  std::vector<at::TensorList> blocks;
   for (int64_t l = 0; l < n_layers; l++) {
     const int64_t *lay = layout.data() + LAYOUT * l;
     TORCH_CHECK_VALUE((lay[0] == 0 || lay[0] == 4) && lay[1] > 0 && (lay[2] == 0 || lay[2] == lay[1]) &&

@@ -53,7 +53,7 @@ from mistral_ref.backends.rope import rope_rotations
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.moe import FeedForward, MoeLayer
 from mistral_ref.norm import RMSNorm
-from mistral_ref.quantize import QuantizedExperts, QuantizedWeight
+from mistral_ref.quantize import QuantizedExperts, QuantizedWeight, scales_name
 
 if TYPE_CHECKING:  # typing only: the model imports the backends, not the other way round
     from mistral_ref.model import Transformer, TransformerBlock
@@ -167,7 +167,7 @@ class Steps:
             if not all(isinstance(w, QuantizedWeight) and w.scheme == first.scheme
                        and w.group_size == first.group_size and w.dtype == dtype for w in weights):
                 return None
-            name = "scales" if first.scheme == "int8" else "scales_and_zeros"
+            name = scales_name(first.scheme)
             if not all(w.qweight.dim() == 2 and w.qweight.is_contiguous() and w._buffers[name].is_contiguous()
                        for w in weights):
                 return None
@@ -192,6 +192,8 @@ class Steps:
             if not all(isinstance(s, QuantizedExperts) and s.scheme == w1.scheme and s.group_size == w1.group_size
                        and s.scales.dtype == dtype for s in ordered):
                 return None
+            # (the stacks themselves are held, each in a dict of its own; weights() checks at every step that the
+            # layer still has them)
             for s in ordered:
                 self.add({"w": s.qweight}, "w", floating=False)
             for s in ordered:

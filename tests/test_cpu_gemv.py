@@ -28,7 +28,7 @@ INT16_RTOL = 1e-4  # the integer path's rounding of each row of bf16 activations
 
 #: The builds besides -march=native: their compiler flag and the loops they must have (cpu_gemv_isa()).
 OTHER_BUILDS = {"portable": (("-DCPU_GEMV_PORTABLE",), 1), "avx2": (("-DCPU_GEMV_NO_AVX512",), 2),
-                "no-prefetch": (("-DCPU_GEMV_NO_PREFETCH",), None)}
+                "no-prefetch": (("-DCPU_GEMV_NO_PREFETCH",), None), "no-bf16-dot": (("-DCPU_GEMV_NO_BF16",), None)}
 
 
 def other_build(name: str, monkeypatch) -> None:
@@ -214,11 +214,12 @@ def test_quantized_products_in_one_region_give_each_product_bitwise(build, schem
         cpu_gemv.set_walk(before)
 
 
-@pytest.mark.parametrize("switch", ["cpu_gemv_set_fuse", "cpu_gemv_set_scale_prefetch"])
+@pytest.mark.parametrize("switch", ["cpu_gemv_set_fuse", "cpu_gemv_set_scale_prefetch", "cpu_gemv_set_bf16_dot"])
 def test_the_comparison_switches_change_no_result(build, switch):
     """The C switches kept for same-process comparisons give the same bits switched off: cpu_gemv_set_fuse(0) (one
-    parallel region a product) and cpu_gemv_set_scale_prefetch(0) (int4 scales asked for only where the walk
-    prefetches: a prefetch changes no arithmetic); bf16 and int4 products."""
+    parallel region a product), cpu_gemv_set_scale_prefetch(0) (int4 scales asked for only where the walk
+    prefetches: a prefetch changes no arithmetic) and cpu_gemv_set_bf16_dot(0) (vdpbf16ps's arithmetic in fp32
+    fused multiply-adds); bf16 and int4 products."""
     lib = cpu_gemv.library()
     bf16 = [_weight(*shape, seed=i).bfloat16() for i, shape in enumerate([(7, 64), (33, 64), (5, 64)])]
     int4 = [quantize_weight(_weight(out, 256, seed=out).bfloat16(), "int4", 32) for out in (96, 48)]
@@ -510,6 +511,86 @@ def test_avx512_loops_give_the_avx2_loops_bits(scheme, dtype, monkeypatch):
     other_build("avx2", monkeypatch)
     for a, b in zip(native, results() + fp32_results(), strict=True):
         assert torch.equal(a, b)
+
+
+def _sums(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    """bf16 x (rows, in) times bf16 w (out, in) through gemv_float with io_bf16 = 2: the fp32 sums, unrounded."""
+    y = torch.empty(x.shape[0], w.shape[0])
+    assert lib.gemv_float(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 2, x.shape[0], w.shape[0], x.shape[1],
+                          threads) == 0
+    return y
+
+
+def _pair_order(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The sums in the order cpu_gemv.c documents for bf16 weights (CPU_GEMV_BF16_DOT), with torch's fp32
+    operations: a product of two bf16 values is exact in fp32, so each of the kernel's fused multiply-adds is this
+    product and one rounded addition.  (rows, in) x (out, in) -> (rows, out)"""
+    xf, wf = x.float(), w.float()
+    (rows, n), out = xf.shape, wf.shape[0]
+    sums = torch.zeros(2, rows, out, 16)  # sums[h]: the 16 lanes of chunks c % 2 == h
+    for c in range(n // 32):
+        xc, wc = xf[:, 32 * c:32 * c + 32].view(rows, 1, 16, 2), wf[:, 32 * c:32 * c + 32].view(1, out, 16, 2)
+        sums[c % 2] = sums[c % 2] + xc[..., 1] * wc[..., 1]  # lane j: input 2j + 1 first,
+        sums[c % 2] = sums[c % 2] + xc[..., 0] * wc[..., 0]  # then input 2j
+    v = sums[0] + sums[1]
+    u = v[..., :8] + v[..., 8:]
+    s4 = u[..., :4] + u[..., 4:]  # hsum: the two 128-bit halves, then lanes (0, 2) and (1, 3), then the two
+    s2 = s4[..., :2] + s4[..., 2:]
+    s = s2[..., 0] + s2[..., 1]
+    for j in range(n // 32 * 32, n):  # the inputs after the last whole chunk, one by one
+        s = s + xf[:, j, None] * wf[None, :, j]
+    return s
+
+
+@pytest.mark.parametrize("build", ["native", "avx2", "no-bf16-dot"])
+def test_bf16_products_add_in_the_documented_order(build, restore_walk, monkeypatch):
+    """Every intrinsic build multiplies bf16 weights in "pairs" (cpu_gemv.c, CPU_GEMV_BF16_DOT): its fp32 sums are
+    bitwise the documented order computed with torch, for inputs with 0-2 whole chunks of 32 and a remainder, an
+    odd and an even number of chunks, 1-5 rows of x, outputs not a multiple of 4, both walks; with vdpbf16ps (where
+    the CPU has it) and with its fp32 form (the same build, switched off)."""
+    isa = cpu_gemv.library().cpu_gemv_isa()
+    if isa == 1 or (build == "avx2" and isa != 3):
+        pytest.skip("the intrinsic loops (and, for this build, AVX-512)")
+    if build != "native":
+        other_build(build, monkeypatch)
+    lib = cpu_gemv._lib
+    g = torch.Generator().manual_seed(5)
+    walk_before = lib.cpu_gemv_walk()
+    try:
+        for inp in (7, 32, 45, 64, 96, 100, 1100):
+            w = (torch.randn(13, inp, generator=g) * 0.05).bfloat16()
+            for rows in (1, 2, 5):
+                x = torch.randn(rows, inp, generator=g).bfloat16()
+                expected = _pair_order(x, w)
+                for walk, dot in ((0, 1), (1, 1), (0, 0), (1, 0)):
+                    lib.cpu_gemv_set_walk(walk)
+                    lib.cpu_gemv_set_bf16_dot(dot)
+                    assert torch.equal(_sums(lib, x, w), expected), (inp, rows, walk, dot)
+    finally:
+        lib.cpu_gemv_set_walk(walk_before)
+        lib.cpu_gemv_set_bf16_dot(1)
+
+
+def test_the_bf16_dot_instruction_reads_denormals_as_zero_and_nothing_else_differs():
+    """vdpbf16ps reads a denormal bf16 (below 2^-126) as zero; the fp32 form of the same loop does not.  That is
+    the one difference (cpu_gemv.c): with a few denormal activations the two give sums within fp32 rounding of each
+    other, and bitwise equal sums once the denormals are zeroed."""
+    lib = cpu_gemv.library()
+    if not lib.cpu_gemv_bf16_dot():
+        pytest.skip("this CPU or build has no vdpbf16ps")
+    w = _weight(16, 96).bfloat16()
+    x = torch.randn(2, 96).bfloat16()
+    x[:, ::7] = torch.tensor(1e-39).bfloat16()  # denormal in bf16 as in fp32
+    assert x.float()[0, 0] != 0 and x.float()[0, 0].abs() < torch.finfo(torch.float32).tiny
+    with_dot = _sums(lib, x, w)
+    lib.cpu_gemv_set_bf16_dot(0)
+    try:
+        fp32_form = _sums(lib, x, w)
+        zeroed = _sums(lib, torch.where(x.float().abs() < torch.finfo(torch.float32).tiny, 0, x.float()).bfloat16(), w)
+    finally:
+        lib.cpu_gemv_set_bf16_dot(1)
+    torch.testing.assert_close(with_dot, fp32_form, rtol=1e-6, atol=1e-30)
+    assert torch.equal(with_dot, zeroed)
 
 
 @pytest.fixture

@@ -54,6 +54,30 @@
 #else
 #define CPU_GEMV_INT4_VBMI 0
 #endif
+/* bf16 weights: the intrinsic loops multiply in "pairs".  Inputs 32c .. 32c + 31 of a row (chunk c) go to 16
+ * lanes, lane j taking inputs 2j + 1 and then 2j of the chunk, each by one fused multiply-add into the lane's fp32
+ * sum:  sum_h[j] = fma(x[2j], w[2j], fma(x[2j + 1], w[2j + 1], sum_h[j])),  h = c % 2  (two sums of 16 lanes, for
+ * the latency of the additions).  That is what AVX512-BF16's vdpbf16ps does with a bf16 x, one instruction a chunk
+ * (a product of two bf16 values is exact in fp32, so its "add the exact product, round" is an fma); builds
+ * without it do the same operations with an fp32 copy of x that puts each chunk's odd inputs before its even ones
+ * (the weights' odd inputs are their 32-bit words' upper halves: one AND, the even ones one shift: cheaper than
+ * widening).  So every intrinsic build gives the same bits, except where a value or a partial sum is below
+ * 2^-126: vdpbf16ps reads and writes such denormal floats as zero (no trained weight or activation is near that
+ * size).  Then: sum = sum_0 + sum_1, its 16 lanes added as hsum adds them, and inputs past the last whole chunk
+ * one by one.  -DCPU_GEMV_NO_BF16 builds the AVX-512 loops without the instruction (for comparisons);
+ * cpu_gemv_set_bf16_dot(0) leaves it unused at run time. */
+#if CPU_GEMV_AVX512 && defined(__AVX512BF16__) && !defined(CPU_GEMV_NO_BF16)
+#define CPU_GEMV_BF16_DOT 1
+#else
+#define CPU_GEMV_BF16_DOT 0
+#endif
+static int bf16_dot = 1;
+void cpu_gemv_set_bf16_dot(int on) { bf16_dot = on != 0; }
+int cpu_gemv_bf16_dot(void) { return CPU_GEMV_BF16_DOT && bf16_dot; }
+/* How x reaches the float loops (float_rows): fp32 weights and fp32 x (X_F32); bf16 weights and the fp32 copy of
+ * x with odd inputs first in each chunk of 32 (X_PAIRS; in the portable build, x in fp32 as it is); bf16 weights
+ * and x in bf16 as it is (X_BF16: vdpbf16ps). */
+enum { X_PAIRS = 0, X_F32 = 1, X_BF16 = 2 };
 
 /* The intrinsic loops ask for the weight rows they will read next (the rows four ahead, or the next block of 32
  * int4 rows) while multiplying the current ones: the hardware prefetchers alone kept a decode product from memory
@@ -187,6 +211,16 @@ static inline __m128 hsum4(__m256 va, __m256 vb, __m256 vc, __m256 vd) {
             y[r * out] = s;                                                                                 \
         }                                                                                                   \
     }
+
+/* bf16 weights in pairs (see CPU_GEMV_BF16_DOT): lanes 8q .. 8q + 7 of a chunk, its inputs 16q .. 16q + 15, from
+ * the chunk's x copy xs (odd inputs 0..15, then even ones 16..31) */
+static inline __m256 pairs8(__m256 sum, const float *xs, const uint16_t *w, int q) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(w + 16 * q));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+    sum = _mm256_fmadd_ps(_mm256_loadu_ps(xs + 8 * q), odd, sum);
+    return _mm256_fmadd_ps(_mm256_loadu_ps(xs + 16 + 8 * q), _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), sum);
+}
+
 #if CPU_GEMV_AVX512
 static inline __m256 upper8(__m512 v) {  /* lanes 8..15 (AVX-512F alone) */
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
@@ -221,8 +255,88 @@ static inline __m512 load_int8x16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 #define INT8_TO_FLOAT(v) ((float)(v))
-DOT512(dot_bf16, uint16_t, load_bf16x16, bf16_to_float)
 DOT512(dot_int8, int8_t, load_int8x16, INT8_TO_FLOAT)
+
+/* bf16 weights in pairs, 16 lanes a chunk: from the x copy of X_PAIRS, or (pairs16_bf16) bf16 x by vdpbf16ps */
+static inline __m512 pairs16(__m512 sum, const float *xs, const uint16_t *w) {
+    const __m512i v = _mm512_loadu_si512((const void *)w);
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+    sum = _mm512_fmadd_ps(_mm512_loadu_ps(xs), odd, sum);
+    return _mm512_fmadd_ps(_mm512_loadu_ps(xs + 16), _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), sum);
+}
+#if CPU_GEMV_BF16_DOT
+static inline __m512 pairs16_bf16(__m512 sum, const uint16_t *x, const uint16_t *w) {
+    return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512((const void *)x), (__m512bh)_mm512_loadu_si512((const void *)w));
+}
+#endif
+#define X_FLOAT(x, k) ((x)[k])
+#define X_BF16_FLOAT(x, k) bf16_to_float((x)[k])
+
+/* NR rows of x (NR <= 4) times one bf16 weight row, in pairs: sum[r][h] is the AVX2 loop's sums[r][2h] (lanes
+ * 0..7) and [2h + 1] (8..15).  XT: float (X_PAIRS) or uint16_t (X_BF16), STEP: pairs16 or pairs16_bf16. */
+#define PAIRS512(NAME, XT, STEP, X_AT)                                                                      \
+    static inline __attribute__((always_inline)) void NAME(const XT *x, const uint16_t *w, float *y,       \
+                                                           int64_t in, int64_t out, const int NR) {         \
+        __m512 sum[4][2];                                                                                   \
+        for (int r = 0; r < NR; r++) sum[r][0] = sum[r][1] = _mm512_setzero_ps();                          \
+        int64_t i = 0;                                                                                      \
+        for (; i + 64 <= in; i += 64) {                                                                     \
+            PREFETCH(w + 4 * in + i);  /* four rows ahead: the two lines of these 64 weights */             \
+            PREFETCH(w + 4 * in + i + 32);                                                                  \
+            for (int h = 0; h < 2; h++)                                                                     \
+                for (int r = 0; r < NR; r++) sum[r][h] = STEP(sum[r][h], x + r * in + i + 32 * h, w + i + 32 * h); \
+        }                                                                                                   \
+        if (i + 32 <= in) {                                                                                 \
+            PREFETCH(w + 4 * in + i);                                                                       \
+            for (int r = 0; r < NR; r++) sum[r][0] = STEP(sum[r][0], x + r * in + i, w + i);                \
+            i += 32;                                                                                        \
+        }                                                                                                   \
+        for (int r = 0; r < NR; r++) {                                                                      \
+            const __m512 v = _mm512_add_ps(sum[r][0], sum[r][1]);                                           \
+            float s = hsum(_mm256_add_ps(_mm512_castps512_ps256(v), upper8(v)));                            \
+            for (int64_t j = i; j < in; j++) s += X_AT(x + r * in, j) * bf16_to_float(w[j]);                \
+            y[r * out] = s;                                                                                 \
+        }                                                                                                   \
+    }
+PAIRS512(dot_pairs, float, pairs16, X_FLOAT)
+#if CPU_GEMV_BF16_DOT
+PAIRS512(dot_pairs_bf16, uint16_t, pairs16_bf16, X_BF16_FLOAT)
+#endif
+
+/* One row of x times four bf16 weight rows in pairs (the decode case, as DOT4): PAIRS512's arithmetic, in its
+ * order, for each of the four rows. */
+#define PAIRS4(NAME, XT, STEP, X_AT)                                                                        \
+    static inline void NAME(const XT *x, const uint16_t *w, float *y, int64_t in) {                        \
+        __m512 sum[4][2];                                                                                   \
+        for (int k = 0; k < 4; k++) sum[k][0] = sum[k][1] = _mm512_setzero_ps();                           \
+        int64_t i = 0;                                                                                      \
+        for (; i + 64 <= in; i += 64)                                                                       \
+            for (int h = 0; h < 2; h++) {                                                                   \
+                for (int k = 0; k < 4; k++) PREFETCH(w + (4 + k) * in + i + 32 * h);  /* the next four rows */ \
+                for (int k = 0; k < 4; k++) sum[k][h] = STEP(sum[k][h], x + i + 32 * h, w + k * in + i + 32 * h); \
+            }                                                                                               \
+        if (i + 32 <= in) {                                                                                 \
+            for (int k = 0; k < 4; k++) PREFETCH(w + (4 + k) * in + i);                                    \
+            for (int k = 0; k < 4; k++) sum[k][0] = STEP(sum[k][0], x + i, w + k * in + i);                \
+            i += 32;                                                                                        \
+        }                                                                                                   \
+        __m256 v[4];                                                                                        \
+        for (int k = 0; k < 4; k++) {                                                                       \
+            const __m512 t = _mm512_add_ps(sum[k][0], sum[k][1]);                                           \
+            v[k] = _mm256_add_ps(_mm512_castps512_ps256(t), upper8(t));                                     \
+        }                                                                                                   \
+        __m128 s = hsum4(v[0], v[1], v[2], v[3]);                                                           \
+        for (int64_t j = i; j < in; j++) {                                                                  \
+            __m128 wj = _mm_setr_ps(bf16_to_float(w[j]), bf16_to_float(w[in + j]), bf16_to_float(w[2 * in + j]), \
+                                    bf16_to_float(w[3 * in + j]));                                          \
+            s = _mm_add_ps(s, _mm_mul_ps(_mm_set1_ps(X_AT(x, j)), wj));                                    \
+        }                                                                                                   \
+        _mm_storeu_ps(y, s);                                                                                \
+    }
+PAIRS4(dot4_pairs, float, pairs16, X_FLOAT)
+#if CPU_GEMV_BF16_DOT
+PAIRS4(dot4_pairs_bf16, uint16_t, pairs16_bf16, X_BF16_FLOAT)
+#endif
 
 /* One row of x times four weight rows (w: 4 x in), the decode case: x read once for the four, their horizontal
  * sums done together.  The lanes, FMAs and additions are DOT512's, in its order: bitwise its results. */
@@ -253,15 +367,42 @@ DOT512(dot_int8, int8_t, load_int8x16, INT8_TO_FLOAT)
         _mm_storeu_ps(y, s);                                                                                \
     }
 #define F32_TO_FLOAT(v) (v)
-DOT4(dot4_bf16, uint16_t, load_bf16x16, bf16_to_float)
 DOT512(dot_f32, float, _mm512_loadu_ps, F32_TO_FLOAT)
 DOT4(dot4_f32, float, _mm512_loadu_ps, F32_TO_FLOAT)
 #else
 #define INT8_TO_FLOAT(v) ((float)(v))
 #define F32_TO_FLOAT(v) (v)
-DOT(dot_bf16, uint16_t, load_bf16x8, bf16_to_float)
 DOT(dot_f32, float, _mm256_loadu_ps, F32_TO_FLOAT)
 DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
+
+/* NR rows of x's pairs copy times one bf16 weight row (see CPU_GEMV_BF16_DOT): sums[r][2h + q], lanes 8q .. 8q + 7
+ * of the sum for chunks c % 2 == h */
+static inline __attribute__((always_inline)) void dot_pairs(const float *x, const uint16_t *w, float *y,
+                                                            int64_t in, int64_t out, const int NR) {
+    __m256 sums[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int u = 0; u < 4; u++) sums[r][u] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+        PREFETCH(w + 4 * in + i);  /* four rows ahead: the two lines of these 64 weights */
+        PREFETCH(w + 4 * in + i + 32);
+        for (int h = 0; h < 2; h++)
+            for (int q = 0; q < 2; q++)
+                for (int r = 0; r < NR; r++)
+                    sums[r][2 * h + q] = pairs8(sums[r][2 * h + q], x + r * in + i + 32 * h, w + i + 32 * h, q);
+    }
+    if (i + 32 <= in) {
+        PREFETCH(w + 4 * in + i);
+        for (int q = 0; q < 2; q++)
+            for (int r = 0; r < NR; r++) sums[r][q] = pairs8(sums[r][q], x + r * in + i, w + i, q);
+        i += 32;
+    }
+    for (int r = 0; r < NR; r++) {
+        float s = hsum(_mm256_add_ps(_mm256_add_ps(sums[r][0], sums[r][2]), _mm256_add_ps(sums[r][1], sums[r][3])));
+        for (int64_t j = i; j < in; j++) s += x[r * in + j] * bf16_to_float(w[j]);
+        y[r * out] = s;
+    }
+}
 #endif
 
 /* all rows of x times weight row o, four rows of x at a time */
@@ -276,47 +417,65 @@ DOT(dot_int8, int8_t, load_int8x8, INT8_TO_FLOAT)
         }                                                                                   \
     } while (0)
 
-/* y (rows, out) = x @ W.T for bf16 weights w, or fp32 ones (w_f32: an fp32 model's one-row products and experts) */
-static void float_rows(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
+/* Output rows a <= o < b of y (rows, out) = x @ W.T: fp32 weights w (kind X_F32: an fp32 model's one-row products
+ * and experts) or bf16 ones (X_PAIRS, X_BF16: x as that kind says), one weight row at a time, all rows of x each */
+static void row_by_row(const void *x, const void *w, int kind, float *y, int64_t rows, int64_t out, int64_t in,
+                       int64_t a, int64_t b) {
+    for (int64_t o = a; o < b; o++)
+        if (kind == X_F32)
+            ROWS(dot_f32, (const float *)x, (const float *)w + o * in, y, rows, out, in, o);
+#if CPU_GEMV_BF16_DOT
+        else if (kind == X_BF16)
+            ROWS(dot_pairs_bf16, (const uint16_t *)x, (const uint16_t *)w + o * in, y, rows, out, in, o);
+#endif
+        else
+            ROWS(dot_pairs, (const float *)x, (const uint16_t *)w + o * in, y, rows, out, in, o);
+}
+
+#if CPU_GEMV_AVX512
+/* One row of x: output rows a <= o < b four weight rows at a time (a multiple of 4 of them) */
+static void four_by_four(const void *x, const void *w, int kind, float *y, int64_t in, int64_t a, int64_t b) {
+    for (int64_t o = a; o + 4 <= b; o += 4)
+        if (kind == X_F32)
+            dot4_f32((const float *)x, (const float *)w + o * in, y + o, in);
+#if CPU_GEMV_BF16_DOT
+        else if (kind == X_BF16)
+            dot4_pairs_bf16((const uint16_t *)x, (const uint16_t *)w + o * in, y + o, in);
+#endif
+        else
+            dot4_pairs((const float *)x, (const uint16_t *)w + o * in, y + o, in);
+}
+#endif
+
+/* y (rows, out) = x @ W.T, W bf16 or fp32 as `kind` says */
+static void float_rows(const void *x, const void *w, int kind, float *y, int64_t rows, int64_t out, int64_t in,
                        int threads) {
-    const uint16_t *wb = w;
-    const float *wf = w;
 #if CPU_GEMV_AVX512
     if (rows == 1 && four_rows) {  /* four weight rows at a time; the last out % 4 below */
         int64_t out4 = out / 4 * 4;
         #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t o = 0; o < out4; o += 4)
-            if (w_f32) dot4_f32(x, wf + o * in, y + o, in); else dot4_bf16(x, wb + o * in, y + o, in);
-        for (int64_t o = out4; o < out; o++)
-            if (w_f32) dot_f32(x, wf + o * in, y + o, in, out, 1); else dot_bf16(x, wb + o * in, y + o, in, out, 1);
+        for (int64_t o = 0; o < out4; o += 4) four_by_four(x, w, kind, y, in, o, o + 4);
+        row_by_row(x, w, kind, y, 1, out, in, out4, out);
         return;
     }
 #endif
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < out; o++)
-        if (w_f32)
-            ROWS(dot_f32, x, wf + o * in, y, rows, out, in, o);
-        else
-            ROWS(dot_bf16, x, wb + o * in, y, rows, out, in, o);
+    for (int64_t o = 0; o < out; o++) row_by_row(x, w, kind, y, rows, out, in, o, o + 1);
 }
 
 /* float_rows' output rows a <= o < b, on the calling thread (float_products' share of a product): the same dot
- * functions row by row, four weight rows at a time where float_rows walks them so (each output bitwise DOT512's) */
-static void float_range(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
+ * functions row by row, four weight rows at a time where float_rows walks them so (each output bitwise the
+ * one-row loops') */
+static void float_range(const void *x, const void *w, int kind, float *y, int64_t rows, int64_t out, int64_t in,
                         int64_t a, int64_t b) {
-    const uint16_t *wb = w;
-    const float *wf = w;
     int64_t o = a;
 #if CPU_GEMV_AVX512
-    if (rows == 1 && four_rows)
-        for (; o + 4 <= b; o += 4)
-            if (w_f32) dot4_f32(x, wf + o * in, y + o, in); else dot4_bf16(x, wb + o * in, y + o, in);
+    if (rows == 1 && four_rows) {
+        four_by_four(x, w, kind, y, in, a, b);
+        o = a + (b - a) / 4 * 4;
+    }
 #endif
-    for (; o < b; o++)
-        if (w_f32)
-            ROWS(dot_f32, x, wf + o * in, y, rows, out, in, o);
-        else
-            ROWS(dot_bf16, x, wb + o * in, y, rows, out, in, o);
+    row_by_row(x, w, kind, y, rows, out, in, o, b);
 }
 
 static void int8_rows(const float *x, const int8_t *q, const void *scales, int scales_bf16, float *y,
@@ -690,8 +849,10 @@ static void int4_blocks_int16(const int16_t *x16, const float *sx, const uint8_t
 
 #else  /* portable loops */
 
-static void float_rows(const float *x, const void *w, int w_f32, float *y, int64_t rows, int64_t out, int64_t in,
-                       int threads) {
+static void float_rows(const void *xv, const void *w, int kind, float *y, int64_t rows, int64_t out, int64_t in,
+                       int threads) {  /* x: fp32, as it is, for every kind here (X_BF16 is the intrinsics') */
+    const float *x = xv;
+    const int w_f32 = kind == X_F32;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < out; o++)
         for (int64_t r = 0; r < rows; r++) {
@@ -779,11 +940,11 @@ static inline void share_in(int64_t lo, int64_t hi, int64_t base, int64_t units,
  * thread's stream of weights runs on from one matrix into the next (the query, key and value projections, w1 and
  * w3, the chosen experts).  Every output row is computed by the same dot function as in float_rows: bitwise the
  * same results, whatever the threads. */
-static void float_products(const float *const *xs, const void *const *w, int w_f32, float *const *ys,
+static void float_products(const void *const *xs, const void *const *w, int kind, float *const *ys,
                            const int64_t *outs, int64_t n, int64_t rows, int64_t in, int threads) {
 #if CPU_GEMV_AVX2 && defined(_OPENMP)
     if (!fuse_products) {
-        for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, threads);
+        for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], kind, ys[p], rows, outs[p], in, threads);
         return;
     }
     int64_t total = 0;
@@ -794,22 +955,23 @@ static void float_products(const float *const *xs, const void *const *w, int w_f
         thread_share(total, &lo, &hi);
         for (int64_t p = 0, base = 0; p < n && base < hi; base += outs[p], p++) {
             share_in(lo, hi, base, outs[p], &a, &b);
-            if (a < b) float_range(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, a, b);
+            if (a < b) float_range(xs[p], w[p], kind, ys[p], rows, outs[p], in, a, b);
         }
     }
 #else
-    for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], w_f32, ys[p], rows, outs[p], in, threads);
+    for (int64_t p = 0; p < n; p++) float_rows(xs[p], w[p], kind, ys[p], rows, outs[p], in, threads);
 #endif
 }
 
 /* ---- the entry points (backends/cpu_gemv.py): x and y in bf16 or fp32, converted here ---------------------- */
 
 /* fp32 views of x and of each result for the *_rows kernels: x itself and each y (fp32), or a copy of a bf16 x
- * and one buffer (the products' rows x outs floats, small next to a weight) that end_part rounds into each bf16 y. */
-typedef struct { const float *x; float *x_copy, *y_buf; } io_t;
+ * and one buffer (the products' rows x outs floats, small next to a weight) that end_part rounds into each bf16 y.
+ * The float loops take x as begin_float_io makes it (xk). */
+typedef struct { const float *x; const void *xk; float *x_copy, *y_buf; } io_t;
 
 static int begin_io(io_t *io, const void *x, int64_t nx, int64_t ny_max, int io_bf16) {
-    io->x = (const float *)x, io->x_copy = io->y_buf = NULL;
+    io->x = (const float *)x, io->xk = x, io->x_copy = io->y_buf = NULL;
     if (!io_bf16) return 0;
     io->x_copy = malloc((size_t)nx * sizeof(float));
     io->y_buf = malloc((size_t)ny_max * sizeof(float));
@@ -831,22 +993,69 @@ static void end_io(io_t *io) {
     free(io->y_buf);
 }
 
+/* Where input k of a row of `in` goes in the pairs copy of x (CPU_GEMV_BF16_DOT): each whole chunk of 32 puts its
+ * odd inputs first, then its even ones; the inputs after the last whole chunk stay in place. */
+static inline int64_t pair_slot(int64_t k, int64_t in) {
+    if (k >= in / 32 * 32) return k;
+    const int64_t j = k % 32;
+    return k - j + (j & 1 ? j / 2 : 16 + j / 2);
+}
+
+/* x (rows, in) as the float loops take it for weights of `w_f32`, in io->xk, and which loops (*kind): fp32 weights
+ * take fp32 x (a copy where x is bf16); bf16 weights take a bf16 x as it is where the build has vdpbf16ps, else the
+ * pairs copy (X_PAIRS; in the portable build an fp32 copy in order).  x_bf16 / y_bf16: x's and y's dtype (y_buf
+ * as begin_io makes it).  0, or -1 without memory. */
+static int begin_float_io(io_t *io, const void *x, int64_t rows, int64_t in, int64_t ny_max, int x_bf16, int y_bf16,
+                          int w_f32, int *kind) {
+    io->x = NULL, io->xk = x, io->x_copy = io->y_buf = NULL;
+    *kind = w_f32 ? X_F32 : X_PAIRS;
+    if (y_bf16 && !(io->y_buf = malloc((size_t)ny_max * sizeof(float)))) return -1;
+#if CPU_GEMV_BF16_DOT
+    if (!w_f32 && x_bf16 && bf16_dot) {
+        *kind = X_BF16;
+        return 0;
+    }
+#endif
+    const int pairs = CPU_GEMV_AVX2 && !w_f32;
+    if (!x_bf16 && !pairs) {
+        io->x = x;
+        return 0;
+    }
+    if (!(io->x_copy = malloc((size_t)(rows * in) * sizeof(float)))) {
+        free(io->y_buf);
+        io->y_buf = NULL;
+        return -1;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < in; k++)
+            io->x_copy[r * in + (pairs ? pair_slot(k, in) : k)] = value_at(x, r * in + k, x_bf16);
+    io->x = io->x_copy, io->xk = io->x_copy;
+    return 0;
+}
+
+/* row r of x as the float loops take it */
+static inline const void *x_row(const io_t *io, int kind, int64_t r, int64_t in) {
+    return (const char *)io->xk + r * in * (kind == X_BF16 ? sizeof(uint16_t) : sizeof(float));
+}
+
 /* Several products of one x ("many": the query, key and value projections of a layer, or w1 and w3): y[p] (rows,
  * outs[p]) = x @ W_p.T for p < n, W_p = w[p] (and scales[p]) as in the header.  One call converts x once and
  * runs the n products back to back: what a product of a small weight costs besides reading it (the call from
- * Python, x's conversion) is paid once. */
+ * Python, x's conversion) is paid once.  For the float products io_bf16 may also be 2: bf16 x, fp32 y (the sums
+ * before their rounding to bf16: for comparisons of builds). */
 int gemv_float_many(const void *x, int64_t n, const void *const *w, int w_f32, void *const *y, const int64_t *outs,
                     int io_bf16, int64_t rows, int64_t in, int threads) {
     int64_t total = 0;
     for (int64_t p = 0; p < n; p++) total += outs[p];
     io_t io;
-    if (begin_io(&io, x, rows * in, rows * total, io_bf16)) return -1;
-    const float **xs = malloc((size_t)n * sizeof(*xs));
+    int kind;
+    if (begin_float_io(&io, x, rows, in, rows * total, io_bf16 != 0, io_bf16 == 1, w_f32, &kind)) return -1;
+    const void **xs = malloc((size_t)n * sizeof(*xs));
     float **ys = malloc((size_t)n * sizeof(*ys));
     if (!xs || !ys) { free(xs); free(ys); end_io(&io); return -1; }
     for (int64_t p = 0, at = 0; p < n; at += rows * outs[p], p++)  /* a bf16 y: its own part of the fp32 buffer */
-        xs[p] = io.x, ys[p] = io.y_buf ? io.y_buf + at : (float *)y[p];
-    float_products(xs, w, w_f32, ys, outs, n, rows, in, threads);
+        xs[p] = io.xk, ys[p] = io.y_buf ? io.y_buf + at : (float *)y[p];
+    float_products(xs, w, kind, ys, outs, n, rows, in, threads);
     if (io.y_buf)
         for (int64_t p = 0; p < n; p++)
             for (int64_t k = 0; k < rows * outs[p]; k++) ((uint16_t *)y[p])[k] = float_to_bf16(ys[p][k]);
@@ -1067,15 +1276,16 @@ static int chosen_of(const void *base, int64_t bytes, int64_t n_experts, const i
 static int float_experts(const void *x, int64_t x_rows, const void *const *chosen, int w_f32, int64_t k, void *y,
                          int io_bf16, int64_t out, int64_t in, int threads) {
     io_t io;
-    if (begin_io(&io, x, x_rows * in, k * out, io_bf16)) return -1;
+    int kind;
+    if (begin_float_io(&io, x, x_rows, in, k * out, io_bf16, io_bf16, w_f32, &kind)) return -1;
     float *y_all = part_out(&io, y);
-    const float **xs = malloc((size_t)k * sizeof(*xs));
+    const void **xs = malloc((size_t)k * sizeof(*xs));
     float **ys = malloc((size_t)k * sizeof(*ys));
     int64_t *outs = malloc((size_t)k * sizeof(*outs));
     if (!xs || !ys || !outs) { free(xs); free(ys); free(outs); end_io(&io); return -1; }
     for (int64_t s = 0; s < k; s++)
-        xs[s] = io.x + (x_rows == 1 ? 0 : s * in), ys[s] = y_all + s * out, outs[s] = out;
-    float_products(xs, chosen, w_f32, ys, outs, k, 1, in, threads);  /* the k experts in one parallel region */
+        xs[s] = x_row(&io, kind, x_rows == 1 ? 0 : s, in), ys[s] = y_all + s * out, outs[s] = out;
+    float_products(xs, chosen, kind, ys, outs, k, 1, in, threads);  /* the k experts in one parallel region */
     end_part(&io, y, k * out);
     free(xs), free(ys), free(outs);
     end_io(&io);

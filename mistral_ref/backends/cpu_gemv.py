@@ -163,6 +163,8 @@ def load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int
     lib.cpu_gemv_set_walk.argtypes, lib.cpu_gemv_set_walk.restype = [_INT], None
     lib.cpu_gemv_walk.argtypes, lib.cpu_gemv_walk.restype = [], _INT
+    lib.cpu_gemv_set_bf16_dot.argtypes, lib.cpu_gemv_set_bf16_dot.restype = [_INT], None
+    lib.cpu_gemv_bf16_dot.argtypes, lib.cpu_gemv_bf16_dot.restype = [], _INT
     return lib
 
 
@@ -184,7 +186,7 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
     threads = torch.get_num_threads() if threads is None else threads
     rows, cols = 4096, 1024
     weights = [torch.ones(rows, cols, dtype=torch.bfloat16) for _ in range(6)]  # written: real pages, 8 MB each
-    x, y = torch.ones(1, cols), torch.empty(1, rows)
+    x, y = torch.ones(1, cols, dtype=torch.bfloat16), torch.empty(1, rows, dtype=torch.bfloat16)  # a bf16 model's
     times: dict[int, list[float]] = {1: [], 0: []}
     previous = lib.cpu_gemv_walk()
     try:
@@ -193,7 +195,7 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
                 lib.cpu_gemv_set_walk(walk)
                 t0 = time.perf_counter()
                 for w in weights:
-                    lib.gemv_float(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 0, 1, rows, cols, threads)
+                    lib.gemv_float(x.data_ptr(), w.data_ptr(), 0, y.data_ptr(), 1, 1, rows, cols, threads)
                 if r > 0:  # the first round warms up
                     times[walk].append(time.perf_counter() - t0)
     finally:
@@ -214,6 +216,16 @@ def set_walk(four_rows: bool) -> None:
     lib.cpu_gemv_set_walk(int(four_rows))
     if _ops_status == "C++" and _ops_built is not None:
         ctypes.CDLL(str(_ops_built)).cpu_gemv_set_walk(ctypes.c_int(int(four_rows)))
+
+
+def set_bf16_dot(on: bool) -> None:
+    """Let bf16 products use AVX512-BF16's vdpbf16ps where the build has it (True, the default), or do the same
+    arithmetic with fp32 fused multiply-adds (False: for comparisons; cpu_gemv.c, CPU_GEMV_BF16_DOT), in the C
+    kernels and in the operators' library if loaded.  The results are the same bitwise (denormals aside)."""
+    lib = _checked_library()
+    lib.cpu_gemv_set_bf16_dot(int(on))
+    if _ops_status == "C++" and _ops_built is not None:
+        ctypes.CDLL(str(_ops_built)).cpu_gemv_set_bf16_dot(ctypes.c_int(int(on)))
 
 
 def library() -> ctypes.CDLL | None:
@@ -238,7 +250,8 @@ def _load_once() -> None:
                 lib = load(build())
                 lib.cpu_gemv_set_walk(choose_walk(lib))
                 _lib = lib
-                _status = f"on ({ISA_NAMES[_lib.cpu_gemv_isa()]} loops, {SOURCE.name})"
+                dot = ", bf16 products by vdpbf16ps" if _lib.cpu_gemv_bf16_dot() else ""
+                _status = f"on ({ISA_NAMES[_lib.cpu_gemv_isa()]} loops{dot}, {SOURCE.name})"
                 if os.environ.get(OPS_SWITCH, "1") != "0":  # the operators' C++ kernels, built in the background
                     _start_ops()
             except (CpuKernelError, OSError) as e:

@@ -8,7 +8,8 @@
  * used; equal to F.linear(x, W.dequantize()) within fp32 rounding (tests/test_cpu_gemv.py).
  *
  * A decode step multiplies one row (or a few) by every weight of the model, so its time is the time to read the
- * weights: each kernel streams its weight once, converts it to fp32 in registers, accumulates in fp32 (in a
+ * weights: each kernel streams its weight once, converts it to fp32 in registers (or, for bf16 weights on CPUs
+ * with AVX512-BF16, multiplies bf16 pairs into fp32 sums directly: CPU_GEMV_BF16_DOT), accumulates in fp32 (in a
  * different order than a BLAS: sums differ in the last bits) and never writes a converted copy.  OpenMP splits
  * the output rows over `threads` threads.  On x86-64 with AVX2 and FMA the loops are written with intrinsics
  * (8 floats a register, several independent sums to hide the FMA latency); elsewhere, or built with
@@ -1760,7 +1761,7 @@ static inline __attribute__((always_inline)) void group_scores(const float *q, c
             for (int64_t b = 0; b < d * size; b += 64) PREFETCH_ALWAYS(k + slot[j + AHEAD] * stride + b);
         vec acc[GROUP];
         for (int g = 0; g < GROUP; g++) acc[g] = v_zero();
-#if CPU_GEMV_AVX512 && defined(__AVX512BF16__)
+#if CPU_GEMV_BF16_DOT  /* (the build switch, not the run-time one: these sums are not in the pairs order) */
         if (bf16 && d % 32 == 0) {  /* 32 bf16 pairs a register: exact products, fp32 sums */
             for (int64_t i = 0; i < d; i += 32) {
                 const __m512bh kv = (__m512bh)_mm512_loadu_si512((const void *)(row + i * 2));

@@ -894,6 +894,23 @@ def cpp_operators():
     return torch.ops.mistral_ref
 
 
+def test_set_bf16_dot_reaches_the_operators_library(cpp_operators):
+    """cpu_gemv.set_bf16_dot switches the C kernels and the operators' own copy of them: denormal activations,
+    which vdpbf16ps reads as zero and the fp32 form does not, show which arithmetic ran where."""
+    if not cpu_gemv.library().cpu_gemv_bf16_dot():
+        pytest.skip("this CPU or build has no vdpbf16ps")
+    x, w = torch.full((1, 64), 1e-39).bfloat16(), torch.ones(8, 64).bfloat16()  # 64 x 1e-39: a normal bf16
+    zero = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert torch.equal(cpp_operators.gemv_float(x, w, 2), zero) and torch.equal(cpu_gemv.gemv_float(x, w, 2), zero)
+    cpu_gemv.set_bf16_dot(False)
+    try:
+        in_fp32 = cpp_operators.gemv_float(x, w, 2), cpu_gemv.gemv_float(x, w, 2)
+    finally:
+        cpu_gemv.set_bf16_dot(True)
+    assert (in_fp32[0] > 0).all() and torch.equal(*in_fp32)
+    assert torch.equal(cpp_operators.gemv_float(x, w, 2), zero)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_cpp_operators_equal_the_python_functions(cpp_operators, dtype):
     """Every operator's C++ kernel returns exactly what the Python function of the same name returns (the same

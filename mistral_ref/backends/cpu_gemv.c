@@ -994,17 +994,10 @@ static void end_io(io_t *io) {
     free(io->y_buf);
 }
 
-/* Where input k of a row of `in` goes in the pairs copy of x (CPU_GEMV_BF16_DOT): each whole chunk of 32 puts its
- * odd inputs first, then its even ones; the inputs after the last whole chunk stay in place. */
-static inline int64_t pair_slot(int64_t k, int64_t in) {
-    if (k >= in / 32 * 32) return k;
-    const int64_t j = k % 32;
-    return k - j + (j & 1 ? j / 2 : 16 + j / 2);
-}
-
 /* x (rows, in) as the float loops take it for weights of `w_f32`, in io->xk, and which loops (*kind): fp32 weights
  * take fp32 x (a copy where x is bf16); bf16 weights take a bf16 x as it is where the build has vdpbf16ps, else the
- * pairs copy (X_PAIRS; in the portable build an fp32 copy in order).  x_bf16 / y_bf16: x's and y's dtype (y_buf
+ * pairs copy (X_PAIRS: each whole chunk of 32 inputs with its odd inputs first, then its even ones, the inputs
+ * after the last whole chunk in place; in the portable build an fp32 copy in order).  x_bf16 / y_bf16: x's and y's dtype (y_buf
  * as begin_io makes it).  0, or -1 without memory. */
 static int begin_float_io(io_t *io, const void *x, int64_t rows, int64_t in, int64_t ny_max, int x_bf16, int y_bf16,
                           int w_f32, int *kind) {
@@ -1027,10 +1020,18 @@ static int begin_float_io(io_t *io, const void *x, int64_t rows, int64_t in, int
         io->y_buf = NULL;
         return -1;
     }
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t k = 0; k < in; k++)
-            io->x_copy[r * in + (pairs ? pair_slot(k, in) : k)] = value_at(x, r * in + k, x_bf16);
-    io->x = io->x_copy, io->xk = io->x_copy;
+    for (int64_t r = 0, k; r < rows; r++) {
+        float *row = io->x_copy + r * in;
+        const int64_t at = r * in;  /* the row in x */
+        for (k = 0; pairs && k + 32 <= in; k += 32)
+            for (int j = 0; j < 16; j++) {
+                row[k + j] = value_at(x, at + k + 2 * j + 1, x_bf16);
+                row[k + 16 + j] = value_at(x, at + k + 2 * j, x_bf16);
+            }
+        for (; k < in; k++) row[k] = value_at(x, at + k, x_bf16);
+    }
+    io->xk = io->x_copy;
+    if (!pairs) io->x = io->x_copy;  /* (io->x: x in fp32 in order, where there is one) */
     return 0;
 }
 

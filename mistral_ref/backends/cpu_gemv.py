@@ -212,20 +212,22 @@ def walk() -> str:
 def set_walk(four_rows: bool) -> None:
     """Make one-row products walk their weights four rows at a time (True) or one (False), in the C kernels and in
     the operators' library if loaded (its own copy of cpu_gemv.c); the results are the same bitwise."""
-    lib = _checked_library()
-    lib.cpu_gemv_set_walk(int(four_rows))
-    if _ops_status == "C++" and _ops_built is not None:
-        ctypes.CDLL(str(_ops_built)).cpu_gemv_set_walk(ctypes.c_int(int(four_rows)))
+    _set_in_both("cpu_gemv_set_walk", int(four_rows))
 
 
 def set_bf16_dot(on: bool) -> None:
     """Let bf16 products use AVX512-BF16's vdpbf16ps where the build has it (True, the default), or do the same
     arithmetic with fp32 fused multiply-adds (False: for comparisons; cpu_gemv.c, CPU_GEMV_BF16_DOT), in the C
     kernels and in the operators' library if loaded.  The results are the same bitwise (denormals aside)."""
-    lib = _checked_library()
-    lib.cpu_gemv_set_bf16_dot(int(on))
+    _set_in_both("cpu_gemv_set_bf16_dot", int(on))
+
+
+def _set_in_both(setter: str, value: int) -> None:
+    """Call the C switch `setter` in the kernels and in the operators' library if loaded (its own copy of
+    cpu_gemv.c)."""
+    getattr(_checked_library(), setter)(value)
     if _ops_status == "C++" and _ops_built is not None:
-        ctypes.CDLL(str(_ops_built)).cpu_gemv_set_bf16_dot(ctypes.c_int(int(on)))
+        getattr(ctypes.CDLL(str(_ops_built)), setter)(ctypes.c_int(value))
 
 
 def library() -> ctypes.CDLL | None:

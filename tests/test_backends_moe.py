@@ -245,12 +245,14 @@ def test_unstacked_experts_decode_through_one_c_call(form, make_model, monkeypat
     tokens = torch.tensor([[3, 17, 42, 5, 60]])
     logits = {}
     for name in ("reference", "torch"):
+        cache = KVCache(args, 1, 8, dtype=model.dtype)
+        model.set_backend("reference")  # the same prompt in both caches: the step alone is compared
+        with torch.no_grad():
+            model(tokens[:, :4], torch.arange(4)[None], cache)
         model.set_backend(name)
         # the layers' step (the engine's whole step, backends/decode_step.py, would stack the experts first)
         model.ops = dataclasses.replace(model.ops, decode_step=None)
-        cache = KVCache(args, 1, 8, dtype=model.dtype)
         with torch.no_grad():
-            model(tokens[:, :4], torch.arange(4)[None], cache)
             logits[name] = model(tokens[:, 4:], torch.tensor([[4]]), cache)  # one token: a decode step
     assert len(calls) == args.n_layers  # one call a MoE layer, in the "torch" backend's step only
     tol = 1e-5 if form == "fp32" else 3e-2

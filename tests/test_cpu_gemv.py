@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import rel_err
 
 from mistral_ref.attention import attention
-from mistral_ref.backends import cpu_gemv
+from mistral_ref.backends import cpu_gemv, prompt_attention
+from mistral_ref.backends import pytorch as pytorch_backend
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.moe import mix_one_token_gemv
 from mistral_ref.moe import mix_experts
@@ -834,6 +835,110 @@ def test_attend_one_refuses_arguments_that_do_not_fit(bad):
     assert not (bad in ("heads", "no-kv-heads", "dtype") and cpu_gemv.attention_applies(q, k, v))
     with pytest.raises(ValueError, match="do not fit"):
         cpu_gemv.attend_one(q, k, v, q_pos, k_pos, -1 if window is None else window, 1)
+
+
+# ---- a prompt's causal attention (backends/prompt_attention.py: GEMMs + softmax_causal) --------------------------
+
+PROMPT_CASES = {  # (batch, T, heads, kv_heads, head_dim, block)
+    "gqa-6-over-2-blocks-of-16": (1, 75, 6, 2, 24, 16),  # 75 = 4 blocks of 16 + 11; head_dim 24 (no lane multiple)
+    "mha-batch-2": (2, 40, 3, 3, 48, 16),
+    "nemo-head-dim-128": (1, 150, 8, 2, 128, 128),  # a block of 128, then 22
+    "one-block-odd-keys": (1, 37, 4, 1, 64, 128),  # every softmax row ends in a tail of LANES
+}
+
+
+def _prompt(batch, T, heads, kv_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, T, heads, head_dim, generator=g) * 2).to(dtype)  # scores of a few units: real softmaxes
+    k = torch.randn(batch, T, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, T, kv_heads, head_dim, generator=g).to(dtype)
+    return q, k, v, torch.arange(T).repeat(batch, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", PROMPT_CASES, ids=list(PROMPT_CASES))
+def test_prompt_attention_equals_the_reference_attention(build, case, dtype, monkeypatch):
+    """prompt_attention == attention.attention for a prompt attending to itself, block by block: fp32 within fp32
+    rounding; bf16 as close to the reference as one bf16 rounding of the output (the same roundings: the GEMMs'
+    fp32 sums in another order), and no farther from the exact result than the reference is."""
+    batch, T, heads, kv_heads, head_dim, block = PROMPT_CASES[case]
+    monkeypatch.setattr(prompt_attention, "BLOCK", block)
+    q, k, v, pos = _prompt(batch, T, heads, kv_heads, head_dim, dtype)
+    assert prompt_attention.applies(q, k, v)
+    got = prompt_attention.prompt_attention(q, k, v, threads=2)
+    want = attention(q, k, v, pos, pos, None)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
+    exact = attention(q.double(), k.double(), v.double(), pos, pos, None)
+    if dtype == torch.float32:
+        assert rel_err(got, exact) < 1e-6
+    else:
+        assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
+
+
+def test_prompt_attention_sees_no_later_key(monkeypatch):
+    """A query's result depends on keys 0 .. its own position only: a NaN key at position 20 makes the queries at
+    20 and after NaN on its key / value head (as in the reference) and leaves every earlier query unchanged, in
+    its own block (16 .. 31: the GEMM computes the NaN's score there, the softmax must not use it) and before."""
+    monkeypatch.setattr(prompt_attention, "BLOCK", 16)
+    q, k, v, pos = _prompt(1, 40, 4, 2, 32, torch.bfloat16)
+    clean = prompt_attention.prompt_attention(q, k, v, threads=2)
+    k[0, 20, 1, 3] = float("nan")
+    got = prompt_attention.prompt_attention(q, k, v, threads=2)
+    want = attention(q, k, v, pos, pos, None)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert got[0, 20:, 2:].isnan().all() and not got[0, :20].isnan().any() and not got[0, :, :2].isnan().any()
+    assert torch.equal(got[0, :20], clean[0, :20]) and torch.equal(got[0, :, :2], clean[0, :, :2])
+
+
+def test_prompt_attention_blocks_shrink_for_long_prompts():
+    """The scores of a block stay under SCORE_BYTES: fewer queries a block as the prompt grows, never below
+    MIN_BLOCK."""
+    assert prompt_attention.block_size(4, 3, 512, 2) == prompt_attention.BLOCK
+    sizes = [prompt_attention.block_size(8, 4, keys, 2) for keys in (2048, 8192, 16384)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < prompt_attention.BLOCK
+    for keys, block in zip((2048, 8192, 16384), sizes):
+        assert 8 * 4 * block * keys * 2 <= prompt_attention.SCORE_BYTES or block == prompt_attention.MIN_BLOCK
+
+
+@pytest.mark.parametrize("bad", ["one-query", "fp16", "heads", "keys", "grad"])
+def test_prompt_attention_refuses_what_it_does_not_take(bad):
+    q, k, v, _ = _prompt(1, 8, 4, 2, 16, torch.float32)
+    if bad == "one-query":
+        q, k, v = q[:, :1], k[:, :1], v[:, :1]
+    elif bad == "fp16":
+        q, k, v = q.half(), k.half(), v.half()
+    elif bad == "heads":
+        q = q[:, :, :3]
+    elif bad == "keys":
+        k, v = k[:, :6], v[:, :6]
+    else:
+        q.requires_grad_(True)
+    assert not prompt_attention.applies(q, k, v)
+    with pytest.raises(ValueError, match="not one prompt"):
+        prompt_attention.prompt_attention(q, k, v)
+
+
+@pytest.mark.parametrize("case", ["bf16-prompt", "fp32-prompt", "second-chunk", "kernels-off"])
+def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
+    """backends/pytorch.py's attention: a bf16 prompt attending to itself (in an empty cache: the keys after it
+    are empty slots) goes to prompt_attention; fp32 prompts, a second chunk (earlier keys in the cache) and a
+    machine without the C kernels go to SDPA.  Every one equals the reference."""
+    calls = []
+    real = prompt_attention.prompt_attention
+    monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    dtype = torch.float32 if case == "fp32-prompt" else torch.bfloat16
+    q, k, v, pos = _prompt(1, 12, 4, 2, 16, dtype)
+    k_pos = torch.cat([pos, torch.full((1, 4), -1)], 1)  # a cache of 16 slots, the prompt in the first 12
+    k, v = (torch.cat([t, torch.randn(1, 4, 2, 16).to(dtype)], 1) for t in (k, v))
+    if case == "second-chunk":  # the chunk at positions 4 .. 15 after 4 keys in the cache
+        pos, k_pos = pos + 4, torch.arange(16)[None]
+    if case == "kernels-off":
+        monkeypatch.setattr(cpu_gemv, "library", lambda: None)
+    got = pytorch_backend.attention(q, k, v, pos, k_pos, None)
+    assert len(calls) == (case == "bf16-prompt")
+    want = attention(q, k, v, pos, k_pos, None)
+    assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-2)
 
 
 # ---- building and loading -------------------------------------------------------------------------------------

@@ -1717,6 +1717,16 @@ static inline vec v_round_bf16(vec v) {
     return v_nan_to(F_CAST(r), v, I_SET1(0x7fc00000));
 }
 
+/* the upper 16 bits of LANES floats (bf16 values: the bf16 numbers themselves) to p */
+static inline void v_store_upper_halves(uint16_t *p, vec v) {
+#if LANES == 16
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+#else
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  /* (<= 0xffff: packus keeps them) */
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08)));
+#endif
+}
+
 /* e^x of LANES floats, x <= 0 or NaN (a score minus the largest): Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a
  * degree-6 polynomial in r, then 2^n), within 2 ulp of expf; below e^-87 (where expf's results are denormal, at
  * most 1e-38 of the largest term) the AVX2 width gives 0 */
@@ -1799,15 +1809,18 @@ static void scores_of(const float *q, const uint16_t *qb, const int64_t *slot, i
 #undef SCORES
 }
 
-/* the reference's softmax of one head's n scores, in place: x = score * scale (bf16: each rounded), then
- * e^(x - max) / sum (bf16: rounded) */
-static void softmax_row(float *p, int64_t n, float scale, const int bf16) {
+/* the reference's softmax of one head's n scores: x = score * scale (bf16: each rounded), then e^(x - max) / sum
+ * (bf16: rounded).  The scores are read from `in` (bf16 if in_bf16, else fp32; may be p), p holds the n values
+ * meanwhile, and the probabilities go to `out` (bf16 if out_bf16, else fp32; may be p or in) */
+static inline __attribute__((always_inline)) void softmax_io(const void *in, const int in_bf16, float *p, void *out,
+                                                             const int out_bf16, int64_t n, float scale,
+                                                             const int bf16) {
     const vec sc = v_set1(scale);
     vec best = v_set1(-INFINITY);
     int nan = 0;
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
-        vec x = v_load(p + j);
+        vec x = in_bf16 ? v_row((const char *)in + j * 2, 1) : v_load((const float *)in + j);
         x = bf16 ? v_round_bf16(v_mul(v_round_bf16(x), sc)) : v_mul(x, sc);
         v_store(p + j, x);
         best = v_max(best, x);
@@ -1815,7 +1828,8 @@ static void softmax_row(float *p, int64_t n, float scale, const int bf16) {
     }
     float top = v_top(best);
     for (; j < n; j++) {
-        float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, 1) : p[j] * scale;
+        const float score = value_at(in, j, in_bf16);
+        float x = bf16 ? in_dtype(in_dtype(score, 1) * scale, 1) : score * scale;
         p[j] = x;
         top = x > top ? x : top;
         nan |= x != x;
@@ -1838,11 +1852,18 @@ static void softmax_row(float *p, int64_t n, float scale, const int bf16) {
     const float s = v_sum(total) + tail;
     const vec sum = v_set1(s);
     for (j = 0; j + LANES <= n; j += LANES) {
-        const vec x = v_div(v_load(p + j), sum);
-        v_store(p + j, bf16 ? v_round_bf16(x) : x);
+        vec x = v_div(v_load(p + j), sum);
+        x = bf16 ? v_round_bf16(x) : x;
+        if (out_bf16) v_store_upper_halves((uint16_t *)out + j, x); else v_store((float *)out + j, x);
     }
-    for (; j < n; j++) p[j] = in_dtype(p[j] / s, bf16);
+    for (; j < n; j++) {
+        const float x = in_dtype(p[j] / s, bf16);
+        if (out_bf16) ((uint16_t *)out)[j] = float_to_bf16(x); else ((float *)out)[j] = x;
+    }
 }
+
+/* softmax_io in place on fp32 scores */
+static void softmax_row(float *p, int64_t n, float scale, const int bf16) { softmax_io(p, 0, p, p, 0, n, scale, bf16); }
 
 /* y[g * d + c .. + LANES M) = sum_j prob[g * slots + j] v[slot[j]][c .. + LANES M) for the G heads; G, M (1 ..
  * VALUE_VECS) and BF16 are constants after inlining */
@@ -1939,6 +1960,19 @@ static int attend_grouped(const void *q, const void *k, const void *v, const int
 }
 #endif
 
+/* softmax_row value by value (builds without AVX2, head sizes the vector loops do not take): x = score * scale
+ * (bf16: each rounded), then e^(x - max) by expf, divided by their sum (bf16: rounded) */
+static void softmax_plain(float *p, int64_t n, float scale, int bf16) {
+    float best = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, 1) : p[j] * scale;
+        p[j] = x;
+        best = j == 0 || x > best ? x : best;
+    }
+    for (int64_t j = 0; j < n; j++) total += p[j] = expf(p[j] - best);
+    for (int64_t j = 0; j < n; j++) p[j] = in_dtype(p[j] / total, bf16);
+}
+
 /* attention.attention for T = 1:
  *     out[b, h] = sum_s softmax_s(q[b, h] . k[b, s, h / rep] * head_dim^-0.5) v[b, s, h / rep],  rep = heads / kv_heads
  * over the slots s whose position k_pos[b, s] the query at q_pos[b] sees (attention_mask: 0 <= k_pos <= q_pos,
@@ -1998,14 +2032,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         for (int64_t i = 0; i < head_dim; i++) qf[i] = value_at(q, bh * head_dim + i, io_bf16);
         if (!blind[b]) {
             for (int64_t j = 0; j < n; j++) prob[j] = dot_key(qf, (const char *)k + first + slot[j] * stride, io_bf16, head_dim);
-            float best = -INFINITY, total = 0.0f;
-            for (int64_t j = 0; j < n; j++) {
-                float x = io_bf16 ? in_dtype(in_dtype(prob[j], 1) * scale, 1) : prob[j] * scale;
-                prob[j] = x;
-                best = j == 0 || x > best ? x : best;
-            }
-            for (int64_t j = 0; j < n; j++) total += prob[j] = expf(prob[j] - best);
-            for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(prob[j] / total, io_bf16);
+            softmax_plain(prob, n, scale, io_bf16);
         } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
             for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(1.0f / (float)slots, io_bf16);
         }
@@ -2018,6 +2045,45 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     free(seen);
     free(count);
     free(blind);
+    free(buf);
+    return 0;
+}
+
+/* attention.attention's softmax for a prompt that attends to itself (causal; no window shorter than the prompt),
+ * for a block of its queries whose scores the caller has computed (backends/prompt_attention.py, one batched GEMM):
+ * scores (groups, rows, cols), bf16 (io_bf16) or fp32, row r holding the query at position first + r % n against
+ * the keys at positions 0 .. cols - 1 (rows = query heads x n, cols = first + n).  That query sees keys 0 .. first
+ * + r % n: probs (same shape and dtype; may be scores) gets softmax(score * head_dim^-0.5) over them, rounded where
+ * the reference rounds (softmax_row), and 0 for the keys it does not see.  Rows are shared among `threads`.
+ * Returns 0, or -1 without memory. */
+int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups, int64_t rows, int64_t cols,
+                   int64_t n, int64_t first, int64_t head_dim, int threads) {
+    const int64_t size = io_bf16 ? 2 : 4, total = groups * rows;
+    const float scale = (float)pow((double)head_dim, -0.5);
+    threads = threads < 1 ? 1 : threads;
+    if (total == 0 || cols == 0) return 0;
+    float *buf = malloc((size_t)(threads * cols) * sizeof(float));
+    if (!buf) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+#ifdef _OPENMP
+        float *p = buf + omp_get_thread_num() * cols;
+#else
+        float *p = buf;
+#endif
+        const int64_t seen = first + t % rows % n + 1;
+        const char *in = (const char *)scores + t * cols * size;
+        char *out = (char *)probs + t * cols * size;
+#if CPU_GEMV_AVX2
+        if (io_bf16) softmax_io(in, 1, p, out, 1, seen, scale, 1); else softmax_io(in, 0, p, out, 0, seen, scale, 0);
+#else
+        for (int64_t j = 0; j < seen; j++) p[j] = value_at(in, j, io_bf16);
+        softmax_plain(p, seen, scale, io_bf16);
+        for (int64_t j = 0; j < seen; j++)
+            if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(p[j]); else ((float *)out)[j] = p[j];
+#endif
+        memset(out + seen * size, 0, (size_t)(cols - seen) * (size_t)size);
+    }
     free(buf);
     return 0;
 }

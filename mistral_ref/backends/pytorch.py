@@ -8,6 +8,7 @@
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
+|            | a bf16 prompt on a CPU: prompt_attention   |                                          |
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
 | mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
@@ -20,13 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_ref.backends import Backend, cpu_gemv
+from mistral_ref.backends import Backend, cpu_gemv, prompt_attention
 from mistral_ref.backends.decode_step import decode_step
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
-from mistral_ref.backends.sdpa import sdpa_attention
+from mistral_ref.backends.sdpa import causal_prompt, sdpa_attention
 from mistral_ref.cache import LayerCache
 
 
@@ -46,9 +47,18 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
               window: int | None) -> torch.Tensor:
     """sdpa_attention; a decode step (one query per row) on a CPU goes to the C kernel (cpu_gemv.attention: the
-    keys the query sees, nothing else) where it is available.  q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
-    if q.shape[1] == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
+    keys the query sees, nothing else) where it is available, and a bf16 prompt attending to itself on a CPU
+    (sdpa.causal_prompt) to prompt_attention (two GEMMs a block of queries; in fp32 PyTorch's kernel is as fast).
+    q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
+    T = q.shape[1]
+    if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
         return cpu_gemv.attention(q, k, v, q_pos, k_pos, window)
+    if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu":
+        start = causal_prompt(q_pos, k_pos, window)
+        if start is not None:
+            keys, values = k[:, start:start + T], v[:, start:start + T]
+            if prompt_attention.applies(q, keys, values):
+                return prompt_attention.prompt_attention(q, keys, values)
     return sdpa_attention(q, k, v, q_pos, k_pos, window)
 
 

@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_compile.py $(BENCH_COMPILE_ARGS)  # chat --compile: first token cold / warm
 	$(BIN)/python benchmarks/bench_operators.py --rounds 2  # the gemv operators in C++ vs Python, compiled step
 	$(BIN)/python benchmarks/bench_cpu_builds.py  # the C kernel builds (prefetch, AVX-512) side by side
+	$(BIN)/python benchmarks/bench_attention.py  # a bf16 prompt's attention: two GEMMs a block vs SDPA
 
 bench-kernels: $(STAMP)
 	$(BIN)/python -m triton_kernels.bench

@@ -182,6 +182,23 @@ def test_operators_benchmark_compares_python_and_cpp_operators():
     assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
 
 
+def test_attention_benchmark_compares_prompt_attention_and_sdpa():
+    from mistral_ref.backends import cpu_gemv
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--rounds", "1",
+                           "--tokens", "70", "--models", "tiny-gqa", "--threads", "1"], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for shape in (r"tiny-gqa \(4 / 2 / 32\)", r"mistral-7b \(32 / 8 / 128\)"):
+        for dtype in ("bfloat16", "float32"):
+            row = re.search(rf"\| {shape} \| {dtype} \| 70 \| (\d+\.\d) .* \| (\d+\.\d) .* \| (\d+\.\d+) .*x \|", proc.stdout)
+            assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
+    row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", proc.stdout)
+    assert row and float(row.group(3)) > 0, proc.stdout  # (milliseconds: a few)
+
+
 def test_cpu_builds_benchmark_compares_the_kernel_builds():
     from mistral_ref.backends import cpu_gemv
 

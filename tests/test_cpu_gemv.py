@@ -919,22 +919,25 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
         prompt_attention.prompt_attention(q, k, v)
 
 
-@pytest.mark.parametrize("case", ["bf16-prompt", "fp32-prompt", "second-chunk", "kernels-off"])
+@pytest.mark.parametrize("case", ["bf16-prompt", "fp32-prompt", "short-prompt", "second-chunk", "kernels-off"])
 def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
-    """backends/pytorch.py's attention: a bf16 prompt attending to itself (in an empty cache: the keys after it
-    are empty slots) goes to prompt_attention; fp32 prompts, a second chunk (earlier keys in the cache) and a
-    machine without the C kernels go to SDPA.  Every one equals the reference."""
+    """backends/pytorch.py's attention: a bf16 prompt of MIN_TOKENS attending to itself (in an empty cache: the
+    keys after it are empty slots) goes to prompt_attention; fp32 prompts, shorter ones, a second chunk (earlier
+    keys in the cache) and a machine without the C kernels go to SDPA.  Every one equals the reference."""
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     dtype = torch.float32 if case == "fp32-prompt" else torch.bfloat16
-    q, k, v, pos = _prompt(1, 12, 4, 2, 16, dtype)
-    k_pos = torch.cat([pos, torch.full((1, 4), -1)], 1)  # a cache of 16 slots, the prompt in the first 12
+    T = prompt_attention.MIN_TOKENS  # (shorter prompts go to SDPA)
+    q, k, v, pos = _prompt(1, T, 4, 2, 16, dtype)
+    k_pos = torch.cat([pos, torch.full((1, 4), -1)], 1)  # a cache of T + 4 slots, the prompt in the first T
     k, v = (torch.cat([t, torch.randn(1, 4, 2, 16).to(dtype)], 1) for t in (k, v))
-    if case == "second-chunk":  # the chunk at positions 4 .. 15 after 4 keys in the cache
-        pos, k_pos = pos + 4, torch.arange(16)[None]
+    if case == "second-chunk":  # the chunk at positions 4 .. T + 3 after 4 keys in the cache
+        pos, k_pos = pos + 4, torch.arange(T + 4)[None]
     if case == "kernels-off":
         monkeypatch.setattr(cpu_gemv, "library", lambda: None)
+    if case == "short-prompt":  # the last T - 1 queries and their keys: a prompt one query short
+        q, pos, k, v, k_pos = q[:, 1:], pos[:, 1:] - 1, k[:, 1:], v[:, 1:], torch.cat([pos[:, 1:] - 1, k_pos[:, T:]], 1)
     got = pytorch_backend.attention(q, k, v, pos, k_pos, None)
     assert len(calls) == (case == "bf16-prompt")
     want = attention(q, k, v, pos, k_pos, None)

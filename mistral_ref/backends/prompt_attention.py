@@ -29,6 +29,9 @@ BLOCK = 128
 MIN_BLOCK = 16
 SCORE_BYTES = 32 << 20
 MAX_KEYS = 16384
+# Shorter prompts go to SDPA (backends/pytorch.py): below ~64 queries the GEMMs' fixed costs are larger than the
+# flash kernel's (benchmarks/bench_attention.py)
+MIN_TOKENS = 64
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

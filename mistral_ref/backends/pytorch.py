@@ -47,13 +47,14 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
               window: int | None) -> torch.Tensor:
     """sdpa_attention; a decode step (one query per row) on a CPU goes to the C kernel (cpu_gemv.attention: the
-    keys the query sees, nothing else) where it is available, and a bf16 prompt attending to itself on a CPU
-    (sdpa.causal_prompt) to prompt_attention (two GEMMs a block of queries; in fp32 PyTorch's kernel is as fast).
+    keys the query sees, nothing else) where it is available, and a bf16 prompt of MIN_TOKENS or more attending to
+    itself on a CPU (sdpa.causal_prompt) to prompt_attention (two GEMMs a block of queries; in fp32, and for
+    shorter prompts, PyTorch's kernel is as fast or faster).
     q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
     T = q.shape[1]
     if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
         return cpu_gemv.attention(q, k, v, q_pos, k_pos, window)
-    if T > 1 and q.dtype is torch.bfloat16 and q.device.type == "cpu":
+    if T >= prompt_attention.MIN_TOKENS and q.dtype is torch.bfloat16 and q.device.type == "cpu":
         start = causal_prompt(q_pos, k_pos, window)
         if start is not None:
             keys, values = k[:, start:start + T], v[:, start:start + T]

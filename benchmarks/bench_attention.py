@@ -1,0 +1,127 @@
+"""A prompt's causal attention on the CPU: backends/prompt_attention.py (two GEMMs a block of queries, the softmax
+in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs), same process, same run.
+
+    python benchmarks/bench_attention.py [--rounds 5] [--tokens 512,2048,4096] [--models mistral-125m,...]
+
+Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
+128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
+GFLOP/s (causal: 2 x 2 x T^2 / 2 x head_dim x heads) median [min-max] and the per-round time ratio SDPA / GEMMs
+(> 1: the GEMMs are faster).  Part 2, a bf16 prefill of each bench model (one forward pass into a fresh cache,
+greedy first token), the "torch" backend with prompt_attention and with it switched off (SDPA), alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import MODELS, QUICK_MODELS, random_model  # noqa: E402
+
+from mistral_ref.backends import cpu_gemv, prompt_attention  # noqa: E402
+from mistral_ref.generation import generate  # noqa: E402
+
+ALL_MODELS = {**MODELS, **QUICK_MODELS}
+SHAPES = {name: (a.n_heads, a.n_kv_heads, a.head_dim) for name, a in ALL_MODELS.items() if a.mla is None}
+SHAPES["mistral-7b"] = (32, 8, 128)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                          enable_gqa=True).transpose(1, 2)
+
+
+def summary(values: list[float], digits: int = 0) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def alternate(first, second, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of each call, alternating, each round starting with the other function (one warm-up call each)."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            t = time.perf_counter()
+            (first, second)[i]()
+            times[i].append(time.perf_counter() - t)
+    return times
+
+
+def attention_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
+    print("## A prompt's causal attention: GEMMs (prompt_attention) vs SDPA, GFLOP/s median [min-max]")
+    print("| shape (heads / kv / head_dim) | dtype | tokens | GEMMs | SDPA | ratio (SDPA time / GEMMs time) |")
+    print("|---|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for name in shapes:
+        H, K, D = SHAPES[name]
+        for T in tokens:
+            for dtype in (torch.bfloat16, torch.float32):
+                q = torch.randn(1, T, H, D, generator=g).to(dtype)
+                k, v = (torch.randn(1, T, K, D, generator=g).to(dtype) for _ in range(2))
+                gemms, fused = alternate(partial(prompt_attention.prompt_attention, q, k, v), partial(sdpa, q, k, v),
+                                         rounds)
+                flops = 2 * 2 * T * T / 2 * D * H
+                ratio = [s / p for p, s in zip(gemms, fused)]
+                ours, theirs = ([flops / t / 1e9 for t in ts] for ts in (gemms, fused))
+                print(f"| {name} ({H} / {K} / {D}) | {str(dtype)[6:]} | {T} | {summary(ours, 1)} | {summary(theirs, 1)} | "
+                      f"{summary(ratio, 2)}x |", flush=True)
+
+
+def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
+    """One prefill and its first token, with prompt_attention (gemms) or with it switched off (SDPA)."""
+    applies = prompt_attention.applies
+    prompt_attention.applies = applies if gemms else (lambda *a: False)
+    try:
+        generate(model, prompt, 1, temperature=0.0)
+    finally:
+        prompt_attention.applies = applies
+
+
+def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
+    print("\n## bf16 prefill (one forward pass into a fresh cache): prompt_attention on vs off (SDPA), ms")
+    print("| model | tokens | with prompt_attention | with SDPA | ratio (SDPA time / ours) |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        model = random_model(ALL_MODELS[name]).to(torch.bfloat16)
+        for T in tokens:
+            prompt = [list(range(1, T + 1))]
+            ours, theirs = alternate(partial(prefill, model, prompt, True), partial(prefill, model, prompt, False),
+                                     rounds)
+            ratio = [s / p for p, s in zip(ours, theirs)]
+            print(f"| {name} | {T} | {summary([t * 1e3 for t in ours])} | {summary([t * 1e3 for t in theirs])} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", default="512,2048,4096")
+    p.add_argument("--models", default="mistral-125m,mixtral-140m,nemo-80m")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if cpu_gemv.library() is None:
+        raise SystemExit(f"prompt_attention needs the C kernels: {cpu_gemv.status()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--models: {', '.join(unknown)} not among {', '.join(SHAPES)} (latent attention has no "
+                         f"prompt_attention)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; C kernels: "
+          f"{cpu_gemv.status()}\n")
+    attention_rows([*models, "mistral-7b"], tokens, args.rounds)
+    prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1821,7 +1821,8 @@ static inline __attribute__((always_inline)) void softmax_io(const void *in, con
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
         vec x = in_bf16 ? v_row((const char *)in + j * 2, 1) : v_load((const float *)in + j);
-        x = bf16 ? v_round_bf16(v_mul(v_round_bf16(x), sc)) : v_mul(x, sc);
+        if (bf16 && !in_bf16) x = v_round_bf16(x);  /* (bf16 scores are bf16 values already) */
+        x = bf16 ? v_round_bf16(v_mul(x, sc)) : v_mul(x, sc);
         v_store(p + j, x);
         best = v_max(best, x);
         nan |= v_any_nan(x);
@@ -1843,11 +1844,11 @@ static inline __attribute__((always_inline)) void softmax_io(const void *in, con
         v_store(p + j, e);
         total = v_add(total, e);
     }
-    for (; j < n; j++) {  /* the last n % LANES, one lane each */
+    if (j < n) {  /* the last n % LANES in one register (a lane's value does not depend on its neighbours) */
         float e[LANES] = {0};
-        e[0] = p[j] - top;
+        for (int64_t i = j; i < n; i++) e[i - j] = p[i] - top;
         v_store(e, v_exp(v_load(e)));
-        tail += p[j] = e[0];
+        for (int64_t i = j; i < n; i++) tail += p[i] = e[i - j];
     }
     const float s = v_sum(total) + tail;
     const vec sum = v_set1(s);

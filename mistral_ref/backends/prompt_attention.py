@@ -22,9 +22,9 @@ import torch
 
 from mistral_ref.backends import cpu_gemv
 
-# Queries a block: the scores of one block are (B x kv_heads, rep x block, keys) values, kept below SCORE_BYTES
-# (two copies live at once: the scores and the next block's); longer prompts take smaller blocks, down to
-# MIN_BLOCK, and beyond MAX_KEYS keys the flash-attention kernel (sdpa.py), which needs no scores at all.
+# Queries a block: the scores of one block are (B x kv_heads, rep x block, keys) values, kept below SCORE_BYTES;
+# longer prompts take smaller blocks, down to MIN_BLOCK, and beyond MAX_KEYS keys the flash-attention kernel
+# (sdpa.py), which needs no scores at all.
 BLOCK = 128
 MIN_BLOCK = 16
 SCORE_BYTES = 32 << 20
@@ -73,11 +73,14 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
     q = q.view(B, T, kv_heads, rep, D) if q.is_contiguous() else q.reshape(B, T, kv_heads, rep, D)
     out = torch.empty(B, T, kv_heads, rep, D, dtype=q.dtype)
     block = block_size(groups, rep, T, q.element_size())
+    # one buffer for every block's scores (a fresh one per block would be new pages, faulted in and zeroed each time)
+    buffer = torch.empty(groups * rep * block * T, dtype=q.dtype)
     for first in range(0, T, block):
         n = min(block, T - first)
         last = first + n  # keys 0 .. last - 1: the last query of the block sees them all
         queries = q[:, first:last].permute(0, 2, 3, 1, 4).reshape(groups, rep * n, D)  # rows: head, then position
-        scores = torch.bmm(queries, keys[:, :last].transpose(1, 2))  # (groups, rep x n, last)
+        scores = buffer[:groups * rep * n * last].view(groups, rep * n, last)
+        torch.bmm(queries, keys[:, :last].transpose(1, 2), out=scores)  # (groups, rep x n, last)
         if cpu_gemv.library().softmax_causal(scores.data_ptr(), scores.data_ptr(), int(q.dtype == torch.bfloat16),
                                              groups, rep * n, last, n, first, D, threads):
             raise MemoryError(f"prompt_attention: no memory for {threads} rows of {last} scores")

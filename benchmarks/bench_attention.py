@@ -71,8 +71,8 @@ def attention_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
                 flops = 2 * 2 * T * T / 2 * D * H
                 ratio = [s / p for p, s in zip(gemms, fused)]
                 ours, theirs = ([flops / t / 1e9 for t in ts] for ts in (gemms, fused))
-                print(f"| {name} ({H} / {K} / {D}) | {str(dtype)[6:]} | {T} | {summary(ours, 1)} | {summary(theirs, 1)} | "
-                      f"{summary(ratio, 2)}x |", flush=True)
+                print(f"| {name} ({H} / {K} / {D}) | {str(dtype)[6:]} | {T} | {summary(ours, 1)} | "
+                      f"{summary(theirs, 1)} | {summary(ratio, 2)}x |", flush=True)
 
 
 def prefill(model, prompt: list[list[int]], gemms: bool) -> None:

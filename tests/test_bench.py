@@ -193,7 +193,8 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
     assert proc.returncode == 0, proc.stderr[-3000:]
     for shape in (r"tiny-gqa \(4 / 2 / 32\)", r"mistral-7b \(32 / 8 / 128\)"):
         for dtype in ("bfloat16", "float32"):
-            row = re.search(rf"\| {shape} \| {dtype} \| 70 \| (\d+\.\d) .* \| (\d+\.\d) .* \| (\d+\.\d+) .*x \|", proc.stdout)
+            row = re.search(rf"\| {shape} \| {dtype} \| 70 \| (\d+\.\d) .* \| (\d+\.\d) .* \| (\d+\.\d+) .*x \|",
+                            proc.stdout)
             assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
     row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", proc.stdout)
     assert row and float(row.group(3)) > 0, proc.stdout  # (milliseconds: a few)

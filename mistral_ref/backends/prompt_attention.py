@@ -70,7 +70,7 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
     groups = B * kv_heads
     keys = k.transpose(1, 2).reshape(groups, T, D)  # (B x kv_heads, T, D): a group's keys in rows
     values = v.transpose(1, 2).reshape(groups, T, D)
-    q = q.view(B, T, kv_heads, rep, D) if q.is_contiguous() else q.reshape(B, T, kv_heads, rep, D)
+    q = q.reshape(B, T, kv_heads, rep, D)  # (a view where q is contiguous)
     out = torch.empty(B, T, kv_heads, rep, D, dtype=q.dtype)
     block = block_size(groups, rep, T, q.element_size())
     # one buffer for every block's scores (a fresh one per block would be new pages, faulted in and zeroed each time)

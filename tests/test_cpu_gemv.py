@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import rel_err
 
-from mistral_ref.attention import attention
+from mistral_ref.attention import attention, attention_mask
 from mistral_ref.backends import cpu_gemv, prompt_attention
 from mistral_ref.backends import pytorch as pytorch_backend
 from mistral_ref.backends.linear import linear
@@ -839,37 +839,42 @@ def test_attend_one_refuses_arguments_that_do_not_fit(bad):
 
 # ---- a prompt's causal attention (backends/prompt_attention.py: GEMMs + softmax_causal) --------------------------
 
-PROMPT_CASES = {  # (batch, T, heads, kv_heads, head_dim, block)
-    "gqa-6-over-2-blocks-of-16": (1, 75, 6, 2, 24, 16),  # 75 = 4 blocks of 16 + 11; head_dim 24 (no lane multiple)
-    "mha-batch-2": (2, 40, 3, 3, 48, 16),
-    "nemo-head-dim-128": (1, 150, 8, 2, 128, 128),  # a block of 128, then 22
-    "one-block-odd-keys": (1, 37, 4, 1, 64, 128),  # every softmax row ends in a tail of LANES
+PROMPT_CASES = {  # (batch, T, heads, kv_heads, head_dim, block, offset: keys of earlier chunks)
+    "gqa-6-over-2-blocks-of-16": (1, 75, 6, 2, 24, 16, 0),  # 75 = 4 blocks of 16 + 11; head_dim 24 (no lane multiple)
+    "mha-batch-2": (2, 40, 3, 3, 48, 16, 0),
+    "nemo-head-dim-128": (1, 150, 8, 2, 128, 128, 0),  # a block of 128, then 22
+    "one-block-odd-keys": (1, 37, 4, 1, 64, 128, 0),  # every softmax row ends in a tail of LANES
+    "chunk-after-50-keys": (1, 40, 6, 2, 24, 16, 50),  # a later chunk: 50 earlier keys, then its own 40
+    "chunk-batch-2-after-100": (2, 70, 4, 2, 32, 128, 100),
 }
 
 
-def _prompt(batch, T, heads, kv_heads, head_dim, dtype, seed=0):
+def _prompt(batch, T, heads, kv_heads, head_dim, dtype, seed=0, offset=0):
+    """Queries at positions offset .. offset + T - 1 and the keys / values of positions 0 .. offset + T - 1."""
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(batch, T, heads, head_dim, generator=g) * 2).to(dtype)  # scores of a few units: real softmaxes
-    k = torch.randn(batch, T, kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, T, kv_heads, head_dim, generator=g).to(dtype)
-    return q, k, v, torch.arange(T).repeat(batch, 1)
+    k = torch.randn(batch, offset + T, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, offset + T, kv_heads, head_dim, generator=g).to(dtype)
+    return q, k, v, torch.arange(offset, offset + T).repeat(batch, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", PROMPT_CASES, ids=list(PROMPT_CASES))
 def test_prompt_attention_equals_the_reference_attention(build, case, dtype, monkeypatch):
-    """prompt_attention == attention.attention for a prompt attending to itself, block by block: fp32 within fp32
-    rounding; bf16 as close to the reference as one bf16 rounding of the output (the same roundings: the GEMMs'
-    fp32 sums in another order), and no farther from the exact result than the reference is."""
-    batch, T, heads, kv_heads, head_dim, block = PROMPT_CASES[case]
+    """prompt_attention == attention.attention for a prompt attending to itself, or a later chunk of it to its own
+    keys and the earlier ones, block by block: fp32 within fp32 rounding; bf16 as close to the reference as one
+    bf16 rounding of the output (the same roundings: the GEMMs' fp32 sums in another order), and no farther from
+    the exact result than the reference is."""
+    batch, T, heads, kv_heads, head_dim, block, offset = PROMPT_CASES[case]
     monkeypatch.setattr(prompt_attention, "BLOCK", block)
-    q, k, v, pos = _prompt(batch, T, heads, kv_heads, head_dim, dtype)
-    assert prompt_attention.applies(q, k, v)
+    q, k, v, pos = _prompt(batch, T, heads, kv_heads, head_dim, dtype, offset=offset)
+    k_pos = torch.arange(offset + T).repeat(batch, 1)
+    assert prompt_attention.applies(q, k, v) and prompt_attention.causal_span(pos, k_pos, None) == (0, offset)
     got = prompt_attention.prompt_attention(q, k, v, threads=2)
-    want = attention(q, k, v, pos, pos, None)
+    want = attention(q, k, v, pos, k_pos, None)
     assert got.shape == want.shape and got.dtype == dtype
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
-    exact = attention(q.double(), k.double(), v.double(), pos, pos, None)
+    exact = attention(q.double(), k.double(), v.double(), pos, k_pos, None)
     if dtype == torch.float32:
         assert rel_err(got, exact) < 1e-6
     else:
@@ -901,7 +906,38 @@ def test_prompt_attention_blocks_shrink_for_long_prompts():
         assert 8 * 4 * block * keys * 2 <= prompt_attention.SCORE_BYTES or block == prompt_attention.MIN_BLOCK
 
 
-@pytest.mark.parametrize("bad", ["one-query", "fp16", "heads", "keys", "grad"])
+SPANS = {  # q_pos (B, T) and k_pos (B, S) rows, window -> causal_span's (start, offset) or None
+    "no-cache": ([[0, 1, 2]], [[0, 1, 2]], None, (0, 0)),
+    "empty-full-cache": ([[0, 1, 2]] * 2, [[0, 1, 2, -1, -1]] * 2, None, (0, 0)),
+    "empty-rolling-cache": ([[0, 1, 2]], [[-1, -1, -1, -1, 0, 1, 2]], 4, (4, 0)),
+    "later-chunk": ([[3, 4, 5]] * 2, [[0, 1, 2, 3, 4, 5, -1]] * 2, None, (0, 3)),
+    "later-chunk-window-long-enough": ([[3, 4, 5]], [[0, 1, 2, 3, 4, 5]], 6, (0, 3)),
+    "window-shorter": ([[3, 4, 5]], [[0, 1, 2, 3, 4, 5]], 5, None),
+    "rows-at-other-offsets": ([[3, 4, 5], [0, 1, 2]], [[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], None, None),
+    "padded-query": ([[-1, 4, 5]], [[0, 1, 2, 3, 4, 5]], None, None),
+    "rolling-buffer-wrapped": ([[6, 7]], [[4, 5, 6, 7]], None, None),  # positions 0-3 overwritten
+    "a-key-missing": ([[3, 4, 5]], [[0, 1, -1, 3, 4, 5]], None, None),
+    "keys-out-of-order": ([[2, 3]], [[1, 0, 2, 3]], None, None),
+}
+
+
+@pytest.mark.parametrize("case", SPANS, ids=list(SPANS))
+def test_causal_span_finds_exactly_the_prompts_that_see_their_own_keys(case):
+    """causal_span says where a chunk's queries see their prompt's keys and nothing else (then prompt_attention's
+    "query offset + i sees keys 0 .. offset + i" is attention_mask's answer), and None anywhere else."""
+    q_pos, k_pos, window, want = SPANS[case]
+    q_pos, k_pos = torch.tensor(q_pos), torch.tensor(k_pos)
+    assert prompt_attention.causal_span(q_pos, k_pos, window) == want
+    if want is not None:
+        start, offset = want
+        T = q_pos.shape[1]
+        expected = torch.zeros(k_pos.shape[1], dtype=torch.bool).repeat(*q_pos.shape, 1)
+        for i in range(T):
+            expected[:, i, start:start + offset + i + 1] = True
+        assert torch.equal(attention_mask(q_pos, k_pos, window), expected)
+
+
+@pytest.mark.parametrize("bad", ["one-query", "fp16", "heads", "fewer-keys", "grad"])
 def test_prompt_attention_refuses_what_it_does_not_take(bad):
     q, k, v, _ = _prompt(1, 8, 4, 2, 16, torch.float32)
     if bad == "one-query":
@@ -910,7 +946,7 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
         q, k, v = q.half(), k.half(), v.half()
     elif bad == "heads":
         q = q[:, :, :3]
-    elif bad == "keys":
+    elif bad == "fewer-keys":  # fewer keys than queries: no prompt's
         k, v = k[:, :6], v[:, :6]
     else:
         q.requires_grad_(True)
@@ -919,11 +955,13 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
         prompt_attention.prompt_attention(q, k, v)
 
 
-@pytest.mark.parametrize("case", ["bf16-prompt", "fp32-prompt", "short-prompt", "second-chunk", "kernels-off"])
+@pytest.mark.parametrize("case", ["bf16-prompt", "second-chunk", "fp32-prompt", "short-prompt", "ragged-rows",
+                                  "kernels-off"])
 def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
     """backends/pytorch.py's attention: a bf16 prompt of MIN_TOKENS attending to itself (in an empty cache: the
-    keys after it are empty slots) goes to prompt_attention; fp32 prompts, shorter ones, a second chunk (earlier
-    keys in the cache) and a machine without the C kernels go to SDPA.  Every one equals the reference."""
+    keys after it are empty slots), or a second chunk of it (earlier keys in the cache), goes to
+    prompt_attention; fp32 prompts, shorter ones, rows at different positions and a machine without the C kernels
+    go to SDPA.  Every one equals the reference."""
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -938,8 +976,12 @@ def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypa
         monkeypatch.setattr(cpu_gemv, "library", lambda: None)
     if case == "short-prompt":  # the last T - 1 queries and their keys: a prompt one query short
         q, pos, k, v, k_pos = q[:, 1:], pos[:, 1:] - 1, k[:, 1:], v[:, 1:], torch.cat([pos[:, 1:] - 1, k_pos[:, T:]], 1)
+    if case == "ragged-rows":  # a second row 4 positions behind the first, its last 4 slots empty
+        q, k, v = (torch.cat([t, t.flip(1)]) for t in (q, k, v))
+        pos = torch.cat([pos + 4, pos])
+        k_pos = torch.cat([torch.arange(T + 4)[None], torch.cat([torch.arange(T), torch.full((4,), -1)])[None]])
     got = pytorch_backend.attention(q, k, v, pos, k_pos, None)
-    assert len(calls) == (case == "bf16-prompt")
+    assert len(calls) == (case in ("bf16-prompt", "second-chunk"))
     want = attention(q, k, v, pos, k_pos, None)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-2)
 

@@ -1,19 +1,20 @@
 """A prompt's causal attention on a CPU as two matrix products a block of queries: the scores by one batched GEMM,
 the reference's softmax in C (cpu_gemv.c: softmax_causal), the weighted values by a second batched GEMM.
 
-Equals: attention.attention(q, k, v, q_pos, k_pos, window) where the prompt attends only to itself
-(sdpa.causal_prompt: a forward pass without cache, or a prompt's first chunk into an empty cache), with the
-reference's roundings in bf16: the scores rounded to bf16 as its einsum returns them, then scaled and rounded,
-the softmax in fp32, the probabilities rounded, the weighted values summed in fp32 and rounded (the GEMMs' sums in
-another order than the reference's einsums; fp32 within 1e-6).  tests/test_backends_attention.py checks it
-against the reference and against SDPA, in bf16 and fp32, with GQA, head_dim != dim / n_heads, and over blocks.
+Equals: attention.attention(q, k, v, q_pos, k_pos, window) where a prompt, or a later chunk of it, attends to its
+own keys and those of the chunks before it, nothing else (:func:`causal_span`: a forward pass without cache, a
+first chunk into an empty cache, a later chunk into a full-attention layer's cache), with the reference's
+roundings in bf16: the scores rounded to bf16 as its einsum returns them, then scaled and rounded, the softmax in
+fp32, the probabilities rounded, the weighted values summed in fp32 and rounded (the GEMMs' sums in another order
+than the reference's einsums; fp32 within 1e-6).  tests/test_cpu_gemv.py checks it against the reference in
+every build, in bf16 and fp32, with GQA, head_dim != dim / n_heads, over blocks and after earlier chunks.
 
 Why: on a CPU, F.scaled_dot_product_attention runs PyTorch's flash-attention loops, which keep the scores in
 registers but multiply far below the machine's GEMM rate; here the scores of a block of `block` queries (times
 the query heads of a key-value head) against the keys they see are one (rows x head_dim) x (head_dim x keys)
 product, as the reference's einsum computes them, and each row's softmax costs one pass over its scores.  The
 keys after a block's last query are never multiplied (causal: half the work of a full matrix).  `make bench` and
-benchmarks/bench_operators.py time it against SDPA (README, "Speed on a CPU").
+benchmarks/bench_attention.py time it against SDPA (README, "Speed on a CPU").
 """
 
 from __future__ import annotations
@@ -34,12 +35,39 @@ MAX_KEYS = 16384
 MIN_TOKENS = 64
 
 
+def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tuple[int, int] | None:
+    """Where every row's T queries sit at the positions offset .. offset + T - 1 (the same in every row) and the
+    keys they see are slots start .. start + offset + T - 1 holding positions 0 .. offset + T - 1 in order, every
+    other slot empty (-1), with no window shorter than offset + T: (start, offset), else None.  Then
+    attention_mask is exactly "query offset + i sees keys 0 .. offset + i": a forward pass without cache and a
+    prompt's first chunk into an empty cache (offset 0; sdpa.causal_prompt), and each later chunk of it in a
+    full-attention layer's cache (the earlier chunks' keys in front of it).  Checked on the host.
+
+    q_pos: (B, T); k_pos: (B, S), -1 for empty slots."""
+    B, T = q_pos.shape
+    offset = int(q_pos[0, 0])
+    span = offset + T
+    if offset < 0 or span > k_pos.shape[1] or (window is not None and window < span):
+        return None
+    positions = torch.arange(span, device=q_pos.device).expand(B, -1)  # (B, offset + T)
+    if not torch.equal(q_pos, positions[:, offset:]):
+        return None
+    first = (k_pos[0] == 0).nonzero()
+    if first.numel() == 0:
+        return None
+    start = int(first[0])
+    if (torch.equal(k_pos[:, start:start + span], positions) and bool((k_pos[:, :start] < 0).all())
+            and bool((k_pos[:, start + span:] < 0).all())):
+        return start, offset
+    return None
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether prompt_attention takes this prompt: several queries, on a CPU with the C kernels loaded, q, k and v
-    all bf16 or all fp32 with as many keys as queries (B, T, heads / kv_heads, head_dim), whole groups of query
-    heads, no autograd, at most MAX_KEYS positions."""
-    return (q.ndim == 4 and k.ndim == 4 and 1 < q.shape[1] <= MAX_KEYS and k.shape == v.shape
-            and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and k.shape[2] > 0
+    """Whether prompt_attention takes these queries and keys: several queries and at least as many keys (at most
+    MAX_KEYS), on a CPU with the C kernels loaded, q, k and v all bf16 or all fp32 ((B, T, heads, head_dim) and
+    (B, offset + T, kv_heads, head_dim)), whole groups of query heads, no autograd."""
+    return (q.ndim == 4 and k.ndim == 4 and 1 < q.shape[1] <= k.shape[1] <= MAX_KEYS and k.shape == v.shape
+            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and k.shape[2] > 0
             and q.shape[2] % k.shape[2] == 0 and q.dtype in (torch.bfloat16, torch.float32)
             and k.dtype is q.dtype and v.dtype is q.dtype
             and q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
@@ -56,34 +84,37 @@ def block_size(groups: int, rep: int, keys: int, element_size: int) -> int:
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """Causal attention of a prompt over its own keys (:func:`applies`): query t sees keys 0 .. t.
+    """Causal attention of T queries over their prompt's keys (:func:`applies`): with offset = keys - T (the keys
+    of earlier chunks), query t sees keys 0 .. offset + t.
 
-    q: (B, T, n_heads, head_dim); k, v: (B, T, n_kv_heads, head_dim) -> (B, T, n_heads, head_dim) in q's dtype."""
+    q: (B, T, n_heads, head_dim); k, v: (B, offset + T, n_kv_heads, head_dim) -> (B, T, n_heads, head_dim) in q's
+    dtype."""
     if not applies(q, k, v):
         raise ValueError(f"prompt_attention: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v "
                          f"{tuple(v.shape)} {v.dtype} are not one prompt's bf16 or fp32 queries, keys and values "
                          f"on a CPU with the C kernels loaded ({cpu_gemv.status()})")
     threads = torch.get_num_threads() if threads is None else threads
     B, T, H, D = q.shape
-    kv_heads = k.shape[2]
+    S, kv_heads = k.shape[1:3]
+    offset = S - T  # keys before the first query's own
     rep = H // kv_heads  # query heads per key-value head
     groups = B * kv_heads
-    keys = k.transpose(1, 2).reshape(groups, T, D)  # (B x kv_heads, T, D): a group's keys in rows
-    values = v.transpose(1, 2).reshape(groups, T, D)
+    keys = k.transpose(1, 2).reshape(groups, S, D)  # (B x kv_heads, S, D): a group's keys in rows
+    values = v.transpose(1, 2).reshape(groups, S, D)
     q = q.reshape(B, T, kv_heads, rep, D)  # (a view where q is contiguous)
     out = torch.empty(B, T, kv_heads, rep, D, dtype=q.dtype)
-    block = block_size(groups, rep, T, q.element_size())
+    block = block_size(groups, rep, S, q.element_size())
     # one buffer for every block's scores (a fresh one per block would be new pages, faulted in and zeroed each time)
-    buffer = torch.empty(groups * rep * block * T, dtype=q.dtype)
+    buffer = torch.empty(groups * rep * block * S, dtype=q.dtype)
     for first in range(0, T, block):
         n = min(block, T - first)
-        last = first + n  # keys 0 .. last - 1: the last query of the block sees them all
-        queries = q[:, first:last].permute(0, 2, 3, 1, 4).reshape(groups, rep * n, D)  # rows: head, then position
+        last = offset + first + n  # keys 0 .. last - 1: the last query of the block sees them all
+        queries = q[:, first:first + n].permute(0, 2, 3, 1, 4).reshape(groups, rep * n, D)  # rows: head, position
         scores = buffer[:groups * rep * n * last].view(groups, rep * n, last)
         torch.bmm(queries, keys[:, :last].transpose(1, 2), out=scores)  # (groups, rep x n, last)
         if cpu_gemv.library().softmax_causal(scores.data_ptr(), scores.data_ptr(), int(q.dtype == torch.bfloat16),
-                                             groups, rep * n, last, n, first, D, threads):
+                                             groups, rep * n, last, n, offset + first, D, threads):
             raise MemoryError(f"prompt_attention: no memory for {threads} rows of {last} scores")
         o = torch.bmm(scores, values[:, :last])  # (groups, rep x n, D)
-        out[:, first:last] = o.view(B, kv_heads, rep, n, D).permute(0, 3, 1, 2, 4)
+        out[:, first:first + n] = o.view(B, kv_heads, rep, n, D).permute(0, 3, 1, 2, 4)
     return out.view(B, T, H, D)

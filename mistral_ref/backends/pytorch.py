@@ -27,7 +27,7 @@ from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
-from mistral_ref.backends.sdpa import causal_prompt, sdpa_attention
+from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import LayerCache
 
 
@@ -47,17 +47,19 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
               window: int | None) -> torch.Tensor:
     """sdpa_attention; a decode step (one query per row) on a CPU goes to the C kernel (cpu_gemv.attention: the
-    keys the query sees, nothing else) where it is available, and a bf16 prompt of MIN_TOKENS or more attending to
-    itself on a CPU (sdpa.causal_prompt) to prompt_attention (two GEMMs a block of queries; in fp32, and for
-    shorter prompts, PyTorch's kernel is as fast or faster).
+    keys the query sees, nothing else) where it is available, and MIN_TOKENS or more bf16 queries of a prompt on a
+    CPU that see their prompt's keys and nothing else (prompt_attention.causal_span: a prompt, or a later chunk of
+    it in a full-attention layer) to prompt_attention (two GEMMs a block of queries; in fp32, and for fewer
+    queries, PyTorch's kernel is as fast or faster).
     q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
     T = q.shape[1]
     if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
         return cpu_gemv.attention(q, k, v, q_pos, k_pos, window)
     if T >= prompt_attention.MIN_TOKENS and q.dtype is torch.bfloat16 and q.device.type == "cpu":
-        start = causal_prompt(q_pos, k_pos, window)
-        if start is not None:
-            keys, values = k[:, start:start + T], v[:, start:start + T]
+        span = prompt_attention.causal_span(q_pos, k_pos, window)
+        if span is not None:
+            start, offset = span
+            keys, values = k[:, start:start + offset + T], v[:, start:start + offset + T]
             if prompt_attention.applies(q, keys, values):
                 return prompt_attention.prompt_attention(q, keys, values)
     return sdpa_attention(q, k, v, q_pos, k_pos, window)

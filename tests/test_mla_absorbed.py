@@ -61,6 +61,37 @@ def test_bf16_close_to_the_reference(T):
     assert rel_err(out.float(), ref) <= 3e-2
 
 
+@pytest.mark.parametrize("offset", [0, 40], ids=["prompt", "later-chunk"])
+def test_long_bf16_prompts_take_prompt_attention(offset, monkeypatch):
+    """MIN_TOKENS or more bf16 queries that see their prompt's keys (a prompt into an empty cache, or a later chunk
+    after 40 cached keys) go through prompt_attention (the reference's fp32 scaling, value heads of their own size):
+    close to the bf16 reference, and no farther from the exact result than the reference is."""
+    from mistral_ref.backends import cpu_gemv, prompt_attention
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    g = torch.Generator().manual_seed(5)
+    B, T, H, n, r, v, c = 1, prompt_attention.MIN_TOKENS + 6, 4, 6, 4, 5, 8
+    S = offset + T + 3  # the cache's last 3 slots empty
+    q_nope, q_rope = torch.randn(B, T, H, n, generator=g), torch.randn(B, T, H, r, generator=g)
+    latents, k_rope = torch.randn(B, S, c, generator=g), torch.randn(B, S, r, generator=g)
+    w = torch.randn(H * (n + v), c, generator=g)
+    k_pos = torch.cat([torch.arange(offset + T), torch.full((3,), -1)])[None]
+    q_pos = torch.arange(offset, offset + T)[None]
+    args = [t.bfloat16() for t in (q_nope, q_rope, latents, k_rope, w)] + [v, q_pos, k_pos, 0.3]
+    calls = []
+    real = prompt_attention.prompt_attention
+    monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    out = latent_attention(*args)
+    assert len(calls) == 1 and calls[0]["scaled_fp32"] and out.shape == (B, T, H, v)
+    ref16 = reference_latent_attention(*args)
+    exact = reference_latent_attention(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                         for a in args])
+    assert rel_err(out, ref16) < 3e-2  # (as test_bf16_close_to_the_reference: the reference rounds its two
+    # partial scores and their sum to bf16, the GEMM the whole dot product once)
+    assert rel_err(out, exact) <= 1.5 * rel_err(ref16, exact) + 2 ** -9
+
+
 def test_the_torch_form_absorbs_while_that_is_cheaper(monkeypatch):
     """Absorbed while T (2c - n - v) < (n + v) c: here c = 8, n = 6, v = 5, so up to 17 queries a row."""
     import mistral_ref.backends.mla as fast

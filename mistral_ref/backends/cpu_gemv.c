@@ -1809,12 +1809,13 @@ static void scores_of(const float *q, const uint16_t *qb, const int64_t *slot, i
 #undef SCORES
 }
 
-/* the reference's softmax of one head's n scores: x = score * scale (bf16: each rounded), then e^(x - max) / sum
- * (bf16: rounded).  The scores are read from `in` (bf16 if in_bf16, else fp32; may be p), p holds the n values
- * meanwhile, and the probabilities go to `out` (bf16 if out_bf16, else fp32; may be p or in) */
+/* the reference's softmax of one head's n scores: x = score * scale (bf16: each rounded, and so is x unless
+ * scaled_fp32: latent attention's reference scales in fp32), then e^(x - max) / sum (bf16: rounded).  The scores
+ * are read from `in` (bf16 if in_bf16, else fp32; may be p), p holds the n values meanwhile, and the probabilities
+ * go to `out` (bf16 if out_bf16, else fp32; may be p or in) */
 static inline __attribute__((always_inline)) void softmax_io(const void *in, const int in_bf16, float *p, void *out,
                                                              const int out_bf16, int64_t n, float scale,
-                                                             const int bf16) {
+                                                             const int bf16, const int scaled_fp32) {
     const vec sc = v_set1(scale);
     vec best = v_set1(-INFINITY);
     int nan = 0;
@@ -1822,7 +1823,7 @@ static inline __attribute__((always_inline)) void softmax_io(const void *in, con
     for (; j + LANES <= n; j += LANES) {
         vec x = in_bf16 ? v_row((const char *)in + j * 2, 1) : v_load((const float *)in + j);
         if (bf16 && !in_bf16) x = v_round_bf16(x);  /* (bf16 scores are bf16 values already) */
-        x = bf16 ? v_round_bf16(v_mul(x, sc)) : v_mul(x, sc);
+        x = bf16 && !scaled_fp32 ? v_round_bf16(v_mul(x, sc)) : v_mul(x, sc);
         v_store(p + j, x);
         best = v_max(best, x);
         nan |= v_any_nan(x);
@@ -1830,7 +1831,7 @@ static inline __attribute__((always_inline)) void softmax_io(const void *in, con
     float top = v_top(best);
     for (; j < n; j++) {
         const float score = value_at(in, j, in_bf16);
-        float x = bf16 ? in_dtype(in_dtype(score, 1) * scale, 1) : score * scale;
+        float x = bf16 ? in_dtype(in_dtype(score, 1) * scale, !scaled_fp32) : score * scale;
         p[j] = x;
         top = x > top ? x : top;
         nan |= x != x;
@@ -1864,7 +1865,9 @@ static inline __attribute__((always_inline)) void softmax_io(const void *in, con
 }
 
 /* softmax_io in place on fp32 scores */
-static void softmax_row(float *p, int64_t n, float scale, const int bf16) { softmax_io(p, 0, p, p, 0, n, scale, bf16); }
+static void softmax_row(float *p, int64_t n, float scale, const int bf16) {
+    softmax_io(p, 0, p, p, 0, n, scale, bf16, 0);
+}
 
 /* y[g * d + c .. + LANES M) = sum_j prob[g * slots + j] v[slot[j]][c .. + LANES M) for the G heads; G, M (1 ..
  * VALUE_VECS) and BF16 are constants after inlining */
@@ -1961,12 +1964,12 @@ static int attend_grouped(const void *q, const void *k, const void *v, const int
 }
 #endif
 
-/* softmax_row value by value (builds without AVX2, head sizes the vector loops do not take): x = score * scale
- * (bf16: each rounded), then e^(x - max) by expf, divided by their sum (bf16: rounded) */
-static void softmax_plain(float *p, int64_t n, float scale, int bf16) {
+/* softmax_io value by value (builds without AVX2, head sizes the vector loops do not take): x = score * scale
+ * (bf16: each rounded, x too unless scaled_fp32), then e^(x - max) by expf, divided by their sum (bf16: rounded) */
+static void softmax_plain(float *p, int64_t n, float scale, int bf16, int scaled_fp32) {
     float best = -INFINITY, total = 0.0f;
     for (int64_t j = 0; j < n; j++) {
-        float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, 1) : p[j] * scale;
+        float x = bf16 ? in_dtype(in_dtype(p[j], 1) * scale, !scaled_fp32) : p[j] * scale;
         p[j] = x;
         best = j == 0 || x > best ? x : best;
     }
@@ -2033,7 +2036,7 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
         for (int64_t i = 0; i < head_dim; i++) qf[i] = value_at(q, bh * head_dim + i, io_bf16);
         if (!blind[b]) {
             for (int64_t j = 0; j < n; j++) prob[j] = dot_key(qf, (const char *)k + first + slot[j] * stride, io_bf16, head_dim);
-            softmax_plain(prob, n, scale, io_bf16);
+            softmax_plain(prob, n, scale, io_bf16, 0);
         } else {  /* no key: the reference's softmax of `slots` equal scores, a uniform average of every slot */
             for (int64_t j = 0; j < n; j++) prob[j] = in_dtype(1.0f / (float)slots, io_bf16);
         }
@@ -2054,13 +2057,12 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
  * for a block of its queries whose scores the caller has computed (backends/prompt_attention.py, one batched GEMM):
  * scores (groups, rows, cols), bf16 (io_bf16) or fp32, row r holding the query at position first + r % n against
  * the keys at positions 0 .. cols - 1 (rows = query heads x n, cols = first + n).  That query sees keys 0 .. first
- * + r % n: probs (same shape and dtype; may be scores) gets softmax(score * head_dim^-0.5) over them, rounded where
- * the reference rounds (softmax_row), and 0 for the keys it does not see.  Rows are shared among `threads`.
- * Returns 0, or -1 without memory. */
+ * + r % n: probs (same shape and dtype; may be scores) gets softmax(score * scale) over them, rounded where the
+ * reference rounds (softmax_io; scaled_fp32: as mla.latent_attention, the scaled scores not rounded), and 0 for
+ * the keys it does not see.  Rows are shared among `threads`.  Returns 0, or -1 without memory. */
 int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups, int64_t rows, int64_t cols,
-                   int64_t n, int64_t first, int64_t head_dim, int threads) {
+                   int64_t n, int64_t first, float scale, int scaled_fp32, int threads) {
     const int64_t size = io_bf16 ? 2 : 4, total = groups * rows;
-    const float scale = (float)pow((double)head_dim, -0.5);
     threads = threads < 1 ? 1 : threads;
     if (total == 0 || cols == 0) return 0;
     float *buf = malloc((size_t)(threads * cols) * sizeof(float));
@@ -2076,10 +2078,12 @@ int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups,
         const char *in = (const char *)scores + t * cols * size;
         char *out = (char *)probs + t * cols * size;
 #if CPU_GEMV_AVX2
-        if (io_bf16) softmax_io(in, 1, p, out, 1, seen, scale, 1); else softmax_io(in, 0, p, out, 0, seen, scale, 0);
+        if (io_bf16 && scaled_fp32) softmax_io(in, 1, p, out, 1, seen, scale, 1, 1);
+        else if (io_bf16) softmax_io(in, 1, p, out, 1, seen, scale, 1, 0);
+        else softmax_io(in, 0, p, out, 0, seen, scale, 0, 0);
 #else
         for (int64_t j = 0; j < seen; j++) p[j] = value_at(in, j, io_bf16);
-        softmax_plain(p, seen, scale, io_bf16);
+        softmax_plain(p, seen, scale, io_bf16, scaled_fp32);
         for (int64_t j = 0; j < seen; j++)
             if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(p[j]); else ((float *)out)[j] = p[j];
 #endif

@@ -1,5 +1,5 @@
-"""Latent attention, fast: the absorbed form for decode steps and short chunks, SDPA over expanded keys for long
-prompts.
+"""Latent attention, fast: the absorbed form for decode steps and short chunks, SDPA (or, for a bf16 prompt on a CPU,
+backends/prompt_attention.py) over expanded keys for long prompts.
 
 Equals: mla.latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight, v_head_dim, q_pos, k_pos, scale)
 (backend "reference"), tested in tests/test_mla_absorbed.py.  It is the "torch" backend's ``latent_attention``.
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_ref.attention import attention_mask
+from mistral_ref.backends import prompt_attention
 from mistral_ref.backends.linear import linear, upcast_on_cpu
 from mistral_ref.backends.sdpa import causal_prompt
 
@@ -56,11 +57,21 @@ def expanded_sdpa_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, l
                                    q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """mla.latent_attention with the expansion by the fast CPU product and the attention by
     F.scaled_dot_product_attention (the mask as an additive bias, as backends/sdpa.py; plain causal prompts use
-    the kernel's causal mode).  Same arguments and result."""
+    the kernel's causal mode), or, for MIN_TOKENS or more bf16 queries on a CPU that see their prompt's keys and
+    nothing else, by prompt_attention (two GEMMs a block, the reference's softmax in C with its fp32 scaling).
+    Same arguments and result."""
     B, S, _ = latents.shape
     T, H, n = q_nope.shape[1], q_nope.shape[2], q_nope.shape[3]
     kv = linear(latents, kv_b_weight).view(B, S, H, n + v_head_dim)
     k_nope, v = kv.split([n, v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
+    if T >= prompt_attention.MIN_TOKENS and q_nope.dtype is torch.bfloat16 and q_nope.device.type == "cpu":
+        span = prompt_attention.causal_span(q_pos, k_pos, None)
+        if span is not None:
+            start, stop = span[0], span[0] + span[1] + T  # the slots of the prompt's keys
+            q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, n + r)
+            k = torch.cat([k_nope[:, start:stop], k_rope[:, start:stop, None, :].expand(-1, -1, H, -1)], dim=-1)
+            if prompt_attention.applies(q, k, v[:, start:stop]):
+                return prompt_attention.prompt_attention(q, k, v[:, start:stop], scale=scale, scaled_fp32=True)
     q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, n + r)
     k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, S, H, -1)], dim=-1).transpose(1, 2)  # (B, H, S, n + r)
     v = v.transpose(1, 2)  # (B, H, S, v)

@@ -7,7 +7,9 @@ first chunk into an empty cache, a later chunk into a full-attention layer's cac
 roundings in bf16: the scores rounded to bf16 as its einsum returns them, then scaled and rounded, the softmax in
 fp32, the probabilities rounded, the weighted values summed in fp32 and rounded (the GEMMs' sums in another order
 than the reference's einsums; fp32 within 1e-6).  tests/test_cpu_gemv.py checks it against the reference in
-every build, in bf16 and fp32, with GQA, head_dim != dim / n_heads, over blocks and after earlier chunks.
+every build, in bf16 and fp32, with GQA, head_dim != dim / n_heads, over blocks and after earlier chunks.  Latent
+attention's expanded form (backends/mla.py) calls it too, with mla.latent_attention's scale, its scores scaled in
+fp32 (scaled_fp32) and value heads of their own size (tests/test_mla_absorbed.py).
 
 Why: on a CPU, F.scaled_dot_product_attention runs PyTorch's flash-attention loops, which keep the scores in
 registers but multiply far below the machine's GEMM rate; here the scores of a block of `block` queries (times
@@ -64,10 +66,12 @@ def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) ->
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether prompt_attention takes these queries and keys: several queries and at least as many keys (at most
-    MAX_KEYS), on a CPU with the C kernels loaded, q, k and v all bf16 or all fp32 ((B, T, heads, head_dim) and
-    (B, offset + T, kv_heads, head_dim)), whole groups of query heads, no autograd."""
-    return (q.ndim == 4 and k.ndim == 4 and 1 < q.shape[1] <= k.shape[1] <= MAX_KEYS and k.shape == v.shape
-            and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3] and k.shape[2] > 0
+    MAX_KEYS), on a CPU with the C kernels loaded, q, k and v all bf16 or all fp32 ((B, T, heads, head_dim),
+    (B, offset + T, kv_heads, head_dim) and (B, offset + T, kv_heads, v_head_dim)), whole groups of query heads, no
+    autograd."""
+    return (q.ndim == 4 and k.ndim == 4 and v.ndim == 4 and 1 < q.shape[1] <= k.shape[1] <= MAX_KEYS
+            and k.shape[:3] == v.shape[:3] and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+            and k.shape[2] > 0 and v.shape[3] > 0
             and q.shape[2] % k.shape[2] == 0 and q.dtype in (torch.bfloat16, torch.float32)
             and k.dtype is q.dtype and v.dtype is q.dtype
             and q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
@@ -83,26 +87,29 @@ def block_size(groups: int, rep: int, keys: int, element_size: int) -> int:
     return block
 
 
-def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads: int | None = None,
+                     scale: float | None = None, scaled_fp32: bool = False) -> torch.Tensor:
     """Causal attention of T queries over their prompt's keys (:func:`applies`): with offset = keys - T (the keys
-    of earlier chunks), query t sees keys 0 .. offset + t.
+    of earlier chunks), query t sees keys 0 .. offset + t.  scale: of the scores (None: head_dim ** -0.5, as
+    attention.attention); scaled_fp32: the scaled scores are not rounded to bf16 (mla.latent_attention's rule).
 
-    q: (B, T, n_heads, head_dim); k, v: (B, offset + T, n_kv_heads, head_dim) -> (B, T, n_heads, head_dim) in q's
-    dtype."""
+    q: (B, T, n_heads, head_dim); k: (B, offset + T, n_kv_heads, head_dim); v: (B, offset + T, n_kv_heads,
+    v_head_dim) -> (B, T, n_heads, v_head_dim) in q's dtype."""
     if not applies(q, k, v):
         raise ValueError(f"prompt_attention: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v "
                          f"{tuple(v.shape)} {v.dtype} are not one prompt's bf16 or fp32 queries, keys and values "
                          f"on a CPU with the C kernels loaded ({cpu_gemv.status()})")
     threads = torch.get_num_threads() if threads is None else threads
     B, T, H, D = q.shape
-    S, kv_heads = k.shape[1:3]
+    S, kv_heads, Dv = k.shape[1], k.shape[2], v.shape[3]
+    scale = D ** -0.5 if scale is None else scale
     offset = S - T  # keys before the first query's own
     rep = H // kv_heads  # query heads per key-value head
     groups = B * kv_heads
     keys = k.transpose(1, 2).reshape(groups, S, D)  # (B x kv_heads, S, D): a group's keys in rows
-    values = v.transpose(1, 2).reshape(groups, S, D)
+    values = v.transpose(1, 2).reshape(groups, S, Dv)
     q = q.reshape(B, T, kv_heads, rep, D)  # (a view where q is contiguous)
-    out = torch.empty(B, T, kv_heads, rep, D, dtype=q.dtype)
+    out = torch.empty(B, T, kv_heads, rep, Dv, dtype=q.dtype)
     block = block_size(groups, rep, S, q.element_size())
     # one buffer for every block's scores (a fresh one per block would be new pages, faulted in and zeroed each time)
     buffer = torch.empty(groups * rep * block * S, dtype=q.dtype)
@@ -113,8 +120,9 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
         scores = buffer[:groups * rep * n * last].view(groups, rep * n, last)
         torch.bmm(queries, keys[:, :last].transpose(1, 2), out=scores)  # (groups, rep x n, last)
         if cpu_gemv.library().softmax_causal(scores.data_ptr(), scores.data_ptr(), int(q.dtype == torch.bfloat16),
-                                             groups, rep * n, last, n, offset + first, D, threads):
+                                             groups, rep * n, last, n, offset + first, scale, int(scaled_fp32),
+                                             threads):
             raise MemoryError(f"prompt_attention: no memory for {threads} rows of {last} scores")
-        o = torch.bmm(scores, values[:, :last])  # (groups, rep x n, D)
-        out[:, first:first + n] = o.view(B, kv_heads, rep, n, D).permute(0, 3, 1, 2, 4)
-    return out.view(B, T, H, D)
+        o = torch.bmm(scores, values[:, :last])  # (groups, rep x n, Dv)
+        out[:, first:first + n] = o.view(B, kv_heads, rep, n, Dv).permute(0, 3, 1, 2, 4)
+    return out.view(B, T, H, Dv)

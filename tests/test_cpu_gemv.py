@@ -881,6 +881,24 @@ def test_prompt_attention_equals_the_reference_attention(build, case, dtype, mon
         assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prompt_attention_with_latent_attentions_scale_and_value_size(build, dtype, monkeypatch):
+    """The form latent attention's expanded prompts call (backends/mla.py): a scale of their own, the scaled scores
+    left in fp32 (mla.latent_attention's `scores.float() * scale`), values of another head size than the keys;
+    against that reference's softmax written out here, over blocks and after 30 earlier keys."""
+    monkeypatch.setattr(prompt_attention, "BLOCK", 16)
+    q, k, _, pos = _prompt(1, 45, 4, 4, 20, dtype, offset=30)
+    v = torch.randn(1, 75, 4, 12, generator=torch.Generator().manual_seed(3)).to(dtype)
+    k_pos = torch.arange(75)[None]
+    got = prompt_attention.prompt_attention(q, k, v, threads=2, scale=0.3, scaled_fp32=True)
+    scores = torch.einsum("bthd,bshd->bhts", q, k)  # in q's dtype, as mla.latent_attention's einsums
+    mask = attention_mask(pos, k_pos, None)[:, None]
+    probs = torch.softmax((scores.float() * 0.3).masked_fill(~mask, torch.finfo(torch.float32).min), -1).to(dtype)
+    want = torch.einsum("bhts,bshd->bthd", probs, v)
+    assert got.shape == (1, 45, 4, 12) and got.dtype == dtype
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
+
+
 def test_prompt_attention_sees_no_later_key(monkeypatch):
     """A query's result depends on keys 0 .. its own position only: a NaN key at position 20 makes the queries at
     20 and after NaN on its key / value head (as in the reference) and leaves every earlier query unchanged, in

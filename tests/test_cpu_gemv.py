@@ -899,6 +899,33 @@ def test_prompt_attention_with_latent_attentions_scale_and_value_size(build, dty
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
 
 
+def test_prompt_rows_takes_a_ragged_batch_row_by_row(monkeypatch):
+    """A batch as the server's scheduler prefills it: row 0 a whole chunk, row 1 a later chunk after 30 cached keys
+    then 6 padding queries, row 2 a prompt shorter than MIN_TOKENS then padding, row 3 only padding (SDPA, each
+    row alone).  Rows 0 and 1 go through prompt_attention; every row equals the reference, the padding queries
+    included (the reference's uniform average of every slot)."""
+    calls = []
+    real = prompt_attention.prompt_attention
+    monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    T, S, H, K, D = prompt_attention.MIN_TOKENS + 8, 110, 6, 2, 32
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(4, T, H, D, generator=g) * 2).bfloat16()
+    k, v = (torch.randn(4, S, K, D, generator=g).bfloat16() for _ in range(2))
+    q_pos = torch.full((4, T), -1)
+    k_pos = torch.full((4, S), -1)
+    q_pos[0], k_pos[0, :T] = torch.arange(T), torch.arange(T)
+    q_pos[1, :T - 6], k_pos[1, :30 + T - 6] = torch.arange(30, 30 + T - 6), torch.arange(30 + T - 6)
+    q_pos[2, :20], k_pos[2, :20] = torch.arange(20), torch.arange(20)
+    got = prompt_attention.prompt_rows(q, k, v, q_pos, k_pos, None)
+    want = attention(q, k, v, q_pos, k_pos, None)
+    assert len(calls) == 2 and got.shape == want.shape and got.dtype == torch.bfloat16
+    for b in (0, 1, 3):
+        assert rel_err(got[b], want[b]) < BF16_RTOL, b
+    assert rel_err(got[2], want[2]) < 3e-2  # (SDPA's own roundings)
+    assert torch.equal(got[1, T - 6:], want[1, T - 6:])  # row 1's padding: the reference's uniform average, bitwise
+    assert prompt_attention.prompt_rows(q[2:], k[2:], v[2:], q_pos[2:], k_pos[2:], None) is None  # no row qualifies
+
+
 def test_prompt_attention_sees_no_later_key(monkeypatch):
     """A query's result depends on keys 0 .. its own position only: a NaN key at position 20 makes the queries at
     20 and after NaN on its key / value head (as in the reference) and leaves every earlier query unchanged, in
@@ -978,8 +1005,8 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
 def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
     """backends/pytorch.py's attention: a bf16 prompt of MIN_TOKENS attending to itself (in an empty cache: the
     keys after it are empty slots), or a second chunk of it (earlier keys in the cache), goes to
-    prompt_attention; fp32 prompts, shorter ones, rows at different positions and a machine without the C kernels
-    go to SDPA.  Every one equals the reference."""
+    prompt_attention, and rows at different positions row by row (prompt_rows); fp32 prompts, shorter ones and a
+    machine without the C kernels go to SDPA.  Every one equals the reference."""
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -999,7 +1026,7 @@ def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypa
         pos = torch.cat([pos + 4, pos])
         k_pos = torch.cat([torch.arange(T + 4)[None], torch.cat([torch.arange(T), torch.full((4,), -1)])[None]])
     got = pytorch_backend.attention(q, k, v, pos, k_pos, None)
-    assert len(calls) == (case in ("bf16-prompt", "second-chunk"))
+    assert len(calls) == {"bf16-prompt": 1, "second-chunk": 1, "ragged-rows": 2}.get(case, 0)  # (rows: one each)
     want = attention(q, k, v, pos, k_pos, None)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-2)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from mistral_ref.backends import cpu_gemv
+from mistral_ref.backends.sdpa import sdpa_attention
 
 # Queries a block: the scores of one block are (B x kv_heads, rep x block, keys) values, kept below SCORE_BYTES;
 # longer prompts take smaller blocks, down to MIN_BLOCK, and beyond MAX_KEYS keys the flash-attention kernel
@@ -126,3 +127,49 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
         o = torch.bmm(scores, values[:, :last])  # (groups, rep x n, Dv)
         out[:, first:first + n] = o.view(B, kv_heads, rep, n, Dv).permute(0, 3, 1, 2, 4)
     return out.view(B, T, H, Dv)
+
+
+def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                window: int | None) -> torch.Tensor | None:
+    """attention.attention for a batch of prompts (or later chunks of them), each row's queries followed by padding
+    (-1), as the server's scheduler prefills them: one call where every row has the same span (:func:`causal_span`),
+    else row by row, each row with MIN_TOKENS or more queries that see their prompt's keys through prompt_attention
+    (its padding queries, which see no key, get the reference's uniform average of every slot's value) and the
+    other rows through sdpa_attention.  None where no row qualifies (the caller then runs SDPA on the batch).
+
+    q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S)."""
+    B, T = q_pos.shape
+    span = causal_span(q_pos, k_pos, window)
+    if span is not None:  # every row alike (one prompt, or prompts of one length)
+        start, stop = span[0], span[0] + span[1] + T
+        if applies(q, k[:, start:stop], v[:, start:stop]):
+            return prompt_attention(q, k[:, start:stop], v[:, start:stop])
+        return None
+    plans = []  # per row: (queries before its padding, where its keys are) or None: SDPA
+    for b in range(B):
+        n = int((q_pos[b] >= 0).sum())
+        row_span = None
+        if n >= MIN_TOKENS and bool((q_pos[b, n:] < 0).all()):
+            row_span = causal_span(q_pos[b:b + 1, :n], k_pos[b:b + 1], window)
+        if row_span is not None:
+            start, stop = row_span[0], row_span[0] + row_span[1] + n
+            if not applies(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop]):
+                row_span = None
+        plans.append(None if row_span is None else (n, row_span[0], row_span[0] + row_span[1] + n))
+    if all(plan is None for plan in plans):
+        return None
+    rows = []
+    for b, plan in enumerate(plans):
+        if plan is None:
+            rows.append(sdpa_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_pos[b:b + 1], k_pos[b:b + 1], window))
+            continue
+        n, start, stop = plan
+        out = prompt_attention(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop])  # (1, n, H, D)
+        if n < T:  # padding queries: the softmax of S equal scores, 1 / S each, rounded as the reference rounds it
+            S, H = k.shape[1], q.shape[2]
+            uniform = torch.full((S,), 1.0 / S).to(q.dtype)
+            average = torch.einsum("s,bskd->bkd", uniform, v[b:b + 1])  # (1, kv_heads, D)
+            average = average.repeat_interleave(H // k.shape[2], dim=1)  # (1, H, D)
+            out = torch.cat([out, average[:, None].expand(1, T - n, H, out.shape[3])], dim=1)
+        rows.append(out)
+    return torch.cat(rows)

@@ -49,19 +49,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     """sdpa_attention; a decode step (one query per row) on a CPU goes to the C kernel (cpu_gemv.attention: the
     keys the query sees, nothing else) where it is available, and MIN_TOKENS or more bf16 queries of a prompt on a
     CPU that see their prompt's keys and nothing else (prompt_attention.causal_span: a prompt, or a later chunk of
-    it in a full-attention layer) to prompt_attention (two GEMMs a block of queries; in fp32, and for fewer
-    queries, PyTorch's kernel is as fast or faster).
+    it in a full-attention layer; prompt_rows: row by row in a batch of them with padding) to prompt_attention
+    (two GEMMs a block of queries; in fp32, and for fewer queries, PyTorch's kernel is as fast or faster).
     q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
     T = q.shape[1]
     if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:
         return cpu_gemv.attention(q, k, v, q_pos, k_pos, window)
     if T >= prompt_attention.MIN_TOKENS and q.dtype is torch.bfloat16 and q.device.type == "cpu":
-        span = prompt_attention.causal_span(q_pos, k_pos, window)
-        if span is not None:
-            start, offset = span
-            keys, values = k[:, start:start + offset + T], v[:, start:start + offset + T]
-            if prompt_attention.applies(q, keys, values):
-                return prompt_attention.prompt_attention(q, keys, values)
+        out = prompt_attention.prompt_rows(q, k, v, q_pos, k_pos, window)  # None: no row of the batch qualifies
+        if out is not None:
+            return out
     return sdpa_attention(q, k, v, q_pos, k_pos, window)
 
 

@@ -128,10 +128,10 @@ def test_unpadded_prompt_equals_reference(name):
 @pytest.mark.parametrize("name", ["nemo", "ministral3"])
 def test_long_bf16_prompt_takes_prompt_attention_and_equals_reference(name, chunks, monkeypatch):
     """A bf16 prompt of prompt_attention.MIN_TOKENS and more on a CPU, in one pass or in two chunks into a KV
-    cache: its full-attention layers go through prompt_attention (two GEMMs a block, the reference's softmax in C;
-    the second chunk also sees the first one's keys; Ministral 3's windowed layers, shorter than the prompt, keep
-    SDPA's masked path), and its logits are nearer the bf16 reference than SDPA's (it rounds where the reference
-    rounds), with the same argmax wherever the fp32 margin is clear of bf16's error."""
+    cache, goes through prompt_attention (two GEMMs a block, the reference's softmax in C; the second chunk also
+    sees the first one's keys; Ministral 3's windowed layers apply their window there too, and take SDPA's masked
+    path for the second chunk), and its logits are nearer the bf16 reference than SDPA's (it rounds where the
+    reference rounds), with the same argmax wherever the fp32 margin is clear of bf16's error."""
     from mistral_ref.backends import cpu_gemv, prompt_attention
     from mistral_ref.cache import KVCache
 
@@ -158,10 +158,12 @@ def test_long_bf16_prompt_takes_prompt_attention_and_equals_reference(name, chun
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out16 = run(model, "torch", forward)
     windowed = sum(args.window_for_layer(i) is not None for i in range(args.n_layers))
-    assert len(calls) == chunks * (args.n_layers - windowed) > 0
+    # every layer's first chunk (a windowed layer's: behind its empty rolling buffer); a later chunk, the full
+    # layers only (a rolling buffer that has wrapped holds no prompt in order: SDPA)
+    assert len(calls) == args.n_layers + (chunks - 1) * (args.n_layers - windowed)
     monkeypatch.setattr(prompt_attention, "applies", lambda *a: False)
     sdpa16 = run(model, "torch", forward)
-    assert rel_err(out16, ref16) < rel_err(sdpa16, ref16)  # (Nemo in one pass: 0, bitwise the reference; SDPA 0.03)
+    assert rel_err(out16, ref16) < rel_err(sdpa16, ref16)  # (one pass: 0, bitwise the reference; SDPA 0.03-0.13)
     top2 = ref.topk(2, dim=-1).values
     clear = top2[..., 0] - top2[..., 1] > 2 * (ref16 - ref).abs().amax(-1)
     assert clear.sum() >= ref.shape[1] // 3

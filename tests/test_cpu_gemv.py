@@ -839,13 +839,17 @@ def test_attend_one_refuses_arguments_that_do_not_fit(bad):
 
 # ---- a prompt's causal attention (backends/prompt_attention.py: GEMMs + softmax_causal) --------------------------
 
-PROMPT_CASES = {  # (batch, T, heads, kv_heads, head_dim, block, offset: keys of earlier chunks)
-    "gqa-6-over-2-blocks-of-16": (1, 75, 6, 2, 24, 16, 0),  # 75 = 4 blocks of 16 + 11; head_dim 24 (no lane multiple)
-    "mha-batch-2": (2, 40, 3, 3, 48, 16, 0),
-    "nemo-head-dim-128": (1, 150, 8, 2, 128, 128, 0),  # a block of 128, then 22
-    "one-block-odd-keys": (1, 37, 4, 1, 64, 128, 0),  # every softmax row ends in a tail of LANES
-    "chunk-after-50-keys": (1, 40, 6, 2, 24, 16, 50),  # a later chunk: 50 earlier keys, then its own 40
-    "chunk-batch-2-after-100": (2, 70, 4, 2, 32, 128, 100),
+PROMPT_CASES = {  # (batch, T, heads, kv_heads, head_dim, block, offset: keys of earlier chunks, window)
+    "gqa-6-over-2-blocks-of-16": (1, 75, 6, 2, 24, 16, 0, None),  # 4 blocks of 16 + 11; head_dim 24 (no lane multiple)
+    "mha-batch-2": (2, 40, 3, 3, 48, 16, 0, None),
+    "nemo-head-dim-128": (1, 150, 8, 2, 128, 128, 0, None),  # a block of 128, then 22
+    "one-block-odd-keys": (1, 37, 4, 1, 64, 128, 0, None),  # every softmax row ends in a tail of LANES
+    "chunk-after-50-keys": (1, 40, 6, 2, 24, 16, 50, None),  # a later chunk: 50 earlier keys, then its own 40
+    "chunk-batch-2-after-100": (2, 70, 4, 2, 32, 128, 100, None),
+    "window-7-blocks-of-16": (1, 75, 6, 2, 24, 16, 0, 7),  # a window shorter than a block
+    "window-40-blocks-of-16": (2, 75, 4, 2, 32, 16, 0, 40),  # blocks whose first keys the window hides
+    "chunk-after-50-window-20": (1, 40, 6, 2, 24, 16, 50, 20),
+    "window-over-every-key": (1, 30, 4, 2, 16, 16, 0, 64),  # (a window longer than the prompt: none)
 }
 
 
@@ -862,19 +866,19 @@ def _prompt(batch, T, heads, kv_heads, head_dim, dtype, seed=0, offset=0):
 @pytest.mark.parametrize("case", PROMPT_CASES, ids=list(PROMPT_CASES))
 def test_prompt_attention_equals_the_reference_attention(build, case, dtype, monkeypatch):
     """prompt_attention == attention.attention for a prompt attending to itself, or a later chunk of it to its own
-    keys and the earlier ones, block by block: fp32 within fp32 rounding; bf16 as close to the reference as one
-    bf16 rounding of the output (the same roundings: the GEMMs' fp32 sums in another order), and no farther from
-    the exact result than the reference is."""
-    batch, T, heads, kv_heads, head_dim, block, offset = PROMPT_CASES[case]
+    keys and the earlier ones, block by block, with and without a window: fp32 within fp32 rounding; bf16 as close
+    to the reference as one bf16 rounding of the output (the same roundings: the GEMMs' fp32 sums in another
+    order), and no farther from the exact result than the reference is."""
+    batch, T, heads, kv_heads, head_dim, block, offset, window = PROMPT_CASES[case]
     monkeypatch.setattr(prompt_attention, "BLOCK", block)
     q, k, v, pos = _prompt(batch, T, heads, kv_heads, head_dim, dtype, offset=offset)
     k_pos = torch.arange(offset + T).repeat(batch, 1)
-    assert prompt_attention.applies(q, k, v) and prompt_attention.causal_span(pos, k_pos, None) == (0, offset)
-    got = prompt_attention.prompt_attention(q, k, v, threads=2)
-    want = attention(q, k, v, pos, k_pos, None)
+    assert prompt_attention.applies(q, k, v) and prompt_attention.causal_span(pos, k_pos) == (0, offset)
+    got = prompt_attention.prompt_attention(q, k, v, threads=2, window=window)
+    want = attention(q, k, v, pos, k_pos, window)
     assert got.shape == want.shape and got.dtype == dtype
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
-    exact = attention(q.double(), k.double(), v.double(), pos, k_pos, None)
+    exact = attention(q.double(), k.double(), v.double(), pos, k_pos, window)
     if dtype == torch.float32:
         assert rel_err(got, exact) < 1e-6
     else:
@@ -957,7 +961,8 @@ SPANS = {  # q_pos (B, T) and k_pos (B, S) rows, window -> causal_span's (start,
     "empty-rolling-cache": ([[0, 1, 2]], [[-1, -1, -1, -1, 0, 1, 2]], 4, (4, 0)),
     "later-chunk": ([[3, 4, 5]] * 2, [[0, 1, 2, 3, 4, 5, -1]] * 2, None, (0, 3)),
     "later-chunk-window-long-enough": ([[3, 4, 5]], [[0, 1, 2, 3, 4, 5]], 6, (0, 3)),
-    "window-shorter": ([[3, 4, 5]], [[0, 1, 2, 3, 4, 5]], 5, None),
+    "window-shorter": ([[3, 4, 5]], [[0, 1, 2, 3, 4, 5]], 2, (0, 3)),  # (the window: prompt_attention's to apply)
+    "long-prompt-into-empty-rolling-buffer": ([[0, 1, 2, 3, 4]], [[-1, -1, 0, 1, 2, 3, 4]], 2, (2, 0)),
     "rows-at-other-offsets": ([[3, 4, 5], [0, 1, 2]], [[0, 1, 2, 3, 4, 5], [0, 1, 2, -1, -1, -1]], None, None),
     "padded-query": ([[-1, 4, 5]], [[0, 1, 2, 3, 4, 5]], None, None),
     "rolling-buffer-wrapped": ([[6, 7]], [[4, 5, 6, 7]], None, None),  # positions 0-3 overwritten
@@ -969,16 +974,18 @@ SPANS = {  # q_pos (B, T) and k_pos (B, S) rows, window -> causal_span's (start,
 @pytest.mark.parametrize("case", SPANS, ids=list(SPANS))
 def test_causal_span_finds_exactly_the_prompts_that_see_their_own_keys(case):
     """causal_span says where a chunk's queries see their prompt's keys and nothing else (then prompt_attention's
-    "query offset + i sees keys 0 .. offset + i" is attention_mask's answer), and None anywhere else."""
+    "query offset + i sees keys 0 .. offset + i, the last `window` of them" is attention_mask's answer), and None
+    anywhere else."""
     q_pos, k_pos, window, want = SPANS[case]
     q_pos, k_pos = torch.tensor(q_pos), torch.tensor(k_pos)
-    assert prompt_attention.causal_span(q_pos, k_pos, window) == want
+    assert prompt_attention.causal_span(q_pos, k_pos) == want
     if want is not None:
         start, offset = want
         T = q_pos.shape[1]
         expected = torch.zeros(k_pos.shape[1], dtype=torch.bool).repeat(*q_pos.shape, 1)
         for i in range(T):
-            expected[:, i, start:start + offset + i + 1] = True
+            first = 0 if window is None else max(0, offset + i - window + 1)
+            expected[:, i, start + first:start + offset + i + 1] = True
         assert torch.equal(attention_mask(q_pos, k_pos, window), expected)
 
 
@@ -1000,13 +1007,14 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
         prompt_attention.prompt_attention(q, k, v)
 
 
-@pytest.mark.parametrize("case", ["bf16-prompt", "second-chunk", "fp32-prompt", "short-prompt", "ragged-rows",
-                                  "kernels-off"])
+@pytest.mark.parametrize("case", ["bf16-prompt", "second-chunk", "windowed-prompt", "fp32-prompt", "short-prompt",
+                                  "ragged-rows", "kernels-off"])
 def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
     """backends/pytorch.py's attention: a bf16 prompt of MIN_TOKENS attending to itself (in an empty cache: the
-    keys after it are empty slots), or a second chunk of it (earlier keys in the cache), goes to
-    prompt_attention, and rows at different positions row by row (prompt_rows); fp32 prompts, shorter ones and a
-    machine without the C kernels go to SDPA.  Every one equals the reference."""
+    keys after it are empty slots), or a second chunk of it (earlier keys in the cache), or one under a window
+    shorter than itself goes to prompt_attention, and rows at different positions row by row (prompt_rows);
+    fp32 prompts, shorter ones and a machine without the C kernels go to SDPA.  Every one equals the
+    reference."""
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -1025,9 +1033,11 @@ def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypa
         q, k, v = (torch.cat([t, t.flip(1)]) for t in (q, k, v))
         pos = torch.cat([pos + 4, pos])
         k_pos = torch.cat([torch.arange(T + 4)[None], torch.cat([torch.arange(T), torch.full((4,), -1)])[None]])
-    got = pytorch_backend.attention(q, k, v, pos, k_pos, None)
-    assert len(calls) == {"bf16-prompt": 1, "second-chunk": 1, "ragged-rows": 2}.get(case, 0)  # (rows: one each)
-    want = attention(q, k, v, pos, k_pos, None)
+    window = 9 if case == "windowed-prompt" else None
+    got = pytorch_backend.attention(q, k, v, pos, k_pos, window)
+    expected_calls = {"bf16-prompt": 1, "second-chunk": 1, "windowed-prompt": 1, "ragged-rows": 2}  # (rows: one each)
+    assert len(calls) == expected_calls.get(case, 0)
+    want = attention(q, k, v, pos, k_pos, window)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-2)
 
 

@@ -2053,15 +2053,16 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     return 0;
 }
 
-/* attention.attention's softmax for a prompt that attends to itself (causal; no window shorter than the prompt),
+/* attention.attention's softmax for a prompt that attends to itself (causal, within `window` positions if >= 1),
  * for a block of its queries whose scores the caller has computed (backends/prompt_attention.py, one batched GEMM):
  * scores (groups, rows, cols), bf16 (io_bf16) or fp32, row r holding the query at position first + r % n against
- * the keys at positions 0 .. cols - 1 (rows = query heads x n, cols = first + n).  That query sees keys 0 .. first
- * + r % n: probs (same shape and dtype; may be scores) gets softmax(score * scale) over them, rounded where the
- * reference rounds (softmax_io; scaled_fp32: as mla.latent_attention, the scaled scores not rounded), and 0 for
- * the keys it does not see.  Rows are shared among `threads`.  Returns 0, or -1 without memory. */
+ * the keys at positions 0 .. cols - 1 (positions counted from the block's first key; rows = query heads x n,
+ * cols = first + n).  That query, at q = first + r % n, sees keys max(0, q - window + 1) .. q: probs (same shape
+ * and dtype; may be scores) gets softmax(score * scale) over them, rounded where the reference rounds
+ * (softmax_io; scaled_fp32: as mla.latent_attention, the scaled scores not rounded), and 0 for the keys it does
+ * not see.  Rows are shared among `threads`.  Returns 0, or -1 without memory. */
 int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups, int64_t rows, int64_t cols,
-                   int64_t n, int64_t first, float scale, int scaled_fp32, int threads) {
+                   int64_t n, int64_t first, int64_t window, float scale, int scaled_fp32, int threads) {
     const int64_t size = io_bf16 ? 2 : 4, total = groups * rows;
     threads = threads < 1 ? 1 : threads;
     if (total == 0 || cols == 0) return 0;
@@ -2074,9 +2075,11 @@ int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups,
 #else
         float *p = buf;
 #endif
-        const int64_t seen = first + t % rows % n + 1;
-        const char *in = (const char *)scores + t * cols * size;
-        char *out = (char *)probs + t * cols * size;
+        const int64_t q = first + t % rows % n, lo = window >= 1 && q - window + 1 > 0 ? q - window + 1 : 0;
+        const int64_t seen = q + 1 - lo;  /* keys lo .. q */
+        const char *in = (const char *)scores + (t * cols + lo) * size;
+        char *out = (char *)probs + (t * cols + lo) * size;
+        memset(out - lo * size, 0, (size_t)lo * (size_t)size);  /* (before reading: in may be out) */
 #if CPU_GEMV_AVX2
         if (io_bf16 && scaled_fp32) softmax_io(in, 1, p, out, 1, seen, scale, 1, 1);
         else if (io_bf16) softmax_io(in, 1, p, out, 1, seen, scale, 1, 0);
@@ -2087,7 +2090,7 @@ int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups,
         for (int64_t j = 0; j < seen; j++)
             if (io_bf16) ((uint16_t *)out)[j] = float_to_bf16(p[j]); else ((float *)out)[j] = p[j];
 #endif
-        memset(out + seen * size, 0, (size_t)(cols - seen) * (size_t)size);
+        memset(out + seen * size, 0, (size_t)(cols - lo - seen) * (size_t)size);
     }
     free(buf);
     return 0;

@@ -92,8 +92,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "rms_norm_rows": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float],
     # (q, k, v, k_pos, q_pos, window, out, io_bf16, batch, slots, heads, kv_heads, head_dim, threads)
     "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
-    # (scores, probs, io_bf16, groups, rows, cols, n, first, scale, scaled_fp32, threads): prompt_attention.py
-    "softmax_causal": [_P, _P, _INT, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT, _INT],
+    # (scores, probs, io_bf16, groups, rows, cols, n, first, window, scale, scaled_fp32, threads): prompt_attention
+    "softmax_causal": [_P, _P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT, _INT],
 }
 
 _lib: ctypes.CDLL | None = None

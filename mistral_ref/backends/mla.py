@@ -65,7 +65,7 @@ def expanded_sdpa_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, l
     kv = linear(latents, kv_b_weight).view(B, S, H, n + v_head_dim)
     k_nope, v = kv.split([n, v_head_dim], dim=-1)  # (B, S, H, n), (B, S, H, v)
     if T >= prompt_attention.MIN_TOKENS and q_nope.dtype is torch.bfloat16 and q_nope.device.type == "cpu":
-        span = prompt_attention.causal_span(q_pos, k_pos, None)
+        span = prompt_attention.causal_span(q_pos, k_pos)
         if span is not None:
             start, stop = span[0], span[0] + span[1] + T  # the slots of the prompt's keys
             q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, n + r)

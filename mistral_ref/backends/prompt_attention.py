@@ -38,19 +38,20 @@ MAX_KEYS = 16384
 MIN_TOKENS = 64
 
 
-def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> tuple[int, int] | None:
+def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int] | None:
     """Where every row's T queries sit at the positions offset .. offset + T - 1 (the same in every row) and the
-    keys they see are slots start .. start + offset + T - 1 holding positions 0 .. offset + T - 1 in order, every
-    other slot empty (-1), with no window shorter than offset + T: (start, offset), else None.  Then
-    attention_mask is exactly "query offset + i sees keys 0 .. offset + i": a forward pass without cache and a
-    prompt's first chunk into an empty cache (offset 0; sdpa.causal_prompt), and each later chunk of it in a
-    full-attention layer's cache (the earlier chunks' keys in front of it).  Checked on the host.
+    keys are slots start .. start + offset + T - 1 holding positions 0 .. offset + T - 1 in order, every other
+    slot empty (-1): (start, offset), else None.  Then attention_mask is exactly "query offset + i sees keys
+    0 .. offset + i" (and within the last `window` positions, if the layer has a window): a forward pass without
+    cache and a prompt's first chunk into an empty cache (offset 0; a rolling layer's empty buffer in front), and
+    each later chunk of it in a full-attention layer's cache (the earlier chunks' keys in front of it).  Checked on
+    the host.
 
     q_pos: (B, T); k_pos: (B, S), -1 for empty slots."""
     B, T = q_pos.shape
     offset = int(q_pos[0, 0])
     span = offset + T
-    if offset < 0 or span > k_pos.shape[1] or (window is not None and window < span):
+    if offset < 0 or span > k_pos.shape[1]:
         return None
     positions = torch.arange(span, device=q_pos.device).expand(B, -1)  # (B, offset + T)
     if not torch.equal(q_pos, positions[:, offset:]):
@@ -80,19 +81,23 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and cpu_gemv.library() is not None)
 
 
-def block_size(groups: int, rep: int, keys: int, element_size: int) -> int:
-    """Queries a block for `groups` (batch x kv_heads) groups of `rep` query heads against `keys` keys."""
+def block_size(groups: int, rep: int, keys: int, element_size: int, window: int | None = None) -> int:
+    """Queries a block for `groups` (batch x kv_heads) groups of `rep` query heads against `keys` keys (or, with a
+    window, at most window + block of them)."""
     block = BLOCK
-    while block > MIN_BLOCK and groups * rep * block * keys * element_size > SCORE_BYTES:
+    while block > MIN_BLOCK and groups * rep * block * (keys if window is None else min(keys, window + block)) \
+            * element_size > SCORE_BYTES:
         block //= 2
     return block
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads: int | None = None,
-                     scale: float | None = None, scaled_fp32: bool = False) -> torch.Tensor:
+                     scale: float | None = None, scaled_fp32: bool = False,
+                     window: int | None = None) -> torch.Tensor:
     """Causal attention of T queries over their prompt's keys (:func:`applies`): with offset = keys - T (the keys
-    of earlier chunks), query t sees keys 0 .. offset + t.  scale: of the scores (None: head_dim ** -0.5, as
-    attention.attention); scaled_fp32: the scaled scores are not rounded to bf16 (mla.latent_attention's rule).
+    of earlier chunks), query t sees keys 0 .. offset + t, the last `window` of them if window is set.  scale: of
+    the scores (None: head_dim ** -0.5, as attention.attention); scaled_fp32: the scaled scores are not rounded to
+    bf16 (mla.latent_attention's rule).
 
     q: (B, T, n_heads, head_dim); k: (B, offset + T, n_kv_heads, head_dim); v: (B, offset + T, n_kv_heads,
     v_head_dim) -> (B, T, n_heads, v_head_dim) in q's dtype."""
@@ -111,20 +116,22 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
     values = v.transpose(1, 2).reshape(groups, S, Dv)
     q = q.reshape(B, T, kv_heads, rep, D)  # (a view where q is contiguous)
     out = torch.empty(B, T, kv_heads, rep, Dv, dtype=q.dtype)
-    block = block_size(groups, rep, S, q.element_size())
+    window = None if window is not None and window >= S else window  # (a window over every key: none)
+    block = block_size(groups, rep, S, q.element_size(), window)
     # one buffer for every block's scores (a fresh one per block would be new pages, faulted in and zeroed each time)
-    buffer = torch.empty(groups * rep * block * S, dtype=q.dtype)
+    buffer = torch.empty(groups * rep * block * (S if window is None else min(S, window + block)), dtype=q.dtype)
     for first in range(0, T, block):
         n = min(block, T - first)
-        last = offset + first + n  # keys 0 .. last - 1: the last query of the block sees them all
+        last = offset + first + n  # keys .. last - 1: the last query of the block sees them
+        lo = 0 if window is None else max(0, offset + first - window + 1)  # the first key its first query sees
         queries = q[:, first:first + n].permute(0, 2, 3, 1, 4).reshape(groups, rep * n, D)  # rows: head, position
-        scores = buffer[:groups * rep * n * last].view(groups, rep * n, last)
-        torch.bmm(queries, keys[:, :last].transpose(1, 2), out=scores)  # (groups, rep x n, last)
+        scores = buffer[:groups * rep * n * (last - lo)].view(groups, rep * n, last - lo)
+        torch.bmm(queries, keys[:, lo:last].transpose(1, 2), out=scores)  # (groups, rep x n, last - lo)
         if cpu_gemv.library().softmax_causal(scores.data_ptr(), scores.data_ptr(), int(q.dtype == torch.bfloat16),
-                                             groups, rep * n, last, n, offset + first, scale, int(scaled_fp32),
-                                             threads):
-            raise MemoryError(f"prompt_attention: no memory for {threads} rows of {last} scores")
-        o = torch.bmm(scores, values[:, :last])  # (groups, rep x n, Dv)
+                                             groups, rep * n, last - lo, n, offset + first - lo,
+                                             -1 if window is None else window, scale, int(scaled_fp32), threads):
+            raise MemoryError(f"prompt_attention: no memory for {threads} rows of {last - lo} scores")
+        o = torch.bmm(scores, values[:, lo:last])  # (groups, rep x n, Dv)
         out[:, first:first + n] = o.view(B, kv_heads, rep, n, Dv).permute(0, 3, 1, 2, 4)
     return out.view(B, T, H, Dv)
 
@@ -139,18 +146,18 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
 
     q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S)."""
     B, T = q_pos.shape
-    span = causal_span(q_pos, k_pos, window)
+    span = causal_span(q_pos, k_pos)
     if span is not None:  # every row alike (one prompt, or prompts of one length)
         start, stop = span[0], span[0] + span[1] + T
         if applies(q, k[:, start:stop], v[:, start:stop]):
-            return prompt_attention(q, k[:, start:stop], v[:, start:stop])
+            return prompt_attention(q, k[:, start:stop], v[:, start:stop], window=window)
         return None
     plans = []  # per row: (queries before its padding, where its keys are) or None: SDPA
     for b in range(B):
         n = int((q_pos[b] >= 0).sum())
         row_span = None
         if n >= MIN_TOKENS and bool((q_pos[b, n:] < 0).all()):
-            row_span = causal_span(q_pos[b:b + 1, :n], k_pos[b:b + 1], window)
+            row_span = causal_span(q_pos[b:b + 1, :n], k_pos[b:b + 1])
         if row_span is not None:
             start, stop = row_span[0], row_span[0] + row_span[1] + n
             if not applies(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop]):
@@ -164,7 +171,7 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
             rows.append(sdpa_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_pos[b:b + 1], k_pos[b:b + 1], window))
             continue
         n, start, stop = plan
-        out = prompt_attention(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop])  # (1, n, H, D)
+        out = prompt_attention(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop], window=window)
         if n < T:  # padding queries: the softmax of S equal scores, 1 / S each, rounded as the reference rounds it
             S, H = k.shape[1], q.shape[2]
             uniform = torch.full((S,), 1.0 / S).to(q.dtype)

@@ -6,9 +6,11 @@ in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs)
 Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
 GFLOP/s (causal: 2 x 2 x T^2 / 2 x head_dim x heads) median [min-max] and the per-round time ratio SDPA / GEMMs
-(> 1: the GEMMs are faster).  Part 2, a bf16 prefill of each bench model (one forward pass into a fresh cache,
-greedy first token), the "torch" backend with prompt_attention and with it switched off (SDPA), alternating
-(latent-attention models, e.g. small4-130m, in this part only: their expanded form calls prompt_attention).
+(> 1: the GEMMs are faster); then a ragged bf16 batch of two prompts, the second 100 tokens shorter and padded
+(prompt_rows, row by row, against SDPA's masked kernel).  Part 2, a bf16 prefill of each bench model (one forward
+pass into a fresh cache, greedy first token), the "torch" backend with prompt_attention and with it switched off
+(SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
+prompt_attention).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import MODELS, QUICK_MODELS, random_model  # noqa: E402
 
 from mistral_ref.backends import cpu_gemv, prompt_attention  # noqa: E402
+from mistral_ref.backends.sdpa import sdpa_attention  # noqa: E402
 from mistral_ref.generation import generate  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
@@ -76,6 +79,26 @@ def attention_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
                       f"{summary(theirs, 1)} | {summary(ratio, 2)}x |", flush=True)
 
 
+def ragged_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
+    print("\n## A ragged bf16 batch (the server's prefill of two requests, the second 100 tokens shorter, padded): "
+          "prompt_rows vs SDPA, ms")
+    print("| shape (heads / kv / head_dim) | tokens | prompt_rows | SDPA | ratio (SDPA time / prompt_rows time) |")
+    print("|---|---|---|---|---|")
+    g = torch.Generator().manual_seed(1)
+    for name in shapes:
+        H, K, D = SHAPES[name]
+        for T in tokens:
+            q = torch.randn(2, T, H, D, generator=g).bfloat16()
+            k, v = (torch.randn(2, T, K, D, generator=g).bfloat16() for _ in range(2))
+            pos = torch.arange(T).repeat(2, 1)
+            pos[1, max(1, T - 100):] = -1
+            ours, theirs = alternate(partial(prompt_attention.prompt_rows, q, k, v, pos, pos, None),
+                                     partial(sdpa_attention, q, k, v, pos, pos, None), rounds)
+            ratio = [s / p for p, s in zip(ours, theirs)]
+            print(f"| {name} ({H} / {K} / {D}) | {T} | {summary([t * 1e3 for t in ours], 2)} | "
+                  f"{summary([t * 1e3 for t in theirs], 2)} | {summary(ratio, 2)}x |", flush=True)
+
+
 def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
     """One prefill and its first token, with prompt_attention (gemms) or with it switched off (SDPA)."""
     applies = prompt_attention.applies
@@ -119,7 +142,9 @@ def main() -> None:
         raise SystemExit(f"--models: {', '.join(unknown)} not among {', '.join(ALL_MODELS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; C kernels: "
           f"{cpu_gemv.status()}\n")
-    attention_rows([*(m for m in models if m in SHAPES), "mistral-7b"], tokens, args.rounds)  # (latent: prefill only)
+    shapes = [*(m for m in models if m in SHAPES), "mistral-7b"]  # (latent attention: the prefill rows only)
+    attention_rows(shapes, tokens, args.rounds)
+    ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)
     prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
 
 

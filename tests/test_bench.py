@@ -198,6 +198,9 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
             assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
     row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", proc.stdout)
     assert row and float(row.group(3)) > 0, proc.stdout  # (milliseconds: a few)
+    row = re.search(r"\| tiny-gqa \(4 / 2 / 32\) \| 70 \| (\d+\.\d+) .* \| (\d+\.\d+) .* \| (\d+\.\d+) .*x \|",
+                    proc.stdout)  # the ragged batch
+    assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
 
 
 def test_cpu_builds_benchmark_compares_the_kernel_builds():

@@ -78,10 +78,14 @@ def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
     fused, fused_tokens = decode(model)
     layers, layer_tokens = decode(layers_only(make_model(args)))
     reference, reference_tokens = decode(make_model(args).set_backend("reference"))
+    exact, exact_tokens = decode(make_model(args).set_backend("reference").double())
     if layout:  # stacked experts decode as their own tensors do
         assert fused_tokens == decode(make_model(args))[1]
-    assert rel_err(fused, layers) < FP32_RTOL and rel_err(fused, reference) < FP32_RTOL
-    assert fused_tokens == layer_tokens == reference_tokens
+    # against the float64 reference: three fp32 paths that sum in different orders each land within 1e-5 of it,
+    # but not always within 1e-5 of one another (30 steps through experts: 1.1e-5 apart on a Xeon with AMX)
+    assert rel_err(fused, exact) < FP32_RTOL and rel_err(layers, exact) < FP32_RTOL
+    assert rel_err(fused, exact) < rel_err(reference, exact) + FP32_RTOL / 2  # no farther than the reference's
+    assert fused_tokens == layer_tokens == reference_tokens == exact_tokens
 
 
 @pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked)],

@@ -7,9 +7,10 @@ Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B'
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
 GFLOP/s (causal: 2 x 2 x T^2 / 2 x head_dim x heads) median [min-max] and the per-round time ratio SDPA / GEMMs
 (> 1: the GEMMs are faster); then a ragged bf16 batch of two prompts, the second 100 tokens shorter and padded
-(prompt_rows, row by row, against SDPA's masked kernel).  Part 2, a bf16 prefill of each bench model (one forward
-pass into a fresh cache, greedy first token), the "torch" backend with prompt_attention and with it switched off
-(SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
+(prompt_rows, row by row: each row by the GEMMs, or by SDPA's causal kernel where prompt_attention.FLASH_FIRST,
+against SDPA's masked kernel on the batch).  Part 2, a bf16 prefill of each bench model (one forward pass into a
+fresh cache, greedy first token), the "torch" backend with prompt_attention taking the prompt and with it switched
+off (SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
 prompt_attention).
 """
 
@@ -100,13 +101,15 @@ def ragged_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
 
 
 def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
-    """One prefill and its first token, with prompt_attention (gemms) or with it switched off (SDPA)."""
-    applies = prompt_attention.applies
+    """One prefill and its first token, with prompt_attention taking the prompt (gemms: FLASH_FIRST off, as on a
+    CPU without AMX) or with it switched off (SDPA)."""
+    applies, flash_first = prompt_attention.applies, prompt_attention.FLASH_FIRST
     prompt_attention.applies = applies if gemms else (lambda *a: False)
+    prompt_attention.FLASH_FIRST = flash_first and not gemms
     try:
         generate(model, prompt, 1, temperature=0.0)
     finally:
-        prompt_attention.applies = applies
+        prompt_attention.applies, prompt_attention.FLASH_FIRST = applies, flash_first
 
 
 def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
@@ -141,7 +144,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--models: {', '.join(unknown)} not among {', '.join(ALL_MODELS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; C kernels: "
-          f"{cpu_gemv.status()}\n")
+          f"{cpu_gemv.status()}")
+    print(f"prompt_attention.FLASH_FIRST (AMX tiles): {prompt_attention.FLASH_FIRST} — by default a plain causal "
+          f"prompt takes {'SDPA' if prompt_attention.FLASH_FIRST else 'the GEMMs'} here; the ragged batch rows run "
+          f"that default\n")
     shapes = [*(m for m in models if m in SHAPES), "mistral-7b"]  # (latent attention: the prefill rows only)
     attention_rows(shapes, tokens, args.rounds)
     ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)

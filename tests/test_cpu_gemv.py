@@ -906,8 +906,9 @@ def test_prompt_attention_with_latent_attentions_scale_and_value_size(build, dty
 def test_prompt_rows_takes_a_ragged_batch_row_by_row(monkeypatch):
     """A batch as the server's scheduler prefills it: row 0 a whole chunk, row 1 a later chunk after 30 cached keys
     then 6 padding queries, row 2 a prompt shorter than MIN_TOKENS then padding, row 3 only padding (SDPA, each
-    row alone).  Rows 0 and 1 go through prompt_attention; every row equals the reference, the padding queries
-    included (the reference's uniform average of every slot)."""
+    row alone).  Rows 0 and 1 go through prompt_attention (as on a CPU without AMX: FLASH_FIRST off); every row
+    equals the reference, the padding queries included (the reference's uniform average of every slot)."""
+    monkeypatch.setattr(prompt_attention, "FLASH_FIRST", False)
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -1007,17 +1008,22 @@ def test_prompt_attention_refuses_what_it_does_not_take(bad):
         prompt_attention.prompt_attention(q, k, v)
 
 
+@pytest.mark.parametrize("flash_first", [False, True], ids=["gemms-first", "flash-first"])
 @pytest.mark.parametrize("case", ["bf16-prompt", "second-chunk", "windowed-prompt", "fp32-prompt", "short-prompt",
                                   "ragged-rows", "kernels-off"])
-def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypatch):
+def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, flash_first, monkeypatch):
     """backends/pytorch.py's attention: a bf16 prompt of MIN_TOKENS attending to itself (in an empty cache: the
     keys after it are empty slots), or a second chunk of it (earlier keys in the cache), or one under a window
     shorter than itself goes to prompt_attention, and rows at different positions row by row (prompt_rows);
-    fp32 prompts, shorter ones and a machine without the C kernels go to SDPA.  Every one equals the
-    reference."""
-    calls = []
+    fp32 prompts, shorter ones and a machine without the C kernels go to SDPA.  With FLASH_FIRST (a CPU with
+    AMX) the plain causal ones (the prompt in an empty cache, the ragged batch's row without earlier keys) take
+    SDPA's causal kernel instead, the others still prompt_attention.  Every one equals the reference."""
+    monkeypatch.setattr(prompt_attention, "FLASH_FIRST", flash_first)
+    calls, causal = [], []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real_causal = prompt_attention.causal_sdpa
+    monkeypatch.setattr(prompt_attention, "causal_sdpa", lambda *a: causal.append(1) or real_causal(*a))
     dtype = torch.float32 if case == "fp32-prompt" else torch.bfloat16
     T = prompt_attention.MIN_TOKENS  # (shorter prompts go to SDPA)
     q, k, v, pos = _prompt(1, T, 4, 2, 16, dtype)
@@ -1036,7 +1042,10 @@ def test_the_torch_backend_sends_bf16_prompts_to_prompt_attention(case, monkeypa
     window = 9 if case == "windowed-prompt" else None
     got = pytorch_backend.attention(q, k, v, pos, k_pos, window)
     expected_calls = {"bf16-prompt": 1, "second-chunk": 1, "windowed-prompt": 1, "ragged-rows": 2}  # (rows: one each)
-    assert len(calls) == expected_calls.get(case, 0)
+    # (ragged: the row without earlier keys; without the C kernels the causal kernel all the same)
+    flash = {"bf16-prompt": 1, "ragged-rows": 1, "kernels-off": 1} if flash_first else {}
+    assert len(calls) == max(0, expected_calls.get(case, 0) - flash.get(case, 0))
+    assert len(causal) == flash.get(case, 0)
     want = attention(q, k, v, pos, k_pos, window)
     assert rel_err(got, want) < (1e-5 if dtype == torch.float32 else 3e-2)
 

@@ -11,12 +11,15 @@ every build, in bf16 and fp32, with GQA, head_dim != dim / n_heads, over blocks 
 attention's expanded form (backends/mla.py) calls it too, with mla.latent_attention's scale, its scores scaled in
 fp32 (scaled_fp32) and value heads of their own size (tests/test_mla_absorbed.py).
 
-Why: on a CPU, F.scaled_dot_product_attention runs PyTorch's flash-attention loops, which keep the scores in
-registers but multiply far below the machine's GEMM rate; here the scores of a block of `block` queries (times
-the query heads of a key-value head) against the keys they see are one (rows x head_dim) x (head_dim x keys)
-product, as the reference's einsum computes them, and each row's softmax costs one pass over its scores.  The
-keys after a block's last query are never multiplied (causal: half the work of a full matrix).  `make bench` and
-benchmarks/bench_attention.py time it against SDPA (README, "Speed on a CPU").
+Why: on a CPU without AMX, F.scaled_dot_product_attention runs PyTorch's flash-attention loops, which keep the
+scores in registers but multiply far below the machine's GEMM rate; here the scores of a block of `block` queries
+(times the query heads of a key-value head) against the keys they see are one (rows x head_dim) x (head_dim x
+keys) product, as the reference's einsum computes them, and each row's softmax costs one pass over its scores.
+The keys after a block's last query are never multiplied (causal: half the work of a full matrix).  Where the CPU
+has AMX tiles, the flash kernel's micro-kernels multiply with them and it outruns the two GEMMs, whose scores go
+through memory: there (FLASH_FIRST) a prompt whose mask is plain causal keeps that kernel (:func:`flash_takes`),
+and only the prompts that SDPA would need a mask for (later chunks, windows shorter than the prompt, ragged rows)
+come here.  `make bench` and benchmarks/bench_attention.py time both (README, "Speed on a CPU").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from mistral_ref.backends import cpu_gemv
-from mistral_ref.backends.sdpa import sdpa_attention
+from mistral_ref.backends.sdpa import causal_sdpa, sdpa_attention
 
 # Queries a block: the scores of one block are (B x kv_heads, rep x block, keys) values, kept below SCORE_BYTES;
 # longer prompts take smaller blocks, down to MIN_BLOCK, and beyond MAX_KEYS keys the flash-attention kernel
@@ -36,6 +39,16 @@ MAX_KEYS = 16384
 # Shorter prompts go to SDPA (backends/pytorch.py): below ~64 queries the GEMMs' fixed costs are larger than the
 # flash kernel's (benchmarks/bench_attention.py)
 MIN_TOKENS = 64
+# CPUs with AMX tiles: a plain causal prompt goes to the flash kernel (module docstring).  Fixed per machine (not
+# timed), so that a machine's bf16 results are the same from run to run.
+FLASH_FIRST = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def flash_takes(tokens: int, offset: int, window: int | None) -> bool:
+    """Whether `tokens` queries at positions offset .. offset + tokens - 1 of a prompt go to the flash kernel's
+    causal mode instead of prompt_attention: on a CPU with AMX tiles (FLASH_FIRST), where they have no earlier keys
+    and no window shorter than themselves (their mask is plain causal, which that mode computes without a mask)."""
+    return FLASH_FIRST and offset == 0 and (window is None or window >= tokens)
 
 
 def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int] | None:
@@ -140,15 +153,18 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
                 window: int | None) -> torch.Tensor | None:
     """attention.attention for a batch of prompts (or later chunks of them), each row's queries followed by padding
     (-1), as the server's scheduler prefills them: one call where every row has the same span (:func:`causal_span`),
-    else row by row, each row with MIN_TOKENS or more queries that see their prompt's keys through prompt_attention
-    (its padding queries, which see no key, get the reference's uniform average of every slot's value) and the
-    other rows through sdpa_attention.  None where no row qualifies (the caller then runs SDPA on the batch).
+    else row by row, each row with MIN_TOKENS or more queries that see their prompt's keys through prompt_attention,
+    or the flash kernel's causal mode where :func:`flash_takes` them (its padding queries, which see no key, get
+    the reference's uniform average of every slot's value), and the other rows through sdpa_attention.  None where
+    no row qualifies (the caller then runs SDPA on the batch).
 
     q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S)."""
     B, T = q_pos.shape
     span = causal_span(q_pos, k_pos)
     if span is not None:  # every row alike (one prompt, or prompts of one length)
         start, stop = span[0], span[0] + span[1] + T
+        if flash_takes(T, span[1], window):
+            return causal_sdpa(q, k[:, start:stop], v[:, start:stop])
         if applies(q, k[:, start:stop], v[:, start:stop]):
             return prompt_attention(q, k[:, start:stop], v[:, start:stop], window=window)
         return None
@@ -171,7 +187,8 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
             rows.append(sdpa_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_pos[b:b + 1], k_pos[b:b + 1], window))
             continue
         n, start, stop = plan
-        out = prompt_attention(q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop], window=window)
+        row = (q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop])
+        out = causal_sdpa(*row) if flash_takes(n, stop - start - n, window) else prompt_attention(*row, window=window)
         if n < T:  # padding queries: the softmax of S equal scores, 1 / S each, rounded as the reference rounds it
             S, H = k.shape[1], q.shape[2]
             uniform = torch.full((S,), 1.0 / S).to(q.dtype)

@@ -9,6 +9,7 @@
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
 |            | a bf16 prompt on a CPU: prompt_attention   |                                          |
+|            | (with AMX, plain causal ones: SDPA)        |                                          |
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
 | mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
@@ -50,7 +51,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     keys the query sees, nothing else) where it is available, and MIN_TOKENS or more bf16 queries of a prompt on a
     CPU that see their prompt's keys and nothing else (prompt_attention.causal_span: a prompt, or a later chunk of
     it in a full-attention layer; prompt_rows: row by row in a batch of them with padding) to prompt_attention
-    (two GEMMs a block of queries; in fp32, and for fewer queries, PyTorch's kernel is as fast or faster).
+    (two GEMMs a block of queries; in fp32, and for fewer queries, PyTorch's kernel is as fast or faster; on a CPU
+    with AMX tiles a plain causal prompt keeps that kernel's causal mode: prompt_attention.flash_takes).
     q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
     T = q.shape[1]
     if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:

@@ -30,14 +30,20 @@ def sdpa_attention(
     start = causal_prompt(q_pos, k_pos, window)
     if start is not None:  # the mask is plain causal: the kernel's causal mode skips the masked half
         T = q.shape[1]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, start:start + T].transpose(1, 2),
-                                             v[:, start:start + T].transpose(1, 2), is_causal=True, enable_gqa=True)
-        return out.transpose(1, 2).to(dtype)
+        return causal_sdpa(q, k[:, start:start + T], v[:, start:start + T]).to(dtype)
     allowed = attention_mask(q_pos, k_pos, window)[:, None]  # (B, 1, T, S)
     bias = torch.where(allowed, 0.0, torch.finfo(q.dtype).min).to(q.dtype)  # (B, 1, T, S)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias, enable_gqa=True)  # (B, n_heads, T, head_dim)
     return out.transpose(1, 2).to(dtype)  # (B, T, n_heads, head_dim)
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention.attention of a prompt on its own keys, query t seeing keys 0 .. t: the kernel's causal mode.
+    q: (B, T, n_heads, head_dim); k, v: (B, T, n_kv_heads, head_dim) -> (B, T, n_heads, head_dim)"""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=True)
+    return out.transpose(1, 2)
 
 
 def causal_prompt(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> int | None:

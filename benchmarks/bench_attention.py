@@ -113,8 +113,9 @@ def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
 
 
 def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
-    print("\n## bf16 prefill (one forward pass into a fresh cache): prompt_attention on vs off (SDPA), ms")
-    print("| model | tokens | with prompt_attention | with SDPA | ratio (SDPA time / ours) |")
+    print("\n## bf16 prefill (one forward pass into a fresh cache): the prompt by the GEMMs (prompt_attention, "
+          "FLASH_FIRST off) vs SDPA, ms")
+    print("| model | tokens | GEMMs | SDPA | ratio (SDPA time / GEMMs time) |")
     print("|---|---|---|---|---|")
     for name in models:
         model = random_model(ALL_MODELS[name]).to(torch.bfloat16)

@@ -21,6 +21,12 @@ if TYPE_CHECKING:  # typing only
     from mistral_ref.backends import Backend
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated activation of SwiGLU (Shazeer 2020): silu(gate) * up, silu(x) = x * sigmoid(x).
+    gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).  w1 is the gate projection, w3 the up projection, w2 the down projection."""
 
@@ -32,9 +38,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
         """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T, ops.linears
-        several products of x)."""
+        several products of x, ops.swiglu is swiglu above)."""
         gate, up = ops.linears(x, (self.w1.weight, self.w3.weight))  # (..., hidden_dim) each
-        return ops.linear(F.silu(gate) * up, self.w2.weight)
+        return ops.linear(ops.swiglu(gate, up), self.w2.weight)
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -84,9 +84,18 @@ def mix_experts_grouped(
     return torch.zeros_like(x).index_add_(0, token, ys)
 
 
+def swiglu_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """moe.swiglu, silu(gate) * up, in gate's memory where no gradient needs gate (the same two kernels, bitwise;
+    `gate` is a fresh product its caller owns): a prefill allocates no new hidden-sized tensors, whose fresh pages
+    a CPU would fault in one by one.  gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One expert: w2(silu(w1 x) * w3 x) with the fast CPU products.  x: (n, dim) -> (n, dim)"""
-    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+    return linear(swiglu_in_place(linear(x, w1), linear(x, w3)), w2)
 
 
 def moe_one_token(

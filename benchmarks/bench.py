@@ -14,7 +14,9 @@ Measured, alternating mistral_ref and transformers run by run (the order flips e
 * decode tokens/s, greedy, 64 new tokens after a 128-token prompt, batch 1 and 8, through both libraries' own
   generate(): a forward hook timestamps every forward pass; rate = batch / mean time between decode passes;
 * time to first token: from calling generate() to the end of the prompt's forward pass (same runs);
-* prefill tokens/s at 512 and 2048 tokens: one forward pass into a fresh KV cache, logits of the last token only;
+* prefill tokens/s at 512 and 2048 tokens: one forward pass into a fresh KV cache, logits of the last token only,
+  a new random prompt every call (the same sequence of prompts for both libraries), as users send them: a MoE
+  model's experts then get new row counts each time, which costs where the BLAS compiles a kernel per shape;
 * the memory-bandwidth floor of decode: bytes of weights and KV cache one token must read, over this machine's
   read bandwidth measured now (a large tensor sum), and how close the measured decode rate comes to it;
 * the compute ceiling of prefill: FLOPs per prompt token over the FLOP/s of the fastest of 9 runs of a 512-row
@@ -342,21 +344,27 @@ def bench_decode(ours: Transformer, hf, batch: int, prompt_len: int, new: int, r
 
 
 def bench_prefill(ours: Transformer, hf, T: int, runs: int, warmup: bool = True) -> dict:
-    """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only.  Then the
-    seconds of mistral_ref's prefill spent in matrix products (product_seconds) and the bound they put on the
-    ratio: transformers' median seconds over them."""
-    tokens = torch.randint(0, ours.args.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    """One forward pass over a T-token prompt into a fresh KV cache; logits of the last position only; a new
+    random prompt every call, each library drawing the same sequence of them.  Then the seconds of mistral_ref's
+    prefill spent in matrix products (product_seconds) and the bound they put on the ratio: transformers' median
+    seconds over them."""
+    def prompts():  # (1, T) token ids, a new prompt each time, the same sequence for each caller
+        g = torch.Generator().manual_seed(T)
+        while True:
+            yield torch.randint(0, ours.args.vocab_size, (1, T), generator=g)
+
+    ours_prompts, hf_prompts = prompts(), prompts()
     positions = torch.arange(T)[None]
     last = torch.tensor([T - 1])
 
     @torch.inference_mode()
     def ours_fn():
         cache = KVCache(ours.args, 1, T + 1, dtype=ours.dtype)
-        return ours(tokens, positions, cache, logits_at=last)
+        return ours(next(ours_prompts), positions, cache, logits_at=last)
 
     @torch.inference_mode()
     def hf_fn():
-        return hf(tokens, use_cache=True, logits_to_keep=1)
+        return hf(next(hf_prompts), use_cache=True, logits_to_keep=1)
 
     t = alternate({"ours": ours_fn, "hf": hf_fn}, runs, warmup=warmup)
     rate = {k: [T / x for x in v] for k, v in t.items()}
@@ -520,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
         if batch == 1:
             print(f"| {name} | {dname} | {fmt(d['ttft_ours_s'], 3)} | {fmt(d['ttft_transformers_s'], 3)} | "
                   f"{fmt(d['ttft_ratio'], 2)}x |")
-    print("\n## Prefill: tokens/s, one forward pass into a fresh cache")
+    print("\n## Prefill: tokens/s, one forward pass into a fresh cache, a new prompt each call")
     print("ceiling = FLOP/s of the fastest of 9 runs of a 512-row matrix product (fp32 or bf16, the faster), "
           "measured next to the row / FLOPs per prompt token; 'of ceiling' for mistral_ref, then transformers")
     print("products = share of a profiled prefill of mistral_ref spent in matrix products (median of 3; one at 2048+); "

@@ -280,3 +280,34 @@ def test_expert_weights_look_each_weight_up_when_indexed():
     with torch.no_grad():
         assert torch.equal(moe_forward(x, layer.gate.weight, w1, w2, w3, 2)[0],
                            moe_forward(x, layer.gate.weight, *as_lists, 2)[0])
+
+
+def test_grouped_experts_multiply_whole_buckets_of_rows(monkeypatch):
+    """Where pads_rows (bf16 products on a CPU that runs them natively, through oneDNN, which compiles a kernel per
+    new shape), each expert multiplies row_bucket(n) rows: its own n, then rows of the experts after it (or spare
+    copies past the end), whose outputs are dropped.  So the products' shapes recur from prompt to prompt.  The
+    result stays the reference's within bf16 rounding and is the unpadded one's (an output row depends on its own
+    input row only).  row_bucket: at least n, at most 1/8 more from 128 rows on, 48 shapes up to 4096 rows."""
+    import mistral_ref.backends.moe as fast
+
+    for n in range(1, 4097):
+        b = fast.row_bucket(n)
+        assert n <= b and b % 16 == 0 and (n < 128 or b <= n + n // 8), n
+    assert len({fast.row_bucket(n) for n in range(1, 4097)}) == 48
+    x16 = torch.randn(2, 8).bfloat16()
+    assert not fast.pads_rows(x16.float(), []) and not fast.pads_rows(x16.to("meta"), [])
+    g = torch.Generator().manual_seed(3)
+    N, E, dim, hidden = 75, 4, 16, 24
+    x = torch.randn(N, dim, generator=g).bfloat16()
+    gate = torch.randn(E, dim, generator=g).bfloat16()
+    w1, w3 = ([(torch.randn(hidden, dim, generator=g) * 0.3).bfloat16() for _ in range(E)] for _ in range(2))
+    w2 = [(torch.randn(dim, hidden, generator=g) * 0.3).bfloat16() for _ in range(E)]
+    products, real = [], fast.swiglu
+    monkeypatch.setattr(fast, "swiglu", lambda rows, *w: products.append(rows.shape[0]) or real(rows, *w))
+    monkeypatch.setattr(fast, "pads_rows", lambda x, w1: True)  # (on any machine)
+    out, logits = moe_forward_grouped(x, gate, w1, w2, w3, top_k=2)
+    counts = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=E).tolist()
+    assert products == [fast.row_bucket(n) for n in counts if n] and sum(products) > 2 * N
+    assert rel_err(out, moe_forward(x, gate, w1, w2, w3, top_k=2)[0]) < 2e-2
+    monkeypatch.setattr(fast, "pads_rows", lambda x, w1: False)
+    assert torch.equal(out, moe_forward_grouped(x, gate, w1, w2, w3, top_k=2)[0])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.backends import cpu_gemv
-from mistral_ref.backends.linear import linear
+from mistral_ref.backends.linear import linear, upcast_on_cpu
 from mistral_ref.moe import route
 from mistral_ref.quantize import QuantizedExperts
 
@@ -73,15 +73,33 @@ def mix_experts_grouped(
     order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
     counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
     token = order // top_k  # (N*k,) token of each sorted assignment
-    xs = x[token]  # (N*k, dim) the rows each expert must process, expert after expert
-    ys = torch.empty_like(xs)
+    rows = [row_bucket(n) if pads_rows(x, w1) else n for n in counts]  # rows each expert multiplies
+    spare = max(r - n for r, n in zip(rows, counts))  # the last expert's extra rows read past the end
+    xs = x[torch.cat([token, token.new_zeros(spare)]) if spare else token]  # (N*k + spare, dim) expert after expert
+    ys = torch.empty(len(token), x.shape[1], dtype=x.dtype, device=x.device)
     start = 0
     for e, n in enumerate(counts):
-        if n:
-            ys[start:start + n] = swiglu(xs[start:start + n], w1[e], w3[e], w2[e])  # (n, dim)
+        if n:  # (the rows past n belong to the next experts: multiplied, then dropped)
+            ys[start:start + n] = swiglu(xs[start:start + rows[e]], w1[e], w3[e], w2[e])[:n]  # (n, dim)
             start += n
     ys *= weights.flatten()[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def pads_rows(x: torch.Tensor, w1: Sequence[torch.Tensor] | torch.Tensor | QuantizedExperts) -> bool:
+    """Whether mix_experts_grouped rounds each expert's rows up (row_bucket): bf16 / fp16 products on a CPU that
+    runs them natively.  There PyTorch calls oneDNN, which compiles a kernel for each new shape the first time it
+    sees it (on a Xeon with AMX a 300-row bf16 product took 6x longer the first time), and the row counts of the
+    experts change with every prompt.  fp32 products (MKL) and quantized experts have no such cost."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not upcast_on_cpu(x)
+            and not isinstance(w1, QuantizedExperts))
+
+
+def row_bucket(n: int) -> int:
+    """n rounded up to a multiple of 16, or of n's leading power of two / 8 (at most 1/8 more rows): a few dozen
+    shapes cover every count up to thousands of rows, so the products' compiled kernels are reused."""
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 def swiglu_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ def mix_experts_grouped(
     counts become Python ints: one host synchronisation per call, free on a CPU.  A single token whose experts
     the C kernels take is one call: :func:`mix_one_token_gemv` for stacked experts (:func:`gemv_experts_apply`),
     cpu_gemv.swiglu_chosen for experts kept as separate weights (the k chosen ones' tensors); either sums the k
-    outputs in fp32, then rounds (the reference rounds after each expert).
+    outputs in fp32, then rounds (the reference rounds after each expert).  Where :func:`pads_rows`, each expert
+    multiplies :func:`row_bucket` rows, its own first, so the shapes of the products recur from prompt to prompt.
     """
     top_k = experts.shape[1]
     if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
@@ -73,7 +74,7 @@ def mix_experts_grouped(
     order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
     counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
     token = order // top_k  # (N*k,) token of each sorted assignment
-    rows = [row_bucket(n) if pads_rows(x, w1) else n for n in counts]  # rows each expert multiplies
+    rows = [row_bucket(n) for n in counts] if pads_rows(x, w1) else counts  # rows each expert multiplies
     spare = max(r - n for r, n in zip(rows, counts))  # the last expert's extra rows read past the end
     xs = x[torch.cat([token, token.new_zeros(spare)]) if spare else token]  # (N*k + spare, dim) expert after expert
     ys = torch.empty(len(token), x.shape[1], dtype=x.dtype, device=x.device)

@@ -311,3 +311,45 @@ def test_grouped_experts_multiply_whole_buckets_of_rows(monkeypatch):
     assert rel_err(out, moe_forward(x, gate, w1, w2, w3, top_k=2)[0]) < 2e-2
     monkeypatch.setattr(fast, "pads_rows", lambda x, w1: False)
     assert torch.equal(out, moe_forward_grouped(x, gate, w1, w2, w3, top_k=2)[0])
+
+
+def test_feed_forward_of_a_prefill_uses_scratch_products_bitwise(monkeypatch):
+    """The "torch" backend's feed_forward: a bf16 prefill's gate and up products go into this thread's two reused
+    buffers (where pads_rows: native bf16 products), bitwise the layer's plain lines (linears, swiglu, linear), for
+    2D and 3D inputs and a later call with fewer rows in the same buffers; fewer rows, fp32, autograd and buffers
+    past SCRATCH_BYTES take the plain lines; with_parts replacing linear drops it."""
+    import mistral_ref.backends.moe as fast
+
+    monkeypatch.setattr(fast, "pads_rows", lambda x, w1: x.dtype == torch.bfloat16)  # (on any machine)
+    torch_ops = get_backend("torch")
+    assert torch_ops.feed_forward is fast.feed_forward
+    assert torch_ops.with_parts({"linear": REFERENCE}).feed_forward is None
+    assert torch_ops.with_parts({"attention": REFERENCE}).feed_forward is fast.feed_forward
+    g = torch.Generator().manual_seed(6)
+    layer = FeedForward(48, 80)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    plain_ops = dataclasses.replace(torch_ops, feed_forward=None)
+    scratch = []
+    real = fast._scratch_product
+    monkeypatch.setattr(fast, "_scratch_product", lambda *a: scratch.append(a[1].shape[0]) or real(*a))
+    for dtype, shape, used in [(torch.bfloat16, (1, 100, 48), True), (torch.bfloat16, (70, 48), True),
+                               (torch.bfloat16, (1, 20, 48), False), (torch.float32, (1, 100, 48), False)]:
+        layer.to(dtype)
+        x = torch.randn(shape, generator=g).to(dtype)
+        scratch.clear()
+        with torch.inference_mode():
+            out = layer(x, torch_ops)
+            assert torch.equal(out, layer(x, plain_ops)) and out.shape == x.shape
+        assert scratch == ([x.numel() // 48] * 2 if used else []), (dtype, shape)
+        assert rel_err(out, layer(x, REFERENCE)) < (2e-2 if dtype == torch.bfloat16 else 1e-6)
+    layer.to(torch.bfloat16)
+    x = torch.randn(1, 100, 48, generator=g).bfloat16()
+    scratch.clear()
+    layer(x, torch_ops).float().sum().backward()  # autograd: the plain lines, gradients flow
+    assert scratch == [] and layer.w1.weight.grad is not None
+    monkeypatch.setattr(fast, "SCRATCH_BYTES", 100 * 80 * 2 - 1)
+    with torch.inference_mode():
+        layer(x, torch_ops)
+    assert scratch == []

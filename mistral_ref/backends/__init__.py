@@ -54,11 +54,12 @@ class Backend:
     mix_experts(x (N, dim), weights (N, k), experts (N, k), w1, w2, w3)     moe.mix_experts: the experts of a
         -> (N, dim)                                                         precomputed routing (fine_moe.py)
     update_cache(layer_cache, k, v, positions) -> keys, values, k_pos       cache.LayerCache.update
-    swiglu(gate (..., hidden), up (..., hidden)) -> (..., hidden)            moe.swiglu: silu(gate) * up
-        (optional: a backend that gives none computes it plainly)
     latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
                      v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
     prepare(model) -> None: run by set_backend, e.g. to lay experts out as the backend reads them.
+    feed_forward(x (..., dim), w1, w2, w3) -> (..., dim): optional, moe.FeedForward's product in the backend's
+        own way (the block asks it first; None: linears, moe.swiglu, linear); dropped when with_parts replaces
+        linear, since it would not call the replacement.
     decode_step(model, tokens (B, 1), positions (B, 1), cache, logits_at) -> logits (B, 1, vocab) or None:
         optional, a whole decode step in the backend's own way (model.forward asks it first; None: the layers
         run); dropped when with_parts replaces any family, since it would not call the replacement.
@@ -76,15 +77,13 @@ class Backend:
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
     decode_step: Callable | None = None
-    swiglu: Callable | None = None  # None: plain silu(gate) * up (_swiglu below)
+    feed_forward: Callable | None = None
     # linear's form for several products of one input, kept as an attribute `many` of the linear function itself
     # (so that replacing `linear` replaces both); read here once, not inside compiled code
     _many: Callable | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_many", getattr(self.linear, "many", None))
-        if self.swiglu is None:
-            object.__setattr__(self, "swiglu", _swiglu)
 
     def linears(self, x: Any, weights: Sequence[Any]) -> tuple:
         """(linear(x, w) for w in weights): in one pass where `linear` has a `many` form (the C kernels take
@@ -109,14 +108,9 @@ class Backend:
                 changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
+        if "linear" in parts:
+            changes["feed_forward"] = None  # (its products are this backend's)
         return replace(self, name=name, prepare=prepare, decode_step=None, **changes)
-
-
-def _swiglu(gate: Any, up: Any) -> Any:
-    """moe.swiglu's formula, silu(gate) * up: the swiglu of a backend that gives none."""
-    import torch.nn.functional as F
-
-    return F.silu(gate) * up
 
 
 _BUILTIN = {"reference": "mistral_ref.backends.reference", "torch": "mistral_ref.backends.pytorch"}

@@ -11,7 +11,8 @@ GFLOP/s (causal: 2 x 2 x T^2 / 2 x head_dim x heads) median [min-max] and the pe
 against SDPA's masked kernel on the batch).  Part 2, a bf16 prefill of each bench model (one forward pass into a
 fresh cache, greedy first token), the "torch" backend with prompt_attention taking the prompt and with it switched
 off (SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
-prompt_attention).
+prompt_attention).  Part 3, a bf16 prefill of each model with experts, a new random prompt every call, the same
+sequence on both sides: the experts' rows in buckets (backends/moe.py) on and off.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import MODELS, QUICK_MODELS, random_model  # noqa: E402
 
 from mistral_ref.backends import cpu_gemv, prompt_attention  # noqa: E402
+from mistral_ref.backends import moe as grouped  # noqa: E402
 from mistral_ref.backends.sdpa import sdpa_attention  # noqa: E402
 from mistral_ref.generation import generate  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
+PADS_ROWS = grouped.pads_rows
 SHAPES = {name: (a.n_heads, a.n_kv_heads, a.head_dim) for name, a in ALL_MODELS.items() if a.mla is None}
 SHAPES["mistral-7b"] = (32, 8, 128)
 
@@ -60,17 +63,29 @@ def alternate(first, second, rounds: int) -> tuple[list[float], list[float]]:
     return times
 
 
+def table_header(*columns: str) -> None:
+    """A markdown table's first two lines."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def random_qkv(B: int, T: int, shape: tuple[int, int, int], dtype: torch.dtype, g: torch.Generator):
+    """Random queries (B, T, heads, head_dim) and keys, values (B, T, kv_heads, head_dim); shape: (heads, kv_heads,
+    head_dim)."""
+    H, K, D = shape
+    q = torch.randn(B, T, H, D, generator=g).to(dtype)
+    return (q, *(torch.randn(B, T, K, D, generator=g).to(dtype) for _ in range(2)))
+
+
 def attention_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
     print("## A prompt's causal attention: GEMMs (prompt_attention) vs SDPA, GFLOP/s median [min-max]")
-    print("| shape (heads / kv / head_dim) | dtype | tokens | GEMMs | SDPA | ratio (SDPA time / GEMMs time) |")
-    print("|---|---|---|---|---|---|")
+    table_header("shape (heads / kv / head_dim)", "dtype", "tokens", "GEMMs", "SDPA", "ratio (SDPA time / GEMMs time)")
     g = torch.Generator().manual_seed(0)
     for name in shapes:
         H, K, D = SHAPES[name]
         for T in tokens:
             for dtype in (torch.bfloat16, torch.float32):
-                q = torch.randn(1, T, H, D, generator=g).to(dtype)
-                k, v = (torch.randn(1, T, K, D, generator=g).to(dtype) for _ in range(2))
+                q, k, v = random_qkv(1, T, (H, K, D), dtype, g)
                 gemms, fused = alternate(partial(prompt_attention.prompt_attention, q, k, v), partial(sdpa, q, k, v),
                                          rounds)
                 flops = 2 * 2 * T * T / 2 * D * H
@@ -83,14 +98,13 @@ def attention_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
 def ragged_rows(shapes: list[str], tokens: list[int], rounds: int) -> None:
     print("\n## A ragged bf16 batch (the server's prefill of two requests, the second 100 tokens shorter, padded): "
           "prompt_rows vs SDPA, ms")
-    print("| shape (heads / kv / head_dim) | tokens | prompt_rows | SDPA | ratio (SDPA time / prompt_rows time) |")
-    print("|---|---|---|---|---|")
+    table_header("shape (heads / kv / head_dim)", "tokens", "prompt_rows", "SDPA",
+                 "ratio (SDPA time / prompt_rows time)")
     g = torch.Generator().manual_seed(1)
     for name in shapes:
         H, K, D = SHAPES[name]
         for T in tokens:
-            q = torch.randn(2, T, H, D, generator=g).bfloat16()
-            k, v = (torch.randn(2, T, K, D, generator=g).bfloat16() for _ in range(2))
+            q, k, v = random_qkv(2, T, (H, K, D), torch.bfloat16, g)
             pos = torch.arange(T).repeat(2, 1)
             pos[1, max(1, T - 100):] = -1
             ours, theirs = alternate(partial(prompt_attention.prompt_rows, q, k, v, pos, pos, None),
@@ -115,8 +129,7 @@ def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
 def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
     print("\n## bf16 prefill (one forward pass into a fresh cache): the prompt by the GEMMs (prompt_attention, "
           "FLASH_FIRST off) vs SDPA, ms")
-    print("| model | tokens | GEMMs | SDPA | ratio (SDPA time / GEMMs time) |")
-    print("|---|---|---|---|---|")
+    table_header("model", "tokens", "GEMMs", "SDPA", "ratio (SDPA time / GEMMs time)")
     for name in models:
         model = random_model(ALL_MODELS[name]).to(torch.bfloat16)
         for T in tokens:
@@ -125,6 +138,35 @@ def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
                                      rounds)
             ratio = [s / p for p, s in zip(ours, theirs)]
             print(f"| {name} | {T} | {summary([t * 1e3 for t in ours])} | {summary([t * 1e3 for t in theirs])} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
+def prefill_part(model, on: bool, prompts: torch.Generator, vocab: int, T: int) -> None:
+    """One prefill and its first token of a new random T-token prompt, the experts' row buckets on or off."""
+    grouped.pads_rows = PADS_ROWS if on else (lambda *a: False)
+    try:
+        generate(model, [torch.randint(1, vocab, (T,), generator=prompts).tolist()], 1, temperature=0.0)
+    finally:
+        grouped.pads_rows = PADS_ROWS
+
+
+def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
+    """Part 3: a bf16 prefill of each model with experts, a new prompt every call (the same sequence on both
+    sides), the experts' rows in buckets (backends/moe.py: pads_rows, row_bucket) on and off.  Off, each new row
+    count compiles new oneDNN kernels where bf16 products are native."""
+    print("\n## bf16 prefill, a new prompt every call: the experts' rows in buckets on vs off, ms")
+    table_header("model", "tokens", "buckets", "exact row counts", "ratio (exact time / buckets time)")
+    for name in models:
+        args = ALL_MODELS[name]
+        if args.moe is None and args.fine_moe is None:
+            continue
+        model = random_model(args).to(torch.bfloat16)
+        for T in tokens:
+            same = [torch.Generator().manual_seed(T) for _ in range(2)]  # on, off: the same sequence of prompts
+            on, off = alternate(partial(prefill_part, model, True, same[0], args.vocab_size, T),
+                                partial(prefill_part, model, False, same[1], args.vocab_size, T), rounds)
+            ratio = [b / a for a, b in zip(on, off)]
+            print(f"| {name} | {T} | {summary([t * 1e3 for t in on])} | {summary([t * 1e3 for t in off])} | "
                   f"{summary(ratio, 2)}x |", flush=True)
 
 
@@ -153,6 +195,7 @@ def main() -> None:
     attention_rows(shapes, tokens, args.rounds)
     ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)
     prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    bucket_rows(models, [t for t in tokens if t <= 2048], args.rounds)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,6 @@ if TYPE_CHECKING:  # typing only
     from mistral_ref.backends import Backend
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The gated activation of SwiGLU (Shazeer 2020): silu(gate) * up, silu(x) = x * sigmoid(x).
-    gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
-    return F.silu(gate) * up
-
-
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x).  w1 is the gate projection, w3 the up projection, w2 the down projection."""
 
@@ -38,11 +32,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
         """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T, ops.linears
-        several products of x; ops.feed_forward, where a backend has one, computes these lines in its own way)."""
-        if ops.feed_forward is not None:
-            return ops.feed_forward(x, self.w1.weight, self.w2.weight, self.w3.weight)
+        several products of x)."""
         gate, up = ops.linears(x, (self.w1.weight, self.w3.weight))  # (..., hidden_dim) each
-        return ops.linear(swiglu(gate, up), self.w2.weight)
+        return ops.linear(F.silu(gate) * up, self.w2.weight)
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

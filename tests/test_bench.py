@@ -201,6 +201,23 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
     row = re.search(r"\| tiny-gqa \(4 / 2 / 32\) \| 70 \| (\d+\.\d+) .* \| (\d+\.\d+) .* \| (\d+\.\d+) .*x \|",
                     proc.stdout)  # the ragged batch
     assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
+    part3 = proc.stdout.split("rows in buckets on vs off")[1]  # part 3: models with experts only (tiny-small4 below)
+    assert "| tiny-gqa | 70 | " not in part3
+
+
+@pytest.mark.slow
+def test_attention_benchmark_times_the_experts_row_buckets():
+    from mistral_ref.backends import cpu_gemv
+
+    if cpu_gemv.library() is None:
+        pytest.skip(f"C kernels: {cpu_gemv.status()}")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--rounds", "1",
+                           "--tokens", "70", "--models", "tiny-small4", "--threads", "1"], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    part3 = proc.stdout.split("rows in buckets on vs off")[1]
+    row = re.search(r"\| tiny-small4 \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part3)
+    assert row and float(row.group(3)) > 0, proc.stdout
 
 
 def test_cpu_builds_benchmark_compares_the_kernel_builds():

@@ -57,9 +57,6 @@ class Backend:
     latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
                      v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
     prepare(model) -> None: run by set_backend, e.g. to lay experts out as the backend reads them.
-    feed_forward(x (..., dim), w1, w2, w3) -> (..., dim): optional, moe.FeedForward's product in the backend's
-        own way (the block asks it first; None: linears, moe.swiglu, linear); dropped when with_parts replaces
-        linear, since it would not call the replacement.
     decode_step(model, tokens (B, 1), positions (B, 1), cache, logits_at) -> logits (B, 1, vocab) or None:
         optional, a whole decode step in the backend's own way (model.forward asks it first; None: the layers
         run); dropped when with_parts replaces any family, since it would not call the replacement.
@@ -77,7 +74,6 @@ class Backend:
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
     decode_step: Callable | None = None
-    feed_forward: Callable | None = None
     # linear's form for several products of one input, kept as an attribute `many` of the linear function itself
     # (so that replacing `linear` replaces both); read here once, not inside compiled code
     _many: Callable | None = field(default=None, init=False, repr=False, compare=False)
@@ -108,8 +104,6 @@ class Backend:
                 changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
-        if "linear" in parts:
-            changes["feed_forward"] = None  # (its products are this backend's)
         return replace(self, name=name, prepare=prepare, decode_step=None, **changes)
 
 

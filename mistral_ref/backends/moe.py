@@ -9,7 +9,6 @@ Triton MoE kernel.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistral_ref.backends import cpu_gemv
-from mistral_ref.backends.linear import linear, linears, upcast_on_cpu
+from mistral_ref.backends.linear import linear, upcast_on_cpu
 from mistral_ref.moe import route
 from mistral_ref.quantize import QuantizedExperts
 
@@ -105,47 +104,12 @@ def row_bucket(n: int) -> int:
 
 
 def swiglu_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """moe.swiglu, silu(gate) * up, in gate's memory where no gradient needs gate (the same two kernels, bitwise;
-    `gate` is a fresh product its caller owns): a prefill allocates no new hidden-sized tensors, whose fresh pages
-    a CPU would fault in one by one.  gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
+    """SwiGLU's silu(gate) * up (moe.FeedForward), in gate's memory where no gradient needs gate (the same two
+    kernels, bitwise; `gate` is a fresh product its caller owns): an expert allocates no second hidden-sized
+    tensor.  gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return F.silu(gate) * up
     return F.silu(gate, inplace=True).mul_(up)
-
-
-SCRATCH_MIN_ROWS = 64  # feed_forward: rows from which the gate and up products go to scratch buffers
-SCRATCH_BYTES = 64 << 20  # ... while each fits in this (the buffers stay, one pair per thread)
-_scratch = threading.local()  # per thread: [gate buffer, up buffer], flat, grown as needed
-
-
-def _scratch_product(slot: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T written into this thread's reused buffer `slot`.  x: (rows, in) -> (rows, out)"""
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = [None, None]
-    size, b = x.shape[0] * weight.shape[0], buffers[slot]
-    if b is None or b.numel() < size or b.dtype != x.dtype:
-        with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
-            b = buffers[slot] = torch.empty(size, dtype=x.dtype)
-    return torch.mm(x, weight.t(), out=b[:size].view(x.shape[0], weight.shape[0]))
-
-
-def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """moe.FeedForward's w2(swiglu(w1 x, w3 x)), the "torch" backend's way.  From SCRATCH_MIN_ROWS rows of bf16 /
-    fp16 on a CPU that multiplies them natively (a prefill), the gate and up products go into two buffers this
-    thread reuses, while each fits in SCRATCH_BYTES.  These are the products F.linear computes (oneDNN's), and
-    bitwise the same (tested).  A fresh hidden-sized tensor would have its pages faulted in one by one, and the
-    two never leave this function.  Otherwise, and under autograd: linears, swiglu_in_place, linear.
-    x: (..., dim); w1, w3: (hidden, dim); w2: (dim, hidden) -> (..., dim)"""
-    rows, hidden = x.numel() // max(1, x.shape[-1]), w1.shape[0]
-    if (rows >= SCRATCH_MIN_ROWS and rows * hidden * x.element_size() <= SCRATCH_BYTES and pads_rows(x, w1)
-            and all(type(w) in (torch.Tensor, nn.Parameter) and w.dtype == x.dtype for w in (w1, w3, w2))
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3)))):
-        x2 = x.reshape(rows, x.shape[-1])  # (rows, dim)
-        gate, up = _scratch_product(0, x2, w1), _scratch_product(1, x2, w3)  # (rows, hidden) each
-        return linear(F.silu(gate, inplace=True).mul_(up), w2).view(*x.shape[:-1], w2.shape[0])
-    gate, up = linears(x, (w1, w3))
-    return linear(swiglu_in_place(gate, up), w2)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

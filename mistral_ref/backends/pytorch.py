@@ -6,8 +6,6 @@
 | rms_norm   | rms_norm below: F.rms_norm (bitwise), and  | norm.rms_norm                            |
 |            | a few bf16 rows (CPU): cpu_gemv.rms_norm   |                                          |
 | rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
-| feed_forward | backends/moe.py: feed_forward (scratch  | moe.FeedForward's lines                  |
-|            | gate / up a prefill; swiglu in place)      |                                          |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
 |            | a bf16 prompt on a CPU: prompt_attention   |                                          |
@@ -28,7 +26,7 @@ from mistral_ref.backends import Backend, cpu_gemv, prompt_attention
 from mistral_ref.backends.decode_step import decode_step
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
-from mistral_ref.backends.moe import feed_forward, mix_experts_grouped, moe_forward_grouped
+from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import LayerCache
@@ -85,4 +83,4 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
                   rope=apply_rotary_emb_complex, attention=attention, moe=moe_forward_grouped,
                   mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention,
-                  decode_step=decode_step, feed_forward=feed_forward)
+                  decode_step=decode_step)

@@ -3,7 +3,7 @@
 What a student reads is what runs: F.linear for every product, norm.rms_norm, rope.rope_angles +
 rope.apply_rotary_emb, attention.attention (explicit scores and mask), moe.moe_forward and moe.mix_experts (a loop
 over experts), cache.LayerCache.update, mla.latent_attention (every cached latent expanded into per-head keys and
-values); the feed-forward as moe.FeedForward writes it.
+values).
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ Measured, alternating mistral_ref and transformers run by run (the order flips e
 * the compute ceiling of prefill: FLOPs per prompt token over the FLOP/s of the fastest of 9 runs of a 512-row
   matrix product measured next to the row, and how close each library comes to it; and the bound on the prefill
   ratio that the matrix products set: the seconds mistral_ref's prefill spends in them (profiled), against
-  transformers' seconds (both libraries call the same BLAS for them);
+  transformers' seconds (both libraries call the same BLAS for them); and the bound that they and PyTorch's
+  attention kernel (SDPA's, which both libraries call for a plain causal prompt) set together;
 * with --compile (as `make bench` runs it): batch-1 decode again after Transformer.compile_decode();
 * loading: benchmarks/bench_load.py (>= 1 GB bf16 checkpoint, fresh subprocesses), run as it is;
 * llama.cpp (benchmarks/peer_llamacpp.py, where llama-cpp-python is installed; --no-llamacpp skips it): the same
@@ -237,26 +238,31 @@ def gemm_flops(args: ModelArgs, runs: int) -> list[float]:
 # Matrix products as the profiler names them: weight products (F.linear, the experts' grouped products) and any
 # batched product outside SDPA's fused kernel.
 PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm"})
+ATTENTION_OPS = frozenset({"aten::_scaled_dot_product_flash_attention_for_cpu"})  # SDPA's CPU kernel
 
 
-def product_seconds(fn: Callable[[], object], runs: int = 3) -> tuple[float, float]:
+def product_seconds(fn: Callable[[], object], runs: int = 3) -> tuple[float, float, float]:
     """Medians over `runs` profiled calls of fn: the seconds spent inside matrix products (PRODUCT_OPS, self time),
-    and the seconds of the whole profiled call (their share is taken of this, both under the profiler's overhead).
+    inside PyTorch's attention kernel (ATTENTION_OPS, self time), and of the whole profiled call (their shares are
+    taken of this, all under the profiler's overhead).
 
-    For a prefill of mistral_ref this is the part of its time that the BLAS decides (oneDNN's GEMM, which
-    transformers calls for the same products): its time over this is the most a prefill of mistral_ref could gain
-    on transformers with every other operation free, the bound printed beside the prefill ratio."""
+    For a prefill of mistral_ref the products are the part of its time that the BLAS decides (oneDNN's GEMM, which
+    transformers calls for the same products): transformers' time over them is the most a prefill of mistral_ref
+    could gain on transformers with every other operation free, the bound printed beside the prefill ratio; over
+    products and attention kernel together, the bound where SDPA's kernel is also the one both libraries call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    products, whole = [], []
+    products, attention, whole = [], [], []
     for _ in range(runs):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             whole.append(-time.perf_counter())
             fn()
             whole[-1] += time.perf_counter()
-        products.append(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6)
-    return statistics.median(products), statistics.median(whole)
+        events = prof.key_averages()
+        products.append(sum(e.self_cpu_time_total for e in events if e.key in PRODUCT_OPS) / 1e6)
+        attention.append(sum(e.self_cpu_time_total for e in events if e.key in ATTENTION_OPS) / 1e6)
+    return statistics.median(products), statistics.median(attention), statistics.median(whole)
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------------
@@ -368,12 +374,15 @@ def bench_prefill(ours: Transformer, hf, T: int, runs: int, warmup: bool = True)
 
     t = alternate({"ours": ours_fn, "hf": hf_fn}, runs, warmup=warmup)
     rate = {k: [T / x for x in v] for k, v in t.items()}
-    products, profiled = product_seconds(ours_fn, 1 if T > 1024 else 3)
+    products, attention, profiled = product_seconds(ours_fn, 1 if T > 1024 else 3)
     return {"ours": summary(rate["ours"]), "transformers": summary(rate["hf"]),
             "ratio": ratios(rate["ours"], rate["hf"]), "raw": rate,
             "products_s": products, "profiled_s": profiled, "ours_s": statistics.median(t["ours"]),
             "transformers_s": statistics.median(t["hf"]),
-            "ratio_bound": statistics.median(t["hf"]) / products if products > 0 else float("inf")}
+            "ratio_bound": statistics.median(t["hf"]) / products if products > 0 else float("inf"),
+            "attention_s": attention,
+            "kernels_bound": statistics.median(t["hf"]) / (products + attention) if products + attention > 0
+            else float("inf")}
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -500,7 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
                     prefill_rows.append((name, dname, T, pf))
                     print(f"  prefill {name} {dname} {T}: {fmt(pf['ours'], 0)} vs {fmt(pf['transformers'], 0)} "
                           f"tok/s, ratio {fmt(pf['ratio'], 2)}; matrix products {1e3 * pf['products_s']:.0f} ms of "
-                          f"{1e3 * pf['profiled_s']:.0f} profiled, bound {pf['ratio_bound']:.2f}x", flush=True)
+                          f"{1e3 * pf['profiled_s']:.0f} profiled, bound {pf['ratio_bound']:.2f}x; with SDPA's kernel "
+                          f"{1e3 * pf['attention_s']:.0f} ms, bound {pf['kernels_bound']:.2f}x", flush=True)
                 del hf, ours
             if ggufs is not None:
                 mode = opts.llamacpp_compile if opts.compile and opts.llamacpp_compile != "none" else None
@@ -532,16 +542,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("ceiling = FLOP/s of the fastest of 9 runs of a 512-row matrix product (fp32 or bf16, the faster), "
           "measured next to the row / FLOPs per prompt token; 'of ceiling' for mistral_ref, then transformers")
     print("products = share of a profiled prefill of mistral_ref spent in matrix products (median of 3; one at 2048+); "
-          "bound = transformers' seconds / those products' seconds: the ratio with every other operation free")
+          "bound = transformers' seconds / those products' seconds: the ratio with every other operation free; "
+          "+ SDPA: the same with PyTorch's attention kernel (which both libraries call for a plain causal prompt) "
+          "counted beside the products")
     print("| model | dtype | tokens | mistral_ref | transformers | ratio | ceiling tok/s (GFLOP/s) | of ceiling | "
-          "products | bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "products | bound | + SDPA | bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dname, T, pf in prefill_rows:
         ceil = pf["ceiling_tok_s"]
         print(f"| {name} | {dname} | {T} | {fmt(pf['ours'], 0)} | {fmt(pf['transformers'], 0)} | "
               f"{fmt(pf['ratio'], 2)}x | {ceil:.0f} ({pf['gemm_GFLOPs']:.0f}) | "
               f"{100 * pf['ours']['median'] / ceil:.0f}% / {100 * pf['transformers']['median'] / ceil:.0f}% | "
-              f"{100 * pf['products_s'] / pf['profiled_s']:.0f}% | {pf['ratio_bound']:.2f}x |")
+              f"{100 * pf['products_s'] / pf['profiled_s']:.0f}% | {pf['ratio_bound']:.2f}x | "
+              f"{100 * (pf['products_s'] + pf['attention_s']) / pf['profiled_s']:.0f}% | {pf['kernels_bound']:.2f}x |")
     same = all(d["same_tokens"] for _, dname, _, d, _ in decode_rows if dname == "fp32")
     print(f"\nfp32 greedy tokens identical to transformers' in every decode run: {same}")
     if llamacpp_results:

@@ -12,7 +12,9 @@ against SDPA's masked kernel on the batch).  Part 2, a bf16 prefill of each benc
 fresh cache, greedy first token), the "torch" backend with prompt_attention taking the prompt and with it switched
 off (SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
 prompt_attention).  Part 3, a bf16 prefill of each model with experts, a new random prompt every call, the same
-sequence on both sides: the experts' rows in buckets (backends/moe.py) on and off.
+sequence on both sides: the experts' rows in buckets (backends/moe.py) on and off.  Part 4, the same prefills of
+every model: the "torch" backend's elementwise C kernels (cpu_gemv.rms_norm, rope, swiglu) on and off (off: F.rms_norm,
+the complex product, F.silu(gate) * up, as before them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +33,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import MODELS, QUICK_MODELS, random_model  # noqa: E402
 
-from mistral_ref.backends import cpu_gemv, prompt_attention  # noqa: E402
+from mistral_ref.backends import cpu_gemv, get_backend, prompt_attention  # noqa: E402
 from mistral_ref.backends import moe as grouped  # noqa: E402
+from mistral_ref.backends.pytorch import rms_norm_torch  # noqa: E402
+from mistral_ref.backends.rope import apply_rotary_emb_complex  # noqa: E402
 from mistral_ref.backends.sdpa import sdpa_attention  # noqa: E402
 from mistral_ref.generation import generate  # noqa: E402
+from mistral_ref.moe import swiglu  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
 PADS_ROWS = grouped.pads_rows
@@ -170,6 +176,35 @@ def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
                   f"{summary(ratio, 2)}x |", flush=True)
 
 
+def prefill_with(model, ops, prompts: torch.Generator, vocab: int, T: int) -> None:
+    """One prefill and its first token of a new random T-token prompt, computed with the functions of `ops`."""
+    model.ops = ops
+    generate(model, [torch.randint(1, vocab, (T,), generator=prompts).tolist()], 1, temperature=0.0)
+
+
+def elementwise_rows(models: list[str], tokens: list[int], rounds: int) -> None:
+    """Part 4: a bf16 prefill of each model, a new prompt every call (the same sequence on both sides), the "torch"
+    backend with its elementwise C kernels (RMSNorm, RoPE, SwiGLU's silu(gate) * up: cpu_gemv.py) and with torch's
+    own functions for those three families instead."""
+    print("\n## bf16 prefill, a new prompt every call: RMSNorm, RoPE and SwiGLU by the C kernels vs by torch's "
+          "kernels, ms")
+    table_header("model", "tokens", "C kernels", "torch's", "ratio (torch's time / C kernels' time)")
+    ops = get_backend("torch")
+    without = replace(ops, name="torch without the elementwise C kernels", rms_norm=rms_norm_torch,
+                      rope=apply_rotary_emb_complex, swiglu=swiglu)
+    for name in models:
+        args = ALL_MODELS[name]
+        model = random_model(args).to(torch.bfloat16)
+        for T in tokens:
+            same = [torch.Generator().manual_seed(T) for _ in range(2)]
+            on, off = alternate(partial(prefill_with, model, ops, same[0], args.vocab_size, T),
+                                partial(prefill_with, model, without, same[1], args.vocab_size, T), rounds)
+            model.ops = ops
+            ratio = [b / a for a, b in zip(on, off)]
+            print(f"| {name} | {T} | {summary([t * 1e3 for t in on])} | {summary([t * 1e3 for t in off])} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -196,6 +231,7 @@ def main() -> None:
     ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)
     prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
     bucket_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    elementwise_rows(models, [t for t in tokens if t <= 2048], args.rounds)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ class Transformer(nn.Module):
 
     def set_backend(self, backend: str = "torch", *, attention: str | None = None, moe: str | None = None,
                     linear: str | None = None, rope: str | None = None, rms_norm: str | None = None,
-                    latent_attention: str | None = None) -> Transformer:
+                    swiglu: str | None = None, latent_attention: str | None = None) -> Transformer:
         """Choose the functions the layers compute with, by backend name (mistral_ref.backends):
 
         "reference" — the plain functions of rope.py, attention.py, moe.py and this file, F.linear for products;
@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         ``set_backend("torch", attention="triton", moe="triton")``.  Returns the model.
         """
         chosen = {"attention": attention, "moe": moe, "linear": linear, "rope": rope, "rms_norm": rms_norm,
-                  "latent_attention": latent_attention}
+                  "swiglu": swiglu, "latent_attention": latent_attention}
         base = get_backend(backend)
         self.ops = base.with_parts({part: get_backend(name) for part, name in chosen.items() if name is not None})
         for prepare in self.ops.prepare:

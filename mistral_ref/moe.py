@@ -34,7 +34,12 @@ class FeedForward(nn.Module):
         """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T, ops.linears
         several products of x)."""
         gate, up = ops.linears(x, (self.w1.weight, self.w3.weight))  # (..., hidden_dim) each
-        return ops.linear(F.silu(gate) * up, self.w2.weight)
+        return ops.linear(ops.swiglu(gate, up), self.w2.weight)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's hidden activations, silu(gate) * up, where silu(g) = g * sigmoid(g).  (..., hidden) -> (..., hidden)"""
+    return F.silu(gate) * up
 
 
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +107,7 @@ def mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w
         if token_idx.numel() == 0:
             continue
         xe = x[token_idx]  # (n_e, dim)
-        ye = F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])  # (n_e, dim)
+        ye = F.linear(swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e])), w2[e])  # (n_e, dim)
         out.index_add_(0, token_idx, ye * weights[token_idx, slot, None].to(x.dtype))
     return out
 

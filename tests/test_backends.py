@@ -249,6 +249,7 @@ def test_reference_backend_is_the_plain_math_everywhere():
     assert ops.linear is torch.nn.functional.linear
     assert ops.attention is attention.attention and ops.moe is moe.moe_forward and ops.rms_norm is norm.rms_norm
     assert ops.latent_attention is mla.latent_attention
+    assert ops.swiglu is moe.swiglu
     cache = LayerCache(1, 4, False, 1, 2, torch.float32, "cpu")
     k = torch.randn(1, 1, 1, 2)
     keys, _, pos = ops.update_cache(cache, k, k, torch.tensor([[2]]))

@@ -55,11 +55,13 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert f"one-row products walk {walk}" in text
     prefill = model["prefill_128"]  # with the compute ceiling: FLOPs per token against a matmul measured alongside
     assert prefill["gemm_GFLOPs"] > 0 and prefill["ceiling_tok_s"] > 0
-    row = r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \| \d+% \| [\d.]+x \|"
+    row = r"\| tiny-gqa \| fp32 \| 128 \| .* \| \d+ \(\d+\) \| \d+% / \d+% \| \d+% \| [\d.]+x \| \d+% \| [\d.]+x \|"
     assert re.search(row, text), text
     # the bound the matrix products put on the ratio: transformers' seconds over our seconds in products
     assert 0 < prefill["products_s"] < prefill["profiled_s"]
     assert prefill["ratio_bound"] == pytest.approx(prefill["transformers_s"] / prefill["products_s"])
+    assert prefill["attention_s"] >= 0 and prefill["kernels_bound"] == pytest.approx(
+        prefill["transformers_s"] / (prefill["products_s"] + prefill["attention_s"]))
     # the Small-4-shaped row's path: latent attention + fine-grained experts against transformers' Mistral4, same run
     small4 = result["models"]["tiny-small4"]["fp32"]
     assert small4["parity"]["logits_rel_err"] < 1e-5 and small4["parity"]["greedy_tokens_equal"]
@@ -106,16 +108,22 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
 
 
 def test_product_seconds_count_the_matrix_products_and_nothing_else():
-    """The prefill ratio's bound: the profiled seconds in matrix products (mm, addmm, bmm), not in other work."""
+    """The prefill ratio's bounds: the profiled seconds in matrix products (mm, addmm, bmm) and in SDPA's CPU kernel,
+    not in other work."""
     import torch
+    import torch.nn.functional as F
 
     product_seconds = benchmark_module("bench").product_seconds
     a, b, x = torch.randn(256, 256), torch.randn(256, 256), torch.randn(1 << 20)
-    products, whole = product_seconds(lambda: (x.exp(), x.sin()))
-    assert products == 0.0 and whole > 0
-    products, whole = product_seconds(lambda: (a @ b, torch.addmm(a, a, b), torch.bmm(a[None], b[None]), x.exp()))
-    assert 0 < products < whole
+    products, attention, whole = product_seconds(lambda: (x.exp(), x.sin()))
+    assert products == 0.0 and attention == 0.0 and whole > 0
+    products, attention, whole = product_seconds(
+        lambda: (a @ b, torch.addmm(a, a, b), torch.bmm(a[None], b[None]), x.exp()))
+    assert 0 < products < whole and attention == 0.0
     assert product_seconds(lambda: [a @ b for _ in range(8)])[0] > product_seconds(lambda: a @ b)[0]
+    q = torch.randn(1, 4, 256, 32)
+    products, attention, whole = product_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert products == 0.0 and 0 < attention < whole
 
 
 def test_small4_row_counts_latent_cache_bytes_and_active_experts():
@@ -201,8 +209,10 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
     row = re.search(r"\| tiny-gqa \(4 / 2 / 32\) \| 70 \| (\d+\.\d+) .* \| (\d+\.\d+) .* \| (\d+\.\d+) .*x \|",
                     proc.stdout)  # the ragged batch
     assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
-    part3 = proc.stdout.split("rows in buckets on vs off")[1]  # part 3: models with experts only (tiny-small4 below)
-    assert "| tiny-gqa | 70 | " not in part3
+    part3, part4 = proc.stdout.split("rows in buckets on vs off")[1].split("SwiGLU by the C kernels vs")
+    assert "| tiny-gqa | 70 | " not in part3  # part 3: models with experts only (tiny-small4 below)
+    row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part4)  # every model
+    assert row and float(row.group(3)) > 0, proc.stdout
 
 
 @pytest.mark.slow
@@ -215,7 +225,7 @@ def test_attention_benchmark_times_the_experts_row_buckets():
                            "--tokens", "70", "--models", "tiny-small4", "--threads", "1"], capture_output=True,
                           text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    part3 = proc.stdout.split("rows in buckets on vs off")[1]
+    part3 = proc.stdout.split("rows in buckets on vs off")[1].split("SwiGLU by the C kernels vs")[0]
     row = re.search(r"\| tiny-small4 \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part3)
     assert row and float(row.group(3)) > 0, proc.stdout
 

@@ -1329,18 +1329,134 @@ def test_rms_norm_is_the_reference_norm(build, dtype, shape):
                                    expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_prompts_rms_norm_split_among_threads_is_the_row_loop_bitwise(build, dtype):
+    """More than RMS_NORM_ROWS rows (a prompt) go to rms_norm_prompt, rows shared among threads: bitwise the
+    one-thread loop of a few rows at a time, for any thread count, and the reference norm within bf16's rounding;
+    the "torch" backend sends a bf16 prompt's norm there."""
+    from mistral_ref.backends.pytorch import rms_norm as torch_backend_rms_norm
+    from mistral_ref.norm import rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 75, 200, generator=g) * 3).to(dtype)
+    x[1, 3] *= 1e4
+    weight = (1 + 0.2 * torch.randn(200, generator=g)).to(dtype)
+    rows = x.reshape(-1, 200)
+    few = torch.cat([cpu_gemv.rms_norm(part, weight, 1e-5) for part in rows.split(cpu_gemv.RMS_NORM_ROWS)])
+    for threads in (1, 2, 3):
+        got = cpu_gemv.rms_norm(x, weight, 1e-5, threads=threads)
+        assert got.shape == x.shape and torch.equal(got.reshape(-1, 200), few)
+    expected = rms_norm(x, weight, 1e-5)
+    assert rel_err(got, expected) <= (1e-6 if dtype == torch.float32 else BF16_RTOL)
+    if build == "native":
+        assert cpu_gemv.rms_norm_applies(x, weight) == (dtype == torch.bfloat16)
+        if dtype == torch.bfloat16:
+            assert torch.equal(torch_backend_rms_norm(x, weight, 1e-5), got)
+
+
 def test_rms_norm_refuses_what_it_cannot_read():
-    """A prompt's rows, mixed dtypes, a weight of another width, fp16, autograd: rms_norm_applies says no (the
-    "torch" backend keeps F.rms_norm) and rms_norm raises."""
+    """Mixed dtypes, a weight of another width, fp16, autograd: rms_norm_applies says no (the "torch" backend keeps
+    F.rms_norm) and rms_norm raises."""
     x, w = torch.randn(1, 1, 64).bfloat16(), torch.randn(64).bfloat16()
-    cases = {"a prompt": (torch.randn(1, cpu_gemv.RMS_NORM_ROWS + 1, 64).bfloat16(), w), "mixed dtypes": (x, w.float()),
-             "another width": (x, w[:32]), "fp16": (x.half(), w.half()), "empty dim": (x[..., :0], w[:0])}
+    cases = {"mixed dtypes": (x, w.float()), "another width": (x, w[:32]), "fp16": (x.half(), w.half()),
+             "empty dim": (x[..., :0], w[:0])}
     for name, args in cases.items():
         assert not cpu_gemv.rms_norm_applies(*args), name
         with pytest.raises(ValueError, match="rms_norm"):
             cpu_gemv.rms_norm(*args, 1e-5)
     with torch.enable_grad():
         assert not cpu_gemv.rms_norm_applies(x, w.requires_grad_())
+
+
+def plain_rotation(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """(a, b) (c, s) = (a c - b s, a s + b c) with each product, difference and sum rounded to fp32 (float64
+    products of fp32 values are exact), then to x's dtype.  x (B, T, H, D), rotations (B, T, D/2) complex64"""
+    a, b = x[..., 0::2].double(), x[..., 1::2].double()
+    c, s = rotations.real[:, :, None].double(), rotations.imag[:, :, None].double()
+
+    def f32(t):
+        return t.float().double()
+
+    re, im = f32(f32(a * c) - f32(b * s)), f32(f32(a * s) + f32(b * c))
+    return torch.stack([re, im], -1).flatten(-2).float().to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 33, 4, 64), (1, 7, 3, 128), (1, 5, 2, 32), (2, 9, 3, 8), (1, 6, 2, 40)],
+                         ids=str)
+def test_rope_is_the_complex_rotation_with_torchs_roundings(build, dtype, shape):
+    """cpu_gemv.rope (a prompt's or a step's heads, tokens shared among threads) against backends/rope.py's complex
+    product: bitwise the plain formula's roundings in every build and for any thread count (the vector loops and
+    the one-pair tail alike: no fused multiply-add), and so bitwise torch's complex product wherever torch runs its
+    vector loop (head_dim / 2 a multiple of 8 pairs); with YaRN's longer rotations, NaN and inf."""
+    from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
+    from mistral_ref.config import YarnArgs
+
+    B, T, H, D = shape
+    g = torch.Generator().manual_seed(D + T)
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    x[0, 1, 0, 3], x[-1, -1, -1, 0] = float("nan"), float("inf")
+    positions = torch.arange(T).expand(B, T) * 37
+    yarn = YarnArgs(factor=4.0, original_max_position_embeddings=64) if D == 128 else None
+    rotations = rope_rotations(positions, D, 1e6, yarn)
+    expected = plain_rotation(x, rotations)
+    for threads in (1, 2, 3):
+        got = cpu_gemv.rope(x, rotations, threads=threads)
+        assert got.dtype == dtype and torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+    if (D // 2) % 8 == 0:
+        assert torch.equal(got.nan_to_num(7.0), apply_rotary_emb_complex(x, rotations).nan_to_num(7.0))
+    if build == "native":
+        assert torch.equal(pytorch_backend.rope(x, rotations).nan_to_num(7.0), got.nan_to_num(7.0))
+
+
+def test_rope_refuses_what_it_cannot_read():
+    """A view with gaps, fp16, another table's shape or dtype, autograd: rope_applies says no (the "torch" backend
+    keeps the complex product) and rope raises."""
+    from mistral_ref.backends.rope import rope_rotations
+
+    x = torch.randn(1, 4, 2, 16).bfloat16()
+    rot = rope_rotations(torch.arange(4)[None], 16, 1e4)
+    cases = {"a view with gaps": (x[..., :8], rot[..., :4]), "fp16": (x.half(), rot), "another shape": (x, rot[:, :3]),
+             "a real table": (x, torch.view_as_real(rot)), "three dims": (x[0], rot)}
+    for name, args in cases.items():
+        assert not cpu_gemv.rope_applies(*args), name
+        with pytest.raises(ValueError, match="rope"):
+            cpu_gemv.rope(*args)
+    with torch.enable_grad():
+        assert not cpu_gemv.rope_applies(x.float().requires_grad_(), rot)
+
+
+def test_swiglu_is_silu_times_up_with_torchs_roundings(build):
+    """cpu_gemv.swiglu (the feed-forward's silu(gate) * up in one pass) against moe.swiglu in bf16: within one
+    rounding and mostly bitwise (the C exp may round SiLU's last fp32 bit apart from torch's), large and tiny
+    activations included; in_place writes gate's memory; the "torch" backend's ops.swiglu sends bf16 there and
+    keeps torch's kernels for fp32 (bitwise)."""
+    from mistral_ref.moe import swiglu
+
+    g = torch.Generator().manual_seed(11)
+    gate = (torch.randn(3, 37, 300, generator=g) * 4).bfloat16()
+    gate[0, 0, :4] = torch.tensor([90.0, -90.0, 1e-30, -1e-30])
+    up = torch.randn(3, 37, 300, generator=g).bfloat16()
+    expected = swiglu(gate, up)
+    got = cpu_gemv.swiglu(gate, up)
+    assert got.shape == gate.shape and rel_err(got, expected) <= BF16_RTOL
+    assert (got == expected).float().mean() >= 0.99
+    same = gate.clone()
+    assert cpu_gemv.swiglu(same, up, in_place=True).data_ptr() == same.data_ptr() and torch.equal(same, got)
+    assert torch.equal(cpu_gemv.swiglu(gate, up, threads=1), got)
+    if build == "native":
+        assert torch.equal(pytorch_backend.swiglu(gate, up), got)
+        assert torch.equal(pytorch_backend.swiglu(gate.float(), up.float()), swiglu(gate.float(), up.float()))
+
+
+def test_swiglu_refuses_what_it_cannot_read():
+    gate = torch.randn(4, 8).bfloat16()
+    cases = {"fp32": (gate.float(), gate.float()), "shapes": (gate, gate[:2]), "a view with gaps": (gate[:, ::2],
+             gate[:, ::2]), "mixed dtypes": (gate, gate.float())}
+    for name, args in cases.items():
+        assert not cpu_gemv.swiglu_applies(*args), name
+        with pytest.raises(ValueError, match="swiglu"):
+            cpu_gemv.swiglu(*args)
 
 
 def test_a_forked_child_exits_without_waiting_for_the_parents_builder(tmp_path):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from mistral_ref.backends import Backend
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.backends.reference import update_cache
+from mistral_ref.moe import swiglu
 from mistral_ref.rope import rope_angles
 from triton_kernels.flash_attention import attention
 from triton_kernels.latent_decode import latent_attention
@@ -32,6 +33,6 @@ def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch
 
 
 BACKEND = Backend(name="triton", linear=F.linear, rms_norm=rms_norm, rope_table=rope_angles, rope=rotate,
-                  attention=attention, moe=moe_forward, mix_experts=mix_experts, update_cache=update_cache,
-                  latent_attention=latent_attention,
+                  attention=attention, moe=moe_forward, mix_experts=mix_experts, swiglu=swiglu,
+                  update_cache=update_cache, latent_attention=latent_attention,
                   prepare=(stack_all_experts,))  # the MoE kernel reads the model's stacked experts, no copy

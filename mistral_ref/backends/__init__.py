@@ -3,9 +3,10 @@
 A model's layers (model.py, attention.py, moe.py, mla.py, fine_moe.py) never call a fast path directly: they call
 ``ops.linear`` (``ops.linears``: several products of one input), ``ops.rms_norm``, ``ops.rope_table`` /
 ``ops.rope``, ``ops.attention``, ``ops.moe`` / ``ops.mix_experts`` (fine_moe.py's routed experts),
-``ops.update_cache`` (the KV cache write) and ``ops.latent_attention`` (mla.py) on the :class:`Backend` chosen by
-``Transformer.set_backend(name)``.  Every backend computes the same functions as "reference" (the plain math of the
-reference modules), within floating-point rounding; the tests check each one against it.
+``ops.swiglu`` (the feed-forward's silu(gate) * up), ``ops.update_cache`` (the KV cache write) and
+``ops.latent_attention`` (mla.py) on the :class:`Backend` chosen by ``Transformer.set_backend(name)``.  Every
+backend computes the same functions as "reference" (the plain math of the reference modules), within
+floating-point rounding; the tests check each one against it.
 
 | name        | where                  | what                                                                     |
 |-------------|------------------------|--------------------------------------------------------------------------|
@@ -31,7 +32,7 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "mistral_ref.backends"
 # the families that set_backend can take from different backends
-PARTS = ("linear", "rms_norm", "rope", "attention", "moe", "update_cache", "latent_attention")
+PARTS = ("linear", "rms_norm", "rope", "attention", "moe", "swiglu", "update_cache", "latent_attention")
 
 
 class BackendError(ValueError):
@@ -53,6 +54,7 @@ class Backend:
     moe(x (N, dim), gate_weight, w1, w2, w3, top_k) -> (N, dim), logits     moe.moe_forward
     mix_experts(x (N, dim), weights (N, k), experts (N, k), w1, w2, w3)     moe.mix_experts: the experts of a
         -> (N, dim)                                                         precomputed routing (fine_moe.py)
+    swiglu(gate (..., hidden), up (..., hidden)) -> (..., hidden)           moe.swiglu: silu(gate) * up
     update_cache(layer_cache, k, v, positions) -> keys, values, k_pos       cache.LayerCache.update
     latent_attention(q_nope, q_rope, latents, k_rope, kv_b_weight,          mla.latent_attention
                      v_head_dim, q_pos, k_pos, scale) -> (B, T, H, v)
@@ -70,6 +72,7 @@ class Backend:
     attention: Callable
     moe: Callable
     mix_experts: Callable
+    swiglu: Callable
     update_cache: Callable
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())

@@ -63,6 +63,7 @@ from mistral_ref.backends.pytorch import rms_norm_torch
 from mistral_ref.backends.reference import rotate
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import KVCache, LayerCache
+from mistral_ref.moe import swiglu
 from mistral_ref.rope import rope_angles
 
 if TYPE_CHECKING:  # typing only: the model imports this module, not the other way round
@@ -151,7 +152,8 @@ def compiled_backend(threads: int, cpu_kernels: bool = False) -> Backend:
     return Backend(name="torch-compiled", linear=linear, rms_norm=rms_norm_torch, rope_table=rope_angles,
                    rope=rotate, attention=functools.partial(compiled_attention, **fixed),
                    moe=functools.partial(compiled_moe, **fixed),
-                   mix_experts=functools.partial(compiled_mix_experts, **fixed), update_cache=compiled_update_cache,
+                   mix_experts=functools.partial(compiled_mix_experts, **fixed), swiglu=swiglu,
+                   update_cache=compiled_update_cache,
                    latent_attention=torch_ops.latent_attention)  # absorbed einsums for a decode step: they fuse
 
 

@@ -1541,29 +1541,41 @@ int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, i
  * (io_bf16) or all fp32; the mean of squares in fp32 (16 partial sums, then added: another order than torch's,
  * within fp32 rounding), the normalised row rounded to x's dtype before the weight multiplies, as the reference
  * rounds. */
-int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        float acc[16] = {0};
-        int64_t i = 0;
-        for (; i + 16 <= dim; i += 16)
-            for (int j = 0; j < 16; j++) {
-                const float v = value_at(x, r * dim + i + j, io_bf16);
-                acc[j] += v * v;
-            }
-        float sum = 0.0f;
-        for (int j = 0; j < 16; j++) sum += acc[j];
-        for (; i < dim; i++) {
-            const float v = value_at(x, r * dim + i, io_bf16);
-            sum += v * v;
+static inline __attribute__((always_inline)) void norm_row(const void *x, const void *weight, void *out,
+                                                           int io_bf16, int64_t r, int64_t dim, float eps) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= dim; i += 16)
+        for (int j = 0; j < 16; j++) {
+            const float v = value_at(x, r * dim + i + j, io_bf16);
+            acc[j] += v * v;
         }
-        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
-        for (int64_t d = 0; d < dim; d++) {
-            const float normed = in_dtype(value_at(x, r * dim + d, io_bf16) * scale, io_bf16);
-            const float y = value_at(weight, d, io_bf16) * normed;
-            if (io_bf16) ((uint16_t *)out)[r * dim + d] = float_to_bf16(y); else ((float *)out)[r * dim + d] = y;
-        }
+    float sum = 0.0f;
+    for (int j = 0; j < 16; j++) sum += acc[j];
+    for (; i < dim; i++) {
+        const float v = value_at(x, r * dim + i, io_bf16);
+        sum += v * v;
     }
+    const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
+    for (int64_t d = 0; d < dim; d++) {
+        const float normed = in_dtype(value_at(x, r * dim + d, io_bf16) * scale, io_bf16);
+        const float y = value_at(weight, d, io_bf16) * normed;
+        if (io_bf16) ((uint16_t *)out)[r * dim + d] = float_to_bf16(y); else ((float *)out)[r * dim + d] = y;
+    }
+}
+
+int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) norm_row(x, weight, out, io_bf16, r, dim, eps);
     return 0;
+}
+
+/* rms_norm_rows for a prompt's rows, bitwise the same: rows split among `threads`, a loop compiled for each dtype */
+void rms_norm_prompt(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps,
+                     int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        if (io_bf16) norm_row(x, weight, out, 1, r, dim, eps); else norm_row(x, weight, out, 0, r, dim, eps);
+    }
 }
 
 /* ---- the elementwise steps of one token's block (cpu_gemv_ops.cpp: decode_model's block_step) ------------- */
@@ -1572,22 +1584,55 @@ int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int
  * head times the rotation (c, s) of its index, a complex product in fp32 whose four products are rounded before
  * they are added ((a c - b s, a s + b c): no fused multiply-add, as torch's complex multiplication), then rounded
  * to x's dtype.  x: (heads, head_dim) bf16 or fp32; rot: (head_dim / 2, 2) fp32, (cos, sin) of each pair. */
-void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot) {
-    for (int64_t h = 0; h < heads; h++)
-        for (int64_t j = 0; j < head_dim / 2; j++) {
+#if CPU_GEMV_AVX2
+static int64_t rotate_vec(const char *x, char *out, int bf16, int64_t n, const float *rot);
+#endif
+
+/* x (heads, head_dim) rotated into out (which may be x): the pairs LANES floats at a time where the build has vector
+ * loops (rotate_vec), the rest one pair at a time.  (`volatile`: GCC 12 turns the plain pair loop into fused
+ * multiply-add-subtract instructions, -ffp-contract=off or not, which round once where torch rounds twice.) */
+static inline __attribute__((always_inline)) void rotate_heads(const void *x, void *out, int io_bf16, int64_t heads,
+                                                               int64_t head_dim, const float *rot) {
+    const int64_t bytes = io_bf16 ? 2 : 4;
+    for (int64_t h = 0; h < heads; h++) {
+        int64_t first = 0;
+#if CPU_GEMV_AVX2
+        first = rotate_vec((const char *)x + h * head_dim * bytes, (char *)out + h * head_dim * bytes, io_bf16,
+                           head_dim, rot);
+#endif
+        for (int64_t j = first / 2; j < head_dim / 2; j++) {
             const int64_t i = h * head_dim + 2 * j;
             const float a = value_at(x, i, io_bf16), b = value_at(x, i + 1, io_bf16);
             const float c = rot[2 * j], s = rot[2 * j + 1];
-            const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
-            const float re = ac - bs, im = as + bc;
+            volatile float bs = b * s, bc = b * c;
+            const float re = a * c - bs, im = a * s + bc;
             if (io_bf16) {
-                ((uint16_t *)x)[i] = float_to_bf16(re);
-                ((uint16_t *)x)[i + 1] = float_to_bf16(im);
+                ((uint16_t *)out)[i] = float_to_bf16(re);
+                ((uint16_t *)out)[i + 1] = float_to_bf16(im);
             } else {
-                ((float *)x)[i] = re;
-                ((float *)x)[i + 1] = im;
+                ((float *)out)[i] = re;
+                ((float *)out)[i + 1] = im;
             }
         }
+    }
+}
+
+void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot) {
+    rotate_heads(x, x, io_bf16, heads, head_dim, rot);
+}
+
+/* rope_heads for a prompt's tokens, out of place: x, out (rows, heads, head_dim), token r rotated by
+ * rot + r * head_dim; tokens split among `threads` */
+void rope_prompt(const void *x, void *out, int io_bf16, int64_t rows, int64_t heads, int64_t head_dim,
+                 const float *rot, int threads) {
+    const int64_t n = heads * head_dim, bytes = io_bf16 ? 2 : 4;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *xr = (const char *)x + r * n * bytes;
+        char *o = (char *)out + r * n * bytes;
+        if (io_bf16) rotate_heads(xr, o, 1, heads, head_dim, rot + r * head_dim);
+        else rotate_heads(xr, o, 0, heads, head_dim, rot + r * head_dim);
+    }
 }
 
 /* out = a + b (n values of x's dtype, the sum rounded to it): a residual connection */
@@ -1725,6 +1770,27 @@ static inline void v_store_upper_halves(uint16_t *p, vec v) {
     const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);  /* (<= 0xffff: packus keeps them) */
     _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08)));
 #endif
+}
+
+/* rotate_heads' pairs of one head, LANES floats (LANES / 2 pairs) at a time: (a, b) times (c, s) is
+ * (a c - b s, a s + b c), each product and sum rounded as torch's complex multiplication rounds them.  Returns how
+ * many of the n floats it did (a multiple of LANES); the caller does the rest. */
+static int64_t rotate_vec(const char *x, char *out, int bf16, int64_t n, const float *rot) {
+    const int64_t bytes = bf16 ? 2 : 4;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        const vec v = v_row(x + i * bytes, bf16), r = v_load(rot + i);
+        const vec prod = v_mul(v, r), cross = v_mul(v, VP(permute)(r, 0xB1));  /* (a c, b s), (a s, b c) */
+        const vec re = v_sub(prod, VP(permute)(prod, 0xB1)), im = v_add(cross, VP(permute)(cross, 0xB1));
+#if LANES == 16
+        const vec y = _mm512_mask_blend_ps(0xAAAA, re, im);  /* re in the even lanes, im in the odd */
+#else
+        const vec y = _mm256_blend_ps(re, im, 0xAA);
+#endif
+        if (bf16) v_store_upper_halves((uint16_t *)(out + i * bytes), v_round_bf16(y));
+        else v_store((float *)(out + i * bytes), y);
+    }
+    return i;
 }
 
 /* e^x of LANES floats, x <= 0 or NaN (a score minus the largest): Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a

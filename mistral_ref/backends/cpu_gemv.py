@@ -90,6 +90,10 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
                       _INT],
     # (x, weight, out, io_bf16, rows, dim, eps)
     "rms_norm_rows": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float],
+    "rms_norm_prompt": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float, _INT],  # (... eps, threads)
+    # (x, out, io_bf16, rows, heads, head_dim, rotations, threads)
+    "rope_prompt": [_P, _P, _INT, _I64, _I64, _I64, _P, _INT],
+    "silu_mul": [_P, _P, _P, _INT, _I64, _INT],  # (gate, up, out, io_bf16, n, threads)
     # (q, k, v, k_pos, q_pos, window, out, io_bf16, batch, slots, heads, kv_heads, head_dim, threads)
     "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
     # (scores, probs, io_bf16, groups, rows, cols, n, first, window, scale, scaled_fp32, threads): prompt_attention
@@ -925,40 +929,96 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
     return y
 
 
-# ---- RMSNorm of a few rows (a decode step, eagerly) --------------------------------------------------------------
+# ---- RMSNorm and RoPE (a decode step's few rows, a prompt's many) ----------------------------------------------
 
-RMS_NORM_ROWS = 32  # more rows (a prompt) stay with torch's vectorized F.rms_norm
+RMS_NORM_ROWS = 32  # up to this many rows: one thread (rms_norm_rows); more: split among threads (rms_norm_prompt)
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True if the "torch" backend sends norm.rms_norm(x, weight, eps) to :func:`rms_norm`: a few bf16 rows on a
-    CPU (:func:`_rms_norm_fits`).  fp32 stays with F.rms_norm, bitwise the reference's fp32 sums: the C loop's
+    """True if the "torch" backend sends norm.rms_norm(x, weight, eps) to :func:`rms_norm`: bf16 rows on a CPU
+    (:func:`_rms_norm_fits`).  fp32 stays with F.rms_norm, bitwise the reference's fp32 sums: the C loop's
     other order of the sum of squares moves a norm by ~1e-7, which the layers of a random test model amplify past
     the 1e-5 the fp32 parity tests allow; in bf16 the normalised row's rounding hides it."""
     return x.dtype is torch.bfloat16 and _rms_norm_fits(x, weight)
 
 
 def _rms_norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A few rows of x on a CPU, x and weight (dim,) both bf16 or both fp32, no autograd."""
+    """Rows of x on a CPU, x and weight (dim,) both bf16 or both fp32, no autograd."""
     return (x.dtype in _FLOATS and weight.dtype is x.dtype and x.is_cpu and weight.is_cpu and weight.ndim == 1
-            and x.ndim >= 1 and weight.shape[0] == x.shape[-1] > 0 and x.numel() <= RMS_NORM_ROWS * x.shape[-1]
+            and x.ndim >= 1 and weight.shape[0] == x.shape[-1] > 0
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False) -> torch.Tensor:
-    """norm.rms_norm for a few rows of bf16 or fp32 (:func:`_rms_norm_fits`) in one C call (cpu_gemv.c,
-    rms_norm_rows): the reference's roundings in x's dtype, its sums in another order (fp32: within 1e-6).
-    checked: the caller has just asked :func:`rms_norm_applies` (a decode step asks once, not twice).
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = False,
+             threads: int | None = None) -> torch.Tensor:
+    """norm.rms_norm for rows of bf16 or fp32 (:func:`_rms_norm_fits`) in one C call (cpu_gemv.c: rms_norm_rows,
+    and rms_norm_prompt, the same bits, for more than RMS_NORM_ROWS rows, split among `threads`, default
+    torch.get_num_threads()): the reference's roundings in x's dtype, its sums in another order (fp32: within
+    1e-6).  checked: the caller has just asked :func:`rms_norm_applies` (a decode step asks once, not twice).
     x: (..., dim) -> (..., dim)"""
     lib = _checked_library()
     if not (checked or _rms_norm_fits(x, weight)):
         raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} {weight.dtype} "
-                         f"are not a few rows of bf16 or fp32 with their (dim,) weight on the CPU")
+                         f"are not rows of bf16 or fp32 with their (dim,) weight on the CPU")
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
     dim = x.shape[-1]
-    lib.rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16),
-                      x.numel() // dim, dim, eps)
+    rows, io_bf16 = x.numel() // dim, int(x.dtype == torch.bfloat16)
+    if rows <= RMS_NORM_ROWS:
+        lib.rms_norm_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), io_bf16, rows, dim, eps)
+    else:
+        lib.rms_norm_prompt(x.data_ptr(), weight.data_ptr(), out.data_ptr(), io_bf16, rows, dim, eps,
+                            threads or torch.get_num_threads())
+    return out
+
+
+def rope_applies(x: torch.Tensor, rotations: torch.Tensor) -> bool:
+    """True if backends/rope.py's apply_rotary_emb_complex(x, rotations) is one :func:`rope` takes: x (B, T, H, D)
+    contiguous bf16 or fp32 on a CPU, rotations (B, T, D/2) complex64 (rope_rotations' table), no autograd."""
+    return (x.ndim == 4 and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.shape[-1] % 2 == 0
+            and rotations.dtype is torch.complex64 and rotations.is_cpu
+            and tuple(rotations.shape) == (*x.shape[:2], x.shape[-1] // 2)
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def rope(x: torch.Tensor, rotations: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """apply_rotary_emb_complex(x, rotations) (backends/rope.py) in one C call (cpu_gemv.c: rope_prompt), tokens
+    split among `threads` (default torch.get_num_threads()): the same fp32 products, added without a fused
+    multiply-add and rounded to x's dtype, as torch's complex multiplication.  x must satisfy
+    :func:`rope_applies`.  x (B, T, H, D) -> (B, T, H, D) in x's dtype"""
+    lib = _checked_library()
+    if not rope_applies(x, rotations):
+        raise ValueError(f"rope: x {tuple(x.shape)} {x.dtype} and rotations {tuple(rotations.shape)} "
+                         f"{rotations.dtype} are not contiguous bf16 or fp32 heads with their (B, T, D/2) complex64 "
+                         f"rotations on the CPU")
+    table = torch.view_as_real(rotations.contiguous())  # (B, T, D/2, 2): (cos, sin) of each pair
+    out = torch.empty_like(x)
+    B, T, H, D = x.shape
+    lib.rope_prompt(x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), B * T, H, D, table.data_ptr(),
+                    threads or torch.get_num_threads())
+    return out
+
+
+def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """True if :func:`swiglu` takes F.silu(gate) * up: gate and up of one shape, contiguous, bf16 on a CPU, no
+    autograd.  (fp32 stays with torch's SiLU: the C exp may differ from it in fp32's last bit, which the fp32 parity
+    tests would see; bf16's rounding of SiLU hides it but for a rare one-step difference.)"""
+    return (gate.dtype is torch.bfloat16 and up.dtype is torch.bfloat16 and gate.shape == up.shape
+            and gate.is_cpu and up.is_cpu and gate.is_contiguous() and up.is_contiguous()
+            and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, in_place: bool = False, threads: int | None = None) -> torch.Tensor:
+    """F.silu(gate) * up (SwiGLU's hidden activations, moe.swiglu) in one C pass (cpu_gemv.c: silu_mul), SiLU and
+    the product each rounded to bf16 as torch rounds them, shares of the values split among `threads` (default
+    torch.get_num_threads()).  in_place: written into gate's memory (a caller that no longer needs gate) instead
+    of a new tensor.  gate, up: (..., hidden) satisfying :func:`swiglu_applies` -> (..., hidden)"""
+    lib = _checked_library()
+    if not swiglu_applies(gate, up):
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} are not "
+                         f"contiguous bf16 tensors of one shape on the CPU")
+    out = gate if in_place else torch.empty_like(gate)
+    lib.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), 1, gate.numel(), threads or torch.get_num_threads())
     return out
 
 

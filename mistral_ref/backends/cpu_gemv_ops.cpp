@@ -557,7 +557,6 @@ void block_step(int64_t layer, const Tensor &h, Tensor &out, const int64_t *pos,
 }
 
 constexpr int64_t LAYOUT = 7;  // ints of a layer in decode_model's layout (see there)
-constexpr int64_t RMS_NORM_ROWS = 32;  // cpu_gemv.py: the rows the "torch" backend's rms_norm sends to the C loop
 
 // A whole decode step of a model for one token per row (backends/decode_step.py: decode_step), tokens (B, 1) int64
 // at positions (B, 1): h = the embedding's rows; every block as block_step; then, if `fold`, the final norm and the
@@ -642,7 +641,7 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
   const double norm_eps = eps[n_layers];
   const int io = dtype == at::kBFloat16 ? 1 : 0;
   Tensor normed;  // backends/pytorch.py: rms_norm
-  if (io && rows <= RMS_NORM_ROWS) {
+  if (io) {  // bf16 rows: the C loop (rms_norm_prompt, for more rows, has the same bits)
     normed = at::empty_like(h);
     rms_norm_rows(h.data_ptr(), norm.data_ptr(), normed.data_ptr(), io, rows, dim, static_cast<float>(norm_eps));
   } else {

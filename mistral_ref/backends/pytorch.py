@@ -4,14 +4,16 @@
 |------------|--------------------------------------------|------------------------------------------|
 | linear     | backends/linear.py: linear                 | F.linear                                 |
 | rms_norm   | rms_norm below: F.rms_norm (bitwise), and  | norm.rms_norm                            |
-|            | a few bf16 rows (CPU): cpu_gemv.rms_norm   |                                          |
-| rope       | backends/rope.py: complex rotations        | rope.rope_angles + rope.apply_rotary_emb |
+|            | bf16 rows (CPU): cpu_gemv.rms_norm         |                                          |
+| rope       | backends/rope.py: complex rotations, and   | rope.rope_angles + rope.apply_rotary_emb |
+|            | on a CPU: cpu_gemv.rope (the same bits)    |                                          |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
 |            | a bf16 prompt on a CPU: prompt_attention   |                                          |
 |            | (with AMX, plain causal ones: SDPA)        |                                          |
 | moe        | backends/moe.py: moe_forward_grouped       | moe.moe_forward                          |
 | mix_experts | backends/moe.py: mix_experts_grouped      | moe.mix_experts                          |
+| swiglu     | swiglu below: one C pass for bf16 on a CPU | moe.swiglu                               |
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
 | latent_attention | backends/mla.py: absorbed (decode,     | mla.latent_attention                     |
 |              | short chunks) / expanded + SDPA (prompts)  |                                          |
@@ -33,8 +35,9 @@ from mistral_ref.cache import LayerCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """norm.rms_norm: a few bf16 rows on a CPU (a decode step) in one C call (cpu_gemv.rms_norm) where the kernels
-    are available, else :func:`rms_norm_torch`.  x: (..., dim) -> (..., dim)"""
+    """norm.rms_norm: bf16 rows on a CPU in one C call (cpu_gemv.rms_norm: a decode step's few rows on one thread,
+    a prompt's split among threads) where the kernels are available, else :func:`rms_norm_torch`.
+    x: (..., dim) -> (..., dim)"""
     if cpu_gemv.rms_norm_applies(x, weight) and cpu_gemv.library() is not None:
         return cpu_gemv.rms_norm(x, weight, eps, checked=True)
     return rms_norm_torch(x, weight, eps)
@@ -43,6 +46,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """norm.rms_norm in one call: F.rms_norm is the same fp32 formula (bitwise).  x: (..., dim) -> (..., dim)"""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
+def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_emb_complex: bf16 or fp32 heads on a CPU in one C call (cpu_gemv.rope, bitwise) where the
+    kernels are available, instead of the complex product's casts and passes over memory.
+    x (B, T, H, D), rotations (B, T, D/2) complex64 -> (B, T, H, D)"""
+    if cpu_gemv.rope_applies(x, rotations) and cpu_gemv.library() is not None:
+        return cpu_gemv.rope(x, rotations)
+    return apply_rotary_emb_complex(x, rotations)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -64,6 +76,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     return sdpa_attention(q, k, v, q_pos, k_pos, window)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """moe.swiglu, silu(gate) * up: bf16 on a CPU in one C pass (cpu_gemv.swiglu: no fp32 SiLU tensor in between)
+    where the kernels are available.  gate, up: (..., hidden) -> (..., hidden)"""
+    if cpu_gemv.swiglu_applies(gate, up) and cpu_gemv.library() is not None:
+        return cpu_gemv.swiglu(gate, up)
+    return F.silu(gate) * up
+
+
 def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
     """cache.update, with a shortcut for a decode step on the CPU where every row is at the same position (batch
     1, an unragged batch): one slice write instead of a masked scatter (host reads are free on a CPU)."""
@@ -81,6 +101,6 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 
 
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
-                  rope=apply_rotary_emb_complex, attention=attention, moe=moe_forward_grouped,
-                  mix_experts=mix_experts_grouped, update_cache=update_cache, latent_attention=latent_attention,
+                  rope=rope, attention=attention, moe=moe_forward_grouped, mix_experts=mix_experts_grouped,
+                  swiglu=swiglu, update_cache=update_cache, latent_attention=latent_attention,
                   decode_step=decode_step)

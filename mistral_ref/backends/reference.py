@@ -2,8 +2,8 @@
 
 What a student reads is what runs: F.linear for every product, norm.rms_norm, rope.rope_angles +
 rope.apply_rotary_emb, attention.attention (explicit scores and mask), moe.moe_forward and moe.mix_experts (a loop
-over experts), cache.LayerCache.update, mla.latent_attention (every cached latent expanded into per-head keys and
-values).
+over experts), moe.swiglu, cache.LayerCache.update, mla.latent_attention (every cached latent expanded into
+per-head keys and values).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mistral_ref.attention import attention
 from mistral_ref.backends import Backend
 from mistral_ref.cache import LayerCache
 from mistral_ref.mla import latent_attention
-from mistral_ref.moe import mix_experts, moe_forward
+from mistral_ref.moe import mix_experts, moe_forward, swiglu
 from mistral_ref.norm import rms_norm
 from mistral_ref.rope import apply_rotary_emb, rope_angles
 
@@ -31,5 +31,6 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
 
 
 BACKEND = Backend(name="reference", linear=F.linear, rms_norm=rms_norm, rope_table=rope_angles, rope=rotate,
-                  attention=attention, moe=moe_forward, mix_experts=mix_experts, update_cache=update_cache,
+                  attention=attention, moe=moe_forward, mix_experts=mix_experts, swiglu=swiglu,
+                  update_cache=update_cache,
                   latent_attention=latent_attention)

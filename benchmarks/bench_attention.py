@@ -2,6 +2,7 @@
 in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs), same process, same run.
 
     python benchmarks/bench_attention.py [--rounds 5] [--tokens 512,2048,4096] [--models mistral-125m,...]
+                                         [--parts 1,2,3,4]
 
 Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
@@ -211,6 +212,7 @@ def main() -> None:
     p.add_argument("--tokens", default="512,2048,4096")
     p.add_argument("--models", default="mistral-125m,mixtral-140m,nemo-80m,small4-130m")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--parts", default="1,2,3,4", help="which parts to run (default all)")
     args = p.parse_args()
     if cpu_gemv.library() is None:
         raise SystemExit(f"prompt_attention needs the C kernels: {cpu_gemv.status()}")
@@ -227,11 +229,16 @@ def main() -> None:
           f"prompt takes {'SDPA' if prompt_attention.FLASH_FIRST else 'the GEMMs'} here; the ragged batch rows run "
           f"that default\n")
     shapes = [*(m for m in models if m in SHAPES), "mistral-7b"]  # (latent attention: the prefill rows only)
-    attention_rows(shapes, tokens, args.rounds)
-    ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)
-    prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
-    bucket_rows(models, [t for t in tokens if t <= 2048], args.rounds)
-    elementwise_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    parts = {int(part) for part in args.parts.split(",")}
+    if 1 in parts:
+        attention_rows(shapes, tokens, args.rounds)
+        ragged_rows(shapes, [t for t in tokens if t <= 2048], args.rounds)
+    if 2 in parts:
+        prefill_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    if 3 in parts:
+        bucket_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    if 4 in parts:
+        elementwise_rows(models, [t for t in tokens if t <= 2048], args.rounds)
 
 
 if __name__ == "__main__":

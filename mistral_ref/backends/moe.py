@@ -104,11 +104,14 @@ def row_bucket(n: int) -> int:
 
 
 def swiglu_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's silu(gate) * up (moe.FeedForward), in gate's memory where no gradient needs gate (the same two
-    kernels, bitwise; `gate` is a fresh product its caller owns): an expert allocates no second hidden-sized
-    tensor.  gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
+    """SwiGLU's silu(gate) * up (moe.swiglu), in gate's memory where no gradient needs gate (`gate` is a fresh
+    product its caller owns): an expert allocates no second hidden-sized tensor.  bf16 on a CPU: one C pass
+    (cpu_gemv.swiglu, as the "torch" backend's ops.swiglu); else torch's two kernels in place, bitwise.
+    gate, up: (..., hidden_dim) -> (..., hidden_dim)"""
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return F.silu(gate) * up
+    if cpu_gemv.swiglu_applies(gate, up) and cpu_gemv.library() is not None:
+        return cpu_gemv.swiglu(gate, up, in_place=True)
     return F.silu(gate, inplace=True).mul_(up)
 
 

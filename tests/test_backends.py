@@ -279,6 +279,10 @@ def test_per_family_choice_and_names():
     assert model.ops.attention is ref.attention and model.ops.moe is ref.moe
     assert model.ops.linear is get_backend("torch").linear
     assert model.ops.name == "torch+attention=reference+moe=reference"
+    from mistral_ref import moe
+
+    assert model.set_backend("torch", swiglu="reference").ops.swiglu is moe.swiglu  # the feed-forward's own family
+    assert model.ops.name == "torch+swiglu=reference" and model.ops.rms_norm is get_backend("torch").rms_norm
     assert model.set_backend().ops is get_backend("torch")
 
 

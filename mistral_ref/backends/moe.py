@@ -55,7 +55,8 @@ def mix_experts_grouped(
     the C kernels take is one call: :func:`mix_one_token_gemv` for stacked experts (:func:`gemv_experts_apply`),
     cpu_gemv.swiglu_chosen for experts kept as separate weights (the k chosen ones' tensors); either sums the k
     outputs in fp32, then rounds (the reference rounds after each expert).  Where :func:`pads_rows`, each expert
-    multiplies :func:`row_bucket` rows, its own first, so the shapes of the products recur from prompt to prompt.
+    multiplies :func:`row_bucket` rows, its own first, so the shapes of the products recur from prompt to prompt
+    (:func:`bucketed_rows`: not the few rows the C kernels take).
     """
     top_k = experts.shape[1]
     if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
@@ -74,7 +75,7 @@ def mix_experts_grouped(
     order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
     counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
     token = order // top_k  # (N*k,) token of each sorted assignment
-    rows = [row_bucket(n) for n in counts] if pads_rows(x, w1) else counts  # rows each expert multiplies
+    rows = bucketed_rows(counts, x, w1)  # rows each expert multiplies
     spare = max(r - n for r, n in zip(rows, counts))  # the last expert's extra rows read past the end
     xs = x[torch.cat([token, token.new_zeros(spare)]) if spare else token]  # (N*k + spare, dim) expert after expert
     ys = torch.empty(len(token), x.shape[1], dtype=x.dtype, device=x.device)
@@ -94,6 +95,17 @@ def pads_rows(x: torch.Tensor, w1: Sequence[torch.Tensor] | torch.Tensor | Quant
     experts change with every prompt.  fp32 products (MKL) and quantized experts have no such cost."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not upcast_on_cpu(x)
             and not isinstance(w1, QuantizedExperts))
+
+
+def bucketed_rows(counts: list[int], x: torch.Tensor,
+                  w1: Sequence[torch.Tensor] | torch.Tensor | QuantizedExperts) -> list[int]:
+    """The rows each expert multiplies for counts[e] tokens: row_bucket(n) where :func:`pads_rows`, except for the
+    products the C kernels take (fewer than cpu_gemv.MAX_ROWS rows of a bf16 weight: a decode batch's few tokens
+    an expert), which compile nothing per shape and whose time grows with every row; else n."""
+    if not pads_rows(x, w1):
+        return counts
+    few = cpu_gemv.MAX_ROWS.get(cpu_gemv.kind(w1[0]) or "", 0) if cpu_gemv.library() is not None else 0
+    return [n if n < few else row_bucket(n) for n in counts]
 
 
 def row_bucket(n: int) -> int:

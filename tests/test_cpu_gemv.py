@@ -650,6 +650,19 @@ def test_the_walk_is_timed_or_set_by_the_environment(restore_walk, monkeypatch):
         cpu_gemv.choose_walk(lib)
 
 
+def test_the_walks_probe_is_sized_past_the_largest_cache(tmp_path):
+    """choose_walk's weights are twice the largest cache sysfs reports (K / M / G suffixes, unreadable entries
+    skipped), within PROBE_BYTES; 0 where nothing is reported."""
+    for name, size in {"index0": "48K", "index2": "2048K", "index3": "480M", "index4": "junk"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "index5").mkdir()  # no size file
+    assert cpu_gemv.largest_cache_bytes(tmp_path) == 480 << 20
+    assert cpu_gemv.largest_cache_bytes(tmp_path / "missing") == 0
+    low, high = cpu_gemv.PROBE_BYTES
+    assert low >= 48 << 20 and high >= 2 * low
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "int8", "int4"])
 def test_prefetching_changes_no_result(scheme, monkeypatch, restore_walk):
     """The loops' prefetches of the next weight rows (past the last row too) change no bit of any product."""

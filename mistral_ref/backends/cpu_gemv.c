@@ -1580,10 +1580,6 @@ void rms_norm_prompt(const void *x, const void *weight, void *out, int io_bf16, 
 
 /* ---- the elementwise steps of one token's block (cpu_gemv_ops.cpp: decode_model's block_step) ------------- */
 
-/* rope.apply_rotary_emb on one token's heads, in place, as backends/rope.py computes it: each pair (a, b) of a
- * head times the rotation (c, s) of its index, a complex product in fp32 whose four products are rounded before
- * they are added ((a c - b s, a s + b c): no fused multiply-add, as torch's complex multiplication), then rounded
- * to x's dtype.  x: (heads, head_dim) bf16 or fp32; rot: (head_dim / 2, 2) fp32, (cos, sin) of each pair. */
 #if CPU_GEMV_AVX2
 static int64_t rotate_vec(const char *x, char *out, int bf16, int64_t n, const float *rot);
 #endif
@@ -1617,6 +1613,10 @@ static inline __attribute__((always_inline)) void rotate_heads(const void *x, vo
     }
 }
 
+/* rope.apply_rotary_emb on one token's heads, in place, as backends/rope.py computes it: each pair (a, b) of a
+ * head times the rotation (c, s) of its index, a complex product in fp32 whose four products are rounded before
+ * they are added ((a c - b s, a s + b c): no fused multiply-add, as torch's complex multiplication), then rounded
+ * to x's dtype.  x: (heads, head_dim) bf16 or fp32; rot: (head_dim / 2, 2) fp32, (cos, sin) of each pair. */
 void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const float *rot) {
     rotate_heads(x, x, io_bf16, heads, head_dim, rot);
 }

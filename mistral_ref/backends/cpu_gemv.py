@@ -34,6 +34,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,14 +175,32 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def largest_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache the machine reports (Linux sysfs: index*/size, e.g. "491520K"); 0 where unknown."""
+    sizes = [0]
+    for index in root.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes)
+
+
+PROBE_BYTES = (48 << 20, 128 << 20)  # choose_walk's weights: twice the largest cache, within these bounds
+WALK_MARGIN = 0.95  # one row at a time is chosen only where its median pass takes under this share of four rows'
+
+
 def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
     """How one-row products walk their weight on this machine (cpu_gemv.c, four_rows): WALK_SWITCH if set, else
-    timed once: 48 MB of bf16 weights (beyond the caches) in rows of 1024 inputs (decode's rows are 0.5-2 KB; from
-    4 KB rows on the two walks came closer on the Zen 4), 7 alternating passes each walk with `threads` threads
-    (default torch.get_num_threads(); ~40-70 ms), the walk with the fastest pass kept (noise only slows a pass).
-    Both give the same results bitwise: on the AVX-512 Xeon four rows at a time with prefetching read faster, on
-    the Zen 4 EPYC one row at a time did (README, "Speed on a CPU").  Returns 1 (four rows) or 0 (one row); the
-    caller sets it (cpu_gemv_set_walk)."""
+    timed once: bf16 weights of twice the largest cache (PROBE_BYTES bounds it: 48-128 MB) in rows of 1024 inputs
+    (decode's rows are 0.5-2 KB; from 4 KB rows on the two walks came closer on the Zen 4), 7 alternating passes
+    each walk with `threads` threads (default torch.get_num_threads()); four rows at a time (the default) unless
+    one row's median pass is under WALK_MARGIN of four rows'.  Both give the same results bitwise: on the
+    AVX-512 and AMX Xeons four rows at a time with prefetching read faster, on the Zen 4 EPYC one row at a time
+    did by 1.4-1.7x (README, "Speed on a CPU").  (The AMX Xeon's 480 MB cache held the former 48 MB probe: the
+    walks tied there and the fastest single pass picked one row at a time in some runs, with decode 1.1-1.3x
+    slower.)  Returns 1 (four rows) or 0 (one row); the caller sets it (cpu_gemv_set_walk)."""
     forced = os.environ.get(WALK_SWITCH)
     if forced is not None:
         if forced not in ("four", "one"):
@@ -191,7 +210,8 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
 
     threads = torch.get_num_threads() if threads is None else threads
     rows, cols = 4096, 1024
-    weights = [torch.ones(rows, cols, dtype=torch.bfloat16) for _ in range(6)]  # written: real pages, 8 MB each
+    probe = min(max(2 * largest_cache_bytes(), PROBE_BYTES[0]), PROBE_BYTES[1])
+    weights = [torch.ones(rows, cols, dtype=torch.bfloat16) for _ in range(probe // (rows * cols * 2))]  # 8 MB each
     x, y = torch.ones(1, cols, dtype=torch.bfloat16), torch.empty(1, rows, dtype=torch.bfloat16)  # a bf16 model's
     times: dict[int, list[float]] = {1: [], 0: []}
     previous = lib.cpu_gemv_walk()
@@ -206,7 +226,7 @@ def choose_walk(lib: ctypes.CDLL, threads: int | None = None) -> int:
                     times[walk].append(time.perf_counter() - t0)
     finally:
         lib.cpu_gemv_set_walk(previous)
-    return int(min(times[1]) <= min(times[0]))
+    return int(statistics.median(times[0]) >= WALK_MARGIN * statistics.median(times[1]))
 
 
 def walk() -> str:

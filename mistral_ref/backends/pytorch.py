@@ -6,7 +6,7 @@
 | rms_norm   | rms_norm below: F.rms_norm (bitwise), and  | norm.rms_norm                            |
 |            | bf16 rows (CPU): cpu_gemv.rms_norm         |                                          |
 | rope       | backends/rope.py: complex rotations, and   | rope.rope_angles + rope.apply_rotary_emb |
-|            | on a CPU: cpu_gemv.rope (the same bits)    |                                          |
+|            | on a CPU: cpu_gemv.rope (torch's rounding) |                                          |
 | attention  | attention below: sdpa_attention, and one   | attention.attention                      |
 |            | query per row on a CPU: cpu_gemv.attention |                                          |
 |            | a bf16 prompt on a CPU: prompt_attention   |                                          |
@@ -49,7 +49,8 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_emb_complex: bf16 or fp32 heads on a CPU in one C call (cpu_gemv.rope, bitwise) where the
+    """apply_rotary_emb_complex: bf16 or fp32 heads on a CPU in one C call (cpu_gemv.rope: each product and sum
+    rounded as torch's vectorized complex product rounds them, bitwise it wherever torch runs that loop) where the
     kernels are available, instead of the complex product's casts and passes over memory.
     x (B, T, H, D), rotations (B, T, D/2) complex64 -> (B, T, H, D)"""
     if cpu_gemv.rope_applies(x, rotations) and cpu_gemv.library() is not None:

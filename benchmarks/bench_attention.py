@@ -13,7 +13,9 @@ against SDPA's masked kernel on the batch).  Part 2, a bf16 prefill of each benc
 fresh cache, greedy first token), the "torch" backend with prompt_attention taking the prompt and with it switched
 off (SDPA), alternating (latent-attention models, e.g. small4-130m, in this part only: their expanded form calls
 prompt_attention).  Part 3, a bf16 prefill of each model with experts, a new random prompt every call, the same
-sequence on both sides: the experts' rows in buckets (backends/moe.py) on and off.  Part 4, the same prefills of
+sequence on both sides: the experts' rows in buckets (backends/moe.py) on and off; then a decode at batch 8 with
+the few rows an expert gets there left exact (bucketed_rows: the C kernels take them) against padded to buckets
+like a prompt's.  Part 4, the same prefills of
 every model: the "torch" backend's elementwise C kernels (cpu_gemv.rms_norm, rope, swiglu) on and off (off: F.rms_norm,
 the complex product, F.silu(gate) * up, as before them).
 """
@@ -44,6 +46,12 @@ from mistral_ref.moe import swiglu  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
 PADS_ROWS = grouped.pads_rows
+BUCKETED_ROWS = grouped.bucketed_rows
+
+
+def every_count_bucketed(counts: list[int], x: torch.Tensor, w1) -> list[int]:
+    """bucketed_rows before it left the C kernels' few rows exact: every count padded where pads_rows."""
+    return [grouped.row_bucket(n) for n in counts] if grouped.pads_rows(x, w1) else counts
 SHAPES = {name: (a.n_heads, a.n_kv_heads, a.head_dim) for name, a in ALL_MODELS.items() if a.mla is None}
 SHAPES["mistral-7b"] = (32, 8, 128)
 
@@ -157,6 +165,15 @@ def prefill_part(model, on: bool, prompts: torch.Generator, vocab: int, T: int) 
         grouped.pads_rows = PADS_ROWS
 
 
+def decode_part(model, exact: bool, prompts: list[list[int]]) -> None:
+    """A greedy decode of 16 tokens after the batch's prompts, the C kernels' few rows exact or padded."""
+    grouped.bucketed_rows = BUCKETED_ROWS if exact else every_count_bucketed
+    try:
+        generate(model, prompts, 16, temperature=0.0)
+    finally:
+        grouped.bucketed_rows = BUCKETED_ROWS
+
+
 def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
     """Part 3: a bf16 prefill of each model with experts, a new prompt every call (the same sequence on both
     sides), the experts' rows in buckets (backends/moe.py: pads_rows, row_bucket) on and off.  Off, each new row
@@ -175,6 +192,20 @@ def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
             ratio = [b / a for a, b in zip(on, off)]
             print(f"| {name} | {T} | {summary([t * 1e3 for t in on])} | {summary([t * 1e3 for t in off])} | "
                   f"{summary(ratio, 2)}x |", flush=True)
+    print("\n## bf16 greedy decode at batch 8 (16 tokens after 8 prompts of 64): an expert's few rows exact (the C "
+          "kernels take them) vs padded to buckets, ms")
+    table_header("model", "exact", "padded", "ratio (padded time / exact time)")
+    for name in models:
+        args = ALL_MODELS[name]
+        if args.moe is None and args.fine_moe is None:
+            continue
+        model = random_model(args).to(torch.bfloat16)
+        prompts = torch.randint(1, args.vocab_size, (8, 64), generator=torch.Generator().manual_seed(8)).tolist()
+        exact, padded = alternate(partial(decode_part, model, True, prompts), partial(decode_part, model, False,
+                                                                                       prompts), rounds)
+        ratio = [b / a for a, b in zip(exact, padded)]
+        print(f"| {name} | {summary([t * 1e3 for t in exact])} | {summary([t * 1e3 for t in padded])} | "
+              f"{summary(ratio, 2)}x |", flush=True)
 
 
 def prefill_with(model, ops, prompts: torch.Generator, vocab: int, T: int) -> None:

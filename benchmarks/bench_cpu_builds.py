@@ -7,19 +7,26 @@ and times one-row bf16 / int8 / int4 products over weights far larger than the c
 alternating the builds, each round starting with the next one (whichever ran first in a round was slower here:
 the position, not the code, showed between identical int4 loops).  Prints GB/s of weight read per build (median
 [min-max]) and each round's time ratio to the native build.  The builds give bitwise the same results
-(tests/test_cpu_gemv.py).
+(tests/test_cpu_gemv.py).  Then eager greedy decode of a bench model (`--decode`, bf16 random weights, 32 tokens
+after a 128-token prompt, batch 1) with the walk cpu_gemv chose and with the other one, alternating.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from mistral_ref.backends import cpu_gemv
-from mistral_ref.quantize import quantize_weight
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import MODELS, QUICK_MODELS, random_model  # noqa: E402
+
+from mistral_ref.backends import cpu_gemv  # noqa: E402
+from mistral_ref.generation import generate  # noqa: E402
+from mistral_ref.quantize import quantize_weight  # noqa: E402
 
 
 def builds() -> dict[str, tuple[object, int]]:
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mb", type=int, default=256, help="MB of bf16 weight (8192 x 1024 matrices)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--decode", default="mistral-125m", choices=[*MODELS, *QUICK_MODELS, "none"],
+                   help="the model whose eager decode is timed with either walk ('none': skip)")
     opts = p.parse_args(argv)
     libs = builds()
     g = torch.Generator().manual_seed(0)
@@ -88,6 +97,29 @@ def main(argv: list[str] | None = None) -> None:
                   f"time / native per round: {ratios}", flush=True)
     native, chosen = libs["native"]
     native.cpu_gemv_set_walk(chosen)
+    if opts.decode != "none":
+        decode_walks(opts.decode, opts.rounds, chosen)
+
+
+def decode_walks(name: str, rounds: int, chosen: int) -> None:
+    """Eager greedy decode (bf16, 32 tokens after 128, batch 1) with the chosen walk and the other, alternating,
+    each round starting with the other one; tok/s median [min-max] and each round's ratio chosen / other."""
+    model = random_model({**MODELS, **QUICK_MODELS}[name]).to(torch.bfloat16)
+    prompt = [list(range(1, 129))]
+    rates: dict[int, list[float]] = {chosen: [], 1 - chosen: []}
+    for k in range(rounds + 1):  # the first round warms up, not counted
+        for walk in (chosen, 1 - chosen) if k % 2 == 0 else (1 - chosen, chosen):
+            cpu_gemv.set_walk(bool(walk))
+            t0 = time.perf_counter()
+            generate(model, prompt, 32, temperature=0.0)
+            if k:
+                rates[walk].append(32 / (time.perf_counter() - t0))
+    cpu_gemv.set_walk(bool(chosen))
+    for walk, r in rates.items():
+        print(f"decode {name} bf16 b1, {cpu_gemv.WALKS[walk]}{' (chosen)' if walk == chosen else ''}: "
+              f"{statistics.median(r):.1f} [{min(r):.1f}-{max(r):.1f}] tok/s", flush=True)
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(rates[chosen], rates[1 - chosen]))
+    print(f"decode {name}: chosen walk's tok/s / the other's per round: {ratios}", flush=True)
 
 
 if __name__ == "__main__":

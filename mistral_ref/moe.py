@@ -56,14 +56,11 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int) -> tuple[torch
     return weights, experts, logits
 
 
-def moe_forward(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    w1: Sequence[torch.Tensor] | torch.Tensor,
-    w2: Sequence[torch.Tensor] | torch.Tensor,
-    w3: Sequence[torch.Tensor] | torch.Tensor,
-    top_k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+Weights = Sequence[torch.Tensor] | torch.Tensor  # E tensors, or one stacked (E, ...) tensor
+
+
+def moe_forward(x: torch.Tensor, gate_weight: torch.Tensor, w1: Weights, w2: Weights, w3: Weights,
+                top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference sparse MoE: loop over experts, each processing the tokens routed to it.
 
     x: (N, dim); gate_weight: (E, dim); w1[e], w3[e]: (hidden, dim); w2[e]: (dim, hidden) — a list of E tensors or
@@ -71,9 +68,6 @@ def moe_forward(
     """
     weights, experts, logits = route(x, gate_weight, top_k)
     return mix_experts(x, weights, experts, w1, w2, w3), logits
-
-
-Weights = Sequence[torch.Tensor] | torch.Tensor  # E tensors, or one stacked (E, ...) tensor
 
 
 class ExpertWeights(Sequence):

@@ -228,6 +228,9 @@ def test_attention_benchmark_times_the_experts_row_buckets():
     part3 = proc.stdout.split("rows in buckets on vs off")[1].split("SwiGLU by the C kernels vs")[0]
     row = re.search(r"\| tiny-small4 \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part3)
     assert row and float(row.group(3)) > 0, proc.stdout
+    decode = part3.split("greedy decode at batch 8")[1]  # the C kernels' few rows exact vs padded
+    row = re.search(r"\| tiny-small4 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", decode)
+    assert row and float(row.group(3)) > 0, proc.stdout
 
 
 def test_cpu_builds_benchmark_compares_the_kernel_builds():
@@ -236,7 +239,8 @@ def test_cpu_builds_benchmark_compares_the_kernel_builds():
     if cpu_gemv.library() is None:
         pytest.skip(f"C kernels: {cpu_gemv.status()}")
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu_builds.py"), "--mb", "16",
-                           "--rounds", "1", "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                           "--rounds", "1", "--threads", "1", "--decode", "tiny-gqa"], capture_output=True, text=True,
+                          timeout=600, cwd=REPO,
                           env={**os.environ, cpu_gemv.WALK_SWITCH: "one"})  # (else timed: either walk)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "native: the walk cpu_gemv chose here, one row at a time" in proc.stdout
@@ -244,6 +248,11 @@ def test_cpu_builds_benchmark_compares_the_kernel_builds():
         for build in ("native", "no prefetch", "native, four rows at a time, prefetching"):
             row = re.search(rf"{scheme} {build}: (\d+\.\d+) .* per round: (\d+\.\d+)", proc.stdout)
             assert row and all(float(v) > 0 for v in row.groups()), proc.stdout
+    # eager decode with either walk, the chosen one marked
+    assert re.search(r"decode tiny-gqa bf16 b1, one row at a time \(chosen\): (\d+\.\d+)", proc.stdout), proc.stdout
+    assert re.search(r"decode tiny-gqa bf16 b1, four rows at a time, prefetching: (\d+\.\d+)", proc.stdout)
+    row = re.search(r"decode tiny-gqa: chosen walk's tok/s / the other's per round: (\d+\.\d+)", proc.stdout)
+    assert row and float(row.group(1)) > 0, proc.stdout
 
 
 def test_a_llamacpp_probe_that_crashes_runs_llamacpp_without_its_extra_buffer_types(tmp_path, monkeypatch):

@@ -1001,13 +1001,13 @@ def rope_applies(x: torch.Tensor, rotations: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and x.requires_grad))
 
 
-def rope(x: torch.Tensor, rotations: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, rotations: torch.Tensor, threads: int | None = None, checked: bool = False) -> torch.Tensor:
     """apply_rotary_emb_complex(x, rotations) (backends/rope.py) in one C call (cpu_gemv.c: rope_prompt), tokens
     split among `threads` (default torch.get_num_threads()): the same fp32 products, added without a fused
     multiply-add and rounded to x's dtype, as torch's complex multiplication.  x must satisfy
-    :func:`rope_applies`.  x (B, T, H, D) -> (B, T, H, D) in x's dtype"""
+    :func:`rope_applies` (checked: the caller has just asked it).  x (B, T, H, D) -> (B, T, H, D) in x's dtype"""
     lib = _checked_library()
-    if not rope_applies(x, rotations):
+    if not (checked or rope_applies(x, rotations)):
         raise ValueError(f"rope: x {tuple(x.shape)} {x.dtype} and rotations {tuple(rotations.shape)} "
                          f"{rotations.dtype} are not contiguous bf16 or fp32 heads with their (B, T, D/2) complex64 "
                          f"rotations on the CPU")
@@ -1028,13 +1028,15 @@ def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)))
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, in_place: bool = False, threads: int | None = None) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, in_place: bool = False, threads: int | None = None,
+           checked: bool = False) -> torch.Tensor:
     """F.silu(gate) * up (SwiGLU's hidden activations, moe.swiglu) in one C pass (cpu_gemv.c: silu_mul), SiLU and
     the product each rounded to bf16 as torch rounds them, shares of the values split among `threads` (default
     torch.get_num_threads()).  in_place: written into gate's memory (a caller that no longer needs gate) instead
-    of a new tensor.  gate, up: (..., hidden) satisfying :func:`swiglu_applies` -> (..., hidden)"""
+    of a new tensor.  gate, up: (..., hidden) satisfying :func:`swiglu_applies` (checked: the caller has just asked
+    it) -> (..., hidden)"""
     lib = _checked_library()
-    if not swiglu_applies(gate, up):
+    if not (checked or swiglu_applies(gate, up)):
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} are not "
                          f"contiguous bf16 tensors of one shape on the CPU")
     out = gate if in_place else torch.empty_like(gate)

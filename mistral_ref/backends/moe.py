@@ -123,7 +123,7 @@ def swiglu_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return F.silu(gate) * up
     if cpu_gemv.swiglu_applies(gate, up) and cpu_gemv.library() is not None:
-        return cpu_gemv.swiglu(gate, up, in_place=True)
+        return cpu_gemv.swiglu(gate, up, in_place=True, checked=True)
     return F.silu(gate, inplace=True).mul_(up)
 
 

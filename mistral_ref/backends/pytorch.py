@@ -54,7 +54,7 @@ def rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     kernels are available, instead of the complex product's casts and passes over memory.
     x (B, T, H, D), rotations (B, T, D/2) complex64 -> (B, T, H, D)"""
     if cpu_gemv.rope_applies(x, rotations) and cpu_gemv.library() is not None:
-        return cpu_gemv.rope(x, rotations)
+        return cpu_gemv.rope(x, rotations, checked=True)
     return apply_rotary_emb_complex(x, rotations)
 
 
@@ -81,7 +81,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """moe.swiglu, silu(gate) * up: bf16 on a CPU in one C pass (cpu_gemv.swiglu: no fp32 SiLU tensor in between)
     where the kernels are available.  gate, up: (..., hidden) -> (..., hidden)"""
     if cpu_gemv.swiglu_applies(gate, up) and cpu_gemv.library() is not None:
-        return cpu_gemv.swiglu(gate, up)
+        return cpu_gemv.swiglu(gate, up, checked=True)
     return F.silu(gate) * up
 
 

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 
 from mistral_ref.backends import cpu_gemv, get_backend
@@ -320,3 +321,106 @@ def test_grouped_experts_multiply_whole_buckets_of_rows(monkeypatch):
     assert products == ([fast.row_bucket(n) for n in counts] if few == 0 else counts)
     assert rel_err(out, moe_forward(x[:8], gate, w1, w2, w3, top_k=2)[0]) < 2e-2
 
+
+
+AMX = cpu_gemv.library() is not None and bool(cpu_gemv.library().cpu_gemv_amx())
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX tiles here (cpu_gemv.experts_rows runs where there are)")
+
+
+def _sorted_rows(experts: torch.Tensor, E: int) -> tuple[torch.Tensor, list[int]]:
+    """The assignments grouped by expert, as mix_experts_grouped sorts them: (token of each, counts)."""
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    return order // experts.shape[1], torch.bincount(flat, minlength=E).tolist()
+
+
+def _per_expert(x, token, counts, w1, w3, w2):
+    """The reference's rows expert by expert: moe.swiglu of F.linear products, in bf16."""
+    from mistral_ref.moe import swiglu
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        rows = x[token[start:start + n]]
+        out.append(F.linear(swiglu(F.linear(rows, w1[e]), F.linear(rows, w3[e])), w2[e]))
+        start += n
+    return torch.cat(out)
+
+
+@needs_amx
+@pytest.mark.parametrize("E, hidden, dim, N, k", [(8, 64, 128, 40, 2), (6, 80, 80, 150, 2), (16, 48, 512, 300, 4),
+                                                 (3, 16, 32, 1, 1)])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_experts_rows_on_amx_tiles_equal_the_reference_rows(E, hidden, dim, N, k, stacked):
+    """cpu_gemv.experts_rows: every expert's rows in one call on AMX tiles, each rounded as moe.swiglu rounds
+    them (the products' fp32 sums in the tiles' order): within one bf16 rounding of the reference's rows, nearly
+    all bitwise, the same for any threads.  Shapes: inputs past the last whole 32 (dim 80, hidden 48 / 80),
+    experts without rows, more than 64 rows an expert (several blocks of tiles), one row; stacked experts and one
+    tensor each."""
+    g = torch.Generator().manual_seed(E * N)
+    x = torch.randn(N, dim, generator=g).bfloat16()
+    w1, w3 = ((torch.randn(E, hidden, dim, generator=g) * 0.1).bfloat16() for _ in range(2))
+    w2 = (torch.randn(E, dim, hidden, generator=g) * 0.1).bfloat16()
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    if E > 4:
+        experts[experts == 1] = 0  # (expert 1 gets no rows)
+    token, counts = _sorted_rows(experts, E)
+    weights = (w1, w3, w2) if stacked else tuple(list(w.unbind()) for w in (w1, w3, w2))
+    assert cpu_gemv.experts_rows_apply(x, weights[0], weights[2], weights[1])
+    ys = cpu_gemv.experts_rows(x, token, counts, *weights)
+    assert torch.equal(cpu_gemv.experts_rows(x, token, counts, *weights, threads=3), ys)  # (experts a thread)
+    ref = _per_expert(x, token, counts, w1, w3, w2)
+    assert ys.shape == ref.shape == (N * k, dim) and ys.dtype == torch.bfloat16
+    assert ((ys.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-6).all()
+    assert (ys == ref).float().mean() > 0.99
+
+
+@needs_amx
+def test_experts_rows_keep_each_row_to_itself_and_refuse_other_experts():
+    """An output row depends on its own input row only (the padding rows are zeros, never mixed in): a row's
+    results are the same alone and among others, a NaN row spoils its own rows only.  An expert with rows whose
+    weight is of another shape (an expert-parallel rank's zero-width placeholder) makes experts_rows return None,
+    and mix_experts_grouped keeps its loop: the reference's result."""
+    g = torch.Generator().manual_seed(7)
+    E, hidden, dim, N = 4, 32, 64, 20
+    x = torch.randn(N, dim, generator=g).bfloat16()
+    w1, w3 = ([(torch.randn(hidden, dim, generator=g) * 0.1).bfloat16() for _ in range(E)] for _ in range(2))
+    w2 = [(torch.randn(dim, hidden, generator=g) * 0.1).bfloat16() for _ in range(E)]
+    token, counts = torch.arange(N), [N, 0, 0, 0]
+    every = cpu_gemv.experts_rows(x, token, counts, w1, w3, w2)
+    assert torch.equal(cpu_gemv.experts_rows(x, token[3:4], [1, 0, 0, 0], w1, w3, w2), every[3:4])
+    x[5, 7] = float("nan")
+    spoilt = cpu_gemv.experts_rows(x, token, counts, w1, w3, w2)
+    assert spoilt[5].isnan().all() and torch.equal(spoilt[torch.arange(N) != 5], every[torch.arange(N) != 5])
+    w1[2], w3[2], w2[2] = torch.empty(0, dim).bfloat16(), torch.empty(0, dim).bfloat16(), torch.empty(dim, 0).bfloat16()
+    assert cpu_gemv.experts_rows(x, token[:2], [1, 0, 1, 0], w1, w3, w2) is None
+    x[5, 7] = 0.0
+    experts = torch.tensor([[0, 2], [1, 2], [0, 1]])
+    weights = torch.rand(3, 2, generator=g)
+    with torch.inference_mode():
+        assert torch.equal(mix_experts_grouped(x[:3], weights, experts, w1, w2, w3),
+                           mix_experts(x[:3], weights, experts, w1, w2, w3))
+
+
+@needs_amx
+@pytest.mark.parametrize("N", [8, 64])
+def test_bf16_tokens_take_the_amx_experts_up_to_their_mean_rows(N, monkeypatch):
+    """mix_experts_grouped sends several bf16 tokens to cpu_gemv.experts_rows (one call) while the experts with
+    rows have fewer than AMX_MEAN_ROWS on average, and keeps its loop beyond; both within bf16 rounding of
+    moe.mix_experts (fine-grained routing: 16 experts, top-4, as Mistral Small 4 routes 128)."""
+    import mistral_ref.backends.moe as fast
+
+    g = torch.Generator().manual_seed(N)
+    E, hidden, dim, k = 16, 32, 64, 4
+    x = torch.randn(N, dim, generator=g).bfloat16()
+    w1, w3 = ((torch.randn(E, hidden, dim, generator=g) * 0.1).bfloat16() for _ in range(2))
+    w2 = (torch.randn(E, dim, hidden, generator=g) * 0.1).bfloat16()
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    weights = torch.rand(N, k, generator=g)
+    calls, real = [], cpu_gemv.experts_rows
+    monkeypatch.setattr(cpu_gemv, "experts_rows", lambda *a: calls.append(a[2]) or real(*a))
+    with torch.inference_mode():
+        ref = mix_experts(x, weights, experts, w1, w2, w3)
+        out = mix_experts_grouped(x, weights, experts, w1, w2, w3)
+        assert len(calls) == 1 and sum(calls[0]) == N * k and rel_err(out, ref) < 2e-2
+        monkeypatch.setattr(fast, "AMX_MEAN_ROWS", N * k // E - 1 if N * k // E > 1 else 1)
+        looped = mix_experts_grouped(x, weights, experts, w1, w2, w3)
+    assert len(calls) == 1 and rel_err(looped, ref) < 2e-2

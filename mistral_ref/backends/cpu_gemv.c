@@ -2167,3 +2167,175 @@ static void silu_values(float *g, int64_t n) {  /* (builds without AVX2: silu_on
     for (int64_t i = 0; i < n; i++) g[i] = silu_one(g[i]);
 }
 #endif
+
+/* ---- a prompt's experts on AMX tiles (backends/moe.py: mix_experts_grouped, cpu_gemv.py: experts_rows) ---------
+ *
+ * Every expert's SwiGLU over the rows routed to it, in one call: for expert e and its n rows X (the rows `token`
+ * names, n, dim), gate = X W1_e.T, up = X W3_e.T, h = silu(gate) * up, Y = h W2_e.T, each rounded to bf16 as the
+ * reference rounds them (moe.swiglu; the products' fp32 sums in the tiles' order).  A Python loop over the experts
+ * costs a few calls of ~20 us each an expert (and oneDNN's fixed cost per call); with many small experts (Mistral
+ * Small 4: 128 of them) that is most of a prefill.  Here the threads take whole experts.
+ *
+ * The tiles multiply W (16 rows of 32 bf16: read from the weight as it is, no packing) by the rows of X turned
+ * into pairs (16 pairs of inputs by 16 rows: X's words transposed once an expert), so each product gives its
+ * result transposed, (out, rows): h's transpose is already in pairs for the product by W2 (rows 2i and 2i + 1
+ * interleaved), and Y's is transposed back as it is rounded.  Weights need out % 16 == 0 and an even in (the last
+ * in % 32 inputs in tiles of their own width); rows are padded to a multiple of 16 with zeros. */
+#if CPU_GEMV_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define CPU_GEMV_AMX 1
+#include <sys/syscall.h>
+extern long syscall(long number, ...);
+#ifndef SYS_arch_prctl
+#define SYS_arch_prctl 158
+#endif
+#else
+#define CPU_GEMV_AMX 0
+#endif
+
+/* 1 if this build has the AMX kernels and the kernel lets this process use the tiles (asked once: Linux's
+ * ARCH_REQ_XCOMP_PERM for XTILEDATA; oneDNN asks the same), else 0 */
+int cpu_gemv_amx(void) {
+#if CPU_GEMV_AMX
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return permitted;
+#else
+    return 0;
+#endif
+}
+
+#if CPU_GEMV_AMX
+typedef struct __attribute__((packed, aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tiles 0-3: 16 x 16 fp32 sums; 4: 16 rows of 32 bf16 of W; 5: 16 pairs of inputs of 16 rows of X; 6 and 7:
+ * the same for the last k % 32 inputs */
+static void amx_configure(int64_t k) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    if (k % 32) {
+        c.rows[6] = 16, c.colsb[6] = (uint16_t)(k % 32 * 2);
+        c.rows[7] = (uint8_t)(k % 32 / 2), c.colsb[7] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* the k-loop of one block: tile A (4 or 6) of W, tile B (5 or 7) of the pairs, into up to four sums */
+#define AMX_BLOCK(A, B, a, b, nt, stride)                                                   \
+    do {                                                                                    \
+        _tile_loadd(A, a, stride);                                                          \
+        _tile_loadd(B, b, bs); _tile_dpbf16ps(0, A, B);                                     \
+        if (nt > 1) { _tile_loadd(B, (b) + 16, bs); _tile_dpbf16ps(1, A, B); }              \
+        if (nt > 2) { _tile_loadd(B, (b) + 32, bs); _tile_dpbf16ps(2, A, B); }              \
+        if (nt > 3) { _tile_loadd(B, (b) + 48, bs); _tile_dpbf16ps(3, A, B); }              \
+    } while (0)
+
+/* ct (out, n16) fp32 = W (out, k) bf16 times the pairs b (k / 2, n16) 32-bit words (word (i, t): inputs 2i and
+ * 2i + 1 of row t): the product's transpose.  amx_configure(k) done. */
+static void amx_product(const uint16_t *w, int64_t out, int64_t k, const uint32_t *b, int64_t n16, float *ct) {
+    const int64_t whole = k / 32 * 32, bs = n16 * 4;
+    for (int64_t o = 0; o < out; o += 16) {
+        const uint16_t *a = w + o * k;
+        for (int64_t t = 0; t < n16; t += 64) {
+            const int64_t nt = n16 - t >= 64 ? 4 : (n16 - t) / 16;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t i = 0; i < whole; i += 32) AMX_BLOCK(4, 5, a + i, b + i / 2 * n16 + t, nt, k * 2);
+            if (whole < k) AMX_BLOCK(6, 7, a + whole, b + whole / 2 * n16 + t, nt, k * 2);
+            float *c = ct + o * n16 + t;
+            _tile_stored(0, c, bs);
+            if (nt > 1) _tile_stored(1, c + 16, bs);
+            if (nt > 2) _tile_stored(2, c + 32, bs);
+            if (nt > 3) _tile_stored(3, c + 48, bs);
+        }
+    }
+}
+
+/* one expert's n rows (x's rows token[0 .. n)) -> y (n, dim) bf16; the buffers as experts_amx allocates them,
+ * *k the k the tiles are configured for */
+static void expert_amx(const uint16_t *x, const int64_t *token, int64_t n, const uint16_t *w1, const uint16_t *w3,
+                       const uint16_t *w2, int64_t hidden, int64_t dim, uint16_t *y, uint32_t *xp, uint32_t *hp,
+                       float *gate, float *up, float *yt, int64_t *k) {
+    const int64_t n16 = (n + 15) / 16 * 16, half = dim / 2;
+    for (int64_t t = 0; t < n16; t++) {  /* X in pairs: word (i, t) = inputs 2i, 2i + 1 of row t (0: padding) */
+        const uint32_t *row = (const uint32_t *)x + token[t < n ? t : 0] * half;
+        if (t < n) for (int64_t i = 0; i < half; i++) xp[i * n16 + t] = row[i];
+        else for (int64_t i = 0; i < half; i++) xp[i * n16 + t] = 0;
+    }
+    if (*k != dim) amx_configure(*k = dim);
+    amx_product(w1, hidden, dim, xp, n16, gate);  /* (hidden, n16) */
+    amx_product(w3, hidden, dim, xp, n16, up);
+    for (int64_t o = 0; o < hidden; o++) {  /* h = silu(gate) * up, rounded as silu_mul rounds it */
+        float *g = gate + o * n16;
+        const float *u = up + o * n16;
+        for (int64_t t = 0; t < n16; t += 16) v_store(g + t, v_round_bf16(v_load(g + t)));
+        silu_values(g, n16);
+        for (int64_t t = 0; t < n16; t += 16)
+            v_store(g + t, v_round_bf16(v_mul(v_round_bf16(v_load(g + t)), v_round_bf16(v_load(u + t)))));
+    }
+    for (int64_t i = 0; i < hidden / 2; i++)  /* h's transpose in pairs: rows 2i and 2i + 1 interleaved */
+        for (int64_t t = 0; t < n16; t += 16) {
+            const __m512i lo = _mm512_castps_si512(v_load(gate + 2 * i * n16 + t));
+            const __m512i hi = _mm512_castps_si512(v_load(gate + (2 * i + 1) * n16 + t));
+            _mm512_storeu_si512((void *)(hp + i * n16 + t),
+                                _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32((int)0xffff0000u)),
+                                                _mm512_srli_epi32(lo, 16)));
+        }
+    if (*k != hidden) amx_configure(*k = hidden);
+    amx_product(w2, dim, hidden, hp, n16, yt);  /* (dim, n16) */
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t o = 0; o < dim; o++) y[t * dim + o] = float_to_bf16(yt[o * n16 + t]);
+}
+#endif
+
+/* The experts' SwiGLUs of a prompt's routed rows: expert e takes counts[e] rows, those of x (tokens, dim) bf16
+ * that token[start_e ..] names (start_e: the counts of the experts before it), and writes them to y's rows start_e
+ * .. start_e + counts[e] - 1 (y: (sum of counts, dim) bf16).  w1[e], w3[e] (hidden, dim) and w2[e] (dim, hidden):
+ * each expert's bf16 weights, row-major.  Needs hidden and dim multiples of 16 (cpu_gemv.py checks).
+ * Returns 0; -1 without memory; -3 where this build or process has no AMX tiles. */
+int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, int64_t n_experts,
+                const void *const *w1, const void *const *w3, const void *const *w2, int64_t hidden, int64_t dim,
+                uint16_t *y, int threads) {
+#if CPU_GEMV_AMX
+    if (!cpu_gemv_amx() || hidden % 16 || dim % 16) return -3;
+    int64_t *start = malloc((size_t)(n_experts > 0 ? n_experts : 1) * sizeof(int64_t)), most = 0, total = 0;
+    if (!start) return -1;
+    for (int64_t e = 0; e < n_experts; e++) {
+        start[e] = total, total += counts[e];
+        most = counts[e] > most ? counts[e] : most;
+    }
+    const int64_t n16 = (most + 15) / 16 * 16;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *xp = malloc((size_t)(dim / 2 * n16) * 4 + 64), *hp = malloc((size_t)(hidden / 2 * n16) * 4 + 64);
+        float *gate = malloc((size_t)(hidden * n16) * 4 + 64), *up = malloc((size_t)(hidden * n16) * 4 + 64);
+        float *yt = malloc((size_t)(dim * n16) * 4 + 64);
+        const int ok = xp && hp && gate && up && yt;
+        int64_t k = -1;  /* the k this thread's tiles are configured for */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t e = 0; e < n_experts; e++) {
+            if (!counts[e]) continue;
+            if (!ok) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            expert_amx(x, token + start[e], counts[e], (const uint16_t *)w1[e], (const uint16_t *)w3[e],
+                       (const uint16_t *)w2[e], hidden, dim, y + start[e] * dim, xp, hp, gate, up, yt, &k);
+        }
+        if (k >= 0) _tile_release();
+        free(xp), free(hp), free(gate), free(up), free(yt);
+    }
+    free(start);
+    return failed ? -1 : 0;
+#else
+    (void)x, (void)token, (void)counts, (void)n_experts, (void)w1, (void)w3, (void)w2, (void)hidden, (void)dim;
+    (void)y, (void)threads;
+    return -3;
+#endif
+}

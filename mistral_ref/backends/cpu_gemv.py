@@ -62,9 +62,13 @@ WALKS = {1: "four rows at a time, prefetching", 0: "one row at a time"}
 # (-ffp-contract=off: no compiler fuses a * b + c that the C writes apart, as clang would by default: the scalar
 # and vector forms of a loop give the same bits, cpu_gemv.c: exp_poly)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off", "-lm")
+#: The CPU has AMX tiles (Sapphire Rapids and later Xeons), read once from torch: there oneDNN multiplies bf16
+#: with them, at a cost that hardly grows with the rows, and beats these kernels beyond a few rows (below).
+AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
-# the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM; quantized: dequantizing).
-MAX_ROWS = {"bf16": 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once for any rows
+# the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM, or oneDNN's AMX tiles from 9 rows
+# on, where those exist: benchmarks/bench_cpu_builds.py times both by rows; quantized: dequantizing).
+MAX_ROWS = {"bf16": 9 if AMX else 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -> 0 or -1 (out of memory)
@@ -99,6 +103,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
     # (scores, probs, io_bf16, groups, rows, cols, n, first, window, scale, scaled_fp32, threads): prompt_attention
     "softmax_causal": [_P, _P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT, _INT],
+    # (x, token, counts, E, w1[E], w3[E], w2[E], hidden, dim, y, threads): a prompt's experts on AMX tiles
+    "experts_amx": [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _INT],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -172,6 +178,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.cpu_gemv_walk.argtypes, lib.cpu_gemv_walk.restype = [], _INT
     lib.cpu_gemv_set_bf16_dot.argtypes, lib.cpu_gemv_set_bf16_dot.restype = [_INT], None
     lib.cpu_gemv_bf16_dot.argtypes, lib.cpu_gemv_bf16_dot.restype = [], _INT
+    lib.cpu_gemv_amx.argtypes, lib.cpu_gemv_amx.restype = [], _INT
     return lib
 
 
@@ -279,6 +286,7 @@ def _load_once() -> None:
                 lib.cpu_gemv_set_walk(choose_walk(lib))
                 _lib = lib
                 dot = ", bf16 products by vdpbf16ps" if _lib.cpu_gemv_bf16_dot() else ""
+                dot += ", a prompt's experts on AMX tiles" if _lib.cpu_gemv_amx() else ""
                 _status = f"on ({ISA_NAMES[_lib.cpu_gemv_isa()]} loops{dot}, {SOURCE.name})"
                 if os.environ.get(OPS_SWITCH, "1") != "0":  # the operators' C++ kernels, built in the background
                     _start_ops()
@@ -952,6 +960,79 @@ def gemv_quantized_experts(x: torch.Tensor, qweight: torch.Tensor, scales: torch
 # ---- RMSNorm and RoPE (a decode step's few rows, a prompt's many) ----------------------------------------------
 
 RMS_NORM_ROWS = 32  # up to this many rows: one thread (rms_norm_rows); more: split among threads (rms_norm_prompt)
+
+
+def experts_rows_apply(x: torch.Tensor, w1: object, w2: object, w3: object) -> bool:
+    """Whether :func:`experts_rows` takes these experts: x bf16 (tokens, dim) on a CPU whose tiles this process may
+    use (cpu_gemv_amx), no autograd; w1, w3 (E, hidden, dim) and w2 (E, dim, hidden) bf16, each a stacked tensor
+    (backends/moe.py: stack_experts) or indexable by expert into contiguous (out, in) bf16 tensors
+    (fine_moe.ExpertWeights), hidden and dim multiples of 16."""
+    lib = library()
+    if (lib is None or not lib.cpu_gemv_amx() or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or x.dim() != 2 or x.shape[1] % 16 or (torch.is_grad_enabled() and x.requires_grad)):
+        return False
+    dim = x.shape[1]
+    first = [w if isinstance(w, torch.Tensor) and w.dim() == 3 else w[0] if len(w) else None for w in (w1, w3, w2)]
+    if any(not isinstance(f, torch.Tensor) or isinstance(f, QuantizedWeight) for f in first):
+        return False
+    hidden = first[0].shape[-2]
+    return (hidden % 16 == 0 and all(f.dtype == torch.bfloat16 and f.device.type == "cpu" for f in first)
+            and first[0].shape[-2:] == first[1].shape[-2:] == (hidden, dim) and first[2].shape[-2:] == (dim, hidden)
+            and not (torch.is_grad_enabled() and any(f.requires_grad for f in first)))
+
+
+def _expert_pointers(w: object, counts: list[int], shape: tuple[int, int]) -> ctypes.Array | None:
+    """The data pointers of the E experts' (out, in) bf16 weights: slices of a stack, or each expert's tensor
+    (looked up for the experts with rows only; the others' pointers are not read); None where one of those is not
+    a contiguous bf16 CPU tensor of that shape (an expert of another rank's, parallel.py: zero-width)."""
+    n_experts = len(counts)
+    if isinstance(w, torch.Tensor):
+        if w.shape != (n_experts, *shape) or w.dtype != torch.bfloat16 or not w.is_contiguous():
+            raise ValueError(f"experts_rows: stacked weights {tuple(w.shape)} {w.dtype} are not {n_experts} "
+                             f"contiguous {shape} bf16 experts")
+        step = w[0].numel() * w.element_size()
+        return (ctypes.c_void_p * n_experts)(*(w.data_ptr() + e * step for e in range(n_experts)))
+    pointers = (ctypes.c_void_p * n_experts)()
+    for e, n in enumerate(counts):
+        if n:
+            t = w[e]
+            if (not isinstance(t, torch.Tensor) or isinstance(t, QuantizedWeight) or t.dtype != torch.bfloat16
+                    or t.device.type != "cpu" or tuple(t.shape) != shape or not t.is_contiguous()):
+                return None
+            pointers[e] = t.data_ptr()
+    return pointers
+
+
+def experts_rows(x: torch.Tensor, token: torch.Tensor, counts: list[int], w1: object, w3: object, w2: object,
+                 threads: int | None = None) -> torch.Tensor | None:
+    """Every expert's SwiGLU (moe.swiglu, rounded as it rounds in bf16) over the rows routed to it, in one call on
+    AMX tiles (cpu_gemv.c: experts_amx): expert e takes the counts[e] rows of x that token names from
+    start_e = sum(counts[:e]) on, and its results are rows start_e .. of the output.  For experts
+    :func:`experts_rows_apply` accepts; None (nothing computed) where an expert with rows has weights of another
+    kind or shape than the first's.  x: (tokens, dim) bf16; token: (sum(counts),) int64 -> (sum(counts), dim)."""
+    lib = _checked_library()
+    n_experts, dim = len(counts), x.shape[1]
+    hidden = (w1 if isinstance(w1, torch.Tensor) and w1.dim() == 3 else w1[0]).shape[-2]
+    x = x.contiguous()
+    token = token.to(torch.int64).contiguous()
+    total = sum(counts)
+    if token.shape != (total,) or min(counts, default=0) < 0 or len(counts) != len(w1):
+        raise ValueError(f"experts_rows: {tuple(token.shape)} rows for counts summing to {total} over "
+                         f"{len(counts)} experts ({len(w1)} weights)")
+    if total and not 0 <= int(token.min()) <= int(token.max()) < x.shape[0]:
+        raise ValueError(f"experts_rows: a row index outside x's {x.shape[0]} rows")
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    pointers = [_expert_pointers(w, counts, shape)
+                for w, shape in ((w1, (hidden, dim)), (w3, (hidden, dim)), (w2, (dim, hidden)))]
+    if any(p is None for p in pointers):
+        return None
+    y = torch.empty(total, dim, dtype=torch.bfloat16)
+    code = lib.experts_amx(x.data_ptr(), token.data_ptr(), counts_t.data_ptr(), n_experts, *pointers, hidden, dim,
+                           y.data_ptr(), torch.get_num_threads() if threads is None else threads)
+    if code == -3:
+        raise CpuKernelError("experts_rows: this build or process has no AMX tiles (experts_rows_apply says so)")
+    _done(code, total, dim)
+    return y
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

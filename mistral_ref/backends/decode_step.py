@@ -19,7 +19,8 @@ Transformer.forward asks :func:`decode_step` (the "torch" backend's Backend.deco
 step; it returns None, and the layers run as usual, unless every one of these holds:
 * one token per row, a KV cache; no autograd (generate runs in inference mode); on the CPU; one row, or up to
   MAX_ROWS rows of a bf16 model whose blocks are dense with bf16 or int8 weights (the products the C kernels take
-  for several rows in the layers' step too; rows may sit at different positions, -1 for padding);
+  for several rows in the layers' step too: bf16 weights on a CPU with AMX tiles for up to 8 rows, cpu_gemv.MAX_ROWS;
+  rows may sit at different positions, -1 for padding);
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
 * the embedding is an nn.Embedding without max_norm, every norm an RMSNorm; every block has grouped-query attention
@@ -61,8 +62,9 @@ if TYPE_CHECKING:  # typing only: the model imports the backends, not the other 
 _DTYPE = operator.attrgetter("dtype")
 _FORWARD = itertools.repeat("forward")  # ("forward" in d for each instance dict d, as map(operator.contains, ...))
 _STACKED = itertools.repeat("stacked")  # (a MoeLayer's stacks, read from its __dict__ at every step)
-# rows of a step: the layers' step sends bf16 and int8 products of fewer rows than these to the C kernels too
-MAX_ROWS = min(cpu_gemv.MAX_ROWS["bf16"], cpu_gemv.MAX_ROWS["int8"]) - 1
+# rows of a step at most: the layers' step sends bf16 and int8 products of fewer rows than cpu_gemv.MAX_ROWS to
+# the C kernels too (a plan's own limit, Steps.max_rows, is that of its weights' kind: bf16 on an AMX CPU, fewer)
+MAX_ROWS = max(cpu_gemv.MAX_ROWS["bf16"], cpu_gemv.MAX_ROWS["int8"]) - 1
 # forward hooks registered for every module (nn.modules.module.register_module_forward_hook): the step skips the
 # blocks' forward calls, so it is not taken while there are any
 _GLOBAL_HOOKS = tuple(getattr(nn_module, name, {}) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
@@ -80,7 +82,8 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
     steps, dtype = plan(model), model.dtype
-    if steps is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16 and steps.batchable)):
+    if steps is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16 and steps.batchable
+                                                                   and rows <= steps.max_rows)):
         return None
     _, _, _, hooks, instances = model.__dict__[PLAN]
     if any(hooks) or any(map(operator.contains, instances, _FORWARD)):
@@ -148,6 +151,7 @@ class Steps:
         self.eps: list[float] = []
         self.stacks: list[tuple[dict, tuple]] = []  # (a MoeLayer's __dict__, the stacks read from it)
         self.batchable = True  # several rows: dense blocks whose products the C kernels take for several rows
+        self.max_rows = MAX_ROWS  # ... up to this many rows: the fewest of its weights' kinds (cpu_gemv.MAX_ROWS)
         self.output_rows = 0  # the output product in the operator for fewer rows than these (0: never)
         self._floats = self._stacked = None
 
@@ -246,6 +250,9 @@ class Steps:
                         max(attn[1], ffn[1]), window)
         self.eps.append(layer.attention_norm.eps)
         self.batchable = self.batchable and gate is None and not (attn[1] or ffn[1])  # (a group size: int4)
+        for weight in (attention.wq.weight, ff.w1.weight if gate is None else ff.gate.weight):
+            kind = cpu_gemv.kind(weight)  # (attention's products are of one kind, so are the feed-forward's)
+            self.max_rows = min(self.max_rows, cpu_gemv.MAX_ROWS[kind] - 1 if kind else 0)
         return True
 
     def add_ends(self, model: Transformer, dtype: torch.dtype) -> bool:

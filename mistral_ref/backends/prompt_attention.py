@@ -41,7 +41,7 @@ MAX_KEYS = 16384
 MIN_TOKENS = 64
 # CPUs with AMX tiles: a plain causal prompt goes to the flash kernel (module docstring).  Fixed per machine (not
 # timed), so that a machine's bf16 results are the same from run to run.
-FLASH_FIRST = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+FLASH_FIRST = cpu_gemv.AMX
 
 
 def flash_takes(tokens: int, offset: int, window: int | None) -> bool:

@@ -2,7 +2,7 @@
 in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs), same process, same run.
 
     python benchmarks/bench_attention.py [--rounds 5] [--tokens 512,2048,4096] [--models mistral-125m,...]
-                                         [--parts 1,2,3,4]
+                                         [--parts 1,2,3,4,5,6]
 
 Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
@@ -17,7 +17,10 @@ sequence on both sides: the experts' rows in buckets (backends/moe.py) on and of
 the few rows an expert gets there left exact (bucketed_rows: the C kernels take them) against padded to buckets
 like a prompt's.  Part 4, the same prefills of
 every model: the "torch" backend's elementwise C kernels (cpu_gemv.rms_norm, rope, swiglu) on and off (off: F.rms_norm,
-the complex product, F.silu(gate) * up, as before them).
+the complex product, F.silu(gate) * up, as before them).  Part 5, on a CPU with AMX tiles: bf16 prefills and a
+decode at batch 8 of each model with experts, their rows on the tiles in one call a layer (cpu_gemv.experts_rows)
+against the loop an expert.  Part 6: bf16 products of 1-31 rows, the C kernels against F.linear (oneDNN), by rows:
+what sets cpu_gemv.MAX_ROWS["bf16"].
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from mistral_ref.moe import swiglu  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
 PADS_ROWS = grouped.pads_rows
+AMX_MEAN_ROWS = grouped.AMX_MEAN_ROWS
 BUCKETED_ROWS = grouped.bucketed_rows
 
 
@@ -237,13 +241,78 @@ def elementwise_rows(models: list[str], tokens: list[int], rounds: int) -> None:
                   f"{summary(ratio, 2)}x |", flush=True)
 
 
+def experts_part(model, amx: bool, run) -> None:
+    """run() with the experts' rows on AMX tiles (cpu_gemv.experts_rows, one call a layer) or in the loop an expert
+    (AMX_MEAN_ROWS 0: never the tiles)."""
+    grouped.AMX_MEAN_ROWS = AMX_MEAN_ROWS if amx else 0
+    try:
+        run()
+    finally:
+        grouped.AMX_MEAN_ROWS = AMX_MEAN_ROWS
+
+
+def amx_expert_rows(models: list[str], tokens: list[int], rounds: int) -> None:
+    """Part 5: bf16 prefills (a new prompt every call, the same sequence on both sides) and a decode at batch 8 of
+    each model with experts, their rows on AMX tiles in one call a layer (backends/moe.py: mix_experts_grouped,
+    where the experts have fewer than AMX_MEAN_ROWS rows on average) against the loop an expert."""
+    if not (cpu_gemv.library() is not None and cpu_gemv.library().cpu_gemv_amx()):
+        print("\n## the experts on AMX tiles: skipped, this CPU (or build) has none")
+        return
+    print(f"\n## bf16, the experts' rows on AMX tiles in one call (up to {AMX_MEAN_ROWS} rows an expert on average) "
+          f"vs the loop an expert, ms")
+    table_header("model", "run", "AMX tiles", "loop", "ratio (loop time / tiles time)")
+    for name in models:
+        args = ALL_MODELS[name]
+        if args.moe is None and args.fine_moe is None:
+            continue
+        model = random_model(args).to(torch.bfloat16)
+        prompts = torch.randint(1, args.vocab_size, (8, 64), generator=torch.Generator().manual_seed(8)).tolist()
+        runs = {f"prefill {T}": [partial(prefill_part, model, True, torch.Generator().manual_seed(T),
+                                         args.vocab_size, T) for _ in range(2)] for T in tokens}
+        runs["decode batch 8"] = [partial(generate, model, prompts, 16, temperature=0.0)] * 2
+        for label, (first, second) in runs.items():
+            tiles, loop = alternate(partial(experts_part, model, True, first), partial(experts_part, model, False,
+                                                                                          second), rounds)
+            ratio = [b / a for a, b in zip(tiles, loop)]
+            print(f"| {name} | {label} | {summary([t * 1e3 for t in tiles])} | {summary([t * 1e3 for t in loop])} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
+def c_kernels(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return cpu_gemv.gemv_float(x, w, torch.get_num_threads())
+
+
+def twenty(product, x: torch.Tensor, weights: list[torch.Tensor], turn) -> None:
+    """20 products of x, by the next 20 weights in turn."""
+    for _ in range(20):
+        product(x, weights[next(turn) % len(weights)])
+
+
+def product_rows(rounds: int) -> None:
+    """Part 6: bf16 products of a few rows, the C kernels (cpu_gemv.gemv_float) against torch's F.linear (oneDNN),
+    by rows: where the CPU multiplies bf16 natively (AMX tiles) F.linear's time hardly grows with the rows, which
+    sets cpu_gemv.MAX_ROWS["bf16"].  Weights as in the bench models, 40 of each, taken in turn (not all cached)."""
+    print(f"\n## bf16 products of a few rows: the C kernels vs F.linear (oneDNN), us (cpu_gemv.MAX_ROWS['bf16'] = "
+          f"{cpu_gemv.MAX_ROWS['bf16']}: the C kernels take fewer rows than that)")
+    table_header("weight (out x in)", "rows", "C kernels", "F.linear", "ratio (F.linear time / C time)")
+    for out, inp in [(2048, 768), (768, 2048), (80, 512), (512, 80)]:
+        weights = [torch.randn(out, inp).bfloat16() for _ in range(40)]
+        for rows in (1, 4, 8, 12, 16, 31):
+            x, turn = torch.randn(rows, inp).bfloat16(), iter(range(10 ** 9))
+            c, t = alternate(partial(twenty, c_kernels, x, weights, turn),
+                             partial(twenty, F.linear, x, weights, turn), rounds)
+            ratio = [b / a for a, b in zip(c, t)]
+            print(f"| {out} x {inp} | {rows} | {summary([v / 20 * 1e6 for v in c])} | "
+                  f"{summary([v / 20 * 1e6 for v in t])} | {summary(ratio, 2)}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", default="512,2048,4096")
     p.add_argument("--models", default="mistral-125m,mixtral-140m,nemo-80m,small4-130m")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", default="1,2,3,4", help="which parts to run (default all)")
+    p.add_argument("--parts", default="1,2,3,4,5,6", help="which parts to run (default all)")
     args = p.parse_args()
     if cpu_gemv.library() is None:
         raise SystemExit(f"prompt_attention needs the C kernels: {cpu_gemv.status()}")
@@ -270,6 +339,10 @@ def main() -> None:
         bucket_rows(models, [t for t in tokens if t <= 2048], args.rounds)
     if 4 in parts:
         elementwise_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    if 5 in parts:
+        amx_expert_rows(models, [t for t in tokens if t <= 2048], args.rounds)
+    if 6 in parts:
+        product_rows(args.rounds)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,11 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
     assert "| tiny-gqa | 70 | " not in part3  # part 3: models with experts only (tiny-small4 below)
     row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part4)  # every model
     assert row and float(row.group(3)) > 0, proc.stdout
+    part6 = proc.stdout.split("products of a few rows: the C kernels vs F.linear")[1]  # part 6: C vs oneDNN by rows
+    for shape in ("2048 x 768", "512 x 80"):
+        for rows in (1, 8, 31):
+            row = re.search(rf"\| {shape} \| {rows} \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part6)
+            assert row and float(row.group(3)) > 0, part6
 
 
 @pytest.mark.slow
@@ -231,6 +236,14 @@ def test_attention_benchmark_times_the_experts_row_buckets():
     decode = part3.split("greedy decode at batch 8")[1]  # the C kernels' few rows exact vs padded
     row = re.search(r"\| tiny-small4 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", decode)
     assert row and float(row.group(3)) > 0, proc.stdout
+    part5 = proc.stdout.split("the experts on AMX tiles")[1] if "the experts on AMX tiles" in proc.stdout else \
+        proc.stdout.split("experts' rows on AMX tiles in one call")[1]
+    if cpu_gemv.library().cpu_gemv_amx():  # part 5: the experts on AMX tiles vs the loop, prefill and decode
+        for run in ("prefill 70", "decode batch 8"):
+            row = re.search(rf"\| tiny-small4 \| {run} \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part5)
+            assert row and float(row.group(3)) > 0, proc.stdout
+    else:
+        assert part5.startswith(": skipped, this CPU (or build) has none"), proc.stdout
 
 
 def test_cpu_builds_benchmark_compares_the_kernel_builds():

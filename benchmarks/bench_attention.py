@@ -49,7 +49,6 @@ from mistral_ref.moe import swiglu  # noqa: E402
 
 ALL_MODELS = {**MODELS, **QUICK_MODELS}
 PADS_ROWS = grouped.pads_rows
-AMX_MEAN_ROWS = grouped.AMX_MEAN_ROWS
 BUCKETED_ROWS = grouped.bucketed_rows
 
 
@@ -242,24 +241,23 @@ def elementwise_rows(models: list[str], tokens: list[int], rounds: int) -> None:
 
 
 def experts_part(model, amx: bool, run) -> None:
-    """run() with the experts' rows on AMX tiles (cpu_gemv.experts_rows, one call a layer) or in the loop an expert
-    (AMX_MEAN_ROWS 0: never the tiles)."""
-    grouped.AMX_MEAN_ROWS = AMX_MEAN_ROWS if amx else 0
+    """run() with the experts' rows on AMX tiles (cpu_gemv.experts_rows, one call a layer) or in the loop an
+    expert (backends/moe.py: AMX_EXPERTS)."""
+    grouped.AMX_EXPERTS = amx
     try:
         run()
     finally:
-        grouped.AMX_MEAN_ROWS = AMX_MEAN_ROWS
+        grouped.AMX_EXPERTS = True
 
 
 def amx_expert_rows(models: list[str], tokens: list[int], rounds: int) -> None:
     """Part 5: bf16 prefills (a new prompt every call, the same sequence on both sides) and a decode at batch 8 of
-    each model with experts, their rows on AMX tiles in one call a layer (backends/moe.py: mix_experts_grouped,
-    where the experts have fewer than AMX_MEAN_ROWS rows on average) against the loop an expert."""
+    each model with experts, their rows on AMX tiles in one call a layer (backends/moe.py: mix_experts_grouped)
+    against the loop an expert."""
     if not (cpu_gemv.library() is not None and cpu_gemv.library().cpu_gemv_amx()):
         print("\n## the experts on AMX tiles: skipped, this CPU (or build) has none")
         return
-    print(f"\n## bf16, the experts' rows on AMX tiles in one call (up to {AMX_MEAN_ROWS} rows an expert on average) "
-          f"vs the loop an expert, ms")
+    print("\n## bf16, the experts' rows on AMX tiles in one call vs the loop an expert, ms")
     table_header("model", "run", "AMX tiles", "loop", "ratio (loop time / tiles time)")
     for name in models:
         args = ALL_MODELS[name]

@@ -347,14 +347,14 @@ def _per_expert(x, token, counts, w1, w3, w2):
 
 @needs_amx
 @pytest.mark.parametrize("E, hidden, dim, N, k", [(8, 64, 128, 40, 2), (6, 80, 80, 150, 2), (16, 48, 512, 300, 4),
-                                                 (3, 16, 32, 1, 1)])
+                                                 (3, 16, 32, 1, 1), (2, 32, 64, 300, 2)])
 @pytest.mark.parametrize("stacked", [True, False])
 def test_experts_rows_on_amx_tiles_equal_the_reference_rows(E, hidden, dim, N, k, stacked):
     """cpu_gemv.experts_rows: every expert's rows in one call on AMX tiles, each rounded as moe.swiglu rounds
     them (the products' fp32 sums in the tiles' order): within one bf16 rounding of the reference's rows, nearly
     all bitwise, the same for any threads.  Shapes: inputs past the last whole 32 (dim 80, hidden 48 / 80),
-    experts without rows, more than 64 rows an expert (several blocks of tiles), one row; stacked experts and one
-    tensor each."""
+    experts without rows, more than 64 rows an expert (several blocks of tiles), 300 (two of a thread's chunks of
+    256), one row; stacked experts and one tensor each."""
     g = torch.Generator().manual_seed(E * N)
     x = torch.randn(N, dim, generator=g).bfloat16()
     w1, w3 = ((torch.randn(E, hidden, dim, generator=g) * 0.1).bfloat16() for _ in range(2))
@@ -402,10 +402,10 @@ def test_experts_rows_keep_each_row_to_itself_and_refuse_other_experts():
 
 @needs_amx
 @pytest.mark.parametrize("N", [8, 64])
-def test_bf16_tokens_take_the_amx_experts_up_to_their_mean_rows(N, monkeypatch):
-    """mix_experts_grouped sends several bf16 tokens to cpu_gemv.experts_rows (one call) while the experts with
-    rows have fewer than AMX_MEAN_ROWS on average, and keeps its loop beyond; both within bf16 rounding of
-    moe.mix_experts (fine-grained routing: 16 experts, top-4, as Mistral Small 4 routes 128)."""
+def test_bf16_tokens_take_the_amx_experts(N, monkeypatch):
+    """mix_experts_grouped sends several bf16 tokens to cpu_gemv.experts_rows (one call), and keeps its loop with
+    AMX_EXPERTS off; both within bf16 rounding of moe.mix_experts (fine-grained routing: 16 experts, top-4, as
+    Mistral Small 4 routes 128); one token keeps its one-token path."""
     import mistral_ref.backends.moe as fast
 
     g = torch.Generator().manual_seed(N)
@@ -421,6 +421,7 @@ def test_bf16_tokens_take_the_amx_experts_up_to_their_mean_rows(N, monkeypatch):
         ref = mix_experts(x, weights, experts, w1, w2, w3)
         out = mix_experts_grouped(x, weights, experts, w1, w2, w3)
         assert len(calls) == 1 and sum(calls[0]) == N * k and rel_err(out, ref) < 2e-2
-        monkeypatch.setattr(fast, "AMX_MEAN_ROWS", N * k // E - 1 if N * k // E > 1 else 1)
+        mix_experts_grouped(x[:1], weights[:1], experts[:1], w1, w2, w3)
+        monkeypatch.setattr(fast, "AMX_EXPERTS", False)
         looped = mix_experts_grouped(x, weights, experts, w1, w2, w3)
     assert len(calls) == 1 and rel_err(looped, ref) < 2e-2

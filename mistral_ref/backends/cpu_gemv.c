@@ -2174,13 +2174,14 @@ static void silu_values(float *g, int64_t n) {  /* (builds without AVX2: silu_on
  * names, n, dim), gate = X W1_e.T, up = X W3_e.T, h = silu(gate) * up, Y = h W2_e.T, each rounded to bf16 as the
  * reference rounds them (moe.swiglu; the products' fp32 sums in the tiles' order).  A Python loop over the experts
  * costs a few calls of ~20 us each an expert (and oneDNN's fixed cost per call); with many small experts (Mistral
- * Small 4: 128 of them) that is most of a prefill.  Here the threads take whole experts.
+ * Small 4: 128 of them) that is most of a prefill.  Here the threads take an expert's rows AMX_CHUNK at a time.
  *
- * The tiles multiply W (16 rows of 32 bf16: read from the weight as it is, no packing) by the rows of X turned
- * into pairs (16 pairs of inputs by 16 rows: X's words transposed once an expert), so each product gives its
- * result transposed, (out, rows): h's transpose is already in pairs for the product by W2 (rows 2i and 2i + 1
- * interleaved), and Y's is transposed back as it is rounded.  Weights need out % 16 == 0 and an even in (the last
- * in % 32 inputs in tiles of their own width); rows are padded to a multiple of 16 with zeros. */
+ * The tiles multiply W (16 rows of 32 bf16: read from the weight as it is) by the rows of X turned into pairs:
+ * for each block of 16 rows, a (k32 / 2, 16) array of 32-bit words, word (i, t) = inputs 2i, 2i + 1 of row t,
+ * zero past the last input (k32: k rounded up to 32; W's last k % 32 inputs are copied into a zero-padded tile).
+ * So each product gives its result transposed, a block of 16 rows at a time, (blocks, out, 16): h's transpose is
+ * put into pairs for the product by W2 by interleaving its rows 2i and 2i + 1, and Y's is transposed back as it is
+ * rounded.  Four sums a step: two tiles of W by two blocks of rows.  Weights need out % 16 == 0 and an even in. */
 #if CPU_GEMV_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define CPU_GEMV_AMX 1
 #include <sys/syscall.h>
@@ -2191,6 +2192,7 @@ extern long syscall(long number, ...);
 #else
 #define CPU_GEMV_AMX 0
 #endif
+#define AMX_CHUNK 256  /* rows of one expert a thread takes at a time (its buffers: ~AMX_CHUNK x (2 hidden + dim)) */
 
 /* 1 if this build has the AMX kernels and the kernel lets this process use the tiles (asked once: Linux's
  * ARCH_REQ_XCOMP_PERM for XTILEDATA; oneDNN asks the same), else 0 */
@@ -2211,127 +2213,177 @@ typedef struct __attribute__((packed, aligned(64))) {
     uint8_t rows[16];
 } tile_config;
 
-/* tiles 0-3: 16 x 16 fp32 sums; 4: 16 rows of 32 bf16 of W; 5: 16 pairs of inputs of 16 rows of X; 6 and 7:
- * the same for the last k % 32 inputs */
-static void amx_configure(int64_t k) {
+/* eight tiles of 16 rows of 64 bytes: 0-3 fp32 sums, 4-5 rows of W, 6-7 blocks of pairs */
+static void amx_configure(void) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 6; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    if (k % 32) {
-        c.rows[6] = 16, c.colsb[6] = (uint16_t)(k % 32 * 2);
-        c.rows[7] = (uint8_t)(k % 32 / 2), c.colsb[7] = 64;
-    }
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
     _tile_loadconfig(&c);
 }
 
-/* the k-loop of one block: tile A (4 or 6) of W, tile B (5 or 7) of the pairs, into up to four sums */
-#define AMX_BLOCK(A, B, a, b, nt, stride)                                                   \
-    do {                                                                                    \
-        _tile_loadd(A, a, stride);                                                          \
-        _tile_loadd(B, b, bs); _tile_dpbf16ps(0, A, B);                                     \
-        if (nt > 1) { _tile_loadd(B, (b) + 16, bs); _tile_dpbf16ps(1, A, B); }              \
-        if (nt > 2) { _tile_loadd(B, (b) + 32, bs); _tile_dpbf16ps(2, A, B); }              \
-        if (nt > 3) { _tile_loadd(B, (b) + 48, bs); _tile_dpbf16ps(3, A, B); }              \
-    } while (0)
-
-/* ct (out, n16) fp32 = W (out, k) bf16 times the pairs b (k / 2, n16) 32-bit words (word (i, t): inputs 2i and
- * 2i + 1 of row t): the product's transpose.  amx_configure(k) done. */
-static void amx_product(const uint16_t *w, int64_t out, int64_t k, const uint32_t *b, int64_t n16, float *ct) {
-    const int64_t whole = k / 32 * 32, bs = n16 * 4;
-    for (int64_t o = 0; o < out; o += 16) {
-        const uint16_t *a = w + o * k;
-        for (int64_t t = 0; t < n16; t += 64) {
-            const int64_t nt = n16 - t >= 64 ? 4 : (n16 - t) / 16;
+/* ct (blocks, out, 16) fp32: block b's rows times W (out, k) bf16, from the pairs bp (blocks, k32 / 2, 16) words.
+ * tail: room for 32 x 32 bf16 (W's last k % 32 inputs of 32 rows, zero-padded) */
+static void amx_product(const uint16_t *w, int64_t out, int64_t k, const uint32_t *bp, int64_t blocks, float *ct,
+                        uint16_t *tail) {
+    const int64_t k32 = (k + 31) / 32 * 32, whole = k / 32 * 32, stride = k * 2;
+    for (int64_t o = 0; o < out; o += 32) {
+        const int two_o = o + 32 <= out;
+        if (whole < k) {
+            memset(tail, 0, 32 * 32 * sizeof(uint16_t));
+            for (int64_t r = 0; r < (two_o ? 32 : 16); r++)
+                memcpy(tail + r * 32, w + (o + r) * k + whole, (size_t)(k - whole) * sizeof(uint16_t));
+        }
+        for (int64_t b = 0; b < blocks; b += 2) {
+            const int two_b = b + 2 <= blocks;
+            const uint32_t *b0 = bp + b * (k32 / 2) * 16, *b1 = b0 + (k32 / 2) * 16;
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int64_t i = 0; i < whole; i += 32) AMX_BLOCK(4, 5, a + i, b + i / 2 * n16 + t, nt, k * 2);
-            if (whole < k) AMX_BLOCK(6, 7, a + whole, b + whole / 2 * n16 + t, nt, k * 2);
-            float *c = ct + o * n16 + t;
-            _tile_stored(0, c, bs);
-            if (nt > 1) _tile_stored(1, c + 16, bs);
-            if (nt > 2) _tile_stored(2, c + 32, bs);
-            if (nt > 3) _tile_stored(3, c + 48, bs);
+            for (int64_t i = 0; i < k32; i += 32) {
+                const uint16_t *a = i < whole ? w + o * k + i : tail;
+                const int64_t as = i < whole ? stride : 64;
+                _tile_loadd(4, a, as);
+                _tile_loadd(6, b0 + i / 2 * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (two_b) { _tile_loadd(7, b1 + i / 2 * 16, 64); _tile_dpbf16ps(1, 4, 7); }
+                if (two_o) {
+                    _tile_loadd(5, a + 16 * (as / 2), as);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (two_b) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            float *c0 = ct + (b * out + o) * 16, *c1 = c0 + out * 16;
+            _tile_stored(0, c0, 64);
+            if (two_b) _tile_stored(1, c1, 64);
+            if (two_o) {
+                _tile_stored(2, c0 + 16 * 16, 64);
+                if (two_b) _tile_stored(3, c1 + 16 * 16, 64);
+            }
         }
     }
 }
 
-/* one expert's n rows (x's rows token[0 .. n)) -> y (n, dim) bf16; the buffers as experts_amx allocates them,
- * *k the k the tiles are configured for */
+/* the 16 x 16 32-bit words of r, transposed in place */
+static inline void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int j = 0; j < 8; j++) {
+        a[2 * j] = _mm512_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+        a[2 * j + 1] = _mm512_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+    }
+    for (int j = 0; j < 4; j++) {  /* lane L of b[4j + m]: column 4L + m of rows 4j .. 4j + 3 */
+        b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+        b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+        b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i e0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x44), e1 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xee);
+        const __m512i f0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x44);
+        const __m512i f1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xee);
+        r[m] = _mm512_shuffle_i32x4(e0, f0, 0x88), r[4 + m] = _mm512_shuffle_i32x4(e0, f0, 0xdd);
+        r[8 + m] = _mm512_shuffle_i32x4(e1, f1, 0x88), r[12 + m] = _mm512_shuffle_i32x4(e1, f1, 0xdd);
+    }
+}
+
+/* n <= AMX_CHUNK rows of one expert (x's rows token[0 .. n)) -> y (n, dim) bf16, with the buffers experts_amx
+ * gives each thread */
 static void expert_amx(const uint16_t *x, const int64_t *token, int64_t n, const uint16_t *w1, const uint16_t *w3,
                        const uint16_t *w2, int64_t hidden, int64_t dim, uint16_t *y, uint32_t *xp, uint32_t *hp,
-                       float *gate, float *up, float *yt, int64_t *k) {
-    const int64_t n16 = (n + 15) / 16 * 16, half = dim / 2;
-    for (int64_t t = 0; t < n16; t++) {  /* X in pairs: word (i, t) = inputs 2i, 2i + 1 of row t (0: padding) */
-        const uint32_t *row = (const uint32_t *)x + token[t < n ? t : 0] * half;
-        if (t < n) for (int64_t i = 0; i < half; i++) xp[i * n16 + t] = row[i];
-        else for (int64_t i = 0; i < half; i++) xp[i * n16 + t] = 0;
+                       float *gate, float *up, float *yt, uint16_t *tail) {
+    const int64_t blocks = (n + 15) / 16, half = dim / 2, dim32 = (dim + 31) / 32 * 32;
+    const int64_t hidden32 = (hidden + 31) / 32 * 32;
+    for (int64_t b = 0; b < blocks; b++) {  /* X in pairs, 16 rows a block (the padding rows: zero) */
+        int32_t at[16];
+        __mmask16 live = 0;
+        for (int t = 0; t < 16; t++)
+            if (b * 16 + t < n) at[t] = (int32_t)(token[b * 16 + t] * half), live |= (__mmask16)(1u << t);
+            else at[t] = 0;
+        const __m512i idx = _mm512_loadu_si512((const void *)at);
+        uint32_t *block = xp + b * (dim32 / 2) * 16;
+        for (int64_t i = 0; i < half; i++)
+            _mm512_storeu_si512((void *)(block + i * 16),
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx,
+                                                            (const void *)((const uint32_t *)x + i), 4));
+        memset(block + half * 16, 0, (size_t)(dim32 / 2 - half) * 16 * sizeof(uint32_t));
     }
-    if (*k != dim) amx_configure(*k = dim);
-    amx_product(w1, hidden, dim, xp, n16, gate);  /* (hidden, n16) */
-    amx_product(w3, hidden, dim, xp, n16, up);
-    for (int64_t o = 0; o < hidden; o++) {  /* h = silu(gate) * up, rounded as silu_mul rounds it */
-        float *g = gate + o * n16;
-        const float *u = up + o * n16;
-        for (int64_t t = 0; t < n16; t += 16) v_store(g + t, v_round_bf16(v_load(g + t)));
-        silu_values(g, n16);
-        for (int64_t t = 0; t < n16; t += 16)
-            v_store(g + t, v_round_bf16(v_mul(v_round_bf16(v_load(g + t)), v_round_bf16(v_load(u + t)))));
-    }
-    for (int64_t i = 0; i < hidden / 2; i++)  /* h's transpose in pairs: rows 2i and 2i + 1 interleaved */
-        for (int64_t t = 0; t < n16; t += 16) {
-            const __m512i lo = _mm512_castps_si512(v_load(gate + 2 * i * n16 + t));
-            const __m512i hi = _mm512_castps_si512(v_load(gate + (2 * i + 1) * n16 + t));
-            _mm512_storeu_si512((void *)(hp + i * n16 + t),
+    amx_product(w1, hidden, dim, xp, blocks, gate, tail);  /* (blocks, hidden, 16) */
+    amx_product(w3, hidden, dim, xp, blocks, up, tail);
+    const int64_t values = blocks * hidden * 16;  /* h = silu(gate) * up, rounded as silu_mul rounds it */
+    for (int64_t j = 0; j < values; j += 16) v_store(gate + j, v_round_bf16(v_load(gate + j)));
+    silu_values(gate, values);
+    for (int64_t j = 0; j < values; j += 16)
+        v_store(gate + j, v_round_bf16(v_mul(v_round_bf16(v_load(gate + j)), v_round_bf16(v_load(up + j)))));
+    for (int64_t b = 0; b < blocks; b++) {  /* h's transpose in pairs: rows 2i and 2i + 1 interleaved */
+        const float *h = gate + b * hidden * 16;
+        uint32_t *block = hp + b * (hidden32 / 2) * 16;
+        for (int64_t i = 0; i < hidden / 2; i++) {
+            const __m512i lo = _mm512_castps_si512(v_load(h + 2 * i * 16));
+            const __m512i hi = _mm512_castps_si512(v_load(h + (2 * i + 1) * 16));
+            _mm512_storeu_si512((void *)(block + i * 16),
                                 _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32((int)0xffff0000u)),
                                                 _mm512_srli_epi32(lo, 16)));
         }
-    if (*k != hidden) amx_configure(*k = hidden);
-    amx_product(w2, dim, hidden, hp, n16, yt);  /* (dim, n16) */
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t o = 0; o < dim; o++) y[t * dim + o] = float_to_bf16(yt[o * n16 + t]);
+        memset(block + hidden / 2 * 16, 0, (size_t)(hidden32 / 2 - hidden / 2) * 16 * sizeof(uint32_t));
+    }
+    amx_product(w2, dim, hidden, hp, blocks, yt, tail);  /* (blocks, dim, 16) */
+    for (int64_t b = 0; b < blocks; b++)  /* Y: 16 x 16 words transposed, rounded, a row's 16 outputs stored */
+        for (int64_t o = 0; o < dim; o += 16) {
+            __m512i r[16];
+            for (int j = 0; j < 16; j++)
+                r[j] = _mm512_castps_si512(v_round_bf16(v_load(yt + (b * dim + o + j) * 16)));
+            transpose16(r);
+            for (int t = 0; t < 16 && b * 16 + t < n; t++)
+                _mm256_storeu_si256((__m256i *)(y + (b * 16 + t) * dim + o),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(r[t], 16)));
+        }
 }
 #endif
 
 /* The experts' SwiGLUs of a prompt's routed rows: expert e takes counts[e] rows, those of x (tokens, dim) bf16
  * that token[start_e ..] names (start_e: the counts of the experts before it), and writes them to y's rows start_e
  * .. start_e + counts[e] - 1 (y: (sum of counts, dim) bf16).  w1[e], w3[e] (hidden, dim) and w2[e] (dim, hidden):
- * each expert's bf16 weights, row-major.  Needs hidden and dim multiples of 16 (cpu_gemv.py checks).
- * Returns 0; -1 without memory; -3 where this build or process has no AMX tiles. */
+ * each expert's bf16 weights, row-major.  Needs hidden and dim multiples of 16 and x's tokens x dim / 2 below
+ * 2^31 (cpu_gemv.py checks).  Returns 0; -1 without memory; -3 where this build or process has no AMX tiles. */
 int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, int64_t n_experts,
                 const void *const *w1, const void *const *w3, const void *const *w2, int64_t hidden, int64_t dim,
                 uint16_t *y, int threads) {
 #if CPU_GEMV_AMX
     if (!cpu_gemv_amx() || hidden % 16 || dim % 16) return -3;
-    int64_t *start = malloc((size_t)(n_experts > 0 ? n_experts : 1) * sizeof(int64_t)), most = 0, total = 0;
-    if (!start) return -1;
-    for (int64_t e = 0; e < n_experts; e++) {
-        start[e] = total, total += counts[e];
-        most = counts[e] > most ? counts[e] : most;
-    }
-    const int64_t n16 = (most + 15) / 16 * 16;
+    int64_t items = 0, total = 0;
+    for (int64_t e = 0; e < n_experts; e++) items += (counts[e] + AMX_CHUNK - 1) / AMX_CHUNK;
+    int64_t *item = malloc((size_t)(2 * (items > 0 ? items : 1)) * sizeof(int64_t));  /* (expert, first row) */
+    if (!item) return -1;
+    for (int64_t e = 0, j = 0; e < n_experts; total += counts[e], e++)
+        for (int64_t r = 0; r < counts[e]; r += AMX_CHUNK) item[2 * j] = e, item[2 * j + 1] = total + r, j++;
+    int64_t *start = malloc((size_t)(n_experts > 0 ? n_experts : 1) * sizeof(int64_t));
+    if (!start) { free(item); return -1; }
+    for (int64_t e = 0, at = 0; e < n_experts; at += counts[e], e++) start[e] = at;
+    const int64_t dim32 = (dim + 31) / 32 * 32, hidden32 = (hidden + 31) / 32 * 32, rows = AMX_CHUNK;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *xp = malloc((size_t)(dim / 2 * n16) * 4 + 64), *hp = malloc((size_t)(hidden / 2 * n16) * 4 + 64);
-        float *gate = malloc((size_t)(hidden * n16) * 4 + 64), *up = malloc((size_t)(hidden * n16) * 4 + 64);
-        float *yt = malloc((size_t)(dim * n16) * 4 + 64);
-        const int ok = xp && hp && gate && up && yt;
-        int64_t k = -1;  /* the k this thread's tiles are configured for */
+        uint32_t *xp = malloc((size_t)(dim32 / 2 * rows) * 4), *hp = malloc((size_t)(hidden32 / 2 * rows) * 4);
+        float *gate = malloc((size_t)(hidden * rows) * 4), *up = malloc((size_t)(hidden * rows) * 4);
+        float *yt = malloc((size_t)(dim * rows) * 4);
+        uint16_t *tail = malloc(32 * 32 * sizeof(uint16_t));
+        const int ok = xp && hp && gate && up && yt && tail;
+        int configured = 0;
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t e = 0; e < n_experts; e++) {
-            if (!counts[e]) continue;
+        for (int64_t j = 0; j < items; j++) {
             if (!ok) {
                 #pragma omp atomic write
                 failed = 1;
                 continue;
             }
-            expert_amx(x, token + start[e], counts[e], (const uint16_t *)w1[e], (const uint16_t *)w3[e],
-                       (const uint16_t *)w2[e], hidden, dim, y + start[e] * dim, xp, hp, gate, up, yt, &k);
+            if (!configured) amx_configure(), configured = 1;
+            const int64_t e = item[2 * j], first = item[2 * j + 1], end = start[e] + counts[e];
+            const int64_t n = end - first < AMX_CHUNK ? end - first : AMX_CHUNK;
+            expert_amx(x, token + first, n, (const uint16_t *)w1[e], (const uint16_t *)w3[e],
+                       (const uint16_t *)w2[e], hidden, dim, y + first * dim, xp, hp, gate, up, yt, tail);
         }
-        if (k >= 0) _tile_release();
-        free(xp), free(hp), free(gate), free(up), free(yt);
+        if (configured) _tile_release();
+        free(xp), free(hp), free(gate), free(up), free(yt), free(tail);
     }
-    free(start);
+    free(item), free(start);
     return failed ? -1 : 0;
 #else
     (void)x, (void)token, (void)counts, (void)n_experts, (void)w1, (void)w3, (void)w2, (void)hidden, (void)dim;

@@ -966,10 +966,12 @@ def experts_rows_apply(x: torch.Tensor, w1: object, w2: object, w3: object) -> b
     """Whether :func:`experts_rows` takes these experts: x bf16 (tokens, dim) on a CPU whose tiles this process may
     use (cpu_gemv_amx), no autograd; w1, w3 (E, hidden, dim) and w2 (E, dim, hidden) bf16, each a stacked tensor
     (backends/moe.py: stack_experts) or indexable by expert into contiguous (out, in) bf16 tensors
-    (fine_moe.ExpertWeights), hidden and dim multiples of 16."""
+    (fine_moe.ExpertWeights), hidden and dim multiples of 16 (and x's words below 2^31: the kernel gathers rows by
+    32-bit offsets)."""
     lib = library()
     if (lib is None or not lib.cpu_gemv_amx() or x.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or x.dim() != 2 or x.shape[1] % 16 or (torch.is_grad_enabled() and x.requires_grad)):
+            or x.dim() != 2 or x.shape[1] % 16 or x.numel() // 2 >= 2 ** 31
+            or (torch.is_grad_enabled() and x.requires_grad)):
         return False
     dim = x.shape[1]
     first = [w if isinstance(w, torch.Tensor) and w.dim() == 3 else w[0] if len(w) else None for w in (w1, w3, w2)]

@@ -37,9 +37,9 @@ def moe_forward_grouped(
     return mix_experts_grouped(x, weights, experts, w1, w2, w3), logits
 
 
-# The experts' rows go to cpu_gemv.experts_rows (one call on AMX tiles) while the experts with rows have fewer than
-# this many on average; beyond, oneDNN's GEMM an expert is the faster (benchmarks/bench_attention.py, part 3).
-AMX_MEAN_ROWS = 224
+# Several bf16 tokens' experts go to cpu_gemv.experts_rows (one call on AMX tiles) where it takes them; False: the
+# loop an expert (benchmarks/bench_attention.py part 5 times both)
+AMX_EXPERTS = True
 
 
 def mix_experts_grouped(
@@ -61,9 +61,8 @@ def mix_experts_grouped(
     cpu_gemv.swiglu_chosen for experts kept as separate weights (the k chosen ones' tensors); either sums the k
     outputs in fp32, then rounds (the reference rounds after each expert).  Where :func:`pads_rows`, each expert
     multiplies :func:`row_bucket` rows, its own first, so the shapes of the products recur from prompt to prompt
-    (:func:`bucketed_rows`: not the few rows the C kernels take).  Several bf16 tokens on a CPU with AMX tiles, at
-    most AMX_MEAN_ROWS rows an expert on average: every expert in one call (cpu_gemv.experts_rows), the rows
-    rounded as :func:`swiglu` rounds them.
+    (:func:`bucketed_rows`: not the few rows the C kernels take).  Several bf16 tokens on a CPU with AMX tiles:
+    every expert in one call (cpu_gemv.experts_rows), the rows rounded as :func:`swiglu` rounds them.
     """
     top_k = experts.shape[1]
     if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
@@ -82,8 +81,7 @@ def mix_experts_grouped(
     order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
     counts = torch.bincount(flat, minlength=len(w1)).tolist()  # assignments per expert
     token = order // top_k  # (N*k,) token of each sorted assignment
-    if len(token) < AMX_MEAN_ROWS * sum(map(bool, counts)) and cpu_gemv.experts_rows_apply(x, w1, w2, w3):
-        # bf16 on a CPU with AMX tiles, a few hundred rows an expert or fewer: every expert in one call
+    if AMX_EXPERTS and cpu_gemv.experts_rows_apply(x, w1, w2, w3):  # bf16, AMX tiles: every expert in one call
         ys = cpu_gemv.experts_rows(x, token, counts, w1, w3, w2)
         if ys is not None:
             ys *= weights.flatten()[order, None].to(x.dtype)

@@ -2,7 +2,7 @@
 in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs), same process, same run.
 
     python benchmarks/bench_attention.py [--rounds 5] [--tokens 512,2048,4096] [--models mistral-125m,...]
-                                         [--parts 1,2,3,4,5,6]
+                                         [--parts 1,2,3,4,5,6,7]
 
 Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
@@ -20,7 +20,9 @@ every model: the "torch" backend's elementwise C kernels (cpu_gemv.rms_norm, rop
 the complex product, F.silu(gate) * up, as before them).  Part 5, on a CPU with AMX tiles: bf16 prefills and a
 decode at batch 8 of each model with experts, their rows on the tiles in one call a layer (cpu_gemv.experts_rows)
 against the loop an expert.  Part 6: bf16 products of 1-31 rows, the C kernels against F.linear (oneDNN), by rows:
-what sets cpu_gemv.MAX_ROWS["bf16"].
+what sets cpu_gemv.MAX_ROWS["bf16"].  Part 7, on a CPU with AMX tiles: a bf16 prompt's attention by the flash
+kernel on the tiles (cpu_gemv.prompt_attention_amx) against SDPA's causal mode, alone and in bf16 prefills (parts
+1 and 2 run with it off).
 """
 
 from __future__ import annotations
@@ -138,10 +140,12 @@ def prefill(model, prompt: list[list[int]], gemms: bool) -> None:
     applies, flash_first = prompt_attention.applies, prompt_attention.FLASH_FIRST
     prompt_attention.applies = applies if gemms else (lambda *a: False)
     prompt_attention.FLASH_FIRST = flash_first and not gemms
+    prompt_attention.AMX_ATTENTION = False  # (part 7 times the AMX kernel)
     try:
         generate(model, prompt, 1, temperature=0.0)
     finally:
         prompt_attention.applies, prompt_attention.FLASH_FIRST = applies, flash_first
+        prompt_attention.AMX_ATTENTION = True
 
 
 def prefill_rows(models: list[str], tokens: list[int], rounds: int) -> None:
@@ -304,13 +308,62 @@ def product_rows(rounds: int) -> None:
                   f"{summary([v / 20 * 1e6 for v in t])} | {summary(ratio, 2)}x |", flush=True)
 
 
+def amx_part(model, on: bool, prompts: torch.Generator, vocab: int, T: int) -> None:
+    """One prefill and its first token of a new random T-token prompt, the AMX flash kernel on or off (off: SDPA's
+    causal mode, the default on such CPUs before it)."""
+    prompt_attention.AMX_ATTENTION = on
+    try:
+        generate(model, [torch.randint(1, vocab, (T,), generator=prompts).tolist()], 1, temperature=0.0)
+    finally:
+        prompt_attention.AMX_ATTENTION = True
+
+
+def amx_attention_rows(shapes: list[str], models: list[str], tokens: list[int], rounds: int) -> None:
+    """Part 7, on a CPU with AMX tiles: a bf16 prompt's causal attention by the flash kernel on the tiles
+    (cpu_gemv.prompt_attention_amx) against SDPA's causal mode, alone (GFLOP/s) and in bf16 prefills of each model
+    (new prompts, the same sequence on both sides)."""
+    lib = cpu_gemv.library()
+    if not (lib is not None and lib.cpu_gemv_amx()):
+        print("\n## the AMX flash attention: skipped, this CPU (or build) has none")
+        return
+    print("\n## A bf16 prompt's causal attention: the flash kernel on AMX tiles vs SDPA, GFLOP/s median [min-max]")
+    table_header("shape (heads / kv / head_dim)", "tokens", "AMX tiles", "SDPA", "ratio (SDPA time / tiles time)")
+    g = torch.Generator().manual_seed(0)
+    for name in shapes:
+        H, K, D = SHAPES[name]
+        for T in tokens:
+            q, k, v = random_qkv(1, T, (H, K, D), torch.bfloat16, g)
+            if not cpu_gemv.prompt_attention_amx_applies(q, k, v):
+                continue
+            tiles, fused = alternate(partial(cpu_gemv.prompt_attention_amx, q, k, v), partial(sdpa, q, k, v), rounds)
+            flops = 2 * 2 * T * T / 2 * D * H
+            ratio = [s / p for p, s in zip(tiles, fused)]
+            ours, theirs = ([flops / t / 1e9 for t in ts] for ts in (tiles, fused))
+            print(f"| {name} ({H} / {K} / {D}) | {T} | {summary(ours, 1)} | {summary(theirs, 1)} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+    print("\n## bf16 prefill, a new prompt every call: the attention on AMX tiles vs SDPA's causal mode, ms")
+    table_header("model", "tokens", "AMX tiles", "SDPA", "ratio (SDPA time / tiles time)")
+    for name in models:
+        args = ALL_MODELS[name]
+        model = random_model(args).to(torch.bfloat16)
+        for T in tokens:
+            if T > 2048:
+                continue
+            same = [torch.Generator().manual_seed(T) for _ in range(2)]
+            on, off = alternate(partial(amx_part, model, True, same[0], args.vocab_size, T),
+                                partial(amx_part, model, False, same[1], args.vocab_size, T), rounds)
+            ratio = [b / a for a, b in zip(on, off)]
+            print(f"| {name} | {T} | {summary([t * 1e3 for t in on])} | {summary([t * 1e3 for t in off])} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", default="512,2048,4096")
     p.add_argument("--models", default="mistral-125m,mixtral-140m,nemo-80m,small4-130m")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", default="1,2,3,4,5,6", help="which parts to run (default all)")
+    p.add_argument("--parts", default="1,2,3,4,5,6,7", help="which parts to run (default all)")
     args = p.parse_args()
     if cpu_gemv.library() is None:
         raise SystemExit(f"prompt_attention needs the C kernels: {cpu_gemv.status()}")
@@ -341,6 +394,8 @@ def main() -> None:
         amx_expert_rows(models, [t for t in tokens if t <= 2048], args.rounds)
     if 6 in parts:
         product_rows(args.rounds)
+    if 7 in parts:
+        amx_attention_rows(shapes, models, tokens, args.rounds)
 
 
 if __name__ == "__main__":

@@ -213,6 +213,14 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
     assert "| tiny-gqa | 70 | " not in part3  # part 3: models with experts only (tiny-small4 below)
     row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part4)  # every model
     assert row and float(row.group(3)) > 0, proc.stdout
+    if cpu_gemv.library().cpu_gemv_amx():  # part 7: the AMX flash attention vs SDPA, alone and in a prefill
+        part7 = proc.stdout.split("the flash kernel on AMX tiles vs SDPA")[1]
+        row = re.search(r"\| tiny-gqa \(4 / 2 / 32\) \| 70 \| (\d+\.\d) .* \| (\d+\.\d) .* \| (\d+\.\d+) .*x \|", part7)
+        assert row and all(float(v) > 0 for v in row.groups()), part7
+        row = re.search(r"\| tiny-gqa \| 70 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part7)
+        assert row and float(row.group(3)) > 0, part7
+    else:
+        assert "the AMX flash attention: skipped" in proc.stdout
     part6 = proc.stdout.split("products of a few rows: the C kernels vs F.linear")[1]  # part 6: C vs oneDNN by rows
     for shape in ("2048 x 768", "512 x 80"):
         for rows in (1, 8, 31):

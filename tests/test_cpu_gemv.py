@@ -919,9 +919,11 @@ def test_prompt_attention_with_latent_attentions_scale_and_value_size(build, dty
 def test_prompt_rows_takes_a_ragged_batch_row_by_row(monkeypatch):
     """A batch as the server's scheduler prefills it: row 0 a whole chunk, row 1 a later chunk after 30 cached keys
     then 6 padding queries, row 2 a prompt shorter than MIN_TOKENS then padding, row 3 only padding (SDPA, each
-    row alone).  Rows 0 and 1 go through prompt_attention (as on a CPU without AMX: FLASH_FIRST off); every row
+    row alone).  Rows 0 and 1 go through prompt_attention (as on a CPU without AMX: FLASH_FIRST and AMX_ATTENTION
+    off; test_amx_flash_attention_takes_the_ragged_rows: with them); every row
     equals the reference, the padding queries included (the reference's uniform average of every slot)."""
     monkeypatch.setattr(prompt_attention, "FLASH_FIRST", False)
+    monkeypatch.setattr(prompt_attention, "AMX_ATTENTION", False)
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -1533,3 +1535,71 @@ def test_silu_gives_every_build_the_same_bits_and_torchs_within_a_few_ulp():
     gb = (torch.randn(50000, generator=torch.Generator().manual_seed(5)) * 3).bfloat16()
     ub = torch.randn(50000, generator=torch.Generator().manual_seed(6)).bfloat16()
     assert torch.equal(_silu_mul(libs["native"], gb, ub, 2), F.silu(gb) * ub)
+
+
+AMX = cpu_gemv.library() is not None and bool(cpu_gemv.library().cpu_gemv_amx())
+needs_amx = pytest.mark.skipif(not AMX, reason="no AMX tiles here (cpu_gemv.prompt_attention_amx runs where there are)")
+
+
+@needs_amx
+@pytest.mark.parametrize("B, T, S, H, K, D, Dv, window", [
+    (1, 100, 100, 4, 2, 64, 64, None),  # GQA, a prompt not a multiple of 32
+    (2, 70, 200, 4, 1, 32, 48, None),  # a later chunk after 130 keys, value heads of their own size (MLA)
+    (1, 300, 300, 8, 2, 128, 128, 50),  # head_dim 128, a window shorter than the prompt
+    (1, 33, 90, 2, 2, 64, 64, 20),  # a later chunk with a window
+    (1, 1, 17, 2, 2, 64, 64, None),  # one query
+])
+def test_amx_flash_attention_equals_the_reference(B, T, S, H, K, D, Dv, window):
+    """cpu_gemv.prompt_attention_amx (flash attention on AMX tiles, the roundings of a fused kernel): within bf16
+    rounding of attention.attention, and no farther from the exact result (float64) than the bf16 reference is;
+    the same bits for any number of threads (a block of queries is one thread's)."""
+    g = torch.Generator().manual_seed(T * S)
+    q = (torch.randn(B, T, H, D, generator=g) * 2).bfloat16()
+    k, v = torch.randn(B, S, K, D, generator=g).bfloat16(), torch.randn(B, S, K, Dv, generator=g).bfloat16()
+    q_pos, k_pos = torch.arange(S - T, S).expand(B, T), torch.arange(S).expand(B, S)
+    got = cpu_gemv.prompt_attention_amx(q, k, v, window, threads=1)
+    want = attention(q, k, v, q_pos, k_pos, window)
+    exact = attention(q.double(), k.double(), v.double(), q_pos, k_pos, window)
+    assert got.shape == want.shape == (B, T, H, Dv) and got.dtype == torch.bfloat16
+    assert rel_err(got, want) < 2e-2  # (the reference's roundings and a fused kernel's: SDPA's tests allow 3e-2)
+    assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
+    assert torch.equal(cpu_gemv.prompt_attention_amx(q, k, v, window, threads=3), got)
+
+
+@needs_amx
+def test_amx_flash_attention_sees_no_later_key():
+    """A NaN key at position 20 makes the queries at 20 and after NaN on its key / value head (as in the
+    reference) and leaves every earlier query, and the other heads, bitwise unchanged: its block of keys is
+    multiplied for the earlier queries too, the softmax must not use it."""
+    q, k, v, pos = _prompt(1, 70, 4, 2, 32, torch.bfloat16)
+    clean = cpu_gemv.prompt_attention_amx(q, k, v)
+    k[0, 20, 1, 3] = float("nan")
+    got = cpu_gemv.prompt_attention_amx(q, k, v)
+    assert torch.equal(got.isnan(), attention(q, k, v, pos, pos, None).isnan())
+    assert got[0, 20:, 2:].isnan().all() and not got[0, :20].isnan().any() and not got[0, :, :2].isnan().any()
+    assert torch.equal(got[0, :20], clean[0, :20]) and torch.equal(got[0, :, :2], clean[0, :, :2])
+
+
+@needs_amx
+def test_amx_flash_attention_takes_the_ragged_rows(monkeypatch):
+    """prompt_rows on a CPU with AMX tiles: the whole chunk and the later chunk of a ragged batch go to the AMX
+    flash kernel (with AMX_ATTENTION on), within bf16 rounding of the reference, padding rows included; the
+    kernel refuses shapes it does not take (head_dim not a multiple of 32) and prompt_rows keeps its other paths."""
+    calls = []
+    real = cpu_gemv.prompt_attention_amx
+    monkeypatch.setattr(cpu_gemv, "prompt_attention_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    T, S, H, K, D = prompt_attention.MIN_TOKENS + 8, 110, 6, 2, 32
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(3, T, H, D, generator=g) * 2).bfloat16()
+    k, v = (torch.randn(3, S, K, D, generator=g).bfloat16() for _ in range(2))
+    q_pos, k_pos = torch.full((3, T), -1), torch.full((3, S), -1)
+    q_pos[0], k_pos[0, :T] = torch.arange(T), torch.arange(T)
+    q_pos[1, :T - 6], k_pos[1, :30 + T - 6] = torch.arange(30, 30 + T - 6), torch.arange(30 + T - 6)
+    got = prompt_attention.prompt_rows(q, k, v, q_pos, k_pos, None)
+    want = attention(q, k, v, q_pos, k_pos, None)
+    assert len(calls) == 2
+    for b in range(3):
+        assert rel_err(got[b], want[b]) < 2e-2, b
+    assert not cpu_gemv.prompt_attention_amx_applies(q[..., :16], k[..., :16], v[..., :16])
+    with pytest.raises(ValueError, match="not bf16 queries"):
+        cpu_gemv.prompt_attention_amx(q.float(), k.float(), v.float())

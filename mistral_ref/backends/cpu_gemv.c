@@ -2391,3 +2391,215 @@ int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, 
     return -3;
 #endif
 }
+
+/* ---- a prompt's causal attention on AMX tiles (backends/prompt_attention.py, cpu_gemv.py: prompt_attention_amx) ---
+ *
+ * Flash attention (Dao et al. 2022) with the tiles, transposed: for each query head and block of 16 queries, the
+ * keys they see 64 at a time, as the scores' transpose S.T = K Q.T (64 keys x 16 queries, fp32 sums of bf16
+ * products), so that every query's running maximum m and sum l are a vector register's lanes and need no
+ * horizontal reduction; P.T = 2^(S.T scale log2(e) - m) rounded to bf16, the output's transpose O.T = O.T 2^(m_old
+ * - m) + V.T P.T (fp32), and at the end O = (O.T / l).T rounded to bf16.  So its roundings are those of a fused
+ * kernel (as SDPA's), not the reference's (scores rounded to bf16, probabilities normalized before their rounding):
+ * within bf16 rounding of attention.attention, tested.  Once a call: K copied with its rows padded to a multiple of
+ * 64 keys, V transposed (V.T: a head's columns, each over the keys); each block's queries into pairs of inputs (as
+ * the experts' rows above).  2^x: a degree-5 polynomial on [0, 1) (within 2.4e-7 of it) times 2^floor(x), x
+ * clamped at -126 (below: 0 within fp32); a NaN score (a NaN in q or k) makes its query's output NaN, as in the
+ * reference, and a key no query of the block sees is never used. */
+#define ATT_KEYS 32  /* keys a step */
+#if CPU_GEMV_AMX
+static inline __m512 exp2_vec(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* (NaN stays NaN: max returns its second operand) */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(0.0018753765616565943f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00898725911974907f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055835966020822525f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401464879512787f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931547522544861f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998211860657f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* the queries of a block (lane r: position first + r, r < n) that see key `key` */
+static inline __mmask16 seeing(int64_t key, int64_t first, int64_t n, int64_t window) {
+    const int64_t lo = key - first > 0 ? key - first : 0;  /* lanes r with first + r >= key ... */
+    int64_t hi = n - 1;  /* ... and first + r - window + 1 <= key */
+    if (window > 0 && key + window - 1 - first < hi) hi = key + window - 1 - first;
+    if (lo > hi) return 0;
+    return (__mmask16)(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
+}
+
+/* the running output O.T += alpha-scaled V.T P.T of the last step, for `rows` rows (16 lanes each) */
+static inline void add_scaled(float *ot, const float *pv, int64_t rows, __m512 alpha) {
+    for (int64_t r = 0; r < rows; r++)
+        _mm512_storeu_ps(ot + r * 16, _mm512_fmadd_ps(_mm512_loadu_ps(ot + r * 16), alpha, _mm512_loadu_ps(pv + r * 16)));
+}
+
+/* one head h's 32 queries t0 .. t0 + 31 of batch row b (fewer at the end: n[0], n[1] <= 16 in its two groups of
+ * 16, the tiles' lanes), the keys they see ATT_KEYS at a time; kc: this call's K (groups, S64, d), vt: V.T
+ * (groups, dv, S64); the buffers as attention_amx gives each thread.  The tiles: 0-3 sums (S.T of two blocks of 16
+ * keys by the two groups; then V.T P.T of two blocks of 16 columns by them), 4 K or V.T, 5-7 pairs. */
+static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc, const uint16_t *vt, int64_t t0,
+                            const int64_t n[2], int64_t b, int64_t h, int64_t T, int64_t S, int64_t S64,
+                            int64_t heads, int64_t kv_heads, int64_t d, int64_t dv, int64_t window, float scale,
+                            uint32_t *qp, float *st, uint32_t *pp, float *pv, float *ot) {
+    const int64_t offset = S - T, g = h / (heads / kv_heads), first = offset + t0, last = first + n[0] + n[1] - 1;
+    for (int gq = 0; gq < 2; gq++) {  /* the queries in pairs: word (i, r) = inputs 2i, 2i + 1 of query r */
+        int32_t at[16];
+        __mmask16 live = 0;
+        for (int r = 0; r < 16; r++)
+            if (r < n[gq]) at[r] = (int32_t)(((b * T + t0 + 16 * gq + r) * heads + h) * d / 2), live |= (__mmask16)(1u << r);
+            else at[r] = 0;
+        const __m512i idx = _mm512_loadu_si512((const void *)at);
+        for (int64_t i = 0; i < d / 2; i++)
+            _mm512_storeu_si512((void *)(qp + (gq * (d / 2) + i) * 16), _mm512_mask_i32gather_epi32(
+                _mm512_setzero_si512(), live, idx, (const void *)((const uint32_t *)q + i), 4));
+    }
+    const uint16_t *kg = kc + (b * kv_heads + g) * S64 * d, *vg = vt + (b * kv_heads + g) * dv * S64;
+    __m512 m[2], l[2], alpha[2];
+    for (int gq = 0; gq < 2; gq++) m[gq] = _mm512_set1_ps(-INFINITY), l[gq] = alpha[gq] = _mm512_setzero_ps();
+    const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f);  /* scores to the base-2 exponent */
+    memset(ot, 0, (size_t)(2 * dv * 16) * sizeof(float));
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  /* (a, b) -> a0 b0 a1 b1 .. */
+    const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
+    int pending = 0;  /* pv holds the last step's V.T P.T, not yet added to O.T (alpha: that step's) */
+    for (int64_t k0 = lo / ATT_KEYS * ATT_KEYS; k0 <= last; k0 += ATT_KEYS) {
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (int64_t i = 0; i < d; i += 32) {  /* S.T = K Q.T: tile 2j + group, keys k0 + 16j .. */
+            _tile_loadd(6, qp + i / 2 * 16, 64);
+            _tile_loadd(7, qp + (d / 2 + i / 2) * 16, 64);
+            _tile_loadd(4, kg + k0 * d + i, d * 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+            _tile_loadd(4, kg + (k0 + 16) * d + i, d * 2); _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(3, 4, 7);
+        }
+        if (pending)  /* the last step's V.T P.T into O.T while the tiles multiply */
+            for (int gq = 0; gq < 2; gq++) add_scaled(ot + gq * dv * 16, pv + gq * dv * 16, dv, alpha[gq]);
+        _tile_stored(0, st, 64); _tile_stored(2, st + 256, 64);
+        _tile_stored(1, st + 512, 64); _tile_stored(3, st + 768, 64);
+        for (int gq = 0; gq < 2; gq++) {  /* the softmax's step, lane by lane (st: this group's 32 keys x 16) */
+            const float *sg = st + gq * 512;
+            const int64_t fg = first + 16 * gq, ng = n[gq];
+            const int whole = k0 + ATT_KEYS - 1 <= fg && ng == 16 && (window <= 0 || k0 >= fg + 15 - window + 1);
+            __mmask16 seen[ATT_KEYS];
+            __m512 top = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < ATT_KEYS; j++) {
+                seen[j] = whole ? (__mmask16)0xffff : seeing(k0 + j, fg, ng, window);
+                top = _mm512_mask_max_ps(top, seen[j], top, _mm512_loadu_ps(sg + j * 16));
+            }
+            const __m512 m_new = _mm512_max_ps(_mm512_mul_ps(top, c), m[gq]);  /* (no key seen yet: -inf) */
+            alpha[gq] = _mm512_mask_mov_ps(exp2_vec(_mm512_sub_ps(m[gq], m_new)),  /* (no key seen before: 0) */
+                                           _mm512_cmp_ps_mask(m[gq], _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ),
+                                           _mm512_setzero_ps());
+            m[gq] = m_new;
+            __m512 sum = _mm512_setzero_ps();
+            for (int j = 0; j < ATT_KEYS; j += 2) {  /* P.T in pairs of keys: word (j / 2, r) = keys j, j + 1 */
+                const __m512 p0 = _mm512_maskz_mov_ps(seen[j], exp2_vec(_mm512_fmsub_ps(_mm512_loadu_ps(sg + j * 16),
+                                                                                         c, m_new)));
+                const __m512 p1 = _mm512_maskz_mov_ps(seen[j + 1], exp2_vec(_mm512_fmsub_ps(
+                                                          _mm512_loadu_ps(sg + (j + 1) * 16), c, m_new)));
+                sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+                _mm512_storeu_si512((void *)(pp + (gq * ATT_KEYS / 2 + j / 2) * 16),
+                                    _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+            }
+            l[gq] = _mm512_fmadd_ps(l[gq], alpha[gq], sum);
+        }
+        _tile_loadd(5, pp, 64);
+        _tile_loadd(6, pp + ATT_KEYS / 2 * 16, 64);
+        for (int64_t d0 = 0; d0 < dv; d0 += 32) {  /* V.T P.T: tile 2t + group, columns d0 + 16t .. */
+            const int two = d0 + 32 <= dv;
+            _tile_zero(0); _tile_zero(1);
+            _tile_loadd(4, vg + d0 * S64 + k0, S64 * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
+            _tile_stored(0, pv + d0 * 16, 64);
+            _tile_stored(1, pv + (dv + d0) * 16, 64);
+            if (two) {
+                _tile_zero(2); _tile_zero(3);
+                _tile_loadd(4, vg + (d0 + 16) * S64 + k0, S64 * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
+                _tile_stored(2, pv + (d0 + 16) * 16, 64);
+                _tile_stored(3, pv + (dv + d0 + 16) * 16, 64);
+            }
+        }
+        pending = 1;
+    }
+    for (int gq = 0; gq < 2; gq++) {
+        if (pending) add_scaled(ot + gq * dv * 16, pv + gq * dv * 16, dv, alpha[gq]);
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l[gq]);
+        for (int64_t c0 = 0; c0 < dv; c0 += 16) {  /* O: 16 x 16 blocks of O.T transposed, divided by l, rounded */
+            __m512i r16[16];
+            for (int j = 0; j < 16; j++)
+                r16[j] = _mm512_castps_si512(v_round_bf16(_mm512_mul_ps(_mm512_loadu_ps(ot + (gq * dv + c0 + j) * 16),
+                                                                        inv)));
+            transpose16(r16);
+            for (int64_t r = 0; r < n[gq]; r++)
+                _mm256_storeu_si256((__m256i *)(out + ((b * T + t0 + 16 * gq + r) * heads + h) * dv + c0),
+                                    _mm512_cvtepi32_epi16(_mm512_srli_epi32(r16[r], 16)));
+        }
+    }
+}
+#endif
+
+/* Causal attention of T queries (positions S - T .. S - 1) over S keys on AMX tiles, bf16:
+ * q (B, T, heads, d), k (B, S, kv_heads, d), v (B, S, kv_heads, dv) -> out (B, T, heads, dv); query p sees keys
+ * max(0, p - window + 1) .. p (window <= 0: 0 .. p); scores times `scale`.  Needs d % 32 == 0, dv % 16 == 0,
+ * heads % kv_heads == 0 and B x T x heads x d / 2 below 2^31 (cpu_gemv.py checks).  Returns 0; -1 without memory;
+ * -3 where this build or process has no AMX tiles. */
+int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t batch, int64_t T,
+                  int64_t S, int64_t heads, int64_t kv_heads, int64_t d, int64_t dv, int64_t window, float scale,
+                  int threads) {
+#if CPU_GEMV_AMX
+    if (!cpu_gemv_amx() || d % 32 || dv % 16 || heads % kv_heads || T > S) return -3;
+    const int64_t S64 = (S + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS, groups = batch * kv_heads;
+    uint16_t *kc = malloc((size_t)(groups * S64 * d) * 2), *vt = malloc((size_t)(groups * dv * S64) * 2);
+    if (!kc || !vt) { free(kc); free(vt); return -1; }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < groups * (S64 / 16); j++) {  /* K: a head's rows, padded; V.T, 16 keys at a time */
+        const int64_t gi = j / (S64 / 16), key0 = j % (S64 / 16) * 16, b = gi / kv_heads, g = gi % kv_heads;
+        for (int64_t t = 0; t < 16; t++) {
+            uint16_t *row = kc + (gi * S64 + key0 + t) * d;
+            if (key0 + t < S) memcpy(row, k + ((b * S + key0 + t) * kv_heads + g) * d, (size_t)d * 2);
+            else memset(row, 0, (size_t)d * 2);
+        }
+        for (int64_t c0 = 0; c0 < dv; c0 += 16) {  /* 16 keys x 16 columns, transposed as 32-bit words */
+            __m512i r16[16];
+            for (int t = 0; t < 16; t++)
+                r16[t] = key0 + t < S ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                             (const __m256i *)(v + ((b * S + key0 + t) * kv_heads + g) * dv + c0)))
+                                      : _mm512_setzero_si512();
+            transpose16(r16);
+            for (int t = 0; t < 16; t++)
+                _mm256_storeu_si256((__m256i *)(vt + (gi * dv + c0 + t) * S64 + key0), _mm512_cvtepi32_epi16(r16[t]));
+        }
+    }
+    const int64_t blocks = (T + 31) / 32, items = batch * heads * blocks;  /* 32 queries an item */
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(ATT_KEYS * 16 * 4);
+        float *st = malloc(2 * ATT_KEYS * 16 * sizeof(float)), *pv = malloc((size_t)(2 * dv * 16) * sizeof(float));
+        float *ot = malloc((size_t)(2 * dv * 16) * sizeof(float));
+        const int ok = qp && pp && st && pv && ot;
+        int configured = 0;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; it++) {
+            if (!ok) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            if (!configured) amx_configure(), configured = 1;
+            const int64_t blk = blocks - 1 - it % blocks, bh = it / blocks;  /* the longest blocks first */
+            const int64_t t0 = blk * 32, left = T - t0;
+            const int64_t n[2] = {left < 16 ? left : 16, left < 16 ? 0 : left - 16 < 16 ? left - 16 : 16};
+            attention_block(q, out, kc, vt, t0, n, bh / heads, bh % heads, T, S, S64, heads, kv_heads, d, dv, window,
+                            scale, qp, st, pp, pv, ot);
+        }
+        if (configured) _tile_release();
+        free(qp), free(pp), free(st), free(pv), free(ot);
+    }
+    free(kc), free(vt);
+    return failed ? -1 : 0;
+#else
+    (void)q, (void)k, (void)v, (void)out, (void)batch, (void)T, (void)S, (void)heads, (void)kv_heads, (void)d;
+    (void)dv, (void)window, (void)scale, (void)threads;
+    return -3;
+#endif
+}

@@ -105,6 +105,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "softmax_causal": [_P, _P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT, _INT],
     # (x, token, counts, E, w1[E], w3[E], w2[E], hidden, dim, y, threads): a prompt's experts on AMX tiles
     "experts_amx": [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _INT],
+    # (q, k, v, out, B, T, S, heads, kv_heads, d, dv, window, scale, threads): a prompt's attention on AMX tiles
+    "attention_amx": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
 }
 
 _lib: ctypes.CDLL | None = None
@@ -1035,6 +1037,46 @@ def experts_rows(x: torch.Tensor, token: torch.Tensor, counts: list[int], w1: ob
         raise CpuKernelError("experts_rows: this build or process has no AMX tiles (experts_rows_apply says so)")
     _done(code, total, dim)
     return y
+
+
+def prompt_attention_amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`prompt_attention_amx` takes these queries, keys and values: bf16 on a CPU whose AMX tiles this
+    process may use, no autograd; q (B, T, heads, d), k (B, S, kv_heads, d), v (B, S, kv_heads, dv) with T <= S,
+    d a multiple of 32, dv of 16, whole groups of query heads (and k's words below 2^31: gathered by 32-bit
+    offsets)."""
+    lib = library()
+    return (lib is not None and bool(lib.cpu_gemv_amx()) and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.device.type == k.device.type == v.device.type == "cpu"
+            and q.shape[0] == k.shape[0] == v.shape[0] and 0 < q.shape[1] <= k.shape[1] == v.shape[1]
+            and k.shape[2] == v.shape[2] > 0 and q.shape[2] % k.shape[2] == 0 and q.shape[3] == k.shape[3]
+            and q.shape[3] % 32 == 0 and v.shape[3] % 16 == 0 and k.numel() // 2 < 2 ** 31
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def prompt_attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None,
+                         scale: float | None = None, threads: int | None = None) -> torch.Tensor:
+    """Causal attention of T queries at positions S - T .. S - 1 over their S keys (a prompt, or a later chunk of it
+    after the earlier chunks' keys), query p seeing keys 0 .. p (the last `window` of them if window is set), on
+    AMX tiles (cpu_gemv.c: attention_amx, flash attention: the roundings of a fused kernel, within bf16 rounding of
+    attention.attention).  scale: of the scores (None: d ** -0.5).  For inputs
+    :func:`prompt_attention_amx_applies` accepts.
+    q: (B, T, heads, d); k: (B, S, kv_heads, d); v: (B, S, kv_heads, dv) -> (B, T, heads, dv) bf16."""
+    lib = _checked_library()
+    if not prompt_attention_amx_applies(q, k, v):
+        raise ValueError(f"prompt_attention_amx: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}, v "
+                         f"{tuple(v.shape)} {v.dtype} are not bf16 queries, keys and values it takes on this CPU")
+    B, T, H, D = q.shape
+    S, kv_heads, Dv = k.shape[1], k.shape[2], v.shape[3]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(B, T, H, Dv, dtype=torch.bfloat16)
+    code = lib.attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, S, H, kv_heads, D, Dv,
+                             0 if window is None else int(window), D ** -0.5 if scale is None else float(scale),
+                             torch.get_num_threads() if threads is None else threads)
+    if code:
+        raise MemoryError(f"prompt_attention_amx: no memory for the keys and values laid out for the tiles "
+                          f"({B} x {S} keys x {kv_heads} heads)")
+    return out
 
 
 def rms_norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_ref.attention import attention_mask
-from mistral_ref.backends import prompt_attention
+from mistral_ref.backends import cpu_gemv, prompt_attention
 from mistral_ref.backends.linear import linear, upcast_on_cpu
 from mistral_ref.backends.sdpa import causal_prompt
 
@@ -58,8 +58,9 @@ def expanded_sdpa_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, l
     """mla.latent_attention with the expansion by the fast CPU product and the attention by
     F.scaled_dot_product_attention (the mask as an additive bias, as backends/sdpa.py; plain causal prompts use
     the kernel's causal mode), or, for MIN_TOKENS or more bf16 queries on a CPU that see their prompt's keys and
-    nothing else, by prompt_attention (two GEMMs a block, the reference's softmax in C with its fp32 scaling)
-    unless prompt_attention.flash_takes them (plain causal prompts on a CPU with AMX).
+    nothing else, by the AMX flash kernel where prompt_attention.amx_takes them (cpu_gemv.prompt_attention_amx),
+    else by prompt_attention (two GEMMs a block, the reference's softmax in C with its fp32 scaling) unless
+    prompt_attention.flash_takes them (plain causal prompts on a CPU with AMX).
     Same arguments and result."""
     B, S, _ = latents.shape
     T, H, n = q_nope.shape[1], q_nope.shape[2], q_nope.shape[3]
@@ -71,6 +72,8 @@ def expanded_sdpa_latent_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, l
             start, stop = span[0], span[0] + span[1] + T  # the slots of the prompt's keys
             q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, n + r)
             k = torch.cat([k_nope[:, start:stop], k_rope[:, start:stop, None, :].expand(-1, -1, H, -1)], dim=-1)
+            if prompt_attention.amx_takes(q, k, v[:, start:stop]):
+                return cpu_gemv.prompt_attention_amx(q, k, v[:, start:stop], scale=scale)
             if not prompt_attention.flash_takes(T, span[1], None) and prompt_attention.applies(q, k, v[:, start:stop]):
                 return prompt_attention.prompt_attention(q, k, v[:, start:stop], scale=scale, scaled_fp32=True)
     q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, n + r)

@@ -44,6 +44,18 @@ MIN_TOKENS = 64
 FLASH_FIRST = cpu_gemv.AMX
 
 
+# CPUs with AMX tiles this process may use: a bf16 prompt's attention, any span prompt_rows finds (later chunks,
+# windows) or latent attention's expanded form, goes to the flash kernel on the tiles (cpu_gemv.prompt_attention_amx)
+# where it takes the shapes; False: SDPA / the GEMMs as below (benchmarks/bench_attention.py times both)
+AMX_ATTENTION = True
+
+
+def amx_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether one span's queries, keys and values go to cpu_gemv.prompt_attention_amx (AMX_ATTENTION, and the
+    kernel takes them: bf16, head sizes multiples of 32 / 16, tiles this process may use)."""
+    return AMX_ATTENTION and cpu_gemv.prompt_attention_amx_applies(q, k, v)
+
+
 def flash_takes(tokens: int, offset: int, window: int | None) -> bool:
     """Whether `tokens` queries at positions offset .. offset + tokens - 1 of a prompt go to the flash kernel's
     causal mode instead of prompt_attention: on a CPU with AMX tiles (FLASH_FIRST), where they have no earlier keys
@@ -153,16 +165,18 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
                 window: int | None) -> torch.Tensor | None:
     """attention.attention for a batch of prompts (or later chunks of them), each row's queries followed by padding
     (-1), as the server's scheduler prefills them: one call where every row has the same span (:func:`causal_span`),
-    else row by row, each row with MIN_TOKENS or more queries that see their prompt's keys through prompt_attention,
-    or the flash kernel's causal mode where :func:`flash_takes` them (its padding queries, which see no key, get
-    the reference's uniform average of every slot's value), and the other rows through sdpa_attention.  None where
-    no row qualifies (the caller then runs SDPA on the batch).
+    else row by row, each row with MIN_TOKENS or more queries that see their prompt's keys through the AMX flash
+    kernel where :func:`amx_takes` them, else prompt_attention, or SDPA's causal mode where :func:`flash_takes` them
+    (its padding queries, which see no key, get the reference's uniform average of every slot's value), and the
+    other rows through sdpa_attention.  None where no row qualifies (the caller then runs SDPA on the batch).
 
     q: (B, T, n_heads, head_dim); k, v: (B, S, n_kv_heads, head_dim); q_pos: (B, T); k_pos: (B, S)."""
     B, T = q_pos.shape
     span = causal_span(q_pos, k_pos)
     if span is not None:  # every row alike (one prompt, or prompts of one length)
         start, stop = span[0], span[0] + span[1] + T
+        if amx_takes(q, k[:, start:stop], v[:, start:stop]):
+            return cpu_gemv.prompt_attention_amx(q, k[:, start:stop], v[:, start:stop], window)
         if flash_takes(T, span[1], window):
             return causal_sdpa(q, k[:, start:stop], v[:, start:stop])
         if applies(q, k[:, start:stop], v[:, start:stop]):
@@ -188,7 +202,12 @@ def prompt_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
             continue
         n, start, stop = plan
         row = (q[b:b + 1, :n], k[b:b + 1, start:stop], v[b:b + 1, start:stop])
-        out = causal_sdpa(*row) if flash_takes(n, stop - start - n, window) else prompt_attention(*row, window=window)
+        if amx_takes(*row):
+            out = cpu_gemv.prompt_attention_amx(*row, window)
+        elif flash_takes(n, stop - start - n, window):
+            out = causal_sdpa(*row)
+        else:
+            out = prompt_attention(*row, window=window)
         if n < T:  # padding queries: the softmax of S equal scores, 1 / S each, rounded as the reference rounds it
             S, H = k.shape[1], q.shape[2]
             uniform = torch.full((S,), 1.0 / S).to(q.dtype)

@@ -2429,12 +2429,6 @@ static inline __mmask16 seeing(int64_t key, int64_t first, int64_t n, int64_t wi
     return (__mmask16)(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
 }
 
-/* the running output O.T += alpha-scaled V.T P.T of the last step, for `rows` rows (16 lanes each) */
-static inline void add_scaled(float *ot, const float *pv, int64_t rows, __m512 alpha) {
-    for (int64_t r = 0; r < rows; r++)
-        _mm512_storeu_ps(ot + r * 16, _mm512_fmadd_ps(_mm512_loadu_ps(ot + r * 16), alpha, _mm512_loadu_ps(pv + r * 16)));
-}
-
 /* one head h's 32 queries t0 .. t0 + 31 of batch row b (fewer at the end: n[0], n[1] <= 16 in its two groups of
  * 16, the tiles' lanes), the keys they see ATT_KEYS at a time; kc: this call's K (groups, S64, d), vt: V.T
  * (groups, dv, S64); the buffers as attention_amx gives each thread.  The tiles: 0-3 sums (S.T of two blocks of 16
@@ -2442,7 +2436,7 @@ static inline void add_scaled(float *ot, const float *pv, int64_t rows, __m512 a
 static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc, const uint16_t *vt, int64_t t0,
                             const int64_t n[2], int64_t b, int64_t h, int64_t T, int64_t S, int64_t S64,
                             int64_t heads, int64_t kv_heads, int64_t d, int64_t dv, int64_t window, float scale,
-                            uint32_t *qp, float *st, uint32_t *pp, float *pv, float *ot) {
+                            uint32_t *qp, float *st, uint32_t *pp, float *ot) {
     const int64_t offset = S - T, g = h / (heads / kv_heads), first = offset + t0, last = first + n[0] + n[1] - 1;
     for (int gq = 0; gq < 2; gq++) {  /* the queries in pairs: word (i, r) = inputs 2i, 2i + 1 of query r */
         int32_t at[16];
@@ -2456,14 +2450,13 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
                 _mm512_setzero_si512(), live, idx, (const void *)((const uint32_t *)q + i), 4));
     }
     const uint16_t *kg = kc + (b * kv_heads + g) * S64 * d, *vg = vt + (b * kv_heads + g) * dv * S64;
-    __m512 m[2], l[2], alpha[2];
-    for (int gq = 0; gq < 2; gq++) m[gq] = _mm512_set1_ps(-INFINITY), l[gq] = alpha[gq] = _mm512_setzero_ps();
+    __m512 m[2], l[2];  /* per lane: the exponent's offset (a running maximum, raised only when exceeded by 8) */
+    for (int gq = 0; gq < 2; gq++) m[gq] = _mm512_set1_ps(-INFINITY), l[gq] = _mm512_setzero_ps();
     const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f);  /* scores to the base-2 exponent */
     memset(ot, 0, (size_t)(2 * dv * 16) * sizeof(float));
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  /* (a, b) -> a0 b0 a1 b1 .. */
     const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
-    int pending = 0;  /* pv holds the last step's V.T P.T, not yet added to O.T (alpha: that step's) */
     for (int64_t k0 = lo / ATT_KEYS * ATT_KEYS; k0 <= last; k0 += ATT_KEYS) {
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         for (int64_t i = 0; i < d; i += 32) {  /* S.T = K Q.T: tile 2j + group, keys k0 + 16j .. */
@@ -2472,8 +2465,6 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
             _tile_loadd(4, kg + k0 * d + i, d * 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
             _tile_loadd(4, kg + (k0 + 16) * d + i, d * 2); _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(3, 4, 7);
         }
-        if (pending)  /* the last step's V.T P.T into O.T while the tiles multiply */
-            for (int gq = 0; gq < 2; gq++) add_scaled(ot + gq * dv * 16, pv + gq * dv * 16, dv, alpha[gq]);
         _tile_stored(0, st, 64); _tile_stored(2, st + 256, 64);
         _tile_stored(1, st + 512, 64); _tile_stored(3, st + 768, 64);
         for (int gq = 0; gq < 2; gq++) {  /* the softmax's step, lane by lane (st: this group's 32 keys x 16) */
@@ -2486,42 +2477,48 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
                 seen[j] = whole ? (__mmask16)0xffff : seeing(k0 + j, fg, ng, window);
                 top = _mm512_mask_max_ps(top, seen[j], top, _mm512_loadu_ps(sg + j * 16));
             }
-            const __m512 m_new = _mm512_max_ps(_mm512_mul_ps(top, c), m[gq]);  /* (no key seen yet: -inf) */
-            alpha[gq] = _mm512_mask_mov_ps(exp2_vec(_mm512_sub_ps(m[gq], m_new)),  /* (no key seen before: 0) */
-                                           _mm512_cmp_ps_mask(m[gq], _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ),
-                                           _mm512_setzero_ps());
-            m[gq] = m_new;
+            top = _mm512_mul_ps(top, c);
+            /* lanes whose scores pass their offset by more than 8: a new offset, and what is summed so far scaled
+             * to it (2^(old - new); 0 where nothing was); the others keep theirs (their terms stay below 2^8) */
+            const __mmask16 raise = _mm512_cmp_ps_mask(top, _mm512_add_ps(m[gq], _mm512_set1_ps(8.0f)), _CMP_GT_OQ);
+            if (raise) {
+                const __m512 m_new = _mm512_mask_mov_ps(m[gq], raise, top);
+                const __m512 alpha = _mm512_mask_mov_ps(
+                    exp2_vec(_mm512_sub_ps(m[gq], m_new)),
+                    _mm512_cmp_ps_mask(m[gq], _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm512_setzero_ps());
+                m[gq] = m_new;
+                l[gq] = _mm512_mul_ps(l[gq], alpha);
+                for (int64_t r = 0; r < dv; r++)
+                    _mm512_storeu_ps(ot + (gq * dv + r) * 16, _mm512_mul_ps(_mm512_loadu_ps(ot + (gq * dv + r) * 16),
+                                                                           alpha));
+            }
             __m512 sum = _mm512_setzero_ps();
             for (int j = 0; j < ATT_KEYS; j += 2) {  /* P.T in pairs of keys: word (j / 2, r) = keys j, j + 1 */
                 const __m512 p0 = _mm512_maskz_mov_ps(seen[j], exp2_vec(_mm512_fmsub_ps(_mm512_loadu_ps(sg + j * 16),
-                                                                                         c, m_new)));
+                                                                                         c, m[gq])));
                 const __m512 p1 = _mm512_maskz_mov_ps(seen[j + 1], exp2_vec(_mm512_fmsub_ps(
-                                                          _mm512_loadu_ps(sg + (j + 1) * 16), c, m_new)));
+                                                          _mm512_loadu_ps(sg + (j + 1) * 16), c, m[gq])));
                 sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
                 _mm512_storeu_si512((void *)(pp + (gq * ATT_KEYS / 2 + j / 2) * 16),
                                     _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
             }
-            l[gq] = _mm512_fmadd_ps(l[gq], alpha[gq], sum);
+            l[gq] = _mm512_add_ps(l[gq], sum);
         }
         _tile_loadd(5, pp, 64);
         _tile_loadd(6, pp + ATT_KEYS / 2 * 16, 64);
-        for (int64_t d0 = 0; d0 < dv; d0 += 32) {  /* V.T P.T: tile 2t + group, columns d0 + 16t .. */
-            const int two = d0 + 32 <= dv;
-            _tile_zero(0); _tile_zero(1);
+        for (int64_t d0 = 0; d0 < dv; d0 += 32) {  /* O.T += V.T P.T in the tiles: 2t + group, columns d0 + 16t .. */
+            float *o0 = ot + d0 * 16, *o1 = ot + (dv + d0) * 16;
+            _tile_loadd(0, o0, 64); _tile_loadd(1, o1, 64);
             _tile_loadd(4, vg + d0 * S64 + k0, S64 * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
-            _tile_stored(0, pv + d0 * 16, 64);
-            _tile_stored(1, pv + (dv + d0) * 16, 64);
-            if (two) {
-                _tile_zero(2); _tile_zero(3);
+            _tile_stored(0, o0, 64); _tile_stored(1, o1, 64);
+            if (d0 + 32 <= dv) {
+                _tile_loadd(2, o0 + 256, 64); _tile_loadd(3, o1 + 256, 64);
                 _tile_loadd(4, vg + (d0 + 16) * S64 + k0, S64 * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
-                _tile_stored(2, pv + (d0 + 16) * 16, 64);
-                _tile_stored(3, pv + (dv + d0 + 16) * 16, 64);
+                _tile_stored(2, o0 + 256, 64); _tile_stored(3, o1 + 256, 64);
             }
         }
-        pending = 1;
     }
     for (int gq = 0; gq < 2; gq++) {
-        if (pending) add_scaled(ot + gq * dv * 16, pv + gq * dv * 16, dv, alpha[gq]);
         const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l[gq]);
         for (int64_t c0 = 0; c0 < dv; c0 += 16) {  /* O: 16 x 16 blocks of O.T transposed, divided by l, rounded */
             __m512i r16[16];
@@ -2574,9 +2571,8 @@ int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
     #pragma omp parallel num_threads(threads)
     {
         uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(ATT_KEYS * 16 * 4);
-        float *st = malloc(2 * ATT_KEYS * 16 * sizeof(float)), *pv = malloc((size_t)(2 * dv * 16) * sizeof(float));
-        float *ot = malloc((size_t)(2 * dv * 16) * sizeof(float));
-        const int ok = qp && pp && st && pv && ot;
+        float *st = malloc(2 * ATT_KEYS * 16 * sizeof(float)), *ot = malloc((size_t)(2 * dv * 16) * sizeof(float));
+        const int ok = qp && pp && st && ot;
         int configured = 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
@@ -2590,10 +2586,10 @@ int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
             const int64_t t0 = blk * 32, left = T - t0;
             const int64_t n[2] = {left < 16 ? left : 16, left < 16 ? 0 : left - 16 < 16 ? left - 16 : 16};
             attention_block(q, out, kc, vt, t0, n, bh / heads, bh % heads, T, S, S64, heads, kv_heads, d, dv, window,
-                            scale, qp, st, pp, pv, ot);
+                            scale, qp, st, pp, ot);
         }
         if (configured) _tile_release();
-        free(qp), free(pp), free(st), free(pv), free(ot);
+        free(qp), free(pp), free(st), free(ot);
     }
     free(kc), free(vt);
     return failed ? -1 : 0;

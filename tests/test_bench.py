@@ -115,15 +115,22 @@ def test_product_seconds_count_the_matrix_products_and_nothing_else():
 
     product_seconds = benchmark_module("bench").product_seconds
     a, b, x = torch.randn(256, 256), torch.randn(256, 256), torch.randn(1 << 20)
-    products, attention, whole = product_seconds(lambda: (x.exp(), x.sin()))
-    assert products == 0.0 and attention == 0.0 and whole > 0
-    products, attention, whole = product_seconds(
+    products, attention, whole, own = product_seconds(lambda: (x.exp(), x.sin()))
+    assert products == 0.0 and attention == 0.0 and own == 0.0 and whole > 0
+    products, attention, whole, own = product_seconds(
         lambda: (a @ b, torch.addmm(a, a, b), torch.bmm(a[None], b[None]), x.exp()))
-    assert 0 < products < whole and attention == 0.0
+    assert 0 < products < whole and attention == 0.0 == own
     assert product_seconds(lambda: [a @ b for _ in range(8)])[0] > product_seconds(lambda: a @ b)[0]
     q = torch.randn(1, 4, 256, 32)
-    products, attention, whole = product_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
-    assert products == 0.0 and 0 < attention < whole
+    products, attention, whole, own = product_seconds(
+        lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    assert products == 0.0 and 0 < attention < whole and own == 0.0
+    from mistral_ref.backends import cpu_gemv
+
+    if cpu_gemv.library() is not None and cpu_gemv.library().cpu_gemv_amx():  # the AMX flash kernel: its own seconds
+        qb = q.transpose(1, 2).bfloat16()
+        products, attention, whole, own = product_seconds(lambda: cpu_gemv.prompt_attention_amx(qb, qb, qb))
+        assert products == 0.0 == attention and 0 < own <= whole
 
 
 def test_small4_row_counts_latent_cache_bytes_and_active_experts():

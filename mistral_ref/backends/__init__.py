@@ -12,9 +12,10 @@ floating-point rounding; the tests check each one against it.
 |-------------|------------------------|--------------------------------------------------------------------------|
 | "reference" | backends/reference.py  | the plain functions of norm.py, rope.py, attention.py, moe.py, cache.py, |
 |             |                        | mla.py (latent attention expanded into per-head keys and values)         |
-| "torch"     | backends/pytorch.py    | SDPA attention (a CPU decode step: C kernel), CPU products, grouped MoE, |
-|             |                        | complex RoPE, latent attention absorbed for decode steps and short       |
-|             |                        | chunks (mla.py)                                                          |
+| "torch"     | backends/pytorch.py    | SDPA attention (a CPU decode step: C kernel; a bf16 prompt on AMX tiles: |
+|             |                        | C flash kernel), CPU products, grouped MoE (bf16 on AMX tiles: one C     |
+|             |                        | call), complex RoPE, latent attention absorbed for decode steps and      |
+|             |                        | short chunks (mla.py)                                                    |
 | "triton"    | triton_kernels (extra) | Triton kernels; registers itself (entry point `mistral_ref.backends`)    |
 
 Compiled decoding (Transformer.compile_decode) uses a compile-friendly variant of "torch" (backends/compiled.py).

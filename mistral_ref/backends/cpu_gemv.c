@@ -1399,21 +1399,16 @@ static void silu_values(float *g, int64_t n);  /* silu_one in place, vectorized 
  * in the last bit or two of fp32.  Each thread takes one contiguous share, SILU_CHUNK values at a time.  out may
  * be gate. */
 #define SILU_CHUNK 256
+static void silu_mul_chunk(const void *gate, const void *up, void *out, int io_bf16, int64_t c, int64_t m,
+                           float *s);  /* values c .. c + m - 1 (below: vectorized where the build can) */
 void silu_mul(const void *gate, const void *up, void *out, int io_bf16, int64_t n, int threads) {
     #pragma omp parallel num_threads(threads)
     {
         float s[SILU_CHUNK];
         int64_t lo, hi;
         thread_share(n, &lo, &hi);
-        for (int64_t c = lo; c < hi; c += SILU_CHUNK) {
-            const int64_t m = hi - c < SILU_CHUNK ? hi - c : SILU_CHUNK;
-            for (int64_t j = 0; j < m; j++) s[j] = value_at(gate, c + j, io_bf16);
-            silu_values(s, m);
-            for (int64_t j = 0; j < m; j++) {
-                const float v = in_dtype(in_dtype(s[j], io_bf16) * value_at(up, c + j, io_bf16), io_bf16);
-                if (io_bf16) ((uint16_t *)out)[c + j] = float_to_bf16(v); else ((float *)out)[c + j] = v;
-            }
-        }
+        for (int64_t c = lo; c < hi; c += SILU_CHUNK)
+            silu_mul_chunk(gate, up, out, io_bf16, c, hi - c < SILU_CHUNK ? hi - c : SILU_CHUNK, s);
     }
 }
 
@@ -2167,6 +2162,34 @@ static void silu_values(float *g, int64_t n) {  /* (builds without AVX2: silu_on
     for (int64_t i = 0; i < n; i++) g[i] = silu_one(g[i]);
 }
 #endif
+
+/* silu_mul's values c .. c + m - 1 (m <= SILU_CHUNK; s: room for m floats): the gate's values into s, silu_values,
+ * then times up, each rounded to x's dtype: LANES at a time where the build has the vector loops, the same
+ * operations and bits as value by value */
+static void silu_mul_chunk(const void *gate, const void *up, void *out, int io_bf16, int64_t c, int64_t m,
+                           float *s) {
+    int64_t j = 0;
+#if CPU_GEMV_AVX2
+    const int64_t size = io_bf16 ? 2 : 4;
+    for (; j + LANES <= m; j += LANES) v_store(s + j, v_row((const char *)gate + (c + j) * size, io_bf16));
+#endif
+    for (; j < m; j++) s[j] = value_at(gate, c + j, io_bf16);
+    silu_values(s, m);
+    j = 0;
+#if CPU_GEMV_AVX2
+    for (; j + LANES <= m; j += LANES) {
+        const vec u = v_row((const char *)up + (c + j) * size, io_bf16);
+        if (io_bf16)
+            v_store_upper_halves((uint16_t *)out + c + j, v_round_bf16(v_mul(v_round_bf16(v_load(s + j)), u)));
+        else
+            v_store((float *)out + c + j, v_mul(v_load(s + j), u));
+    }
+#endif
+    for (; j < m; j++) {
+        const float v = in_dtype(in_dtype(s[j], io_bf16) * value_at(up, c + j, io_bf16), io_bf16);
+        if (io_bf16) ((uint16_t *)out)[c + j] = float_to_bf16(v); else ((float *)out)[c + j] = v;
+    }
+}
 
 /* ---- a prompt's experts on AMX tiles (backends/moe.py: mix_experts_grouped, cpu_gemv.py: experts_rows) ---------
  *

@@ -350,3 +350,37 @@ def test_compiled_decode_functions_equal_the_reference_eagerly(name):
 def test_compile_decode_needs_the_torch_backend():
     with pytest.raises(ValueError, match="set_backend\\('torch'\\)"):
         make_model(NEMO).set_backend("reference").compile_decode()
+
+
+def test_torch_update_cache_writes_a_chunk_as_cache_update_does():
+    """The "torch" backend's update_cache writes a chunk whose rows sit at the same consecutive positions into a
+    full layer's slots as one slice (a prompt, a later chunk); every other write (padding, rows at other
+    positions, a rolling layer, a decode step) is cache.update's.  Each leaves the cache and returns what
+    cache.update leaves and returns, and a chunk past a full layer's capacity raises the same error."""
+    import copy
+
+    from mistral_ref.cache import CacheOverflowError, LatentLayerCache, LayerCache
+
+    ops = get_backend("torch")
+    g = torch.Generator().manual_seed(4)
+
+    def both(cache, T, positions):
+        k = torch.randn(cache.k.shape[0], T, *cache.k.shape[2:], generator=g)
+        v = torch.randn(cache.v.shape[0], T, *cache.v.shape[2:], generator=g)
+        twin = copy.deepcopy(cache)
+        got, want = ops.update_cache(cache, k, v, positions), twin.update(k, v, positions)
+        for a, b in zip((*got, cache.k, cache.v, cache.pos), (*want, twin.k, twin.v, twin.pos)):
+            assert torch.equal(a, b)
+
+    full = LayerCache(2, 16, False, 2, 4, torch.float32, "cpu")
+    both(full, 5, torch.arange(5).expand(2, 5))  # a prompt
+    both(full, 4, torch.arange(5, 9).expand(2, 4))  # a later chunk
+    both(full, 3, torch.tensor([[9, 10, 11], [9, 10, -1]]))  # padding: the scatter
+    both(full, 2, torch.tensor([[12, 13], [13, 14]]))  # rows at other positions
+    both(full, 1, torch.tensor([[14], [14]]))  # a decode step
+    with pytest.raises(CacheOverflowError):
+        ops.update_cache(full, torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4), torch.arange(15, 18).expand(2, 3))
+    rolling = LayerCache(1, 4, True, 2, 4, torch.float32, "cpu")
+    both(rolling, 6, torch.arange(6)[None])  # a rolling layer: cache.update (old buffer + chunk)
+    latent = LatentLayerCache(1, 8, 6, 2, torch.float32, "cpu")
+    both(latent, 5, torch.arange(5)[None])

@@ -86,8 +86,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-    """cache.update, with a shortcut for a decode step on the CPU where every row is at the same position (batch
-    1, an unragged batch): one slice write instead of a masked scatter (host reads are free on a CPU)."""
+    """cache.update, with shortcuts on the CPU where every row is at the same positions (batch 1, an unragged
+    batch): a decode step's one slice write instead of a masked scatter, and a chunk's (a prompt, a later chunk of
+    it) into a full layer's slots p .. p + T - 1 (host reads are free on a CPU)."""
+    T = k.shape[1]
+    if T > 1 and not cache.rolling and positions.device.type == "cpu":
+        first = int(positions[0, 0])
+        if 0 <= first and first + T <= cache.capacity and torch.equal(
+                positions, torch.arange(first, first + T, device=positions.device).expand_as(positions)):
+            cache.k[:, first:first + T] = k
+            cache.v[:, first:first + T] = v
+            cache.pos[:, first:first + T] = positions
+            return cache.k, cache.v, cache.pos
     if k.shape[1] == 1 and positions.device.type == "cpu":
         lo, hi = (int(p) for p in torch.aminmax(positions[:, 0]))
         if lo == hi >= 0:

@@ -181,17 +181,21 @@ def decode_part(model, exact: bool, prompts: list[list[int]]) -> None:
         grouped.bucketed_rows = BUCKETED_ROWS
 
 
+def expert_models(models: list[str]):
+    """(name, args, bf16 random model) of each of `models` that has experts."""
+    for name in models:
+        args = ALL_MODELS[name]
+        if args.moe is not None or args.fine_moe is not None:
+            yield name, args, random_model(args).to(torch.bfloat16)
+
+
 def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
     """Part 3: a bf16 prefill of each model with experts, a new prompt every call (the same sequence on both
     sides), the experts' rows in buckets (backends/moe.py: pads_rows, row_bucket) on and off.  Off, each new row
     count compiles new oneDNN kernels where bf16 products are native."""
     print("\n## bf16 prefill, a new prompt every call: the experts' rows in buckets on vs off, ms")
     table_header("model", "tokens", "buckets", "exact row counts", "ratio (exact time / buckets time)")
-    for name in models:
-        args = ALL_MODELS[name]
-        if args.moe is None and args.fine_moe is None:
-            continue
-        model = random_model(args).to(torch.bfloat16)
+    for name, args, model in expert_models(models):
         for T in tokens:
             same = [torch.Generator().manual_seed(T) for _ in range(2)]  # on, off: the same sequence of prompts
             on, off = alternate(partial(prefill_part, model, True, same[0], args.vocab_size, T),
@@ -202,11 +206,7 @@ def bucket_rows(models: list[str], tokens: list[int], rounds: int) -> None:
     print("\n## bf16 greedy decode at batch 8 (16 tokens after 8 prompts of 64): an expert's few rows exact (the C "
           "kernels take them) vs padded to buckets, ms")
     table_header("model", "exact", "padded", "ratio (padded time / exact time)")
-    for name in models:
-        args = ALL_MODELS[name]
-        if args.moe is None and args.fine_moe is None:
-            continue
-        model = random_model(args).to(torch.bfloat16)
+    for name, args, model in expert_models(models):
         prompts = torch.randint(1, args.vocab_size, (8, 64), generator=torch.Generator().manual_seed(8)).tolist()
         exact, padded = alternate(partial(decode_part, model, True, prompts), partial(decode_part, model, False,
                                                                                        prompts), rounds)
@@ -263,11 +263,7 @@ def amx_expert_rows(models: list[str], tokens: list[int], rounds: int) -> None:
         return
     print("\n## bf16, the experts' rows on AMX tiles in one call vs the loop an expert, ms")
     table_header("model", "run", "AMX tiles", "loop", "ratio (loop time / tiles time)")
-    for name in models:
-        args = ALL_MODELS[name]
-        if args.moe is None and args.fine_moe is None:
-            continue
-        model = random_model(args).to(torch.bfloat16)
+    for name, args, model in expert_models(models):
         prompts = torch.randint(1, args.vocab_size, (8, 64), generator=torch.Generator().manual_seed(8)).tolist()
         runs = {f"prefill {T}": [partial(prefill_part, model, True, torch.Generator().manual_seed(T),
                                          args.vocab_size, T) for _ in range(2)] for T in tokens}

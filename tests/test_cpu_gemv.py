@@ -916,6 +916,19 @@ def test_prompt_attention_with_latent_attentions_scale_and_value_size(build, dty
     assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else BF16_RTOL)
 
 
+def _ragged_batch(rows: int):
+    """A batch as the server's scheduler prefills it: row 0 a whole chunk of MIN_TOKENS + 8 queries, row 1 a later
+    chunk after 30 cached keys then 6 padding queries, the other rows only padding (bf16, 6 heads over 2 of 32)."""
+    T, S, H, K, D = prompt_attention.MIN_TOKENS + 8, 110, 6, 2, 32
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(rows, T, H, D, generator=g) * 2).bfloat16()
+    k, v = (torch.randn(rows, S, K, D, generator=g).bfloat16() for _ in range(2))
+    q_pos, k_pos = torch.full((rows, T), -1), torch.full((rows, S), -1)
+    q_pos[0], k_pos[0, :T] = torch.arange(T), torch.arange(T)
+    q_pos[1, :T - 6], k_pos[1, :30 + T - 6] = torch.arange(30, 30 + T - 6), torch.arange(30 + T - 6)
+    return q, k, v, q_pos, k_pos
+
+
 def test_prompt_rows_takes_a_ragged_batch_row_by_row(monkeypatch):
     """A batch as the server's scheduler prefills it: row 0 a whole chunk, row 1 a later chunk after 30 cached keys
     then 6 padding queries, row 2 a prompt shorter than MIN_TOKENS then padding, row 3 only padding (SDPA, each
@@ -927,14 +940,8 @@ def test_prompt_rows_takes_a_ragged_batch_row_by_row(monkeypatch):
     calls = []
     real = prompt_attention.prompt_attention
     monkeypatch.setattr(prompt_attention, "prompt_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    T, S, H, K, D = prompt_attention.MIN_TOKENS + 8, 110, 6, 2, 32
-    g = torch.Generator().manual_seed(9)
-    q = (torch.randn(4, T, H, D, generator=g) * 2).bfloat16()
-    k, v = (torch.randn(4, S, K, D, generator=g).bfloat16() for _ in range(2))
-    q_pos = torch.full((4, T), -1)
-    k_pos = torch.full((4, S), -1)
-    q_pos[0], k_pos[0, :T] = torch.arange(T), torch.arange(T)
-    q_pos[1, :T - 6], k_pos[1, :30 + T - 6] = torch.arange(30, 30 + T - 6), torch.arange(30 + T - 6)
+    q, k, v, q_pos, k_pos = _ragged_batch(4)
+    T = q.shape[1]
     q_pos[2, :20], k_pos[2, :20] = torch.arange(20), torch.arange(20)
     got = prompt_attention.prompt_rows(q, k, v, q_pos, k_pos, None)
     want = attention(q, k, v, q_pos, k_pos, None)
@@ -1588,13 +1595,7 @@ def test_amx_flash_attention_takes_the_ragged_rows(monkeypatch):
     calls = []
     real = cpu_gemv.prompt_attention_amx
     monkeypatch.setattr(cpu_gemv, "prompt_attention_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    T, S, H, K, D = prompt_attention.MIN_TOKENS + 8, 110, 6, 2, 32
-    g = torch.Generator().manual_seed(9)
-    q = (torch.randn(3, T, H, D, generator=g) * 2).bfloat16()
-    k, v = (torch.randn(3, S, K, D, generator=g).bfloat16() for _ in range(2))
-    q_pos, k_pos = torch.full((3, T), -1), torch.full((3, S), -1)
-    q_pos[0], k_pos[0, :T] = torch.arange(T), torch.arange(T)
-    q_pos[1, :T - 6], k_pos[1, :30 + T - 6] = torch.arange(30, 30 + T - 6), torch.arange(30 + T - 6)
+    q, k, v, q_pos, k_pos = _ragged_batch(3)
     got = prompt_attention.prompt_rows(q, k, v, q_pos, k_pos, None)
     want = attention(q, k, v, q_pos, k_pos, None)
     assert len(calls) == 2

@@ -2245,6 +2245,18 @@ static void amx_configure(void) {
     _tile_loadconfig(&c);
 }
 
+/* In a thread's loop over AMX work items: 0 (and *failed set) where the thread's buffers could not be allocated;
+ * else 1, the tiles configured at the thread's first item */
+static inline int amx_item(int ok, int *configured, int *failed) {
+    if (!ok) {
+        #pragma omp atomic write
+        *failed = 1;
+        return 0;
+    }
+    if (!*configured) amx_configure(), *configured = 1;
+    return 1;
+}
+
 /* ct (blocks, out, 16) fp32: block b's rows times W (out, k) bf16, from the pairs bp (blocks, k32 / 2, 16) words.
  * tail: room for 32 x 32 bf16 (W's last k % 32 inputs of 32 rows, zero-padded) */
 static void amx_product(const uint16_t *w, int64_t out, int64_t k, const uint32_t *bp, int64_t blocks, float *ct,
@@ -2392,12 +2404,7 @@ int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, 
         int configured = 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t j = 0; j < items; j++) {
-            if (!ok) {
-                #pragma omp atomic write
-                failed = 1;
-                continue;
-            }
-            if (!configured) amx_configure(), configured = 1;
+            if (!amx_item(ok, &configured, &failed)) continue;
             const int64_t e = item[2 * j], first = item[2 * j + 1], end = start[e] + counts[e];
             const int64_t n = end - first < AMX_CHUNK ? end - first : AMX_CHUNK;
             expert_amx(x, token + first, n, (const uint16_t *)w1[e], (const uint16_t *)w3[e],
@@ -2599,12 +2606,7 @@ int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
         int configured = 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
-            if (!ok) {
-                #pragma omp atomic write
-                failed = 1;
-                continue;
-            }
-            if (!configured) amx_configure(), configured = 1;
+            if (!amx_item(ok, &configured, &failed)) continue;
             const int64_t blk = blocks - 1 - it % blocks, bh = it / blocks;  /* the longest blocks first */
             const int64_t t0 = blk * 32, left = T - t0;
             const int64_t n[2] = {left < 16 ? left : 16, left < 16 ? 0 : left - 16 < 16 ? left - 16 : 16};

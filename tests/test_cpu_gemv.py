@@ -1574,6 +1574,26 @@ def test_amx_flash_attention_equals_the_reference(B, T, S, H, K, D, Dv, window):
 
 
 @needs_amx
+@pytest.mark.parametrize("growth", [0.0, 0.02, 0.3], ids=["flat", "slow", "steep"])
+def test_amx_flash_attention_follows_growing_scores(growth):
+    """Scores that grow along the keys make the kernel raise its exponent's offset at later steps, some with the
+    previous step's probabilities still held for the values' product (slow: now and then; steep: every step),
+    which must go into the output at the old offset first: within 1e-2 of float64 either way (the bf16 reference
+    rounds such scores to bf16 and is 4e-2 / 0.5 away from it at the two growths), and no farther than it."""
+    g = torch.Generator().manual_seed(11)
+    T, H, K, D = 200, 4, 2, 32
+    q = (torch.randn(1, T, H, D, generator=g) * 0.5 + 1.0).bfloat16()
+    k = (torch.randn(1, T, K, D, generator=g) + growth * torch.arange(T)[None, :, None, None]).bfloat16()
+    v = torch.randn(1, T, K, D, generator=g).bfloat16()
+    pos = torch.arange(T)[None]
+    got = cpu_gemv.prompt_attention_amx(q, k, v)
+    want = attention(q, k, v, pos, pos, None)
+    exact = attention(q.double(), k.double(), v.double(), pos, pos, None)
+    assert rel_err(got, exact) < 1e-2
+    assert rel_err(got, exact) <= 1.5 * rel_err(want, exact) + 2 ** -9
+
+
+@needs_amx
 def test_amx_flash_attention_sees_no_later_key():
     """A NaN key at position 20 makes the queries at 20 and after NaN on its key / value head (as in the
     reference) and leaves every earlier query, and the other heads, bitwise unchanged: its block of keys is

@@ -2459,6 +2459,48 @@ static inline __mmask16 seeing(int64_t key, int64_t first, int64_t n, int64_t wi
     return (__mmask16)(((1u << (hi + 1)) - 1) & ~((1u << lo) - 1));
 }
 
+/* S.T = K Q.T of keys k0 .. k0 + 31 (kg: the head's keys, padded) by the block's two groups of queries (qp, in
+ * pairs): tile 2j + group for keys k0 + 16j .. */
+static inline void attention_scores(const uint32_t *qp, const uint16_t *kg, int64_t k0, int64_t d) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t i = 0; i < d; i += 32) {
+        _tile_loadd(6, qp + i / 2 * 16, 64);
+        _tile_loadd(7, qp + (d / 2 + i / 2) * 16, 64);
+        _tile_loadd(4, kg + k0 * d + i, d * 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(4, kg + (k0 + 16) * d + i, d * 2); _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(3, 4, 7);
+    }
+}
+
+/* attention_scores' tiles to st: group 0's 32 keys x 16 lanes, then group 1's */
+static inline void attention_store_scores(float *st) {
+    _tile_stored(0, st, 64); _tile_stored(2, st + 256, 64);
+    _tile_stored(1, st + 512, 64); _tile_stored(3, st + 768, 64);
+}
+
+/* O.T += V.T P.T in the tiles (0-3: two blocks of 16 columns by the two groups) for the P.T in pp's slot 0 (keys
+ * k_a ..) and, unless k_b < 0, slot 1 (keys k_b ..) */
+static inline void attention_values(const uint16_t *vg, int64_t S64, int64_t dv, const uint32_t *pp, int64_t k_a,
+                                    int64_t k_b, float *ot) {
+    const int64_t slot = (ATT_KEYS / 2) * 16;  /* words of one group's P.T */
+    for (int64_t d0 = 0; d0 < dv; d0 += 32) {
+        const int two = d0 + 32 <= dv;
+        float *o0 = ot + d0 * 16, *o1 = ot + (dv + d0) * 16;
+        _tile_loadd(0, o0, 64); _tile_loadd(1, o1, 64);
+        if (two) { _tile_loadd(2, o0 + 256, 64); _tile_loadd(3, o1 + 256, 64); }
+        for (int s = 0; s < (k_b >= 0 ? 2 : 1); s++) {
+            const int64_t k0 = s ? k_b : k_a;
+            _tile_loadd(5, pp + 2 * s * slot, 64);
+            _tile_loadd(6, pp + (2 * s + 1) * slot, 64);
+            _tile_loadd(4, vg + d0 * S64 + k0, S64 * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
+            if (two) {
+                _tile_loadd(4, vg + (d0 + 16) * S64 + k0, S64 * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
+            }
+        }
+        _tile_stored(0, o0, 64); _tile_stored(1, o1, 64);
+        if (two) { _tile_stored(2, o0 + 256, 64); _tile_stored(3, o1 + 256, 64); }
+    }
+}
+
 /* one head h's 32 queries t0 .. t0 + 31 of batch row b (fewer at the end: n[0], n[1] <= 16 in its two groups of
  * 16, the tiles' lanes), the keys they see ATT_KEYS at a time; kc: this call's K (groups, S64, d), vt: V.T
  * (groups, dv, S64); the buffers as attention_amx gives each thread.  The tiles: 0-3 sums (S.T of two blocks of 16
@@ -2487,32 +2529,36 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  /* (a, b) -> a0 b0 a1 b1 .. */
     const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
+    /* P.T goes into O.T two steps at a time (one load and store of O.T's tiles for 64 keys): slot 0 of pp holds a
+     * step's P.T until the next step's fills slot 1; a step whose offsets rise first adds slot 0 alone */
+    int64_t held = -1;  /* the first key of the step whose P.T waits in slot 0, or -1 */
     for (int64_t k0 = lo / ATT_KEYS * ATT_KEYS; k0 <= last; k0 += ATT_KEYS) {
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (int64_t i = 0; i < d; i += 32) {  /* S.T = K Q.T: tile 2j + group, keys k0 + 16j .. */
-            _tile_loadd(6, qp + i / 2 * 16, 64);
-            _tile_loadd(7, qp + (d / 2 + i / 2) * 16, 64);
-            _tile_loadd(4, kg + k0 * d + i, d * 2); _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-            _tile_loadd(4, kg + (k0 + 16) * d + i, d * 2); _tile_dpbf16ps(2, 4, 6); _tile_dpbf16ps(3, 4, 7);
-        }
-        _tile_stored(0, st, 64); _tile_stored(2, st + 256, 64);
-        _tile_stored(1, st + 512, 64); _tile_stored(3, st + 768, 64);
-        for (int gq = 0; gq < 2; gq++) {  /* the softmax's step, lane by lane (st: this group's 32 keys x 16) */
+        attention_scores(qp, kg, k0, d);
+        attention_store_scores(st);
+        __mmask16 seen[2][ATT_KEYS], raise[2];
+        __m512 top[2];
+        for (int gq = 0; gq < 2; gq++) {  /* each lane's largest score of the keys it sees (st: 32 keys x 16) */
             const float *sg = st + gq * 512;
             const int64_t fg = first + 16 * gq, ng = n[gq];
             const int whole = k0 + ATT_KEYS - 1 <= fg && ng == 16 && (window <= 0 || k0 >= fg + 15 - window + 1);
-            __mmask16 seen[ATT_KEYS];
-            __m512 top = _mm512_set1_ps(-INFINITY);
+            top[gq] = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < ATT_KEYS; j++) {
-                seen[j] = whole ? (__mmask16)0xffff : seeing(k0 + j, fg, ng, window);
-                top = _mm512_mask_max_ps(top, seen[j], top, _mm512_loadu_ps(sg + j * 16));
+                seen[gq][j] = whole ? (__mmask16)0xffff : seeing(k0 + j, fg, ng, window);
+                top[gq] = _mm512_mask_max_ps(top[gq], seen[gq][j], top[gq], _mm512_loadu_ps(sg + j * 16));
             }
-            top = _mm512_mul_ps(top, c);
-            /* lanes whose scores pass their offset by more than 8: a new offset, and what is summed so far scaled
-             * to it (2^(old - new); 0 where nothing was); the others keep theirs (their terms stay below 2^8) */
-            const __mmask16 raise = _mm512_cmp_ps_mask(top, _mm512_add_ps(m[gq], _mm512_set1_ps(8.0f)), _CMP_GT_OQ);
-            if (raise) {
-                const __m512 m_new = _mm512_mask_mov_ps(m[gq], raise, top);
+            top[gq] = _mm512_mul_ps(top[gq], c);
+            /* lanes whose scores pass their offset by more than 8: a new offset (the others keep theirs: their
+             * terms stay below 2^8) */
+            raise[gq] = _mm512_cmp_ps_mask(top[gq], _mm512_add_ps(m[gq], _mm512_set1_ps(8.0f)), _CMP_GT_OQ);
+        }
+        if ((raise[0] | raise[1]) && held >= 0) {  /* the held P.T was taken at the old offsets: into O.T first */
+            attention_values(vg, S64, dv, pp, held, -1, ot);
+            held = -1;
+        }
+        const int slot = held >= 0;
+        for (int gq = 0; gq < 2; gq++) {
+            if (raise[gq]) {  /* what is summed so far scaled to the new offset: 2^(old - new), 0 where nothing was */
+                const __m512 m_new = _mm512_mask_mov_ps(m[gq], raise[gq], top[gq]);
                 const __m512 alpha = _mm512_mask_mov_ps(
                     exp2_vec(_mm512_sub_ps(m[gq], m_new)),
                     _mm512_cmp_ps_mask(m[gq], _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ), _mm512_setzero_ps());
@@ -2522,30 +2568,27 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
                     _mm512_storeu_ps(ot + (gq * dv + r) * 16, _mm512_mul_ps(_mm512_loadu_ps(ot + (gq * dv + r) * 16),
                                                                            alpha));
             }
+            const float *sg = st + gq * 512;
+            uint32_t *pg = pp + (slot * 2 + gq) * (ATT_KEYS / 2) * 16;
             __m512 sum = _mm512_setzero_ps();
             for (int j = 0; j < ATT_KEYS; j += 2) {  /* P.T in pairs of keys: word (j / 2, r) = keys j, j + 1 */
-                const __m512 p0 = _mm512_maskz_mov_ps(seen[j], exp2_vec(_mm512_fmsub_ps(_mm512_loadu_ps(sg + j * 16),
-                                                                                         c, m[gq])));
-                const __m512 p1 = _mm512_maskz_mov_ps(seen[j + 1], exp2_vec(_mm512_fmsub_ps(
+                const __m512 p0 = _mm512_maskz_mov_ps(seen[gq][j], exp2_vec(_mm512_fmsub_ps(
+                                                          _mm512_loadu_ps(sg + j * 16), c, m[gq])));
+                const __m512 p1 = _mm512_maskz_mov_ps(seen[gq][j + 1], exp2_vec(_mm512_fmsub_ps(
                                                           _mm512_loadu_ps(sg + (j + 1) * 16), c, m[gq])));
                 sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-                _mm512_storeu_si512((void *)(pp + (gq * ATT_KEYS / 2 + j / 2) * 16),
+                _mm512_storeu_si512((void *)(pg + j / 2 * 16),
                                     _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
             }
             l[gq] = _mm512_add_ps(l[gq], sum);
         }
-        _tile_loadd(5, pp, 64);
-        _tile_loadd(6, pp + ATT_KEYS / 2 * 16, 64);
-        for (int64_t d0 = 0; d0 < dv; d0 += 32) {  /* O.T += V.T P.T in the tiles: 2t + group, columns d0 + 16t .. */
-            float *o0 = ot + d0 * 16, *o1 = ot + (dv + d0) * 16;
-            _tile_loadd(0, o0, 64); _tile_loadd(1, o1, 64);
-            _tile_loadd(4, vg + d0 * S64 + k0, S64 * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
-            _tile_stored(0, o0, 64); _tile_stored(1, o1, 64);
-            if (d0 + 32 <= dv) {
-                _tile_loadd(2, o0 + 256, 64); _tile_loadd(3, o1 + 256, 64);
-                _tile_loadd(4, vg + (d0 + 16) * S64 + k0, S64 * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
-                _tile_stored(2, o0 + 256, 64); _tile_stored(3, o1 + 256, 64);
-            }
+        if (slot) {  /* two steps' P.T into O.T */
+            attention_values(vg, S64, dv, pp, held, k0, ot);
+            held = -1;
+        } else if (k0 + ATT_KEYS <= last) {
+            held = k0;
+        } else {
+            attention_values(vg, S64, dv, pp, k0, -1, ot);
         }
     }
     for (int gq = 0; gq < 2; gq++) {
@@ -2600,7 +2643,7 @@ int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(ATT_KEYS * 16 * 4);
+        uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(2 * ATT_KEYS * 16 * 4);  /* (two slots) */
         float *st = malloc(2 * ATT_KEYS * 16 * sizeof(float)), *ot = malloc((size_t)(2 * dv * 16) * sizeof(float));
         const int ok = qp && pp && st && ot;
         int configured = 0;

@@ -1624,3 +1624,14 @@ def test_amx_flash_attention_takes_the_ragged_rows(monkeypatch):
     assert not cpu_gemv.prompt_attention_amx_applies(q[..., :16], k[..., :16], v[..., :16])
     with pytest.raises(ValueError, match="not bf16 queries"):
         cpu_gemv.prompt_attention_amx(q.float(), k.float(), v.float())
+
+
+def test_amx_flash_attention_stops_at_its_measured_limits(monkeypatch):
+    """prompt_attention.amx_takes: up to AMX_MAX_KEYS keys and AMX_MAX_KV_BYTES of a row's keys and values (past
+    them SDPA's kernel was as fast), and only with AMX_ATTENTION on; the kernel's own checks besides."""
+    monkeypatch.setattr(cpu_gemv, "prompt_attention_amx_applies", lambda *a: True)  # (the limits alone, any CPU)
+    q = torch.empty(1, 64, 8, 128, dtype=torch.bfloat16)
+    kv = [torch.empty(1, S, K, 128, dtype=torch.bfloat16) for S, K in ((2048, 8), (4096, 2), (4096, 8), (8192, 1))]
+    assert [prompt_attention.amx_takes(q, k, k) for k in kv] == [True, True, False, False]
+    monkeypatch.setattr(prompt_attention, "AMX_ATTENTION", False)
+    assert not prompt_attention.amx_takes(q, kv[0], kv[0])

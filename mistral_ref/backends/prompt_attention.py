@@ -48,12 +48,21 @@ FLASH_FIRST = cpu_gemv.AMX
 # windows) or latent attention's expanded form, goes to the flash kernel on the tiles (cpu_gemv.prompt_attention_amx)
 # where it takes the shapes; False: SDPA / the GEMMs as below (benchmarks/bench_attention.py times both)
 AMX_ATTENTION = True
+# ... up to this many keys, and this many bytes of a row's keys and values: each block of 32 queries streams its
+# head's keys and values from L2 or L3, and past these SDPA's kernel (whose query blocks are larger) caught up
+# (bench_attention.py part 7: Mistral 7B's 8 key / value heads of 128 at 4096 tokens, 16 MB, 0.93x SDPA; 4 MB
+# at 4096 tokens 1.21-1.24x, 8 MB at 2048 1.36x)
+AMX_MAX_KEYS = 4096
+AMX_MAX_KV_BYTES = 8 << 20
 
 
 def amx_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether one span's queries, keys and values go to cpu_gemv.prompt_attention_amx (AMX_ATTENTION, and the
-    kernel takes them: bf16, head sizes multiples of 32 / 16, tiles this process may use)."""
-    return AMX_ATTENTION and cpu_gemv.prompt_attention_amx_applies(q, k, v)
+    """Whether one span's queries, keys and values go to cpu_gemv.prompt_attention_amx (AMX_ATTENTION, the kernel
+    takes them: bf16, head sizes multiples of 32 / 16, tiles this process may use; and at most AMX_MAX_KEYS keys
+    and AMX_MAX_KV_BYTES of a row's keys and values)."""
+    return (AMX_ATTENTION and k.shape[1] <= AMX_MAX_KEYS
+            and k.shape[1] * k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size() <= AMX_MAX_KV_BYTES
+            and cpu_gemv.prompt_attention_amx_applies(q, k, v))
 
 
 def flash_takes(tokens: int, offset: int, window: int | None) -> bool:

@@ -67,7 +67,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-f
 AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # A product with this many rows or more goes elsewhere (backends/linear.py): the kernels re-read their slice of
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM, or oneDNN's AMX tiles from 9 rows
-# on, where those exist: benchmarks/bench_cpu_builds.py times both by rows; quantized: dequantizing).
+# on, where those exist: benchmarks/bench_attention.py part 6 times both by rows; quantized: dequantizing).
 MAX_ROWS = {"bf16": 9 if AMX else 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -1042,7 +1042,7 @@ def experts_rows(x: torch.Tensor, token: torch.Tensor, counts: list[int], w1: ob
 def prompt_attention_amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`prompt_attention_amx` takes these queries, keys and values: bf16 on a CPU whose AMX tiles this
     process may use, no autograd; q (B, T, heads, d), k (B, S, kv_heads, d), v (B, S, kv_heads, dv) with T <= S,
-    d a multiple of 32, dv of 16, whole groups of query heads (and k's words below 2^31: gathered by 32-bit
+    d a multiple of 32, dv of 16, whole groups of query heads (and q's words below 2^31: gathered by 32-bit
     offsets)."""
     lib = library()
     return (lib is not None and bool(lib.cpu_gemv_amx()) and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
@@ -1050,7 +1050,7 @@ def prompt_attention_amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             and q.device.type == k.device.type == v.device.type == "cpu"
             and q.shape[0] == k.shape[0] == v.shape[0] and 0 < q.shape[1] <= k.shape[1] == v.shape[1]
             and k.shape[2] == v.shape[2] > 0 and q.shape[2] % k.shape[2] == 0 and q.shape[3] == k.shape[3]
-            and q.shape[3] % 32 == 0 and v.shape[3] % 16 == 0 and k.numel() // 2 < 2 ** 31
+            and q.shape[3] % 32 == 0 and v.shape[3] % 16 == 0 and q.numel() // 2 < 2 ** 31
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 
@@ -1073,6 +1073,8 @@ def prompt_attention_amx(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wind
     code = lib.attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, S, H, kv_heads, D, Dv,
                              0 if window is None else int(window), D ** -0.5 if scale is None else float(scale),
                              torch.get_num_threads() if threads is None else threads)
+    if code == -3:
+        raise CpuKernelError("prompt_attention_amx: this build or process has no AMX tiles")
     if code:
         raise MemoryError(f"prompt_attention_amx: no memory for the keys and values laid out for the tiles "
                           f"({B} x {S} keys x {kv_heads} heads)")

@@ -16,10 +16,12 @@ scores in registers but multiply far below the machine's GEMM rate; here the sco
 (times the query heads of a key-value head) against the keys they see are one (rows x head_dim) x (head_dim x
 keys) product, as the reference's einsum computes them, and each row's softmax costs one pass over its scores.
 The keys after a block's last query are never multiplied (causal: half the work of a full matrix).  Where the CPU
-has AMX tiles, the flash kernel's micro-kernels multiply with them and it outruns the two GEMMs, whose scores go
+has AMX tiles, SDPA's flash kernel's micro-kernels multiply with them and it outruns the two GEMMs, whose scores go
 through memory: there (FLASH_FIRST) a prompt whose mask is plain causal keeps that kernel (:func:`flash_takes`),
 and only the prompts that SDPA would need a mask for (later chunks, windows shorter than the prompt, ragged rows)
-come here.  `make bench` and benchmarks/bench_attention.py time both (README, "Speed on a CPU").
+come here; and where this process may use the tiles, a C flash kernel on them takes every such span before either
+(:func:`amx_takes`, cpu_gemv.prompt_attention_amx: faster than SDPA's up to AMX_MAX_KEYS keys).
+`make bench` and benchmarks/bench_attention.py time them (README, "Speed on a CPU").
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Te
     CPU that see their prompt's keys and nothing else (prompt_attention.causal_span: a prompt, or a later chunk of
     it in a full-attention layer; prompt_rows: row by row in a batch of them with padding) to prompt_attention
     (two GEMMs a block of queries; in fp32, and for fewer queries, PyTorch's kernel is as fast or faster; on a CPU
-    with AMX tiles a plain causal prompt keeps that kernel's causal mode: prompt_attention.flash_takes).
+    with AMX tiles a C flash kernel on them, prompt_attention.amx_takes, or else a plain causal prompt keeps SDPA's
+    causal mode: prompt_attention.flash_takes).
     q (B, T, H, D), k, v (B, S, kv, D) -> (B, T, H, D)"""
     T = q.shape[1]
     if T == 1 and cpu_gemv.attention_applies(q, k, v) and cpu_gemv.library() is not None:

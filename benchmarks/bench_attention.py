@@ -372,9 +372,11 @@ def main() -> None:
         raise SystemExit(f"--models: {', '.join(unknown)} not among {', '.join(ALL_MODELS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds; C kernels: "
           f"{cpu_gemv.status()}")
-    print(f"prompt_attention.FLASH_FIRST (AMX tiles): {prompt_attention.FLASH_FIRST} — by default a plain causal "
-          f"prompt takes {'SDPA' if prompt_attention.FLASH_FIRST else 'the GEMMs'} here; the ragged batch rows run "
-          f"that default\n")
+    amx = bool(cpu_gemv.library().cpu_gemv_amx())
+    default = ("the C flash kernel on AMX tiles (up to prompt_attention.AMX_MAX_KEYS keys)" if amx else
+               "SDPA" if prompt_attention.FLASH_FIRST else "the GEMMs")
+    print(f"prompt_attention.FLASH_FIRST (AMX tiles): {prompt_attention.FLASH_FIRST}, the tiles usable here: {amx} "
+          f"— by default a plain causal prompt takes {default}; the ragged batch rows run that default\n")
     shapes = [*(m for m in models if m in SHAPES), "mistral-7b"]  # (latent attention: the prefill rows only)
     parts = {int(part) for part in args.parts.split(",")}
     if 1 in parts:

@@ -1532,6 +1532,11 @@ int moe_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, i
 
 /* ---- RMSNorm of a few rows (an eager decode step: backends/pytorch.py, rms_norm) ------------------------------ */
 
+#if CPU_GEMV_AVX2
+static int64_t norm_scale_vec(const void *x, const void *weight, void *out, int io_bf16, int64_t r, int64_t dim,
+                              float scale);  /* norm_row's second loop LANES at a time (below, after the v_* helpers) */
+#endif
+
 /* norm.rms_norm: out (rows, dim) = weight * round(x / sqrt(mean(x^2) + eps)), x, weight and out all bf16
  * (io_bf16) or all fp32; the mean of squares in fp32 (16 partial sums, then added: another order than torch's,
  * within fp32 rounding), the normalised row rounded to x's dtype before the weight multiplies, as the reference
@@ -1552,7 +1557,11 @@ static inline __attribute__((always_inline)) void norm_row(const void *x, const 
         sum += v * v;
     }
     const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
-    for (int64_t d = 0; d < dim; d++) {
+    int64_t d = 0;
+#if CPU_GEMV_AVX2
+    d = norm_scale_vec(x, weight, out, io_bf16, r, dim, scale);
+#endif
+    for (; d < dim; d++) {
         const float normed = in_dtype(value_at(x, r * dim + d, io_bf16) * scale, io_bf16);
         const float y = value_at(weight, d, io_bf16) * normed;
         if (io_bf16) ((uint16_t *)out)[r * dim + d] = float_to_bf16(y); else ((float *)out)[r * dim + d] = y;
@@ -2160,6 +2169,25 @@ int softmax_causal(const void *scores, void *probs, int io_bf16, int64_t groups,
 #if !CPU_GEMV_AVX2
 static void silu_values(float *g, int64_t n) {  /* (builds without AVX2: silu_one value by value) */
     for (int64_t i = 0; i < n; i++) g[i] = silu_one(g[i]);
+}
+#endif
+
+#if CPU_GEMV_AVX2
+/* norm_row's out[r] = weight * round(x[r] * scale) for the first dim / LANES * LANES values, LANES at a time: the
+ * same operations and roundings as its scalar loop, the same bits; returns how many it did */
+static int64_t norm_scale_vec(const void *x, const void *weight, void *out, int io_bf16, int64_t r, int64_t dim,
+                              float scale) {
+    const int64_t size = io_bf16 ? 2 : 4;
+    const vec sc = v_set1(scale);
+    int64_t d = 0;
+    for (; d + LANES <= dim; d += LANES) {
+        const vec xv = v_row((const char *)x + (r * dim + d) * size, io_bf16);
+        const vec normed = io_bf16 ? v_round_bf16(v_mul(xv, sc)) : v_mul(xv, sc);
+        const vec y = v_mul(v_row((const char *)weight + d * size, io_bf16), normed);
+        if (io_bf16) v_store_upper_halves((uint16_t *)out + r * dim + d, v_round_bf16(y));
+        else v_store((float *)out + r * dim + d, y);
+    }
+    return d;
 }
 #endif
 

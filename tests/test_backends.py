@@ -353,9 +353,9 @@ def test_compile_decode_needs_the_torch_backend():
 
 
 def test_torch_update_cache_writes_a_chunk_as_cache_update_does():
-    """The "torch" backend's update_cache writes a chunk whose rows sit at the same consecutive positions into a
-    full layer's slots as one slice (a prompt, a later chunk); every other write (padding, rows at other
-    positions, a rolling layer, a decode step) is cache.update's.  Each leaves the cache and returns what
+    """The "torch" backend's update_cache writes rows that sit at the same consecutive positions as one slice (a
+    prompt, a later chunk into a full layer; a decode step, a rolling layer's too); every other write (padding,
+    rows at other positions, a chunk into a rolling layer) is cache.update's.  Each leaves the cache and returns what
     cache.update leaves and returns, and a chunk past a full layer's capacity raises the same error."""
     import copy
 
@@ -382,5 +382,64 @@ def test_torch_update_cache_writes_a_chunk_as_cache_update_does():
         ops.update_cache(full, torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4), torch.arange(15, 18).expand(2, 3))
     rolling = LayerCache(1, 4, True, 2, 4, torch.float32, "cpu")
     both(rolling, 6, torch.arange(6)[None])  # a rolling layer: cache.update (old buffer + chunk)
+    both(rolling, 1, torch.tensor([[6]]))  # a rolling layer's decode step: slot 6 % 4, one slice
+    both(full, 1, torch.tensor([[15], [-1]]))  # a finished row (-1): the scatter
     latent = LatentLayerCache(1, 8, 6, 2, torch.float32, "cpu")
     both(latent, 5, torch.arange(5)[None])
+
+
+def test_bf16_prompts_on_amx_tiles_stay_as_close_to_the_fp32_reference_as_the_bf16_reference():
+    """A bf16 Mixtral-shaped model (head_dim 32, experts of width 64: shapes the AMX kernels take) with a window
+    of 48 on one layer, a 144-token prompt in one pass and in two chunks of 72: the "torch" backend sends every
+    prompt's attention (the window, the later chunk of the full layer) and every layer's experts to the AMX kernels
+    (cpu_gemv.prompt_attention_amx, experts_rows), and its logits are no farther from the fp32 reference than the
+    bf16 reference's, with the same argmax wherever the fp32 reference's top two are clearly apart."""
+    from mistral_ref.backends import cpu_gemv
+
+    if cpu_gemv.library() is None or not cpu_gemv.library().cpu_gemv_amx():
+        pytest.skip("no AMX tiles here (the AMX kernels run where there are)")
+    args = ModelArgs(dim=64, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=97,
+                     norm_eps=1e-5, rope_theta=1e4, sliding_window=(None, 48), moe=MoeArgs(4, 2))
+    model = make_model(args, seed=3)
+    with torch.no_grad():  # (smaller weights than make_model's: the bf16 roundings stay below the logits' gaps)
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(0.3)
+    tokens = torch.randint(0, args.vocab_size, (1, 144), generator=torch.Generator().manual_seed(1))
+
+    def run(backend: str, chunk: int) -> torch.Tensor:
+        model.set_backend(backend)
+        cache = KVCache(args, 1, 144, dtype=model.dtype)
+        with torch.inference_mode():
+            return torch.cat([model(tokens[:, s:s + chunk], torch.arange(s, s + chunk)[None], cache)
+                              for s in range(0, 144, chunk)], dim=1)
+
+    ref = run("reference", 144)
+    model.to(torch.bfloat16)
+    calls = {"attention": 0, "experts": 0}
+    real_attention, real_experts = cpu_gemv.prompt_attention_amx, cpu_gemv.experts_rows
+
+    def attention_spy(*a, **kw):
+        calls["attention"] += 1
+        return real_attention(*a, **kw)
+
+    def experts_spy(*a, **kw):
+        calls["experts"] += 1
+        return real_experts(*a, **kw)
+
+    import unittest.mock as mock
+
+    for chunk in (144, 72):
+        ref16 = run("reference", chunk)
+        with mock.patch.object(cpu_gemv, "prompt_attention_amx", attention_spy), \
+                mock.patch.object(cpu_gemv, "experts_rows", experts_spy):
+            calls.update(attention=0, experts=0)
+            out16 = run("torch", chunk)
+        # (every layer and chunk, except the windowed layer's second chunk: its rolling buffer has wrapped, its
+        # keys are no prompt in order, SDPA takes them)
+        assert calls == {"attention": 2 if chunk == 144 else 3, "experts": 2 * 144 // chunk}, (chunk, calls)
+        assert rel_err(out16, ref) <= 1.25 * rel_err(ref16, ref) + 5e-3, chunk
+        top2 = ref.topk(2, dim=-1).values
+        clear = top2[..., 0] - top2[..., 1] > 2 * (ref16 - ref).abs().amax(-1)
+        assert clear.sum() >= ref.shape[1] // 3
+        assert torch.equal(out16.argmax(-1)[clear], ref.argmax(-1)[clear]), chunk

@@ -250,8 +250,8 @@ class Steps:
                         max(attn[1], ffn[1]), window)
         self.eps.append(layer.attention_norm.eps)
         self.batchable = self.batchable and gate is None and not (attn[1] or ffn[1])  # (a group size: int4)
-        for weight in (attention.wq.weight, ff.w1.weight if gate is None else ff.gate.weight):
-            kind = cpu_gemv.kind(weight)  # (attention's products are of one kind, so are the feed-forward's)
+        if gate is None:  # (several rows: dense blocks only; each block's products are of one kind)
+            kind = cpu_gemv.kind(ff.w1.weight)
             self.max_rows = min(self.max_rows, cpu_gemv.MAX_ROWS[kind] - 1 if kind else 0)
         return True
 

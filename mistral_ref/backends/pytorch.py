@@ -87,27 +87,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-    """cache.update, with shortcuts on the CPU where every row is at the same positions (batch 1, an unragged
-    batch): a decode step's one slice write instead of a masked scatter, and a chunk's (a prompt, a later chunk of
-    it) into a full layer's slots p .. p + T - 1 (host reads are free on a CPU)."""
+    """cache.update, with one shortcut on the CPU (host reads are free there): where every row sits at the same
+    consecutive positions p .. p + T - 1 (batch 1, an unragged batch), the T slots are written as one slice
+    instead of a masked scatter: a decode step's one token (slot p % capacity: a rolling layer too), a chunk of a
+    prompt into a full layer's slots.  A chunk into a rolling layer needs cache.update's old-buffer view."""
     T = k.shape[1]
-    if T > 1 and not cache.rolling and positions.device.type == "cpu":
+    if positions.device.type == "cpu" and (T == 1 or not cache.rolling):
         first = int(positions[0, 0])
-        if 0 <= first and first + T <= cache.capacity and torch.equal(
-                positions, torch.arange(first, first + T, device=positions.device).expand_as(positions)):
-            cache.k[:, first:first + T] = k
-            cache.v[:, first:first + T] = v
-            cache.pos[:, first:first + T] = positions
-            return cache.k, cache.v, cache.pos
-    if k.shape[1] == 1 and positions.device.type == "cpu":
-        lo, hi = (int(p) for p in torch.aminmax(positions[:, 0]))
-        if lo == hi >= 0:
+        if first >= 0 and torch.equal(positions, torch.arange(first, first + T).expand_as(positions)):
             if not cache.rolling:
-                cache.check_fits(positions)
-            slot = lo % cache.capacity
-            cache.k[:, slot] = k[:, 0]
-            cache.v[:, slot] = v[:, 0]
-            cache.pos[:, slot] = lo
+                cache.check_fits(positions)  # (a position past the slots: cache.update's error)
+            slot = first % cache.capacity  # (a full layer: first itself)
+            cache.k[:, slot:slot + T] = k
+            cache.v[:, slot:slot + T] = v
+            cache.pos[:, slot:slot + T] = positions
             return cache.k, cache.v, cache.pos
     return cache.update(k, v, positions)
 

@@ -17,6 +17,9 @@
 | update_cache | update_cache below                       | cache.LayerCache.update                  |
 | latent_attention | backends/mla.py: absorbed (decode,     | mla.latent_attention                     |
 |              | short chunks) / expanded + SDPA (prompts)  |                                          |
+
+Importing this module has glibc keep freed memory for reuse (backends/heap.py: one process-wide setting;
+MISTRAL_REF_KEEP_FREED=0 leaves it), so that a long prompt's temporaries do not fault their pages in anew.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mistral_ref.backends import Backend, cpu_gemv, prompt_attention
+from mistral_ref.backends import Backend, cpu_gemv, heap, prompt_attention
 from mistral_ref.backends.decode_step import decode_step
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
@@ -104,6 +107,8 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
             return cache.k, cache.v, cache.pos
     return cache.update(k, v, positions)
 
+
+heap.keep_freed_memory()  # glibc keeps freed memory for the next tensor: no page faults (backends/heap.py)
 
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
                   rope=rope, attention=attention, moe=moe_forward_grouped, mix_experts=mix_experts_grouped,

@@ -2452,18 +2452,20 @@ int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, 
 
 /* ---- a prompt's causal attention on AMX tiles (backends/prompt_attention.py, cpu_gemv.py: prompt_attention_amx) ---
  *
- * Flash attention (Dao et al. 2022) with the tiles, transposed: for each query head and block of 16 queries, the
- * keys they see 64 at a time, as the scores' transpose S.T = K Q.T (64 keys x 16 queries, fp32 sums of bf16
- * products), so that every query's running maximum m and sum l are a vector register's lanes and need no
- * horizontal reduction; P.T = 2^(S.T scale log2(e) - m) rounded to bf16, the output's transpose O.T = O.T 2^(m_old
- * - m) + V.T P.T (fp32), and at the end O = (O.T / l).T rounded to bf16.  So its roundings are those of a fused
- * kernel (as SDPA's), not the reference's (scores rounded to bf16, probabilities normalized before their rounding):
- * within bf16 rounding of attention.attention, tested.  Once a call: K copied with its rows padded to a multiple of
- * 64 keys, V transposed (V.T: a head's columns, each over the keys); each block's queries into pairs of inputs (as
- * the experts' rows above).  2^x: a degree-5 polynomial on [0, 1) (within 2.4e-7 of it) times 2^floor(x), x
- * clamped at -126 (below: 0 within fp32); a NaN score (a NaN in q or k) makes its query's output NaN, as in the
- * reference, and a key no query of the block sees is never used. */
+ * Flash attention (Dao et al. 2022) with the tiles, transposed: for each query head and block of 32 queries (two groups
+ * of 16), the keys they see 32 at a time, as the scores' transpose S.T = K Q.T (32 keys x 16 queries a group, fp32 sums
+ * of bf16 products), so that every query's running maximum m and sum l are a vector register's lanes and need no
+ * horizontal reduction; P.T = 2^(S.T scale log2(e) - m) rounded to bf16, the output's transpose O.T = O.T 2^(m_old - m)
+ * + V.T P.T (fp32), and at the end O = (O.T / l).T rounded to bf16.  So its roundings are those of a fused kernel (as
+ * SDPA's), not the reference's (scores rounded to bf16, probabilities normalized before their rounding): within bf16
+ * rounding of attention.attention, tested.  Once a call: K copied with its rows padded to a multiple of 32 keys, V
+ * transposed in blocks of 32 keys (V.T: a head's columns, each over the block's keys, so that a step's tiles of V.T are
+ * one contiguous block); each block's queries into pairs of inputs (as the experts' rows above).  2^x: a degree-5
+ * polynomial on [0, 1) (within 2.4e-7 of it) times 2^floor(x), x clamped at -126 (below: 0 within fp32); a NaN score (a
+ * NaN in q or k) makes its query's output NaN, as in the reference, and a key no query of the block sees is never
+ * used. */
 #define ATT_KEYS 32  /* keys a step */
+#define ATT_SLOTS 4  /* steps whose P.T goes into O.T together (one load and store of O.T's tiles) */
 #if CPU_GEMV_AMX
 static inline __m512 exp2_vec(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* (NaN stays NaN: max returns its second operand) */
@@ -2505,23 +2507,24 @@ static inline void attention_store_scores(float *st) {
     _tile_stored(1, st + 512, 64); _tile_stored(3, st + 768, 64);
 }
 
-/* O.T += V.T P.T in the tiles (0-3: two blocks of 16 columns by the two groups) for the P.T in pp's slot 0 (keys
- * k_a ..) and, unless k_b < 0, slot 1 (keys k_b ..) */
-static inline void attention_values(const uint16_t *vg, int64_t S64, int64_t dv, const uint32_t *pp, int64_t k_a,
-                                    int64_t k_b, float *ot) {
+/* O.T += V.T P.T in the tiles (0-3: two blocks of 16 columns by the two groups) for the `count` steps' P.T in pp's
+ * slots 0 .. count - 1 (keys keys[s] .. keys[s] + ATT_KEYS - 1); vg: the head's V.T, ATT_KEYS keys a block (each
+ * block dv x ATT_KEYS, contiguous) */
+static inline void attention_values(const uint16_t *vg, int64_t dv, const uint32_t *pp, const int64_t *keys,
+                                    int count, float *ot) {
     const int64_t slot = (ATT_KEYS / 2) * 16;  /* words of one group's P.T */
     for (int64_t d0 = 0; d0 < dv; d0 += 32) {
         const int two = d0 + 32 <= dv;
         float *o0 = ot + d0 * 16, *o1 = ot + (dv + d0) * 16;
         _tile_loadd(0, o0, 64); _tile_loadd(1, o1, 64);
         if (two) { _tile_loadd(2, o0 + 256, 64); _tile_loadd(3, o1 + 256, 64); }
-        for (int s = 0; s < (k_b >= 0 ? 2 : 1); s++) {
-            const int64_t k0 = s ? k_b : k_a;
+        for (int s = 0; s < count; s++) {
+            const uint16_t *vb = vg + (keys[s] / ATT_KEYS * dv + d0) * ATT_KEYS;  /* 16 columns x 32 keys */
             _tile_loadd(5, pp + 2 * s * slot, 64);
             _tile_loadd(6, pp + (2 * s + 1) * slot, 64);
-            _tile_loadd(4, vg + d0 * S64 + k0, S64 * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(4, vb, ATT_KEYS * 2); _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6);
             if (two) {
-                _tile_loadd(4, vg + (d0 + 16) * S64 + k0, S64 * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
+                _tile_loadd(4, vb + 16 * ATT_KEYS, ATT_KEYS * 2); _tile_dpbf16ps(2, 4, 5); _tile_dpbf16ps(3, 4, 6);
             }
         }
         _tile_stored(0, o0, 64); _tile_stored(1, o1, 64);
@@ -2529,10 +2532,10 @@ static inline void attention_values(const uint16_t *vg, int64_t S64, int64_t dv,
     }
 }
 
-/* one head h's 32 queries t0 .. t0 + 31 of batch row b (fewer at the end: n[0], n[1] <= 16 in its two groups of
- * 16, the tiles' lanes), the keys they see ATT_KEYS at a time; kc: this call's K (groups, S64, d), vt: V.T
- * (groups, dv, S64); the buffers as attention_amx gives each thread.  The tiles: 0-3 sums (S.T of two blocks of 16
- * keys by the two groups; then V.T P.T of two blocks of 16 columns by them), 4 K or V.T, 5-7 pairs. */
+/* one head h's 32 queries t0 .. t0 + 31 of batch row b (fewer at the end: n[0], n[1] <= 16 in its two groups of 16, the
+ * tiles' lanes), the keys they see ATT_KEYS at a time; kc: this call's K (groups, S64, d), vt: V.T (groups, S64 /
+ * ATT_KEYS, dv, ATT_KEYS); the buffers as attention_amx gives each thread.  The tiles: 0-3 sums (S.T of two blocks of
+ * 16 keys by the two groups; then V.T P.T of two blocks of 16 columns by them), 4 K or V.T, 5-7 pairs. */
 static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc, const uint16_t *vt, int64_t t0,
                             const int64_t n[2], int64_t b, int64_t h, int64_t T, int64_t S, int64_t S64,
                             int64_t heads, int64_t kv_heads, int64_t d, int64_t dv, int64_t window, float scale,
@@ -2557,9 +2560,11 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  /* (a, b) -> a0 b0 a1 b1 .. */
     const int64_t lo = window > 0 && first - window + 1 > 0 ? first - window + 1 : 0;
-    /* P.T goes into O.T two steps at a time (one load and store of O.T's tiles for 64 keys): slot 0 of pp holds a
-     * step's P.T until the next step's fills slot 1; a step whose offsets rise first adds slot 0 alone */
-    int64_t held = -1;  /* the first key of the step whose P.T waits in slot 0, or -1 */
+    /* P.T goes into O.T ATT_SLOTS steps at a time (one load and store of O.T's tiles for ATT_SLOTS x ATT_KEYS
+     * keys): pp's slots hold the steps' P.T until the last is filled; a step whose offsets rise first adds those
+     * held (taken at the old offsets) */
+    int64_t held[ATT_SLOTS];  /* the first keys of the steps whose P.T waits in slots 0 .. nheld - 1 */
+    int nheld = 0;
     for (int64_t k0 = lo / ATT_KEYS * ATT_KEYS; k0 <= last; k0 += ATT_KEYS) {
         attention_scores(qp, kg, k0, d);
         attention_store_scores(st);
@@ -2579,11 +2584,11 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
              * terms stay below 2^8) */
             raise[gq] = _mm512_cmp_ps_mask(top[gq], _mm512_add_ps(m[gq], _mm512_set1_ps(8.0f)), _CMP_GT_OQ);
         }
-        if ((raise[0] | raise[1]) && held >= 0) {  /* the held P.T was taken at the old offsets: into O.T first */
-            attention_values(vg, S64, dv, pp, held, -1, ot);
-            held = -1;
+        if ((raise[0] | raise[1]) && nheld) {  /* the held P.T was taken at the old offsets: into O.T first */
+            attention_values(vg, dv, pp, held, nheld, ot);
+            nheld = 0;
         }
-        const int slot = held >= 0;
+        const int slot = nheld;
         for (int gq = 0; gq < 2; gq++) {
             if (raise[gq]) {  /* what is summed so far scaled to the new offset: 2^(old - new), 0 where nothing was */
                 const __m512 m_new = _mm512_mask_mov_ps(m[gq], raise[gq], top[gq]);
@@ -2610,13 +2615,10 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
             }
             l[gq] = _mm512_add_ps(l[gq], sum);
         }
-        if (slot) {  /* two steps' P.T into O.T */
-            attention_values(vg, S64, dv, pp, held, k0, ot);
-            held = -1;
-        } else if (k0 + ATT_KEYS <= last) {
-            held = k0;
-        } else {
-            attention_values(vg, S64, dv, pp, k0, -1, ot);
+        held[nheld++] = k0;
+        if (nheld == ATT_SLOTS || k0 + ATT_KEYS > last) {  /* the slots full, or the last step: into O.T */
+            attention_values(vg, dv, pp, held, nheld, ot);
+            nheld = 0;
         }
     }
     for (int gq = 0; gq < 2; gq++) {
@@ -2663,15 +2665,16 @@ int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
                              (const __m256i *)(v + ((b * S + key0 + t) * kv_heads + g) * dv + c0)))
                                       : _mm512_setzero_si512();
             transpose16(r16);
+            uint16_t *block = vt + ((gi * (S64 / ATT_KEYS) + key0 / ATT_KEYS) * dv + c0) * ATT_KEYS + key0 % ATT_KEYS;
             for (int t = 0; t < 16; t++)
-                _mm256_storeu_si256((__m256i *)(vt + (gi * dv + c0 + t) * S64 + key0), _mm512_cvtepi32_epi16(r16[t]));
+                _mm256_storeu_si256((__m256i *)(block + t * ATT_KEYS), _mm512_cvtepi32_epi16(r16[t]));
         }
     }
     const int64_t blocks = (T + 31) / 32, items = batch * heads * blocks;  /* 32 queries an item */
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(2 * ATT_KEYS * 16 * 4);  /* (two slots) */
+        uint32_t *qp = malloc((size_t)(d * 16) * 4), *pp = malloc(ATT_SLOTS * ATT_KEYS * 16 * 4);
         float *st = malloc(2 * ATT_KEYS * 16 * sizeof(float)), *ot = malloc((size_t)(2 * dv * 16) * sizeof(float));
         const int ok = qp && pp && st && ot;
         int configured = 0;

@@ -13,8 +13,9 @@ the heap, and freed memory stays in it for the next request, as PyTorch's GPU ca
 The cost: the process keeps its peak heap (resident memory does not shrink after a long prompt).  The setting is
 the process's, not the model's: every library in it allocates the same way from then on (transformers too, in a
 benchmark that runs both).  backends/pytorch.py calls it when it is first imported (the first Transformer a process
-builds); MISTRAL_REF_KEEP_FREED=0 leaves glibc's thresholds as they are.  Other C libraries (musl, macOS, Windows)
-are left alone.
+builds); MISTRAL_REF_KEEP_FREED=0 leaves glibc's thresholds as they are, and so does a process started with its
+own (glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, or GLIBC_TUNABLES naming either).  Other C libraries
+(musl, macOS, Windows) are left alone.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ MMAP_THRESHOLD = 1 << 30  # bytes: smaller requests come from the heap (glibc's 
 MMAP_THRESHOLD_CAPPED = 32 << 20  # where glibc refuses more (mallopt(3) documents this maximum on 64 bits)
 TRIM_THRESHOLD = (1 << 31) - 1  # bytes of free heap top kept (mallopt takes an int)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+# the environment's own thresholds: glibc's variables and their GLIBC_TUNABLES names
+_GLIBC_SETTINGS = (("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+                   ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"))
 _state: list[str | None] = []  # [the outcome of the one call]
 
 
 def keep_freed_memory() -> str | None:
     """Have glibc keep freed memory for reuse (module docstring), once per process.  Returns None where it does
-    (this call or an earlier one), else why not (a short phrase): switched off, another C library, or mallopt
-    refusing a value."""
+    (this call or an earlier one), else why not (a short phrase): switched off, thresholds the environment set,
+    another C library, or mallopt refusing a value."""
     if not _state:
         _state.append(_set_thresholds())
     return _state[0]
@@ -43,6 +47,9 @@ def keep_freed_memory() -> str | None:
 def _set_thresholds() -> str | None:
     if os.environ.get(SWITCH, "1") == "0":
         return f"{SWITCH}=0"
+    for variable, tunable in _GLIBC_SETTINGS:
+        if variable in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", ""):
+            return f"the environment sets {variable} ({tunable})"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "not glibc"
     try:

@@ -2,7 +2,7 @@
 in C) against F.scaled_dot_product_attention's causal kernel (what sdpa.py runs), same process, same run.
 
     python benchmarks/bench_attention.py [--rounds 5] [--tokens 512,2048,4096] [--models mistral-125m,...]
-                                         [--parts 1,2,3,4,5,6,7]
+                                         [--parts 1,2,3,4,5,6,7,8]
 
 Part 1, the attention alone: the bench models' attention shapes (and Mistral 7B's: 32 query heads over 8, head_dim
 128), bf16 and fp32, each prompt length; the two paths alternate, each round starting with the other one.  Prints
@@ -22,7 +22,9 @@ decode at batch 8 of each model with experts, their rows on the tiles in one cal
 against the loop an expert.  Part 6: bf16 products of 1-31 rows, the C kernels against F.linear (oneDNN), by rows:
 what sets cpu_gemv.MAX_ROWS["bf16"].  Part 7, on a CPU with AMX tiles: a bf16 prompt's attention by the flash
 kernel on the tiles (cpu_gemv.prompt_attention_amx) against SDPA's causal mode, alone and in bf16 prefills (parts
-1 and 2 run with it off).
+1 and 2 run with it off).  Part 8, on a CPU with AMX tiles: bf16 products of 9-512 rows by cpu_gemv.linear_amx
+against F.linear (oneDNN), by rows, then the dense models' short prefills and decoding batches of 16 and 32 rows
+with it on and off (what sets cpu_gemv.AMX_LINEAR_MIN_ROWS and AMX_LINEAR_MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -353,13 +355,64 @@ def amx_attention_rows(shapes: list[str], models: list[str], tokens: list[int], 
                   f"{summary(ratio, 2)}x |", flush=True)
 
 
+def amx_linear_rows(models: list[str], rounds: int) -> None:
+    """Part 8, on a CPU with AMX tiles: bf16 products of 9-512 rows by cpu_gemv.linear_amx against F.linear
+    (oneDNN), by rows (weights as in the bench models, 40 of each, taken in turn), then bf16 prefills of 32-512
+    tokens (new prompts) and decoding batches of 16 and 32 rows (64-token prompts, 16 new tokens) of the dense
+    models with it on and off (off: AMX_LINEAR_MAX_ROWS = 0, F.linear as before it)."""
+    lib = cpu_gemv.library()
+    if not (lib is not None and lib.cpu_gemv_amx()):
+        print("\n## bf16 products on AMX tiles: skipped, this CPU (or build) has none")
+        return
+    print(f"\n## bf16 products of 9-512 rows: linear_amx on the tiles vs F.linear (oneDNN), us (the tiles take "
+          f"cpu_gemv.AMX_LINEAR_MIN_ROWS = {cpu_gemv.AMX_LINEAR_MIN_ROWS} to AMX_LINEAR_MAX_ROWS = "
+          f"{cpu_gemv.AMX_LINEAR_MAX_ROWS} rows)")
+    table_header("weight (out x in)", "rows", "linear_amx", "F.linear", "ratio (F.linear time / linear_amx time)")
+    for out, inp in [(768, 768), (256, 768), (2048, 768), (768, 2048), (1792, 640), (640, 1792)]:
+        weights = [torch.randn(out, inp).bfloat16() for _ in range(40)]
+        for rows in (9, 16, 32, 64, 128, 256, 512):
+            x, turn = torch.randn(rows, inp).bfloat16(), iter(range(10 ** 9))
+            tiles, one = alternate(partial(twenty, partial(cpu_gemv.linear_amx), x, weights, turn),
+                                   partial(twenty, F.linear, x, weights, turn), rounds)
+            ratio = [b / a for a, b in zip(tiles, one)]
+            print(f"| {out} x {inp} | {rows} | {summary([v / 20 * 1e6 for v in tiles])} | "
+                  f"{summary([v / 20 * 1e6 for v in one])} | {summary(ratio, 2)}x |", flush=True)
+    limit = cpu_gemv.AMX_LINEAR_MAX_ROWS
+    print("\n## bf16 short prefills (a new prompt every call) and decoding batches: linear_amx on vs off, ms")
+    table_header("model", "call", "on", "off", "ratio (off time / on time)")
+    g = torch.Generator().manual_seed(0)
+    for name in models:
+        args = ALL_MODELS[name]
+        if args.moe is not None or args.fine_moe is not None:
+            continue  # (experts' products go to the experts' kernels)
+        model = random_model(args).to(torch.bfloat16)
+        calls = [(f"prefill {T}", 1, T, 1) for T in (32, 128, 256, 512)]
+        calls += [(f"batch {B}: 64 + 16 tokens", B, 64, 16) for B in (16, 32)]
+        for label, batch, T, new in calls:
+            on, off = alternate(partial(linear_amx_call, model, limit, g, batch, T, new),
+                                partial(linear_amx_call, model, 0, g, batch, T, new), rounds)
+            ratio = [b / a for a, b in zip(on, off)]
+            print(f"| {name} | {label} | {summary([v * 1e3 for v in on], 1)} | {summary([v * 1e3 for v in off], 1)} | "
+                  f"{summary(ratio, 2)}x |", flush=True)
+
+
+def linear_amx_call(model, limit: int, g: torch.Generator, batch: int, T: int, new: int) -> None:
+    """`batch` new random prompts of T tokens, `new` tokens each, with cpu_gemv.AMX_LINEAR_MAX_ROWS = limit."""
+    prompts = [torch.randint(1, model.args.vocab_size, (T,), generator=g).tolist() for _ in range(batch)]
+    kept, cpu_gemv.AMX_LINEAR_MAX_ROWS = cpu_gemv.AMX_LINEAR_MAX_ROWS, limit
+    try:
+        generate(model, prompts, new, temperature=0.0)
+    finally:
+        cpu_gemv.AMX_LINEAR_MAX_ROWS = kept
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", default="512,2048,4096")
     p.add_argument("--models", default="mistral-125m,mixtral-140m,nemo-80m,small4-130m")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--parts", default="1,2,3,4,5,6,7", help="which parts to run (default all)")
+    p.add_argument("--parts", default="1,2,3,4,5,6,7,8", help="which parts to run (default all)")
     args = p.parse_args()
     if cpu_gemv.library() is None:
         raise SystemExit(f"prompt_attention needs the C kernels: {cpu_gemv.status()}")
@@ -394,6 +447,8 @@ def main() -> None:
         product_rows(args.rounds)
     if 7 in parts:
         amx_attention_rows(shapes, models, tokens, args.rounds)
+    if 8 in parts:
+        amx_linear_rows(models, args.rounds)
 
 
 if __name__ == "__main__":

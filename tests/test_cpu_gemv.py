@@ -1635,3 +1635,64 @@ def test_amx_flash_attention_stops_at_its_measured_limits(monkeypatch):
     assert [prompt_attention.amx_takes(q, k, k) for k in kv] == [True, True, False, False]
     monkeypatch.setattr(prompt_attention, "AMX_ATTENTION", False)
     assert not prompt_attention.amx_takes(q, kv[0], kv[0])
+
+
+@needs_amx
+@pytest.mark.parametrize("rows, out, inp", [(1, 32, 32), (9, 768, 768), (37, 256, 640), (100, 2048, 768),
+                                            (256, 640, 1792), (513, 96, 544)])
+def test_amx_linear_equals_f_linear(rows, out, inp):
+    """cpu_gemv.linear_amx (bf16 products on AMX tiles, fp32 sums rounded once): within one bf16 rounding of
+    F.linear (which rounds its own fp32 sums once, in another order), no farther from the float64 product than
+    F.linear, the same bits for any thread count; rows past the last whole 32 (a zero-padded block) and more rows
+    than one pass (AMX_LINEAR_ROWS, 512) included."""
+    g = torch.Generator().manual_seed(rows + out)
+    x = torch.randn(rows, inp, generator=g).bfloat16()
+    w = (torch.randn(out, inp, generator=g) / inp ** 0.5).bfloat16()
+    got = cpu_gemv.linear_amx(x, w, threads=1)
+    want = F.linear(x, w)
+    exact = x.double() @ w.double().T
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, out)
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * float(exact.abs().max()))
+    assert (got.double() - exact).abs().max() <= 1.01 * (want.double() - exact).abs().max() + 1e-30
+    assert torch.equal(cpu_gemv.linear_amx(x, w, threads=3), got)
+    assert torch.equal(cpu_gemv.linear_amx(x.view(1, rows, inp), w, threads=2), got.view(1, rows, out))
+
+
+@needs_amx
+def test_amx_linear_keeps_a_nan_in_its_row():
+    x = torch.randn(40, 64).bfloat16()
+    w = torch.randn(64, 64).bfloat16()
+    clean = cpu_gemv.linear_amx(x, w)
+    x[7, 3] = float("nan")
+    got = cpu_gemv.linear_amx(x, w)
+    assert got[7].isnan().all() and not got[torch.arange(40) != 7].isnan().any()
+    assert torch.equal(got[torch.arange(40) != 7], clean[torch.arange(40) != 7])
+
+
+@needs_amx
+def test_amx_linear_takes_what_linear_sends_it(monkeypatch):
+    """backends/linear.py's linear sends bf16 products of AMX_LINEAR_MIN_ROWS to AMX_LINEAR_MAX_ROWS rows to it
+    (the result: linear_amx's bits), and no others: fewer rows (the C row kernels, or oneDNN), more rows, fp32,
+    inputs or outputs not multiples of 32, autograd; linear_amx itself refuses what it cannot take."""
+    from mistral_ref.backends.linear import linear
+
+    w = torch.randn(64, 96).bfloat16()
+    calls = []
+    real = cpu_gemv.linear_amx
+    monkeypatch.setattr(cpu_gemv, "linear_amx", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    for rows in (cpu_gemv.AMX_LINEAR_MIN_ROWS, cpu_gemv.AMX_LINEAR_MAX_ROWS):
+        x = torch.randn(rows, 96).bfloat16()
+        assert torch.equal(linear(x, w), real(x, w))
+    assert len(calls) == 2
+    for x, weight in [(torch.randn(cpu_gemv.AMX_LINEAR_MIN_ROWS - 1, 96).bfloat16(), w),
+                      (torch.randn(cpu_gemv.AMX_LINEAR_MAX_ROWS + 1, 96).bfloat16(), w),
+                      (torch.randn(64, 96), w.float()),
+                      (torch.randn(64, 80).bfloat16(), torch.randn(64, 80).bfloat16()),
+                      (torch.randn(64, 96).bfloat16(), torch.randn(48, 96).bfloat16())]:
+        linear(x, weight)
+        assert not cpu_gemv.linear_amx_applies(x, weight)
+    assert len(calls) == 2
+    x = torch.randn(64, 96).bfloat16().requires_grad_()
+    assert not cpu_gemv.linear_amx_applies(x, w)
+    with pytest.raises(ValueError, match="not a bf16 product it takes"):
+        real(torch.randn(64, 80).bfloat16(), torch.randn(64, 80).bfloat16())

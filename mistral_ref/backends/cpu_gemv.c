@@ -2450,6 +2450,113 @@ int experts_amx(const uint16_t *x, const int64_t *token, const int64_t *counts, 
 #endif
 }
 
+/* ---- products of a few hundred rows on AMX tiles (backends/linear.py: linear, cpu_gemv.py: linear_amx) ---------
+ *
+ * y (rows, out) = x (rows, in) @ W (out, in).T, all bf16: fp32 sums in the tiles' order, each rounded once to bf16
+ * (as F.linear rounds its fp32 sums; the order differs).  Threads take the output's columns 32 at a time.  For each
+ * block of 32 columns and AMX_LINEAR_KC inputs, a thread puts the weight's rows into tiles of input pairs (word
+ * (i, o) = inputs 2i, 2i + 1 of column o: a 16 x 16 transpose of 32-bit words), which stay in L1 while every block
+ * of 32 rows multiplies by them; x's rows are read as they lie (a tile: 16 rows of 32 inputs), AMX_LINEAR_ROWS
+ * rows at a time, the last block of fewer than 32 through a zero-padded copy.  A block's sums pass from one chunk of
+ * inputs to the next in a per-thread buffer.  Four sums a step: two tiles of rows by two of columns.  Needs in and
+ * out multiples of 32 (cpu_gemv.py checks). */
+#define AMX_LINEAR_KC 256  /* inputs a chunk: the chunk's tiles of the weight, 16 KB, stay in L1 */
+#define AMX_LINEAR_ROWS 512  /* rows a pass over the weight (their sums: 64 KB a thread) */
+#if CPU_GEMV_AMX
+/* the 32 columns c0 .. c0 + 31 of W, inputs i0 .. i0 + 32 steps - 1, as tiles of pairs: bp[g][step] (16 x 16 words) */
+static void linear_pack(const uint16_t *w, int64_t in, int64_t c0, int64_t i0, int64_t steps, uint32_t *bp) {
+    for (int g = 0; g < 2; g++)
+        for (int64_t st = 0; st < steps; st++) {
+            __m512i r[16];
+            const uint16_t *src = w + (c0 + 16 * g) * in + i0 + st * 32;
+            for (int t = 0; t < 16; t++) r[t] = _mm512_loadu_si512((const void *)(src + t * in));
+            transpose16(r);
+            uint32_t *dst = bp + (g * (AMX_LINEAR_KC / 32) + st) * 256;
+            for (int m = 0; m < 16; m++) _mm512_storeu_si512((void *)(dst + m * 16), r[m]);
+        }
+}
+#endif
+
+/* y (rows, out) = x (rows, in) @ w (out, in).T, bf16, row-major.  Returns 0; -1 without memory; -3 where this build
+ * or process has no AMX tiles or in, out are not multiples of 32. */
+int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t in, int64_t out,
+               int threads) {
+#if CPU_GEMV_AMX
+    if (!cpu_gemv_amx() || in % 32 || out % 32) return -3;
+    const int64_t steps = in / 32, chunk = AMX_LINEAR_KC / 32, columns = out / 32;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *bp = malloc(2 * AMX_LINEAR_KC / 32 * 1024);  /* a chunk's tiles of the weight */
+        float *sums = malloc((size_t)AMX_LINEAR_ROWS * 32 * sizeof(float));  /* a pass's blocks of 32 x 32 sums */
+        uint16_t *pad = malloc((size_t)(32 * in) * 2);  /* the last block's rows, zero-padded to 32 */
+        int configured = 0;
+        #ifdef _OPENMP
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        #else
+        const int64_t t = 0, nt = 1;
+        #endif
+        const int64_t c_lo = columns * t / nt, c_hi = columns * (t + 1) / nt;
+        if (!(bp && sums && pad)) {
+            #pragma omp atomic write
+            failed = 1;
+        } else if (c_lo < c_hi) {
+            amx_configure(), configured = 1;
+            for (int64_t r0 = 0; r0 < rows; r0 += AMX_LINEAR_ROWS) {
+                const int64_t n = rows - r0 < AMX_LINEAR_ROWS ? rows - r0 : AMX_LINEAR_ROWS;
+                const int64_t blocks = (n + 31) / 32, tail = n % 32;
+                if (tail) {
+                    memset(pad, 0, (size_t)(32 * in) * 2);
+                    memcpy(pad, x + (r0 + (blocks - 1) * 32) * in, (size_t)(tail * in) * 2);
+                }
+                for (int64_t c = c_lo; c < c_hi; c++)
+                    for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+                        const int64_t ns = steps - s0 < chunk ? steps - s0 : chunk;
+                        const int first = s0 == 0, last = s0 + ns == steps;
+                        linear_pack(w, in, c * 32, s0 * 32, ns, bp);
+                        for (int64_t b = 0; b < blocks; b++) {
+                            const uint16_t *xb = tail && b == blocks - 1 ? pad : x + (r0 + b * 32) * in;
+                            float *sb = sums + b * 32 * 32;  /* 32 rows x 32 columns */
+                            if (first) {
+                                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                            } else {
+                                _tile_loadd(0, sb, 128); _tile_loadd(1, sb + 16, 128);
+                                _tile_loadd(2, sb + 512, 128); _tile_loadd(3, sb + 512 + 16, 128);
+                            }
+                            for (int64_t st = 0; st < ns; st++) {
+                                const uint16_t *a = xb + (s0 + st) * 32;
+                                _tile_loadd(4, a, in * 2);
+                                _tile_loadd(6, bp + st * 256, 64);
+                                _tile_dpbf16ps(0, 4, 6);
+                                _tile_loadd(7, bp + (chunk + st) * 256, 64);
+                                _tile_dpbf16ps(1, 4, 7);
+                                _tile_loadd(5, a + 16 * in, in * 2);
+                                _tile_dpbf16ps(2, 5, 6);
+                                _tile_dpbf16ps(3, 5, 7);
+                            }
+                            _tile_stored(0, sb, 128); _tile_stored(1, sb + 16, 128);
+                            _tile_stored(2, sb + 512, 128); _tile_stored(3, sb + 512 + 16, 128);
+                            if (last) {  /* the block's rows, rounded to bf16 (round to nearest even) */
+                                const int64_t live = tail && b == blocks - 1 ? tail : 32;
+                                for (int64_t r = 0; r < live; r++)
+                                    _mm512_storeu_si512((void *)(y + (r0 + b * 32 + r) * out + c * 32),
+                                                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sb + r * 32 + 16),
+                                                                                     _mm512_loadu_ps(sb + r * 32)));
+                            }
+                        }
+                    }
+            }
+        }
+        if (configured) _tile_release();
+        free(bp), free(sums), free(pad);
+    }
+    return failed ? -1 : 0;
+#else
+    (void)x, (void)w, (void)y, (void)rows, (void)in, (void)out, (void)threads;
+    return -3;
+#endif
+}
+
 /* ---- a prompt's causal attention on AMX tiles (backends/prompt_attention.py, cpu_gemv.py: prompt_attention_amx) ---
  *
  * Flash attention (Dao et al. 2022) with the tiles, transposed: for each query head and block of 32 queries (two groups

@@ -69,6 +69,10 @@ AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 # the weight for every 4 rows, which loses to a GEMM (bf16: upcast + fp32 GEMM, or oneDNN's AMX tiles from 9 rows
 # on, where those exist: benchmarks/bench_attention.py part 6 times both by rows; quantized: dequantizing).
 MAX_ROWS = {"bf16": 9 if AMX else 32, "int8": 32, "int4": 2, "fp32": 2}  # fp32: a BLAS reads its weight once
+# bf16 products of AMX_LINEAR_MIN_ROWS to AMX_LINEAR_MAX_ROWS rows, on AMX tiles, go to linear_amx (cpu_gemv.c)
+# instead of oneDNN's GEMM: a prompt of 32-256 tokens.  Fewer rows (a batch of decode steps) gained nothing, and
+# from ~512 rows oneDNN is faster (benchmarks/bench_attention.py part 8 times both, alone and in the models).
+AMX_LINEAR_MIN_ROWS, AMX_LINEAR_MAX_ROWS = 32, 256
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -> 0 or -1 (out of memory)
@@ -105,6 +109,8 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     "softmax_causal": [_P, _P, _INT, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT, _INT],
     # (x, token, counts, E, w1[E], w3[E], w2[E], hidden, dim, y, threads): a prompt's experts on AMX tiles
     "experts_amx": [_P, _P, _P, _I64, _P, _P, _P, _I64, _I64, _P, _INT],
+    # (x, w, y, rows, in, out, threads): bf16 products of a few hundred rows on AMX tiles
+    "linear_amx": [_P, _P, _P, _I64, _I64, _I64, _INT],
     # (q, k, v, out, B, T, S, heads, kv_heads, d, dv, window, scale, threads): a prompt's attention on AMX tiles
     "attention_amx": [_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _INT],
 }
@@ -1005,6 +1011,48 @@ def _expert_pointers(w: object, counts: list[int], shape: tuple[int, int]) -> ct
                 return None
             pointers[e] = t.data_ptr()
     return pointers
+
+
+def linear_amx_takes(x: torch.Tensor, weight: object) -> bool:
+    """Whether :func:`linear_amx` computes x @ weight.T: x (..., in) and weight (out, in) bf16 CPU tensors, weight
+    contiguous, in and out multiples of 32, no autograd, on a CPU whose AMX tiles this process may use."""
+    if not (isinstance(weight, torch.Tensor) and not isinstance(weight, QuantizedWeight) and weight.dim() == 2
+            and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
+            and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.numel() > 0
+            and x.shape[-1] % 32 == 0 and weight.shape[0] % 32 == 0):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    lib = library()
+    return lib is not None and bool(lib.cpu_gemv_amx())
+
+
+def linear_amx_applies(x: torch.Tensor, weight: object) -> bool:
+    """Whether linear (backends/linear.py) sends x @ weight.T to :func:`linear_amx`: a product it takes
+    (:func:`linear_amx_takes`) of AMX_LINEAR_MIN_ROWS to AMX_LINEAR_MAX_ROWS rows."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return AMX_LINEAR_MIN_ROWS <= rows <= AMX_LINEAR_MAX_ROWS and linear_amx_takes(x, weight)
+
+
+def linear_amx(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """F.linear(x, weight) for bf16 on AMX tiles (cpu_gemv.c: linear_amx): fp32 sums in the tiles' order, each
+    rounded once to bf16, as F.linear rounds its own (within one bf16 rounding of it).  Threads (default
+    torch.get_num_threads()) take the output's columns 32 at a time.  For the products :func:`linear_amx_takes`
+    accepts (any number of rows).  x: (..., in); weight: (out, in) -> (..., out) bf16"""
+    lib = _checked_library()
+    if not linear_amx_takes(x, weight):
+        raise ValueError(f"linear_amx: x {tuple(x.shape)} {x.dtype} and weight {tuple(getattr(weight, 'shape', ()))} "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} are not a bf16 product it takes here")
+    out_features, in_features = weight.shape
+    x2 = x.reshape(-1, in_features).contiguous()
+    y = torch.empty(x2.shape[0], out_features, dtype=torch.bfloat16)
+    code = lib.linear_amx(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], in_features, out_features,
+                          torch.get_num_threads() if threads is None else threads)
+    if code == -3:
+        raise CpuKernelError("linear_amx: this build or process has no AMX tiles")
+    if code:
+        raise MemoryError(f"linear_amx: no memory for a thread's buffers ({in_features} inputs)")
+    return y.view(*x.shape[:-1], out_features)
 
 
 def experts_rows(x: torch.Tensor, token: torch.Tensor, counts: list[int], w1: object, w3: object, w2: object,

@@ -12,6 +12,8 @@ Equals: F.linear(x, weight) (backend "reference"); tests/test_backends_linear.py
   backends/cpu_gemv.py (where they can be built: otherwise, and for more rows, the paths here; the fp32 split above
   then serves 2 to SPLIT_MAX_ROWS - 1 rows); :func:`linears`, several products of one input
   (q, k, v; w1, w3), is one call of those kernels;
+* bf16 products of cpu_gemv.AMX_LINEAR_MIN_ROWS to AMX_LINEAR_MAX_ROWS rows (a prompt of 32-256 tokens) on a CPU
+  with AMX tiles: cpu_gemv.linear_amx, instead of oneDNN's GEMM;
 * quantized weights (mistral_ref/quantize.py: QuantizedWeight) go to backends/quant.py's weight-only kernels.
 * :func:`multiply_sum_linear` writes a one-row product as multiply-and-sum, which inductor compiles into one loop
   that converts bf16 weights as they stream (used by compiled decoding only, backends/compiled.py).
@@ -54,6 +56,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     """
     if cpu_gemv.handles(x, weight):  # bf16 / int8 / int4 weights, a few rows: the C kernels (cpu_gemv.py)
         return cpu_gemv.gemv(x, weight, threads)
+    if cpu_gemv.linear_amx_applies(x, weight):  # bf16, 32-256 rows, AMX tiles: cpu_gemv.linear_amx
+        return cpu_gemv.linear_amx(x, weight, threads)
     if isinstance(weight, QuantizedWeight):  # int8 / int4 weights (mistral_ref/quantize.py)
         return quantized_linear(x, weight, functools.partial(split_linear, threads=threads))
     rows = x.numel() // max(1, x.shape[-1])

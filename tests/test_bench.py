@@ -233,6 +233,15 @@ def test_attention_benchmark_compares_prompt_attention_and_sdpa():
         for rows in (1, 8, 31):
             row = re.search(rf"\| {shape} \| {rows} \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part6)
             assert row and float(row.group(3)) > 0, part6
+    if cpu_gemv.library().cpu_gemv_amx():  # part 8: linear_amx vs F.linear by rows, and in the dense models
+        part8 = proc.stdout.split("linear_amx on the tiles vs F.linear")[1]
+        row = re.search(r"\| 256 x 768 \| 64 \| (\d+) .* \| (\d+) .* \| (\d+\.\d+) .*x \|", part8)
+        assert row and float(row.group(3)) > 0, part8
+        for call in ("prefill 128", "batch 32: 64 \\+ 16 tokens"):
+            row = re.search(rf"\| tiny-gqa \| {call} \| (\d+\.\d) .* \| (\d+\.\d) .* \| (\d+\.\d+) .*x \|", part8)
+            assert row and float(row.group(3)) > 0, part8
+    else:
+        assert "bf16 products on AMX tiles: skipped" in proc.stdout
 
 
 @pytest.mark.slow

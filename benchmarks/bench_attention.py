@@ -372,7 +372,7 @@ def amx_linear_rows(models: list[str], rounds: int) -> None:
         weights = [torch.randn(out, inp).bfloat16() for _ in range(40)]
         for rows in (9, 16, 32, 64, 128, 256, 512):
             x, turn = torch.randn(rows, inp).bfloat16(), iter(range(10 ** 9))
-            tiles, one = alternate(partial(twenty, partial(cpu_gemv.linear_amx), x, weights, turn),
+            tiles, one = alternate(partial(twenty, cpu_gemv.linear_amx, x, weights, turn),
                                    partial(twenty, F.linear, x, weights, turn), rounds)
             ratio = [b / a for a, b in zip(tiles, one)]
             print(f"| {out} x {inp} | {rows} | {summary([v / 20 * 1e6 for v in tiles])} | "

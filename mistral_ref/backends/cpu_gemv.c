@@ -2496,12 +2496,8 @@ int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, 
         #else
         const int64_t t = 0, nt = 1;
         #endif
-        const int64_t c_lo = columns * t / nt, c_hi = columns * (t + 1) / nt;
-        if (!(bp && sums && pad)) {
-            #pragma omp atomic write
-            failed = 1;
-        } else if (c_lo < c_hi) {
-            amx_configure(), configured = 1;
+        const int64_t c_lo = columns * t / nt, c_hi = columns * (t + 1) / nt;  /* this thread's blocks of columns */
+        if (c_lo < c_hi && amx_item(bp && sums && pad, &configured, &failed)) {
             for (int64_t r0 = 0; r0 < rows; r0 += AMX_LINEAR_ROWS) {
                 const int64_t n = rows - r0 < AMX_LINEAR_ROWS ? rows - r0 : AMX_LINEAR_ROWS;
                 const int64_t blocks = (n + 31) / 32, tail = n % 32;

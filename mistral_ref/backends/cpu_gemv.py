@@ -1034,13 +1034,15 @@ def linear_amx_applies(x: torch.Tensor, weight: object) -> bool:
     return AMX_LINEAR_MIN_ROWS <= rows <= AMX_LINEAR_MAX_ROWS and linear_amx_takes(x, weight)
 
 
-def linear_amx(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def linear_amx(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None,
+               checked: bool = False) -> torch.Tensor:
     """F.linear(x, weight) for bf16 on AMX tiles (cpu_gemv.c: linear_amx): fp32 sums in the tiles' order, each
     rounded once to bf16, as F.linear rounds its own (within one bf16 rounding of it).  Threads (default
     torch.get_num_threads()) take the output's columns 32 at a time.  For the products :func:`linear_amx_takes`
-    accepts (any number of rows).  x: (..., in); weight: (out, in) -> (..., out) bf16"""
+    accepts (any number of rows; checked: the caller has just asked it, as linear does through
+    :func:`linear_amx_applies`).  x: (..., in); weight: (out, in) -> (..., out) bf16"""
     lib = _checked_library()
-    if not linear_amx_takes(x, weight):
+    if not (checked or linear_amx_takes(x, weight)):
         raise ValueError(f"linear_amx: x {tuple(x.shape)} {x.dtype} and weight {tuple(getattr(weight, 'shape', ()))} "
                          f"{getattr(weight, 'dtype', type(weight).__name__)} are not a bf16 product it takes here")
     out_features, in_features = weight.shape

@@ -21,6 +21,7 @@ own (glibc's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, or GLIBC_TUNABLES 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -32,16 +33,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 # the environment's own thresholds: glibc's variables and their GLIBC_TUNABLES names
 _GLIBC_SETTINGS = (("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
                    ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold"))
-_state: list[str | None] = []  # [the outcome of the one call]
 
 
+@functools.cache
 def keep_freed_memory() -> str | None:
     """Have glibc keep freed memory for reuse (module docstring), once per process.  Returns None where it does
     (this call or an earlier one), else why not (a short phrase): switched off, thresholds the environment set,
     another C library, or mallopt refusing a value."""
-    if not _state:
-        _state.append(_set_thresholds())
-    return _state[0]
+    return _set_thresholds()
 
 
 def _set_thresholds() -> str | None:

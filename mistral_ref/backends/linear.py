@@ -57,7 +57,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     if cpu_gemv.handles(x, weight):  # bf16 / int8 / int4 weights, a few rows: the C kernels (cpu_gemv.py)
         return cpu_gemv.gemv(x, weight, threads)
     if cpu_gemv.linear_amx_applies(x, weight):  # bf16, 32-256 rows, AMX tiles: cpu_gemv.linear_amx
-        return cpu_gemv.linear_amx(x, weight, threads)
+        return cpu_gemv.linear_amx(x, weight, threads, checked=True)
     if isinstance(weight, QuantizedWeight):  # int8 / int4 weights (mistral_ref/quantize.py)
         return quantized_linear(x, weight, functools.partial(split_linear, threads=threads))
     rows = x.numel() // max(1, x.shape[-1])

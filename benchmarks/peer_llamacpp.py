@@ -185,9 +185,6 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, threads: int) -> Path:
 
 def write_gguf(model: Transformer, directory: Path, dtypes: list[str]) -> dict[str, Path] | str:
     """`model`'s weights (fp32) as one GGUF per dtype row, by mistral_ref's writer; or why not (a line)."""
-    if model.args.mla is not None or model.args.fine_moe is not None:
-        return ("latent attention / fine-grained experts: mistral_ref's GGUF writer writes llama.cpp's 'llama' "
-                "architecture only")
     if model.args.vocab_size < TOKENIZER_SIZE:
         return (f"the vocabulary ({model.args.vocab_size}) is smaller than the {TOKENIZER_SIZE} tokens of the "
                 "tokenizer the GGUF must carry")

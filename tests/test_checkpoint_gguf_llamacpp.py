@@ -181,17 +181,121 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, one_thread):
     assert np.abs(llm.scores[:llm.n_tokens - 1] - logits).max() / np.abs(logits).max() < 1e-5
 
 
-def test_save_gguf_refuses_what_the_llama_architecture_cannot_hold(tmp_path):
-    """Latent attention / fine-grained experts and already-quantized models: a clear CheckpointError, no file."""
+def test_save_gguf_refuses_what_its_architectures_cannot_hold(tmp_path):
+    """What llama.cpp's "llama" / "mistral4" would compute differently, and already-quantized models: a clear
+    CheckpointError naming the field, no file."""
     pytest.importorskip("gguf")
     from test_mla import tiny
 
     from mistral_ref import CheckpointError, load_embedded, quantize_model
     from mistral_ref.checkpoint.gguf import save_gguf
+    from mistral_ref.config import YarnArgs
     from mistral_ref.model import Transformer
 
-    with pytest.raises(CheckpointError, match="latent attention / fine-grained experts"):
-        save_gguf(Transformer(tiny()), tmp_path / "mla.gguf")
+    small4 = dataclasses.replace(tiny(), norm_eps=1e-6)
+    refused = {
+        "no fine-grained experts": dataclasses.replace(small4, fine_moe=None),
+        "norm_eps is 1e-05": dataclasses.replace(small4, norm_eps=1e-5),
+        "routes within 2 of 4 expert groups": tiny("sigmoid", norm_eps=1e-6),
+        "beta / alpha are 16": dataclasses.replace(small4, yarn=dataclasses.replace(small4.yarn, beta=16.0)),
+        "apply_scale True": dataclasses.replace(small4, yarn=YarnArgs(4.0, 8)),
+        "mscale_all_dim 0.5": dataclasses.replace(small4, mla=dataclasses.replace(small4.mla, mscale_all_dim=0.5)),
+        "26 layers": dataclasses.replace(small4, n_layers=26),
+    }
+    for message, args in refused.items():
+        with pytest.raises(CheckpointError, match=message):
+            save_gguf(Transformer(args), tmp_path / "mla.gguf")
     with pytest.raises(CheckpointError, match=r"quantized \(int8\)"):
         save_gguf(quantize_model(load_embedded()[0], "int8"), tmp_path / "q.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_mistral4_metadata_and_tensors(tmp_path):
+    """A Mistral-Small-4-shaped model as "mistral4": the keys llama.cpp's DeepSeek-V2 loader reads, and the
+    tensors: kv_b_proj split into attn_k_b (H, c, n: its key rows transposed) and attn_v_b (H, v, c), the experts
+    stacked, the first (dense) layer's feed-forward as ffn_gate / up / down, every other tensor as it is."""
+    from test_mla import tiny
+
+    args = dataclasses.replace(tiny(), norm_eps=1e-6, vocab_size=3072)
+    model = random_model(args).float()
+    path = save_gguf(model, tmp_path / "small4.gguf", "F32", tokenizer=load_tokenizer(EMBEDDED_MODEL_DIR).path)
+    reader = open_gguf(path)
+    meta = {k[len("mistral4."):]: f.contents() for k, f in reader.fields.items() if k.startswith("mistral4.")}
+    mla, moe = args.mla, args.fine_moe
+    assert reader.fields["general.architecture"].contents() == "mistral4"
+    assert {k: meta[k] for k in ("attention.head_count_kv", "attention.key_length", "attention.value_length",
+                                 "attention.key_length_mla", "attention.value_length_mla", "attention.q_lora_rank",
+                                 "attention.kv_lora_rank", "rope.dimension_count", "leading_dense_block_count",
+                                 "expert_count", "expert_used_count", "expert_shared_count",
+                                 "expert_feed_forward_length", "expert_gating_func", "rope.scaling.type",
+                                 "rope.scaling.original_context_length", "attention.temperature_length",
+                                 "expert_weights_norm")} == {
+        "attention.head_count_kv": 1, "attention.key_length": mla.kv_lora_rank + mla.qk_rope_head_dim,
+        "attention.value_length": mla.kv_lora_rank, "attention.key_length_mla": mla.qk_head_dim,
+        "attention.value_length_mla": mla.v_head_dim, "attention.q_lora_rank": mla.q_lora_rank,
+        "attention.kv_lora_rank": mla.kv_lora_rank, "rope.dimension_count": mla.qk_rope_head_dim,
+        "leading_dense_block_count": 1, "expert_count": moe.num_experts,
+        "expert_used_count": moe.num_experts_per_tok, "expert_shared_count": 1,
+        "expert_feed_forward_length": moe.moe_intermediate_size, "expert_gating_func": 1,
+        "rope.scaling.type": "yarn", "rope.scaling.original_context_length": 8,
+        "attention.temperature_length": 8, "expert_weights_norm": True}
+    assert meta["rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1)
+    assert meta["attention.temperature_scale"] == pytest.approx(0.1)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def array(name: str) -> np.ndarray:
+        t = tensors[name]
+        return np.asarray(t.data).reshape([int(d) for d in reversed(t.shape.tolist())])
+
+    state = model.state_dict()
+    H, n, v, c = args.n_heads, mla.qk_nope_head_dim, mla.v_head_dim, mla.kv_lora_rank
+    kv_b = state["layers.1.attention.kv_b_proj.weight"].reshape(H, n + v, c).numpy()
+    assert np.array_equal(array("blk.1.attn_k_b.weight"), kv_b[:, :n].transpose(0, 2, 1))
+    assert np.array_equal(array("blk.1.attn_v_b.weight"), kv_b[:, n:])
+    assert "blk.1.attn_kv_b.weight" not in tensors
+    assert np.array_equal(array("blk.1.ffn_up_exps.weight"), torch.stack(
+        [state[f"layers.1.feed_forward.experts.{e}.w3.weight"] for e in range(moe.num_experts)]).numpy())
+    assert np.array_equal(array("blk.1.ffn_down_shexp.weight"),
+                          state["layers.1.feed_forward.shared_experts.w2.weight"].numpy())
+    assert np.array_equal(array("blk.0.ffn_gate.weight"), state["layers.0.feed_forward.w1.weight"].numpy())
+    assert np.array_equal(array("blk.0.attn_q_b.weight"), state["layers.0.attention.q_b_proj.weight"].numpy())
+    assert array("blk.1.ffn_gate_inp.weight").shape == (moe.num_experts, args.dim)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["softmax", "sigmoid", "no q_lora"])
+def test_llama_cpp_runs_our_mistral4_gguf_as_we_do(tmp_path, one_thread, variant):
+    """The same function in llama.cpp: a Mistral-Small-4-shaped model (latent attention absorbed there, expanded
+    here; a dense first layer, then routed experts and a shared one) as an fp32 "mistral4" GGUF, its logits over
+    40 positions ours within 1e-5: past YaRN's original context (8) and across the temperature scaling's steps
+    (every 8 positions), with softmax routing and with sigmoid routing (score-correction bias, routed scale 2.5),
+    with and without the low-rank query; then 16 greedy tokens equal."""
+    from test_mla import tiny
+
+    llama_cpp_module = llama_cpp()
+    args = tiny("sigmoid" if variant == "sigmoid" else "softmax", q_lora_rank=None if variant == "no q_lora" else 12)
+    args = dataclasses.replace(args, norm_eps=1e-6, vocab_size=3072)
+    if variant == "sigmoid":  # llama.cpp routes over all experts: one group
+        args = dataclasses.replace(args, fine_moe=dataclasses.replace(args.fine_moe, n_group=1, topk_group=1))
+    model = random_model(args).float()
+    for layer in model.layers:  # a score-correction bias that moves the choice of experts
+        bias = getattr(getattr(layer.feed_forward, "gate", None), "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)))
+    path = save_gguf(model, tmp_path / "small4.gguf", "F32", tokenizer=load_tokenizer(EMBEDDED_MODEL_DIR).path)
+    tokens = torch.randint(0, args.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    f32 = llama_cpp_module.GGML_TYPE_F32
+    llm = llama_cpp_module.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1, type_k=f32,
+                                 type_v=f32, logits_all=True, verbose=False)
+    llm.eval(tokens)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]))[0].numpy()
+    assert np.abs(llm.scores[:40] - logits).max() / np.abs(logits).max() < 1e-5
+    ours = generate(model, [tokens[:24]], 16, temperature=0.0, ignore_eos=True)[0].tokens
+    llm.reset()
+    llm.eval(tokens[:24])
+    theirs = []
+    for _ in range(16):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    assert theirs == ours

@@ -13,6 +13,7 @@ Read in this order:
   save.py            save_checkpoint, convert_checkpoint: one tensor at a time, sharded or not
   gguf.py            llama.cpp's GGUF files: load_gguf (load_model calls it for a .gguf file; names, metadata,
                      dequantization), save_gguf (F32/F16/BF16/Q8_0/Q4_0/...; the `gguf` extra)
+  gguf_mistral4.py   what save_gguf writes for latent attention + fine-grained experts (llama.cpp's "mistral4")
   dtypes.py          parse_dtype ("bf16" -> torch.bfloat16) and dominant_dtype (the dtype holding most bytes)
   errors.py          CheckpointError: every message names the file, the key, what was expected and found
 

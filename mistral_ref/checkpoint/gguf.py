@@ -12,6 +12,7 @@ this module maps what it finds onto the native checkpoint: the config (ModelArgs
   architecture string names the computation, and theirs is Llama's); newer converters write Mistral-format
   checkpoints as "mistral3", which is the same computation unless it carries YaRN RoPE scaling or an attention
   temperature (Ministral 3): those, and every other architecture, are refused with the field that says so.
+  save_gguf also writes Mistral Small 4 as "mistral4" (checkpoint/gguf_mistral4.py), which is not read back.
 * Names.  token_embd / output_norm / output, and per block blk.N.attn_{norm,q,k,v,output},
   blk.N.ffn_{norm,gate,up,down}; Mixtral's router is blk.N.ffn_gate_inp and its experts are stacked in
   blk.N.ffn_{gate,up,down}_exps (num_experts, rows, columns) — or, in files written before April 2024, one
@@ -41,6 +42,8 @@ import torch
 from mistral_ref.checkpoint.dtypes import parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, expected_shapes
+from mistral_ref.checkpoint.gguf_mistral4 import ARCH as MISTRAL4
+from mistral_ref.checkpoint.gguf_mistral4 import Planned, check_mistral4, mistral4_metadata, mistral4_plan
 from mistral_ref.checkpoint.gguf_quant import gguf_quantized_weight
 from mistral_ref.checkpoint.names import natural_key
 from mistral_ref.checkpoint.safetensors_io import Progress
@@ -392,6 +395,21 @@ def _gguf_name(native: str) -> str:
     return f"blk.{layer}.{next(k for k, v in _LAYER.items() if v == rest)}.weight"
 
 
+def _llama_plan(state: dict[str, torch.Tensor]) -> list[Planned]:
+    """The "llama" architecture's tensors: (gguf name, row-major shape, producer), experts stacked."""
+    grouped: dict[str, list[str]] = {}
+    for native in sorted(state, key=natural_key):
+        grouped.setdefault(_gguf_name(native), []).append(native)
+    plan: list[Planned] = []
+    for gname, natives in grouped.items():
+        if len(natives) > 1 or "_exps" in gname:  # experts stacked (E, rows, columns)
+            plan.append((gname, (len(natives), *state[natives[0]].shape),
+                         lambda natives=natives: torch.stack([state[n] for n in natives])))
+        else:
+            plan.append((gname, tuple(state[natives[0]].shape), lambda native=natives[0]: state[native]))
+    return plan
+
+
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}  # LlamaFileType
 
 
@@ -405,7 +423,8 @@ def _model_tokenizer_dir(model: Transformer) -> Path | None:
 
 def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: str | None = None,
               progress: bool | None = None, tokenizer: Tokenizer | str | Path | None = None) -> Path:
-    """Write `model` as a llama.cpp GGUF file (architecture "llama"), one tensor at a time.
+    """Write `model` as a llama.cpp GGUF file (architecture "llama"; latent attention with fine-grained experts,
+    Mistral Small 4: "mistral4", checkpoint/gguf_mistral4.py), one tensor at a time.
 
     qtype: the ggml type of the matrices (SAVE_TYPES: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1); norms and
     the MoE router stay F32, as llama.cpp keeps them.  Quantized types need every row length to be a multiple
@@ -430,12 +449,11 @@ def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: st
         raise CheckpointError(f"{path}: GGUF metadata cannot express a per-layer sliding window list "
                               f"({args.sliding_window})")
     if args.mla is not None or args.fine_moe is not None:
-        raise CheckpointError(f"{path}: latent attention / fine-grained experts (Mistral Small 4, Large 3) are "
-                              "not written to GGUF here: this writer knows llama.cpp's 'llama' architecture only")
+        check_mistral4(args, path)  # latent attention and fine-grained experts: llama.cpp's "mistral4"
     if getattr(model, "quantization", None) is not None:  # quantize.quantize_model's record
         raise CheckpointError(f"{path}: the model is quantized ({model.quantization['scheme']}); save_gguf writes "
                               "a float model (its qtype argument quantizes: Q8_0, Q4_0, ...)")
-    arch = "llama"
+    arch = "llama" if args.mla is None else MISTRAL4
     if tokenizer is None:
         directory = _model_tokenizer_dir(model)
         if directory is not None and directory.is_dir():
@@ -459,31 +477,33 @@ def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: st
     writer.add_uint32("general.file_type", _FILE_TYPES[qtype])
     if qtype.startswith("Q"):
         writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-    meta = {"context_length": args.max_seq_len or 32768, "embedding_length": args.dim, "block_count": args.n_layers,
-            "feed_forward_length": args.hidden_dim, "attention.head_count": args.n_heads,
-            "attention.head_count_kv": args.n_kv_heads, "attention.key_length": args.head_dim,
-            "attention.value_length": args.head_dim, "rope.dimension_count": args.head_dim,
-            "vocab_size": args.vocab_size}
-    if args.sliding_window:
-        meta["attention.sliding_window"] = args.sliding_window
-    if args.moe:
-        meta.update(expert_count=args.moe.num_experts, expert_used_count=args.moe.num_experts_per_tok)
-    for key, value in meta.items():
+    state = model.state_dict()
+    if arch == MISTRAL4:
+        ints, floats, others = mistral4_metadata(args)
+        planned = mistral4_plan(state, args)
+    else:
+        ints = {"context_length": args.max_seq_len or 32768, "embedding_length": args.dim,
+                "block_count": args.n_layers, "feed_forward_length": args.hidden_dim,
+                "attention.head_count": args.n_heads, "attention.head_count_kv": args.n_kv_heads,
+                "attention.key_length": args.head_dim, "attention.value_length": args.head_dim,
+                "rope.dimension_count": args.head_dim, "vocab_size": args.vocab_size}
+        if args.sliding_window:
+            ints["attention.sliding_window"] = args.sliding_window
+        if args.moe:
+            ints.update(expert_count=args.moe.num_experts, expert_used_count=args.moe.num_experts_per_tok)
+        floats, others = {"attention.layer_norm_rms_epsilon": args.norm_eps, "rope.freq_base": args.rope_theta}, {}
+        planned = _llama_plan(state)
+    for key, value in ints.items():
         writer.add_uint32(f"{arch}.{key}", int(value))
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", args.norm_eps)
-    writer.add_float32(f"{arch}.rope.freq_base", args.rope_theta)
+    for key, value in floats.items():
+        writer.add_float32(f"{arch}.{key}", float(value))
+    for key, value in others.items():
+        (writer.add_bool if isinstance(value, bool) else writer.add_string)(f"{arch}.{key}", value)
     if vocab is not None:
         add_tokenizer(writer, vocab)
 
-    # The plan: (gguf name, the native tensors it holds (stacked if several), ggml type).
-    state = model.state_dict()
-    plan: dict[str, list[str]] = {}
-    for native in sorted(state, key=natural_key):
-        plan.setdefault(_gguf_name(native), []).append(native)
     tensors = []
-    for gname, natives in plan.items():
-        shape = (len(natives), *state[natives[0]].shape) if len(natives) > 1 or "_exps" in gname \
-            else tuple(state[natives[0]].shape)
+    for gname, shape, make in planned:
         kind = "F32" if len(shape) == 1 or gname.endswith("ffn_gate_inp.weight") else qtype
         ggml = gguf.GGMLQuantizationType[kind]
         block, type_size = gguf.GGML_QUANT_SIZES[ggml]
@@ -496,15 +516,15 @@ def save_gguf(model: Transformer, path: str | Path, qtype: str = "F16", name: st
         else:
             byte_shape = gguf.quant_shape_to_byte_shape(shape, ggml)
             writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=ggml)
-        tensors.append((gname, natives, shape, ggml))
+        tensors.append((gname, make, shape, ggml))
     bar = Progress(sum(math.prod(t[2]) for t in tensors) * 2, progress, f"writing {path.name}")
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for _name, natives, shape, ggml in tensors:
-            w = torch.stack([state[n] for n in natives]) if len(shape) == 3 else state[natives[0]]
-            values = w.detach().to("cpu", torch.float32).numpy()
+        for _name, make, shape, ggml in tensors:
+            w = make()
+            values = w.detach().to("cpu", torch.float32).contiguous().numpy()
             writer.write_tensor_data(gguf.quantize(values, ggml))
             bar.update(math.prod(shape) * 2)
             del w, values

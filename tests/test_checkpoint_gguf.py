@@ -72,21 +72,24 @@ def test_dtype_override(tmp_path):
 
 # ---- files written the way llama.cpp's tools write them, made here with the gguf writer ----------------------
 def rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, ...] = (),
-            meta: dict | None = None, replace: dict | None = None, split_experts: bool = False) -> Path:
+            meta: dict | None = None, replace: dict | None = None, split_experts: bool = False,
+            add: dict | None = None) -> Path:
     """Copy a GGUF file with changes: another architecture string, tensors dropped, metadata added or changed
-    ({key: (value, GGUFValueType)}), tensors replaced ({name: (array, ggml type)}), stacked experts written
-    one tensor per expert (the layout of files before April 2024)."""
+    ({key: (value, GGUFValueType)}; a None value drops the key), tensors replaced ({name: (array, ggml type)}),
+    stacked experts written one tensor per expert (the layout of files before April 2024), tensors added
+    ({name: float32 array})."""
     reader = gguf.GGUFReader(src)
     old_arch = reader.fields["general.architecture"].contents()
     arch = arch or old_arch
     writer = gguf.GGUFWriter(dst, arch)
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key == "general.architecture" or (meta or {}).get(key, (0,))[0] is None:
             continue
         sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key.replace(old_arch + ".", arch + ".", 1), field.contents(), field.types[0], sub)
     for key, (value, vtype) in (meta or {}).items():
-        writer.add_key_value(key, value, vtype)
+        if value is not None:
+            writer.add_key_value(key, value, vtype)
     for t in reader.tensors:
         if t.name in drop:
             continue
@@ -98,6 +101,8 @@ def rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, .
                 writer.add_tensor(name, np.ascontiguousarray(data[e]), raw_dtype=raw)
         else:
             writer.add_tensor(t.name, data, raw_dtype=raw)
+    for name, data in (add or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -304,3 +309,92 @@ def test_convert_cli_writes_gguf_and_its_tokenizer(tmp_path):
     assert 0 < err < 0.05  # Q8_0 of a trained model: close, not equal
     save_checkpoint(native, tmp_path / "hf", format="hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "x.bin"), "--to", "gguf"]) == 2
+
+
+# ---- Mistral Small 4 as llama.cpp's "mistral4" (checkpoint/gguf_mistral4.py) ------------------------------------
+def small4_args(variant: str = "softmax") -> ModelArgs:
+    """test_mla's tiny Small-4 shape (a dense first layer, then 8 experts + a shared one; YaRN and the query
+    scaling over 8 positions) with what llama.cpp's mistral4 computes alike: norm_eps 1e-6, one expert group."""
+    from test_mla import tiny
+
+    args = tiny("sigmoid" if variant == "sigmoid" else "softmax", q_lora_rank=None if variant == "no q_lora" else 12)
+    args = dataclasses.replace(args, norm_eps=1e-6, max_seq_len=64)
+    if variant == "sigmoid":
+        args = dataclasses.replace(args, fine_moe=dataclasses.replace(args.fine_moe, n_group=1, topk_group=1))
+    return args
+
+
+@pytest.mark.parametrize("variant", ["softmax", "sigmoid", "no q_lora"])
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0"])
+def test_mistral4_round_trips(tmp_path, variant, qtype, one_thread):
+    """save_gguf -> load_model: the same ModelArgs (latent attention, experts, YaRN, query scaling, routing) and
+    the written values (kv_b_proj rebuilt from attn_k_b / attn_v_b), so the same logits."""
+    args = small4_args(variant)
+    if qtype == "Q8_0":  # blocks of 32 values a row
+        mla = dataclasses.replace(args.mla, kv_lora_rank=32, qk_nope_head_dim=32, v_head_dim=32,
+                                  q_lora_rank=args.mla.q_lora_rank and 32)
+        args = dataclasses.replace(args, dim=64, hidden_dim=64, mla=mla, head_dim=mla.qk_head_dim,
+                                   fine_moe=dataclasses.replace(args.fine_moe, moe_intermediate_size=32))
+    model = random_model(args)
+    for layer in model.layers:  # a score-correction bias (sigmoid routing) that is not zero
+        bias = getattr(getattr(layer.feed_forward, "gate", None), "e_score_correction_bias", None)
+        if bias is not None:
+            bias.copy_(torch.randn(bias.shape))
+    path = save_gguf(model, tmp_path / "small4.gguf", qtype)
+    back = load_model(path)
+    assert back.args == args
+    H, m = args.n_heads, args.mla
+    for name, w in model.state_dict().items():
+        got = back.state_dict()[name]
+        if w.ndim == 1 or name.endswith(("gate.weight", "e_score_correction_bias")):  # F32 in the file
+            want = w
+        elif name.endswith("kv_b_proj.weight"):  # written as attn_k_b (its key rows transposed) and attn_v_b
+            heads = w.reshape(H, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+            k_b = roundtrip_values(heads[:, :m.qk_nope_head_dim].transpose(1, 2).contiguous(), qtype)
+            v_b = roundtrip_values(heads[:, m.qk_nope_head_dim:].contiguous(), qtype)
+            want = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(w.shape)
+        else:
+            want = roundtrip_values(w, qtype)
+        assert torch.equal(got, want.to(got.dtype)), name
+    if qtype == "F32":
+        tokens = torch.randint(0, args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(back(tokens), model(tokens))
+
+
+def test_mistral4_fused_experts_load_like_stacked_ones(tmp_path):
+    """llama.cpp's own converter writes Small 4's experts fused, ffn_gate_up_exps (E, 2 x ff, dim): gate rows,
+    then up rows; they load as the separate stacks do."""
+    args = small4_args()
+    src = save_gguf(random_model(args), tmp_path / "small4.gguf", "F32")
+    reader = gguf.GGUFReader(src)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    fused = {"blk.1.ffn_gate_up_exps.weight": np.concatenate(
+        [tensors["blk.1.ffn_gate_exps.weight"], tensors["blk.1.ffn_up_exps.weight"]], axis=1)}
+    path = rewrite(src, tmp_path / "fused.gguf", drop=("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"),
+                   add=fused)
+    a, b = load_model(src), load_model(path)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_mistral4_files_we_cannot_compute_are_refused(tmp_path):
+    """Metadata that describes another cache or routing, a kv_b kept whole, a tensor of the wrong shape, an
+    unknown tensor, and quantize=: CheckpointError naming the file and the key or tensor."""
+    src = save_gguf(random_model(small4_args()), tmp_path / "small4.gguf", "F32")
+    U32 = gguf.GGUFValueType.UINT32
+    cases = {
+        r"mistral4\.attention\.head_count_kv is 4, expected 1": dict(meta={"mistral4.attention.head_count_kv": (4, U32)}),
+        r"mistral4\.attention\.key_length is 9, expected 12": dict(meta={"mistral4.attention.key_length": (9, U32)}),
+        r"key_length_mla / value_length_mla are missing": dict(meta={"mistral4.attention.key_length_mla": (None, U32)}),
+        r"mistral4\.expert_gating_func is 3": dict(meta={"mistral4.expert_gating_func": (3, U32)}),
+        r"blk\.1\.attn_v_b\.weight' has shape \[4, 5, 7\], expected \[4, 5, 8\]": dict(
+            replace={"blk.1.attn_v_b.weight": (np.zeros((4, 5, 7), np.float32), gguf.GGMLQuantizationType.F32)}),
+        r"missing 1 tensor.*layers\.0\.attention\.kv_b_proj\.weight": dict(drop=("blk.0.attn_k_b.weight",)),
+        r"1 tensor\(s\) that this mistral4 model does not have: blk\.0\.attn_kv_b\.weight": dict(
+            add={"blk.0.attn_kv_b.weight": np.zeros((44, 8), np.float32)}),
+    }
+    for i, (message, change) in enumerate(cases.items()):
+        with pytest.raises(CheckpointError, match=message):
+            load_model(rewrite(src, tmp_path / f"bad{i}.gguf", **change))
+    with pytest.raises(CheckpointError, match="quantize= is not offered for a mistral4 file"):
+        load_model(src, quantize="int8")

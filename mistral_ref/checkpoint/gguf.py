@@ -43,7 +43,14 @@ from mistral_ref.checkpoint.dtypes import parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, expected_shapes
 from mistral_ref.checkpoint.gguf_mistral4 import ARCH as MISTRAL4
-from mistral_ref.checkpoint.gguf_mistral4 import Planned, check_mistral4, mistral4_metadata, mistral4_plan
+from mistral_ref.checkpoint.gguf_mistral4 import (
+    Planned,
+    check_mistral4,
+    mistral4_fields,
+    mistral4_index,
+    mistral4_metadata,
+    mistral4_plan,
+)
 from mistral_ref.checkpoint.gguf_quant import gguf_quantized_weight
 from mistral_ref.checkpoint.names import natural_key
 from mistral_ref.checkpoint.safetensors_io import Progress
@@ -137,13 +144,36 @@ def gguf_model_args(reader: Any, path: str | Path) -> ModelArgs:
     """
     path = Path(path)
     arch = _value(reader, "general.architecture", path)
-    if arch not in ARCHITECTURES:
+    if arch not in (*ARCHITECTURES, MISTRAL4):
         raise CheckpointError(f"{path}: general.architecture is {arch!r}; mistral-ref reads {ARCHITECTURES} "
-                              "(llama.cpp writes Mistral 7B, Nemo, Small and Mixtral as 'llama')")
+                              f"and {MISTRAL4!r} (llama.cpp writes Mistral 7B, Nemo, Small and Mixtral as 'llama', "
+                              "Small 4 as 'mistral4')")
 
     def get(key: str, default: Any = _MISSING) -> Any:
         return _value(reader, f"{arch}.{key}", path, default)
 
+    vocab = get("vocab_size", None)
+    if vocab is None:  # older files: the tokenizer's length, else the embedding's rows
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
+        vocab = len(tokens.data) if tokens is not None else int(embd[0].shape[1]) if embd else None
+        if vocab is None:
+            raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens nor "
+                                  "token_embd.weight gives the vocabulary size")
+
+    def decimal(value: float) -> float:  # GGUF stores float32: 1e-6 reads back as 9.99999997e-07
+        return float(str(np.float32(value)))
+
+    common = dict(dim=int(get("embedding_length")), n_layers=int(get("block_count")),
+                  n_heads=int(get("attention.head_count")), vocab_size=int(vocab),
+                  norm_eps=decimal(get("attention.layer_norm_rms_epsilon")),
+                  rope_theta=decimal(get("rope.freq_base", 10000.0)),  # llama.cpp's default base
+                  max_seq_len=int(get("context_length")) if f"{arch}.context_length" in reader.fields else None)
+    if arch == MISTRAL4:
+        try:
+            return ModelArgs(**common, **mistral4_fields(get, path))
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: the metadata describes no valid model: {e}") from None
     scaling = get("rope.scaling.type", "none")
     if scaling != "none" or get("rope.scaling.factor", 1.0) != 1.0:
         raise CheckpointError(f"{path}: {arch}.rope.scaling.type is {scaling!r}: RoPE scaling is not part of "
@@ -168,29 +198,14 @@ def gguf_model_args(reader: Any, path: str | Path) -> ModelArgs:
             raise CheckpointError(f"{path}: {arch}.{key} is {get(key)} but the head width is {head_dim}: "
                                   "this model rotates and attends with whole heads")
     experts = int(get("expert_count", 0))
-    vocab = get("vocab_size", None)
-    if vocab is None:  # older files: the tokenizer's length, else the embedding's rows
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        embd = [t for t in reader.tensors if t.name == "token_embd.weight"]
-        vocab = len(tokens.data) if tokens is not None else int(embd[0].shape[1]) if embd else None
-        if vocab is None:
-            raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens nor "
-                                  "token_embd.weight gives the vocabulary size")
     window = get("attention.sliding_window", None)
-
-    def decimal(value: float) -> float:  # GGUF stores float32: 1e-6 reads back as 9.99999997e-07
-        return float(str(np.float32(value)))
-
     try:
         return ModelArgs(
-            dim=dim, n_layers=int(get("block_count")), n_heads=n_heads, n_kv_heads=int(n_kv_heads),
-            head_dim=head_dim, hidden_dim=int(get("expert_feed_forward_length", get("feed_forward_length")))
+            **common, n_kv_heads=int(n_kv_heads), head_dim=head_dim,
+            hidden_dim=int(get("expert_feed_forward_length", get("feed_forward_length")))
             if experts else int(get("feed_forward_length")),
-            vocab_size=int(vocab), norm_eps=decimal(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=decimal(get("rope.freq_base", 10000.0)),  # llama.cpp's default base
             sliding_window=int(window) if window else None,
             moe=MoeArgs(experts, int(get("expert_used_count"))) if experts else None,
-            max_seq_len=int(get("context_length")) if f"{arch}.context_length" in reader.fields else None,
         )
     except ConfigError as e:
         raise CheckpointError(f"{path}: the metadata describes no valid model: {e}") from None
@@ -351,6 +366,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     path = Path(path)
     reader = open_gguf(path)
     args = gguf_model_args(reader, path)
+    if args.mla is not None:  # "mistral4": tensors split, fused or transposed on the way (gguf_mistral4.py)
+        if quantize is not None:
+            raise CheckpointError(f"{path}: quantize= is not offered for a {MISTRAL4} file; load it, then "
+                                  "quantize_model(model, ...)")
+        return _load_mistral4(reader, args, path, dtype, torch.device(device), strict, progress, mmap)
     index = gguf_index(reader, args, path, strict=strict)
     dtype = parse_dtype(dtype) or gguf_dtype(index)
     device = torch.device(device)
@@ -372,6 +392,28 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
             else:
                 state[name] = read().to(device)
             bar.update(source.nbytes)
+    finally:
+        bar.close()
+    model.load_state_dict(state, strict=True, assign=True)
+    model.checkpoint_files = CheckpointFiles("gguf", path, (path,))
+    return model.eval()
+
+
+def _load_mistral4(reader: Any, args: ModelArgs, path: Path, dtype: torch.dtype | str | None, device: torch.device,
+                   strict: bool, progress: bool | None, mmap: bool) -> Transformer:
+    """load_gguf for a "mistral4" file: each native tensor made from its sources (mistral4_index)."""
+    index = mistral4_index(reader.tensors, args, expected_shapes(args), path, strict=strict)
+    sources = {id(t): GGUFSource(t, e) for parts, _ in index.values() for t, e in parts}
+    dtype = parse_dtype(dtype) or gguf_dtype({str(k): s for k, s in sources.items()})
+    model = meta_model(args)
+    bar = Progress(sum(GGUFSource(t, e).nbytes for parts, _ in index.values() for t, e in parts), progress,
+                   f"loading {path.name}")
+    state = {}
+    try:
+        for name, (parts, combine) in index.items():
+            read = [read_gguf_tensor(GGUFSource(t, e), dtype, mmap=mmap and device.type == "cpu") for t, e in parts]
+            state[name] = combine(read).to(device)
+            bar.update(sum(GGUFSource(t, e).nbytes for t, e in parts))
     finally:
         bar.close()
     model.load_state_dict(state, strict=True, assign=True)

@@ -33,19 +33,25 @@ score-correction bias (sigmoid routing) exp_probs_b.bias; the experts stacked as
 
 What llama.cpp cannot express is refused with the field that says so (:func:`check_mistral4`): its q_a / kv_a
 norms use norm_eps where mla.py keeps 1e-6, its YaRN has fixed ramps (beta 32, alpha 1) and leaves cos / sin
-unscaled only when mscale_all_dim says so, and it routes without expert groups.  This module writes; reading a
-"mistral4" file back is not supported (load_gguf reads "llama" and "mistral3").
+unscaled only when mscale_all_dim says so, and it routes without expert groups.
+
+Reading (load_gguf): the same keys and tensors back into ModelArgs and native tensors (mistral4_fields,
+mistral4_index), and llama.cpp's own converter's files, whose experts come fused (ffn_gate_up_exps: gate rows, then
+up rows) and which carry no attention.temperature_* keys (then no query scaling: what llama.cpp computes with
+them).  head_dim reads as qk_nope + qk_rope.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 
 from mistral_ref.checkpoint.errors import CheckpointError
-from mistral_ref.config import ModelArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, YarnArgs
 
 ARCH = "mistral4"
 MLA_NORM_EPS = 1e-6  # mla.py's q_a_layernorm / kv_a_layernorm eps (HF's RMSNorm default)
@@ -173,3 +179,144 @@ def mistral4_plan(state: dict[str, torch.Tensor], args: ModelArgs) -> list[Plann
         return (int(m[1]) if m else -1, item[0])
 
     return sorted(plan, key=order)
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+def mistral4_fields(get: Callable[..., Any], path: object) -> dict[str, Any]:
+    """The ModelArgs fields particular to a "mistral4" file (get(key, default) reads mistral4.<key>): head
+    sizes, latent attention, experts, YaRN and the query scaling, as llama.cpp computes with them.  Raises
+    CheckpointError naming the key for what this model cannot compute."""
+    n_heads, kv_lora, rope = int(get("attention.head_count")), int(get("attention.kv_lora_rank")), \
+        int(get("rope.dimension_count"))
+    qk, v = int(get("attention.key_length_mla", 0)), int(get("attention.value_length_mla", 0))
+    if not qk or not v:
+        raise CheckpointError(f"{path}: {ARCH}.attention.key_length_mla / value_length_mla are missing: a file "
+                              "that keeps kv_b whole (llama.cpp's older DeepSeek layout), which is not read here")
+    for key, want in (("attention.head_count_kv", 1), ("attention.key_length", kv_lora + rope),
+                      ("attention.value_length", kv_lora)):
+        if int(get(key, want)) != want:
+            raise CheckpointError(f"{path}: {ARCH}.{key} is {get(key)}, expected {want} (latent attention's cache: "
+                                  "one head of the latent and the rotary key)")
+    gating = int(get("expert_gating_func", 1))
+    if gating not in (1, 2):
+        raise CheckpointError(f"{path}: {ARCH}.expert_gating_func is {gating}: softmax (1) or sigmoid (2) routing")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", "yarn"):
+        raise CheckpointError(f"{path}: {ARCH}.rope.scaling.type is {scaling!r}: only YaRN is read")
+    log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0))
+    yarn = YarnArgs(factor=_decimal(get("rope.scaling.factor")),
+                    original_max_position_embeddings=int(get("rope.scaling.original_context_length")),
+                    apply_scale=False) if scaling == "yarn" else None
+    temperature = float(get("attention.temperature_scale", 0.0))
+    scale = float(get("expert_weights_scale", 0.0))
+    q_lora = int(get("attention.q_lora_rank", 0))
+    return dict(
+        n_kv_heads=n_heads, head_dim=qk, hidden_dim=int(get("feed_forward_length")),
+        mla=MlaArgs(kv_lora_rank=kv_lora, qk_nope_head_dim=qk - rope, qk_rope_head_dim=rope, v_head_dim=v,
+                    q_lora_rank=q_lora or None, mscale_all_dim=_decimal(log_mul / 0.1)),
+        fine_moe=FineMoeArgs(
+            num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
+            moe_intermediate_size=int(get("expert_feed_forward_length")),
+            n_shared_experts=int(get("expert_shared_count")),
+            first_k_dense_replace=int(get("leading_dense_block_count", 0)),
+            norm_topk_prob=bool(get("expert_weights_norm", False)),
+            routed_scaling_factor=_decimal(scale) if scale else 1.0,
+            scoring_func="softmax" if gating == 1 else "sigmoid"),
+        yarn=yarn,
+        llama_4_scaling=Llama4Scaling(int(get("attention.temperature_length")), _decimal(temperature))
+        if temperature else None)
+
+
+def _decimal(value: float) -> float:
+    """GGUF stores float32: 0.1 reads back as 0.100000001; the shortest decimal of that float32."""
+    return float(str(np.float32(value)))
+
+
+#: where one native tensor comes from: the file's tensors (each with an expert index into a stack, or None) and
+#: how to make the native tensor of them once read
+Source = tuple[list[tuple[Any, int | None]], Callable[[list[torch.Tensor]], torch.Tensor]]
+
+
+def mistral4_index(tensors: list[Any], args: ModelArgs, expected: dict[str, tuple[int, ...]], path: object,
+                   strict: bool = True) -> dict[str, Source]:
+    """{native name: Source} for every tensor of Transformer(args) in a "mistral4" file, after checking names
+    and shapes: the inverse of mistral4_plan, and llama.cpp's converter's fused experts (ffn_gate_up_exps, gate
+    rows first).  Raises CheckpointError naming the file and tensor."""
+    mla, moe = args.mla, args.fine_moe
+    assert mla is not None and moe is not None
+    H, n, v, c = args.n_heads, mla.qk_nope_head_dim, mla.v_head_dim, mla.kv_lora_rank
+    ff, E = moe.moe_intermediate_size, moe.num_experts
+    native_of = {g: k for k, g in _GLOBAL.items()}
+    layer_of = {g: k for k, g in _LAYER.items()}
+    by_name = {t.name: t for t in tensors}
+    index: dict[str, Source] = {}
+    problems, unexpected = [], []
+
+    def shape(t: Any) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(t.shape.tolist()))
+
+    def take(native: str, t: Any, want: tuple[int, ...], parts: list[tuple[Any, int | None]],
+             combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+        if shape(t) != want:
+            problems.append(f"{path}: tensor {t.name!r} has shape {list(shape(t))}, expected {list(want)} from "
+                            "the metadata")
+        else:
+            index[native] = (parts, combine)
+
+    def first(ts: list[torch.Tensor]) -> torch.Tensor:
+        return ts[0]
+
+    for t in tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+        layer, part = (int(m[1]), m[2]) if m else (-1, "")
+        if t.name in native_of:
+            native = native_of[t.name]
+            if native in expected:
+                take(native, t, expected[native], [(t, None)], first)
+                continue
+        elif part in layer_of and f"layers.{layer}.{layer_of[part]}" in expected:
+            native = f"layers.{layer}.{layer_of[part]}"
+            take(native, t, expected[native], [(t, None)], first)
+            continue
+        elif part == "attn_k_b.weight" and f"layers.{layer}.attention.kv_b_proj.weight" in expected:
+            v_b = by_name.get(f"blk.{layer}.attn_v_b.weight")
+            if v_b is None:
+                problems.append(f"{path}: tensor 'blk.{layer}.attn_k_b.weight' without its attn_v_b")
+            elif shape(v_b) != (H, v, c):
+                problems.append(f"{path}: tensor {v_b.name!r} has shape {list(shape(v_b))}, expected {[H, v, c]}")
+            else:
+                take(f"layers.{layer}.attention.kv_b_proj.weight", t, (H, c, n), [(t, None), (v_b, None)],
+                     lambda ts: torch.cat([ts[0].transpose(1, 2), ts[1]], dim=1).reshape(H * (n + v), c))
+            continue
+        elif part == "attn_v_b.weight" and f"layers.{layer}.attention.kv_b_proj.weight" in expected:
+            continue  # with its attn_k_b
+        elif part in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight") \
+                and f"layers.{layer}.feed_forward.experts.0.w1.weight" in expected:
+            fused = part == "ffn_gate_up_exps.weight"
+            w = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}.get(part)
+            one = expected[f"layers.{layer}.feed_forward.experts.0.{w or 'w1'}.weight"]
+            want = (E, 2 * ff, one[1]) if fused else (E, *one)
+            if shape(t) != want:
+                problems.append(f"{path}: tensor {t.name!r} has shape {list(shape(t))}, expected {list(want)} "
+                                "(experts x rows x columns) from the metadata")
+                continue
+            for e in range(E):
+                if fused:  # gate rows, then up rows
+                    index[f"layers.{layer}.feed_forward.experts.{e}.w1.weight"] = ([(t, e)], lambda ts: ts[0][:ff])
+                    index[f"layers.{layer}.feed_forward.experts.{e}.w3.weight"] = ([(t, e)], lambda ts: ts[0][ff:])
+                else:
+                    index[f"layers.{layer}.feed_forward.experts.{e}.{w}.weight"] = ([(t, e)], first)
+            continue
+        unexpected.append(t.name)
+    if "output.weight" not in index and "tok_embeddings.weight" in index:
+        index["output.weight"] = index["tok_embeddings.weight"]  # tied, as llama.cpp falls back
+    missing = [k for k in expected if k not in index]
+    if missing:
+        problems.insert(0, f"{path}: missing {len(missing)} tensor(s) that the metadata describes (native names): "
+                           f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected and strict:
+        problems.append(f"{path}: {len(unexpected)} tensor(s) that this {ARCH} model does not have: "
+                        f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if problems:
+        raise CheckpointError("\n".join(problems))
+    return index

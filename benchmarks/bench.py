@@ -84,9 +84,10 @@ MODELS = {
 QUICK_MODELS = {
     "tiny-gqa": ModelArgs(dim=128, n_layers=2, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32,
                           vocab_size=3072, norm_eps=1e-5, rope_theta=1e6),  # 3072: llama.cpp's GGUF tokenizer
-    # the small4 row's path (latent attention, 16 fine-grained experts top-4 + shared, Mistral4ForCausalLM), tiny
+    # the small4 row's path (latent attention, 16 fine-grained experts top-4 + shared, Mistral4ForCausalLM; 3072:
+    # llama.cpp's "mistral4" GGUF with the tokenizer), tiny
     "tiny-small4": ModelArgs(dim=64, n_layers=2, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=16,
-                             vocab_size=1024, norm_eps=1e-6, rope_theta=1e4,
+                             vocab_size=3072, norm_eps=1e-6, rope_theta=1e4,
                              yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
                              llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
                              mla=MlaArgs(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,

@@ -68,6 +68,11 @@ def test_quick_benchmark_prints_ratios(tmp_path):
     assert small4["decode_b1"]["same_tokens"] and small4["decode_b1"]["ratio"]["median"] > 0
     assert small4["prefill_128"]["ratio"]["median"] > 0
     assert re.search(r"\| tiny-small4 \| fp32 \| 1 \| .*x \|", text) and "| tiny-small4 | fp32 | 128 |" in text
+    if "## llama.cpp" in text:  # llama-cpp-python installed: the small4 shape runs there as "mistral4" too
+        peer = result["models"]["tiny-small4"]["llama_cpp"]
+        assert peer["fp32"]["decode_b1"]["agreement"] == 8 and peer["fp32"]["decode_b1"]["ratio"]["median"] > 0
+        assert re.search(r"\| tiny-small4 \| fp32 \| F32 \| .* \| 8/8 \|", text)
+        assert "not a multiple of group_size 32" in peer["int4"]["skipped"]  # 16-wide experts: no int4 groups
 
 
 @pytest.mark.slow

@@ -381,12 +381,14 @@ def test_mistral4_files_we_cannot_compute_are_refused(tmp_path):
     """Metadata that describes another cache or routing, a kv_b kept whole, a tensor of the wrong shape, an
     unknown tensor, and quantize=: CheckpointError naming the file and the key or tensor."""
     src = save_gguf(random_model(small4_args()), tmp_path / "small4.gguf", "F32")
-    U32 = gguf.GGUFValueType.UINT32
+    def u32(key: str, value: int | None) -> dict:
+        return {"meta": {f"mistral4.{key}": (value, gguf.GGUFValueType.UINT32)}}
+
     cases = {
-        r"mistral4\.attention\.head_count_kv is 4, expected 1": dict(meta={"mistral4.attention.head_count_kv": (4, U32)}),
-        r"mistral4\.attention\.key_length is 9, expected 12": dict(meta={"mistral4.attention.key_length": (9, U32)}),
-        r"key_length_mla / value_length_mla are missing": dict(meta={"mistral4.attention.key_length_mla": (None, U32)}),
-        r"mistral4\.expert_gating_func is 3": dict(meta={"mistral4.expert_gating_func": (3, U32)}),
+        r"mistral4\.attention\.head_count_kv is 4, expected 1": u32("attention.head_count_kv", 4),
+        r"mistral4\.attention\.key_length is 9, expected 12": u32("attention.key_length", 9),
+        r"key_length_mla / value_length_mla are missing": u32("attention.key_length_mla", None),
+        r"mistral4\.expert_gating_func is 3": u32("expert_gating_func", 3),
         r"blk\.1\.attn_v_b\.weight' has shape \[4, 5, 7\], expected \[4, 5, 8\]": dict(
             replace={"blk.1.attn_v_b.weight": (np.zeros((4, 5, 7), np.float32), gguf.GGMLQuantizationType.F32)}),
         r"missing 1 tensor.*layers\.0\.attention\.kv_b_proj\.weight": dict(drop=("blk.0.attn_k_b.weight",)),

@@ -72,7 +72,7 @@ def test_quick_benchmark_prints_ratios(tmp_path):
         peer = result["models"]["tiny-small4"]["llama_cpp"]
         assert peer["fp32"]["decode_b1"]["agreement"] == 8 and peer["fp32"]["decode_b1"]["ratio"]["median"] > 0
         assert re.search(r"\| tiny-small4 \| fp32 \| F32 \| .* \| 8/8 \|", text)
-        assert "not a multiple of group_size 32" in peer["int4"]["skipped"]  # 16-wide experts: no int4 groups
+        assert peer["int4"]["skipped"].startswith("layers.0.")  # its shapes take no int4: the tensor is named
 
 
 @pytest.mark.slow

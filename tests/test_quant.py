@@ -111,6 +111,20 @@ def test_bf16_kernels_equal_the_dequantized_product(scheme, group_size, rows):
     assert rel_err(out, exact) < 1e-2
 
 
+@pytest.mark.parametrize("in_features", [8, 24, 40, 100])
+@pytest.mark.parametrize("rows", [1, 4, 33])
+def test_int8_products_of_any_width(in_features, rows, one_thread):
+    """int8 weights are per output channel, so any width is valid; torch's int8 kernel is wrong (one row) or
+    crashes the process (more) where in_features % 16 != 0 on an AVX-512 / AMX Xeon, so those products take the
+    dequantized path (quant.INT8_KERNEL_IN): equal to the dequantized product (Mistral Small 4's tiny shapes, a
+    q_lora_rank of 24, crashed the bench's int8 row)."""
+    g = torch.Generator().manual_seed(in_features + rows)
+    qw = quantize_weight(torch.randn(48, in_features, generator=g).bfloat16(), "int8")
+    x = torch.randn(rows, in_features, generator=g).bfloat16()
+    exact = F.linear(x.double(), qw.dequantize(torch.float32).double())
+    assert rel_err(linear(x, qw), exact) < 1e-2
+
+
 @pytest.mark.parametrize("scheme,group_size", SCHEMES)
 def test_fp32_products_equal_the_dequantized_product(scheme, group_size):
     """fp32 activations: dequantized in blocks (8 MB), then the fp32 product; the weight spans two blocks, the

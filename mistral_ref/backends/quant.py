@@ -20,6 +20,10 @@ weight, a shared machine: ratios, not times):
 * int4 where torch's kernel reads another layout than quantize.pack_int4's (:func:`torch_int4_layout_matches`:
   torch packs for the CPU it runs on, and on an AVX-512 CPU its blocks differ from the AVX2 layout this project
   stores and its C kernels read): always dequantize, since the kernel would read our bytes as other rows.
+* int8 with in_features not a multiple of INT8_KERNEL_IN: always dequantize.  torch 2.13's
+  _weight_int8pack_mm returns wrong values for one row and crashes the process (SIGSEGV) for more on an AVX-512
+  / AMX Xeon when in_features % 16 != 0 (8, 24, 40, ... 130; found with Mistral Small 4's tiny test shapes,
+  tests/test_quant.py); int8 is per output channel, so any width is a valid weight.
 Off the CPU the weight is dequantized whole (the kernels here are CPU kernels).
 """
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from mistral_ref.quantize import QuantizedWeight, pack_int4
 
 DEQUANTIZE_MIN_ROWS = 64  # bf16 / fp16 products of this many rows or more dequantize (see the module docstring)
+INT8_KERNEL_IN = 16  # torch's int8 kernel takes in_features that are multiples of this (module docstring)
 _BLOCK_ELEMENTS = 2 << 20  # dequantize <= 8 MB of fp32 weight at once
 
 
@@ -49,7 +54,8 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight,
     if x.dtype != weight.dtype:
         raise RuntimeError(f"quantized linear: input dtype {x.dtype} does not match the weight's {weight.dtype}")
     if (x.dtype == torch.float32 or rows >= DEQUANTIZE_MIN_ROWS
-            or (weight.scheme == "int4" and not torch_int4_layout_matches())):
+            or (weight.scheme == "int4" and not torch_int4_layout_matches())
+            or (weight.scheme == "int8" and in_features % INT8_KERNEL_IN)):
         xf = x.float()
         block = max(32, _BLOCK_ELEMENTS // in_features // 32 * 32)  # rows of weight per block (int4: 32s)
         parts = [dense(xf, dequantize_rows(weight, start, start + block))

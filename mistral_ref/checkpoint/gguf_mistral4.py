@@ -43,6 +43,7 @@ them).  head_dim reads as qk_nope + qk_rope.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -314,9 +315,13 @@ def mistral4_index(tensors: list[Any], args: ModelArgs, expected: dict[str, tupl
     if missing:
         problems.insert(0, f"{path}: missing {len(missing)} tensor(s) that the metadata describes (native names): "
                            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected and strict:
-        problems.append(f"{path}: {len(unexpected)} tensor(s) that this {ARCH} model does not have: "
-                        f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if unexpected:
+        message = (f"{path}: {len(unexpected)} tensor(s) that this {ARCH} model does not have: "
+                   f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        if strict:
+            problems.append(message)
+        else:
+            logging.getLogger(__name__).warning("%s (ignored: strict=False)", message)
     if problems:
         raise CheckpointError("\n".join(problems))
     return index

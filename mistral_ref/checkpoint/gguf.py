@@ -12,7 +12,8 @@ this module maps what it finds onto the native checkpoint: the config (ModelArgs
   architecture string names the computation, and theirs is Llama's); newer converters write Mistral-format
   checkpoints as "mistral3", which is the same computation unless it carries YaRN RoPE scaling or an attention
   temperature (Ministral 3): those, and every other architecture, are refused with the field that says so.
-  save_gguf also writes Mistral Small 4 as "mistral4" (checkpoint/gguf_mistral4.py), which is not read back.
+  Mistral Small 4 (latent attention, fine-grained experts) is "mistral4", written and read by the rules of
+  checkpoint/gguf_mistral4.py.
 * Names.  token_embd / output_norm / output, and per block blk.N.attn_{norm,q,k,v,output},
   blk.N.ffn_{norm,gate,up,down}; Mixtral's router is blk.N.ffn_gate_inp and its experts are stacked in
   blk.N.ffn_{gate,up,down}_exps (num_experts, rows, columns) — or, in files written before April 2024, one
@@ -137,7 +138,7 @@ def _value(reader: Any, key: str, path: Path, default: Any = _MISSING) -> Any:
 
 
 def gguf_model_args(reader: Any, path: str | Path) -> ModelArgs:
-    """The ModelArgs a GGUF file's metadata describes (architecture "llama" or plain "mistral3").
+    """The ModelArgs a GGUF file's metadata describes (architecture "llama", plain "mistral3" or "mistral4").
 
     Raises CheckpointError naming the file and the metadata key for an architecture or a feature (RoPE scaling,
     an attention temperature, per-layer head counts, partial rotary dimensions) that this model does not have.

@@ -1,5 +1,5 @@
-"""Mistral Small 4 as llama.cpp's "mistral4" GGUF architecture: what save_gguf writes for latent attention with
-fine-grained experts (mla.py, fine_moe.py).
+"""Mistral Small 4 as llama.cpp's "mistral4" GGUF architecture: what save_gguf writes, and load_gguf reads, for
+latent attention with fine-grained experts (mla.py, fine_moe.py).
 
 llama.cpp runs "mistral4" with its DeepSeek-V2 graph, MLA absorbed: the cache holds each token's normed latent
 and its rotary key (a single key / value head), queries are multiplied into latent space by attn_k_b, the
@@ -17,7 +17,7 @@ attention output leaves it through attn_v_b.  So the metadata describes the cach
 | expert_feed_forward_length              | moe_intermediate_size                               |
 | expert_weights_norm / expert_weights_scale | norm_topk_prob / routed_scaling_factor           |
 | expert_gating_func                      | 1 softmax, 2 sigmoid (scoring_func)                 |
-| leading_dense_block_count               | first_k_dense_replace (feed_forward_length: theirs) |
+| leading_dense_block_count               | first_k_dense_replace (their width: feed_forward_length) |
 | rope.scaling.type / factor / original_context_length | YaRN                                   |
 | rope.scaling.yarn_log_multiplier        | 0.1 x mscale_all_dim                                |
 | attention.temperature_scale / temperature_length | llama_4_scaling's beta / original length   |

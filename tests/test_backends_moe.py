@@ -425,3 +425,37 @@ def test_bf16_tokens_take_the_amx_experts(N, monkeypatch):
         monkeypatch.setattr(fast, "AMX_EXPERTS", False)
         looped = mix_experts_grouped(x, weights, experts, w1, w2, w3)
     assert len(calls) == 1 and rel_err(looped, ref) < 2e-2
+
+
+@pytest.mark.parametrize("N", [5, 40])
+def test_fp32_tokens_of_stacked_experts_take_three_grouped_products(N, monkeypatch):
+    """Several fp32 tokens with stacked experts: three torch._grouped_mm calls for the layer (gate, up, down),
+    within 1e-6 of moe.mix_experts and of the loop an expert (GROUPED_MM off), with experts that get no token
+    (16 experts, top-2, 5 tokens); experts kept as separate tensors, and tokens that need gradients, keep the
+    loop."""
+    import mistral_ref.backends.moe as fast
+
+    if not fast.cpu_grouped_mm():
+        pytest.skip("this torch's _grouped_mm does not run on the CPU")
+    g = torch.Generator().manual_seed(N)
+    E, hidden, dim, k = 16, 24, 32, 2
+    x = torch.randn(N, dim, generator=g)
+    w1, w3 = (torch.randn(E, hidden, dim, generator=g) * 0.2 for _ in range(2))
+    w2 = torch.randn(E, dim, hidden, generator=g) * 0.2
+    experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    weights = torch.rand(N, k, generator=g)
+    calls, real = [], torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    ref = mix_experts(x, weights, experts, w1, w2, w3)
+    with torch.inference_mode():
+        out = mix_experts_grouped(x, weights, experts, w1, w2, w3)
+        assert len(calls) == 3 and calls[0] == (N * k, dim) and rel_err(out, ref) < 1e-6
+        if N == 5:
+            assert len(experts.unique()) < E  # some experts got no token
+        mix_experts_grouped(x, weights, experts, list(w1), list(w2), list(w3))
+        monkeypatch.setattr(fast, "GROUPED_MM", False)
+        looped = mix_experts_grouped(x, weights, experts, w1, w2, w3)
+    assert len(calls) == 3 and rel_err(looped, out) < 1e-6
+    monkeypatch.setattr(fast, "GROUPED_MM", True)
+    trained = mix_experts_grouped(x, weights, experts, w1.requires_grad_(), w2, w3)
+    assert len(calls) == 3 and trained.requires_grad

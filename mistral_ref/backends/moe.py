@@ -9,7 +9,9 @@ Triton MoE kernel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,9 @@ def moe_forward_grouped(
 # Several bf16 tokens' experts go to cpu_gemv.experts_rows (one call on AMX tiles) where it takes them; False: the
 # loop an expert (benchmarks/bench_attention.py part 5 times both)
 AMX_EXPERTS = True
+# Several fp32 tokens with stacked experts go to torch._grouped_mm where it runs on the CPU (grouped_mm_applies);
+# False: the loop an expert
+GROUPED_MM = True
 
 
 def mix_experts_grouped(
@@ -62,7 +67,8 @@ def mix_experts_grouped(
     outputs in fp32, then rounds (the reference rounds after each expert).  Where :func:`pads_rows`, each expert
     multiplies :func:`row_bucket` rows, its own first, so the shapes of the products recur from prompt to prompt
     (:func:`bucketed_rows`: not the few rows the C kernels take).  Several bf16 tokens on a CPU with AMX tiles:
-    every expert in one call (cpu_gemv.experts_rows), the rows rounded as :func:`swiglu` rounds them.
+    every expert in one call (cpu_gemv.experts_rows), the rows rounded as :func:`swiglu` rounds them; several
+    fp32 tokens with stacked experts: three torch._grouped_mm calls for the layer (:func:`grouped_mm_applies`).
     """
     top_k = experts.shape[1]
     if x.shape[0] == 1 and gemv_experts_apply(x, w1) and cpu_gemv.library() is not None:
@@ -86,6 +92,14 @@ def mix_experts_grouped(
         if ys is not None:
             ys *= weights.flatten()[order, None].to(x.dtype)
             return torch.zeros_like(x).index_add_(0, token, ys)
+    if grouped_mm_applies(x, w1, w2, w3):  # stacked fp32 experts: three grouped products for the layer
+        offsets = torch.tensor(counts).cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        xs = x[token]  # (N*k, dim) expert after expert
+        gate = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)  # (N*k, hidden)
+        up = torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)
+        ys = torch._grouped_mm(swiglu_in_place(gate, up), w2.transpose(1, 2), offs=offsets)  # (N*k, dim)
+        ys *= weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
     rows = bucketed_rows(counts, x, w1)  # rows each expert multiplies
     spare = max(r - n for r, n in zip(rows, counts))  # the last expert's extra rows read past the end
     xs = x[torch.cat([token, token.new_zeros(spare)]) if spare else token]  # (N*k + spare, dim) expert after expert
@@ -97,6 +111,36 @@ def mix_experts_grouped(
             start += n
     ys *= weights.flatten()[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def grouped_mm_applies(x: torch.Tensor, w1: Any, w2: Any, w3: Any) -> bool:
+    """Whether mix_experts_grouped multiplies several tokens' experts by torch._grouped_mm (one call a product for
+    the layer, each expert's rows by its slice of the stack) instead of one product an expert: fp32 tokens and
+    stacked fp32 experts (stack_experts: (E, out, in)) on a CPU, no autograd, GROUPED_MM and a torch whose
+    _grouped_mm runs on the CPU (:func:`cpu_grouped_mm`).  Its products are the per-expert products within fp32
+    rounding (tests/test_backends_moe.py: 1e-6); the loop instead pays Python and dispatch for every small
+    product (Small 4: 128 experts x 3 a layer)."""
+    return (GROUPED_MM and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and all(isinstance(w, torch.Tensor) and not isinstance(w, QuantizedExperts) and w.dim() == 3
+                    and w.dtype == torch.float32 and w.device.type == "cpu" for w in (w1, w2, w3))
+            and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad
+                                                  or w3.requires_grad))
+            and cpu_grouped_mm())
+
+
+@functools.cache
+def cpu_grouped_mm() -> bool:
+    """Whether this torch's _grouped_mm runs fp32 products on the CPU and gives the per-group products (checked
+    once, on a small case with an empty group)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 8, generator=g), torch.randn(3, 4, 8, generator=g)
+    try:
+        y = torch._grouped_mm(x, w.transpose(1, 2), offs=torch.tensor([2, 2, 5], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(y, torch.cat([x[:2] @ w[0].T, x[2:] @ w[2].T]), rtol=1e-5, atol=1e-6)
 
 
 def pads_rows(x: torch.Tensor, w1: Sequence[torch.Tensor] | torch.Tensor | QuantizedExperts) -> bool:

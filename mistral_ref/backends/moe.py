@@ -90,16 +90,14 @@ def mix_experts_grouped(
     if AMX_EXPERTS and cpu_gemv.experts_rows_apply(x, w1, w2, w3):  # bf16, AMX tiles: every expert in one call
         ys = cpu_gemv.experts_rows(x, token, counts, w1, w3, w2)
         if ys is not None:
-            ys *= weights.flatten()[order, None].to(x.dtype)
-            return torch.zeros_like(x).index_add_(0, token, ys)
+            return weighted_sum(x, ys, weights, order, token)
     if grouped_mm_applies(x, w1, w2, w3):  # stacked fp32 experts: three grouped products for the layer
         offsets = torch.tensor(counts).cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
         xs = x[token]  # (N*k, dim) expert after expert
         gate = torch._grouped_mm(xs, w1.transpose(1, 2), offs=offsets)  # (N*k, hidden)
         up = torch._grouped_mm(xs, w3.transpose(1, 2), offs=offsets)
         ys = torch._grouped_mm(swiglu_in_place(gate, up), w2.transpose(1, 2), offs=offsets)  # (N*k, dim)
-        ys *= weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return weighted_sum(x, ys, weights, order, token)
     rows = bucketed_rows(counts, x, w1)  # rows each expert multiplies
     spare = max(r - n for r, n in zip(rows, counts))  # the last expert's extra rows read past the end
     xs = x[torch.cat([token, token.new_zeros(spare)]) if spare else token]  # (N*k + spare, dim) expert after expert
@@ -109,6 +107,13 @@ def mix_experts_grouped(
         if n:  # (the rows past n belong to the next experts: multiplied, then dropped)
             ys[start:start + n] = swiglu(xs[start:start + rows[e]], w1[e], w3[e], w2[e])[:n]  # (n, dim)
             start += n
+    return weighted_sum(x, ys, weights, order, token)
+
+
+def weighted_sum(x: torch.Tensor, ys: torch.Tensor, weights: torch.Tensor, order: torch.Tensor,
+                 token: torch.Tensor) -> torch.Tensor:
+    """Each sorted assignment's expert output (ys, (N*k, dim), in `order`) times its router weight, summed into its
+    token's row (token: (N*k,)).  -> (N, dim) in x's dtype"""
     ys *= weights.flatten()[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, ys)
 

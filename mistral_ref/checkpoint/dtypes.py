@@ -1,4 +1,5 @@
-"""The two dtype helpers: a dtype the user names, and the dtype a checkpoint is stored in."""
+"""The dtype helpers: a dtype the user names, the dtype a checkpoint is stored in, and a float32 read back as
+the decimal it was written from."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 _NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def float32_decimal(value: float) -> float:
+    """The shortest decimal of `value` as a float32: a file that stores float32 (GGUF) gives 1e-6 back as
+    9.99999997e-07 and 0.1 as 0.100000001; this returns 1e-6 and 0.1 (what was written)."""
+    return float(str(np.float32(value)))
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

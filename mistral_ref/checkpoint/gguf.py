@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
-from mistral_ref.checkpoint.dtypes import parse_dtype
+from mistral_ref.checkpoint.dtypes import float32_decimal, parse_dtype
 from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.checkpoint.files import CheckpointFiles, expected_shapes
 from mistral_ref.checkpoint.gguf_mistral4 import ARCH as MISTRAL4
@@ -162,13 +162,10 @@ def gguf_model_args(reader: Any, path: str | Path) -> ModelArgs:
             raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens nor "
                                   "token_embd.weight gives the vocabulary size")
 
-    def decimal(value: float) -> float:  # GGUF stores float32: 1e-6 reads back as 9.99999997e-07
-        return float(str(np.float32(value)))
-
     common = dict(dim=int(get("embedding_length")), n_layers=int(get("block_count")),
                   n_heads=int(get("attention.head_count")), vocab_size=int(vocab),
-                  norm_eps=decimal(get("attention.layer_norm_rms_epsilon")),
-                  rope_theta=decimal(get("rope.freq_base", 10000.0)),  # llama.cpp's default base
+                  norm_eps=float32_decimal(get("attention.layer_norm_rms_epsilon")),
+                  rope_theta=float32_decimal(get("rope.freq_base", 10000.0)),  # llama.cpp's default base
                   max_seq_len=int(get("context_length")) if f"{arch}.context_length" in reader.fields else None)
     if arch == MISTRAL4:
         try:

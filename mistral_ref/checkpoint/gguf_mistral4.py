@@ -48,10 +48,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from mistral_ref.checkpoint.errors import CheckpointError
+from mistral_ref.checkpoint.dtypes import float32_decimal
+from mistral_ref.checkpoint.errors import CheckpointError, listing
 from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, YarnArgs
 
 ARCH = "mistral4"
@@ -74,6 +74,8 @@ _LAYER = {  # native (after layers.N.) -> blk.N.<gguf>
     "feed_forward.w2.weight": "ffn_down.weight",
 }
 _EXPERTS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
+# stacks read: each expert's tensors in it, along its rows (llama.cpp's converter fuses gate and up)
+_STACKS = {**{g: (w,) for w, g in _EXPERTS.items()}, "ffn_gate_up_exps.weight": ("w1", "w3")}
 _NATIVE = re.compile(r"layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])\.weight")
 
@@ -95,8 +97,6 @@ def check_mistral4(args: ModelArgs, path: object) -> None:
     if moe.n_group > 1 and moe.topk_group < moe.n_group:
         raise CheckpointError(f"{path}: fine_moe routes within {moe.topk_group} of {moe.n_group} expert groups; "
                               "llama.cpp's mistral4 routes over all experts")
-    if moe.scoring_func not in ("softmax", "sigmoid"):
-        raise CheckpointError(f"{path}: fine_moe.scoring_func {moe.scoring_func!r} has no llama.cpp gating function")
     if yarn is not None:
         if (yarn.beta, yarn.alpha) != (32.0, 1.0):
             raise CheckpointError(f"{path}: yarn beta / alpha are {yarn.beta} / {yarn.alpha}; llama.cpp's mistral4 "
@@ -160,12 +160,11 @@ def mistral4_plan(state: dict[str, torch.Tensor], args: ModelArgs) -> list[Plann
         e = _EXPERT.fullmatch(rest)
         if m and e:
             experts.setdefault((int(m[1]), e[2]), {})[int(e[1])] = name
-        elif m and rest == "attention.kv_b_proj.weight":
-            def heads(name: str = name) -> torch.Tensor:  # (H, n + v, c)
-                return state[name].reshape(H, n + v, c)
-
-            plan.append((f"blk.{m[1]}.attn_k_b.weight", (H, c, n), lambda heads=heads: heads()[:, :n].transpose(1, 2)))
-            plan.append((f"blk.{m[1]}.attn_v_b.weight", (H, v, c), lambda heads=heads: heads()[:, n:]))
+        elif m and rest == "attention.kv_b_proj.weight":  # per head (H, n + v, c): key rows, then value rows
+            plan.append((f"blk.{m[1]}.attn_k_b.weight", (H, c, n),
+                         lambda name=name: state[name].reshape(H, n + v, c)[:, :n].transpose(1, 2)))
+            plan.append((f"blk.{m[1]}.attn_v_b.weight", (H, v, c),
+                         lambda name=name: state[name].reshape(H, n + v, c)[:, n:]))
         elif m and rest in _LAYER:
             plan.append((f"blk.{m[1]}.{_LAYER[rest]}", tuple(state[name].shape), lambda name=name: state[name]))
         else:
@@ -205,7 +204,7 @@ def mistral4_fields(get: Callable[..., Any], path: object) -> dict[str, Any]:
     if scaling not in ("none", "yarn"):
         raise CheckpointError(f"{path}: {ARCH}.rope.scaling.type is {scaling!r}: only YaRN is read")
     log_mul = float(get("rope.scaling.yarn_log_multiplier", 0.0))
-    yarn = YarnArgs(factor=_decimal(get("rope.scaling.factor")),
+    yarn = YarnArgs(factor=float32_decimal(get("rope.scaling.factor")),
                     original_max_position_embeddings=int(get("rope.scaling.original_context_length")),
                     apply_scale=False) if scaling == "yarn" else None
     temperature = float(get("attention.temperature_scale", 0.0))
@@ -214,23 +213,18 @@ def mistral4_fields(get: Callable[..., Any], path: object) -> dict[str, Any]:
     return dict(
         n_kv_heads=n_heads, head_dim=qk, hidden_dim=int(get("feed_forward_length")),
         mla=MlaArgs(kv_lora_rank=kv_lora, qk_nope_head_dim=qk - rope, qk_rope_head_dim=rope, v_head_dim=v,
-                    q_lora_rank=q_lora or None, mscale_all_dim=_decimal(log_mul / 0.1)),
+                    q_lora_rank=q_lora or None, mscale_all_dim=float32_decimal(log_mul / 0.1)),
         fine_moe=FineMoeArgs(
             num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
             moe_intermediate_size=int(get("expert_feed_forward_length")),
             n_shared_experts=int(get("expert_shared_count")),
             first_k_dense_replace=int(get("leading_dense_block_count", 0)),
             norm_topk_prob=bool(get("expert_weights_norm", False)),
-            routed_scaling_factor=_decimal(scale) if scale else 1.0,
+            routed_scaling_factor=float32_decimal(scale) if scale else 1.0,
             scoring_func="softmax" if gating == 1 else "sigmoid"),
         yarn=yarn,
-        llama_4_scaling=Llama4Scaling(int(get("attention.temperature_length")), _decimal(temperature))
+        llama_4_scaling=Llama4Scaling(int(get("attention.temperature_length")), float32_decimal(temperature))
         if temperature else None)
-
-
-def _decimal(value: float) -> float:
-    """GGUF stores float32: 0.1 reads back as 0.100000001; the shortest decimal of that float32."""
-    return float(str(np.float32(value)))
 
 
 #: where one native tensor comes from: the file's tensors (each with an expert index into a stack, or None) and
@@ -246,7 +240,7 @@ def mistral4_index(tensors: list[Any], args: ModelArgs, expected: dict[str, tupl
     mla, moe = args.mla, args.fine_moe
     assert mla is not None and moe is not None
     H, n, v, c = args.n_heads, mla.qk_nope_head_dim, mla.v_head_dim, mla.kv_lora_rank
-    ff, E = moe.moe_intermediate_size, moe.num_experts
+    E = moe.num_experts
     native_of = {g: k for k, g in _GLOBAL.items()}
     layer_of = {g: k for k, g in _LAYER.items()}
     by_name = {t.name: t for t in tensors}
@@ -291,22 +285,18 @@ def mistral4_index(tensors: list[Any], args: ModelArgs, expected: dict[str, tupl
             continue
         elif part == "attn_v_b.weight" and f"layers.{layer}.attention.kv_b_proj.weight" in expected:
             continue  # with its attn_k_b
-        elif part in ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight") \
-                and f"layers.{layer}.feed_forward.experts.0.w1.weight" in expected:
-            fused = part == "ffn_gate_up_exps.weight"
-            w = {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3", "ffn_down_exps.weight": "w2"}.get(part)
-            one = expected[f"layers.{layer}.feed_forward.experts.0.{w or 'w1'}.weight"]
-            want = (E, 2 * ff, one[1]) if fused else (E, *one)
+        elif part in _STACKS and f"layers.{layer}.feed_forward.experts.0.w1.weight" in expected:
+            ws = _STACKS[part]  # the experts' tensors this stack holds, one after the other along the rows
+            rows, cols = expected[f"layers.{layer}.feed_forward.experts.0.{ws[0]}.weight"]
+            want = (E, len(ws) * rows, cols)
             if shape(t) != want:
                 problems.append(f"{path}: tensor {t.name!r} has shape {list(shape(t))}, expected {list(want)} "
                                 "(experts x rows x columns) from the metadata")
                 continue
             for e in range(E):
-                if fused:  # gate rows, then up rows
-                    index[f"layers.{layer}.feed_forward.experts.{e}.w1.weight"] = ([(t, e)], lambda ts: ts[0][:ff])
-                    index[f"layers.{layer}.feed_forward.experts.{e}.w3.weight"] = ([(t, e)], lambda ts: ts[0][ff:])
-                else:
-                    index[f"layers.{layer}.feed_forward.experts.{e}.{w}.weight"] = ([(t, e)], first)
+                for i, w in enumerate(ws):
+                    index[f"layers.{layer}.feed_forward.experts.{e}.{w}.weight"] = (
+                        [(t, e)], lambda ts, i=i, rows=rows: ts[0][i * rows:(i + 1) * rows])
             continue
         unexpected.append(t.name)
     if "output.weight" not in index and "tok_embeddings.weight" in index:
@@ -314,10 +304,9 @@ def mistral4_index(tensors: list[Any], args: ModelArgs, expected: dict[str, tupl
     missing = [k for k in expected if k not in index]
     if missing:
         problems.insert(0, f"{path}: missing {len(missing)} tensor(s) that the metadata describes (native names): "
-                           f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+                           f"{listing(missing)}")
     if unexpected:
-        message = (f"{path}: {len(unexpected)} tensor(s) that this {ARCH} model does not have: "
-                   f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        message = f"{path}: {len(unexpected)} tensor(s) that this {ARCH} model does not have: {listing(unexpected)}"
         if strict:
             problems.append(message)
         else:

@@ -1,6 +1,8 @@
 """The engine's whole decode step (backends/decode_step.py: one operator call a block) against the "torch"
 backend's eager layers and the "reference" backend: beyond the sliding window, GQA, head_dim != dim / n_heads,
-Mixtral's experts, bf16, int8 and int4; when it is taken and when not; its kept plan after the model changes."""
+Mixtral's experts, Ministral 3's query scaling, Mistral Small 4's latent attention and fine-grained experts (past
+YaRN's original context and the query scaling's steps), bf16, int8 and int4; when it is taken and when not; its
+kept plan after the model changes."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv, decode_step
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.cache import CacheOverflowError, KVCache
-from mistral_ref.config import Llama4Scaling, ModelArgs, MoeArgs
+from mistral_ref.config import FineMoeArgs, Llama4Scaling, MlaArgs, ModelArgs, MoeArgs, YarnArgs
 from mistral_ref.generation import generate
 from mistral_ref.quantize import quantize_model
 
@@ -27,7 +29,37 @@ pytestmark = pytest.mark.skipif(cpu_gemv.library() is None or cpu_gemv.operators
 DENSE = ModelArgs(dim=96, n_layers=3, hidden_dim=160, n_heads=6, n_kv_heads=2, head_dim=32, vocab_size=320,
                   norm_eps=1e-5, rope_theta=1e4, sliding_window=12)
 MOE = dataclasses.replace(DENSE, moe=MoeArgs(num_experts=4, num_experts_per_tok=2))
+# Ministral 3: queries scaled by position, in steps of 8 positions (the steps run to 35)
+SCALED = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
+# Mistral Small 4 in small: latent attention with a low-rank query, YaRN over an original context of 8 with the
+# softmax-scale correction, query scaling; a dense first layer, then 16 fine-grained experts (top 4, softmax) and a
+# shared expert
+LATENT = ModelArgs(dim=64, n_layers=3, hidden_dim=96, n_heads=4, n_kv_heads=4, head_dim=20, vocab_size=320,
+                   norm_eps=1e-6, rope_theta=1e4,
+                   yarn=YarnArgs(factor=4.0, original_max_position_embeddings=8, apply_scale=False),
+                   llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1),
+                   mla=MlaArgs(kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                               q_lora_rank=24, mscale_all_dim=1.0),
+                   fine_moe=FineMoeArgs(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
+                                        n_shared_experts=1, first_k_dense_replace=1))
+# ... without the low-rank query, with DeepSeek-V3's router: sigmoid scores with a score-correction bias, 2 of 4
+# groups, the weights renormalised and scaled by 2.5
+SIGMOID = dataclasses.replace(
+    LATENT, mla=dataclasses.replace(LATENT.mla, q_lora_rank=None),
+    fine_moe=dataclasses.replace(LATENT.fine_moe, scoring_func="sigmoid", n_group=4, topk_group=2,
+                                 norm_topk_prob=True, routed_scaling_factor=2.5))
 STEPS, PROMPT = 30, 5
+
+
+def biased(model):
+    """A random score-correction bias for the fine-grained routers (their choice moves with it)."""
+    generator = torch.Generator().manual_seed(3)
+    for layer in model.layers:
+        gate = getattr(layer.feed_forward, "gate", None)
+        if hasattr(gate, "e_score_correction_bias"):
+            bias = gate.e_score_correction_bias
+            bias.copy_(0.1 * torch.randn(bias.shape, generator=generator))
+    return model
 
 
 def layers_only(model):
@@ -66,21 +98,28 @@ def stacked(model):
     return model
 
 
-@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked)],
-                         ids=["dense", "moe", "moe-stacked"])
+FP32_CASES = [(DENSE, None), (MOE, None), (MOE, stacked), (SCALED, None), (LATENT, None), (LATENT, stacked),
+              (SIGMOID, None), (SIGMOID, stacked)]
+FP32_IDS = ["dense", "moe", "moe-stacked", "query-scaling", "latent", "latent-stacked", "sigmoid", "sigmoid-stacked"]
+
+
+@pytest.mark.parametrize("args,layout", FP32_CASES, ids=FP32_IDS)
 def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
-    model = make_model(args)
+    def build(a):  # (fine-grained routers with a random score-correction bias)
+        return biased(make_model(a))
+
+    model = build(args)
     if layout:
         layout(model)
     parameters = list(model.parameters())
     assert steps_taken(model) == STEPS  # one call every step
     assert all(a is b for a, b in zip(parameters, model.parameters(), strict=True))  # none replaced
     fused, fused_tokens = decode(model)
-    layers, layer_tokens = decode(layers_only(make_model(args)))
-    reference, reference_tokens = decode(make_model(args).set_backend("reference"))
-    exact, exact_tokens = decode(make_model(args).set_backend("reference").double())
+    layers, layer_tokens = decode(layers_only(build(args)))
+    reference, reference_tokens = decode(build(args).set_backend("reference"))
+    exact, exact_tokens = decode(build(args).set_backend("reference").double())
     if layout:  # stacked experts decode as their own tensors do
-        assert fused_tokens == decode(make_model(args))[1]
+        assert fused_tokens == decode(build(args))[1]
     # against the float64 reference: three fp32 paths that sum in different orders each land within 1e-5 of it,
     # but not always within 1e-5 of one another (30 steps through experts: 1.1e-5 apart on a Xeon with AMX)
     assert rel_err(fused, exact) < FP32_RTOL and rel_err(layers, exact) < FP32_RTOL
@@ -88,15 +127,23 @@ def test_fp32_equals_the_layers_and_the_reference(args, layout, make_model):
     assert fused_tokens == layer_tokens == reference_tokens == exact_tokens
 
 
-@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked)],
-                         ids=["dense", "moe", "moe-stacked"])
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+# (latent attention: no int4, which the step declines; these experts are 16 wide, no int4 group fits them)
+BF16_CASES = [pytest.param(args, layout, scheme, id=f"{name}-{scheme or 'bf16'}")
+              for args, layout, name in [(DENSE, None, "dense"), (MOE, None, "moe"), (MOE, stacked, "moe-stacked"),
+                                         (SCALED, None, "query-scaling"), (LATENT, None, "latent"),
+                                         (LATENT, stacked, "latent-stacked"), (SIGMOID, None, "sigmoid"),
+                                         (SIGMOID, stacked, "sigmoid-stacked")]
+              for scheme in ([None, "int8"] if args.mla else [None, "int8", "int4"])]
+
+
+@pytest.mark.parametrize("args,layout,scheme", BF16_CASES)
 def test_bf16_and_quantized_equal_the_layers(args, layout, scheme, make_model):
     """The same kernels and roundings as the eager layers: equal but where SiLU's exp polynomial and torch's exp
-    differ in fp32's last bits and that moves a bf16 rounding (in practice: bitwise)."""
+    differ in fp32's last bits and that moves a bf16 rounding (in practice: bitwise).  Latent attention rounds
+    where backends/mla.py's einsums round: in bf16 on a CPU with bf16 instructions, else in fp32 throughout."""
     models = []
     for _ in range(2):
-        model = make_model(args).to(torch.bfloat16)
+        model = biased(make_model(args)).to(torch.bfloat16)
         if scheme:
             quantize_model(model, scheme, group_size=32)
         if layout:
@@ -194,17 +241,22 @@ def test_not_taken_where_it_does_not_apply(make_model):
     assert steps_taken(patched, steps=2) == 2
     patched.layers[2].feed_forward.forward = lambda x, ops: torch.zeros_like(x)
     assert steps_taken(patched, steps=2) == 0
-    # query scaling by position (Ministral 3): not a block decode_model computes
-    scaled = dataclasses.replace(DENSE, llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8, beta=0.1))
-    assert steps_taken(make_model(scaled), steps=2) == 0
-    assert decode_step.plan(make_model(scaled)) is None
+    # int4 latent attention (the absorbed attention reads kv_b_proj's values or int8 codes): the layers' step
+    int4 = dataclasses.replace(LATENT, mla=dataclasses.replace(LATENT.mla, kv_lora_rank=32, q_lora_rank=32,
+                                                                qk_rope_head_dim=16, v_head_dim=8),
+                               fine_moe=dataclasses.replace(LATENT.fine_moe, moe_intermediate_size=32))
+    model = quantize_model(make_model(int4).to(torch.bfloat16), "int4", group_size=32)
+    assert decode_step.plan(model) is None and steps_taken(model, steps=2) == 0
+    assert decode_step.plan(quantize_model(make_model(int4).to(torch.bfloat16), "int8")) is not None
 
 
-@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked), (DENSE, "int8"), (MOE, "int4")],
-                         ids=["dense", "moe", "moe-stacked", "dense-int8", "moe-int4"])
+@pytest.mark.parametrize("args,layout", [(DENSE, None), (MOE, None), (MOE, stacked), (DENSE, "int8"), (MOE, "int4"),
+                                         (LATENT, None), (SIGMOID, stacked)],
+                         ids=["dense", "moe", "moe-stacked", "dense-int8", "moe-int4", "latent", "sigmoid-stacked"])
 def test_declined_exactly_where_the_layers_would_run_a_hook(args, layout, make_model):
     """A forward hook, or a forward replaced on the module itself, on each module of a block in turn (the block,
-    its norms, attention, the weights' modules, the router, each expert): where the layers' step runs it, the
+    its norms, attention and latent attention's norms, the weights' modules, the router, each expert, the shared
+    expert): where the layers' step runs it, the
     whole step is declined; where the layers' step never calls that module, the step is taken (decode_step only
     checks the modules it would skip: called_modules)."""
     model = make_model(args)
@@ -358,7 +410,8 @@ def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
 
     def call(weights=weights, position=position, caches=None, layout=steps.layout, tokens=tokens):
         caches = caches or [t for c in KVCache(DENSE, 1, 16, torch.float32, "cpu").layers for t in (c.k, c.v, c.pos)]
-        return torch.ops.mistral_ref.decode_model(tokens, position, rot, weights, layout, steps.eps, caches, True, 1)
+        return torch.ops.mistral_ref.decode_model(tokens, position, rot, weights, layout, steps.scalars, caches, True,
+                                                  1)
 
     assert call().shape == (1, 1, DENSE.vocab_size)
     bf16 = [t for c in KVCache(DENSE, 1, 16, torch.bfloat16, "cpu").layers for t in (c.k, c.v, c.pos)]
@@ -375,10 +428,12 @@ def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
         call(weights=weights + weights[:1])
     with pytest.raises(ValueError, match="decode_model: 29 weights for this layout"):
         call(weights=weights[:-1])
-    with pytest.raises(ValueError, match="decode_model: tokens must be .* got 9 cache tensors, 23 ints"):
+    L = decode_step.LAYOUT
+    with pytest.raises(ValueError, match=f"decode_model: tokens must be .* got 9 cache tensors, {3 * L + 2} ints"):
         call(layout=steps.layout[:-1])
-    with pytest.raises(ValueError, match="decode_model: layer 1: a layout of 3 attention scales"):
-        call(layout=steps.layout[:7] + [3] + steps.layout[8:])
+    with pytest.raises(ValueError, match="decode_model: layer 1: a layout of 4 attention weights .*, 3 attention "
+                                         "scales"):
+        call(layout=steps.layout[:L + 1] + [3] + steps.layout[L + 2:])
     wrong = list(weights)
     wrong[-1] = weights[-1].T.contiguous()  # the output weight (dim, vocab)
     with pytest.raises(ValueError, match=r"decode_model: the output weight \[96, 320\] Float does not fit"):
@@ -387,8 +442,9 @@ def test_arguments_that_do_not_fit_are_a_clear_error(make_model):
         call(tokens=torch.full((1, 1), DENSE.vocab_size))
 
 
-@pytest.mark.parametrize("args,scheme", [(DENSE, None), (MOE, "int8"), (MOE, "int4")], ids=["dense", "moe-int8",
-                                                                                           "moe-int4"])
+@pytest.mark.parametrize("args,scheme", [(DENSE, None), (MOE, "int8"), (MOE, "int4"), (LATENT, None),
+                                         (SIGMOID, "int8")],
+                         ids=["dense", "moe-int8", "moe-int4", "latent", "sigmoid-int8"])
 def test_random_corruptions_of_the_arguments_raise_a_clear_error(args, scheme, make_model):
     """The operator reads memory by the shapes it is handed: a wrong layout int, a weight of another shape or
     dtype, two weights swapped or one missing, a cache or table of rotations cut short, a token out of range, in
@@ -425,7 +481,7 @@ def test_random_corruptions_of_the_arguments_raise_a_clear_error(args, scheme, m
             del w[i]
         position = torch.tensor([[rng.randint(-1, 20)]])
         try:
-            torch.ops.mistral_ref.decode_model(tokens, position, rot, w, layout, steps.eps, caches, True, 2)
+            torch.ops.mistral_ref.decode_model(tokens, position, rot, w, layout, steps.scalars, caches, True, 2)
         except (ValueError, IndexError) as e:
             assert str(e), "an error without a message"
             raised += 1

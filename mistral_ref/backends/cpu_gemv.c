@@ -1488,8 +1488,8 @@ int swiglu_experts(const void *x, int io_bf16, int kind, const void *w1, const v
 /* Mixtral's router for one token (moe.route): logits (E,) = x @ gate.T in fp32, the k largest of them (the
  * lower expert first among equal logits; NaN counts as the largest, as in torch.topk), softmax over those k.
  * x: (dim,) bf16 or fp32, gate: (E, dim) bf16 or fp32 -> logits (E,), index (k,), weights (k,) fp32; returns 0. */
-int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts, int64_t dim,
-                     int64_t k, float *logits, int64_t *index, float *weights) {
+static void router_logits(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts,
+                          int64_t dim, float *logits) {  /* logits (E,) = x @ gate.T in fp32 */
     for (int64_t e = 0; e < n_experts; e++) {
         float acc[16] = {0};  /* 16 independent sums: the compiler vectorizes them */
         int64_t i = 0;
@@ -1501,19 +1501,79 @@ int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16,
         for (; i < dim; i++) s += value_at(x, i, io_bf16) * value_at(gate, e * dim + i, gate_bf16);
         logits[e] = s;
     }
-    for (int64_t s = 0; s < k; s++) {  /* selection: k is small (2 for Mixtral) */
+}
+
+/* index[0 .. k) = the k largest of v[0 .. n) not masked out (eligible NULL, or eligible[e] != 0), largest first;
+ * the lower index first among equal values, NaN as the largest (torch.topk).  k is small (2 .. 8 experts). */
+static void top_k_of(const float *v, const char *eligible, int64_t n, int64_t k, int64_t *index) {
+    for (int64_t s = 0; s < k; s++) {
         int64_t best = -1;
-        for (int64_t e = 0; e < n_experts; e++) {
-            int taken = 0;
+        for (int64_t e = 0; e < n; e++) {
+            int taken = eligible != NULL && !eligible[e];
             for (int64_t t = 0; t < s; t++) taken |= index[t] == e;
             if (taken) continue;
-            if (best < 0 || (isnan(logits[e]) && !isnan(logits[best])) || logits[e] > logits[best]) best = e;
+            if (best < 0 || (isnan(v[e]) && !isnan(v[best])) || v[e] > v[best]) best = e;
         }
         index[s] = best;
     }
+}
+
+int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts, int64_t dim,
+                     int64_t k, float *logits, int64_t *index, float *weights) {
+    router_logits(x, io_bf16, gate, gate_bf16, n_experts, dim, logits);
+    top_k_of(logits, NULL, n_experts, k, index);
     float total = 0.0f;
     for (int64_t s = 0; s < k; s++) total += weights[s] = expf(logits[index[s]] - logits[index[0]]);
     for (int64_t s = 0; s < k; s++) weights[s] /= total;
+    return 0;
+}
+
+/* fine_moe.route_fine for one token (DeepSeek's router: Mistral Small 4, Large 3), in fp32: logits (E,) = x @
+ * gate.T; scores = softmax(logits) (scoring 0) or sigmoid(logits) (1); choice = scores + bias (bias: (E,) bf16 or
+ * fp32, or NULL for none); of n_group equal groups of experts, only the topk_group with the largest sums of their
+ * two best choices (one, for groups of one expert) stay eligible; index (k,) = the eligible experts of the k
+ * largest choices, largest first; weights (k,) = their scores, divided by (their sum + 1e-20) if `norm`, times
+ * routed_scale.  Returns 0, -1 without memory, -2 for groups or k that do not fit. */
+int route_fine_one(const void *x, int io_bf16, const void *gate, int gate_bf16, const void *bias, int bias_bf16,
+                   int64_t n_experts, int64_t dim, int scoring, int64_t n_group, int64_t topk_group, int64_t k,
+                   int norm, float routed_scale, float *logits, int64_t *index, float *weights) {
+    if (n_group < 1 || n_experts % n_group || topk_group < 1 || topk_group > n_group || k < 1 || k > n_experts)
+        return -2;
+    const int64_t size = n_experts / n_group;
+    float *scores = malloc((size_t)(2 * n_experts + n_group) * sizeof(float));
+    char *eligible = malloc((size_t)n_experts);
+    int64_t *best = malloc((size_t)n_group * sizeof(int64_t));
+    if (!scores || !eligible || !best) { free(scores); free(eligible); free(best); return -1; }
+    float *choice = scores + n_experts, *group_score = choice + n_experts;
+    router_logits(x, io_bf16, gate, gate_bf16, n_experts, dim, logits);
+    if (scoring == 0) {  /* softmax over every expert */
+        float top = logits[0], total = 0.0f;
+        for (int64_t e = 1; e < n_experts; e++) top = logits[e] > top ? logits[e] : top;
+        for (int64_t e = 0; e < n_experts; e++) total += scores[e] = expf(logits[e] - top);
+        for (int64_t e = 0; e < n_experts; e++) scores[e] /= total;
+    } else {
+        for (int64_t e = 0; e < n_experts; e++) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+    }
+    for (int64_t e = 0; e < n_experts; e++) choice[e] = scores[e] + (bias ? value_at(bias, e, bias_bf16) : 0.0f);
+    memset(eligible, 1, (size_t)n_experts);
+    if (topk_group < n_group) {
+        for (int64_t g = 0; g < n_group; g++) {  /* the sum of the group's two best choices */
+            int64_t two[2];
+            const int64_t m = size < 2 ? size : 2;
+            top_k_of(choice + g * size, NULL, size, m, two);
+            group_score[g] = choice[g * size + two[0]] + (m == 2 ? choice[g * size + two[1]] : 0.0f);
+        }
+        top_k_of(group_score, NULL, n_group, topk_group, best);
+        memset(eligible, 0, (size_t)n_experts);
+        for (int64_t t = 0; t < topk_group; t++) memset(eligible + best[t] * size, 1, (size_t)size);
+    }
+    top_k_of(choice, eligible, n_experts, k, index);
+    float total = 0.0f;
+    for (int64_t s = 0; s < k; s++) total += weights[s] = scores[index[s]];
+    for (int64_t s = 0; s < k; s++) weights[s] = (norm ? weights[s] / (total + 1e-20f) : weights[s]) * routed_scale;
+    free(scores);
+    free(eligible);
+    free(best);
     return 0;
 }
 
@@ -2120,6 +2180,119 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     free(count);
     free(blind);
     free(buf);
+    return 0;
+}
+
+
+/* ---- latent attention of one query (a decode step of Mistral Small 4; backends/decode_step.py) --------------- */
+
+static float dot_floats(const float *a, const float *b, int64_t n) {  /* 16 independent sums: vectorized */
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* row `row` of kv_b_proj's weight (rows of c values) in fp32: its values (x's dtype), or its int8 codes times the
+ * row's scale rounded to x's dtype (QuantizedWeight.dequantize) */
+static void kv_b_row(const void *w, const void *scales, int bf16, int64_t row, int64_t c, float *out) {
+    if (scales) {
+        const int8_t *q = (const int8_t *)w + row * c;
+        const float s = value_at(scales, row, bf16);
+        for (int64_t i = 0; i < c; i++) out[i] = in_dtype((float)q[i] * s, bf16);
+    } else if (bf16) {
+        for (int64_t i = 0; i < c; i++) out[i] = bf16_to_float(((const uint16_t *)w)[row * c + i]);
+    } else {
+        memcpy(out, (const float *)w + row * c, (size_t)c * sizeof(float));
+    }
+}
+
+/* mla.latent_attention for one query, absorbed into latent space as backends/mla.py computes it, in fp32:
+ *     q_latent[h] = W_UK[h]^T q_nope[h]                                  (c,)  W_UK[h]: kv_b rows h (n + v) + [0, n)
+ *     score[h, s] = (q_latent[h] . latent[s] + q_rope[h] . k_rope[s]) * scale
+ *     out[h]      = W_UV[h] sum_s softmax_s(score[h, s]) latent[s]       (v,)  W_UV[h]: kv_b rows h (n + v) + [n, n + v)
+ * over the slots whose position k_pos[s] the query at q_pos sees (0 <= k_pos <= q_pos; none: a uniform average of
+ * every slot, as the reference's softmax of equal masked scores).  q (heads, n + r): each head's q_nope | q_rope;
+ * latents (slots, c) and k_rope (slots, r): a row's latent cache; kv_b (heads (n + v), c): of x's dtype, or int8
+ * codes with kv_b_scales (heads (n + v),) of x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads,
+ * v) rounded to x's dtype.  `rounded` (bf16 only): each product rounded to bf16 as PyTorch's bf16 einsums round
+ * them on a CPU with bf16 instructions (backends/mla.py computes in bf16 there): q_latent, both parts of a score
+ * and their sum, the probabilities and out_latent.  Heads split among `threads`.  Returns 0, or -1 without
+ * memory. */
+int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
+                      const void *kv_b, const void *kv_b_scales, void *out, int io_bf16, int rounded, int64_t slots,
+                      int64_t heads, int64_t n, int64_t r, int64_t v, int64_t c, float scale, int threads) {
+    const int rb = rounded && io_bf16;
+    threads = threads < 1 ? 1 : threads;
+    if (heads == 0 || slots == 0) return 0;
+    int64_t *seen = malloc((size_t)slots * sizeof(int64_t)), count = 0;
+    if (!seen) return -1;
+    for (int64_t s = 0; s < slots; s++)
+        if (k_pos[s] >= 0 && k_pos[s] <= q_pos) seen[count++] = s;
+    const int blind = count == 0;
+    if (blind)
+        for (int64_t s = 0; s < slots; s++) seen[count++] = s;
+    /* the seen slots' latent | k_rope in fp32 (count, c + r); a thread's q_latent, q_rope, out_latent, a row of
+     * kv_b and a head's scores */
+    const int64_t w = c + r, per_thread = 3 * c + r + count;
+    const int team = count * heads * c > 65536 ? threads : 1;  /* a short cache: one thread */
+    float *keys = malloc((size_t)(count * w + team * per_thread) * sizeof(float));
+    if (!keys) { free(seen); return -1; }
+    #pragma omp parallel num_threads(team)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t j = 0; j < count; j++) {
+            for (int64_t i = 0; i < c; i++) keys[j * w + i] = value_at(latents, seen[j] * c + i, io_bf16);
+            for (int64_t i = 0; i < r; i++) keys[j * w + c + i] = value_at(k_rope, seen[j] * r + i, io_bf16);
+        }
+#ifdef _OPENMP
+        float *ql = keys + count * w + omp_get_thread_num() * per_thread;
+#else
+        float *ql = keys + count * w;
+#endif
+        float *qr = ql + c, *ol = qr + r, *row = ol + c, *prob = row + c;
+        #pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t first = h * (n + r);
+            memset(ql, 0, (size_t)c * sizeof(float));
+            for (int64_t i = 0; i < n; i++) {  /* the query moved into latent space */
+                const float qi = value_at(q, first + i, io_bf16);
+                kv_b_row(kv_b, kv_b_scales, io_bf16, h * (n + v) + i, c, row);
+                for (int64_t t = 0; t < c; t++) ql[t] += qi * row[t];
+            }
+            if (rb)
+                for (int64_t t = 0; t < c; t++) ql[t] = in_dtype(ql[t], 1);
+            for (int64_t i = 0; i < r; i++) qr[i] = value_at(q, first + n + i, io_bf16);
+            if (!blind) {
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t j = 0; j < count; j++) {
+                    const float nope = dot_floats(ql, keys + j * w, c), rope = dot_floats(qr, keys + j * w + c, r);
+                    prob[j] = (rb ? in_dtype(in_dtype(nope, 1) + in_dtype(rope, 1), 1) : nope + rope) * scale;
+                    top = prob[j] > top ? prob[j] : top;
+                }
+                for (int64_t j = 0; j < count; j++) total += prob[j] = expf(prob[j] - top);
+                for (int64_t j = 0; j < count; j++) prob[j] = in_dtype(prob[j] / total, rb);
+            } else {
+                for (int64_t j = 0; j < count; j++) prob[j] = in_dtype(1.0f / (float)count, rb);
+            }
+            memset(ol, 0, (size_t)c * sizeof(float));
+            for (int64_t j = 0; j < count; j++)
+                for (int64_t t = 0; t < c; t++) ol[t] += prob[j] * keys[j * w + t];
+            if (rb)
+                for (int64_t t = 0; t < c; t++) ol[t] = in_dtype(ol[t], 1);
+            for (int64_t i = 0; i < v; i++) {  /* back out of latent space */
+                kv_b_row(kv_b, kv_b_scales, io_bf16, h * (n + v) + n + i, c, row);
+                const float y = dot_floats(row, ol, c);
+                if (io_bf16) ((uint16_t *)out)[h * v + i] = float_to_bf16(y); else ((float *)out)[h * v + i] = y;
+            }
+        }
+    }
+    free(keys);
+    free(seen);
     return 0;
 }
 

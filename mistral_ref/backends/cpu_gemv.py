@@ -1301,7 +1301,7 @@ _OPS.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor k_pos
 _OPS.impl("attend_one", attend_one, _PYTHON_KEY)
 # a whole decode step (backends/decode_step.py): C++ only, no Python form (eager decoding calls it only once the
 # operators' C++ kernels are loaded); it writes every layer's cache
-_OPS.define("decode_model(Tensor tokens, Tensor position, Tensor rot, Tensor[] weights, int[] layout, float[] eps, "
+_OPS.define("decode_model(Tensor tokens, Tensor position, Tensor rot, Tensor[] weights, int[] layout, float[] scalars, "
             "Tensor(a!)[] caches, bool fold, int threads) -> Tensor")
 
 

@@ -12,9 +12,11 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/rms_norm.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -53,6 +55,12 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
 int rms_norm_rows(const void *x, const void *weight, void *out, int io_bf16, int64_t rows, int64_t dim, float eps);
 int route_one_token(const void *x, int io_bf16, const void *gate, int gate_bf16, int64_t n_experts, int64_t dim,
                     int64_t k, float *logits, int64_t *index, float *weights);
+int route_fine_one(const void *x, int io_bf16, const void *gate, int gate_bf16, const void *bias, int bias_bf16,
+                   int64_t n_experts, int64_t dim, int scoring, int64_t n_group, int64_t topk_group, int64_t k,
+                   int norm, float routed_scale, float *logits, int64_t *index, float *weights);
+int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
+                      const void *kv_b, const void *kv_b_scales, void *out, int io_bf16, int rounded, int64_t slots,
+                      int64_t heads, int64_t n, int64_t r, int64_t v, int64_t c, float scale, int threads);
 int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, const void *const *s1,
                   const void *const *w3, const void *const *s3, const void *const *w2, const void *const *s2,
                   int scales_bf16, int64_t group, const float *weights, int64_t k, int64_t hidden, int64_t dim,
@@ -411,166 +419,397 @@ void check_weight(int64_t layer, const char *what, at::TensorList w, at::TensorL
                     " does not fit (", out, ", ", in, ") ", dtype);
 }
 
-// One transformer block (layer `layer`) of a decode step for one token per row (B rows, h (B, 1, dim)) at the
-// positions pos[0 .. B), into out (h's shape), with the steps and roundings of the "torch" backend's eager step
-// (model.TransformerBlock with backends/pytorch.py's functions, in h's dtype), row by row:
-//   x = rms_norm(h, attn_norm); q, k, v = x wq.T, x wk.T, x wv.T; rotate q and k by rot[position] (rot: (N,
-//   head_dim / 2, 2) fp32, cos and sin of every pair for positions 0 .. N-1; position -1 as 0); write k, v and the
-//   position into slot position % slots of the row's cache (a row at -1 is padding: nothing written); a =
-//   attention of q to the cache
-//   (window: -1 for none); h1 = h + a wo.T; x = rms_norm(h1, ffn_norm); h2 = h1 + w2(silu(x w1.T) * x w3.T) (a
-//   dense block: ffn = w1, w3, w2) or h1 + Mixtral's experts (gate: the router; ffn = the stacked w1, w3, w2, or
-//   every expert's own w1, then w3, then w2: moe.route's choice as C loops, then the chosen experts' products).
-// attn = wq, wk, wv, wo and ffn: bf16 / fp32 weights of h's dtype (scales empty), or int8 / int4 codes with their
-// scales (group_size for int4).  Mixtral's experts: one row only.
-void block_step(int64_t layer, const Tensor &h, Tensor &out, const int64_t *pos, int64_t last, const Tensor &rot,
-                const Tensor &attn_norm, const Tensor &ffn_norm, double eps, at::TensorList attn,
-                at::TensorList attn_scales, at::TensorList ffn, at::TensorList ffn_scales, const Tensor *gate_,
-                int64_t top_k, int64_t group, const Tensor &cache_k, const Tensor &cache_v, const Tensor &cache_pos,
-                int64_t window, int threads) {
-  const at::ScalarType dtype = h.scalar_type();
-  const int io = dtype == at::kBFloat16 ? 1 : 0;
-  const int64_t rows = h.size(0), dim = h.size(-1);
-  TORCH_CHECK_VALUE(cache_k.dim() == 4 && cache_k.size(0) == rows && cache_k.sizes() == cache_v.sizes() &&
-                        cache_k.scalar_type() == dtype && cache_v.scalar_type() == dtype && cache_k.is_contiguous() &&
-                        cache_v.is_contiguous() && cache_k.is_cpu() && cache_v.is_cpu() && cache_pos.dim() == 2 &&
-                        cache_pos.size(0) == rows && cache_pos.size(1) == cache_k.size(1) &&
-                        cache_pos.scalar_type() == at::kLong && cache_pos.is_contiguous() && cache_pos.is_cpu() &&
-                        cache_k.size(1) > 0 && window >= -1,
-                    "decode_model: layer ", layer, ": the cache must be k, v (", rows, ", slots, kv_heads, head_dim) "
-                    "of h's dtype and pos (", rows, ", slots) int64, got ", cache_k.sizes(), " ",
-                    cache_k.scalar_type(), ", ", cache_pos.sizes());
-  const int64_t slots = cache_k.size(1), kv_heads = cache_k.size(2), head_dim = cache_k.size(3);
-  TORCH_CHECK_VALUE(attn.size() == 4 && (attn_scales.empty() || attn_scales.size() == 4) && head_dim % 2 == 0 &&
-                        attn[0].dim() == 2 && attn[0].size(0) % head_dim == 0 && attn[0].size(0) > 0,
-                    "decode_model: layer ", layer, ": attn must be wq, wk, wv, wo (and their scales, if quantized)");
-  const int64_t heads = attn[0].size(0) / head_dim, q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
-  TORCH_CHECK_VALUE(heads % kv_heads == 0 && rot.scalar_type() == at::kFloat && rot.dim() == 3 &&
-                        rot.size(1) * 2 == head_dim && rot.size(2) == 2 && last < rot.size(0) &&
-                        attn_norm.numel() == dim && ffn_norm.numel() == dim && attn_norm.scalar_type() == dtype &&
-                        ffn_norm.scalar_type() == dtype && attn_norm.is_contiguous() && ffn_norm.is_contiguous(),
-                    "decode_model: layer ", layer, ": ", heads, " query heads for ", kv_heads, " kv heads, rotations ",
-                    rot.sizes(), " (positions to ", last, ", head_dim ", head_dim, " fp32), norms of ", dim, " ", dtype,
-                    " values");
-  const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
-  const char *attn_names[4] = {"wq", "wk", "wv", "wo"};
-  for (size_t p = 0; p < 4; p++)
-    check_weight(layer, attn_names[p], attn, attn_scales, p, outs[p], ins[p], dtype, group);
-  const bool moe = gate_ != nullptr, quantized_ffn = !ffn_scales.empty();
-  Tensor gate = moe ? gate_->contiguous() : Tensor();
-  const int64_t n_experts = moe ? gate.size(0) : 0;
-  // Mixtral's experts stacked (w1, w3, w2: (E, out, in) each), or each expert's own tensors (w1 of experts 0 ..
-  // E-1, then w3, then w2); a dense block's w1, w3, w2
-  const bool stacked = moe && ffn.size() == 3 && ffn[0].dim() == 3;
-  TORCH_CHECK_VALUE((ffn.size() == 3 || (moe && !stacked && ffn.size() == static_cast<size_t>(3 * n_experts))) &&
-                        (!quantized_ffn || ffn_scales.size() == ffn.size()) && !ffn.empty(),
-                    "decode_model: layer ", layer, ": ffn must be w1, w3, w2 (stacked, for experts) or every "
-                    "expert's w1, w3 and w2 (and their scales, if quantized), got ", ffn.size(), " tensors for ",
-                    n_experts, " experts");
-  int64_t hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
-  TORCH_CHECK_VALUE(!moe || rows == 1, "decode_model: Mixtral's experts take one row, got ", rows);
-  if (moe)
-    TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(1) == dim && is_float(gate) && gate.is_cpu() && top_k >= 1 &&
-                          top_k <= std::min<int64_t>(n_experts, 64),
+// ---- a decode step of the whole model in one call (backends/decode_step.py) ----------------------------------
+
+// decode_model's layout: these ints for each layer (see op_decode_model), then 3 for the output
+enum Lay : int64_t {
+  N_ATTN,         // attention weights: 4 (grouped-query: wq, wk, wv, wo; latent: q_proj, kv_a, kv_b, wo) or 5
+                  // (latent with a low-rank query: q_a, kv_a, kv_b, wo, q_b)
+  ATTN_SCALES,    // their scales: 0 (float weights) or as many (quantized)
+  N_FFN,          // feed-forward tensors: w1, w3, w2 (dense, or experts stacked), or every expert's w1, w3, w2
+  FFN_SCALES,     // their scales: 0 or as many
+  ROUTER,         // a router's weight: 0 or 1
+  TOP_K,          // experts a token visits
+  GROUP,          // the int4 group size (0: none)
+  WINDOW,         // the sliding window, -1 for none
+  LATENT,         // 0: grouped-query attention, 1: latent attention in fp32, 2: latent attention with its
+                  // products rounded to bf16 (attend_latent_one: a bf16 model on a CPU with bf16 instructions)
+  LATENT_HEADS,   // latent attention's heads
+  NOPE,           // ... and qk_nope_head_dim
+  QUERY_SCALING,  // the query scaling's original_max_position_embeddings (0: none)
+  ROUTER_KIND,    // 0: Mixtral's (softmax of the top k), 1 / 2: fine-grained (fine_moe.route_fine), softmax / sigmoid
+  N_GROUP,        // fine-grained: groups of experts
+  TOPK_GROUP,     // ... the groups kept
+  NORM_TOPK,      // ... 1: the k weights divided by their sum
+  SHARED,         // a shared expert's w1, w3, w2: 0 or 1
+  SHARED_SCALES,  // ... and their scales: 0 or 1
+  ROUTER_BIAS,    // fine-grained: the score-correction bias (0 or 1)
+  LAYOUT
+};
+// and these floats for each layer, then the final norm's eps
+enum Scalar : int64_t { EPS, Q_A_EPS, KV_A_EPS, LATENT_SCALE, QUERY_BETA, ROUTED_SCALE, SCALARS };
+
+// One layer of decode_model's arguments, and the sizes check_layer finds its tensors to have
+struct Layer {
+  int64_t index = 0;
+  const int64_t *lay = nullptr;
+  const double *scalars = nullptr;
+  const Tensor *attn_norm = nullptr, *ffn_norm = nullptr, *gate = nullptr, *bias = nullptr;
+  at::TensorList attn, attn_scales, latent_norms, ffn, ffn_scales, shared, shared_scales;
+  Tensor cache_k, cache_v, cache_pos;
+  // the cache's slots; grouped-query attention: heads, kv heads, head_dim; latent: heads, qk_nope (n), qk_rope (r),
+  // v_head_dim (v), kv_lora_rank (c), q_lora_rank (0: none); the feed-forward's width, experts, shared width
+  int64_t slots = 0, heads = 0, kv_heads = 0, head_dim = 0, nope = 0, rope = 0, value = 0, rank = 0, q_rank = 0;
+  int64_t hidden = 0, n_experts = 0, shared_hidden = 0;
+  bool stacked = false;
+  int64_t at(Lay i) const { return lay[i]; }
+  float scalar(Scalar i) const { return static_cast<float>(scalars[i]); }
+};
+
+const Tensor &checked_norm(const Layer &L, const Tensor &t, const char *what, int64_t n, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.scalar_type() == dtype && t.is_contiguous() && t.is_cpu(),
+                    "decode_model: layer ", L.index, ": ", what, " must be (", n, ") ", dtype, ", got ", t.sizes(),
+                    " ", t.scalar_type());
+  return t;
+}
+
+// Check every tensor of layer L against the sizes the others give (h: (rows, 1, dim) of dtype; positions up to
+// `last`; rot: the table of rotations), and keep those sizes in L: nothing is read by a shape not checked here.
+void check_layer(Layer &L, int64_t rows, int64_t dim, at::ScalarType dtype, int64_t last, const Tensor &rot) {
+  const int64_t layer = L.index, group = L.at(GROUP);
+  const bool latent = L.at(LATENT) != 0;
+  const Tensor &ck = L.cache_k, &cv = L.cache_v, &cp = L.cache_pos;
+  TORCH_CHECK_VALUE(ck.dim() == 4 && cv.dim() == 4 && ck.size(0) == rows && cv.size(0) == rows &&
+                        ck.size(1) == cv.size(1) &&
+                        (latent ? ck.size(2) == 1 && cv.size(2) == 1 : ck.sizes() == cv.sizes()) &&
+                        ck.scalar_type() == dtype && cv.scalar_type() == dtype && ck.is_contiguous() &&
+                        cv.is_contiguous() && ck.is_cpu() && cv.is_cpu() && cp.dim() == 2 && cp.size(0) == rows &&
+                        cp.size(1) == ck.size(1) && cp.scalar_type() == at::kLong && cp.is_contiguous() &&
+                        cp.is_cpu() && ck.size(1) > 0 && L.at(WINDOW) >= -1 && (!latent || L.at(WINDOW) == -1),
+                    "decode_model: layer ", layer, ": the cache must be ",
+                    latent ? "latents (rows, slots, 1, kv_lora_rank) and rotary keys (rows, slots, 1, qk_rope_head_dim)"
+                           : "k, v (rows, slots, kv_heads, head_dim)",
+                    " of h's dtype and pos (rows, slots) int64 (", rows, " rows), got ", ck.sizes(), " ",
+                    ck.scalar_type(), ", ", cv.sizes(), ", ", cp.sizes(), " (window ", L.at(WINDOW), ")");
+  L.slots = ck.size(1);
+  checked_norm(L, *L.attn_norm, "attention_norm", dim, dtype);
+  checked_norm(L, *L.ffn_norm, "ffn_norm", dim, dtype);
+  TORCH_CHECK_VALUE(L.at(QUERY_SCALING) >= 0, "decode_model: layer ", layer, ": a query scaling over ",
+                    L.at(QUERY_SCALING), " positions");
+  const bool quantized_attn = !L.attn_scales.empty();
+  int64_t rotated;  // the width of the rotated part of a head
+  if (!latent) {
+    const int64_t kv_heads = ck.size(2), head_dim = ck.size(3);
+    TORCH_CHECK_VALUE(L.attn.size() == 4 && head_dim % 2 == 0 && L.attn[0].dim() == 2 &&
+                          L.attn[0].size(0) % head_dim == 0 && L.attn[0].size(0) > 0 &&
+                          L.attn[0].size(0) / head_dim % kv_heads == 0,
+                      "decode_model: layer ", layer, ": attn must be wq, wk, wv, wo (and their scales, if quantized) "
+                      "of query heads a multiple of ", kv_heads, " kv heads of ", head_dim, ", got wq ",
+                      L.attn[0].sizes());
+    L.heads = L.attn[0].size(0) / head_dim, L.kv_heads = kv_heads, L.head_dim = rotated = head_dim;
+    const int64_t q_dim = L.heads * head_dim, kv_dim = kv_heads * head_dim;
+    const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
+    const char *names[4] = {"wq", "wk", "wv", "wo"};
+    for (size_t p = 0; p < 4; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
+  } else {
+    const int64_t H = L.at(LATENT_HEADS), n = L.at(NOPE), c = ck.size(3), r = cv.size(3);
+    const Tensor &kv_b = L.attn[2];
+    TORCH_CHECK_VALUE(H > 0 && H <= (int64_t{1} << 20) && n >= 0 && n <= (int64_t{1} << 20) && r > 0 &&
+                          r % 2 == 0 && c > 0 && kv_b.dim() == 2 && kv_b.size(0) % H == 0 && kv_b.size(0) / H > n &&
+                          (!quantized_attn || L.attn[0].scalar_type() == at::kChar),
+                      "decode_model: layer ", layer, ": latent attention of ", H, " heads with qk_nope ", n,
+                      " and a cache of latents ", c, " and rotary keys ", r, " (even) needs kv_b_proj (heads x "
+                      "(qk_nope + v_head_dim), ", c, "), float or int8; got ", kv_b.sizes(), " ", kv_b.scalar_type());
+    L.heads = H, L.nope = n, L.rope = rotated = r, L.rank = c, L.value = kv_b.size(0) / H - n;
+    L.q_rank = L.attn.size() == 5 && L.attn[0].dim() == 2 ? L.attn[0].size(0) : 0;
+    TORCH_CHECK_VALUE(L.attn.size() == 4 || L.q_rank > 0, "decode_model: layer ", layer,
+                      ": q_a_proj must be (q_lora_rank, ", dim, "), got ", L.attn[0].sizes());
+    const int64_t q_dim = H * (n + r);
+    if (L.q_rank) {
+      const int64_t outs[5] = {L.q_rank, c + r, H * (n + L.value), dim, q_dim};
+      const int64_t ins[5] = {dim, dim, c, H * L.value, L.q_rank};
+      const char *names[5] = {"q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo", "q_b_proj"};
+      for (size_t p = 0; p < 5; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, 0);
+      checked_norm(L, L.latent_norms[0], "q_a_layernorm", L.q_rank, dtype);
+    } else {
+      const int64_t outs[4] = {q_dim, c + r, H * (n + L.value), dim}, ins[4] = {dim, dim, c, H * L.value};
+      const char *names[4] = {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo"};
+      for (size_t p = 0; p < 4; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, 0);
+    }
+    checked_norm(L, L.latent_norms[L.latent_norms.size() - 1], "kv_a_layernorm", c, dtype);
+  }
+  TORCH_CHECK_VALUE(rot.scalar_type() == at::kFloat && rot.dim() == 3 && rot.size(1) * 2 == rotated &&
+                        rot.size(2) == 2 && last < rot.size(0),
+                    "decode_model: layer ", layer, ": rotations ", rot.sizes(), " ", rot.scalar_type(),
+                    " do not fit positions to ", last, " of ", rotated, " rotated values (fp32 (cos, sin) pairs)");
+
+  // the feed-forward: a dense SwiGLU, Mixtral's experts, or fine-grained ones with a shared expert
+  const bool moe = L.gate != nullptr, quantized_ffn = !L.ffn_scales.empty();
+  const int64_t kind = L.at(ROUTER_KIND), top_k = L.at(TOP_K);
+  L.n_experts = moe && L.gate->dim() == 2 ? L.gate->size(0) : 0;
+  TORCH_CHECK_VALUE((moe || (kind == 0 && !L.bias && L.shared.empty())) && kind >= 0 && kind <= 2 &&
+                        (kind != 0 || !L.bias) && (!moe || rows == 1),
+                    "decode_model: layer ", layer, ": a router of kind ", kind, " (0 Mixtral's, 1 or 2 fine-grained),"
+                    " a score-correction bias and a shared expert need a router's weight; experts take one row (got ",
+                    rows, ")");
+  if (moe) {
+    const Tensor &gate = *L.gate;
+    TORCH_CHECK_VALUE(gate.dim() == 2 && gate.size(1) == dim && is_float(gate) && gate.is_contiguous() &&
+                          gate.is_cpu() && top_k >= 1 && top_k <= std::min<int64_t>(L.n_experts, 64),
                       "decode_model: layer ", layer, ": the router must be (E, ", dim, ") bf16 or fp32, top_k 1 .. "
                       "min(E, 64); got ", gate.sizes(), ", ", top_k);
-  if (stacked) {
-    const int64_t kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
-    auto [experts, hid, d] = check_experts_swiglu(h.view({1, dim}), kind, ffn[0], quantized_ffn ? ffn_scales[0] :
-                                                  Tensor(), ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
-                                                  quantized_ffn ? ffn_scales[2] : Tensor(), group);
-    TORCH_CHECK_VALUE(experts == n_experts, "decode_model: layer ", layer, ": ", experts,
-                      " stacked experts for a router of ", n_experts);
-    hidden = hid;
-  } else {
-    const int64_t e = moe ? n_experts : 1, f_outs[3] = {hidden, hidden, dim}, f_ins[3] = {dim, dim, hidden};
-    const char *ffn_names[3] = {"w1", "w3", "w2"};
-    for (size_t p = 0; p < ffn.size(); p++)
-      check_weight(layer, ffn_names[p / e], ffn, ffn_scales, p, f_outs[p / e], f_ins[p / e], dtype, group);
+    if (kind)
+      TORCH_CHECK_VALUE(L.at(N_GROUP) >= 1 && L.n_experts % L.at(N_GROUP) == 0 && L.at(TOPK_GROUP) >= 1 &&
+                            L.at(TOPK_GROUP) <= L.at(N_GROUP),
+                        "decode_model: layer ", layer, ": ", L.n_experts, " experts in ", L.at(N_GROUP),
+                        " groups, ", L.at(TOPK_GROUP), " of them kept");
+    if (L.bias)
+      TORCH_CHECK_VALUE(L.bias->dim() == 1 && L.bias->size(0) == L.n_experts && is_float(*L.bias) &&
+                            L.bias->is_contiguous() && L.bias->is_cpu(),
+                        "decode_model: layer ", layer, ": the score-correction bias must be (", L.n_experts,
+                        ") bf16 or fp32, got ", L.bias->sizes(), " ", L.bias->scalar_type());
   }
+  const at::TensorList &ffn = L.ffn, &ffn_scales = L.ffn_scales;
+  L.stacked = moe && ffn.size() == 3 && ffn[0].dim() == 3;
+  TORCH_CHECK_VALUE((ffn.size() == 3 || (moe && !L.stacked && ffn.size() == static_cast<size_t>(3 * L.n_experts))) &&
+                        (!quantized_ffn || ffn_scales.size() == ffn.size()),
+                    "decode_model: layer ", layer, ": ffn must be w1, w3, w2 (stacked, for experts) or every "
+                    "expert's w1, w3 and w2 (and their scales, if quantized), got ", ffn.size(), " tensors for ",
+                    L.n_experts, " experts");
+  L.hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
+  if (L.stacked) {
+    const int64_t experts_kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
+    Tensor x = at::empty({1, dim}, L.attn_norm->options());
+    auto [experts, hid, d] = check_experts_swiglu(x, experts_kind, ffn[0], quantized_ffn ? ffn_scales[0] : Tensor(),
+                                                  ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
+                                                  quantized_ffn ? ffn_scales[2] : Tensor(), group);
+    TORCH_CHECK_VALUE(experts == L.n_experts, "decode_model: layer ", layer, ": ", experts,
+                      " stacked experts for a router of ", L.n_experts);
+    L.hidden = hid;
+  } else {
+    const int64_t e = moe ? L.n_experts : 1, outs[3] = {L.hidden, L.hidden, dim}, ins[3] = {dim, dim, L.hidden};
+    const char *names[3] = {"w1", "w3", "w2"};
+    for (size_t p = 0; p < ffn.size(); p++)
+      check_weight(layer, names[p / e], ffn, ffn_scales, p, outs[p / e], ins[p / e], dtype, group);
+  }
+  if (!L.shared.empty()) {
+    L.shared_hidden = L.shared[0].dim() == 2 ? L.shared[0].size(0) : 0;
+    const int64_t outs[3] = {L.shared_hidden, L.shared_hidden, dim}, ins[3] = {dim, dim, L.shared_hidden};
+    const char *names[3] = {"the shared expert's w1", "the shared expert's w3", "the shared expert's w2"};
+    for (size_t p = 0; p < 3; p++)
+      check_weight(layer, names[p], L.shared, L.shared_scales, p, outs[p], ins[p], dtype, group);
+  }
+}
 
-  // scratch of h's dtype: x (dim), q, k, v, the attention's output, its projection, h1 (dim), gate, up (hidden)
-  const int64_t size = io ? 2 : 4;
-  Tensor scratch = at::empty({rows * (4 * dim + 2 * q_dim + 2 * kv_dim + 2 * hidden) * size},
-                             h.options().dtype(at::kByte));
-  char *p = static_cast<char *>(scratch.data_ptr());
-  const int64_t b = rows * size;  // bytes of one value in every row
-  char *x = p, *q = x + dim * b, *k = q + q_dim * b, *v = k + kv_dim * b, *a = v + kv_dim * b;
-  char *o = a + q_dim * b, *h1 = o + dim * b, *ff = h1 + dim * b, *up = ff + dim * b;
-  char *g = up + hidden * b;
-  std::vector<float> logits(n_experts);  // the router's (the layers' step returns them for the auxiliary loss)
+// the query scaling (attention.llama4_query_scale) of a query at position p, in x's dtype: 1 + beta ln(1 +
+// floor(p / original)) in fp32 (p = -1, padding, as 0)
+float query_scale(const Layer &L, int64_t p, int io) {
+  const float stretch = static_cast<float>(std::max<int64_t>(p, 0) / L.at(QUERY_SCALING));
+  const float s = 1.0f + L.scalar(QUERY_BETA) * std::log(1.0f + stretch);
+  return io ? static_cast<float>(c10::BFloat16(s)) : s;
+}
 
-  rms_norm_rows(h.data_ptr(), attn_norm.data_ptr(), x, io, rows, dim, static_cast<float>(eps));
+// x[0 .. n) *= s, each product rounded to x's dtype (q * s in the model's dtype)
+void scale_values(char *x, int io, int64_t n, float s) {
+  if (s == 1.0f) return;
+  for (int64_t i = 0; i < n; i++) {
+    if (io) {
+      auto *v = reinterpret_cast<c10::BFloat16 *>(x) + i;
+      *v = c10::BFloat16(static_cast<float>(*v) * s);
+    } else {
+      reinterpret_cast<float *>(x)[i] *= s;
+    }
+  }
+}
+
+// grouped-query attention of block_step: a (rows, heads x head_dim) from x (rows, dim) (attention.Attention)
+void gqa_attention(const Layer &L, const char *x, char *a, int io, int64_t rows, int64_t dim, const int64_t *pos,
+                   const Tensor &rot, int threads) {
+  const int64_t size = io ? 2 : 4, head_dim = L.head_dim, q_dim = L.heads * head_dim, kv_dim = L.kv_heads * head_dim;
+  Tensor scratch = at::empty({rows * (q_dim + 2 * kv_dim) * size}, L.cache_pos.options().dtype(at::kByte));
+  char *q = static_cast<char *>(scratch.data_ptr()), *k = q + rows * q_dim * size, *v = k + rows * kv_dim * size;
   void *qkv[3] = {q, k, v};
-  products(x, io, rows, dim, attn, attn_scales, 0, 3, group, qkv, threads);
+  products(x, io, rows, dim, L.attn, L.attn_scales, 0, 3, L.at(GROUP), qkv, threads);
   for (int64_t r = 0; r < rows; r++) {
     const float *rotation = rot.data_ptr<float>() + std::max<int64_t>(pos[r], 0) * head_dim;  // (cos, sin) pairs
     char *qr = q + r * q_dim * size, *kr = k + r * kv_dim * size, *vr = v + r * kv_dim * size;
-    rope_heads(qr, io, heads, head_dim, rotation);
-    rope_heads(kr, io, kv_heads, head_dim, rotation);
+    rope_heads(qr, io, L.heads, head_dim, rotation);
+    rope_heads(kr, io, L.kv_heads, head_dim, rotation);
+    if (L.at(QUERY_SCALING)) scale_values(qr, io, q_dim, query_scale(L, pos[r], io));
     if (pos[r] >= 0) {  // backends/pytorch.py: update_cache (a row at -1 is padding: nothing written)
-      const int64_t slot = r * slots + pos[r] % slots;
-      std::copy(kr, kr + kv_dim * size, static_cast<char *>(cache_k.data_ptr()) + slot * kv_dim * size);
-      std::copy(vr, vr + kv_dim * size, static_cast<char *>(cache_v.data_ptr()) + slot * kv_dim * size);
-      cache_pos.data_ptr<int64_t>()[slot] = pos[r];
+      const int64_t slot = r * L.slots + pos[r] % L.slots;
+      std::copy(kr, kr + kv_dim * size, static_cast<char *>(L.cache_k.data_ptr()) + slot * kv_dim * size);
+      std::copy(vr, vr + kv_dim * size, static_cast<char *>(L.cache_v.data_ptr()) + slot * kv_dim * size);
+      L.cache_pos.data_ptr<int64_t>()[slot] = pos[r];
     }
   }
-  TORCH_CHECK(attend_one(q, cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr<int64_t>(), pos, window, a, io,
-                         rows, slots, heads, kv_heads, head_dim, threads) == 0,
+  TORCH_CHECK(attend_one(q, L.cache_k.data_ptr(), L.cache_v.data_ptr(), L.cache_pos.data_ptr<int64_t>(), pos,
+                         L.at(WINDOW), a, io, rows, L.slots, L.heads, L.kv_heads, head_dim, threads) == 0,
               "decode_model: no memory for the attention's scores");
-  void *wo_out[1] = {o};
-  products(a, io, rows, q_dim, attn, attn_scales, 3, 1, group, wo_out, threads);
-  add_rows(h.data_ptr(), o, h1, io, rows * dim);
-  rms_norm_rows(h1, ffn_norm.data_ptr(), x, io, rows, dim, static_cast<float>(eps));
-  if (moe && !stacked) {  // moe.route (the C loops of moe_one_token), then the chosen experts' own tensors
-    int64_t index[64];
-    float weights[64];
-    route_one_token(x, io, gate.data_ptr(), bf16(gate), n_experts, dim, top_k, logits.data(), index, weights);
-    std::vector<const void *> chosen(6 * top_k, nullptr);  // w1, s1, w3, s3, w2, s2: top_k each
-    for (int64_t k = 0; k < top_k; k++)
-      for (int64_t p = 0; p < 3; p++) {
-        TORCH_CHECK_INDEX(index[k] >= 0 && index[k] < n_experts, "decode_model: the router chose no expert");
-        chosen[(2 * p) * top_k + k] = ffn[p * n_experts + index[k]].data_ptr();
-        if (quantized_ffn) chosen[(2 * p + 1) * top_k + k] = ffn_scales[p * n_experts + index[k]].data_ptr();
-      }
-    const void *const *c = chosen.data();
-    done(swiglu_chosen(x, io, quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]), c, c + top_k, c + 2 * top_k,
-                       c + 3 * top_k, c + 4 * top_k, c + 5 * top_k, quantized_ffn ? bf16(ffn_scales[0]) : 0, group,
-                       weights, top_k, hidden, dim, ff, threads),
-         1, dim);
-  } else if (moe) {
-    const bool quantized = quantized_ffn;
-    done(moe_one_token(x, io, gate.data_ptr(), bf16(gate), top_k, quantized ? scheme(ffn[0]) : float_kind(ffn[0]),
-                       ffn[0].data_ptr(), quantized ? ffn_scales[0].data_ptr() : nullptr, ffn[1].data_ptr(),
-                       quantized ? ffn_scales[1].data_ptr() : nullptr, ffn[2].data_ptr(),
-                       quantized ? ffn_scales[2].data_ptr() : nullptr, quantized ? bf16(ffn_scales[0]) : 0, group,
-                       n_experts, hidden, dim, ff, logits.data(), threads),
-         1, dim);
-  } else {
-    void *gate_up[2] = {g, up};
-    products(x, io, rows, dim, ffn, ffn_scales, 0, 2, group, gate_up, threads);
-    silu_mul(g, up, g, io, rows * hidden, threads);
-    void *down[1] = {ff};
-    products(g, io, rows, hidden, ffn, ffn_scales, 2, 1, group, down, threads);
-  }
-  add_rows(h1, ff, out.data_ptr(), io, rows * dim);
 }
 
-constexpr int64_t LAYOUT = 7;  // ints of a layer in decode_model's layout (see there)
+// latent attention of block_step: a (rows, heads x v) from x (rows, dim) (mla.LatentAttention, attending in
+// latent space as backends/mla.py does for a decode step)
+void latent_attention(const Layer &L, const char *x, char *a, int io, int64_t rows, int64_t dim, const int64_t *pos,
+                      const Tensor &rot, int threads) {
+  const int64_t size = io ? 2 : 4, H = L.heads, n = L.nope, r = L.rope, c = L.rank, qr = L.q_rank;
+  const int64_t q_dim = H * (n + r);
+  Tensor scratch = at::empty({rows * (2 * qr + (c + r) + q_dim + c) * size}, L.cache_pos.options().dtype(at::kByte));
+  char *qa = static_cast<char *>(scratch.data_ptr()), *qn = qa + rows * qr * size, *kv = qn + rows * qr * size;
+  char *q = kv + rows * (c + r) * size, *lat = q + rows * q_dim * size;
+  if (qr) {  // q = q_b(q_a_layernorm(q_a(x)))
+    void *y[2] = {qa, kv};
+    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, 0, y, threads);
+    rms_norm_rows(qa, L.latent_norms[0].data_ptr(), qn, io, rows, qr, L.scalar(Q_A_EPS));
+    void *yq[1] = {q};
+    products(qn, io, rows, qr, L.attn, L.attn_scales, 4, 1, 0, yq, threads);
+  } else {  // q = q_proj(x)
+    void *y[2] = {q, kv};
+    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, 0, y, threads);
+  }
+  const Tensor &kv_norm = L.latent_norms[L.latent_norms.size() - 1];
+  const Tensor &kv_b = L.attn[2];
+  for (int64_t row = 0; row < rows; row++) {
+    const float *rotation = rot.data_ptr<float>() + std::max<int64_t>(pos[row], 0) * r;
+    char *q_row = q + row * q_dim * size, *kv_row = kv + row * (c + r) * size, *lat_row = lat + row * c * size;
+    char *k_rope = kv_row + c * size;  // kv = latent | k_rope
+    rms_norm_rows(kv_row, kv_norm.data_ptr(), lat_row, io, 1, c, L.scalar(KV_A_EPS));
+    for (int64_t h = 0; h < H; h++) rope_heads(q_row + (h * (n + r) + n) * size, io, 1, r, rotation);
+    rope_heads(k_rope, io, 1, r, rotation);
+    if (L.at(QUERY_SCALING)) scale_values(q_row, io, q_dim, query_scale(L, pos[row], io));
+    char *latents = static_cast<char *>(L.cache_k.data_ptr()) + row * L.slots * c * size;
+    char *k_ropes = static_cast<char *>(L.cache_v.data_ptr()) + row * L.slots * r * size;
+    int64_t *k_pos = L.cache_pos.data_ptr<int64_t>() + row * L.slots;
+    if (pos[row] >= 0) {  // the latent cache: the normed latent and the rotated key part
+      const int64_t slot = pos[row] % L.slots;
+      std::copy(lat_row, lat_row + c * size, latents + slot * c * size);
+      std::copy(k_rope, k_rope + r * size, k_ropes + slot * r * size);
+      k_pos[slot] = pos[row];
+    }
+    TORCH_CHECK(attend_latent_one(q_row, latents, k_ropes, k_pos, pos[row], kv_b.data_ptr(),
+                                  L.attn_scales.empty() ? nullptr : L.attn_scales[2].data_ptr(),
+                                  a + row * H * L.value * size, io, L.at(LATENT) == 2, L.slots, H, n, r, L.value, c,
+                                  L.scalar(LATENT_SCALE), threads) == 0,
+                "decode_model: no memory for the latent attention's scores");
+  }
+}
+
+// the feed-forward of block_step: ff (rows, dim) from x (rows, dim)
+void feed_forward(const Layer &L, const char *x, char *ff, int io, int64_t rows, int64_t dim, int threads) {
+  const int64_t group = L.at(GROUP), top_k = L.at(TOP_K), kind = L.at(ROUTER_KIND), size = io ? 2 : 4;
+  const bool quantized = !L.ffn_scales.empty();
+  const int experts_kind = static_cast<int>(quantized ? scheme(L.ffn[0]) : float_kind(L.ffn[0]));
+  const int scales_bf16 = quantized ? bf16(L.ffn_scales[0]) : 0;
+  auto scale_of = [&](int64_t p) { return quantized ? L.ffn_scales[p].data_ptr() : nullptr; };
+  if (!L.gate) {  // a dense SwiGLU
+    Tensor scratch = at::empty({rows * 2 * L.hidden * size}, L.cache_pos.options().dtype(at::kByte));
+    char *g = static_cast<char *>(scratch.data_ptr()), *up = g + rows * L.hidden * size;
+    void *gate_up[2] = {g, up};
+    products(x, io, rows, dim, L.ffn, L.ffn_scales, 0, 2, group, gate_up, threads);
+    silu_mul(g, up, g, io, rows * L.hidden, threads);
+    void *down[1] = {ff};
+    products(g, io, rows, L.hidden, L.ffn, L.ffn_scales, 2, 1, group, down, threads);
+    return;
+  }
+  const Tensor &gate = *L.gate;
+  std::vector<float> logits(L.n_experts);  // (the layers' step returns them, for the auxiliary loss)
+  int64_t index[64];
+  float weights[64];
+  if (kind == 0 && L.stacked) {  // Mixtral's router and experts in one call
+    done(moe_one_token(x, io, gate.data_ptr(), bf16(gate), top_k, experts_kind, L.ffn[0].data_ptr(), scale_of(0),
+                       L.ffn[1].data_ptr(), scale_of(1), L.ffn[2].data_ptr(), scale_of(2), scales_bf16, group,
+                       L.n_experts, L.hidden, dim, ff, logits.data(), threads),
+         1, dim);
+  } else {
+    if (kind == 0) {  // moe.route
+      route_one_token(x, io, gate.data_ptr(), bf16(gate), L.n_experts, dim, top_k, logits.data(), index, weights);
+    } else {  // fine_moe.route_fine
+      const int code = route_fine_one(x, io, gate.data_ptr(), bf16(gate), L.bias ? L.bias->data_ptr() : nullptr,
+                                      L.bias ? bf16(*L.bias) : 0, L.n_experts, dim, static_cast<int>(kind - 1),
+                                      L.at(N_GROUP), L.at(TOPK_GROUP), top_k, L.at(NORM_TOPK) != 0,
+                                      L.scalar(ROUTED_SCALE), logits.data(), index, weights);
+      TORCH_CHECK(code == 0, "decode_model: no memory for the router's scores");
+    }
+    for (int64_t k = 0; k < top_k; k++)
+      TORCH_CHECK_INDEX(index[k] >= 0 && index[k] < L.n_experts, "decode_model: the router chose no expert");
+    if (L.stacked) {
+      done(swiglu_experts(x, io, experts_kind, L.ffn[0].data_ptr(), scale_of(0), L.ffn[1].data_ptr(), scale_of(1),
+                          L.ffn[2].data_ptr(), scale_of(2), scales_bf16, group, L.n_experts, index, weights, top_k,
+                          L.hidden, dim, ff, threads),
+           1, dim);
+    } else {  // the chosen experts' own tensors
+      std::vector<const void *> chosen(6 * top_k, nullptr);  // w1, s1, w3, s3, w2, s2: top_k each
+      for (int64_t k = 0; k < top_k; k++)
+        for (int64_t p = 0; p < 3; p++) {
+          chosen[(2 * p) * top_k + k] = L.ffn[p * L.n_experts + index[k]].data_ptr();
+          if (quantized) chosen[(2 * p + 1) * top_k + k] = L.ffn_scales[p * L.n_experts + index[k]].data_ptr();
+        }
+      const void *const *ch = chosen.data();
+      done(swiglu_chosen(x, io, experts_kind, ch, ch + top_k, ch + 2 * top_k, ch + 3 * top_k, ch + 4 * top_k,
+                         ch + 5 * top_k, scales_bf16, group, weights, top_k, L.hidden, dim, ff, threads),
+           1, dim);
+    }
+  }
+  if (!L.shared.empty()) {  // + the shared expert (a dense SwiGLU every token visits)
+    Tensor scratch = at::empty({(2 * L.shared_hidden + dim) * size}, L.cache_pos.options().dtype(at::kByte));
+    char *g = static_cast<char *>(scratch.data_ptr()), *up = g + L.shared_hidden * size;
+    char *y = up + L.shared_hidden * size;
+    void *gate_up[2] = {g, up};
+    products(x, io, 1, dim, L.shared, L.shared_scales, 0, 2, group, gate_up, threads);
+    silu_mul(g, up, g, io, L.shared_hidden, threads);
+    void *down[1] = {y};
+    products(g, io, 1, L.shared_hidden, L.shared, L.shared_scales, 2, 1, group, down, threads);
+    add_rows(ff, y, ff, io, dim);
+  }
+}
+
+// One transformer block (layer L, checked by check_layer) of a decode step for one token per row (B rows, h (B,
+// 1, dim)) at the positions pos[0 .. B), into out (h's shape), with the steps and roundings of the "torch"
+// backend's eager step (model.TransformerBlock with backends/pytorch.py's functions, in h's dtype), row by row:
+//   x = rms_norm(h, attention_norm); a = attention(x), grouped-query or latent (writing the position's slot of the
+//   row's cache; a row at -1 is padding: nothing written); h1 = h + a wo.T; x = rms_norm(h1, ffn_norm);
+//   out = h1 + feed_forward(x): w2(silu(x w1.T) * x w3.T) (dense), or the chosen experts' weighted SwiGLUs (the
+//   router's choice as C loops: Mixtral's or the fine-grained one) plus the shared expert.
+// Weights: bf16 / fp32 of h's dtype (scales empty), or int8 / int4 codes with their scales of h's dtype (int4
+// with the group size; latent attention: int8).  Experts: one row only.
+void block_step(const Layer &L, const Tensor &h, Tensor &out, const int64_t *pos, const Tensor &rot, int threads) {
+  const int io = h.scalar_type() == at::kBFloat16 ? 1 : 0;
+  const int64_t rows = h.size(0), dim = h.size(-1), size = io ? 2 : 4;
+  const int64_t a_dim = L.at(LATENT) ? L.heads * L.value : L.heads * L.head_dim;
+  // scratch of h's dtype: x (dim), the attention's output (a_dim), its projection, h1, the feed-forward's (dim)
+  Tensor scratch = at::empty({rows * (4 * dim + a_dim) * size}, h.options().dtype(at::kByte));
+  char *x = static_cast<char *>(scratch.data_ptr()), *a = x + rows * dim * size, *o = a + rows * a_dim * size;
+  char *h1 = o + rows * dim * size, *ff = h1 + rows * dim * size;
+  const float eps = L.scalar(EPS);
+  rms_norm_rows(h.data_ptr(), L.attn_norm->data_ptr(), x, io, rows, dim, eps);
+  if (L.at(LATENT))
+    latent_attention(L, x, a, io, rows, dim, pos, rot, threads);
+  else
+    gqa_attention(L, x, a, io, rows, dim, pos, rot, threads);
+  void *wo_out[1] = {o};
+  products(a, io, rows, a_dim, L.attn, L.attn_scales, 3, 1, L.at(LATENT) ? 0 : L.at(GROUP), wo_out, threads);
+  add_rows(h.data_ptr(), o, h1, io, rows * dim);
+  rms_norm_rows(h1, L.ffn_norm->data_ptr(), x, io, rows, dim, eps);
+  feed_forward(L, x, ff, io, rows, dim, threads);
+  add_rows(h1, ff, out.data_ptr(), io, rows * dim);
+}
 
 // A whole decode step of a model for one token per row (backends/decode_step.py: decode_step), tokens (B, 1) int64
 // at positions (B, 1): h = the embedding's rows; every block as block_step; then, if `fold`, the final norm and the
 // output product as the "torch" backend's layers compute them (the norm: the C loop for bf16 rows, else F.rms_norm's
 // formula; the product: the C kernels, as backends/linear.py sends it there) and the logits (B, 1, vocab) fp32;
 // else h (B, 1, dim) before the final norm.
-// weights, for each layer: attention_norm, ffn_norm, wq, wk, wv, wo, their scales (if quantized), the feed-forward's
-// tensors (w1, w3, w2; or every expert's w1, then w3, then w2), their scales (if quantized), the router (Mixtral);
-// then the embedding, the final norm's weight and, if the output product is here, the output weight (and scales).
-// layout: 7 ints a layer (attention scales: 0 or 4; feed-forward tensors; their scales; a router: 0 or 1; top_k;
-// the int4 group size; the window, -1 for none), then 3 for the output (weight: 0 or 1; scales: 0 or 1; group).
-// eps: each layer's norms' eps, then the final norm's.  caches: k, v, pos of each layer (written).
+// weights, for each layer: attention_norm, ffn_norm; the attention's weights (N_ATTN of them, see Lay) and their
+// scales (if quantized); latent attention's norms (q_a_layernorm with a low-rank query, kv_a_layernorm); the
+// feed-forward's tensors (w1, w3, w2; or every expert's w1, then w3, then w2) and their scales (if quantized); the
+// shared expert's w1, w3, w2 and their scales; the router and its score-correction bias.  Then the embedding, the
+// final norm's weight and, if the output product is here, the output weight (and scales).
+// layout: LAYOUT ints a layer (Lay), then 3 for the output (weight: 0 or 1; scales: 0 or 1; group).
+// scalars: SCALARS floats a layer (Scalar), then the final norm's eps.  caches: k, v, pos of each layer (written;
+// latent attention: the latents and rotary keys of cache.LatentLayerCache).  Every layer is checked before any
+// cache is written.
 Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Tensor &rot_, at::TensorList weights,
-                       at::IntArrayRef layout, at::ArrayRef<double> eps, at::TensorList caches, bool fold,
+                       at::IntArrayRef layout, at::ArrayRef<double> scalars, at::TensorList caches, bool fold,
                        int64_t threads_) {
   Tensor tokens = tokens_.contiguous(), position = position_.contiguous(), rot = rot_.contiguous();
   const int threads = static_cast<int>(threads_);
@@ -579,11 +818,12 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
   TORCH_CHECK_VALUE(rows > 0 && tokens.scalar_type() == at::kLong && tokens.is_cpu() &&
                         caches.size() == static_cast<size_t>(3 * n_layers) &&
                         layout.size() == static_cast<size_t>(LAYOUT * n_layers + 3) &&
-                        eps.size() == static_cast<size_t>(n_layers + 1),
+                        scalars.size() == static_cast<size_t>(SCALARS * n_layers + 1),
                     "decode_model: tokens must be (B, 1) int64 on the CPU (got ", tokens.sizes(), " ",
-                    tokens.scalar_type(), "), with k, v, pos of every layer, ", LAYOUT, " ints of layout a layer and "
-                    "3 for the output, an eps a layer and one for the final norm; got ", caches.size(), " cache "
-                    "tensors, ", layout.size(), " ints, ", eps.size(), " eps");
+                    tokens.scalar_type(), "), with k, v, pos of every layer, ", static_cast<int64_t>(LAYOUT),
+                    " ints of layout a layer and 3 for the output, ", static_cast<int64_t>(SCALARS), " scalars a "
+                    "layer and the final norm's eps; got ", caches.size(), " cache tensors, ", layout.size(),
+                    " ints, ", scalars.size(), " scalars");
   TORCH_CHECK_VALUE(position.dim() == 2 && position.size(0) == rows && position.size(1) == 1 &&
                         position.scalar_type() == at::kLong && position.is_cpu(),
                     "decode_model: position must be (", rows, ", 1) int64 on the CPU, got ", position.sizes());
@@ -598,16 +838,32 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
     taken += static_cast<size_t>(n);
     return part;
   };
-  // each layer's weights, in the order above: the whole layout is checked before any cache is written
-  std::vector<at::TensorList> blocks;
+  std::vector<Layer> layers(n_layers);
   for (int64_t l = 0; l < n_layers; l++) {
-    const int64_t *lay = layout.data() + LAYOUT * l;
-    TORCH_CHECK_VALUE((lay[0] == 0 || lay[0] == 4) && lay[1] > 0 && (lay[2] == 0 || lay[2] == lay[1]) &&
-                          (lay[3] == 0 || lay[3] == 1),
-                      "decode_model: layer ", l, ": a layout of ", lay[0], " attention scales (0 or 4), ", lay[1],
-                      " feed-forward tensors, ", lay[2], " of their scales (none or as many), ", lay[3],
-                      " routers (0 or 1)");
-    blocks.push_back(take(6 + lay[0] + lay[1] + lay[2] + lay[3]));
+    Layer &L = layers[l];
+    L.index = l, L.lay = layout.data() + LAYOUT * l, L.scalars = scalars.data() + SCALARS * l;
+    const int64_t *lay = L.lay;
+    const bool latent = lay[LATENT] != 0;
+    TORCH_CHECK_VALUE(lay[LATENT] >= 0 && lay[LATENT] <= 2 && (lay[N_ATTN] == 4 || (latent && lay[N_ATTN] == 5)) &&
+                          (lay[ATTN_SCALES] == 0 || lay[ATTN_SCALES] == lay[N_ATTN]) && lay[N_FFN] > 0 &&
+                          (lay[FFN_SCALES] == 0 || lay[FFN_SCALES] == lay[N_FFN]) &&
+                          (lay[ROUTER] == 0 || lay[ROUTER] == 1) && (lay[SHARED] == 0 || lay[SHARED] == 1) &&
+                          (lay[SHARED_SCALES] == 0 || lay[SHARED_SCALES] == lay[SHARED]) &&
+                          (lay[ROUTER_BIAS] == 0 || lay[ROUTER_BIAS] == lay[ROUTER]),
+                      "decode_model: layer ", l, ": a layout of ", lay[N_ATTN], " attention weights (4, or 5 for "
+                      "latent attention with a low-rank query; latent ", lay[LATENT], "), ", lay[ATTN_SCALES],
+                      " attention scales (none or as many), ", lay[N_FFN], " feed-forward tensors, ", lay[FFN_SCALES],
+                      " of their scales (none or as many), ", lay[ROUTER], " routers (0 or 1) with ", lay[ROUTER_BIAS],
+                      " biases, ", lay[SHARED], " shared experts (0 or 1) with ", lay[SHARED_SCALES], " scales");
+    at::TensorList w = take(2);
+    L.attn_norm = &w[0], L.ffn_norm = &w[1];
+    L.attn = take(lay[N_ATTN]), L.attn_scales = take(lay[ATTN_SCALES]);
+    L.latent_norms = take(latent ? lay[N_ATTN] - 3 : 0);
+    L.ffn = take(lay[N_FFN]), L.ffn_scales = take(lay[FFN_SCALES]);
+    L.shared = take(3 * lay[SHARED]), L.shared_scales = take(3 * lay[SHARED_SCALES]);
+    at::TensorList router = take(lay[ROUTER] + lay[ROUTER_BIAS]);
+    L.gate = lay[ROUTER] ? &router[0] : nullptr, L.bias = lay[ROUTER_BIAS] ? &router[1] : nullptr;
+    L.cache_k = caches[3 * l], L.cache_v = caches[3 * l + 1], L.cache_pos = caches[3 * l + 2];
   }
   const int64_t *tail = layout.data() + LAYOUT * n_layers;
   TORCH_CHECK_VALUE((tail[0] == 0 || tail[0] == 1) && (tail[1] == 0 || tail[1] == tail[0]),
@@ -622,15 +878,9 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
   Tensor h = at::embedding(embedding, tokens), other = at::empty_like(h);  // (B, 1, dim)
   const at::ScalarType dtype = h.scalar_type();
   const int64_t dim = h.size(-1);
-  for (int64_t l = 0; l < n_layers; l++) {
-    const int64_t *lay = layout.data() + LAYOUT * l;
-    at::TensorList w = blocks[l];
-    const int64_t n_ffn = lay[1];
-    at::TensorList attn = w.slice(2, 4), attn_scales = w.slice(6, lay[0]);
-    at::TensorList ffn = w.slice(6 + lay[0], n_ffn), ffn_scales = w.slice(6 + lay[0] + n_ffn, lay[2]);
-    const Tensor *gate = lay[3] ? &w[6 + lay[0] + n_ffn + lay[2]] : nullptr;
-    block_step(l, h, other, pos, last, rot, w[0], w[1], eps[l], attn, attn_scales, ffn, ffn_scales, gate, lay[4],
-               lay[5], caches[3 * l], caches[3 * l + 1], caches[3 * l + 2], lay[6], threads);
+  for (Layer &L : layers) check_layer(L, rows, dim, dtype, last, rot);
+  for (const Layer &L : layers) {
+    block_step(L, h, other, pos, rot, threads);
     std::swap(h, other);
   }
   if (!fold) return h;
@@ -638,7 +888,7 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
                         norm.is_contiguous(),
                     "decode_model: the final norm must be (", dim, ") ", dtype, ", with an output weight; got ",
                     norm.sizes(), " ", norm.scalar_type());
-  const double norm_eps = eps[n_layers];
+  const double norm_eps = scalars[SCALARS * n_layers];
   const int io = dtype == at::kBFloat16 ? 1 : 0;
   Tensor normed;  // backends/pytorch.py: rms_norm
   if (io) {  // bf16 rows: the C loop (rms_norm_prompt, for more rows, has the same bits)

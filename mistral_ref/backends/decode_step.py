@@ -2,13 +2,16 @@
 (cpu_gemv_ops.cpp), the "torch" backend's eager decode step without the Python between its functions.
 
 Equals: the "torch" backend's eager step (model.Transformer's layers with backends/pytorch.py's functions, in the
-model's dtype): the embedding lookup, the same C kernels for the products, RMSNorm, Mixtral's experts and attention,
-the same roundings; RoPE's complex product, the KV-cache write, the residual additions and SiLU as C loops (SiLU
-with cpu_gemv.c's exp polynomial, which may differ from torch's exp in fp32's last bits); the final norm and the
-output product as that step computes them (the output product there when the C kernels take it for these rows, as
-backends/linear.py sends it: else in Python after the operator).  tests/test_decode_step.py checks it against that
-step and the "reference" backend, beyond a sliding window, with GQA, head_dim != dim / n_heads, experts, int8 and
-int4.
+model's dtype): the embedding lookup, the same C kernels for the products, RMSNorm, the experts and grouped-query
+attention, the same roundings; RoPE's complex product, the query scaling, the KV-cache write, the residual
+additions and SiLU as C loops (SiLU with cpu_gemv.c's exp polynomial, which may differ from torch's exp in fp32's
+last bits); latent attention absorbed as backends/mla.py absorbs it for a decode step, rounded where its einsums
+round; the fine-grained router (fine_moe.route_fine) as a C loop in fp32; the final norm and the output product as
+that step computes them (the output product there when the C kernels take it for these rows, as backends/linear.py
+sends it: else in Python after the operator).  tests/test_decode_step.py checks it against that step and the
+"reference" backend, beyond a sliding window, past YaRN's original context and the query scaling's steps, with
+GQA, head_dim != dim / n_heads, Mixtral's experts, latent attention with and without a low-rank query, fine-grained
+experts (softmax, or sigmoid with a score-correction bias and groups) with a shared expert, int8 and int4.
 
 Why: an eager step calls ~10 functions a block from Python (~10-20 us each besides the arithmetic); a small
 model's step is then a third Python, and a compiled step (backends/compiled.py) still runs its wrapper's Python
@@ -18,17 +21,19 @@ between the operators.  Here the step is one call, whose arguments are read from
 Transformer.forward asks :func:`decode_step` (the "torch" backend's Backend.decode_step) first for every decode
 step; it returns None, and the layers run as usual, unless every one of these holds:
 * one token per row, a KV cache; no autograd (generate runs in inference mode); on the CPU; one row, or up to
-  MAX_ROWS rows of a bf16 model whose blocks are dense with bf16 or int8 weights (the products the C kernels take
-  for several rows in the layers' step too: bf16 weights on a CPU with AMX tiles for up to 8 rows, cpu_gemv.MAX_ROWS;
-  rows may sit at different positions, -1 for padding);
+  MAX_ROWS rows of a bf16 model whose blocks are dense, with grouped-query attention and bf16 or int8 weights (the
+  products the C kernels take for several rows in the layers' step too: bf16 weights on a CPU with AMX tiles for up
+  to 8 rows, cpu_gemv.MAX_ROWS; rows may sit at different positions, -1 for padding);
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
 * the embedding is an nn.Embedding without max_norm, every norm an RMSNorm; every block has grouped-query attention
-  with RoPE over the whole head (no latent attention, no query scaling by position) and a dense SwiGLU or
-  Mixtral's experts (stacked by backends/moe.py's stack_experts, as the CLI and compiled decoding lay them out, or
-  each expert's own weights: the step never replaces a parameter); every weight is of the model's dtype (bf16 or
-  fp32) or quantized (int8 / int4) with scales of that dtype, one scheme for the whole block;
-* every layer's cache is a plain LayerCache of the model's dtype with a row for each token;
+  with RoPE over the whole head (with or without Ministral 3's query scaling) or latent attention (Mistral Small 4;
+  its weights not int4), and a dense SwiGLU, Mixtral's experts or fine-grained ones with their shared expert
+  (stacked by backends/moe.py's stack_experts, as the CLI and compiled decoding lay them out, or each expert's own
+  weights: the step never replaces a parameter); every weight is of the model's dtype (bf16 or fp32) or quantized
+  (int8 / int4) with scales of that dtype, one scheme for the whole block;
+* every layer's cache is a plain LayerCache (LatentLayerCache for latent attention) of the model's dtype with a row
+  for each token;
 * no module whose forward the layers' step calls (:func:`called_modules`: the embedding, the final norm, and in
   every block the block, its norms, its attention, its feed-forward) has a forward hook (tensor parallelism's
   all-reduce after wo and w2, a probe) or a forward replaced on its class or on itself (a patch, an
@@ -50,8 +55,11 @@ from torch import nn
 
 from mistral_ref.attention import Attention
 from mistral_ref.backends import cpu_gemv, huge_pages
+from mistral_ref.backends.linear import upcast_on_cpu
 from mistral_ref.backends.rope import rope_rotations
-from mistral_ref.cache import KVCache, LayerCache
+from mistral_ref.cache import KVCache, LatentLayerCache, LayerCache
+from mistral_ref.fine_moe import FineMoeLayer
+from mistral_ref.mla import LatentAttention
 from mistral_ref.moe import FeedForward, MoeLayer
 from mistral_ref.norm import RMSNorm
 from mistral_ref.quantize import QuantizedExperts, QuantizedWeight, scales_name
@@ -95,7 +103,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     caches = []
     for layer_cache in cache.layers:
         k, v = layer_cache.k, layer_cache.v
-        if (type(layer_cache) is not LayerCache or k.dtype != dtype or k.shape[0] != rows
+        if (type(layer_cache) not in (LayerCache, LatentLayerCache) or k.dtype != dtype or k.shape[0] != rows
                 or not (k.is_contiguous() and v.is_contiguous())):
             return None
         caches += (k, v, layer_cache.pos)
@@ -105,7 +113,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
             layer_cache.check_fits(positions)
     fold = rows < steps.output_rows  # the output product in the operator: where backends/linear.py sends it to C
     out = torch.ops.mistral_ref.decode_model(tokens, positions, rotations(model, position), weights, steps.layout,
-                                             steps.eps, caches, fold, torch.get_num_threads())
+                                             steps.scalars, caches, fold, torch.get_num_threads())
     if fold:
         return out  # (B, 1, vocab) fp32
     ops = model.ops
@@ -135,7 +143,8 @@ nn_module.register_module_buffer_registration_hook(_registered)
 nn_module.register_module_module_registration_hook(_registered)
 
 PLAN = "_decode_step_plan"  # where a model keeps its plan
-LAYOUT = 7  # ints of a layer in decode_model's layout (cpu_gemv_ops.cpp)
+LAYOUT = 19  # ints of a layer in decode_model's layout (cpu_gemv_ops.cpp: Lay)
+SCALARS = 6  # floats of a layer in its scalars (cpu_gemv_ops.cpp: Scalar)
 
 
 class Steps:
@@ -148,7 +157,7 @@ class Steps:
         self.names: list[str] = []
         self.floats: list[int] = []  # the indexes of the float weights and scales: of the model's dtype
         self.layout: list[int] = []
-        self.eps: list[float] = []
+        self.scalars: list[float] = []
         self.stacks: list[tuple[dict, tuple]] = []  # (a MoeLayer's __dict__, the stacks read from it)
         self.batchable = True  # several rows: dense blocks whose products the C kernels take for several rows
         self.max_rows = MAX_ROWS  # ... up to this many rows: the fewest of its weights' kinds (cpu_gemv.MAX_ROWS)
@@ -213,23 +222,43 @@ class Steps:
         return found
 
     def add_block(self, layer: TransformerBlock, dtype: torch.dtype) -> bool:
-        """A layer decode_model takes: grouped-query attention without query scaling, a dense SwiGLU or
-        Mixtral's experts (stacked, or each expert's own weights); False for any other."""
+        """A layer decode_model takes: grouped-query or latent attention (latent: float or int8 weights), a dense
+        SwiGLU, Mixtral's experts or fine-grained ones with a shared expert (stacked, or each expert's own weights);
+        False for any other."""
         attention, ff = layer.attention, layer.feed_forward
         norms = (layer.attention_norm, layer.ffn_norm)
-        if (type(attention) is not Attention or attention.llama_4_scaling is not None
-                or not all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
-                or layer.attention_norm.eps != layer.ffn_norm.eps):
+        if not (self.norms_fit(norms, dtype) and layer.attention_norm.eps == layer.ffn_norm.eps):
             return False
         for n in norms:
             self.add(n._parameters, "weight")
-        attn = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
+        if type(attention) is Attention:
+            attn = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
+            n_attn, latent, latent_norms, window = 4, (0, 0, 0), [], attention.window
+        elif type(attention) is LatentAttention:
+            m = attention.mla
+            low_rank = m.q_lora_rank is not None
+            first = attention.q_a_proj if low_rank else attention.q_proj
+            linears = [first, attention.kv_a_proj_with_mqa, attention.kv_b_proj, attention.wo]
+            linears += [attention.q_b_proj] if low_rank else []
+            attn = self.add_weights(linears, dtype)
+            latent_norms = ([attention.q_a_layernorm] if low_rank else []) + [attention.kv_a_layernorm]
+            if attn is None or attn[1] or not self.norms_fit(latent_norms, dtype):
+                return False  # (int4: the absorbed attention reads kv_b_proj's values or int8 codes)
+            for n in latent_norms:
+                self.add(n._parameters, "weight")
+            # (2: the attention's products rounded to bf16, as backends/mla.py's bf16 einsums where it keeps bf16)
+            rounded = dtype == torch.bfloat16 and not upcast_on_cpu(layer.attention_norm.weight)
+            n_attn, latent, window = len(linears), (2 if rounded else 1, attention.n_heads, m.qk_nope_head_dim), None
+        else:
+            return False
         if attn is None:
             return False
-        gate = None
+        gate = bias = shared = None
+        router = (0, 0, 0, 0)  # kind (0: Mixtral's, 1 / 2: fine-grained softmax / sigmoid), n_group, topk_group, norm
+        top_k, routed_scale = 0, 1.0
         if type(ff) is FeedForward:
             ffn, n_ffn = self.add_weights([ff.w1, ff.w3, ff.w2], dtype), 3
-        elif type(ff) is MoeLayer:
+        elif type(ff) in (MoeLayer, FineMoeLayer):
             gate = ff.gate
             if ff.stacked is not None:
                 ffn, n_ffn = self.add_stacks(ff, dtype), 3
@@ -239,21 +268,52 @@ class Steps:
             if not (isinstance(gate.weight, torch.Tensor) and not isinstance(gate.weight, QuantizedWeight)
                     and gate.weight.dtype == dtype):
                 return False
+            if type(ff) is MoeLayer:
+                top_k = ff.top_k
+            else:
+                moe, shared = ff.moe, ff.shared_experts
+                bias = getattr(gate, "e_score_correction_bias", None)
+                router = (1 if moe.scoring_func == "softmax" else 2, moe.n_group, moe.topk_group,
+                          int(moe.norm_topk_prob))
+                top_k, routed_scale = moe.num_experts_per_tok, moe.routed_scaling_factor
+                if bias is not None and bias.dtype not in cpu_gemv._FLOATS:
+                    return False
         else:
             return False
-        if ffn is None or (attn[1] and ffn[1] and attn[1] != ffn[1]):
+        if ffn is None:
+            return False
+        shared_found = (0, 0)
+        if shared is not None:
+            if type(shared) is not FeedForward:
+                return False
+            shared_found = self.add_weights([shared.w1, shared.w3, shared.w2], dtype)
+            if shared_found is None:
+                return False
+        if len({g for g in (attn[1], ffn[1], shared_found[1]) if g}) > 1:
             return False  # (one group size for the block's int4 products)
         if gate is not None:
             self.add(gate._parameters, "weight")
-        window = -1 if attention.window is None else attention.window
-        self.layout += (attn[0], n_ffn, ffn[0], int(gate is not None), ff.top_k if gate is not None else 0,
-                        max(attn[1], ffn[1]), window)
-        self.eps.append(layer.attention_norm.eps)
-        self.batchable = self.batchable and gate is None and not (attn[1] or ffn[1])  # (a group size: int4)
-        if gate is None:  # (several rows: dense blocks only; each block's products are of one kind)
+        if bias is not None:
+            self.add(gate._buffers, "e_score_correction_bias", floating=False)
+        scaling = attention.llama_4_scaling
+        self.layout += (n_attn, attn[0], n_ffn, ffn[0], int(gate is not None), top_k,
+                        max(attn[1], ffn[1], shared_found[1]), -1 if window is None else window, *latent,
+                        0 if scaling is None else scaling.original_max_position_embeddings, *router,
+                        int(shared is not None), int(shared_found[0] > 0), int(bias is not None))
+        eps_q = latent_norms[0].eps if len(latent_norms) == 2 else 0.0
+        eps_kv = latent_norms[-1].eps if latent_norms else 0.0
+        self.scalars += (layer.attention_norm.eps, eps_q, eps_kv, attention.scale if latent[0] else 0.0,
+                         0.0 if scaling is None else scaling.beta, routed_scale)
+        # several rows: dense grouped-query blocks only, of bf16 or int8 weights
+        self.batchable = self.batchable and gate is None and not (latent[0] or attn[1] or ffn[1])
+        if gate is None:  # (each block's products are of one kind)
             kind = cpu_gemv.kind(ff.w1.weight)
             self.max_rows = min(self.max_rows, cpu_gemv.MAX_ROWS[kind] - 1 if kind else 0)
         return True
+
+    @staticmethod
+    def norms_fit(norms: list, dtype: torch.dtype) -> bool:
+        return all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
 
     def add_ends(self, model: Transformer, dtype: torch.dtype) -> bool:
         """The embedding, the final norm and (where the C kernels take it) the output weight."""
@@ -263,7 +323,7 @@ class Steps:
             return False
         self.add(embedding._parameters, "weight")
         self.add(norm._parameters, "weight")
-        self.eps.append(norm.eps)
+        self.scalars.append(norm.eps)
         output = model.tok_embeddings if model.output is None else model.output
         which = cpu_gemv.kind(output.weight)
         found = self.add_weights([output], dtype) if which is not None else None
@@ -300,7 +360,8 @@ def plan(model: Transformer) -> Steps | None:
     modules = [model.tok_embeddings, model.norm] + [m for layer in model.layers for m in called_modules(layer)]
     forwards = tuple((cls, cls.forward) for cls in {type(m) for m in modules})
     steps = None
-    if a.rope_dim == a.head_dim and dtype in cpu_gemv._FLOATS and all(own(cls, f) for cls, f in forwards):
+    whole_heads = a.mla is not None or a.rope_dim == a.head_dim  # (grouped-query attention: RoPE over the head)
+    if whole_heads and dtype in cpu_gemv._FLOATS and all(own(cls, f) for cls, f in forwards):
         steps = Steps()
         if not (all(steps.add_block(layer, dtype) for layer in model.layers) and steps.add_ends(model, dtype)):
             steps = None
@@ -315,11 +376,18 @@ def plan(model: Transformer) -> Steps | None:
 
 def called_modules(layer: TransformerBlock) -> list[torch.nn.Module]:
     """The modules of a block whose forward the layers' step calls (TransformerBlock.forward): the block, its two
-    norms, its attention and its feed-forward, which multiply by their weights through the backend's functions and
-    call no module of theirs.  Their hooks and patched forwards are the ones this step would skip, with those of
-    the model's embedding and final norm (tests/test_decode_step.py hooks every module of a block and checks that
-    the step is declined exactly where the layers' step runs the hook)."""
-    return [layer, layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward]
+    norms, its attention (and latent attention's two norms) and its feed-forward (and a fine-grained one's shared
+    expert), which multiply by their weights through the backend's functions and call no other module.  Their hooks
+    and patched forwards are the ones this step would skip, with those of the model's embedding and final norm
+    (tests/test_decode_step.py hooks every module of a block and checks that the step is declined exactly where the
+    layers' step runs the hook)."""
+    attention, ff = layer.attention, layer.feed_forward
+    modules = [layer, layer.attention_norm, attention, layer.ffn_norm, ff]
+    if type(attention) is LatentAttention:
+        modules += [attention.kv_a_layernorm] + ([attention.q_a_layernorm] if attention.mla.q_lora_rank else [])
+    if type(ff) is FineMoeLayer and ff.shared_experts is not None:
+        modules.append(ff.shared_experts)
+    return modules
 
 
 def own(cls: type, forward) -> bool:

@@ -2197,13 +2197,29 @@ static float dot_floats(const float *a, const float *b, int64_t n) {  /* 16 inde
     return s;
 }
 
-/* row `row` of kv_b_proj's weight (rows of c values) in fp32: its values (x's dtype), or its int8 codes times the
- * row's scale rounded to x's dtype (QuantizedWeight.dequantize) */
-static void kv_b_row(const void *w, const void *scales, int bf16, int64_t row, int64_t c, float *out) {
-    if (scales) {
+/* row `row` of kv_b_proj's weight (rows x c) in fp32: its values (kind 0, x's dtype), or its codes dequantized as
+ * QuantizedWeight.dequantize computes them, in fp32 and rounded to x's dtype: int8 (kind 1) times the row's scale,
+ * int4 (kind 2, torch's CPU layout: int4_tail above) (code - 8) x scale + zero of its group of inputs */
+static void kv_b_row(const void *w, const void *scales, int kind, int64_t group, int bf16, int64_t row, int64_t rows,
+                     int64_t c, float *out) {
+    if (kind == 1) {
         const int8_t *q = (const int8_t *)w + row * c;
         const float s = value_at(scales, row, bf16);
         for (int64_t i = 0; i < c; i++) out[i] = in_dtype((float)q[i] * s, bf16);
+    } else if (kind == 2) {
+        /* a block of 32 rows holds, for each input, 16 bytes: low nibbles rows 0..15, high ones 16..31; the last 16
+         * rows 8 bytes: (0, 1), (2, 3), ... as (low, high) */
+        const int64_t full = rows / 32 * 32, j = row - full;
+        const uint8_t *p = (const uint8_t *)w + (row < full ? row / 32 * c * 16 + row % 16 : full * c / 2 + j / 2);
+        const int64_t stride = row < full ? 16 : 8;
+        const int shift = (row < full ? row % 32 >= 16 : j % 2) ? 4 : 0;
+        for (int64_t g = 0; g < c / group; g++) {
+            const float s = value_at(scales, (g * rows + row) * 2, bf16), z = value_at(scales, (g * rows + row) * 2 + 1, bf16);
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                const float v = (float)((p[i * stride] >> shift) & 15) - 8.0f;
+                out[i] = bf16 ? bf16_to_float(float_to_bf16(v * s + z)) : v * s + z;
+            }
+        }
     } else if (bf16) {
         for (int64_t i = 0; i < c; i++) out[i] = bf16_to_float(((const uint16_t *)w)[row * c + i]);
     } else {
@@ -2217,16 +2233,18 @@ static void kv_b_row(const void *w, const void *scales, int bf16, int64_t row, i
  *     out[h]      = W_UV[h] sum_s softmax_s(score[h, s]) latent[s]       (v,)  W_UV[h]: kv_b rows h (n + v) + [n, n + v)
  * over the slots whose position k_pos[s] the query at q_pos sees (0 <= k_pos <= q_pos; none: a uniform average of
  * every slot, as the reference's softmax of equal masked scores).  q (heads, n + r): each head's q_nope | q_rope;
- * latents (slots, c) and k_rope (slots, r): a row's latent cache; kv_b (heads (n + v), c): of x's dtype, or int8
- * codes with kv_b_scales (heads (n + v),) of x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads,
+ * latents (slots, c) and k_rope (slots, r): a row's latent cache; kv_b (heads (n + v), c): of x's dtype (kv_b_kind
+ * 0), or int8 codes (1) or int4 ones in groups of kv_b_group inputs (2) with kv_b_scales of x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads,
  * v) rounded to x's dtype.  `rounded` (bf16 only): each product rounded to bf16 as PyTorch's bf16 einsums round
  * them on a CPU with bf16 instructions (backends/mla.py computes in bf16 there): q_latent, both parts of a score
  * and their sum, the probabilities and out_latent.  Heads split among `threads`.  Returns 0, or -1 without
  * memory. */
 int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
-                      const void *kv_b, const void *kv_b_scales, void *out, int io_bf16, int rounded, int64_t slots,
-                      int64_t heads, int64_t n, int64_t r, int64_t v, int64_t c, float scale, int threads) {
+                      const void *kv_b, int kv_b_kind, const void *kv_b_scales, int64_t kv_b_group, void *out,
+                      int io_bf16, int rounded, int64_t slots, int64_t heads, int64_t n, int64_t r, int64_t v,
+                      int64_t c, float scale, int threads) {
     const int rb = rounded && io_bf16;
+    const int64_t rows = heads * (n + v);  /* kv_b's */
     threads = threads < 1 ? 1 : threads;
     if (heads == 0 || slots == 0) return 0;
     int64_t *seen = malloc((size_t)slots * sizeof(int64_t)), count = 0;
@@ -2261,7 +2279,7 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
             memset(ql, 0, (size_t)c * sizeof(float));
             for (int64_t i = 0; i < n; i++) {  /* the query moved into latent space */
                 const float qi = value_at(q, first + i, io_bf16);
-                kv_b_row(kv_b, kv_b_scales, io_bf16, h * (n + v) + i, c, row);
+                kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + i, rows, c, row);
                 for (int64_t t = 0; t < c; t++) ql[t] += qi * row[t];
             }
             if (rb)
@@ -2285,7 +2303,7 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
             if (rb)
                 for (int64_t t = 0; t < c; t++) ol[t] = in_dtype(ol[t], 1);
             for (int64_t i = 0; i < v; i++) {  /* back out of latent space */
-                kv_b_row(kv_b, kv_b_scales, io_bf16, h * (n + v) + n + i, c, row);
+                kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + n + i, rows, c, row);
                 const float y = dot_floats(row, ol, c);
                 if (io_bf16) ((uint16_t *)out)[h * v + i] = float_to_bf16(y); else ((float *)out)[h * v + i] = y;
             }

@@ -59,8 +59,9 @@ int route_fine_one(const void *x, int io_bf16, const void *gate, int gate_bf16, 
                    int64_t n_experts, int64_t dim, int scoring, int64_t n_group, int64_t topk_group, int64_t k,
                    int norm, float routed_scale, float *logits, int64_t *index, float *weights);
 int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
-                      const void *kv_b, const void *kv_b_scales, void *out, int io_bf16, int rounded, int64_t slots,
-                      int64_t heads, int64_t n, int64_t r, int64_t v, int64_t c, float scale, int threads);
+                      const void *kv_b, int kv_b_kind, const void *kv_b_scales, int64_t kv_b_group, void *out,
+                      int io_bf16, int rounded, int64_t slots, int64_t heads, int64_t n, int64_t r, int64_t v,
+                      int64_t c, float scale, int threads);
 int swiglu_chosen(const void *x, int io_bf16, int kind, const void *const *w1, const void *const *s1,
                   const void *const *w3, const void *const *s3, const void *const *w2, const void *const *s2,
                   int scales_bf16, int64_t group, const float *weights, int64_t k, int64_t hidden, int64_t dim,
@@ -515,11 +516,10 @@ void check_layer(Layer &L, int64_t rows, int64_t dim, at::ScalarType dtype, int6
     const int64_t H = L.at(LATENT_HEADS), n = L.at(NOPE), c = ck.size(3), r = cv.size(3);
     const Tensor &kv_b = L.attn[2];
     TORCH_CHECK_VALUE(H > 0 && H <= (int64_t{1} << 20) && n >= 0 && n <= (int64_t{1} << 20) && r > 0 &&
-                          r % 2 == 0 && c > 0 && kv_b.dim() == 2 && kv_b.size(0) % H == 0 && kv_b.size(0) / H > n &&
-                          (!quantized_attn || L.attn[0].scalar_type() == at::kChar),
+                          r % 2 == 0 && c > 0 && kv_b.dim() == 2 && kv_b.size(0) % H == 0 && kv_b.size(0) / H > n,
                       "decode_model: layer ", layer, ": latent attention of ", H, " heads with qk_nope ", n,
                       " and a cache of latents ", c, " and rotary keys ", r, " (even) needs kv_b_proj (heads x "
-                      "(qk_nope + v_head_dim), ", c, "), float or int8; got ", kv_b.sizes(), " ", kv_b.scalar_type());
+                      "(qk_nope + v_head_dim), ", c, "); got ", kv_b.sizes(), " ", kv_b.scalar_type());
     L.heads = H, L.nope = n, L.rope = rotated = r, L.rank = c, L.value = kv_b.size(0) / H - n;
     L.q_rank = L.attn.size() == 5 && L.attn[0].dim() == 2 ? L.attn[0].size(0) : 0;
     TORCH_CHECK_VALUE(L.attn.size() == 4 || L.q_rank > 0, "decode_model: layer ", layer,
@@ -529,12 +529,14 @@ void check_layer(Layer &L, int64_t rows, int64_t dim, at::ScalarType dtype, int6
       const int64_t outs[5] = {L.q_rank, c + r, H * (n + L.value), dim, q_dim};
       const int64_t ins[5] = {dim, dim, c, H * L.value, L.q_rank};
       const char *names[5] = {"q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo", "q_b_proj"};
-      for (size_t p = 0; p < 5; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, 0);
+      for (size_t p = 0; p < 5; p++)
+        check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
       checked_norm(L, L.latent_norms[0], "q_a_layernorm", L.q_rank, dtype);
     } else {
       const int64_t outs[4] = {q_dim, c + r, H * (n + L.value), dim}, ins[4] = {dim, dim, c, H * L.value};
       const char *names[4] = {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo"};
-      for (size_t p = 0; p < 4; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, 0);
+      for (size_t p = 0; p < 4; p++)
+        check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
     }
     checked_norm(L, L.latent_norms[L.latent_norms.size() - 1], "kv_a_layernorm", c, dtype);
   }
@@ -659,13 +661,13 @@ void latent_attention(const Layer &L, const char *x, char *a, int io, int64_t ro
   char *q = kv + rows * (c + r) * size, *lat = q + rows * q_dim * size;
   if (qr) {  // q = q_b(q_a_layernorm(q_a(x)))
     void *y[2] = {qa, kv};
-    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, 0, y, threads);
+    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, L.at(GROUP), y, threads);
     rms_norm_rows(qa, L.latent_norms[0].data_ptr(), qn, io, rows, qr, L.scalar(Q_A_EPS));
     void *yq[1] = {q};
-    products(qn, io, rows, qr, L.attn, L.attn_scales, 4, 1, 0, yq, threads);
+    products(qn, io, rows, qr, L.attn, L.attn_scales, 4, 1, L.at(GROUP), yq, threads);
   } else {  // q = q_proj(x)
     void *y[2] = {q, kv};
-    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, 0, y, threads);
+    products(x, io, rows, dim, L.attn, L.attn_scales, 0, 2, L.at(GROUP), y, threads);
   }
   const Tensor &kv_norm = L.latent_norms[L.latent_norms.size() - 1];
   const Tensor &kv_b = L.attn[2];
@@ -686,8 +688,9 @@ void latent_attention(const Layer &L, const char *x, char *a, int io, int64_t ro
       std::copy(k_rope, k_rope + r * size, k_ropes + slot * r * size);
       k_pos[slot] = pos[row];
     }
-    TORCH_CHECK(attend_latent_one(q_row, latents, k_ropes, k_pos, pos[row], kv_b.data_ptr(),
-                                  L.attn_scales.empty() ? nullptr : L.attn_scales[2].data_ptr(),
+    const int kv_b_kind = L.attn_scales.empty() ? 0 : static_cast<int>(scheme(kv_b));
+    TORCH_CHECK(attend_latent_one(q_row, latents, k_ropes, k_pos, pos[row], kv_b.data_ptr(), kv_b_kind,
+                                  kv_b_kind ? L.attn_scales[2].data_ptr() : nullptr, L.at(GROUP),
                                   a + row * H * L.value * size, io, L.at(LATENT) == 2, L.slots, H, n, r, L.value, c,
                                   L.scalar(LATENT_SCALE), threads) == 0,
                 "decode_model: no memory for the latent attention's scores");
@@ -771,7 +774,7 @@ void feed_forward(const Layer &L, const char *x, char *ff, int io, int64_t rows,
 //   out = h1 + feed_forward(x): w2(silu(x w1.T) * x w3.T) (dense), or the chosen experts' weighted SwiGLUs (the
 //   router's choice as C loops: Mixtral's or the fine-grained one) plus the shared expert.
 // Weights: bf16 / fp32 of h's dtype (scales empty), or int8 / int4 codes with their scales of h's dtype (int4
-// with the group size; latent attention: int8).  Experts: one row only.
+// with the group size).  Experts: one row only.
 void block_step(const Layer &L, const Tensor &h, Tensor &out, const int64_t *pos, const Tensor &rot, int threads) {
   const int io = h.scalar_type() == at::kBFloat16 ? 1 : 0;
   const int64_t rows = h.size(0), dim = h.size(-1), size = io ? 2 : 4;
@@ -787,7 +790,7 @@ void block_step(const Layer &L, const Tensor &h, Tensor &out, const int64_t *pos
   else
     gqa_attention(L, x, a, io, rows, dim, pos, rot, threads);
   void *wo_out[1] = {o};
-  products(a, io, rows, a_dim, L.attn, L.attn_scales, 3, 1, L.at(LATENT) ? 0 : L.at(GROUP), wo_out, threads);
+  products(a, io, rows, a_dim, L.attn, L.attn_scales, 3, 1, L.at(GROUP), wo_out, threads);
   add_rows(h.data_ptr(), o, h1, io, rows * dim);
   rms_norm_rows(h1, L.ffn_norm->data_ptr(), x, io, rows, dim, eps);
   feed_forward(L, x, ff, io, rows, dim, threads);

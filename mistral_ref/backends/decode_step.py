@@ -27,8 +27,8 @@ step; it returns None, and the layers run as usual, unless every one of these ho
 * the C kernels are loaded with their C++ operators (cpu_gemv.operators() == "C++": while those build, the step
   is the usual one);
 * the embedding is an nn.Embedding without max_norm, every norm an RMSNorm; every block has grouped-query attention
-  with RoPE over the whole head (with or without Ministral 3's query scaling) or latent attention (Mistral Small 4;
-  its weights not int4), and a dense SwiGLU, Mixtral's experts or fine-grained ones with their shared expert
+  with RoPE over the whole head (with or without Ministral 3's query scaling) or latent attention (Mistral Small 4),
+  and a dense SwiGLU, Mixtral's experts or fine-grained ones with their shared expert
   (stacked by backends/moe.py's stack_experts, as the CLI and compiled decoding lay them out, or each expert's own
   weights: the step never replaces a parameter); every weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
@@ -222,7 +222,7 @@ class Steps:
         return found
 
     def add_block(self, layer: TransformerBlock, dtype: torch.dtype) -> bool:
-        """A layer decode_model takes: grouped-query or latent attention (latent: float or int8 weights), a dense
+        """A layer decode_model takes: grouped-query or latent attention, a dense
         SwiGLU, Mixtral's experts or fine-grained ones with a shared expert (stacked, or each expert's own weights);
         False for any other."""
         attention, ff = layer.attention, layer.feed_forward
@@ -242,8 +242,8 @@ class Steps:
             linears += [attention.q_b_proj] if low_rank else []
             attn = self.add_weights(linears, dtype)
             latent_norms = ([attention.q_a_layernorm] if low_rank else []) + [attention.kv_a_layernorm]
-            if attn is None or attn[1] or not self.norms_fit(latent_norms, dtype):
-                return False  # (int4: the absorbed attention reads kv_b_proj's values or int8 codes)
+            if attn is None or not self.norms_fit(latent_norms, dtype):
+                return False
             for n in latent_norms:
                 self.add(n._parameters, "weight")
             # (2: the attention's products rounded to bf16, as backends/mla.py's bf16 einsums where it keeps bf16)

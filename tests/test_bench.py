@@ -5,6 +5,7 @@ No timing is asserted (the machine may be shared); the figures are only checked 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -151,7 +152,11 @@ def test_small4_row_counts_latent_cache_bytes_and_active_experts():
     from mistral_ref.family import parameter_counts
     from mistral_ref.model import Transformer
 
-    assert 100e6 < parameter_counts(MODELS["small4-130m"])["total"] < 150e6  # ~100-150M, as the row says
+    for name, args in MODELS.items():  # each row's name says its size: "-125m" 124.7M parameters, ...
+        assert abs(parameter_counts(args)["total"] / (float(name.rsplit("-", 1)[1][:-1]) * 1e6) - 1) < 0.05, name
+    small, wider = MODELS["small4-130m"], MODELS["small4-150m"]  # the same but for the experts' width
+    assert dataclasses.replace(wider, fine_moe=small.fine_moe) == small
+    assert wider.fine_moe.moe_intermediate_size % 32 == 0 != small.fine_moe.moe_intermediate_size % 32
     a = QUICK_MODELS["tiny-small4"]
     model = Transformer(a)
     fm, m = a.fine_moe, a.mla

@@ -474,10 +474,11 @@ const Tensor &checked_norm(const Layer &L, const Tensor &t, const char *what, in
   return t;
 }
 
-// Check every tensor of layer L against the sizes the others give (h: (rows, 1, dim) of dtype; positions up to
-// `last`; rot: the table of rotations), and keep those sizes in L: nothing is read by a shape not checked here.
-void check_layer(Layer &L, int64_t rows, int64_t dim, at::ScalarType dtype, int64_t last, const Tensor &rot) {
-  const int64_t layer = L.index, group = L.at(GROUP);
+// Check every tensor of layer L against the sizes the others give (h: (rows, 1, dim); positions up to `last`; rot:
+// the table of rotations), and keep those sizes in L: nothing is read by a shape not checked here.
+void check_layer(Layer &L, const Tensor &h, int64_t last, const Tensor &rot) {
+  const int64_t layer = L.index, group = L.at(GROUP), rows = h.size(0), dim = h.size(-1);
+  const at::ScalarType dtype = h.scalar_type();
   const bool latent = L.at(LATENT) != 0;
   const Tensor &ck = L.cache_k, &cv = L.cache_v, &cp = L.cache_pos;
   TORCH_CHECK_VALUE(ck.dim() == 4 && cv.dim() == 4 && ck.size(0) == rows && cv.size(0) == rows &&
@@ -581,8 +582,7 @@ void check_layer(Layer &L, int64_t rows, int64_t dim, at::ScalarType dtype, int6
   L.hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
   if (L.stacked) {
     const int64_t experts_kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
-    Tensor x = at::empty({1, dim}, L.attn_norm->options());
-    auto [experts, hid, d] = check_experts_swiglu(x, experts_kind, ffn[0], quantized_ffn ? ffn_scales[0] : Tensor(),
+    auto [experts, hid, d] = check_experts_swiglu(h.select(0, 0), experts_kind, ffn[0], quantized_ffn ? ffn_scales[0] : Tensor(),
                                                   ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
                                                   quantized_ffn ? ffn_scales[2] : Tensor(), group);
     TORCH_CHECK_VALUE(experts == L.n_experts, "decode_model: layer ", layer, ": ", experts,
@@ -881,7 +881,7 @@ Tensor op_decode_model(const Tensor &tokens_, const Tensor &position_, const Ten
   Tensor h = at::embedding(embedding, tokens), other = at::empty_like(h);  // (B, 1, dim)
   const at::ScalarType dtype = h.scalar_type();
   const int64_t dim = h.size(-1);
-  for (Layer &L : layers) check_layer(L, rows, dim, dtype, last, rot);
+  for (Layer &L : layers) check_layer(L, h, last, rot);
   for (const Layer &L : layers) {
     block_step(L, h, other, pos, rot, threads);
     std::swap(h, other);

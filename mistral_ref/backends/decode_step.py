@@ -28,14 +28,15 @@ step; it returns None, and the layers run as usual, unless every one of these ho
   is the usual one);
 * the embedding is an nn.Embedding without max_norm, every norm an RMSNorm; every block has grouped-query attention
   with RoPE over the whole head (with or without Ministral 3's query scaling) or latent attention (Mistral Small 4),
-  and a dense SwiGLU, Mixtral's experts or fine-grained ones with their shared expert
-  (stacked by backends/moe.py's stack_experts, as the CLI and compiled decoding lay them out, or each expert's own
-  weights: the step never replaces a parameter); every weight is of the model's dtype (bf16 or fp32) or quantized
+  and a dense SwiGLU, Mixtral's experts or fine-grained ones with their shared expert (stacked by backends/moe.py's
+  stack_experts, as the CLI and compiled decoding lay them out, or each expert's own weights: the step never
+  replaces a parameter); every weight is of the model's dtype (bf16 or fp32) or quantized
   (int8 / int4) with scales of that dtype, one scheme for the whole block;
 * every layer's cache is a plain LayerCache (LatentLayerCache for latent attention) of the model's dtype with a row
   for each token;
 * no module whose forward the layers' step calls (:func:`called_modules`: the embedding, the final norm, and in
-  every block the block, its norms, its attention, its feed-forward) has a forward hook (tensor parallelism's
+  every block the block, its norms, its attention, its feed-forward, latent attention's norms, a fine-grained
+  feed-forward's shared expert) has a forward hook (tensor parallelism's
   all-reduce after wo and w2, a probe) or a forward replaced on its class or on itself (a patch, an
   intervention), and no global forward hook is registered: the step calls none of their forwards, so it would
   skip them.  (The weights' modules, wq .. w3, the output, the router and each expert, are never called as
@@ -143,8 +144,12 @@ nn_module.register_module_buffer_registration_hook(_registered)
 nn_module.register_module_module_registration_hook(_registered)
 
 PLAN = "_decode_step_plan"  # where a model keeps its plan
-LAYOUT = 19  # ints of a layer in decode_model's layout (cpu_gemv_ops.cpp: Lay)
-SCALARS = 6  # floats of a layer in its scalars (cpu_gemv_ops.cpp: Scalar)
+# decode_model's ints for each layer, in cpu_gemv_ops.cpp's order (Lay: what each means), and its floats (Scalar)
+LAYOUT_FIELDS = ("n_attn", "attn_scales", "n_ffn", "ffn_scales", "router", "top_k", "group", "window", "latent",
+                 "latent_heads", "nope", "query_scaling", "router_kind", "n_group", "topk_group", "norm_topk",
+                 "shared", "shared_scales", "router_bias")
+SCALAR_FIELDS = ("eps", "q_a_eps", "kv_a_eps", "latent_scale", "query_beta", "routed_scale")
+LAYOUT, SCALARS = len(LAYOUT_FIELDS), len(SCALAR_FIELDS)
 
 
 class Steps:
@@ -222,98 +227,107 @@ class Steps:
         return found
 
     def add_block(self, layer: TransformerBlock, dtype: torch.dtype) -> bool:
-        """A layer decode_model takes: grouped-query or latent attention, a dense
-        SwiGLU, Mixtral's experts or fine-grained ones with a shared expert (stacked, or each expert's own weights);
-        False for any other."""
-        attention, ff = layer.attention, layer.feed_forward
+        """A layer decode_model takes: grouped-query or latent attention; a dense SwiGLU, Mixtral's experts or
+        fine-grained ones with a shared expert (stacked, or each expert's own weights); False for any other."""
         norms = (layer.attention_norm, layer.ffn_norm)
-        if not (self.norms_fit(norms, dtype) and layer.attention_norm.eps == layer.ffn_norm.eps):
+        if not (norms_fit(norms, dtype) and layer.attention_norm.eps == layer.ffn_norm.eps):
             return False
         for n in norms:
             self.add(n._parameters, "weight")
-        if type(attention) is Attention:
-            attn = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
-            n_attn, latent, latent_norms, window = 4, (0, 0, 0), [], attention.window
-        elif type(attention) is LatentAttention:
-            m = attention.mla
-            low_rank = m.q_lora_rank is not None
-            first = attention.q_a_proj if low_rank else attention.q_proj
-            linears = [first, attention.kv_a_proj_with_mqa, attention.kv_b_proj, attention.wo]
-            linears += [attention.q_b_proj] if low_rank else []
-            attn = self.add_weights(linears, dtype)
-            latent_norms = ([attention.q_a_layernorm] if low_rank else []) + [attention.kv_a_layernorm]
-            if attn is None or not self.norms_fit(latent_norms, dtype):
-                return False
-            for n in latent_norms:
-                self.add(n._parameters, "weight")
-            # (2: the attention's products rounded to bf16, as backends/mla.py's bf16 einsums where it keeps bf16)
-            rounded = dtype == torch.bfloat16 and not upcast_on_cpu(layer.attention_norm.weight)
-            n_attn, latent, window = len(linears), (2 if rounded else 1, attention.n_heads, m.qk_nope_head_dim), None
-        else:
+        lay, scalars = dict.fromkeys(LAYOUT_FIELDS, 0), dict.fromkeys(SCALAR_FIELDS, 0.0)
+        if not (self.add_attention(layer.attention, dtype, lay, scalars)
+                and self.add_feed_forward(layer.feed_forward, dtype, lay, scalars)):
             return False
-        if attn is None:
-            return False
-        gate = bias = shared = None
-        router = (0, 0, 0, 0)  # kind (0: Mixtral's, 1 / 2: fine-grained softmax / sigmoid), n_group, topk_group, norm
-        top_k, routed_scale = 0, 1.0
-        if type(ff) is FeedForward:
-            ffn, n_ffn = self.add_weights([ff.w1, ff.w3, ff.w2], dtype), 3
-        elif type(ff) in (MoeLayer, FineMoeLayer):
-            gate = ff.gate
-            if ff.stacked is not None:
-                ffn, n_ffn = self.add_stacks(ff, dtype), 3
-            else:  # every expert's own w1, then w3, then w2
-                linears = [getattr(e, name) for name in ("w1", "w3", "w2") for e in ff.experts]
-                ffn, n_ffn = self.add_weights(linears, dtype), len(linears)
-            if not (isinstance(gate.weight, torch.Tensor) and not isinstance(gate.weight, QuantizedWeight)
-                    and gate.weight.dtype == dtype):
-                return False
-            if type(ff) is MoeLayer:
-                top_k = ff.top_k
-            else:
-                moe, shared = ff.moe, ff.shared_experts
-                bias = getattr(gate, "e_score_correction_bias", None)
-                router = (1 if moe.scoring_func == "softmax" else 2, moe.n_group, moe.topk_group,
-                          int(moe.norm_topk_prob))
-                top_k, routed_scale = moe.num_experts_per_tok, moe.routed_scaling_factor
-                if bias is not None and bias.dtype not in cpu_gemv._FLOATS:
-                    return False
-        else:
-            return False
-        if ffn is None:
-            return False
-        shared_found = (0, 0)
-        if shared is not None:
-            if type(shared) is not FeedForward:
-                return False
-            shared_found = self.add_weights([shared.w1, shared.w3, shared.w2], dtype)
-            if shared_found is None:
-                return False
-        if len({g for g in (attn[1], ffn[1], shared_found[1]) if g}) > 1:
+        groups = {g for g in lay.pop("groups") if g}
+        if len(groups) > 1:
             return False  # (one group size for the block's int4 products)
-        if gate is not None:
-            self.add(gate._parameters, "weight")
-        if bias is not None:
-            self.add(gate._buffers, "e_score_correction_bias", floating=False)
-        scaling = attention.llama_4_scaling
-        self.layout += (n_attn, attn[0], n_ffn, ffn[0], int(gate is not None), top_k,
-                        max(attn[1], ffn[1], shared_found[1]), -1 if window is None else window, *latent,
-                        0 if scaling is None else scaling.original_max_position_embeddings, *router,
-                        int(shared is not None), int(shared_found[0] > 0), int(bias is not None))
-        eps_q = latent_norms[0].eps if len(latent_norms) == 2 else 0.0
-        eps_kv = latent_norms[-1].eps if latent_norms else 0.0
-        self.scalars += (layer.attention_norm.eps, eps_q, eps_kv, attention.scale if latent[0] else 0.0,
-                         0.0 if scaling is None else scaling.beta, routed_scale)
-        # several rows: dense grouped-query blocks only, of bf16 or int8 weights
-        self.batchable = self.batchable and gate is None and not (latent[0] or attn[1] or ffn[1])
-        if gate is None:  # (each block's products are of one kind)
-            kind = cpu_gemv.kind(ff.w1.weight)
+        lay["group"] = max(groups, default=0)
+        scalars["eps"] = layer.attention_norm.eps
+        self.layout += [lay[f] for f in LAYOUT_FIELDS]
+        self.scalars += [scalars[f] for f in SCALAR_FIELDS]
+        # several rows: dense grouped-query blocks only, of bf16 or int8 weights (each block's products of one kind)
+        dense = type(layer.feed_forward) is FeedForward
+        self.batchable = self.batchable and dense and not (lay["latent"] or lay["group"])
+        if dense:
+            kind = cpu_gemv.kind(layer.feed_forward.w1.weight)
             self.max_rows = min(self.max_rows, cpu_gemv.MAX_ROWS[kind] - 1 if kind else 0)
         return True
 
-    @staticmethod
-    def norms_fit(norms: list, dtype: torch.dtype) -> bool:
-        return all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
+    def add_attention(self, attention: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict) -> bool:
+        """The attention's weights and their scales (and latent attention's norms); its fields of the layout."""
+        if type(attention) is Attention:
+            found = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
+            lay.update(n_attn=4, window=-1 if attention.window is None else attention.window)
+        elif type(attention) is LatentAttention:
+            m = attention.mla
+            low_rank = m.q_lora_rank is not None
+            linears = [attention.q_a_proj if low_rank else attention.q_proj, attention.kv_a_proj_with_mqa,
+                       attention.kv_b_proj, attention.wo] + ([attention.q_b_proj] if low_rank else [])
+            found = self.add_weights(linears, dtype)
+            norms = ([attention.q_a_layernorm] if low_rank else []) + [attention.kv_a_layernorm]
+            if found is None or not norms_fit(norms, dtype):
+                return False
+            for n in norms:
+                self.add(n._parameters, "weight")
+            # 2: its products rounded to bf16, where backends/mla.py's einsums keep bf16 (a CPU with bf16 instructions)
+            rounded = dtype == torch.bfloat16 and not upcast_on_cpu(attention.kv_a_layernorm.weight)
+            lay.update(n_attn=len(linears), window=-1, latent=2 if rounded else 1, latent_heads=attention.n_heads,
+                       nope=m.qk_nope_head_dim)
+            scalars.update(q_a_eps=norms[0].eps if low_rank else 0.0, kv_a_eps=norms[-1].eps,
+                           latent_scale=attention.scale)
+        else:
+            return False
+        if found is None:
+            return False
+        lay.update(attn_scales=found[0], groups=[found[1]])
+        if attention.llama_4_scaling is not None:  # Ministral 3, Mistral Small 4
+            lay["query_scaling"] = attention.llama_4_scaling.original_max_position_embeddings
+            scalars["query_beta"] = attention.llama_4_scaling.beta
+        return True
+
+    def add_feed_forward(self, ff: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict) -> bool:
+        """The feed-forward's tensors and their scales, a shared expert's, the router and its bias; their fields
+        of the layout."""
+        if type(ff) is FeedForward:
+            found, n_ffn = self.add_weights([ff.w1, ff.w3, ff.w2], dtype), 3
+        elif type(ff) in (MoeLayer, FineMoeLayer):
+            if not (isinstance(ff.gate.weight, torch.Tensor) and not isinstance(ff.gate.weight, QuantizedWeight)
+                    and ff.gate.weight.dtype == dtype):
+                return False
+            if ff.stacked is not None:
+                found, n_ffn = self.add_stacks(ff, dtype), 3
+            else:  # every expert's own w1, then w3, then w2
+                linears = [getattr(e, name) for name in ("w1", "w3", "w2") for e in ff.experts]
+                found, n_ffn = self.add_weights(linears, dtype), len(linears)
+        else:
+            return False
+        if found is None:
+            return False
+        lay.update(n_ffn=n_ffn, ffn_scales=found[0])
+        lay["groups"].append(found[1])
+        shared = ff.shared_experts if type(ff) is FineMoeLayer else None
+        if shared is not None:
+            found = self.add_weights([shared.w1, shared.w3, shared.w2], dtype) if type(shared) is FeedForward else None
+            if found is None:
+                return False
+            lay.update(shared=1, shared_scales=int(found[0] > 0))
+            lay["groups"].append(found[1])
+        if type(ff) is FeedForward:
+            return True
+        self.add(ff.gate._parameters, "weight")
+        lay.update(router=1, top_k=ff.top_k if type(ff) is MoeLayer else ff.moe.num_experts_per_tok)
+        if type(ff) is FineMoeLayer:
+            moe = ff.moe
+            lay.update(router_kind=1 if moe.scoring_func == "softmax" else 2, n_group=moe.n_group,
+                       topk_group=moe.topk_group, norm_topk=int(moe.norm_topk_prob))
+            scalars["routed_scale"] = moe.routed_scaling_factor
+            bias = getattr(ff.gate, "e_score_correction_bias", None)
+            if bias is not None:
+                if bias.dtype not in cpu_gemv._FLOATS:
+                    return False
+                self.add(ff.gate._buffers, "e_score_correction_bias", floating=False)
+                lay["router_bias"] = 1
+        return True
 
     def add_ends(self, model: Transformer, dtype: torch.dtype) -> bool:
         """The embedding, the final norm and (where the C kernels take it) the output weight."""
@@ -347,6 +361,11 @@ class Steps:
         if dicts and not all(map(operator.is_, map(dict.__getitem__, dicts, _STACKED), kept)):
             return None
         return weights
+
+
+def norms_fit(norms: tuple | list, dtype: torch.dtype) -> bool:
+    """Every norm an RMSNorm with a weight of `dtype` (what decode_model computes)."""
+    return all(type(n) is RMSNorm and n.weight.dtype == dtype for n in norms)
 
 
 def plan(model: Transformer) -> Steps | None:

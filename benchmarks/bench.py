@@ -38,6 +38,7 @@ asserts a speed.  `--quick` runs one tiny model for a few rounds (the smoke test
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -81,16 +82,11 @@ MODELS = {
                              mla=MlaArgs(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
                                          q_lora_rank=256, mscale_all_dim=1.0),
                              fine_moe=FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=80)),
-    # 152.3M parameters, 42.6M active: small4-130m with experts 96 wide, which int4's groups of 32 divide (80: no
-    # int4 row), as they divide the published models' (Small 4: 2048)
-    "small4-150m": ModelArgs(dim=512, n_layers=6, hidden_dim=1024, n_heads=8, n_kv_heads=8, head_dim=64,
-                             vocab_size=32768, norm_eps=1e-6, rope_theta=1e4,
-                             yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
-                             llama_4_scaling=Llama4Scaling(original_max_position_embeddings=8192, beta=0.1),
-                             mla=MlaArgs(kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
-                                         q_lora_rank=256, mscale_all_dim=1.0),
-                             fine_moe=FineMoeArgs(num_experts=128, num_experts_per_tok=4, moe_intermediate_size=96)),
 }
+# 152.3M parameters, 42.6M active: small4-130m with experts 96 wide, which int4's groups of 32 divide (80: no int4
+# row), as they divide the published models' (Small 4: 2048)
+MODELS["small4-150m"] = dataclasses.replace(
+    MODELS["small4-130m"], fine_moe=dataclasses.replace(MODELS["small4-130m"].fine_moe, moe_intermediate_size=96))
 QUICK_MODELS = {
     "tiny-gqa": ModelArgs(dim=128, n_layers=2, hidden_dim=256, n_heads=4, n_kv_heads=2, head_dim=32,
                           vocab_size=3072, norm_eps=1e-5, rope_theta=1e6),  # 3072: llama.cpp's GGUF tokenizer

@@ -2197,6 +2197,13 @@ static float dot_floats(const float *a, const float *b, int64_t n) {  /* 16 inde
     return s;
 }
 
+static void to_floats(const void *x, int bf16, int64_t n, float *out) {  /* n values of x's dtype in fp32 */
+    if (bf16)
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_float(((const uint16_t *)x)[i]);
+    else
+        memcpy(out, x, (size_t)n * sizeof(float));
+}
+
 /* row `row` of kv_b_proj's weight (rows x c) in fp32: its values (kind 0, x's dtype), or its codes dequantized as
  * QuantizedWeight.dequantize computes them, in fp32 and rounded to x's dtype: int8 (kind 1) times the row's scale,
  * int4 (kind 2, torch's CPU layout: int4_tail above) (code - 8) x scale + zero of its group of inputs */
@@ -2237,7 +2244,8 @@ static void kv_b_row(const void *w, const void *scales, int kind, int64_t group,
  * 0), or int8 codes (1) or int4 ones in groups of kv_b_group inputs (2) with kv_b_scales of x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads,
  * v) rounded to x's dtype.  `rounded` (bf16 only): each product rounded to bf16 as PyTorch's bf16 einsums round
  * them on a CPU with bf16 instructions (backends/mla.py computes in bf16 there): q_latent, both parts of a score
- * and their sum, the probabilities and out_latent.  Heads split among `threads`.  Returns 0, or -1 without
+ * and their sum, the probabilities and out_latent.  Heads split among `threads`, each thread reading every cached
+ * row once for all its heads (no copy of the cache: a long one costs only its scores).  Returns 0, or -1 without
  * memory. */
 int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
                       const void *kv_b, int kv_b_kind, const void *kv_b_scales, int64_t kv_b_group, void *out,
@@ -2245,6 +2253,7 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
                       int64_t c, float scale, int threads) {
     const int rb = rounded && io_bf16;
     const int64_t rows = heads * (n + v);  /* kv_b's */
+    const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);
     threads = threads < 1 ? 1 : threads;
     if (heads == 0 || slots == 0) return 0;
     int64_t *seen = malloc((size_t)slots * sizeof(int64_t)), count = 0;
@@ -2254,64 +2263,74 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
     const int blind = count == 0;
     if (blind)
         for (int64_t s = 0; s < slots; s++) seen[count++] = s;
-    /* the seen slots' latent | k_rope in fp32 (count, c + r); a thread's q_latent, q_rope, out_latent, a row of
-     * kv_b and a head's scores */
-    const int64_t w = c + r, per_thread = 3 * c + r + count;
     const int team = count * heads * c > 65536 ? threads : 1;  /* a short cache: one thread */
-    float *keys = malloc((size_t)(count * w + team * per_thread) * sizeof(float));
-    if (!keys) { free(seen); return -1; }
-    #pragma omp parallel num_threads(team)
+    int failed = 0;
+    #pragma omp parallel num_threads(team) reduction(|:failed)
     {
-        #pragma omp for schedule(static)
-        for (int64_t j = 0; j < count; j++) {
-            for (int64_t i = 0; i < c; i++) keys[j * w + i] = value_at(latents, seen[j] * c + i, io_bf16);
-            for (int64_t i = 0; i < r; i++) keys[j * w + c + i] = value_at(k_rope, seen[j] * r + i, io_bf16);
-        }
-#ifdef _OPENMP
-        float *ql = keys + count * w + omp_get_thread_num() * per_thread;
-#else
-        float *ql = keys + count * w;
-#endif
-        float *qr = ql + c, *ol = qr + r, *row = ol + c, *prob = row + c;
-        #pragma omp for schedule(static)
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t first = h * (n + r);
-            memset(ql, 0, (size_t)c * sizeof(float));
-            for (int64_t i = 0; i < n; i++) {  /* the query moved into latent space */
-                const float qi = value_at(q, first + i, io_bf16);
-                kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + i, rows, c, row);
-                for (int64_t t = 0; t < c; t++) ql[t] += qi * row[t];
-            }
-            if (rb)
-                for (int64_t t = 0; t < c; t++) ql[t] = in_dtype(ql[t], 1);
-            for (int64_t i = 0; i < r; i++) qr[i] = value_at(q, first + n + i, io_bf16);
-            if (!blind) {
-                float top = -INFINITY, total = 0.0f;
-                for (int64_t j = 0; j < count; j++) {
-                    const float nope = dot_floats(ql, keys + j * w, c), rope = dot_floats(qr, keys + j * w + c, r);
-                    prob[j] = (rb ? in_dtype(in_dtype(nope, 1) + in_dtype(rope, 1), 1) : nope + rope) * scale;
-                    top = prob[j] > top ? prob[j] : top;
+        /* this thread's heads [h0, h1): each one's q_latent, q_rope, out_latent and scores; a key's row in fp32 and
+         * a row of kv_b.  Each cached row is read once for all of them. */
+        int64_t h0, h1;
+        thread_share(heads, &h0, &h1);
+        const int64_t m = h1 - h0;
+        float *buf = m ? malloc((size_t)(m * (2 * c + r + count) + 2 * c + r) * sizeof(float)) : NULL;
+        if (m && !buf) failed = 1;
+        if (buf) {
+            float *ql = buf, *qr = ql + m * c, *ol = qr + m * r, *prob = ol + m * c, *key = prob + m * count;
+            float *row = key + c + r;
+            for (int64_t h = h0; h < h1; h++) {  /* the queries moved into latent space */
+                float *qh = ql + (h - h0) * c;
+                memset(qh, 0, (size_t)c * sizeof(float));
+                for (int64_t i = 0; i < n; i++) {
+                    const float qi = value_at(q, h * (n + r) + i, io_bf16);
+                    kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + i, rows, c, row);
+                    for (int64_t t = 0; t < c; t++) qh[t] += qi * row[t];
                 }
-                for (int64_t j = 0; j < count; j++) total += prob[j] = expf(prob[j] - top);
-                for (int64_t j = 0; j < count; j++) prob[j] = in_dtype(prob[j] / total, rb);
-            } else {
-                for (int64_t j = 0; j < count; j++) prob[j] = in_dtype(1.0f / (float)count, rb);
+                if (rb)
+                    for (int64_t t = 0; t < c; t++) qh[t] = in_dtype(qh[t], 1);
+                for (int64_t i = 0; i < r; i++) qr[(h - h0) * r + i] = value_at(q, h * (n + r) + n + i, io_bf16);
             }
-            memset(ol, 0, (size_t)c * sizeof(float));
-            for (int64_t j = 0; j < count; j++)
-                for (int64_t t = 0; t < c; t++) ol[t] += prob[j] * keys[j * w + t];
-            if (rb)
-                for (int64_t t = 0; t < c; t++) ol[t] = in_dtype(ol[t], 1);
-            for (int64_t i = 0; i < v; i++) {  /* back out of latent space */
-                kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + n + i, rows, c, row);
-                const float y = dot_floats(row, ol, c);
-                if (io_bf16) ((uint16_t *)out)[h * v + i] = float_to_bf16(y); else ((float *)out)[h * v + i] = y;
+            for (int64_t j = 0; j < count && !blind; j++) {  /* the scores */
+                to_floats((const char *)latents + seen[j] * c * size, io_bf16, c, key);
+                to_floats((const char *)k_rope + seen[j] * r * size, io_bf16, r, key + c);
+                for (int64_t h = 0; h < m; h++) {
+                    const float nope = dot_floats(ql + h * c, key, c), rope = dot_floats(qr + h * r, key + c, r);
+                    prob[h * count + j] = (rb ? in_dtype(in_dtype(nope, 1) + in_dtype(rope, 1), 1) : nope + rope) * scale;
+                }
             }
+            for (int64_t h = 0; h < m; h++) {  /* softmax (no key: a uniform average of every slot) */
+                float *p = prob + h * count, top = -INFINITY, total = 0.0f;
+                if (blind) {
+                    for (int64_t j = 0; j < count; j++) p[j] = in_dtype(1.0f / (float)count, rb);
+                    continue;
+                }
+                for (int64_t j = 0; j < count; j++) top = p[j] > top ? p[j] : top;
+                for (int64_t j = 0; j < count; j++) total += p[j] = expf(p[j] - top);
+                for (int64_t j = 0; j < count; j++) p[j] = in_dtype(p[j] / total, rb);
+            }
+            memset(ol, 0, (size_t)(m * c) * sizeof(float));
+            for (int64_t j = 0; j < count; j++) {  /* the probabilities' sum of latents */
+                to_floats((const char *)latents + seen[j] * c * size, io_bf16, c, key);
+                for (int64_t h = 0; h < m; h++) {
+                    const float p = prob[h * count + j];
+                    float *oh = ol + h * c;
+                    for (int64_t t = 0; t < c; t++) oh[t] += p * key[t];
+                }
+            }
+            for (int64_t h = h0; h < h1; h++) {  /* back out of latent space */
+                float *oh = ol + (h - h0) * c;
+                if (rb)
+                    for (int64_t t = 0; t < c; t++) oh[t] = in_dtype(oh[t], 1);
+                for (int64_t i = 0; i < v; i++) {
+                    kv_b_row(kv_b, kv_b_scales, kv_b_kind, kv_b_group, io_bf16, h * (n + v) + n + i, rows, c, row);
+                    const float y = dot_floats(row, oh, c);
+                    if (io_bf16) ((uint16_t *)out)[h * v + i] = float_to_bf16(y); else ((float *)out)[h * v + i] = y;
+                }
+            }
+            free(buf);
         }
     }
-    free(keys);
     free(seen);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* attention.attention's softmax for a prompt that attends to itself (causal, within `window` positions if >= 1),

@@ -2221,7 +2221,8 @@ static void kv_b_row(const void *w, const void *scales, int kind, int64_t group,
         const int64_t stride = row < full ? 16 : 8;
         const int shift = (row < full ? row % 32 >= 16 : j % 2) ? 4 : 0;
         for (int64_t g = 0; g < c / group; g++) {
-            const float s = value_at(scales, (g * rows + row) * 2, bf16), z = value_at(scales, (g * rows + row) * 2 + 1, bf16);
+            const int64_t k = (g * rows + row) * 2;  /* (scale, zero) of the group and row */
+            const float s = value_at(scales, k, bf16), z = value_at(scales, k + 1, bf16);
             for (int64_t i = g * group; i < (g + 1) * group; i++) {
                 const float v = (float)((p[i * stride] >> shift) & 15) - 8.0f;
                 out[i] = bf16 ? bf16_to_float(float_to_bf16(v * s + z)) : v * s + z;

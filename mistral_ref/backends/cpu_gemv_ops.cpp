@@ -467,11 +467,11 @@ struct Layer {
   float scalar(Scalar i) const { return static_cast<float>(scalars[i]); }
 };
 
-const Tensor &checked_norm(const Layer &L, const Tensor &t, const char *what, int64_t n, at::ScalarType dtype) {
+// a norm's weight: (n) of the model's dtype
+void check_norm(const Layer &L, const Tensor &t, const char *what, int64_t n, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.scalar_type() == dtype && t.is_contiguous() && t.is_cpu(),
                     "decode_model: layer ", L.index, ": ", what, " must be (", n, ") ", dtype, ", got ", t.sizes(),
                     " ", t.scalar_type());
-  return t;
 }
 
 // Check every tensor of layer L against the sizes the others give (h: (rows, 1, dim); positions up to `last`; rot:
@@ -494,11 +494,10 @@ void check_layer(Layer &L, const Tensor &h, int64_t last, const Tensor &rot) {
                     " of h's dtype and pos (rows, slots) int64 (", rows, " rows), got ", ck.sizes(), " ",
                     ck.scalar_type(), ", ", cv.sizes(), ", ", cp.sizes(), " (window ", L.at(WINDOW), ")");
   L.slots = ck.size(1);
-  checked_norm(L, *L.attn_norm, "attention_norm", dim, dtype);
-  checked_norm(L, *L.ffn_norm, "ffn_norm", dim, dtype);
+  check_norm(L, *L.attn_norm, "attention_norm", dim, dtype);
+  check_norm(L, *L.ffn_norm, "ffn_norm", dim, dtype);
   TORCH_CHECK_VALUE(L.at(QUERY_SCALING) >= 0, "decode_model: layer ", layer, ": a query scaling over ",
                     L.at(QUERY_SCALING), " positions");
-  const bool quantized_attn = !L.attn_scales.empty();
   int64_t rotated;  // the width of the rotated part of a head
   if (!latent) {
     const int64_t kv_heads = ck.size(2), head_dim = ck.size(3);
@@ -512,7 +511,8 @@ void check_layer(Layer &L, const Tensor &h, int64_t last, const Tensor &rot) {
     const int64_t q_dim = L.heads * head_dim, kv_dim = kv_heads * head_dim;
     const int64_t outs[4] = {q_dim, kv_dim, kv_dim, dim}, ins[4] = {dim, dim, dim, q_dim};
     const char *names[4] = {"wq", "wk", "wv", "wo"};
-    for (size_t p = 0; p < 4; p++) check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
+    for (size_t p = 0; p < 4; p++)
+      check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
   } else {
     const int64_t H = L.at(LATENT_HEADS), n = L.at(NOPE), c = ck.size(3), r = cv.size(3);
     const Tensor &kv_b = L.attn[2];
@@ -532,14 +532,14 @@ void check_layer(Layer &L, const Tensor &h, int64_t last, const Tensor &rot) {
       const char *names[5] = {"q_a_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo", "q_b_proj"};
       for (size_t p = 0; p < 5; p++)
         check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
-      checked_norm(L, L.latent_norms[0], "q_a_layernorm", L.q_rank, dtype);
+      check_norm(L, L.latent_norms[0], "q_a_layernorm", L.q_rank, dtype);
     } else {
       const int64_t outs[4] = {q_dim, c + r, H * (n + L.value), dim}, ins[4] = {dim, dim, c, H * L.value};
       const char *names[4] = {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "wo"};
       for (size_t p = 0; p < 4; p++)
         check_weight(layer, names[p], L.attn, L.attn_scales, p, outs[p], ins[p], dtype, group);
     }
-    checked_norm(L, L.latent_norms[L.latent_norms.size() - 1], "kv_a_layernorm", c, dtype);
+    check_norm(L, L.latent_norms[L.latent_norms.size() - 1], "kv_a_layernorm", c, dtype);
   }
   TORCH_CHECK_VALUE(rot.scalar_type() == at::kFloat && rot.dim() == 3 && rot.size(1) * 2 == rotated &&
                         rot.size(2) == 2 && last < rot.size(0),
@@ -582,8 +582,9 @@ void check_layer(Layer &L, const Tensor &h, int64_t last, const Tensor &rot) {
   L.hidden = ffn[0].dim() == 3 ? ffn[0].size(1) : ffn[0].size(0);
   if (L.stacked) {
     const int64_t experts_kind = quantized_ffn ? scheme(ffn[0]) : float_kind(ffn[0]);
-    auto [experts, hid, d] = check_experts_swiglu(h.select(0, 0), experts_kind, ffn[0], quantized_ffn ? ffn_scales[0] : Tensor(),
-                                                  ffn[1], quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
+    auto [experts, hid, d] = check_experts_swiglu(h.select(0, 0), experts_kind, ffn[0],
+                                                  quantized_ffn ? ffn_scales[0] : Tensor(), ffn[1],
+                                                  quantized_ffn ? ffn_scales[1] : Tensor(), ffn[2],
                                                   quantized_ffn ? ffn_scales[2] : Tensor(), group);
     TORCH_CHECK_VALUE(experts == L.n_experts, "decode_model: layer ", layer, ": ", experts,
                       " stacked experts for a router of ", L.n_experts);

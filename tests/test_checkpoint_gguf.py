@@ -12,9 +12,11 @@ import torch
 from conftest import FP32_RTOL, rel_err
 from model_helpers import random_model
 
+from mistral_ref.backends import decode_step
 from mistral_ref.checkpoint import CheckpointError, load_model, permute_qk, save_checkpoint, save_gguf
 from mistral_ref.checkpoint.gguf import QUANTIZED_TYPES, SAVE_TYPES, gguf_index, gguf_model_args, open_gguf
 from mistral_ref.config import ModelArgs, MoeArgs
+from mistral_ref.quantize import QuantizedWeight, quantize_weight
 
 gguf = pytest.importorskip("gguf")
 
@@ -77,7 +79,7 @@ def rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, .
     """Copy a GGUF file with changes: another architecture string, tensors dropped, metadata added or changed
     ({key: (value, GGUFValueType)}; a None value drops the key), tensors replaced ({name: (array, ggml type)}),
     stacked experts written one tensor per expert (the layout of files before April 2024), tensors added
-    ({name: float32 array})."""
+    ({name: float32 array, or (array, ggml type) for a quantized one's bytes})."""
     reader = gguf.GGUFReader(src)
     old_arch = reader.fields["general.architecture"].contents()
     arch = arch or old_arch
@@ -102,7 +104,8 @@ def rewrite(src: Path, dst: Path, *, arch: str | None = None, drop: tuple[str, .
         else:
             writer.add_tensor(t.name, data, raw_dtype=raw)
     for name, data in (add or {}).items():
-        writer.add_tensor(name, data)
+        data, kind = data if isinstance(data, tuple) else (data, None)
+        writer.add_tensor(name, data, raw_dtype=kind if data.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -377,9 +380,57 @@ def test_mistral4_fused_experts_load_like_stacked_ones(tmp_path):
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
+def quantizable_small4(variant: str = "softmax") -> ModelArgs:
+    """small4_args with every matrix fit for Q8_0 / Q4_0 blocks of 32 and int4's groups (rows a multiple of 16)."""
+    args = small4_args(variant)
+    mla = dataclasses.replace(args.mla, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                              q_lora_rank=args.mla.q_lora_rank and 32)
+    return dataclasses.replace(args, dim=64, hidden_dim=64, vocab_size=64, mla=mla, head_dim=mla.qk_head_dim,
+                               fine_moe=dataclasses.replace(args.fine_moe, moe_intermediate_size=32))
+
+
+@pytest.mark.parametrize("qtype,scheme", [("Q4_0", "int4"), ("Q8_0", "int8"), ("F32", "int4")])
+@pytest.mark.parametrize("fused", [False, True], ids=["stacked", "fused"])
+def test_mistral4_quantize_on_load(tmp_path, qtype, scheme, fused, one_thread):
+    """load_model(mistral4 file, quantize=...): each matrix from one tensor of the file (or rows of an expert's
+    slice, fused gate|up included) as the "llama" files' matrices: Q4_0 -> int4 groups of 32 with the file's own
+    codes and scales (the same values as loading it dequantized), anything else quantized from its values;
+    kv_b_proj (attn_k_b transposed, attn_v_b) from its values.  The one-call decode step takes the result."""
+    args = quantizable_small4()
+    src = save_gguf(random_model(args), tmp_path / "small4.gguf", qtype)
+    path = src
+    if fused:  # llama.cpp's converter's layout
+        tensors = {t.name: t for t in gguf.GGUFReader(src).tensors}
+        gate, up = tensors["blk.1.ffn_gate_exps.weight"], tensors["blk.1.ffn_up_exps.weight"]
+        data = np.concatenate([np.array(gate.data), np.array(up.data)], axis=1)
+        path = rewrite(src, tmp_path / "fused.gguf", drop=(gate.name, up.name),
+                       add={"blk.1.ffn_gate_up_exps.weight": (data, gate.tensor_type)})
+    plain, quant = load_model(path), load_model(path, quantize=scheme)
+    assert quant.quantization["scheme"] == scheme
+    weights = {n: m.weight for n, m in quant.named_modules() if isinstance(getattr(m, "weight", None),
+                                                                           QuantizedWeight)}
+    assert len(weights) == sum(1 for n, p in plain.named_parameters() if p.ndim == 2 and "gate" not in n
+                               and "tok_embeddings" not in n)
+    for name, w in weights.items():
+        want = plain.get_parameter(f"{name}.weight")
+        got = w.dequantize(torch.float32)
+        if qtype == "Q4_0" and "kv_b_proj" not in name:  # the file's own codes and scales
+            assert torch.equal(got, want), name
+        else:  # quantized from the values
+            expect = quantize_weight(want, scheme, 32, name).dequantize(torch.float32)
+            assert torch.equal(got, expect), name
+    with torch.no_grad():  # the same model with those values: the same logits
+        for name, w in weights.items():
+            plain.get_parameter(f"{name}.weight").copy_(w.dequantize(torch.float32))
+    tokens = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert rel_err(quant(tokens), plain(tokens)) < FP32_RTOL
+    assert decode_step.plan(quant) is not None
+
+
 def test_mistral4_files_we_cannot_compute_are_refused(tmp_path):
     """Metadata that describes another cache or routing, a kv_b kept whole, a tensor of the wrong shape, an
-    unknown tensor, and quantize=: CheckpointError naming the file and the key or tensor."""
+    unknown tensor: CheckpointError naming the file and the key or tensor."""
     src = save_gguf(random_model(small4_args()), tmp_path / "small4.gguf", "F32")
     def u32(key: str, value: int | None) -> dict:
         return {"meta": {f"mistral4.{key}": (value, gguf.GGUFValueType.UINT32)}}
@@ -398,5 +449,4 @@ def test_mistral4_files_we_cannot_compute_are_refused(tmp_path):
     for i, (message, change) in enumerate(cases.items()):
         with pytest.raises(CheckpointError, match=message):
             load_model(rewrite(src, tmp_path / f"bad{i}.gguf", **change))
-    with pytest.raises(CheckpointError, match="quantize= is not offered for a mistral4 file"):
-        load_model(src, quantize="int8")
+

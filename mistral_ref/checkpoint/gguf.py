@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -57,7 +58,7 @@ from mistral_ref.checkpoint.names import natural_key
 from mistral_ref.checkpoint.safetensors_io import Progress
 from mistral_ref.config import ConfigError, ModelArgs, MoeArgs
 from mistral_ref.model import Transformer, meta_model
-from mistral_ref.quantize import QuantizedWeight, quantized_shell
+from mistral_ref.quantize import QuantizedWeight, quantize_weight, quantized_shell
 
 if TYPE_CHECKING:
     from mistral_ref.tokenizer import Tokenizer
@@ -359,24 +360,20 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     with the dequantized weights (the numbers llama.cpp's kernels approximate on the fly).  mmap, strict,
     progress: as for load_model.  `model.checkpoint_files.format` is "gguf".
     quantize, group_size: as for load_model; Q4_0 matrices then become int4 groups of 32 without requantizing
-    (checkpoint/gguf_quant.py).
+    (checkpoint/gguf_quant.py; a "mistral4" file's kv_b_proj, rebuilt from two tensors, is quantized from its
+    values).
     """
     path = Path(path)
     reader = open_gguf(path)
     args = gguf_model_args(reader, path)
     if args.mla is not None:  # "mistral4": tensors split, fused or transposed on the way (gguf_mistral4.py)
-        if quantize is not None:
-            raise CheckpointError(f"{path}: quantize= is not offered for a {MISTRAL4} file; load it, then "
-                                  "quantize_model(model, ...)")
-        return _load_mistral4(reader, args, path, dtype, torch.device(device), strict, progress, mmap)
+        return _load_mistral4(reader, args, path, dtype, torch.device(device), strict, progress, mmap, quantize,
+                              group_size)
     index = gguf_index(reader, args, path, strict=strict)
     dtype = parse_dtype(dtype) or gguf_dtype(index)
     device = torch.device(device)
     model = meta_model(args)
-    quantized = {}  # {weight name: its QuantizedWeight placeholder} with quantize
-    if quantize is not None:
-        quantized = {f"{n}.weight": m.weight for n, m in quantized_shell(model, quantize, group_size).named_modules()
-                     if isinstance(getattr(m, "weight", None), QuantizedWeight)}
+    quantized = quantized_names(model, quantize, group_size)
     bar = Progress(sum(s.nbytes for s in index.values()), progress, f"loading {path.name}")
     state = {}
     try:
@@ -397,20 +394,44 @@ def load_gguf(path: str | Path, dtype: torch.dtype | str | None = None, device: 
     return model.eval()
 
 
+def quantized_names(model: Transformer, quantize: str | None, group_size: int) -> dict[str, QuantizedWeight]:
+    """{weight name: its QuantizedWeight placeholder} of a meta model made ready for `quantize` (none: {})."""
+    if quantize is None:
+        return {}
+    return {f"{n}.weight": m.weight for n, m in quantized_shell(model, quantize, group_size).named_modules()
+            if isinstance(getattr(m, "weight", None), QuantizedWeight)}
+
+
 def _load_mistral4(reader: Any, args: ModelArgs, path: Path, dtype: torch.dtype | str | None, device: torch.device,
-                   strict: bool, progress: bool | None, mmap: bool) -> Transformer:
-    """load_gguf for a "mistral4" file: each native tensor made from its sources (mistral4_index)."""
+                   strict: bool, progress: bool | None, mmap: bool, quantize: str | None,
+                   group_size: int) -> Transformer:
+    """load_gguf for a "mistral4" file: each native tensor made from its sources (mistral4_index).  With quantize,
+    a matrix from one source (a whole tensor, or rows of an expert's slice) goes through gguf_quantized_weight as
+    the "llama" files' matrices do (Q4_0: int4 groups of 32 without requantizing); kv_b_proj, made from attn_k_b
+    (transposed) and attn_v_b, is quantized from its values."""
     index = mistral4_index(reader.tensors, args, expected_shapes(args), path, strict=strict)
     sources = {id(t): GGUFSource(t, e) for parts, _ in index.values() for t, e in parts}
     dtype = parse_dtype(dtype) or gguf_dtype({str(k): s for k, s in sources.items()})
     model = meta_model(args)
+    quantized = quantized_names(model, quantize, group_size)
     bar = Progress(sum(GGUFSource(t, e).nbytes for parts, _ in index.values() for t, e in parts), progress,
                    f"loading {path.name}")
     state = {}
     try:
         for name, (parts, combine) in index.items():
-            read = [read_gguf_tensor(GGUFSource(t, e), dtype, mmap=mmap and device.type == "cpu") for t, e in parts]
-            state[name] = combine(read).to(device)
+            def read(parts: list = parts, combine: Callable = combine) -> torch.Tensor:
+                return combine([read_gguf_tensor(GGUFSource(t, e), dtype, mmap=mmap and device.type == "cpu")
+                                for t, e in parts])
+            if name in quantized and len(parts) == 1:
+                (t, e), = parts  # (combine: the tensor or a slice of its rows, of values or of quantized blocks)
+                data = combine([t.data if e is None else t.data[e]])
+                qw = gguf_quantized_weight(GGUFSource(t).type_name, data, read, quantize, group_size, dtype, name)
+                state.update({f"{name}.{k}": v.to(device) for k, v in qw.state_dict().items()})
+            elif name in quantized:
+                qw = quantize_weight(read(), quantize, group_size, name)
+                state.update({f"{name}.{k}": v.to(device) for k, v in qw.state_dict().items()})
+            else:
+                state[name] = read().to(device)
             bar.update(sum(GGUFSource(t, e).nbytes for t, e in parts))
     finally:
         bar.close()

@@ -228,7 +228,8 @@ def mistral4_fields(get: Callable[..., Any], path: object) -> dict[str, Any]:
 
 
 #: where one native tensor comes from: the file's tensors (each with an expert index into a stack, or None) and
-#: how to make the native tensor of them once read
+#: how to make the native tensor of them once read (from one tensor: it, or a slice of its rows, which applies to a
+#: quantized tensor's rows of blocks too: gguf.py's quantize=)
 Source = tuple[list[tuple[Any, int | None]], Callable[[list[torch.Tensor]], torch.Tensor]]
 
 

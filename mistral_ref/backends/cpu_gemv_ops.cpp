@@ -698,6 +698,20 @@ void latent_attention(const Layer &L, const char *x, char *a, int io, int64_t ro
   }
 }
 
+// a dense SwiGLU (moe.FeedForward: w1, w3, w2 with their scales, if quantized): out (rows, dim) =
+// w2(silu(x w1.T) * x w3.T) of x (rows, dim)
+void swiglu_dense(const char *x, char *out, int io, int64_t rows, int64_t dim, int64_t hidden, at::TensorList w,
+                  at::TensorList s, int64_t group, int threads) {
+  const int64_t size = io ? 2 : 4;
+  Tensor scratch = at::empty({rows * 2 * hidden * size}, w[0].options().dtype(at::kByte));
+  char *g = static_cast<char *>(scratch.data_ptr()), *up = g + rows * hidden * size;
+  void *gate_up[2] = {g, up};
+  products(x, io, rows, dim, w, s, 0, 2, group, gate_up, threads);
+  silu_mul(g, up, g, io, rows * hidden, threads);
+  void *down[1] = {out};
+  products(g, io, rows, hidden, w, s, 2, 1, group, down, threads);
+}
+
 // the feed-forward of block_step: ff (rows, dim) from x (rows, dim)
 void feed_forward(const Layer &L, const char *x, char *ff, int io, int64_t rows, int64_t dim, int threads) {
   const int64_t group = L.at(GROUP), top_k = L.at(TOP_K), kind = L.at(ROUTER_KIND), size = io ? 2 : 4;
@@ -706,13 +720,7 @@ void feed_forward(const Layer &L, const char *x, char *ff, int io, int64_t rows,
   const int scales_bf16 = quantized ? bf16(L.ffn_scales[0]) : 0;
   auto scale_of = [&](int64_t p) { return quantized ? L.ffn_scales[p].data_ptr() : nullptr; };
   if (!L.gate) {  // a dense SwiGLU
-    Tensor scratch = at::empty({rows * 2 * L.hidden * size}, L.cache_pos.options().dtype(at::kByte));
-    char *g = static_cast<char *>(scratch.data_ptr()), *up = g + rows * L.hidden * size;
-    void *gate_up[2] = {g, up};
-    products(x, io, rows, dim, L.ffn, L.ffn_scales, 0, 2, group, gate_up, threads);
-    silu_mul(g, up, g, io, rows * L.hidden, threads);
-    void *down[1] = {ff};
-    products(g, io, rows, L.hidden, L.ffn, L.ffn_scales, 2, 1, group, down, threads);
+    swiglu_dense(x, ff, io, rows, dim, L.hidden, L.ffn, L.ffn_scales, group, threads);
     return;
   }
   const Tensor &gate = *L.gate;
@@ -755,15 +763,10 @@ void feed_forward(const Layer &L, const char *x, char *ff, int io, int64_t rows,
     }
   }
   if (!L.shared.empty()) {  // + the shared expert (a dense SwiGLU every token visits)
-    Tensor scratch = at::empty({(2 * L.shared_hidden + dim) * size}, L.cache_pos.options().dtype(at::kByte));
-    char *g = static_cast<char *>(scratch.data_ptr()), *up = g + L.shared_hidden * size;
-    char *y = up + L.shared_hidden * size;
-    void *gate_up[2] = {g, up};
-    products(x, io, 1, dim, L.shared, L.shared_scales, 0, 2, group, gate_up, threads);
-    silu_mul(g, up, g, io, L.shared_hidden, threads);
-    void *down[1] = {y};
-    products(g, io, 1, L.shared_hidden, L.shared, L.shared_scales, 2, 1, group, down, threads);
-    add_rows(ff, y, ff, io, dim);
+    Tensor y = at::empty({dim * size}, gate.options().dtype(at::kByte));
+    char *shared = static_cast<char *>(y.data_ptr());
+    swiglu_dense(x, shared, io, 1, dim, L.shared_hidden, L.shared, L.shared_scales, group, threads);
+    add_rows(ff, shared, ff, io, dim);
   }
 }
 

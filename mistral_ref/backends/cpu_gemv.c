@@ -1731,6 +1731,18 @@ static inline int sees(int64_t p, int64_t qp, int64_t window) {
     return p >= 0 && p <= qp && (window < 0 || p > qp - window);
 }
 
+/* the slots of one row's cache (k_pos: their positions) that its query at qp sees, into seen; their count.  None
+ * seen: every slot, and *blind = 1 (the reference's softmax of equal masked scores averages them all) */
+static int64_t seen_slots(const int64_t *k_pos, int64_t slots, int64_t qp, int64_t window, int64_t *seen,
+                          char *blind) {
+    int64_t count = 0;
+    for (int64_t s = 0; s < slots; s++)
+        if (sees(k_pos[s], qp, window)) seen[count++] = s;
+    if ((*blind = !count))
+        for (int64_t s = 0; s < slots; s++) seen[count++] = s;
+    return count;
+}
+
 #if CPU_GEMV_AVX2
 /* ---- attention of one query per row, grouped (head_dim a multiple of LANES) ----
  * The query heads that share a key / value head (grouped-query attention: heads / kv_heads of them) are done
@@ -2130,13 +2142,8 @@ int attend_one(const void *q, const void *k, const void *v, const int64_t *k_pos
     int64_t *seen = malloc((size_t)(batch * slots) * sizeof(int64_t)), *count = malloc((size_t)batch * sizeof(int64_t));
     char *blind = malloc((size_t)batch);
     if (!seen || !count || !blind) { free(seen); free(count); free(blind); return -1; }
-    for (int64_t b = 0; b < batch; b++) {
-        count[b] = 0;
-        for (int64_t s = 0; s < slots; s++)
-            if (sees(k_pos[b * slots + s], q_pos[b], window)) seen[b * slots + count[b]++] = s;
-        if ((blind[b] = !count[b]))
-            for (int64_t s = 0; s < slots; s++) seen[b * slots + count[b]++] = s;
-    }
+    for (int64_t b = 0; b < batch; b++)
+        count[b] = seen_slots(k_pos + b * slots, slots, q_pos[b], window, seen + b * slots, blind + b);
 #if CPU_GEMV_AVX2
     if (head_dim % LANES == 0) {  /* the vector loops */
         int status = attend_grouped(q, k, v, seen, count, blind, out, io_bf16, batch, slots, heads, kv_heads,
@@ -2225,29 +2232,26 @@ static void kv_b_row(const void *w, const void *scales, int kind, int64_t group,
             const float s = value_at(scales, k, bf16), z = value_at(scales, k + 1, bf16);
             for (int64_t i = g * group; i < (g + 1) * group; i++) {
                 const float v = (float)((p[i * stride] >> shift) & 15) - 8.0f;
-                out[i] = bf16 ? bf16_to_float(float_to_bf16(v * s + z)) : v * s + z;
+                out[i] = in_dtype(v * s + z, bf16);
             }
         }
-    } else if (bf16) {
-        for (int64_t i = 0; i < c; i++) out[i] = bf16_to_float(((const uint16_t *)w)[row * c + i]);
     } else {
-        memcpy(out, (const float *)w + row * c, (size_t)c * sizeof(float));
+        to_floats((const char *)w + row * c * (bf16 ? 2 : 4), bf16, c, out);
     }
 }
 
 /* mla.latent_attention for one query, absorbed into latent space as backends/mla.py computes it, in fp32:
- *     q_latent[h] = W_UK[h]^T q_nope[h]                                  (c,)  W_UK[h]: kv_b rows h (n + v) + [0, n)
+ *     q_latent[h] = W_UK[h]^T q_nope[h]                              (c,)  W_UK[h]: kv_b rows h (n + v) + [0, n)
  *     score[h, s] = (q_latent[h] . latent[s] + q_rope[h] . k_rope[s]) * scale
- *     out[h]      = W_UV[h] sum_s softmax_s(score[h, s]) latent[s]       (v,)  W_UV[h]: kv_b rows h (n + v) + [n, n + v)
- * over the slots whose position k_pos[s] the query at q_pos sees (0 <= k_pos <= q_pos; none: a uniform average of
- * every slot, as the reference's softmax of equal masked scores).  q (heads, n + r): each head's q_nope | q_rope;
- * latents (slots, c) and k_rope (slots, r): a row's latent cache; kv_b (heads (n + v), c): of x's dtype (kv_b_kind
- * 0), or int8 codes (1) or int4 ones in groups of kv_b_group inputs (2) with kv_b_scales of x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads,
- * v) rounded to x's dtype.  `rounded` (bf16 only): each product rounded to bf16 as PyTorch's bf16 einsums round
- * them on a CPU with bf16 instructions (backends/mla.py computes in bf16 there): q_latent, both parts of a score
- * and their sum, the probabilities and out_latent.  Heads split among `threads`, each thread reading every cached
- * row once for all its heads (no copy of the cache: a long one costs only its scores).  Returns 0, or -1 without
- * memory. */
+ *     out[h]      = W_UV[h] sum_s softmax_s(score[h, s]) latent[s]   (v,)  W_UV[h]: kv_b rows h (n + v) + [n, n + v)
+ * over the slots whose position k_pos[s] the query at q_pos sees (seen_slots, no window).  q (heads, n + r): each
+ * head's q_nope | q_rope; latents (slots, c) and k_rope (slots, r): a row's latent cache; kv_b (heads (n + v), c):
+ * of x's dtype (kv_b_kind 0), or int8 codes (1) or int4 ones in groups of kv_b_group inputs (2) with kv_b_scales of
+ * x's dtype; all of x's dtype (io_bf16: bf16, else fp32); out (heads, v) rounded to x's dtype.  `rounded` (bf16
+ * only): each product rounded to bf16 as PyTorch's bf16 einsums round them on a CPU with bf16 instructions
+ * (backends/mla.py computes in bf16 there): q_latent, both parts of a score and their sum, the probabilities and
+ * out_latent.  Heads split among `threads`, each thread reading every cached row once for all its heads (no copy
+ * of the cache: a long one costs only its scores).  Returns 0, or -1 without memory. */
 int attend_latent_one(const void *q, const void *latents, const void *k_rope, const int64_t *k_pos, int64_t q_pos,
                       const void *kv_b, int kv_b_kind, const void *kv_b_scales, int64_t kv_b_group, void *out,
                       int io_bf16, int rounded, int64_t slots, int64_t heads, int64_t n, int64_t r, int64_t v,
@@ -2257,13 +2261,10 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
     const size_t size = io_bf16 ? sizeof(uint16_t) : sizeof(float);
     threads = threads < 1 ? 1 : threads;
     if (heads == 0 || slots == 0) return 0;
-    int64_t *seen = malloc((size_t)slots * sizeof(int64_t)), count = 0;
+    int64_t *seen = malloc((size_t)slots * sizeof(int64_t));
     if (!seen) return -1;
-    for (int64_t s = 0; s < slots; s++)
-        if (k_pos[s] >= 0 && k_pos[s] <= q_pos) seen[count++] = s;
-    const int blind = count == 0;
-    if (blind)
-        for (int64_t s = 0; s < slots; s++) seen[count++] = s;
+    char blind;
+    const int64_t count = seen_slots(k_pos, slots, q_pos, -1, seen, &blind);  /* (latent attention: no window) */
     const int team = count * heads * c > 65536 ? threads : 1;  /* a short cache: one thread */
     int failed = 0;
     #pragma omp parallel num_threads(team) reduction(|:failed)
@@ -2295,7 +2296,8 @@ int attend_latent_one(const void *q, const void *latents, const void *k_rope, co
                 to_floats((const char *)k_rope + seen[j] * r * size, io_bf16, r, key + c);
                 for (int64_t h = 0; h < m; h++) {
                     const float nope = dot_floats(ql + h * c, key, c), rope = dot_floats(qr + h * r, key + c, r);
-                    prob[h * count + j] = (rb ? in_dtype(in_dtype(nope, 1) + in_dtype(rope, 1), 1) : nope + rope) * scale;
+                    const float sum = rb ? in_dtype(in_dtype(nope, 1) + in_dtype(rope, 1), 1) : nope + rope;
+                    prob[h * count + j] = sum * scale;
                 }
             }
             for (int64_t h = 0; h < m; h++) {  /* softmax (no key: a uniform average of every slot) */

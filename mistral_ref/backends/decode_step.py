@@ -235,13 +235,14 @@ class Steps:
         for n in norms:
             self.add(n._parameters, "weight")
         lay, scalars = dict.fromkeys(LAYOUT_FIELDS, 0), dict.fromkeys(SCALAR_FIELDS, 0.0)
-        if not (self.add_attention(layer.attention, dtype, lay, scalars)
-                and self.add_feed_forward(layer.feed_forward, dtype, lay, scalars)):
+        groups: list[int] = []  # the int4 group size of each kind of product (0: not int4)
+        if not (self.add_attention(layer.attention, dtype, lay, scalars, groups)
+                and self.add_feed_forward(layer.feed_forward, dtype, lay, scalars, groups)):
             return False
-        groups = {g for g in lay.pop("groups") if g}
-        if len(groups) > 1:
+        sizes = {g for g in groups if g}
+        if len(sizes) > 1:
             return False  # (one group size for the block's int4 products)
-        lay["group"] = max(groups, default=0)
+        lay["group"] = max(sizes, default=0)
         scalars["eps"] = layer.attention_norm.eps
         self.layout += [lay[f] for f in LAYOUT_FIELDS]
         self.scalars += [scalars[f] for f in SCALAR_FIELDS]
@@ -253,8 +254,10 @@ class Steps:
             self.max_rows = min(self.max_rows, cpu_gemv.MAX_ROWS[kind] - 1 if kind else 0)
         return True
 
-    def add_attention(self, attention: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict) -> bool:
-        """The attention's weights and their scales (and latent attention's norms); its fields of the layout."""
+    def add_attention(self, attention: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict,
+                      groups: list[int]) -> bool:
+        """The attention's weights and their scales (and latent attention's norms); its fields of the layout and
+        scalars, its group size appended to `groups`."""
         if type(attention) is Attention:
             found = self.add_weights([attention.wq, attention.wk, attention.wv, attention.wo], dtype)
             lay.update(n_attn=4, window=-1 if attention.window is None else attention.window)
@@ -279,15 +282,17 @@ class Steps:
             return False
         if found is None:
             return False
-        lay.update(attn_scales=found[0], groups=[found[1]])
+        lay["attn_scales"] = found[0]
+        groups.append(found[1])
         if attention.llama_4_scaling is not None:  # Ministral 3, Mistral Small 4
             lay["query_scaling"] = attention.llama_4_scaling.original_max_position_embeddings
             scalars["query_beta"] = attention.llama_4_scaling.beta
         return True
 
-    def add_feed_forward(self, ff: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict) -> bool:
+    def add_feed_forward(self, ff: nn.Module, dtype: torch.dtype, lay: dict, scalars: dict,
+                         groups: list[int]) -> bool:
         """The feed-forward's tensors and their scales, a shared expert's, the router and its bias; their fields
-        of the layout."""
+        of the layout and scalars, their group sizes appended to `groups`."""
         if type(ff) is FeedForward:
             found, n_ffn = self.add_weights([ff.w1, ff.w3, ff.w2], dtype), 3
         elif type(ff) in (MoeLayer, FineMoeLayer):
@@ -304,14 +309,14 @@ class Steps:
         if found is None:
             return False
         lay.update(n_ffn=n_ffn, ffn_scales=found[0])
-        lay["groups"].append(found[1])
+        groups.append(found[1])
         shared = ff.shared_experts if type(ff) is FineMoeLayer else None
         if shared is not None:
             found = self.add_weights([shared.w1, shared.w3, shared.w2], dtype) if type(shared) is FeedForward else None
             if found is None:
                 return False
             lay.update(shared=1, shared_scales=int(found[0] > 0))
-            lay["groups"].append(found[1])
+            groups.append(found[1])
         if type(ff) is FeedForward:
             return True
         self.add(ff.gate._parameters, "weight")

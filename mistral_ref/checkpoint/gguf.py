@@ -422,13 +422,13 @@ def _load_mistral4(reader: Any, args: ModelArgs, path: Path, dtype: torch.dtype 
             def read(parts: list = parts, combine: Callable = combine) -> torch.Tensor:
                 return combine([read_gguf_tensor(GGUFSource(t, e), dtype, mmap=mmap and device.type == "cpu")
                                 for t, e in parts])
-            if name in quantized and len(parts) == 1:
-                (t, e), = parts  # (combine: the tensor or a slice of its rows, of values or of quantized blocks)
-                data = combine([t.data if e is None else t.data[e]])
-                qw = gguf_quantized_weight(GGUFSource(t).type_name, data, read, quantize, group_size, dtype, name)
-                state.update({f"{name}.{k}": v.to(device) for k, v in qw.state_dict().items()})
-            elif name in quantized:
-                qw = quantize_weight(read(), quantize, group_size, name)
+            if name in quantized:
+                if len(parts) == 1:  # (combine: the tensor or a slice of its rows, of values or of quantized blocks)
+                    (t, e), = parts
+                    data = combine([t.data if e is None else t.data[e]])
+                    qw = gguf_quantized_weight(GGUFSource(t).type_name, data, read, quantize, group_size, dtype, name)
+                else:  # kv_b_proj, made of two tensors
+                    qw = quantize_weight(read(), quantize, group_size, name)
                 state.update({f"{name}.{k}": v.to(device) for k, v in qw.state_dict().items()})
             else:
                 state[name] = read().to(device)

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from mistral_ref.backends.linear import join_projections
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import save_checkpoint
@@ -490,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
             for dname in dtypes:
                 dtype = DTYPES[dname]
                 ours = base.to(dtype)  # in place: one copy of the weights per model
-                stack_all_experts(ours)  # the experts laid out as the CLI lays them out (.to dropped the stacks)
+                stack_all_experts(ours)  # the experts laid out as the CLI lays them out (.to dropped the stacks),
+                join_projections(ours)  # and wq, wk, wv in one tensor (a prompt's one product of the three)
                 hf = transformers_model(args, hf_dir, dtype)
                 entry = res[dname] = {}
                 if dtype == torch.float32:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from bench import StepClock, alternate, fmt, ratios, summary
 
+from mistral_ref.backends.linear import join_projections
 from mistral_ref.backends.moe import stack_all_experts
 from mistral_ref.cache import KVCache
 from mistral_ref.checkpoint import load_model, save_gguf
@@ -351,7 +352,8 @@ def bench_model(name: str, files: dict[str, Path] | str, dtypes: list[str], thre
         if dname not in files:
             continue
         ours = load_model(files[dname], dtype="float32" if dname == "fp32" else "bfloat16")
-        stack_all_experts(ours)  # as the CLI lays the experts out
+        stack_all_experts(ours)  # as the CLI lays the experts out,
+        join_projections(ours)  # and wq, wk, wv
         theirs = open_llamacpp(files[dname], n_ctx, threads, f"{name} {dname}", kv_f32=dname == "fp32")
         try:
             entry = out[dname] = {}
@@ -412,6 +414,7 @@ def bench_quantized(name: str, files: dict[str, Path] | str, threads: int, runs:
         try:
             ours = quantize_model(load_model(src, dtype="bfloat16"), scheme, group_size=group)
             stack_all_experts(ours)  # as the CLI lays the experts out
+            join_projections(ours)  # (quantized projections: left as they are)
         except QuantizationError as e:  # e.g. Small 4's 80-wide experts: no int4 group of 32-256 divides them
             out[label] = {"skipped": str(e), "qtype": qtype}
             print(f"  llama.cpp decode {name} {label} vs {qtype} b1: skipped: {e}", flush=True)

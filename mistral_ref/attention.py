@@ -88,10 +88,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); positions: (B, T) (-1 = padding); rope: the rotation table of these positions
         (ops.rope_table, computed once per forward pass and shared by the layers); ops: the backend's functions;
-        cache: a cache.LayerCache or None.  -> (B, T, dim)"""
+        cache: a cache.LayerCache or None; rows: (B,) the one query per row whose output is wanted (the keys and
+        values of all T go to the cache), or None for all.  -> (B, T, dim), or (B, 1, dim) with rows"""
         B, T, _ = x.shape
         q, k, v = ops.linears(x, (self.wq.weight, self.wk.weight, self.wv.weight))  # three products of x
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -104,5 +105,7 @@ class Attention(nn.Module):
             keys, values, k_pos = k, v, positions
         else:  # keys are cached after the rotation
             keys, values, k_pos = ops.update_cache(cache, k, v, positions)  # cache.update: (B, S, kv, hd), (B, S)
-        out = ops.attention(q, keys, values, positions, k_pos, self.window)  # (B, T, n_heads, head_dim)
-        return ops.linear(out.reshape(B, T, self.n_heads * self.head_dim), self.wo.weight)
+        if rows is not None:  # one query a row: (B, 1, n_heads, head_dim), (B, 1)
+            q, positions = (t[torch.arange(B, device=x.device), rows][:, None] for t in (q, positions))
+        out = ops.attention(q, keys, values, positions, k_pos, self.window)  # (B, T or 1, n_heads, head_dim)
+        return ops.linear(out.flatten(2), self.wo.weight)

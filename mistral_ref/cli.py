@@ -179,12 +179,15 @@ def _decoding_layout(model):
     """Stack a MoE model's experts (backends/moe.py: stack_experts): each expert's weights become views of three
     (E, ...) tensors, same names and values, one copy of the weights (from a memory-mapped checkpoint the stacks
     are private memory rather than views of the files).  A one-token step, eager as well as compiled, then sends a
-    layer's chosen experts to the C kernels in one call instead of the grouped dispatch.  The CLI owns the model it
-    loads, so replacing the experts' parameter objects is safe here; library users call stack_all_experts
-    themselves (compile_decode does)."""
+    layer's chosen experts to the C kernels in one call instead of the grouped dispatch.  Likewise each attention
+    layer's wq, wk, wv become views of one tensor (backends/linear.py: join_projections): a prompt's three
+    products of x are one GEMM.  The CLI owns the model it loads, so replacing parameter objects is safe here;
+    library users call stack_all_experts and join_projections themselves (compile_decode stacks)."""
+    from mistral_ref.backends.linear import join_projections
     from mistral_ref.backends.moe import stack_all_experts
 
     stack_all_experts(model)
+    join_projections(model)
     return model
 
 

@@ -103,9 +103,10 @@ class LatentAttention(nn.Module):
         self.wo = nn.Linear(H * mla.v_head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim); positions: (B, T) (-1 = padding); rope: the rotation table of qk_rope_head_dim
-        (ops.rope_table); cache: a cache.LatentLayerCache or None.  -> (B, T, dim)"""
+        (ops.rope_table); cache: a cache.LatentLayerCache or None; rows: (B,) the one query a row whose output is
+        wanted, or None for all (as Attention.forward).  -> (B, T, dim), or (B, 1, dim) with rows"""
         B, T, _ = x.shape
         m, H = self.mla, self.n_heads
         n, r = m.qk_nope_head_dim, m.qk_rope_head_dim
@@ -128,6 +129,9 @@ class LatentAttention(nn.Module):
         else:  # the latent cache keeps (latent, k_rope) per token, not per-head keys and values
             latents, k_ropes, k_pos = ops.update_cache(cache, latent[:, :, None, :], k_rope, positions)
             latents, k_ropes = latents[:, :, 0], k_ropes[:, :, 0]  # (B, S, c), (B, S, r)
+        if rows is not None:  # one query a row: (B, 1, H, n), (B, 1, H, r), (B, 1)
+            b = torch.arange(B, device=x.device)
+            q_nope, q_rope, positions = q_nope[b, rows][:, None], q_rope[b, rows][:, None], positions[b, rows][:, None]
         out = ops.latent_attention(q_nope, q_rope, latents, k_ropes, self.kv_b_proj.weight, m.v_head_dim,
-                                   positions, k_pos, self.scale)  # (B, T, H, v)
-        return ops.linear(out.reshape(B, T, H * m.v_head_dim), self.wo.weight)
+                                   positions, k_pos, self.scale)  # (B, T or 1, H, v)
+        return ops.linear(out.flatten(2), self.wo.weight)

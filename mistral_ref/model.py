@@ -42,10 +42,13 @@ class TransformerBlock(nn.Module):
                                         else FineMoeLayer(args) if args.fine_moe else MoeLayer(args))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: object, ops: Backend,
-                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: LayerCache | None = None, rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, dim) -> (B, T, dim), router logits (B*T, E) or None for a dense block.
-        rope: the rotation table shared by all layers (see Attention.forward); ops: the backend's functions."""
-        h = x + self.attention(self.attention_norm(x, ops), positions, rope, ops, cache)
+        rope: the rotation table shared by all layers (see Attention.forward); ops: the backend's functions;
+        rows: (B,) the one position a row whose output is wanted (-> (B, 1, dim)), or None for all."""
+        h = self.attention(self.attention_norm(x, ops), positions, rope, ops, cache, rows)
+        h = h + (x if rows is None else x[torch.arange(x.shape[0], device=x.device), rows][:, None])
         ff = self.feed_forward(self.ffn_norm(h, ops), ops)
         router_logits = None
         if isinstance(ff, tuple):
@@ -101,9 +104,10 @@ class Transformer(nn.Module):
         tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding (default 0 .. T-1);
         cache: a KVCache to read past keys from and write this chunk's keys to (prefill, chunked prefill, decode).
         logits_at: (B,) int64, the one index along T per row whose logits are wanted (a prefill needs only each
-        prompt's last token: this skips the vocabulary projection of the others); default: every position.
+        prompt's last token: the others still write their keys and values to the cache, but skip the last layer's
+        queries, feed-forward and the vocabulary projection); default: every position.
         returns logits (B, T, vocab_size) fp32 — (B, 1, vocab_size) with logits_at — (and the list of per-layer
-        router logits if asked).
+        router logits if asked: the last layer's of the rows of logits_at only).
         """
         B, T = tokens.shape
         if positions is None:
@@ -124,12 +128,11 @@ class Transformer(nn.Module):
         a = self.args
         rope = ops.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)  # the same for every layer
         router_logits = []
-        for i, layer in enumerate(self.layers):
-            h, rl = layer(h, positions, rope, ops, None if cache is None else cache[i])
+        for i, layer in enumerate(self.layers):  # the last one computes only the rows of logits_at: (B, 1, dim)
+            h, rl = layer(h, positions, rope, ops, None if cache is None else cache[i],
+                          logits_at if i == len(self.layers) - 1 else None)
             if rl is not None:
                 router_logits.append(rl)
-        if logits_at is not None:
-            h = h[torch.arange(B, device=h.device), logits_at][:, None]  # (B, 1, dim)
         logits = ops.linear(self.norm(h, ops), self.output_weight).float()  # (B, T, vocab)
         return (logits, router_logits) if return_router_logits else logits
 
@@ -177,11 +180,8 @@ class Transformer(nn.Module):
 
 
 class _SkipInit(TorchFunctionMode):
-    """Turn the torch.nn.init functions into no-ops while a model is built on the meta device.
-
-    Initialising meta tensors is pointless, and normal_ on a meta tensor imports torch._dynamo (seconds and
-    ~150 MB); every other op passes through unchanged.
-    """
+    """Turn the torch.nn.init functions into no-ops while a model is built on the meta device (initialising meta
+    tensors is pointless, and normal_ on one imports torch._dynamo: seconds, ~150 MB); other ops pass through."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

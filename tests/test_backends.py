@@ -203,15 +203,46 @@ def test_cached_greedy_decode_equals_reference(name):
     assert torch.equal(out16, ref16)
 
 
-def test_logits_at_equals_picking_from_all_logits():
-    model = make_model(GQA_WINDOW)
-    tokens = torch.randint(0, GQA_WINDOW.vocab_size, (3, 8), generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_at_equals_picking_from_all_logits(name, backend):
+    """logits_at: the logits of every position, picked (fp32 within 1e-6), though the last layer computes only
+    those rows (its feed-forward and attention output see (B, 1, dim); the router logits it returns are the rows
+    of logits_at): without a cache, and into a cache (a ragged batch, each row's last real token, then a second
+    chunk), whose keys and values are those of the whole forward pass, bitwise."""
+    args = MODELS[name]
+    model = make_model(args)
+    B, T = 3, 11
+    tokens = torch.randint(0, args.vocab_size, (B, T + 3), generator=torch.Generator().manual_seed(4))
+    positions = ragged_positions(B, T + 3)
     at = torch.tensor([7, 0, 4])
+    seen = []
+    model.layers[-1].feed_forward.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+
+    def prefill(logits_at):
+        cache = KVCache(args, B, T + 3)
+        first = model(tokens[:, :T], positions[:, :T], cache, logits_at=logits_at)
+        second = model(tokens[:, T:], positions[:, T:], cache, logits_at=None if logits_at is None else at % 3)
+        return first, second, cache
+
     with torch.inference_mode():
-        full = model(tokens)
-        picked = model(tokens, logits_at=at)
-    assert picked.shape == (3, 1, GQA_WINDOW.vocab_size)
-    assert rel_err(picked[:, 0], full[torch.arange(3), at]) < 1e-6
+        model.set_backend(backend)
+        full, picked = model(tokens), model(tokens, logits_at=at)
+        assert seen == [(B, T + 3, args.dim), (B, 1, args.dim)]
+        assert picked.shape == (B, 1, args.vocab_size)
+        assert rel_err(picked[:, 0], full[torch.arange(B), at]) < 1e-6
+        whole = prefill(None)
+        last = torch.tensor([T - 1] * B)
+        chunks = prefill(last)
+        model.set_backend()
+    assert rel_err(chunks[0][:, 0], whole[0][:, -1]) < 1e-6
+    assert rel_err(chunks[1][:, 0], whole[1][torch.arange(B), at % 3]) < 1e-6
+    for mine, theirs in zip(chunks[2].layers, whole[2].layers):
+        assert torch.equal(mine.k, theirs.k) and torch.equal(mine.v, theirs.v) and torch.equal(mine.pos, theirs.pos)
+    if args.moe is not None or args.fine_moe is not None:
+        with torch.inference_mode():
+            _, router = model(tokens, return_router_logits=True, logits_at=at)
+        assert router[-1].shape[0] == B and all(r.shape[0] == B * (T + 3) for r in router[:-1])
 
 
 def test_fast_paths_keep_gradients():

@@ -10,12 +10,18 @@ from mistral_ref.backends import cpu_gemv
 from mistral_ref.backends import linear as linear_module
 from mistral_ref.backends.linear import (
     UPCAST_MIN_ROWS,
+    join_projections,
+    joined,
     linear,
     multiply_sum_linear,
     split_linear,
     split_pays,
     upcast_on_cpu,
 )
+from mistral_ref.cache import KVCache
+from mistral_ref.checkpoint import load_model, save_checkpoint
+from mistral_ref.config import ModelArgs
+from mistral_ref.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,3 +99,110 @@ def test_split_pays_is_measured_once_per_thread_count(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert split_pays(2) is (not first) and split_pays(5) is True  # nothing measured for 5: the split
     assert 5 not in linear_module._split_measured
+
+
+JOIN = ModelArgs(dim=48, n_layers=2, hidden_dim=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=61,
+                 norm_eps=1e-5, rope_theta=1e4)  # q 64, k and v 32 outputs each
+
+
+def _qkv(model: Transformer, layer: int = 0) -> list[torch.Tensor]:
+    a = model.layers[layer].attention
+    return [a.wq.weight, a.wk.weight, a.wv.weight]
+
+
+def test_join_projections_keeps_names_values_and_memory(make_model):
+    """join_projections lays each layer's wq, wk, wv out one after another in one tensor: the parameters are views
+    of it (one storage, nothing copied twice), the state dict has the same names and values, and joined() gives the
+    (q + k + v, dim) whole; a second call changes nothing; converting the model gives each its own tensor again."""
+    model = make_model(JOIN)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = sum(p.numel() for p in model.parameters())
+    assert joined(_qkv(model)) is None
+    assert join_projections(model) is model
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert sum(p.numel() for p in model.parameters()) == params
+    for layer in range(JOIN.n_layers):
+        ws = _qkv(model, layer)
+        assert len({w.untyped_storage().data_ptr() for w in ws}) == 1
+        assert ws[0].untyped_storage().nbytes() == sum(w.numel() for w in ws) * 4
+        whole = joined(ws)
+        assert whole.shape == (128, 48) and torch.equal(whole, torch.cat([w.detach() for w in ws]))
+    ptrs = [w.data_ptr() for w in _qkv(model)]
+    join_projections(model)
+    assert [w.data_ptr() for w in _qkv(model)] == ptrs
+    model.to(torch.bfloat16)
+    assert joined(_qkv(model)) is None  # (three tensors again: three products, the same values)
+    assert joined([_qkv(model)[0], _qkv(model)[2]]) is None  # not adjacent
+    w = torch.randn(8, 4)
+    assert joined([w[:4], w[4:]]) is not None and joined([w[4:], w[:4]]) is None
+    assert joined([w[:4], w[4:].bfloat16()]) is None and joined([w[:4, :2], w[4:, :2]]) is None
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_linears_of_joined_weights_is_one_product_equal_to_three(rows, dtype, monkeypatch, make_model):
+    """linears on joined weights: one product (a prompt's rows; a few rows keep the C kernels' one call), whose
+    split output equals the three products' (the same sums: bitwise here), as views of one tensor; with gradients
+    wanted, three products (autograd reaches each parameter)."""
+    model = join_projections(make_model(JOIN).to(dtype))
+    ws = _qkv(model)
+    x = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    calls = []
+    real = linear_module.linear
+    monkeypatch.setattr(linear_module, "linear", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    with torch.inference_mode():
+        out = linear_module.linears(x, ws)
+        separate = tuple(real(x, w) for w in ws)
+        in_c = cpu_gemv.applies_many(x, ws) and cpu_gemv.library() is not None
+    if in_c:
+        assert calls == []  # the C kernels' one call for all three
+    else:
+        assert calls == [(128, 48)]
+        assert out[0].untyped_storage().data_ptr() == out[2].untyped_storage().data_ptr()
+    assert [o.shape for o in out] == [(rows, 64), (rows, 32), (rows, 32)]
+    for got, want in zip(out, separate):
+        assert torch.equal(got, want)
+    calls.clear()
+    xg = x.float().requires_grad_()
+    with torch.enable_grad():
+        fmodel = join_projections(make_model(JOIN))
+        outs = linear_module.linears(xg, _qkv(fmodel))
+        sum(o.sum() for o in outs).backward()
+    assert len(calls) == 3 or (rows < 32 and cpu_gemv.applies_many(xg, _qkv(fmodel)))
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in _qkv(fmodel))
+
+
+def test_joined_model_prefills_and_decodes_as_before(make_model, tmp_path):
+    """A model with joined projections: the same logits (fp32 within 1e-6; bf16 bitwise here) for a prompt into a
+    cache, the same greedy continuation through the one-call decode step, the same gradients, and a checkpoint that
+    saves and loads to the same weights."""
+    model = make_model(JOIN)
+    prompt = torch.randint(0, JOIN.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+
+    def run(m):
+        with torch.inference_mode():
+            cache = KVCache(m.args, 2, 48, dtype=m.dtype)
+            pos = torch.arange(40).expand(2, 40)
+            logits = [m(prompt, pos, cache, logits_at=torch.tensor([39, 20]))]
+            token = logits[0][:, -1].argmax(-1, keepdim=True)
+            for t in range(40, 46):
+                logits.append(m(token, torch.full((2, 1), t), cache))
+                token = logits[-1][:, -1].argmax(-1, keepdim=True)
+            return torch.cat(logits, 1)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        plain = make_model(JOIN).to(dtype)
+        joint = join_projections(make_model(JOIN).to(dtype))
+        want, got = run(plain), run(joint)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    joint = join_projections(make_model(JOIN))
+    for m in (model, joint):
+        m.zero_grad()
+        m(prompt[:, :9]).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), joint.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-5, name
+    save_checkpoint(joint, tmp_path / "joined", format="native")
+    loaded = load_model(tmp_path / "joined")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

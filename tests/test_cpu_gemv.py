@@ -994,13 +994,17 @@ SPANS = {  # q_pos (B, T) and k_pos (B, S) rows, window -> causal_span's (start,
 }
 
 
+@pytest.mark.parametrize("path", ["C", "tensors"])
 @pytest.mark.parametrize("case", SPANS, ids=list(SPANS))
-def test_causal_span_finds_exactly_the_prompts_that_see_their_own_keys(case):
+def test_causal_span_finds_exactly_the_prompts_that_see_their_own_keys(case, path, monkeypatch):
     """causal_span says where a chunk's queries see their prompt's keys and nothing else (then prompt_attention's
     "query offset + i sees keys 0 .. offset + i, the last `window` of them" is attention_mask's answer), and None
-    anywhere else."""
+    anywhere else: in one C call (cpu_gemv.causal_span) and in tensor operations (without the kernels)."""
     q_pos, k_pos, window, want = SPANS[case]
     q_pos, k_pos = torch.tensor(q_pos), torch.tensor(k_pos)
+    assert cpu_gemv.positions_apply(q_pos, k_pos)
+    if path == "tensors":
+        monkeypatch.setattr(cpu_gemv, "positions_apply", lambda *a: False)
     assert prompt_attention.causal_span(q_pos, k_pos) == want
     if want is not None:
         start, offset = want
@@ -1010,6 +1014,39 @@ def test_causal_span_finds_exactly_the_prompts_that_see_their_own_keys(case):
             first = 0 if window is None else max(0, offset + i - window + 1)
             expected[:, i, start + first:start + offset + i + 1] = True
         assert torch.equal(attention_mask(q_pos, k_pos, window), expected)
+
+
+def test_host_position_tests_in_c_answer_as_the_tensor_tests(monkeypatch):
+    """cpu_gemv.causal_span and consecutive_rows (the prompt path's checks of positions, once a layer) give the
+    answers of their tensor forms (prompt_attention.causal_span, pytorch.consecutive without the kernels) on 3,000
+    random positions near the cases they look for: prompts, chunks, caches with empty slots, one changed value;
+    views and other dtypes go to the tensor forms."""
+    g = torch.Generator().manual_seed(21)
+
+    def rnd(n: int) -> int:
+        return int(torch.randint(0, n, (), generator=g))
+
+    def answers(q_pos, k_pos):
+        return prompt_attention.causal_span(q_pos, k_pos), pytorch_backend.consecutive(q_pos)
+
+    found = {"span": 0, "rows": 0}
+    for _ in range(3000):
+        B, T, offset, start, tail = 1 + rnd(3), 1 + rnd(6), rnd(4), rnd(3), rnd(3)
+        q_pos = (torch.arange(T) + offset).repeat(B, 1)
+        k_pos = torch.cat([torch.full((start,), -1), torch.arange(offset + T), torch.full((tail,), -1)]).repeat(B, 1)
+        for t in ((q_pos, k_pos)[rnd(2)] for _ in range(rnd(3))):  # zero to two values changed
+            t[rnd(t.shape[0]), rnd(t.shape[1])] = rnd(8) - 2
+        with_c = answers(q_pos, k_pos)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_gemv, "positions_apply", lambda *a: False)
+            assert answers(q_pos, k_pos) == with_c, (q_pos, k_pos)
+        found["span"] += with_c[0] is not None
+        found["rows"] += with_c[1] is not None
+    assert min(found.values()) > 500  # (both answers seen often, and None too)
+    assert found["span"] < 2900
+    wide = torch.arange(12).view(2, 6)
+    assert not cpu_gemv.positions_apply(wide[:, :3]) and not cpu_gemv.positions_apply(wide.int())
+    assert pytorch_backend.consecutive(wide[:1, 2:5]) == 2 and pytorch_backend.consecutive(wide[:, :3]) is None
 
 
 @pytest.mark.parametrize("bad", ["one-query", "fp16", "heads", "fewer-keys", "grad"])
@@ -1429,6 +1466,11 @@ def test_rope_is_the_complex_rotation_with_torchs_roundings(build, dtype, shape)
         assert torch.equal(got.nan_to_num(7.0), apply_rotary_emb_complex(x, rotations).nan_to_num(7.0))
     if build == "native":
         assert torch.equal(pytorch_backend.rope(x, rotations).nan_to_num(7.0), got.nan_to_num(7.0))
+    # the queries and keys of a joint product's output (rows H x D wide, more values between them): the same bits
+    joint = torch.cat([torch.randn(B, T, 5, generator=g).to(dtype), x.flatten(2), torch.randn(B, T, 3).to(dtype)], -1)
+    inner = joint[..., 5:5 + H * D].view(B, T, H, D)
+    assert not inner.is_contiguous() and cpu_gemv.rope_applies(inner, rotations)
+    assert torch.equal(cpu_gemv.rope(inner, rotations, threads=2).nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
 def test_rope_refuses_what_it_cannot_read():
@@ -1439,6 +1481,8 @@ def test_rope_refuses_what_it_cannot_read():
     x = torch.randn(1, 4, 2, 16).bfloat16()
     rot = rope_rotations(torch.arange(4)[None], 16, 1e4)
     cases = {"a view with gaps": (x[..., :8], rot[..., :4]), "fp16": (x.half(), rot), "another shape": (x, rot[:, :3]),
+             "tokens unevenly apart": (torch.randn(2, 5, 32).bfloat16()[:, :4].view(2, 4, 2, 16), rot.expand(2, 4, 8)),
+             "heads apart": (torch.randn(1, 4, 2, 20).bfloat16()[..., :16], rot),
              "a real table": (x, torch.view_as_real(rot)), "three dims": (x[0], rot)}
     for name, args in cases.items():
         assert not cpu_gemv.rope_applies(*args), name

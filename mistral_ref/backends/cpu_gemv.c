@@ -1685,18 +1685,51 @@ void rope_heads(void *x, int io_bf16, int64_t heads, int64_t head_dim, const flo
     rotate_heads(x, x, io_bf16, heads, head_dim, rot);
 }
 
-/* rope_heads for a prompt's tokens, out of place: x, out (rows, heads, head_dim), token r rotated by
- * rot + r * head_dim; tokens split among `threads` */
+/* rope_heads for a prompt's tokens, out of place: x, out (rows, heads, head_dim) (x's rows x_stride values apart:
+ * the queries or keys of a joint product's output), token r rotated by rot + r * head_dim; tokens split among
+ * `threads` */
 void rope_prompt(const void *x, void *out, int io_bf16, int64_t rows, int64_t heads, int64_t head_dim,
-                 const float *rot, int threads) {
+                 const float *rot, int64_t x_stride, int threads) {
     const int64_t n = heads * head_dim, bytes = io_bf16 ? 2 : 4;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const char *xr = (const char *)x + r * n * bytes;
+        const char *xr = (const char *)x + r * x_stride * bytes;  /* x's rows x_stride values apart (out's: n) */
         char *o = (char *)out + r * n * bytes;
         if (io_bf16) rotate_heads(xr, o, 1, heads, head_dim, rot + r * head_dim);
         else rotate_heads(xr, o, 0, heads, head_dim, rot + r * head_dim);
     }
+}
+
+/* prompt_attention.causal_span's test on the host, q_pos (B, T) and k_pos (B, S) int64 (rows contiguous): where every
+ * row's queries sit at positions offset .. offset + T - 1 and its slots start .. start + offset + T - 1 hold positions
+ * 0 .. offset + T - 1 (start: the first slot of row 0 holding position 0), every other slot empty (< 0), writes
+ * (start, offset) to found and returns 0; else returns -1. */
+int causal_span(const int64_t *q_pos, const int64_t *k_pos, int64_t B, int64_t T, int64_t S, int64_t *found) {
+    if (B < 1 || T < 1) return -1;
+    const int64_t offset = q_pos[0], span = offset + T;
+    if (offset < 0 || span > S) return -1;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++)
+            if (q_pos[b * T + t] != offset + t) return -1;
+    int64_t start = 0;
+    while (start < S && k_pos[start] != 0) start++;
+    if (start + span > S) return -1;  /* (no slot holds 0, or too few follow it) */
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t *row = k_pos + b * S;
+        for (int64_t j = 0; j < S; j++)
+            if (j < start || j >= start + span ? row[j] >= 0 : row[j] != j - start) return -1;
+    }
+    found[0] = start, found[1] = offset;
+    return 0;
+}
+
+/* p where every row of positions (B, T) int64 (rows contiguous) holds p .. p + T - 1, p >= 0; else -1 */
+int64_t consecutive_rows(const int64_t *positions, int64_t B, int64_t T) {
+    if (B < 1 || T < 1 || positions[0] < 0) return -1;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++)
+            if (positions[b * T + t] != positions[0] + t) return -1;
+    return positions[0];
 }
 
 /* out = a + b (n values of x's dtype, the sum rounded to it): a residual connection */

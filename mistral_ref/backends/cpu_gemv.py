@@ -100,8 +100,12 @@ _SIGNATURES = {  # (x, weight..., y, io_bf16, rows, out, in[, group], threads) -
     # (x, weight, out, io_bf16, rows, dim, eps)
     "rms_norm_rows": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float],
     "rms_norm_prompt": [_P, _P, _P, _INT, _I64, _I64, ctypes.c_float, _INT],  # (... eps, threads)
-    # (x, out, io_bf16, rows, heads, head_dim, rotations, threads)
-    "rope_prompt": [_P, _P, _INT, _I64, _I64, _I64, _P, _INT],
+    # (x, out, io_bf16, rows, heads, head_dim, rotations, x's row stride, threads)
+    "rope_prompt": [_P, _P, _INT, _I64, _I64, _I64, _P, _I64, _INT],
+    # (q_pos, k_pos, B, T, S, found[2]): prompt_attention.causal_span's test; (positions, B, T): the first position
+    # of rows at consecutive positions (pytorch.update_cache's test)
+    "causal_span": [_P, _P, _I64, _I64, _I64, _P],
+    "consecutive_rows": [_P, _I64, _I64],
     "silu_mul": [_P, _P, _P, _INT, _I64, _INT],  # (gate, up, out, io_bf16, n, threads)
     # (q, k, v, k_pos, q_pos, window, out, io_bf16, batch, slots, heads, kv_heads, head_dim, threads)
     "attend_one": [_P, _P, _P, _P, _P, _I64, _P, _INT, _I64, _I64, _I64, _I64, _I64, _INT],
@@ -187,6 +191,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.cpu_gemv_set_bf16_dot.argtypes, lib.cpu_gemv_set_bf16_dot.restype = [_INT], None
     lib.cpu_gemv_bf16_dot.argtypes, lib.cpu_gemv_bf16_dot.restype = [], _INT
     lib.cpu_gemv_amx.argtypes, lib.cpu_gemv_amx.restype = [], _INT
+    lib.consecutive_rows.restype = _I64
     return lib
 
 
@@ -1171,8 +1176,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, checked: bool = 
 
 def rope_applies(x: torch.Tensor, rotations: torch.Tensor) -> bool:
     """True if backends/rope.py's apply_rotary_emb_complex(x, rotations) is one :func:`rope` takes: x (B, T, H, D)
-    contiguous bf16 or fp32 on a CPU, rotations (B, T, D/2) complex64 (rope_rotations' table), no autograd."""
-    return (x.ndim == 4 and x.dtype in _FLOATS and x.is_cpu and x.is_contiguous() and x.shape[-1] % 2 == 0
+    bf16 or fp32 on a CPU, each token's heads contiguous and the tokens evenly apart (:func:`_token_stride`: x
+    contiguous, or the queries or keys of a joint product's output), rotations (B, T, D/2) complex64
+    (rope_rotations' table), no autograd."""
+    return (x.ndim == 4 and x.dtype in _FLOATS and x.is_cpu and _token_stride(x) is not None and x.shape[-1] % 2 == 0
             and rotations.dtype is torch.complex64 and rotations.is_cpu
             and tuple(rotations.shape) == (*x.shape[:2], x.shape[-1] // 2)
             and not (torch.is_grad_enabled() and x.requires_grad))
@@ -1189,11 +1196,46 @@ def rope(x: torch.Tensor, rotations: torch.Tensor, threads: int | None = None, c
                          f"{rotations.dtype} are not contiguous bf16 or fp32 heads with their (B, T, D/2) complex64 "
                          f"rotations on the CPU")
     table = torch.view_as_real(rotations.contiguous())  # (B, T, D/2, 2): (cos, sin) of each pair
-    out = torch.empty_like(x)
     B, T, H, D = x.shape
+    out = torch.empty(B, T, H, D, dtype=x.dtype)
     lib.rope_prompt(x.data_ptr(), out.data_ptr(), int(x.dtype == torch.bfloat16), B * T, H, D, table.data_ptr(),
-                    threads or torch.get_num_threads())
+                    _token_stride(x), threads or torch.get_num_threads())
     return out
+
+
+def positions_apply(q_pos: torch.Tensor, k_pos: torch.Tensor | None = None) -> bool:
+    """Whether :func:`causal_span` (q_pos and k_pos) or :func:`consecutive_rows` (q_pos alone) reads these
+    positions: (B, T) and (B, S) int64 tensors, contiguous, on the CPU, with the kernels loaded."""
+    return (library() is not None and all(p.dtype is torch.int64 and p.dim() == 2 and p.is_cpu and p.is_contiguous()
+                                          for p in (q_pos, q_pos if k_pos is None else k_pos))
+            and (k_pos is None or k_pos.shape[0] == q_pos.shape[0]))
+
+
+def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int] | None:
+    """prompt_attention.causal_span's answer in one C call (cpu_gemv.c: causal_span) instead of a dozen tensor
+    operations (a prompt asks it once a layer), for positions :func:`positions_apply` takes."""
+    found = (ctypes.c_int64 * 2)()
+    B, T = q_pos.shape
+    if _checked_library().causal_span(q_pos.data_ptr(), k_pos.data_ptr(), B, T, k_pos.shape[1], found):
+        return None
+    return int(found[0]), int(found[1])
+
+
+def consecutive_rows(positions: torch.Tensor) -> int | None:
+    """p where every row of positions (B, T) holds p .. p + T - 1 (p >= 0), else None: one C call, for positions
+    :func:`positions_apply` takes."""
+    first = _checked_library().consecutive_rows(positions.data_ptr(), *positions.shape)
+    return None if first < 0 else int(first)
+
+
+def _token_stride(x: torch.Tensor) -> int | None:
+    """Values from one token's heads to the next token's in x (B, T, H, D), where each token's H x D values are
+    contiguous and the B x T tokens evenly apart (x contiguous: H x D); else None."""
+    B, T, H, D = x.shape
+    if x.stride(3) != 1 or (H > 1 and x.stride(2) != D) or min(x.shape) == 0:
+        return None
+    step = x.stride(1) if T > 1 else x.stride(0) if B > 1 else H * D
+    return step if step >= H * D and (B == 1 or T == 1 or x.stride(0) == T * step) else None
 
 
 def swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:

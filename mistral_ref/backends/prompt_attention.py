@@ -83,7 +83,10 @@ def causal_span(q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[int, int] | N
     each later chunk of it in a full-attention layer's cache (the earlier chunks' keys in front of it).  Checked on
     the host.
 
-    q_pos: (B, T); k_pos: (B, S), -1 for empty slots."""
+    q_pos: (B, T); k_pos: (B, S), -1 for empty slots.  (One C call where the kernels are loaded:
+    cpu_gemv.causal_span.)"""
+    if cpu_gemv.positions_apply(q_pos, k_pos):
+        return cpu_gemv.causal_span(q_pos, k_pos)
     B, T = q_pos.shape
     offset = int(q_pos[0, 0])
     span = offset + T

@@ -96,8 +96,8 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
     prompt into a full layer's slots.  A chunk into a rolling layer needs cache.update's old-buffer view."""
     T = k.shape[1]
     if positions.device.type == "cpu" and (T == 1 or not cache.rolling):
-        first = int(positions[0, 0])
-        if first >= 0 and torch.equal(positions, torch.arange(first, first + T).expand_as(positions)):
+        first = consecutive(positions)
+        if first is not None:
             if not cache.rolling:
                 cache.check_fits(positions)  # (a position past the slots: cache.update's error)
             slot = first % cache.capacity  # (a full layer: first itself)
@@ -106,6 +106,15 @@ def update_cache(cache: LayerCache, k: torch.Tensor, v: torch.Tensor, positions:
             cache.pos[:, slot:slot + T] = positions
             return cache.k, cache.v, cache.pos
     return cache.update(k, v, positions)
+
+
+def consecutive(positions: torch.Tensor) -> int | None:
+    """p where every row of positions (B, T) (CPU) holds p .. p + T - 1, p >= 0; else None."""
+    if cpu_gemv.positions_apply(positions):
+        return cpu_gemv.consecutive_rows(positions)
+    first = int(positions[0, 0])
+    T = positions.shape[1]
+    return first if first >= 0 and torch.equal(positions, torch.arange(first, first + T).expand_as(positions)) else None
 
 
 heap.keep_freed_memory()  # glibc keeps freed memory for the next tensor: no page faults (backends/heap.py)

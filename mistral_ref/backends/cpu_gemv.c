@@ -2818,15 +2818,14 @@ int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, 
 #if CPU_GEMV_AMX
 static inline __m512 exp2_vec(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* (NaN stays NaN: max returns its second operand) */
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  /* x - floor(x) in one step */
     __m512 p = _mm512_set1_ps(0.0018753765616565943f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00898725911974907f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055835966020822525f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401464879512787f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931547522544861f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998211860657f));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_scalef_ps(p, x);  /* p 2^floor(x) */
 }
 
 /* the queries of a block (lane r: position first + r, r < n) that see key `key` */

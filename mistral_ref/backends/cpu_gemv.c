@@ -2814,7 +2814,7 @@ int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, 
  * NaN in q or k) makes its query's output NaN, as in the reference, and a key no query of the block sees is never
  * used. */
 #define ATT_KEYS 32  /* keys a step */
-#define ATT_SLOTS 4  /* steps whose P.T goes into O.T together (one load and store of O.T's tiles) */
+#define ATT_SLOTS 8  /* steps whose P.T goes into O.T together (one load and store of O.T's tiles) */
 #if CPU_GEMV_AMX
 static inline __m512 exp2_vec(__m512 x) {
     x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* (NaN stays NaN: max returns its second operand) */

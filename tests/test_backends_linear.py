@@ -171,6 +171,12 @@ def test_linears_of_joined_weights_is_one_product_equal_to_three(rows, dtype, mo
         sum(o.sum() for o in outs).backward()
     assert len(calls) == 3 or (rows < 32 and cpu_gemv.applies_many(xg, _qkv(fmodel)))
     assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in _qkv(fmodel))
+    calls.clear()
+    with torch.enable_grad():  # an input without gradient (a frozen embedding), weights with: still three
+        outs = linear_module.linears(x.float(), _qkv(fmodel))
+        sum(o.sum() for o in outs).backward()
+    assert len(calls) == 3 or (rows < 32 and cpu_gemv.applies_many(x.float(), _qkv(fmodel)))
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in _qkv(fmodel))
 
 
 def test_joined_model_prefills_and_decodes_as_before(make_model, tmp_path):

@@ -79,7 +79,8 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], threads: int | Non
     if cpu_gemv.applies_many(x, weights) and cpu_gemv.library() is not None:
         return tuple(cpu_gemv.gemv_many(x, weights, threads))
     joint = joined(weights)
-    if joint is not None and not (torch.is_grad_enabled() and (x.requires_grad or joint.requires_grad)):
+    if joint is not None and not (torch.is_grad_enabled() and (x.requires_grad
+                                                                or any(w.requires_grad for w in weights))):
         return linear(x, joint, threads).split([w.shape[0] for w in weights], dim=-1)
     return tuple(linear(x, w, threads) for w in weights)
 

@@ -419,11 +419,16 @@ def test_demo_runs_end_to_end():
 
 def test_the_cli_stacks_the_experts_of_the_model_it_loads():
     """load_for_cli stacks a MoE model's experts (their parameters become views of the stacks, same values), so an
-    eager one-token step takes the C experts kernel; the logits of a step equal the unstacked model's."""
+    eager one-token step takes the C experts kernel, and joins each layer's wq, wk, wv into one tensor (a prompt's
+    one product of the three); the logits of a step equal the plain model's."""
+    from mistral_ref.backends.linear import joined
     from mistral_ref.embedded import load_embedded
 
     model, _, _ = cli.load_for_cli(None, "float32")
     plain, _ = load_embedded(dtype="float32")
+    for m, laid_out in ((model, True), (plain, False)):
+        qkv = [[getattr(layer.attention, n).weight for n in ("wq", "wk", "wv")] for layer in m.layers]
+        assert all((joined(ws) is not None) == laid_out for ws in qkv)
     layers = [layer.feed_forward for layer in model.layers]
     assert all(ff.stacked is not None for ff in layers)
     for ff in layers:

@@ -2809,7 +2809,7 @@ int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, 
  * SDPA's), not the reference's (scores rounded to bf16, probabilities normalized before their rounding): within bf16
  * rounding of attention.attention, tested.  Once a call: K copied with its rows padded to a multiple of 32 keys, V
  * transposed in blocks of 32 keys (V.T: a head's columns, each over the block's keys, so that a step's tiles of V.T are
- * one contiguous block); each block's queries into pairs of inputs (as the experts' rows above).  2^x: a degree-5
+ * one contiguous block); each block's queries into pairs of inputs (16 x 16 words transposed at a time).  2^x: a degree-5
  * polynomial on [0, 1) (within 2.4e-7 of it) times 2^floor(x), x clamped at -126 (below: 0 within fp32); a NaN score (a
  * NaN in q or k) makes its query's output NaN, as in the reference, and a key no query of the block sees is never
  * used. */
@@ -2890,15 +2890,15 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
                             uint32_t *qp, float *st, uint32_t *pp, float *ot) {
     const int64_t offset = S - T, g = h / (heads / kv_heads), first = offset + t0, last = first + n[0] + n[1] - 1;
     for (int gq = 0; gq < 2; gq++) {  /* the queries in pairs: word (i, r) = inputs 2i, 2i + 1 of query r */
-        int32_t at[16];
-        __mmask16 live = 0;
-        for (int r = 0; r < 16; r++)
-            if (r < n[gq]) at[r] = (int32_t)(((b * T + t0 + 16 * gq + r) * heads + h) * d / 2), live |= (__mmask16)(1u << r);
-            else at[r] = 0;
-        const __m512i idx = _mm512_loadu_si512((const void *)at);
-        for (int64_t i = 0; i < d / 2; i++)
-            _mm512_storeu_si512((void *)(qp + (gq * (d / 2) + i) * 16), _mm512_mask_i32gather_epi32(
-                _mm512_setzero_si512(), live, idx, (const void *)((const uint32_t *)q + i), 4));
+        const uint32_t *row[16];  /* query r's words (none past n[gq]: zeros) */
+        for (int r = 0; r < n[gq]; r++) row[r] = (const uint32_t *)q + ((b * T + t0 + 16 * gq + r) * heads + h) * d / 2;
+        for (int64_t i0 = 0; i0 < d / 2; i0 += 16) {  /* 16 words of the 16 queries at a time, transposed */
+            __m512i r16[16];
+            for (int r = 0; r < 16; r++)
+                r16[r] = r < n[gq] ? _mm512_loadu_si512((const void *)(row[r] + i0)) : _mm512_setzero_si512();
+            transpose16(r16);
+            for (int j = 0; j < 16; j++) _mm512_storeu_si512((void *)(qp + (gq * (d / 2) + i0 + j) * 16), r16[j]);
+        }
     }
     const uint16_t *kg = kc + (b * kv_heads + g) * S64 * d, *vg = vt + (b * kv_heads + g) * dv * S64;
     __m512 m[2], l[2];  /* per lane: the exponent's offset (a running maximum, raised only when exceeded by 8) */
@@ -2987,8 +2987,8 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
 
 /* Causal attention of T queries (positions S - T .. S - 1) over S keys on AMX tiles, bf16:
  * q (B, T, heads, d), k (B, S, kv_heads, d), v (B, S, kv_heads, dv) -> out (B, T, heads, dv); query p sees keys
- * max(0, p - window + 1) .. p (window <= 0: 0 .. p); scores times `scale`.  Needs d % 32 == 0, dv % 16 == 0,
- * heads % kv_heads == 0 and B x T x heads x d / 2 below 2^31 (cpu_gemv.py checks).  Returns 0; -1 without memory;
+ * max(0, p - window + 1) .. p (window <= 0: 0 .. p); scores times `scale`.  Needs d % 32 == 0, dv % 16 == 0 and
+ * heads % kv_heads == 0 (cpu_gemv.py checks).  Returns 0; -1 without memory;
  * -3 where this build or process has no AMX tiles. */
 int attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t batch, int64_t T,
                   int64_t S, int64_t heads, int64_t kv_heads, int64_t d, int64_t dv, int64_t window, float scale,

@@ -1097,15 +1097,14 @@ def experts_rows(x: torch.Tensor, token: torch.Tensor, counts: list[int], w1: ob
 def prompt_attention_amx_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`prompt_attention_amx` takes these queries, keys and values: bf16 on a CPU whose AMX tiles this
     process may use, no autograd; q (B, T, heads, d), k (B, S, kv_heads, d), v (B, S, kv_heads, dv) with T <= S,
-    d a multiple of 32, dv of 16, whole groups of query heads (and q's words below 2^31: gathered by 32-bit
-    offsets)."""
+    d a multiple of 32, dv of 16, whole groups of query heads."""
     lib = library()
     return (lib is not None and bool(lib.cpu_gemv_amx()) and q.ndim == 4 and k.ndim == 4 and v.ndim == 4
             and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and q.device.type == k.device.type == v.device.type == "cpu"
             and q.shape[0] == k.shape[0] == v.shape[0] and 0 < q.shape[1] <= k.shape[1] == v.shape[1]
             and k.shape[2] == v.shape[2] > 0 and q.shape[2] % k.shape[2] == 0 and q.shape[3] == k.shape[3]
-            and q.shape[3] % 32 == 0 and v.shape[3] % 16 == 0 and q.numel() // 2 < 2 ** 31
+            and q.shape[3] % 32 == 0 and v.shape[3] % 16 == 0
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
 
 

@@ -63,6 +63,11 @@ def attention(
     return torch.einsum("bhts,bshd->bthd", probs, v)
 
 
+def at_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[b, rows[b]] for every row b, as a length-1 axis: (B, T, ...), rows (B,) -> (B, 1, ...)"""
+    return x[torch.arange(x.shape[0], device=x.device), rows][:, None]
+
+
 def llama4_query_scale(positions: torch.Tensor, scaling: Llama4Scaling) -> torch.Tensor:
     """The factor each query is multiplied by: 1 + beta * ln(1 + floor(p / original_max_position_embeddings)).
 
@@ -106,6 +111,6 @@ class Attention(nn.Module):
         else:  # keys are cached after the rotation
             keys, values, k_pos = ops.update_cache(cache, k, v, positions)  # cache.update: (B, S, kv, hd), (B, S)
         if rows is not None:  # one query a row: (B, 1, n_heads, head_dim), (B, 1)
-            q, positions = (t[torch.arange(B, device=x.device), rows][:, None] for t in (q, positions))
+            q, positions = at_rows(q, rows), at_rows(positions, rows)
         out = ops.attention(q, keys, values, positions, k_pos, self.window)  # (B, T or 1, n_heads, head_dim)
         return ops.linear(out.flatten(2), self.wo.weight)

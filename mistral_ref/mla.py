@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistral_ref.attention import attention_mask, llama4_query_scale
+from mistral_ref.attention import at_rows, attention_mask, llama4_query_scale
 from mistral_ref.config import MlaArgs, ModelArgs, YarnArgs
 from mistral_ref.norm import RMSNorm
 
@@ -130,8 +130,7 @@ class LatentAttention(nn.Module):
             latents, k_ropes, k_pos = ops.update_cache(cache, latent[:, :, None, :], k_rope, positions)
             latents, k_ropes = latents[:, :, 0], k_ropes[:, :, 0]  # (B, S, c), (B, S, r)
         if rows is not None:  # one query a row: (B, 1, H, n), (B, 1, H, r), (B, 1)
-            b = torch.arange(B, device=x.device)
-            q_nope, q_rope, positions = q_nope[b, rows][:, None], q_rope[b, rows][:, None], positions[b, rows][:, None]
+            q_nope, q_rope, positions = at_rows(q_nope, rows), at_rows(q_rope, rows), at_rows(positions, rows)
         out = ops.latent_attention(q_nope, q_rope, latents, k_ropes, self.kv_b_proj.weight, m.v_head_dim,
                                    positions, k_pos, self.scale)  # (B, T or 1, H, v)
         return ops.linear(out.flatten(2), self.wo.weight)

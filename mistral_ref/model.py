@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mistral_ref.attention import Attention
+from mistral_ref.attention import Attention, at_rows
 from mistral_ref.backends import Backend, get_backend
 from mistral_ref.cache import KVCache, LayerCache
 from mistral_ref.config import ModelArgs
@@ -48,7 +48,7 @@ class TransformerBlock(nn.Module):
         rope: the rotation table shared by all layers (see Attention.forward); ops: the backend's functions;
         rows: (B,) the one position a row whose output is wanted (-> (B, 1, dim)), or None for all."""
         h = self.attention(self.attention_norm(x, ops), positions, rope, ops, cache, rows)
-        h = h + (x if rows is None else x[torch.arange(x.shape[0], device=x.device), rows][:, None])
+        h = h + (x if rows is None else at_rows(x, rows))
         ff = self.feed_forward(self.ffn_norm(h, ops), ops)
         router_logits = None
         if isinstance(ff, tuple):
@@ -99,16 +99,12 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_router_logits: bool = False, logits_at: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Next-token logits.
-
-        tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding (default 0 .. T-1);
-        cache: a KVCache to read past keys from and write this chunk's keys to (prefill, chunked prefill, decode).
-        logits_at: (B,) int64, the one index along T per row whose logits are wanted (a prefill needs only each
-        prompt's last token: the others still write their keys and values to the cache, but skip the last layer's
-        queries, feed-forward and the vocabulary projection); default: every position.
+        """Next-token logits.  tokens: (B, T) int64; positions: (B, T) int64 absolute positions, -1 for padding
+        (default 0 .. T-1); cache: a KVCache to read past keys from and write this chunk's keys to.
+        logits_at: (B,) int64, the one index along T per row whose logits are wanted (a prefill's last token: the
+        others only write their keys and values to the cache, skipping the last layer's rest); default: every one.
         returns logits (B, T, vocab_size) fp32 — (B, 1, vocab_size) with logits_at — (and the list of per-layer
-        router logits if asked: the last layer's of the rows of logits_at only).
-        """
+        router logits if asked: the last layer's of the rows of logits_at only)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)

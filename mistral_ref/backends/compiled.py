@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mistral_ref.attention import attention
+from mistral_ref.attention import at_rows, attention
 from mistral_ref.backends import Backend, cpu_gemv, get_backend, huge_pages
 from mistral_ref.backends.compile_cache import use_compile_cache
 from mistral_ref.backends.compiled_steps import MEMO, StepCache, describe, described, global_state
@@ -274,7 +274,7 @@ class CompiledDecode:
                 eager_rope = eager.rope_table(positions, a.rope_dim, a.rope_theta, a.yarn)
             h = layer(h, positions, eager_rope, eager, layer_cache)[0]
         if logits_at is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]  # (B, 1, dim)
+            h = at_rows(h, logits_at)  # (B, 1, dim)
         step = self._step("head", self._head, (model.norm, h, model.output_weight)) if self._compile_head else None
         if step is None:
             return eager.linear(model.norm(h, eager), model.output_weight).float()

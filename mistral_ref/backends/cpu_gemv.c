@@ -2809,22 +2809,21 @@ int linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, 
  * SDPA's), not the reference's (scores rounded to bf16, probabilities normalized before their rounding): within bf16
  * rounding of attention.attention, tested.  Once a call: K copied with its rows padded to a multiple of 32 keys, V
  * transposed in blocks of 32 keys (V.T: a head's columns, each over the block's keys, so that a step's tiles of V.T are
- * one contiguous block); each block's queries into pairs of inputs (16 x 16 words transposed at a time).  2^x: a degree-5
- * polynomial on [0, 1) (within 2.4e-7 of it) times 2^floor(x), x clamped at -126 (below: 0 within fp32); a NaN score (a
- * NaN in q or k) makes its query's output NaN, as in the reference, and a key no query of the block sees is never
- * used. */
+ * one contiguous block); each block's queries into pairs of inputs (16 x 16 words transposed at a time).  2^x: a degree-3
+ * polynomial on [0, 1) (within 7.5e-5 of it; P.T is rounded to bf16's 2^-9 anyway) times 2^floor(x), x clamped at -125
+ * (below: 0 within fp32); a NaN score (a NaN in q or k) makes its query's output NaN, as in the reference, and a key no
+ * query of the block sees is never used (masked to 0 in steps that a block's queries see only in part). */
 #define ATT_KEYS 32  /* keys a step */
 #define ATT_SLOTS 8  /* steps whose P.T goes into O.T together (one load and store of O.T's tiles) */
 #if CPU_GEMV_AMX
 static inline __m512 exp2_vec(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);  /* (NaN stays NaN: max returns its second operand) */
+    /* x >= -125: no denormal result (slow), p(0) being below 1 (NaN stays NaN: max returns its second operand) */
+    x = _mm512_max_ps(_mm512_set1_ps(-125.0f), x);
     const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  /* x - floor(x) in one step */
-    __m512 p = _mm512_set1_ps(0.0018753765616565943f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00898725911974907f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.055835966020822525f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2401464879512787f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931547522544861f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999998211860657f));
+    __m512 p = _mm512_set1_ps(0.07802452147006989f);  /* the minimax cubic of 2^f's relative error (Remez) */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.22606715559959412f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958335638046265f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999251961708069f));
     return _mm512_scalef_ps(p, x);  /* p 2^floor(x) */
 }
 
@@ -2918,10 +2917,12 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
         attention_store_scores(st);
         __mmask16 seen[2][ATT_KEYS], raise[2];
         __m512 top[2];
+        int all[2];  /* every lane of the group sees every key of the step (its probabilities need no mask) */
         for (int gq = 0; gq < 2; gq++) {  /* each lane's largest score of the keys it sees (st: 32 keys x 16) */
             const float *sg = st + gq * 512;
             const int64_t fg = first + 16 * gq, ng = n[gq];
-            const int whole = k0 + ATT_KEYS - 1 <= fg && ng == 16 && (window <= 0 || k0 >= fg + 15 - window + 1);
+            const int whole = all[gq] = k0 + ATT_KEYS - 1 <= fg && ng == 16
+                                        && (window <= 0 || k0 >= fg + 15 - window + 1);
             top[gq] = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < ATT_KEYS; j++) {
                 seen[gq][j] = whole ? (__mmask16)0xffff : seeing(k0 + j, fg, ng, window);
@@ -2952,11 +2953,11 @@ static void attention_block(const uint16_t *q, uint16_t *out, const uint16_t *kc
             const float *sg = st + gq * 512;
             uint32_t *pg = pp + (slot * 2 + gq) * (ATT_KEYS / 2) * 16;
             __m512 sum = _mm512_setzero_ps();
+            const int masked = !all[gq];
             for (int j = 0; j < ATT_KEYS; j += 2) {  /* P.T in pairs of keys: word (j / 2, r) = keys j, j + 1 */
-                const __m512 p0 = _mm512_maskz_mov_ps(seen[gq][j], exp2_vec(_mm512_fmsub_ps(
-                                                          _mm512_loadu_ps(sg + j * 16), c, m[gq])));
-                const __m512 p1 = _mm512_maskz_mov_ps(seen[gq][j + 1], exp2_vec(_mm512_fmsub_ps(
-                                                          _mm512_loadu_ps(sg + (j + 1) * 16), c, m[gq])));
+                __m512 p0 = exp2_vec(_mm512_fmsub_ps(_mm512_loadu_ps(sg + j * 16), c, m[gq]));
+                __m512 p1 = exp2_vec(_mm512_fmsub_ps(_mm512_loadu_ps(sg + (j + 1) * 16), c, m[gq]));
+                if (masked) p0 = _mm512_maskz_mov_ps(seen[gq][j], p0), p1 = _mm512_maskz_mov_ps(seen[gq][j + 1], p1);
                 sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
                 _mm512_storeu_si512((void *)(pg + j / 2 * 16),
                                     _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));

@@ -98,6 +98,11 @@ class Attention(nn.Module):
         (ops.rope_table, computed once per forward pass and shared by the layers); ops: the backend's functions;
         cache: a cache.LayerCache or None; rows: (B,) the one query per row whose output is wanted (the keys and
         values of all T go to the cache), or None for all.  -> (B, T, dim), or (B, 1, dim) with rows"""
+        return ops.linear(self.attend(x, positions, rope, ops, cache, rows).flatten(2), self.wo.weight)
+
+    def attend(self, x: torch.Tensor, positions: torch.Tensor, rope: Any, ops: Backend,
+               cache: LayerCache | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """forward before wo: each head's output, (B, T or 1, n_heads, head_dim)."""
         B, T, _ = x.shape
         q, k, v = ops.linears(x, (self.wq.weight, self.wk.weight, self.wv.weight))  # three products of x
         q = q.view(B, T, self.n_heads, self.head_dim)
@@ -112,5 +117,4 @@ class Attention(nn.Module):
             keys, values, k_pos = ops.update_cache(cache, k, v, positions)  # cache.update: (B, S, kv, hd), (B, S)
         if rows is not None:  # one query a row: (B, 1, n_heads, head_dim), (B, 1)
             q, positions = at_rows(q, rows), at_rows(positions, rows)
-        out = ops.attention(q, keys, values, positions, k_pos, self.window)  # (B, T or 1, n_heads, head_dim)
-        return ops.linear(out.flatten(2), self.wo.weight)
+        return ops.attention(q, keys, values, positions, k_pos, self.window)  # (B, T or 1, n_heads, head_dim)

@@ -6,10 +6,8 @@ in slot p % W, so its memory stays W slots however long generation runs.  Each s
 it holds (-1 when empty), and attention masks are built from those positions (attention.attention_mask), which
 makes wrap-around, chunked prefill and ragged batches one and the same case.
 
-Two kinds of call reach :meth:`LayerCache.update`:
-* a chunk of T > 1 tokens (prefill, chunked prefill);
-* one token per row (decode, T = 1): :meth:`LayerCache.write_one`, a fixed amount of work per step, so a decode
-  step costs the same at step 10 and step 10,000 (apart from attention itself).
+:meth:`LayerCache.update` takes a chunk of T > 1 tokens (prefill, chunked prefill) or one token per row (decode:
+:meth:`LayerCache.write_one`, the same work at step 10 and step 10,000, apart from attention itself).
 The layers reach the cache through their backend (`ops.update_cache`): the fast backends add shortcuts for the
 decode write (mistral_ref/backends), each equal to :meth:`LayerCache.update`.
 """

@@ -110,8 +110,9 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         if self.compiled_decode is not None and T == 1 and cache is not None and not return_router_logits:
             return self.compiled_decode(tokens, positions, cache, logits_at)
-        if self.ops.decode_step is not None and T == 1 and cache is not None and not return_router_logits:
-            logits = self.ops.decode_step(self, tokens, positions, cache, logits_at)  # the engine's whole step
+        step = self.ops.decode_step if T == 1 else self.ops.prompt_step  # the engine's own pass, if it has one
+        if step is not None and cache is not None and not return_router_logits:
+            logits = step(self, tokens, positions, cache, logits_at)  # None where it does not apply
             if logits is not None:
                 return logits
         return self.forward_with(self.ops, tokens, positions, cache, return_router_logits, logits_at)
@@ -147,11 +148,8 @@ class Transformer(nn.Module):
         return LossOutput(lm_loss + aux_loss_coef * aux, lm_loss, aux, logits)
 
     def compile_decode(self, enabled: bool = True, freeze: bool = False, mode: str = "regional", **options):
-        """Run decode steps (one token per row, with a KV cache) through torch.compile; off by default.
-        The compiled step and its compile-friendly functions live in the engine (backends/compiled.py); see
-        there.  enabled=False returns to eager decoding; mode "regional" compiles one block for every layer, "full"
-        the whole step; freeze=True (full) uses inductor's freezing (weights become constants of the code);
-        options: compile_decode's (background=True: compile while decoding eagerly).  Returns self."""
+        """Run decode steps (one token per row, with a KV cache) through torch.compile (backends/compiled.py, whose
+        compile_decode documents mode "regional" / "full", freeze and the options); enabled=False: eager again."""
         from mistral_ref.backends.compiled import compile_decode
         return compile_decode(self, enabled, freeze, mode, **options)
 

@@ -33,8 +33,12 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
         """x: (..., dim) -> (..., dim); ops: the backend's functions (ops.linear is x @ weight.T, ops.linears
         several products of x)."""
+        return ops.linear(self.hidden(x, ops), self.w2.weight)
+
+    def hidden(self, x: torch.Tensor, ops: Backend) -> torch.Tensor:
+        """forward before w2: silu(w1 x) * w3 x, (..., dim) -> (..., hidden_dim)."""
         gate, up = ops.linears(x, (self.w1.weight, self.w3.weight))  # (..., hidden_dim) each
-        return ops.linear(ops.swiglu(gate, up), self.w2.weight)
+        return ops.swiglu(gate, up)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -71,10 +75,8 @@ def moe_forward(x: torch.Tensor, gate_weight: torch.Tensor, w1: Weights, w2: Wei
 
 
 class ExpertWeights(Sequence):
-    """The E weights named `name` ("w1", "w2" or "w3") of a layer's experts, as a sequence that looks each one up
-    when it is indexed: what MoeLayer (and fine_moe.FineMoeLayer) hand `ops.moe` for experts that are not stacked.
-    A decode step reads only its k chosen experts, so it looks up k weights, not all E (a list of all of them,
-    built every step, costs more than the products themselves for 128 small experts)."""
+    """The E weights named `name` ("w1", "w2" or "w3") of a layer's unstacked experts, each looked up when indexed
+    (MoeLayer and FineMoeLayer hand these to `ops.moe`: a decode step looks up its k experts, not all E)."""
 
     def __init__(self, experts: nn.ModuleList, name: str):
         self.experts, self.name = experts, name
@@ -90,11 +92,8 @@ class ExpertWeights(Sequence):
 
 def mix_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: Weights, w2: Weights,
                 w3: Weights) -> torch.Tensor:
-    """The routed experts' weighted sum: loop over experts, each SwiGLU on the tokens routed to it.
-
-    x: (N, dim); weights (N, k) fp32 and experts (N, k) from a router; w1[e], w3[e]: (hidden, dim); w2[e]:
-    (dim, hidden).  returns (N, dim) in x's dtype.
-    """
+    """The routed experts' weighted sum, an expert at a time.  x: (N, dim); weights (N, k) fp32 and experts (N, k)
+    from a router; w1[e], w3[e]: (hidden, dim); w2[e]: (dim, hidden).  returns (N, dim) in x's dtype."""
     out = torch.zeros_like(x)
     for e in range(len(w1)):
         token_idx, slot = torch.where(experts == e)  # tokens that chose expert e, and in which of their k slots

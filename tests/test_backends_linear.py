@@ -212,3 +212,45 @@ def test_joined_model_prefills_and_decodes_as_before(make_model, tmp_path):
     save_checkpoint(joint, tmp_path / "joined", format="native")
     loaded = load_model(tmp_path / "joined")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 5, 40, 200, 600])
+def test_add_linear_adds_into_h_within_one_rounding(rows, dtype):
+    """add_linear(h, x, w) is h + linear(x, w) written into h: the same bits where linear's own path runs (C
+    kernels, splits, upcasts: h.add_), else one product that adds h (plain_product: torch.addmm_), whose one
+    rounding is no farther from the float64 sum than the separate sum's two (+ fp32's sums' order)."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).to(dtype)
+    w = (torch.randn(64, 96, generator=g) / 10).to(dtype)
+    h = (torch.randn(rows, 64, generator=g) * 3).to(dtype)
+    with torch.inference_mode():
+        separate = h + linear(x, w)
+        mine = h.clone()
+        got = linear_module.add_linear(mine, x, w)
+    assert got.data_ptr() == mine.data_ptr() and got.dtype == dtype and got.shape == h.shape
+    exact = h.double() + x.double() @ w.double().T
+    if not linear_module.plain_product(x, w):
+        assert torch.equal(got, separate)
+    elif dtype == torch.float32:
+        assert rel_err(got, exact) < 1e-6
+    else:
+        assert (got.double() - exact).abs().max() <= (separate.double() - exact).abs().max() + 1e-6
+
+
+def test_add_linear_takes_the_product_where_f_linear_would_run(monkeypatch):
+    """plain_product mirrors linear's choice: quantized weights, the C kernels' rows and fp32's split rows are not
+    plain; a prompt's fp32 rows are; bf16 where upcast is not needed."""
+    from mistral_ref.quantize import quantize_weight
+
+    x, w = torch.randn(600, 64), torch.randn(32, 64)
+    assert linear_module.plain_product(x, w)
+    assert not linear_module.plain_product(x[:4], w)  # split rows (fp32, < SPLIT_MAX_ROWS)
+    assert not linear_module.plain_product(x, quantize_weight(w, "int8"))
+    monkeypatch.setattr(cpu_gemv, "handles", lambda *a: True)
+    assert not linear_module.plain_product(x, w)
+    monkeypatch.setattr(cpu_gemv, "handles", lambda *a: False)
+    monkeypatch.setattr(cpu_gemv, "linear_amx_applies", lambda *a: False)
+    monkeypatch.setattr(linear_module, "upcast_on_cpu", lambda t: True)
+    assert not linear_module.plain_product(x.bfloat16(), w.bfloat16())
+    assert linear_module.plain_product(x[:2].bfloat16(), w.bfloat16())  # (fewer than UPCAST_MIN_ROWS: F.linear)

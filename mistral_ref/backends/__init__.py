@@ -63,6 +63,9 @@ class Backend:
     decode_step(model, tokens (B, 1), positions (B, 1), cache, logits_at) -> logits (B, 1, vocab) or None:
         optional, a whole decode step in the backend's own way (model.forward asks it first; None: the layers
         run); dropped when with_parts replaces any family, since it would not call the replacement.
+    prompt_step(model, tokens (B, T), positions (B, T), cache, logits_at) -> logits or None: the same for a pass of
+        T > 1 tokens a row with a cache (the torch backend's adds the residuals inside the products); dropped
+        likewise.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Backend:
     latent_attention: Callable
     prepare: tuple[Callable, ...] = field(default=())
     decode_step: Callable | None = None
+    prompt_step: Callable | None = None
     # linear's form for several products of one input, kept as an attribute `many` of the linear function itself
     # (so that replacing `linear` replaces both); read here once, not inside compiled code
     _many: Callable | None = field(default=None, init=False, repr=False, compare=False)
@@ -108,7 +112,8 @@ class Backend:
                 changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
-        return replace(self, name=name, prepare=prepare, decode_step=None, **changes)
+        return replace(self, name=name, prepare=prepare, decode_step=None, prompt_step=None,
+                       **changes)
 
 
 _BUILTIN = {"reference": "mistral_ref.backends.reference", "torch": "mistral_ref.backends.pytorch"}

@@ -414,6 +414,18 @@ def called_modules(layer: TransformerBlock) -> list[torch.nn.Module]:
     return modules
 
 
+def untouched(model: Transformer) -> bool:
+    """No forward hook (a global one, or one on the embedding, the final norm or a module of :func:`called_modules`)
+    and no replaced forward of those modules (on their class or on themselves): a pass of the engine that computes
+    the blocks itself (this step, backends/prompt_step.py) then skips nothing the layers' pass would run."""
+    if any(_GLOBAL_HOOKS):
+        return False
+    modules = [model.tok_embeddings, model.norm] + [m for layer in model.layers for m in called_modules(layer)]
+    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules):
+        return False
+    return all(own(cls, cls.forward) for cls in {type(m) for m in modules})
+
+
 def own(cls: type, forward) -> bool:
     """Whether cls.forward is the one its class defines (not replaced or wrapped by a patch: the step skips it)."""
     defining = next(c for c in cls.__mro__ if "forward" in vars(c))  # (nn.ModuleList: nn.Module's placeholder)

@@ -124,6 +124,31 @@ def join_projections(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def add_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """h + linear(x, weight), written into h and returned: a residual stream plus a block's last product (wo, w2).
+
+    h: (..., out), contiguous; x: (..., in); weight: (out, in).  No autograd (h is written in place).  Where
+    linear would run F.linear itself (:func:`plain_product`: a prompt's product, no C kernel, upcast or split
+    taking it) the addition is inside that product, torch.addmm_ (oneDNN / the BLAS add h to the sums before
+    their one rounding: in bf16 within one rounding of the separate sum, which rounds the product first); else
+    h.add_(linear(x, weight)), the same numbers as h + linear(x, weight)."""
+    if plain_product(x, weight) and h.is_contiguous() and h.dtype == x.dtype == weight.dtype:
+        h.view(-1, h.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+        return h
+    return h.add_(linear(x, weight, threads))
+
+
+def plain_product(x: torch.Tensor, weight: object) -> bool:
+    """Whether linear(x, weight) is F.linear itself here: a weight tensor (not quantized) that no C kernel takes
+    for these rows, not upcast (bf16 without fast bf16 products) and, in fp32, rows enough for no split."""
+    if not isinstance(weight, torch.Tensor) or cpu_gemv.handles(x, weight) or cpu_gemv.linear_amx_applies(x, weight):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    if upcast_on_cpu(x):
+        return rows < UPCAST_MIN_ROWS
+    return x.dtype != torch.float32 or rows >= SPLIT_MAX_ROWS or x.device.type != "cpu"
+
+
 linear.many = linears  # type: ignore[attr-defined]  # Backend.linears: several products of one x in one call
 
 

@@ -32,6 +32,7 @@ from mistral_ref.backends.decode_step import decode_step
 from mistral_ref.backends.linear import linear
 from mistral_ref.backends.mla import latent_attention
 from mistral_ref.backends.moe import mix_experts_grouped, moe_forward_grouped
+from mistral_ref.backends.prompt_step import prompt_step
 from mistral_ref.backends.rope import apply_rotary_emb_complex, rope_rotations
 from mistral_ref.backends.sdpa import sdpa_attention
 from mistral_ref.cache import LayerCache
@@ -122,4 +123,4 @@ heap.keep_freed_memory()  # glibc keeps freed memory for the next tensor: no pag
 BACKEND = Backend(name="torch", linear=linear, rms_norm=rms_norm, rope_table=rope_rotations,
                   rope=rope, attention=attention, moe=moe_forward_grouped, mix_experts=mix_experts_grouped,
                   swiglu=swiglu, update_cache=update_cache, latent_attention=latent_attention,
-                  decode_step=decode_step)
+                  decode_step=decode_step, prompt_step=prompt_step)

@@ -245,7 +245,7 @@ def gemm_flops(args: ModelArgs, runs: int) -> list[float]:
 
 # Matrix products as the profiler names them: weight products (F.linear, the experts' grouped products) and any
 # batched product outside SDPA's fused kernel.
-PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm"})
+PRODUCT_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"})  # (addmm_: a residual added inside)
 ATTENTION_OPS = frozenset({"aten::_scaled_dot_product_flash_attention_for_cpu"})  # SDPA's CPU kernel
 OWN_ATTENTION = "mistral_ref::attention_amx"  # mistral_ref's flash kernel on AMX tiles, marked while profiled
 

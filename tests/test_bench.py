@@ -114,7 +114,7 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
 
 
 def test_product_seconds_count_the_matrix_products_and_nothing_else():
-    """The prefill ratio's bounds: the profiled seconds in matrix products (mm, addmm, bmm) and in SDPA's CPU kernel,
+    """The prefill ratio's bounds: the profiled seconds in matrix products (mm, addmm, addmm_, bmm) and in SDPA's CPU kernel,
     not in other work."""
     import torch
     import torch.nn.functional as F
@@ -127,6 +127,8 @@ def test_product_seconds_count_the_matrix_products_and_nothing_else():
         lambda: (a @ b, torch.addmm(a, a, b), torch.bmm(a[None], b[None]), x.exp()))
     assert 0 < products < whole and attention == 0.0 == own
     assert product_seconds(lambda: [a @ b for _ in range(8)])[0] > product_seconds(lambda: a @ b)[0]
+    c = a.clone()  # the in-place form (the engine's prompt pass adds a residual inside its wo and w2 products)
+    assert product_seconds(lambda: [c.addmm_(a, b) for _ in range(8)])[0] > 0
     q = torch.randn(1, 4, 256, 32)
     products, attention, whole, own = product_seconds(
         lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True))

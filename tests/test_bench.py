@@ -114,8 +114,8 @@ def test_prefill_flops_counts_two_per_active_weight_plus_attention():
 
 
 def test_product_seconds_count_the_matrix_products_and_nothing_else():
-    """The prefill ratio's bounds: the profiled seconds in matrix products (mm, addmm, addmm_, bmm) and in SDPA's CPU kernel,
-    not in other work."""
+    """The prefill ratio's bounds: the profiled seconds in matrix products (mm, addmm, addmm_, bmm) and in SDPA's
+    CPU kernel, not in other work."""
     import torch
     import torch.nn.functional as F
 

@@ -112,8 +112,7 @@ class Backend:
                 changes["mix_experts"] = other.mix_experts
         prepare = tuple(dict.fromkeys([*self.prepare, *(p for o in parts.values() for p in o.prepare)]))
         name = self.name + "".join(f"+{part}={other.name}" for part, other in parts.items() if other.name != self.name)
-        return replace(self, name=name, prepare=prepare, decode_step=None, prompt_step=None,
-                       **changes)
+        return replace(self, name=name, prepare=prepare, decode_step=None, prompt_step=None, **changes)
 
 
 _BUILTIN = {"reference": "mistral_ref.backends.reference", "torch": "mistral_ref.backends.pytorch"}

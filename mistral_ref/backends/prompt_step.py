@@ -13,8 +13,8 @@ tests/test_prompt_step.py checks it against the layers and the "reference" backe
 with GQA, head_dim != dim / n_heads, Mixtral's experts, Ministral 3's query scaling, Mistral Small 4's latent
 attention and fine-grained experts, ragged rows, a later chunk after cached keys, fp32 and bf16.
 
-Why: a separate addition reads the product's output and h again and writes a third tensor, twice a block (~3%
-of a 512-token bf16 prefill of a 125M-shaped model; figures in README "Speed on a CPU" and `make bench`).
+Why: a separate addition reads the product's output and h again and writes a third tensor, twice a block
+(figures: README "Speed on a CPU", `make bench`).
 
 Transformer.forward asks :func:`prompt_step` first for every pass of more than one token a row with a KV cache
 (decode steps go to backends/decode_step.py); it returns None, and the layers run as usual, unless all hold:

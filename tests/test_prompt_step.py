@@ -96,7 +96,8 @@ def test_equals_the_layers_beyond_the_window_and_in_chunks(name, dtype, make_mod
         truth, _ = prefill(exact, 300, chunks, logits_at)
         assert taken and all(taken), (chunks, logits_at)
         taken.clear()
-        if dtype == torch.float32:
+        if dtype == torch.float32:  # (600 fp32 rows: F.linear's, so addmm_ adds inside the product)
+            assert chunks > 1 or linear.plain_product(torch.zeros(2, 300, args.dim), torch.zeros(args.dim, args.dim))
             assert rel_err(got, want) < FP32_RTOL
             assert rel_err(got, truth) < rel_err(want, truth) + FP32_RTOL / 2  # (300 tokens: both ~1e-5 from it)
         else:
@@ -118,7 +119,8 @@ def test_bitwise_the_layers_where_no_product_adds(name, make_model):
         assert not linear.plain_product(torch.zeros(2, T, 1), torch.zeros(1, 1))
         got, got_cache = prefill(model, T)
         want, want_cache = prefill(layers, T)
-        assert all(taken)
+        assert taken and all(taken)
+        taken.clear()
         assert torch.equal(got, want)
         assert all(torch.equal(a, b) for m, t in zip(got_cache, want_cache) for a, b in zip(m, t))
 

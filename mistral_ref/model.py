@@ -149,7 +149,8 @@ class Transformer(nn.Module):
 
     def compile_decode(self, enabled: bool = True, freeze: bool = False, mode: str = "regional", **options):
         """Run decode steps (one token per row, with a KV cache) through torch.compile (backends/compiled.py, whose
-        compile_decode documents mode "regional" / "full", freeze and the options); enabled=False: eager again."""
+        compile_decode documents mode "regional" / "full", freeze and the options); enabled=False: eager again.
+        Returns self."""
         from mistral_ref.backends.compiled import compile_decode
         return compile_decode(self, enabled, freeze, mode, **options)
 

@@ -91,12 +91,9 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     if cpu_gemv.library() is None or cpu_gemv.operators() != "C++":
         return None
     steps, dtype = plan(model), model.dtype
-    if steps is None or any(_GLOBAL_HOOKS) or (rows > 1 and not (dtype == torch.bfloat16 and steps.batchable
-                                                                   and rows <= steps.max_rows)):
-        return None
-    _, _, _, hooks, instances = model.__dict__[PLAN]
-    if any(hooks) or any(map(operator.contains, instances, _FORWARD)):
-        return None  # a hook on a part of a block (tensor parallelism's all-reduce, a probe) or a patched forward
+    if steps is None or not _unhooked(model.__dict__[PLAN]) or (
+            rows > 1 and not (dtype == torch.bfloat16 and steps.batchable and rows <= steps.max_rows)):
+        return None  # (a hook on a part of a block: tensor parallelism's all-reduce, a probe; a patched forward)
     weights = steps.weights(dtype)
     if weights is None:  # a weight changed dtype or layout under the plan: plan again at the next step
         model.__dict__.pop(PLAN, None)
@@ -417,13 +414,18 @@ def called_modules(layer: TransformerBlock) -> list[torch.nn.Module]:
 def untouched(model: Transformer) -> bool:
     """No forward hook (a global one, or one on the embedding, the final norm or a module of :func:`called_modules`)
     and no replaced forward of those modules (on their class or on themselves): a pass of the engine that computes
-    the blocks itself (this step, backends/prompt_step.py) then skips nothing the layers' pass would run."""
-    if any(_GLOBAL_HOOKS):
-        return False
-    modules = [model.tok_embeddings, model.norm] + [m for layer in model.layers for m in called_modules(layer)]
-    if any(m._forward_hooks or m._forward_pre_hooks or "forward" in vars(m) for m in modules):
-        return False
-    return all(own(cls, cls.forward) for cls in {type(m) for m in modules})
+    the blocks itself (backends/prompt_step.py; this step checks the same through its plan) then skips nothing the
+    layers' pass would run.  Read from the model's kept plan (:func:`plan`, made if there is none)."""
+    plan(model)
+    kept = model.__dict__[PLAN]
+    return _unhooked(kept) and all(own(cls, f) for cls, f in kept[2])
+
+
+def _unhooked(kept: tuple) -> bool:
+    """A kept plan's modules (plan: the embedding, the final norm, called_modules) have no forward hook and no
+    forward replaced on themselves, and no global forward hook is registered."""
+    _, _, _, hooks, instances = kept
+    return not (any(_GLOBAL_HOOKS) or any(hooks) or any(map(operator.contains, instances, _FORWARD)))
 
 
 def own(cls: type, forward) -> bool:

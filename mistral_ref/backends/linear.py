@@ -54,20 +54,38 @@ def linear(x: torch.Tensor, weight: torch.Tensor, threads: int | None = None) ->
     x: (..., in); weight: (out, in) -> (..., out) in x's dtype.  threads: the split of split_linear (default:
     torch.get_num_threads()).  Equal to F.linear up to the rounding of the accumulation (upcast products round once).
     """
-    if cpu_gemv.handles(x, weight):  # bf16 / int8 / int4 weights, a few rows: the C kernels (cpu_gemv.py)
+    path = route(x, weight)
+    if path == "gemv":
         return cpu_gemv.gemv(x, weight, threads)
-    if cpu_gemv.linear_amx_applies(x, weight):  # bf16, 32-256 rows, AMX tiles: cpu_gemv.linear_amx
+    if path == "amx":
         return cpu_gemv.linear_amx(x, weight, threads, checked=True)
-    if isinstance(weight, QuantizedWeight):  # int8 / int4 weights (mistral_ref/quantize.py)
+    if path == "quantized":
         return quantized_linear(x, weight, functools.partial(split_linear, threads=threads))
+    if path == "upcast":
+        xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 8 MB of weight at once
+        return torch.cat([split_linear(xf, _upcast(w), threads) for w in weight.split(block)], dim=-1).to(x.dtype)
+    if path == "split":
+        return split_linear(x, weight, threads)  # (F.linear itself where the split does not pay)
+    return F.linear(x, weight)
+
+
+def route(x: torch.Tensor, weight: object) -> str:
+    """Which path of :func:`linear` takes x @ weight.T: "gemv" (bf16 / int8 / int4 weights, a few rows: the C
+    kernels of cpu_gemv.py), "amx" (bf16, 32-256 rows, AMX tiles: cpu_gemv.linear_amx), "quantized" (int8 / int4
+    weights, mistral_ref/quantize.py), "upcast" (bf16 / fp16 without fast products, UPCAST_MIN_ROWS rows or more),
+    "split" (fp32 on a CPU, fewer than SPLIT_MAX_ROWS rows: split_linear) or "plain" (F.linear itself)."""
+    if cpu_gemv.handles(x, weight):
+        return "gemv"
+    if cpu_gemv.linear_amx_applies(x, weight):
+        return "amx"
+    if isinstance(weight, QuantizedWeight):
+        return "quantized"
     rows = x.numel() // max(1, x.shape[-1])
     if upcast_on_cpu(x):
-        if rows >= UPCAST_MIN_ROWS:
-            xf, block = x.float(), max(1, (2 << 20) // max(1, weight.shape[1]))  # upcast <= 8 MB of weight at once
-            return torch.cat([split_linear(xf, _upcast(w), threads) for w in weight.split(block)], dim=-1).to(x.dtype)
-    elif x.dtype == torch.float32:
-        return split_linear(x, weight, threads)  # (F.linear itself off the CPU or for many rows)
-    return F.linear(x, weight)
+        return "upcast" if rows >= UPCAST_MIN_ROWS else "plain"
+    if x.dtype == torch.float32 and x.device.type == "cpu" and rows < SPLIT_MAX_ROWS:
+        return "split"
+    return "plain"
 
 
 def linears(x: torch.Tensor, weights: Sequence[torch.Tensor], threads: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -139,14 +157,8 @@ def add_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, threads: 
 
 
 def plain_product(x: torch.Tensor, weight: object) -> bool:
-    """Whether linear(x, weight) is F.linear itself here: a weight tensor (not quantized) that no C kernel takes
-    for these rows, not upcast (bf16 without fast bf16 products) and, in fp32, rows enough for no split."""
-    if not isinstance(weight, torch.Tensor) or cpu_gemv.handles(x, weight) or cpu_gemv.linear_amx_applies(x, weight):
-        return False
-    rows = x.numel() // max(1, x.shape[-1])
-    if upcast_on_cpu(x):
-        return rows < UPCAST_MIN_ROWS
-    return x.dtype != torch.float32 or rows >= SPLIT_MAX_ROWS or x.device.type != "cpu"
+    """Whether linear(x, weight) is F.linear itself here (:func:`route`): a weight tensor no other path takes."""
+    return isinstance(weight, torch.Tensor) and route(x, weight) == "plain"
 
 
 linear.many = linears  # type: ignore[attr-defined]  # Backend.linears: several products of one x in one call

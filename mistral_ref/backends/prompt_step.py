@@ -21,7 +21,8 @@ Transformer.forward asks :func:`prompt_step` first for every pass of more than o
 * no autograd (the residual stream is written in place), a KV cache with a layer for each block, the CPU;
 * the embedding is an nn.Embedding (its output is a new tensor, the step's to write into);
 * no module whose forward the layers call has a forward hook or a replaced forward, and no global forward hook is
-  registered (decode_step.untouched: the step calls the blocks' parts, not the blocks, so it would skip them).
+  registered (decode_step.untouched: the step calls the blocks' parts, not the blocks, so it would skip them; read
+  from the decode step's kept plan, whose first making also moves the weights onto huge pages, backends/huge_pages.py).
 """
 
 from __future__ import annotations
